@@ -1,0 +1,10 @@
+"""Readers that turn real release formats into MONAI data lists, and synthetic phantom generators.
+
+A reader ends at a list of dictionaries ``{"image": ..., "label": ..., "id": ..., "source": ...}`` so that every
+bundle can use MONAI's ``Dataset``/``CacheDataset`` unchanged.
+"""
+
+from .errors import DataError, NoUsableDataError
+from .fingerprint import dataset_fingerprint
+
+__all__ = ["DataError", "NoUsableDataError", "dataset_fingerprint"]

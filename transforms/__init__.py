@@ -1,0 +1,18 @@
+"""The project's own dictionary transforms, for what MONAI has no transform for.
+
+Each concept is an array transform plus a thin ``...d`` dictionary wrapper, as in MONAI.
+"""
+
+from .labels import ColorToLabel, ColorToLabeld, OneHotWithIgnore, OneHotWithIgnored
+from .oct import IGNORE_INDEX, BoundariesToLabelMap, BoundariesToLabelMapd, boundaries_to_label_map
+
+__all__ = [
+    "IGNORE_INDEX",
+    "BoundariesToLabelMap",
+    "BoundariesToLabelMapd",
+    "ColorToLabel",
+    "ColorToLabeld",
+    "OneHotWithIgnore",
+    "OneHotWithIgnored",
+    "boundaries_to_label_map",
+]

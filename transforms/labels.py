@@ -1,0 +1,116 @@
+"""Label-map transforms: colour-coded labels to class indices, and one-hot encoding that keeps ignored pixels."""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping, Sequence
+
+import numpy as np
+import torch
+from monai.config import KeysCollection
+from monai.config.type_definitions import NdarrayOrTensor
+from monai.data import MetaTensor
+from monai.transforms import MapTransform, Transform
+from monai.utils import convert_to_tensor
+
+from .oct import IGNORE_INDEX
+
+
+class ColorToLabel(Transform):
+    """Map a colour-coded label image ``(H, W, 3|4)`` to class indices ``(H, W)``.
+
+    Args:
+        colors: ``colors[k]`` is the RGB colour of class ``k`` (class 0 is usually black background).
+            Alpha is ignored.
+
+    Raises:
+        ValueError: if a pixel has a colour that is not in the table (its colour, count and first position are named).
+    """
+
+    def __init__(self, colors: Sequence[Sequence[int]]):
+        self.colors = np.asarray(colors, dtype=np.int64).reshape(-1, 3)
+        if len({tuple(c) for c in self.colors}) != len(self.colors):
+            raise ValueError(f"the colour table repeats a colour: {self.colors.tolist()}.")
+
+    def __call__(self, rgb: np.ndarray) -> np.ndarray:
+        rgb = np.asarray(rgb)
+        if rgb.ndim != 3 or rgb.shape[-1] not in (3, 4):
+            raise ValueError(f"a colour-coded label must be (H, W, 3|4), got shape {rgb.shape}.")
+        packed = (rgb[..., 0].astype(np.int64) << 16) | (rgb[..., 1].astype(np.int64) << 8) | rgb[..., 2]
+        table = (self.colors[:, 0] << 16) | (self.colors[:, 1] << 8) | self.colors[:, 2]
+        order = np.argsort(table)
+        position = np.clip(np.searchsorted(table[order], packed), 0, len(table) - 1)
+        known = table[order][position] == packed
+        if not known.all():
+            rows, cols = np.nonzero(~known)
+            unknown = sorted({tuple(int(v) for v in rgb[r, c, :3]) for r, c in zip(rows[:1000], cols[:1000])})
+            raise ValueError(
+                f"{int((~known).sum())} pixels have colours outside the class table, e.g. {unknown[:5]} "
+                f"(first at row {rows[0]}, column {cols[0]}); known colours: {self.colors.tolist()}."
+            )
+        return order[position].astype(np.uint8)
+
+
+class ColorToLabeld(MapTransform):
+    """Dictionary wrapper of :class:`ColorToLabel`; adds a leading channel axis."""
+
+    def __init__(self, keys: KeysCollection, colors: Sequence[Sequence[int]], allow_missing_keys: bool = False):
+        super().__init__(keys, allow_missing_keys)
+        self.converter = ColorToLabel(colors)
+
+    def __call__(self, data: Mapping[Hashable, np.ndarray]) -> dict[Hashable, np.ndarray]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = self.converter(d[key])[None]
+        return d
+
+
+class OneHotWithIgnore(Transform):
+    """One-hot encode a ``(1, ...)`` label map into ``(num_classes, ...)``; ignored pixels get all-zero channels.
+
+    MONAI's metrics and ``DiceLoss`` treat all-zero one-hot pixels as ignored when given a sentinel
+    ``ignore_index`` (one outside ``[0, num_classes)``), so unannotated pixels drop out of every score.
+
+    Raises:
+        ValueError: for a value that is neither a class index nor ``ignore_index``.
+    """
+
+    def __init__(self, num_classes: int, ignore_index: int = IGNORE_INDEX):
+        self.num_classes = num_classes
+        self.ignore_index = ignore_index
+
+    def __call__(self, label: NdarrayOrTensor) -> torch.Tensor:
+        label_t = convert_to_tensor(label, track_meta=True)
+        if label_t.shape[0] != 1:
+            raise ValueError(f"expected a (1, ...) label map, got shape {tuple(label_t.shape)}.")
+        values = label_t.long()
+        invalid = (values >= self.num_classes) & (values != self.ignore_index) | (values < 0)
+        if invalid.any():
+            bad = torch.unique(values[invalid]).tolist()[:10]
+            raise ValueError(f"label values {bad} are outside the {self.num_classes} classes of this bundle.")
+        valid = values != self.ignore_index
+        onehot = torch.zeros((self.num_classes, *label_t.shape[1:]), dtype=torch.float32)
+        onehot.scatter_(0, torch.where(valid, values, 0).as_subclass(torch.Tensor), 1.0)
+        onehot *= valid.as_subclass(torch.Tensor)
+        if isinstance(label_t, MetaTensor):
+            return MetaTensor(onehot, meta=label_t.meta, applied_operations=label_t.applied_operations)
+        return onehot
+
+
+class OneHotWithIgnored(MapTransform):
+    """Dictionary wrapper of :class:`OneHotWithIgnore`."""
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        num_classes: int,
+        ignore_index: int = IGNORE_INDEX,
+        allow_missing_keys: bool = False,
+    ):
+        super().__init__(keys, allow_missing_keys)
+        self.converter = OneHotWithIgnore(num_classes, ignore_index)
+
+    def __call__(self, data: Mapping[Hashable, NdarrayOrTensor]) -> dict[Hashable, NdarrayOrTensor]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = self.converter(d[key])
+        return d
