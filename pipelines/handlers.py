@@ -1,0 +1,61 @@
+"""Small engine handlers used by the bundle configs."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from ignite.engine import Engine, Events
+from ignite.handlers import ProgressBar
+from monai.handlers import from_engine
+
+
+class LossProgressBar(ProgressBar):
+    """ignite's tqdm progress bar, showing the running loss (the bundle handler list can only call ``attach``)."""
+
+    def __init__(self, loss_key: str = "loss", **kwargs):
+        kwargs.setdefault("persist", True)
+        super().__init__(**kwargs)
+        self.loss_key = loss_key
+
+    def attach(self, engine: Engine, metric_names=None, output_transform=None, **kwargs) -> None:
+        transform = output_transform or (lambda output: {self.loss_key: from_engine([self.loss_key], first=True)(output)})
+        super().attach(engine, metric_names=metric_names, output_transform=transform, **kwargs)
+
+
+class EpochSummary:
+    """One log line per training epoch: mean loss, the key validation metric (and its best so far), lr, time."""
+
+    def __init__(self, validator: Engine | None = None, key_metric: str | None = None, loss_key: str = "loss"):
+        self.validator, self.key_metric, self.loss_key = validator, key_metric, loss_key
+        self.logger = logging.getLogger("train")
+        self._losses: list[float] = []
+        self._start = 0.0
+        self._best: tuple[float, int] | None = None
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_STARTED, self._epoch_started)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._iteration_completed)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self._epoch_completed)
+
+    def _epoch_started(self, engine: Engine) -> None:
+        self._losses, self._start = [], time.perf_counter()
+
+    def _iteration_completed(self, engine: Engine) -> None:
+        self._losses.append(float(from_engine([self.loss_key], first=True)(engine.state.output)))
+
+    def _epoch_completed(self, engine: Engine) -> None:
+        parts = [f"epoch {engine.state.epoch}/{engine.state.max_epochs}"]
+        if self._losses:
+            parts.append(f"loss {sum(self._losses) / len(self._losses):.4f}")
+        metrics = self.validator.state.metrics if self.validator is not None else {}
+        if self.key_metric and self.key_metric in metrics:
+            value = float(metrics[self.key_metric])
+            if self._best is None or value > self._best[0]:
+                self._best = (value, engine.state.epoch)
+            parts.append(f"{self.key_metric} {value:.4f} (best {self._best[0]:.4f} at epoch {self._best[1]})")
+        optimizer = getattr(engine, "optimizer", None)
+        if optimizer is not None:
+            parts.append(f"lr {optimizer.param_groups[0]['lr']:.2e}")
+        parts.append(f"{time.perf_counter() - self._start:.1f} s")
+        self.logger.info(" | ".join(parts))

@@ -1,0 +1,69 @@
+"""Metrics MONAI has no class for: pixel accuracy and retinal layer thickness error.
+
+Both follow MONAI's ``CumulativeIterationMetric`` protocol (one-hot ``y_pred`` and ``y``, shape ``(B, C, H, W)``)
+and treat pixels whose one-hot label is all zero as unannotated, like MONAI's sentinel ``ignore_index``.
+They are attached to engines with ``monai.handlers.IgniteMetricHandler``.
+"""
+
+from __future__ import annotations
+
+import torch
+from monai.metrics import CumulativeIterationMetric
+from monai.metrics.utils import do_metric_reduction
+from monai.utils import MetricReduction
+
+
+class _ReducedMetric(CumulativeIterationMetric):
+    def __init__(self, reduction: MetricReduction | str = MetricReduction.MEAN, get_not_nans: bool = False):
+        super().__init__()
+        self.reduction, self.get_not_nans = reduction, get_not_nans
+
+    def aggregate(self, reduction: MetricReduction | str | None = None):
+        data = self.get_buffer()
+        if not isinstance(data, torch.Tensor):
+            raise ValueError("the data to aggregate must be a PyTorch Tensor.")
+        f, not_nans = do_metric_reduction(data, reduction or self.reduction)
+        return (f, not_nans) if self.get_not_nans else f
+
+
+class PixelAccuracyMetric(_ReducedMetric):
+    """Fraction of annotated pixels whose predicted class is the reference class, per image: ``(B, 1)``."""
+
+    def _compute_tensor(self, y_pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if y_pred.shape != y.shape:
+            raise ValueError(f"y_pred and y must have the same shape, got {y_pred.shape} and {y.shape}.")
+        annotated = (y.sum(dim=1) > 0).float()
+        correct = ((y_pred * y).sum(dim=1) > 0).float() * annotated
+        dims = tuple(range(1, annotated.ndim))
+        total = annotated.sum(dim=dims)
+        accuracy = correct.sum(dim=dims) / total.clamp(min=1)
+        return torch.where(total > 0, accuracy, torch.full_like(accuracy, float("nan")))[:, None]
+
+
+class LayerThicknessError(_ReducedMetric):
+    """Mean absolute error of each layer's thickness along the axial (row) axis: ``(B, C - 1)``.
+
+    A layer's thickness in an A-scan (column) is the number of its pixels in that column. The error is averaged
+    over annotated columns only and multiplied by ``axial_size`` (e.g. micrometres per pixel; 1 gives pixels).
+    Background (channel 0) is excluded: layer thickness is the clinical biomarker of retinal disease.
+    """
+
+    def __init__(
+        self,
+        axial_size: float | None = 1.0,
+        reduction: MetricReduction | str = MetricReduction.MEAN,
+        get_not_nans: bool = False,
+    ):
+        super().__init__(reduction, get_not_nans)
+        self.axial_size = 1.0 if axial_size is None else float(axial_size)
+
+    def _compute_tensor(self, y_pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if y_pred.shape != y.shape or y.ndim != 4:
+            raise ValueError(f"expected y_pred and y of one shape (B, C, H, W), got {y_pred.shape} and {y.shape}.")
+        annotated_columns = (y.sum(dim=(1, 2)) > 0).float()[:, None]  # (B, 1, W)
+        thickness_pred = y_pred[:, 1:].sum(dim=2)  # (B, C - 1, W)
+        thickness_true = y[:, 1:].sum(dim=2)
+        error = (thickness_pred - thickness_true).abs() * annotated_columns
+        n_columns = annotated_columns.sum(dim=-1)
+        mae = error.sum(dim=-1) / n_columns.clamp(min=1) * self.axial_size
+        return torch.where(n_columns > 0, mae, torch.full_like(mae, float("nan")))

@@ -1,0 +1,304 @@
+"""What a person looks at: colour overlays, learning curves, and per-class metric summaries.
+
+Every file is written to a temporary name and renamed, so an interrupted run never leaves a half-written
+picture or JSON under the real name.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from collections.abc import Hashable, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from ignite.engine import Engine, Events
+from monai.config import KeysCollection
+from monai.transforms import MapTransform
+from PIL import Image
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_PALETTE = (
+    (0, 0, 0), (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
+    (145, 30, 180), (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128),
+)
+
+
+def atomic_write_bytes(path: str | os.PathLike, write) -> Path:
+    """Call ``write(tmp_path)`` then rename onto ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}{path.suffix}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def atomic_write_json(path: str | os.PathLike, content) -> Path:
+    return atomic_write_bytes(path, lambda tmp: tmp.write_text(json.dumps(content, indent=2, default=_json_default)))
+
+
+def _json_default(value):
+    if isinstance(value, (np.generic, torch.Tensor)):
+        return value.item()
+    return str(value)
+
+
+def save_png(path: str | os.PathLike, array: np.ndarray) -> Path:
+    return atomic_write_bytes(path, lambda tmp: Image.fromarray(array).save(tmp, format="PNG"))
+
+
+def to_numpy(x) -> np.ndarray:
+    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+
+
+def to_label_map(x) -> np.ndarray:
+    """A ``(C, H, W)`` one-hot/probability map or ``(1, H, W)``/``(H, W)`` label map to ``(H, W)`` class indices.
+
+    One-hot pixels that are all zero (unannotated) become -1.
+    """
+    array = to_numpy(x)
+    if array.ndim == 3 and array.shape[0] > 1:
+        labels = array.argmax(axis=0)
+        return np.where(array.sum(axis=0) > 0, labels, -1)
+    return array.reshape(array.shape[-2:]).astype(np.int64)
+
+
+def to_display(image) -> np.ndarray:
+    """A ``(1, H, W)`` or ``(H, W)`` image to uint8 grey, stretched between its 1st and 99th percentiles."""
+    array = to_numpy(image).astype(np.float32)
+    array = array.reshape(array.shape[-2:]) if array.ndim == 3 and array.shape[0] == 1 else array
+    low, high = np.percentile(array, (1, 99)) if array.size else (0.0, 1.0)
+    return (np.clip((array - low) / max(high - low, 1e-6), 0, 1) * 255).astype(np.uint8)
+
+
+def colorize(label_map: np.ndarray, palette: Sequence[Sequence[int]] = DEFAULT_PALETTE) -> np.ndarray:
+    palette = np.asarray(palette, dtype=np.uint8)
+    rgb = palette[np.clip(label_map, 0, None) % len(palette)]
+    rgb[label_map < 0] = (128, 128, 128)  # unannotated
+    return rgb
+
+
+def overlay(image, label_map: np.ndarray, palette=DEFAULT_PALETTE, alpha: float = 0.45) -> np.ndarray:
+    """Blend the classes (not background) over the grey image."""
+    grey = np.repeat(to_display(image)[..., None], 3, axis=-1).astype(np.float32)
+    colours = colorize(label_map, palette).astype(np.float32)
+    blend = np.where((label_map > 0)[..., None], (1 - alpha) * grey + alpha * colours, grey)
+    return blend.astype(np.uint8)
+
+
+def comparison_panel(image, prediction: np.ndarray, reference: np.ndarray | None, palette=DEFAULT_PALETTE) -> np.ndarray:
+    """``image | prediction overlay | reference overlay`` side by side, with a 4-pixel white gap."""
+    panels = [np.repeat(to_display(image)[..., None], 3, axis=-1), overlay(image, prediction, palette)]
+    if reference is not None:
+        panels.append(overlay(image, reference, palette))
+    gap = np.full((panels[0].shape[0], 4, 3), 255, dtype=np.uint8)
+    return np.concatenate([p for panel in panels for p in (panel, gap)][:-1], axis=1)
+
+
+def plot_learning_curves(history: Mapping[str, list[tuple[int, float]]], path: str | os.PathLike, title: str = ""):
+    """Loss per iteration (raw and smoothed) and validation metrics per epoch, as one PNG. None if nothing to plot."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    losses = {k: v for k, v in history.items() if "loss" in k.lower() and v}
+    metrics = {k: v for k, v in history.items() if k.startswith("val_") and "/" not in k and v}
+    if not losses and not metrics:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    for key, points in losses.items():
+        steps, values = zip(*sorted(points))
+        axes[0].plot(steps, values, alpha=0.35, label=f"{key} (per iteration)")
+        window = max(1, len(values) // 20)
+        smooth = np.convolve(values, np.ones(window) / window, mode="valid")
+        axes[0].plot(steps[window - 1 :], smooth, label=f"{key} (moving mean of {window})")
+    axes[0].set_xlabel("iteration")
+    axes[0].set_title("training loss")
+    axes[0].legend(fontsize=8)
+    for key, points in metrics.items():
+        steps, values = zip(*sorted(points))
+        finite = [(s, v) for s, v in zip(steps, values) if math.isfinite(v)]
+        if finite and max(v for _, v in finite) <= 1.0:
+            axes[1].plot(*zip(*finite), marker="o", label=key)
+    axes[1].set_xlabel("epoch")
+    axes[1].set_ylim(0, 1)
+    axes[1].set_title("validation metrics (0..1)")
+    axes[1].legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    path = atomic_write_bytes(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+    plt.close(fig)
+    return path
+
+
+class EvaluationReport:
+    """Evaluator handler: per-class metric summary (JSON), per-class metrics for the trackers, and overlays.
+
+    At each evaluation epoch it averages ``engine.state.metric_details`` per class, adds them to
+    ``engine.state.metrics`` as ``<metric>/<class>`` (so the MLflow and stats handlers listed after it record
+    them), writes ``metrics.json`` and saves ``image | prediction | reference`` panels of the first images.
+
+    Args:
+        output_dir: where ``metrics.json`` and ``overlays/`` go.
+        class_names: all class names, background first; details of metrics without background use ``[1:]``.
+        num_overlays: how many images get a panel (-1: all).
+        palette: class colours.
+        key_metric: name of the key metric, whose best value and epoch are reported.
+        axial_size: micrometres per pixel along the rows, if known: thickness errors are also given in um.
+        epoch_transform: maps the evaluator's epoch to the one reported (the trainer's epoch during training).
+    """
+
+    def __init__(
+        self,
+        output_dir: str,
+        class_names: Sequence[str],
+        num_overlays: int = 4,
+        palette: Sequence[Sequence[int]] | None = None,
+        key_metric: str | None = None,
+        axial_size: float | None = None,
+        epoch_transform=None,
+        image_key: str = "image",
+        pred_key: str = "pred",
+        label_key: str = "label",
+    ):
+        self.output_dir = Path(output_dir)
+        self.class_names = list(class_names)
+        self.num_overlays = num_overlays
+        self.palette = palette or DEFAULT_PALETTE
+        self.key_metric = key_metric
+        self.axial_size = axial_size
+        self.epoch_transform = epoch_transform or (lambda epoch: epoch)
+        self.keys = (image_key, pred_key, label_key)
+        self.best: tuple[float, int] | None = None
+        self._saved = 0
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_STARTED, self._reset)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self.iteration_completed)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self.epoch_completed)
+
+    def _reset(self, engine: Engine) -> None:
+        self._saved = 0
+
+    def iteration_completed(self, engine: Engine) -> None:
+        if 0 <= self.num_overlays <= self._saved:
+            return
+        outputs = engine.state.output if isinstance(engine.state.output, list) else [engine.state.output]
+        batches = engine.state.batch if isinstance(engine.state.batch, list) else [engine.state.batch] * len(outputs)
+        image_key, pred_key, label_key = self.keys
+        for output, batch in zip(outputs, batches):
+            if 0 <= self.num_overlays <= self._saved:
+                break
+            name = str(batch.get("id", f"image{self._saved:03d}")) if isinstance(batch, Mapping) else str(self._saved)
+            reference = to_label_map(output[label_key]) if label_key in output else None
+            panel = comparison_panel(output[image_key], to_label_map(output[pred_key]), reference, self.palette)
+            save_png(self.output_dir / "overlays" / f"{name}.png", panel)
+            self._saved += 1
+
+    def per_class(self, engine: Engine) -> dict[str, dict[str, float]]:
+        summary = {}
+        for metric, details in (getattr(engine.state, "metric_details", None) or {}).items():
+            values = to_numpy(details).astype(np.float64)
+            if values.ndim == 3 and values.shape[-1] == 4:  # confusion matrices [tp, fp, tn, fn] per image and class
+                values = _confusion_metric(values.sum(axis=0, keepdims=True), metric)
+                if values is None:
+                    continue
+            if values.ndim != 2 or values.shape[1] <= 1:
+                continue
+            names = self.class_names[-values.shape[1] :]  # metrics without background drop class 0
+            with np.errstate(all="ignore"):
+                means = np.nanmean(np.where(np.isinf(values), np.nan, values), axis=0)
+            summary[metric] = {name: float(v) for name, v in zip(names, means)}
+            if self.axial_size and metric.endswith("_px"):
+                summary[metric[:-3] + "_um"] = {name: float(v) * self.axial_size for name, v in zip(names, means)}
+        return summary
+
+    def epoch_completed(self, engine: Engine) -> None:
+        per_class = self.per_class(engine)
+        for metric, values in per_class.items():
+            for name, value in values.items():
+                engine.state.metrics[f"{metric}/{name}"] = value
+        means = {k: float(v) for k, v in engine.state.metrics.items() if "/" not in k and np.isscalar(v)}
+        if self.axial_size:
+            for key in [k for k in means if k.endswith("_px")]:
+                means[key[:-3] + "_um"] = engine.state.metrics[key[:-3] + "_um"] = means[key] * self.axial_size
+        details = getattr(engine.state, "metric_details", None) or {}
+        n_images = len(next(iter(details.values()))) if details else None
+        report = {"mean": means, "per_class": per_class, "n_images": n_images}
+        if self.key_metric and self.key_metric in means:
+            value = means[self.key_metric]
+            epoch = self.epoch_transform(engine.state.epoch)
+            if self.best is None or value > self.best[0]:
+                self.best = (value, epoch)
+            report["best"] = {"metric": self.key_metric, "value": self.best[0], "epoch": self.best[1]}
+        atomic_write_json(self.output_dir / "metrics.json", report)
+
+
+def _confusion_metric(matrix: np.ndarray, metric: str) -> np.ndarray | None:
+    """Per-class precision / recall / specificity from pooled ``[tp, fp, tn, fn]`` counts, or None."""
+    tp, fp, tn, fn = (matrix[..., i] for i in range(4))
+    with np.errstate(all="ignore"):
+        if "precision" in metric:
+            return tp / (tp + fp)
+        if "recall" in metric or "sensitivity" in metric:
+            return tp / (tp + fn)
+        if "specificity" in metric:
+            return tn / (tn + fp)
+    return None
+
+
+class SaveSegmentationd(MapTransform):
+    """Write, per image, the label map (index PNG), a colour overlay PNG and a small JSON summary.
+
+    Use after the prediction is inverted to the input's grid and turned into a ``(1, H, W)`` label map.
+    Outputs are ``<output_dir>/<id>_seg.png``, ``<id>_overlay.png`` and ``<id>.json``.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        output_dir: str,
+        class_names: Sequence[str],
+        image_key: str = "image",
+        id_key: str = "id",
+        palette: Sequence[Sequence[int]] | None = None,
+        axial_size: float | None = None,
+        allow_missing_keys: bool = False,
+    ):
+        super().__init__(keys, allow_missing_keys)
+        self.output_dir = Path(output_dir)
+        self.class_names = list(class_names)
+        self.image_key, self.id_key = image_key, id_key
+        self.palette = palette or DEFAULT_PALETTE
+        self.axial_size = axial_size
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            label_map = to_label_map(d[key])
+            name = str(d.get(self.id_key, "image"))
+            save_png(self.output_dir / f"{name}_seg.png", label_map.astype(np.uint8))
+            save_png(self.output_dir / f"{name}_overlay.png", overlay(d[self.image_key], label_map, self.palette))
+            thickness = {
+                cls: float((label_map == index).sum(axis=0).mean()) for index, cls in enumerate(self.class_names) if index
+            }
+            summary = {
+                "id": name,
+                "shape": list(label_map.shape),
+                "classes_present": [self.class_names[i] for i in np.unique(label_map) if 0 <= i < len(self.class_names)],
+                "mean_thickness_px": thickness,
+            }
+            if self.axial_size:
+                summary["mean_thickness_um"] = {k: v * self.axial_size for k, v in thickness.items()}
+            atomic_write_json(self.output_dir / f"{name}.json", summary)
+        return d

@@ -1,0 +1,263 @@
+"""MLflow tracking of bundle runs, in the project's ``mlruns/`` store unless ``MLFLOW_TRACKING_URI`` says otherwise.
+
+:class:`BundleMLflowHandler` extends MONAI's ``MLFlowHandler`` with what a person comparing runs needs: a unique
+run per process (never reusing another process's run), the executed config, tags for provenance, learning curves
+drawn from the tracked metrics, artifacts that keep their folder structure, and a run that ends FAILED or KILLED
+(never RUNNING forever) when training crashes or is interrupted.
+"""
+
+from __future__ import annotations
+
+import atexit
+import hashlib
+import inspect
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import mlflow
+from ignite.engine import Engine, Events
+from monai.handlers import MLFlowHandler
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_STORE = REPO_ROOT / "mlruns"
+
+logger = logging.getLogger(__name__)
+
+
+def default_tracking_uri() -> str:
+    """``MLFLOW_TRACKING_URI`` if set, else the SQLite store ``<repo>/mlruns/mlflow.db``."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{DEFAULT_STORE / 'mlflow.db'}"
+
+
+def artifact_location_for(tracking_uri: str) -> str | None:
+    """Artifacts of a local SQLite store live beside it in ``artifacts/``; servers decide for themselves."""
+    if tracking_uri.startswith("sqlite:///"):
+        return (Path(tracking_uri[len("sqlite:///") :]).parent / "artifacts").resolve().as_uri()
+    return None
+
+
+def unique_run_name(workflow: str) -> str:
+    """``<workflow>-<YYYYmmdd-HHMMSS>-<6 hex>``: distinct for runs started in the same second."""
+    return f"{workflow}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+
+
+def git_state(root: Path = REPO_ROOT) -> dict[str, str]:
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "HEAD")
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    return {"git_commit": commit, "git_dirty": str(dirty).lower()} if commit else {}
+
+
+def executed_config() -> dict | None:
+    """The config of the running bundle workflow, after command-line overrides.
+
+    MONAI gives a handler no reference to its workflow, so the ``ConfigWorkflow`` is found on the call stack
+    (handlers run inside ``ConfigWorkflow.run``). Returns None when the engine is not run by a config workflow.
+    """
+    from monai.bundle import ConfigWorkflow
+
+    for frame_info in inspect.stack(context=0):
+        candidate = frame_info.frame.f_locals.get("self")
+        if isinstance(candidate, ConfigWorkflow):
+            return candidate.parser.get()
+    return None
+
+
+def _flatten(params: Mapping, prefix: str = "") -> dict[str, str]:
+    flat = {}
+    for key, value in params.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, f"{name}."))
+        else:
+            flat[name] = json.dumps(value) if isinstance(value, (list, tuple)) else str(value)
+    return flat
+
+
+class _RunGuard:
+    """Ends the tracked runs of this process as KILLED/FAILED if the process exits without closing them."""
+
+    def __init__(self):
+        self.active: dict[str, tuple[mlflow.MlflowClient, str]] = {}
+        self.signal_received: int | None = None
+        atexit.register(self.close_all)
+
+    def register(self, run_id: str, client: mlflow.MlflowClient) -> None:
+        if not self.active and threading.current_thread() is threading.main_thread():
+            # SIGTERM (a scheduler's kill, `timeout`, Ctrl-C in a container) normally skips atexit
+            if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
+                signal.signal(signal.SIGTERM, self._on_sigterm)
+        self.active[run_id] = (client, run_id)
+
+    def _on_sigterm(self, signum, frame):
+        self.signal_received = signum
+        raise SystemExit(128 + signum)
+
+    def finish(self, run_id: str, status: str) -> None:
+        client, _ = self.active.pop(run_id, (None, None))
+        if client is not None:
+            client.set_terminated(run_id, status)
+
+    def close_all(self) -> None:
+        status = "KILLED" if self.signal_received else "FAILED"
+        for run_id in list(self.active):
+            try:
+                self.finish(run_id, status)
+            except Exception as e:  # never mask the reason the process is ending
+                print(f"could not mark MLflow run {run_id} as {status}: {e}", file=sys.stderr)
+
+
+RUN_GUARD = _RunGuard()
+
+
+class BundleMLflowHandler(MLFlowHandler):
+    """Track a bundle's trainer (with its validation) or evaluator as one MLflow run.
+
+    Args:
+        bundle_name: the experiment name (one experiment per bundle).
+        workflow: ``"train"``, ``"evaluate"``...: tagged, and the prefix of the default run name.
+        run_name: defaults to a unique name; a validation evaluator's plain ``MLFlowHandler`` given the same name
+            writes its epoch metrics into this run.
+        experiment_param: the hyper-parameters a person compares (flattened, logged as params).
+        artifacts: files or folders to log at completion (folders keep their structure).
+        checkpoint: a checkpoint file logged under ``checkpoint/`` at completion, if it exists.
+        curves_dir: where ``learning_curves.png`` (drawn from the tracked metrics) is written and logged.
+        tags: extra tags.
+        tracking_uri: defaults to :func:`default_tracking_uri`.
+        kwargs: passed to ``MLFlowHandler`` (``iteration_log``, ``tag_name``, ...).
+    """
+
+    def __init__(
+        self,
+        bundle_name: str,
+        workflow: str = "train",
+        run_name: str | None = None,
+        experiment_param: Mapping | None = None,
+        artifacts: Sequence[str] | str | None = None,
+        checkpoint: str | None = None,
+        curves_dir: str | None = None,
+        tags: Mapping[str, str] | None = None,
+        tracking_uri: str | None = None,
+        **kwargs,
+    ):
+        tracking_uri = tracking_uri or default_tracking_uri()
+        super().__init__(
+            tracking_uri=tracking_uri,
+            experiment_name=bundle_name,
+            run_name=run_name or unique_run_name(workflow),
+            experiment_param=_flatten(experiment_param or {}),
+            artifacts=None,
+            close_on_complete=True,
+            artifact_location=artifact_location_for(tracking_uri),
+            **kwargs,
+        )
+        self.bundle_name, self.workflow = bundle_name, workflow
+        self.artifact_paths = [artifacts] if isinstance(artifacts, str) else list(artifacts or [])
+        self.checkpoint = checkpoint
+        self.curves_dir = curves_dir
+        self.extra_tags = dict(tags or {})
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self.start)
+        engine.add_event_handler(Events.EXCEPTION_RAISED, self.exception_raised)
+        if self.iteration_log:
+            event = Events.ITERATION_COMPLETED
+            if callable(self.iteration_log):
+                event = event(event_filter=self.iteration_log)
+            engine.add_event_handler(event, self.iteration_completed)
+
+    def _attach_late(self, engine: Engine) -> None:
+        """Register the epoch and completion handlers at STARTED, after every other handler's.
+
+        ignite fires handlers in registration order, so the metrics added by report handlers listed after this
+        one are recorded, and the files they write at completion exist before artifacts are logged.
+        """
+        if self.epoch_log and not engine.has_event_handler(self.epoch_completed, Events.EPOCH_COMPLETED):
+            event = Events.EPOCH_COMPLETED
+            if callable(self.epoch_log):
+                event = event(event_filter=self.epoch_log)
+            engine.add_event_handler(event, self.epoch_completed)
+        if not engine.has_event_handler(self._completed, Events.COMPLETED):
+            engine.add_event_handler(Events.COMPLETED, self._completed)
+
+    def _completed(self, engine: Engine) -> None:
+        try:
+            self.complete()
+        finally:
+            self.close()
+
+    def start(self, engine: Engine) -> None:
+        new_run = self.cur_run is None
+        super().start(engine)
+        self._attach_late(engine)
+        if not new_run:
+            return
+        run_id = self.cur_run.info.run_id
+        RUN_GUARD.register(run_id, self.client)
+        tags = {
+            "bundle": self.bundle_name,
+            "workflow": self.workflow,
+            "command": " ".join(sys.argv)[:5000],
+            **git_state(),
+            **self.extra_tags,
+        }
+        config = executed_config()
+        if config is not None:
+            text = json.dumps(config, indent=2, sort_keys=True, default=str)
+            tags["config_sha256"] = hashlib.sha256(text.encode()).hexdigest()[:16]
+            self.client.log_text(run_id, text, "config/executed_config.json")
+        for key, value in tags.items():
+            self.client.set_tag(run_id, key, value)
+        logger.info(f"MLflow run '{self.run_name}' ({run_id}) in experiment '{self.bundle_name}' at {self.client.tracking_uri}")
+
+    def complete(self) -> None:
+        if self.cur_run is None:
+            return
+        run_id = self.cur_run.info.run_id
+        if self.curves_dir:
+            from .reports import plot_learning_curves
+
+            history = {
+                key: [(m.step, m.value) for m in self.client.get_metric_history(run_id, key)]
+                for key in self.client.get_run(run_id).data.metrics
+            }
+            path = plot_learning_curves(history, Path(self.curves_dir) / "learning_curves.png", title=self.run_name)
+            if path is not None:
+                self.client.log_artifact(run_id, str(path))
+        for path in self.artifact_paths:
+            if os.path.isdir(path):
+                self.client.log_artifacts(run_id, path)
+            elif os.path.isfile(path):
+                self.client.log_artifact(run_id, path)
+        if self.checkpoint and os.path.isfile(self.checkpoint):
+            self.client.log_artifact(run_id, self.checkpoint, "checkpoint")
+
+    def close(self) -> None:
+        run_id = self.cur_run.info.run_id if self.cur_run else None
+        super().close()
+        RUN_GUARD.active.pop(run_id, None)
+
+    def exception_raised(self, engine: Engine, e: BaseException) -> None:
+        if self.cur_run is not None:
+            status = "KILLED" if isinstance(e, (KeyboardInterrupt, SystemExit)) else "FAILED"
+            run_id = self.cur_run.info.run_id
+            try:
+                self.client.set_tag(run_id, "error", f"{type(e).__name__}: {e}"[:5000])
+                RUN_GUARD.finish(run_id, status)
+            finally:
+                self.cur_run = None
+        raise e
