@@ -40,3 +40,10 @@ def install() -> None:
 
 
 install()
+
+
+def require_file(path: str, what: str, hint: str) -> str:
+    """Return ``path`` if it is a file, else raise a :class:`DataError` naming it (used by bundle configs)."""
+    if not os.path.isfile(path):
+        raise DataError(os.path.abspath(path), f"{what} does not exist.", hint)
+    return path

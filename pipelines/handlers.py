@@ -11,16 +11,21 @@ from monai.handlers import from_engine
 
 
 class LossProgressBar(ProgressBar):
-    """ignite's tqdm progress bar, showing the running loss (the bundle handler list can only call ``attach``)."""
+    """ignite's tqdm progress bar, showing the running loss if ``loss_key`` is set (handler lists only call ``attach``)."""
 
-    def __init__(self, loss_key: str = "loss", **kwargs):
+    def __init__(self, loss_key: str | None = "loss", **kwargs):
         kwargs.setdefault("persist", True)
         super().__init__(**kwargs)
         self.loss_key = loss_key
 
     def attach(self, engine: Engine, metric_names=None, output_transform=None, **kwargs) -> None:
-        transform = output_transform or (lambda output: {self.loss_key: from_engine([self.loss_key], first=True)(output)})
-        super().attach(engine, metric_names=metric_names, output_transform=transform, **kwargs)
+        if output_transform is None and self.loss_key is not None:
+            key = self.loss_key
+
+            def output_transform(output):
+                return {key: from_engine([key], first=True)(output)}
+
+        super().attach(engine, metric_names=metric_names, output_transform=output_transform, **kwargs)
 
 
 class EpochSummary:

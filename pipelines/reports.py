@@ -155,7 +155,7 @@ class EvaluationReport:
         palette: class colours.
         key_metric: name of the key metric, whose best value and epoch are reported.
         axial_size: micrometres per pixel along the rows, if known: thickness errors are also given in um.
-        epoch_transform: maps the evaluator's epoch to the one reported (the trainer's epoch during training).
+        print_table: log a per-class table of every metric at the end of each epoch (evaluation runs).
     """
 
     def __init__(
@@ -166,7 +166,7 @@ class EvaluationReport:
         palette: Sequence[Sequence[int]] | None = None,
         key_metric: str | None = None,
         axial_size: float | None = None,
-        epoch_transform=None,
+        print_table: bool = False,
         image_key: str = "image",
         pred_key: str = "pred",
         label_key: str = "label",
@@ -177,7 +177,7 @@ class EvaluationReport:
         self.palette = palette or DEFAULT_PALETTE
         self.key_metric = key_metric
         self.axial_size = axial_size
-        self.epoch_transform = epoch_transform or (lambda epoch: epoch)
+        self.print_table = print_table
         self.keys = (image_key, pred_key, label_key)
         self.best: tuple[float, int] | None = None
         self._saved = 0
@@ -237,11 +237,26 @@ class EvaluationReport:
         report = {"mean": means, "per_class": per_class, "n_images": n_images}
         if self.key_metric and self.key_metric in means:
             value = means[self.key_metric]
-            epoch = self.epoch_transform(engine.state.epoch)
+            epoch = engine.state.epoch  # an evaluator run by a trainer counts the trainer's epochs
             if self.best is None or value > self.best[0]:
                 self.best = (value, epoch)
             report["best"] = {"metric": self.key_metric, "value": self.best[0], "epoch": self.best[1]}
-        atomic_write_json(self.output_dir / "metrics.json", report)
+        path = atomic_write_json(self.output_dir / "metrics.json", report)
+        if self.print_table:
+            logger.info(f"metrics of {n_images} images (written to {path}):\n{format_table(report)}")
+
+
+def format_table(report: Mapping) -> str:
+    """Metrics as a text table: one row per metric, its mean then one column per class."""
+    per_class = report.get("per_class", {})
+    classes = list(dict.fromkeys(name for values in per_class.values() for name in values))
+    header = ["metric", "mean", *classes]
+    rows = [header]
+    for metric, mean in report.get("mean", {}).items():
+        values = per_class.get(metric, {})
+        rows.append([metric, f"{mean:.4f}", *(f"{values[c]:.4f}" if c in values else "" for c in classes)])
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    return "\n".join("  ".join(cell.rjust(width) for cell, width in zip(row, widths)) for row in rows)
 
 
 def _confusion_metric(matrix: np.ndarray, metric: str) -> np.ndarray | None:
