@@ -1,0 +1,54 @@
+"""Shared fixtures: a tiny phantom dataset, a private MLflow store, and the location of the real data."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("SHARED_DATA_DIR", REPO_ROOT.parent / "shared" / "data"))
+OCT_BUNDLE = REPO_ROOT / "bundles" / "oct_layers"
+
+
+def shared_path(*parts: str) -> Path:
+    """A path under the real data folder; the calling test is skipped with the reason if it is absent."""
+    path = SHARED_DATA.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"real data not available: {path} is absent (set SHARED_DATA_DIR to its folder)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_oct_dir(tmp_path_factory) -> Path:
+    """3 phantom subjects of 4 B-scans of 64 x 96 pixels, in the Duke .mat layout."""
+    from datasets.oct.phantom import write_phantom_dataset
+
+    out = tmp_path_factory.mktemp("oct_phantom")
+    write_phantom_dataset(out, n_subjects=3, n_bscans=4, height=64, width=96, seed=1)
+    return out
+
+
+@pytest.fixture()
+def tracking_uri(tmp_path, monkeypatch) -> str:
+    """A private SQLite MLflow store for one test (the project's mlruns/ is never touched by tests)."""
+    uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
+    (tmp_path / "mlruns").mkdir()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    return uri
+
+
+def run_bundle(run_id: str, config_files: list[str], overrides: dict, env: dict | None = None, check: bool = True):
+    """Run ``python -m monai.bundle run`` from the repository root, as a user does."""
+    command = [sys.executable, "-m", "monai.bundle", "run", run_id, "--config_file", str(config_files)]
+    for key, value in overrides.items():
+        command += [f"--{key}", str(value)]
+    result = subprocess.run(
+        command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, **(env or {})}
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(command)} failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-8000:]}")
+    return result

@@ -1,0 +1,204 @@
+"""OCT readers on real files written here: Duke .mat, paired folders (index and colour PNG), VIA JSON."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import scipy.io
+from PIL import Image
+
+from datasets import DataError, NoUsableDataError, dataset_fingerprint
+from datasets.oct import load_oct_datalist, load_oct_images, read_duke_mat, read_paired_folder, read_via_json
+from datasets.oct.phantom import write_phantom_dataset
+from tests.conftest import shared_path
+
+NR206_COLORS = [[0, 0, 0], [255, 0, 0], [128, 128, 0], [255, 255, 0], [0, 128, 0], [0, 255, 0], [0, 255, 255],
+                [0, 0, 255], [255, 0, 255]]
+
+
+def write_duke(path, rows=20, cols=12, n=3, **overrides):
+    images = np.random.default_rng(0).integers(0, 255, (rows, cols, n), dtype=np.uint8)
+    layers = np.full((8, cols, n), np.nan)
+    layers[:, :, 1] = np.linspace(3, 17, 8)[:, None]  # 1-based rows, B-scan 1 annotated
+    layers[:, :2, 1] = np.nan  # two unannotated columns
+    content = {"images": images, "manualLayers1": layers, **overrides}
+    scipy.io.savemat(path, {k: v for k, v in content.items() if v is not None})
+    return images, layers
+
+
+def test_duke_reads_annotated_bscans_and_ignores_unannotated_columns(tmp_path):
+    images, layers = write_duke(tmp_path / "Subject_01.mat")
+    items = read_duke_mat(tmp_path / "Subject_01.mat")
+    assert len(items) == 1 and items[0]["bscan"] == 1 and items[0]["subject"] == "Subject_01"
+    label = items[0]["label"][0]
+    np.testing.assert_array_equal(items[0]["image"][0], images[:, :, 1])
+    assert (label[:, :2] == 255).all(), "columns without boundaries must be ignored, not filled"
+    # boundary k at 1-based row 3 + 2k -> 0-based 2 + 2k: layer k spans rows [2 + 2(k-1), 2 + 2k)
+    np.testing.assert_array_equal(label[:, 5], [0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7] + [0] * 4)
+
+
+@pytest.mark.parametrize(
+    "content, problem",
+    [
+        ({"manualLayers1": None}, "missing key"),
+        ({"manualLayers1": np.zeros((8, 11, 3))}, "shape mismatch"),
+        ({"images": np.zeros((2, 2, 2, 2))}, "must be"),
+    ],
+)
+def test_duke_malformed_content_names_file_and_problem(tmp_path, content, problem):
+    path = tmp_path / "Subject_02.mat"
+    write_duke(path, **content)
+    with pytest.raises(DataError, match=problem) as error:
+        read_duke_mat(path)
+    assert str(path) in str(error.value)
+
+
+def test_duke_truncated_and_empty_files(tmp_path):
+    path = tmp_path / "Subject_03.mat"
+    write_duke(path)
+    path.write_bytes(path.read_bytes()[:300])
+    with pytest.raises(DataError, match="cannot be read as a MATLAB") as error:
+        read_duke_mat(path)
+    assert str(path) in str(error.value)
+    empty = tmp_path / "Subject_04.mat"
+    empty.write_bytes(b"")
+    with pytest.raises(DataError, match=str(empty)):
+        read_duke_mat(empty)
+
+
+def test_phantom_is_deterministic_and_readable(tmp_path):
+    a = write_phantom_dataset(tmp_path / "a", n_subjects=2, n_bscans=3, height=48, width=64, seed=5)
+    b = write_phantom_dataset(tmp_path / "b", n_subjects=2, n_bscans=3, height=48, width=64, seed=5)
+    c = write_phantom_dataset(tmp_path / "c", n_subjects=2, n_bscans=3, height=48, width=64, seed=6)
+    first, second, other = (scipy.io.loadmat(p[0]) for p in (a, b, c))
+    np.testing.assert_array_equal(first["images"], second["images"])
+    assert not np.array_equal(first["images"], other["images"])
+    assert dataset_fingerprint(a) == dataset_fingerprint(b) != dataset_fingerprint(c)
+    items = read_duke_mat(a[0])
+    labels = np.concatenate([item["label"].ravel() for item in items])
+    assert set(np.unique(labels)) == set(range(8)) | {255}, "all 7 layers, background and ignored edges"
+    # layers are ordered top to bottom in every annotated column
+    label = items[0]["label"][0]
+    for column in np.nonzero(label[0] != 255)[0]:
+        values = label[:, column][label[:, column] > 0]
+        assert (np.diff(values.astype(int)) >= 0).all()
+
+
+def save_png(path, array):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path)
+
+
+def test_paired_folder_index_and_colour_labels(tmp_path):
+    image = np.random.default_rng(1).integers(0, 255, (10, 14), dtype=np.uint8)
+    index_label = np.repeat(np.arange(10, dtype=np.uint8)[:, None] % 3, 14, axis=1)
+    save_png(tmp_path / "images" / "a.png", image)
+    save_png(tmp_path / "labels" / "a_label.png", index_label)
+    items = read_paired_folder(tmp_path / "images", tmp_path / "labels")
+    np.testing.assert_array_equal(items[0]["label"][0], index_label)
+    np.testing.assert_array_equal(items[0]["image"][0], image)
+
+    colour = np.zeros((10, 14, 4), dtype=np.uint8)
+    colour[..., 3] = 255
+    colour[3:6] = [255, 0, 0, 255]
+    colour[6:] = [255, 0, 255, 10]  # alpha is ignored
+    save_png(tmp_path / "c" / "train" / "b.png", image)
+    save_png(tmp_path / "c" / "train_labels" / "b.png", colour)
+    item = read_paired_folder(tmp_path / "c" / "train", tmp_path / "c" / "train_labels", NR206_COLORS)[0]
+    assert np.unique(item["label"][0, :3]).tolist() == [0]
+    assert np.unique(item["label"][0, 3:6]).tolist() == [1]
+    assert np.unique(item["label"][0, 6:]).tolist() == [8]
+
+
+def test_paired_folder_errors(tmp_path):
+    image = np.zeros((10, 14), dtype=np.uint8)
+    save_png(tmp_path / "images" / "a.png", image)
+    (tmp_path / "labels").mkdir()
+    with pytest.raises(DataError, match="has no label"):
+        read_paired_folder(tmp_path / "images", tmp_path / "labels")
+    save_png(tmp_path / "labels" / "a.png", np.zeros((9, 14), dtype=np.uint8))
+    with pytest.raises(DataError, match="shape mismatch"):
+        read_paired_folder(tmp_path / "images", tmp_path / "labels")
+    rgb = np.zeros((10, 14, 3), dtype=np.uint8)
+    rgb[0, 0] = (1, 2, 3)
+    save_png(tmp_path / "labels" / "a.png", rgb)
+    with pytest.raises(DataError, match=r"unknown label colour.*\(1, 2, 3\)") as error:
+        read_paired_folder(tmp_path / "images", tmp_path / "labels", NR206_COLORS)
+    assert "a.png" in str(error.value)
+    with pytest.raises(DataError, match="no colour table"):
+        read_paired_folder(tmp_path / "images", tmp_path / "labels")
+    (tmp_path / "images" / "a.png").write_bytes(b"not a png")
+    with pytest.raises(DataError, match="cannot be read as an image"):
+        read_paired_folder(tmp_path / "images", tmp_path / "labels", NR206_COLORS)
+
+
+def test_via_json_polygons_become_label_masks(tmp_path):
+    save_png(tmp_path / "scan.png", np.zeros((20, 30), dtype=np.uint8))
+    export = {
+        "scan.png1234": {
+            "filename": "scan.png",
+            "size": 1234,
+            "regions": [
+                {"shape_attributes": {"name": "polygon", "all_points_x": [2, 12, 12, 2], "all_points_y": [2, 2, 8, 8]},
+                 "region_attributes": {"layer": "NFL"}},
+                {"shape_attributes": {"name": "rect", "x": 20, "y": 10, "width": 5, "height": 4},
+                 "region_attributes": {"layer": "ISE"}},
+            ],
+            "file_attributes": {},
+        }
+    }
+    (tmp_path / "via_export.json").write_text(json.dumps({"_via_img_metadata": export}))
+    classes = ["background", "NFL", "GCL-IPL", "INL", "OPL", "ONL-ISM", "ISE", "OS-RPE"]
+    label = read_via_json(tmp_path / "via_export.json", classes)[0]["label"][0]
+    assert label[5, 7] == 1 and label[12, 22] == 6 and label[15, 5] == 0
+    assert (label == 1).sum() == 11 * 7  # vertices included: rows 2..8, columns 2..12
+    export["scan.png1234"]["regions"][0]["region_attributes"] = {"layer": "choroid"}
+    (tmp_path / "via_export.json").write_text(json.dumps(export))
+    with pytest.raises(DataError, match="'choroid'.*not one of the classes"):
+        read_via_json(tmp_path / "via_export.json", classes)
+
+
+def test_datalist_splits_by_subject_and_generates_phantom(tmp_path):
+    root = tmp_path / "phantom"
+    train = load_oct_datalist(root, "train", phantom_if_missing=True, phantom_subjects=5)
+    val = load_oct_datalist(root, "val")
+    assert {i["subject"] for i in train}.isdisjoint({i["subject"] for i in val})
+    assert {i["subject"] for i in val} == {"Subject_05"}
+    assert len(load_oct_datalist(root, "all")) == len(train) + len(val)
+
+
+def test_datalist_without_data_explains_what_to_do(tmp_path):
+    (tmp_path / "empty").mkdir()
+    for path in (tmp_path / "missing", tmp_path / "empty"):
+        with pytest.raises(NoUsableDataError) as error:
+            load_oct_datalist(path)
+        message = str(error.value)
+        assert str(path) in message and "Accepted layouts" in message and "datasets.oct.phantom" in message
+
+
+def test_datalist_rejects_labels_outside_the_class_list(tmp_path):
+    save_png(tmp_path / "images" / "a.png", np.zeros((8, 8), dtype=np.uint8))
+    save_png(tmp_path / "labels" / "a.png", np.full((8, 8), 9, dtype=np.uint8))
+    with pytest.raises(DataError, match=r"label values \[9\] are outside the 8 configured classes"):
+        load_oct_datalist(tmp_path, "all", class_names=list("abcdefgh"))
+
+
+def test_inference_images_from_png_and_mat(tmp_path, tiny_oct_dir):
+    save_png(tmp_path / "x.png", np.zeros((8, 8, 3), dtype=np.uint8))
+    assert load_oct_images(tmp_path)[0]["image"].shape == (1, 8, 8)
+    items = load_oct_images(tiny_oct_dir / "Subject_01.mat")
+    assert len(items) == 4 and items[0]["image"].shape == (1, 64, 96)
+    with pytest.raises(NoUsableDataError):
+        load_oct_images(tiny_oct_dir.parent)  # a folder with no images or .mat files
+
+
+def test_real_nr206_sample_reads_with_the_colour_table():
+    root = shared_path("oct", "NR206_sample")
+    train = load_oct_datalist(root, "train", label_colors=NR206_COLORS, class_names=[str(i) for i in range(9)])
+    val = load_oct_datalist(root, "val", label_colors=NR206_COLORS, class_names=[str(i) for i in range(9)])
+    assert len(train) == 2 and len(val) == 2
+    for item in train + val:
+        assert item["image"].shape == item["label"].shape == (1, 500, 750)
+        assert set(np.unique(item["label"])) == set(range(9))

@@ -1,0 +1,84 @@
+"""Transforms (label values survive augmentation), the ignore-aware loss, and the metrics against hand values."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from monai.bundle import ConfigParser
+
+from datasets.oct import load_oct_datalist
+from pipelines.losses import DiceCELossWithIgnore
+from pipelines.metrics import LayerThicknessError, PixelAccuracyMetric
+from tests.conftest import OCT_BUNDLE
+from transforms import ColorToLabeld, OneHotWithIgnored, boundaries_to_label_map
+
+
+def test_boundaries_to_label_map_fills_layers_and_ignores_missing_columns():
+    boundaries = np.array([[1.0, 1.0, np.nan], [3.0, 2.5, 2.0], [5.0, 4.0, 4.0]])
+    label = boundaries_to_label_map(boundaries, height=6)
+    np.testing.assert_array_equal(label[:, 0], [0, 1, 1, 2, 2, 0])
+    np.testing.assert_array_equal(label[:, 1], [0, 1, 1, 2, 0, 0])
+    assert (label[:, 2] == 255).all()
+
+
+def test_colour_and_onehot_transforms():
+    rgb = np.zeros((2, 2, 3), dtype=np.uint8)
+    rgb[0, 1] = (255, 0, 0)
+    out = ColorToLabeld("label", [[0, 0, 0], [255, 0, 0]])({"label": rgb})["label"]
+    np.testing.assert_array_equal(out, [[[0, 1], [0, 0]]])
+    onehot = OneHotWithIgnored("label", num_classes=3)({"label": np.array([[[0, 2], [255, 1]]])})["label"]
+    np.testing.assert_array_equal(onehot.numpy().argmax(0), [[0, 2], [0, 1]])
+    assert onehot[:, 1, 0].sum() == 0, "the ignored pixel has no class"
+    with pytest.raises(ValueError, match=r"label values \[7\]"):
+        OneHotWithIgnored("label", num_classes=3)({"label": np.array([[[7]]])})
+
+
+def test_training_augmentation_preserves_label_values(tiny_oct_dir):
+    """The bundle's own training transforms (read from train.json) never invent label values."""
+    parser = ConfigParser()
+    parser.read_config(str(OCT_BUNDLE / "configs" / "train.json"))
+    parser.update({"dataset_dir": str(tiny_oct_dir), "image_size": [64, 96]})
+    for transform in parser.get("train#random_transforms"):
+        transform["prob"] = 1.0  # every augmentation applied every time
+    preprocessing = parser.get_parsed_content("train#preprocessing")
+    preprocessing.set_random_state(seed=3)
+    item = load_oct_datalist(tiny_oct_dir, "train")[0]
+    allowed = set(np.unique(item["label"]).tolist()) | {0}
+    for _ in range(5):
+        out = preprocessing(dict(item))
+        assert out["image"].shape == out["label"].shape == (1, 64, 96)
+        assert set(torch.unique(out["label"]).tolist()) <= allowed
+        assert out["image"].dtype == torch.float32 and torch.isfinite(out["image"]).all()
+
+
+def test_loss_ignores_unannotated_pixels():
+    loss = DiceCELossWithIgnore(lambda_dice=0.7, lambda_ce=0.3)
+    target = torch.tensor([[[[0, 1, 2, 255]]]])
+    logits = torch.randn(1, 3, 1, 4)
+    changed = logits.clone()
+    changed[..., 3] = torch.tensor([9.0, -9.0, 3.0])[:, None]
+    assert torch.allclose(loss(logits, target), loss(changed, target))
+    perfect = torch.full((1, 3, 1, 4), -20.0)
+    for column, cls in enumerate([0, 1, 2]):
+        perfect[0, cls, 0, column] = 20.0
+    assert loss(perfect, target) < 1e-3 < loss(logits, target)
+
+
+def onehot(labels, num_classes=3):
+    labels = torch.as_tensor(labels)
+    out = torch.nn.functional.one_hot(labels.clamp(min=0), num_classes).permute(2, 0, 1).float()
+    return (out * (labels >= 0)).unsqueeze(0)
+
+
+def test_pixel_accuracy_and_thickness_error_by_hand():
+    reference = onehot([[0, 0, -1], [1, 1, -1], [2, 2, -1], [0, 0, -1]])  # third column unannotated
+    prediction = onehot([[0, 1, 2], [1, 1, 2], [1, 2, 2], [0, 0, 2]])
+    # 8 annotated pixels, wrong: (row 0, col 1) and (row 2, col 0) -> 6/8; the third column does not count
+    assert PixelAccuracyMetric()(prediction, reference).item() == pytest.approx(6 / 8)
+    # column 0: class 1 is 2 px vs 1 (error 1), class 2 is 0 vs 1 (error 1)
+    # column 1: class 1 is 2 px vs 1 (error 1), class 2 is 1 vs 1 (error 0)
+    thickness = LayerThicknessError(axial_size=3.9)(prediction, reference)
+    np.testing.assert_allclose(thickness.numpy(), [[1.0 * 3.9, 0.5 * 3.9]], rtol=1e-6)
+    no_annotation = onehot([[-1, -1]])
+    assert torch.isnan(PixelAccuracyMetric()(onehot([[0, 1]]), no_annotation)).all()
