@@ -1,0 +1,164 @@
+"""The oct_layers bundle run as users run it: ``python -m monai.bundle run ...`` from the repository root.
+
+Tiny sizes through config overrides: 64 x 96 B-scans, a 3-level U-Net, 2 epochs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.conftest import OCT_BUNDLE, REPO_ROOT, run_bundle
+
+CONFIGS = OCT_BUNDLE / "configs"
+TRAIN = [str(CONFIGS / "train.json")]
+EVALUATE = TRAIN + [str(CONFIGS / "evaluate.json")]
+INFER = TRAIN + [str(CONFIGS / "inference.json")]
+
+
+def tiny(bundle_root, dataset_dir, **extra):
+    return {
+        "bundle_root": bundle_root,
+        "dataset_dir": dataset_dir,
+        "image_size": "[64,96]",
+        "network_def#channels": "[8,16,32]",
+        "network_def#strides": "[2,2]",
+        "batch_size": 4,
+        **extra,
+    }
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_oct_dir):
+    """One tiny training run shared by the tests of this module: (bundle_root, tracking_uri, process result)."""
+    root = tmp_path_factory.mktemp("oct_bundle")
+    uri = f"sqlite:///{root / 'mlruns' / 'mlflow.db'}"
+    (root / "mlruns").mkdir()
+    result = run_bundle(
+        "training", TRAIN, tiny(root / "bundle", tiny_oct_dir, **{"train#trainer#max_epochs": 2}),
+        env={"MLFLOW_TRACKING_URI": uri},
+    )
+    return root / "bundle", uri, result
+
+
+def latest_run(uri, workflow):
+    client = mlflow.MlflowClient(uri)
+    experiment = client.get_experiment_by_name("oct_layers")
+    runs = client.search_runs([experiment.experiment_id], f"tags.workflow = '{workflow}'", order_by=["start_time DESC"])
+    return client, runs[0]
+
+
+def artifact_paths(client, run_id, path=""):
+    found = []
+    for entry in client.list_artifacts(run_id, path):
+        found += artifact_paths(client, run_id, entry.path) if entry.is_dir else [entry.path]
+    return found
+
+
+def test_training_writes_checkpoints_and_an_mlflow_run(trained):
+    bundle_root, uri, result = trained
+    assert (bundle_root / "models" / "model.pt").is_file()
+    assert any(p.name.startswith("latest_checkpoint") for p in (bundle_root / "models").iterdir())
+    assert "epoch 2/2" in result.stdout + result.stderr, "the per-epoch summary is shown"
+
+    client, run = latest_run(uri, "train")
+    assert run.info.status == "FINISHED"
+    params = run.data.params
+    assert params["max_epochs"] == "2" and params["batch_size"] == "4" and params["learning_rate"] == "0.002"
+    assert params["image_size"] == "[64, 96]" and params["network_channels"] == "[8, 16, 32]"
+    assert params["loss_lambda_dice"] == "0.7" and params["seed"] == "0" and len(params["dataset_fingerprint"]) == 16
+    assert params["num_train_images"] == "6" and params["num_val_images"] == "3"  # 3 subjects, 3 of 4 B-scans each
+
+    loss = client.get_metric_history(run.info.run_id, "train_loss")
+    assert len(loss) == 2 * 2, "one loss per iteration (6 images / batch 4 = 2 iterations, 2 epochs)"
+    dice = client.get_metric_history(run.info.run_id, "val_mean_dice")
+    assert [m.step for m in dice] == [1, 2] and all(0.0 <= m.value <= 1.0 for m in dice)
+    for key in ("val_mean_iou", "val_hd95", "val_precision", "val_recall", "val_specificity", "val_pixel_accuracy",
+                "val_thickness_mae_px", "val_mean_dice/NFL", "val_mean_dice/OS-RPE"):
+        assert key in run.data.metrics, key
+
+    artifacts = artifact_paths(client, run.info.run_id)
+    for expected in ("checkpoint/model.pt", "config/executed_config.json", "metrics.json", "learning_curves.png"):
+        assert expected in artifacts, (expected, artifacts)
+    assert sum(a.startswith("overlays/") for a in artifacts) == 3
+    config = json.loads(Path(client.download_artifacts(run.info.run_id, "config/executed_config.json")).read_text())
+    assert config["train"]["trainer"]["max_epochs"] == 2 and config["image_size"] == [64, 96]
+    metrics = json.loads(Path(client.download_artifacts(run.info.run_id, "metrics.json")).read_text())
+    assert metrics["n_images"] == 3 and set(metrics["per_class"]["val_mean_dice"]) >= {"NFL", "OS-RPE"}
+    assert metrics["best"]["value"] == pytest.approx(max(m.value for m in dice))
+
+
+def test_evaluation_reproduces_validation_and_records_a_run(trained, tiny_oct_dir):
+    bundle_root, uri, _ = trained
+    result = run_bundle("evaluating", EVALUATE, tiny(bundle_root, tiny_oct_dir), env={"MLFLOW_TRACKING_URI": uri})
+    client, run = latest_run(uri, "evaluate")
+    assert run.info.status == "FINISHED"
+    _, train_run = latest_run(uri, "train")
+    best = max(m.value for m in client.get_metric_history(train_run.info.run_id, "val_mean_dice"))
+    assert run.data.metrics["val_mean_dice"] == pytest.approx(best, abs=1e-5), "the best checkpoint is evaluated"
+    out = bundle_root / "outputs" / run.info.run_name
+    report = json.loads((out / "metrics.json").read_text())
+    assert report["n_images"] == 3
+    assert set(report["per_class"]["val_thickness_mae_px"]) == {"NFL", "GCL-IPL", "INL", "OPL", "ONL-ISM", "ISE", "OS-RPE"}
+    assert (out / "val_mean_dice_raw.csv").is_file() and len(list((out / "overlays").glob("*.png"))) == 3
+    panel = np.asarray(Image.open(next((out / "overlays").glob("*.png"))))
+    assert panel.shape == (64, 3 * 96 + 2 * 4, 3), "image | prediction | reference at the input's resolution"
+    assert "val_mean_dice" in result.stdout + result.stderr
+
+
+def test_inference_writes_label_maps_on_the_input_grid(trained, tiny_oct_dir, tmp_path, tracking_uri):
+    bundle_root, _, _ = trained
+    # an image of another size than the network input: outputs come back on the input's grid
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (70, 110), dtype=np.uint8)).save(tmp_path / "scan.png")
+    out = tmp_path / "predictions"
+    run_bundle("inferring", INFER, tiny(bundle_root, tiny_oct_dir, input_dir=tmp_path, output_dir=out))
+    label = np.asarray(Image.open(out / "scan_seg.png"))
+    assert label.shape == (70, 110) and label.max() < 8
+    assert np.asarray(Image.open(out / "scan_overlay.png")).shape == (70, 110, 3)
+    summary = json.loads((out / "scan.json").read_text())
+    assert summary["shape"] == [70, 110] and set(summary["mean_thickness_px"]) == {"NFL", "GCL-IPL", "INL", "OPL",
+                                                                                    "ONL-ISM", "ISE", "OS-RPE"}
+    run_bundle("inferring", INFER, tiny(bundle_root, tiny_oct_dir, input_dir=tiny_oct_dir / "Subject_02.mat",
+                                        output_dir=tmp_path / "mat"))
+    assert len(list((tmp_path / "mat").glob("*_seg.png"))) == 4, "every B-scan of the .mat file is segmented"
+
+
+def test_missing_data_gives_a_clear_message_not_a_stack_trace(tmp_path, tracking_uri):
+    result = run_bundle(
+        "training", TRAIN, tiny(tmp_path / "bundle", tmp_path / "no_such_dataset"), check=False,
+    )
+    assert result.returncode != 0
+    assert f"error: {tmp_path / 'no_such_dataset'}: does not exist." in result.stderr
+    assert "Accepted layouts" in result.stderr and "python -m datasets.oct.phantom" in result.stderr
+    assert "Traceback" not in result.stderr
+    client = mlflow.MlflowClient(tracking_uri)
+    experiment = client.get_experiment_by_name("oct_layers")
+    if experiment is not None:  # nothing may be left RUNNING
+        assert all(r.info.status != "RUNNING" for r in client.search_runs([experiment.experiment_id]))
+
+
+def test_a_crash_during_training_marks_the_run_failed(tmp_path, tiny_oct_dir, tracking_uri):
+    # a NaN learning rate passes construction; a loss that raises on the first iteration is a real crash
+    result = run_bundle(
+        "training", TRAIN,
+        tiny(tmp_path / "bundle", tiny_oct_dir, **{"loss#lambda_dice": "-1"}), check=False,
+    )
+    assert result.returncode != 0
+    client = mlflow.MlflowClient(tracking_uri)
+    experiment = client.get_experiment_by_name("oct_layers")
+    statuses = [r.info.status for r in client.search_runs([experiment.experiment_id])] if experiment else []
+    assert "RUNNING" not in statuses
+
+
+def test_evaluation_without_checkpoint_names_the_missing_file(tmp_path, tiny_oct_dir, tracking_uri):
+    result = run_bundle("evaluating", EVALUATE, tiny(tmp_path / "bundle", tiny_oct_dir), check=False)
+    assert result.returncode != 0
+    assert "model.pt: the checkpoint to evaluate does not exist" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert os.path.isdir(REPO_ROOT / "bundles" / "oct_layers" / "configs")
