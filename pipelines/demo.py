@@ -55,15 +55,19 @@ def main(argv: list[str] | None = None) -> int:
     outputs = REPO_ROOT / bundle_root / "outputs"
     metrics = json.loads((outputs / eval_run / "metrics.json").read_text())["mean"]
     print("\n" + "=" * 78)
-    print(f"oct_layers demo finished: mean Dice {metrics['val_mean_dice']:.3f}, HD95 {metrics['val_hd95']:.1f} px, "
-          f"pixel accuracy {metrics['val_pixel_accuracy']:.3f} on the validation subjects")
+    print(
+        f"oct_layers demo finished: mean Dice {metrics['val_mean_dice']:.3f}, HD95 {metrics['val_hd95']:.1f} px, "
+        f"pixel accuracy {metrics['val_pixel_accuracy']:.3f} on the validation subjects"
+    )
     print(f"  model (best checkpoint):  {REPO_ROOT / bundle_root / 'models' / 'model.pt'}")
     print(f"  training outputs:         {outputs / train_run}  (learning_curves.png, overlays/)")
     print(f"  evaluation metrics:       {outputs / eval_run / 'metrics.json'}  (+ per-image CSV, overlays/)")
     print(f"  inference outputs:        {outputs / infer_run}  (*_seg.png, *_overlay.png, *.json)")
     print(f"  MLflow store:             {default_tracking_uri()}  (runs {train_run}, {eval_run})")
     if default_tracking_uri().startswith("sqlite:///") and DEFAULT_STORE.exists():
-        print("  look at the runs with:    .venv/bin/mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db --port 5000")
+        print(
+            "  look at the runs with:    .venv/bin/mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db --port 5000"
+        )
         print("                            then open http://127.0.0.1:5000")
     print("=" * 78)
     return 0

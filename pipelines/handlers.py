@@ -11,7 +11,10 @@ from monai.handlers import from_engine
 
 
 class LossProgressBar(ProgressBar):
-    """ignite's tqdm progress bar, showing the running loss if ``loss_key`` is set (handler lists only call ``attach``)."""
+    """ignite's tqdm progress bar, showing the running loss if ``loss_key`` is set.
+
+    Bundle handler lists can only call ``attach(engine)``, so the output transform is chosen here.
+    """
 
     def __init__(self, loss_key: str | None = "loss", **kwargs):
         kwargs.setdefault("persist", True)

@@ -23,8 +23,18 @@ from PIL import Image
 logger = logging.getLogger(__name__)
 
 DEFAULT_PALETTE = (
-    (0, 0, 0), (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
-    (145, 30, 180), (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128),
+    (0, 0, 0),
+    (230, 25, 75),
+    (60, 180, 75),
+    (255, 225, 25),
+    (0, 130, 200),
+    (245, 130, 48),
+    (145, 30, 180),
+    (70, 240, 240),
+    (240, 50, 230),
+    (210, 245, 60),
+    (250, 190, 212),
+    (0, 128, 128),
 )
 
 
@@ -95,7 +105,9 @@ def overlay(image, label_map: np.ndarray, palette=DEFAULT_PALETTE, alpha: float 
     return blend.astype(np.uint8)
 
 
-def comparison_panel(image, prediction: np.ndarray, reference: np.ndarray | None, palette=DEFAULT_PALETTE) -> np.ndarray:
+def comparison_panel(
+    image, prediction: np.ndarray, reference: np.ndarray | None, palette=DEFAULT_PALETTE
+) -> np.ndarray:
     """``image | prediction overlay | reference overlay`` side by side, with a 4-pixel white gap."""
     panels = [np.repeat(to_display(image)[..., None], 3, axis=-1), overlay(image, prediction, palette)]
     if reference is not None:
@@ -117,7 +129,7 @@ def plot_learning_curves(history: Mapping[str, list[tuple[int, float]]], path: s
         return None
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
     for key, points in losses.items():
-        steps, values = zip(*sorted(points))
+        steps, values = zip(*sorted(points), strict=False)
         axes[0].plot(steps, values, alpha=0.35, label=f"{key} (per iteration)")
         window = max(1, len(values) // 20)
         smooth = np.convolve(values, np.ones(window) / window, mode="valid")
@@ -126,10 +138,10 @@ def plot_learning_curves(history: Mapping[str, list[tuple[int, float]]], path: s
     axes[0].set_title("training loss")
     axes[0].legend(fontsize=8)
     for key, points in metrics.items():
-        steps, values = zip(*sorted(points))
-        finite = [(s, v) for s, v in zip(steps, values) if math.isfinite(v)]
+        steps, values = zip(*sorted(points), strict=False)
+        finite = [(s, v) for s, v in zip(steps, values, strict=False) if math.isfinite(v)]
         if finite and max(v for _, v in finite) <= 1.0:
-            axes[1].plot(*zip(*finite), marker="o", label=key)
+            axes[1].plot(*zip(*finite, strict=False), marker="o", label=key)
     axes[1].set_xlabel("epoch")
     axes[1].set_ylim(0, 1)
     axes[1].set_title("validation metrics (0..1)")
@@ -196,7 +208,7 @@ class EvaluationReport:
         outputs = engine.state.output if isinstance(engine.state.output, list) else [engine.state.output]
         batches = engine.state.batch if isinstance(engine.state.batch, list) else [engine.state.batch] * len(outputs)
         image_key, pred_key, label_key = self.keys
-        for output, batch in zip(outputs, batches):
+        for output, batch in zip(outputs, batches, strict=False):
             if 0 <= self.num_overlays <= self._saved:
                 break
             name = str(batch.get("id", f"image{self._saved:03d}")) if isinstance(batch, Mapping) else str(self._saved)
@@ -218,9 +230,11 @@ class EvaluationReport:
             names = self.class_names[-values.shape[1] :]  # metrics without background drop class 0
             with np.errstate(all="ignore"):
                 means = np.nanmean(np.where(np.isinf(values), np.nan, values), axis=0)
-            summary[metric] = {name: float(v) for name, v in zip(names, means)}
+            summary[metric] = {name: float(v) for name, v in zip(names, means, strict=False)}
             if self.axial_size and metric.endswith("_px"):
-                summary[metric[:-3] + "_um"] = {name: float(v) * self.axial_size for name, v in zip(names, means)}
+                summary[metric[:-3] + "_um"] = {
+                    name: float(v) * self.axial_size for name, v in zip(names, means, strict=True)
+                }
         return summary
 
     def epoch_completed(self, engine: Engine) -> None:
@@ -256,7 +270,7 @@ def format_table(report: Mapping) -> str:
         values = per_class.get(metric, {})
         rows.append([metric, f"{mean:.4f}", *(f"{values[c]:.4f}" if c in values else "" for c in classes)])
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    return "\n".join("  ".join(cell.rjust(width) for cell, width in zip(row, widths)) for row in rows)
+    return "\n".join("  ".join(cell.rjust(width) for cell, width in zip(row, widths, strict=False)) for row in rows)
 
 
 def _confusion_metric(matrix: np.ndarray, metric: str) -> np.ndarray | None:
@@ -305,12 +319,16 @@ class SaveSegmentationd(MapTransform):
             save_png(self.output_dir / f"{name}_seg.png", label_map.astype(np.uint8))
             save_png(self.output_dir / f"{name}_overlay.png", overlay(d[self.image_key], label_map, self.palette))
             thickness = {
-                cls: float((label_map == index).sum(axis=0).mean()) for index, cls in enumerate(self.class_names) if index
+                cls: float((label_map == index).sum(axis=0).mean())
+                for index, cls in enumerate(self.class_names)
+                if index
             }
             summary = {
                 "id": name,
                 "shape": list(label_map.shape),
-                "classes_present": [self.class_names[i] for i in np.unique(label_map) if 0 <= i < len(self.class_names)],
+                "classes_present": [
+                    self.class_names[i] for i in np.unique(label_map) if 0 <= i < len(self.class_names)
+                ],
                 "mean_thickness_px": thickness,
             }
             if self.axial_size:

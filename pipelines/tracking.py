@@ -222,7 +222,9 @@ class BundleMLflowHandler(MLFlowHandler):
             self.client.log_text(run_id, text, "config/executed_config.json")
         for key, value in tags.items():
             self.client.set_tag(run_id, key, value)
-        logger.info(f"MLflow run '{self.run_name}' ({run_id}) in experiment '{self.bundle_name}' at {self.client.tracking_uri}")
+        logger.info(
+            f"MLflow run '{self.run_name}' ({run_id}) in experiment '{self.bundle_name}' at {self.client.tracking_uri}"
+        )
 
     def complete(self) -> None:
         if self.cur_run is None:

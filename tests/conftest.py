@@ -50,5 +50,7 @@ def run_bundle(run_id: str, config_files: list[str], overrides: dict, env: dict 
         command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, **(env or {})}
     )
     if check and result.returncode != 0:
-        raise AssertionError(f"{' '.join(command)} failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-8000:]}")
+        raise AssertionError(
+            f"{' '.join(command)} failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-8000:]}"
+        )
     return result

@@ -41,7 +41,9 @@ def trained(tmp_path_factory, tiny_oct_dir):
     uri = f"sqlite:///{root / 'mlruns' / 'mlflow.db'}"
     (root / "mlruns").mkdir()
     result = run_bundle(
-        "training", TRAIN, tiny(root / "bundle", tiny_oct_dir, **{"train#trainer#max_epochs": 2}),
+        "training",
+        TRAIN,
+        tiny(root / "bundle", tiny_oct_dir, **{"train#trainer#max_epochs": 2}),
         env={"MLFLOW_TRACKING_URI": uri},
     )
     return root / "bundle", uri, result
@@ -79,8 +81,17 @@ def test_training_writes_checkpoints_and_an_mlflow_run(trained):
     assert len(loss) == 2 * 2, "one loss per iteration (6 images / batch 4 = 2 iterations, 2 epochs)"
     dice = client.get_metric_history(run.info.run_id, "val_mean_dice")
     assert [m.step for m in dice] == [1, 2] and all(0.0 <= m.value <= 1.0 for m in dice)
-    for key in ("val_mean_iou", "val_hd95", "val_precision", "val_recall", "val_specificity", "val_pixel_accuracy",
-                "val_thickness_mae_px", "val_mean_dice/NFL", "val_mean_dice/OS-RPE"):
+    for key in (
+        "val_mean_iou",
+        "val_hd95",
+        "val_precision",
+        "val_recall",
+        "val_specificity",
+        "val_pixel_accuracy",
+        "val_thickness_mae_px",
+        "val_mean_dice/NFL",
+        "val_mean_dice/OS-RPE",
+    ):
         assert key in run.data.metrics, key
 
     artifacts = artifact_paths(client, run.info.run_id)
@@ -105,7 +116,15 @@ def test_evaluation_reproduces_validation_and_records_a_run(trained, tiny_oct_di
     out = bundle_root / "outputs" / run.info.run_name
     report = json.loads((out / "metrics.json").read_text())
     assert report["n_images"] == 3
-    assert set(report["per_class"]["val_thickness_mae_px"]) == {"NFL", "GCL-IPL", "INL", "OPL", "ONL-ISM", "ISE", "OS-RPE"}
+    assert set(report["per_class"]["val_thickness_mae_px"]) == {
+        "NFL",
+        "GCL-IPL",
+        "INL",
+        "OPL",
+        "ONL-ISM",
+        "ISE",
+        "OS-RPE",
+    }
     assert (out / "val_mean_dice_raw.csv").is_file() and len(list((out / "overlays").glob("*.png"))) == 3
     panel = np.asarray(Image.open(next((out / "overlays").glob("*.png"))))
     assert panel.shape == (64, 3 * 96 + 2 * 4, 3), "image | prediction | reference at the input's resolution"
@@ -122,16 +141,29 @@ def test_inference_writes_label_maps_on_the_input_grid(trained, tiny_oct_dir, tm
     assert label.shape == (70, 110) and label.max() < 8
     assert np.asarray(Image.open(out / "scan_overlay.png")).shape == (70, 110, 3)
     summary = json.loads((out / "scan.json").read_text())
-    assert summary["shape"] == [70, 110] and set(summary["mean_thickness_px"]) == {"NFL", "GCL-IPL", "INL", "OPL",
-                                                                                    "ONL-ISM", "ISE", "OS-RPE"}
-    run_bundle("inferring", INFER, tiny(bundle_root, tiny_oct_dir, input_dir=tiny_oct_dir / "Subject_02.mat",
-                                        output_dir=tmp_path / "mat"))
+    assert summary["shape"] == [70, 110] and set(summary["mean_thickness_px"]) == {
+        "NFL",
+        "GCL-IPL",
+        "INL",
+        "OPL",
+        "ONL-ISM",
+        "ISE",
+        "OS-RPE",
+    }
+    run_bundle(
+        "inferring",
+        INFER,
+        tiny(bundle_root, tiny_oct_dir, input_dir=tiny_oct_dir / "Subject_02.mat", output_dir=tmp_path / "mat"),
+    )
     assert len(list((tmp_path / "mat").glob("*_seg.png"))) == 4, "every B-scan of the .mat file is segmented"
 
 
 def test_missing_data_gives_a_clear_message_not_a_stack_trace(tmp_path, tracking_uri):
     result = run_bundle(
-        "training", TRAIN, tiny(tmp_path / "bundle", tmp_path / "no_such_dataset"), check=False,
+        "training",
+        TRAIN,
+        tiny(tmp_path / "bundle", tmp_path / "no_such_dataset"),
+        check=False,
     )
     assert result.returncode != 0
     assert f"error: {tmp_path / 'no_such_dataset'}: does not exist." in result.stderr
@@ -146,8 +178,10 @@ def test_missing_data_gives_a_clear_message_not_a_stack_trace(tmp_path, tracking
 def test_a_crash_during_training_marks_the_run_failed(tmp_path, tiny_oct_dir, tracking_uri):
     # a NaN learning rate passes construction; a loss that raises on the first iteration is a real crash
     result = run_bundle(
-        "training", TRAIN,
-        tiny(tmp_path / "bundle", tiny_oct_dir, **{"loss#lambda_dice": "-1"}), check=False,
+        "training",
+        TRAIN,
+        tiny(tmp_path / "bundle", tiny_oct_dir, **{"loss#lambda_dice": "-1"}),
+        check=False,
     )
     assert result.returncode != 0
     client = mlflow.MlflowClient(tracking_uri)

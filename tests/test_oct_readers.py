@@ -14,8 +14,17 @@ from datasets.oct import load_oct_datalist, load_oct_images, read_duke_mat, read
 from datasets.oct.phantom import write_phantom_dataset
 from tests.conftest import shared_path
 
-NR206_COLORS = [[0, 0, 0], [255, 0, 0], [128, 128, 0], [255, 255, 0], [0, 128, 0], [0, 255, 0], [0, 255, 255],
-                [0, 0, 255], [255, 0, 255]]
+NR206_COLORS = [
+    [0, 0, 0],
+    [255, 0, 0],
+    [128, 128, 0],
+    [255, 255, 0],
+    [0, 128, 0],
+    [0, 255, 0],
+    [0, 255, 255],
+    [0, 0, 255],
+    [255, 0, 255],
+]
 
 
 def write_duke(path, rows=20, cols=12, n=3, **overrides):
@@ -141,10 +150,18 @@ def test_via_json_polygons_become_label_masks(tmp_path):
             "filename": "scan.png",
             "size": 1234,
             "regions": [
-                {"shape_attributes": {"name": "polygon", "all_points_x": [2, 12, 12, 2], "all_points_y": [2, 2, 8, 8]},
-                 "region_attributes": {"layer": "NFL"}},
-                {"shape_attributes": {"name": "rect", "x": 20, "y": 10, "width": 5, "height": 4},
-                 "region_attributes": {"layer": "ISE"}},
+                {
+                    "shape_attributes": {
+                        "name": "polygon",
+                        "all_points_x": [2, 12, 12, 2],
+                        "all_points_y": [2, 2, 8, 8],
+                    },
+                    "region_attributes": {"layer": "NFL"},
+                },
+                {
+                    "shape_attributes": {"name": "rect", "x": 20, "y": 10, "width": 5, "height": 4},
+                    "region_attributes": {"layer": "ISE"},
+                },
             ],
             "file_attributes": {},
         }

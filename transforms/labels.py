@@ -42,7 +42,8 @@ class ColorToLabel(Transform):
         known = table[order][position] == packed
         if not known.all():
             rows, cols = np.nonzero(~known)
-            unknown = sorted({tuple(int(v) for v in rgb[r, c, :3]) for r, c in zip(rows[:1000], cols[:1000])})
+            first = zip(rows[:1000], cols[:1000], strict=True)
+            unknown = sorted({tuple(int(v) for v in rgb[r, c, :3]) for r, c in first})
             raise ValueError(
                 f"{int((~known).sum())} pixels have colours outside the class table, e.g. {unknown[:5]} "
                 f"(first at row {rows[0]}, column {cols[0]}); known colours: {self.colors.tolist()}."

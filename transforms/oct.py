@@ -55,7 +55,7 @@ class BoundariesToLabelMap(Transform):
 
 
 class BoundariesToLabelMapd(MapTransform):
-    """Dictionary wrapper of :class:`BoundariesToLabelMap`; the height is read from ``image_key``'s last-but-one axis."""
+    """Dictionary wrapper of :class:`BoundariesToLabelMap`; the height is the rows of ``image_key``."""
 
     def __init__(
         self,

@@ -150,7 +150,8 @@ def load_oct_datalist(
 
     if not items:
         raise NoUsableDataError(
-            dataset_dir.resolve(), f"the '{split}' split of this {layout} dataset is empty (no annotated images).",
+            dataset_dir.resolve(),
+            f"the '{split}' split of this {layout} dataset is empty (no annotated images).",
             ACCEPTED_LAYOUTS,
         )
     _check_classes(items, None if class_names is None else len(class_names))

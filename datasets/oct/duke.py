@@ -62,14 +62,16 @@ def read_duke_mat(path: str | os.PathLike, grader: int = 1, ignore_index: int = 
         layers = layers[..., None]
     if images.ndim != 3 or layers.ndim != 3:
         raise DataError(
-            path, f"'images' {images.shape} and '{layers_key}' {layers.shape} must be (rows, cols, n_bscans) and "
-            "(n_boundaries, cols, n_bscans)."
+            path,
+            f"'images' {images.shape} and '{layers_key}' {layers.shape} must be (rows, cols, n_bscans) and "
+            "(n_boundaries, cols, n_bscans).",
         )
     rows, cols, n_bscans = images.shape
     if layers.shape[1:] != (cols, n_bscans):
         raise DataError(
-            path, f"image/label shape mismatch: 'images' is {images.shape} (rows, cols, n_bscans) but "
-            f"'{layers_key}' is {layers.shape} (boundaries, cols, n_bscans)."
+            path,
+            f"image/label shape mismatch: 'images' is {images.shape} (rows, cols, n_bscans) but "
+            f"'{layers_key}' is {layers.shape} (boundaries, cols, n_bscans).",
         )
     if not np.isfinite(images).all():
         raise DataError(path, "'images' contains NaN or infinite values.")
@@ -101,7 +103,9 @@ def read_mat_bscans(path: str | os.PathLike) -> list[dict]:
     path = Path(path)
     content = load_mat(path)
     if "images" not in content:
-        raise DataError(path, f"missing key 'images'; keys present: {sorted(k for k in content if not k.startswith('__'))}.")
+        raise DataError(
+            path, f"missing key 'images'; keys present: {sorted(k for k in content if not k.startswith('__'))}."
+        )
     images = np.asarray(content["images"])
     if images.ndim == 2:
         images = images[..., None]

@@ -40,18 +40,25 @@ def read_paired_folder(
         label_path = find_label_file(image_path, label_dir)
         if label_path is None:
             raise DataError(
-                image_path, f"has no label in {label_dir} (looked for {image_path.stem}{{{','.join(LABEL_SUFFIXES)}}}"
-                f" with suffix {'/'.join(IMAGE_SUFFIXES)})."
+                image_path,
+                f"has no label in {label_dir} (looked for {image_path.stem}{{{','.join(LABEL_SUFFIXES)}}}"
+                f" with suffix {'/'.join(IMAGE_SUFFIXES)}).",
             )
         image = read_grayscale(image_path)
         label = read_label(label_path, label_colors)
         if image.shape != label.shape:
             raise DataError(
-                label_path, f"image/label shape mismatch: label is {label.shape[1:]} but image {image_path.name} "
-                f"is {image.shape[1:]} (rows, cols)."
+                label_path,
+                f"image/label shape mismatch: label is {label.shape[1:]} but image {image_path.name} "
+                f"is {image.shape[1:]} (rows, cols).",
             )
         items.append(
-            {"image": image, "label": label, "id": image_path.stem, "source": str(image_path),
-             "label_source": str(label_path)}
+            {
+                "image": image,
+                "label": label,
+                "id": image_path.stem,
+                "source": str(image_path),
+                "label_source": str(label_path),
+            }
         )
     return items

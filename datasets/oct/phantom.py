@@ -87,7 +87,10 @@ def synthesize_bscan(
         + height * rng.uniform(-0.06, 0.06) * x
     )
     thicknesses = [
-        layer.thickness * scale * rng.uniform(0.85, 1.15) * _smooth_profile(rng, x, 0.08)
+        layer.thickness
+        * scale
+        * rng.uniform(0.85, 1.15)
+        * _smooth_profile(rng, x, 0.08)
         * (1.0 - layer.foveal_thinning * fovea)
         for layer in layers
     ]

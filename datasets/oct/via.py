@@ -45,7 +45,9 @@ def _rasterise(shape: dict, out_shape: tuple[int, int], json_path: Path, filenam
 
 
 def read_via_json(
-    json_path: str | os.PathLike, class_names: list[str], image_dir: str | os.PathLike | None = None,
+    json_path: str | os.PathLike,
+    class_names: list[str],
+    image_dir: str | os.PathLike | None = None,
     attribute: str | None = None,
 ) -> list[dict]:
     """Read a VIA 2 project or VIA/makesense.ai region export and rasterise its regions.
@@ -78,7 +80,12 @@ def read_via_json(
             rows, cols = _rasterise(region.get("shape_attributes") or {}, label.shape, json_path, filename)
             label[rows, cols] = _region_class(region, class_names, attribute, json_path, filename)
         items.append(
-            {"image": image, "label": label[None], "id": image_path.stem, "source": str(image_path),
-             "label_source": str(json_path)}
+            {
+                "image": image,
+                "label": label[None],
+                "id": image_path.stem,
+                "source": str(image_path),
+                "label_source": str(json_path),
+            }
         )
     return items
