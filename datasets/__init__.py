@@ -4,8 +4,8 @@ A reader ends at a list of dictionaries ``{"image": ..., "label": ..., "id": ...
 bundle can use MONAI's ``Dataset``/``CacheDataset`` unchanged.
 """
 
-from . import oct
+from . import fundus, oct
 from .errors import DataError, NoUsableDataError
 from .fingerprint import dataset_fingerprint
 
-__all__ = ["oct", "DataError", "NoUsableDataError", "dataset_fingerprint"]
+__all__ = ["fundus", "oct", "DataError", "NoUsableDataError", "dataset_fingerprint"]

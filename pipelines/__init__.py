@@ -4,6 +4,6 @@ Importing the package installs the command-line error hook (:mod:`pipelines.cli`
 reachable as ``pipelines.<module>`` from bundle config expressions.
 """
 
-from . import cli, handlers, losses, metrics, reports, tracking
+from . import cli, handlers, inferers, losses, metrics, reports, tracking
 
-__all__ = ["cli", "handlers", "losses", "metrics", "reports", "tracking"]
+__all__ = ["cli", "handlers", "inferers", "losses", "metrics", "reports", "tracking"]

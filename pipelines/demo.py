@@ -26,7 +26,7 @@ def bundle_run(run_id: str, configs: list[str], **overrides) -> None:
     command = [sys.executable, "-m", "monai.bundle", "run", run_id, "--config_file", str(configs)]
     for key, value in overrides.items():
         command += [f"--{key}", str(value)]
-    print(f"\n$ {' '.join(command[1:])}", flush=True)
+    print(f"\n$ python {' '.join(command[1:])}", flush=True)
     started = time.perf_counter()
     subprocess.run(command, cwd=REPO_ROOT, check=True)
     print(f"({run_id} took {time.perf_counter() - started:.0f} s)", flush=True)

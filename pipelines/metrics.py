@@ -67,3 +67,52 @@ class LayerThicknessError(_ReducedMetric):
         n_columns = annotated_columns.sum(dim=-1)
         mae = error.sum(dim=-1) / n_columns.clamp(min=1) * self.axial_size
         return torch.where(n_columns > 0, mae, torch.full_like(mae, float("nan")))
+
+
+class ROCAUCInMaskMetric(_ReducedMetric):
+    """Area under the ROC curve of a probability map, per image, over annotated pixels only: ``(B, 1)``.
+
+    ``y_pred`` is ``(B, 1, ...)`` foreground probability (or ``(B, 2, ...)``: channel 1 is used); ``y`` is the
+    ``(B, 2, ...)`` one-hot reference whose all-zero pixels (outside the FOV) are excluded.
+    """
+
+    def _compute_tensor(self, y_pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        from monai.metrics import compute_roc_auc
+
+        probability = y_pred[:, -1]
+        annotated = y.sum(dim=1) > 0
+        scores = []
+        for p, t, m in zip(probability, y[:, -1], annotated, strict=True):
+            target = t[m]
+            if target.numel() == 0 or target.min() == target.max():
+                scores.append(float("nan"))  # AUC is undefined with one class only
+            else:
+                scores.append(float(compute_roc_auc(p[m].float(), target.float())))
+        return torch.tensor(scores, dtype=torch.float32)[:, None]
+
+
+class CenterlineDiceMetric(_ReducedMetric):
+    """clDice (Shit et al., CVPR 2021), the topology-aware overlap of thin tubular structures: ``(B, 1)``.
+
+    ``clDice = 2 Tprec Tsens / (Tprec + Tsens)``, with ``Tprec`` the fraction of the predicted skeleton inside the
+    reference and ``Tsens`` the fraction of the reference skeleton inside the prediction. Binary one-hot inputs
+    ``(B, 2, H, W)``; pixels whose reference is all zero (outside the FOV) are removed from both first.
+    """
+
+    def _compute_tensor(self, y_pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        from skimage.morphology import skeletonize
+
+        annotated = (y.sum(dim=1) > 0).cpu().numpy()
+        predicted = (y_pred[:, -1] > 0.5).cpu().numpy() & annotated
+        reference = (y[:, -1] > 0.5).cpu().numpy() & annotated
+        scores = []
+        for p, r in zip(predicted, reference, strict=True):
+            if not p.any() or not r.any():
+                scores.append(float("nan") if not p.any() and not r.any() else 0.0)
+                continue
+            skeleton_p, skeleton_r = skeletonize(p), skeletonize(r)
+            precision = (skeleton_p & r).sum() / max(skeleton_p.sum(), 1)
+            sensitivity = (skeleton_r & p).sum() / max(skeleton_r.sum(), 1)
+            total = precision + sensitivity
+            scores.append(float(2 * precision * sensitivity / total) if total > 0 else 0.0)
+        return torch.tensor(scores, dtype=torch.float32)[:, None]

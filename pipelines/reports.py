@@ -166,7 +166,8 @@ class EvaluationReport:
         num_overlays: how many images get a panel (-1: all).
         palette: class colours.
         key_metric: name of the key metric, whose best value and epoch are reported.
-        axial_size: micrometres per pixel along the rows, if known: thickness errors are also given in um.
+        pixel_size_um: micrometres per pixel along the measured axis, if known: ``*_px`` metrics are also given
+            in micrometres (``*_um``).
         print_table: log a per-class table of every metric at the end of each epoch (evaluation runs).
     """
 
@@ -177,7 +178,7 @@ class EvaluationReport:
         num_overlays: int = 4,
         palette: Sequence[Sequence[int]] | None = None,
         key_metric: str | None = None,
-        axial_size: float | None = None,
+        pixel_size_um: float | None = None,
         print_table: bool = False,
         image_key: str = "image",
         pred_key: str = "pred",
@@ -188,7 +189,7 @@ class EvaluationReport:
         self.num_overlays = num_overlays
         self.palette = palette or DEFAULT_PALETTE
         self.key_metric = key_metric
-        self.axial_size = axial_size
+        self.pixel_size_um = pixel_size_um
         self.print_table = print_table
         self.keys = (image_key, pred_key, label_key)
         self.best: tuple[float, int] | None = None
@@ -231,9 +232,9 @@ class EvaluationReport:
             with np.errstate(all="ignore"):
                 means = np.nanmean(np.where(np.isinf(values), np.nan, values), axis=0)
             summary[metric] = {name: float(v) for name, v in zip(names, means, strict=False)}
-            if self.axial_size and metric.endswith("_px"):
+            if self.pixel_size_um and metric.endswith("_px"):
                 summary[metric[:-3] + "_um"] = {
-                    name: float(v) * self.axial_size for name, v in zip(names, means, strict=True)
+                    name: float(v) * self.pixel_size_um for name, v in zip(names, means, strict=True)
                 }
         return summary
 
@@ -243,9 +244,9 @@ class EvaluationReport:
             for name, value in values.items():
                 engine.state.metrics[f"{metric}/{name}"] = value
         means = {k: float(v) for k, v in engine.state.metrics.items() if "/" not in k and np.isscalar(v)}
-        if self.axial_size:
+        if self.pixel_size_um:
             for key in [k for k in means if k.endswith("_px")]:
-                means[key[:-3] + "_um"] = engine.state.metrics[key[:-3] + "_um"] = means[key] * self.axial_size
+                means[key[:-3] + "_um"] = engine.state.metrics[key[:-3] + "_um"] = means[key] * self.pixel_size_um
         details = getattr(engine.state, "metric_details", None) or {}
         n_images = len(next(iter(details.values()))) if details else None
         report = {"mean": means, "per_class": per_class, "n_images": n_images}
@@ -287,10 +288,15 @@ def _confusion_metric(matrix: np.ndarray, metric: str) -> np.ndarray | None:
 
 
 class SaveSegmentationd(MapTransform):
-    """Write, per image, the label map (index PNG), a colour overlay PNG and a small JSON summary.
+    """Write, per image, the label map (index PNG), a colour overlay PNG and a JSON summary.
 
-    Use after the prediction is inverted to the input's grid and turned into a ``(1, H, W)`` label map.
-    Outputs are ``<output_dir>/<id>_seg.png``, ``<id>_overlay.png`` and ``<id>.json``.
+    Use after the prediction is inverted to the input's grid and turned into a ``(1, H, W)`` label map. Outputs
+    are ``<output_dir>/<id>_seg.png``, ``<id>_overlay.png``, ``<id>.json``, and ``<id>_prob.png`` (foreground
+    probability, 0-255) when ``prob_key`` names a ``(2, H, W)`` probability map.
+
+    The summary gives each class's area fraction (inside the field of view when ``fov_key`` is given; the
+    prediction outside it is set to background) and, with ``thickness=True`` (layered tissue such as the retina in
+    OCT), each class's mean thickness per column in pixels, and in micrometres when ``pixel_size_um`` is given.
     """
 
     def __init__(
@@ -300,38 +306,55 @@ class SaveSegmentationd(MapTransform):
         class_names: Sequence[str],
         image_key: str = "image",
         id_key: str = "id",
+        prob_key: str | None = None,
+        fov_key: str | None = None,
         palette: Sequence[Sequence[int]] | None = None,
-        axial_size: float | None = None,
+        thickness: bool = False,
+        pixel_size_um: float | None = None,
         allow_missing_keys: bool = False,
     ):
         super().__init__(keys, allow_missing_keys)
         self.output_dir = Path(output_dir)
         self.class_names = list(class_names)
-        self.image_key, self.id_key = image_key, id_key
+        self.image_key, self.id_key, self.prob_key, self.fov_key = image_key, id_key, prob_key, fov_key
         self.palette = palette or DEFAULT_PALETTE
-        self.axial_size = axial_size
+        self.thickness = thickness
+        self.pixel_size_um = pixel_size_um
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
         d = dict(data)
         for key in self.key_iterator(d):
             label_map = to_label_map(d[key])
+            inside = np.ones(label_map.shape, bool)
+            if self.fov_key and self.fov_key in d:
+                inside = to_numpy(d[self.fov_key]).reshape(label_map.shape) > 0
+                label_map = np.where(inside, label_map, 0)
             name = str(d.get(self.id_key, "image"))
             save_png(self.output_dir / f"{name}_seg.png", label_map.astype(np.uint8))
             save_png(self.output_dir / f"{name}_overlay.png", overlay(d[self.image_key], label_map, self.palette))
-            thickness = {
-                cls: float((label_map == index).sum(axis=0).mean())
-                for index, cls in enumerate(self.class_names)
-                if index
-            }
+            if self.prob_key and self.prob_key in d:
+                probability = to_numpy(d[self.prob_key])[-1] * inside
+                save_png(self.output_dir / f"{name}_prob.png", (np.clip(probability, 0, 1) * 255).astype(np.uint8))
+            n_inside = max(int(inside.sum()), 1)
             summary = {
                 "id": name,
                 "shape": list(label_map.shape),
                 "classes_present": [
                     self.class_names[i] for i in np.unique(label_map) if 0 <= i < len(self.class_names)
                 ],
-                "mean_thickness_px": thickness,
+                "area_fraction": {
+                    cls: float(((label_map == index) & inside).sum() / n_inside)
+                    for index, cls in enumerate(self.class_names)
+                },
             }
-            if self.axial_size:
-                summary["mean_thickness_um"] = {k: v * self.axial_size for k, v in thickness.items()}
+            if self.thickness:
+                thickness = {
+                    cls: float((label_map == index).sum(axis=0).mean())
+                    for index, cls in enumerate(self.class_names)
+                    if index
+                }
+                summary["mean_thickness_px"] = thickness
+                if self.pixel_size_um:
+                    summary["mean_thickness_um"] = {k: v * self.pixel_size_um for k, v in thickness.items()}
             atomic_write_json(self.output_dir / f"{name}.json", summary)
         return d

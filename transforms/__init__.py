@@ -3,10 +3,13 @@
 Each concept is an array transform plus a thin ``...d`` dictionary wrapper, as in MONAI.
 """
 
+from .fundus import FundusNormalize, FundusNormalized
 from .labels import ColorToLabel, ColorToLabeld, OneHotWithIgnore, OneHotWithIgnored
 from .oct import IGNORE_INDEX, BoundariesToLabelMap, BoundariesToLabelMapd, boundaries_to_label_map
 
 __all__ = [
+    "FundusNormalize",
+    "FundusNormalized",
     "IGNORE_INDEX",
     "BoundariesToLabelMap",
     "BoundariesToLabelMapd",

@@ -1,0 +1,198 @@
+"""Vessels: DRIVE and generic readers, FOV preprocessing, FOV-restricted metrics by hand, a tiny real bundle run."""
+
+from __future__ import annotations
+
+import json
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from datasets import DataError, NoUsableDataError
+from datasets.fundus import load_vessel_datalist, read_binary_mask, read_drive, read_image_mask_folders
+from datasets.fundus.phantom import write_drive_layout
+from pipelines.metrics import CenterlineDiceMetric, ROCAUCInMaskMetric
+from tests.conftest import REPO_ROOT, run_bundle, shared_path
+from transforms import FundusNormalize, OneHotWithIgnore
+
+CONFIGS = REPO_ROOT / "bundles" / "vessels" / "configs"
+TRAIN = [str(CONFIGS / "train.json")]
+
+
+@pytest.fixture(scope="module")
+def tiny_drive(tmp_path_factory):
+    root = tmp_path_factory.mktemp("drive_phantom")
+    write_drive_layout(root, n_images=4, shape=(80, 72), seed=2)
+    return root
+
+
+def save(path, array, **kwargs):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path, **kwargs)
+
+
+def test_palette_gif_is_thresholded_not_compared_with_255(tmp_path):
+    # DRIVE's 2nd_manual GIFs: palette indices {0, 1} mapping to grey 3 / 253
+    indices = np.zeros((6, 6), dtype=np.uint8)
+    indices[2:4] = 1
+    image = Image.fromarray(indices, mode="P")
+    image.putpalette([3, 3, 3, 253, 253, 253] + [0] * 762)
+    image.save(tmp_path / "21_manual2.gif")
+    mask = read_binary_mask(tmp_path / "21_manual2.gif")
+    assert mask.sum() == 12 and mask[2:4].all()
+    save(tmp_path / "ones.png", indices)  # a 0/1 mask
+    assert read_binary_mask(tmp_path / "ones.png").sum() == 12
+    save(tmp_path / "255.png", indices * 255)
+    assert read_binary_mask(tmp_path / "255.png").sum() == 12
+
+
+def test_drive_reader_fov_and_ids(tiny_drive):
+    items = read_drive(tiny_drive / "training")
+    assert [i["id"] for i in items] == ["21", "22", "23", "24"]
+    item = items[0]
+    assert item["image"].shape == (3, 80, 72) and item["label"].shape == item["fov"].shape == (1, 80, 72)
+    assert (item["label"][item["fov"] == 0] == 255).all(), "outside the FOV is ignored"
+    assert set(np.unique(item["label"][item["fov"] == 1])) == {0, 1}
+
+
+def test_drive_missing_mask_names_the_file(tiny_drive, tmp_path):
+    import shutil
+
+    copy = tmp_path / "training"
+    shutil.copytree(tiny_drive / "training", copy)
+    (copy / "mask" / "22_training_mask.gif").unlink()
+    with pytest.raises(DataError, match="22_training_mask.gif: FOV mask of 22_training.tif is missing"):
+        read_drive(copy)
+    (copy / "1st_manual" / "23_manual1.gif").unlink()
+    shutil.copy(tiny_drive / "training" / "mask" / "22_training_mask.gif", copy / "mask")
+    with pytest.raises(DataError, match="23_manual1.gif: manual annotation of 23_training.tif is missing"):
+        read_drive(copy)
+
+
+def test_generic_folders_suffixes_and_sizes(tmp_path):
+    rgb = np.zeros((10, 12, 3), dtype=np.uint8)
+    save(tmp_path / "images" / "a.jpg", rgb)
+    save(tmp_path / "images" / "b.png", rgb)
+    mask = np.zeros((10, 12), dtype=np.uint8)
+    mask[:3] = 1
+    save(tmp_path / "masks" / "a_mask.png", mask)  # 0/1 with suffix
+    save(tmp_path / "masks" / "b.png", mask * 255)  # 0/255, same stem
+    items = read_image_mask_folders(tmp_path / "images", tmp_path / "masks")
+    assert [int((i["label"] == 1).sum()) for i in items] == [36, 36]
+    assert len(load_vessel_datalist(tmp_path, "all")) == 2
+    save(tmp_path / "masks" / "b.png", np.zeros((9, 12), dtype=np.uint8))
+    with pytest.raises(DataError, match="b.png: mask is \\(9, 12\\) but image b.png is \\(10, 12\\)"):
+        read_image_mask_folders(tmp_path / "images", tmp_path / "masks")
+    (tmp_path / "masks" / "a_mask.png").unlink()
+    with pytest.raises(DataError, match="a.jpg: has no mask"):
+        read_image_mask_folders(tmp_path / "images", tmp_path / "masks")
+
+
+def test_kaggle_layout_and_split(tmp_path, tiny_drive):
+    for name in ("x", "y", "z", "w"):
+        save(tmp_path / "Data" / "train" / "image" / f"{name}.png", np.zeros((8, 8, 3), dtype=np.uint8))
+        save(tmp_path / "Data" / "train" / "mask" / f"{name}.png", np.eye(8, dtype=np.uint8) * 255)
+    assert [i["id"] for i in load_vessel_datalist(tmp_path, "val")] == ["z"]
+    assert len(load_vessel_datalist(tmp_path, "train")) == 3
+    with pytest.raises(NoUsableDataError, match="no test split"):
+        load_vessel_datalist(tmp_path, "test")
+    assert [i["id"] for i in load_vessel_datalist(tiny_drive, "val")] == ["24"]
+
+
+def test_fov_normalisation_uses_only_pixels_inside():
+    rng = np.random.default_rng(0)
+    image = rng.uniform(0, 255, (3, 20, 20)).astype(np.float32)
+    fov = np.zeros((1, 20, 20), dtype=np.uint8)
+    fov[:, 5:15, 5:15] = 1
+    out = FundusNormalize("green")(image, fov)
+    inside = out[0][fov[0] > 0]
+    assert out.shape == (1, 20, 20) and abs(inside.mean()) < 1e-5 and abs(inside.std() - 1) < 1e-4
+    assert (out[0][fov[0] == 0] == 0).all()
+    assert FundusNormalize("rgb", clahe=True)(image, fov).shape == (3, 20, 20)
+
+
+def test_metrics_inside_the_fov_by_hand():
+    from monai.metrics import ConfusionMatrixMetric, DiceMetric
+
+    label = np.array([[[1, 1, 0, 0], [0, 0, 0, 255], [1, 0, 0, 255]]])  # 255: outside the FOV
+    pred = torch.tensor([[[1, 0, 0, 1], [0, 0, 0, 1], [1, 0, 1, 1]]])  # wrong in FOV: (0,1) FN, (0,3) FP, (2,2) FP
+    y = OneHotWithIgnore(2)(label)[None]
+    y_pred = torch.nn.functional.one_hot(pred, 2).permute(0, 3, 1, 2).float()
+    tp, fp, fn, tn = 2, 2, 1, 5  # the two out-of-FOV predictions count nowhere
+    f1 = DiceMetric(include_background=False, ignore_index=255)(y_pred, y)
+    assert f1.item() == pytest.approx(2 * tp / (2 * tp + fp + fn))
+    for name, value in (("sensitivity", tp / (tp + fn)), ("specificity", tn / (tn + fp)), ("accuracy", (tp + tn) / 10)):
+        metric = ConfusionMatrixMetric(include_background=False, metric_name=name, ignore_index=255)
+        metric(y_pred, y)
+        assert metric.aggregate()[0].item() == pytest.approx(value), name
+    probability = torch.tensor([[[0.9, 0.4, 0.1, 0.99], [0.2, 0.3, 0.1, 0.99], [0.8, 0.1, 0.6, 0.99]]])[None]
+    # inside the FOV: positives 0.9, 0.4, 0.8; negatives 0.1, 0.99, 0.2, 0.3, 0.1, 0.1, 0.6 -> 17 of 21 pairs
+    assert ROCAUCInMaskMetric()(probability, y).item() == pytest.approx(17 / 21)
+
+
+def test_cldice_penalises_a_broken_vessel():
+    reference = torch.zeros(1, 2, 9, 30)
+    reference[0, 1, 3:6, 2:28] = 1
+    reference[0, 0] = 1 - reference[0, 1]
+    broken = reference.clone()
+    broken[0, 1, :, 12:18] = 0
+    broken[0, 0] = 1 - broken[0, 1]
+    assert CenterlineDiceMetric()(reference, reference).item() == pytest.approx(1.0)
+    assert CenterlineDiceMetric()(broken, reference).item() < 0.9
+
+
+def test_tiny_bundle_train_evaluate_infer(tmp_path, tiny_drive, tracking_uri):
+    common = {
+        "bundle_root": tmp_path / "bundle",
+        "dataset_dir": tiny_drive,
+        "patch_size": "[32,32]",
+        "patches_per_image": 2,
+        "repeats_per_epoch": 1,
+        "sw_roi_size": "[48,48]",
+        "network_def#channels": "[8,16,32]",
+        "network_def#strides": "[2,2]",
+    }
+    run_bundle("training", TRAIN, {**common, "train#trainer#max_epochs": 2})
+    client = mlflow.MlflowClient(tracking_uri)
+    runs = client.search_runs([client.get_experiment_by_name("vessels").experiment_id])
+    assert runs[0].info.status == "FINISHED"
+    for key in (
+        "val_f1",
+        "val_auc",
+        "val_cldice",
+        "val_hd95",
+        "val_sensitivity",
+        "val_specificity",
+        "val_accuracy",
+        "val_global_f1",
+        "val_iou",
+    ):
+        assert key in runs[0].data.metrics, key
+
+    run_bundle("evaluating", TRAIN + [str(CONFIGS / "evaluate.json")], {**common, "run_name": "eval-test"})
+    report = json.loads((tmp_path / "bundle" / "outputs" / "eval-test" / "metrics.json").read_text())
+    assert report["n_images"] == 1 and 0 <= report["mean"]["val_f1"] <= 1
+
+    out = tmp_path / "predictions"
+    run_bundle(
+        "inferring",
+        TRAIN + [str(CONFIGS / "inference.json")],
+        {**common, "input_dir": tiny_drive / "training", "output_dir": out, "tta": True},
+    )
+    for name in ("21_seg.png", "21_prob.png", "21_overlay.png"):
+        assert np.asarray(Image.open(out / name)).shape[:2] == (80, 72)
+    fov = read_binary_mask(tiny_drive / "training" / "mask" / "21_training_mask.gif")
+    assert (np.asarray(Image.open(out / "21_seg.png"))[~fov] == 0).all(), "nothing is predicted outside the FOV"
+    summary = json.loads((out / "21.json").read_text())
+    assert 0.0 <= summary["area_fraction"]["vessel"] <= 1.0
+
+
+def test_real_drive_training_images_read():
+    root = shared_path("vessels", "DRIVE", "training")
+    train, val = load_vessel_datalist(root, "train"), load_vessel_datalist(root, "val")
+    assert [i["id"] for i in val] == ["36", "37", "38", "39", "40"] and len(train) == 15
+    for item in val:
+        inside = item["label"][item["fov"] == 1]
+        assert item["image"].shape == (3, 584, 565) and 0.05 < (inside == 1).mean() < 0.2
