@@ -7,7 +7,12 @@ import time
 
 from ignite.engine import Engine, Events
 from ignite.handlers import ProgressBar
-from monai.handlers import from_engine
+
+
+def loss_from_output(output, key: str = "loss") -> float:
+    """The loss of an iteration, whether the engine decollates its output (a list of dicts) or not (a dict)."""
+    value = output[0][key] if isinstance(output, list) else output[key]
+    return float(value)
 
 
 class LossProgressBar(ProgressBar):
@@ -26,7 +31,7 @@ class LossProgressBar(ProgressBar):
             key = self.loss_key
 
             def output_transform(output):
-                return {key: from_engine([key], first=True)(output)}
+                return {key: loss_from_output(output, key)}
 
         super().attach(engine, metric_names=metric_names, output_transform=output_transform, **kwargs)
 
@@ -50,7 +55,7 @@ class EpochSummary:
         self._losses, self._start = [], time.perf_counter()
 
     def _iteration_completed(self, engine: Engine) -> None:
-        self._losses.append(float(from_engine([self.loss_key], first=True)(engine.state.output)))
+        self._losses.append(loss_from_output(engine.state.output, self.loss_key))
 
     def _epoch_completed(self, engine: Engine) -> None:
         parts = [f"epoch {engine.state.epoch}/{engine.state.max_epochs}"]
