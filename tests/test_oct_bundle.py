@@ -20,6 +20,7 @@ CONFIGS = OCT_BUNDLE / "configs"
 TRAIN = [str(CONFIGS / "train.json")]
 EVALUATE = TRAIN + [str(CONFIGS / "evaluate.json")]
 INFER = TRAIN + [str(CONFIGS / "inference.json")]
+LAYERS = {"NFL", "GCL-IPL", "INL", "OPL", "ONL-ISM", "ISE", "OS-RPE"}
 
 
 def tiny(bundle_root, dataset_dir, **extra):
@@ -116,15 +117,7 @@ def test_evaluation_reproduces_validation_and_records_a_run(trained, tiny_oct_di
     out = bundle_root / "outputs" / run.info.run_name
     report = json.loads((out / "metrics.json").read_text())
     assert report["n_images"] == 3
-    assert set(report["per_class"]["val_thickness_mae_px"]) == {
-        "NFL",
-        "GCL-IPL",
-        "INL",
-        "OPL",
-        "ONL-ISM",
-        "ISE",
-        "OS-RPE",
-    }
+    assert set(report["per_class"]["val_thickness_mae_px"]) == LAYERS
     assert (out / "val_mean_dice_raw.csv").is_file() and len(list((out / "overlays").glob("*.png"))) == 3
     panel = np.asarray(Image.open(next((out / "overlays").glob("*.png"))))
     assert panel.shape == (64, 3 * 96 + 2 * 4, 3), "image | prediction | reference at the input's resolution"
@@ -141,15 +134,7 @@ def test_inference_writes_label_maps_on_the_input_grid(trained, tiny_oct_dir, tm
     assert label.shape == (70, 110) and label.max() < 8
     assert np.asarray(Image.open(out / "scan_overlay.png")).shape == (70, 110, 3)
     summary = json.loads((out / "scan.json").read_text())
-    assert summary["shape"] == [70, 110] and set(summary["mean_thickness_px"]) == {
-        "NFL",
-        "GCL-IPL",
-        "INL",
-        "OPL",
-        "ONL-ISM",
-        "ISE",
-        "OS-RPE",
-    }
+    assert summary["shape"] == [70, 110] and set(summary["mean_thickness_px"]) == LAYERS
     run_bundle(
         "inferring",
         INFER,

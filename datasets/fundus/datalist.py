@@ -19,6 +19,7 @@ import os
 from pathlib import Path
 
 from ..errors import NoUsableDataError
+from ..io import resolve_layout
 from .phantom import write_drive_layout
 from .readers import make_item, read_drive, read_image_mask_folders
 
@@ -68,14 +69,8 @@ def load_vessel_datalist(
 ) -> list[dict]:
     """The items of one split (``train``, ``val``, ``test`` or ``all``) of the vessel dataset in ``dataset_dir``."""
     dataset_dir = Path(dataset_dir)
-    layout = detect_layout(dataset_dir)
-    if layout is None and phantom_if_missing:
-        logger.info(f"generating the embedded fundus phantom dataset in {dataset_dir} ...")
-        write_drive_layout(dataset_dir, n_images=phantom_images)
-        layout = detect_layout(dataset_dir)
-    if layout is None:
-        state = "does not exist" if not dataset_dir.exists() else "holds no usable vessel data"
-        raise NoUsableDataError(dataset_dir.resolve(), f"{state}.", f"{ACCEPTED_LAYOUTS}\n{DEMO_HINT}")
+    generate = (lambda folder: write_drive_layout(folder, n_images=phantom_images)) if phantom_if_missing else None
+    layout = resolve_layout(dataset_dir, detect_layout, "vessel", ACCEPTED_LAYOUTS, DEMO_HINT, generate)
     if split == "test":
         folders = {"drive": dataset_dir / "test", "kaggle": dataset_dir / "Data" / "test"}
         if layout not in folders or not folders[layout].is_dir():

@@ -12,30 +12,19 @@ import re
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 
 from transforms.oct import IGNORE_INDEX
 
 from ..errors import DataError
+from ..io import open_image
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif", ".ppm")
-
-
-def _open(path: Path) -> Image.Image:
-    try:
-        image = Image.open(path)
-        image.load()
-    except FileNotFoundError as e:
-        raise DataError(path, "does not exist.") from e
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise DataError(path, f"cannot be read as an image (empty, truncated or not an image file): {e}") from e
-    return image
 
 
 def read_rgb(path: str | os.PathLike) -> np.ndarray:
     """A colour photograph as ``(3, H, W)`` float32 in [0, 255]; grey images are repeated to three channels."""
     path = Path(path)
-    array = np.asarray(_open(path).convert("RGB"), dtype=np.float32)
+    array = np.asarray(open_image(path).convert("RGB"), dtype=np.float32)
     return np.moveaxis(array, -1, 0)
 
 
@@ -47,7 +36,7 @@ def read_binary_mask(path: str | os.PathLike) -> np.ndarray:
     are recognised by their maximum.
     """
     path = Path(path)
-    image = _open(path)
+    image = open_image(path)
     grey = np.asarray(image.convert("L"))
     if grey.max(initial=0) <= 1 and image.mode not in ("P",):
         return grey > 0

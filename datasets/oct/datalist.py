@@ -24,6 +24,7 @@ import numpy as np
 from transforms.oct import IGNORE_INDEX
 
 from ..errors import DataError, NoUsableDataError
+from ..io import resolve_layout
 from .duke import read_duke_mat, read_mat_bscans
 from .images import IMAGE_SUFFIXES, read_grayscale
 from .paired import image_files, read_paired_folder
@@ -118,14 +119,10 @@ def load_oct_datalist(
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}.")
     dataset_dir = Path(dataset_dir)
-    layout = detect_layout(dataset_dir)
-    if layout is None and phantom_if_missing:
-        logger.info(f"generating the embedded OCT phantom dataset in {dataset_dir} ...")
-        write_phantom_dataset(dataset_dir, n_subjects=phantom_subjects)
-        layout = detect_layout(dataset_dir)
-    if layout is None:
-        state = "does not exist" if not dataset_dir.exists() else "holds no usable OCT data"
-        raise NoUsableDataError(dataset_dir.resolve(), f"{state}.", f"{ACCEPTED_LAYOUTS}\n{DEMO_HINT}")
+    generate = (
+        (lambda folder: write_phantom_dataset(folder, n_subjects=phantom_subjects)) if phantom_if_missing else None
+    )
+    layout = resolve_layout(dataset_dir, detect_layout, "OCT", ACCEPTED_LAYOUTS, DEMO_HINT, generate)
 
     if layout == "duke":
         items = [item for path in sorted(dataset_dir.glob("*.mat")) for item in read_duke_mat(path, grader)]

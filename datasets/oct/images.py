@@ -6,30 +6,19 @@ import os
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 
 from transforms.labels import ColorToLabel
 
 from ..errors import DataError
+from ..io import open_image
 
 IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
-
-
-def _open(path: Path) -> Image.Image:
-    try:
-        image = Image.open(path)
-        image.load()
-    except FileNotFoundError as e:
-        raise DataError(path, "does not exist.") from e
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise DataError(path, f"cannot be read as an image (empty, truncated or not an image file): {e}") from e
-    return image
 
 
 def read_grayscale(path: str | os.PathLike) -> np.ndarray:
     """A B-scan as ``(1, rows, cols)`` float32; colour images are converted to luminance."""
     path = Path(path)
-    image = _open(path)
+    image = open_image(path)
     if image.mode not in ("L", "I", "I;16", "F"):
         image = image.convert("L")
     array = np.asarray(image, dtype=np.float32)
@@ -47,7 +36,7 @@ def read_label(path: str | os.PathLike, colors: list | None = None) -> np.ndarra
     ``colors`` table (``colors[k]`` = RGB of class ``k``).
     """
     path = Path(path)
-    image = _open(path)
+    image = open_image(path)
     if image.mode in ("RGB", "RGBA"):
         if colors is None:
             raise DataError(

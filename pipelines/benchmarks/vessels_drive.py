@@ -1,7 +1,7 @@
 """Quality and speed of the vessels bundle on real DRIVE images, against a plain PyTorch loop.
 
     python -m pipelines.benchmarks.vessels_drive --dataset_dir ../shared/data/vessels/DRIVE/training \\
-        --budget_s 600 --out benchmarks/vessels_drive.json
+        --budget_s 600 --out bundles/vessels/outputs/benchmark_drive.json
 
 1. Trains the bundle's default config (``bundles/vessels/configs/train.json``, run through MONAI's
    ``ConfigWorkflow`` exactly as ``python -m monai.bundle run training`` does, tracked in MLflow) for at most
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--budget_s", type=float, default=600.0, help="training wall-time budget in seconds")
     parser.add_argument("--plain_iterations", type=int, default=60)
-    parser.add_argument("--out", default=str(REPO_ROOT / "benchmarks" / "vessels_drive.json"))
+    parser.add_argument("--out", default=str(REPO_ROOT / "bundles" / "vessels" / "outputs" / "benchmark_drive.json"))
     parser.add_argument(
         "--work_dir", default=None, help="where the benchmark's bundle outputs go (default: a temp dir)"
     )

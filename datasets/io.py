@@ -1,0 +1,51 @@
+"""File-level helpers shared by the readers: every failure becomes a :class:`DataError` naming the file."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+from PIL import Image, UnidentifiedImageError
+
+from .errors import DataError, NoUsableDataError
+
+logger = logging.getLogger(__name__)
+
+
+def open_image(path: str | os.PathLike) -> Image.Image:
+    """Open and decode an image file completely (so truncated files fail here, not later)."""
+    path = Path(path)
+    try:
+        image = Image.open(path)
+        image.load()
+    except FileNotFoundError as e:
+        raise DataError(path, "does not exist.") from e
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise DataError(path, f"cannot be read as an image (empty, truncated or not an image file): {e}") from e
+    return image
+
+
+def resolve_layout(
+    dataset_dir: Path,
+    detect: Callable[[Path], str | None],
+    what: str,
+    accepted_layouts: str,
+    demo_hint: str,
+    generate: Callable[[Path], object] | None = None,
+) -> str:
+    """The layout ``detect`` finds in ``dataset_dir``, generating the phantom first if ``generate`` is given.
+
+    Raises:
+        NoUsableDataError: naming the folder searched, the accepted layouts and how to create demo data.
+    """
+    layout = detect(dataset_dir)
+    if layout is None and generate is not None:
+        logger.info(f"generating the embedded {what} phantom dataset in {dataset_dir} ...")
+        generate(dataset_dir)
+        layout = detect(dataset_dir)
+    if layout is None:
+        state = "does not exist" if not dataset_dir.exists() else f"holds no usable {what} data"
+        raise NoUsableDataError(dataset_dir.resolve(), f"{state}.", f"{accepted_layouts}\n{demo_hint}")
+    return layout
