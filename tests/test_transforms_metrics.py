@@ -40,7 +40,8 @@ def test_training_augmentation_preserves_label_values(tiny_oct_dir):
     parser.read_config(str(OCT_BUNDLE / "configs" / "train.json"))
     parser.update({"dataset_dir": str(tiny_oct_dir), "image_size": [64, 96]})
     for transform in parser.get("train#random_transforms"):
-        transform["prob"] = 1.0  # every augmentation applied every time
+        if "prob" in transform:
+            transform["prob"] = 1.0  # every augmentation applied every time
     preprocessing = parser.get_parsed_content("train#preprocessing")
     preprocessing.set_random_state(seed=3)
     item = load_oct_datalist(tiny_oct_dir, "train")[0]
