@@ -38,10 +38,11 @@ def default_tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{DEFAULT_STORE / 'mlflow.db'}"
 
 
-def artifact_location_for(tracking_uri: str) -> str | None:
-    """Artifacts of a local SQLite store live beside it in ``artifacts/``; servers decide for themselves."""
+def artifact_location_for(tracking_uri: str, experiment_name: str) -> str | None:
+    """Artifacts of a local SQLite store live beside it, in ``artifacts/<experiment>/``; servers decide for
+    themselves (``mlflow server --artifacts-destination``)."""
     if tracking_uri.startswith("sqlite:///"):
-        return (Path(tracking_uri[len("sqlite:///") :]).parent / "artifacts").resolve().as_uri()
+        return (Path(tracking_uri[len("sqlite:///") :]).parent / "artifacts" / experiment_name).resolve().as_uri()
     return None
 
 
@@ -164,7 +165,7 @@ class BundleMLflowHandler(MLFlowHandler):
             experiment_param=_flatten(experiment_param or {}),
             artifacts=None,
             close_on_complete=True,
-            artifact_location=artifact_location_for(tracking_uri),
+            artifact_location=artifact_location_for(tracking_uri, bundle_name),
             **kwargs,
         )
         self.bundle_name, self.workflow = bundle_name, workflow

@@ -72,6 +72,7 @@ def test_training_writes_checkpoints_and_an_mlflow_run(trained):
 
     client, run = latest_run(uri, "train")
     assert run.info.status == "FINISHED"
+    assert client.get_experiment_by_name("oct_layers").artifact_location.endswith("/mlruns/artifacts/oct_layers")
     params = run.data.params
     assert params["max_epochs"] == "2" and params["batch_size"] == "4" and params["learning_rate"] == "0.002"
     assert params["image_size"] == "[64, 96]" and params["network_channels"] == "[8, 16, 32]"
