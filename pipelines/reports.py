@@ -83,11 +83,20 @@ def to_label_map(x) -> np.ndarray:
 
 
 def to_display(image) -> np.ndarray:
-    """A ``(1, H, W)`` or ``(H, W)`` image to uint8 grey, stretched between its 1st and 99th percentiles."""
+    """An image to uint8 for display: ``(1, H, W)``/``(H, W)`` to grey ``(H, W)``, ``(3, H, W)`` to RGB ``(H, W, 3)``,
+    each stretched between its 1st and 99th percentiles."""
     array = to_numpy(image).astype(np.float32)
-    array = array.reshape(array.shape[-2:]) if array.ndim == 3 and array.shape[0] == 1 else array
+    if array.ndim == 3 and array.shape[0] == 3:
+        array = np.moveaxis(array, 0, -1)
+    elif array.ndim == 3 and array.shape[0] == 1:
+        array = array[0]
     low, high = np.percentile(array, (1, 99)) if array.size else (0.0, 1.0)
     return (np.clip((array - low) / max(high - low, 1e-6), 0, 1) * 255).astype(np.uint8)
+
+
+def to_rgb(image) -> np.ndarray:
+    display = to_display(image)
+    return display if display.ndim == 3 else np.repeat(display[..., None], 3, axis=-1)
 
 
 def colorize(label_map: np.ndarray, palette: Sequence[Sequence[int]] = DEFAULT_PALETTE) -> np.ndarray:
@@ -98,10 +107,10 @@ def colorize(label_map: np.ndarray, palette: Sequence[Sequence[int]] = DEFAULT_P
 
 
 def overlay(image, label_map: np.ndarray, palette=DEFAULT_PALETTE, alpha: float = 0.45) -> np.ndarray:
-    """Blend the classes (not background) over the grey image."""
-    grey = np.repeat(to_display(image)[..., None], 3, axis=-1).astype(np.float32)
+    """Blend the classes (not background) over the image (grey or colour)."""
+    base = to_rgb(image).astype(np.float32)
     colours = colorize(label_map, palette).astype(np.float32)
-    blend = np.where((label_map > 0)[..., None], (1 - alpha) * grey + alpha * colours, grey)
+    blend = np.where((label_map > 0)[..., None], (1 - alpha) * base + alpha * colours, base)
     return blend.astype(np.uint8)
 
 
@@ -109,7 +118,7 @@ def comparison_panel(
     image, prediction: np.ndarray, reference: np.ndarray | None, palette=DEFAULT_PALETTE
 ) -> np.ndarray:
     """``image | prediction overlay | reference overlay`` side by side, with a 4-pixel white gap."""
-    panels = [np.repeat(to_display(image)[..., None], 3, axis=-1), overlay(image, prediction, palette)]
+    panels = [to_rgb(image), overlay(image, prediction, palette)]
     if reference is not None:
         panels.append(overlay(image, reference, palette))
     gap = np.full((panels[0].shape[0], 4, 3), 255, dtype=np.uint8)
