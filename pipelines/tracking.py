@@ -27,6 +27,8 @@ import mlflow
 from ignite.engine import Engine, Events
 from monai.handlers import MLFlowHandler
 
+from datasets.errors import DataError
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_STORE = REPO_ROOT / "mlruns"
 
@@ -44,6 +46,53 @@ def artifact_location_for(tracking_uri: str, experiment_name: str) -> str | None
     if tracking_uri.startswith("sqlite:///"):
         return (Path(tracking_uri[len("sqlite:///") :]).parent / "artifacts" / experiment_name).resolve().as_uri()
     return None
+
+
+class TrackingUnavailableError(DataError):
+    """The configured tracking server cannot be reached (raised before any training starts)."""
+
+
+def check_tracking_uri(tracking_uri: str, timeout_s: float = 5.0) -> str:
+    """Fail fast, naming the URI, if an HTTP tracking server does not answer; local stores are always usable.
+
+    Called from the bundles' ``initialize`` step, so an unreachable server stops the run before data loading and
+    training, not after an hour of training.
+    """
+    if tracking_uri.startswith(("http://", "https://")):
+        import urllib.error
+        import urllib.request
+
+        url = tracking_uri.rstrip("/") + "/health"
+        try:
+            with urllib.request.urlopen(url, timeout=timeout_s) as response:
+                status = response.status
+        except (urllib.error.URLError, OSError) as e:
+            raise TrackingUnavailableError(
+                tracking_uri,
+                f"the MLflow tracking server is unreachable ({getattr(e, 'reason', e)}).",
+                "Start it (see README, 'A tracking server'), or unset MLFLOW_TRACKING_URI to record into mlruns/.",
+            ) from e
+        if status != 200:
+            raise TrackingUnavailableError(tracking_uri, f"the tracking server answered HTTP {status} at {url}.")
+    return tracking_uri
+
+
+def environment_tags() -> dict[str, str]:
+    """Package versions and device, so a run can be reproduced from its record."""
+    import monai
+    import numpy
+    import torch
+
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    return {
+        "version.monai": monai.__version__,
+        "version.torch": torch.__version__,
+        "version.numpy": numpy.__version__,
+        "version.mlflow": mlflow.__version__,
+        "version.python": sys.version.split()[0],
+        "device": device,
+        "torch_threads": str(torch.get_num_threads()),
+    }
 
 
 def unique_run_name(workflow: str) -> str:
@@ -218,6 +267,7 @@ class BundleMLflowHandler(MLFlowHandler):
             "workflow": self.workflow,
             "command": " ".join(sys.argv)[:5000],
             **git_state(),
+            **environment_tags(),
             **self.extra_tags,
         }
         config = executed_config()
@@ -225,6 +275,9 @@ class BundleMLflowHandler(MLFlowHandler):
             text = json.dumps(config, indent=2, sort_keys=True, default=str)
             tags["config_sha256"] = hashlib.sha256(text.encode()).hexdigest()[:16]
             self.client.log_text(run_id, text, "config/executed_config.json")
+        parent = os.environ.get("PIPELINE_PARENT_RUN_ID")
+        if parent:  # a child of a sweep (pipelines.experiments sweep)
+            tags["mlflow.parentRunId"] = parent
         for key, value in tags.items():
             self.client.set_tag(run_id, key, value)
         logger.info(

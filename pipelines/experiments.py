@@ -1,0 +1,319 @@
+"""Compare, sweep and register bundle runs recorded in MLflow.
+
+    python -m pipelines.experiments compare oct_layers [--metric val_mean_dice] [--plot curves.png]
+    python -m pipelines.experiments sweep oct_layers --grid learning_rate=0.001,0.002 batch_size=2,4 \\
+        [--set train#trainer#max_epochs=5] [--sample N]
+    python -m pipelines.experiments register RUN_ID [--name oct_layers] [--alias champion]
+    python -m pipelines.experiments fetch oct_layers champion --out /tmp/oct_layers_v1
+
+The store is ``MLFLOW_TRACKING_URI`` if set, else the project's ``mlruns/mlflow.db`` (``--tracking_uri`` wins).
+The MLflow UI stays the main place to look; these commands serve terminals, scripts and reports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import mlflow
+
+from .tracking import REPO_ROOT, default_tracking_uri, unique_run_name
+
+KEY_METRICS = {"oct_layers": "val_mean_dice", "vessels": "val_f1"}
+HIDDEN_PARAMS = {"dataset_dir", "classes", "epoch_length"}  # derived or long
+
+
+def client_for(tracking_uri: str | None) -> mlflow.MlflowClient:
+    return mlflow.MlflowClient(tracking_uri or default_tracking_uri())
+
+
+def key_metric_of(bundle: str, run=None) -> str:
+    if run is not None and "key_metric" in run.data.params:
+        return run.data.params["key_metric"]
+    return KEY_METRICS.get(bundle, "val_mean_dice")
+
+
+def training_runs(client: mlflow.MlflowClient, bundle: str, limit: int = 50, parent: str | None = None):
+    experiment = client.get_experiment_by_name(bundle)
+    if experiment is None:
+        raise SystemExit(f"no experiment '{bundle}' in {client.tracking_uri}")
+    query = "tags.workflow = 'train'" + (f" and tags.mlflow.parentRunId = '{parent}'" if parent else "")
+    return client.search_runs(
+        [experiment.experiment_id], query, order_by=["attributes.start_time DESC"], max_results=limit
+    )
+
+
+def summarize(client: mlflow.MlflowClient, runs, metric: str) -> list[dict]:
+    rows = []
+    for run in runs:
+        history = client.get_metric_history(run.info.run_id, metric)
+        finite = [m for m in history if math.isfinite(m.value)]
+        best = max(finite, key=lambda m: m.value) if finite else None
+        rows.append(
+            {
+                "run": run.info.run_name,
+                "run_id": run.info.run_id,
+                "status": run.info.status,
+                "params": dict(run.data.params),
+                f"best_{metric}": best.value if best else float("nan"),
+                "best_epoch": best.step if best else None,
+                f"final_{metric}": finite[-1].value if finite else float("nan"),
+                "final_train_loss": run.data.metrics.get("train_loss", float("nan")),
+            }
+        )
+    return rows
+
+
+def differing_params(rows: list[dict]) -> list[str]:
+    keys = sorted({k for row in rows for k in row["params"]} - HIDDEN_PARAMS)
+    return [k for k in keys if len({row["params"].get(k) for row in rows}) > 1]
+
+
+def format_table(rows: list[dict], metric: str) -> str:
+    params = differing_params(rows)
+    header = ["run", "status", *params, f"best {metric}", "epoch", f"final {metric}", "final loss"]
+    lines = [header]
+    for row in rows:
+        lines.append(
+            [
+                row["run"],
+                row["status"],
+                *(row["params"].get(p, "") for p in params),
+                f"{row[f'best_{metric}']:.4f}",
+                str(row["best_epoch"]),
+                f"{row[f'final_{metric}']:.4f}",
+                f"{row['final_train_loss']:.4f}",
+            ]
+        )
+    widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]
+    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(line, widths, strict=True)) for line in lines)
+
+
+def plot_runs(client: mlflow.MlflowClient, rows: list[dict], metric: str, path: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    from .reports import atomic_write_bytes
+
+    params = differing_params(rows)
+    fig, ax = plt.subplots(figsize=(9, 5))
+    for row in rows:
+        history = sorted((m.step, m.value) for m in client.get_metric_history(row["run_id"], metric))
+        if history:
+            label = row["run"] + (
+                "" if not params else " (" + ", ".join(f"{p}={row['params'].get(p)}" for p in params) + ")"
+            )
+            ax.plot(*zip(*history, strict=True), marker="o", markersize=3, label=label)
+    ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylabel(metric)
+    ax.set_title(f"{metric} across runs")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    out = atomic_write_bytes(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+    plt.close(fig)
+    return out
+
+
+def compare(args) -> int:
+    client = client_for(args.tracking_uri)
+    runs = training_runs(client, args.bundle, args.runs, args.parent)
+    if not runs:
+        print(f"no training runs of '{args.bundle}' in {client.tracking_uri}")
+        return 1
+    metric = args.metric or key_metric_of(args.bundle, runs[0])
+    rows = summarize(client, runs, metric)
+    sort_key = args.sort or f"best_{metric}"
+    rows.sort(
+        key=lambda r: r.get(sort_key) if sort_key in r else r["params"].get(sort_key, ""), reverse=not args.ascending
+    )
+    print(format_table(rows, metric))
+    if args.plot:
+        print(f"plot: {plot_runs(client, rows, metric, args.plot)}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2, default=str))
+    return 0
+
+
+def parse_grid(items: list[str]) -> dict[str, list[str]]:
+    grid = {}
+    for item in items:
+        key, _, values = item.partition("=")
+        if not key or not values:
+            raise SystemExit(f"--grid expects KEY=V1,V2,..., got {item!r}")
+        grid[key] = values.split(",")
+    return grid
+
+
+def sweep(args) -> int:
+    """Child training runs for every combination of ``--grid`` (or ``--sample`` of them) under one parent run."""
+    client = client_for(args.tracking_uri)
+    grid = parse_grid(args.grid)
+    combinations = [dict(zip(grid, values, strict=True)) for values in itertools.product(*grid.values())]
+    if args.sample:
+        combinations = random.Random(args.seed).sample(combinations, min(args.sample, len(combinations)))
+    fixed = dict(item.split("=", 1) for item in args.set)
+    experiment = client.get_experiment_by_name(args.bundle)
+    if experiment is None:
+        from .tracking import artifact_location_for
+
+        uri = args.tracking_uri or default_tracking_uri()
+        experiment_id = client.create_experiment(args.bundle, artifact_location=artifact_location_for(uri, args.bundle))
+    else:
+        experiment_id = experiment.experiment_id
+    parent = client.create_run(
+        experiment_id,
+        run_name=unique_run_name("sweep"),
+        tags={"workflow": "sweep", "bundle": args.bundle, "grid": json.dumps(grid)},
+    )
+    parent_id = parent.info.run_id
+    for key, value in fixed.items():  # MLflow param names cannot hold '#': config ids use '.' there
+        client.log_param(parent_id, key.replace("#", "."), value)
+    config = args.config_file or str(Path("bundles") / args.bundle / "configs" / "train.json")
+    env = {
+        **os.environ,
+        "PIPELINE_PARENT_RUN_ID": parent_id,
+        "MLFLOW_TRACKING_URI": args.tracking_uri or default_tracking_uri(),
+    }
+    print(f"sweep {parent.info.run_name}: {len(combinations)} child runs of {args.bundle}")
+    status = "FINISHED"
+    try:
+        for index, overrides in enumerate(combinations, 1):
+            command = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", config]
+            for key, value in {**fixed, **overrides}.items():
+                command += [f"--{key}", value]
+            print(f"[{index}/{len(combinations)}] {' '.join(f'{k}={v}' for k, v in overrides.items())}", flush=True)
+            result = subprocess.run(
+                command,
+                cwd=REPO_ROOT,
+                env=env,
+                stdout=None if args.verbose else subprocess.DEVNULL,
+                stderr=None if args.verbose else subprocess.PIPE,
+                text=True,
+            )
+            if result.returncode != 0:
+                status = "FAILED"
+                print(f"  child failed ({result.returncode}): {(result.stderr or '')[-2000:]}")
+    except KeyboardInterrupt:
+        status = "KILLED"
+        print("sweep interrupted: finished child runs are kept; the parent run is marked KILLED")
+    finally:
+        client.set_terminated(parent_id, status)
+    runs = training_runs(client, args.bundle, 1000, parent_id)
+    metric = key_metric_of(args.bundle, runs[0] if runs else None)
+    rows = sorted(summarize(client, runs, metric), key=lambda r: r[f"best_{metric}"], reverse=True)
+    print(f"\nranking by best {metric}:")
+    print(format_table(rows, metric))
+    if rows:
+        client.set_tag(parent_id, "best_child", rows[0]["run_id"])
+        client.log_metric(parent_id, f"best_{metric}", rows[0][f"best_{metric}"])
+    return 0 if status == "FINISHED" else 1
+
+
+def register(args) -> int:
+    """Register a run's best checkpoint, with the bundle folder it belongs to, as a model version."""
+    client = client_for(args.tracking_uri)
+    run = client.get_run(args.run_id)
+    bundle = args.name or run.data.tags.get("bundle")
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / bundle
+        shutil.copytree(
+            REPO_ROOT / "bundles" / bundle, folder, ignore=shutil.ignore_patterns("outputs", "*.pt", "eval")
+        )
+        (folder / "models").mkdir(exist_ok=True)
+        checkpoint = client.download_artifacts(args.run_id, "checkpoint/model.pt", tmp)
+        shutil.move(checkpoint, folder / "models" / "model.pt")
+        executed = client.download_artifacts(args.run_id, "config/executed_config.json", tmp)
+        shutil.copy(executed, folder / "configs" / "executed_config.json")
+        client.log_artifacts(args.run_id, str(folder), "bundle")
+    if not client.search_registered_models(f"name = '{bundle}'"):
+        client.create_registered_model(bundle, description=f"MONAI bundle {bundle}")
+    source = f"{client.get_run(args.run_id).info.artifact_uri}/bundle"
+    version = client.create_model_version(bundle, source, run_id=args.run_id, tags={"bundle": bundle})
+    if args.alias:
+        client.set_registered_model_alias(bundle, args.alias, version.version)
+    print(
+        f"registered {bundle} version {version.version} from run {args.run_id}"
+        + (f" (alias '{args.alias}')" if args.alias else "")
+        + f"\n  source: {source}"
+    )
+    return 0
+
+
+def fetch(args) -> int:
+    """Turn a registered version (number or alias) back into a runnable bundle folder."""
+    client = client_for(args.tracking_uri)
+    if args.version.isdigit():
+        version = client.get_model_version(args.name, args.version)
+    else:
+        version = client.get_model_version_by_alias(args.name, args.version)
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()):
+        raise SystemExit(f"{out} exists and is not empty: choose another --out")
+    with tempfile.TemporaryDirectory() as tmp:
+        local = mlflow.artifacts.download_artifacts(
+            artifact_uri=version.source, dst_path=tmp, tracking_uri=client.tracking_uri
+        )
+        shutil.copytree(local, out, dirs_exist_ok=True)
+    print(f"{args.name} version {version.version} (run {version.run_id}) -> {out}")
+    print(
+        # executed_config.json is the training config exactly as run (overrides included): the network matches
+        "evaluate it from the repository root with:\n"
+        f"  python -m monai.bundle run evaluating --config_file \"['{out}/configs/executed_config.json',"
+        f"'{out}/configs/evaluate.json']\" --bundle_root {out} --dataset_dir DATA"
+    )
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tracking_uri", default=None)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("compare", help="table (and plot) of a bundle's training runs")
+    p.add_argument("bundle")
+    p.add_argument("--metric", help="default: the bundle's key metric")
+    p.add_argument("--sort", help="a column (best_<metric>, final_<metric>) or a param name")
+    p.add_argument("--ascending", action="store_true")
+    p.add_argument("--runs", type=int, default=20, help="newest N runs")
+    p.add_argument("--parent", help="only the children of this sweep run id")
+    p.add_argument("--plot", help="write the metric's curves across runs as PNG")
+    p.add_argument("--json", help="write the rows as JSON")
+    p.set_defaults(func=compare)
+    p = sub.add_parser("sweep", help="grid or random sample of overrides as child runs of one parent run")
+    p.add_argument("bundle")
+    p.add_argument("--grid", nargs="+", required=True, help="KEY=V1,V2 ... (config ids, as on the command line)")
+    p.add_argument("--set", nargs="*", default=[], help="KEY=VALUE overrides for every child")
+    p.add_argument("--sample", type=int, default=0, help="run a random sample of N combinations")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--config_file", help="default: bundles/<bundle>/configs/train.json")
+    p.add_argument("--verbose", action="store_true", help="show the children's output")
+    p.set_defaults(func=sweep)
+    p = sub.add_parser("register", help="register a run's checkpoint and bundle as a model version")
+    p.add_argument("run_id")
+    p.add_argument("--name", help="registered model name (default: the run's bundle)")
+    p.add_argument("--alias")
+    p.set_defaults(func=register)
+    p = sub.add_parser("fetch", help="download a registered version as a runnable bundle folder")
+    p.add_argument("name")
+    p.add_argument("version", help="version number or alias")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=fetch)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
