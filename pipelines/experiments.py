@@ -19,6 +19,7 @@ import math
 import os
 import random
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -196,7 +197,7 @@ def sweep(args) -> int:
             for key, value in {**fixed, **overrides}.items():
                 command += [f"--{key}", value]
             print(f"[{index}/{len(combinations)}] {' '.join(f'{k}={v}' for k, v in overrides.items())}", flush=True)
-            result = subprocess.run(
+            child = subprocess.Popen(
                 command,
                 cwd=REPO_ROOT,
                 env=env,
@@ -204,9 +205,16 @@ def sweep(args) -> int:
                 stderr=None if args.verbose else subprocess.PIPE,
                 text=True,
             )
-            if result.returncode != 0:
+            try:
+                _, errors = child.communicate()
+            except KeyboardInterrupt:
+                # stop the running child cleanly (its run ends KILLED) instead of killing it outright
+                child.send_signal(signal.SIGTERM)
+                child.wait(timeout=300)
+                raise
+            if child.returncode != 0:
                 status = "FAILED"
-                print(f"  child failed ({result.returncode}): {(result.stderr or '')[-2000:]}")
+                print(f"  child failed ({child.returncode}): {(errors or '')[-2000:]}")
     except KeyboardInterrupt:
         status = "KILLED"
         print("sweep interrupted: finished child runs are kept; the parent run is marked KILLED")

@@ -9,6 +9,7 @@ drawn from the tracked metrics, artifacts that keep their folder structure, and 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import hashlib
 import inspect
 import json
@@ -93,6 +94,21 @@ def environment_tags() -> dict[str, str]:
         "device": device,
         "torch_threads": str(torch.get_num_threads()),
     }
+
+
+@contextlib.contextmanager
+def store_lock(tracking_uri: str, timeout_s: float = 300.0):
+    """Serialise what must not race between processes on one local SQLite store: creating its tables (MLflow
+    migrates a new database on first use) and creating an experiment. Servers serialise this themselves."""
+    if not tracking_uri.startswith("sqlite:///"):
+        yield
+        return
+    from filelock import FileLock
+
+    database = Path(tracking_uri[len("sqlite:///") :])
+    database.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(database) + ".lock", timeout=timeout_s):
+        yield
 
 
 def unique_run_name(workflow: str) -> str:
@@ -207,16 +223,18 @@ class BundleMLflowHandler(MLFlowHandler):
         **kwargs,
     ):
         tracking_uri = tracking_uri or default_tracking_uri()
-        super().__init__(
-            tracking_uri=tracking_uri,
-            experiment_name=bundle_name,
-            run_name=run_name or unique_run_name(workflow),
-            experiment_param=_flatten(experiment_param or {}),
-            artifacts=None,
-            close_on_complete=True,
-            artifact_location=artifact_location_for(tracking_uri, bundle_name),
-            **kwargs,
-        )
+        self._store_uri = os.environ.get("MLFLOW_TRACKING_URI") or tracking_uri
+        with store_lock(self._store_uri):
+            self._init_handler(
+                tracking_uri=tracking_uri,
+                experiment_name=bundle_name,
+                run_name=run_name or unique_run_name(workflow),
+                experiment_param=_flatten(experiment_param or {}),
+                artifacts=None,
+                close_on_complete=True,
+                artifact_location=artifact_location_for(tracking_uri, bundle_name),
+                **kwargs,
+            )
         self.bundle_name, self.workflow = bundle_name, workflow
         self.artifact_paths = [artifacts] if isinstance(artifacts, str) else list(artifacts or [])
         self.checkpoint = checkpoint
@@ -224,6 +242,13 @@ class BundleMLflowHandler(MLFlowHandler):
         self.extra_tags = dict(tags or {})
         self._buffer: list = []
         self.flush_every = flush_every
+
+    def _init_handler(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+
+    def _set_experiment(self):
+        with store_lock(self._store_uri):
+            super()._set_experiment()
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.STARTED, self.start)

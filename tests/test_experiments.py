@@ -1,0 +1,268 @@
+"""Experiment management against real MLflow stores: sweeps, comparison, registry, a real server, and faults."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from tests.conftest import OCT_BUNDLE, REPO_ROOT, run_bundle
+
+TRAIN = [str(OCT_BUNDLE / "configs" / "train.json")]
+TINY = {
+    "image_size": "[64,96]",
+    "network_def#channels": "[8,16,32]",
+    "network_def#strides": "[2,2]",
+    "batch_size": 4,
+}
+
+
+def experiments(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        [sys.executable, "-m", "pipelines.experiments", *args],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, **(env or {})},
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return result
+
+
+def training_runs(uri: str) -> list:
+    client = mlflow.MlflowClient(uri)
+    experiment = client.get_experiment_by_name("oct_layers")
+    return client.search_runs([experiment.experiment_id], "tags.workflow = 'train'") if experiment else []
+
+
+def test_sweep_compare_register_fetch_evaluate(tmp_path, tiny_oct_dir, tracking_uri):
+    fixed = [
+        f"{k}={v}"
+        for k, v in {
+            **TINY,
+            "train#trainer#max_epochs": 2,
+            "dataset_dir": tiny_oct_dir,
+            "bundle_root": tmp_path / "bundle",
+        }.items()
+        if k != "batch_size"
+    ]
+    out = experiments("sweep", "oct_layers", "--grid", "learning_rate=0.001,0.004", "batch_size=2,4", "--set", *fixed)
+    assert "ranking by best val_mean_dice" in out.stdout
+    client = mlflow.MlflowClient(tracking_uri)
+    experiment = client.get_experiment_by_name("oct_layers")
+    parent = client.search_runs([experiment.experiment_id], "tags.workflow = 'sweep'")[0]
+    children = client.search_runs([experiment.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert parent.info.status == "FINISHED" and len(children) == 4
+    assert {(c.data.params["learning_rate"], c.data.params["batch_size"]) for c in children} == {
+        ("0.001", "2"),
+        ("0.001", "4"),
+        ("0.004", "2"),
+        ("0.004", "4"),
+    }
+    best = max(children, key=lambda c: c.data.metrics["val_mean_dice"])
+    assert parent.data.tags["best_child"] == best.info.run_id
+
+    plot = tmp_path / "curves.png"
+    rows_json = tmp_path / "rows.json"
+    table = experiments("compare", "oct_layers", "--plot", str(plot), "--json", str(rows_json)).stdout
+    header = table.splitlines()[0]
+    assert "learning_rate" in header and "batch_size" in header and "best val_mean_dice" in header
+    assert "seed" not in header, "only the params that differ between runs are columns"
+    rows = json.loads(rows_json.read_text())
+    assert [r["best_val_mean_dice"] for r in rows] == sorted((r["best_val_mean_dice"] for r in rows), reverse=True)
+    assert plot.stat().st_size > 10_000
+
+    experiments("register", best.info.run_id, "--alias", "champion")
+    version = client.get_model_version_by_alias("oct_layers", "champion")
+    assert version.run_id == best.info.run_id
+    fetched = tmp_path / "fetched"
+    experiments("fetch", "oct_layers", "champion", "--out", str(fetched))
+    assert (fetched / "models" / "model.pt").is_file() and (fetched / "configs" / "executed_config.json").is_file()
+    configs = [str(fetched / "configs" / "executed_config.json"), str(fetched / "configs" / "evaluate.json")]
+    run_bundle("evaluating", configs, {"bundle_root": fetched, "dataset_dir": tiny_oct_dir, "run_name": "eval-fetched"})
+    report = json.loads((fetched / "outputs" / "eval-fetched" / "metrics.json").read_text())
+    assert report["mean"]["val_mean_dice"] == pytest.approx(best.data.metrics["val_mean_dice"], abs=1e-5)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_training_against_a_real_tracking_server(tmp_path, tiny_oct_dir):
+    port = free_port()
+    server = subprocess.Popen(
+        [
+            str(Path(sys.executable).parent / "mlflow"),
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+            "--backend-store-uri",
+            f"sqlite:///{tmp_path / 'server.db'}",
+            "--artifacts-destination",
+            str(tmp_path / "server_artifacts"),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 90
+        while True:
+            try:
+                with urllib.request.urlopen(f"{uri}/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            assert time.time() < deadline, "mlflow server did not start"
+            time.sleep(1)
+        run_bundle(
+            "training",
+            TRAIN,
+            {**TINY, "train#trainer#max_epochs": 1, "dataset_dir": tiny_oct_dir, "bundle_root": tmp_path / "bundle"},
+            env={"MLFLOW_TRACKING_URI": uri},
+        )
+        request = urllib.request.Request(f"{uri}/api/2.0/mlflow/experiments/get-by-name?experiment_name=oct_layers")
+        experiment = json.load(urllib.request.urlopen(request, timeout=10))["experiment"]
+        body = json.dumps({"experiment_ids": [experiment["experiment_id"]]}).encode()
+        request = urllib.request.Request(
+            f"{uri}/api/2.0/mlflow/runs/search", data=body, headers={"Content-Type": "application/json"}
+        )
+        runs = json.load(urllib.request.urlopen(request, timeout=10))["runs"]
+        assert len(runs) == 1 and runs[0]["info"]["status"] == "FINISHED"
+        params = {p["key"]: p["value"] for p in runs[0]["data"]["params"]}
+        metrics = {m["key"] for m in runs[0]["data"]["metrics"]}
+        assert params["max_epochs"] == "1" and {"train_loss", "val_mean_dice"} <= metrics
+        run_id = runs[0]["info"]["run_id"]
+        with urllib.request.urlopen(f"{uri}/get-artifact?path=metrics.json&run_uuid={run_id}", timeout=10) as r:
+            assert "val_mean_dice" in json.load(r)["mean"]
+        assert any((tmp_path / "server_artifacts").rglob("model.pt")), "artifacts went through the server"
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+
+
+def test_unreachable_tracking_server_fails_before_training(tmp_path, tiny_oct_dir):
+    uri = f"http://127.0.0.1:{free_port()}"
+    started = time.time()
+    result = run_bundle(
+        "training",
+        TRAIN,
+        {**TINY, "dataset_dir": tiny_oct_dir, "bundle_root": tmp_path / "b"},
+        env={"MLFLOW_TRACKING_URI": uri},
+        check=False,
+    )
+    assert result.returncode != 0 and time.time() - started < 60
+    assert f"error: {uri}: the MLflow tracking server is unreachable" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "b" / "models" / "model.pt").exists()
+
+
+def test_a_killed_run_is_marked_killed_not_left_running(tmp_path, tiny_oct_dir, tracking_uri):
+    command = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", str(TRAIN)]
+    for key, value in {
+        **TINY,
+        "train#trainer#max_epochs": 500,
+        "dataset_dir": tiny_oct_dir,
+        "bundle_root": tmp_path / "b",
+    }.items():
+        command += [f"--{key}", str(value)]
+    process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    client = mlflow.MlflowClient(tracking_uri)
+    deadline = time.time() + 180
+    while True:  # wait until training is under way (a validation metric is recorded)
+        runs = training_runs(tracking_uri) if (tmp_path / "mlruns" / "mlflow.db").exists() else []
+        if runs and "val_mean_dice" in client.get_run(runs[0].info.run_id).data.metrics:
+            break
+        assert time.time() < deadline and process.poll() is None, "training did not start"
+        time.sleep(1)
+    assert runs[0].info.status == "RUNNING"
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=120) != 0
+    assert client.get_run(runs[0].info.run_id).info.status == "KILLED"
+
+
+def test_two_runs_at_once_do_not_write_into_each_other(tmp_path, tiny_oct_dir, tracking_uri):
+    processes = []
+    for rate in ("0.001", "0.005"):
+        command = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", str(TRAIN)]
+        for key, value in {
+            **TINY,
+            "train#trainer#max_epochs": 2,
+            "learning_rate": rate,
+            "dataset_dir": tiny_oct_dir,
+            "bundle_root": tmp_path / rate,
+        }.items():
+            command += [f"--{key}", str(value)]
+        processes.append(
+            subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        )
+    for process in processes:
+        assert process.wait(timeout=600) == 0, process.stderr.read()[-3000:]
+    runs = training_runs(tracking_uri)
+    client = mlflow.MlflowClient(tracking_uri)
+    assert sorted(r.data.params["learning_rate"] for r in runs) == ["0.001", "0.005"]
+    for run in runs:
+        assert run.info.status == "FINISHED"
+        assert len(client.get_metric_history(run.info.run_id, "train_loss")) == 2 * 2  # 2 epochs x 2 iterations
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "val_mean_dice")] == [1, 2]
+
+
+def test_an_interrupted_sweep_keeps_finished_children(tmp_path, tiny_oct_dir, tracking_uri):
+    fixed = [
+        f"{k}={v}"
+        for k, v in {
+            **TINY,
+            "train#trainer#max_epochs": 2,
+            "dataset_dir": tiny_oct_dir,
+            "bundle_root": tmp_path / "bundle",
+        }.items()
+    ]
+    command = [
+        sys.executable,
+        "-m",
+        "pipelines.experiments",
+        "sweep",
+        "oct_layers",
+        "--grid",
+        "learning_rate=0.001,0.002,0.003",
+        "--set",
+        *fixed,
+    ]
+    sweep = subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    client = mlflow.MlflowClient(tracking_uri)
+    deadline = time.time() + 300
+    while not any(
+        r.info.status == "FINISHED" for r in training_runs(tracking_uri) if (tmp_path / "mlruns" / "mlflow.db").exists()
+    ):
+        assert time.time() < deadline and sweep.poll() is None, "the first child did not finish"
+        time.sleep(1)
+    while not any(r.info.status == "RUNNING" for r in training_runs(tracking_uri)):
+        assert time.time() < deadline and sweep.poll() is None, "the second child did not start"
+        time.sleep(0.5)  # interrupt while the second child is training
+    sweep.send_signal(signal.SIGINT)
+    output, _ = sweep.communicate(timeout=300)
+    assert sweep.returncode != 0 and "sweep interrupted" in output
+    experiment = client.get_experiment_by_name("oct_layers")
+    parent = client.search_runs([experiment.experiment_id], "tags.workflow = 'sweep'")[0]
+    assert parent.info.status == "KILLED"
+    statuses = sorted(r.info.status for r in training_runs(tracking_uri))
+    # the finished child is kept; the interrupted one ends KILLED (never RUNNING); the rest never started
+    assert "RUNNING" not in statuses, statuses
+    assert "FINISHED" in statuses and statuses.count("KILLED") <= 1 and len(statuses) < 3 + 1, statuses
