@@ -6,6 +6,6 @@ bundle can use MONAI's ``Dataset``/``CacheDataset`` unchanged.
 
 from . import fundus, oct
 from .errors import DataError, NoUsableDataError
-from .fingerprint import dataset_fingerprint
+from .fingerprint import dataset_fingerprint, file_manifest
 
-__all__ = ["fundus", "oct", "DataError", "NoUsableDataError", "dataset_fingerprint"]
+__all__ = ["fundus", "oct", "DataError", "NoUsableDataError", "dataset_fingerprint", "file_manifest"]

@@ -1,13 +1,21 @@
-"""A short, stable fingerprint of the files a data list was read from."""
+"""The files a data list was read from: a manifest (names, sizes, SHA-256) and a short fingerprint of it.
+
+Hashes are cached per file (keyed by absolute path, size and modification time) in ``data/.cache/sha256.json``,
+so a large dataset is hashed once, not at every run.
+"""
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+CACHE_FILE = Path(__file__).resolve().parents[1] / "data" / ".cache" / "sha256.json"
 
 
-def _sources(items: Iterable[Mapping | str]) -> list[str]:
+def _sources(items: Iterable[Mapping | str | os.PathLike]) -> list[str]:
     paths = set()
     for item in items:
         if isinstance(item, Mapping):
@@ -19,20 +27,47 @@ def _sources(items: Iterable[Mapping | str]) -> list[str]:
     return sorted(paths)
 
 
-def dataset_fingerprint(items: Iterable[Mapping | str], length: int = 16) -> str:
-    """Hash the names, sizes and contents of the source files behind ``items``.
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
-    ``items`` is a data list (the ``source``/``label_source`` paths of each item are used) or a list of paths.
-    Two runs on the same files get the same fingerprint, wherever the folder lives; a changed, added or removed
-    file changes it.
+
+def file_manifest(items: Iterable[Mapping | str | os.PathLike], cache_file: Path | None = CACHE_FILE) -> list[dict]:
+    """``[{"path": relative path, "size": bytes, "sha256": hex}]`` of the source files behind ``items``.
+
+    ``items`` is a data list (each item's ``source``/``label_source``) or a list of paths; paths are given relative
+    to their common folder, so the manifest does not depend on where the dataset lives.
     """
     paths = _sources(items)
-    digest = hashlib.sha256()
+    cache = {}
+    if cache_file is not None and cache_file.is_file():
+        try:
+            cache = json.loads(cache_file.read_text())
+        except (OSError, json.JSONDecodeError):
+            cache = {}  # a damaged cache is only a cache
     root = os.path.commonpath(paths) if paths else ""
+    root = root if os.path.isdir(root) else os.path.dirname(root)
+    manifest, changed = [], False
     for path in paths:
-        digest.update(os.path.relpath(path, root if os.path.isdir(root) else os.path.dirname(root)).encode())
-        digest.update(str(os.path.getsize(path)).encode())
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()[:length]
+        stat = os.stat(path)
+        key = f"{path}|{stat.st_size}|{stat.st_mtime_ns}"
+        if key not in cache:
+            cache[key], changed = _sha256(path), True
+        manifest.append({"path": os.path.relpath(path, root), "size": stat.st_size, "sha256": cache[key]})
+    if changed and cache_file is not None:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_file.with_name(f"{cache_file.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(cache))
+        os.replace(tmp, cache_file)
+    return manifest
+
+
+def dataset_fingerprint(items: Iterable[Mapping | str | os.PathLike], length: int = 16) -> str:
+    """A short hash of the manifest: the same files give the same fingerprint wherever the folder lives; a changed,
+    added or removed file changes it."""
+    manifest = items if isinstance(items, list) and items and "sha256" in items[0] else file_manifest(items)
+    text = "\n".join(f"{entry['path']}\t{entry['size']}\t{entry['sha256']}" for entry in manifest)
+    return hashlib.sha256(text.encode()).hexdigest()[:length]

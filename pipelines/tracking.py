@@ -203,6 +203,7 @@ class BundleMLflowHandler(MLFlowHandler):
         checkpoint: a checkpoint file logged under ``checkpoint/`` at completion, if it exists.
         curves_dir: where ``learning_curves.png`` (drawn from the tracked metrics) is written and logged.
         tags: extra tags.
+        dataset_manifest: the data's files (``datasets.file_manifest``), logged as ``dataset/manifest.json``.
         tracking_uri: defaults to :func:`default_tracking_uri`.
         flush_every: buffered metric values written together (iteration metrics are batched).
         kwargs: passed to ``MLFlowHandler`` (``iteration_log``, ``tag_name``, ...).
@@ -218,6 +219,7 @@ class BundleMLflowHandler(MLFlowHandler):
         checkpoint: str | None = None,
         curves_dir: str | None = None,
         tags: Mapping[str, str] | None = None,
+        dataset_manifest: list | None = None,
         tracking_uri: str | None = None,
         flush_every: int = 100,
         **kwargs,
@@ -240,6 +242,7 @@ class BundleMLflowHandler(MLFlowHandler):
         self.checkpoint = checkpoint
         self.curves_dir = curves_dir
         self.extra_tags = dict(tags or {})
+        self.dataset_manifest = dataset_manifest
         self._buffer: list = []
         self.flush_every = flush_every
 
@@ -300,6 +303,8 @@ class BundleMLflowHandler(MLFlowHandler):
             text = json.dumps(config, indent=2, sort_keys=True, default=str)
             tags["config_sha256"] = hashlib.sha256(text.encode()).hexdigest()[:16]
             self.client.log_text(run_id, text, "config/executed_config.json")
+        if self.dataset_manifest is not None:
+            self.client.log_text(run_id, json.dumps(self.dataset_manifest, indent=1), "dataset/manifest.json")
         parent = os.environ.get("PIPELINE_PARENT_RUN_ID")
         if parent:  # a child of a sweep (pipelines.experiments sweep)
             tags["mlflow.parentRunId"] = parent

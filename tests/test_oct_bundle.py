@@ -97,11 +97,22 @@ def test_training_writes_checkpoints_and_an_mlflow_run(trained):
         assert key in run.data.metrics, key
 
     artifacts = artifact_paths(client, run.info.run_id)
-    for expected in ("checkpoint/model.pt", "config/executed_config.json", "metrics.json", "learning_curves.png"):
+    for expected in (
+        "checkpoint/model.pt",
+        "config/executed_config.json",
+        "metrics.json",
+        "learning_curves.png",
+        "dataset/manifest.json",
+    ):
         assert expected in artifacts, (expected, artifacts)
     assert sum(a.startswith("overlays/") for a in artifacts) == 3
     config = json.loads(Path(client.download_artifacts(run.info.run_id, "config/executed_config.json")).read_text())
     assert config["train"]["trainer"]["max_epochs"] == 2 and config["image_size"] == [64, 96]
+    manifest = json.loads(Path(client.download_artifacts(run.info.run_id, "dataset/manifest.json")).read_text())
+    assert sorted(entry["path"] for entry in manifest) == ["Subject_01.mat", "Subject_02.mat", "Subject_03.mat"]
+    assert all(len(entry["sha256"]) == 64 and entry["size"] > 0 for entry in manifest)
+    tags = run.data.tags
+    assert tags["version.monai"] and tags["version.torch"] and tags["device"] == "cpu" and "git_commit" in tags
     metrics = json.loads(Path(client.download_artifacts(run.info.run_id, "metrics.json")).read_text())
     assert metrics["n_images"] == 3 and set(metrics["per_class"]["val_mean_dice"]) >= {"NFL", "OS-RPE"}
     assert metrics["best"]["value"] == pytest.approx(max(m.value for m in dice))
