@@ -68,6 +68,7 @@ def file_manifest(items: Iterable[Mapping | str | os.PathLike], cache_file: Path
 def dataset_fingerprint(items: Iterable[Mapping | str | os.PathLike], length: int = 16) -> str:
     """A short hash of the manifest: the same files give the same fingerprint wherever the folder lives; a changed,
     added or removed file changes it."""
-    manifest = items if isinstance(items, list) and items and "sha256" in items[0] else file_manifest(items)
+    is_manifest = isinstance(items, list) and items and isinstance(items[0], Mapping) and "sha256" in items[0]
+    manifest = items if is_manifest else file_manifest(items)
     text = "\n".join(f"{entry['path']}\t{entry['size']}\t{entry['sha256']}" for entry in manifest)
     return hashlib.sha256(text.encode()).hexdigest()[:length]
