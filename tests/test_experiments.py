@@ -45,17 +45,14 @@ def training_runs(uri: str) -> list:
     return client.search_runs([experiment.experiment_id], "tags.workflow = 'train'") if experiment else []
 
 
+def sweep_settings(tmp_path, dataset_dir, without=()) -> list[str]:
+    """``KEY=VALUE`` overrides for every child of a tiny sweep."""
+    settings = {**TINY, "train#trainer#max_epochs": 2, "dataset_dir": dataset_dir, "bundle_root": tmp_path / "bundle"}
+    return [f"{k}={v}" for k, v in settings.items() if k not in without]
+
+
 def test_sweep_compare_register_fetch_evaluate(tmp_path, tiny_oct_dir, tracking_uri):
-    fixed = [
-        f"{k}={v}"
-        for k, v in {
-            **TINY,
-            "train#trainer#max_epochs": 2,
-            "dataset_dir": tiny_oct_dir,
-            "bundle_root": tmp_path / "bundle",
-        }.items()
-        if k != "batch_size"
-    ]
+    fixed = sweep_settings(tmp_path, tiny_oct_dir, without=("batch_size",))
     out = experiments("sweep", "oct_layers", "--grid", "learning_rate=0.001,0.004", "batch_size=2,4", "--set", *fixed)
     assert "ranking by best val_mean_dice" in out.stdout
     client = mlflow.MlflowClient(tracking_uri)
@@ -225,15 +222,7 @@ def test_two_runs_at_once_do_not_write_into_each_other(tmp_path, tiny_oct_dir, t
 
 
 def test_an_interrupted_sweep_keeps_finished_children(tmp_path, tiny_oct_dir, tracking_uri):
-    fixed = [
-        f"{k}={v}"
-        for k, v in {
-            **TINY,
-            "train#trainer#max_epochs": 2,
-            "dataset_dir": tiny_oct_dir,
-            "bundle_root": tmp_path / "bundle",
-        }.items()
-    ]
+    fixed = sweep_settings(tmp_path, tiny_oct_dir)
     command = [
         sys.executable,
         "-m",
