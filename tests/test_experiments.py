@@ -234,7 +234,16 @@ def test_an_interrupted_sweep_keeps_finished_children(tmp_path, tiny_oct_dir, tr
         "--set",
         *fixed,
     ]
-    sweep = subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # a shell's background job starts with SIGINT ignored, and children inherit that: restore the default so the
+    # signal below acts like Ctrl-C in a terminal
+    sweep = subprocess.Popen(
+        command,
+        cwd=REPO_ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     client = mlflow.MlflowClient(tracking_uri)
     deadline = time.time() + 300
     while not any(
