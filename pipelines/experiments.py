@@ -191,6 +191,11 @@ def sweep(args) -> int:
     }
     print(f"sweep {parent.info.run_name}: {len(combinations)} child runs of {args.bundle}")
     status = "FINISHED"
+
+    def stop(signum, frame):  # SIGTERM (a scheduler, `kill`) stops a sweep as Ctrl-C does
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
     try:
         for index, overrides in enumerate(combinations, 1):
             command = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", config]
