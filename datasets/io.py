@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -49,3 +50,17 @@ def resolve_layout(
         state = "does not exist" if not dataset_dir.exists() else f"holds no usable {what} data"
         raise NoUsableDataError(dataset_dir.resolve(), f"{state}.", f"{accepted_layouts}\n{demo_hint}")
     return layout
+
+
+def split_by_group(items: list[dict], split: str, val_fraction: float, group_key: str = "id") -> list[dict]:
+    """The fixed, written-down split of a layout without explicit splits: the last ``ceil(val_fraction * n)`` of
+    the sorted groups (subjects, image ids) are validation, at least one and never all. ``"all"`` returns every
+    item; ``"test"`` none (a test split is a folder of its own, read as such by the caller)."""
+    if split == "all":
+        return items
+    groups = sorted({item[group_key] for item in items})
+    n_val = min(len(groups) - 1, max(1, math.ceil(val_fraction * len(groups)))) if len(groups) > 1 else 0
+    val_groups = set(groups[len(groups) - n_val :])
+    if split not in ("train", "val"):
+        return []
+    return [item for item in items if (item[group_key] in val_groups) == (split == "val")]

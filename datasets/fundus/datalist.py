@@ -14,12 +14,11 @@ training images (ids 21-40) and the default 0.25 this is ids 36-40, the fixed sp
 from __future__ import annotations
 
 import logging
-import math
 import os
 from pathlib import Path
 
 from ..errors import NoUsableDataError
-from ..io import resolve_layout
+from ..io import resolve_layout, split_by_group
 from .phantom import write_drive_layout
 from .readers import make_item, read_drive, read_image_mask_folders
 
@@ -51,15 +50,6 @@ def detect_layout(dataset_dir: Path) -> str | None:
     return None
 
 
-def split_items(items: list[dict], split: str, val_fraction: float) -> list[dict]:
-    if split in ("all", "test"):
-        return items
-    ids = sorted(item["id"] for item in items)
-    n_val = min(len(ids) - 1, max(1, math.ceil(val_fraction * len(ids)))) if len(ids) > 1 else 0
-    val_ids = set(ids[len(ids) - n_val :])
-    return [item for item in items if (item["id"] in val_ids) == (split == "val")]
-
-
 def load_vessel_datalist(
     dataset_dir: str | os.PathLike,
     split: str = "train",
@@ -85,7 +75,8 @@ def load_vessel_datalist(
     else:
         fov_dir = dataset_dir / "fov" if (dataset_dir / "fov").is_dir() else None
         items = read_image_mask_folders(dataset_dir / "images", dataset_dir / "masks", fov_dir)
-    items = split_items(items, split, val_fraction)
+    if split != "test":  # the test folder is used whole
+        items = split_by_group(items, split, val_fraction)
     if not items:
         raise NoUsableDataError(dataset_dir.resolve(), f"the '{split}' split is empty.", ACCEPTED_LAYOUTS)
     logger.info(f"{dataset_dir}: {layout} layout, {len(items)} images in the '{split}' split")

@@ -15,7 +15,6 @@ Folders without explicit splits are split by subject (Duke: one ``.mat`` per sub
 from __future__ import annotations
 
 import logging
-import math
 import os
 from pathlib import Path
 
@@ -24,7 +23,7 @@ import numpy as np
 from transforms.oct import IGNORE_INDEX
 
 from ..errors import DataError, NoUsableDataError
-from ..io import resolve_layout
+from ..io import resolve_layout, split_by_group
 from .duke import read_duke_mat, read_mat_bscans
 from .images import IMAGE_SUFFIXES, read_grayscale
 from .paired import image_files, read_paired_folder
@@ -46,19 +45,6 @@ DEMO_HINT = (
     "  python -m datasets.oct.phantom --out data/phantoms/oct_layers\n"
     "(or leave 'dataset_dir' at its default, which generates it on first use)."
 )
-
-
-def _split_by_group(items: list[dict], split: str, val_fraction: float, group_key: str) -> list[dict]:
-    if split == "all":
-        return items
-    groups = sorted({item[group_key] for item in items})
-    n_val = min(len(groups) - 1, max(1, math.ceil(val_fraction * len(groups)))) if len(groups) > 1 else 0
-    val_groups = set(groups[len(groups) - n_val :])
-    if split == "val":
-        return [item for item in items if item[group_key] in val_groups]
-    if split == "train":
-        return [item for item in items if item[group_key] not in val_groups]
-    return []
 
 
 def _check_classes(items: list[dict], num_classes: int | None) -> None:
@@ -126,7 +112,7 @@ def load_oct_datalist(
 
     if layout == "duke":
         items = [item for path in sorted(dataset_dir.glob("*.mat")) for item in read_duke_mat(path, grader)]
-        items = _split_by_group(items, split, val_fraction, "subject")
+        items = split_by_group(items, split, val_fraction, "subject")
     elif layout == "split_folders":
         splits = ("train", "val", "test") if split == "all" else (split,)
         items = [
@@ -138,12 +124,12 @@ def load_oct_datalist(
     elif layout == "folder_pair":
         label_dir = dataset_dir / ("labels" if (dataset_dir / "labels").is_dir() else "masks")
         items = read_paired_folder(dataset_dir / "images", label_dir, label_colors)
-        items = _split_by_group(items, split, val_fraction, "id")
+        items = split_by_group(items, split, val_fraction, "id")
     else:
         if class_names is None:
             raise DataError(dataset_dir, "a VIA JSON export needs 'class_names' to map region classes to values.")
         items = [item for path in sorted(dataset_dir.glob("*.json")) for item in read_via_json(path, class_names)]
-        items = _split_by_group(items, split, val_fraction, "id")
+        items = split_by_group(items, split, val_fraction, "id")
 
     if not items:
         raise NoUsableDataError(
