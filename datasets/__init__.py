@@ -4,8 +4,8 @@ A reader ends at a list of dictionaries ``{"image": ..., "label": ..., "id": ...
 bundle can use MONAI's ``Dataset``/``CacheDataset`` unchanged.
 """
 
-from . import fundus, oct
+from . import ct, fundus, oct
 from .errors import DataError, NoUsableDataError
 from .fingerprint import dataset_fingerprint, file_manifest
 
-__all__ = ["fundus", "oct", "DataError", "NoUsableDataError", "dataset_fingerprint", "file_manifest"]
+__all__ = ["ct", "fundus", "oct", "DataError", "NoUsableDataError", "dataset_fingerprint", "file_manifest"]

@@ -15,15 +15,24 @@ from pathlib import Path
 CACHE_FILE = Path(__file__).resolve().parents[1] / "data" / ".cache" / "sha256.json"
 
 
+# item keys naming source files; CT items avoid "label_*" keys, which MONAI's spatial transforms take for the
+# label's metadata dictionary
+SOURCE_KEYS = ("source", "label_source", "annotation_source")
+
+
 def _sources(items: Iterable[Mapping | str | os.PathLike]) -> list[str]:
+    """The source files of the items; a folder (a DICOM series) stands for the files in it."""
     paths = set()
     for item in items:
         if isinstance(item, Mapping):
-            for key in ("source", "label_source"):
-                if isinstance(item.get(key), str):
-                    paths.add(os.path.abspath(item[key]))
+            found = [os.path.abspath(item[key]) for key in SOURCE_KEYS if isinstance(item.get(key), str)]
         else:
-            paths.add(os.path.abspath(os.fspath(item)))
+            found = [os.path.abspath(os.fspath(item))]
+        for path in found:
+            if os.path.isdir(path):
+                paths.update(entry.path for entry in os.scandir(path) if entry.is_file())
+            else:
+                paths.add(path)
     return sorted(paths)
 
 

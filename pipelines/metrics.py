@@ -1,4 +1,5 @@
-"""Metrics MONAI has no class for: pixel accuracy and retinal layer thickness error.
+"""Metrics MONAI has no class for: pixel accuracy, retinal layer thickness error, ROC AUC inside a mask, clDice,
+relative volume error, and MONAI's surface distances in millimetres (voxel spacing read from the reference).
 
 Both follow MONAI's ``CumulativeIterationMetric`` protocol (one-hot ``y_pred`` and ``y``, shape ``(B, C, H, W)``)
 and treat pixels whose one-hot label is all zero as unannotated, like MONAI's sentinel ``ignore_index``.
@@ -7,8 +8,10 @@ They are attached to engines with ``monai.handlers.IgniteMetricHandler``.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
-from monai.metrics import CumulativeIterationMetric
+from monai.data import MetaTensor
+from monai.metrics import CumulativeIterationMetric, HausdorffDistanceMetric, SurfaceDistanceMetric
 from monai.metrics.utils import do_metric_reduction
 from monai.utils import MetricReduction
 
@@ -116,3 +119,62 @@ class CenterlineDiceMetric(_ReducedMetric):
             total = precision + sensitivity
             scores.append(float(2 * precision * sensitivity / total) if total > 0 else 0.0)
         return torch.tensor(scores, dtype=torch.float32)[:, None]
+
+
+def voxel_spacing(volume: torch.Tensor, batch_size: int) -> list[list[float]] | None:
+    """Per-item voxel spacing (mm) of a batched ``MetaTensor`` from its affine(s), or None without one."""
+    if not isinstance(volume, MetaTensor) or volume.affine is None:
+        return None
+    affine = volume.affine.detach().cpu().double()
+    affines = affine if affine.ndim == 3 else affine[None].expand(batch_size, *affine.shape)
+    spatial_dims = volume.ndim - 2
+    return [torch.linalg.norm(a[:spatial_dims, :spatial_dims], dim=0).tolist() for a in affines]
+
+
+class HausdorffDistanceMM(HausdorffDistanceMetric):
+    """MONAI's Hausdorff distance (default: 95th percentile) in millimetres: the spacing of each volume is read from
+    the reference's affine (``MetaTensor``), so anisotropic voxels are measured correctly when the metric runs
+    inside an ignite handler, which passes no ``spacing``. An explicit ``spacing=`` still wins."""
+
+    def __init__(self, percentile: float | None = 95.0, **kwargs):
+        super().__init__(percentile=percentile, **kwargs)
+
+    def _compute_tensor(self, y_pred: torch.Tensor, y: torch.Tensor, **kwargs) -> torch.Tensor:
+        kwargs.setdefault("spacing", voxel_spacing(y, y.shape[0]))
+        return super()._compute_tensor(y_pred, y, **kwargs)
+
+
+class AverageSurfaceDistanceMM(SurfaceDistanceMetric):
+    """Average symmetric surface distance (ASSD) in millimetres, spacing from the reference's affine as in
+    :class:`HausdorffDistanceMM`."""
+
+    def __init__(self, symmetric: bool = True, **kwargs):
+        super().__init__(symmetric=symmetric, **kwargs)
+
+    def _compute_tensor(self, y_pred: torch.Tensor, y: torch.Tensor, **kwargs) -> torch.Tensor:
+        kwargs.setdefault("spacing", voxel_spacing(y, y.shape[0]))
+        return super()._compute_tensor(y_pred, y, **kwargs)
+
+
+class RelativeVolumeError(_ReducedMetric):
+    """Signed relative volume error ``(V_pred - V_ref) / V_ref`` per class (background excluded): ``(B, C - 1)``.
+
+    Positive means over-segmentation. NaN when the reference class is empty (the error is undefined; an empty
+    prediction there is correct, a non-empty one is counted by Dice). Annotated voxels only, as elsewhere.
+    """
+
+    def _compute_tensor(self, y_pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if y_pred.shape != y.shape:
+            raise ValueError(f"y_pred and y must have the same shape, got {y_pred.shape} and {y.shape}.")
+        annotated = (y.sum(dim=1, keepdim=True) > 0).float()
+        dims = tuple(range(2, y.ndim))
+        predicted = (y_pred[:, 1:] * annotated).sum(dim=dims)
+        reference = y[:, 1:].sum(dim=dims)
+        error = (predicted - reference) / reference.clamp(min=1)
+        return torch.where(reference > 0, error, torch.full_like(error, float("nan")))
+
+
+def volume_ml(mask, spacing) -> float:
+    """Volume of the non-zero voxels of ``mask`` in millilitres, given the voxel spacing in mm."""
+    count = int((mask > 0).sum())
+    return count * float(np.prod([float(s) for s in spacing])) / 1000.0

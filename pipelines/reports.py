@@ -71,15 +71,27 @@ def to_numpy(x) -> np.ndarray:
 
 
 def to_label_map(x) -> np.ndarray:
-    """A ``(C, H, W)`` one-hot/probability map or ``(1, H, W)``/``(H, W)`` label map to ``(H, W)`` class indices.
+    """A ``(C, *spatial)`` one-hot/probability map or ``(1, *spatial)``/``spatial`` label map to class indices.
 
     One-hot pixels that are all zero (unannotated) become -1.
     """
     array = to_numpy(x)
-    if array.ndim == 3 and array.shape[0] > 1:
+    if array.ndim >= 3 and array.shape[0] > 1:
         labels = array.argmax(axis=0)
         return np.where(array.sum(axis=0) > 0, labels, -1)
-    return array.reshape(array.shape[-2:]).astype(np.int64)
+    if array.ndim >= 3:  # (1, spatial...)
+        return array[0].astype(np.int64)
+    return array.astype(np.int64)
+
+
+def display_slices(image, prediction: np.ndarray, reference: np.ndarray | None):
+    """Reduce a volume case to the axial slice (last axis) with the most reference (else predicted) foreground,
+    so 3D results get the same ``image | prediction | reference`` panels as 2D ones. 2D input is returned as is."""
+    if prediction.ndim < 3:
+        return image, prediction, reference
+    source = reference if reference is not None and (reference > 0).any() else prediction
+    k = int(np.argmax((source > 0).reshape(-1, source.shape[-1]).sum(axis=0)))
+    return to_numpy(image)[..., k], prediction[..., k], None if reference is None else reference[..., k]
 
 
 def to_display(image) -> np.ndarray:
@@ -223,7 +235,8 @@ class EvaluationReport:
                 break
             name = str(batch.get("id", f"image{self._saved:03d}")) if isinstance(batch, Mapping) else str(self._saved)
             reference = to_label_map(output[label_key]) if label_key in output else None
-            panel = comparison_panel(output[image_key], to_label_map(output[pred_key]), reference, self.palette)
+            image, prediction, reference = display_slices(output[image_key], to_label_map(output[pred_key]), reference)
+            panel = comparison_panel(image, prediction, reference, self.palette)
             save_png(self.output_dir / "overlays" / f"{name}.png", panel)
             self._saved += 1
 
@@ -366,4 +379,115 @@ class SaveSegmentationd(MapTransform):
                 if self.pixel_size_um:
                     summary["mean_thickness_um"] = {k: v * self.pixel_size_um for k, v in thickness.items()}
             atomic_write_json(self.output_dir / f"{name}.json", summary)
+        return d
+
+
+def save_nifti(path: str | os.PathLike, array: np.ndarray, affine: np.ndarray) -> Path:
+    """Write a NIfTI volume atomically, with ``affine`` as both qform and sform (scanner space)."""
+    import nibabel as nib
+
+    image = nib.Nifti1Image(array, np.asarray(affine, dtype=np.float64))
+    image.set_qform(image.affine, code=1)
+    image.set_sform(image.affine, code=1)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp{os.getpid()}.{path.name}")  # nibabel picks the format from the name's ending
+    try:
+        nib.save(image, tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def orthogonal_views(image, label_map: np.ndarray, palette=DEFAULT_PALETTE, spacing=(1.0, 1.0, 1.0)) -> np.ndarray:
+    """Axial, coronal and sagittal slices through the foreground's centre (or the volume's), overlaid, side by side.
+
+    ``image`` and ``label_map`` are ``(X, Y, Z)`` in RAS-like voxel order; slices are scaled to isotropic pixels
+    and turned so that anterior/superior are up, as radiology viewers show them.
+    """
+    from skimage.transform import resize
+
+    volume = to_numpy(image).astype(np.float32).reshape(label_map.shape)
+    centre = np.argwhere(label_map > 0).mean(axis=0) if (label_map > 0).any() else np.array(label_map.shape) / 2
+    i, j, k = (int(c) for c in centre)
+    views = [
+        (volume[:, :, k], label_map[:, :, k], (spacing[0], spacing[1])),
+        (volume[:, j, :], label_map[:, j, :], (spacing[0], spacing[2])),
+        (volume[i, :, :], label_map[i, :, :], (spacing[1], spacing[2])),
+    ]
+    low, high = np.percentile(volume, (1, 99))
+    panels = []
+    height = 256
+    for plane, labels, (sx, sy) in views:
+        shown = np.clip((plane - low) / max(high - low, 1e-6), 0, 1)
+        size = (plane.shape[0] * sx, plane.shape[1] * sy)
+        scale = height / size[1]
+        out_shape = (max(int(size[0] * scale), 1), height)
+        shown = resize(shown, out_shape, order=1, preserve_range=True)
+        labels = resize(labels, out_shape, order=0, preserve_range=True, anti_aliasing=False).astype(np.int64)
+        panels.append(np.rot90(overlay(shown, labels, palette)))
+    gap = np.full((panels[0].shape[0], 4, 3), 255, dtype=np.uint8)
+    return np.concatenate([p for panel in panels for p in (panel, gap)][:-1], axis=1)
+
+
+class SaveVolumeSegmentationd(MapTransform):
+    """Write, per volume, the label map as NIfTI on the input's grid, a JSON summary and an overlay picture.
+
+    Use after ``Invertd`` has brought the ``(1, X, Y, Z)`` label map back to the input's grid: the NIfTI gets the
+    input's shape and affine (for a DICOM series, its patient space in RAS). The JSON gives each class's voxel
+    count and volume in millilitres, the spacing, shape and source; ``<id>_views.png`` shows axial, coronal and
+    sagittal slices through the structure. Files are written atomically: a failed case leaves none of its files.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        output_dir: str,
+        class_names: Sequence[str],
+        image_key: str = "image",
+        id_key: str = "id",
+        palette: Sequence[Sequence[int]] | None = None,
+        postfix: str = "seg",
+        allow_missing_keys: bool = False,
+    ):
+        super().__init__(keys, allow_missing_keys)
+        self.output_dir = Path(output_dir)
+        self.class_names = list(class_names)
+        self.image_key, self.id_key = image_key, id_key
+        self.palette = palette or DEFAULT_PALETTE
+        self.postfix = postfix
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        from .metrics import volume_ml
+
+        d = dict(data)
+        for key in self.key_iterator(d):
+            prediction = d[key]
+            label_map = to_label_map(prediction).astype(np.uint8)
+            affine = to_numpy(prediction.affine).astype(np.float64)
+            spacing = np.linalg.norm(affine[:3, :3], axis=0)
+            name = str(d.get(self.id_key, "volume"))
+            source = prediction.meta.get("filename_or_obj", "") if hasattr(prediction, "meta") else ""
+            summary = {
+                "id": name,
+                "source": str(source),
+                "shape": list(label_map.shape),
+                "spacing_mm": [round(float(s), 4) for s in spacing],
+                "affine": affine.round(6).tolist(),
+                "voxels": {cls: int((label_map == i).sum()) for i, cls in enumerate(self.class_names) if i},
+                "volume_ml": {
+                    cls: round(volume_ml(label_map == i, spacing), 3) for i, cls in enumerate(self.class_names) if i
+                },
+            }
+            views = orthogonal_views(d[self.image_key], label_map, self.palette, spacing)
+            save_nifti(self.output_dir / f"{name}_{self.postfix}.nii.gz", label_map, affine)
+            save_png(self.output_dir / f"{name}_views.png", views)
+            atomic_write_json(self.output_dir / f"{name}.json", summary)
+            logger.info(
+                f"{name}: "
+                + ", ".join(f"{cls} {ml:.1f} mL" for cls, ml in summary["volume_ml"].items())
+                + f" -> {self.output_dir / f'{name}_{self.postfix}.nii.gz'}"
+            )
         return d

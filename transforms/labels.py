@@ -115,3 +115,71 @@ class OneHotWithIgnored(MapTransform):
         for key in self.key_iterator(d):
             d[key] = self.converter(d[key])
         return d
+
+
+class MapLabelValues(Transform):
+    """Turn the values of a label map into this bundle's class indices: ``value_to_class[v]`` for each listed value,
+    0 (background) for every other value, or an error for values not listed when ``strict``.
+
+    A multi-label map (e.g. a whole-body segmentation where 51 is the heart) becomes a binary heart label with
+    ``{51: 1}`` and ``strict=False``. With ``value_to_class=None`` the values must already be class indices
+    ``0..num_classes-1``, checked when ``num_classes`` is given.
+
+    Raises:
+        ValueError: naming the file (from the ``MetaTensor``'s ``filename_or_obj``) and the unexpected values.
+    """
+
+    def __init__(
+        self,
+        value_to_class: Mapping[int | str, int] | None = None,
+        num_classes: int | None = None,
+        strict: bool = True,
+    ):
+        self.value_to_class = {int(k): int(v) for k, v in (value_to_class or {}).items()}
+        self.num_classes = num_classes
+        self.strict = strict
+
+    def __call__(self, label: NdarrayOrTensor) -> NdarrayOrTensor:
+        label_t = convert_to_tensor(label, track_meta=True)
+        source = label_t.meta.get("filename_or_obj", "label") if isinstance(label_t, MetaTensor) else "label"
+        if not torch.isfinite(label_t).all():
+            raise ValueError(f"{source}: the label map holds NaN or infinite values.")
+        values = torch.unique(label_t).tolist()
+        if any(v != int(v) for v in values):
+            raise ValueError(
+                f"{source}: label values must be integers, found {[v for v in values if v != int(v)][:5]}."
+            )
+        known = set(self.value_to_class) if self.value_to_class else set(range(self.num_classes or 0))
+        unknown = sorted(int(v) for v in values if int(v) not in known and int(v) != 0)
+        if unknown and (self.strict and (self.value_to_class or self.num_classes)):
+            raise ValueError(
+                f"{source}: label values {unknown[:10]} are not among the classes "
+                f'({sorted(known)}); map them with label_values (e.g. {{"{unknown[0]}": 1}}).'
+            )
+        if not self.value_to_class:
+            return label_t
+        mapped = torch.zeros_like(label_t, dtype=torch.uint8)
+        for value, index in self.value_to_class.items():
+            mapped[label_t == value] = index
+        return mapped
+
+
+class MapLabelValuesd(MapTransform):
+    """Dictionary wrapper of :class:`MapLabelValues`."""
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        value_to_class: Mapping[int | str, int] | None = None,
+        num_classes: int | None = None,
+        strict: bool = True,
+        allow_missing_keys: bool = False,
+    ):
+        super().__init__(keys, allow_missing_keys)
+        self.mapper = MapLabelValues(value_to_class, num_classes, strict)
+
+    def __call__(self, data: Mapping[Hashable, NdarrayOrTensor]) -> dict[Hashable, NdarrayOrTensor]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = self.mapper(d[key])
+        return d

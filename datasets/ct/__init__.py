@@ -1,0 +1,22 @@
+"""CT readers (DICOM series, NIfTI, NRRD, MetaImage, Decathlon folders) and the chest CT phantom generator."""
+
+from .datalist import load_ct_datalist, load_ct_images
+from .dicom import CTVolume, list_ct_series, read_ct_series, write_ct_series
+from .phantom import CTPhantom, synthesize_ct, write_msd_dataset
+from .volumes import CTVolumeReader, case_id, looks_like_dicom, read_volume
+
+__all__ = [
+    "CTPhantom",
+    "CTVolume",
+    "CTVolumeReader",
+    "case_id",
+    "list_ct_series",
+    "load_ct_datalist",
+    "load_ct_images",
+    "looks_like_dicom",
+    "read_ct_series",
+    "read_volume",
+    "synthesize_ct",
+    "write_ct_series",
+    "write_msd_dataset",
+]

@@ -1,0 +1,167 @@
+"""Find CT volumes and their labels in a folder and split them: the ct_heart bundle's data lists.
+
+Accepted layout of ``dataset_dir`` (Medical Segmentation Decathlon / nnU-Net):
+
+- ``imagesTr/`` with one volume per case: a NIfTI/NRRD/MHA file or a DICOM series folder; nnU-Net's ``_0000``
+  channel suffix is allowed (``case_0000.nii.gz`` pairs with ``labelsTr/case.nii.gz``);
+- ``labelsTr/`` with one label volume per case, on the image's grid or any other grid in the same world space;
+- optional ``dataset.json``: its ``training`` list (``{"image": "./imagesTr/x.nii.gz", "label": ...}``) is used
+  when present, otherwise the folders are paired by case id;
+- optional ``imagesTs/`` (+ ``labelsTs/``): the test split, used whole.
+
+Without a split file, the last ``val_fraction`` of the sorted case ids are validation (``datasets.io.split_by_group``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+from ..errors import DataError, NoUsableDataError
+from ..io import resolve_layout, split_by_group
+from .volumes import VOLUME_SUFFIXES, case_id, is_volume_file, looks_like_dicom
+
+logger = logging.getLogger(__name__)
+
+ACCEPTED_LAYOUTS = """Accepted layout (Medical Segmentation Decathlon / nnU-Net):
+  <dir>/imagesTr/<case>.nii.gz (or .nrrd, .mha, a DICOM series folder <case>/, nnU-Net <case>_0000.nii.gz)
+  <dir>/labelsTr/<case>.nii.gz
+  optional <dir>/dataset.json ("training": [{"image": ..., "label": ...}]), <dir>/imagesTs/ + <dir>/labelsTs/"""
+
+DEMO_HINT = (
+    "To create the embedded demo data instead, run:\n"
+    "  python -m datasets.ct.phantom --out data/phantoms/ct_heart\n"
+    "(or leave 'dataset_dir' at its default, which generates it on first use)."
+)
+
+
+def _cases(folder: Path) -> dict[str, Path]:
+    """The volumes (files and DICOM series folders) of a folder, by case id."""
+    cases: dict[str, Path] = {}
+    for path in sorted(folder.iterdir()):
+        if path.name.startswith("."):
+            continue
+        if is_volume_file(path) or path.is_dir():
+            key = case_id(path)
+            if key in cases:
+                raise DataError(folder, f"holds two volumes for case {key!r}: {cases[key].name} and {path.name}.")
+            cases[key] = path
+    return cases
+
+
+def detect_layout(dataset_dir: Path) -> str | None:
+    if (dataset_dir / "imagesTr").is_dir() and any(_cases(dataset_dir / "imagesTr")):
+        return "msd"
+    return None
+
+
+def _pair(images_dir: Path, labels_dir: Path | None, require_labels: bool = True) -> list[dict]:
+    images = _cases(images_dir)
+    labels = _cases(labels_dir) if labels_dir is not None and labels_dir.is_dir() else {}
+    if require_labels:
+        missing = sorted(set(images) - set(labels))
+        if missing:
+            raise DataError(
+                labels_dir or images_dir.parent / "labelsTr",
+                f"has no label for {len(missing)} case(s) of {images_dir}: {', '.join(missing[:10])}.",
+            )
+    items = []
+    for key, image in images.items():
+        item = {"image": str(image), "id": key, "source": str(image)}
+        if key in labels:
+            item["label"] = item["annotation_source"] = str(labels[key])
+        items.append(item)
+    return items
+
+
+def _from_dataset_json(dataset_dir: Path) -> list[dict] | None:
+    path = dataset_dir / "dataset.json"
+    if not path.is_file():
+        return None
+    try:
+        description = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(path, f"is not valid JSON: {e}") from e
+    entries = description.get("training")
+    if not isinstance(entries, list) or not entries or not isinstance(entries[0], dict):
+        return None  # nnU-Net v2 dataset.json files describe channels and labels but list no cases
+    items = []
+    for entry in entries:
+        if "image" not in entry or "label" not in entry:
+            raise DataError(path, f"a 'training' entry lacks 'image' or 'label': {entry}.")
+        image, label = dataset_dir / entry["image"], dataset_dir / entry["label"]
+        for file in (image, label):
+            if not file.exists():
+                raise DataError(file, f"does not exist (listed in {path}).")
+        items.append(
+            {
+                "image": str(image),
+                "label": str(label),
+                "id": case_id(image),
+                "source": str(image),
+                "annotation_source": str(label),
+            }
+        )
+    return items
+
+
+def load_ct_datalist(
+    dataset_dir: str | os.PathLike,
+    split: str = "train",
+    val_fraction: float = 0.25,
+    phantom_if_missing: bool = False,
+    phantom_cases: int = 16,
+) -> list[dict]:
+    """The ``{"image", "label", "id"}`` items of one split (``train``, ``val``, ``test``, ``all``) of a CT dataset."""
+    dataset_dir = Path(dataset_dir)
+
+    def generate(folder: Path) -> None:
+        from .phantom import write_msd_dataset
+
+        write_msd_dataset(folder, n_train=phantom_cases)
+
+    layout = resolve_layout(
+        dataset_dir, detect_layout, "CT", ACCEPTED_LAYOUTS, DEMO_HINT, generate if phantom_if_missing else None
+    )
+    assert layout == "msd"
+    if split == "test":
+        if not (dataset_dir / "imagesTs").is_dir():
+            raise NoUsableDataError(
+                dataset_dir.resolve(), "has no test split (an 'imagesTs' folder).", ACCEPTED_LAYOUTS
+            )
+        items = _pair(dataset_dir / "imagesTs", dataset_dir / "labelsTs")
+    else:
+        items = _from_dataset_json(dataset_dir) or _pair(dataset_dir / "imagesTr", dataset_dir / "labelsTr")
+        items = split_by_group(sorted(items, key=lambda item: item["id"]), split, val_fraction)
+    if not items:
+        raise NoUsableDataError(dataset_dir.resolve(), f"has no cases in split {split!r}.", ACCEPTED_LAYOUTS)
+    logger.info(f"{len(items)} CT cases in split {split!r} of {dataset_dir}")
+    return items
+
+
+def load_ct_images(input_path: str | os.PathLike) -> list[dict]:
+    """Inference inputs: one volume file, one DICOM series folder, or a folder of volume files and series folders.
+
+    Raises:
+        DataError: when the path does not exist or holds no volume.
+    """
+    path = Path(input_path)
+    if not path.exists():
+        raise DataError(path, "does not exist.")
+    if path.is_file():
+        return [{"image": str(path), "id": case_id(path), "source": str(path)}]
+    if any(looks_like_dicom(child) for child in sorted(path.iterdir())[:20] if child.is_file()):
+        return [{"image": str(path), "id": path.name, "source": str(path)}]
+    items = []
+    for child in sorted(path.iterdir()):
+        if is_volume_file(child):
+            items.append({"image": str(child), "id": case_id(child), "source": str(child)})
+        elif child.is_dir() and any(looks_like_dicom(f) for f in sorted(child.iterdir())[:20] if f.is_file()):
+            items.append({"image": str(child), "id": child.name, "source": str(child)})
+    if not items:
+        raise DataError(
+            path, f"holds no CT volume: expected {', '.join(VOLUME_SUFFIXES)} files or DICOM series folders."
+        )
+    return items

@@ -1,0 +1,284 @@
+"""CT DICOM series reader and writer: geometry, rescale, grouping and every refused input, on tiny written series."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.encaps import encapsulate
+from pydicom.uid import JPEG2000Lossless, RLELossless
+
+from datasets.ct.dicom import CTVolume, list_ct_series, read_ct_series, write_ct_series
+from datasets.errors import DataError
+from tests.conftest import shared_path
+
+SHAPE = (12, 10, 8)  # columns, rows, slices
+
+
+def rotation(axis, degrees: float) -> np.ndarray:
+    """Rodrigues' rotation matrix about ``axis``."""
+    axis = np.asarray(axis, dtype=np.float64)
+    axis /= np.linalg.norm(axis)
+    k = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
+    angle = np.radians(degrees)
+    return np.eye(3) + np.sin(angle) * k + (1 - np.cos(angle)) * k @ k
+
+
+def make_affine(spacing=(0.7, 0.9, 2.5), rotate: float = 0.0, origin=(-100.0, 20.0, 33.0)) -> np.ndarray:
+    affine = np.eye(4)
+    affine[:3, :3] = rotation([0.3, -0.5, 0.8], rotate) * np.asarray(spacing)
+    affine[:3, 3] = origin
+    return affine
+
+
+def random_hu(seed: int = 0, shape=SHAPE, low: int = -1024, high: int = 3000) -> np.ndarray:
+    return np.random.default_rng(seed).integers(low, high, size=shape).astype(np.float32)
+
+
+def edit(path, **attributes) -> None:
+    """Rewrite DICOM attributes of one file in place."""
+    ds = pydicom.dcmread(path)
+    for keyword, value in attributes.items():
+        setattr(ds, keyword, value)
+    ds.save_as(path)
+
+
+def test_round_trip_oblique_anisotropic(tmp_path):
+    hu, affine = random_hu(), make_affine(rotate=37.0)
+    paths = write_ct_series(hu, affine, tmp_path, series_description="oblique")
+    volume = read_ct_series(tmp_path)
+    assert isinstance(volume, CTVolume)
+    assert volume.hu.dtype == np.float32 and volume.hu.shape == SHAPE
+    np.testing.assert_array_equal(volume.hu, hu)
+    np.testing.assert_allclose(volume.affine_lps, affine, atol=1e-6)
+    np.testing.assert_allclose(volume.spacing, (0.7, 0.9, 2.5), atol=1e-6)
+    assert volume.files == [str(p) for p in paths]
+    assert volume.description == "oblique" and volume.series_uid
+    ds = pydicom.dcmread(paths[0])
+    assert ds.file_meta.MediaStorageSOPClassUID == "1.2.840.10008.5.1.4.1.1.2"
+    assert ds.Modality == "CT" and ds.RescaleType == "HU" and ds.Manufacturer == "synthetic"
+    assert [float(v) for v in ds.PixelSpacing] == pytest.approx([0.9, 0.7])  # [between rows, between columns]
+    assert not list(tmp_path.glob(".*")), "the atomic writer left a temporary file"
+
+
+def test_left_handed_affine_reads_back_reversed(tmp_path):
+    hu, affine = random_hu(), make_affine(rotate=15.0)
+    affine[:3, 2] *= -1  # slices run against the normal of the image plane
+    write_ct_series(hu, affine, tmp_path)
+    volume = read_ct_series(tmp_path)
+    np.testing.assert_array_equal(volume.hu, hu[:, :, ::-1])
+    n = SHAPE[2] - 1
+    for i, j, k in [(0, 0, 0), (11, 9, 0), (3, 4, 5), (11, 0, n)]:
+        np.testing.assert_allclose(volume.affine_lps @ [i, j, k, 1], affine @ [i, j, n - k, 1], atol=1e-6)
+    assert np.linalg.det(volume.affine_lps[:3, :3]) > 0
+
+
+def test_sorting_ignores_file_names_and_instance_numbers(tmp_path):
+    hu, affine = random_hu(1), make_affine(rotate=-60.0)
+    paths = write_ct_series(hu, affine, tmp_path, file_names="shuffled", seed=3)
+    assert sorted(paths) != paths
+    assert [int(pydicom.dcmread(p).InstanceNumber) for p in paths] == list(range(SHAPE[2], 0, -1))
+    volume = read_ct_series(tmp_path)
+    np.testing.assert_array_equal(volume.hu, hu)
+    np.testing.assert_allclose(volume.affine_lps, affine, atol=1e-6)
+    assert volume.files == [str(p) for p in paths]
+
+
+def test_slope_and_intercept(tmp_path):
+    hu = -1000.0 + 2.0 * random_hu(2, low=-50, high=1500)
+    write_ct_series(hu, make_affine(), tmp_path, slope=2.0, intercept=-1000.0)
+    ds = pydicom.dcmread(next(tmp_path.iterdir()))
+    assert float(ds.RescaleSlope) == 2.0 and float(ds.RescaleIntercept) == -1000.0
+    assert ds.PixelRepresentation == 1  # stored values below 0 need the signed representation
+    np.testing.assert_array_equal(read_ct_series(tmp_path).hu, hu)
+
+    # values between the quantisation steps come back within half a step
+    smooth = np.random.default_rng(4).uniform(-1000, 2000, SHAPE)
+    write_ct_series(smooth, make_affine(), tmp_path / "smooth", slope=2.0, intercept=-1000.0)
+    assert np.abs(read_ct_series(tmp_path / "smooth").hu - smooth).max() <= 1.0 + 1e-3
+
+
+def test_intercept_per_slice(tmp_path):
+    hu = random_hu(5, low=-1000, high=2000)
+    intercepts = [-1024.0, -1000.0, -2048.0, 0.0, -1024.0, -512.0, -3000.0, -1.0]
+    paths = write_ct_series(hu, make_affine(), tmp_path, intercept=intercepts, file_names="shuffled")
+    assert [float(pydicom.dcmread(p).RescaleIntercept) for p in paths] == intercepts
+    np.testing.assert_array_equal(read_ct_series(tmp_path).hu, hu)
+
+
+def test_unsigned_pixel_representation(tmp_path):
+    hu = random_hu(6, low=-1024, high=3000)
+    paths = write_ct_series(hu, make_affine(), tmp_path, intercept=-1024.0)
+    assert pydicom.dcmread(paths[0]).PixelRepresentation == 0
+    np.testing.assert_array_equal(read_ct_series(tmp_path).hu, hu)
+
+
+def test_empty_uids_still_read(tmp_path):
+    hu, affine = random_hu(7), make_affine(rotate=20.0)
+    paths = write_ct_series(hu, affine, tmp_path, anonymise_uids=True, file_names="shuffled")
+    ds = pydicom.dcmread(paths[0])
+    assert ds.SeriesInstanceUID == "" and ds.SOPInstanceUID == ""
+    volume = read_ct_series(tmp_path)
+    assert volume.series_uid == ""
+    np.testing.assert_array_equal(volume.hu, hu)
+    np.testing.assert_allclose(volume.affine_lps, affine, atol=1e-6)
+
+
+def test_anonymised_series_grouped_by_number(tmp_path):
+    write_ct_series(random_hu(8), make_affine(), tmp_path, anonymise_uids=True, series_number=2, series_description="a")
+    write_ct_series(random_hu(9), make_affine(), tmp_path, anonymise_uids=True, series_number=3, series_description="b")
+    series = list_ct_series(tmp_path)
+    assert [(s.number, s.description, s.n_files, s.uid) for s in series] == [(2, "a", 8, ""), (3, "b", 8, "")]
+    np.testing.assert_array_equal(read_ct_series(tmp_path, series_description="b").hu, random_hu(9))
+
+
+def test_jpeg2000_round_trip(tmp_path):
+    pytest.importorskip("openjpeg", reason="pylibjpeg-openjpeg is not installed")
+    hu = random_hu(10, shape=(32, 32, 3))  # openjpeg's default 6 resolution levels need 32 x 32 pixels
+    write_ct_series(hu, make_affine(), tmp_path, transfer_syntax=JPEG2000Lossless, anonymise_uids=True)
+    np.testing.assert_array_equal(read_ct_series(tmp_path).hu, hu)
+
+
+def test_non_dicom_files_are_ignored(tmp_path):
+    write_ct_series(random_hu(), make_affine(), tmp_path)
+    (tmp_path / "README").write_text("exported series\n")
+    (tmp_path / ".unfinished.dcm.123.tmp").write_bytes(b"\0" * 128 + b"DICM")  # a killed writer's temporary file
+    (tmp_path / "sub").mkdir()
+    assert read_ct_series(tmp_path).hu.shape == SHAPE
+
+
+def test_missing_slice(tmp_path):
+    paths = write_ct_series(random_hu(), make_affine(spacing=(0.7, 0.9, 2.0), origin=(0, 0, 0)), tmp_path)
+    paths[4].unlink()
+    with pytest.raises(DataError, match="missing") as error:
+        read_ct_series(tmp_path)
+    message = str(error.value)
+    assert str(tmp_path) in message and "1 slice(s) missing between 6.00 mm" in message and "10.00 mm" in message
+
+
+def test_duplicated_slice(tmp_path):
+    paths = write_ct_series(random_hu(), make_affine(), tmp_path, file_names="index")
+    shutil.copy(paths[3], tmp_path / "copy_of_slice_3.dcm")
+    with pytest.raises(DataError, match="duplicated slice") as error:
+        read_ct_series(tmp_path)
+    assert "slice_0003.dcm" in str(error.value) and "copy_of_slice_3.dcm" in str(error.value)
+
+
+def test_two_series_need_a_selector(tmp_path):
+    first, second = random_hu(11), random_hu(12)
+    write_ct_series(first, make_affine(), tmp_path, series_uid="1.2.3.4.1", series_description="Body 3.0 Br38")
+    write_ct_series(second, make_affine(rotate=10.0), tmp_path, series_uid="1.2.3.4.2", series_description="Lung")
+    assert {s.uid for s in list_ct_series(tmp_path)} == {"1.2.3.4.1", "1.2.3.4.2"}
+    with pytest.raises(DataError, match="holds 2 series") as error:
+        read_ct_series(tmp_path)
+    message = str(error.value)
+    expected = ["1.2.3.4.1", "1.2.3.4.2", "'Body 3.0 Br38'", "'Lung'", "files=8", "series_uid=", "series_description="]
+    assert all(text in message for text in expected), message
+    np.testing.assert_array_equal(read_ct_series(tmp_path, series_uid="1.2.3.4.2").hu, second)
+    np.testing.assert_array_equal(read_ct_series(tmp_path, series_description="Lung").hu, second)
+    np.testing.assert_array_equal(read_ct_series(tmp_path, series_description="body 3.0").hu, first)
+    with pytest.raises(DataError, match="no series matches series_uid='9.9'") as error:
+        read_ct_series(tmp_path, series_uid="9.9")
+    assert "1.2.3.4.1" in str(error.value) and "'Lung'" in str(error.value)
+
+
+def test_inconsistent_rows_is_a_mixed_series(tmp_path):
+    paths = write_ct_series(random_hu(), make_affine(), tmp_path, file_names="index")
+    ds = pydicom.dcmread(paths[5])
+    ds.PixelData = np.ascontiguousarray(ds.pixel_array[:-2]).tobytes()
+    ds.Rows = SHAPE[1] - 2
+    ds.save_as(paths[5])
+    with pytest.raises(DataError, match="mixed series: Rows is 8") as error:
+        read_ct_series(tmp_path)
+    assert str(paths[5]) in str(error.value)
+
+
+def test_non_ct_modality(tmp_path):
+    paths = write_ct_series(random_hu(), make_affine(), tmp_path)
+    for path in paths:
+        edit(path, Modality="MR")
+    with pytest.raises(DataError, match="modality MR, expected CT"):
+        read_ct_series(tmp_path)
+    assert read_ct_series(tmp_path, allow_non_ct=True).hu.shape == SHAPE
+
+
+PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"  # (7FE0,0010) little endian
+
+
+@pytest.mark.parametrize(
+    ("cut", "problem"),
+    [
+        (lambda data: 0, "no 'DICM' marker"),
+        (lambda data: len(data) // 2, "incomplete DICOM header"),
+        (lambda data: data.rfind(PIXEL_DATA_TAG) + 6, "no pixel data"),
+        (lambda data: len(data) - 40, "pixel data cannot be decoded"),
+    ],
+    ids=["empty", "in-header", "in-pixel-data-header", "in-pixel-data"],
+)
+def test_truncated_file(tmp_path, cut, problem):
+    paths = write_ct_series(random_hu(), make_affine(), tmp_path, file_names="index")
+    data = paths[2].read_bytes()
+    paths[2].write_bytes(data[: cut(data)])
+    with pytest.raises(DataError, match=problem) as error:
+        read_ct_series(tmp_path)
+    assert str(paths[2]) in str(error.value)
+
+
+def test_undecodable_compressed_pixel_data(tmp_path):
+    paths = write_ct_series(random_hu(), make_affine(), tmp_path, file_names="index", transfer_syntax=RLELossless)
+    ds = pydicom.dcmread(paths[1])
+    ds.PixelData = encapsulate([b"\x07" * 64])  # an RLE header that promises 7 segments which are not there
+    ds.save_as(paths[1])
+    with pytest.raises(DataError, match="pixel data cannot be decoded") as error:
+        read_ct_series(tmp_path)
+    message = str(error.value)
+    assert str(paths[1]) in message and "RLE Lossless" in message and "pylibjpeg-openjpeg" in message
+
+
+def test_no_dicom_files(tmp_path):
+    (tmp_path / "README.txt").write_text("nothing here\n")
+    with pytest.raises(DataError, match="no DICOM image files") as error:
+        read_ct_series(tmp_path)
+    assert str(tmp_path) in str(error.value)
+    with pytest.raises(DataError, match="does not exist"):
+        read_ct_series(tmp_path / "absent")
+
+
+def test_unequal_spacing(tmp_path):
+    paths = write_ct_series(random_hu(), make_affine(spacing=(1, 1, 2), origin=(0, 0, 0)), tmp_path, file_names="index")
+    edit(paths[-1], ImagePositionPatient=[0, 0, 14.5])  # the last step is 2.5 mm instead of 2
+    with pytest.raises(DataError, match="unequal slice spacing") as error:
+        read_ct_series(tmp_path)
+    assert "slice_0007.dcm" in str(error.value)
+
+
+def test_missing_position(tmp_path):
+    paths = write_ct_series(random_hu(), make_affine(), tmp_path, file_names="index")
+    ds = pydicom.dcmread(paths[6])
+    del ds.ImagePositionPatient
+    ds.save_as(paths[6])
+    with pytest.raises(DataError, match=r"no ImagePositionPatient \(0020,0032\)") as error:
+        read_ct_series(tmp_path)
+    assert str(paths[6]) in str(error.value)
+
+
+def test_single_slice(tmp_path):
+    write_ct_series(random_hu(shape=(12, 10, 1)), make_affine(), tmp_path)
+    with pytest.raises(DataError, match="only slice of its series"):
+        read_ct_series(tmp_path)
+
+
+def test_real_anonymised_jpeg2000_series():
+    folder = shared_path("ct", "totalsegmentator", "example_ct_dicom")
+    [series] = list_ct_series(folder)
+    assert series.uid == "" and series.n_files == 20 and series.modality == "CT"
+    volume = read_ct_series(folder)
+    assert volume.hu.shape == (512, 512, 20)
+    np.testing.assert_allclose(volume.spacing, (0.9765625, 0.9765625, 2.0), atol=1e-6)
+    assert volume.hu.min() == pytest.approx(-1024, abs=1)
+    assert 1000 < volume.hu.max() < 3000
+    np.testing.assert_allclose(volume.affine_lps[:3, :3], np.diag(volume.spacing), atol=1e-6)
+    positions = [float(pydicom.dcmread(f, stop_before_pixels=True).ImagePositionPatient[2]) for f in volume.files]
+    assert positions == sorted(positions) and len(set(positions)) == 20

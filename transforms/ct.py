@@ -1,0 +1,182 @@
+"""CT transforms: Hounsfield windowing, and bringing a label volume onto its image's voxel grid.
+
+Hounsfield windowing is deliberately lossy and has no inverse: every value below the window's lower edge maps to
+the output minimum and every value above its upper edge to the output maximum (with ``clip=True``), exactly as a
+radiologist's display window does. Inference therefore never inverts it: predictions are label maps, and the
+geometry (orientation, spacing, crop) is what gets inverted. Keep the original HU volume (e.g. ``CopyItemsd``)
+when HU values are needed after windowing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping
+
+import numpy as np
+import torch
+from monai.config import KeysCollection
+from monai.config.type_definitions import NdarrayOrTensor
+from monai.data import MetaTensor
+from monai.transforms import MapTransform, ResampleToMatch, ScaleIntensityRange, Transform
+
+# (level, width) in HU. Mediastinum, lung and bone are the usual radiology reading windows; "cardiac" is a
+# CT-angiography window wide enough for fat (-100 HU), myocardium (~100 HU) and contrast-enhanced blood
+# (250-450 HU) to stay apart; "full" keeps air to dense bone.
+WINDOW_PRESETS: dict[str, tuple[float, float]] = {
+    "mediastinum": (40.0, 400.0),
+    "soft_tissue": (50.0, 350.0),
+    "cardiac": (100.0, 700.0),
+    "cta": (300.0, 600.0),
+    "lung": (-600.0, 1500.0),
+    "bone": (400.0, 1800.0),
+    "brain": (40.0, 80.0),
+    "full": (250.0, 2500.0),
+}
+
+
+def window_range(
+    preset: str | None = None,
+    level: float | None = None,
+    width: float | None = None,
+    hu_min: float | None = None,
+    hu_max: float | None = None,
+) -> tuple[float, float]:
+    """The ``(lowest, highest)`` HU of a window given as a preset name, as level/width, or as min/max (one way only).
+
+    Raises:
+        ValueError: for an unknown preset, an incomplete or ambiguous specification, or a non-positive width.
+    """
+    given = [preset is not None, level is not None or width is not None, hu_min is not None or hu_max is not None]
+    if sum(given) != 1:
+        raise ValueError(
+            "give the Hounsfield window one way: preset=NAME, or level= and width=, or hu_min= and hu_max= "
+            f"(got preset={preset}, level={level}, width={width}, hu_min={hu_min}, hu_max={hu_max})."
+        )
+    if preset is not None:
+        if preset not in WINDOW_PRESETS:
+            raise ValueError(f"unknown Hounsfield window preset {preset!r}; known: {', '.join(WINDOW_PRESETS)}.")
+        level, width = WINDOW_PRESETS[preset]
+    if level is not None or width is not None:
+        if level is None or width is None:
+            raise ValueError(f"a window needs both level and width (got level={level}, width={width}).")
+        hu_min, hu_max = level - width / 2.0, level + width / 2.0
+    if hu_min is None or hu_max is None:
+        raise ValueError(f"a window needs both hu_min and hu_max (got hu_min={hu_min}, hu_max={hu_max}).")
+    if not hu_max > hu_min:
+        raise ValueError(f"a window needs hu_max > hu_min (width > 0), got [{hu_min}, {hu_max}].")
+    return float(hu_min), float(hu_max)
+
+
+class HounsfieldWindow(Transform):
+    """Map the HU window ``[lowest, highest]`` linearly onto ``output_range``, clipping outside it by default.
+
+    Args:
+        preset: a name from :data:`WINDOW_PRESETS` (``mediastinum``, ``cardiac``, ``cta``, ``lung``, ``bone``, ...).
+        level, width: window centre and width in HU (the DICOM WindowCenter/WindowWidth convention).
+        hu_min, hu_max: the window's edges in HU.
+        output_range: values the lower and upper window edges map to.
+        clip: clip to ``output_range`` (a display window); ``False`` keeps the linear map beyond the edges.
+
+    The lower edge maps exactly to ``output_range[0]`` and the upper edge to ``output_range[1]``. There is no
+    inverse (see the module documentation).
+    """
+
+    def __init__(
+        self,
+        preset: str | None = None,
+        level: float | None = None,
+        width: float | None = None,
+        hu_min: float | None = None,
+        hu_max: float | None = None,
+        output_range: tuple[float, float] = (0.0, 1.0),
+        clip: bool = True,
+        dtype=np.float32,
+    ):
+        if preset is None and level is None and width is None and hu_min is None and hu_max is None:
+            preset = "mediastinum"
+        self.hu_min, self.hu_max = window_range(preset, level, width, hu_min, hu_max)
+        self.output_range = (float(output_range[0]), float(output_range[1]))
+        self.scaler = ScaleIntensityRange(
+            a_min=self.hu_min,
+            a_max=self.hu_max,
+            b_min=self.output_range[0],
+            b_max=self.output_range[1],
+            clip=clip,
+            dtype=dtype,
+        )
+
+    def __call__(self, img: NdarrayOrTensor) -> NdarrayOrTensor:
+        return self.scaler(img)
+
+
+class HounsfieldWindowd(MapTransform):
+    """Dictionary wrapper of :class:`HounsfieldWindow`."""
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        preset: str | None = None,
+        level: float | None = None,
+        width: float | None = None,
+        hu_min: float | None = None,
+        hu_max: float | None = None,
+        output_range: tuple[float, float] = (0.0, 1.0),
+        clip: bool = True,
+        allow_missing_keys: bool = False,
+    ):
+        super().__init__(keys, allow_missing_keys)
+        self.window = HounsfieldWindow(preset, level, width, hu_min, hu_max, output_range, clip)
+
+    def __call__(self, data: Mapping[Hashable, NdarrayOrTensor]) -> dict[Hashable, NdarrayOrTensor]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = self.window(d[key])
+        return d
+
+
+def same_grid(a: MetaTensor, b: MetaTensor, atol: float = 1e-3) -> bool:
+    """Whether two channel-first volumes share spatial shape and affine (the same voxel grid)."""
+    return tuple(a.shape[1:]) == tuple(b.shape[1:]) and torch.allclose(
+        torch.as_tensor(a.affine, dtype=torch.float64), torch.as_tensor(b.affine, dtype=torch.float64), atol=atol
+    )
+
+
+class AlignToImaged(MapTransform):
+    """Resample volumes (labels) that lie on another voxel grid onto the image's grid, through the two affines.
+
+    Both must be channel-first ``MetaTensor`` volumes in the same world (patient) space, as a label produced on
+    the scanner's full field of view and a cropped CT are. Labels are resampled with nearest neighbour only, so
+    no new label values appear; voxels of the image grid outside the label's field of view become 0. Volumes
+    already on the image grid are returned unchanged.
+
+    Raises:
+        ValueError: naming the file, when a volume has no affine or does not overlap the image at all while it has
+            foreground (the two files are then not in one world space).
+    """
+
+    def __init__(
+        self, keys: KeysCollection, image_key: str = "image", mode: str = "nearest", allow_missing_keys: bool = False
+    ):
+        super().__init__(keys, allow_missing_keys)
+        self.image_key = image_key
+        self.resampler = ResampleToMatch(mode=mode, padding_mode="zeros")
+
+    def __call__(self, data: Mapping[Hashable, MetaTensor]) -> dict[Hashable, MetaTensor]:
+        d = dict(data)
+        image = d[self.image_key]
+        for key in self.key_iterator(d):
+            volume = d[key]
+            if not isinstance(volume, MetaTensor) or not isinstance(image, MetaTensor):
+                raise ValueError(f"{key!r}: aligning to the image needs MetaTensor volumes with affines.")
+            if same_grid(volume, image):
+                continue
+            source = volume.meta.get("filename_or_obj", key)
+            had_foreground = bool((volume != 0).any())
+            aligned = self.resampler(volume, img_dst=image)
+            aligned.meta["filename_or_obj"] = source
+            if had_foreground and not bool((aligned != 0).any()):
+                raise ValueError(
+                    f"{source}: the label has foreground but none of it lies inside the image's field of view "
+                    f"({image.meta.get('filename_or_obj', self.image_key)}); the two are not in one world space."
+                )
+            d[key] = aligned
+        return d
