@@ -1,0 +1,126 @@
+"""The ct_heart bundle run as users run it (``python -m monai.bundle run ...``), at tiny sizes: phantoms on a 3x
+coarser grid, 6 mm resampling, 16^3 patches, a 3-level 3D U-Net, 2 epochs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlflow
+import nibabel as nib
+import numpy as np
+import pytest
+
+from datasets.ct import read_volume, write_msd_dataset
+from tests.conftest import REPO_ROOT, run_bundle, shared_path
+
+CONFIGS = REPO_ROOT / "bundles" / "ct_heart" / "configs"
+TRAIN = [str(CONFIGS / "train.json")]
+EVALUATE = TRAIN + [str(CONFIGS / "evaluate.json")]
+INFER = TRAIN + [str(CONFIGS / "inference.json")]
+METRICS = {"val_mean_dice", "val_iou", "val_hd95_mm", "val_assd_mm", "val_rve", "val_sensitivity", "val_precision"}
+
+
+def tiny(bundle_root, dataset_dir, **extra):
+    return {
+        "bundle_root": bundle_root,
+        "dataset_dir": dataset_dir,
+        "spacing": "[6,6,6]",
+        "patch_size": "[16,16,16]",
+        "network_def#channels": "[4,8,16]",
+        "network_def#strides": "[2,2]",
+        "network_def#num_res_units": 1,
+        **extra,
+    }
+
+
+@pytest.fixture(scope="module")
+def ct_data(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("ct_phantom")
+    return write_msd_dataset(folder, n_train=4, n_test=1, voxel_scale=3.0, progress=False)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, ct_data):
+    root = tmp_path_factory.mktemp("ct_bundle")
+    uri = f"sqlite:///{root / 'mlruns' / 'mlflow.db'}"
+    (root / "mlruns").mkdir()
+    overrides = tiny(root / "bundle", ct_data, **{"train#trainer#max_epochs": 2, "val_interval": 1})
+    result = run_bundle("training", TRAIN, overrides, env={"MLFLOW_TRACKING_URI": uri})
+    return root / "bundle", uri, result
+
+
+def runs(uri, workflow):
+    client = mlflow.MlflowClient(uri)
+    experiment = client.get_experiment_by_name("ct_heart")
+    return client, client.search_runs([experiment.experiment_id], f"tags.workflow = '{workflow}'")
+
+
+def test_training_tracks_mm_metrics_and_writes_checkpoints(trained):
+    bundle, uri, _ = trained
+    assert (bundle / "models" / "model.pt").is_file()
+    assert list((bundle / "models").glob("latest_checkpoint_epoch=2.pt"))
+    client, (run,) = runs(uri, "train")
+    assert run.info.status == "FINISHED"
+    assert METRICS <= set(run.data.metrics)
+    assert run.data.params["spacing_mm"] == "[6, 6, 6]" and run.data.params["window_preset"] == "cardiac"
+    history = client.get_metric_history(run.info.run_id, "val_hd95_mm")
+    assert [m.step for m in history] == [1, 2] and all(m.value > 0 for m in history)
+    report = json.loads(next((bundle / "outputs").glob("train-*/metrics.json")).read_text())
+    assert 0 <= report["mean"]["val_mean_dice"] <= 1
+    assert list((bundle / "outputs").glob("train-*/overlays/ct_003.png")), "a validation picture per case"
+
+
+def test_evaluation_on_the_test_split_at_the_native_grid(trained, ct_data):
+    bundle, uri, _ = trained
+    overrides = tiny(bundle, ct_data, eval_split="test")
+    result = run_bundle("evaluating", EVALUATE, overrides, env={"MLFLOW_TRACKING_URI": uri})
+    assert "val_hd95_mm" in result.stdout + result.stderr
+    report = json.loads(sorted((bundle / "outputs").glob("evaluate-*/metrics.json"))[-1].read_text())
+    assert report["n_images"] == 1 and METRICS <= set(report["mean"])
+    _, (run,) = runs(uri, "evaluate")
+    assert run.data.params["split"] == "test" and run.data.metrics["val_mean_dice"] == pytest.approx(
+        report["mean"]["val_mean_dice"]
+    )
+
+
+def check_masks_on_input_grid(output_dir: Path, inputs: dict[str, Path]):
+    for case, source in inputs.items():
+        array, affine, _ = read_volume(source)
+        mask = nib.load(output_dir / f"{case}_seg.nii.gz")
+        assert mask.shape == array.shape, case
+        np.testing.assert_allclose(mask.affine, affine, atol=1e-4, err_msg=case)
+        summary = json.loads((output_dir / f"{case}.json").read_text())
+        voxels = int((np.asarray(mask.dataobj) > 0).sum())
+        spacing = np.linalg.norm(affine[:3, :3], axis=0)
+        assert summary["voxels"]["heart"] == voxels
+        assert summary["volume_ml"]["heart"] == pytest.approx(voxels * np.prod(spacing) / 1000, abs=1e-3)
+        assert (output_dir / f"{case}_views.png").is_file()
+
+
+def test_inference_on_dicom_and_nifti_writes_masks_on_the_input_grid(trained, ct_data, tmp_path):
+    bundle, uri, _ = trained
+    for name, source in {"dicom": ct_data / "dicom", "nifti": ct_data / "imagesTs"}.items():
+        out = tmp_path / name
+        run_bundle("inferring", INFER, tiny(bundle, ct_data, input_path=source, output_dir=out))
+        check_masks_on_input_grid(out, {"ct_004": source / ("ct_004" if name == "dicom" else "ct_004.nii.gz")})
+
+
+def test_missing_dataset_is_a_clear_error(tmp_path, tracking_uri):
+    result = run_bundle("training", TRAIN, tiny(tmp_path / "bundle", tmp_path / "absent"), check=False)
+    assert result.returncode != 0
+    assert f"{tmp_path / 'absent'}: does not exist." in result.stderr
+    assert "imagesTr" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_inference_on_the_real_dicom_series_and_chest_ct(trained, ct_data, tmp_path):
+    folder = shared_path("ct", "totalsegmentator")
+    bundle, _, _ = trained
+    inputs = {
+        "example_ct_dicom": folder / "example_ct_dicom",
+        "ct_cropped": folder / "pulmonary_report" / "ct_cropped.nii.gz",
+    }
+    for case, source in inputs.items():
+        out = tmp_path / case
+        run_bundle("inferring", INFER, tiny(bundle, ct_data, input_path=source, output_dir=out))
+        check_masks_on_input_grid(out, {case: source})
