@@ -401,34 +401,42 @@ def save_nifti(path: str | os.PathLike, array: np.ndarray, affine: np.ndarray) -
     return path
 
 
-def orthogonal_views(image, label_map: np.ndarray, palette=DEFAULT_PALETTE, spacing=(1.0, 1.0, 1.0)) -> np.ndarray:
+def orthogonal_views(image, label_map: np.ndarray, palette=DEFAULT_PALETTE, affine: np.ndarray | None = None):
     """Axial, coronal and sagittal slices through the foreground's centre (or the volume's), overlaid, side by side.
 
-    ``image`` and ``label_map`` are ``(X, Y, Z)`` in RAS-like voxel order; slices are scaled to isotropic pixels
-    and turned so that anterior/superior are up, as radiology viewers show them.
+    ``image`` and ``label_map`` are ``(X, Y, Z)`` volumes with voxel-to-RAS ``affine`` (identity if None). They are
+    turned to RAS for display, scaled to square millimetres, and shown as radiology viewers do: anterior and
+    superior up, the patient's right on the left of the picture.
     """
+    import nibabel as nib
     from skimage.transform import resize
 
     volume = to_numpy(image).astype(np.float32).reshape(label_map.shape)
+    affine = np.eye(4) if affine is None else np.asarray(affine, dtype=np.float64)
+    to_ras = nib.orientations.ornt_transform(nib.orientations.io_orientation(affine), [[0, 1], [1, 1], [2, 1]])
+    volume = nib.orientations.apply_orientation(volume, to_ras)
+    label_map = nib.orientations.apply_orientation(label_map, to_ras)
+    spacing = np.linalg.norm(affine[:3, :3], axis=0)[to_ras[:, 0].astype(int).argsort()]
     centre = np.argwhere(label_map > 0).mean(axis=0) if (label_map > 0).any() else np.array(label_map.shape) / 2
     i, j, k = (int(c) for c in centre)
-    views = [
-        (volume[:, :, k], label_map[:, :, k], (spacing[0], spacing[1])),
-        (volume[:, j, :], label_map[:, j, :], (spacing[0], spacing[2])),
-        (volume[i, :, :], label_map[i, :, :], (spacing[1], spacing[2])),
+    views = [  # (plane, labels, pixel size along its two axes, mirror for the radiological convention)
+        (volume[:, :, k], label_map[:, :, k], (spacing[0], spacing[1]), True),
+        (volume[:, j, :], label_map[:, j, :], (spacing[0], spacing[2]), True),
+        (volume[i, :, :], label_map[i, :, :], (spacing[1], spacing[2]), False),
     ]
     low, high = np.percentile(volume, (1, 99))
     panels = []
-    height = 256
-    for plane, labels, (sx, sy) in views:
+    pixels_per_mm = 256 / max(n * s for n, s in zip(label_map.shape, spacing, strict=True))  # one scale for all
+    for plane, labels, (sx, sy), mirror in views:
         shown = np.clip((plane - low) / max(high - low, 1e-6), 0, 1)
-        size = (plane.shape[0] * sx, plane.shape[1] * sy)
-        scale = height / size[1]
-        out_shape = (max(int(size[0] * scale), 1), height)
+        out_shape = (max(int(plane.shape[0] * sx * pixels_per_mm), 1), max(int(plane.shape[1] * sy * pixels_per_mm), 1))
         shown = resize(shown, out_shape, order=1, preserve_range=True)
         labels = resize(labels, out_shape, order=0, preserve_range=True, anti_aliasing=False).astype(np.int64)
-        panels.append(np.rot90(overlay(shown, labels, palette)))
-    gap = np.full((panels[0].shape[0], 4, 3), 255, dtype=np.uint8)
+        panel = np.rot90(overlay(shown, labels, palette))
+        panels.append(np.ascontiguousarray(panel[:, ::-1] if mirror else panel))
+    height = max(panel.shape[0] for panel in panels)
+    panels = [np.pad(panel, ((0, height - panel.shape[0]), (0, 0), (0, 0))) for panel in panels]
+    gap = np.full((height, 4, 3), 255, dtype=np.uint8)
     return np.concatenate([p for panel in panels for p in (panel, gap)][:-1], axis=1)
 
 
@@ -481,7 +489,7 @@ class SaveVolumeSegmentationd(MapTransform):
                     cls: round(volume_ml(label_map == i, spacing), 3) for i, cls in enumerate(self.class_names) if i
                 },
             }
-            views = orthogonal_views(d[self.image_key], label_map, self.palette, spacing)
+            views = orthogonal_views(d[self.image_key], label_map, self.palette, affine)
             save_nifti(self.output_dir / f"{name}_{self.postfix}.nii.gz", label_map, affine)
             save_png(self.output_dir / f"{name}_views.png", views)
             atomic_write_json(self.output_dir / f"{name}.json", summary)

@@ -112,14 +112,55 @@ def _random_grid(
     return affine, tuple(int(s) for s in shape)
 
 
+def _abdomen(rng, hu, x, y, z, below, texture, dome_z, wall_a, wall_b, spine_y, contrast: bool) -> None:
+    """Organs under the diaphragm, bright enough with contrast to be confused with the heart by a careless model:
+    liver, spleen, kidneys (cortex brighter than medulla), stomach (fluid, sometimes an air cap), bowel loops with
+    air and fat, and the inferior vena cava."""
+    enhance = 1.0 if contrast else 0.0
+    organs = [  # centre (x, y, z offset from the dome), radii, HU plain, HU gain with contrast
+        ((0.45 * wall_a, 0.0, -85), (0.5 * wall_a, 0.8 * wall_b, 95), 58, rng.uniform(40, 80)),  # liver
+        ((-0.6 * wall_a, -0.4 * wall_b, -70), (35, 50, 55), 48, rng.uniform(50, 90)),  # spleen
+    ]
+    for centre, radii, plain, gain in organs:
+        organ = below & (_ellipsoid(x, y, z, (centre[0], centre[1], dome_z + centre[2]), radii) < 1)
+        hu[organ] = plain + enhance * gain + 0.15 * texture[organ]
+    for side in (-1.0, 1.0):
+        centre = (side * rng.uniform(45, 65), spine_y + 15, dome_z - rng.uniform(120, 150))
+        kidney = _ellipsoid(x, y, z, centre, (28, 22, 55))
+        hu[below & (kidney < 1)] = 35 + enhance * rng.uniform(120, 200)
+        hu[below & (kidney < 0.35)] = 30 + enhance * rng.uniform(40, 90)
+    stomach_centre = (-0.35 * wall_a, 0.3 * wall_b, dome_z - 45)
+    stomach = below & (_ellipsoid(x, y, z, stomach_centre, (50, 40, 45)) < 1)
+    hu[stomach] = 15 + 0.1 * texture[stomach]
+    if rng.random() < 0.5:
+        hu[stomach & (z > stomach_centre[2] + 20)] = -1000  # air above the fluid level
+    for _ in range(int(rng.integers(20, 40))):
+        centre = (rng.uniform(-0.7, 0.7) * wall_a, rng.uniform(-0.2, 0.8) * wall_b, dome_z - rng.uniform(90, 300))
+        loop = below & (_ellipsoid(x, y, z, centre, rng.uniform(10, 24, size=3)) < 1)
+        hu[loop] = -1000 if rng.random() < 0.2 else rng.uniform(-20, 60) + enhance * rng.uniform(0, 60)
+    vena_cava = below & (np.hypot(x - 25, y - spine_y - 25) < rng.uniform(9, 13))
+    hu[vena_cava] = 40 + enhance * rng.uniform(80, 180)
+
+
 def synthesize_ct(
-    seed: int | np.random.Generator = 0, contrast: bool | None = None, voxel_scale: float = 1.0
+    seed: int | np.random.Generator = 0,
+    contrast: bool | None = None,
+    voxel_scale: float = 1.0,
+    region: str | None = None,
 ) -> CTPhantom:
-    """Draw one chest CT phantom (HU, int-valued float32) with its binary heart mask; ``voxel_scale`` multiplies
-    the voxel spacing (3 gives volumes of about 40 x 35 x 25 voxels for tests)."""
+    """Draw one CT phantom (HU, int-valued float32) with its binary heart mask.
+
+    ``region`` is ``"chest"`` (field of view around the heart) or ``"abdomen"`` (centred 15-26 cm lower: liver,
+    spleen, kidneys, stomach and bowel, little or no heart), drawn 3:1 when None, so a model also learns what
+    the heart is not. ``voxel_scale`` multiplies the voxel spacing (3 gives about 40 x 35 x 25 voxels, for tests).
+    """
     rng = np.random.default_rng(seed)
     if contrast is None:
         contrast = bool(rng.random() > 1 / 3)
+    if region is None:
+        region = "abdomen" if rng.random() < 0.25 else "chest"
+    if region not in ("chest", "abdomen"):
+        raise ValueError(f"region must be 'chest' or 'abdomen', got {region!r}.")
 
     # --- anatomy parameters, RAS mm: +x = patient's right, +y = anterior, +z = superior
     body_a, body_b = rng.uniform(135, 175), rng.uniform(95, 125)  # body half-width (LR) and half-depth (AP)
@@ -133,7 +174,8 @@ def synthesize_ct(
     spine_y = -body_b + rng.uniform(38, 50)
     dome_z = heart_centre[2] - heart_radii[2] * rng.uniform(0.6, 0.9)
 
-    affine, shape = _random_grid(rng, heart_centre, voxel_scale)
+    field_centre = heart_centre - (np.array([0.0, 0.0, rng.uniform(150, 260)]) if region == "abdomen" else 0.0)
+    affine, shape = _random_grid(rng, field_centre, voxel_scale)
     i, j, k = np.meshgrid(*(np.arange(n, dtype=np.float32) for n in shape), indexing="ij")
     a = affine.astype(np.float32)
     x = a[0, 0] * i + a[0, 1] * j + a[0, 2] * k + a[0, 3]
@@ -166,7 +208,8 @@ def synthesize_ct(
         lung &= np.abs(x - heart_centre[0] * 0.4) > rng.uniform(12, 22)
         hu[lung] = -850 + 0.4 * texture[lung]
     below = cavity & ~dome
-    hu[below] = np.where(x[below] > 0, 55, 40) + 0.3 * texture[below]  # liver on the right, spleen/stomach left
+    hu[below] = -70 + 0.5 * texture[below]  # abdominal fat, then the organs in it
+    _abdomen(rng, hu, x, y, z, below, texture, dome_z, wall_a, wall_b, spine_y, contrast)
 
     # vessels leaving the heart: blood, but not heart
     top = heart_centre + heart_rotation @ np.array([0, 0, heart_radii[2] * 0.8])
@@ -178,7 +221,7 @@ def synthesize_ct(
         (top[0] + 5, top[1] + 5, arch_z - 10),
         (top[0] - 10, top[1] - 25, arch_z),
         (descending[0], descending[1], arch_z - 15),
-        (descending[0], descending[1], dome_z - 80),
+        (descending[0], descending[1], dome_z - 320),
     ]
     vessels = _tube(x, y, z, aorta, aorta_r)
     trunk_start = heart_centre + heart_rotation @ np.array([0, heart_radii[1] * 0.5, heart_radii[2] * 0.6])
