@@ -124,3 +124,25 @@ def test_inference_on_the_real_dicom_series_and_chest_ct(trained, ct_data, tmp_p
         out = tmp_path / case
         run_bundle("inferring", INFER, tiny(bundle, ct_data, input_path=source, output_dir=out))
         check_masks_on_input_grid(out, {case: source})
+
+
+def test_torchscript_export_matches_the_checkpoint(trained, tmp_path):
+    import subprocess
+    import sys
+
+    import torch
+
+    bundle, _, _ = trained
+    overrides = ["patch_size=[16,16,16]", "network_def#channels=[4,8,16]", "network_def#strides=[2,2]"]
+    overrides.append("network_def#num_res_units=1")
+    out = tmp_path / "model.ts"
+    checkpoint = str(bundle / "models" / "model.pt")
+    command = [sys.executable, "-m", "pipelines.export", "ct_heart", "--checkpoint", checkpoint, "--out", str(out)]
+    result = subprocess.run([*command, "--override", *overrides], cwd=REPO_ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "export.json").read_text())
+    assert report["max_abs_logit_difference"] <= 1e-4 and report["same_argmax_fraction"] == 1.0
+    extra = {"metadata.json": "", "inference.json": ""}
+    torch.jit.load(str(out), _extra_files=extra)
+    assert json.loads(extra["metadata.json"])["name"] == "CT heart segmentation", "metadata embedded"
+    assert "infer" in json.loads(extra["inference.json"]), "inference config embedded"

@@ -1,0 +1,144 @@
+"""Export a trained bundle's model for deployment, and check the export against the checkpoint.
+
+    python -m pipelines.export ct_heart [--checkpoint PATH] [--override KEY=JSON ...]
+
+1. Runs ``python -m monai.bundle ckpt_export network_def`` on the bundle (``train.json`` + ``inference.json``,
+   ``metadata.json``), writing ``models/model.ts``: TorchScript with the metadata and inference config embedded,
+   the form MONAI Deploy's bundle operator and ``monai-deploy package -m`` take.
+2. Feeds one input of the network's documented shape (``metadata.json``'s ``network_data_format``) to the
+   checkpoint's network (``network_def`` + ``models/model.pt``, the successor path that needs no TorchScript) and
+   to the TorchScript model, and reports the largest absolute difference of the logits; a difference above
+   ``--tolerance`` fails the export.
+3. Writes ``models/export.json`` with what was exported and the measured difference.
+
+``--override`` takes the same config overrides as training (e.g. a smaller network), so that the checkpoint
+and the exported network agree.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def bundle_paths(bundle: str) -> dict[str, Path]:
+    root = Path(bundle) if os.sep in bundle else REPO_ROOT / "bundles" / bundle
+    if not (root / "configs" / "train.json").is_file():
+        raise SystemExit(f"error: {root}: not a bundle of this project (no configs/train.json).")
+    return {
+        "root": root,
+        "configs": [root / "configs" / "train.json", root / "configs" / "inference.json"],
+        "metadata": root / "configs" / "metadata.json",
+    }
+
+
+def override_args(overrides: dict) -> list[str]:
+    args = []
+    for key, value in overrides.items():
+        args += [f"--{key}", json.dumps(value) if not isinstance(value, str) else value]
+    return args
+
+
+def export_torchscript(bundle: str, checkpoint: Path, out: Path, overrides: dict) -> None:
+    """``monai.bundle ckpt_export`` as a user runs it (a subprocess from the repository root)."""
+    paths = bundle_paths(bundle)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    command = [
+        sys.executable, "-m", "monai.bundle", "ckpt_export", "network_def",
+        "--filepath", str(out),
+        "--ckpt_file", str(checkpoint),
+        "--meta_file", str(paths["metadata"]),
+        "--config_file", str([str(p) for p in paths["configs"]]),
+        "--bundle_root", str(paths["root"]),
+        *override_args(overrides),
+    ]  # fmt: skip
+    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True)
+    if result.returncode != 0 or not out.is_file():
+        raise SystemExit(
+            f"error: ckpt_export failed ({result.returncode}):\n{result.stdout[-3000:]}{result.stderr[-3000:]}"
+        )
+
+
+def checkpoint_network(bundle: str, checkpoint: Path, overrides: dict) -> torch.nn.Module:
+    """The bundle's ``network_def`` with the checkpoint's weights (the ``model.pt`` + ``network_def`` path)."""
+    from monai.bundle import ConfigParser
+
+    paths = bundle_paths(bundle)
+    parser = ConfigParser()
+    parser.read_config([str(p) for p in paths["configs"]])
+    parser["bundle_root"] = str(paths["root"])
+    for key, value in overrides.items():
+        parser[key] = value
+    network = parser.get_parsed_content("network_def")
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        state = state["model"]
+    network.load_state_dict(state)
+    return network.eval()
+
+
+def example_input(metadata: Path, overrides: dict, seed: int = 0) -> torch.Tensor:
+    spec = json.loads(metadata.read_text())["network_data_format"]["inputs"]["image"]
+    shape = overrides.get("patch_size") or spec["spatial_shape"]
+    generator = torch.Generator().manual_seed(seed)
+    return torch.rand((1, spec["num_channels"], *shape), generator=generator)
+
+
+def compare(bundle: str, checkpoint: Path, torchscript: Path, overrides: dict) -> dict:
+    network = checkpoint_network(bundle, checkpoint, overrides)
+    scripted = torch.jit.load(str(torchscript), map_location="cpu").eval()
+    x = example_input(bundle_paths(bundle)["metadata"], overrides)
+    with torch.no_grad():
+        eager, exported = network(x), scripted(x)
+    return {
+        "input_shape": list(x.shape),
+        "max_abs_logit_difference": float((eager - exported).abs().max()),
+        "same_argmax_fraction": float((eager.argmax(1) == exported.argmax(1)).float().mean()),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("bundle", help="bundle name (ct_heart, vessels, oct_layers) or a bundle folder")
+    parser.add_argument("--checkpoint", default=None, help="default: <bundle>/models/model.pt")
+    parser.add_argument("--out", default=None, help="default: <bundle>/models/model.ts")
+    parser.add_argument("--override", nargs="*", default=[], help="config overrides KEY=JSON, as at training")
+    parser.add_argument("--tolerance", type=float, default=1e-4, help="largest accepted logit difference")
+    args = parser.parse_args(argv)
+    paths = bundle_paths(args.bundle)
+    checkpoint = Path(args.checkpoint or paths["root"] / "models" / "model.pt")
+    if not checkpoint.is_file():
+        print(f"error: {checkpoint}: does not exist; train the bundle first or pass --checkpoint.", file=sys.stderr)
+        return 2
+    out = Path(args.out or paths["root"] / "models" / "model.ts")
+    overrides = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.override)}
+    started = time.perf_counter()
+    export_torchscript(args.bundle, checkpoint, out, overrides)
+    check = compare(args.bundle, checkpoint, out, overrides)
+    report = {
+        "bundle": paths["root"].name,
+        "checkpoint": str(checkpoint),
+        "torchscript": str(out),
+        "overrides": overrides,
+        "export_s": round(time.perf_counter() - started, 1),
+        **check,
+    }
+    (out.parent / "export.json").write_text(json.dumps(report, indent=2))
+    print(json.dumps(report, indent=2))
+    if check["max_abs_logit_difference"] > args.tolerance:
+        print(f"error: TorchScript and checkpoint disagree by {check['max_abs_logit_difference']:.3g}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
