@@ -1,12 +1,15 @@
 # Two commands set everything up on a fresh machine:
 #   make demo   creates .venv, installs the pinned requirements, and runs the main job on generated data
-#   make test   creates .venv the same way and runs the test suite (what CI runs)
+#   make test   creates .venv the same way (and .venv-deploy, the MONAI Deploy extra) and runs the test suite
+#               (what CI runs)
 PYTHON_BOOT ?= python3
 VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+DEPLOY_VENV ?= .venv-deploy
+DEPLOY_STAMP := $(DEPLOY_VENV)/.installed
 
-.PHONY: demo test lint install clean-outputs
+.PHONY: demo test lint install deploy-env clean-outputs
 
 install: $(STAMP)
 
@@ -15,11 +18,20 @@ $(STAMP): requirements.txt requirements-dev.txt
 	$(PYTHON) -m pip install --disable-pip-version-check -q -r requirements-dev.txt
 	touch $(STAMP)
 
+# the MONAI Deploy SDK and Holoscan in an environment of their own (see requirements-deploy.txt)
+deploy-env: $(DEPLOY_STAMP)
+
+$(DEPLOY_STAMP): requirements-deploy.txt
+	$(PYTHON_BOOT) -m venv $(DEPLOY_VENV)
+	$(DEPLOY_VENV)/bin/python -m pip install --disable-pip-version-check -q torch==2.13.0
+	$(DEPLOY_VENV)/bin/python -m pip install --disable-pip-version-check -q -r requirements-deploy.txt
+	touch $(DEPLOY_STAMP)
+
 demo: $(STAMP)
 	$(PYTHON) -m pipelines.demo
 
-test: $(STAMP)
-	$(PYTHON) -m pytest
+test: $(STAMP) $(DEPLOY_STAMP)
+	DEPLOY_PYTHON=$(abspath $(DEPLOY_VENV))/bin/python $(PYTHON) -m pytest
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

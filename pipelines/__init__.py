@@ -1,9 +1,21 @@
-"""Orchestration around the bundles: tracking, reports, losses and metrics, command-line entry points.
+"""Orchestration around the bundles: tracking, reports, losses and metrics, export and deployment, command-line
+entry points.
 
-Importing the package installs the command-line error hook (:mod:`pipelines.cli`) and makes the submodules
-reachable as ``pipelines.<module>`` from bundle config expressions.
+Importing the package installs the command-line error hook (:mod:`pipelines.cli`). The other submodules load on
+first use (``pipelines.<module>`` from bundle config expressions works as with eager imports), so a deployed
+application that only runs inference never imports the tracking stack (MLflow).
 """
 
-from . import cli, handlers, inferers, losses, metrics, reports, tracking
+import importlib
 
-__all__ = ["cli", "handlers", "inferers", "losses", "metrics", "reports", "tracking"]
+from . import cli
+
+_SUBMODULES = ("export", "handlers", "inferers", "losses", "metrics", "reports", "tracking")
+
+__all__ = ["cli", *_SUBMODULES]
+
+
+def __getattr__(name: str):
+    if name in _SUBMODULES:
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

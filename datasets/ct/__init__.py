@@ -3,12 +3,13 @@
 from .datalist import load_ct_datalist, load_ct_images
 from .dicom import CTVolume, list_ct_series, read_ct_series, write_ct_series
 from .phantom import CTPhantom, synthesize_ct, write_msd_dataset
-from .volumes import CTVolumeReader, case_id, looks_like_dicom, read_volume
+from .volumes import CTVolumeReader, LoadCTVolumed, case_id, looks_like_dicom, read_volume
 
 __all__ = [
     "CTPhantom",
     "CTVolume",
     "CTVolumeReader",
+    "LoadCTVolumed",
     "case_id",
     "list_ct_series",
     "load_ct_datalist",

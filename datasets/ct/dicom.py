@@ -222,22 +222,31 @@ def _most_common(values: list[str]) -> str:
     return Counter(values).most_common(1)[0][0] if values else ""
 
 
-def _scan(folder: str | os.PathLike) -> list[tuple[SeriesInfo, list[tuple[Path, Dataset]]]]:
-    """All series in ``folder`` (not recursive), each with its (file, header) pairs sorted by file name."""
+def _scan(
+    folder: str | os.PathLike, files: Sequence[str | os.PathLike] | None = None
+) -> list[tuple[SeriesInfo, list[tuple[Path, Dataset]]]]:
+    """All series in ``folder`` (not recursive), or among ``files`` (named as in ``folder`` in errors), each with
+    its (file, header) pairs sorted by file name."""
     folder = Path(folder)
-    if not folder.exists():
-        raise DataError(folder, "does not exist.")
-    if not folder.is_dir():
-        raise DataError(folder, "is not a folder; pass the folder that holds the DICOM slice files.")
-    # dot files are hidden files and the writer's unfinished temporary files
-    candidates = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    if files is not None:
+        candidates = sorted(Path(f) for f in files)
+        missing = [p for p in candidates if not p.is_file()]
+        if missing:
+            raise DataError(missing[0], "does not exist (or is not a file).")
+    else:
+        if not folder.exists():
+            raise DataError(folder, "does not exist.")
+        if not folder.is_dir():
+            raise DataError(folder, "is not a folder; pass the folder that holds the DICOM slice files.")
+        # dot files are hidden files and the writer's unfinished temporary files
+        candidates = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
     groups: dict[tuple, list[tuple[Path, Dataset]]] = {}
     for path in candidates:
         ds = _read_header(path)
         if ds is not None:
             groups.setdefault(_series_key(ds), []).append((path, ds))
     if not groups:
-        subfolders = [p.name for p in folder.iterdir() if p.is_dir()]
+        subfolders = [p.name for p in folder.iterdir() if p.is_dir()] if folder.is_dir() and files is None else []
         where = f"; its subfolders {sorted(subfolders)[:5]} are not searched" if subfolders else ""
         raise NoUsableDataError(folder, f"holds no DICOM image files ({len(candidates)} other files ignored{where}).")
     series = []
@@ -471,11 +480,14 @@ def read_ct_series(
     series_uid: str | None = None,
     series_description: str | None = None,
     allow_non_ct: bool = False,
+    files: Sequence[str | os.PathLike] | None = None,
 ) -> CTVolume:
     """Read one CT series from a folder of single-slice DICOM files into HU with its LPS affine.
 
     Args:
         folder: the folder holding the slice files (not searched recursively; other files are ignored).
+        files: read exactly these files instead of the folder's (e.g. a series picked by a DICOM study loader);
+            ``folder`` then only names the input in error messages.
         series_uid: the SeriesInstanceUID to read when the folder holds several series.
         series_description: alternatively, its SeriesDescription (exact, or a unique case-insensitive part).
         allow_non_ct: read a series whose Modality is not CT (its values are rescaled the same way).
@@ -484,7 +496,7 @@ def read_ct_series(
         DataError: naming the folder or file and the problem, for anything that would give a wrong volume.
     """
     folder = Path(folder)
-    info, headers = _select(folder, _scan(folder), series_uid, series_description)
+    info, headers = _select(folder, _scan(folder, files), series_uid, series_description)
     if not allow_non_ct:
         modalities = [_text(ds, "Modality") for _, ds in headers]
         if all(m == modalities[0] for m in modalities):

@@ -9,11 +9,14 @@ maps voxel indices to RAS+ millimetres (MONAI's and NIfTI's convention), so the 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
-from monai.data import ImageReader
+import torch
+from monai.config import KeysCollection
+from monai.data import ImageReader, MetaTensor
+from monai.transforms import MapTransform
 from monai.utils import MetaKeys, SpaceKeys, ensure_tuple
 
 from ..errors import DataError
@@ -135,6 +138,17 @@ def read_volume(
     return array, affine, meta
 
 
+def read_dicom_files(files: Sequence[str | os.PathLike]) -> tuple[np.ndarray, np.ndarray, dict]:
+    """One CT series given as its slice files (all checks of :func:`datasets.ct.dicom.read_ct_series` apply)."""
+    from .dicom import read_ct_series
+
+    files = [Path(f) for f in files]
+    folder = Path(os.path.commonpath([str(f.parent) for f in files]))
+    volume = read_ct_series(folder, files=files)
+    meta = {"source_format": "dicom", "series_uid": volume.series_uid, "series_description": volume.description}
+    return volume.hu, LPS_TO_RAS @ volume.affine_lps, meta
+
+
 class CTVolumeReader(ImageReader):
     """MONAI ``ImageReader`` for CT volumes of every supported format, DICOM series folders included.
 
@@ -151,7 +165,10 @@ class CTVolumeReader(ImageReader):
         return all(Path(f).is_dir() or is_volume_file(f) for f in ensure_tuple(filename))
 
     def read(self, data: Sequence[os.PathLike] | os.PathLike, **kwargs):
-        volumes = [read_volume(p, self.series_uid, self.series_description) for p in ensure_tuple(data)]
+        paths = [Path(p) for p in ensure_tuple(data)]
+        if len(paths) > 1 and all(p.is_file() and looks_like_dicom(p) for p in paths):
+            return read_dicom_files(paths)  # the slice files of one series, e.g. from a DICOM study loader
+        volumes = [read_volume(p, self.series_uid, self.series_description) for p in paths]
         return volumes if len(volumes) > 1 else volumes[0]
 
     def get_data(self, img) -> tuple[np.ndarray, dict]:
@@ -168,3 +185,33 @@ class CTVolumeReader(ImageReader):
             **extra,
         }
         return (arrays[0] if len(arrays) == 1 else np.stack(arrays)), meta
+
+
+class LoadCTVolumed(MapTransform):
+    """Load CT volumes (files, DICOM series folders, or lists of one series' slice files) as ``MetaTensor``.
+
+    Like ``LoadImaged(keys, reader=CTVolumeReader())`` but without MONAI's fallback to other readers: an unusable
+    input raises the reader's :class:`~datasets.errors.DataError`, which names the file and the problem, instead of
+    a generic "cannot find a suitable reader". The metadata is the reader's (RAS affine, spatial shape, source).
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        series_uid: str | None = None,
+        series_description: str | None = None,
+        dtype=np.float32,
+        allow_missing_keys: bool = False,
+    ):
+        super().__init__(keys, allow_missing_keys)
+        self.reader = CTVolumeReader(series_uid, series_description, dtype)
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            source = d[key]
+            array, meta = self.reader.get_data(self.reader.read(source))
+            first = source[0] if isinstance(source, (list, tuple)) else source
+            meta["filename_or_obj"] = str(first)
+            d[key] = MetaTensor(torch.as_tensor(array), affine=torch.as_tensor(meta[MetaKeys.AFFINE]), meta=meta)
+        return d

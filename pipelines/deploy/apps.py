@@ -1,0 +1,259 @@
+"""MONAI Deploy applications for the project's bundles (Holoscan operators around the bundle's own pipeline).
+
+- :class:`CTHeartApp` (ct_heart): a DICOM study folder in; the SDK's DICOM loader and series selector (Modality CT
+  and an optional rule file) pick the series; the bundle reads it (HU, geometry checks), segments the heart and
+  writes a DICOM Segmentation object through the SDK's highdicom-based writer (heart coded as SNOMED CT
+  80891009, referencing the source series), the mask as NIfTI in the series' patient space, a JSON result with the
+  heart volume in mL, and orthogonal views.
+- :class:`ImageSegmentationApp` (vessels, oct_layers): image files in (PNG/TIFF/JPEG, and Duke ``.mat`` for OCT);
+  per image a label map, a colour overlay and a JSON result (vessel area fraction inside the field of view; mean
+  thickness of each retinal layer).
+
+Both run as the SDK documents: ``python app.py -i IN -o OUT -m MODEL`` or with ``HOLOSCAN_INPUT_PATH``,
+``HOLOSCAN_OUTPUT_PATH`` and ``HOLOSCAN_MODEL_PATH``. A bad input (no CT series, missing slices, an unreadable
+image) ends the run with exit status 1 and one message naming the input and the reason, and no result files.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import numpy as np
+from monai.deploy.conditions import CountCondition
+from monai.deploy.core import Application, Fragment, Operator, OperatorSpec
+from monai.deploy.operators.dicom_data_loader_operator import DICOMDataLoaderOperator
+from monai.deploy.operators.dicom_series_selector_operator import DICOMSeriesSelectorOperator
+
+from datasets.errors import DataError
+
+from .runtime import CT_RULES, BundleRuntime, staged_outputs
+
+logger = logging.getLogger(__name__)
+
+
+class _FailureRecorder:
+    """Operators record the first failure instead of raising into the scheduler, so that the application can end
+    with one clear message and a non-zero exit status after the graph has stopped."""
+
+    failure: BaseException | None = None
+
+    def record(self, error: BaseException) -> None:
+        if self.failure is None:
+            self.failure = error
+
+
+class BundleImageOperator(Operator):
+    """Source operator: segments every image of the input folder with the bundle's inference pipeline."""
+
+    def __init__(self, fragment: Fragment, *args, runtime: BundleRuntime, input_path: Path, output_path: Path,
+                 recorder: _FailureRecorder, **kwargs):  # fmt: skip
+        self.runtime, self.input_path, self.output_path, self.recorder = runtime, input_path, output_path, recorder
+        super().__init__(fragment, *args, **kwargs)  # the base class calls setup(): attributes first
+
+    def setup(self, spec: OperatorSpec):
+        pass
+
+    def compute(self, op_input, op_output, context):
+        try:
+            datalist = self.runtime.datalist(self.input_path)
+            with staged_outputs(self.output_path) as staging:
+                self.runtime.run(datalist, staging)
+            logger.info(f"segmented {len(datalist)} images into {self.output_path}")
+        except Exception as e:  # noqa: BLE001 - reported by the application after the graph stops
+            self.recorder.record(e)
+
+
+class HeartSegmentationOperator(Operator):
+    """In: the selected study series (and the loaded studies, to report what was there). Out: files only."""
+
+    def __init__(self, fragment: Fragment, *args, runtime: BundleRuntime, input_path: Path, output_path: Path,
+                 recorder: _FailureRecorder, **kwargs):  # fmt: skip
+        self.runtime, self.input_path, self.output_path, self.recorder = runtime, input_path, output_path, recorder
+        super().__init__(fragment, *args, **kwargs)
+
+    def setup(self, spec: OperatorSpec):
+        spec.input("study_selected_series_list")
+        spec.input("dicom_study_list")
+
+    def compute(self, op_input, op_output, context):
+        selected = op_input.receive("study_selected_series_list")
+        studies = op_input.receive("dicom_study_list")
+        try:
+            self.segment(selected, studies)
+        except Exception as e:  # noqa: BLE001 - reported by the application after the graph stops
+            self.recorder.record(e)
+
+    def segment(self, selected, studies) -> None:
+        seg_problem = None
+        if selected and selected[0].selected_series:
+            series = selected[0].selected_series[0].series
+            datasets = [instance.get_native_sop_instance() for instance in series.get_sop_instances()]
+            files = [str(ds.filename) for ds in datasets]
+            series_uid = str(series.SeriesInstanceUID)
+        else:
+            files = self.anonymised_ct_series(studies)
+            datasets, series_uid = [], ""
+            seg_problem = (
+                "not written: the series is anonymised with empty SOPInstanceUID/SeriesInstanceUID, and a DICOM "
+                "Segmentation must reference its source instances by UID"
+            )
+        with staged_outputs(self.output_path) as staging:
+            self.runtime.run([{"image": files, "id": "series", "source": files[0]}], staging)
+            if seg_problem is None:
+                frames = dicom_frames(staging / "series_seg.nii.gz", datasets)
+                write_dicom_seg(frames, selected, staging / "dicom_seg", self.runtime)
+            else:
+                logger.warning(f"{self.input_path}: DICOM SEG {seg_problem}; NIfTI and JSON results are written.")
+            summary = json.loads((staging / "series.json").read_text())
+            summary.update(
+                input=str(self.input_path),
+                series_instance_uid=series_uid,
+                n_slices=len(files),
+                dicom_seg="written to dicom_seg/" if seg_problem is None else seg_problem,
+            )
+            (staging / "series.json").write_text(json.dumps(summary, indent=2))
+        logger.info(f"heart {summary['volume_ml'].get('heart', 0.0):.1f} mL; results in {self.output_path}")
+
+    def anonymised_ct_series(self, studies) -> list[str]:
+        """The SDK's loader drops slices with empty UIDs (anonymised exports); the project's reader groups them by
+        geometry. Their files, or an error naming the input and what it holds."""
+        from datasets.ct.dicom import list_ct_series
+
+        try:
+            series = list_ct_series(self.input_path)
+        except DataError:
+            series = []
+        anonymised = [s for s in series if s.modality == "CT" and not s.uid]
+        if anonymised:
+            return anonymised[0].files
+        found = {f"{s.modality or '?'} ({s.n_files} files)" for s in series}
+        for study in studies or []:
+            found |= {f"{s.Modality} ({len(s.get_sop_instances())} files)" for s in study.get_all_series()}
+        listing = ", ".join(sorted(found)) or "no DICOM series"
+        raise DataError(self.input_path, f"holds no CT series matching the selection rules (found: {listing}).")
+
+
+def dicom_frames(mask_path: Path, datasets: list) -> np.ndarray:
+    """The NIfTI mask as DICOM frames ``(n_slices, rows, columns)`` in the order of ``datasets``: each slice is found
+    through its ImagePositionPatient and the mask's affine, so no slice order is assumed."""
+    import nibabel as nib
+
+    image = nib.load(mask_path)
+    mask = np.asarray(image.dataobj).astype(np.uint8)
+    to_voxel = np.linalg.inv(image.affine)
+    frames = []
+    for ds in datasets:
+        x, y, z = (float(v) for v in ds.ImagePositionPatient)
+        i, j, k = (to_voxel @ np.array([-x, -y, z, 1.0]))[:3]  # DICOM LPS to the mask's RAS
+        if abs(i) > 0.01 or abs(j) > 0.01 or abs(k - round(k)) > 0.01 or not 0 <= round(k) < mask.shape[2]:
+            raise DataError(getattr(ds, "filename", "slice"), "does not lie on the segmented volume's grid.")
+        frames.append(mask[:, :, int(round(k))].T)  # the mask is [column, row]; a frame is [row, column]
+    return np.stack(frames)
+
+
+def write_dicom_seg(frames: np.ndarray, selected, output_dir: Path, runtime: BundleRuntime) -> None:
+    """A DICOM Segmentation object (SDK writer, highdicom) referencing the selected series; one segment per class."""
+    from monai.deploy.operators.dicom_seg_writer_operator import DICOMSegmentationWriterOperator, SegmentDescription
+    from monai.deploy.operators.dicom_utils import ModelInfo
+    from pydicom.sr.codedict import codes
+
+    version = str(runtime.config.get("_meta_", {}).get("version", "0.1.0"))
+    segment_types = {"heart": codes.SCT.Heart}
+    descriptions = [
+        SegmentDescription(
+            segment_label=name.capitalize(),
+            segmented_property_category=codes.SCT.Organ,
+            segmented_property_type=segment_types.get(name, codes.SCT.Organ),
+            algorithm_name=runtime.bundle_name,
+            algorithm_family=codes.DCM.ArtificialIntelligence,
+            algorithm_version=version,
+        )
+        for name in runtime.class_names[1:]
+    ]
+    writer = DICOMSegmentationWriterOperator(
+        Fragment(),
+        segment_descriptions=descriptions,
+        output_folder=output_dir,
+        custom_tags={"SeriesDescription": f"{runtime.bundle_name} segmentation, research use only"},
+        model_info=ModelInfo("clinical-seg-pipeline", runtime.bundle_name, version, ""),
+        omit_empty_frames=False,  # one frame per source slice: consumers need not reconstruct missing frames
+        name="dicom_seg_writer",
+    )
+    writer.process_images(frames, selected, output_dir)
+
+
+class _BundleApp(Application, _FailureRecorder):
+    def __init__(self, config_path: Path, *args, **kwargs):
+        self.config_path = Path(config_path)
+        super().__init__(*args, **kwargs)
+
+    def context(self):
+        app_context = Application.init_app_context(self.argv)  # -i/-o/-m, or the HOLOSCAN_* variables
+        runtime = BundleRuntime(self.config_path, app_context.model_path)
+        return app_context, runtime, Path(app_context.input_path), Path(app_context.output_path)
+
+
+class ImageSegmentationApp(_BundleApp):
+    """Image files in; label maps, overlays and JSON results out (vessels, oct_layers)."""
+
+    def compose(self):
+        _, runtime, input_path, output_path = self.context()
+        segment = BundleImageOperator(
+            self, CountCondition(self, 1), runtime=runtime, input_path=input_path, output_path=output_path,
+            recorder=self, name="bundle_image_segmentation",
+        )  # fmt: skip
+        self.add_operator(segment)
+
+
+class CTHeartApp(_BundleApp):
+    """A DICOM study folder in; DICOM SEG, NIfTI mask, JSON heart volume and pictures out."""
+
+    def compose(self):
+        _, runtime, input_path, output_path = self.context()
+        # the series selection rule is configurable: series_rules.json beside app.py (the SDK's rule format)
+        rules_file = self.config_path.parents[1] / "series_rules.json"
+        rules = json.loads(rules_file.read_text()) if rules_file.is_file() else CT_RULES
+        # must_load=False: an input without DICOM files reaches the segmentation operator, which names the problem
+        loader = DICOMDataLoaderOperator(
+            self, CountCondition(self, 1), input_folder=input_path, must_load=False, name="dicom_loader"
+        )
+        selector = DICOMSeriesSelectorOperator(self, rules=json.dumps(rules), name="series_selector")
+        segment = HeartSegmentationOperator(
+            self, runtime=runtime, input_path=input_path, output_path=output_path, recorder=self,
+            name="heart_segmentation",
+        )  # fmt: skip
+        self.add_flow(loader, selector, {("dicom_study_list", "dicom_study_list")})
+        self.add_flow(loader, segment, {("dicom_study_list", "dicom_study_list")})
+        self.add_flow(selector, segment, {("study_selected_series_list", "study_selected_series_list")})
+
+
+def root_cause(error: BaseException) -> BaseException:
+    """The input error behind the wrappers that MONAI's transforms and config expressions add around it."""
+    seen = error
+    while seen is not None:
+        if isinstance(seen, (DataError, FileNotFoundError)):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return error
+
+
+def main(app_class: type[_BundleApp], config_path: str | Path, argv: list[str] | None = None) -> int:
+    """Run an application; exit status 0 on success, 1 with one message on stderr when an input is unusable."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app = app_class(Path(config_path)) if argv is None else app_class(Path(config_path), argv)
+    try:
+        app.run()
+    except (DataError, FileNotFoundError) as e:  # raised while composing (e.g. the model path)
+        app.record(e)
+    if app.failure is None:
+        return 0
+    error = root_cause(app.failure)
+    if isinstance(error, (DataError, FileNotFoundError)):
+        print(f"error: {error}", file=sys.stderr)
+    else:
+        logger.error("unexpected failure", exc_info=app.failure)
+        print(f"error: {type(error).__name__}: {error}", file=sys.stderr)
+    return 1

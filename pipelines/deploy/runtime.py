@@ -1,0 +1,103 @@
+"""What a deployed application runs: the bundle's own inference pipeline with the exported TorchScript model.
+
+The application folder holds the bundle's inference config with every include expanded (``bundle/inference.json``,
+written by :mod:`pipelines.deploy.build`), so the app preprocesses, infers and writes exactly as
+``python -m monai.bundle run inferring`` does; only the network is swapped for the TorchScript export and the
+checkpoint loader is dropped. Outputs are written to a staging folder inside the output folder and moved into
+place only when every input has succeeded, so a failed run leaves no partial files that look like results.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+# the default DICOM series selection (the SDK's rule format): the first series whose Modality is CT
+CT_RULES = {"selections": [{"name": "CT series", "conditions": {"Modality": "(?i)^CT$"}}]}
+
+
+def load_torchscript(model_path: str | os.PathLike) -> torch.jit.ScriptModule:
+    """The TorchScript model at ``model_path``: a file, or a folder holding one ``*.ts``/``*.pt`` TorchScript file
+    at any depth (the MONAI Application Package layout ``models/<name>/model.ts``)."""
+    path = Path(model_path)
+    if path.is_dir():
+        candidates = sorted(p for p in path.rglob("*") if p.suffix in (".ts", ".pt") and p.is_file())
+        if len(candidates) != 1:
+            raise FileNotFoundError(f"{path}: expected one TorchScript model file in it, found {len(candidates)}.")
+        path = candidates[0]
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: the model file does not exist.")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.jit.load(str(path), map_location=device).eval()
+
+
+class BundleRuntime:
+    """The bundle's ``infer`` pipeline, run on a data list with a given network, writing into ``output_dir``."""
+
+    def __init__(self, config_path: str | os.PathLike, model_path: str | os.PathLike):
+        self.config_path = Path(config_path)
+        self.config = json.loads(self.config_path.read_text())
+        self.network = load_torchscript(model_path)
+
+    @property
+    def bundle_name(self) -> str:
+        return str(self.config.get("bundle_name", "bundle"))
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.config.get("class_names", []))
+
+    def parser(self, output_dir: Path, **values):
+        from monai.bundle import ConfigParser
+
+        parser = ConfigParser(self.config)
+        parser["output_dir"] = str(output_dir)
+        parser["device"] = "$torch.device('cuda' if torch.cuda.is_available() else 'cpu')"
+        parser["network"] = self.network
+        parser["infer#handlers"] = []  # the weights are in the TorchScript model; no checkpoint to load
+        for key, value in values.items():
+            parser[key] = value
+        return parser
+
+    def datalist(self, input_path: Path) -> list[dict]:
+        """The bundle's own reader of inference inputs, on ``input_path`` (errors name the file and the problem)."""
+        parser = self.parser(Path("."), input_dir=str(input_path), input_path=str(input_path))
+        return parser.get_parsed_content("infer#datalist")
+
+    def run(self, datalist: list[dict], output_dir: Path) -> None:
+        parser = self.parser(output_dir)
+        parser["infer#datalist"] = datalist
+        evaluator = parser.get_parsed_content("infer#evaluator")
+        evaluator.run()
+
+
+@contextmanager
+def staged_outputs(output_dir: str | os.PathLike) -> Iterator[Path]:
+    """A fresh staging folder inside ``output_dir``; its files move into ``output_dir`` only if the block succeeds.
+
+    Files are moved one by one with ``os.replace`` (atomic on one file system); on an exception the staging folder
+    is removed and ``output_dir`` is left as it was.
+    """
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    staging = output_dir / f".staging-{uuid.uuid4().hex[:8]}"
+    staging.mkdir()
+    try:
+        yield staging
+        for path in sorted(staging.rglob("*")):
+            if path.is_file():
+                target = output_dir / path.relative_to(staging)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(path, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
