@@ -134,14 +134,36 @@ def voxel_spacing(volume: torch.Tensor, batch_size: int) -> list[list[float]] | 
 class HausdorffDistanceMM(HausdorffDistanceMetric):
     """MONAI's Hausdorff distance (default: 95th percentile) in millimetres: the spacing of each volume is read from
     the reference's affine (``MetaTensor``), so anisotropic voxels are measured correctly when the metric runs
-    inside an ignite handler, which passes no ``spacing``. An explicit ``spacing=`` still wins."""
+    inside an ignite handler, which passes no ``spacing``. An explicit ``spacing=`` still wins. Empty masks: NaN
+    without reference, the volume's diagonal for a missed structure (see :func:`_defined_distances`)."""
 
     def __init__(self, percentile: float | None = 95.0, **kwargs):
         super().__init__(percentile=percentile, **kwargs)
 
     def _compute_tensor(self, y_pred: torch.Tensor, y: torch.Tensor, **kwargs) -> torch.Tensor:
         kwargs.setdefault("spacing", voxel_spacing(y, y.shape[0]))
-        return super()._compute_tensor(y_pred, y, **kwargs)
+        distances = super()._compute_tensor(y_pred, y, **kwargs)
+        return _defined_distances(distances, y_pred, y, kwargs["spacing"], self.include_background)
+
+
+def _defined_distances(distances, y_pred, y, spacing, include_background: bool) -> torch.Tensor:
+    """Surface distances with MONAI's infinities and NaNs for empty masks made explicit: NaN (undefined, left out
+    of means) where the reference class is empty; the volume's diagonal in mm (the largest possible distance) where
+    the prediction is empty but the reference is not, so that a missed structure is a large, finite error."""
+    first = 0 if include_background else 1
+    dims = tuple(range(2, y.ndim))
+    reference_empty = y[:, first:].sum(dim=dims) == 0
+    prediction_empty = y_pred[:, first:].sum(dim=dims) == 0
+    spacings = spacing if spacing is not None else [[1.0] * len(dims)] * y.shape[0]
+    if not isinstance(spacings[0], (list, tuple)):
+        spacings = [spacings] * y.shape[0]
+    diagonal = torch.tensor(
+        [float(np.linalg.norm(np.asarray(y.shape[2:]) * np.asarray(s, dtype=float))) for s in spacings],
+        dtype=distances.dtype,
+        device=distances.device,
+    )[:, None].expand_as(distances)
+    distances = torch.where(prediction_empty & ~reference_empty, diagonal, distances)
+    return torch.where(reference_empty, torch.full_like(distances, float("nan")), distances)
 
 
 class AverageSurfaceDistanceMM(SurfaceDistanceMetric):
@@ -153,7 +175,8 @@ class AverageSurfaceDistanceMM(SurfaceDistanceMetric):
 
     def _compute_tensor(self, y_pred: torch.Tensor, y: torch.Tensor, **kwargs) -> torch.Tensor:
         kwargs.setdefault("spacing", voxel_spacing(y, y.shape[0]))
-        return super()._compute_tensor(y_pred, y, **kwargs)
+        distances = super()._compute_tensor(y_pred, y, **kwargs)
+        return _defined_distances(distances, y_pred, y, kwargs["spacing"], self.include_background)
 
 
 class RelativeVolumeError(_ReducedMetric):

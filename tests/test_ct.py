@@ -241,6 +241,22 @@ def test_surface_distances_use_the_voxel_spacing(offset, spacing, distance):
         assert float(metric.aggregate()) == pytest.approx(distance, rel=1e-5), type(metric).__name__
 
 
+def test_surface_distances_of_empty_masks_are_undefined_or_the_diagonal():
+    spacing = (1.0, 2.0, 2.0)
+    reference = single_voxel((6, 8, 4), (2, 2, 2), spacing)
+    empty = reference.clone()
+    empty[1] = 0
+    empty[0] = 1
+    diagonal = float(np.linalg.norm([6 * 1.0, 8 * 2.0, 4 * 2.0]))
+    for metric_class in (HausdorffDistanceMM, AverageSurfaceDistanceMM):
+        metric = metric_class(include_background=False)
+        metric([reference, empty], [empty, reference])  # a false positive without reference; a missed structure
+        values = metric.get_buffer()[:, 0]
+        assert torch.isnan(values[0]), "undefined without a reference: left out of the mean"
+        assert float(values[1]) == pytest.approx(diagonal), "a missed structure costs the largest distance"
+        assert float(metric.aggregate()) == pytest.approx(diagonal)
+
+
 def test_relative_volume_error_and_volume_in_millilitres():
     spacing = (0.5, 2.0, 3.0)
     reference = single_voxel((6, 6, 6), (2, 2, 2), spacing)
