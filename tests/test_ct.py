@@ -278,15 +278,18 @@ def test_relative_volume_error_and_volume_in_millilitres():
 
 
 def test_phantom_tissues_sit_at_their_hounsfield_units():
-    phantom = synthesize_ct(3, contrast=True, voxel_scale=2.0)
+    phantom = synthesize_ct(3, contrast=True, voxel_scale=2.0, region="chest")
     heart = phantom.heart.astype(bool)
     assert 250 < phantom.heart_volume_ml < 1500
     assert phantom.hu.min() <= -900 and phantom.hu.max() >= 500, "air and bone present"
     lungs = (phantom.hu < -700).sum()
     assert lungs > heart.sum() * 0.5
     assert np.median(phantom.hu[heart]) > 100, "contrast-enhanced blood pool"
-    plain = synthesize_ct(3, contrast=False, voxel_scale=2.0)
+    plain = synthesize_ct(3, contrast=False, voxel_scale=2.0, region="chest")
     assert -20 < np.median(plain.hu[plain.heart.astype(bool)]) < 100, "non-contrast heart near soft tissue HU"
+    abdomen = synthesize_ct(3, contrast=True, voxel_scale=2.0, region="abdomen")
+    assert abdomen.heart_volume_ml < 0.2 * phantom.heart_volume_ml, "an abdominal field of view shows little heart"
+    assert ((abdomen.hu > 80) & (abdomen.hu < 300)).mean() > 0.02, "enhancing organs (liver, spleen, kidneys)"
 
 
 def test_phantom_dataset_writes_msd_and_dicom_in_one_world_space(tmp_path):
