@@ -146,3 +146,21 @@ def test_torchscript_export_matches_the_checkpoint(trained, tmp_path):
     torch.jit.load(str(out), _extra_files=extra)
     assert json.loads(extra["metadata.json"])["name"] == "CT heart segmentation", "metadata embedded"
     assert "infer" in json.loads(extra["inference.json"]), "inference config embedded"
+
+
+def test_training_is_deterministic_on_cpu_with_a_fixed_seed(trained, ct_data, tmp_path):
+    """Same config and seed, a second process: identical per-iteration losses and validation metrics."""
+    _, uri, _ = trained
+    overrides = tiny(tmp_path / "bundle", ct_data, **{"train#trainer#max_epochs": 2, "val_interval": 1})
+    run_bundle("training", TRAIN, overrides, env={"MLFLOW_TRACKING_URI": uri})
+    client, first_and_second = runs(uri, "train")
+    assert len(first_and_second) == 2
+    histories = [
+        {
+            key: [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, key)]
+            for key in ["train_loss", *METRICS]
+        }
+        for run in first_and_second
+    ]
+    assert len(histories[0]["train_loss"]) > 2
+    assert histories[0] == histories[1]
