@@ -51,6 +51,14 @@ TINY = {
 }
 
 
+def build(bundle: str, checkpoint: Path, app: Path, *extra: str) -> Path:
+    command = [sys.executable, "-m", "pipelines.deploy", bundle, "--out", str(app), "--checkpoint", str(checkpoint)]
+    command += [*extra, "--override", *(f"{key}={json.dumps(value)}" for key, value in TINY[bundle].items())]
+    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    return app
+
+
 def train_and_build(bundle: str, dataset_dir: Path, root: Path) -> Path:
     """Train the bundle for one tiny epoch and build its application folder; the folder's path."""
     overrides = {key: json.dumps(value) for key, value in TINY[bundle].items()}
@@ -59,24 +67,25 @@ def train_and_build(bundle: str, dataset_dir: Path, root: Path) -> Path:
     uri = f"sqlite:///{root / 'mlflow.db'}"
     run_bundle("training", [str(REPO_ROOT / "bundles" / bundle / "configs" / "train.json")], overrides,
                env={"MLFLOW_TRACKING_URI": uri})  # fmt: skip
-    app = root / "app"
-    command = [sys.executable, "-m", "pipelines.deploy", bundle, "--out", str(app)]
-    command += ["--checkpoint", str(root / "bundle" / "models" / "model.pt"), "--override"]
-    command += [f"{key}={json.dumps(value)}" for key, value in TINY[bundle].items()]
-    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
-    return app
+    return build(bundle, root / "bundle" / "models" / "model.pt", root / "app")
 
 
-def run_app(app: Path, input_path: Path, output_path: Path, env_vars: bool = False, entry: str = "app.py"):
+def run_app(
+    app: Path,
+    input_path: Path,
+    output_path: Path,
+    env_vars: bool = False,
+    entry: str = "app.py",
+    model: str = "models/model.ts",
+):
     """``python app.py -i IN -o OUT -m models/model.ts`` from the app folder (or with the HOLOSCAN_* variables)."""
     command = ["bash", "-c", 'ulimit -s 32768; exec "$@"', "app", str(DEPLOY_PYTHON), entry]
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "MLFLOW_TRACKING_URI")}
     if env_vars:
         env.update(HOLOSCAN_INPUT_PATH=str(input_path), HOLOSCAN_OUTPUT_PATH=str(output_path))
-        env["HOLOSCAN_MODEL_PATH"] = str(app / "models" / "model.ts")
+        env["HOLOSCAN_MODEL_PATH"] = str(app / model)
     else:
-        command += ["-i", str(input_path), "-o", str(output_path), "-m", "models/model.ts"]
+        command += ["-i", str(input_path), "-o", str(output_path), "-m", model]
     return subprocess.run(command, cwd=app, capture_output=True, text=True, env=env, timeout=600)
 
 
@@ -144,6 +153,22 @@ def test_ct_app_runs_with_environment_variables_and_as_a_folder(ct_app, tmp_path
         result = run_app(app, data / "dicom" / "ct_004", out, env_vars=env_vars, entry=entry)
         assert result.returncode == 0, result.stderr[-4000:]
         assert (out / "series_seg.nii.gz").is_file() and list((out / "dicom_seg").glob("*.dcm"))
+
+
+def test_checkpoint_path_without_torchscript_gives_the_same_masks(ct_app, tmp_path):
+    app, data = ct_app
+    checkpoint_app = build("ct_heart", app.parent / "bundle" / "models" / "model.pt", tmp_path / "app_pt",
+                           "--model_format", "checkpoint")  # fmt: skip
+    assert (checkpoint_app / "models" / "model.pt").is_file() and not (checkpoint_app / "models" / "model.ts").exists()
+    outputs = {}
+    for name, folder in {"pt": checkpoint_app, "ts": app}.items():
+        out = tmp_path / f"out_{name}"
+        command_model = "models/model.pt" if name == "pt" else "models/model.ts"
+        assert command_model in (folder / "README.md").read_text()
+        result = run_app(folder, data / "dicom" / "ct_004", out, model=command_model)
+        assert result.returncode == 0, result.stderr[-4000:]
+        outputs[name] = np.asarray(nib.load(out / "series_seg.nii.gz").dataobj)
+    np.testing.assert_array_equal(outputs["pt"], outputs["ts"])
 
 
 def test_ct_app_bad_inputs_fail_clearly_and_write_nothing(ct_app, tmp_path):

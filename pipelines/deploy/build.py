@@ -9,7 +9,8 @@ The folder holds everything the application needs and nothing of the repository 
 - ``app.yaml``: the package manifest (title, version, input/output formats, resources);
 - ``requirements.txt``: the pinned runtime packages (the SDK, Holoscan, torch, MONAI, DICOM and image I/O);
 - ``models/model.ts``: the TorchScript export (metadata and inference config embedded), checked against the
-  checkpoint's logits before it is written into the folder;
+  checkpoint's logits before it is written into the folder; or, with ``--model_format checkpoint``,
+  ``models/model.pt``, which the app loads into ``network_def`` (the path that needs no TorchScript);
 - ``bundle/inference.json`` (the bundle's inference config, includes expanded, overrides applied) and
   ``bundle/metadata.json``;
 - ``datasets/``, ``transforms/``, ``pipelines/``: the project code the config refers to by ``_target_``;
@@ -34,7 +35,7 @@ IGNORED = shutil.ignore_patterns("__pycache__", "*.pyc", "benchmarks", "demo.py"
 
 APP_PY = '''"""MONAI Deploy application of the {bundle} bundle: {title}.
 
-Run: python app.py -i INPUT -o OUTPUT -m models/model.ts   (or set HOLOSCAN_INPUT_PATH, HOLOSCAN_OUTPUT_PATH,
+Run: python app.py -i INPUT -o OUTPUT -m {model}   (or set HOLOSCAN_INPUT_PATH, HOLOSCAN_OUTPUT_PATH,
 HOLOSCAN_MODEL_PATH). See README.md.
 """
 
@@ -83,8 +84,8 @@ Output: {outputs}
 ```bash
 python -m venv .venv && .venv/bin/pip install torch==2.13.0 && .venv/bin/pip install -r requirements.txt
 ulimit -s 32768   # Holoscan asks for a larger stack than the default 8 MB
-.venv/bin/python app.py -i /path/to/input -o /path/to/output -m models/model.ts
-# or: HOLOSCAN_INPUT_PATH=... HOLOSCAN_OUTPUT_PATH=... HOLOSCAN_MODEL_PATH=models/model.ts .venv/bin/python app.py
+.venv/bin/python app.py -i /path/to/input -o /path/to/output -m {model}
+# or: HOLOSCAN_INPUT_PATH=... HOLOSCAN_OUTPUT_PATH=... HOLOSCAN_MODEL_PATH={model} .venv/bin/python app.py
 ```
 
 Exit status 0 on success; 1 with one message naming the input and the reason when an input is unusable, and then
@@ -93,7 +94,7 @@ no result files are written (outputs are staged and moved into place only at the
 ## Package as a MONAI Application Package (needs Docker with buildx, and network access for the base image)
 
 ```bash
-monai-deploy package . -c app.yaml -m models/model.ts -t {bundle}-app:{version} --platform x86_64 -l DEBUG
+monai-deploy package . -c app.yaml -m {model} -t {bundle}-app:{version} --platform x86_64 -l DEBUG
 monai-deploy run {bundle}-app-x64-workstation-dgpu-linux-amd64:{version} -i /path/to/input -o /path/to/output
 ```
 
@@ -138,7 +139,16 @@ def expanded_config(bundle: str, overrides: dict) -> dict:
         os.chdir(cwd)
 
 
-def build_app(bundle: str, out_dir: Path, checkpoint: Path, overrides: dict, tolerance: float = 1e-4) -> dict:
+def build_app(
+    bundle: str,
+    out_dir: Path,
+    checkpoint: Path,
+    overrides: dict,
+    tolerance: float = 1e-4,
+    model_format: str = "torchscript",
+) -> dict:
+    """Build the application folder; ``model_format`` ``"checkpoint"`` ships ``models/model.pt`` (loaded into
+    ``network_def`` by the app) beside the checked TorchScript export instead of using the export."""
     paths = bundle_paths(bundle)
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
@@ -151,6 +161,9 @@ def build_app(bundle: str, out_dir: Path, checkpoint: Path, overrides: dict, tol
         parity = compare(bundle, checkpoint, staging / "models" / "model.ts", overrides)
         if parity["max_abs_logit_difference"] > tolerance:
             raise SystemExit(f"error: the TorchScript export differs from the checkpoint: {parity}")
+        if model_format == "checkpoint":
+            (staging / "models" / "model.ts").unlink()  # the export was only written to check parity
+            shutil.copy(checkpoint, staging / "models" / "model.pt")
         config = expanded_config(bundle, overrides)
         metadata = json.loads(paths["metadata"].read_text())
         is_volume = config["network_def"].get("spatial_dims", 2) == 3
@@ -162,6 +175,7 @@ def build_app(bundle: str, out_dir: Path, checkpoint: Path, overrides: dict, tol
             shutil.copytree(REPO_ROOT / package, staging / package, ignore=IGNORED)
         shutil.copy(REPO_ROOT / "requirements-deploy.txt", staging / "requirements.txt")
         values = {"bundle": paths["root"].name, "title": metadata["name"], "version": metadata["version"], **kind}
+        values["model"] = f"models/{'model.pt' if model_format == 'checkpoint' else 'model.ts'}"
         (staging / "app.py").write_text(APP_PY.format(**values))
         (staging / "__main__.py").write_text(MAIN_PY)
         (staging / "app.yaml").write_text(APP_YAML.format(**values))
@@ -169,6 +183,7 @@ def build_app(bundle: str, out_dir: Path, checkpoint: Path, overrides: dict, tol
         if is_volume:
             (staging / "series_rules.json").write_text(json.dumps(CT_RULES, indent=2))
         report = {"bundle": values["bundle"], "app": str(out_dir), "checkpoint": str(checkpoint), **parity}
+        report["model"] = values["model"]
         (staging / "models" / "export.json").write_text(json.dumps(report, indent=2))
         if out_dir.exists():
             out_dir.rmdir()
@@ -184,13 +199,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="the application folder to create (new or empty)")
     parser.add_argument("--checkpoint", default=None, help="default: <bundle>/models/model.pt")
     parser.add_argument("--override", nargs="*", default=[], help="config overrides KEY=JSON, as at training")
+    parser.add_argument(
+        "--model_format",
+        choices=["torchscript", "checkpoint"],
+        default="torchscript",
+        help="ship models/model.ts (default) or models/model.pt + network_def (no TorchScript)",
+    )
     args = parser.parse_args(argv)
     checkpoint = Path(args.checkpoint or bundle_paths(args.bundle)["root"] / "models" / "model.pt")
     if not checkpoint.is_file():
         print(f"error: {checkpoint}: does not exist; train the bundle first or pass --checkpoint.", file=sys.stderr)
         return 2
     overrides = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.override)}
-    report = build_app(args.bundle, Path(args.out), checkpoint, overrides)
+    report = build_app(args.bundle, Path(args.out), checkpoint, overrides, model_format=args.model_format)
     print(json.dumps(report, indent=2))
-    print(f"run it: cd {args.out} && python app.py -i INPUT -o OUTPUT -m models/model.ts")
+    print(f"run it: cd {args.out} && python app.py -i INPUT -o OUTPUT -m {report['model']}")
     return 0

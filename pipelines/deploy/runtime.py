@@ -1,9 +1,9 @@
-"""What a deployed application runs: the bundle's own inference pipeline with the exported TorchScript model.
+"""What a deployed application runs: the bundle's own inference pipeline with the exported model.
 
 The application folder holds the bundle's inference config with every include expanded (``bundle/inference.json``,
 written by :mod:`pipelines.deploy.build`), so the app preprocesses, infers and writes exactly as
-``python -m monai.bundle run inferring`` does; only the network is swapped for the TorchScript export and the
-checkpoint loader is dropped. Outputs are written to a staging folder inside the output folder and moved into
+``python -m monai.bundle run inferring`` does; only the network is swapped for the shipped model (TorchScript, or
+a checkpoint loaded into ``network_def``) and the checkpoint loader is dropped. Outputs are written to a staging folder inside the output folder and moved into
 place only when every input has succeeded, so a failed run leaves no partial files that look like results.
 """
 
@@ -26,19 +26,40 @@ logger = logging.getLogger(__name__)
 CT_RULES = {"selections": [{"name": "CT series", "conditions": {"Modality": "(?i)^CT$"}}]}
 
 
-def load_torchscript(model_path: str | os.PathLike) -> torch.jit.ScriptModule:
-    """The TorchScript model at ``model_path``: a file, or a folder holding one ``*.ts``/``*.pt`` TorchScript file
-    at any depth (the MONAI Application Package layout ``models/<name>/model.ts``)."""
+def find_model_file(model_path: str | os.PathLike) -> Path:
+    """The model file at ``model_path``: a file, or a folder holding one ``*.ts``/``*.pt`` file at any depth (the
+    MONAI Application Package layout ``models/<name>/model.ts``)."""
     path = Path(model_path)
     if path.is_dir():
         candidates = sorted(p for p in path.rglob("*") if p.suffix in (".ts", ".pt") and p.is_file())
         if len(candidates) != 1:
-            raise FileNotFoundError(f"{path}: expected one TorchScript model file in it, found {len(candidates)}.")
+            raise FileNotFoundError(f"{path}: expected one model file (*.ts or *.pt) in it, found {len(candidates)}.")
         path = candidates[0]
     if not path.is_file():
         raise FileNotFoundError(f"{path}: the model file does not exist.")
+    return path
+
+
+def load_network(model_path: str | os.PathLike, config: dict) -> torch.nn.Module:
+    """The network of a deployed bundle: a TorchScript export (``model.ts``), or a checkpoint (``model.pt``, a state
+    dict) loaded into the bundle's ``network_def``, the path that needs no TorchScript."""
+    from monai.bundle import ConfigParser
+
+    path = find_model_file(model_path)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.jit.load(str(path), map_location=device).eval()
+    try:
+        return torch.jit.load(str(path), map_location=device).eval()
+    except RuntimeError:  # not a TorchScript archive: a checkpoint
+        pass
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable file gets the same clear message
+        raise FileNotFoundError(f"{path}: neither a TorchScript model nor a checkpoint ({e}).") from e
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):
+        state = state["model"]
+    network = ConfigParser(config).get_parsed_content("network_def")
+    network.load_state_dict(state)
+    return network.to(device).eval()
 
 
 class BundleRuntime:
@@ -47,7 +68,7 @@ class BundleRuntime:
     def __init__(self, config_path: str | os.PathLike, model_path: str | os.PathLike):
         self.config_path = Path(config_path)
         self.config = json.loads(self.config_path.read_text())
-        self.network = load_torchscript(model_path)
+        self.network = load_network(model_path, self.config)
 
     @property
     def bundle_name(self) -> str:
