@@ -1,0 +1,67 @@
+"""The multi-GPU overlays run as users run them, with ``torchrun``, here on CPU with the Gloo backend."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from tests.conftest import OCT_BUNDLE, REPO_ROOT, run_bundle
+
+CONFIGS = OCT_BUNDLE / "configs"
+TRAIN = [str(CONFIGS / "train.json")]
+EVALUATE = TRAIN + [str(CONFIGS / "evaluate.json")]
+TINY = {"image_size": "[64,96]", "network_def#channels": "[8,16,32]", "network_def#strides": "[2,2]", "batch_size": 2}
+COMPARED = ("val_mean_dice", "val_mean_iou", "val_hd95", "val_pixel_accuracy", "val_thickness_mae_px")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(run_id: str, config_files: list[str], overrides: dict, uri: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    command += ["--master_addr", "127.0.0.1", "--master_port", str(free_port())]
+    command += ["-m", "monai.bundle", "run", run_id, "--config_file", str(config_files)]
+    for key, value in overrides.items():
+        command += [f"--{key}", str(value)]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    return result
+
+
+def runs(uri: str, workflow: str):
+    client = mlflow.MlflowClient(uri)
+    experiment = client.get_experiment_by_name("oct_layers")
+    return client.search_runs([experiment.experiment_id], f"tags.workflow = '{workflow}'", order_by=["start_time"])
+
+
+def test_two_process_training_equals_single_process_evaluation(tmp_path, tiny_oct_dir):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    bundle = tmp_path / "bundle"
+    overrides = {"bundle_root": bundle, "dataset_dir": tiny_oct_dir, **TINY, "train#trainer#max_epochs": 1}
+    torchrun("training", TRAIN + [str(CONFIGS / "multi_gpu_train.json")], overrides, uri)
+
+    assert sorted(p.name for p in (bundle / "models").iterdir()) == ["latest_checkpoint_epoch=1.pt", "model.pt"]
+    (train_run,) = runs(uri, "train")  # rank 0 alone tracks
+    assert train_run.info.status == "FINISHED"
+
+    evaluation = {"bundle_root": bundle, "dataset_dir": tiny_oct_dir, **TINY}
+    run_bundle("evaluating", EVALUATE, evaluation, env={"MLFLOW_TRACKING_URI": uri})
+    (single,) = runs(uri, "evaluate")
+    for key in COMPARED:  # 3 validation images split 2 + 1 over the ranks, gathered before reduction
+        assert train_run.data.metrics[key] == pytest.approx(single.data.metrics[key], rel=1e-5), key
+
+    torchrun("evaluating", EVALUATE + [str(CONFIGS / "multi_gpu_evaluate.json")], evaluation, uri)
+    _, distributed = runs(uri, "evaluate")
+    for key in COMPARED:
+        assert distributed.data.metrics[key] == pytest.approx(single.data.metrics[key], rel=1e-5), key
+    assert Path(distributed.data.params["checkpoint"]).name == "model.pt"
