@@ -8,6 +8,8 @@ import time
 from ignite.engine import Engine, Events
 from ignite.handlers import ProgressBar
 
+logger = logging.getLogger(__name__)
+
 
 def loss_from_output(output, key: str = "loss") -> float:
     """The loss of an iteration, whether the engine decollates its output (a list of dicts) or not (a dict)."""
@@ -72,3 +74,101 @@ class EpochSummary:
             parts.append(f"lr {optimizer.param_groups[0]['lr']:.2e}")
         parts.append(f"{time.perf_counter() - self._start:.1f} s")
         self.logger.info(" | ".join(parts))
+
+
+class TrainingProgress:
+    """The training state that lives outside the engines, saved in the latest checkpoint so that a resumed run
+    continues it instead of silently restarting it: the validator's best metric and its epoch, the ranking of the
+    best-model saver (``model.pt`` is only replaced by a better model), the early-stopping counter, the report's
+    best value, and the MLflow run of the interrupted training, to which the resumed run is linked.
+    """
+
+    def __init__(self, validator: Engine, validate_handlers: list, train_handlers: list):
+        self.validator, self.validate_handlers, self.train_handlers = validator, validate_handlers, train_handlers
+
+    def _find(self, handlers: list, kind: str):
+        return next((h for h in handlers if type(h).__name__ == kind), None)
+
+    def state_dict(self) -> dict:
+        state = {
+            "best_metric": getattr(self.validator.state, "best_metric", -1.0),
+            "best_metric_epoch": getattr(self.validator.state, "best_metric_epoch", -1),
+        }
+        saver = next((h for h in self.validate_handlers if getattr(h, "_key_metric_checkpoint", None)), None)
+        if saver is not None:
+            state["best_model_saver"] = saver._key_metric_checkpoint.state_dict()
+        early_stop = self._find(self.validate_handlers, "EarlyStopHandler")
+        if early_stop is not None and getattr(early_stop, "_handler", None) is not None:
+            state["early_stop"] = dict(early_stop._handler.state_dict())
+        report = self._find(self.validate_handlers, "EvaluationReport")
+        if report is not None and report.best is not None:
+            state["report_best"] = list(report.best)
+        tracker = self._find(self.train_handlers, "BundleMLflowHandler")
+        if tracker is not None and tracker.cur_run is not None:
+            state["mlflow_run_id"] = tracker.cur_run.info.run_id
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.validator.state.best_metric = state.get("best_metric", -1.0)
+        self.validator.state.best_metric_epoch = state.get("best_metric_epoch", -1)
+        saver = next((h for h in self.validate_handlers if getattr(h, "_key_metric_checkpoint", None)), None)
+        if saver is not None and "best_model_saver" in state:
+            saver.load_state_dict(state["best_model_saver"])
+        early_stop = self._find(self.validate_handlers, "EarlyStopHandler")
+        if early_stop is not None and getattr(early_stop, "_handler", None) is not None and "early_stop" in state:
+            early_stop._handler.load_state_dict(state["early_stop"])
+        report = self._find(self.validate_handlers, "EvaluationReport")
+        if report is not None and "report_best" in state:
+            report.best = tuple(state["report_best"])
+        tracker = self._find(self.train_handlers, "BundleMLflowHandler")
+        if tracker is not None and state.get("mlflow_run_id"):
+            tracker.link_resumed_run(state["mlflow_run_id"])
+
+
+def latest_checkpoints(ckpt_dir: str) -> dict:
+    """The ``latest_checkpoint_epoch=N.pt`` files in ``ckpt_dir``, by epoch."""
+    import re
+    from pathlib import Path
+
+    found = {}
+    for path in Path(ckpt_dir).glob("latest_checkpoint_epoch=*.pt"):
+        match = re.fullmatch(r"latest_checkpoint_epoch=(\d+)\.pt", path.name)
+        if match:
+            found[int(match.group(1))] = path
+    return found
+
+
+def resume_from_latest(trainer: Engine, latest_checkpoint, ckpt_dir: str) -> str:
+    """Attach a loader of the newest ``latest_checkpoint_epoch=N.pt`` in ``ckpt_dir`` (network, optimizer, LR
+    scheduler, trainer epoch and iteration, :class:`TrainingProgress`), so ``trainer.run()`` continues from it.
+
+    Raises:
+        DataError: when ``ckpt_dir`` holds no latest checkpoint to resume from.
+    """
+    from pathlib import Path
+
+    from monai.handlers import CheckpointLoader
+
+    from datasets.errors import DataError
+
+    found = latest_checkpoints(ckpt_dir)
+    if not found:
+        raise DataError(
+            Path(ckpt_dir).resolve(),
+            "holds no latest_checkpoint_epoch=N.pt to resume from.",
+            "Start a new training without --resume, or point --ckpt_dir at the interrupted run's models folder.",
+        )
+    resumed_epoch = max(found)
+    path = found[resumed_epoch]
+    logger.info(f"resuming from {path} (epoch {resumed_epoch})")
+    CheckpointLoader(load_path=str(path), load_dict=latest_checkpoint.save_dict, map_location="cpu").attach(trainer)
+
+    def drop_resumed_checkpoint(engine: Engine) -> None:
+        # the new run's saver keeps one latest checkpoint but does not know the one resumed from: remove that once
+        # a newer one is on disk, never before (a second interruption must still find something to resume)
+        if any(epoch > resumed_epoch for epoch in latest_checkpoints(ckpt_dir)):
+            path.unlink(missing_ok=True)
+            engine.remove_event_handler(drop_resumed_checkpoint, Events.EPOCH_COMPLETED)
+
+    trainer.add_event_handler(Events.EPOCH_COMPLETED, drop_resumed_checkpoint)
+    return str(path)

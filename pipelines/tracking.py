@@ -314,6 +314,23 @@ class BundleMLflowHandler(MLFlowHandler):
             f"MLflow run '{self.run_name}' ({run_id}) in experiment '{self.bundle_name}' at {self.client.tracking_uri}"
         )
 
+    def link_resumed_run(self, previous_run_id: str) -> None:
+        """Link this run to the interrupted run it resumes (tags both ways). A run left RUNNING by a process that
+        could not record its end (SIGKILL, power loss) is marked KILLED, so the store tells the true story."""
+        if self.cur_run is None or previous_run_id == self.cur_run.info.run_id:
+            return
+        run_id = self.cur_run.info.run_id
+        self.client.set_tag(run_id, "resumed_from_run", previous_run_id)
+        try:
+            previous = self.client.get_run(previous_run_id)
+        except mlflow.exceptions.MlflowException:
+            logger.warning(f"the interrupted run {previous_run_id} is not in {self.client.tracking_uri}")
+            return
+        self.client.set_tag(previous_run_id, "resumed_by_run", run_id)
+        if previous.info.status == "RUNNING":
+            self.client.set_terminated(previous_run_id, "KILLED")
+        logger.info(f"MLflow run {run_id} resumes run {previous_run_id} ({previous.info.run_name})")
+
     def _log_metrics(self, metrics: dict, step: int | None = None) -> None:
         """Buffer metrics and write them in batches: one SQLite transaction per iteration costs a measurable
         share of a CPU training step. The buffer is written every ``flush_every`` metrics, at every epoch end, and

@@ -1,0 +1,72 @@
+"""A training killed part-way resumes from its latest checkpoint with one override (``--resume true``)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import mlflow
+import torch
+
+from tests.conftest import OCT_BUNDLE, REPO_ROOT, run_bundle
+
+TRAIN = [str(OCT_BUNDLE / "configs" / "train.json")]
+
+
+def test_killed_training_resumes_and_continues_its_history(tmp_path, tiny_oct_dir):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    bundle = tmp_path / "bundle"
+    overrides = {
+        "bundle_root": bundle,
+        "dataset_dir": tiny_oct_dir,
+        "image_size": "[64,96]",
+        "network_def#channels": "[8,16,32]",
+        "network_def#strides": "[2,2]",
+        "batch_size": 2,
+        "val_interval": 1,
+        "train#trainer#max_epochs": 6,
+    }
+    command = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", str(TRAIN)]
+    for key, value in overrides.items():
+        command += [f"--{key}", str(value)]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
+    process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    checkpoint = bundle / "models" / "latest_checkpoint_epoch=2.pt"
+    deadline = time.time() + 300
+    while not checkpoint.exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)  # into epoch 3
+    process.send_signal(signal.SIGKILL)  # no chance to record anything: the hardest interruption
+    process.wait()
+    assert checkpoint.exists(), process.stderr.read().decode()[-3000:]
+    saved = sorted(p.name for p in (bundle / "models").glob("latest_checkpoint_epoch=*.pt"))
+    killed_at = int(saved[-1].split("=")[1].split(".")[0])
+    assert killed_at < 6, "the run was interrupted before its end"
+    state = torch.load(bundle / "models" / saved[-1], map_location="cpu", weights_only=False)
+    iterations_done = state["trainer"]["iteration"]
+
+    client = mlflow.MlflowClient(uri)
+    (first,) = client.search_runs([client.get_experiment_by_name("oct_layers").experiment_id])
+    first_losses = client.get_metric_history(first.info.run_id, "train_loss")
+
+    result = run_bundle("training", TRAIN, {**overrides, "resume": "true"}, env={"MLFLOW_TRACKING_URI": uri})
+    assert f"resuming from {bundle / 'models' / saved[-1]}" in result.stdout + result.stderr
+    assert sorted(p.name for p in (bundle / "models").glob("latest_checkpoint_epoch=*.pt")) == [
+        "latest_checkpoint_epoch=6.pt"
+    ], "it ends at the configured number of epochs"
+
+    runs = client.search_runs([client.get_experiment_by_name("oct_layers").experiment_id], order_by=["start_time"])
+    assert [r.info.run_id for r in runs][0] == first.info.run_id
+    resumed = runs[1]
+    assert resumed.data.tags["resumed_from_run"] == first.info.run_id
+    assert client.get_run(first.info.run_id).info.status == "KILLED", "a SIGKILLed run is not left RUNNING"
+    assert client.get_run(first.info.run_id).data.tags["resumed_by_run"] == resumed.info.run_id
+    resumed_losses = client.get_metric_history(resumed.info.run_id, "train_loss")
+    assert min(m.step for m in resumed_losses) == iterations_done + 1, "the loss curve continues after the checkpoint"
+    assert max(m.step for m in resumed_losses) == 6 * 3  # 6 images / batch 2 = 3 iterations per epoch
+    assert all(m.step <= iterations_done or m.step > iterations_done for m in first_losses)
+    dice = client.get_metric_history(resumed.info.run_id, "val_mean_dice")
+    assert [m.step for m in dice] == list(range(killed_at + 1, 7)), "epochs continue from the checkpoint's"
