@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import logging
+import os
+import tempfile
 import time
+from pathlib import Path
 
+import torch
 from ignite.engine import Engine, Events
 from ignite.handlers import ProgressBar
+from ignite.handlers.checkpoint import BaseSaveHandler
+from monai.handlers import CheckpointSaver
 
 logger = logging.getLogger(__name__)
 
@@ -172,3 +178,46 @@ def resume_from_latest(trainer: Engine, latest_checkpoint, ckpt_dir: str) -> str
 
     trainer.add_event_handler(Events.EPOCH_COMPLETED, drop_resumed_checkpoint)
     return str(path)
+
+
+class AtomicDiskSaver(BaseSaveHandler):
+    """Write each checkpoint to a temporary file in the target folder, then rename it into place: a process killed
+    during a save leaves the previous checkpoint intact, never a truncated one. ignite asks to remove the file a
+    new checkpoint replaces *before* writing it; the removal is deferred until the new file is in place (and never
+    hits the file just written, when the name is fixed). Files get the usual permissions (MONAI's own saver writes
+    in place, because ignite's atomic mode leaves files readable by their owner only)."""
+
+    def __init__(self, saver):
+        self.saver = saver  # MONAI's disk saver, whose folder and fixed file name are kept
+        self.dirname = Path(saver.dirname)
+        self._pending_removals: list[str] = []
+
+    def __call__(self, checkpoint, filename: str, metadata=None) -> None:
+        name = getattr(self.saver, "filename", None) or filename
+        descriptor, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=self.dirname)
+        os.close(descriptor)
+        try:
+            torch.save(checkpoint, tmp)
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, self.dirname / name)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        removals, self._pending_removals = self._pending_removals, []
+        for old in removals:
+            if old != name:
+                (self.dirname / old).unlink(missing_ok=True)
+
+    def remove(self, filename: str) -> None:
+        self._pending_removals.append(getattr(self.saver, "filename", None) or filename)
+
+
+class AtomicCheckpointSaver(CheckpointSaver):
+    """MONAI's ``CheckpointSaver`` (same arguments) whose every write goes through :class:`AtomicDiskSaver`."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        for name in ("_final_checkpoint", "_key_metric_checkpoint", "_interval_checkpoint"):
+            checkpoint = getattr(self, name, None)
+            if checkpoint is not None:
+                checkpoint.save_handler = AtomicDiskSaver(checkpoint.save_handler)

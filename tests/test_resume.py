@@ -70,3 +70,34 @@ def test_killed_training_resumes_and_continues_its_history(tmp_path, tiny_oct_di
     assert all(m.step <= iterations_done or m.step > iterations_done for m in first_losses)
     dice = client.get_metric_history(resumed.info.run_id, "val_mean_dice")
     assert [m.step for m in dice] == list(range(killed_at + 1, 7)), "epochs continue from the checkpoint's"
+
+
+def test_checkpoints_are_written_atomically(tmp_path, monkeypatch):
+    """A save that dies half-way leaves the previous checkpoint intact and no partial file under the real name."""
+    from ignite.engine import Engine
+
+    from pipelines.handlers import AtomicCheckpointSaver
+
+    network = torch.nn.Linear(2, 2)
+    engine = Engine(lambda engine, batch: None)
+    saver = AtomicCheckpointSaver(save_dir=str(tmp_path), save_dict={"model": network}, save_final=True,
+                                  final_filename="model.pt")  # fmt: skip
+    saver.attach(engine)
+    engine.run([0], max_epochs=1)
+    saved = (tmp_path / "model.pt").read_bytes()
+    assert oct((tmp_path / "model.pt").stat().st_mode & 0o777) == "0o644"
+
+    def dying_save(obj, path, *args, **kwargs):
+        with open(path, "wb") as f:
+            f.write(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", dying_save)
+    with torch.no_grad():
+        network.weight.add_(1.0)
+    try:
+        engine.run([0], max_epochs=2)
+    except OSError:
+        pass
+    assert (tmp_path / "model.pt").read_bytes() == saved, "the previous checkpoint is intact"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt"], "no temporary file left behind"
