@@ -64,3 +64,24 @@ def split_by_group(items: list[dict], split: str, val_fraction: float, group_key
     if split not in ("train", "val"):
         return []
     return [item for item in items if (item[group_key] in val_groups) == (split == "val")]
+
+
+def save_nifti(path: str | os.PathLike, array, affine) -> Path:
+    """Write a NIfTI volume atomically (temporary file renamed into place), with ``affine`` as both qform and sform
+    (scanner space)."""
+    import nibabel as nib
+    import numpy as np
+
+    image = nib.Nifti1Image(array, np.asarray(affine, dtype=np.float64))
+    image.set_qform(image.affine, code=1)
+    image.set_sform(image.affine, code=1)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp{os.getpid()}.{path.name}")  # nibabel picks the format from the name's ending
+    try:
+        nib.save(image, tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path

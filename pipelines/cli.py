@@ -14,6 +14,19 @@ import sys
 from datasets.errors import DataError
 
 
+def parse_overrides(items: list[str]) -> dict:
+    """Config overrides given on a command line as ``KEY=JSON`` (``network_def#channels=[8,16,32]``)."""
+    import json
+
+    overrides = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"error: override {item!r} is not KEY=JSON.")
+        overrides[key] = json.loads(value)
+    return overrides
+
+
 def find_data_error(error: BaseException | None) -> DataError | None:
     seen = set()
     while error is not None and id(error) not in seen:

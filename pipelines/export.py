@@ -27,6 +27,8 @@ from pathlib import Path
 
 import torch
 
+from .cli import parse_overrides
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -68,22 +70,41 @@ def export_torchscript(bundle: str, checkpoint: Path, out: Path, overrides: dict
         )
 
 
-def checkpoint_network(bundle: str, checkpoint: Path, overrides: dict) -> torch.nn.Module:
-    """The bundle's ``network_def`` with the checkpoint's weights (the ``model.pt`` + ``network_def`` path)."""
+def bundle_config(bundle: str, overrides: dict, with_metadata: bool = False):
+    """A ``ConfigParser`` over the bundle's train + inference configs with the overrides applied and the ``%``
+    includes (written relative to the repository root) expanded, wherever the caller runs."""
     from monai.bundle import ConfigParser
 
     paths = bundle_paths(bundle)
-    parser = ConfigParser()
-    parser.read_config([str(p) for p in paths["configs"]])
-    parser["bundle_root"] = str(paths["root"])
-    for key, value in overrides.items():
-        parser[key] = value
-    network = parser.get_parsed_content("network_def")
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+    cwd = os.getcwd()
+    os.chdir(REPO_ROOT)
+    try:
+        parser = ConfigParser()
+        parser.read_config([str(p) for p in paths["configs"]])
+        if with_metadata:
+            parser.read_meta(str(paths["metadata"]))
+        parser["bundle_root"] = str(paths["root"])
+        for key, value in overrides.items():
+            parser[key] = value
+        parser.resolve_macro_and_relative_ids()
+    finally:
+        os.chdir(cwd)
+    return parser
+
+
+def load_weights(network: torch.nn.Module, checkpoint: str | os.PathLike, map_location="cpu") -> torch.nn.Module:
+    """Load a bundle checkpoint (a state dict, or ``{"model": state dict}``) into ``network``; returns it."""
+    state = torch.load(checkpoint, map_location=map_location, weights_only=True)
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]
     network.load_state_dict(state)
-    return network.eval()
+    return network
+
+
+def checkpoint_network(bundle: str, checkpoint: Path, overrides: dict) -> torch.nn.Module:
+    """The bundle's ``network_def`` with the checkpoint's weights (the ``model.pt`` + ``network_def`` path)."""
+    network = bundle_config(bundle, overrides).get_parsed_content("network_def")
+    return load_weights(network, checkpoint).eval()
 
 
 def example_input(metadata: Path, overrides: dict, seed: int = 0) -> torch.Tensor:
@@ -120,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {checkpoint}: does not exist; train the bundle first or pass --checkpoint.", file=sys.stderr)
         return 2
     out = Path(args.out or paths["root"] / "models" / "model.ts")
-    overrides = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.override)}
+    overrides = parse_overrides(args.override)
     started = time.perf_counter()
     export_torchscript(args.bundle, checkpoint, out, overrides)
     check = compare(args.bundle, checkpoint, out, overrides)

@@ -131,7 +131,16 @@ def voxel_spacing(volume: torch.Tensor, batch_size: int) -> list[list[float]] | 
     return [torch.linalg.norm(a[:spatial_dims, :spatial_dims], dim=0).tolist() for a in affines]
 
 
-class HausdorffDistanceMM(HausdorffDistanceMetric):
+class _MillimetreDistance:
+    """Mixin for MONAI's surface-distance metrics: spacing from the reference's affine, empty masks made explicit."""
+
+    def _compute_tensor(self, y_pred: torch.Tensor, y: torch.Tensor, **kwargs) -> torch.Tensor:
+        kwargs.setdefault("spacing", voxel_spacing(y, y.shape[0]))
+        distances = super()._compute_tensor(y_pred, y, **kwargs)
+        return _defined_distances(distances, y_pred, y, kwargs["spacing"], self.include_background)
+
+
+class HausdorffDistanceMM(_MillimetreDistance, HausdorffDistanceMetric):
     """MONAI's Hausdorff distance (default: 95th percentile) in millimetres: the spacing of each volume is read from
     the reference's affine (``MetaTensor``), so anisotropic voxels are measured correctly when the metric runs
     inside an ignite handler, which passes no ``spacing``. An explicit ``spacing=`` still wins. Empty masks: NaN
@@ -139,11 +148,6 @@ class HausdorffDistanceMM(HausdorffDistanceMetric):
 
     def __init__(self, percentile: float | None = 95.0, **kwargs):
         super().__init__(percentile=percentile, **kwargs)
-
-    def _compute_tensor(self, y_pred: torch.Tensor, y: torch.Tensor, **kwargs) -> torch.Tensor:
-        kwargs.setdefault("spacing", voxel_spacing(y, y.shape[0]))
-        distances = super()._compute_tensor(y_pred, y, **kwargs)
-        return _defined_distances(distances, y_pred, y, kwargs["spacing"], self.include_background)
 
 
 def _defined_distances(distances, y_pred, y, spacing, include_background: bool) -> torch.Tensor:
@@ -166,17 +170,12 @@ def _defined_distances(distances, y_pred, y, spacing, include_background: bool) 
     return torch.where(reference_empty, torch.full_like(distances, float("nan")), distances)
 
 
-class AverageSurfaceDistanceMM(SurfaceDistanceMetric):
+class AverageSurfaceDistanceMM(_MillimetreDistance, SurfaceDistanceMetric):
     """Average symmetric surface distance (ASSD) in millimetres, spacing from the reference's affine as in
     :class:`HausdorffDistanceMM`."""
 
     def __init__(self, symmetric: bool = True, **kwargs):
         super().__init__(symmetric=symmetric, **kwargs)
-
-    def _compute_tensor(self, y_pred: torch.Tensor, y: torch.Tensor, **kwargs) -> torch.Tensor:
-        kwargs.setdefault("spacing", voxel_spacing(y, y.shape[0]))
-        distances = super()._compute_tensor(y_pred, y, **kwargs)
-        return _defined_distances(distances, y_pred, y, kwargs["spacing"], self.include_background)
 
 
 class RelativeVolumeError(_ReducedMetric):

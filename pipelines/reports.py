@@ -20,6 +20,8 @@ from monai.config import KeysCollection
 from monai.transforms import MapTransform
 from PIL import Image
 
+from datasets.io import save_nifti
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_PALETTE = (
@@ -380,25 +382,6 @@ class SaveSegmentationd(MapTransform):
                     summary["mean_thickness_um"] = {k: v * self.pixel_size_um for k, v in thickness.items()}
             atomic_write_json(self.output_dir / f"{name}.json", summary)
         return d
-
-
-def save_nifti(path: str | os.PathLike, array: np.ndarray, affine: np.ndarray) -> Path:
-    """Write a NIfTI volume atomically, with ``affine`` as both qform and sform (scanner space)."""
-    import nibabel as nib
-
-    image = nib.Nifti1Image(array, np.asarray(affine, dtype=np.float64))
-    image.set_qform(image.affine, code=1)
-    image.set_sform(image.affine, code=1)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp{os.getpid()}.{path.name}")  # nibabel picks the format from the name's ending
-    try:
-        nib.save(image, tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
 
 
 def orthogonal_views(image, label_map: np.ndarray, palette=DEFAULT_PALETTE, affine: np.ndarray | None = None):

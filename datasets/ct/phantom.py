@@ -24,9 +24,10 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 from scipy import ndimage
+
+from ..io import save_nifti
 
 logger = logging.getLogger(__name__)
 
@@ -282,15 +283,6 @@ def synthesize_ct(
     return CTPhantom(hu=hu, heart=heart.astype(np.uint8), affine=affine, contrast=contrast)
 
 
-def _write_nifti(path: Path, array: np.ndarray, affine: np.ndarray, dtype) -> None:
-    image = nib.Nifti1Image(array.astype(dtype), affine)
-    image.set_qform(affine, code=1)
-    image.set_sform(affine, code=1)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.nii.gz")
-    nib.save(image, tmp)
-    os.replace(tmp, path)
-
-
 def write_msd_dataset(
     out_dir: str | os.PathLike,
     n_train: int = 16,
@@ -315,8 +307,8 @@ def write_msd_dataset(
         case = f"ct_{index:03d}"
         split = "Tr" if index < n_train else "Ts"
         phantom = synthesize_ct(np.random.default_rng([seed, index]), voxel_scale=voxel_scale)
-        _write_nifti(out_dir / f"images{split}" / f"{case}.nii.gz", phantom.hu, phantom.affine, np.int16)
-        _write_nifti(out_dir / f"labels{split}" / f"{case}.nii.gz", phantom.heart, phantom.affine, np.uint8)
+        save_nifti(out_dir / f"images{split}" / f"{case}.nii.gz", phantom.hu.astype(np.int16), phantom.affine)
+        save_nifti(out_dir / f"labels{split}" / f"{case}.nii.gz", phantom.heart, phantom.affine)
         entry = {"image": f"./images{split}/{case}.nii.gz", "label": f"./labels{split}/{case}.nii.gz"}
         (training if split == "Tr" else test).append(entry)
         cases.append(

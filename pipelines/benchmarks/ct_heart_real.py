@@ -32,20 +32,23 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipelines.cli import parse_overrides
+from pipelines.metrics import volume_ml
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = REPO_ROOT / "bundles" / "ct_heart" / "configs"
 
 
 def reference_on_grid(image_path: Path, label_path: Path) -> np.ndarray:
     """The reference mask on the image's grid, through the bundle's own loader and label alignment."""
-    from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged
+    from monai.transforms import Compose, EnsureChannelFirstd
 
-    from datasets.ct import CTVolumeReader
+    from datasets.ct import LoadCTVolumed
     from transforms import AlignToImaged
 
     load = Compose(
         [
-            LoadImaged(["image", "label"], reader=CTVolumeReader(), image_only=True),
+            LoadCTVolumed(["image", "label"]),
             EnsureChannelFirstd(["image", "label"]),
             AlignToImaged("label"),
         ]
@@ -61,8 +64,7 @@ def scores(prediction: np.ndarray, reference: np.ndarray, spacing: np.ndarray) -
 
     p, r = onehot(prediction), onehot(reference)
     spacing = [float(s) for s in spacing]
-    voxel_ml = float(np.prod(spacing)) / 1000.0
-    predicted_ml, reference_ml = float(prediction.sum()) * voxel_ml, float(reference.sum()) * voxel_ml
+    predicted_ml, reference_ml = volume_ml(prediction, spacing), volume_ml(reference, spacing)
     return {
         "dice": float(compute_dice(p, r, include_background=False)),
         "hd95_mm": float(compute_hausdorff_distance(p, r, percentile=95, spacing=spacing)),
@@ -112,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
             "bundles/ct_heart/configs/train.json) or pass --checkpoint"
         )
         return 2
-    overrides = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.override)}
+    overrides = parse_overrides(args.override)
     os.chdir(REPO_ROOT)  # bundle configs resolve their shared blocks from the repository root
     work_dir = Path(args.work_dir or tempfile.mkdtemp(prefix="ct_heart_benchmark_"))
     heart = data_dir / "pulmonary_report" / "heart.nii.gz"
@@ -143,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         if label is not None:
             entry.update(scores(prediction, reference_on_grid(source, label), spacing))
         else:
-            entry["predicted_volume_ml"] = round(float(prediction.sum()) * float(np.prod(spacing)) / 1000, 2)
+            entry["predicted_volume_ml"] = round(volume_ml(prediction, spacing), 2)
         results[name] = entry
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     report = {

@@ -193,14 +193,14 @@ class _BundleApp(Application, _FailureRecorder):
     def context(self):
         app_context = Application.init_app_context(self.argv)  # -i/-o/-m, or the HOLOSCAN_* variables
         runtime = BundleRuntime(self.config_path, app_context.model_path)
-        return app_context, runtime, Path(app_context.input_path), Path(app_context.output_path)
+        return runtime, Path(app_context.input_path), Path(app_context.output_path)
 
 
 class ImageSegmentationApp(_BundleApp):
     """Image files in; label maps, overlays and JSON results out (vessels, oct_layers)."""
 
     def compose(self):
-        _, runtime, input_path, output_path = self.context()
+        runtime, input_path, output_path = self.context()
         segment = BundleImageOperator(
             self, CountCondition(self, 1), runtime=runtime, input_path=input_path, output_path=output_path,
             recorder=self, name="bundle_image_segmentation",
@@ -212,7 +212,7 @@ class CTHeartApp(_BundleApp):
     """A DICOM study folder in; DICOM SEG, NIfTI mask, JSON heart volume and pictures out."""
 
     def compose(self):
-        _, runtime, input_path, output_path = self.context()
+        runtime, input_path, output_path = self.context()
         # the series selection rule is configurable: series_rules.json beside app.py (the SDK's rule format)
         rules_file = self.config_path.parents[1] / "series_rules.json"
         rules = json.loads(rules_file.read_text()) if rules_file.is_file() else CT_RULES

@@ -27,7 +27,8 @@ import shutil
 import sys
 from pathlib import Path
 
-from ..export import REPO_ROOT, bundle_paths, compare, export_torchscript
+from ..cli import parse_overrides
+from ..export import REPO_ROOT, bundle_config, bundle_paths, compare, export_torchscript
 from .runtime import CT_RULES
 
 PACKAGES = ("datasets", "transforms", "pipelines")
@@ -121,22 +122,9 @@ KINDS = {
 
 
 def expanded_config(bundle: str, overrides: dict) -> dict:
-    """The bundle's train + inference config with the ``%`` includes expanded and the overrides applied."""
-    from monai.bundle import ConfigParser
-
-    paths = bundle_paths(bundle)
-    cwd = os.getcwd()
-    os.chdir(REPO_ROOT)  # includes are written relative to the repository root
-    try:
-        parser = ConfigParser()
-        parser.read_config([str(p) for p in paths["configs"]])
-        parser.read_meta(str(paths["metadata"]))
-        for key, value in overrides.items():
-            parser[key] = value
-        parser.resolve_macro_and_relative_ids()
-        return parser.get()
-    finally:
-        os.chdir(cwd)
+    """The bundle's train + inference config (and metadata) with the ``%`` includes expanded and the overrides
+    applied, as one self-contained dictionary."""
+    return bundle_config(bundle, overrides, with_metadata=True).get()
 
 
 def build_app(
@@ -210,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     if not checkpoint.is_file():
         print(f"error: {checkpoint}: does not exist; train the bundle first or pass --checkpoint.", file=sys.stderr)
         return 2
-    overrides = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.override)}
+    overrides = parse_overrides(args.override)
     report = build_app(args.bundle, Path(args.out), checkpoint, overrides, model_format=args.model_format)
     print(json.dumps(report, indent=2))
     print(f"run it: cd {args.out} && python app.py -i INPUT -o OUTPUT -m {report['model']}")

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from ..export import load_weights
+
 logger = logging.getLogger(__name__)
 
 # the default DICOM series selection (the SDK's rule format): the first series whose Modality is CT
@@ -51,14 +53,11 @@ def load_network(model_path: str | os.PathLike, config: dict) -> torch.nn.Module
         return torch.jit.load(str(path), map_location=device).eval()
     except RuntimeError:  # not a TorchScript archive: a checkpoint
         pass
+    network = ConfigParser(config).get_parsed_content("network_def")
     try:
-        state = torch.load(path, map_location=device, weights_only=True)
+        load_weights(network, path, map_location=device)
     except Exception as e:  # noqa: BLE001 - any unreadable file gets the same clear message
         raise FileNotFoundError(f"{path}: neither a TorchScript model nor a checkpoint ({e}).") from e
-    if isinstance(state, dict) and isinstance(state.get("model"), dict):
-        state = state["model"]
-    network = ConfigParser(config).get_parsed_content("network_def")
-    network.load_state_dict(state)
     return network.to(device).eval()
 
 
@@ -83,7 +82,6 @@ class BundleRuntime:
 
         parser = ConfigParser(self.config)
         parser["output_dir"] = str(output_dir)
-        parser["device"] = "$torch.device('cuda' if torch.cuda.is_available() else 'cpu')"
         parser["network"] = self.network
         parser["infer#handlers"] = []  # the weights are in the TorchScript model; no checkpoint to load
         for key, value in values.items():
