@@ -8,6 +8,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from .errors import DataError, NoUsableDataError
@@ -25,6 +26,11 @@ def open_image(path: str | os.PathLike) -> Image.Image:
         raise DataError(path, "does not exist.") from e
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise DataError(path, f"cannot be read as an image (empty, truncated or not an image file): {e}") from e
+    frames = getattr(image, "n_frames", 1)
+    if frames > 1:  # e.g. a multi-page TIFF volume where one 2D image is expected; PIL would read page 1 only
+        raise DataError(path, f"holds {frames} frames (pages); expected one 2D image.")
+    if image.mode == "F" and not np.isfinite(np.asarray(image)).all():
+        raise DataError(path, "contains NaN or infinite values.")
     return image
 
 

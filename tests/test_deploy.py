@@ -171,14 +171,23 @@ def test_checkpoint_path_without_torchscript_gives_the_same_masks(ct_app, tmp_pa
     np.testing.assert_array_equal(outputs["pt"], outputs["ts"])
 
 
-def test_ct_app_bad_inputs_fail_clearly_and_write_nothing(ct_app, tmp_path):
+def copy_series(series: list[Path], folder: Path, skip: int | None = None) -> Path:
+    folder.mkdir()
+    for index, path in enumerate(series):
+        if index != skip:
+            (folder / path.name).write_bytes(path.read_bytes())
+    return folder
+
+
+def test_ct_app_bad_inputs_fail_clearly_and_keep_earlier_results(ct_app, tmp_path):
     app, data = ct_app
     series = sorted((data / "dicom" / "ct_004").iterdir())
-    missing = tmp_path / "missing_slice"
-    missing.mkdir()
-    for index, path in enumerate(series):
-        if index != len(series) // 2:
-            (missing / path.name).write_bytes(path.read_bytes())
+    middle = len(series) // 2
+    missing = copy_series(series, tmp_path / "missing_slice", skip=middle)
+    empty_slice = copy_series(series, tmp_path / "empty_slice")
+    (empty_slice / series[middle].name).write_bytes(b"")
+    truncated = copy_series(series, tmp_path / "truncated_slice")
+    (truncated / series[middle].name).write_bytes(series[middle].read_bytes()[:2000])
     mr = tmp_path / "mr_only"
     mr.mkdir()
     for path in series[:4]:
@@ -188,14 +197,26 @@ def test_ct_app_bad_inputs_fail_clearly_and_write_nothing(ct_app, tmp_path):
     empty = tmp_path / "no_dicom"
     empty.mkdir()
     (empty / "notes.txt").write_text("no images here")
-    cases = {missing: "slice(s) missing", mr: "holds no CT series matching the selection rules (found: MR (4 files))"}
-    cases[empty] = "holds no CT series"
-    for folder, reason in cases.items():
+    cases = {
+        missing: (missing, "slice(s) missing"),
+        mr: (mr, "holds no CT series matching the selection rules (found: MR (4 files))"),
+        empty: (empty, "holds no CT series"),
+        empty_slice: (empty_slice / series[middle].name, ""),
+        truncated: (truncated / series[middle].name, "truncated"),
+    }
+    for folder, (named, reason) in cases.items():
         out = tmp_path / f"out_{folder.name}"
+        out.mkdir()
+        (out / "series.json").write_text('{"an": "earlier result"}')
         result = run_app(app, folder, out)
         assert result.returncode == 1, result.stderr[-3000:]
-        assert f"error: {folder}" in result.stderr and reason in result.stderr, result.stderr[-3000:]
-        assert result_files(out) == [], f"no result files for a failed run: {result_files(out)}"
+        assert f"error: {named}" in result.stderr and reason in result.stderr, result.stderr[-3000:]
+        assert result_files(out) == [out / "series.json"], f"a failed run wrote or removed files: {result_files(out)}"
+        assert (out / "series.json").read_text() == '{"an": "earlier result"}'
+    blocker = tmp_path / "a_file"
+    blocker.write_text("a file where the output folder should be")
+    result = run_app(app, data / "dicom" / "ct_004", blocker / "out")
+    assert result.returncode == 1 and f"error: {blocker / 'out'}" in result.stderr, result.stderr[-3000:]
 
 
 def test_ct_app_on_the_real_anonymised_dicom_series(ct_app, tmp_path):

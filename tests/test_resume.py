@@ -1,4 +1,4 @@
-"""A training killed part-way resumes from its latest checkpoint with one override (``--resume true``)."""
+"""A training killed part-way resumes from its latest checkpoint with one override (``--resume True``)."""
 
 from __future__ import annotations
 
@@ -52,7 +52,7 @@ def test_killed_training_resumes_and_continues_its_history(tmp_path, tiny_oct_di
     (first,) = client.search_runs([client.get_experiment_by_name("oct_layers").experiment_id])
     first_losses = client.get_metric_history(first.info.run_id, "train_loss")
 
-    result = run_bundle("training", TRAIN, {**overrides, "resume": "true"}, env={"MLFLOW_TRACKING_URI": uri})
+    result = run_bundle("training", TRAIN, {**overrides, "resume": True}, env={"MLFLOW_TRACKING_URI": uri})
     assert f"resuming from {bundle / 'models' / saved[-1]}" in result.stdout + result.stderr
     assert sorted(p.name for p in (bundle / "models").glob("latest_checkpoint_epoch=*.pt")) == [
         "latest_checkpoint_epoch=6.pt"

@@ -18,6 +18,8 @@ from monai.config.type_definitions import NdarrayOrTensor
 from monai.data import MetaTensor
 from monai.transforms import MapTransform, ResampleToMatch, ScaleIntensityRange, Transform
 
+from datasets.errors import DataError
+
 # (level, width) in HU. Mediastinum, lung and bone are the usual radiology reading windows; "cardiac" is a
 # CT-angiography window wide enough for fat (-100 HU), myocardium (~100 HU) and contrast-enhanced blood
 # (250-450 HU) to stay apart; "full" keeps air to dense bone.
@@ -149,7 +151,7 @@ class AlignToImaged(MapTransform):
     already on the image grid are returned unchanged.
 
     Raises:
-        ValueError: naming the file, when a volume has no affine or does not overlap the image at all while it has
+        DataError: naming the file, when a volume does not overlap the image at all while it has
             foreground (the two files are then not in one world space).
     """
 
@@ -174,9 +176,10 @@ class AlignToImaged(MapTransform):
             aligned = self.resampler(volume, img_dst=image)
             aligned.meta["filename_or_obj"] = source
             if had_foreground and not bool((aligned != 0).any()):
-                raise ValueError(
-                    f"{source}: the label has foreground but none of it lies inside the image's field of view "
-                    f"({image.meta.get('filename_or_obj', self.image_key)}); the two are not in one world space."
+                raise DataError(
+                    source,
+                    "the label has foreground but none of it lies inside the image's field of view "
+                    f"({image.meta.get('filename_or_obj', self.image_key)}); the two are not in one world space.",
                 )
             d[key] = aligned
         return d

@@ -12,6 +12,8 @@ from monai.data import MetaTensor
 from monai.transforms import MapTransform, Transform
 from monai.utils import convert_to_tensor
 
+from datasets.errors import DataError
+
 from .oct import IGNORE_INDEX
 
 
@@ -126,7 +128,7 @@ class MapLabelValues(Transform):
     ``0..num_classes-1``, checked when ``num_classes`` is given.
 
     Raises:
-        ValueError: naming the file (from the ``MetaTensor``'s ``filename_or_obj``) and the unexpected values.
+        DataError: naming the file (from the ``MetaTensor``'s ``filename_or_obj``) and the unexpected values.
     """
 
     def __init__(
@@ -143,18 +145,17 @@ class MapLabelValues(Transform):
         label_t = convert_to_tensor(label, track_meta=True)
         source = label_t.meta.get("filename_or_obj", "label") if isinstance(label_t, MetaTensor) else "label"
         if not torch.isfinite(label_t).all():
-            raise ValueError(f"{source}: the label map holds NaN or infinite values.")
+            raise DataError(source, "the label map holds NaN or infinite values.")
         values = torch.unique(label_t).tolist()
         if any(v != int(v) for v in values):
-            raise ValueError(
-                f"{source}: label values must be integers, found {[v for v in values if v != int(v)][:5]}."
-            )
+            raise DataError(source, f"label values must be integers, found {[v for v in values if v != int(v)][:5]}.")
         known = set(self.value_to_class) if self.value_to_class else set(range(self.num_classes or 0))
         unknown = sorted(int(v) for v in values if int(v) not in known and int(v) != 0)
         if unknown and (self.strict and (self.value_to_class or self.num_classes)):
-            raise ValueError(
-                f"{source}: label values {unknown[:10]} are not among the classes "
-                f'({sorted(known)}); map them with label_values (e.g. {{"{unknown[0]}": 1}}).'
+            raise DataError(
+                source,
+                f"label values {unknown[:10]} are not among the classes "
+                f'({sorted(known)}); map them with label_values (e.g. {{"{unknown[0]}": 1}}).',
             )
         if not self.value_to_class:
             return label_t

@@ -19,6 +19,7 @@ from ..errors import DataError
 from ..io import open_image
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif", ".ppm")
+LOSSY_SUFFIXES = (".jpg", ".jpeg")
 
 
 def read_rgb(path: str | os.PathLike) -> np.ndarray:
@@ -38,6 +39,16 @@ def read_binary_mask(path: str | os.PathLike) -> np.ndarray:
     path = Path(path)
     image = open_image(path)
     grey = np.asarray(image.convert("L"))
+    values = np.unique(grey)
+    if len(values) > 2 and path.suffix.lower() not in LOSSY_SUFFIXES:
+        # a multi-class label map (0/1/2...) thresholded at 127 would silently lose every class; JPEG masks are
+        # thresholded as before, since compression blurs their two values
+        listed = values[:8].tolist()
+        raise DataError(
+            path,
+            f"is not a binary mask: it holds values {listed}{' ...' if len(values) > 8 else ''}; "
+            "expected two (0/1 or 0/255).",
+        )
     if grey.max(initial=0) <= 1 and image.mode not in ("P",):
         return grey > 0
     return grey > 127

@@ -29,6 +29,8 @@ def load_mat(path: str | os.PathLike) -> dict:
     try:
         with open(path, "rb") as f:
             head = f.read(128)
+    except FileNotFoundError as e:
+        raise DataError(path, "does not exist.") from e
     except OSError as e:
         raise DataError(path, f"cannot be opened ({e.strerror}).") from e
     if head.startswith(b"\x89HDF"):

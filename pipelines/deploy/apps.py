@@ -28,6 +28,7 @@ from monai.deploy.operators.dicom_data_loader_operator import DICOMDataLoaderOpe
 from monai.deploy.operators.dicom_series_selector_operator import DICOMSeriesSelectorOperator
 
 from datasets.errors import DataError
+from pipelines.cli import INPUT_ERRORS, find_input_error
 
 from .runtime import CT_RULES, BundleRuntime, staged_outputs
 
@@ -101,7 +102,10 @@ class HeartSegmentationOperator(Operator):
                 "Segmentation must reference its source instances by UID"
             )
         with staged_outputs(self.output_path) as staging:
-            self.runtime.run([{"image": files, "id": "series", "source": files[0]}], staging)
+            try:
+                self.runtime.run([{"image": files, "id": "series", "source": files[0]}], staging)
+            except Exception as e:
+                raise self.damaged_file_error() or e
             if seg_problem is None:
                 frames = dicom_frames(staging / "series_seg.nii.gz", datasets)
                 write_dicom_seg(frames, selected, staging / "dicom_seg", self.runtime)
@@ -116,6 +120,17 @@ class HeartSegmentationOperator(Operator):
             )
             (staging / "series.json").write_text(json.dumps(summary, indent=2))
         logger.info(f"heart {summary['volume_ml'].get('heart', 0.0):.1f} mL; results in {self.output_path}")
+
+    def damaged_file_error(self) -> DataError | None:
+        """The SDK's loader skips files it cannot parse, so an empty or damaged slice first shows up as a gap in
+        the series; the project's scan of the whole input folder names the file itself."""
+        from datasets.ct.dicom import list_ct_series
+
+        try:
+            list_ct_series(self.input_path)
+        except DataError as e:
+            return e
+        return None
 
     def anonymised_ct_series(self, studies) -> list[str]:
         """The SDK's loader drops slices with empty UIDs (anonymised exports); the project's reader groups them by
@@ -191,7 +206,10 @@ class _BundleApp(Application, _FailureRecorder):
         super().__init__(*args, **kwargs)
 
     def context(self):
-        app_context = Application.init_app_context(self.argv)  # -i/-o/-m, or the HOLOSCAN_* variables
+        try:
+            app_context = Application.init_app_context(self.argv)  # -i/-o/-m, or the HOLOSCAN_* variables
+        except OSError as e:  # the SDK creates the output folder while parsing the arguments
+            raise DataError(e.filename or "the -o output folder", f"cannot be created ({e.strerror}).") from e
         runtime = BundleRuntime(self.config_path, app_context.model_path)
         return runtime, Path(app_context.input_path), Path(app_context.output_path)
 
@@ -232,12 +250,7 @@ class CTHeartApp(_BundleApp):
 
 def root_cause(error: BaseException) -> BaseException:
     """The input error behind the wrappers that MONAI's transforms and config expressions add around it."""
-    seen = error
-    while seen is not None:
-        if isinstance(seen, (DataError, FileNotFoundError)):
-            return seen
-        seen = seen.__cause__ or seen.__context__
-    return error
+    return find_input_error(error, (*INPUT_ERRORS, FileNotFoundError)) or error
 
 
 def main(app_class: type[_BundleApp], config_path: str | Path, argv: list[str] | None = None) -> int:
@@ -251,7 +264,7 @@ def main(app_class: type[_BundleApp], config_path: str | Path, argv: list[str] |
     if app.failure is None:
         return 0
     error = root_cause(app.failure)
-    if isinstance(error, (DataError, FileNotFoundError)):
+    if isinstance(error, (*INPUT_ERRORS, FileNotFoundError)):
         print(f"error: {error}", file=sys.stderr)
     else:
         logger.error("unexpected failure", exc_info=app.failure)
