@@ -9,17 +9,21 @@ from __future__ import annotations
 import os
 
 
-class DataError(ValueError):
+class InputError(ValueError):
+    """Something the user supplied cannot be used: ``where`` names it (a file, a folder, a config key)."""
+
+    def __init__(self, where: str, problem: str, hint: str | None = None):
+        self.problem = problem
+        self.hint = hint
+        super().__init__(f"{where}: {problem}" + (f"\n{hint}" if hint else ""))
+
+
+class DataError(InputError):
     """An input file or folder cannot be used. ``path`` is what was read, ``problem`` what is wrong."""
 
     def __init__(self, path: str | os.PathLike, problem: str, hint: str | None = None):
         self.path = os.fspath(path)
-        self.problem = problem
-        self.hint = hint
-        message = f"{self.path}: {problem}"
-        if hint:
-            message += f"\n{hint}"
-        super().__init__(message)
+        super().__init__(self.path, problem, hint)
 
 
 class NoUsableDataError(DataError):

@@ -19,20 +19,15 @@ import re
 import sys
 import tempfile
 
-from datasets.errors import DataError
+from datasets.errors import DataError, InputError
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError):
     """A config value cannot be used. ``key`` is the config id (as given to ``--key`` overrides)."""
 
     def __init__(self, key: str, problem: str, hint: str | None = None):
         self.key = key
-        self.problem = problem
-        self.hint = hint
-        message = f"config key '{key}': {problem}"
-        if hint:
-            message += f"\n{hint}"
-        super().__init__(message)
+        super().__init__(f"config key '{key}'", problem, hint)
 
 
 def parse_overrides(items: list[str]) -> dict:
@@ -48,7 +43,7 @@ def parse_overrides(items: list[str]) -> dict:
     return overrides
 
 
-INPUT_ERRORS = (DataError, ConfigError)
+INPUT_ERRORS = (InputError,)
 
 
 def find_input_error(error: BaseException | None, types: tuple[type, ...] = INPUT_ERRORS) -> BaseException | None:

@@ -65,3 +65,26 @@ def test_two_process_training_equals_single_process_evaluation(tmp_path, tiny_oc
     for key in COMPARED:
         assert distributed.data.metrics[key] == pytest.approx(single.data.metrics[key], rel=1e-5), key
     assert Path(distributed.data.params["checkpoint"]).name == "model.pt"
+
+
+def test_two_process_training_resumes_from_its_latest_checkpoint(tmp_path, tiny_oct_dir):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    bundle = tmp_path / "bundle"
+    overrides = {"bundle_root": bundle, "dataset_dir": tiny_oct_dir, **TINY, "val_interval": 1}
+    multi_gpu = TRAIN + [str(CONFIGS / "multi_gpu_train.json")]
+    torchrun("training", multi_gpu, {**overrides, "train#trainer#max_epochs": 1}, uri)
+    (first,) = runs(uri, "train")
+    client = mlflow.MlflowClient(uri)
+    first_steps = [m.step for m in client.get_metric_history(first.info.run_id, "train_loss")]
+
+    # the same job, asked for 3 epochs, continues from epoch 1 on both ranks
+    result = torchrun("training", multi_gpu, {**overrides, "train#trainer#max_epochs": 3, "resume": True}, uri)
+    assert f"resuming from {bundle / 'models' / 'latest_checkpoint_epoch=1.pt'}" in result.stdout + result.stderr
+    models = sorted(p.name for p in (bundle / "models").iterdir())
+    assert models == ["latest_checkpoint_epoch=3.pt", "model.pt"], models
+    _, resumed = runs(uri, "train")
+    assert resumed.data.tags["resumed_from_run"] == first.info.run_id
+    resumed_steps = [m.step for m in client.get_metric_history(resumed.info.run_id, "train_loss")]
+    assert min(resumed_steps) == max(first_steps) + 1 and max(resumed_steps) == 3 * max(first_steps)
+    epochs = [m.step for m in client.get_metric_history(resumed.info.run_id, "val_mean_dice")]
+    assert sorted(epochs) == [2, 3], "validation continues at epoch 2"
