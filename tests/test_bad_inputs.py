@@ -16,6 +16,7 @@ Three parts:
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -62,11 +63,9 @@ def configs(bundle: str, workflow: str) -> list[str]:
 
 # ---------------------------------------------------------------- valid files of each format, to be broken
 def png_bytes() -> bytes:
-    path = Path(os.environ.get("TMPDIR", "/tmp")) / f"bad-inputs-{os.getpid()}.png"
-    Image.fromarray(RNG.integers(0, 255, (24, 32), dtype=np.uint8)).save(path)
-    data = path.read_bytes()
-    path.unlink()
-    return data
+    buffer = io.BytesIO()
+    Image.fromarray(RNG.integers(0, 255, (24, 32), dtype=np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def nifti_bytes() -> bytes:
