@@ -576,6 +576,7 @@ WRONG_OVERRIDES = [
     ("ct_heart", "flip_prob", "2"),
     ("ct_heart", "cache_rate", "0"),
     ("ct_heart", "largest_component", "yes"),
+    ("ct_heart", "window_preset", "heart"),
 ]
 
 
@@ -638,3 +639,15 @@ def test_evaluation_reports_an_empty_reference_label_instead_of_crashing(bundle,
     scores = {row[0]: row[-1] for row in rows}
     assert scores[empty_id] == "nan", f"an image without reference has no Dice, reported as NaN: {scores}"
     assert all(np.isfinite(float(v)) for k, v in scores.items() if k != empty_id), scores
+
+
+def test_the_checked_choices_are_the_ones_the_transforms_accept():
+    from transforms.ct import WINDOW_PRESETS
+    from transforms.fundus import CHANNELS
+
+    def choices(bundle: str, key: str) -> set[str]:
+        kind = json.loads((CONFIGS[bundle] / "train.json").read_text())["bundle_parameter_checks"][key][1]
+        return {choice.strip() for choice in kind.removeprefix("one of:").split(",")}
+
+    assert choices("ct_heart", "window_preset") == set(WINDOW_PRESETS)
+    assert choices("vessels", "channels") == {*CHANNELS, "grey"}
