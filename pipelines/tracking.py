@@ -159,19 +159,32 @@ class _RunGuard:
 
     def __init__(self):
         self.active: dict[str, tuple[mlflow.MlflowClient, str]] = {}
+        self.engines: dict[str, Engine] = {}
         self.signal_received: int | None = None
         atexit.register(self.close_all)
 
-    def register(self, run_id: str, client: mlflow.MlflowClient) -> None:
+    def register(self, run_id: str, client: mlflow.MlflowClient, engine: Engine | None = None) -> None:
         if not self.active and threading.current_thread() is threading.main_thread():
             # SIGTERM (a scheduler's kill, `timeout`, Ctrl-C in a container) normally skips atexit
             if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
                 signal.signal(signal.SIGTERM, self._on_sigterm)
         self.active[run_id] = (client, run_id)
+        if engine is not None:
+            self.engines[run_id] = engine
 
     def _on_sigterm(self, signum, frame):
+        """Stop the tracked engines after their current iteration, where no MLflow write is half done; a second
+        SIGTERM, or one outside a run, exits at once.
+
+        Raising in the middle of a store write can leave this process holding SQLite's write lock, and the run
+        could then not be marked KILLED ("database is locked")."""
         self.signal_received = signum
-        raise SystemExit(128 + signum)
+        running = [e for r, e in self.engines.items() if r in self.active and not getattr(e, "should_terminate", 0)]
+        if not running:
+            raise SystemExit(128 + signum)
+        print("SIGTERM: stopping after the current iteration (send it again to stop at once)", file=sys.stderr)
+        for engine in running:
+            engine.terminate()
 
     def finish(self, run_id: str, status: str) -> None:
         client, _ = self.active.pop(run_id, (None, None))
@@ -277,10 +290,14 @@ class BundleMLflowHandler(MLFlowHandler):
             engine.add_event_handler(Events.COMPLETED, self._completed)
 
     def _completed(self, engine: Engine) -> None:
+        if RUN_GUARD.signal_received:  # stopped by SIGTERM: record what was done, then end as a killed process
+            self.run_finish_status = "KILLED"
         try:
             self.complete()
         finally:
             self.close()
+        if RUN_GUARD.signal_received:
+            raise SystemExit(128 + RUN_GUARD.signal_received)
 
     def start(self, engine: Engine) -> None:
         new_run = self.cur_run is None
@@ -289,7 +306,7 @@ class BundleMLflowHandler(MLFlowHandler):
         if not new_run:
             return
         run_id = self.cur_run.info.run_id
-        RUN_GUARD.register(run_id, self.client)
+        RUN_GUARD.register(run_id, self.client, engine)
         tags = {
             "bundle": self.bundle_name,
             "workflow": self.workflow,
@@ -381,6 +398,7 @@ class BundleMLflowHandler(MLFlowHandler):
         run_id = self.cur_run.info.run_id if self.cur_run else None
         super().close()
         RUN_GUARD.active.pop(run_id, None)
+        RUN_GUARD.engines.pop(run_id, None)
 
     def exception_raised(self, engine: Engine, e: BaseException) -> None:
         if self.cur_run is not None:
