@@ -76,7 +76,6 @@ def save_nifti(path: str | os.PathLike, array, affine) -> Path:
     """Write a NIfTI volume atomically (temporary file renamed into place), with ``affine`` as both qform and sform
     (scanner space)."""
     import nibabel as nib
-    import numpy as np
 
     image = nib.Nifti1Image(array, np.asarray(affine, dtype=np.float64))
     image.set_qform(image.affine, code=1)

@@ -13,6 +13,7 @@ a run before hours of training, not after).
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -32,8 +33,6 @@ class ConfigError(InputError):
 
 def parse_overrides(items: list[str]) -> dict:
     """Config overrides given on a command line as ``KEY=JSON`` (``network_def#channels=[8,16,32]``)."""
-    import json
-
     overrides = {}
     for item in items:
         key, sep, value = item.partition("=")
@@ -43,10 +42,7 @@ def parse_overrides(items: list[str]) -> dict:
     return overrides
 
 
-INPUT_ERRORS = (InputError,)
-
-
-def find_input_error(error: BaseException | None, types: tuple[type, ...] = INPUT_ERRORS) -> BaseException | None:
+def find_input_error(error: BaseException | None, types: tuple[type, ...] = (InputError,)) -> BaseException | None:
     """The first error of ``types`` in the cause chain: MONAI wraps errors raised in transforms and expressions."""
     seen = set()
     while error is not None and id(error) not in seen:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -133,9 +134,6 @@ class TrainingProgress:
 
 def latest_checkpoints(ckpt_dir: str) -> dict:
     """The ``latest_checkpoint_epoch=N.pt`` files in ``ckpt_dir``, by epoch."""
-    import re
-    from pathlib import Path
-
     found = {}
     for path in Path(ckpt_dir).glob("latest_checkpoint_epoch=*.pt"):
         match = re.fullmatch(r"latest_checkpoint_epoch=(\d+)\.pt", path.name)
@@ -151,8 +149,6 @@ def resume_from_latest(trainer: Engine, latest_checkpoint, ckpt_dir: str) -> str
     Raises:
         DataError: when ``ckpt_dir`` holds no latest checkpoint to resume from.
     """
-    from pathlib import Path
-
     from monai.handlers import CheckpointLoader
 
     from datasets.errors import DataError

@@ -179,7 +179,7 @@ class _RunGuard:
         Raising in the middle of a store write can leave this process holding SQLite's write lock, and the run
         could then not be marked KILLED ("database is locked")."""
         self.signal_received = signum
-        running = [e for r, e in self.engines.items() if r in self.active and not getattr(e, "should_terminate", 0)]
+        running = [e for r, e in self.engines.items() if r in self.active and not e.should_terminate]
         if not running:
             raise SystemExit(128 + signum)
         print("SIGTERM: stopping after the current iteration (send it again to stop at once)", file=sys.stderr)

@@ -421,15 +421,21 @@ TINY = {
 }
 
 
+def as_command_line_values(overrides: dict) -> dict:
+    """Override values as ``python -m monai.bundle run`` receives them: text parsed as fire parses command-line
+    values (``"four"`` stays text, ``"[1,2]"`` becomes a list), paths as text."""
+    return {
+        k: DefaultParseValue(v) if isinstance(v, str) else str(v) if isinstance(v, Path) else v
+        for k, v in overrides.items()
+    }
+
+
 def run_in_process(bundle: str, workflow: str, overrides: dict) -> None:
-    """``python -m monai.bundle run <workflow> ...`` in this process: string values are parsed as fire parses
-    command-line values, so ``"four"`` stays text and ``"[1,2]"`` becomes a list."""
+    """``python -m monai.bundle run <workflow> ...`` in this process."""
     from monai.bundle import run
 
     run_id = {"train": "training", "evaluate": "evaluating", "inference": "inferring"}[workflow]
-    parsed = {k: DefaultParseValue(v) if isinstance(v, str) else v for k, v in overrides.items()}
-    run(run_id, config_file=configs(bundle, workflow), **{k: str(v) if isinstance(v, Path) else v
-                                                            for k, v in parsed.items()})  # fmt: skip
+    run(run_id, config_file=configs(bundle, workflow), **as_command_line_values(overrides))
 
 
 def make_dataset(bundle: str, folder: Path) -> Path:
@@ -478,8 +484,8 @@ def save_untrained_checkpoint(bundle: str, root: Path) -> None:
 
     parser = ConfigParser()
     parser.read_config(configs(bundle, "train"))
-    for key, value in TINY[bundle].items():
-        parser[key] = DefaultParseValue(value) if isinstance(value, str) else value
+    for key, value in as_command_line_values(TINY[bundle]).items():
+        parser[key] = value
     torch.save(parser.get_parsed_content("network_def").state_dict(), root / "models" / "model.pt")
 
 

@@ -27,8 +27,8 @@ from monai.deploy.core import Application, Fragment, Operator, OperatorSpec
 from monai.deploy.operators.dicom_data_loader_operator import DICOMDataLoaderOperator
 from monai.deploy.operators.dicom_series_selector_operator import DICOMSeriesSelectorOperator
 
-from datasets.errors import DataError
-from pipelines.cli import INPUT_ERRORS, find_input_error
+from datasets.errors import DataError, InputError
+from pipelines.cli import find_input_error
 
 from .runtime import CT_RULES, BundleRuntime, staged_outputs
 
@@ -250,7 +250,7 @@ class CTHeartApp(_BundleApp):
 
 def root_cause(error: BaseException) -> BaseException:
     """The input error behind the wrappers that MONAI's transforms and config expressions add around it."""
-    return find_input_error(error, (*INPUT_ERRORS, FileNotFoundError)) or error
+    return find_input_error(error, (InputError, FileNotFoundError)) or error
 
 
 def main(app_class: type[_BundleApp], config_path: str | Path, argv: list[str] | None = None) -> int:
@@ -264,7 +264,7 @@ def main(app_class: type[_BundleApp], config_path: str | Path, argv: list[str] |
     if app.failure is None:
         return 0
     error = root_cause(app.failure)
-    if isinstance(error, (*INPUT_ERRORS, FileNotFoundError)):
+    if isinstance(error, (InputError, FileNotFoundError)):
         print(f"error: {error}", file=sys.stderr)
     else:
         logger.error("unexpected failure", exc_info=app.failure)
