@@ -13,9 +13,11 @@ DEPLOY_STAMP := $(DEPLOY_VENV)/.installed
 
 install: $(STAMP)
 
-$(STAMP): requirements.txt requirements-dev.txt
+$(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	$(PYTHON_BOOT) -m venv $(VENV)
 	$(PYTHON) -m pip install --disable-pip-version-check -q -r requirements-dev.txt
+	# the project's library (import name clinseg), editable: bundles copied anywhere import it from here
+	$(PYTHON) -m pip install --disable-pip-version-check -q --no-deps -e .
 	touch $(STAMP)
 
 # the MONAI Deploy SDK and Holoscan in an environment of their own (see requirements-deploy.txt)

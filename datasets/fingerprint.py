@@ -12,6 +12,8 @@ import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
+from clinseg.datasets.io import atomic_write
+
 CACHE_FILE = Path(__file__).resolve().parents[1] / "data" / ".cache" / "sha256.json"
 
 
@@ -67,10 +69,7 @@ def file_manifest(items: Iterable[Mapping | str | os.PathLike], cache_file: Path
             cache[key], changed = _sha256(path), True
         manifest.append({"path": os.path.relpath(path, root), "size": stat.st_size, "sha256": cache[key]})
     if changed and cache_file is not None:
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_file.with_name(f"{cache_file.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(cache))
-        os.replace(tmp, cache_file)
+        atomic_write(cache_file, lambda tmp: tmp.write_text(json.dumps(cache)))
     return manifest
 
 

@@ -5,13 +5,14 @@ from __future__ import annotations
 import logging
 import math
 import os
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from .errors import DataError, NoUsableDataError
+from clinseg.datasets.errors import DataError, NoUsableDataError
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +73,22 @@ def split_by_group(items: list[dict], split: str, val_fraction: float, group_key
     return [item for item in items if (item[group_key] in val_groups) == (split == "val")]
 
 
+def atomic_write(path: str | os.PathLike, write) -> Path:
+    """Call ``write(tmp)`` on a hidden temporary file beside ``path``, then rename it onto ``path``: a reader never
+    sees a half-written file under the final name, and a failed write leaves the previous file intact. The temporary
+    name ends with ``path``'s own name, so writers that choose the format from the suffix (nibabel) still do."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp{os.getpid()}-{uuid.uuid4().hex[:8]}.{path.name}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
 def save_nifti(path: str | os.PathLike, array, affine) -> Path:
     """Write a NIfTI volume atomically (temporary file renamed into place), with ``affine`` as both qform and sform
     (scanner space)."""
@@ -80,13 +97,4 @@ def save_nifti(path: str | os.PathLike, array, affine) -> Path:
     image = nib.Nifti1Image(array, np.asarray(affine, dtype=np.float64))
     image.set_qform(image.affine, code=1)
     image.set_sform(image.affine, code=1)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp{os.getpid()}.{path.name}")  # nibabel picks the format from the name's ending
-    try:
-        nib.save(image, tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+    return atomic_write(path, lambda tmp: nib.save(image, tmp))

@@ -1,16 +1,18 @@
 """Orchestration around the bundles: tracking, reports, losses and metrics, export and deployment, command-line
 entry points.
 
-Importing the package installs the command-line error hook (:mod:`pipelines.cli`). The other submodules load on
-first use (``pipelines.<module>`` from bundle config expressions works as with eager imports), so a deployed
-application that only runs inference never imports the tracking stack (MLflow).
+The import name is ``clinseg.pipelines`` (the ``clinseg`` root also holds ``clinseg.datasets`` and
+``clinseg.transforms``); bundle configs import it as ``"$import clinseg.pipelines as pipelines"``. Importing it
+installs the command-line error hook (:mod:`clinseg.pipelines.cli`). The other submodules load on first use
+(``pipelines.<module>`` in config expressions works as with eager imports), so a deployed application that only
+runs inference never imports the tracking stack (MLflow).
 """
 
 import importlib
 
-from . import cli
+from clinseg.pipelines import cli
 
-_SUBMODULES = ("export", "handlers", "inferers", "losses", "metrics", "reports", "tracking")
+_SUBMODULES = ("export", "handlers", "inferers", "losses", "metrics", "paths", "reports", "tracking", "workflow")
 
 __all__ = ["cli", *_SUBMODULES]
 

@@ -23,7 +23,7 @@ from monai.data import CacheDataset, Dataset, PersistentDataset
 from monai.data.utils import json_hashing
 from torch.utils.data import ConcatDataset
 
-from .cli import ConfigError
+from clinseg.pipelines.cli import ConfigError
 
 CACHE_MODES = ("memory", "disk", "none")
 

@@ -20,7 +20,7 @@ import re
 import sys
 import tempfile
 
-from datasets.errors import DataError, InputError
+from clinseg.datasets.errors import DataError, InputError
 
 
 class ConfigError(InputError):

@@ -1,6 +1,6 @@
 """The main job on the embedded default data: phantom -> train -> evaluate -> infer, tracked in ``mlruns/``.
 
-    python -m pipelines.demo [--epochs 8]
+    python -m clinseg.pipelines.demo [--epochs 8]
 
 Every step runs the bundle exactly as a user would (``python -m monai.bundle run ...`` from the repository root),
 so the demo proves the same commands the README documents. At the end it prints where everything is.
@@ -15,9 +15,8 @@ import sys
 import time
 from pathlib import Path
 
-from datasets.oct.phantom import write_phantom_dataset, write_png_bscans
-
-from .tracking import DEFAULT_STORE, REPO_ROOT, default_tracking_uri, unique_run_name
+from clinseg.datasets.oct.phantom import write_phantom_dataset, write_png_bscans
+from clinseg.pipelines.tracking import DEFAULT_STORE, REPO_ROOT, default_tracking_uri, unique_run_name
 
 BUNDLE = "oct_layers"
 
@@ -50,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     train = [str(configs / "train.json")]
     bundle_run("training", train, **{"train#trainer#max_epochs": args.epochs, "run_name": train_run})
     bundle_run("evaluating", train + [str(configs / "evaluate.json")], run_name=eval_run)
-    bundle_run("inferring", train + [str(configs / "inference.json")], run_name=infer_run, input_dir=png_dir)
+    bundle_run("inferring", [str(configs / "inference.json")], run_name=infer_run, input_dir=png_dir)
 
     outputs = REPO_ROOT / bundle_root / "outputs"
     metrics = json.loads((outputs / eval_run / "metrics.json").read_text())["mean"]

@@ -1,10 +1,10 @@
 """Compare, sweep and register bundle runs recorded in MLflow.
 
-    python -m pipelines.experiments compare oct_layers [--metric val_mean_dice] [--plot curves.png]
-    python -m pipelines.experiments sweep oct_layers --grid learning_rate=0.001,0.002 batch_size=2,4 \\
+    python -m clinseg.pipelines.experiments compare oct_layers [--metric val_mean_dice] [--plot curves.png]
+    python -m clinseg.pipelines.experiments sweep oct_layers --grid learning_rate=0.001,0.002 batch_size=2,4 \\
         [--set train#trainer#max_epochs=5] [--sample N]
-    python -m pipelines.experiments register RUN_ID [--name oct_layers] [--alias champion]
-    python -m pipelines.experiments fetch oct_layers champion --out /tmp/oct_layers_v1
+    python -m clinseg.pipelines.experiments register RUN_ID [--name oct_layers] [--alias champion]
+    python -m clinseg.pipelines.experiments fetch oct_layers champion --out /tmp/oct_layers_v1
 
 The store is ``MLFLOW_TRACKING_URI`` if set, else the project's ``mlruns/mlflow.db`` (``--tracking_uri`` wins).
 The MLflow UI stays the main place to look; these commands serve terminals, scripts and reports.
@@ -27,7 +27,7 @@ from pathlib import Path
 
 import mlflow
 
-from .tracking import REPO_ROOT, default_tracking_uri, unique_run_name
+from clinseg.pipelines.tracking import REPO_ROOT, default_tracking_uri, unique_run_name
 
 KEY_METRICS = {"oct_layers": "val_mean_dice", "vessels": "val_f1"}
 HIDDEN_PARAMS = {"dataset_dir", "classes", "epoch_length"}  # derived or long
@@ -106,7 +106,7 @@ def plot_runs(client: mlflow.MlflowClient, rows: list[dict], metric: str, path: 
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    from .reports import atomic_write_bytes
+    from clinseg.datasets.io import atomic_write
 
     params = differing_params(rows)
     fig, ax = plt.subplots(figsize=(9, 5))
@@ -124,7 +124,7 @@ def plot_runs(client: mlflow.MlflowClient, rows: list[dict], metric: str, path: 
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    out = atomic_write_bytes(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+    out = atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     plt.close(fig)
     return out
 
@@ -169,7 +169,7 @@ def sweep(args) -> int:
     fixed = dict(item.split("=", 1) for item in args.set)
     experiment = client.get_experiment_by_name(args.bundle)
     if experiment is None:
-        from .tracking import artifact_location_for
+        from clinseg.pipelines.tracking import artifact_location_for
 
         uri = args.tracking_uri or default_tracking_uri()
         experiment_id = client.create_experiment(args.bundle, artifact_location=artifact_location_for(uri, args.bundle))

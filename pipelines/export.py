@@ -1,6 +1,6 @@
 """Export a trained bundle's model for deployment, and check the export against the checkpoint.
 
-    python -m pipelines.export ct_heart [--checkpoint PATH] [--override KEY=JSON ...]
+    python -m clinseg.pipelines.export ct_heart [--checkpoint PATH] [--override KEY=JSON ...]
 
 1. Runs ``python -m monai.bundle ckpt_export network_def`` on the bundle (``train.json`` + ``inference.json``,
    ``metadata.json``), writing ``models/model.ts``: TorchScript with the metadata and inference config embedded,
@@ -27,9 +27,8 @@ from pathlib import Path
 
 import torch
 
-from .cli import parse_overrides
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from clinseg.pipelines.cli import parse_overrides
+from clinseg.pipelines.paths import PROJECT_ROOT as REPO_ROOT
 
 
 def bundle_paths(bundle: str) -> dict[str, Path]:
@@ -38,7 +37,7 @@ def bundle_paths(bundle: str) -> dict[str, Path]:
         raise SystemExit(f"error: {root}: not a bundle of this project (no configs/train.json).")
     return {
         "root": root,
-        "configs": [root / "configs" / "train.json", root / "configs" / "inference.json"],
+        "configs": [root / "configs" / "inference.json"],
         "metadata": root / "configs" / "metadata.json",
     }
 
@@ -71,24 +70,19 @@ def export_torchscript(bundle: str, checkpoint: Path, out: Path, overrides: dict
 
 
 def bundle_config(bundle: str, overrides: dict, with_metadata: bool = False):
-    """A ``ConfigParser`` over the bundle's train + inference configs with the overrides applied and the ``%``
-    includes (written relative to the repository root) expanded, wherever the caller runs."""
+    """A ``ConfigParser`` over the bundle's ``inference.json`` (a self-contained config) with the overrides applied,
+    wherever the caller runs."""
     from monai.bundle import ConfigParser
 
     paths = bundle_paths(bundle)
-    cwd = os.getcwd()
-    os.chdir(REPO_ROOT)
-    try:
-        parser = ConfigParser()
-        parser.read_config([str(p) for p in paths["configs"]])
-        if with_metadata:
-            parser.read_meta(str(paths["metadata"]))
-        parser["bundle_root"] = str(paths["root"])
-        for key, value in overrides.items():
-            parser[key] = value
-        parser.resolve_macro_and_relative_ids()
-    finally:
-        os.chdir(cwd)
+    parser = ConfigParser()
+    parser.read_config([str(p) for p in paths["configs"]])
+    if with_metadata:
+        parser.read_meta(str(paths["metadata"]))
+    parser["bundle_root"] = str(paths["root"])
+    for key, value in overrides.items():
+        parser[key] = value
+    parser.resolve_macro_and_relative_ids()
     return parser
 
 
@@ -107,9 +101,15 @@ def checkpoint_network(bundle: str, checkpoint: Path, overrides: dict) -> torch.
     return load_weights(network, checkpoint).eval()
 
 
+def concrete_shape(spatial_shape: list, n: int = 2) -> list[int]:
+    """The metadata's ``spatial_shape`` with its symbolic sizes (``"16*n"``, ``"2**p"``) made concrete, as MONAI's
+    ``verify_net_in_out`` does (here with ``n = p = 2``)."""
+    return [int(eval(str(size), {"__builtins__": {}}, {"n": n, "p": n, "any": n})) for size in spatial_shape]
+
+
 def example_input(metadata: Path, overrides: dict, seed: int = 0) -> torch.Tensor:
     spec = json.loads(metadata.read_text())["network_data_format"]["inputs"]["image"]
-    shape = overrides.get("patch_size") or spec["spatial_shape"]
+    shape = overrides.get("patch_size") or concrete_shape(spec["spatial_shape"])
     generator = torch.Generator().manual_seed(seed)
     return torch.rand((1, spec["num_channels"], *shape), generator=generator)
 

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import logging
-import os
 import re
-import tempfile
 import time
 from pathlib import Path
 
@@ -13,7 +11,9 @@ import torch
 from ignite.engine import Engine, Events
 from ignite.handlers import ProgressBar
 from ignite.handlers.checkpoint import BaseSaveHandler
-from monai.handlers import CheckpointSaver
+from monai.handlers import CheckpointSaver, EarlyStopHandler
+
+from clinseg.datasets.io import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -151,7 +151,7 @@ def resume_from_latest(trainer: Engine, latest_checkpoint, ckpt_dir: str) -> str
     """
     from monai.handlers import CheckpointLoader
 
-    from datasets.errors import DataError
+    from clinseg.datasets.errors import DataError
 
     found = latest_checkpoints(ckpt_dir)
     if not found:
@@ -190,15 +190,7 @@ class AtomicDiskSaver(BaseSaveHandler):
 
     def __call__(self, checkpoint, filename: str, metadata=None) -> None:
         name = getattr(self.saver, "filename", None) or filename
-        descriptor, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=self.dirname)
-        os.close(descriptor)
-        try:
-            torch.save(checkpoint, tmp)
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, self.dirname / name)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        atomic_write(self.dirname / name, lambda tmp: torch.save(checkpoint, tmp))
         removals, self._pending_removals = self._pending_removals, []
         for old in removals:
             if old != name:
@@ -217,3 +209,47 @@ class AtomicCheckpointSaver(CheckpointSaver):
             checkpoint = getattr(self, name, None)
             if checkpoint is not None:
                 checkpoint.save_handler = AtomicDiskSaver(checkpoint.save_handler)
+
+
+class BestModelSaver(AtomicCheckpointSaver):
+    """``models/model.pt``: the network's weights (a plain state dict) each time the key validation metric improves.
+    Attached to the validator; its ranking is kept in the latest checkpoint, so a resumed run only replaces
+    ``model.pt`` with a better model."""
+
+    def __init__(self, save_dir: str, network: torch.nn.Module, filename: str = "model.pt"):
+        super().__init__(save_dir=save_dir, save_dict={"model": network}, save_key_metric=True, key_metric_filename=filename)
+
+
+class LatestCheckpointSaver(AtomicCheckpointSaver):
+    """``latest_checkpoint_epoch=N.pt`` after every epoch (one kept): everything a resumed run needs, the network,
+    optimizer, LR scheduler, trainer counters and :class:`TrainingProgress`."""
+
+    def __init__(
+        self,
+        save_dir: str,
+        network: torch.nn.Module,
+        optimizer,
+        lr_scheduler,
+        trainer: Engine,
+        validator: Engine,
+        validate_handlers: list,
+        train_handlers: list,
+    ):
+        save_dict = {
+            "model": network,
+            "optimizer": optimizer,
+            "lr_scheduler": lr_scheduler,
+            "trainer": trainer,
+            "progress": TrainingProgress(validator, validate_handlers, train_handlers),
+        }
+        super().__init__(save_dir=save_dir, save_dict=save_dict, file_prefix="latest", save_interval=1, n_saved=1)
+
+
+def early_stop_on(key_metric: str, patience: int) -> EarlyStopHandler:
+    """Stop training when ``key_metric`` has not improved for ``patience`` validations; 0 never stops. The trainer
+    is set by :func:`clinseg.pipelines.workflow.run_training`."""
+    return EarlyStopHandler(
+        patience=patience if patience > 0 else 2**31,
+        score_function=lambda engine: engine.state.metrics[key_metric],
+        epoch_level=True,
+    )

@@ -6,7 +6,7 @@ import torch
 from monai.losses import DiceLoss
 from torch.nn.modules.loss import _Loss
 
-from transforms.oct import IGNORE_INDEX
+from clinseg.transforms.oct import IGNORE_INDEX
 
 
 class DiceCELossWithIgnore(_Loss):

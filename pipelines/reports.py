@@ -20,7 +20,7 @@ from monai.config import KeysCollection
 from monai.transforms import MapTransform
 from PIL import Image
 
-from datasets.io import save_nifti
+from clinseg.datasets.io import atomic_write, save_nifti
 
 logger = logging.getLogger(__name__)
 
@@ -40,22 +40,8 @@ DEFAULT_PALETTE = (
 )
 
 
-def atomic_write_bytes(path: str | os.PathLike, write) -> Path:
-    """Call ``write(tmp_path)`` then rename onto ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}{path.suffix}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
-
-
 def atomic_write_json(path: str | os.PathLike, content) -> Path:
-    return atomic_write_bytes(path, lambda tmp: tmp.write_text(json.dumps(content, indent=2, default=_json_default)))
+    return atomic_write(path, lambda tmp: tmp.write_text(json.dumps(content, indent=2, default=_json_default)))
 
 
 def _json_default(value):
@@ -65,7 +51,7 @@ def _json_default(value):
 
 
 def save_png(path: str | os.PathLike, array: np.ndarray) -> Path:
-    return atomic_write_bytes(path, lambda tmp: Image.fromarray(array).save(tmp, format="PNG"))
+    return atomic_write(path, lambda tmp: Image.fromarray(array).save(tmp, format="PNG"))
 
 
 def to_numpy(x) -> np.ndarray:
@@ -171,7 +157,7 @@ def plot_learning_curves(history: Mapping[str, list[tuple[int, float]]], path: s
     axes[1].legend(fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
-    path = atomic_write_bytes(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+    path = atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     plt.close(fig)
     return path
 
@@ -451,7 +437,7 @@ class SaveVolumeSegmentationd(MapTransform):
         self.postfix = postfix
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
-        from .metrics import volume_ml
+        from clinseg.pipelines.metrics import volume_ml
 
         d = dict(data)
         for key in self.key_iterator(d):

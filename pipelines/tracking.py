@@ -11,7 +11,6 @@ from __future__ import annotations
 import atexit
 import contextlib
 import hashlib
-import inspect
 import json
 import logging
 import os
@@ -28,10 +27,11 @@ import mlflow
 from ignite.engine import Engine, Events
 from monai.handlers import MLFlowHandler
 
-from datasets.errors import DataError
+from clinseg.datasets.errors import DataError
+from clinseg.pipelines.paths import PROJECT_ROOT, default_store, unique_run_name  # noqa: F401 (re-exported)
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_STORE = REPO_ROOT / "mlruns"
+REPO_ROOT = PROJECT_ROOT
+DEFAULT_STORE = default_store()
 
 logger = logging.getLogger(__name__)
 
@@ -111,11 +111,6 @@ def store_lock(tracking_uri: str, timeout_s: float = 300.0):
         yield
 
 
-def unique_run_name(workflow: str) -> str:
-    """``<workflow>-<YYYYmmdd-HHMMSS>-<6 hex>``: distinct for runs started in the same second."""
-    return f"{workflow}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
-
-
 def git_state(root: Path = REPO_ROOT) -> dict[str, str]:
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10).stdout.strip()
@@ -129,18 +124,54 @@ def git_state(root: Path = REPO_ROOT) -> dict[str, str]:
 
 
 def executed_config() -> dict | None:
-    """The config of the running bundle workflow, after command-line overrides.
+    """The config of the running bundle workflow, after command-line overrides (None outside a bundle run)."""
+    from clinseg.pipelines.workflow import running_parser
 
-    MONAI gives a handler no reference to its workflow, so the ``ConfigWorkflow`` is found on the call stack
-    (handlers run inside ``ConfigWorkflow.run``). Returns None when the engine is not run by a config workflow.
-    """
-    from monai.bundle import ConfigWorkflow
+    parser = running_parser()
+    return None if parser is None else parser.get()
 
-    for frame_info in inspect.stack(context=0):
-        candidate = frame_info.frame.f_locals.get("self")
-        if isinstance(candidate, ConfigWorkflow):
-            return candidate.parser.get()
-    return None
+
+# top-level ids that are structure or code, not settings a person compares
+_NOT_PARAMS = {"imports", "train", "validate", "initialize", "training", "evaluating", "inferring", "run", "finalize"}
+_COMPONENT_NAMES = {"network_def": "network"}  # ``network_channels`` reads better than ``network_def_channels``
+
+
+def _plain(value) -> bool:
+    if isinstance(value, (list, tuple)):
+        return len(value) <= 32 and all(_plain(item) for item in value)
+    return value is None or isinstance(value, (bool, int, float)) or (isinstance(value, str) and value[:1] not in "$@%")
+
+
+def tracked_params(parser) -> dict:
+    """The hyper-parameters of a run, derived from its resolved config rather than listed by hand: every top-level
+    setting whose value is plain (or an expression already resolved to a plain value), the plain settings of the
+    top-level components (``network_channels``, ``loss_lambda_dice``, ``optimizer_weight_decay``...), the trainer's
+    ``max_epochs`` and the sizes of the data lists."""
+    resolved = parser.ref_resolver.resolved_content
+    params = {}
+    for key, value in parser.get().items():
+        if key in _NOT_PARAMS or key.startswith("_"):
+            continue
+        if isinstance(value, dict):
+            name = _COMPONENT_NAMES.get(key, key)
+            for sub, setting in value.items():
+                if sub == "_target_":
+                    params[name] = setting
+                elif not sub.startswith("_") and _plain(setting):
+                    params[f"{name}_{sub}"] = setting
+        elif _plain(value):
+            params[key] = value
+        elif isinstance(value, str) and value[:1] in "$@" and key in resolved and _plain(resolved[key]):
+            params[key] = resolved[key]
+    for key, name in (("train::trainer::max_epochs", "max_epochs"),):
+        if key in parser:
+            params[name] = parser.get(key)
+    for key, name in (("train::datalist", "num_train_images"), ("validate::datalist", "num_val_images")):
+        if isinstance(resolved.get(key), list):
+            params[name] = len(resolved[key])
+    if "key_metric_name" in params:
+        params["key_metric"] = params["key_metric_name"]
+    return params
 
 
 def _flatten(params: Mapping, prefix: str = "") -> dict[str, str]:
@@ -211,7 +242,8 @@ class BundleMLflowHandler(MLFlowHandler):
         workflow: ``"train"``, ``"evaluate"``...: tagged, and the prefix of the default run name.
         run_name: defaults to a unique name; a validation evaluator's plain ``MLFlowHandler`` given the same name
             writes its epoch metrics into this run.
-        experiment_param: the hyper-parameters a person compares (flattened, logged as params).
+        experiment_param: the hyper-parameters a person compares (flattened, logged as params); by default derived
+            from the running bundle config (:func:`tracked_params`).
         artifacts: files or folders to log at completion (folders keep their structure).
         checkpoint: a checkpoint file logged under ``checkpoint/`` at completion, if it exists.
         curves_dir: where ``learning_curves.png`` (drawn from the tracked metrics) is written and logged.
@@ -238,6 +270,10 @@ class BundleMLflowHandler(MLFlowHandler):
         **kwargs,
     ):
         tracking_uri = tracking_uri or default_tracking_uri()
+        if workflow == "train":  # the iteration loss, under its own name
+            kwargs.setdefault("tag_name", "train_loss")
+            kwargs.setdefault("output_transform", _loss_from_output)
+        self._derive_params = experiment_param is None
         self._store_uri = os.environ.get("MLFLOW_TRACKING_URI") or tracking_uri
         with store_lock(self._store_uri):
             self._init_handler(
@@ -301,6 +337,16 @@ class BundleMLflowHandler(MLFlowHandler):
 
     def start(self, engine: Engine) -> None:
         new_run = self.cur_run is None
+        if new_run and self._derive_params:
+            from clinseg.pipelines.workflow import running_parser
+
+            parser = running_parser()
+            params = tracked_params(parser) if parser is not None else {}
+            if self.dataset_manifest is not None:
+                from clinseg.datasets.fingerprint import dataset_fingerprint
+
+                params["dataset_fingerprint"] = dataset_fingerprint(self.dataset_manifest)
+            self.experiment_param = _flatten(params)
         super().start(engine)
         self._attach_late(engine)
         if not new_run:
@@ -376,7 +422,7 @@ class BundleMLflowHandler(MLFlowHandler):
         self.flush()
         run_id = self.cur_run.info.run_id
         if self.curves_dir:
-            from .reports import plot_learning_curves
+            from clinseg.pipelines.reports import plot_learning_curves
 
             history = {
                 key: [(m.step, m.value) for m in self.client.get_metric_history(run_id, key)]
@@ -411,3 +457,24 @@ class BundleMLflowHandler(MLFlowHandler):
             finally:
                 self.cur_run = None
         raise e
+
+
+def _loss_from_output(output) -> float:
+    from clinseg.pipelines.handlers import loss_from_output
+
+    return loss_from_output(output)
+
+
+class ValidationMetricsLogger(MLFlowHandler):
+    """Writes a validator's epoch metrics into the training's run (same experiment and run name as the training's
+    :class:`BundleMLflowHandler`), at the trainer's epoch as step."""
+
+    def __init__(self, bundle_name: str, run_name: str, tracking_uri: str | None = None):
+        tracking_uri = tracking_uri or default_tracking_uri()
+        super().__init__(
+            tracking_uri=tracking_uri,
+            experiment_name=bundle_name,
+            run_name=run_name,
+            iteration_log=False,
+            artifact_location=artifact_location_for(tracking_uri, bundle_name),
+        )

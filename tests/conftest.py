@@ -25,7 +25,7 @@ def shared_path(*parts: str) -> Path:
 @pytest.fixture(scope="session")
 def tiny_oct_dir(tmp_path_factory) -> Path:
     """3 phantom subjects of 4 B-scans of 64 x 96 pixels, in the Duke .mat layout."""
-    from datasets.oct.phantom import write_phantom_dataset
+    from clinseg.datasets.oct.phantom import write_phantom_dataset
 
     out = tmp_path_factory.mktemp("oct_phantom")
     write_phantom_dataset(out, n_subjects=3, n_bscans=4, height=64, width=96, seed=1)

@@ -33,19 +33,19 @@ import torch
 from fire.parser import DefaultParseValue
 from PIL import Image
 
-from datasets.ct import load_ct_datalist, read_volume
-from datasets.ct.dicom import write_ct_series
-from datasets.ct.phantom import write_msd_dataset
-from datasets.errors import DataError
-from datasets.fundus.datalist import load_vessel_datalist
-from datasets.fundus.phantom import write_drive_layout
-from datasets.fundus.readers import read_binary_mask, read_rgb
-from datasets.io import save_nifti
-from datasets.oct.datalist import load_oct_datalist
-from datasets.oct.duke import read_duke_mat
-from datasets.oct.images import read_grayscale, read_label
-from datasets.oct.phantom import write_phantom_dataset
-from pipelines.cli import ConfigError
+from clinseg.datasets.ct import load_ct_datalist, read_volume
+from clinseg.datasets.ct.dicom import write_ct_series
+from clinseg.datasets.ct.phantom import write_msd_dataset
+from clinseg.datasets.errors import DataError
+from clinseg.datasets.fundus.datalist import load_vessel_datalist
+from clinseg.datasets.fundus.phantom import write_drive_layout
+from clinseg.datasets.fundus.readers import read_binary_mask, read_rgb
+from clinseg.datasets.io import save_nifti
+from clinseg.datasets.oct.datalist import load_oct_datalist
+from clinseg.datasets.oct.duke import read_duke_mat
+from clinseg.datasets.oct.images import read_grayscale, read_label
+from clinseg.datasets.oct.phantom import write_phantom_dataset
+from clinseg.pipelines.cli import ConfigError
 from tests.conftest import REPO_ROOT
 
 pytestmark = pytest.mark.filterwarnings("ignore:parsing config_file:UserWarning")  # our own, trusted configs
@@ -507,7 +507,7 @@ def test_training_on_a_broken_file_names_it_and_keeps_the_checkpoints(bundle, bu
 
 
 def find_input_error(error: BaseException):
-    from pipelines.cli import find_input_error as find
+    from clinseg.pipelines.cli import find_input_error as find
 
     found = find(error)
     assert found is not None, f"no DataError/ConfigError behind {type(error).__name__}: {error}"
@@ -648,8 +648,8 @@ def test_evaluation_reports_an_empty_reference_label_instead_of_crashing(bundle,
 
 
 def test_the_checked_choices_are_the_ones_the_transforms_accept():
-    from transforms.ct import WINDOW_PRESETS
-    from transforms.fundus import CHANNELS
+    from clinseg.transforms.ct import WINDOW_PRESETS
+    from clinseg.transforms.fundus import CHANNELS
 
     def choices(bundle: str, key: str) -> set[str]:
         kind = json.loads((CONFIGS[bundle] / "train.json").read_text())["bundle_parameter_checks"][key][1]

@@ -14,8 +14,7 @@ import torch
 from monai.data import MetaTensor
 from monai.transforms import EnsureChannelFirstd, LoadImaged
 
-from datasets import DataError, NoUsableDataError
-from datasets.ct import (
+from clinseg.datasets.ct import (
     CTVolumeReader,
     load_ct_datalist,
     load_ct_images,
@@ -24,10 +23,12 @@ from datasets.ct import (
     write_ct_series,
     write_msd_dataset,
 )
-from datasets.ct.phantom import RAS_TO_LPS
-from pipelines.metrics import AverageSurfaceDistanceMM, HausdorffDistanceMM, RelativeVolumeError, volume_ml
+from clinseg.datasets.ct.phantom import RAS_TO_LPS
+from clinseg.datasets.errors import DataError, NoUsableDataError
+from clinseg.pipelines.metrics import AverageSurfaceDistanceMM, HausdorffDistanceMM, RelativeVolumeError, volume_ml
+from clinseg.transforms.ct import WINDOW_PRESETS, AlignToImaged, HounsfieldWindow, window_range
+from clinseg.transforms.labels import MapLabelValues
 from tests.conftest import shared_path
-from transforms import WINDOW_PRESETS, AlignToImaged, HounsfieldWindow, MapLabelValues, window_range
 
 # --- Hounsfield windowing
 

@@ -11,13 +11,13 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from datasets.ct import read_volume, write_msd_dataset
+from clinseg.datasets.ct import read_volume, write_msd_dataset
 from tests.conftest import REPO_ROOT, run_bundle, shared_path
 
 CONFIGS = REPO_ROOT / "bundles" / "ct_heart" / "configs"
 TRAIN = [str(CONFIGS / "train.json")]
 EVALUATE = TRAIN + [str(CONFIGS / "evaluate.json")]
-INFER = TRAIN + [str(CONFIGS / "inference.json")]
+INFER = [str(CONFIGS / "inference.json")]  # self-contained (the Model Zoo form)
 METRICS = {"val_mean_dice", "val_iou", "val_hd95_mm", "val_assd_mm", "val_rve", "val_sensitivity", "val_precision"}
 
 
@@ -137,7 +137,16 @@ def test_torchscript_export_matches_the_checkpoint(trained, tmp_path):
     overrides.append("network_def#num_res_units=1")
     out = tmp_path / "model.ts"
     checkpoint = str(bundle / "models" / "model.pt")
-    command = [sys.executable, "-m", "pipelines.export", "ct_heart", "--checkpoint", checkpoint, "--out", str(out)]
+    command = [
+        sys.executable,
+        "-m",
+        "clinseg.pipelines.export",
+        "ct_heart",
+        "--checkpoint",
+        checkpoint,
+        "--out",
+        str(out),
+    ]
     result = subprocess.run([*command, "--override", *overrides], cwd=REPO_ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((tmp_path / "export.json").read_text())

@@ -10,8 +10,8 @@ import pytest
 from pydicom.encaps import encapsulate
 from pydicom.uid import JPEG2000Lossless, RLELossless
 
-from datasets.ct.dicom import CTVolume, list_ct_series, read_ct_series, write_ct_series
-from datasets.errors import DataError
+from clinseg.datasets.ct.dicom import CTVolume, list_ct_series, read_ct_series, write_ct_series
+from clinseg.datasets.errors import DataError
 from tests.conftest import shared_path
 
 SHAPE = (12, 10, 8)  # columns, rows, slices

@@ -19,10 +19,10 @@ import pydicom
 import pytest
 from PIL import Image
 
-from datasets.ct import read_volume, write_msd_dataset
-from datasets.ct.dicom import read_ct_series
-from datasets.fundus.phantom import write_drive_layout
-from datasets.oct.phantom import write_phantom_dataset
+from clinseg.datasets.ct import read_volume, write_msd_dataset
+from clinseg.datasets.ct.dicom import read_ct_series
+from clinseg.datasets.fundus.phantom import write_drive_layout
+from clinseg.datasets.oct.phantom import write_phantom_dataset
 from tests.conftest import REPO_ROOT, run_bundle, shared_path
 
 DEPLOY_PYTHON = Path(os.environ.get("DEPLOY_PYTHON", REPO_ROOT / ".venv-deploy" / "bin" / "python"))
@@ -52,7 +52,16 @@ TINY = {
 
 
 def build(bundle: str, checkpoint: Path, app: Path, *extra: str) -> Path:
-    command = [sys.executable, "-m", "pipelines.deploy", bundle, "--out", str(app), "--checkpoint", str(checkpoint)]
+    command = [
+        sys.executable,
+        "-m",
+        "clinseg.pipelines.deploy",
+        bundle,
+        "--out",
+        str(app),
+        "--checkpoint",
+        str(checkpoint),
+    ]
     command += [*extra, "--override", *(f"{key}={json.dumps(value)}" for key, value in TINY[bundle].items())]
     result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]

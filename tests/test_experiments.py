@@ -28,7 +28,7 @@ TINY = {
 
 def experiments(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     result = subprocess.run(
-        [sys.executable, "-m", "pipelines.experiments", *args],
+        [sys.executable, "-m", "clinseg.pipelines.experiments", *args],
         cwd=REPO_ROOT,
         capture_output=True,
         text=True,
@@ -226,7 +226,7 @@ def test_an_interrupted_sweep_keeps_finished_children(tmp_path, tiny_oct_dir, tr
     command = [
         sys.executable,
         "-m",
-        "pipelines.experiments",
+        "clinseg.pipelines.experiments",
         "sweep",
         "oct_layers",
         "--grid",

@@ -19,7 +19,7 @@ from tests.conftest import OCT_BUNDLE, REPO_ROOT, run_bundle
 CONFIGS = OCT_BUNDLE / "configs"
 TRAIN = [str(CONFIGS / "train.json")]
 EVALUATE = TRAIN + [str(CONFIGS / "evaluate.json")]
-INFER = TRAIN + [str(CONFIGS / "inference.json")]
+INFER = [str(CONFIGS / "inference.json")]  # self-contained (the Model Zoo form)
 LAYERS = {"NFL", "GCL-IPL", "INL", "OPL", "ONL-ISM", "ISE", "OS-RPE"}
 
 
@@ -164,7 +164,7 @@ def test_missing_data_gives_a_clear_message_not_a_stack_trace(tmp_path, tracking
     )
     assert result.returncode != 0
     assert f"error: {tmp_path / 'no_such_dataset'}: does not exist." in result.stderr
-    assert "Accepted layouts" in result.stderr and "python -m datasets.oct.phantom" in result.stderr
+    assert "Accepted layouts" in result.stderr and "python -m clinseg.datasets.oct.phantom" in result.stderr
     assert "Traceback" not in result.stderr
     client = mlflow.MlflowClient(tracking_uri)
     experiment = client.get_experiment_by_name("oct_layers")

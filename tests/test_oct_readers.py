@@ -9,9 +9,10 @@ import pytest
 import scipy.io
 from PIL import Image
 
-from datasets import DataError, NoUsableDataError, dataset_fingerprint
-from datasets.oct import load_oct_datalist, load_oct_images, read_duke_mat, read_paired_folder, read_via_json
-from datasets.oct.phantom import write_phantom_dataset
+from clinseg.datasets.errors import DataError, NoUsableDataError
+from clinseg.datasets.fingerprint import dataset_fingerprint
+from clinseg.datasets.oct import load_oct_datalist, load_oct_images, read_duke_mat, read_paired_folder, read_via_json
+from clinseg.datasets.oct.phantom import write_phantom_dataset
 from tests.conftest import shared_path
 
 NR206_COLORS = [

@@ -7,11 +7,12 @@ import pytest
 import torch
 from monai.bundle import ConfigParser
 
-from datasets.oct import load_oct_datalist
-from pipelines.losses import DiceCELossWithIgnore
-from pipelines.metrics import LayerThicknessError, PixelAccuracyMetric
+from clinseg.datasets.oct import load_oct_datalist
+from clinseg.pipelines.losses import DiceCELossWithIgnore
+from clinseg.pipelines.metrics import LayerThicknessError, PixelAccuracyMetric
+from clinseg.transforms.labels import ColorToLabeld, OneHotWithIgnored
+from clinseg.transforms.oct import boundaries_to_label_map
 from tests.conftest import OCT_BUNDLE
-from transforms import ColorToLabeld, OneHotWithIgnored, boundaries_to_label_map
 
 
 def test_boundaries_to_label_map_fills_layers_and_ignores_missing_columns():

@@ -10,12 +10,13 @@ import pytest
 import torch
 from PIL import Image
 
-from datasets import DataError, NoUsableDataError
-from datasets.fundus import load_vessel_datalist, read_binary_mask, read_drive, read_image_mask_folders
-from datasets.fundus.phantom import write_drive_layout
-from pipelines.metrics import CenterlineDiceMetric, ROCAUCInMaskMetric
+from clinseg.datasets.errors import DataError, NoUsableDataError
+from clinseg.datasets.fundus import load_vessel_datalist, read_binary_mask, read_drive, read_image_mask_folders
+from clinseg.datasets.fundus.phantom import write_drive_layout
+from clinseg.pipelines.metrics import CenterlineDiceMetric, ROCAUCInMaskMetric
+from clinseg.transforms.fundus import FundusNormalize
+from clinseg.transforms.labels import OneHotWithIgnore
 from tests.conftest import REPO_ROOT, run_bundle, shared_path
-from transforms import FundusNormalize, OneHotWithIgnore
 
 CONFIGS = REPO_ROOT / "bundles" / "vessels" / "configs"
 TRAIN = [str(CONFIGS / "train.json")]
@@ -178,7 +179,7 @@ def test_tiny_bundle_train_evaluate_infer(tmp_path, tiny_drive, tracking_uri):
     out = tmp_path / "predictions"
     run_bundle(
         "inferring",
-        TRAIN + [str(CONFIGS / "inference.json")],
+        [str(CONFIGS / "inference.json")],
         {**common, "input_dir": tiny_drive / "training", "output_dir": out, "tta": True},
     )
     for name in ("21_seg.png", "21_prob.png", "21_overlay.png"):

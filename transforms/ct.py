@@ -18,7 +18,7 @@ from monai.config.type_definitions import NdarrayOrTensor
 from monai.data import MetaTensor
 from monai.transforms import MapTransform, ResampleToMatch, ScaleIntensityRange, Transform
 
-from datasets.errors import DataError
+from clinseg.datasets.errors import DataError
 
 # (level, width) in HU. Mediastinum, lung and bone are the usual radiology reading windows; "cardiac" is a
 # CT-angiography window wide enough for fat (-100 HU), myocardium (~100 HU) and contrast-enhanced blood

@@ -12,9 +12,8 @@ from monai.data import MetaTensor
 from monai.transforms import MapTransform, Transform
 from monai.utils import convert_to_tensor
 
-from datasets.errors import DataError
-
-from .oct import IGNORE_INDEX
+from clinseg.datasets.errors import DataError
+from clinseg.transforms.oct import IGNORE_INDEX
 
 
 class ColorToLabel(Transform):

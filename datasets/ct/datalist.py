@@ -19,9 +19,9 @@ import logging
 import os
 from pathlib import Path
 
-from ..errors import DataError, NoUsableDataError
-from ..io import resolve_layout, split_by_group
-from .volumes import VOLUME_SUFFIXES, case_id, is_volume_file, looks_like_dicom
+from clinseg.datasets.ct.volumes import VOLUME_SUFFIXES, case_id, is_volume_file, looks_like_dicom
+from clinseg.datasets.errors import DataError, NoUsableDataError
+from clinseg.datasets.io import resolve_layout, split_by_group
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ ACCEPTED_LAYOUTS = """Accepted layout (Medical Segmentation Decathlon / nnU-Net)
 
 DEMO_HINT = (
     "To create the embedded demo data instead, run:\n"
-    "  python -m datasets.ct.phantom --out data/phantoms/ct_heart\n"
+    "  python -m clinseg.datasets.ct.phantom --out data/phantoms/ct_heart\n"
     "(or leave 'dataset_dir' at its default, which generates it on first use)."
 )
 
@@ -118,7 +118,7 @@ def load_ct_datalist(
     dataset_dir = Path(dataset_dir)
 
     def generate(folder: Path) -> None:
-        from .phantom import write_msd_dataset
+        from clinseg.datasets.ct.phantom import write_msd_dataset
 
         write_msd_dataset(folder, n_train=phantom_cases)
 

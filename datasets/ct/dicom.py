@@ -37,7 +37,8 @@ from pydicom.uid import (
 )
 from pydicom.valuerep import DSfloat
 
-from ..errors import DataError, NoUsableDataError
+from clinseg.datasets.errors import DataError, NoUsableDataError
+from clinseg.datasets.io import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -567,13 +568,7 @@ def _file_names(mode: str, n: int, uids: list[str], seed: int) -> tuple[list[str
 
 def _save_atomic(ds: FileDataset, path: Path) -> None:
     """Write to a hidden temporary file beside ``path`` and rename it, so no half-written file gets the final name."""
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        ds.save_as(temporary, enforce_file_format=True)
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda temporary: ds.save_as(temporary, enforce_file_format=True))
 
 
 def write_ct_series(

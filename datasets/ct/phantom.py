@@ -12,7 +12,7 @@ Written as a Medical Segmentation Decathlon folder (``imagesTr``/``labelsTr``/``
 ``dataset.json``) and, for the test cases, also as DICOM CT series (``dicom/<case>/``) with correct geometry and
 rescale tags, the form scanners deliver.
 
-Run ``python -m datasets.ct.phantom --out data/phantoms/ct_heart`` to write it.
+Run ``python -m clinseg.datasets.ct.phantom --out data/phantoms/ct_heart`` to write it.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from ..io import save_nifti
+from clinseg.datasets.io import save_nifti
 
 logger = logging.getLogger(__name__)
 
@@ -321,7 +321,7 @@ def write_msd_dataset(
             }
         )
         if dicom and split == "Ts":
-            from .dicom import write_ct_series
+            from clinseg.datasets.ct.dicom import write_ct_series
 
             write_ct_series(
                 phantom.hu,

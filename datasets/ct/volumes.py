@@ -19,7 +19,7 @@ from monai.data import ImageReader, MetaTensor
 from monai.transforms import MapTransform
 from monai.utils import MetaKeys, SpaceKeys, ensure_tuple
 
-from ..errors import DataError
+from clinseg.datasets.errors import DataError
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
@@ -107,7 +107,7 @@ def read_volume(
     path = Path(path)
     meta: dict = {}
     if path.is_dir():
-        from .dicom import read_ct_series
+        from clinseg.datasets.ct.dicom import read_ct_series
 
         volume = read_ct_series(path, series_uid=series_uid, series_description=series_description)
         array, affine = volume.hu, LPS_TO_RAS @ volume.affine_lps
@@ -140,7 +140,7 @@ def read_volume(
 
 def read_dicom_files(files: Sequence[str | os.PathLike]) -> tuple[np.ndarray, np.ndarray, dict]:
     """One CT series given as its slice files (all checks of :func:`datasets.ct.dicom.read_ct_series` apply)."""
-    from .dicom import read_ct_series
+    from clinseg.datasets.ct.dicom import read_ct_series
 
     files = [Path(f) for f in files]
     folder = Path(os.path.commonpath([str(f.parent) for f in files]))

@@ -17,10 +17,10 @@ import logging
 import os
 from pathlib import Path
 
-from ..errors import NoUsableDataError
-from ..io import resolve_layout, split_by_group
-from .phantom import write_drive_layout
-from .readers import make_item, read_drive, read_image_mask_folders
+from clinseg.datasets.errors import NoUsableDataError
+from clinseg.datasets.fundus.phantom import write_drive_layout
+from clinseg.datasets.fundus.readers import make_item, read_drive, read_image_mask_folders
+from clinseg.datasets.io import resolve_layout, split_by_group
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ ACCEPTED_LAYOUTS = """Accepted layouts:
 
 DEMO_HINT = (
     "To create the embedded demo data instead, run:\n"
-    "  python -m datasets.fundus.phantom --out data/phantoms/vessels\n"
+    "  python -m clinseg.datasets.fundus.phantom --out data/phantoms/vessels\n"
     "(or leave 'dataset_dir' at its default, which generates it on first use)."
 )
 

@@ -6,7 +6,7 @@ disc, a darker macula, and a branching vessel tree grown from the disc: four arc
 macula, branch, and taper (children follow Murray's law). Vessels are darkest in the green channel, as in real
 photographs. The annotation is the drawn tree; the FOV mask is the circle. Deterministic per seed.
 
-    python -m datasets.fundus.phantom --out data/phantoms/vessels --images 12
+    python -m clinseg.datasets.fundus.phantom --out data/phantoms/vessels --images 12
 """
 
 from __future__ import annotations

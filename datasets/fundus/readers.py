@@ -13,10 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
-from transforms.oct import IGNORE_INDEX
-
-from ..errors import DataError
-from ..io import open_image
+from clinseg.datasets.errors import DataError
+from clinseg.datasets.io import open_image
+from clinseg.transforms.oct import IGNORE_INDEX
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif", ".ppm")
 LOSSY_SUFFIXES = (".jpg", ".jpeg")

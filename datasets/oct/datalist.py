@@ -20,15 +20,14 @@ from pathlib import Path
 
 import numpy as np
 
-from transforms.oct import IGNORE_INDEX
-
-from ..errors import DataError, NoUsableDataError
-from ..io import resolve_layout, split_by_group
-from .duke import read_duke_mat, read_mat_bscans
-from .images import IMAGE_SUFFIXES, read_grayscale
-from .paired import image_files, read_paired_folder
-from .phantom import write_phantom_dataset
-from .via import read_via_json
+from clinseg.datasets.errors import DataError, NoUsableDataError
+from clinseg.datasets.io import resolve_layout, split_by_group
+from clinseg.datasets.oct.duke import read_duke_mat, read_mat_bscans
+from clinseg.datasets.oct.images import IMAGE_SUFFIXES, read_grayscale
+from clinseg.datasets.oct.paired import image_files, read_paired_folder
+from clinseg.datasets.oct.phantom import write_phantom_dataset
+from clinseg.datasets.oct.via import read_via_json
+from clinseg.transforms.oct import IGNORE_INDEX
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +41,7 @@ ACCEPTED_LAYOUTS = """Accepted layouts:
 
 DEMO_HINT = (
     "To create the embedded demo data instead, run:\n"
-    "  python -m datasets.oct.phantom --out data/phantoms/oct_layers\n"
+    "  python -m clinseg.datasets.oct.phantom --out data/phantoms/oct_layers\n"
     "(or leave 'dataset_dir' at its default, which generates it on first use)."
 )
 

@@ -15,9 +15,8 @@ from pathlib import Path
 import numpy as np
 import scipy.io
 
-from transforms.oct import IGNORE_INDEX, boundaries_to_label_map
-
-from ..errors import DataError
+from clinseg.datasets.errors import DataError
+from clinseg.transforms.oct import IGNORE_INDEX, boundaries_to_label_map
 
 DUKE_CLASS_NAMES = ("background", "NFL", "GCL-IPL", "INL", "OPL", "ONL-ISM", "ISE", "OS-RPE")
 """Background plus the 7 layers between the 8 manual boundaries of the Duke DME release."""

@@ -7,10 +7,9 @@ from pathlib import Path
 
 import numpy as np
 
-from transforms.labels import ColorToLabel
-
-from ..errors import DataError
-from ..io import open_image
+from clinseg.datasets.errors import DataError
+from clinseg.datasets.io import open_image
+from clinseg.transforms.labels import ColorToLabel
 
 IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
 

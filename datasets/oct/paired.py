@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..errors import DataError
-from .images import IMAGE_SUFFIXES, read_grayscale, read_label
+from clinseg.datasets.errors import DataError
+from clinseg.datasets.oct.images import IMAGE_SUFFIXES, read_grayscale, read_label
 
 LABEL_SUFFIXES = ("", "_label", "_labels", "_mask", "_seg", "_gt")
 

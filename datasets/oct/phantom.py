@@ -9,7 +9,7 @@ by speckle and given vessel shadows. Everything is deterministic per seed.
 
 Command line::
 
-    python -m datasets.oct.phantom --out data/phantoms/oct_layers --subjects 8
+    python -m clinseg.datasets.oct.phantom --out data/phantoms/oct_layers --subjects 8
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import numpy as np
 import scipy.io
 from scipy.ndimage import gaussian_filter
 
-from .duke import DUKE_CLASS_NAMES
+from clinseg.datasets.oct.duke import DUKE_CLASS_NAMES
 
 
 @dataclass(frozen=True)

@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 from skimage.draw import polygon as fill_polygon
 
-from ..errors import DataError
-from .images import read_grayscale
+from clinseg.datasets.errors import DataError
+from clinseg.datasets.oct.images import read_grayscale
 
 
 def _region_class(region: dict, class_names: list[str], attribute: str | None, json_path: Path, filename: str) -> int:

@@ -1,6 +1,6 @@
 """The ct_heart bundle's model on real chest CT: quality against the reference mask, time and memory per volume.
 
-    python -m pipelines.benchmarks.ct_heart_real [--checkpoint bundles/ct_heart/models/model.pt] \\
+    python -m clinseg.pipelines.benchmarks.ct_heart_real [--checkpoint bundles/ct_heart/models/model.pt] \\
         [--out bundles/ct_heart/outputs/benchmark_real_ct.json]
 
 Runs the bundle's own inference config (``train.json`` + ``inference.json`` through MONAI's ``ConfigWorkflow``,
@@ -32,10 +32,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipelines.cli import parse_overrides
-from pipelines.metrics import volume_ml
+from clinseg.pipelines.cli import parse_overrides
+from clinseg.pipelines.metrics import volume_ml
+from clinseg.pipelines.paths import PROJECT_ROOT as REPO_ROOT
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = REPO_ROOT / "bundles" / "ct_heart" / "configs"
 
 
@@ -43,8 +43,8 @@ def reference_on_grid(image_path: Path, label_path: Path) -> np.ndarray:
     """The reference mask on the image's grid, through the bundle's own loader and label alignment."""
     from monai.transforms import Compose, EnsureChannelFirstd
 
-    from datasets.ct import LoadCTVolumed
-    from transforms import AlignToImaged
+    from clinseg.datasets.ct import LoadCTVolumed
+    from clinseg.transforms.ct import AlignToImaged
 
     load = Compose(
         [
@@ -80,7 +80,7 @@ def infer(source: Path, output_dir: Path, checkpoint: Path, overrides: dict) -> 
     from monai.bundle import ConfigWorkflow
 
     workflow = ConfigWorkflow(
-        config_file=[str(CONFIGS / "train.json"), str(CONFIGS / "inference.json")],
+        config_file=str(CONFIGS / "inference.json"),
         workflow_type="infer",
         input_path=str(source),
         output_dir=str(output_dir),
@@ -115,7 +115,6 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     overrides = parse_overrides(args.override)
-    os.chdir(REPO_ROOT)  # bundle configs resolve their shared blocks from the repository root
     work_dir = Path(args.work_dir or tempfile.mkdtemp(prefix="ct_heart_benchmark_"))
     heart = data_dir / "pulmonary_report" / "heart.nii.gz"
     cases = {

@@ -1,7 +1,7 @@
 """Peak memory and time of each bundle's default training config, per cache mode: the numbers behind the README's
 memory ceilings.
 
-    python -m pipelines.benchmarks.memory [--bundles oct_layers vessels ct_heart] [--caches memory disk none]
+    python -m clinseg.pipelines.benchmarks.memory [--bundles oct_layers vessels ct_heart] [--caches memory disk none]
         [--epochs 1] [--out data/benchmarks/memory.json] [--override KEY=JSON ...]
 
 Each measurement is a fresh process that runs ``training`` of ``bundles/<bundle>/configs/train.json`` in-process
@@ -25,9 +25,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from pipelines.cli import parse_overrides
+from clinseg.pipelines.cli import parse_overrides
+from clinseg.pipelines.paths import PROJECT_ROOT as REPO_ROOT
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 BUNDLES = ("oct_layers", "vessels", "ct_heart")
 CACHES = ("memory", "disk", "none")
 
@@ -79,7 +79,14 @@ def measure(bundle: str, cache: str, epochs: int, extra: dict) -> dict:
             "val_interval": 1,
             **extra,
         }
-        command = [sys.executable, "-m", "pipelines.benchmarks.memory", "--child", bundle, json.dumps(overrides)]
+        command = [
+            sys.executable,
+            "-m",
+            "clinseg.pipelines.benchmarks.memory",
+            "--child",
+            bundle,
+            json.dumps(overrides),
+        ]
         with tempfile.TemporaryFile("w+") as stdout, tempfile.TemporaryFile("w+") as stderr:
             process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=stdout, stderr=stderr, text=True)
             peak_pss = 0.0

@@ -1,6 +1,6 @@
 """Quality and speed of the vessels bundle on real DRIVE images, against a plain PyTorch loop.
 
-    python -m pipelines.benchmarks.vessels_drive --dataset_dir ../shared/data/vessels/DRIVE/training \\
+    python -m clinseg.pipelines.benchmarks.vessels_drive --dataset_dir ../shared/data/vessels/DRIVE/training \\
         --budget_s 600 --out bundles/vessels/outputs/benchmark_drive.json
 
 1. Trains the bundle's default config (``bundles/vessels/configs/train.json``, run through MONAI's
@@ -31,7 +31,8 @@ from pathlib import Path
 import torch
 from ignite.engine import Events
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+from clinseg.pipelines.paths import PROJECT_ROOT as REPO_ROOT
+
 CONFIG = REPO_ROOT / "bundles" / "vessels" / "configs" / "train.json"
 
 
@@ -111,7 +112,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     work_dir = Path(args.work_dir or tempfile.mkdtemp(prefix="vessels_benchmark_"))
-    os.chdir(REPO_ROOT)  # bundle configs resolve their shared blocks from the repository root
     workflow = ConfigWorkflow(
         config_file=str(CONFIG),
         workflow_type="train",

@@ -1,5 +1,5 @@
-"""``python -m pipelines.deploy <bundle> --out <folder>``: see :mod:`pipelines.deploy.build`."""
+"""``python -m clinseg.pipelines.deploy <bundle> --out <folder>``: see :mod:`pipelines.deploy.build`."""
 
-from .build import main
+from clinseg.pipelines.deploy.build import main
 
 raise SystemExit(main())

@@ -27,10 +27,10 @@ from monai.deploy.core import Application, Fragment, Operator, OperatorSpec
 from monai.deploy.operators.dicom_data_loader_operator import DICOMDataLoaderOperator
 from monai.deploy.operators.dicom_series_selector_operator import DICOMSeriesSelectorOperator
 
-from datasets.errors import DataError, InputError
-from pipelines.cli import find_input_error
+from clinseg.datasets.errors import DataError, InputError
+from clinseg.pipelines.cli import find_input_error
 
-from .runtime import CT_RULES, BundleRuntime, staged_outputs
+from clinseg.pipelines.deploy.runtime import CT_RULES, BundleRuntime, staged_outputs
 
 logger = logging.getLogger(__name__)
 
@@ -124,7 +124,7 @@ class HeartSegmentationOperator(Operator):
     def damaged_file_error(self) -> DataError | None:
         """The SDK's loader skips files it cannot parse, so an empty or damaged slice first shows up as a gap in
         the series; the project's scan of the whole input folder names the file itself."""
-        from datasets.ct.dicom import list_ct_series
+        from clinseg.datasets.ct.dicom import list_ct_series
 
         try:
             list_ct_series(self.input_path)
@@ -135,7 +135,7 @@ class HeartSegmentationOperator(Operator):
     def anonymised_ct_series(self, studies) -> list[str]:
         """The SDK's loader drops slices with empty UIDs (anonymised exports); the project's reader groups them by
         geometry. Their files, or an error naming the input and what it holds."""
-        from datasets.ct.dicom import list_ct_series
+        from clinseg.datasets.ct.dicom import list_ct_series
 
         try:
             series = list_ct_series(self.input_path)

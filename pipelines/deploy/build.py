@@ -1,6 +1,6 @@
 """Build a self-contained MONAI Deploy application folder from a trained bundle.
 
-    python -m pipelines.deploy ct_heart --out deploy/ct_heart_app [--checkpoint PATH] [--override KEY=JSON ...]
+    python -m clinseg.pipelines.deploy ct_heart --out deploy/ct_heart_app [--checkpoint PATH] [--override KEY=JSON ...]
 
 The folder holds everything the application needs and nothing of the repository around it:
 
@@ -27,9 +27,9 @@ import shutil
 import sys
 from pathlib import Path
 
-from ..cli import parse_overrides
-from ..export import REPO_ROOT, bundle_config, bundle_paths, compare, export_torchscript
-from .runtime import CT_RULES
+from clinseg.pipelines.cli import parse_overrides
+from clinseg.pipelines.export import REPO_ROOT, bundle_config, bundle_paths, compare, export_torchscript
+from clinseg.pipelines.deploy.runtime import CT_RULES
 
 PACKAGES = ("datasets", "transforms", "pipelines")
 IGNORED = shutil.ignore_patterns("__pycache__", "*.pyc", "benchmarks", "demo.py", "experiments.py")
@@ -45,7 +45,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the project code shipped beside this file
 
-from pipelines.deploy.apps import {app_class}, main  # noqa: E402
+from clinseg.pipelines.deploy.apps import {app_class}, main  # noqa: E402
 
 if __name__ == "__main__":
     raise SystemExit(main({app_class}, Path(__file__).resolve().parent / "bundle" / "inference.json"))
@@ -75,7 +75,7 @@ resources:
 
 README = """# {title}: MONAI Deploy application
 
-Built from the `{bundle}` bundle by `python -m pipelines.deploy {bundle} --out <folder>`.
+Built from the `{bundle}` bundle by `python -m clinseg.pipelines.deploy {bundle} --out <folder>`.
 
 Input: {inputs}
 Output: {outputs}

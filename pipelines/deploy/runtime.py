@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from ..export import load_weights
+from clinseg.pipelines.export import load_weights
 
 logger = logging.getLogger(__name__)
 

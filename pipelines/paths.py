@@ -1,0 +1,42 @@
+"""Where the project keeps its state: one place that knows the project root.
+
+In a checkout (the library installed editable, as ``make install`` does) the project root is the repository; the
+generated phantoms live in ``<root>/data`` and the MLflow store in ``<root>/mlruns``. Installed from a wheel, or to
+put the state elsewhere, set ``CLINSEG_HOME``. A bundle copied out of the repository therefore still finds its
+phantom data and the store without any path of its own.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from pathlib import Path
+
+_CHECKOUT = Path(__file__).resolve().parents[1]
+
+
+def project_root() -> Path:
+    """``CLINSEG_HOME`` if set; else the repository this library lives in; else the current folder."""
+    if os.environ.get("CLINSEG_HOME"):
+        return Path(os.environ["CLINSEG_HOME"]).resolve()
+    if (_CHECKOUT / "bundles").is_dir() and (_CHECKOUT / "pipelines").is_dir():
+        return _CHECKOUT
+    return Path.cwd()
+
+
+PROJECT_ROOT = project_root()
+
+
+def phantom_dir(bundle_name: str) -> str:
+    """The folder a bundle's synthetic phantom is generated into on first use."""
+    return str(PROJECT_ROOT / "data" / "phantoms" / bundle_name)
+
+
+def default_store() -> Path:
+    return PROJECT_ROOT / "mlruns"
+
+
+def unique_run_name(workflow: str) -> str:
+    """``<workflow>-<YYYYmmdd-HHMMSS>-<6 hex>``: distinct for runs started in the same second."""
+    return f"{workflow}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"

@@ -1,0 +1,153 @@
+"""The segmentation workflow every bundle shares: what runs before, around and after a bundle's trainer.
+
+A bundle's configs declare their task (data, classes, network, transforms, metrics) and the MONAI engines at the
+Model Zoo's ids; the steps here are what is the same for every task, written once and called from the configs'
+``initialize`` and ``training`` expressions:
+
+- :func:`initialize`: config values checked before anything runs (:data:`SHARED_PARAMETER_KINDS` plus the
+  bundle's own kinds), determinism, writable folders, a reachable tracking server;
+- :func:`run_training`: early stopping, the latest-checkpoint saver, resume, the time limit, the run itself, and
+  ``models/model.pt`` left behind in every case (the best validated model, or the final one when no validation
+  ran).
+
+Every step is rank-aware: under ``torchrun`` only rank 0 writes outputs, checkpoints and tracking records.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import ignite
+import torch
+import torch.distributed as dist
+from ignite.engine import Engine, Events
+
+from clinseg.pipelines.cli import check_parameters, require_writable_dir
+
+logger = logging.getLogger(__name__)
+
+# the config values every bundle exposes, by config id, and the kind each must be (see clinseg.pipelines.cli)
+SHARED_PARAMETER_KINDS = {
+    "seed": "int",
+    "learning_rate": "number>0",
+    "batch_size": "int>0",
+    "train#trainer#max_epochs": "int>0",
+    "val_interval": "int>0",
+    "val_fraction": "fraction",
+    "early_stop_patience": "int>=0",
+    "train_time_limit_s": "number>=0",
+    "resume": "bool",
+    "num_workers": "int>=0",
+    "cache": "one of: memory, disk, none",
+    "cache_rate": "rate",
+    "class_names": "list[str]",
+    "pixel_size_um": "number>0?",
+    "dataset_dir": "path",
+    "output_dir": "path",
+    "checkpoint_path": "path",
+}
+
+
+def running_parser():
+    """The ``ConfigParser`` of the bundle workflow being run (after command-line overrides), or None.
+
+    MONAI hands a config expression no reference to its workflow, so the ``ConfigWorkflow`` is found on the call
+    stack (expressions and handlers run inside its ``initialize`` / ``run``)."""
+    from monai.bundle import ConfigWorkflow
+
+    for frame_info in inspect.stack(context=0):
+        candidate = frame_info.frame.f_locals.get("self")
+        if isinstance(candidate, ConfigWorkflow):
+            return candidate.parser
+    return None
+
+
+def is_rank_zero() -> bool:
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def check_config_values(bundle_kinds: Mapping[str, str] | None = None, parser=None) -> None:
+    """Check every shared and bundle-specific value the running config defines; ids it lacks are skipped (an
+    inference config has no ``learning_rate``). Raises ``ConfigError`` naming the first wrong key."""
+    parser = parser if parser is not None else running_parser()
+    if parser is None:
+        return
+    checks = {}
+    for key, kind in {**SHARED_PARAMETER_KINDS, **(bundle_kinds or {})}.items():
+        if key in parser:
+            checks[key] = [parser.get_parsed_content(key), kind]
+    check_parameters(checks)
+
+
+def initialize(
+    parameter_kinds: Mapping[str, str] | None = None,
+    seed: int | None = None,
+    ckpt_dir: str | None = None,
+    output_dir: str | None = None,
+    tracking_uri: str | None = None,
+) -> None:
+    """The checks every run makes first, so that a wrong value or an unwritable folder stops it before data loading
+    and training, not after an hour of training."""
+    from monai.utils import set_determinism
+
+    check_config_values(parameter_kinds)
+    if seed is not None:
+        set_determinism(seed=seed)
+    if ckpt_dir is not None:  # every rank reads checkpoints (resume)
+        require_writable_dir(ckpt_dir, "the checkpoint folder")
+    if is_rank_zero():
+        if output_dir is not None:
+            require_writable_dir(output_dir, "the output folder")
+        if tracking_uri is not None:
+            from clinseg.pipelines.tracking import check_tracking_uri
+
+            check_tracking_uri(tracking_uri)
+
+
+def save_final_model(network: torch.nn.Module, ckpt_dir: str | os.PathLike) -> Path:
+    """Write ``network``'s weights (a plain state dict, as the best-model saver writes) to ``<ckpt_dir>/model.pt``,
+    atomically."""
+    from clinseg.datasets.io import atomic_write
+
+    module = network.module if isinstance(network, torch.nn.parallel.DistributedDataParallel) else network
+    path = Path(ckpt_dir) / "model.pt"
+    atomic_write(path, lambda tmp: torch.save(module.state_dict(), tmp))
+    return path
+
+
+def run_training(
+    trainer: Engine,
+    latest_checkpoint,
+    early_stop,
+    validator: Engine,
+    ckpt_dir: str,
+    resume: bool = False,
+    time_limit_s: float = 0,
+) -> None:
+    """Run ``trainer`` as every bundle does; ``models/model.pt`` exists afterwards whatever the validation interval.
+
+    ``model.pt`` is the best validated model (written by the validation's best-model saver). When this training
+    ran no validation at all (``max_epochs`` below ``val_interval``), the final weights are written there instead,
+    so ``inferring``, evaluation and export work after any training."""
+    from clinseg.pipelines.handlers import resume_from_latest
+
+    early_stop.set_trainer(trainer)
+    if is_rank_zero():
+        latest_checkpoint.attach(trainer)
+    resumed = resume_from_latest(trainer, latest_checkpoint, ckpt_dir) if resume else None
+    if time_limit_s > 0:
+        trainer.add_event_handler(Events.ITERATION_COMPLETED, ignite.handlers.TimeLimit(int(time_limit_s)))
+
+    def leave_a_model(engine: Engine) -> None:
+        # registered before the tracking handler's completion (attached at STARTED), so MLflow logs this file
+        model_file = Path(ckpt_dir) / "model.pt"
+        if is_rank_zero() and ((validator.state.iteration == 0 and not resumed) or not model_file.is_file()):
+            path = save_final_model(engine.network, ckpt_dir)
+            logger.info(f"no validation ran in this training: the final model is saved as {path}")
+
+    trainer.add_event_handler(Events.COMPLETED, leave_a_model)
+    trainer.run()
