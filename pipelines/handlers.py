@@ -83,6 +83,28 @@ class EpochSummary:
         self.logger.info(" | ".join(parts))
 
 
+class TrainingMonitor:
+    """What follows each validation and what a person watching a training sees: the LR schedule stepped on the key
+    validation metric (on every rank, so the ranks stay in step), one summary line per epoch and a progress bar
+    with the running loss (rank 0 only)."""
+
+    def __init__(self, validator: Engine, lr_scheduler, key_metric: str, progress_bar: bool = True):
+        from monai.handlers import LrScheduleHandler
+
+        from clinseg.pipelines.workflow import is_rank_zero
+
+        self.lr_schedule = LrScheduleHandler(
+            lr_scheduler, print_lr=False, step_transform=lambda engine: validator.state.metrics.get(key_metric, 0.0)
+        )
+        self.summary = EpochSummary(validator, key_metric) if is_rank_zero() else None
+        self.progress = LossProgressBar() if progress_bar and is_rank_zero() else None
+
+    def attach(self, engine: Engine) -> None:
+        for handler in (self.lr_schedule, self.summary, self.progress):
+            if handler is not None:
+                handler.attach(engine)
+
+
 class TrainingProgress:
     """The training state that lives outside the engines, saved in the latest checkpoint so that a resumed run
     continues it instead of silently restarting it: the validator's best metric and its epoch, the ranking of the

@@ -271,6 +271,40 @@ class EvaluationReport:
             logger.info(f"metrics of {n_images} images (written to {path}):\n{format_table(report)}")
 
 
+class EvaluationOutputs:
+    """The files of an evaluation run: the per-class report with an overlay of every image
+    (:class:`EvaluationReport`, rank 0) and MONAI's metric tables (``MetricsSaver``: summaries and per-image
+    ``*_raw.csv``, gathered across ranks, so attached on every rank)."""
+
+    def __init__(
+        self,
+        output_dir: str,
+        class_names: Sequence[str],
+        palette: Sequence[Sequence[int]] | None = None,
+        pixel_size_um: float | None = None,
+    ):
+        from monai.handlers import MetricsSaver
+
+        from clinseg.pipelines.workflow import is_rank_zero
+
+        self.report = None
+        if is_rank_zero():
+            self.report = EvaluationReport(
+                output_dir, class_names, num_overlays=-1, palette=palette, pixel_size_um=pixel_size_um, print_table=True
+            )
+        self.tables = MetricsSaver(
+            save_dir=output_dir,
+            metrics="*",
+            metric_details="*",
+            batch_transform=lambda batch: [{"filename_or_obj": item["id"]} for item in batch],
+        )
+
+    def attach(self, engine: Engine) -> None:
+        if self.report is not None:
+            self.report.attach(engine)
+        self.tables.attach(engine)
+
+
 def format_table(report: Mapping) -> str:
     """Metrics as a text table: one row per metric, its mean then one column per class."""
     per_class = report.get("per_class", {})

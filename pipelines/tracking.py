@@ -273,6 +273,8 @@ class BundleMLflowHandler(MLFlowHandler):
         if workflow == "train":  # the iteration loss, under its own name
             kwargs.setdefault("tag_name", "train_loss")
             kwargs.setdefault("output_transform", _loss_from_output)
+        else:  # an evaluator's iterations carry predictions, not a loss
+            kwargs.setdefault("iteration_log", False)
         self._derive_params = experiment_param is None
         self._store_uri = os.environ.get("MLFLOW_TRACKING_URI") or tracking_uri
         with store_lock(self._store_uri):

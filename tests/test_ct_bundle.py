@@ -63,7 +63,7 @@ def test_training_tracks_mm_metrics_and_writes_checkpoints(trained):
     client, (run,) = runs(uri, "train")
     assert run.info.status == "FINISHED"
     assert METRICS <= set(run.data.metrics)
-    assert run.data.params["spacing_mm"] == "[6, 6, 6]" and run.data.params["window_preset"] == "cardiac"
+    assert run.data.params["spacing"] == "[6, 6, 6]" and run.data.params["window_preset"] == "cardiac"
     history = client.get_metric_history(run.info.run_id, "val_hd95_mm")
     assert [m.step for m in history] == [1, 2] and all(m.value > 0 for m in history)
     report = json.loads(next((bundle / "outputs").glob("train-*/metrics.json")).read_text())
@@ -79,7 +79,7 @@ def test_evaluation_on_the_test_split_at_the_native_grid(trained, ct_data):
     report = json.loads(sorted((bundle / "outputs").glob("evaluate-*/metrics.json"))[-1].read_text())
     assert report["n_images"] == 1 and METRICS <= set(report["mean"])
     _, (run,) = runs(uri, "evaluate")
-    assert run.data.params["split"] == "test" and run.data.metrics["val_mean_dice"] == pytest.approx(
+    assert run.data.params["eval_split"] == "test" and run.data.metrics["val_mean_dice"] == pytest.approx(
         report["mean"]["val_mean_dice"]
     )
 
@@ -154,7 +154,8 @@ def test_torchscript_export_matches_the_checkpoint(trained, tmp_path):
     extra = {"metadata.json": "", "inference.json": ""}
     torch.jit.load(str(out), _extra_files=extra)
     assert json.loads(extra["metadata.json"])["name"] == "CT heart segmentation", "metadata embedded"
-    assert "infer" in json.loads(extra["inference.json"]), "inference config embedded"
+    embedded = json.loads(extra["inference.json"])  # the self-contained inference config, Zoo ids at the top level
+    assert {"network_def", "preprocessing", "evaluator", "postprocessing"} <= set(embedded), "inference config embedded"
 
 
 def test_training_is_deterministic_on_cpu_with_a_fixed_seed(trained, ct_data, tmp_path):

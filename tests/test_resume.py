@@ -41,8 +41,9 @@ def test_killed_training_resumes_and_continues_its_history(tmp_path, tiny_oct_di
     time.sleep(0.3)  # into epoch 3
     process.send_signal(signal.SIGKILL)  # no chance to record anything: the hardest interruption
     process.wait()
-    assert checkpoint.exists(), process.stderr.read().decode()[-3000:]
+    # one latest checkpoint is kept: epoch 2's may already be replaced by epoch 3's when the kill lands
     saved = sorted(p.name for p in (bundle / "models").glob("latest_checkpoint_epoch=*.pt"))
+    assert saved and saved[-1] != "latest_checkpoint_epoch=1.pt", process.stderr.read().decode()[-3000:]
     killed_at = int(saved[-1].split("=")[1].split(".")[0])
     assert killed_at < 6, "the run was interrupted before its end"
     state = torch.load(bundle / "models" / saved[-1], map_location="cpu", weights_only=False)
