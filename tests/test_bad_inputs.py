@@ -652,7 +652,7 @@ def test_the_checked_choices_are_the_ones_the_transforms_accept():
     from clinseg.transforms.fundus import CHANNELS
 
     def choices(bundle: str, key: str) -> set[str]:
-        kind = json.loads((CONFIGS[bundle] / "train.json").read_text())["bundle_parameter_checks"][key][1]
+        kind = json.loads((CONFIGS[bundle] / "train.json").read_text())["parameter_kinds"][key]
         return {choice.strip() for choice in kind.removeprefix("one of:").split(",")}
 
     assert choices("ct_heart", "window_preset") == set(WINDOW_PRESETS)

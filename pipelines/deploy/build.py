@@ -13,7 +13,8 @@ The folder holds everything the application needs and nothing of the repository 
   ``models/model.pt``, which the app loads into ``network_def`` (the path that needs no TorchScript);
 - ``bundle/inference.json`` (the bundle's inference config, includes expanded, overrides applied) and
   ``bundle/metadata.json``;
-- ``datasets/``, ``transforms/``, ``pipelines/``: the project code the config refers to by ``_target_``;
+- ``clinseg/``: the project code the config refers to (``clinseg.pipelines``, ``clinseg.datasets``,
+  ``clinseg.transforms``);
 - ``series_rules.json`` (CT): the DICOM series selection rule, editable (the SDK's rule format);
 - ``README.md``: how to run and package it.
 """
@@ -122,8 +123,7 @@ KINDS = {
 
 
 def expanded_config(bundle: str, overrides: dict) -> dict:
-    """The bundle's train + inference config (and metadata) with the ``%`` includes expanded and the overrides
-    applied, as one self-contained dictionary."""
+    """The bundle's inference config (and metadata) with the overrides applied, as one dictionary."""
     return bundle_config(bundle, overrides, with_metadata=True).get()
 
 
@@ -159,8 +159,8 @@ def build_app(
         (staging / "bundle").mkdir()
         (staging / "bundle" / "inference.json").write_text(json.dumps(config, indent=2))
         shutil.copy(paths["metadata"], staging / "bundle" / "metadata.json")
-        for package in PACKAGES:
-            shutil.copytree(REPO_ROOT / package, staging / package, ignore=IGNORED)
+        for package in PACKAGES:  # under the import root the configs name (clinseg.pipelines, ...)
+            shutil.copytree(REPO_ROOT / package, staging / "clinseg" / package, ignore=IGNORED)
         shutil.copy(REPO_ROOT / "requirements-deploy.txt", staging / "requirements.txt")
         values = {"bundle": paths["root"].name, "title": metadata["name"], "version": metadata["version"], **kind}
         values["model"] = f"models/{'model.pt' if model_format == 'checkpoint' else 'model.ts'}"

@@ -1,7 +1,7 @@
 """What a deployed application runs: the bundle's own inference pipeline with the exported model.
 
-The application folder holds the bundle's inference config with every include expanded (``bundle/inference.json``,
-written by :mod:`pipelines.deploy.build`), so the app preprocesses, infers and writes exactly as
+The application folder holds the bundle's self-contained inference config (``bundle/inference.json``, overrides
+applied, written by :mod:`clinseg.pipelines.deploy.build`), so the app preprocesses, infers and writes exactly as
 ``python -m monai.bundle run inferring`` does; only the network is swapped for the shipped model (TorchScript, or
 a checkpoint loaded into ``network_def``) and the checkpoint loader is dropped. Outputs are written to a staging folder inside the output folder and moved into
 place only when every input has succeeded, so a failed run leaves no partial files that look like results.
@@ -83,7 +83,7 @@ class BundleRuntime:
         parser = ConfigParser(self.config)
         parser["output_dir"] = str(output_dir)
         parser["network"] = self.network
-        parser["infer#handlers"] = []  # the weights are in the TorchScript model; no checkpoint to load
+        parser["handlers"] = []  # the weights are in the shipped model; no checkpoint to load
         for key, value in values.items():
             parser[key] = value
         return parser
@@ -91,12 +91,12 @@ class BundleRuntime:
     def datalist(self, input_path: Path) -> list[dict]:
         """The bundle's own reader of inference inputs, on ``input_path`` (errors name the file and the problem)."""
         parser = self.parser(Path("."), input_dir=str(input_path), input_path=str(input_path))
-        return parser.get_parsed_content("infer#datalist")
+        return parser.get_parsed_content("datalist")
 
     def run(self, datalist: list[dict], output_dir: Path) -> None:
         parser = self.parser(output_dir)
-        parser["infer#datalist"] = datalist
-        evaluator = parser.get_parsed_content("infer#evaluator")
+        parser["datalist"] = datalist
+        evaluator = parser.get_parsed_content("evaluator")
         evaluator.run()
 
 
