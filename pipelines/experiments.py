@@ -30,7 +30,7 @@ import mlflow
 from clinseg.pipelines.tracking import REPO_ROOT, default_tracking_uri, unique_run_name
 
 KEY_METRICS = {"oct_layers": "val_mean_dice", "vessels": "val_f1"}
-HIDDEN_PARAMS = {"dataset_dir", "classes", "epoch_length"}  # derived or long
+HIDDEN_PARAMS = {"dataset_dir", "class_names", "palette", "label_colors", "epoch_length"}  # derived or long
 
 
 def client_for(tracking_uri: str | None) -> mlflow.MlflowClient:

@@ -239,7 +239,9 @@ class BestModelSaver(AtomicCheckpointSaver):
     ``model.pt`` with a better model."""
 
     def __init__(self, save_dir: str, network: torch.nn.Module, filename: str = "model.pt"):
-        super().__init__(save_dir=save_dir, save_dict={"model": network}, save_key_metric=True, key_metric_filename=filename)
+        super().__init__(
+            save_dir=save_dir, save_dict={"model": network}, save_key_metric=True, key_metric_filename=filename
+        )
 
 
 class LatestCheckpointSaver(AtomicCheckpointSaver):

@@ -200,3 +200,61 @@ def volume_ml(mask, spacing) -> float:
     """Volume of the non-zero voxels of ``mask`` in millilitres, given the voxel spacing in mm."""
     count = int((mask > 0).sum())
     return count * float(np.prod([float(s) for s in spacing])) / 1000.0
+
+
+def _confusion(name: str, compute_sample: bool = True):
+    def build(ignore_index):
+        from monai.metrics import ConfusionMatrixMetric
+
+        return ConfusionMatrixMetric(
+            include_background=False, metric_name=name, compute_sample=compute_sample, ignore_index=ignore_index
+        )
+
+    return build
+
+
+def _monai(cls_name: str, **kwargs):
+    def build(ignore_index):
+        import monai.metrics
+
+        return getattr(monai.metrics, cls_name)(include_background=False, ignore_index=ignore_index, **kwargs)
+
+    return build
+
+
+# the metric kinds a bundle names in its configs: kind -> (metric built for an ignore index, engine output keys)
+METRIC_KINDS = {
+    "dice": (_monai("DiceMetric"), ("pred", "label")),
+    "iou": (_monai("MeanIoU"), ("pred", "label")),
+    "hd95": (_monai("HausdorffDistanceMetric", percentile=95), ("pred", "label")),
+    "hd95_mm": (lambda ignore_index: HausdorffDistanceMM(include_background=False, percentile=95), ("pred", "label")),
+    "assd_mm": (lambda ignore_index: AverageSurfaceDistanceMM(include_background=False), ("pred", "label")),
+    "relative_volume_error": (lambda ignore_index: RelativeVolumeError(), ("pred", "label")),
+    "sensitivity": (_confusion("sensitivity"), ("pred", "label")),
+    "recall": (_confusion("recall"), ("pred", "label")),
+    "specificity": (_confusion("specificity"), ("pred", "label")),
+    "precision": (_confusion("precision"), ("pred", "label")),
+    "accuracy": (_confusion("accuracy"), ("pred", "label")),
+    "pooled_f1": (_confusion("f1 score", compute_sample=False), ("pred", "label")),
+    "auc_in_mask": (lambda ignore_index: ROCAUCInMaskMetric(), ("prob", "label")),
+    "cldice": (lambda ignore_index: CenterlineDiceMetric(), ("pred", "label")),
+    "pixel_accuracy": (lambda ignore_index: PixelAccuracyMetric(), ("pred", "label")),
+    "layer_thickness_mae_px": (lambda ignore_index: LayerThicknessError(), ("pred", "label")),
+}
+
+
+def metric_handlers(metrics: dict[str, str], ignore_index: int | None = None) -> dict:
+    """The evaluator's metrics from a ``{tracked name: kind}`` mapping (kinds: :data:`METRIC_KINDS`), each an
+    ``IgniteMetricHandler`` on the engine's one-hot ``pred`` (or ``prob``) and ``label``; background excluded, and
+    pixels labelled ``ignore_index`` not scored."""
+    from monai.handlers import IgniteMetricHandler, from_engine
+
+    from clinseg.pipelines.cli import ConfigError
+
+    handlers = {}
+    for name, kind in metrics.items():
+        if kind not in METRIC_KINDS:
+            raise ConfigError(name, f"unknown metric kind {kind!r}.", f"Choose one of {sorted(METRIC_KINDS)}.")
+        build, keys = METRIC_KINDS[kind]
+        handlers[name] = IgniteMetricHandler(metric_fn=build(ignore_index), output_transform=from_engine(list(keys)))
+    return handlers

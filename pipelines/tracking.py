@@ -19,7 +19,6 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -132,7 +131,12 @@ def executed_config() -> dict | None:
 
 
 # top-level ids that are structure or code, not settings a person compares
-_NOT_PARAMS = {"imports", "train", "validate", "initialize", "training", "evaluating", "inferring", "run", "finalize"}
+_NOT_PARAMS = {"imports", "train", "validate", "initialize", "training", "evaluating", "inferring", "run", "finalize",
+               "parameter_kinds"}
+# where a run writes and how it is named: different for every run, so never a difference worth comparing (the run's
+# tags and artifacts record them)
+_RUN_IDENTITY = {"bundle_name", "bundle_root", "workflow", "run_name", "output_dir", "ckpt_dir", "checkpoint_path",
+                 "tracking_uri", "default_dataset_dir", "cache_dir"}
 _COMPONENT_NAMES = {"network_def": "network"}  # ``network_channels`` reads better than ``network_def_channels``
 
 
@@ -150,7 +154,7 @@ def tracked_params(parser) -> dict:
     resolved = parser.ref_resolver.resolved_content
     params = {}
     for key, value in parser.get().items():
-        if key in _NOT_PARAMS or key.startswith("_"):
+        if key in _NOT_PARAMS or key in _RUN_IDENTITY or key.startswith("_"):
             continue
         if isinstance(value, dict):
             name = _COMPONENT_NAMES.get(key, key)

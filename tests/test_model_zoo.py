@@ -70,8 +70,9 @@ def test_the_metadata_check_fails_on_incomplete_metadata(tmp_path):
     metadata = json.loads((configs("vessels") / "metadata.json").read_text())
     del metadata["optional_packages_version"]
     (tmp_path / "metadata.json").write_text(json.dumps(metadata))
-    result = monai_bundle("verify_metadata", "--meta_file", str(tmp_path / "metadata.json"), "--filepath", str(SCHEMA),
-                          check=False)  # fmt: skip
+    result = monai_bundle(
+        "verify_metadata", "--meta_file", str(tmp_path / "metadata.json"), "--filepath", str(SCHEMA), check=False
+    )
     assert result.returncode != 0 and "optional_packages_version" in result.stdout + result.stderr
 
 
@@ -135,8 +136,16 @@ def test_network_shape_and_torchscript_export_from_inference_json_alone(bundle, 
     network = parser.get_parsed_content("network_def")
     torch.save(network.state_dict(), tmp_path / "model.pt")  # a plain state dict, the form model.pt has
     exported = tmp_path / "model.ts"
-    monai_bundle("ckpt_export", "network_def", "--filepath", str(exported), "--ckpt_file", str(tmp_path / "model.pt"),
-                 *common, cwd=tmp_path)  # fmt: skip
+    monai_bundle(
+        "ckpt_export",
+        "network_def",
+        "--filepath",
+        str(exported),
+        "--ckpt_file",
+        str(tmp_path / "model.pt"),
+        *common,
+        cwd=tmp_path,
+    )
     scripted = torch.jit.load(str(exported))
     shape = json.loads(metadata.read_text())["network_data_format"]["inputs"]["image"]
     from clinseg.pipelines.export import concrete_shape
@@ -208,8 +217,12 @@ def test_train_eval_infer_and_multi_gpu_workflows_have_the_zoo_properties(bundle
     }
     result = subprocess.run(
         [sys.executable, "-c", PROPERTIES_SCRIPT, str(bundle_root / "configs"), json.dumps(overrides)],
-        cwd=tmp_path, capture_output=True, text=True, timeout=600, env={**os.environ, **env},
-    )  # fmt: skip
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, **env},
+    )
     assert result.returncode == 0, result.stderr[-6000:]
     line = next(line for line in result.stdout.splitlines() if line.startswith("PROPERTIES "))
     missing = json.loads(line.removeprefix("PROPERTIES "))
@@ -226,20 +239,63 @@ def test_a_bundle_copied_out_of_the_repository_trains_infers_and_exports(tmp_pat
     work = tmp_path / "work"
     work.mkdir()
     repo_models = sorted((REPO_ROOT / "bundles" / "vessels" / "models").iterdir())
-    tiny = ["--bundle_root", str(bundle), "--dataset_dir", str(tiny_data["vessels"]), "--patch_size", "[32,32]",
-            "--sw_roi_size", "[48,48]", "--network_def#channels", "[8,16,32]", "--network_def#strides", "[2,2]"]  # fmt: skip
+    tiny = [
+        "--bundle_root",
+        str(bundle),
+        "--dataset_dir",
+        str(tiny_data["vessels"]),
+        "--patch_size",
+        "[32,32]",
+        "--sw_roi_size",
+        "[48,48]",
+        "--network_def#channels",
+        "[8,16,32]",
+        "--network_def#strides",
+        "[2,2]",
+    ]
     train = configs_of(bundle, "train.json")
-    result = monai_bundle("run", "training", "--config_file", train, *tiny, "--train#trainer#max_epochs", "1",
-                          "--val_interval", "2", cwd=work)  # fmt: skip
+    result = monai_bundle(
+        "run",
+        "training",
+        "--config_file",
+        train,
+        *tiny,
+        "--train#trainer#max_epochs",
+        "1",
+        "--val_interval",
+        "2",
+        cwd=work,
+    )
     assert (bundle / "models" / "model.pt").is_file(), "training leaves models/model.pt without any validation"
     assert "no validation ran in this training" in result.stdout + result.stderr
     out = tmp_path / "predictions"
-    monai_bundle("run", "inferring", "--config_file", configs_of(bundle, "inference.json"), *tiny,
-                 "--input_dir", str(tiny_data["vessels"] / "training"), "--output_dir", str(out), cwd=work)  # fmt: skip
+    monai_bundle(
+        "run",
+        "inferring",
+        "--config_file",
+        configs_of(bundle, "inference.json"),
+        *tiny,
+        "--input_dir",
+        str(tiny_data["vessels"] / "training"),
+        "--output_dir",
+        str(out),
+        cwd=work,
+    )
     assert len(list(out.glob("*_seg.png"))) == 4, sorted(p.name for p in out.iterdir())
-    monai_bundle("ckpt_export", "network_def", "--filepath", str(bundle / "models" / "model.ts"),
-                 "--ckpt_file", str(bundle / "models" / "model.pt"), "--meta_file", configs_of(bundle, "metadata.json"),
-                 "--config_file", configs_of(bundle, "inference.json"), *tiny, cwd=work)  # fmt: skip
+    monai_bundle(
+        "ckpt_export",
+        "network_def",
+        "--filepath",
+        str(bundle / "models" / "model.ts"),
+        "--ckpt_file",
+        str(bundle / "models" / "model.pt"),
+        "--meta_file",
+        configs_of(bundle, "metadata.json"),
+        "--config_file",
+        configs_of(bundle, "inference.json"),
+        *tiny,
+        cwd=work,
+    )
     assert (bundle / "models" / "model.ts").is_file()
     assert sorted((REPO_ROOT / "bundles" / "vessels" / "models").iterdir()) == repo_models, (
         "the repository is untouched"
@@ -258,7 +314,12 @@ def test_the_project_folders_never_shadow_hugging_face_datasets(tmp_path):
     (site / "datasets").mkdir(parents=True)
     (site / "datasets" / "__init__.py").write_text("ORIGIN = 'installed datasets package'\n")
     code = "import datasets, clinseg.datasets.fundus, clinseg.transforms.fundus; print(datasets.ORIGIN)"
-    result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True,
-                            env={**os.environ, "PYTHONPATH": str(site)})  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(site)},
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "installed datasets package"

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from clinseg.datasets.io import save_nifti
+from clinseg.datasets.io import atomic_write, save_nifti
 
 logger = logging.getLogger(__name__)
 
@@ -343,9 +343,7 @@ def write_msd_dataset(
         "cases": cases,
         "seed": seed,
     }
-    tmp = out_dir / f".dataset.json.tmp{os.getpid()}"
-    tmp.write_text(json.dumps(description, indent=2))
-    os.replace(tmp, out_dir / "dataset.json")
+    atomic_write(out_dir / "dataset.json", lambda tmp: tmp.write_text(json.dumps(description, indent=2)))
     return out_dir
 
 

@@ -19,6 +19,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 from scipy.ndimage import gaussian_filter
 
+from clinseg.datasets.io import atomic_write
+
 DRIVE_SHAPE = (584, 565)  # rows, columns of a DRIVE photograph
 
 
@@ -152,9 +154,7 @@ def write_drive_layout(
             (root / "mask" / f"{index:02d}_{split}_mask.gif", fov.astype(np.uint8) * 255, "GIF"),
             (path, image, "TIFF"),  # the image last: a folder with an image has all its files
         ):
-            tmp = target.with_name(f".{target.name}.tmp")
-            Image.fromarray(array).save(tmp, format=fmt)
-            os.replace(tmp, target)
+            atomic_write(target, lambda tmp, array=array, fmt=fmt: Image.fromarray(array).save(tmp, format=fmt))
         paths.append(path)
     return paths
 

@@ -23,6 +23,7 @@ import numpy as np
 import scipy.io
 from scipy.ndimage import gaussian_filter
 
+from clinseg.datasets.io import atomic_write
 from clinseg.datasets.oct.duke import DUKE_CLASS_NAMES
 
 
@@ -154,11 +155,9 @@ def write_subject(
             left, right = rng.integers(0, width // 12, size=2)
             manual1[:, left : width - right, index] = boundaries[:, left : width - right] + 1.0  # 1-based rows
     manual2 = manual1 + rng.uniform(-1, 1, manual1.shape)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    scipy.io.savemat(tmp, {"images": images, "manualLayers1": manual1, "manualLayers2": manual2}, do_compression=True)
-    os.replace(tmp, path)  # a half-written subject is never left under its real name
-    return path
+    content = {"images": images, "manualLayers1": manual1, "manualLayers2": manual2}
+    # a half-written subject is never left under its real name
+    return atomic_write(path, lambda tmp: scipy.io.savemat(tmp, content, do_compression=True))
 
 
 def write_phantom_dataset(
