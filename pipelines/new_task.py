@@ -14,8 +14,9 @@ Templates:
 The new folder ``bundles/<name>/`` is a complete bundle (configs in the Model Zoo form, metadata, docs, licence):
 the template's configs with the task's name, classes and data folder written in. Everything else (network,
 transforms, metrics, training schedule) starts as the template's and is changed like any config value, in the
-files or with ``--key value`` on the command line. Without ``--dataset_dir`` the bundle trains on the template's
-synthetic phantom, generated into ``data/phantoms/<name>`` on first use, so it runs at once.
+files or with ``--key value`` on the command line. Without ``--dataset_dir`` (and with the template's number of
+classes) the bundle trains on the template's synthetic phantom, generated into ``data/phantoms/<name>`` on first
+use, so it runs at once.
 """
 
 from __future__ import annotations
@@ -141,6 +142,11 @@ def new_task(
         raise TaskError(f"--classes {','.join(classes)}: give the background and at least one class, each once.")
     if template == "vessels" and len(classes) != 2:
         raise TaskError("--classes: the vessels template segments one class (binary masks); use --from oct_layers.")
+    if dataset_dir is None and len(classes) != len(template_train["class_names"]):
+        raise TaskError(
+            f"--dataset_dir: needed for {len(classes)} classes (the {template} phantom has "
+            f"{len(template_train['class_names'])})."
+        )
     title = title or name.replace("_", " ").capitalize() + " segmentation"
     staging = bundles_dir / f".{name}.creating"
     shutil.rmtree(staging, ignore_errors=True)

@@ -104,7 +104,15 @@ def test_a_new_binary_task_trains_and_infers(tmp_path, lesion_images, tracking_u
 def test_a_multi_class_task_from_the_oct_template_and_refusals(tmp_path):
     bundles = tmp_path / "bundles"
     result = new_task(
-        "fluid", "--from", "oct_layers", "--classes", "background,IRF,SRF,PED", "--bundles_dir", str(bundles)
+        "fluid",
+        "--from",
+        "oct_layers",
+        "--classes",
+        "background,IRF,SRF,PED",
+        "--bundles_dir",
+        str(bundles),
+        "--dataset_dir",
+        str(tmp_path / "fluid_data"),
     )
     assert result.returncode == 0, result.stderr
     train = json.loads((bundles / "fluid" / "configs" / "train.json").read_text())
@@ -115,6 +123,7 @@ def test_a_multi_class_task_from_the_oct_template_and_refusals(tmp_path):
         (["fluid", "--from", "oct_layers"], "exists already"),
         (["Bad-Name", "--from", "vessels"], "a bundle name is"),
         (["spots", "--from", "vessels", "--classes", "background,a,b"], "binary masks"),
+        (["cysts", "--from", "oct_layers", "--classes", "background,cyst"], "--dataset_dir: needed"),
     ]:
         refused = new_task(*args, "--bundles_dir", str(bundles))
         assert refused.returncode == 1 and problem in refused.stderr and "Traceback" not in refused.stderr
