@@ -323,3 +323,29 @@ def test_the_project_folders_never_shadow_hugging_face_datasets(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "installed datasets package"
+
+
+@pytest.mark.parametrize("bundle", ["vessels"])
+def test_export_runs_with_its_defaults(bundle, tmp_path):
+    """``python -m clinseg.pipelines.export <bundle>`` with no overrides: the metadata's symbolic input shape
+    (``["16*n", "16*n"]``) is made concrete for the parity check instead of reaching ``torch.rand``."""
+    import torch
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(str(configs(bundle) / "inference.json"))
+    torch.save(parser.get_parsed_content("network_def").state_dict(), tmp_path / "model.pt")
+    command = [
+        sys.executable,
+        "-m",
+        "clinseg.pipelines.export",
+        bundle,
+        "--checkpoint",
+        str(tmp_path / "model.pt"),
+        "--out",
+        str(tmp_path / "model.ts"),
+    ]
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "export.json").read_text())
+    assert report["input_shape"] == [1, 1, 32, 32] and report["max_abs_logit_difference"] <= 1e-4
