@@ -15,9 +15,12 @@ Every step is rank-aware: under ``torchrun`` only rank 0 writes outputs, checkpo
 
 from __future__ import annotations
 
+import ast
+import difflib
 import inspect
 import logging
 import os
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -26,7 +29,7 @@ import torch
 import torch.distributed as dist
 from ignite.engine import Engine, Events
 
-from clinseg.pipelines.cli import check_parameters, require_writable_dir
+from clinseg.pipelines.cli import ConfigError, check_parameters, require_writable_dir
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +86,107 @@ def check_config_values(bundle_kinds: Mapping[str, str] | None = None, parser=No
     check_parameters(checks)
 
 
+# the options of ``monai.bundle run`` itself: everything else on its command line is a config override
+RUN_OPTIONS = {
+    "run_id",
+    "init_id",
+    "final_id",
+    "meta_file",
+    "config_file",
+    "logging_file",
+    "tracking",
+    "args_file",
+    "workflow_type",
+    "workflow_name",
+    "properties_path",
+}
+
+
+def command_line_overrides(argv: list[str] | None = None) -> tuple[list[str], dict[str, str]] | None:
+    """The config files and the ``--id value`` overrides of a ``python -m monai.bundle run`` command line (also
+    under ``torchrun``); None for any other program."""
+    argv = list(sys.argv if argv is None else argv)
+    if len(argv) < 2 or not argv[0].replace(os.sep, "/").endswith("monai/bundle/__main__.py") or argv[1] != "run":
+        return None
+    overrides, tokens, index = {}, argv[2:], 0
+    while index < len(tokens):
+        token = tokens[index]
+        index += 1
+        if not token.startswith("--"):
+            continue  # the run id
+        key, has_value, value = token[2:].partition("=")
+        if not has_value and index < len(tokens) and not tokens[index].startswith("--"):
+            value, index = tokens[index], index + 1
+        overrides[key.replace("-", "_") if "#" not in key else key] = value
+    files = overrides.get("config_file", "")
+    try:
+        parsed = ast.literal_eval(files)
+    except (ValueError, SyntaxError):
+        parsed = files
+    files = [str(f) for f in parsed] if isinstance(parsed, (list, tuple)) else [f for f in str(parsed).split(",") if f]
+    return files, overrides
+
+
+def _config_ids(node, prefix: str = "") -> dict[str, object]:
+    ids = {}
+    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+    for key, value in items:
+        name = f"{prefix}#{key}" if prefix else str(key)
+        ids[name] = value
+        ids.update(_config_ids(value, name))
+    return ids
+
+
+_SPECIAL_KEYS = {"_disabled_", "_desc_", "_requires_", "_mode_"}
+
+
+def _accepts_new_setting(component, name: str) -> bool:
+    """Whether ``name`` can be added to ``component``: MONAI's special keys, any key of a plain dict, and a
+    parameter that a ``_target_``'s constructor takes (``--network_def#act PRELU``), but not a misspelt one
+    (``--network_def#chanels``)."""
+    if isinstance(component, list):
+        return name.isdigit()
+    if not isinstance(component, dict):
+        return False
+    if name in _SPECIAL_KEYS or "_target_" not in component:
+        return True
+    from pydoc import locate
+
+    from monai.bundle.config_item import ComponentLocator
+
+    target = component["_target_"]
+    try:
+        module = ComponentLocator().get_component_module_name(target) if "." not in target else None
+        obj = getattr(__import__(module, fromlist=[target]), target) if isinstance(module, str) else locate(target)
+        parameters = inspect.signature(obj).parameters
+    except Exception:  # noqa: BLE001 - a target that cannot be inspected is not second-guessed
+        return True
+    return name in parameters or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+
+
+def check_override_keys(argv: list[str] | None = None) -> None:
+    """Refuse a command-line override whose id the config does not have (``--batchsize 1`` would otherwise be
+    ignored, and the run use the default), naming the nearest id. A new setting inside an existing component
+    (``--handlers#0#_disabled_ True``) is accepted."""
+    from monai.bundle import ConfigParser
+
+    found = command_line_overrides(argv)
+    if found is None or not found[0]:
+        return
+    files, overrides = found
+    ids = _config_ids(ConfigParser.load_config_files(files))
+    for key in overrides:
+        normalized = key.replace("::", "#")
+        if key in RUN_OPTIONS or normalized in ids:
+            continue
+        parent, _, name = normalized.rpartition("#")
+        if parent and _accepts_new_setting(ids.get(parent), name):
+            continue
+        nearest = difflib.get_close_matches(normalized, list(ids), n=1, cutoff=0.6)
+        hint = f"Did you mean --{nearest[0]}?" if nearest else "See the bundle's configs for the ids it has."
+        raise ConfigError(key, "is not an id of this bundle's config, so its value would be ignored.", hint)
+
+
 def initialize(
     parameter_kinds: Mapping[str, str] | None = None,
     seed: int | None = None,
@@ -94,6 +198,7 @@ def initialize(
     and training, not after an hour of training."""
     from monai.utils import set_determinism
 
+    check_override_keys()
     check_config_values(parameter_kinds)
     if seed is not None:
         set_determinism(seed=seed)

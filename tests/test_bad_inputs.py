@@ -657,3 +657,49 @@ def test_the_checked_choices_are_the_ones_the_transforms_accept():
 
     assert choices("ct_heart", "window_preset") == set(WINDOW_PRESETS)
     assert choices("vessels", "channels") == {*CHANNELS, "grey"}
+
+
+MONAI_MAIN = str(Path(sys.modules["monai"].__file__).parent / "bundle" / "__main__.py")
+
+
+@pytest.mark.parametrize("bundle", ["oct_layers", "vessels", "ct_heart"])
+def test_override_ids_the_config_lacks_are_refused_with_the_nearest_one(bundle):
+    from clinseg.pipelines.cli import ConfigError
+    from clinseg.pipelines.workflow import check_override_keys
+
+    def check(*overrides: str, files=("train.json",)):
+        config_files = str([str(CONFIGS[bundle] / name) for name in files])
+        check_override_keys([MONAI_MAIN, "run", "training", "--config_file", config_files, *overrides])
+
+    check("--batch_size", "1", "--train#trainer#max_epochs=2", "--network_def#channels", "[8,16]")
+    check("--train#handlers#0#_disabled_", "True")  # a new setting inside an existing component
+    input_key = "--input_path" if bundle == "ct_heart" else "--input_dir"
+    check(input_key, "/x", files=("inference.json",))
+    check("--network_def#act", "PRELU")  # a parameter the network takes, not in the config yet
+    with pytest.raises(ConfigError, match="batchsize.*not an id") as refused:
+        check("--batchsize", "1")
+    assert "--batch_size" in str(refused.value)
+    with pytest.raises(ConfigError, match="network_def#chanels"):
+        check("--network_def#chanels", "[8,16]")
+    with pytest.raises(ConfigError, match=input_key[2:]):
+        check(input_key, "/x", files=("train.json",))  # an inference id, not a training one
+
+
+def test_an_unknown_override_stops_the_run_before_anything_is_written(tmp_path):
+    command = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        "training",
+        "--config_file",
+        str(CONFIGS["vessels"] / "train.json"),
+        "--bundle_root",
+        str(tmp_path / "bundle"),
+        "--batchsize",
+        "1",
+    ]
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1
+    assert "error: config key 'batchsize': is not an id" in result.stderr and "--batch_size" in result.stderr
+    assert not (tmp_path / "bundle").exists()
