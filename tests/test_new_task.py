@@ -96,7 +96,11 @@ def test_a_new_binary_task_trains_and_infers(tmp_path, lesion_images, tracking_u
     run_bundle(
         "inferring",
         [str(bundle / "configs" / "inference.json")],
-        {**overrides, "input_dir": lesion_images / "images", "output_dir": out},
+        {
+            **{k: v for k, v in overrides.items() if k != "patch_size"},
+            "input_dir": lesion_images / "images",
+            "output_dir": out,
+        },
     )
     assert sorted(p.name for p in out.glob("*_seg.png")) == [f"case{i}_seg.png" for i in range(6)]
 

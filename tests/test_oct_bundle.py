@@ -23,6 +23,13 @@ INFER = [str(CONFIGS / "inference.json")]  # self-contained (the Model Zoo form)
 LAYERS = {"NFL", "GCL-IPL", "INL", "OPL", "ONL-ISM", "ISE", "OS-RPE"}
 
 
+def tiny_inference(bundle_root, dataset_dir, **extra):
+    """The tiny sizes for inference.json, which has no batch size (an id a config lacks is refused)."""
+    overrides = tiny(bundle_root, dataset_dir, **extra)
+    del overrides["batch_size"]
+    return overrides
+
+
 def tiny(bundle_root, dataset_dir, **extra):
     return {
         "bundle_root": bundle_root,
@@ -141,7 +148,7 @@ def test_inference_writes_label_maps_on_the_input_grid(trained, tiny_oct_dir, tm
     # an image of another size than the network input: outputs come back on the input's grid
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (70, 110), dtype=np.uint8)).save(tmp_path / "scan.png")
     out = tmp_path / "predictions"
-    run_bundle("inferring", INFER, tiny(bundle_root, tiny_oct_dir, input_dir=tmp_path, output_dir=out))
+    run_bundle("inferring", INFER, tiny_inference(bundle_root, tiny_oct_dir, input_dir=tmp_path, output_dir=out))
     label = np.asarray(Image.open(out / "scan_seg.png"))
     assert label.shape == (70, 110) and label.max() < 8
     assert np.asarray(Image.open(out / "scan_overlay.png")).shape == (70, 110, 3)
@@ -150,7 +157,9 @@ def test_inference_writes_label_maps_on_the_input_grid(trained, tiny_oct_dir, tm
     run_bundle(
         "inferring",
         INFER,
-        tiny(bundle_root, tiny_oct_dir, input_dir=tiny_oct_dir / "Subject_02.mat", output_dir=tmp_path / "mat"),
+        tiny_inference(
+            bundle_root, tiny_oct_dir, input_dir=tiny_oct_dir / "Subject_02.mat", output_dir=tmp_path / "mat"
+        ),
     )
     assert len(list((tmp_path / "mat").glob("*_seg.png"))) == 4, "every B-scan of the .mat file is segmented"
 

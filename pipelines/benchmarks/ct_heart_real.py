@@ -3,7 +3,7 @@
     python -m clinseg.pipelines.benchmarks.ct_heart_real [--checkpoint bundles/ct_heart/models/model.pt] \\
         [--out bundles/ct_heart/outputs/benchmark_real_ct.json]
 
-Runs the bundle's own inference config (``train.json`` + ``inference.json`` through MONAI's ``ConfigWorkflow``,
+Runs the bundle's own inference config (``inference.json``, self-contained, through MONAI's ``ConfigWorkflow``,
 as ``python -m monai.bundle run inferring`` does) on each real CT of the TotalSegmentator test files in
 ``$SHARED_DATA_DIR/ct/totalsegmentator`` (default ``../shared/data``):
 
