@@ -131,12 +131,32 @@ def executed_config() -> dict | None:
 
 
 # top-level ids that are structure or code, not settings a person compares
-_NOT_PARAMS = {"imports", "train", "validate", "initialize", "training", "evaluating", "inferring", "run", "finalize",
-               "parameter_kinds"}
+_NOT_PARAMS = {
+    "imports",
+    "train",
+    "validate",
+    "initialize",
+    "training",
+    "evaluating",
+    "inferring",
+    "run",
+    "finalize",
+    "parameter_kinds",
+}
 # where a run writes and how it is named: different for every run, so never a difference worth comparing (the run's
 # tags and artifacts record them)
-_RUN_IDENTITY = {"bundle_name", "bundle_root", "workflow", "run_name", "output_dir", "ckpt_dir", "checkpoint_path",
-                 "tracking_uri", "default_dataset_dir", "cache_dir"}
+_RUN_IDENTITY = {
+    "bundle_name",
+    "bundle_root",
+    "workflow",
+    "run_name",
+    "output_dir",
+    "ckpt_dir",
+    "checkpoint_path",
+    "tracking_uri",
+    "default_dataset_dir",
+    "cache_dir",
+}
 _COMPONENT_NAMES = {"network_def": "network"}  # ``network_channels`` reads better than ``network_def_channels``
 
 
