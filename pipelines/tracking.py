@@ -27,6 +27,7 @@ from ignite.engine import Engine, Events
 from monai.handlers import MLFlowHandler
 
 from clinseg.datasets.errors import DataError
+from clinseg.pipelines.handlers import loss_from_output
 from clinseg.pipelines.paths import PROJECT_ROOT, default_store, unique_run_name  # noqa: F401 (re-exported)
 
 REPO_ROOT = PROJECT_ROOT
@@ -296,7 +297,7 @@ class BundleMLflowHandler(MLFlowHandler):
         tracking_uri = tracking_uri or default_tracking_uri()
         if workflow == "train":  # the iteration loss, under its own name
             kwargs.setdefault("tag_name", "train_loss")
-            kwargs.setdefault("output_transform", _loss_from_output)
+            kwargs.setdefault("output_transform", loss_from_output)
         else:  # an evaluator's iterations carry predictions, not a loss
             kwargs.setdefault("iteration_log", False)
         self._derive_params = experiment_param is None
@@ -483,12 +484,6 @@ class BundleMLflowHandler(MLFlowHandler):
             finally:
                 self.cur_run = None
         raise e
-
-
-def _loss_from_output(output) -> float:
-    from clinseg.pipelines.handlers import loss_from_output
-
-    return loss_from_output(output)
 
 
 class ValidationMetricsLogger(MLFlowHandler):

@@ -152,12 +152,10 @@ def _accepts_new_setting(component, name: str) -> bool:
         return True
     from pydoc import locate
 
-    from monai.bundle.config_item import ComponentLocator
+    from monai.bundle import ConfigComponent
 
-    target = component["_target_"]
-    try:
-        module = ComponentLocator().get_component_module_name(target) if "." not in target else None
-        obj = getattr(__import__(module, fromlist=[target]), target) if isinstance(module, str) else locate(target)
+    try:  # the constructor the config would call, found the way MONAI finds it ("UNet" -> monai.networks.nets.UNet)
+        obj = locate(ConfigComponent({"_target_": component["_target_"]}).resolve_module_name())
         parameters = inspect.signature(obj).parameters
     except Exception:  # noqa: BLE001 - a target that cannot be inspected is not second-guessed
         return True
