@@ -5,8 +5,9 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -98,3 +99,84 @@ def save_nifti(path: str | os.PathLike, array, affine) -> Path:
     image.set_qform(image.affine, code=1)
     image.set_sform(image.affine, code=1)
     return atomic_write(path, lambda tmp: nib.save(image, tmp))
+
+
+def check_size_limit(
+    path: str | os.PathLike,
+    shape: Sequence[int],
+    limit: int | None,
+    unit: str = "voxels",
+    parameter: str = "max_voxels",
+) -> None:
+    """Refuse a file whose header declares more than ``limit`` ``unit`` (None: no limit), before it is decoded: a
+    decompression bomb or a damaged header must end in a message, not in an exhausted machine.
+
+    Raises:
+        DataError: naming the file, its size, the limit and the parameter that raises it.
+    """
+    count = math.prod(int(n) for n in shape)
+    if limit is not None and count > limit:
+        size = " x ".join(str(int(n)) for n in shape)
+        raise DataError(
+            path,
+            f"is {size} = {count:,} {unit}, more than the limit of {limit:,} {unit} (read from the header, nothing "
+            "was decoded).",
+            f"If the file is genuine and the machine has the memory for it, raise the limit: {parameter} "
+            f"(--{parameter} {count} on the command line).",
+        )
+
+
+def _name_token(text: str) -> str:
+    """``text`` with every run of characters other than letters, digits, ``-`` and ``_`` replaced by ``_``."""
+    return re.sub(r"[^0-9A-Za-z_-]+", "_", text).strip("_")
+
+
+def unique_ids(
+    items: Sequence[Mapping],
+    id_key: str = "id",
+    source_key: str = "source",
+    reserved: Iterable[str] = (),
+) -> list[dict]:
+    """The items with ids that cannot collide as output names: copies of ``items``, in their order.
+
+    Results are named from an item's id, so two inputs with the same stem (``a.nii.gz`` and ``a.nrrd``, ``b0.png``
+    and ``b0.tif``) would overwrite each other's results. Ids are compared ignoring case (outputs land on
+    case-insensitive file systems too). Only the colliding items are renamed, deterministically, from their file
+    name (``b0.png`` -> ``b0_png``; a folder ``a`` -> ``a_folder``), then their parent folder's name, then a
+    counter, never onto an id that another item (or ``reserved``, names the writer keeps for itself) has. A renamed
+    item keeps its old id as ``original_id``, and each collision is logged naming the files.
+
+    Args:
+        items: data list entries with ``id_key``; the input's path is ``source_key`` (else ``image``), a path or a
+            list of paths (the first names it).
+        reserved: ids no item may have (compared ignoring case).
+    """
+    items = [dict(item) for item in items]
+    groups: dict[str, list[int]] = {}
+    for index, item in enumerate(items):
+        groups.setdefault(str(item[id_key]).casefold(), []).append(index)
+    reserved = {str(name).casefold() for name in reserved}
+    colliding = {key for key, members in groups.items() if len(members) > 1 or key in reserved}
+    taken = {key for key in groups if key not in colliding} | reserved
+
+    def source_of(item: Mapping) -> Path:
+        source = item.get(source_key) or item.get("image") or item[id_key]
+        return Path(source[0] if isinstance(source, (list, tuple)) else source)
+
+    for key in sorted(colliding, key=lambda k: groups[k][0]):
+        renamed = []
+        for index in groups[key]:
+            item, source = items[index], source_of(items[index])
+            old = str(item[id_key])
+            by_name = _name_token(source.name)
+            if by_name.casefold() == old.casefold():
+                by_name = f"{old}_folder" if source.is_dir() else f"{old}_file"
+            candidates = [by_name, f"{_name_token(source.parent.name)}_{by_name}".strip("_")]
+            candidates += [f"{by_name}_{n}" for n in range(2, len(items) + len(reserved) + 3)]
+            new = next(c for c in candidates if c and c.casefold() not in taken)
+            taken.add(new.casefold())
+            item[id_key], item["original_id"] = new, old
+            renamed.append(f"{source} -> {new!r}")
+        logger.warning(f"inputs sharing the result name {str(items[groups[key][0]]['original_id'])!r} are renamed: "
+                       + "; ".join(renamed))  # fmt: skip
+    return items

@@ -38,7 +38,7 @@ from pydicom.uid import (
 from pydicom.valuerep import DSfloat
 
 from clinseg.datasets.errors import DataError, NoUsableDataError
-from clinseg.datasets.io import atomic_write
+from clinseg.datasets.io import atomic_write, check_size_limit
 
 logger = logging.getLogger(__name__)
 
@@ -482,6 +482,7 @@ def read_ct_series(
     series_description: str | None = None,
     allow_non_ct: bool = False,
     files: Sequence[str | os.PathLike] | None = None,
+    max_voxels: int | None = None,
 ) -> CTVolume:
     """Read one CT series from a folder of single-slice DICOM files into HU with its LPS affine.
 
@@ -492,6 +493,8 @@ def read_ct_series(
         series_uid: the SeriesInstanceUID to read when the folder holds several series.
         series_description: alternatively, its SeriesDescription (exact, or a unique case-insensitive part).
         allow_non_ct: read a series whose Modality is not CT (its values are rescaled the same way).
+        max_voxels: refuse a series of more voxels (Rows x Columns x slices, from the headers) before any pixel
+            data is decoded; None: no limit.
 
     Raises:
         DataError: naming the folder or file and the problem, for anything that would give a wrong volume.
@@ -518,6 +521,7 @@ def read_ct_series(
             "(the slice spacing is unknown).",
         )
     iop, pixel_spacing, rows, cols = _check_geometry(folder, headers)
+    check_size_limit(folder, (cols, rows, len(headers)), max_voxels)
     row_cos, col_cos = iop[:3], iop[3:]
     normal = np.cross(row_cos, col_cos)
     normal /= np.linalg.norm(normal)

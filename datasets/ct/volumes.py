@@ -8,6 +8,8 @@ maps voxel indices to RAS+ millimetres (MONAI's and NIfTI's convention), so the 
 
 from __future__ import annotations
 
+import logging
+import math
 import os
 from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
@@ -19,7 +21,14 @@ from monai.data import ImageReader, MetaTensor
 from monai.transforms import MapTransform
 from monai.utils import MetaKeys, SpaceKeys, ensure_tuple
 
-from clinseg.datasets.errors import DataError
+from clinseg.datasets.errors import DataError, InputError
+from clinseg.datasets.io import check_size_limit
+
+logger = logging.getLogger(__name__)
+
+# more than any CT a scanner writes (a 512 x 512 x 2000 whole-body series is 0.5e9), and refused before a
+# decompression bomb or a mistyped header can take the machine's memory: 1024^3 voxels are 4 GiB as float32
+DEFAULT_MAX_VOXELS = 1024**3
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
@@ -56,38 +65,220 @@ def case_id(path: str | os.PathLike) -> str:
     return name
 
 
-def _read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray]:
+def _orientation_axes(orientation: str) -> np.ndarray:
+    """The RAS+ unit vector each voxel axis points to, for an orientation code such as ``RAS`` or ``LPS``
+    (NIfTI/nibabel convention: the first letter is where increasing ``i`` goes)."""
+    code = str(orientation).upper()
+    directions = {"R": (0, 1.0), "L": (0, -1.0), "A": (1, 1.0), "P": (1, -1.0), "S": (2, 1.0), "I": (2, -1.0)}
+    if len(code) != 3 or any(c not in directions for c in code) or len({directions[c][0] for c in code}) != 3:
+        raise InputError(
+            f"assume_orientation {orientation!r}",
+            "is not an orientation code: expected three letters, one of R/L, one of A/P and one of S/I "
+            "(e.g. RAS, LPS), giving where increasing i, j and k point.",
+        )
+    axes = np.zeros((3, 3))
+    for column, letter in enumerate(code):
+        row, sign = directions[letter]
+        axes[row, column] = sign
+    return axes
+
+
+def check_assumed_geometry(assume_spacing: Sequence[float] | None, assume_orientation: str = "RAS") -> None:
+    """Refuse an unusable ``assume_spacing`` / ``assume_orientation`` when a reader is built, not at the first file."""
+    if assume_spacing is None:
+        return
+    try:
+        spacing = [float(s) for s in assume_spacing]
+    except (TypeError, ValueError) as e:
+        raise InputError(f"assume_spacing {assume_spacing!r}", "must be three numbers (mm along i, j, k).") from e
+    if len(spacing) != 3 or not all(math.isfinite(s) and s > 0 for s in spacing):
+        raise InputError(f"assume_spacing {assume_spacing!r}", "must be three positive numbers (mm along i, j, k).")
+    _orientation_axes(assume_orientation)
+
+
+def assumed_affine(assume_spacing: Sequence[float], assume_orientation: str = "RAS") -> np.ndarray:
+    """The voxel-to-RAS affine of a volume given only its voxel spacing (mm along i, j, k) and orientation code;
+    voxel (0, 0, 0) sits at the world origin."""
+    check_assumed_geometry(assume_spacing, assume_orientation)
+    affine = np.eye(4)
+    affine[:3, :3] = _orientation_axes(assume_orientation) * np.asarray(assume_spacing, dtype=np.float64)
+    return affine
+
+
+def describe_assumption(assume_spacing: Sequence[float], assume_orientation: str, problem: str) -> str:
+    """The text recorded as ``geometry_assumed`` in the metadata and in the results of a case."""
+    spacing = " x ".join(f"{float(s):g}" for s in assume_spacing)
+    return f"spacing {spacing} mm, orientation {assume_orientation.upper()}, assumed: the file {problem}"
+
+
+def affine_problem(affine: np.ndarray) -> str | None:
+    """What is wrong with a voxel-to-world affine (a non-finite entry, an axis of zero length, a singular matrix),
+    or None. Zero-length or NaN axes come from headers whose spacing is 0 or NaN."""
+    affine = np.asarray(affine, dtype=np.float64)
+    if not np.isfinite(affine).all():
+        return f"has a voxel-to-world affine with non-finite entries:\n{affine}"
+    lengths = np.linalg.norm(affine[:3, :3], axis=0)
+    for axis, length in zip("ijk", lengths, strict=True):
+        if length < 1e-6:
+            return f"has a voxel-to-world affine whose {axis} axis has zero length (voxel spacing 0):\n{affine}"
+    if abs(np.linalg.det(affine[:3, :3])) < 1e-9 * float(np.prod(lengths)):
+        return f"has a singular voxel-to-world affine (its axes are parallel):\n{affine}"
+    return None
+
+
+def _nifti_geometry_problem(path: Path, header_class) -> tuple[str | None, np.ndarray | None]:
+    """What makes a NIfTI header's geometry unusable, read from the header exactly as stored, or None.
+
+    nibabel repairs headers as it loads them (a pixdim of 0 becomes 1, a negative one its absolute value) and gives a
+    file without any coordinate system a pixdim-only affine, so the raw header is read again, without those fixes.
+    Returns the problem and the header's pixdim when it could be the voxel size (positive, not the default 1s).
+    """
+    from nibabel.openers import ImageOpener
+
+    with ImageOpener(path) as f:
+        header = header_class.from_fileobj(f, check=False)
+    qform_code, sform_code = int(header["qform_code"]), int(header["sform_code"])
+    pixdim = np.asarray(header["pixdim"][1:4], dtype=np.float64)
+    pixdim_text = ", ".join(f"{p:g}" for p in pixdim)
+    plausible = np.isfinite(pixdim).all() and (pixdim > 0).all()
+    if qform_code == 0 and sform_code == 0:
+        problem = (
+            f"has no coordinate system (qform_code and sform_code are both 0; pixdim {pixdim_text}): its voxel "
+            "size and orientation are unknown"
+        )
+        return problem, pixdim if plausible and not np.allclose(pixdim, 1) else None
+    if sform_code == 0 and not plausible:
+        # only the qform is used, and its voxel size is pixdim[1:4]
+        return f"has a degenerate voxel size: pixdim {pixdim_text} (each must be a positive number)", None
+    return None, None
+
+
+def geometry_hint(spacing: Sequence[float] | None = None) -> str:
+    """How to get past a refused geometry; ``spacing`` is what the header says, when it is a plausible guess."""
+    example = ",".join(f"{s:g}" for s in spacing) if spacing is not None else "0.8,0.8,2.5"
+    known = " (the header's pixdim, if it is right)" if spacing is not None else ""
+    return (
+        "Restore the geometry from the source scan (convert it again from DICOM with a tool that keeps it), or, if "
+        "you know the voxel size and orientation, pass them: assume_spacing (mm along i, j, k) and "
+        f"assume_orientation (default RAS), e.g. --assume_spacing [{example}]{known} --assume_orientation RAS. "
+        "The assumption is then recorded in the results."
+    )
+
+
+def _read_nifti(path: Path, max_voxels: int | None, assume: tuple | None) -> tuple[np.ndarray, np.ndarray, str | None]:
     import nibabel as nib
 
     try:
-        image = nib.load(path)
-        array = np.asanyarray(image.dataobj)  # applies scl_slope/scl_inter when the header has them
+        image = nib.load(path)  # the header only: the voxels are decoded below, after the checks
+        problem, header_spacing = _nifti_geometry_problem(path, type(image.header))
     except FileNotFoundError as e:
         raise DataError(path, "does not exist.") from e
     except Exception as e:  # nibabel raises many types for truncated or non-NIfTI files (EOFError, zlib, header)
         raise DataError(path, f"cannot be read as NIfTI (empty, truncated or not a NIfTI file): {e}") from e
-    return array, np.asarray(image.affine, dtype=np.float64)
+    check_size_limit(path, image.shape, max_voxels)
+    affine = np.asarray(image.affine, dtype=np.float64)
+    affine, note = _apply_geometry_policy(path, problem or affine_problem(affine), affine, assume, header_spacing)
+    try:
+        array = np.asanyarray(image.dataobj)  # applies scl_slope/scl_inter when the header has them
+    except Exception as e:
+        raise DataError(path, f"cannot be read as NIfTI (empty, truncated or not a NIfTI file): {e}") from e
+    return array, affine, note
 
 
-def _read_itk(path: Path) -> tuple[np.ndarray, np.ndarray]:
+def _text_header(path: Path) -> dict[str, str]:
+    """The fields of a NRRD or MetaImage text header (names lower-cased), read without the voxel data."""
+    with open(path, "rb") as f:
+        head = f.read(1 << 16).decode("latin-1")
+    fields: dict[str, str] = {}
+    nrrd = path.suffix.lower() in (".nrrd", ".nhdr")
+    for line in head.splitlines()[1 if nrrd else 0 :]:
+        if nrrd:
+            if not line.strip():
+                break  # a blank line ends a NRRD header
+            if line.startswith("#") or ":=" in line:
+                continue  # comments and key/value pairs, not fields
+            name, sep, value = line.partition(":")
+        else:
+            name, sep, value = line.partition("=")
+        if sep:
+            fields[name.strip().lower()] = value.strip()
+        if not nrrd and name.strip().lower() == "elementdatafile":
+            break  # the last line of a MetaImage header
+    return fields
+
+
+def _itk_geometry_problem(path: Path, spacing: Sequence[float]) -> str | None:
+    """What makes a NRRD or MetaImage header's geometry unusable, or None. ITK gives a header without spacing or
+    without space directions 1 mm voxels along the scanner axes, silently; this looks at the header itself."""
+    try:
+        fields = _text_header(path)
+    except OSError as e:
+        raise DataError(path, f"cannot be opened ({e.strerror}).") from e
+    if path.suffix.lower() in (".nrrd", ".nhdr"):
+        if "space directions" not in fields:
+            spacings = (
+                f" (only 'spacings: {fields['spacings']}', which gives no orientation)" if "spacings" in fields else ""
+            )
+            return (
+                f"has no coordinate system: its NRRD header has no 'space directions' field{spacings}, so its voxel "
+                "size and orientation are unknown"
+            )
+    elif "elementspacing" not in fields and "elementsize" not in fields:
+        return "has no voxel size: its MetaImage header has no ElementSpacing (or ElementSize)"
+    spacing = np.asarray(spacing, dtype=np.float64)
+    if not (np.isfinite(spacing).all() and (spacing > 0).all()):
+        return f"has a degenerate voxel spacing {', '.join(f'{s:g}' for s in spacing)} (each must be a positive number)"
+    return None
+
+
+def _read_itk(path: Path, max_voxels: int | None, assume: tuple | None) -> tuple[np.ndarray, np.ndarray, str | None]:
     import SimpleITK as sitk
 
     if not path.exists():
         raise DataError(path, "does not exist.")
+    what = path.suffix.lstrip(".").upper()
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
     try:
-        image = sitk.ReadImage(str(path))
+        reader.ReadImageInformation()  # the header only: the voxels are decoded below, after the checks
     except RuntimeError as e:
-        raise DataError(path, f"cannot be read as {path.suffix.lstrip('.').upper()} (empty or truncated?): {e}") from e
-    if image.GetDimension() != 3:
-        raise DataError(path, f"is {image.GetDimension()}-dimensional; a CT volume must be 3D.")
-    if image.GetNumberOfComponentsPerPixel() != 1:
-        raise DataError(path, f"has {image.GetNumberOfComponentsPerPixel()} components per voxel; expected 1.")
-    array = np.transpose(sitk.GetArrayFromImage(image), (2, 1, 0))  # ITK arrays are [k, j, i]
-    direction = np.asarray(image.GetDirection(), dtype=np.float64).reshape(3, 3)
+        raise DataError(path, f"cannot be read as {what} (empty, truncated or damaged header?): {e}") from e
+    if reader.GetDimension() != 3:
+        raise DataError(path, f"is {reader.GetDimension()}-dimensional; a CT volume must be 3D.")
+    if reader.GetNumberOfComponents() != 1:
+        raise DataError(path, f"has {reader.GetNumberOfComponents()} components per voxel; expected 1.")
+    check_size_limit(path, reader.GetSize(), max_voxels)
+    direction = np.asarray(reader.GetDirection(), dtype=np.float64).reshape(3, 3)
     affine_lps = np.eye(4)
-    affine_lps[:3, :3] = direction * np.asarray(image.GetSpacing(), dtype=np.float64)
-    affine_lps[:3, 3] = image.GetOrigin()
-    return array, LPS_TO_RAS @ affine_lps
+    affine_lps[:3, :3] = direction * np.asarray(reader.GetSpacing(), dtype=np.float64)
+    affine_lps[:3, 3] = reader.GetOrigin()
+    affine = LPS_TO_RAS @ affine_lps
+    problem = _itk_geometry_problem(path, reader.GetSpacing()) or affine_problem(affine)
+    affine, note = _apply_geometry_policy(path, problem, affine, assume)
+    try:
+        image = reader.Execute()
+    except RuntimeError as e:
+        raise DataError(path, f"cannot be read as {what} (empty or truncated?): {e}") from e
+    return np.transpose(sitk.GetArrayFromImage(image), (2, 1, 0)), affine, note  # ITK arrays are [k, j, i]
+
+
+def _apply_geometry_policy(
+    path: Path,
+    problem: str | None,
+    affine: np.ndarray,
+    assume: tuple | None,
+    header_spacing: Sequence[float] | None = None,
+) -> tuple[np.ndarray, str | None]:
+    """The file's own affine when its geometry is sound; else the assumed one (with the note recording it) when the
+    user gave a spacing, else a :class:`DataError` naming the file, the problem and the way out."""
+    if problem is None:
+        return affine, None
+    if assume is None:
+        raise DataError(path, problem + ".", geometry_hint(header_spacing))
+    spacing, orientation = assume
+    note = describe_assumption(spacing, orientation, problem.split(":")[0])
+    logger.warning(f"{path}: geometry assumed, {note}")
+    return assumed_affine(spacing, orientation), note
 
 
 def read_volume(
@@ -95,28 +286,44 @@ def read_volume(
     series_uid: str | None = None,
     series_description: str | None = None,
     check_finite: bool = True,
+    assume_spacing: Sequence[float] | None = None,
+    assume_orientation: str = "RAS",
+    max_voxels: int | None = DEFAULT_MAX_VOXELS,
 ) -> tuple[np.ndarray, np.ndarray, dict]:
     """Read a CT volume (file or DICOM series folder) as ``(array [i, j, k], affine to RAS mm, metadata)``.
 
     DICOM series are converted to Hounsfield units with each slice's RescaleSlope/Intercept; NIfTI scaling is
     applied. ``series_uid``/``series_description`` select a series in a folder holding several.
 
+    Geometry is never assumed: a file without a coordinate system (NIfTI with qform and sform codes 0, NRRD without
+    space directions, MetaImage without spacing) or with a degenerate one (a spacing of 0, negative or NaN, an axis
+    of zero length) is refused, unless ``assume_spacing`` (mm along i, j, k) is given; that file's affine is then
+    built from it and ``assume_orientation``, and ``metadata["geometry_assumed"]`` says so (it is empty otherwise).
+    Files with a sound geometry keep their own. ``max_voxels`` is checked against the header's size before any
+    voxel is decoded (None: no limit).
+
     Raises:
-        DataError: naming the file or folder and the problem (unreadable, not 3D, NaN/Inf values, ...).
+        DataError: naming the file or folder and the problem (unreadable, not 3D, no geometry, too large, NaN/Inf
+            values, ...).
     """
     path = Path(path)
+    check_assumed_geometry(assume_spacing, assume_orientation)
+    assume = None if assume_spacing is None else (tuple(float(s) for s in assume_spacing), assume_orientation)
     meta: dict = {}
+    note = None
     if path.is_dir():
         from clinseg.datasets.ct.dicom import read_ct_series
 
-        volume = read_ct_series(path, series_uid=series_uid, series_description=series_description)
+        volume = read_ct_series(
+            path, series_uid=series_uid, series_description=series_description, max_voxels=max_voxels
+        )
         array, affine = volume.hu, LPS_TO_RAS @ volume.affine_lps
         meta.update(source_format="dicom", series_uid=volume.series_uid, series_description=volume.description)
     elif str(path).lower().endswith(NIFTI_SUFFIXES):
-        array, affine = _read_nifti(path)
+        array, affine, note = _read_nifti(path, max_voxels, assume)
         meta["source_format"] = "nifti"
     elif str(path).lower().endswith(ITK_SUFFIXES):
-        array, affine = _read_itk(path)
+        array, affine, note = _read_itk(path, max_voxels, assume)
         meta["source_format"] = path.suffix.lstrip(".").lower()
     elif not path.exists():
         raise DataError(path, "does not exist.")
@@ -124,6 +331,8 @@ def read_volume(
         raise DataError(
             path, f"is not a supported volume: expected a DICOM series folder or one of {', '.join(VOLUME_SUFFIXES)}."
         )
+    # an empty string, not None, when nothing was assumed: collation needs the same keys with collatable values
+    meta["geometry_assumed"] = note or ""
     if array.ndim == 4 and array.shape[-1] == 1:
         array = array[..., 0]
     if array.ndim != 3:
@@ -133,19 +342,27 @@ def read_volume(
     if check_finite and np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
         bad = int((~np.isfinite(array)).sum())
         raise DataError(path, f"holds {bad} NaN or infinite voxel values.")
-    if not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-9:
-        raise DataError(path, f"has an invalid (singular or non-finite) voxel-to-world affine:\n{affine}")
+    problem = affine_problem(affine)
+    if problem is not None:
+        raise DataError(path, problem)
     return array, affine, meta
 
 
-def read_dicom_files(files: Sequence[str | os.PathLike]) -> tuple[np.ndarray, np.ndarray, dict]:
+def read_dicom_files(
+    files: Sequence[str | os.PathLike], max_voxels: int | None = DEFAULT_MAX_VOXELS
+) -> tuple[np.ndarray, np.ndarray, dict]:
     """One CT series given as its slice files (all checks of :func:`datasets.ct.dicom.read_ct_series` apply)."""
     from clinseg.datasets.ct.dicom import read_ct_series
 
     files = [Path(f) for f in files]
     folder = Path(os.path.commonpath([str(f.parent) for f in files]))
-    volume = read_ct_series(folder, files=files)
-    meta = {"source_format": "dicom", "series_uid": volume.series_uid, "series_description": volume.description}
+    volume = read_ct_series(folder, files=files, max_voxels=max_voxels)
+    meta = {
+        "source_format": "dicom",
+        "series_uid": volume.series_uid,
+        "series_description": volume.description,
+        "geometry_assumed": "",
+    }
     return volume.hu, LPS_TO_RAS @ volume.affine_lps, meta
 
 
@@ -153,13 +370,28 @@ class CTVolumeReader(ImageReader):
     """MONAI ``ImageReader`` for CT volumes of every supported format, DICOM series folders included.
 
     Use as ``LoadImaged(keys, reader=CTVolumeReader())``. Images come out in float32 (HU for CT), labels keep
-    their values; the metadata carries ``affine``/``original_affine`` (RAS), ``spatial_shape`` and the source
-    format, so ``Invertd`` and ``SaveImaged`` restore the input's grid.
+    their values; the metadata carries ``affine``/``original_affine`` (RAS), ``spatial_shape``, the source
+    format and ``geometry_assumed`` (see :func:`read_volume`, which also describes ``assume_spacing``,
+    ``assume_orientation`` and ``max_voxels``), so ``Invertd`` and ``SaveImaged`` restore the input's grid.
     """
 
-    def __init__(self, series_uid: str | None = None, series_description: str | None = None, dtype=np.float32):
+    def __init__(
+        self,
+        series_uid: str | None = None,
+        series_description: str | None = None,
+        dtype=np.float32,
+        assume_spacing: Sequence[float] | None = None,
+        assume_orientation: str = "RAS",
+        max_voxels: int | None = DEFAULT_MAX_VOXELS,
+    ):
         super().__init__()
+        check_assumed_geometry(assume_spacing, assume_orientation)
+        if max_voxels is not None and (
+            isinstance(max_voxels, bool) or not isinstance(max_voxels, int) or max_voxels < 1
+        ):
+            raise InputError(f"max_voxels {max_voxels!r}", "must be a positive integer (or None for no limit).")
         self.series_uid, self.series_description, self.dtype = series_uid, series_description, dtype
+        self.assume_spacing, self.assume_orientation, self.max_voxels = assume_spacing, assume_orientation, max_voxels
 
     def verify_suffix(self, filename: Sequence[os.PathLike] | os.PathLike) -> bool:
         return all(Path(f).is_dir() or is_volume_file(f) for f in ensure_tuple(filename))
@@ -167,8 +399,18 @@ class CTVolumeReader(ImageReader):
     def read(self, data: Sequence[os.PathLike] | os.PathLike, **kwargs):
         paths = [Path(p) for p in ensure_tuple(data)]
         if len(paths) > 1 and all(p.is_file() and looks_like_dicom(p) for p in paths):
-            return read_dicom_files(paths)  # the slice files of one series, e.g. from a DICOM study loader
-        volumes = [read_volume(p, self.series_uid, self.series_description) for p in paths]
+            return read_dicom_files(paths, self.max_voxels)  # one series' slice files, e.g. from a study loader
+        volumes = [
+            read_volume(
+                p,
+                self.series_uid,
+                self.series_description,
+                assume_spacing=self.assume_spacing,
+                assume_orientation=self.assume_orientation,
+                max_voxels=self.max_voxels,
+            )
+            for p in paths
+        ]
         return volumes if len(volumes) > 1 else volumes[0]
 
     def get_data(self, img) -> tuple[np.ndarray, dict]:
@@ -192,7 +434,8 @@ class LoadCTVolumed(MapTransform):
 
     Like ``LoadImaged(keys, reader=CTVolumeReader())`` but without MONAI's fallback to other readers: an unusable
     input raises the reader's :class:`~datasets.errors.DataError`, which names the file and the problem, instead of
-    a generic "cannot find a suitable reader". The metadata is the reader's (RAS affine, spatial shape, source).
+    a generic "cannot find a suitable reader". The metadata is the reader's (RAS affine, spatial shape, source,
+    ``geometry_assumed``). ``assume_spacing``, ``assume_orientation`` and ``max_voxels``: see :func:`read_volume`.
     """
 
     def __init__(
@@ -202,9 +445,14 @@ class LoadCTVolumed(MapTransform):
         series_description: str | None = None,
         dtype=np.float32,
         allow_missing_keys: bool = False,
+        assume_spacing: Sequence[float] | None = None,
+        assume_orientation: str = "RAS",
+        max_voxels: int | None = DEFAULT_MAX_VOXELS,
     ):
         super().__init__(keys, allow_missing_keys)
-        self.reader = CTVolumeReader(series_uid, series_description, dtype)
+        self.reader = CTVolumeReader(
+            series_uid, series_description, dtype, assume_spacing, assume_orientation, max_voxels
+        )
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
         d = dict(data)
