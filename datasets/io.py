@@ -7,6 +7,7 @@ import math
 import os
 import re
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
@@ -16,6 +17,9 @@ from PIL import Image, UnidentifiedImageError
 from clinseg.datasets.errors import DataError, NoUsableDataError
 
 logger = logging.getLogger(__name__)
+
+# names the results writers (clinseg.pipelines.reports) keep for run-level files beside the per-case ones
+RESERVED_RESULT_NAMES = ("inference_summary",)
 
 
 def open_image(path: str | os.PathLike) -> Image.Image:
@@ -135,23 +139,25 @@ def unique_ids(
     items: Sequence[Mapping],
     id_key: str = "id",
     source_key: str = "source",
-    reserved: Iterable[str] = (),
+    reserved: Iterable[str] = RESERVED_RESULT_NAMES,
 ) -> list[dict]:
     """The items with ids that cannot collide as output names: copies of ``items``, in their order.
 
     Results are named from an item's id, so two inputs with the same stem (``a.nii.gz`` and ``a.nrrd``, ``b0.png``
     and ``b0.tif``) would overwrite each other's results. Ids are compared ignoring case (outputs land on
     case-insensitive file systems too). Only the colliding items are renamed, deterministically, from their file
-    name (``b0.png`` -> ``b0_png``; a folder ``a`` -> ``a_folder``), then their parent folder's name, then a
-    counter, never onto an id that another item (or ``reserved``, names the writer keeps for itself) has. A renamed
-    item keeps its old id as ``original_id``, and each collision is logged naming the files.
+    name (``b0.png`` -> ``b0_png``; a folder ``a`` -> ``a_folder``), with their parent folder's name before it when
+    the file names are alike too (``p/c.png``, ``q/c.png`` -> ``p_c_png``, ``q_c_png``), then a counter; never onto
+    an id that another item (or ``reserved``: names the writers keep for themselves) has. Every item gets
+    ``original_id`` (its id before, equal to ``id`` unless renamed: the items of one batch need the same keys to be
+    collated), and each collision is logged naming the files.
 
     Args:
         items: data list entries with ``id_key``; the input's path is ``source_key`` (else ``image``), a path or a
             list of paths (the first names it).
         reserved: ids no item may have (compared ignoring case).
     """
-    items = [dict(item) for item in items]
+    items = [{**item, "original_id": str(item[id_key])} for item in items]
     groups: dict[str, list[int]] = {}
     for index, item in enumerate(items):
         groups.setdefault(str(item[id_key]).casefold(), []).append(index)
@@ -164,19 +170,25 @@ def unique_ids(
         return Path(source[0] if isinstance(source, (list, tuple)) else source)
 
     for key in sorted(colliding, key=lambda k: groups[k][0]):
+        members = [(index, source_of(items[index])) for index in groups[key]]
+        by_name = {}
+        for index, source in members:
+            token = _name_token(source.name)
+            if token.casefold() == key:
+                token = f"{items[index][id_key]}_folder" if source.is_dir() else f"{items[index][id_key]}_file"
+            by_name[index] = token
+        # members whose file names are alike too (one name in several folders) all take their folder's name
+        counts = Counter(token.casefold() for token in by_name.values())
         renamed = []
-        for index in groups[key]:
-            item, source = items[index], source_of(items[index])
-            old = str(item[id_key])
-            by_name = _name_token(source.name)
-            if by_name.casefold() == old.casefold():
-                by_name = f"{old}_folder" if source.is_dir() else f"{old}_file"
-            candidates = [by_name, f"{_name_token(source.parent.name)}_{by_name}".strip("_")]
-            candidates += [f"{by_name}_{n}" for n in range(2, len(items) + len(reserved) + 3)]
-            new = next(c for c in candidates if c and c.casefold() not in taken)
+        for index, source in members:
+            token = by_name[index]
+            with_folder = f"{_name_token(source.parent.name)}_{token}".strip("_")
+            candidates = [token, with_folder] if counts[token.casefold()] == 1 else [with_folder]
+            candidates += [f"{candidates[-1]}_{n}" for n in range(2, len(items) + len(reserved) + 3)]
+            new = next(c for c in candidates if c.casefold() not in taken)
             taken.add(new.casefold())
-            item[id_key], item["original_id"] = new, old
+            items[index][id_key] = new
             renamed.append(f"{source} -> {new!r}")
-        logger.warning(f"inputs sharing the result name {str(items[groups[key][0]]['original_id'])!r} are renamed: "
-                       + "; ".join(renamed))  # fmt: skip
+        shared = items[groups[key][0]]["original_id"]
+        logger.warning(f"inputs sharing the result name {shared!r} are renamed: {'; '.join(renamed)}")
     return items

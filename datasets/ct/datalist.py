@@ -21,7 +21,7 @@ from pathlib import Path
 
 from clinseg.datasets.ct.volumes import VOLUME_SUFFIXES, case_id, is_volume_file, looks_like_dicom
 from clinseg.datasets.errors import DataError, NoUsableDataError
-from clinseg.datasets.io import resolve_layout, split_by_group
+from clinseg.datasets.io import resolve_layout, split_by_group, unique_ids
 
 logger = logging.getLogger(__name__)
 
@@ -134,6 +134,8 @@ def load_ct_datalist(
         items = _pair(dataset_dir / "imagesTs", dataset_dir / "labelsTs")
     else:
         items = _from_dataset_json(dataset_dir) or _pair(dataset_dir / "imagesTr", dataset_dir / "labelsTr")
+        # dataset.json may list files of one stem from several folders; their overlays and metric rows are named by id
+        items = unique_ids(items)
         items = split_by_group(sorted(items, key=lambda item: item["id"]), split, val_fraction)
     if not items:
         raise NoUsableDataError(dataset_dir.resolve(), f"has no cases in split {split!r}.", ACCEPTED_LAYOUTS)
@@ -144,6 +146,9 @@ def load_ct_datalist(
 def load_ct_images(input_path: str | os.PathLike) -> list[dict]:
     """Inference inputs: one volume file, one DICOM series folder, or a folder of volume files and series folders.
 
+    Results are named by ``id``: inputs of one stem (``a.nii.gz`` and ``a.nrrd``, or a series folder ``a``) are
+    renamed apart by :func:`datasets.io.unique_ids` (``a_nii_gz``, ``a_nrrd``), which logs it.
+
     Raises:
         DataError: when the path does not exist or holds no volume.
     """
@@ -151,9 +156,9 @@ def load_ct_images(input_path: str | os.PathLike) -> list[dict]:
     if not path.exists():
         raise DataError(path, "does not exist.")
     if path.is_file():
-        return [{"image": str(path), "id": case_id(path), "source": str(path)}]
+        return unique_ids([{"image": str(path), "id": case_id(path), "source": str(path)}])
     if any(looks_like_dicom(child) for child in sorted(path.iterdir())[:20] if child.is_file()):
-        return [{"image": str(path), "id": path.name, "source": str(path)}]
+        return unique_ids([{"image": str(path), "id": path.name, "source": str(path)}])
     items = []
     for child in sorted(path.iterdir()):
         if is_volume_file(child):
@@ -164,4 +169,4 @@ def load_ct_images(input_path: str | os.PathLike) -> list[dict]:
         raise DataError(
             path, f"holds no CT volume: expected {', '.join(VOLUME_SUFFIXES)} files or DICOM series folders."
         )
-    return items
+    return unique_ids(items)
