@@ -40,3 +40,30 @@ def default_store() -> Path:
 def unique_run_name(workflow: str) -> str:
     """``<workflow>-<YYYYmmdd-HHMMSS>-<6 hex>``: distinct for runs started in the same second."""
     return f"{workflow}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+
+
+def require_output_outside_input(output_dir: str | os.PathLike, input_path: str | os.PathLike | None) -> str:
+    """``output_dir``, unless it is the input folder or inside it: the next run over that folder would read the
+    results as inputs (a ``*_seg.nii.gz`` is a volume too). For a single input file, the folder holding it counts as
+    the input folder only when ``output_dir`` is that very folder (its results would sit beside it). Call it before
+    anything is written, the output folder included.
+
+    Raises:
+        InputError: naming both folders.
+    """
+    from clinseg.datasets.errors import InputError
+
+    if input_path is None:
+        return os.fspath(output_dir)
+    inputs = Path(input_path).expanduser().resolve()
+    output = Path(output_dir).expanduser().resolve()
+    folder = inputs if inputs.is_dir() else inputs.parent
+    if output == folder or (inputs.is_dir() and folder in output.parents):
+        where = "is the input folder" if output == folder else f"is inside the input folder {folder}"
+        raise InputError(
+            f"the output folder {output}",
+            f"{where}{' (which holds the input ' + inputs.name + ')' if folder != inputs else ''}: the next run over "
+            "it would read these results as inputs.",
+            "Choose an output folder outside the input folder (--output_dir PATH).",
+        )
+    return os.fspath(output_dir)

@@ -20,7 +20,8 @@ from monai.config import KeysCollection
 from monai.transforms import MapTransform
 from PIL import Image
 
-from clinseg.datasets.io import atomic_write, save_nifti
+from clinseg.datasets.errors import DataError
+from clinseg.datasets.io import RESERVED_RESULT_NAMES, atomic_write, save_nifti
 
 logger = logging.getLogger(__name__)
 
@@ -331,7 +332,72 @@ def _confusion_metric(matrix: np.ndarray, metric: str) -> np.ndarray | None:
     return None
 
 
-class SaveSegmentationd(MapTransform):
+class ResultLedger:
+    """What a per-case results writer has written in this run, so that the run's summary counts the files that
+    exist, not the inputs it was given, and no case overwrites another's results.
+
+    A writer calls :meth:`claim` before writing a case (a second case of the same name, compared ignoring case, is
+    refused before any of its files is written) and :meth:`record` after. :meth:`write_summary`, called once the
+    run is over (``"$print(@results_writer.write_summary(@datalist, 'masks'))"`` in a config), writes
+    ``<output_dir>/inference_summary.json`` and returns the one-line account to print.
+    """
+
+    output_dir: Path
+
+    def _ledger(self) -> dict[str, dict]:
+        if not hasattr(self, "_written"):
+            self._written: dict[str, dict] = {}
+        return self._written
+
+    def claim(self, name: str, source: str) -> None:
+        earlier = self._ledger().get(name.casefold())
+        if earlier is not None and earlier["source"] != source:
+            raise DataError(
+                source,
+                f"its results would overwrite those of {earlier['source']} in {self.output_dir} (both are named "
+                f"{name!r}).",
+                "Give the inputs distinct names; data lists built with clinseg.datasets.io.unique_ids never collide.",
+            )
+
+    def record(self, case: dict) -> None:
+        self._ledger()[str(case["id"]).casefold()] = case
+
+    @property
+    def written(self) -> list[dict]:
+        return list(self._ledger().values())
+
+    def write_summary(self, datalist: Sequence[Mapping] | None = None, what: str = "results") -> str:
+        cases = self.written
+        renamed = [case for case in cases if case.get("original_id", case["id"]) != case["id"]]
+        assumed = [case for case in cases if case.get("geometry_assumed")]
+        written_ids = {str(case["id"]) for case in cases}
+        missing = [item for item in datalist or [] if str(item.get("id")) not in written_ids]
+        summary = {
+            "n_inputs": len(datalist) if datalist is not None else len(cases),
+            "n_written": len(cases),
+            "cases": cases,
+            "renamed": [{"source": c["source"], "original_id": c["original_id"], "id": c["id"]} for c in renamed],
+            "geometry_assumed": [
+                {"id": c["id"], "source": c["source"], "geometry": c["geometry_assumed"]} for c in assumed
+            ],
+            "not_written": [str(item.get("source", item.get("image", item.get("id")))) for item in missing],
+        }
+        path = atomic_write_json(self.output_dir / f"{RESERVED_RESULT_NAMES[0]}.json", summary)
+        message = (
+            f"wrote {len(cases)} of {summary['n_inputs']} {what} to {self.output_dir.resolve()} (list: {path.name})"
+        )
+        if renamed:
+            message += "; renamed to keep results apart: " + ", ".join(
+                f"{Path(c['source']).name} -> {c['id']}" for c in renamed
+            )
+        if assumed:
+            message += f"; geometry ASSUMED for {len(assumed)} (see 'geometry_assumed' in their JSON)"
+        if missing:
+            message += f"; NOT written: {', '.join(summary['not_written'])}"
+        return message
+
+
+class SaveSegmentationd(MapTransform, ResultLedger):
     """Write, per image, the label map (index PNG), a colour overlay PNG and a JSON summary.
 
     Use after the prediction is inverted to the input's grid and turned into a ``(1, H, W)`` label map. Outputs
@@ -374,6 +440,8 @@ class SaveSegmentationd(MapTransform):
                 inside = to_numpy(d[self.fov_key]).reshape(label_map.shape) > 0
                 label_map = np.where(inside, label_map, 0)
             name = str(d.get(self.id_key, "image"))
+            source = str(d.get("source", d.get("image_path", name)))
+            self.claim(name, source)
             save_png(self.output_dir / f"{name}_seg.png", label_map.astype(np.uint8))
             save_png(self.output_dir / f"{name}_overlay.png", overlay(d[self.image_key], label_map, self.palette))
             if self.prob_key and self.prob_key in d:
@@ -382,6 +450,7 @@ class SaveSegmentationd(MapTransform):
             n_inside = max(int(inside.sum()), 1)
             summary = {
                 "id": name,
+                **_renaming(d, name),
                 "shape": list(label_map.shape),
                 "classes_present": [
                     self.class_names[i] for i in np.unique(label_map) if 0 <= i < len(self.class_names)
@@ -401,7 +470,30 @@ class SaveSegmentationd(MapTransform):
                 if self.pixel_size_um:
                     summary["mean_thickness_um"] = {k: v * self.pixel_size_um for k, v in thickness.items()}
             atomic_write_json(self.output_dir / f"{name}.json", summary)
+            files = [f"{name}_seg.png", f"{name}_overlay.png", f"{name}.json"]
+            if self.prob_key and self.prob_key in d:
+                files.insert(2, f"{name}_prob.png")
+            self.record({"id": name, "source": source, "original_id": summary.get("original_id", name), "files": files})
         return d
+
+
+def _renaming(d: Mapping, name: str) -> dict:
+    """``original_id`` and why, for a case renamed to keep its results apart from another input's."""
+    original = str(d.get("original_id") or name)
+    if original == name:
+        return {}
+    return {"original_id": original, "renamed": f"another input also has the name {original!r}"}
+
+
+def _geometry_assumed(*tensors) -> str:
+    """The ``geometry_assumed`` note of the first of ``tensors`` whose metadata has one, else ''."""
+    for tensor in tensors:
+        note = getattr(tensor, "meta", {}).get("geometry_assumed") if tensor is not None else None
+        if isinstance(note, (list, tuple)):  # collated
+            note = note[0] if note else ""
+        if note:
+            return str(note)
+    return ""
 
 
 def orthogonal_views(image, label_map: np.ndarray, palette=DEFAULT_PALETTE, affine: np.ndarray | None = None):
@@ -443,7 +535,7 @@ def orthogonal_views(image, label_map: np.ndarray, palette=DEFAULT_PALETTE, affi
     return np.concatenate([p for panel in panels for p in (panel, gap)][:-1], axis=1)
 
 
-class SaveVolumeSegmentationd(MapTransform):
+class SaveVolumeSegmentationd(MapTransform, ResultLedger):
     """Write, per volume, the label map as NIfTI on the input's grid, a JSON summary and an overlay picture.
 
     Use after ``Invertd`` has brought the ``(1, X, Y, Z)`` label map back to the input's grid: the NIfTI gets the
@@ -481,9 +573,13 @@ class SaveVolumeSegmentationd(MapTransform):
             spacing = np.linalg.norm(affine[:3, :3], axis=0)
             name = str(d.get(self.id_key, "volume"))
             source = prediction.meta.get("filename_or_obj", "") if hasattr(prediction, "meta") else ""
+            source = str(d.get("source") or source)
+            self.claim(name, source)
+            assumed = _geometry_assumed(prediction, d.get(self.image_key))
             summary = {
                 "id": name,
-                "source": str(source),
+                **_renaming(d, name),
+                "source": source,
                 "shape": list(label_map.shape),
                 "spacing_mm": [round(float(s), 4) for s in spacing],
                 "affine": affine.round(6).tolist(),
@@ -492,10 +588,21 @@ class SaveVolumeSegmentationd(MapTransform):
                     cls: round(volume_ml(label_map == i, spacing), 3) for i, cls in enumerate(self.class_names) if i
                 },
             }
+            if assumed:  # the volumes below rest on a spacing the user gave, not on the file's own geometry
+                summary["geometry_assumed"] = assumed
             views = orthogonal_views(d[self.image_key], label_map, self.palette, affine)
             save_nifti(self.output_dir / f"{name}_{self.postfix}.nii.gz", label_map, affine)
             save_png(self.output_dir / f"{name}_views.png", views)
             atomic_write_json(self.output_dir / f"{name}.json", summary)
+            self.record(
+                {
+                    "id": name,
+                    "source": source,
+                    "original_id": summary.get("original_id", name),
+                    **({"geometry_assumed": assumed} if assumed else {}),
+                    "files": [f"{name}_{self.postfix}.nii.gz", f"{name}_views.png", f"{name}.json"],
+                }
+            )
             logger.info(
                 f"{name}: "
                 + ", ".join(f"{cls} {ml:.1f} mL" for cls, ml in summary["volume_ml"].items())

@@ -30,6 +30,7 @@ import torch.distributed as dist
 from ignite.engine import Engine, Events
 
 from clinseg.pipelines.cli import ConfigError, check_parameters, require_writable_dir
+from clinseg.pipelines.paths import require_output_outside_input
 
 logger = logging.getLogger(__name__)
 
@@ -191,9 +192,11 @@ def initialize(
     ckpt_dir: str | None = None,
     output_dir: str | None = None,
     tracking_uri: str | None = None,
+    input_path: str | None = None,
 ) -> None:
     """The checks every run makes first, so that a wrong value or an unwritable folder stops it before data loading
-    and training, not after an hour of training."""
+    and training, not after an hour of training. ``input_path`` (inference): the inputs, which ``output_dir`` must
+    not be or lie inside (:func:`pipelines.paths.require_output_outside_input`), checked before the folder is made."""
     from monai.utils import set_determinism
 
     check_override_keys()
@@ -204,6 +207,7 @@ def initialize(
         require_writable_dir(ckpt_dir, "the checkpoint folder")
     if is_rank_zero():
         if output_dir is not None:
+            require_output_outside_input(output_dir, input_path)
             require_writable_dir(output_dir, "the output folder")
         if tracking_uri is not None:
             from clinseg.pipelines.tracking import check_tracking_uri

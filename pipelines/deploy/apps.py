@@ -31,6 +31,7 @@ from clinseg.datasets.errors import DataError, InputError
 from clinseg.pipelines.cli import find_input_error
 
 from clinseg.pipelines.deploy.runtime import CT_RULES, BundleRuntime, staged_outputs
+from clinseg.pipelines.paths import require_output_outside_input
 
 logger = logging.getLogger(__name__)
 
@@ -61,8 +62,8 @@ class BundleImageOperator(Operator):
         try:
             datalist = self.runtime.datalist(self.input_path)
             with staged_outputs(self.output_path) as staging:
-                self.runtime.run(datalist, staging)
-            logger.info(f"segmented {len(datalist)} images into {self.output_path}")
+                account = self.runtime.run(datalist, staging)
+            logger.info(account.replace(str(staging.resolve()), str(self.output_path)))
         except Exception as e:  # noqa: BLE001 - reported by the application after the graph stops
             self.recorder.record(e)
 
@@ -210,6 +211,8 @@ class _BundleApp(Application, _FailureRecorder):
             app_context = Application.init_app_context(self.argv)  # -i/-o/-m, or the HOLOSCAN_* variables
         except OSError as e:  # the SDK creates the output folder while parsing the arguments
             raise DataError(e.filename or "the -o output folder", f"cannot be created ({e.strerror}).") from e
+        # before the model is loaded or a result written: results inside the input folder are read as inputs next time
+        require_output_outside_input(app_context.output_path, app_context.input_path)
         runtime = BundleRuntime(self.config_path, app_context.model_path)
         return runtime, Path(app_context.input_path), Path(app_context.output_path)
 
@@ -259,7 +262,7 @@ def main(app_class: type[_BundleApp], config_path: str | Path, argv: list[str] |
     app = app_class(Path(config_path)) if argv is None else app_class(Path(config_path), argv)
     try:
         app.run()
-    except (DataError, FileNotFoundError) as e:  # raised while composing (e.g. the model path)
+    except (InputError, FileNotFoundError) as e:  # raised while composing (the model path, the output folder)
         app.record(e)
     if app.failure is None:
         return 0

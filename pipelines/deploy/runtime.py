@@ -93,11 +93,16 @@ class BundleRuntime:
         parser = self.parser(Path("."), input_dir=str(input_path), input_path=str(input_path))
         return parser.get_parsed_content("datalist")
 
-    def run(self, datalist: list[dict], output_dir: Path) -> None:
+    def run(self, datalist: list[dict], output_dir: Path) -> str:
+        """Segment ``datalist`` into ``output_dir``; the account of what was written (the count of the files the
+        bundle's ``results_writer`` wrote, when the config names one, else of the inputs)."""
         parser = self.parser(output_dir)
         parser["datalist"] = datalist
         evaluator = parser.get_parsed_content("evaluator")
         evaluator.run()
+        if "results_writer" in parser:
+            return parser.get_parsed_content("results_writer").write_summary(datalist)
+        return f"segmented {len(datalist)} inputs into {output_dir}"
 
 
 @contextmanager
