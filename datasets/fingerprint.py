@@ -13,13 +13,13 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from clinseg.datasets.io import atomic_write
+from clinseg.datasets.readers import split_member
 
 CACHE_FILE = Path(__file__).resolve().parents[1] / "data" / ".cache" / "sha256.json"
 
 
-# item keys naming source files; CT items avoid "label_*" keys, which MONAI's spatial transforms take for the
-# label's metadata dictionary
-SOURCE_KEYS = ("source", "label_source", "annotation_source")
+# item keys naming source files: the data list's paths (``file::member`` counts as the file) and the sources
+SOURCE_KEYS = ("image", "label", "fov", "source", "annotation_source")
 
 
 def _sources(items: Iterable[Mapping | str | os.PathLike]) -> list[str]:
@@ -27,7 +27,9 @@ def _sources(items: Iterable[Mapping | str | os.PathLike]) -> list[str]:
     paths = set()
     for item in items:
         if isinstance(item, Mapping):
-            found = [os.path.abspath(item[key]) for key in SOURCE_KEYS if isinstance(item.get(key), str)]
+            found = [
+                os.path.abspath(split_member(item[key])[0]) for key in SOURCE_KEYS if isinstance(item.get(key), str)
+            ]
         else:
             found = [os.path.abspath(os.fspath(item))]
         for path in found:

@@ -22,6 +22,30 @@ def shared_path(*parts: str) -> Path:
     return path
 
 
+def decode(bundle: str, items: list[dict], **overrides) -> list[dict]:
+    """Items of a data list (paths) decoded by the bundle's own ``load_transforms`` (its readers and label building),
+    as numpy arrays. An input error is re-raised as itself, as a bundle run reports it."""
+    import numpy as np
+    from monai.bundle import ConfigParser
+    from monai.transforms import Compose
+
+    from clinseg.pipelines.cli import find_input_error
+
+    parser = ConfigParser()
+    parser.read_config(str(REPO_ROOT / "bundles" / bundle / "configs" / "train.json"))
+    for key, value in overrides.items():
+        parser[key] = value
+    load = Compose(parser.get_parsed_content("load_transforms"))
+    decoded = []
+    for item in items:
+        try:
+            out = load(item)
+        except Exception as e:
+            raise (find_input_error(e) or e) from e
+        decoded.append({k: np.asarray(v) if hasattr(v, "shape") else v for k, v in out.items()})
+    return decoded
+
+
 @pytest.fixture(scope="session")
 def tiny_oct_dir(tmp_path_factory) -> Path:
     """3 phantom subjects of 4 B-scans of 64 x 96 pixels, in the Duke .mat layout."""

@@ -11,9 +11,9 @@ from PIL import Image
 
 from clinseg.datasets.errors import DataError, NoUsableDataError
 from clinseg.datasets.fingerprint import dataset_fingerprint
-from clinseg.datasets.oct import load_oct_datalist, load_oct_images, read_duke_mat, read_paired_folder, read_via_json
+from clinseg.datasets.oct import duke_items, load_oct_datalist, load_oct_images, paired_items, via_items
 from clinseg.datasets.oct.phantom import write_phantom_dataset
-from tests.conftest import shared_path
+from tests.conftest import decode, shared_path
 
 NR206_COLORS = [
     [0, 0, 0],
@@ -40,7 +40,7 @@ def write_duke(path, rows=20, cols=12, n=3, **overrides):
 
 def test_duke_reads_annotated_bscans_and_ignores_unannotated_columns(tmp_path):
     images, layers = write_duke(tmp_path / "Subject_01.mat")
-    items = read_duke_mat(tmp_path / "Subject_01.mat")
+    items = decode("oct_layers", duke_items(tmp_path / "Subject_01.mat"))
     assert len(items) == 1 and items[0]["bscan"] == 1 and items[0]["subject"] == "Subject_01"
     label = items[0]["label"][0]
     np.testing.assert_array_equal(items[0]["image"][0], images[:, :, 1])
@@ -61,7 +61,7 @@ def test_duke_malformed_content_names_file_and_problem(tmp_path, content, proble
     path = tmp_path / "Subject_02.mat"
     write_duke(path, **content)
     with pytest.raises(DataError, match=problem) as error:
-        read_duke_mat(path)
+        decode("oct_layers", duke_items(path))
     assert str(path) in str(error.value)
 
 
@@ -70,12 +70,12 @@ def test_duke_truncated_and_empty_files(tmp_path):
     write_duke(path)
     path.write_bytes(path.read_bytes()[:300])
     with pytest.raises(DataError, match="cannot be read as a MATLAB") as error:
-        read_duke_mat(path)
+        decode("oct_layers", duke_items(path))
     assert str(path) in str(error.value)
     empty = tmp_path / "Subject_04.mat"
     empty.write_bytes(b"")
     with pytest.raises(DataError, match=str(empty)):
-        read_duke_mat(empty)
+        decode("oct_layers", duke_items(empty))
 
 
 def test_phantom_is_deterministic_and_readable(tmp_path):
@@ -86,7 +86,7 @@ def test_phantom_is_deterministic_and_readable(tmp_path):
     np.testing.assert_array_equal(first["images"], second["images"])
     assert not np.array_equal(first["images"], other["images"])
     assert dataset_fingerprint(a) == dataset_fingerprint(b) != dataset_fingerprint(c)
-    items = read_duke_mat(a[0])
+    items = decode("oct_layers", duke_items(a[0]))
     labels = np.concatenate([item["label"].ravel() for item in items])
     assert set(np.unique(labels)) == set(range(8)) | {255}, "all 7 layers, background and ignored edges"
     # layers are ordered top to bottom in every annotated column
@@ -106,7 +106,7 @@ def test_paired_folder_index_and_colour_labels(tmp_path):
     index_label = np.repeat(np.arange(10, dtype=np.uint8)[:, None] % 3, 14, axis=1)
     save_png(tmp_path / "images" / "a.png", image)
     save_png(tmp_path / "labels" / "a_label.png", index_label)
-    items = read_paired_folder(tmp_path / "images", tmp_path / "labels")
+    items = decode("oct_layers", paired_items(tmp_path / "images", tmp_path / "labels"))
     np.testing.assert_array_equal(items[0]["label"][0], index_label)
     np.testing.assert_array_equal(items[0]["image"][0], image)
 
@@ -116,7 +116,12 @@ def test_paired_folder_index_and_colour_labels(tmp_path):
     colour[6:] = [255, 0, 255, 10]  # alpha is ignored
     save_png(tmp_path / "c" / "train" / "b.png", image)
     save_png(tmp_path / "c" / "train_labels" / "b.png", colour)
-    item = read_paired_folder(tmp_path / "c" / "train", tmp_path / "c" / "train_labels", NR206_COLORS)[0]
+    item = decode(
+        "oct_layers",
+        paired_items(tmp_path / "c" / "train", tmp_path / "c" / "train_labels"),
+        label_colors=NR206_COLORS,
+        class_names=[str(i) for i in range(9)],
+    )[0]
     assert np.unique(item["label"][0, :3]).tolist() == [0]
     assert np.unique(item["label"][0, 3:6]).tolist() == [1]
     assert np.unique(item["label"][0, 6:]).tolist() == [8]
@@ -127,21 +132,21 @@ def test_paired_folder_errors(tmp_path):
     save_png(tmp_path / "images" / "a.png", image)
     (tmp_path / "labels").mkdir()
     with pytest.raises(DataError, match="has no label"):
-        read_paired_folder(tmp_path / "images", tmp_path / "labels")
+        paired_items(tmp_path / "images", tmp_path / "labels")
     save_png(tmp_path / "labels" / "a.png", np.zeros((9, 14), dtype=np.uint8))
-    with pytest.raises(DataError, match="shape mismatch"):
-        read_paired_folder(tmp_path / "images", tmp_path / "labels")
+    with pytest.raises(DataError, match="is 9 x 14 but its image a.png is 10 x 14"):
+        load_oct_datalist(tmp_path, "all")
     rgb = np.zeros((10, 14, 3), dtype=np.uint8)
     rgb[0, 0] = (1, 2, 3)
     save_png(tmp_path / "labels" / "a.png", rgb)
     with pytest.raises(DataError, match=r"unknown label colour.*\(1, 2, 3\)") as error:
-        read_paired_folder(tmp_path / "images", tmp_path / "labels", NR206_COLORS)
+        decode("oct_layers", paired_items(tmp_path / "images", tmp_path / "labels"), label_colors=NR206_COLORS)
     assert "a.png" in str(error.value)
     with pytest.raises(DataError, match="no colour table"):
-        read_paired_folder(tmp_path / "images", tmp_path / "labels")
+        decode("oct_layers", paired_items(tmp_path / "images", tmp_path / "labels"))
     (tmp_path / "images" / "a.png").write_bytes(b"not a png")
     with pytest.raises(DataError, match="cannot be read as an image"):
-        read_paired_folder(tmp_path / "images", tmp_path / "labels", NR206_COLORS)
+        load_oct_datalist(tmp_path, "all")
 
 
 def test_via_json_polygons_become_label_masks(tmp_path):
@@ -169,21 +174,21 @@ def test_via_json_polygons_become_label_masks(tmp_path):
     }
     (tmp_path / "via_export.json").write_text(json.dumps({"_via_img_metadata": export}))
     classes = ["background", "NFL", "GCL-IPL", "INL", "OPL", "ONL-ISM", "ISE", "OS-RPE"]
-    label = read_via_json(tmp_path / "via_export.json", classes)[0]["label"][0]
+    label = decode("oct_layers", via_items(tmp_path / "via_export.json"), class_names=classes)[0]["label"][0]
     assert label[5, 7] == 1 and label[12, 22] == 6 and label[15, 5] == 0
     assert (label == 1).sum() == 11 * 7  # vertices included: rows 2..8, columns 2..12
     export["scan.png1234"]["regions"][0]["region_attributes"] = {"layer": "choroid"}
     (tmp_path / "via_export.json").write_text(json.dumps(export))
     with pytest.raises(DataError, match="'choroid'.*not one of the classes"):
-        read_via_json(tmp_path / "via_export.json", classes)
+        decode("oct_layers", via_items(tmp_path / "via_export.json"), class_names=classes)
 
 
 def test_datalist_splits_by_subject_and_generates_phantom(tmp_path):
     root = tmp_path / "phantom"
-    train = load_oct_datalist(root, "train", phantom_if_missing=True, phantom_subjects=5)
+    train = load_oct_datalist(root, "train", phantom_if_missing=True)
     val = load_oct_datalist(root, "val")
     assert {i["subject"] for i in train}.isdisjoint({i["subject"] for i in val})
-    assert {i["subject"] for i in val} == {"Subject_05"}
+    assert {i["subject"] for i in val} == {"Subject_07", "Subject_08"}  # the last 20 % of 8 phantom subjects
     assert len(load_oct_datalist(root, "all")) == len(train) + len(val)
 
 
@@ -199,14 +204,14 @@ def test_datalist_without_data_explains_what_to_do(tmp_path):
 def test_datalist_rejects_labels_outside_the_class_list(tmp_path):
     save_png(tmp_path / "images" / "a.png", np.zeros((8, 8), dtype=np.uint8))
     save_png(tmp_path / "labels" / "a.png", np.full((8, 8), 9, dtype=np.uint8))
-    with pytest.raises(DataError, match=r"label values \[9\] are outside the 8 configured classes"):
-        load_oct_datalist(tmp_path, "all", class_names=list("abcdefgh"))
+    with pytest.raises(DataError, match=r"a.png: label values \[9\] are not among the classes"):
+        decode("oct_layers", load_oct_datalist(tmp_path, "all"), class_names=list("abcdefgh"))
 
 
 def test_inference_images_from_png_and_mat(tmp_path, tiny_oct_dir):
     save_png(tmp_path / "x.png", np.zeros((8, 8, 3), dtype=np.uint8))
-    assert load_oct_images(tmp_path)[0]["image"].shape == (1, 8, 8)
-    items = load_oct_images(tiny_oct_dir / "Subject_01.mat")
+    assert decode("oct_layers", load_oct_images(tmp_path))[0]["image"].shape == (1, 8, 8)
+    items = decode("oct_layers", load_oct_images(tiny_oct_dir / "Subject_01.mat"))
     assert len(items) == 4 and items[0]["image"].shape == (1, 64, 96)
     with pytest.raises(NoUsableDataError):
         load_oct_images(tiny_oct_dir.parent)  # a folder with no images or .mat files
@@ -214,9 +219,9 @@ def test_inference_images_from_png_and_mat(tmp_path, tiny_oct_dir):
 
 def test_real_nr206_sample_reads_with_the_colour_table():
     root = shared_path("oct", "NR206_sample")
-    train = load_oct_datalist(root, "train", label_colors=NR206_COLORS, class_names=[str(i) for i in range(9)])
-    val = load_oct_datalist(root, "val", label_colors=NR206_COLORS, class_names=[str(i) for i in range(9)])
+    train, val = load_oct_datalist(root, "train"), load_oct_datalist(root, "val")
     assert len(train) == 2 and len(val) == 2
-    for item in train + val:
+    classes = [str(i) for i in range(9)]
+    for item in decode("oct_layers", train + val, label_colors=NR206_COLORS, class_names=classes):
         assert item["image"].shape == item["label"].shape == (1, 500, 750)
         assert set(np.unique(item["label"])) == set(range(9))

@@ -11,12 +11,13 @@ import torch
 from PIL import Image
 
 from clinseg.datasets.errors import DataError, NoUsableDataError
-from clinseg.datasets.fundus import load_vessel_datalist, read_binary_mask, read_drive, read_image_mask_folders
+from clinseg.datasets.fundus import drive_split_items, image_mask_items, load_vessel_datalist
 from clinseg.datasets.fundus.phantom import write_drive_layout
+from clinseg.datasets.readers import read_binary_mask
 from clinseg.pipelines.metrics import CenterlineDiceMetric, ROCAUCInMaskMetric
 from clinseg.transforms.fundus import FundusNormalize
 from clinseg.transforms.labels import OneHotWithIgnore
-from tests.conftest import REPO_ROOT, run_bundle, shared_path
+from tests.conftest import REPO_ROOT, decode, run_bundle, shared_path
 
 CONFIGS = REPO_ROOT / "bundles" / "vessels" / "configs"
 TRAIN = [str(CONFIGS / "train.json")]
@@ -50,7 +51,7 @@ def test_palette_gif_is_thresholded_not_compared_with_255(tmp_path):
 
 
 def test_drive_reader_fov_and_ids(tiny_drive):
-    items = read_drive(tiny_drive / "training")
+    items = decode("vessels", drive_split_items(tiny_drive / "training"))
     assert [i["id"] for i in items] == ["21", "22", "23", "24"]
     item = items[0]
     assert item["image"].shape == (3, 80, 72) and item["label"].shape == item["fov"].shape == (1, 80, 72)
@@ -65,11 +66,11 @@ def test_drive_missing_mask_names_the_file(tiny_drive, tmp_path):
     shutil.copytree(tiny_drive / "training", copy)
     (copy / "mask" / "22_training_mask.gif").unlink()
     with pytest.raises(DataError, match="22_training_mask.gif: FOV mask of 22_training.tif is missing"):
-        read_drive(copy)
+        drive_split_items(copy)
     (copy / "1st_manual" / "23_manual1.gif").unlink()
     shutil.copy(tiny_drive / "training" / "mask" / "22_training_mask.gif", copy / "mask")
     with pytest.raises(DataError, match="23_manual1.gif: manual annotation of 23_training.tif is missing"):
-        read_drive(copy)
+        drive_split_items(copy)
 
 
 def test_generic_folders_suffixes_and_sizes(tmp_path):
@@ -80,15 +81,15 @@ def test_generic_folders_suffixes_and_sizes(tmp_path):
     mask[:3] = 1
     save(tmp_path / "masks" / "a_mask.png", mask)  # 0/1 with suffix
     save(tmp_path / "masks" / "b.png", mask * 255)  # 0/255, same stem
-    items = read_image_mask_folders(tmp_path / "images", tmp_path / "masks")
+    items = decode("vessels", image_mask_items(tmp_path / "images", tmp_path / "masks"))
     assert [int((i["label"] == 1).sum()) for i in items] == [36, 36]
     assert len(load_vessel_datalist(tmp_path, "all")) == 2
     save(tmp_path / "masks" / "b.png", np.zeros((9, 12), dtype=np.uint8))
-    with pytest.raises(DataError, match="b.png: mask is \\(9, 12\\) but image b.png is \\(10, 12\\)"):
-        read_image_mask_folders(tmp_path / "images", tmp_path / "masks")
+    with pytest.raises(DataError, match="b.png: is 9 x 12 but its image b.png is 10 x 12"):
+        load_vessel_datalist(tmp_path, "all")
     (tmp_path / "masks" / "a_mask.png").unlink()
     with pytest.raises(DataError, match="a.jpg: has no mask"):
-        read_image_mask_folders(tmp_path / "images", tmp_path / "masks")
+        image_mask_items(tmp_path / "images", tmp_path / "masks")
 
 
 def test_kaggle_layout_and_split(tmp_path, tiny_drive):
@@ -203,6 +204,6 @@ def test_real_drive_training_images_read():
     root = shared_path("vessels", "DRIVE", "training")
     train, val = load_vessel_datalist(root, "train"), load_vessel_datalist(root, "val")
     assert [i["id"] for i in val] == ["36", "37", "38", "39", "40"] and len(train) == 15
-    for item in val:
+    for item in decode("vessels", val):
         inside = item["label"][item["fov"] == 1]
         assert item["image"].shape == (3, 584, 565) and 0.05 < (inside == 1).mean() < 0.2

@@ -10,7 +10,7 @@ from monai.config import KeysCollection
 from monai.config.type_definitions import NdarrayOrTensor
 from monai.data import MetaTensor
 from monai.transforms import MapTransform, Transform
-from monai.utils import convert_to_tensor
+from monai.utils import convert_to_numpy, convert_to_tensor
 
 from clinseg.datasets.errors import DataError
 from clinseg.transforms.oct import IGNORE_INDEX
@@ -63,6 +63,90 @@ class ColorToLabeld(MapTransform):
         d = dict(data)
         for key in self.key_iterator(d):
             d[key] = self.converter(d[key])[None]
+        return d
+
+
+def _source(label) -> str:
+    return str(label.meta.get("filename_or_obj", "label")) if isinstance(label, MetaTensor) else "label"
+
+
+def _like(array: np.ndarray | torch.Tensor, label, **meta) -> NdarrayOrTensor:
+    """``array`` with ``label``'s metadata (updated by ``meta``), so later errors can still name the file."""
+    if isinstance(label, MetaTensor):
+        merged = {**label.meta, **meta}
+        merged.pop("palette", None)
+        return MetaTensor(torch.as_tensor(array), meta=merged, applied_operations=label.applied_operations)
+    return array
+
+
+class LabelColorsToClassesd(MapTransform):
+    """Turn colour-coded label images into class indices with the bundle's colour table ``colors`` (``colors[k]``:
+    the RGB colour of class ``k``), by their meaning: a ``(3, rows, cols)`` colour label through the table; a
+    palette label (``label_kind`` ``"palette"`` from ``LabelImageReader``) through its palette's colours and the
+    table, when a table is given (without one its indices are the classes); class-index labels pass unchanged.
+
+    Raises:
+        DataError: a colour label without a table, or a colour the table lacks (naming the file).
+    """
+
+    def __init__(
+        self, keys: KeysCollection, colors: Sequence[Sequence[int]] | None = None, allow_missing_keys: bool = False
+    ):
+        super().__init__(keys, allow_missing_keys)
+        self.converter = ColorToLabel(colors) if colors is not None else None
+
+    def __call__(self, data: Mapping[Hashable, NdarrayOrTensor]) -> dict[Hashable, NdarrayOrTensor]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            label = d[key]
+            meta = label.meta if isinstance(label, MetaTensor) else {}
+            kind = meta.get("label_kind", "colour" if np.shape(label)[0] in (3, 4) else "indices")
+            if kind == "colour":
+                if self.converter is None:
+                    raise DataError(
+                        _source(label),
+                        "is a colour-coded label, but no colour table was configured; set 'label_colors' to the "
+                        "RGB colour of each class (class 0 first).",
+                    )
+                rgb = np.moveaxis(convert_to_numpy(label), 0, -1)
+            elif kind == "palette" and self.converter is not None:
+                rgb = np.asarray(meta["palette"])[convert_to_numpy(label)[0]]
+            else:
+                continue
+            try:
+                classes = self.converter(rgb)[None]
+            except ValueError as e:
+                raise DataError(_source(label), f"unknown label colour: {e}") from e
+            d[key] = _like(classes, label, label_kind="indices")
+        return d
+
+
+class MaskOutsideFOVd(MapTransform):
+    """Give label pixels outside the field of view the ignore value, so the loss and every metric see only the FOV
+    (DRIVE's evaluation protocol). Without a FOV mask in the item the label is unchanged (the whole image counts)."""
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        fov_key: str = "fov",
+        ignore_index: int = IGNORE_INDEX,
+        allow_missing_keys: bool = False,
+    ):
+        super().__init__(keys, allow_missing_keys)
+        self.fov_key, self.ignore_index = fov_key, ignore_index
+
+    def __call__(self, data: Mapping[Hashable, NdarrayOrTensor]) -> dict[Hashable, NdarrayOrTensor]:
+        d = dict(data)
+        fov = d.get(self.fov_key)
+        if fov is None:
+            return d
+        for key in self.key_iterator(d):
+            label = d[key]
+            inside = convert_to_tensor(fov).reshape(np.shape(label)) > 0
+            values = convert_to_tensor(label).as_subclass(torch.Tensor)
+            d[key] = _like(
+                torch.where(inside.as_subclass(torch.Tensor), values, self.ignore_index).to(torch.uint8), label
+            )
         return d
 
 
@@ -135,10 +219,12 @@ class MapLabelValues(Transform):
         value_to_class: Mapping[int | str, int] | None = None,
         num_classes: int | None = None,
         strict: bool = True,
+        ignore_index: int | None = None,
     ):
         self.value_to_class = {int(k): int(v) for k, v in (value_to_class or {}).items()}
         self.num_classes = num_classes
         self.strict = strict
+        self.ignore_index = ignore_index
 
     def __call__(self, label: NdarrayOrTensor) -> NdarrayOrTensor:
         label_t = convert_to_tensor(label, track_meta=True)
@@ -149,12 +235,13 @@ class MapLabelValues(Transform):
         if any(v != int(v) for v in values):
             raise DataError(source, f"label values must be integers, found {[v for v in values if v != int(v)][:5]}.")
         known = set(self.value_to_class) if self.value_to_class else set(range(self.num_classes or 0))
-        unknown = sorted(int(v) for v in values if int(v) not in known and int(v) != 0)
+        unknown = sorted(int(v) for v in values if int(v) not in known and int(v) not in (0, self.ignore_index))
         if unknown and (self.strict and (self.value_to_class or self.num_classes)):
             raise DataError(
                 source,
                 f"label values {unknown[:10]} are not among the classes "
-                f'({sorted(known)}); map them with label_values (e.g. {{"{unknown[0]}": 1}}).',
+                f"({sorted(known)}); set 'class_names' to this dataset's classes, or map values to classes with "
+                f'\'label_values\' where the bundle has it (e.g. {{"{unknown[0]}": 1}}).',
             )
         if not self.value_to_class:
             return label_t
@@ -173,10 +260,11 @@ class MapLabelValuesd(MapTransform):
         value_to_class: Mapping[int | str, int] | None = None,
         num_classes: int | None = None,
         strict: bool = True,
+        ignore_index: int | None = None,
         allow_missing_keys: bool = False,
     ):
         super().__init__(keys, allow_missing_keys)
-        self.mapper = MapLabelValues(value_to_class, num_classes, strict)
+        self.mapper = MapLabelValues(value_to_class, num_classes, strict, ignore_index)
 
     def __call__(self, data: Mapping[Hashable, NdarrayOrTensor]) -> dict[Hashable, NdarrayOrTensor]:
         d = dict(data)

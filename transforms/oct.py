@@ -5,8 +5,11 @@ from __future__ import annotations
 from collections.abc import Hashable, Mapping
 
 import numpy as np
+import torch
 from monai.config import KeysCollection
+from monai.data import MetaTensor
 from monai.transforms import MapTransform, Transform
+from monai.utils import MetaKeys, convert_to_numpy
 
 IGNORE_INDEX = 255
 """Label value of pixels without annotation (masked out of the loss and the metrics)."""
@@ -55,7 +58,9 @@ class BoundariesToLabelMap(Transform):
 
 
 class BoundariesToLabelMapd(MapTransform):
-    """Dictionary wrapper of :class:`BoundariesToLabelMap`; the height is the rows of ``image_key``."""
+    """Dictionary wrapper of :class:`BoundariesToLabelMap`: each key's boundaries (``label_kind`` ``"boundaries"`` in
+    the metadata, as ``DukeMatReader`` gives them) become a label map with the rows of ``image_key``; labels that are
+    already label maps pass unchanged, so one pipeline serves boundary and label-image layouts."""
 
     def __init__(
         self,
@@ -73,5 +78,13 @@ class BoundariesToLabelMapd(MapTransform):
         height = np.shape(d[self.image_key])[-2]
         converter = BoundariesToLabelMap(height, self.ignore_index)
         for key in self.key_iterator(d):
-            d[key] = converter(d[key])
+            boundaries = d[key]
+            meta = getattr(boundaries, "meta", None)
+            if meta is not None and meta.get("label_kind") != "boundaries":
+                continue
+            label = converter(convert_to_numpy(boundaries))
+            if meta is not None:
+                meta = {**meta, "label_kind": "indices", MetaKeys.SPATIAL_SHAPE: np.asarray(label.shape[1:])}
+                label = MetaTensor(torch.as_tensor(label), meta=meta)
+            d[key] = label
         return d

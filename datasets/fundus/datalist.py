@@ -1,4 +1,4 @@
-"""Find the fundus vessel data in a folder, whatever accepted layout it is in, and split it.
+"""The fundus vessel layouts, registered for the ``fundus`` task, and the bundle's data lists (paths).
 
 Accepted layouts of ``dataset_dir``:
 
@@ -7,47 +7,140 @@ Accepted layouts of ``dataset_dir``:
 2. Kaggle "retina blood vessel": ``Data/train/image`` + ``Data/train/mask`` (+ ``Data/test/...``).
 3. Generic binary folders: ``images/`` + ``masks/`` (+ optional ``fov/``), any other binary 2D task too.
 
-Without explicit splits, the last ``val_fraction`` of the sorted image ids are validation: for the 20 DRIVE
-training images (ids 21-40) and the default 0.25 this is ids 36-40, the fixed split the benchmark reports on.
+Items are paths: ``{"image", "label", "fov" (when the layout has FOV masks), "id", "source", "annotation_source"}``.
+The bundle's transforms decode them (``PhotoReader``, ``BinaryMaskReader``) and set pixels outside the field of view
+to the ignore value (``MaskOutsideFOVd``), so the loss and every metric see only the FOV, as DRIVE's evaluation
+protocol requires. Without explicit splits the last ``val_fraction`` of the sorted image ids are validation: for the
+20 DRIVE training images (ids 21-40) and the default 0.25 this is ids 36-40, the fixed split the benchmark reports.
 """
 
 from __future__ import annotations
 
-import logging
 import os
+import re
 from pathlib import Path
 
-from clinseg.datasets.errors import NoUsableDataError
+from clinseg.datasets.errors import DataError, NoUsableDataError
 from clinseg.datasets.fundus.phantom import write_drive_layout
-from clinseg.datasets.fundus.readers import make_item, read_drive, read_image_mask_folders
-from clinseg.datasets.io import resolve_layout, split_by_group
+from clinseg.datasets.layouts import data_files, load_datalist, register_layout, register_phantom
+from clinseg.datasets.readers import IMAGE_SUFFIXES, read_header
 
-logger = logging.getLogger(__name__)
-
-ACCEPTED_LAYOUTS = """Accepted layouts:
-  1. DRIVE: <dir>/training/{images,1st_manual,mask}/ (or <dir> is such a split folder)
-  2. Kaggle retina vessels: <dir>/Data/train/image/ + <dir>/Data/train/mask/
-  3. generic: <dir>/images/ + <dir>/masks/ (+ optional <dir>/fov/), masks 0/255 or 0/1"""
-
-DEMO_HINT = (
-    "To create the embedded demo data instead, run:\n"
-    "  python -m clinseg.datasets.fundus.phantom --out data/phantoms/vessels\n"
-    "(or leave 'dataset_dir' at its default, which generates it on first use)."
-)
+DRIVE_IMAGE = re.compile(r"^(\d+)_(training|test)\.(tif|tiff)$", re.IGNORECASE)
+MASK_SUFFIXES = ("", "_mask", "_label", "_manual1")
+FOV_SUFFIXES = ("", "_fov", "_mask")
 
 
-def detect_layout(dataset_dir: Path) -> str | None:
-    if not dataset_dir.is_dir():
+def drive_split_items(split_dir: Path, annotator: int = 1, with_labels: bool = True) -> list[dict]:
+    """One split of DRIVE as released: ``images/NN_<split>.tif``, ``1st_manual/NN_manual1.gif``,
+    ``mask/NN_<split>_mask.gif`` (``2nd_manual`` with ``annotator=2``, test split only).
+
+    Raises:
+        DataError: a missing manual or FOV mask (named).
+    """
+    image_dir = split_dir / "images"
+    if not image_dir.is_dir():
+        raise DataError(split_dir, "has no 'images' folder; not a DRIVE split folder.")
+    items = []
+    for image_path in data_files(image_dir):
+        match = DRIVE_IMAGE.match(image_path.name)
+        if match is None:
+            continue
+        number, split = match.group(1), match.group(2)
+        fov_path = split_dir / "mask" / f"{number}_{split}_mask.gif"
+        if not fov_path.is_file():
+            raise DataError(fov_path, f"FOV mask of {image_path.name} is missing.")
+        item = {"image": str(image_path), "fov": str(fov_path), "id": number, "source": str(image_path)}
+        if with_labels:
+            label_path = split_dir / f"{'1st' if annotator == 1 else '2nd'}_manual" / f"{number}_manual{annotator}.gif"
+            if not label_path.is_file():
+                raise DataError(label_path, f"manual annotation of {image_path.name} is missing.")
+            item.update(label=str(label_path), annotation_source=str(label_path))
+        items.append(item)
+    if not items:
+        raise DataError(image_dir, "holds no DRIVE images named NN_training.tif or NN_test.tif.")
+    return items
+
+
+def matching_file(folder: Path | None, stem: str, suffixes: tuple[str, ...]) -> Path | None:
+    """The file of ``folder`` named ``stem`` plus one of ``suffixes`` (any image extension, any case)."""
+    if folder is None or not folder.is_dir():
         return None
-    if all((dataset_dir / name).is_dir() for name in ("images", "mask")) and any(dataset_dir.glob("*_manual")):
-        return "drive_split"
-    if (dataset_dir / "training" / "images").is_dir():
-        return "drive"
-    if (dataset_dir / "Data" / "train" / "image").is_dir():
-        return "kaggle"
-    if (dataset_dir / "images").is_dir() and (dataset_dir / "masks").is_dir():
-        return "folders"
-    return None
+    candidates = {p.stem.lower(): p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES}
+    return next((candidates[f"{stem}{s}".lower()] for s in suffixes if f"{stem}{s}".lower() in candidates), None)
+
+
+def image_mask_items(image_dir: Path, mask_dir: Path | None, fov_dir: Path | None = None) -> list[dict]:
+    """Generic binary segmentation folders: every image of ``image_dir`` with its mask from ``mask_dir`` (same stem,
+    optionally with a ``_mask`` suffix) and, when ``fov_dir`` is given, its FOV mask.
+
+    Raises:
+        DataError: an image without a mask.
+    """
+    items = []
+    for image_path in data_files(image_dir):
+        item = {"image": str(image_path), "id": image_path.stem, "source": str(image_path)}
+        if mask_dir is not None:
+            mask_path = matching_file(mask_dir, image_path.stem, MASK_SUFFIXES)
+            if mask_path is None:
+                raise DataError(image_path, f"has no mask in {mask_dir} (same name, or with a '_mask' suffix).")
+            item.update(label=str(mask_path), annotation_source=str(mask_path))
+        fov_path = matching_file(fov_dir, image_path.stem, FOV_SUFFIXES)
+        if fov_path is not None:
+            item["fov"] = str(fov_path)
+        items.append(item)
+    return items
+
+
+@register_layout(
+    "fundus",
+    "drive_split",
+    "DRIVE split folder: <dir>/{images,1st_manual,mask}/",
+    detect=lambda d: (d / "images").is_dir() and (d / "mask").is_dir() and any(d.glob("*_manual")),
+)
+def list_drive_split(dataset_dir: Path, split: str, **options) -> list[dict]:
+    return [] if split == "test" else drive_split_items(dataset_dir)
+
+
+@register_layout(
+    "fundus",
+    "drive",
+    "DRIVE: <dir>/training/{images,1st_manual,mask}/",
+    detect=lambda d: (d / "training" / "images").is_dir(),
+)
+def list_drive(dataset_dir: Path, split: str, **options) -> list[dict]:
+    if split == "test":
+        return drive_split_items(dataset_dir / "test") if (dataset_dir / "test").is_dir() else []
+    return drive_split_items(dataset_dir / "training")
+
+
+@register_layout(
+    "fundus",
+    "kaggle",
+    "Kaggle retina vessels: <dir>/Data/train/image/ + <dir>/Data/train/mask/",
+    detect=lambda d: (d / "Data" / "train" / "image").is_dir(),
+)
+def list_kaggle(dataset_dir: Path, split: str, **options) -> list[dict]:
+    root = dataset_dir / "Data" / ("test" if split == "test" else "train")
+    return image_mask_items(root / "image", root / "mask") if root.is_dir() else []
+
+
+@register_layout(
+    "fundus",
+    "folders",
+    "generic: <dir>/images/ + <dir>/masks/ (+ optional <dir>/fov/), masks 0/255 or 0/1",
+    detect=lambda d: (d / "images").is_dir() and (d / "masks").is_dir(),
+)
+def list_image_mask_folders(dataset_dir: Path, split: str, **options) -> list[dict]:
+    if split == "test":
+        return []
+    return image_mask_items(dataset_dir / "images", dataset_dir / "masks", dataset_dir / "fov")
+
+
+register_phantom(
+    "fundus",
+    lambda folder: write_drive_layout(folder, n_images=12),
+    "python -m clinseg.datasets.fundus.phantom --out data/phantoms/vessels",
+)
 
 
 def load_vessel_datalist(
@@ -55,43 +148,29 @@ def load_vessel_datalist(
     split: str = "train",
     val_fraction: float = 0.25,
     phantom_if_missing: bool = False,
-    phantom_images: int = 12,
+    min_shape: list[int] | None = None,
 ) -> list[dict]:
-    """The items of one split (``train``, ``val``, ``test`` or ``all``) of the vessel dataset in ``dataset_dir``."""
-    dataset_dir = Path(dataset_dir)
-    generate = (lambda folder: write_drive_layout(folder, n_images=phantom_images)) if phantom_if_missing else None
-    layout = resolve_layout(dataset_dir, detect_layout, "vessel", ACCEPTED_LAYOUTS, DEMO_HINT, generate)
-    if split == "test":
-        folders = {"drive": dataset_dir / "test", "kaggle": dataset_dir / "Data" / "test"}
-        if layout not in folders or not folders[layout].is_dir():
-            raise NoUsableDataError(dataset_dir.resolve(), "has no test split (a 'test' folder).", ACCEPTED_LAYOUTS)
-    if layout == "drive_split":
-        items = read_drive(dataset_dir)
-    elif layout == "drive":
-        items = read_drive(dataset_dir / ("test" if split == "test" else "training"))
-    elif layout == "kaggle":
-        root = dataset_dir / "Data" / ("test" if split == "test" else "train")
-        items = read_image_mask_folders(root / "image", root / "mask")
-    else:
-        fov_dir = dataset_dir / "fov" if (dataset_dir / "fov").is_dir() else None
-        items = read_image_mask_folders(dataset_dir / "images", dataset_dir / "masks", fov_dir)
-    if split != "test":  # the test folder is used whole
-        items = split_by_group(items, split, val_fraction)
-    if not items:
-        raise NoUsableDataError(dataset_dir.resolve(), f"the '{split}' split is empty.", ACCEPTED_LAYOUTS)
-    logger.info(f"{dataset_dir}: {layout} layout, {len(items)} images in the '{split}' split")
-    return items
+    """The items (paths) of one split (``train``, ``val``, ``test`` or ``all``) of the vessel dataset in
+    ``dataset_dir``; ``min_shape`` (the training patch) is checked against every image's header."""
+    return load_datalist("fundus", dataset_dir, split, val_fraction, phantom_if_missing, min_shape=min_shape)
 
 
 def load_fundus_images(input_path: str | os.PathLike) -> list[dict]:
-    """Photographs to segment: one image, a folder of images, or a DRIVE split folder (its FOV masks are used)."""
+    """Photographs to segment (paths): one image, a folder of images, or a DRIVE split folder (its FOV masks are
+    used); each is checked from its header."""
+    from clinseg.datasets.layouts import check_headers
+
     input_path = Path(input_path)
     if input_path.is_dir() and (input_path / "images").is_dir() and (input_path / "mask").is_dir():
-        return read_drive(input_path, with_labels=False)
-    if input_path.is_file():
-        return [make_item(input_path, None, None, input_path.stem)]
-    if input_path.is_dir():
-        items = read_image_mask_folders(input_path, None)
-        if items:
-            return items
-    raise NoUsableDataError(input_path.resolve(), "holds no photographs to segment (or does not exist).")
+        items = drive_split_items(input_path, with_labels=False)
+    elif input_path.is_file():
+        read_header(input_path)
+        items = [{"image": str(input_path), "id": input_path.stem, "source": str(input_path)}]
+    elif input_path.is_dir():
+        items = image_mask_items(input_path, None)
+    else:
+        items = []
+    if not items:
+        raise NoUsableDataError(input_path.resolve(), "holds no photographs to segment (or does not exist).")
+    check_headers(items)
+    return items

@@ -2,21 +2,26 @@
 
 Each ``Subject_NN.mat`` (MATLAB v5) holds ``images`` (rows x cols x n_bscans, uint8) and the manual boundaries of
 two graders, ``manualLayers1``/``manualLayers2`` (8 x cols x n_bscans, 1-based row positions, NaN where a column
-or a whole B-scan is not annotated). Only annotated B-scans are returned; columns with a missing boundary are
-marked with the ignore value in the label map, so they drop out of the loss and the metrics instead of being
-filled in.
+or a whole B-scan is not annotated). A data list names one B-scan as ``Subject_NN.mat::index``; the
+:class:`DukeMatReader` gives its image or its boundaries, and the bundle's ``BoundariesToLabelMapd`` builds the
+label map, in which columns with a missing boundary get the ignore value (they drop out of the loss and the metrics
+instead of being filled in).
 """
 
 from __future__ import annotations
 
+import functools
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import scipy.io
+from monai.data import ImageReader
+from monai.utils import MetaKeys, ensure_tuple
 
 from clinseg.datasets.errors import DataError
-from clinseg.transforms.oct import IGNORE_INDEX, boundaries_to_label_map
+from clinseg.datasets.readers import member_path, split_member
 
 DUKE_CLASS_NAMES = ("background", "NFL", "GCL-IPL", "INL", "OPL", "ONL-ISM", "ISE", "OS-RPE")
 """Background plus the 7 layers between the 8 manual boundaries of the Duke DME release."""
@@ -26,10 +31,19 @@ def load_mat(path: str | os.PathLike) -> dict:
     """Load a MATLAB v5 file, turning every read failure into a :class:`DataError` that names the file."""
     path = Path(path)
     try:
-        with open(path, "rb") as f:
-            head = f.read(128)
+        stat = path.stat()
     except FileNotFoundError as e:
         raise DataError(path, "does not exist.") from e
+    if path.is_dir():
+        raise DataError(path, "is a folder; expected a MATLAB .mat file.")
+    return _load_mat(path, stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=2)  # the B-scans of one subject are read one after another: decode its file once
+def _load_mat(path: Path, mtime_ns: int, size: int) -> dict:
+    try:
+        with open(path, "rb") as f:
+            head = f.read(128)
     except OSError as e:
         raise DataError(path, f"cannot be opened ({e.strerror}).") from e
     if head.startswith(b"\x89HDF"):
@@ -40,79 +54,125 @@ def load_mat(path: str | os.PathLike) -> dict:
         raise DataError(path, f"cannot be read as a MATLAB .mat file (truncated or not a .mat file): {e}") from e
 
 
-def read_duke_mat(path: str | os.PathLike, grader: int = 1, ignore_index: int = IGNORE_INDEX) -> list[dict]:
-    """Read the annotated B-scans of one Duke ``.mat`` file.
-
-    Returns:
-        One item per annotated B-scan: ``image`` (1, rows, cols) float32, ``label`` (1, rows, cols) uint8 with
-        ``ignore_index`` in unannotated columns, ``boundaries`` (n_boundaries, cols) 0-based rows, ``id``,
-        ``subject``, ``bscan`` and ``source``.
-    """
-    path = Path(path)
-    content = load_mat(path)
-    layers_key = f"manualLayers{grader}"
-    missing = [k for k in ("images", layers_key) if k not in content]
-    if missing:
+def _bscan_stack(path: Path, content: dict) -> np.ndarray:
+    if "images" not in content:
         present = sorted(k for k in content if not k.startswith("__"))
-        raise DataError(path, f"missing key(s) {missing}; keys present: {present}.")
+        raise DataError(path, f"missing key 'images'; keys present: {present}.")
     images = np.asarray(content["images"])
-    layers = np.asarray(content[layers_key], dtype=np.float64)
-    if images.ndim == 2:
-        images = images[..., None]
-    if layers.ndim == 2:
-        layers = layers[..., None]
-    if images.ndim != 3 or layers.ndim != 3:
-        raise DataError(
-            path,
-            f"'images' {images.shape} and '{layers_key}' {layers.shape} must be (rows, cols, n_bscans) and "
-            "(n_boundaries, cols, n_bscans).",
-        )
-    rows, cols, n_bscans = images.shape
-    if layers.shape[1:] != (cols, n_bscans):
+    images = images[..., None] if images.ndim == 2 else images
+    if images.ndim != 3:
+        raise DataError(path, f"'images' has shape {images.shape}; it must be (rows, cols, n_bscans).")
+    if not np.issubdtype(images.dtype, np.number):
+        raise DataError(path, f"'images' holds {images.dtype} values; expected numbers.")
+    if np.issubdtype(images.dtype, np.floating) and not np.isfinite(images).all():
+        raise DataError(path, "'images' contains NaN or infinite values.")
+    return images
+
+
+def _boundary_stack(path: Path, content: dict, grader: int, images: np.ndarray) -> np.ndarray:
+    key = f"manualLayers{grader}"
+    if key not in content:
+        present = sorted(k for k in content if not k.startswith("__"))
+        raise DataError(path, f"missing key(s) ['{key}']; keys present: {present}.")
+    layers = np.asarray(content[key], dtype=np.float64)
+    layers = layers[..., None] if layers.ndim == 2 else layers
+    if layers.ndim != 3:
+        raise DataError(path, f"'{key}' {layers.shape} must be (n_boundaries, cols, n_bscans).")
+    if layers.shape[1:] != images.shape[1:]:
         raise DataError(
             path,
             f"image/label shape mismatch: 'images' is {images.shape} (rows, cols, n_bscans) but "
-            f"'{layers_key}' is {layers.shape} (boundaries, cols, n_bscans).",
+            f"'{key}' is {layers.shape} (boundaries, cols, n_bscans).",
         )
-    if not np.isfinite(images).all():
-        raise DataError(path, "'images' contains NaN or infinite values.")
-    items = []
-    for index in range(n_bscans):
-        boundaries = layers[:, :, index] - 1.0  # MATLAB rows are 1-based
+    return layers - 1.0  # MATLAB rows are 1-based
+
+
+def annotated_bscans(path: str | os.PathLike, grader: int = 1) -> list[int]:
+    """The indices of the B-scans of a Duke file that ``grader`` annotated (checking the file's structure)."""
+    path = Path(path)
+    content = load_mat(path)
+    images = _bscan_stack(path, content)
+    layers = _boundary_stack(path, content, grader, images)
+    rows = images.shape[0]
+    indices = []
+    for index in range(images.shape[2]):
+        boundaries = layers[:, :, index]
         if np.isnan(boundaries).all():
-            continue  # this B-scan was not annotated
+            continue
         finite = boundaries[np.isfinite(boundaries)]
         if finite.size and (finite.min() < -1 or finite.max() > rows + 1):
             raise DataError(path, f"B-scan {index}: boundary rows outside the image's {rows} rows.")
-        label = boundaries_to_label_map(boundaries, rows, ignore_index)
-        items.append(
-            {
-                "image": images[:, :, index].astype(np.float32)[None],
-                "label": label[None],
-                "boundaries": boundaries.astype(np.float32),
-                "id": f"{path.stem}_bscan{index:02d}",
-                "subject": path.stem,
-                "bscan": index,
-                "source": str(path),
-            }
-        )
-    return items
+        indices.append(index)
+    return indices
 
 
-def read_mat_bscans(path: str | os.PathLike) -> list[dict]:
-    """All B-scans of a Duke-layout ``.mat`` file as images to segment (annotated or not), for inference."""
+def duke_items(path: str | os.PathLike, grader: int = 1) -> list[dict]:
+    """The data-list items (paths) of the annotated B-scans of one Duke file."""
     path = Path(path)
-    content = load_mat(path)
-    if "images" not in content:
-        raise DataError(
-            path, f"missing key 'images'; keys present: {sorted(k for k in content if not k.startswith('__'))}."
-        )
-    images = np.asarray(content["images"])
-    if images.ndim == 2:
-        images = images[..., None]
-    if images.ndim != 3:
-        raise DataError(path, f"'images' has shape {images.shape}; expected rows x cols x n_bscans.")
     return [
-        {"image": images[:, :, i].astype(np.float32)[None], "id": f"{path.stem}_bscan{i:02d}", "source": str(path)}
+        {
+            "image": member_path(path, index),
+            "label": member_path(path, index),
+            "id": f"{path.stem}_bscan{index:02d}",
+            "subject": path.stem,
+            "bscan": index,
+            "source": str(path),
+        }
+        for index in annotated_bscans(path, grader)
+    ]
+
+
+def bscan_items(path: str | os.PathLike) -> list[dict]:
+    """Every B-scan of a Duke-layout ``.mat`` file (annotated or not), as images to segment."""
+    path = Path(path)
+    images = _bscan_stack(path, load_mat(path))
+    return [
+        {"image": member_path(path, i), "id": f"{path.stem}_bscan{i:02d}", "source": str(path)}
         for i in range(images.shape[2])
     ]
+
+
+class DukeMatReader(ImageReader):
+    """MONAI ``ImageReader`` of one B-scan of a Duke ``.mat`` file named ``Subject_NN.mat::index``.
+
+    Args:
+        content: ``"image"``: the B-scan, ``(1, rows, cols)`` float32 (8-bit scale, as released); ``"boundaries"``:
+            the grader's boundaries, ``(n_boundaries, cols)`` float32 0-based rows, NaN where not annotated, with
+            ``label_kind`` ``"boundaries"`` in the metadata (``BoundariesToLabelMapd`` turns them into a label map).
+        grader: which grader's boundaries (1 or 2).
+    """
+
+    def __init__(self, content: str = "image", grader: int = 1):
+        if content not in ("image", "boundaries"):
+            raise ValueError(f"content must be 'image' or 'boundaries', got {content!r}.")
+        super().__init__()
+        self.content, self.grader = content, grader
+
+    def verify_suffix(self, filename: Sequence[os.PathLike] | os.PathLike) -> bool:
+        return all(str(split_member(f)[0]).lower().endswith(".mat") for f in ensure_tuple(filename))
+
+    def read(self, data, **kwargs):
+        path, member = split_member(ensure_tuple(data)[0])
+        content = load_mat(path)
+        images = _bscan_stack(path, content)
+        index = 0 if member is None else int(member)
+        if not 0 <= index < images.shape[2]:
+            raise DataError(path, f"has {images.shape[2]} B-scans; B-scan {index} does not exist.")
+        if self.content == "image":
+            return path, index, images[:, :, index].astype(np.float32)[None], {}
+        boundaries = _boundary_stack(path, content, self.grader, images)[:, :, index].astype(np.float32)
+        return path, index, boundaries, {"label_kind": "boundaries", "rows": images.shape[0]}
+
+    def get_data(self, img) -> tuple[np.ndarray, dict]:
+        path, index, array, extra = img
+        shape = array.shape[1:] if self.content == "image" else (extra["rows"], array.shape[1])
+        meta = {
+            MetaKeys.SPATIAL_SHAPE: np.asarray(shape),
+            MetaKeys.ORIGINAL_CHANNEL_DIM: 0,
+            MetaKeys.AFFINE: np.eye(3),
+            MetaKeys.ORIGINAL_AFFINE: np.eye(3),
+            "filename_or_obj": member_path(path, index),
+            "bscan": index,
+            **extra,
+        }
+        return array, meta

@@ -1,20 +1,26 @@
 """VGG Image Annotator (VIA) / makesense.ai "VGG JSON" polygon exports, rasterised to label maps.
 
 This is how OCTID users and many small labs annotate: one JSON file with, per image, a list of regions whose
-``shape_attributes`` are polygons (or rectangles) and whose ``region_attributes`` name the class.
+``shape_attributes`` are polygons (or rectangles) and whose ``region_attributes`` name the class. A data list names
+an image's regions as ``export.json::image.png``; :class:`ViaLabelReader` rasterises them on the image's grid (its
+size from the image file's header).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+from monai.data import ImageReader
+from monai.utils import MetaKeys, ensure_tuple
 from skimage.draw import polygon as fill_polygon
 
 from clinseg.datasets.errors import DataError
-from clinseg.datasets.oct.images import read_grayscale
+from clinseg.datasets.readers import member_path, read_header, split_member
 
 
 def _region_class(region: dict, class_names: list[str], attribute: str | None, json_path: Path, filename: str) -> int:
@@ -44,22 +50,16 @@ def _rasterise(shape: dict, out_shape: tuple[int, int], json_path: Path, filenam
     raise DataError(json_path, f"region shape {name!r} of {filename!r} is not supported (polygon, polyline, rect).")
 
 
-def read_via_json(
-    json_path: str | os.PathLike,
-    class_names: list[str],
-    image_dir: str | os.PathLike | None = None,
-    attribute: str | None = None,
-) -> list[dict]:
-    """Read a VIA 2 project or VIA/makesense.ai region export and rasterise its regions.
+def _metadata(json_path: Path) -> dict:
+    try:
+        stat = json_path.stat()
+    except FileNotFoundError as e:
+        raise DataError(json_path, "does not exist.") from e
+    return _parse(json_path, stat.st_mtime_ns)
 
-    Args:
-        json_path: the export; either ``{"_via_img_metadata": {...}}`` (a VIA project) or the bare metadata dict.
-        class_names: class names, index = class value; a region's class attribute must match one (any case).
-        image_dir: where the images are (default: the JSON's folder).
-        attribute: the ``region_attributes`` key holding the class (default: the first non-empty string).
-    """
-    json_path = Path(json_path)
-    image_dir = Path(image_dir) if image_dir is not None else json_path.parent
+
+@functools.lru_cache(maxsize=8)
+def _parse(json_path: Path, mtime_ns: int) -> dict:
     try:
         content = json.loads(json_path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -67,25 +67,70 @@ def read_via_json(
     metadata = content.get("_via_img_metadata", content) if isinstance(content, dict) else None
     if not isinstance(metadata, dict) or not all(isinstance(v, dict) and "filename" in v for v in metadata.values()):
         raise DataError(json_path, "is not a VIA / makesense.ai VGG JSON export (no per-image 'filename' entries).")
+    return {entry["filename"]: entry for entry in metadata.values()}
+
+
+def via_items(json_path: str | os.PathLike, image_dir: str | os.PathLike | None = None) -> list[dict]:
+    """The data-list items (paths) of a VIA 2 project or VIA/makesense.ai region export: each image with its regions
+    (``export.json::filename``). The images are in ``image_dir`` (default: the JSON's folder)."""
+    json_path = Path(json_path)
+    image_dir = Path(image_dir) if image_dir is not None else json_path.parent
     items = []
-    for entry in metadata.values():
-        filename = entry["filename"]
+    for filename in _metadata(json_path):
         image_path = image_dir / filename
-        image = read_grayscale(image_path)
-        label = np.zeros(image.shape[1:], dtype=np.uint8)
-        regions = entry.get("regions") or []
-        if isinstance(regions, dict):  # VIA 1 stores regions as a dict
-            regions = list(regions.values())
-        for region in regions:
-            rows, cols = _rasterise(region.get("shape_attributes") or {}, label.shape, json_path, filename)
-            label[rows, cols] = _region_class(region, class_names, attribute, json_path, filename)
         items.append(
             {
-                "image": image,
-                "label": label[None],
+                "image": str(image_path),
+                "label": member_path(json_path, filename),
                 "id": image_path.stem,
                 "source": str(image_path),
-                "label_source": str(json_path),
+                "annotation_source": str(json_path),
             }
         )
     return items
+
+
+class ViaLabelReader(ImageReader):
+    """MONAI ``ImageReader`` rasterising one image's VIA regions (``export.json::filename``) to a ``(1, rows, cols)``
+    uint8 label map.
+
+    Args:
+        class_names: class names, index = class value; a region's class attribute must match one (any case).
+        attribute: the ``region_attributes`` key holding the class (default: the first non-empty string).
+    """
+
+    def __init__(self, class_names: Sequence[str], attribute: str | None = None):
+        super().__init__()
+        self.class_names, self.attribute = list(class_names), attribute
+
+    def verify_suffix(self, filename) -> bool:
+        return all(str(split_member(f)[0]).lower().endswith(".json") for f in ensure_tuple(filename))
+
+    def read(self, data, **kwargs):
+        json_path, filename = split_member(ensure_tuple(data)[0])
+        if filename is None:
+            raise DataError(json_path, "names no image of the export (expected 'export.json::image.png').")
+        entries = _metadata(json_path)
+        if filename not in entries:
+            raise DataError(json_path, f"has no entry for image {filename!r}.")
+        shape = tuple(read_header(json_path.parent / filename)["shape"])
+        label = np.zeros(shape, dtype=np.uint8)
+        regions = entries[filename].get("regions") or []
+        if isinstance(regions, dict):  # VIA 1 stores regions as a dict
+            regions = list(regions.values())
+        for region in regions:
+            rows, cols = _rasterise(region.get("shape_attributes") or {}, shape, json_path, filename)
+            label[rows, cols] = _region_class(region, self.class_names, self.attribute, json_path, filename)
+        return member_path(json_path, filename), label
+
+    def get_data(self, img) -> tuple[np.ndarray, dict]:
+        name, label = img
+        meta = {
+            MetaKeys.SPATIAL_SHAPE: np.asarray(label.shape),
+            MetaKeys.ORIGINAL_CHANNEL_DIM: 0,
+            MetaKeys.AFFINE: np.eye(3),
+            MetaKeys.ORIGINAL_AFFINE: np.eye(3),
+            "filename_or_obj": name,
+            "label_kind": "indices",
+        }
+        return label[None], meta
