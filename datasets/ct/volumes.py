@@ -258,6 +258,12 @@ def _read_itk(path: Path, max_voxels: int | None, assume: tuple | None) -> tuple
     try:
         image = reader.Execute()
     except RuntimeError as e:
+        if note and "Zero-valued spacing" in str(e):
+            raise DataError(
+                path,
+                f"{problem}, and ITK refuses to decode a file with a zero spacing, so assume_spacing cannot stand in.",
+                "Correct the spacing in its text header (ElementSpacing, or NRRD space directions).",
+            ) from e
         raise DataError(path, f"cannot be read as {what} (empty or truncated?): {e}") from e
     return np.transpose(sitk.GetArrayFromImage(image), (2, 1, 0)), affine, note  # ITK arrays are [k, j, i]
 

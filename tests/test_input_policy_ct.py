@@ -1,0 +1,342 @@
+"""The input policy of the CT side, on real files (NIfTI written by nibabel, NRRD and MetaImage by SimpleITK or as
+their text headers, DICOM series by the project's writer): geometry never assumed, sizes checked from the header
+before decoding, results that cannot overwrite each other, and no output folder inside the input folder."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from clinseg.datasets.ct import LoadCTVolumed, load_ct_images, read_volume, write_ct_series
+from clinseg.datasets.errors import DataError, InputError
+from clinseg.datasets.io import unique_ids
+from clinseg.pipelines.paths import require_output_outside_input
+from tests.conftest import REPO_ROOT, run_bundle
+
+INFER = [str(REPO_ROOT / "bundles" / "ct_heart" / "configs" / "inference.json")]
+SHAPE = (12, 10, 8)
+PIXDIM_OFFSET = 76  # bytes into a NIfTI-1 header: pixdim, 8 float32
+
+
+def volume(seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(-1000, 1500, size=SHAPE).astype(np.int16)
+
+
+def nifti_without_geometry(path: Path, array: np.ndarray, pixdim=(1.0, 1.0, 1.0)) -> Path:
+    """A NIfTI as tools that drop the geometry write it: qform_code and sform_code 0, only pixdim."""
+    image = nib.Nifti1Image(array, np.diag([*pixdim, 1.0]))
+    image.set_qform(None, code=0)
+    image.set_sform(None, code=0)
+    nib.save(image, path)
+    return path
+
+
+def nifti_with_raw_pixdim(path: Path, array: np.ndarray, axis: int, value: float) -> Path:
+    """A qform-only NIfTI whose pixdim[axis + 1] is ``value`` as stored (nibabel repairs 0 and negatives on save
+    and on load, so the header bytes are written directly)."""
+    image = nib.Nifti1Image(array, np.diag([2.0, 3.0, 4.0, 1.0]))
+    image.set_qform(image.affine, code=1)
+    image.set_sform(None, code=0)
+    nib.save(image, path)
+    raw = bytearray(path.read_bytes())
+    offset = PIXDIM_OFFSET + 4 * (axis + 1)
+    raw[offset : offset + 4] = struct.pack("<f", value)
+    path.write_bytes(bytes(raw))
+    return path
+
+
+def text_header_nrrd(path: Path, array: np.ndarray, fields: list[str]) -> Path:
+    header = f"NRRD0004\ntype: short\ndimension: 3\nsizes: {' '.join(map(str, array.shape))}\nendian: little\n"
+    header += "encoding: raw\n" + "".join(f"{field}\n" for field in fields) + "\n"
+    path.write_bytes(header.encode() + np.asfortranarray(array).tobytes(order="F"))
+    return path
+
+
+def text_header_mha(path: Path, array: np.ndarray, fields: list[str]) -> Path:
+    header = f"ObjectType = Image\nNDims = 3\nDimSize = {' '.join(map(str, array.shape))}\nElementType = MET_SHORT\n"
+    header += "".join(f"{field}\n" for field in fields) + "ElementDataFile = LOCAL\n"
+    path.write_bytes(header.encode() + array.tobytes(order="F"))
+    return path
+
+
+def itk_volume(path: Path, array: np.ndarray, spacing=(0.8, 0.9, 2.5)) -> Path:
+    image = sitk.GetImageFromArray(np.transpose(array, (2, 1, 0)))  # ITK arrays are [k, j, i]
+    image.SetSpacing(spacing)
+    sitk.WriteImage(image, str(path))
+    return path
+
+
+# --- geometry never assumed
+
+
+def test_nifti_without_coordinate_system_is_refused_naming_the_file_and_the_way_out(tmp_path):
+    path = nifti_without_geometry(tmp_path / "dropped.nii.gz", volume())
+    assert nib.load(path).affine[0, 0] != 0, "nibabel itself would give a plausible pixdim-only affine"
+    with pytest.raises(DataError) as refused:
+        read_volume(path)
+    message = str(refused.value)
+    assert message.startswith(f"{path}: has no coordinate system (qform_code and sform_code are both 0")
+    assert "--assume_spacing" in message and "assume_orientation" in message
+    with pytest.raises(DataError, match="qform_code and sform_code are both 0"):
+        LoadCTVolumed("image")({"image": str(path)})
+
+
+def test_assumed_spacing_and_orientation_build_the_affine_and_are_recorded(tmp_path):
+    array = volume()
+    path = nifti_without_geometry(tmp_path / "dropped.nii.gz", array, pixdim=(2.0, 3.0, 4.0))
+    read, affine, meta = read_volume(path, assume_spacing=(0.8, 0.9, 2.5))
+    np.testing.assert_array_equal(read, array)
+    np.testing.assert_allclose(affine, np.diag([0.8, 0.9, 2.5, 1.0]))
+    assert meta["geometry_assumed"].startswith("spacing 0.8 x 0.9 x 2.5 mm, orientation RAS, assumed: the file has no")
+    _, affine, meta = read_volume(path, assume_spacing=[0.8, 0.9, 2.5], assume_orientation="lps")
+    np.testing.assert_allclose(affine, np.diag([-0.8, -0.9, 2.5, 1.0]))
+    assert "orientation LPS" in meta["geometry_assumed"]
+
+    loaded = LoadCTVolumed("image", assume_spacing=[0.8, 0.9, 2.5])({"image": str(path)})["image"]
+    assert "spacing 0.8 x 0.9 x 2.5 mm" in loaded.meta["geometry_assumed"]
+    np.testing.assert_allclose(loaded.affine.numpy(), np.diag([0.8, 0.9, 2.5, 1.0]))
+    np.testing.assert_allclose(loaded.meta["pixdim"][1:4], [0.8, 0.9, 2.5])
+
+
+def test_a_file_with_its_own_geometry_keeps_it_when_a_spacing_is_offered(tmp_path):
+    affine = np.array([[-0.7, 0, 0, 10.0], [0, -0.7, 0, 5.0], [0, 0, 3.0, -20.0], [0, 0, 0, 1]])
+    nib.save(nib.Nifti1Image(volume(), affine), tmp_path / "ct.nii.gz")
+    itk_volume(tmp_path / "ct.nrrd", volume())
+    _, read_affine, meta = read_volume(tmp_path / "ct.nii.gz", assume_spacing=(1, 1, 1))
+    np.testing.assert_allclose(read_affine, affine)
+    assert meta["geometry_assumed"] == ""
+    _, read_affine, meta = read_volume(tmp_path / "ct.nrrd", assume_spacing=(1, 1, 1))
+    np.testing.assert_allclose(np.linalg.norm(read_affine[:3, :3], axis=0), [0.8, 0.9, 2.5])
+    assert meta["geometry_assumed"] == ""
+
+
+@pytest.mark.parametrize("value", [0.0, -3.0, float("nan"), float("inf")])
+def test_degenerate_nifti_pixdim_is_refused(tmp_path, value):
+    path = nifti_with_raw_pixdim(tmp_path / "bad.nii", volume(), axis=1, value=value)
+    with pytest.raises(DataError, match="degenerate voxel size: pixdim 2, (0|-3|nan|inf), 4") as refused:
+        read_volume(path)
+    assert str(path) in str(refused.value)
+    _, affine, meta = read_volume(path, assume_spacing=(2, 3, 4))
+    assert meta["geometry_assumed"] and np.allclose(affine, np.diag([2.0, 3.0, 4.0, 1.0]))
+
+
+def test_nrrd_and_metaimage_without_or_with_degenerate_spacing_are_refused(tmp_path):
+    array = volume()
+    cases = {
+        "bare.nrrd": (text_header_nrrd, [], "has no coordinate system: its NRRD header has no 'space directions'"),
+        "spacings.nrrd": (text_header_nrrd, ["spacings: 2 3 4"], "only 'spacings: 2 3 4'"),
+        "nan_spacings.nrrd": (text_header_nrrd, ["spacings: nan 1 1"], "no 'space directions'"),
+        "bare.mha": (text_header_mha, [], "has no voxel size: its MetaImage header has no ElementSpacing"),
+        "zero.mha": (text_header_mha, ["ElementSpacing = 0 1 1"], "degenerate voxel spacing 0, 1, 1"),
+        "negative.mha": (text_header_mha, ["ElementSpacing = -1 1 1"], "degenerate voxel spacing -1, 1, 1"),
+        "nan.mha": (text_header_mha, ["ElementSpacing = nan 1 1"], "degenerate voxel spacing"),
+    }
+    for name, (write, fields, problem) in cases.items():
+        path = write(tmp_path / name, array, fields)
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(path))
+        reader.ReadImageInformation()  # SimpleITK reads each of them, with some spacing it made up
+        with pytest.raises(DataError, match=problem) as refused:
+            read_volume(path)
+        assert str(refused.value).startswith(f"{path}: "), name
+        if name in ("zero.mha", "nan.mha"):  # ITK reads NaN as 0, and refuses to decode a zero spacing
+            with pytest.raises(DataError, match="ITK refuses to decode a file with a zero spacing"):
+                read_volume(path, assume_spacing=(1.5, 1.5, 3))
+            continue
+        read, affine, meta = read_volume(path, assume_spacing=(1.5, 1.5, 3))
+        np.testing.assert_array_equal(read, array, err_msg=name)
+        np.testing.assert_allclose(affine, np.diag([1.5, 1.5, 3.0, 1.0]), err_msg=name)
+        assert meta["geometry_assumed"].startswith("spacing 1.5 x 1.5 x 3 mm"), name
+
+
+def test_sitk_written_nrrd_and_mha_keep_their_geometry(tmp_path):
+    array = volume()
+    for suffix in ("nrrd", "mha"):
+        read, affine, meta = read_volume(itk_volume(tmp_path / f"ct.{suffix}", array))
+        np.testing.assert_array_equal(read, array)
+        np.testing.assert_allclose(affine, np.diag([-0.8, -0.9, 2.5, 1.0]))  # LPS identity directions, in RAS
+        assert meta["geometry_assumed"] == ""
+
+
+@pytest.mark.parametrize(
+    "kwargs, problem",
+    [
+        ({"assume_spacing": [1, 1]}, "three positive numbers"),
+        ({"assume_spacing": [1, 0, 1]}, "three positive numbers"),
+        ({"assume_spacing": "big"}, "three"),
+        ({"assume_spacing": [1, 1, 1], "assume_orientation": "RAR"}, "not an orientation code"),
+        ({"max_voxels": 0}, "positive integer"),
+    ],
+)
+def test_unusable_assumptions_and_limits_are_refused_when_the_transform_is_built(kwargs, problem):
+    with pytest.raises(InputError, match=problem):
+        LoadCTVolumed("image", **kwargs)
+
+
+# --- size limits before decoding
+
+
+def truncate_voxels(path: Path, keep: int) -> None:
+    path.write_bytes(path.read_bytes()[:keep])
+
+
+def test_voxel_limit_is_checked_from_the_header_before_decoding(tmp_path):
+    array = volume()
+    n = int(np.prod(SHAPE))
+    nii = tmp_path / "ct.nii"
+    nib.save(nib.Nifti1Image(array, np.diag([0.8, 0.8, 2.5, 1.0])), nii)
+    nrrd = itk_volume(tmp_path / "ct.nrrd", array)
+    for path, header_bytes in ((nii, 352), (nrrd, len(nrrd.read_bytes()) - array.nbytes)):
+        with pytest.raises(DataError) as refused:
+            read_volume(path, max_voxels=n - 1)
+        message = str(refused.value)
+        assert message.startswith(f"{path}: is 12 x 10 x 8 = 960 voxels, more than the limit of 959 voxels")
+        assert "--max_voxels" in message
+        read_volume(path, max_voxels=n)  # at the limit: read
+        # with its voxels cut off, the file still fails on its size first: nothing was decoded
+        truncate_voxels(path, header_bytes + 10)
+        with pytest.raises(DataError, match="more than the limit"):
+            read_volume(path, max_voxels=n - 1)
+        with pytest.raises(DataError, match="cannot be read"):
+            read_volume(path, max_voxels=n)
+    with pytest.raises(DataError, match="more than the limit of 100 voxels"):
+        LoadCTVolumed("image", max_voxels=100)({"image": str(itk_volume(tmp_path / "again.mha", array))})
+
+
+def test_voxel_limit_of_a_dicom_series_uses_rows_columns_and_slices(tmp_path):
+    hu = volume().astype(np.float32)
+    series = tmp_path / "series"
+    files = write_ct_series(hu, np.diag([-0.8, -0.8, 2.5, 1.0]), series)
+    for file in files:  # pixel data unreadable: the limit must refuse before any of it is decoded
+        raw = file.read_bytes()
+        file.write_bytes(raw[: len(raw) - 8])
+    with pytest.raises(DataError) as refused:
+        read_volume(series, max_voxels=100)
+    assert str(refused.value).startswith(f"{series}: is 12 x 10 x 8 = 960 voxels, more than the limit of 100")
+
+
+# --- outputs that cannot collide
+
+
+def test_unique_ids_renames_only_the_colliding_items_deterministically(tmp_path):
+    items = [
+        {"id": "a", "source": "/in/a.nii.gz"},
+        {"id": "a", "source": "/in/a.nrrd"},
+        {"id": "b0", "source": "/in/b0.png"},
+        {"id": "B0", "source": "/in/B0.tif"},
+        {"id": "c", "source": "/in/c.mha"},
+        {"id": "d", "source": "/p/d.png"},
+        {"id": "d", "source": "/q/d.png"},
+        {"id": "inference_summary", "source": "/in/inference_summary.nii.gz"},
+    ]
+    renamed = unique_ids(items)
+    assert [item["id"] for item in renamed] == [
+        "a_nii_gz",
+        "a_nrrd",
+        "b0_png",
+        "B0_tif",
+        "c",
+        "p_d_png",
+        "q_d_png",
+        "inference_summary_nii_gz",
+    ]
+    assert [item["original_id"] for item in renamed] == [item["id"] for item in items]
+    assert unique_ids(list(reversed(items)))[::-1] == renamed, "independent of the order"
+    assert items[0]["id"] == "a" and "original_id" not in items[0], "the input list is left as it was"
+
+
+def test_inference_inputs_of_one_stem_get_distinct_ids(tmp_path):
+    nib.save(nib.Nifti1Image(volume(), np.eye(4)), tmp_path / "a.nii.gz")
+    itk_volume(tmp_path / "a.nrrd", volume())
+    itk_volume(tmp_path / "b.mha", volume())
+    assert [item["id"] for item in load_ct_images(tmp_path)] == ["a_nii_gz", "a_nrrd", "b"]
+
+
+def test_output_folder_equal_to_or_inside_the_input_folder_is_refused(tmp_path):
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    (inputs / "a.nii.gz").write_bytes(b"")
+    for output in (inputs, inputs / "results", inputs / "x" / ".." / "results"):
+        with pytest.raises(InputError, match=f"is (the|inside the) input folder( {inputs})?: the next run") as refused:
+            require_output_outside_input(output, inputs)
+        assert str(output.resolve()) in str(refused.value)
+    with pytest.raises(InputError, match="which holds the input a.nii.gz"):
+        require_output_outside_input(inputs, inputs / "a.nii.gz")
+    require_output_outside_input(tmp_path / "results", inputs)
+    require_output_outside_input(tmp_path / "inputs_results", inputs)  # a sibling sharing the prefix
+    require_output_outside_input(inputs / "results", inputs / "a.nii.gz")
+
+
+def tiny_inference(bundle_root: Path, **extra) -> dict:
+    return {
+        "bundle_root": bundle_root,
+        "spacing": "[6,6,6]",
+        "patch_size": "[16,16,16]",
+        "network_def#channels": "[4,8,16]",
+        "network_def#strides": "[2,2]",
+        "network_def#num_res_units": 1,
+        **extra,
+    }
+
+
+@pytest.fixture(scope="module")
+def untrained_bundle(tmp_path_factory) -> Path:
+    """A bundle folder whose checkpoint is the tiny network's initial weights: enough to run inference."""
+    from monai.networks.nets import UNet
+
+    root = tmp_path_factory.mktemp("ct_policy_bundle")
+    (root / "models").mkdir()
+    torch.manual_seed(0)
+    network = UNet(3, 1, 2, channels=(4, 8, 16), strides=(2, 2), num_res_units=1, norm="instance")
+    torch.save(network.state_dict(), root / "models" / "model.pt")
+    return root
+
+
+def test_inference_of_inputs_with_one_stem_writes_both_and_records_assumed_geometry(untrained_bundle, tmp_path):
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    nifti_without_geometry(inputs / "a.nii.gz", volume(1))
+    itk_volume(inputs / "a.nrrd", volume(2), spacing=(3.0, 3.0, 4.0))
+    out = tmp_path / "out"
+    overrides = tiny_inference(untrained_bundle, input_path=inputs, output_dir=out, assume_spacing="[2,2,3]")
+    result = run_bundle("inferring", INFER, overrides)
+    assert f"wrote 2 of 2 heart masks (NIfTI on the input grid), JSON volumes and pictures to {out}" in result.stdout
+    assert "a.nii.gz -> a_nii_gz, a.nrrd -> a_nrrd" in result.stdout
+    for case, source, spacing in (("a_nii_gz", "a.nii.gz", [2, 2, 3]), ("a_nrrd", "a.nrrd", [3, 3, 4])):
+        summary = json.loads((out / f"{case}.json").read_text())
+        assert summary["original_id"] == "a" and summary["source"] == str(inputs / source)
+        assert summary["spacing_mm"] == spacing
+        assert nib.load(out / f"{case}_seg.nii.gz").shape == SHAPE and (out / f"{case}_views.png").is_file()
+    assert json.loads((out / "a_nii_gz.json").read_text())["geometry_assumed"].startswith("spacing 2 x 2 x 3 mm")
+    assert "geometry_assumed" not in json.loads((out / "a_nrrd.json").read_text())
+    run = json.loads((out / "inference_summary.json").read_text())
+    assert run["n_inputs"] == run["n_written"] == 2 and run["not_written"] == []
+    assert [case["id"] for case in run["geometry_assumed"]] == ["a_nii_gz"]
+    assert {(r["original_id"], r["id"]) for r in run["renamed"]} == {("a", "a_nii_gz"), ("a", "a_nrrd")}
+
+
+def test_inference_refuses_a_file_without_geometry_and_an_output_folder_inside_the_input(untrained_bundle, tmp_path):
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    path = nifti_without_geometry(inputs / "dropped.nii.gz", volume())
+    result = run_bundle(
+        "inferring", INFER, tiny_inference(untrained_bundle, input_path=inputs, output_dir=tmp_path / "o"), check=False
+    )
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert f"error: {path}: has no coordinate system" in result.stderr
+    assert not list((tmp_path / "o").glob("*")), "nothing written"
+
+    out = inputs / "results"
+    result = run_bundle(
+        "inferring", INFER, tiny_inference(untrained_bundle, input_path=inputs, output_dir=out), check=False
+    )
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert f"error: the output folder {out}: is inside the input folder {inputs}" in result.stderr
+    assert not out.exists(), "refused before the output folder was made"
