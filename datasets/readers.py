@@ -20,7 +20,6 @@ orientation applied, original shape). The policy, written once here for every 2D
 
 from __future__ import annotations
 
-import functools
 import os
 import warnings
 from collections.abc import Hashable, Mapping, Sequence
@@ -73,8 +72,22 @@ def _tiff_header(path: Path) -> dict:
     return {"shape": (rows, cols), "samples": samples, "frames": pages, "dtype": str(page.dtype), "format": "TIFF"}
 
 
-@functools.lru_cache(maxsize=4096)
-def _header(path: Path, mtime_ns: int) -> dict:
+def _orientation(image: Image.Image) -> int:
+    """The EXIF orientation tag, read only where it sits in the header: Pillow's ``getexif`` decodes a whole PNG to
+    look for a trailing eXIf chunk, which would undo the size check against decompression bombs."""
+    if image.format == "PNG":
+        raw = image.info.get("exif")
+        if not raw:
+            return 1
+        exif = Image.Exif()
+        exif.load(raw)
+        return int(exif.get(0x0112, 1))
+    if image.format in ("JPEG", "MPO", "WEBP", "TIFF"):
+        return int(image.getexif().get(0x0112, 1))
+    return 1
+
+
+def _header(path: Path) -> dict:
     """What the file's header says (shape after orientation, samples, frames, pixel type) without decoding pixels."""
     if path.suffix.lower() in TIFF_SUFFIXES:
         try:
@@ -86,11 +99,12 @@ def _header(path: Path, mtime_ns: int) -> dict:
         Image.MAX_IMAGE_PIXELS = None
         with Image.open(path) as image:
             cols, rows = image.size
-            orientation = image.getexif().get(0x0112, 1) if hasattr(image, "getexif") else 1
-            if orientation in (5, 6, 7, 8):  # rotated by 90 degrees: rows and columns swap once honoured
-                rows, cols = cols, rows
+            # the raw mode first: reading a PNG's EXIF may decode it, which empties its tile list
             rawmode = image.tile[0][3] if image.tile and len(image.tile[0]) > 3 else None
             rawmode = rawmode[0] if isinstance(rawmode, tuple) else rawmode
+            orientation = _orientation(image)
+            if orientation in (5, 6, 7, 8):  # rotated by 90 degrees: rows and columns swap once honoured
+                rows, cols = cols, rows
             return {
                 "shape": (rows, cols),
                 "mode": image.mode,
@@ -112,7 +126,7 @@ def read_header(path: str | os.PathLike, max_pixels: int | None = MAX_PIXELS) ->
     if path.is_dir():
         raise DataError(path, "is a folder; expected an image file.")
     try:
-        header = _header(path, path.stat().st_mtime_ns)
+        header = _header(path)
     except FileNotFoundError as e:
         raise DataError(path, "does not exist.") from e
     except PermissionError as e:

@@ -39,18 +39,26 @@ from clinseg.datasets.ct.phantom import write_msd_dataset
 from clinseg.datasets.errors import DataError
 from clinseg.datasets.fundus.datalist import load_vessel_datalist
 from clinseg.datasets.fundus.phantom import write_drive_layout
-from clinseg.datasets.fundus.readers import read_binary_mask, read_rgb
 from clinseg.datasets.io import save_nifti
 from clinseg.datasets.oct.datalist import load_oct_datalist
-from clinseg.datasets.oct.duke import read_duke_mat
-from clinseg.datasets.oct.images import read_grayscale, read_label
+from clinseg.datasets.oct.duke import duke_items
 from clinseg.datasets.oct.phantom import write_phantom_dataset
+from clinseg.datasets.readers import LabelImageReader, read_binary_mask, read_grayscale, read_rgb
 from clinseg.pipelines.cli import ConfigError
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, decode
 
 pytestmark = pytest.mark.filterwarnings("ignore:parsing config_file:UserWarning")  # our own, trusted configs
 RNG = np.random.default_rng(0)
 OCT_CLASSES = ["background", "NFL", "GCL-IPL", "INL", "OPL", "ONL-ISM", "ISE", "OS-RPE"]
+
+
+def read_label(path: Path) -> np.ndarray:
+    return LabelImageReader().decode(Path(path))[0]
+
+
+def read_duke_mat(path: Path) -> list[dict]:
+    """The annotated B-scans of a Duke file, listed and decoded as the oct_layers bundle does."""
+    return decode("oct_layers", duke_items(path))
 
 
 CONFIGS = {bundle: REPO_ROOT / "bundles" / bundle / "configs" for bundle in ("oct_layers", "vessels", "ct_heart")}
@@ -288,9 +296,10 @@ def paired_oct(folder: Path, label_values=(0, 8), label_shape=(24, 32)) -> Path:
     return folder
 
 
-def drive_with(folder: Path, change: str) -> tuple[Path, Path]:
+def drive_with(folder: Path, change: str, index: int = 1) -> tuple[Path, Path]:
+    """A DRIVE folder of 4 images whose ``index``-th manual (or FOV mask) is changed (the last is validation)."""
     write_drive_layout(folder, n_images=4, shape=(80, 72), seed=2)
-    target = sorted((folder / "training" / ("mask" if change == "fov shape" else "1st_manual")).iterdir())[1]
+    target = sorted((folder / "training" / ("mask" if change == "fov shape" else "1st_manual")).iterdir())[index]
     mask = np.asarray(Image.open(target).convert("L"))
     if change in ("label shape", "fov shape"):
         mask = mask[:-3]
@@ -342,27 +351,27 @@ DATASET_DEFECTS = {
     # name: (make(tmp_path) -> (dataset, file to be named), load(dataset), expected words)
     "OCT label values outside the classes": (
         lambda p: (paired_oct(p / "d", label_values=(0, 12)), p / "d" / "labels" / "b0.png"),
-        lambda d: load_oct_datalist(d, "all", class_names=OCT_CLASSES),
-        "outside the 8 configured classes",
+        lambda d: decode("oct_layers", load_oct_datalist(d, "all"), class_names=OCT_CLASSES),
+        "label values [8, 9, 10, 11] are not among the classes",
     ),
     "OCT image/label shape mismatch": (
         lambda p: (paired_oct(p / "d", label_shape=(20, 32)), p / "d" / "labels" / "b0.png"),
         lambda d: load_oct_datalist(d, "all", class_names=OCT_CLASSES),
-        "shape mismatch",
+        "is 20 x 32 but its image b0.png is 24 x 32",
     ),
     "fundus label shape mismatch": (
         lambda p: drive_with(p / "d", "label shape"),
         lambda d: load_vessel_datalist(d, "all"),
-        "mask is (77, 72) but image",
+        "is 77 x 72 but its image 22_training.tif is 80 x 72",
     ),
     "fundus FOV shape mismatch": (
         lambda p: drive_with(p / "d", "fov shape"),
         lambda d: load_vessel_datalist(d, "all"),
-        "FOV mask is (77, 72)",
+        "is 77 x 72 but its image 22_training.tif",
     ),
     "fundus label values outside the classes": (
         lambda p: drive_with(p / "d", "label values"),
-        lambda d: load_vessel_datalist(d, "all"),
+        lambda d: decode("vessels", load_vessel_datalist(d, "all")),
         "values [0, 1, 2]",
     ),
     "CT label values outside the classes": (
@@ -389,10 +398,11 @@ def test_dataset_defects_name_the_file(case, tmp_path):
 
 
 def test_empty_labels_and_resampled_labels_are_accepted(tmp_path):
-    oct_items = load_oct_datalist(paired_oct(tmp_path / "oct", label_values=(0, 1)), "all", class_names=OCT_CLASSES)
+    oct_items = decode("oct_layers", load_oct_datalist(paired_oct(tmp_path / "oct", label_values=(0, 1)), "all"))
     assert all(item["label"].max() == 0 for item in oct_items)
     folder, empty = drive_with(tmp_path / "fundus", "empty label")
-    item = next(i for i in load_vessel_datalist(folder, "all") if i["id"] == empty.stem.split("_")[0])
+    items = decode("vessels", load_vessel_datalist(folder, "all"))
+    item = next(i for i in items if i["id"] == empty.stem.split("_")[0])
     assert item["label"][item["label"] != 255].max() == 0
     for change, voxels in (("empty", 0), ("shape", 4 * 4 * 4)):
         ct_items = load_ct_labels(ct_dataset(tmp_path / f"ct_{change}", change)[0])
@@ -519,7 +529,7 @@ def test_evaluation_with_out_of_range_labels_names_the_file(bundle, bundle_env, 
     if bundle == "oct_layers":
         dataset, bad = paired_oct(tmp_path / "data", label_values=(0, 12)), tmp_path / "data" / "labels" / "b0.png"
     elif bundle == "vessels":
-        dataset, bad = drive_with(tmp_path / "data", "label values")
+        dataset, bad = drive_with(tmp_path / "data", "label values", index=-1)  # a validation image's manual
     else:
         dataset, bad = ct_dataset(tmp_path / "data", "values")
     save_untrained_checkpoint(bundle, bundle_env)

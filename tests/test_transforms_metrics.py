@@ -12,7 +12,7 @@ from clinseg.pipelines.losses import DiceCELossWithIgnore
 from clinseg.pipelines.metrics import LayerThicknessError, PixelAccuracyMetric
 from clinseg.transforms.labels import ColorToLabeld, OneHotWithIgnored
 from clinseg.transforms.oct import boundaries_to_label_map
-from tests.conftest import OCT_BUNDLE
+from tests.conftest import OCT_BUNDLE, decode
 
 
 def test_boundaries_to_label_map_fills_layers_and_ignores_missing_columns():
@@ -46,7 +46,7 @@ def test_training_augmentation_preserves_label_values(tiny_oct_dir):
     preprocessing = parser.get_parsed_content("train#preprocessing")
     preprocessing.set_random_state(seed=3)
     item = load_oct_datalist(tiny_oct_dir, "train")[0]
-    allowed = set(np.unique(item["label"]).tolist()) | {0}
+    allowed = set(np.unique(decode("oct_layers", [item])[0]["label"]).tolist()) | {0}
     for _ in range(5):
         out = preprocessing(dict(item))
         assert out["image"].shape == out["label"].shape == (1, 64, 96)

@@ -36,11 +36,11 @@ def load_mat(path: str | os.PathLike) -> dict:
         raise DataError(path, "does not exist.") from e
     if path.is_dir():
         raise DataError(path, "is a folder; expected a MATLAB .mat file.")
-    return _load_mat(path, stat.st_mtime_ns, stat.st_size)
+    return _load_mat(path, stat.st_mtime_ns, stat.st_size, stat.st_ino)
 
 
 @functools.lru_cache(maxsize=2)  # the B-scans of one subject are read one after another: decode its file once
-def _load_mat(path: Path, mtime_ns: int, size: int) -> dict:
+def _load_mat(path: Path, mtime_ns: int, size: int, inode: int) -> dict:
     try:
         with open(path, "rb") as f:
             head = f.read(128)
