@@ -29,7 +29,6 @@ from monai.deploy.operators.dicom_series_selector_operator import DICOMSeriesSel
 
 from clinseg.datasets.errors import DataError, InputError
 from clinseg.pipelines.cli import find_input_error
-
 from clinseg.pipelines.deploy.runtime import CT_RULES, BundleRuntime, staged_outputs
 from clinseg.pipelines.paths import require_output_outside_input
 
