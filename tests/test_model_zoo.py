@@ -191,7 +191,7 @@ def tiny_data(tmp_path_factory, tiny_oct_dir) -> dict[str, Path]:
     from clinseg.datasets.fundus.phantom import write_drive_layout
 
     drive = tmp_path_factory.mktemp("zoo_drive")
-    write_drive_layout(drive, n_images=4, shape=(80, 72), seed=2)
+    write_drive_layout(drive, n_images=4, shape=(112, 104), seed=2)  # at least the default 96 x 96 patch
     ct = write_msd_dataset(tmp_path_factory.mktemp("zoo_ct"), n_train=4, n_test=1, voxel_scale=3.0, progress=False)
     return {"vessels": drive, "oct_layers": tiny_oct_dir, "ct_heart": ct}
 

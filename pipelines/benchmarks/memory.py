@@ -2,7 +2,7 @@
 memory ceilings.
 
     python -m clinseg.pipelines.benchmarks.memory [--bundles oct_layers vessels ct_heart] [--caches memory disk none]
-        [--epochs 1] [--out data/benchmarks/memory.json] [--override KEY=JSON ...]
+        [--epochs 1] [--dataset_sizes N ...] [--out data/benchmarks/memory.json] [--override KEY=JSON ...]
 
 Each measurement is a fresh process that runs ``training`` of ``bundles/<bundle>/configs/train.json`` in-process
 (as ``python -m monai.bundle run training`` does) on the bundle's embedded default data, with validation every
@@ -11,6 +11,10 @@ reports the process's peak resident memory (and that of its largest DataLoader w
 the peak proportional memory of the process with all its workers (what the machine must hold: pages the workers
 share with the main process counted once), the wall time, and the size of the preprocessed (cached) items, read
 from the disk cache: that is what ``cache: memory`` holds in RAM.
+
+``--dataset_sizes`` measures each 2D bundle on phantoms of those sizes (images for vessels, subjects for
+oct_layers) generated into the temporary folder: with ``cache: disk`` the peak must not grow with the dataset, since
+data lists hold paths and each item is decoded only when a Dataset needs it.
 """
 
 from __future__ import annotations
@@ -30,6 +34,20 @@ from clinseg.pipelines.paths import PROJECT_ROOT as REPO_ROOT
 
 BUNDLES = ("oct_layers", "vessels", "ct_heart")
 CACHES = ("memory", "disk", "none")
+
+
+def write_phantom(bundle: str, folder: Path, size: int) -> None:
+    """A phantom dataset of ``size`` images (vessels) or subjects (oct_layers) in ``folder``."""
+    if bundle == "vessels":
+        from clinseg.datasets.fundus.phantom import write_drive_layout
+
+        write_drive_layout(folder, n_images=size)
+    elif bundle == "oct_layers":
+        from clinseg.datasets.oct.phantom import write_phantom_dataset
+
+        write_phantom_dataset(folder, n_subjects=size)
+    else:
+        raise SystemExit(f"--dataset_sizes is for the 2D bundles (vessels, oct_layers), not {bundle}.")
 
 
 def child(bundle: str, overrides: dict) -> None:
@@ -68,9 +86,12 @@ def folder_mib(folder: Path) -> float:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) / 2**20
 
 
-def measure(bundle: str, cache: str, epochs: int, extra: dict) -> dict:
+def measure(bundle: str, cache: str, epochs: int, extra: dict, dataset_size: int | None = None) -> dict:
     with tempfile.TemporaryDirectory(prefix=f"memory-{bundle}-") as tmp:
         root = Path(tmp) / "bundle"
+        if dataset_size is not None:
+            write_phantom(bundle, Path(tmp) / "data", dataset_size)
+            extra = {**extra, "dataset_dir": str(Path(tmp) / "data")}
         overrides = {
             "bundle_root": str(root),
             "tracking_uri": f"sqlite:///{tmp}/mlflow.db",
@@ -105,7 +126,8 @@ def measure(bundle: str, cache: str, epochs: int, extra: dict) -> dict:
             record["cached_items"] = len(files)
             record["cache_mib"] = round(folder_mib(cache_root), 1)
             record["mib_per_item"] = round(record["cache_mib"] / max(len(files), 1), 2)
-    return {"bundle": bundle, "cache": cache, "epochs": epochs, **record}
+    size = {} if dataset_size is None else {"dataset_size": dataset_size}
+    return {"bundle": bundle, "cache": cache, "epochs": epochs, **size, **record}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -114,6 +136,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--caches", nargs="+", default=list(CACHES), choices=CACHES)
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--override", nargs="*", default=[], metavar="KEY=JSON")
+    parser.add_argument("--dataset_sizes", nargs="+", type=int, default=[None], metavar="N")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "data" / "benchmarks" / "memory.json")
     parser.add_argument("--child", nargs=2, metavar=("BUNDLE", "OVERRIDES_JSON"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -123,17 +146,18 @@ def main(argv: list[str] | None = None) -> None:
 
     extra = parse_overrides(args.override)
     records = []
-    print(f"{'bundle':<12} {'cache':<7} {'peak RSS MiB':>12} {'all procs PSS':>13} {'wall s':>7} {'cached items':>12} "
-          f"{'MiB/item':>9}")  # fmt: skip
+    print(f"{'bundle':<12} {'cache':<7} {'size':>5} {'peak RSS MiB':>12} {'all procs PSS':>13} {'wall s':>7} "
+          f"{'cached items':>12} {'MiB/item':>9}")  # fmt: skip
     for bundle in args.bundles:
         for cache in args.caches:
-            record = measure(bundle, cache, args.epochs, extra)
-            records.append(record)
-            print(
-                f"{bundle:<12} {cache:<7} {record['peak_rss_mib']:>12.0f} "
-                f"{record.get('peak_pss_all_processes_mib', 0):>13.0f} {record['wall_s']:>7.1f} "
-                f"{record.get('cached_items', ''):>12} {record.get('mib_per_item', ''):>9}"
-            )
+            for size in args.dataset_sizes:
+                record = measure(bundle, cache, args.epochs, extra, size)
+                records.append(record)
+                print(
+                    f"{bundle:<12} {cache:<7} {size or '':>5} {record['peak_rss_mib']:>12.0f} "
+                    f"{record.get('peak_pss_all_processes_mib', 0):>13.0f} {record['wall_s']:>7.1f} "
+                    f"{record.get('cached_items', ''):>12} {record.get('mib_per_item', ''):>9}"
+                )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     report = {"machine": {"platform": platform.platform(), "python": platform.python_version()}, "runs": records}
     args.out.write_text(json.dumps(report, indent=2))
