@@ -8,60 +8,17 @@ import os
 import re
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 
-from clinseg.datasets.errors import DataError, NoUsableDataError
+from clinseg.datasets.errors import DataError
 
 logger = logging.getLogger(__name__)
 
 # names the results writers (clinseg.pipelines.reports) keep for run-level files beside the per-case ones
 RESERVED_RESULT_NAMES = ("inference_summary",)
-
-
-def open_image(path: str | os.PathLike) -> Image.Image:
-    """Open and decode an image file completely (so truncated files fail here, not later)."""
-    path = Path(path)
-    try:
-        image = Image.open(path)
-        image.load()
-    except FileNotFoundError as e:
-        raise DataError(path, "does not exist.") from e
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise DataError(path, f"cannot be read as an image (empty, truncated or not an image file): {e}") from e
-    frames = getattr(image, "n_frames", 1)
-    if frames > 1:  # e.g. a multi-page TIFF volume where one 2D image is expected; PIL would read page 1 only
-        raise DataError(path, f"holds {frames} frames (pages); expected one 2D image.")
-    if image.mode == "F" and not np.isfinite(np.asarray(image)).all():
-        raise DataError(path, "contains NaN or infinite values.")
-    return image
-
-
-def resolve_layout(
-    dataset_dir: Path,
-    detect: Callable[[Path], str | None],
-    what: str,
-    accepted_layouts: str,
-    demo_hint: str,
-    generate: Callable[[Path], object] | None = None,
-) -> str:
-    """The layout ``detect`` finds in ``dataset_dir``, generating the phantom first if ``generate`` is given.
-
-    Raises:
-        NoUsableDataError: naming the folder searched, the accepted layouts and how to create demo data.
-    """
-    layout = detect(dataset_dir)
-    if layout is None and generate is not None:
-        logger.info(f"generating the embedded {what} phantom dataset in {dataset_dir} ...")
-        generate(dataset_dir)
-        layout = detect(dataset_dir)
-    if layout is None:
-        state = "does not exist" if not dataset_dir.exists() else f"holds no usable {what} data"
-        raise NoUsableDataError(dataset_dir.resolve(), f"{state}.", f"{accepted_layouts}\n{demo_hint}")
-    return layout
 
 
 def split_by_group(items: list[dict], split: str, val_fraction: float, group_key: str = "id") -> list[dict]:

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from clinseg.datasets.errors import DataError, NoUsableDataError
-from clinseg.datasets.io import split_by_group
+from clinseg.datasets.io import split_by_group, unique_ids
 from clinseg.datasets.readers import IMAGE_SUFFIXES, MAX_PIXELS, read_header, split_member
 
 logger = logging.getLogger(__name__)
@@ -169,6 +169,8 @@ def check_headers(items: list[dict], min_shape: Sequence[int] | None = None, max
             value = item.get(key)
             if not isinstance(value, str) or split_member(value)[1] is not None:
                 continue
+            if not value.lower().endswith(IMAGE_SUFFIXES):  # volumes (CT) are checked by their own reader
+                continue
             shapes[key] = (value, tuple(read_header(value, max_pixels)["shape"]))
         if "image" not in shapes:
             continue
@@ -215,7 +217,9 @@ def load_datalist(
         if not items and split == "test":
             raise NoUsableDataError(dataset_dir.resolve(), "has no test split (a test folder).", accepted_layouts(task))
     else:
-        items = split_by_group(layout.list_items(dataset_dir, "all", **options), split, val_fraction, layout.group_key)
+        # unique ids first: results and metric rows are named by id, and the split keeps groups by it
+        items = unique_ids(layout.list_items(dataset_dir, "all", **options))
+        items = split_by_group(items, split, val_fraction, layout.group_key)
     if not items:
         raise NoUsableDataError(
             dataset_dir.resolve(),

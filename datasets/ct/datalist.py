@@ -20,21 +20,11 @@ import os
 from pathlib import Path
 
 from clinseg.datasets.ct.volumes import VOLUME_SUFFIXES, case_id, is_volume_file, looks_like_dicom
-from clinseg.datasets.errors import DataError, NoUsableDataError
-from clinseg.datasets.io import resolve_layout, split_by_group, unique_ids
+from clinseg.datasets.errors import DataError
+from clinseg.datasets.io import unique_ids
+from clinseg.datasets.layouts import load_datalist, register_layout, register_phantom
 
 logger = logging.getLogger(__name__)
-
-ACCEPTED_LAYOUTS = """Accepted layout (Medical Segmentation Decathlon / nnU-Net):
-  <dir>/imagesTr/<case>.nii.gz (or .nrrd, .mha, a DICOM series folder <case>/, nnU-Net <case>_0000.nii.gz)
-  <dir>/labelsTr/<case>.nii.gz
-  optional <dir>/dataset.json ("training": [{"image": ..., "label": ...}]), <dir>/imagesTs/ + <dir>/labelsTs/"""
-
-DEMO_HINT = (
-    "To create the embedded demo data instead, run:\n"
-    "  python -m clinseg.datasets.ct.phantom --out data/phantoms/ct_heart\n"
-    "(or leave 'dataset_dir' at its default, which generates it on first use)."
-)
 
 
 def _cases(folder: Path) -> dict[str, Path]:
@@ -49,12 +39,6 @@ def _cases(folder: Path) -> dict[str, Path]:
                 raise DataError(folder, f"holds two volumes for case {key!r}: {cases[key].name} and {path.name}.")
             cases[key] = path
     return cases
-
-
-def detect_layout(dataset_dir: Path) -> str | None:
-    if (dataset_dir / "imagesTr").is_dir() and any(_cases(dataset_dir / "imagesTr")):
-        return "msd"
-    return None
 
 
 def _pair(images_dir: Path, labels_dir: Path | None, require_labels: bool = True) -> list[dict]:
@@ -107,40 +91,39 @@ def _from_dataset_json(dataset_dir: Path) -> list[dict] | None:
     return items
 
 
+@register_layout(
+    "ct",
+    "msd",
+    "Medical Segmentation Decathlon / nnU-Net: <dir>/imagesTr/<case>.nii.gz (or .nrrd, .mha, a DICOM series folder "
+    "<case>/, nnU-Net <case>_0000.nii.gz) + <dir>/labelsTr/<case>.nii.gz; optional <dir>/dataset.json "
+    '("training": [{"image": ..., "label": ...}]), <dir>/imagesTs/ + <dir>/labelsTs/',
+    detect=lambda d: (d / "imagesTr").is_dir() and any(_cases(d / "imagesTr")),
+)
+def list_msd(dataset_dir: Path, split: str, **options) -> list[dict]:
+    if split == "test":
+        return _pair(dataset_dir / "imagesTs", dataset_dir / "labelsTs") if (dataset_dir / "imagesTs").is_dir() else []
+    items = _from_dataset_json(dataset_dir) or _pair(dataset_dir / "imagesTr", dataset_dir / "labelsTr")
+    return sorted(items, key=lambda item: item["id"])
+
+
+def _write_phantom(folder: Path) -> None:
+    from clinseg.datasets.ct.phantom import write_msd_dataset
+
+    write_msd_dataset(folder, n_train=16)
+
+
+register_phantom("ct", _write_phantom, "python -m clinseg.datasets.ct.phantom --out data/phantoms/ct_heart")
+
+
 def load_ct_datalist(
     dataset_dir: str | os.PathLike,
     split: str = "train",
     val_fraction: float = 0.25,
     phantom_if_missing: bool = False,
-    phantom_cases: int = 16,
 ) -> list[dict]:
-    """The ``{"image", "label", "id"}`` items of one split (``train``, ``val``, ``test``, ``all``) of a CT dataset."""
-    dataset_dir = Path(dataset_dir)
-
-    def generate(folder: Path) -> None:
-        from clinseg.datasets.ct.phantom import write_msd_dataset
-
-        write_msd_dataset(folder, n_train=phantom_cases)
-
-    layout = resolve_layout(
-        dataset_dir, detect_layout, "CT", ACCEPTED_LAYOUTS, DEMO_HINT, generate if phantom_if_missing else None
-    )
-    assert layout == "msd"
-    if split == "test":
-        if not (dataset_dir / "imagesTs").is_dir():
-            raise NoUsableDataError(
-                dataset_dir.resolve(), "has no test split (an 'imagesTs' folder).", ACCEPTED_LAYOUTS
-            )
-        items = _pair(dataset_dir / "imagesTs", dataset_dir / "labelsTs")
-    else:
-        items = _from_dataset_json(dataset_dir) or _pair(dataset_dir / "imagesTr", dataset_dir / "labelsTr")
-        # dataset.json may list files of one stem from several folders; their overlays and metric rows are named by id
-        items = unique_ids(items)
-        items = split_by_group(sorted(items, key=lambda item: item["id"]), split, val_fraction)
-    if not items:
-        raise NoUsableDataError(dataset_dir.resolve(), f"has no cases in split {split!r}.", ACCEPTED_LAYOUTS)
-    logger.info(f"{len(items)} CT cases in split {split!r} of {dataset_dir}")
-    return items
+    """The ``{"image", "label", "id"}`` items (paths) of one split (``train``, ``val``, ``test``, ``all``) of a CT
+    dataset (detection, phantom, split and empty-split message are the layout registry's)."""
+    return load_datalist("ct", dataset_dir, split, val_fraction, phantom_if_missing)
 
 
 def load_ct_images(input_path: str | os.PathLike) -> list[dict]:

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from clinseg.datasets.errors import DataError, NoUsableDataError
 from clinseg.datasets.fundus.phantom import write_drive_layout
+from clinseg.datasets.io import unique_ids
 from clinseg.datasets.layouts import data_files, load_datalist, register_layout, register_phantom
 from clinseg.datasets.readers import IMAGE_SUFFIXES, read_header
 
@@ -157,7 +158,7 @@ def load_vessel_datalist(
 
 def load_fundus_images(input_path: str | os.PathLike) -> list[dict]:
     """Photographs to segment (paths): one image, a folder of images, or a DRIVE split folder (its FOV masks are
-    used); each is checked from its header."""
+    used); each is checked from its header, and inputs of one name (``a.png``, ``a.tif``) get distinct result ids."""
     from clinseg.datasets.layouts import check_headers
 
     input_path = Path(input_path)
@@ -173,4 +174,4 @@ def load_fundus_images(input_path: str | os.PathLike) -> list[dict]:
     if not items:
         raise NoUsableDataError(input_path.resolve(), "holds no photographs to segment (or does not exist).")
     check_headers(items)
-    return items
+    return unique_ids(items)

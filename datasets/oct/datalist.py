@@ -20,6 +20,7 @@ import os
 from pathlib import Path
 
 from clinseg.datasets.errors import DataError, NoUsableDataError
+from clinseg.datasets.io import unique_ids
 from clinseg.datasets.layouts import check_headers, data_files, load_datalist, register_layout, register_phantom
 from clinseg.datasets.oct.duke import bscan_items, duke_items
 from clinseg.datasets.oct.phantom import write_phantom_dataset
@@ -158,7 +159,8 @@ def load_oct_datalist(
 
 
 def load_oct_images(input_path: str | os.PathLike) -> list[dict]:
-    """Images to segment (paths): one image file, a ``.mat`` file of B-scans, or a folder of either."""
+    """Images to segment (paths): one image file, a ``.mat`` file of B-scans, or a folder of either; inputs of one
+    name (``b0.png``, ``b0.tif``) get distinct result ids."""
     input_path = Path(input_path)
     if input_path.is_file():
         paths = [input_path]
@@ -177,4 +179,4 @@ def load_oct_images(input_path: str | os.PathLike) -> list[dict]:
         else:
             items.append({"image": str(path), "id": path.stem, "source": str(path)})
     check_headers(items)
-    return items
+    return unique_ids(items)

@@ -1,0 +1,104 @@
+"""The input policy of the 2D bundles through their real command lines: results that cannot collide, an output
+folder that cannot feed back into the input, files that are not data skipped, deep pixels read faithfully, a patch
+larger than the images refused before training (the CT side is in ``tests/test_input_policy_ct.py``)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+from monai.bundle import ConfigParser
+from PIL import Image
+
+from clinseg.datasets.fundus.phantom import write_drive_layout
+from tests.conftest import REPO_ROOT, decode, run_bundle
+
+pytestmark = pytest.mark.filterwarnings("ignore:parsing config_file:UserWarning")
+TINY_NETWORK = {"network_def#channels": "[4,8]", "network_def#strides": "[2]"}
+
+
+def inference_config(bundle: str) -> list[str]:
+    return [str(REPO_ROOT / "bundles" / bundle / "configs" / "inference.json")]
+
+
+def untrained_bundle(bundle: str, root) -> str:
+    """A bundle root whose models/model.pt holds the tiny network's initial weights (inference needs a model)."""
+    parser = ConfigParser()
+    parser.read_config(inference_config(bundle))
+    for key, value in TINY_NETWORK.items():
+        parser[key] = json.loads(value)
+    (root / "models").mkdir(parents=True)
+    torch.save(parser.get_parsed_content("network_def").state_dict(), root / "models" / "model.pt")
+    return str(root)
+
+
+def grey(path, shape=(24, 32), seed=0):
+    Image.fromarray(np.random.default_rng(seed).integers(0, 255, shape, dtype=np.uint8)).save(path)
+
+
+def test_same_stem_inputs_get_results_of_their_own(tmp_path, tracking_uri):
+    inputs = tmp_path / "scans"
+    inputs.mkdir()
+    grey(inputs / "b0.png", seed=1)
+    grey(inputs / "b0.tif", seed=2)
+    grey(inputs / "b1.png", seed=3)
+    (inputs / "README.txt").write_text("scans of the left eye")  # not data: skipped, named in the log
+    out = tmp_path / "results"
+    result = run_bundle(
+        "inferring",
+        inference_config("oct_layers"),
+        {"bundle_root": untrained_bundle("oct_layers", tmp_path / "b"), "input_dir": inputs, "output_dir": out,
+         "image_size": "[32,32]", **TINY_NETWORK},
+    )  # fmt: skip
+    for name in ("b0_png", "b0_tif", "b1"):
+        assert (out / f"{name}_seg.png").is_file() and json.loads((out / f"{name}.json").read_text())["id"] == name
+    assert not (out / "b0_seg.png").exists()
+    summary = json.loads((out / "inference_summary.json").read_text())
+    assert summary["n_written"] == summary["n_inputs"] == 3
+    assert "wrote 3 of 3" in result.stdout and "README.txt" in result.stdout + result.stderr
+
+
+def test_an_output_folder_inside_the_input_folder_is_refused_before_anything_is_written(tmp_path, tracking_uri):
+    inputs = tmp_path / "photos"
+    inputs.mkdir()
+    Image.fromarray(np.zeros((32, 32, 3), dtype=np.uint8)).save(inputs / "f0.png")
+    result = run_bundle(
+        "inferring",
+        inference_config("vessels"),
+        {"bundle_root": untrained_bundle("vessels", tmp_path / "b"), "input_dir": inputs,
+         "output_dir": inputs / "results", "sw_roi_size": "[32,32]", **TINY_NETWORK},
+        check=False,
+    )  # fmt: skip
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    error_line = next(line for line in result.stderr.splitlines() if line.startswith("error:"))
+    assert str(inputs) in error_line and "results" in error_line, result.stderr
+    assert sorted(p.name for p in inputs.iterdir()) == ["f0.png"]
+
+
+def test_a_patch_larger_than_the_images_is_refused_before_training(tmp_path, tracking_uri):
+    data = tmp_path / "drive"
+    write_drive_layout(data, n_images=3, shape=(40, 36), seed=1)
+    result = run_bundle(
+        "training",
+        [str(REPO_ROOT / "bundles" / "vessels" / "configs" / "train.json")],
+        {"bundle_root": tmp_path / "b", "dataset_dir": data, "patch_size": "[64,64]", **TINY_NETWORK},
+        check=False,
+    )
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "smaller than the training patch [64, 64]" in result.stderr and "21_training.tif" in result.stderr
+    assert not (tmp_path / "b" / "models").exists() or not any((tmp_path / "b" / "models").iterdir())
+
+
+def test_a_12_bit_camera_photograph_keeps_its_grey_levels(tmp_path):
+    """16-bit RGB TIFFs of 12-bit camera data: read through the vessels bundle, every level survives."""
+    write_drive_layout(tmp_path, n_images=1, shape=(64, 64), seed=3)
+    image_path = next((tmp_path / "training" / "images").iterdir())
+    levels = np.random.default_rng(0).integers(0, 4096, (64, 64, 3)).astype(np.uint16)
+    tifffile.imwrite(image_path, levels, photometric="rgb")
+    item = {"image": str(image_path), "id": "21"}
+    image = decode("vessels", [item])[0]["image"]
+    np.testing.assert_allclose(image, np.moveaxis(levels, -1, 0) * (255 / 4095), rtol=1e-5)
+    assert len(np.unique(image[1])) == len(np.unique(levels[..., 1])) > 2000  # not 16 levels (the high byte only)
