@@ -49,8 +49,13 @@ def cached_dataset(
     elif cache == "disk":
         if cache_dir is None:
             raise ConfigError("cache_dir", "a disk cache needs a folder.")
-        # track_meta: the cached items keep their MetaTensor history, which Invertd needs to map predictions back
-        dataset = PersistentDataset(data, transform, cache_dir=cache_dir, hash_transform=json_hashing, track_meta=True)
+        # track_meta: the cached items keep their MetaTensor history, which Invertd needs to map predictions back.
+        # weights_only=False: torch's weights-only unpickler refuses MetaTensor, so every entry would be taken for
+        # corrupt, deleted and recomputed on each read (a disk cache that never serves from disk). The entries are
+        # this run's own files under cache_dir, trusted as the bundle config itself is.
+        dataset = PersistentDataset(
+            data, transform, cache_dir=cache_dir, hash_transform=json_hashing, track_meta=True, weights_only=False
+        )
     elif cache == "none":
         dataset = Dataset(data, transform)
     else:
