@@ -12,7 +12,18 @@ import importlib
 
 from clinseg.pipelines import cli
 
-_SUBMODULES = ("export", "handlers", "inferers", "losses", "metrics", "paths", "reports", "tracking", "workflow")
+_SUBMODULES = (
+    "checkpoints",
+    "export",
+    "handlers",
+    "inferers",
+    "losses",
+    "metrics",
+    "paths",
+    "reports",
+    "tracking",
+    "workflow",
+)
 
 __all__ = ["cli", *_SUBMODULES]
 

@@ -87,12 +87,11 @@ def bundle_config(bundle: str, overrides: dict, with_metadata: bool = False):
 
 
 def load_weights(network: torch.nn.Module, checkpoint: str | os.PathLike, map_location="cpu") -> torch.nn.Module:
-    """Load a bundle checkpoint (a state dict, or ``{"model": state dict}``) into ``network``; returns it."""
-    state = torch.load(checkpoint, map_location=map_location, weights_only=True)
-    if isinstance(state, dict) and isinstance(state.get("model"), dict):
-        state = state["model"]
-    network.load_state_dict(state)
-    return network
+    """Load a bundle checkpoint (a state dict, or ``{"model": state dict}``) into ``network``; returns it. A file
+    that is not a checkpoint of this network is one :class:`DataError` naming it and what differs."""
+    from clinseg.pipelines.checkpoints import load_network_weights
+
+    return load_network_weights(network, checkpoint, map_location)
 
 
 def checkpoint_network(bundle: str, checkpoint: Path, overrides: dict) -> torch.nn.Module:

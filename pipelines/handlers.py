@@ -171,9 +171,8 @@ def resume_from_latest(trainer: Engine, latest_checkpoint, ckpt_dir: str) -> str
     Raises:
         DataError: when ``ckpt_dir`` holds no latest checkpoint to resume from.
     """
-    from monai.handlers import CheckpointLoader
-
     from clinseg.datasets.errors import DataError
+    from clinseg.pipelines.checkpoints import CheckpointLoader
 
     found = latest_checkpoints(ckpt_dir)
     if not found:
