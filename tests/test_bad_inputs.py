@@ -3,7 +3,7 @@ the file (or the config key) and the problem, and leaves every output already wr
 
 Three parts:
 - file defects x readers: empty, truncated, another format behind the right extension, a folder, absent, no
-  permission (skipped as root, who reads anything);
+  permission (as root, CI's user, read in a process without the capabilities that let root read any file);
 - content defects: NaN/Inf, wrong channel or dimension count, label values outside the classes, image/label shape
   or geometry mismatch, and the empty label, which is allowed;
 - entry points (training, evaluation, inference, run in-process through ``monai.bundle.run`` exactly as the command
@@ -164,11 +164,34 @@ FILE_DEFECTS = ["empty", "truncated", "wrong format", "folder", "absent", "no pe
 ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
 
 
+WITHOUT_FILE_PERMISSION_OVERRIDE = ["setpriv", "--inh-caps=-dac_override,-dac_read_search",
+                                    "--bounding-set=-dac_override,-dac_read_search"]  # fmt: skip
+"""Run a command as root without the capabilities that let root read any file (CI runs as root)."""
+
+READ_IN_SUBPROCESS = """
+import sys
+from clinseg.datasets.errors import DataError
+from tests.test_bad_inputs import FILE_READERS
+try:
+    FILE_READERS[sys.argv[1]][2](sys.argv[2])
+except DataError as error:
+    print(error)
+    sys.exit(0)
+sys.exit(f"{sys.argv[2]}: read without an error")
+"""
+
+
+def read_without_permission_override(reader: str, source: Path) -> str:
+    """The DataError message of ``reader`` on ``source`` in a process that file permissions apply to."""
+    command = [*(WITHOUT_FILE_PERMISSION_OVERRIDE if ROOT else []), sys.executable, "-c", READ_IN_SUBPROCESS]
+    result = subprocess.run([*command, reader, str(source)], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+    return result.stdout.strip()
+
+
 @pytest.mark.parametrize("defect", FILE_DEFECTS)
 @pytest.mark.parametrize("reader", FILE_READERS)
 def test_file_defects_name_the_file(reader, defect, tmp_path):
-    if defect == "no permission" and ROOT:
-        pytest.skip("running as root, which reads files without permission")
     suffix, write, read = FILE_READERS[reader]
     source = target = write(tmp_path / f"input{suffix}")
     if reader == "CT DICOM series" and defect == "folder":
@@ -179,9 +202,12 @@ def test_file_defects_name_the_file(reader, defect, tmp_path):
         break_file(target, defect)
     else:
         break_file(target, defect)
-    with pytest.raises(DataError) as error:
-        read(source)
-    message = str(error.value)
+    if defect == "no permission":  # root reads anything: the read runs where permissions apply
+        message = read_without_permission_override(reader, source)
+    else:
+        with pytest.raises(DataError) as error:
+            read(source)
+        message = str(error.value)
     assert str(target) in message, message
     problem = message.split(str(target), 1)[1]
     assert len(problem.strip(" :.")) > 10, f"the error names no problem: {message}"
