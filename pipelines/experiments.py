@@ -18,6 +18,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -26,7 +27,9 @@ import tempfile
 from pathlib import Path
 
 import mlflow
+from mlflow.exceptions import MlflowException
 
+from clinseg.datasets.errors import InputError
 from clinseg.pipelines.tracking import REPO_ROOT, default_tracking_uri, unique_run_name
 
 KEY_METRICS = {"oct_layers": "val_mean_dice", "vessels": "val_f1"}
@@ -46,7 +49,7 @@ def key_metric_of(bundle: str, run=None) -> str:
 def training_runs(client: mlflow.MlflowClient, bundle: str, limit: int = 50, parent: str | None = None):
     experiment = client.get_experiment_by_name(bundle)
     if experiment is None:
-        raise SystemExit(f"no experiment '{bundle}' in {client.tracking_uri}")
+        raise InputError(bundle, f"no experiment of this name in {client.tracking_uri} (train the bundle first).")
     query = "tags.workflow = 'train'" + (f" and tags.mlflow.parentRunId = '{parent}'" if parent else "")
     return client.search_runs(
         [experiment.experiment_id], query, order_by=["attributes.start_time DESC"], max_results=limit
@@ -236,11 +239,58 @@ def sweep(args) -> int:
     return 0 if status == "FINISHED" else 1
 
 
+BUNDLES_DIR = REPO_ROOT / "bundles"
+MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+
+
+def bundle_names() -> list[str]:
+    return sorted(p.parent.parent.name for p in BUNDLES_DIR.glob("*/configs/metadata.json"))
+
+
+def checked_bundle(name: str | None, what: str) -> str:
+    """``name`` if it is a bundle of this repository (a folder of ``bundles/`` with a metadata file), so that no
+    name can lead outside ``bundles/``."""
+    if not name or name not in bundle_names():
+        raise InputError(what, f"{name!r} is not a bundle of this repository; the bundles are {bundle_names()}.")
+    return name
+
+
+def checked_model_name(name: str) -> str:
+    """A registered-model name that is safe as a folder name in the store (no path separators, no '..')."""
+    if not MODEL_NAME.match(name) or ".." in name:
+        raise InputError("--name", f"{name!r} is not a usable model name: letters, digits, '_', '-', '.' only.")
+    return name
+
+
+def existing_run(client: mlflow.MlflowClient, run_id: str):
+    if not re.fullmatch(r"[0-9a-f]{32}", run_id or ""):
+        raise InputError("run id", f"{run_id!r} is not an MLflow run id (32 hexadecimal characters).")
+    try:
+        return client.get_run(run_id)
+    except MlflowException as e:
+        raise InputError("run id", f"{run_id}: no such run in {client.tracking_uri}.") from e
+
+
+def logged_artifacts(client: mlflow.MlflowClient, run_id: str, folder: str) -> set[str]:
+    try:
+        return {entry.path for entry in client.list_artifacts(run_id, folder)}
+    except (MlflowException, OSError):
+        return set()
+
+
 def register(args) -> int:
     """Register a run's best checkpoint, with the bundle folder it belongs to, as a model version."""
     client = client_for(args.tracking_uri)
-    run = client.get_run(args.run_id)
-    bundle = args.name or run.data.tags.get("bundle")
+    run = existing_run(client, args.run_id)
+    bundle = checked_bundle(run.data.tags.get("bundle"), f"run {args.run_id}'s 'bundle' tag")
+    name = checked_model_name(args.name) if args.name else bundle
+    for artifact in ("checkpoint/model.pt", "config/executed_config.json"):
+        if artifact not in logged_artifacts(client, args.run_id, artifact.split("/")[0]):
+            raise InputError(
+                f"run {args.run_id}",
+                f"logged no {artifact} (a training run logs its best checkpoint after a validation, and its "
+                "executed config at the start); register a training run that validated at least once.",
+            )
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / bundle
         shutil.copytree(
@@ -252,14 +302,14 @@ def register(args) -> int:
         executed = client.download_artifacts(args.run_id, "config/executed_config.json", tmp)
         shutil.copy(executed, folder / "configs" / "executed_config.json")
         client.log_artifacts(args.run_id, str(folder), "bundle")
-    if not client.search_registered_models(f"name = '{bundle}'"):
-        client.create_registered_model(bundle, description=f"MONAI bundle {bundle}")
+    if not client.search_registered_models(f"name = '{name}'"):
+        client.create_registered_model(name, description=f"MONAI bundle {bundle}")
     source = f"{client.get_run(args.run_id).info.artifact_uri}/bundle"
-    version = client.create_model_version(bundle, source, run_id=args.run_id, tags={"bundle": bundle})
+    version = client.create_model_version(name, source, run_id=args.run_id, tags={"bundle": bundle})
     if args.alias:
-        client.set_registered_model_alias(bundle, args.alias, version.version)
+        client.set_registered_model_alias(name, args.alias, version.version)
     print(
-        f"registered {bundle} version {version.version} from run {args.run_id}"
+        f"registered {name} version {version.version} from run {args.run_id}"
         + (f" (alias '{args.alias}')" if args.alias else "")
         + f"\n  source: {source}"
     )
@@ -269,13 +319,25 @@ def register(args) -> int:
 def fetch(args) -> int:
     """Turn a registered version (number or alias) back into a runnable bundle folder."""
     client = client_for(args.tracking_uri)
-    if args.version.isdigit():
-        version = client.get_model_version(args.name, args.version)
-    else:
-        version = client.get_model_version_by_alias(args.name, args.version)
+    try:
+        model = client.get_registered_model(args.name)
+    except MlflowException as e:
+        known = sorted(m.name for m in client.search_registered_models())
+        problem = f"no registered model of this name in {client.tracking_uri}; known: {known}."
+        raise InputError(args.name, problem) from e
+    try:
+        if args.version.isdigit():
+            version = client.get_model_version(args.name, args.version)
+        else:
+            version = client.get_model_version_by_alias(args.name, args.version)
+    except MlflowException as e:
+        aliases = sorted(getattr(model, "aliases", {}) or {})
+        raise InputError(
+            f"{args.name} {args.version}", f"no such version or alias; aliases of {args.name}: {aliases}."
+        ) from e
     out = Path(args.out)
-    if out.exists() and any(out.iterdir()):
-        raise SystemExit(f"{out} exists and is not empty: choose another --out")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise InputError(str(out), "exists and is not an empty folder: choose another --out.")
     with tempfile.TemporaryDirectory() as tmp:
         local = mlflow.artifacts.download_artifacts(
             artifact_uri=version.source, dst_path=tmp, tracking_uri=client.tracking_uri
@@ -325,7 +387,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True)
     p.set_defaults(func=fetch)
     args = parser.parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except InputError as e:  # a wrong run id, model name, alias or path: one line, exit 1
+        print(f"error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

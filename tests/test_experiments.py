@@ -26,7 +26,7 @@ TINY = {
 }
 
 
-def experiments(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+def experiments(*args: str, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
     result = subprocess.run(
         [sys.executable, "-m", "clinseg.pipelines.experiments", *args],
         cwd=REPO_ROOT,
@@ -35,8 +35,18 @@ def experiments(*args: str, env: dict | None = None) -> subprocess.CompletedProc
         timeout=900,
         env={**os.environ, **(env or {})},
     )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    if check:
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     return result
+
+
+def refused(*args: str) -> str:
+    """The one-line error of an experiments command that must fail: exit 1, no traceback."""
+    result = experiments(*args, check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    return lines[0]
 
 
 def training_runs(uri: str) -> list:
@@ -89,6 +99,18 @@ def test_sweep_compare_register_fetch_evaluate(tmp_path, tiny_oct_dir, tracking_
     run_bundle("evaluating", configs, {"bundle_root": fetched, "dataset_dir": tiny_oct_dir, "run_name": "eval-fetched"})
     report = json.loads((fetched / "outputs" / "eval-fetched" / "metrics.json").read_text())
     assert report["mean"]["val_mean_dice"] == pytest.approx(best.data.metrics["val_mean_dice"], abs=1e-5)
+
+    # wrong run ids, names, aliases and paths: one line each, nothing registered or written
+    versions = len(client.search_model_versions("name = 'oct_layers'"))
+    assert "not an MLflow run id" in refused("register", "not-a-run")
+    assert "no such run" in refused("register", "0" * 32)
+    assert "logged no checkpoint/model.pt" in refused("register", parent.info.run_id)  # a sweep parent
+    assert "not a usable model name" in refused("register", best.info.run_id, "--name", "../../outside")
+    assert len(client.search_model_versions("name = 'oct_layers'")) == versions
+    assert "no such version or alias" in refused("fetch", "oct_layers", "nightly", "--out", str(tmp_path / "x"))
+    assert "no registered model" in refused("fetch", "vessels_v9", "1", "--out", str(tmp_path / "x"))
+    assert "not an empty folder" in refused("fetch", "oct_layers", "champion", "--out", str(fetched))
+    assert not (tmp_path / "x").exists()
 
 
 def free_port() -> int:
