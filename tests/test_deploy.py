@@ -147,12 +147,41 @@ def test_ct_app_writes_dicom_seg_nifti_and_volume(ct_app, tmp_path):
     assert segment.SegmentLabel == "Heart"
     assert segment.SegmentedPropertyTypeCodeSequence[0].CodeValue == "80891009"
     assert segment.SegmentedPropertyTypeCodeSequence[0].CodingSchemeDesignator == "SCT"
+    assert segment.SegmentedPropertyCategoryCodeSequence[0].CodeValue == "123037004"  # Anatomical Structure
+    palette = json.loads((app / "bundle" / "inference.json").read_text())["palette"]
+    shown = hd.color.CIELabColor.from_dicom_value(segment.RecommendedDisplayCIELabValue).to_rgb()
+    assert np.abs(np.subtract(shown, palette[1])).max() <= 1, "the display colour is the bundle's heart colour"
     assert int(seg.NumberOfFrames) == hu.shape[2], "one frame per source slice"
     uids = [pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID for f in source.files]
     pixels = seg.get_pixels_by_source_instance(
         source_sop_instance_uids=uids, segment_numbers=[1], combine_segments=True, skip_overlap_checks=True
     )
     np.testing.assert_array_equal(pixels, np.transpose(mask, (2, 1, 0)), err_msg="SEG frames equal the NIfTI mask")
+
+
+def test_ct_app_writes_a_seg_for_a_series_with_an_empty_character_set(ct_app, tmp_path):
+    """Some scanners write SpecificCharacterSet present but empty (the default repertoire); the SEG is still written
+    and valid, and the NIfTI and JSON results are kept in any case."""
+    app, data = ct_app
+    series = tmp_path / "series"
+    series.mkdir()
+    for path in sorted((data / "dicom" / "ct_004").iterdir()):
+        ds = pydicom.dcmread(path)
+        ds.SpecificCharacterSet = ""
+        ds.save_as(series / path.name)
+    assert pydicom.dcmread(next(series.iterdir()), stop_before_pixels=True).SpecificCharacterSet == ""
+    result = run_app(app, series, tmp_path / "out")
+    assert result.returncode == 0, result.stderr[-4000:]
+    summary = json.loads((tmp_path / "out" / "series.json").read_text())
+    assert summary["dicom_seg"] == "written to dicom_seg/", summary["dicom_seg"]
+    (seg_path,) = (tmp_path / "out" / "dicom_seg").glob("*.dcm")
+    seg = hd.seg.segread(seg_path)
+    mask = np.asarray(nib.load(tmp_path / "out" / "series_seg.nii.gz").dataobj)
+    uids = [pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID for f in read_ct_series(series).files]
+    pixels = seg.get_pixels_by_source_instance(
+        source_sop_instance_uids=uids, segment_numbers=[1], combine_segments=True, skip_overlap_checks=True
+    )
+    np.testing.assert_array_equal(pixels, np.transpose(mask, (2, 1, 0)))
 
 
 def test_ct_app_runs_with_environment_variables_and_as_a_folder(ct_app, tmp_path):

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import sys
 from pathlib import Path
 
@@ -105,10 +106,18 @@ class HeartSegmentationOperator(Operator):
             try:
                 self.runtime.run([{"image": files, "id": "series", "source": files[0]}], staging)
             except Exception as e:
-                raise self.damaged_file_error() or e
+                damaged = self.damaged_file_error()
+                if damaged is None:
+                    raise
+                raise damaged from e
             if seg_problem is None:
                 frames = dicom_frames(staging / "series_seg.nii.gz", datasets)
-                write_dicom_seg(frames, selected, staging / "dicom_seg", self.runtime)
+                try:
+                    write_dicom_seg(frames, selected, datasets, staging / "dicom_seg", self.runtime)
+                except Exception as e:  # noqa: BLE001 - a SEG the writer refuses must not cost the NIfTI and JSON
+                    shutil.rmtree(staging / "dicom_seg", ignore_errors=True)
+                    seg_problem = f"not written: the DICOM SEG writer refused this series ({type(e).__name__}: {e})"
+                    logger.warning(f"{self.input_path}: DICOM SEG {seg_problem}; NIfTI and JSON results are written.")
             else:
                 logger.warning(f"{self.input_path}: DICOM SEG {seg_problem}; NIfTI and JSON results are written.")
             summary = json.loads((staging / "series.json").read_text())
@@ -169,24 +178,54 @@ def dicom_frames(mask_path: Path, datasets: list) -> np.ndarray:
     return np.stack(frames)
 
 
-def write_dicom_seg(frames: np.ndarray, selected, output_dir: Path, runtime: BundleRuntime) -> None:
-    """A DICOM Segmentation object (SDK writer, highdicom) referencing the selected series; one segment per class."""
+# CID 7150 "Segmentation Property Categories": Anatomical Structure, the category of an organ such as the heart
+ANATOMICAL_STRUCTURE = ("123037004", "SCT", "Anatomical Structure")
+
+
+def default_character_set(datasets: list) -> None:
+    """An empty SpecificCharacterSet (as some scanners write it) means the default repertoire; highdicom copies the
+    source's value into the SEG and refuses an empty one, so the empty element is removed (same meaning)."""
+    for ds in datasets:
+        if "SpecificCharacterSet" in ds and not ds.SpecificCharacterSet:
+            del ds.SpecificCharacterSet
+
+
+def write_dicom_seg(frames: np.ndarray, selected, datasets: list, output_dir: Path, runtime: BundleRuntime) -> None:
+    """A DICOM Segmentation object (SDK writer, highdicom) referencing the selected series; one segment per class,
+    coded as an anatomical structure, with the bundle's palette colour as its recommended display colour."""
+    import highdicom as hd
     from monai.deploy.operators.dicom_seg_writer_operator import DICOMSegmentationWriterOperator, SegmentDescription
     from monai.deploy.operators.dicom_utils import ModelInfo
     from pydicom.sr.codedict import codes
+    from pydicom.sr.coding import Code
 
+    class DisplayedSegment(SegmentDescription):  # the SDK's description has no display colour
+        def __init__(self, *args, rgb=None, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.rgb = rgb
+
+        def to_segment_description(self, segment_number: int):
+            description = super().to_segment_description(segment_number)
+            if self.rgb is not None:
+                colour = hd.color.CIELabColor.from_rgb(*(int(v) for v in self.rgb))
+                description.RecommendedDisplayCIELabValue = list(colour.value)
+            return description
+
+    default_character_set(datasets)
     version = str(runtime.config.get("_meta_", {}).get("version", "0.1.0"))
     segment_types = {"heart": codes.SCT.Heart}
+    palette = runtime.config.get("palette") or []
     descriptions = [
-        SegmentDescription(
+        DisplayedSegment(
             segment_label=name.capitalize(),
-            segmented_property_category=codes.SCT.Organ,
+            segmented_property_category=Code(*ANATOMICAL_STRUCTURE),
             segmented_property_type=segment_types.get(name, codes.SCT.Organ),
             algorithm_name=runtime.bundle_name,
             algorithm_family=codes.DCM.ArtificialIntelligence,
             algorithm_version=version,
+            rgb=palette[index] if index < len(palette) else None,
         )
-        for name in runtime.class_names[1:]
+        for index, name in enumerate(runtime.class_names[1:], start=1)
     ]
     writer = DICOMSegmentationWriterOperator(
         Fragment(),

@@ -29,8 +29,8 @@ import sys
 from pathlib import Path
 
 from clinseg.pipelines.cli import parse_overrides
-from clinseg.pipelines.export import REPO_ROOT, bundle_config, bundle_paths, compare, export_torchscript
 from clinseg.pipelines.deploy.runtime import CT_RULES
+from clinseg.pipelines.export import REPO_ROOT, bundle_config, bundle_paths, compare, export_torchscript
 
 PACKAGES = ("datasets", "transforms", "pipelines")
 IGNORED = shutil.ignore_patterns("__pycache__", "*.pyc", "benchmarks", "demo.py", "experiments.py")

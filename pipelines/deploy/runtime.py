@@ -3,8 +3,9 @@
 The application folder holds the bundle's self-contained inference config (``bundle/inference.json``, overrides
 applied, written by :mod:`clinseg.pipelines.deploy.build`), so the app preprocesses, infers and writes exactly as
 ``python -m monai.bundle run inferring`` does; only the network is swapped for the shipped model (TorchScript, or
-a checkpoint loaded into ``network_def``) and the checkpoint loader is dropped. Outputs are written to a staging folder inside the output folder and moved into
-place only when every input has succeeded, so a failed run leaves no partial files that look like results.
+a checkpoint loaded into ``network_def``) and the checkpoint loader is dropped. Outputs are written to a staging
+folder inside the output folder and moved into place only when every input has succeeded, so a failed run leaves no
+partial files that look like results.
 """
 
 from __future__ import annotations
