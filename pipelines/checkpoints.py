@@ -103,6 +103,9 @@ class CheckpointLoader(MonaiCheckpointLoader):
             for key, obj in self.load_dict.items():
                 if not isinstance(obj, torch.nn.Module):
                     continue
+                if isinstance(obj, (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)):
+                    obj = obj.module  # ignite saves and loads the wrapped module's state, without 'module.'
+
                 state = checkpoint if single else checkpoint.get(key)
                 if state is None:
                     raise DataError(self.load_path, f"has no {key!r} entry; entries: {sorted(map(str, checkpoint))}.")
