@@ -146,9 +146,11 @@ def test_evaluation_reproduces_validation_and_records_a_run(trained, tiny_oct_di
 def test_inference_writes_label_maps_on_the_input_grid(trained, tiny_oct_dir, tmp_path, tracking_uri):
     bundle_root, _, _ = trained
     # an image of another size than the network input: outputs come back on the input's grid
-    Image.fromarray(np.random.default_rng(0).integers(0, 255, (70, 110), dtype=np.uint8)).save(tmp_path / "scan.png")
+    scans = tmp_path / "scans"  # the output folder may not lie inside the input folder
+    scans.mkdir()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (70, 110), dtype=np.uint8)).save(scans / "scan.png")
     out = tmp_path / "predictions"
-    run_bundle("inferring", INFER, tiny_inference(bundle_root, tiny_oct_dir, input_dir=tmp_path, output_dir=out))
+    run_bundle("inferring", INFER, tiny_inference(bundle_root, tiny_oct_dir, input_dir=scans, output_dir=out))
     label = np.asarray(Image.open(out / "scan_seg.png"))
     assert label.shape == (70, 110) and label.max() < 8
     assert np.asarray(Image.open(out / "scan_overlay.png")).shape == (70, 110, 3)
