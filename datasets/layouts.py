@@ -156,6 +156,20 @@ def data_files(folder: Path, suffixes: Sequence[str] = IMAGE_SUFFIXES) -> list[P
     return files
 
 
+def files_by_stem(folder: Path | None, suffixes: Sequence[str] = IMAGE_SUFFIXES) -> dict[str, Path]:
+    """The data files of ``folder`` by lower-case stem, listed once (an absent folder: none), so that finding each
+    image's mask or label is a lookup, not a folder listing per image."""
+    if folder is None or not folder.is_dir():
+        return {}
+    return {p.stem.lower(): p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in suffixes}
+
+
+def partner_file(files: dict[str, Path], stem: str, name_suffixes: Sequence[str]) -> Path | None:
+    """The file of ``files`` (:func:`files_by_stem`) named ``stem`` plus the first of ``name_suffixes`` present
+    (``""`` for the same name, ``"_mask"``, ...), any extension and case."""
+    return next((files[f"{stem}{s}".lower()] for s in name_suffixes if f"{stem}{s}".lower() in files), None)
+
+
 def check_headers(items: list[dict], min_shape: Sequence[int] | None = None, max_pixels: int | None = MAX_PIXELS):
     """Check each item's 2D files from their headers: readable, within ``max_pixels``, one frame, the label and FOV
     mask of the image's shape, and the image at least ``min_shape`` (a training patch) large.

@@ -34,6 +34,7 @@ from monai.utils import MetaKeys, ensure_tuple
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from clinseg.datasets.errors import DataError
+from clinseg.datasets.io import check_size_limit
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif", ".ppm")
 LOSSY_SUFFIXES = (".jpg", ".jpeg")
@@ -135,13 +136,7 @@ def read_header(path: str | os.PathLike, max_pixels: int | None = MAX_PIXELS) ->
         raise DataError(path, f"cannot be read as an image (empty, truncated or not an image file): {e}") from e
     if header["frames"] > 1:  # e.g. a multi-page TIFF volume where one 2D image is expected
         raise DataError(path, f"holds {header['frames']} frames (pages); expected one 2D image.")
-    rows, cols = header["shape"]
-    if max_pixels is not None and rows * cols > max_pixels:
-        raise DataError(
-            path,
-            f"is {rows} x {cols} = {rows * cols:,} pixels, above the limit of {max_pixels:,} (checked before "
-            "decoding, against decompression bombs); raise the reader's 'max_pixels' if this image is genuine.",
-        )
+    check_size_limit(path, header["shape"], max_pixels, unit="pixels", parameter="max_pixels")
     return header
 
 
@@ -388,6 +383,8 @@ class ReadImaged(MapTransform):
                 continue
             reader = self.select(d[key])
             array, meta = reader.get_data(reader.read(d[key]))
+            first = d[key][0] if isinstance(d[key], (list, tuple)) else d[key]  # a series given as its slice files
+            meta.setdefault("filename_or_obj", str(first))
             tensor = torch.as_tensor(np.ascontiguousarray(array))
             if self.dtype is not None:
                 tensor = tensor.to(self.dtype)

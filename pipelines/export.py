@@ -86,18 +86,12 @@ def bundle_config(bundle: str, overrides: dict, with_metadata: bool = False):
     return parser
 
 
-def load_weights(network: torch.nn.Module, checkpoint: str | os.PathLike, map_location="cpu") -> torch.nn.Module:
-    """Load a bundle checkpoint (a state dict, or ``{"model": state dict}``) into ``network``; returns it. A file
-    that is not a checkpoint of this network is one :class:`DataError` naming it and what differs."""
-    from clinseg.pipelines.checkpoints import load_network_weights
-
-    return load_network_weights(network, checkpoint, map_location)
-
-
 def checkpoint_network(bundle: str, checkpoint: Path, overrides: dict) -> torch.nn.Module:
     """The bundle's ``network_def`` with the checkpoint's weights (the ``model.pt`` + ``network_def`` path)."""
     network = bundle_config(bundle, overrides).get_parsed_content("network_def")
-    return load_weights(network, checkpoint).eval()
+    from clinseg.pipelines.checkpoints import load_network_weights
+
+    return load_network_weights(network, checkpoint).eval()
 
 
 def concrete_shape(spatial_shape: list, n: int = 2) -> list[int]:

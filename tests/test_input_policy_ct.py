@@ -19,6 +19,7 @@ from clinseg.datasets.errors import DataError, InputError
 from clinseg.datasets.io import unique_ids
 from clinseg.pipelines.paths import require_output_outside_input
 from tests.conftest import REPO_ROOT, run_bundle
+from tests.test_ct_bundle import tiny
 
 INFER = [str(REPO_ROOT / "bundles" / "ct_heart" / "configs" / "inference.json")]
 SHAPE = (12, 10, 8)
@@ -275,15 +276,8 @@ def test_output_folder_equal_to_or_inside_the_input_folder_is_refused(tmp_path):
 
 
 def tiny_inference(bundle_root: Path, **extra) -> dict:
-    return {
-        "bundle_root": bundle_root,
-        "spacing": "[6,6,6]",
-        "patch_size": "[16,16,16]",
-        "network_def#channels": "[4,8,16]",
-        "network_def#strides": "[2,2]",
-        "network_def#num_res_units": 1,
-        **extra,
-    }
+    """The tiny sizes of tests/test_ct_bundle.py, without the training-only dataset_dir (inference.json lacks it)."""
+    return {k: v for k, v in tiny(bundle_root, None, **extra).items() if k != "dataset_dir"}
 
 
 @pytest.fixture(scope="module")

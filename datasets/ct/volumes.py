@@ -11,18 +11,17 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-import torch
 from monai.config import KeysCollection
-from monai.data import ImageReader, MetaTensor
-from monai.transforms import MapTransform
+from monai.data import ImageReader
 from monai.utils import MetaKeys, SpaceKeys, ensure_tuple
 
 from clinseg.datasets.errors import DataError, InputError
 from clinseg.datasets.io import check_size_limit
+from clinseg.datasets.readers import ReadImaged
 
 logger = logging.getLogger(__name__)
 
@@ -435,13 +434,12 @@ class CTVolumeReader(ImageReader):
         return (arrays[0] if len(arrays) == 1 else np.stack(arrays)), meta
 
 
-class LoadCTVolumed(MapTransform):
-    """Load CT volumes (files, DICOM series folders, or lists of one series' slice files) as ``MetaTensor``.
-
-    Like ``LoadImaged(keys, reader=CTVolumeReader())`` but without MONAI's fallback to other readers: an unusable
-    input raises the reader's :class:`~datasets.errors.DataError`, which names the file and the problem, instead of
-    a generic "cannot find a suitable reader". The metadata is the reader's (RAS affine, spatial shape, source,
-    ``geometry_assumed``). ``assume_spacing``, ``assume_orientation`` and ``max_voxels``: see :func:`read_volume`.
+class LoadCTVolumed(ReadImaged):
+    """Load CT volumes (files, DICOM series folders, or lists of one series' slice files) as ``MetaTensor``:
+    :class:`~clinseg.datasets.readers.ReadImaged` with a :class:`CTVolumeReader`, so an unusable input raises the
+    reader's :class:`~datasets.errors.DataError`, which names the file and the problem. The metadata is the reader's
+    (RAS affine, spatial shape, source, ``geometry_assumed``). ``assume_spacing``, ``assume_orientation`` and
+    ``max_voxels``: see :func:`read_volume`.
     """
 
     def __init__(
@@ -455,17 +453,6 @@ class LoadCTVolumed(MapTransform):
         assume_orientation: str = "RAS",
         max_voxels: int | None = DEFAULT_MAX_VOXELS,
     ):
-        super().__init__(keys, allow_missing_keys)
-        self.reader = CTVolumeReader(
-            series_uid, series_description, dtype, assume_spacing, assume_orientation, max_voxels
-        )
-
-    def __call__(self, data: Mapping[Hashable, object]) -> dict:
-        d = dict(data)
-        for key in self.key_iterator(d):
-            source = d[key]
-            array, meta = self.reader.get_data(self.reader.read(source))
-            first = source[0] if isinstance(source, (list, tuple)) else source
-            meta["filename_or_obj"] = str(first)
-            d[key] = MetaTensor(torch.as_tensor(array), affine=torch.as_tensor(meta[MetaKeys.AFFINE]), meta=meta)
-        return d
+        reader = CTVolumeReader(series_uid, series_description, dtype, assume_spacing, assume_orientation, max_voxels)
+        super().__init__(keys, reader, allow_missing_keys=allow_missing_keys)
+        self.reader = reader

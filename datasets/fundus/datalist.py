@@ -23,8 +23,15 @@ from pathlib import Path
 from clinseg.datasets.errors import DataError, NoUsableDataError
 from clinseg.datasets.fundus.phantom import write_drive_layout
 from clinseg.datasets.io import unique_ids
-from clinseg.datasets.layouts import data_files, load_datalist, register_layout, register_phantom
-from clinseg.datasets.readers import IMAGE_SUFFIXES, read_header
+from clinseg.datasets.layouts import (
+    data_files,
+    files_by_stem,
+    load_datalist,
+    partner_file,
+    register_layout,
+    register_phantom,
+)
+from clinseg.datasets.readers import read_header
 
 DRIVE_IMAGE = re.compile(r"^(\d+)_(training|test)\.(tif|tiff)$", re.IGNORECASE)
 MASK_SUFFIXES = ("", "_mask", "_label", "_manual1")
@@ -62,14 +69,6 @@ def drive_split_items(split_dir: Path, annotator: int = 1, with_labels: bool = T
     return items
 
 
-def matching_file(folder: Path | None, stem: str, suffixes: tuple[str, ...]) -> Path | None:
-    """The file of ``folder`` named ``stem`` plus one of ``suffixes`` (any image extension, any case)."""
-    if folder is None or not folder.is_dir():
-        return None
-    candidates = {p.stem.lower(): p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES}
-    return next((candidates[f"{stem}{s}".lower()] for s in suffixes if f"{stem}{s}".lower() in candidates), None)
-
-
 def image_mask_items(image_dir: Path, mask_dir: Path | None, fov_dir: Path | None = None) -> list[dict]:
     """Generic binary segmentation folders: every image of ``image_dir`` with its mask from ``mask_dir`` (same stem,
     optionally with a ``_mask`` suffix) and, when ``fov_dir`` is given, its FOV mask.
@@ -77,15 +76,16 @@ def image_mask_items(image_dir: Path, mask_dir: Path | None, fov_dir: Path | Non
     Raises:
         DataError: an image without a mask.
     """
+    masks, fovs = files_by_stem(mask_dir), files_by_stem(fov_dir)
     items = []
     for image_path in data_files(image_dir):
         item = {"image": str(image_path), "id": image_path.stem, "source": str(image_path)}
         if mask_dir is not None:
-            mask_path = matching_file(mask_dir, image_path.stem, MASK_SUFFIXES)
+            mask_path = partner_file(masks, image_path.stem, MASK_SUFFIXES)
             if mask_path is None:
                 raise DataError(image_path, f"has no mask in {mask_dir} (same name, or with a '_mask' suffix).")
             item.update(label=str(mask_path), annotation_source=str(mask_path))
-        fov_path = matching_file(fov_dir, image_path.stem, FOV_SUFFIXES)
+        fov_path = partner_file(fovs, image_path.stem, FOV_SUFFIXES)
         if fov_path is not None:
             item["fov"] = str(fov_path)
         items.append(item)

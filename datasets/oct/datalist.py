@@ -21,7 +21,15 @@ from pathlib import Path
 
 from clinseg.datasets.errors import DataError, NoUsableDataError
 from clinseg.datasets.io import unique_ids
-from clinseg.datasets.layouts import check_headers, data_files, load_datalist, register_layout, register_phantom
+from clinseg.datasets.layouts import (
+    check_headers,
+    data_files,
+    files_by_stem,
+    load_datalist,
+    partner_file,
+    register_layout,
+    register_phantom,
+)
 from clinseg.datasets.oct.duke import bscan_items, duke_items
 from clinseg.datasets.oct.phantom import write_phantom_dataset
 from clinseg.datasets.oct.via import via_items
@@ -30,28 +38,16 @@ IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
 LABEL_SUFFIXES = ("", "_label", "_labels", "_mask", "_seg", "_gt")
 
 
-def find_label_file(image_path: Path, label_dir: Path) -> Path | None:
-    """The label of ``image_path`` in ``label_dir``: same stem, optionally with a ``_label``/``_mask``... suffix."""
-    candidates = {p.stem.lower(): p for p in label_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES}
-    return next(
-        (
-            candidates[f"{image_path.stem}{s}".lower()]
-            for s in LABEL_SUFFIXES
-            if f"{image_path.stem}{s}".lower() in candidates
-        ),
-        None,
-    )
-
-
 def paired_items(image_dir: Path, label_dir: Path) -> list[dict]:
     """Every image of ``image_dir`` with its label image from ``label_dir``.
 
     Raises:
         DataError: an image without a label.
     """
+    labels = files_by_stem(label_dir, IMAGE_SUFFIXES)
     items = []
     for image_path in data_files(image_dir, IMAGE_SUFFIXES):
-        label_path = find_label_file(image_path, label_dir)
+        label_path = partner_file(labels, image_path.stem, LABEL_SUFFIXES)
         if label_path is None:
             raise DataError(
                 image_path,

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from clinseg.pipelines.export import load_weights
+from clinseg.pipelines.checkpoints import load_network_weights
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ def load_network(model_path: str | os.PathLike, config: dict) -> torch.nn.Module
         pass
     network = ConfigParser(config).get_parsed_content("network_def")
     try:
-        load_weights(network, path, map_location=device)
+        load_network_weights(network, path, map_location=device)
     except Exception as e:  # noqa: BLE001 - any unreadable file gets the same clear message
         raise FileNotFoundError(f"{path}: neither a TorchScript model nor a checkpoint ({e}).") from e
     return network.to(device).eval()
