@@ -1,24 +1,29 @@
-"""Command-line behaviour shared by bundle runs: input errors print as one clear message, not a stack trace.
+"""The error contract of every entry point, and the checks bundle runs make before anything else.
 
-Bundle configs import this module (``"imports": ["$import pipelines.cli"]``), which installs the hook. A
-:class:`datasets.DataError` (a file) or :class:`ConfigError` (a config key) anywhere in the cause chain of the
-exception that ends the process is printed as ``error: <file or key>: <problem>`` plus its hint; set
-``PIPELINE_TRACEBACK=1`` to see the full traceback as well. Every other exception prints its normal traceback.
+One contract (documented in the README, "When an input is wrong"): a problem of the input, the config or the
+environment ends the process with one line naming the file or config key and the cause, and exit status 1; an
+unexpected internal error ends it with one line plus the path of its saved traceback. :func:`report_error` prints
+that line; bundle configs import this module, which installs it as ``sys.excepthook`` for ``monai.bundle run``; the
+other entry points (``pipelines.experiments``, export, deploy build, the Deploy apps) call it themselves.
+``PIPELINE_TRACEBACK=1`` prints the full traceback as well.
 
-The checks bundles run first, in ``initialize``, live here too: :func:`check_parameters` (values given on the
-command line arrive typed by ``fire``, so ``--batch_size four`` or ``--resume maybe`` would otherwise fail deep in
-PyTorch, or silently do the wrong thing) and :func:`require_writable_dir` (an unwritable output folder should stop
-a run before hours of training, not after).
+The checks bundles run first, in ``initialize``, live here too: :func:`require_writable_dir` (an unwritable output
+folder should stop a run before hours of training, not after); the config checks are in
+:mod:`clinseg.pipelines.config_checks`.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
 import re
 import sys
 import tempfile
+import time
+import traceback
+from pathlib import Path
 
 from clinseg.datasets.errors import DataError, InputError
 
@@ -53,14 +58,118 @@ def find_input_error(error: BaseException | None, types: tuple[type, ...] = (Inp
     return None
 
 
+# operating-system failures that are the environment's, not the program's: they name a path and a cause
+ENVIRONMENT_ERRNOS = {
+    errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EACCES, errno.EPERM, errno.EROFS, errno.EISDIR, errno.ENOTDIR,
+    errno.ENOENT, errno.EEXIST, errno.ENAMETOOLONG, errno.EMFILE, errno.ENFILE, errno.EIO,
+}  # fmt: skip
+
+
+def _environment_error(error: BaseException | None) -> OSError | None:
+    found = find_input_error(error, (OSError,))
+    if isinstance(found, OSError) and found.errno in ENVIRONMENT_ERRNOS and found.filename:
+        return found
+    return None
+
+
+def error_dir() -> Path:
+    """Where internal errors' tracebacks are saved: ``$CLINSEG_ERROR_DIR``, else ``<tmp>/clinseg-errors``."""
+    return Path(os.environ.get("CLINSEG_ERROR_DIR") or Path(tempfile.gettempdir()) / "clinseg-errors")
+
+
+def save_traceback(error: BaseException) -> Path | None:
+    """Write ``error``'s full traceback (with the command line) to a new file in :func:`error_dir`; None if that
+    cannot be written either (the message then says so)."""
+    program = Path(sys.argv[0]).stem if sys.argv and sys.argv[0] else "python"
+    try:
+        folder = error_dir()
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{time.strftime('%Y%m%d-%H%M%S')}-{program}-{os.getpid()}.txt"
+        text = "".join(traceback.format_exception(type(error), error, error.__traceback__))
+        path.write_text(f"command: {' '.join(sys.argv)}\ncwd: {os.getcwd()}\n\n{text}")
+        return path
+    except OSError:
+        return None
+
+
+def describe_error(error: BaseException) -> tuple[str, bool]:
+    """The contract's one line for ``error`` and whether it is a user-side problem (input, config, environment).
+
+    - an :class:`InputError` anywhere in the cause chain (a file, a folder, a config key): ``error: <where>:
+      <problem>`` plus its hint;
+    - an operating-system failure naming a path (disk full, no permission, read-only, a file where a folder is
+      expected): ``error: <path>: <cause>.``;
+    - a component's constructor refusing the settings a command-line override gave it (``UNet`` given channels and
+      strides of different lengths): ``error: config key '<key>': ...``;
+    - anything else is internal: ``internal error: <type>: <message>`` and where its traceback was saved.
+    """
+    found = find_input_error(error)
+    if found is not None:
+        return f"error: {found}", True
+    os_error = _environment_error(error)
+    if os_error is not None:
+        return f"error: {os_error.filename}: {os_error.strerror or os_error}.", True
+    refused = refused_override(error)
+    if refused is not None:
+        return f"error: {refused}", True
+    return f"internal error: {type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}", False
+
+
+def report_error(error: BaseException) -> int:
+    """Print the one line of the error contract for ``error`` to stderr and return the exit status (1).
+
+    An internal error's full traceback is saved (:func:`save_traceback`) and its path printed on the same line;
+    ``PIPELINE_TRACEBACK=1`` prints the traceback as well, for every kind."""
+    if os.environ.get("PIPELINE_TRACEBACK"):
+        traceback.print_exception(type(error), error, error.__traceback__, file=sys.stderr)
+    line, user_side = describe_error(error)
+    if not user_side:
+        saved = save_traceback(error)
+        where = f"the traceback is saved in {saved}" if saved else f"the traceback could not be saved in {error_dir()}"
+        line = f"{line} ({where}; set PIPELINE_TRACEBACK=1 to print it)"
+    print(line, file=sys.stderr)
+    return 1
+
+
+_INSTANTIATE_FAILURE = re.compile(r"^Failed to instantiate component '(?P<target>[^']+)'")
+
+
+def refused_override(error: BaseException | None) -> ConfigError | None:
+    """A :class:`ConfigError` when ``error`` is MONAI failing to build a component whose settings a command-line
+    override changed (the constructor's own ``ValueError`` / ``TypeError`` is the problem), else None. Without an
+    override involved, a constructor failure is the config's own (internal) error."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        match = _INSTANTIATE_FAILURE.match(str(error)) if isinstance(error, RuntimeError) else None
+        cause = error.__cause__
+        if match and isinstance(cause, (ValueError, TypeError)) and not isinstance(cause, InputError):
+            key = _override_feeding(match["target"])
+            if key is not None:
+                return ConfigError(
+                    key, f"{match['target']} refused the value: {str(cause).strip().splitlines()[0]}",
+                    f"Fix it in the config or on the command line (--{key} ...).",
+                )  # fmt: skip
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def _override_feeding(target: str) -> str | None:
+    """The command-line override that sets a setting of a component whose ``_target_`` is ``target``, directly
+    (``--network_def#channels``) or through a reference (``--learning_rate`` behind ``"lr": "@learning_rate"``)."""
+    from clinseg.pipelines.config_checks import override_feeds
+
+    try:
+        return override_feeds(target)
+    except Exception:  # noqa: BLE001 - reporting an error must not raise another
+        return None
+
+
 def _excepthook(exc_type, exc, tb, _previous=sys.excepthook):
-    data_error = find_input_error(exc)
-    if data_error is None or os.environ.get("PIPELINE_TRACEBACK"):
+    if issubclass(exc_type, KeyboardInterrupt):
         _previous(exc_type, exc, tb)
-    if data_error is not None:
-        print(f"\nerror: {data_error}", file=sys.stderr)
-        if not os.environ.get("PIPELINE_TRACEBACK"):
-            print("(set PIPELINE_TRACEBACK=1 to see the full traceback)", file=sys.stderr)
+        return
+    report_error(exc)  # the interpreter then exits with status 1
 
 
 def install() -> None:
