@@ -35,6 +35,7 @@ from pathlib import Path
 from clinseg.datasets.errors import DataError, NoUsableDataError
 from clinseg.datasets.io import split_by_group, unique_ids
 from clinseg.datasets.readers import IMAGE_SUFFIXES, MAX_PIXELS, read_header, split_member
+from clinseg.datasets.value_types import Fraction, PositiveInt, PositiveSize
 
 logger = logging.getLogger(__name__)
 
@@ -208,10 +209,10 @@ def load_datalist(
     task: str,
     dataset_dir: str | os.PathLike,
     split: str = "train",
-    val_fraction: float = 0.2,
+    val_fraction: Fraction = 0.2,
     phantom_if_missing: bool = False,
-    min_shape: Sequence[int] | None = None,
-    max_pixels: int | None = MAX_PIXELS,
+    min_shape: PositiveSize | None = None,
+    max_pixels: PositiveInt | None = MAX_PIXELS,
     **options,
 ) -> list[dict]:
     """The items (paths) of one split (``train``, ``val``, ``test`` or ``all``) of the ``task`` dataset in

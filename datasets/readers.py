@@ -24,6 +24,7 @@ import os
 import warnings
 from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -35,6 +36,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from clinseg.datasets.errors import DataError
 from clinseg.datasets.io import check_size_limit
+from clinseg.datasets.value_types import PositiveInt
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif", ".ppm")
 LOSSY_SUFFIXES = (".jpg", ".jpeg")
@@ -208,7 +210,7 @@ class _File2DReader(ImageReader):
 
     suffixes: tuple[str, ...] = IMAGE_SUFFIXES
 
-    def __init__(self, max_pixels: int | None = MAX_PIXELS):
+    def __init__(self, max_pixels: PositiveInt | None = MAX_PIXELS):
         super().__init__()
         self.max_pixels = max_pixels
 
@@ -238,6 +240,9 @@ class _File2DReader(ImageReader):
         raise NotImplementedError
 
 
+PHOTO_CHANNELS = ("rgb", "grey")
+
+
 class PhotoReader(_File2DReader):
     """Photographs and scans (fundus photographs, OCT B-scans) as ``(C, rows, cols)`` float32 on the 8-bit scale.
 
@@ -247,8 +252,8 @@ class PhotoReader(_File2DReader):
         max_pixels: the largest image decoded (checked from the header).
     """
 
-    def __init__(self, channels: str = "rgb", max_pixels: int | None = MAX_PIXELS):
-        if channels not in ("rgb", "grey"):
+    def __init__(self, channels: Literal[PHOTO_CHANNELS] = "rgb", max_pixels: PositiveInt | None = MAX_PIXELS):
+        if channels not in PHOTO_CHANNELS:
             raise ValueError(f"channels must be 'rgb' or 'grey', got {channels!r}.")
         super().__init__(max_pixels)
         self.channels = channels

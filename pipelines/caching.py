@@ -18,11 +18,13 @@ them again: the repeats share one cache.
 from __future__ import annotations
 
 import os
+from typing import Literal
 
 from monai.data import CacheDataset, Dataset, PersistentDataset
 from monai.data.utils import json_hashing
 from torch.utils.data import ConcatDataset
 
+from clinseg.datasets.value_types import NonNegativeInt, PositiveInt, Rate
 from clinseg.pipelines.cli import ConfigError
 
 CACHE_MODES = ("memory", "disk", "none")
@@ -31,11 +33,11 @@ CACHE_MODES = ("memory", "disk", "none")
 def cached_dataset(
     data: list[dict],
     transform,
-    cache: str = "memory",
+    cache: Literal[CACHE_MODES] = "memory",
     cache_dir: str | os.PathLike | None = None,
-    cache_rate: float = 1.0,
-    num_workers: int = 0,
-    repeats: int = 1,
+    cache_rate: Rate = 1.0,
+    num_workers: NonNegativeInt = 0,
+    repeats: PositiveInt = 1,
     progress: bool = False,
 ):
     """A dataset over ``data`` with ``transform``, cached as ``cache`` says (see the module's docs).

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import errno
 import json
-import math
 import os
 import re
 import sys
@@ -112,7 +111,10 @@ def describe_error(error: BaseException) -> tuple[str, bool]:
     refused = refused_override(error)
     if refused is not None:
         return f"error: {refused}", True
-    return f"internal error: {type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}", False
+    return (
+        f"internal error: {type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}",
+        False,
+    )
 
 
 def report_error(error: BaseException) -> int:
@@ -200,66 +202,3 @@ def require_writable_dir(path: str | os.PathLike, what: str) -> str:
     except OSError as e:
         raise DataError(path, f"{what} cannot be created or written ({e.strerror or e}).") from e
     return path
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value) -> bool:
-    return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
-
-
-_KINDS = {
-    "int": (_is_int, "an integer"),
-    "int>0": (lambda v: _is_int(v) and v > 0, "a positive integer"),
-    "int>=0": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
-    "number>0": (lambda v: _is_number(v) and v > 0, "a positive number"),
-    "number>=0": (lambda v: _is_number(v) and v >= 0, "a number >= 0"),
-    "fraction": (lambda v: _is_number(v) and 0 < v < 1, "a number between 0 and 1 (exclusive)"),
-    "rate": (lambda v: _is_number(v) and 0 < v <= 1, "a number in (0, 1]"),
-    "probability": (lambda v: _is_number(v) and 0 <= v <= 1, "a probability in [0, 1]"),
-    # fire reads `--resume true` as the text 'true' (and 'false' is truthy): only True and False are accepted
-    "bool": (lambda v: isinstance(v, bool), "True or False (capitalised on the command line: --key True)"),
-    "path": (lambda v: isinstance(v, (str, os.PathLike)) and os.fspath(v) != "", "a path (text)"),
-    "str": (lambda v: isinstance(v, str) and v != "", "a non-empty text"),
-}
-_LIST_KIND = re.compile(r"^list\[(?P<kind>[^\]]+)\](?:\*(?P<length>\d+))?$")
-
-
-def _check(value, kind: str) -> str | None:
-    """``None`` if ``value`` is of ``kind``, else what was expected. Kinds: the keys of ``_KINDS``, ``X?`` (X or
-    null), ``one of: a, b`` and ``list[X]*N`` (N items of X; without ``*N`` any non-empty length)."""
-    if kind.endswith("?"):
-        if value is None:
-            return None
-        expected = _check(value, kind[:-1])
-        return expected and f"{expected} or null"
-    if kind.startswith("one of:"):
-        choices = [choice.strip() for choice in kind[len("one of:") :].split(",")]
-        return None if value in choices else f"one of {choices}"
-    match = _LIST_KIND.match(kind)
-    if match:
-        length = match["length"] and int(match["length"])
-        expected = f"a list of {length or 'one or more'} items, each {_KINDS[match['kind']][1]}"
-        if not isinstance(value, (list, tuple)) or not value or (length and len(value) != length):
-            return expected
-        return None if all(_check(item, match["kind"]) is None for item in value) else expected
-    test, expected = _KINDS[kind]
-    return None if test(value) else expected
-
-
-def check_parameters(*checks: dict) -> None:
-    """Check config values before anything runs; a :class:`ConfigError` names the first key of the wrong kind.
-
-    Each ``checks`` dict maps a config id to ``[value, kind]``; bundles pass the values as ``@id`` references, so
-    overrides are checked as given (``pipelines/configs/engines.json#parameter_checks`` and each bundle's own).
-    """
-    for spec in checks:
-        for key, (value, kind) in spec.items():
-            expected = _check(value, kind)
-            if expected is not None:
-                raise ConfigError(
-                    key, f"expected {expected}, got {value!r} ({type(value).__name__}).",
-                    f"Fix it in the config or on the command line (--{key} ...).",
-                )  # fmt: skip

@@ -4,8 +4,8 @@ A bundle's configs declare their task (data, classes, network, transforms, metri
 Model Zoo's ids; the steps here are what is the same for every task, written once and called from the configs'
 ``initialize`` and ``training`` expressions:
 
-- :func:`initialize`: config values checked before anything runs (:data:`SHARED_PARAMETER_KINDS` plus the
-  bundle's own kinds), determinism, writable folders, a reachable tracking server;
+- :func:`initialize`: override ids and config values checked before anything runs
+  (:mod:`clinseg.pipelines.config_checks`), determinism, writable folders, a reachable tracking server;
 - :func:`run_training`: early stopping, the latest-checkpoint saver, resume, the time limit, the run itself, and
   ``models/model.pt`` left behind in every case (the best validated model, or the final one when no validation
   ran).
@@ -15,13 +15,9 @@ Every step is rank-aware: under ``torchrun`` only rank 0 writes outputs, checkpo
 
 from __future__ import annotations
 
-import ast
-import difflib
 import inspect
 import logging
 import os
-import sys
-from collections.abc import Mapping
 from pathlib import Path
 
 import ignite
@@ -29,31 +25,11 @@ import torch
 import torch.distributed as dist
 from ignite.engine import Engine, Events
 
-from clinseg.pipelines.cli import ConfigError, check_parameters, require_writable_dir
+from clinseg.datasets.value_types import NonNegativeFloat
+from clinseg.pipelines.cli import require_writable_dir
 from clinseg.pipelines.paths import require_output_outside_input
 
 logger = logging.getLogger(__name__)
-
-# the config values every bundle exposes, by config id, and the kind each must be (see clinseg.pipelines.cli)
-SHARED_PARAMETER_KINDS = {
-    "seed": "int",
-    "learning_rate": "number>0",
-    "batch_size": "int>0",
-    "train#trainer#max_epochs": "int>0",
-    "val_interval": "int>0",
-    "val_fraction": "fraction",
-    "early_stop_patience": "int>=0",
-    "train_time_limit_s": "number>=0",
-    "resume": "bool",
-    "num_workers": "int>=0",
-    "cache": "one of: memory, disk, none",
-    "cache_rate": "rate",
-    "class_names": "list[str]",
-    "pixel_size_um": "number>0?",
-    "dataset_dir": "path",
-    "output_dir": "path",
-    "checkpoint_path": "path",
-}
 
 
 def running_parser():
@@ -74,120 +50,39 @@ def is_rank_zero() -> bool:
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
-def check_config_values(bundle_kinds: Mapping[str, str] | None = None, parser=None) -> None:
-    """Check every shared and bundle-specific value the running config defines; ids it lacks are skipped (an
-    inference config has no ``learning_rate``). Raises ``ConfigError`` naming the first wrong key."""
-    parser = parser if parser is not None else running_parser()
-    if parser is None:
-        return
-    checks = {}
-    for key, kind in {**SHARED_PARAMETER_KINDS, **(bundle_kinds or {})}.items():
-        if key in parser:
-            checks[key] = [parser.get_parsed_content(key), kind]
-    check_parameters(checks)
+def running_run_arguments() -> tuple[list[str], dict] | None:
+    """The config files and the overrides (typed, as ``fire`` read them) of the ``monai.bundle`` run in progress,
+    from the command line or in-process (``monai.bundle.run(...)``); None outside one. MONAI keeps neither after
+    building the workflow, so they are read from its ``create_workflow`` frame, which runs ``initialize``."""
+    for frame_info in inspect.stack(context=0):
+        frame = frame_info.frame
+        if frame.f_code.co_name == "create_workflow" and frame.f_globals.get("__name__") == "monai.bundle.scripts":
+            files, arguments = frame.f_locals.get("config_file"), frame.f_locals.get("_args") or {}
+            if files is None:
+                return None
+            files = [str(f) for f in files] if isinstance(files, (list, tuple)) else [str(files)]
+            return files, dict(arguments)
+    return None
 
 
-# the options of ``monai.bundle run`` itself: everything else on its command line is a config override
-RUN_OPTIONS = {
-    "run_id",
-    "init_id",
-    "final_id",
-    "meta_file",
-    "config_file",
-    "logging_file",
-    "tracking",
-    "args_file",
-    "workflow_type",
-    "workflow_name",
-    "properties_path",
-}
-
-
-def command_line_overrides(argv: list[str] | None = None) -> tuple[list[str], dict[str, str]] | None:
-    """The config files and the ``--id value`` overrides of a ``python -m monai.bundle run`` command line (also
-    under ``torchrun``); None for any other program."""
-    argv = list(sys.argv if argv is None else argv)
-    if len(argv) < 2 or not argv[0].replace(os.sep, "/").endswith("monai/bundle/__main__.py") or argv[1] != "run":
-        return None
-    overrides, tokens, index = {}, argv[2:], 0
-    while index < len(tokens):
-        token = tokens[index]
-        index += 1
-        if not token.startswith("--"):
-            continue  # the run id
-        key, has_value, value = token[2:].partition("=")
-        if not has_value and index < len(tokens) and not tokens[index].startswith("--"):
-            value, index = tokens[index], index + 1
-        overrides[key.replace("-", "_") if "#" not in key else key] = value
-    files = overrides.get("config_file", "")
-    try:
-        parsed = ast.literal_eval(files)
-    except (ValueError, SyntaxError):
-        parsed = files
-    files = [str(f) for f in parsed] if isinstance(parsed, (list, tuple)) else [f for f in str(parsed).split(",") if f]
-    return files, overrides
-
-
-def _config_ids(node, prefix: str = "") -> dict[str, object]:
-    ids = {}
-    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
-    for key, value in items:
-        name = f"{prefix}#{key}" if prefix else str(key)
-        ids[name] = value
-        ids.update(_config_ids(value, name))
-    return ids
-
-
-_SPECIAL_KEYS = {"_disabled_", "_desc_", "_requires_", "_mode_"}
-
-
-def _accepts_new_setting(component, name: str) -> bool:
-    """Whether ``name`` can be added to ``component``: MONAI's special keys, any key of a plain dict, and a
-    parameter that a ``_target_``'s constructor takes (``--network_def#act PRELU``), but not a misspelt one
-    (``--network_def#chanels``)."""
-    if isinstance(component, list):
-        return name.isdigit()
-    if not isinstance(component, dict):
-        return False
-    if name in _SPECIAL_KEYS or "_target_" not in component:
-        return True
-    from pydoc import locate
-
-    from monai.bundle import ConfigComponent
-
-    try:  # the constructor the config would call, found the way MONAI finds it ("UNet" -> monai.networks.nets.UNet)
-        obj = locate(ConfigComponent({"_target_": component["_target_"]}).resolve_module_name())
-        parameters = inspect.signature(obj).parameters
-    except Exception:  # noqa: BLE001 - a target that cannot be inspected is not second-guessed
-        return True
-    return name in parameters or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
-
-
-def check_override_keys(argv: list[str] | None = None) -> None:
-    """Refuse a command-line override whose id the config does not have (``--batchsize 1`` would otherwise be
-    ignored, and the run use the default), naming the nearest id. A new setting inside an existing component
-    (``--handlers#0#_disabled_ True``) is accepted."""
+def check_config(parser=None) -> None:
+    """The config checks of :mod:`clinseg.pipelines.config_checks` for the running workflow: override ids first,
+    then every value against its default and the parameters it feeds. Raises ``ConfigError`` naming the key."""
     from monai.bundle import ConfigParser
 
-    found = command_line_overrides(argv)
-    if found is None or not found[0]:
-        return
-    files, overrides = found
-    ids = _config_ids(ConfigParser.load_config_files(files))
-    for key in overrides:
-        normalized = key.replace("::", "#")
-        if key in RUN_OPTIONS or normalized in ids:
-            continue
-        parent, _, name = normalized.rpartition("#")
-        if parent and _accepts_new_setting(ids.get(parent), name):
-            continue
-        nearest = difflib.get_close_matches(normalized, list(ids), n=1, cutoff=0.6)
-        hint = f"Did you mean --{nearest[0]}?" if nearest else "See the bundle's configs for the ids it has."
-        raise ConfigError(key, "is not an id of this bundle's config, so its value would be ignored.", hint)
+    from clinseg.pipelines import config_checks
+
+    parser = parser if parser is not None else running_parser()
+    found = running_run_arguments()
+    files, overrides = found if found is not None else ([], {})
+    if files:
+        config_checks.check_override_keys(files, overrides)
+    if parser is not None:
+        defaults = ConfigParser.load_config_files(files) if files else None
+        config_checks.check_values(parser, defaults, overrides)
 
 
 def initialize(
-    parameter_kinds: Mapping[str, str] | None = None,
     seed: int | None = None,
     ckpt_dir: str | None = None,
     output_dir: str | None = None,
@@ -199,8 +94,7 @@ def initialize(
     not be or lie inside (:func:`pipelines.paths.require_output_outside_input`), checked before the folder is made."""
     from monai.utils import set_determinism
 
-    check_override_keys()
-    check_config_values(parameter_kinds)
+    check_config()
     if seed is not None:
         set_determinism(seed=seed)
     if ckpt_dir is not None:  # every rank reads checkpoints (resume)
@@ -233,7 +127,7 @@ def run_training(
     validator: Engine,
     ckpt_dir: str,
     resume: bool = False,
-    time_limit_s: float = 0,
+    time_limit_s: NonNegativeFloat = 0,
 ) -> None:
     """Run ``trainer`` as every bundle does; ``models/model.pt`` exists afterwards whatever the validation interval.
 

@@ -639,7 +639,7 @@ def test_a_wrong_override_on_the_command_line_is_one_line_naming_the_key(tmp_pat
                str(configs("oct_layers", "train")), "--bundle_root", str(tmp_path), "--batch_size", "four"]  # fmt: skip
     result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 1
-    assert "error: config key 'batch_size': expected a positive integer, got 'four' (str)." in result.stderr
+    assert "error: config key 'batch_size': expected an integer, got 'four' (str)." in result.stderr
     assert "Traceback" not in result.stderr, result.stderr[-2000:]
 
 
@@ -683,16 +683,20 @@ def test_evaluation_reports_an_empty_reference_label_instead_of_crashing(bundle,
     assert all(np.isfinite(float(v)) for k, v in scores.items() if k != empty_id), scores
 
 
-def test_the_checked_choices_are_the_ones_the_transforms_accept():
+def test_the_choices_checked_are_read_from_the_transforms_constants(bundle_env):
+    """A wrong choice is refused with the choices of the Python constant the transform uses, not a copy."""
     from clinseg.transforms.ct import WINDOW_PRESETS
-    from clinseg.transforms.fundus import CHANNELS
+    from clinseg.transforms.fundus import CHANNEL_CHOICES
 
-    def choices(bundle: str, key: str) -> set[str]:
-        kind = json.loads((CONFIGS[bundle] / "train.json").read_text())["parameter_kinds"][key]
-        return {choice.strip() for choice in kind.removeprefix("one of:").split(",")}
-
-    assert choices("ct_heart", "window_preset") == set(WINDOW_PRESETS)
-    assert choices("vessels", "channels") == {*CHANNELS, "grey"}
+    for bundle, key, choices in [
+        ("ct_heart", "window_preset", WINDOW_PRESETS),
+        ("vessels", "channels", CHANNEL_CHOICES),
+    ]:
+        with pytest.raises(Exception) as error:
+            run_in_process(bundle, "train", {**TINY[bundle], "bundle_root": bundle_env, key: "nonsense"})
+        found = find_input_error(error.value)
+        assert isinstance(found, ConfigError) and found.key == key, str(found)
+        assert all(repr(choice) in str(found) for choice in choices), str(found)
 
 
 MONAI_MAIN = str(Path(sys.modules["monai"].__file__).parent / "bundle" / "__main__.py")
@@ -701,11 +705,13 @@ MONAI_MAIN = str(Path(sys.modules["monai"].__file__).parent / "bundle" / "__main
 @pytest.mark.parametrize("bundle", ["oct_layers", "vessels", "ct_heart"])
 def test_override_ids_the_config_lacks_are_refused_with_the_nearest_one(bundle):
     from clinseg.pipelines.cli import ConfigError
-    from clinseg.pipelines.workflow import check_override_keys
+    from clinseg.pipelines.config_checks import check_override_keys, command_line_overrides
 
     def check(*overrides: str, files=("train.json",)):
         config_files = str([str(CONFIGS[bundle] / name) for name in files])
-        check_override_keys([MONAI_MAIN, "run", "training", "--config_file", config_files, *overrides])
+        check_override_keys(
+            *command_line_overrides([MONAI_MAIN, "run", "training", "--config_file", config_files, *overrides])
+        )
 
     check("--batch_size", "1", "--train#trainer#max_epochs=2", "--network_def#channels", "[8,16]")
     check("--train#handlers#0#_disabled_", "True")  # a new setting inside an existing component

@@ -10,6 +10,7 @@ when HU values are needed after windowing.
 from __future__ import annotations
 
 from collections.abc import Hashable, Mapping
+from typing import Literal
 
 import numpy as np
 import torch
@@ -116,7 +117,7 @@ class HounsfieldWindowd(MapTransform):
     def __init__(
         self,
         keys: KeysCollection,
-        preset: str | None = None,
+        preset: Literal[tuple(WINDOW_PRESETS)] | None = None,
         level: float | None = None,
         width: float | None = None,
         hu_min: float | None = None,

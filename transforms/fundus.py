@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Hashable, Mapping
+from typing import Literal
 
 import numpy as np
 import torch
@@ -13,6 +14,7 @@ from monai.transforms import MapTransform, Transform
 from monai.utils import convert_to_numpy
 
 CHANNELS = {"red": [0], "green": [1], "blue": [2], "rgb": [0, 1, 2]}
+CHANNEL_CHOICES = (*CHANNELS, "grey")  # "grey": luminance of the three
 
 
 class FundusNormalize(Transform):
@@ -28,9 +30,9 @@ class FundusNormalize(Transform):
         clip_limit: CLAHE clip limit.
     """
 
-    def __init__(self, channels: str = "green", clahe: bool = False, clip_limit: float = 0.01):
-        if channels not in (*CHANNELS, "grey"):
-            raise ValueError(f"channels must be one of {[*CHANNELS, 'grey']}, got {channels!r}.")
+    def __init__(self, channels: Literal[CHANNEL_CHOICES] = "green", clahe: bool = False, clip_limit: float = 0.01):
+        if channels not in CHANNEL_CHOICES:
+            raise ValueError(f"channels must be one of {list(CHANNEL_CHOICES)}, got {channels!r}.")
         self.channels, self.clahe, self.clip_limit = channels, clahe, clip_limit
 
     def __call__(self, image: NdarrayOrTensor, fov: NdarrayOrTensor | None = None) -> NdarrayOrTensor:
@@ -68,7 +70,7 @@ class FundusNormalized(MapTransform):
         self,
         keys: KeysCollection,
         fov_key: str | None = "fov",
-        channels: str = "green",
+        channels: Literal[CHANNEL_CHOICES] = "green",
         clahe: bool = False,
         clip_limit: float = 0.01,
         allow_missing_keys: bool = False,

@@ -23,6 +23,7 @@ from clinseg.datasets.ct.volumes import VOLUME_SUFFIXES, case_id, is_volume_file
 from clinseg.datasets.errors import DataError
 from clinseg.datasets.io import unique_ids
 from clinseg.datasets.layouts import load_datalist, register_layout, register_phantom
+from clinseg.datasets.value_types import Fraction
 
 logger = logging.getLogger(__name__)
 
@@ -118,7 +119,7 @@ register_phantom("ct", _write_phantom, "python -m clinseg.datasets.ct.phantom --
 def load_ct_datalist(
     dataset_dir: str | os.PathLike,
     split: str = "train",
-    val_fraction: float = 0.25,
+    val_fraction: Fraction = 0.25,
     phantom_if_missing: bool = False,
 ) -> list[dict]:
     """The ``{"image", "label", "id"}`` items (paths) of one split (``train``, ``val``, ``test``, ``all``) of a CT

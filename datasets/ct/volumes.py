@@ -22,6 +22,7 @@ from monai.utils import MetaKeys, SpaceKeys, ensure_tuple
 from clinseg.datasets.errors import DataError, InputError
 from clinseg.datasets.io import check_size_limit
 from clinseg.datasets.readers import ReadImaged
+from clinseg.datasets.value_types import PositiveInt, PositiveSpacing
 
 logger = logging.getLogger(__name__)
 
@@ -291,9 +292,9 @@ def read_volume(
     series_uid: str | None = None,
     series_description: str | None = None,
     check_finite: bool = True,
-    assume_spacing: Sequence[float] | None = None,
+    assume_spacing: PositiveSpacing | None = None,
     assume_orientation: str = "RAS",
-    max_voxels: int | None = DEFAULT_MAX_VOXELS,
+    max_voxels: PositiveInt | None = DEFAULT_MAX_VOXELS,
 ) -> tuple[np.ndarray, np.ndarray, dict]:
     """Read a CT volume (file or DICOM series folder) as ``(array [i, j, k], affine to RAS mm, metadata)``.
 
@@ -354,7 +355,7 @@ def read_volume(
 
 
 def read_dicom_files(
-    files: Sequence[str | os.PathLike], max_voxels: int | None = DEFAULT_MAX_VOXELS
+    files: Sequence[str | os.PathLike], max_voxels: PositiveInt | None = DEFAULT_MAX_VOXELS
 ) -> tuple[np.ndarray, np.ndarray, dict]:
     """One CT series given as its slice files (all checks of :func:`datasets.ct.dicom.read_ct_series` apply)."""
     from clinseg.datasets.ct.dicom import read_ct_series
@@ -385,9 +386,9 @@ class CTVolumeReader(ImageReader):
         series_uid: str | None = None,
         series_description: str | None = None,
         dtype=np.float32,
-        assume_spacing: Sequence[float] | None = None,
+        assume_spacing: PositiveSpacing | None = None,
         assume_orientation: str = "RAS",
-        max_voxels: int | None = DEFAULT_MAX_VOXELS,
+        max_voxels: PositiveInt | None = DEFAULT_MAX_VOXELS,
     ):
         super().__init__()
         check_assumed_geometry(assume_spacing, assume_orientation)
@@ -449,9 +450,9 @@ class LoadCTVolumed(ReadImaged):
         series_description: str | None = None,
         dtype=np.float32,
         allow_missing_keys: bool = False,
-        assume_spacing: Sequence[float] | None = None,
+        assume_spacing: PositiveSpacing | None = None,
         assume_orientation: str = "RAS",
-        max_voxels: int | None = DEFAULT_MAX_VOXELS,
+        max_voxels: PositiveInt | None = DEFAULT_MAX_VOXELS,
     ):
         reader = CTVolumeReader(series_uid, series_description, dtype, assume_spacing, assume_orientation, max_voxels)
         super().__init__(keys, reader, allow_missing_keys=allow_missing_keys)

@@ -32,6 +32,7 @@ from clinseg.datasets.layouts import (
     register_phantom,
 )
 from clinseg.datasets.readers import read_header
+from clinseg.datasets.value_types import Fraction, PositiveSize
 
 DRIVE_IMAGE = re.compile(r"^(\d+)_(training|test)\.(tif|tiff)$", re.IGNORECASE)
 MASK_SUFFIXES = ("", "_mask", "_label", "_manual1")
@@ -147,9 +148,9 @@ register_phantom(
 def load_vessel_datalist(
     dataset_dir: str | os.PathLike,
     split: str = "train",
-    val_fraction: float = 0.25,
+    val_fraction: Fraction = 0.25,
     phantom_if_missing: bool = False,
-    min_shape: list[int] | None = None,
+    min_shape: PositiveSize | None = None,
 ) -> list[dict]:
     """The items (paths) of one split (``train``, ``val``, ``test`` or ``all``) of the vessel dataset in
     ``dataset_dir``; ``min_shape`` (the training patch) is checked against every image's header."""

@@ -33,6 +33,7 @@ from clinseg.datasets.layouts import (
 from clinseg.datasets.oct.duke import bscan_items, duke_items
 from clinseg.datasets.oct.phantom import write_phantom_dataset
 from clinseg.datasets.oct.via import via_items
+from clinseg.datasets.value_types import Fraction
 
 IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
 LABEL_SUFFIXES = ("", "_label", "_labels", "_mask", "_seg", "_gt")
@@ -134,7 +135,7 @@ def load_oct_datalist(
     dataset_dir: str | os.PathLike,
     split: str = "train",
     class_names: list[str] | None = None,
-    val_fraction: float = 0.2,
+    val_fraction: Fraction = 0.2,
     grader: int = 1,
     phantom_if_missing: bool = False,
 ) -> list[dict]:

@@ -1,0 +1,23 @@
+"""Annotated value types for the parameters users set in bundle configs.
+
+The config checks (:mod:`clinseg.pipelines.config_checks`) validate a config value against the annotation of the
+parameter it is passed to, so a range or a list of choices is written once, here or beside the constant that
+holds the choices (``Literal[tuple(WINDOW_PRESETS)]``), and nowhere else.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Annotated
+
+from annotated_types import Ge, Gt, Le, Lt
+
+PositiveInt = Annotated[int, Gt(0)]
+NonNegativeInt = Annotated[int, Ge(0)]
+PositiveFloat = Annotated[float, Gt(0)]
+NonNegativeFloat = Annotated[float, Ge(0)]
+Fraction = Annotated[float, Gt(0), Lt(1)]  # a share of something, strictly between none and all
+Rate = Annotated[float, Gt(0), Le(1)]
+Probability = Annotated[float, Ge(0), Le(1)]
+PositiveSize = Sequence[PositiveInt]  # one positive extent per spatial axis
+PositiveSpacing = Sequence[PositiveFloat]
