@@ -14,7 +14,9 @@ folder should stop a run before hours of training, not after); the config checks
 
 from __future__ import annotations
 
+import argparse
 import errno
+import functools
 import json
 import os
 import re
@@ -22,6 +24,7 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 
 from clinseg.datasets.errors import DataError, InputError
@@ -202,3 +205,28 @@ def require_writable_dir(path: str | os.PathLike, what: str) -> str:
     except OSError as e:
         raise DataError(path, f"{what} cannot be created or written ({e.strerror or e}).") from e
     return path
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """``argparse`` under the error contract: a wrong argument is one line and exit status 1, not the usage text
+    and status 2 (``--help`` still prints the usage)."""
+
+    def error(self, message: str):
+        print(f"error: {self.prog}: {message} (see --help).", file=sys.stderr)
+        raise SystemExit(1)
+
+
+def entry_point(main: Callable[..., int]) -> Callable[..., int]:
+    """Wrap a command's ``main(argv)`` in the error contract: any error it raises is reported by
+    :func:`report_error` (one line; an internal error's traceback saved) and the status is 1."""
+
+    @functools.wraps(main)
+    def wrapped(*args, **kwargs) -> int:
+        try:
+            return main(*args, **kwargs)
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except Exception as error:  # noqa: BLE001 - every error ends in the contract's one line
+            return report_error(error)
+
+    return wrapped

@@ -8,7 +8,6 @@ so the demo proves the same commands the README documents. At the end it prints 
 
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
@@ -16,6 +15,7 @@ import time
 from pathlib import Path
 
 from clinseg.datasets.oct.phantom import write_phantom_dataset, write_png_bscans
+from clinseg.pipelines import cli
 from clinseg.pipelines.tracking import DEFAULT_STORE, REPO_ROOT, default_tracking_uri, unique_run_name
 
 BUNDLE = "oct_layers"
@@ -31,8 +31,9 @@ def bundle_run(run_id: str, configs: list[str], **overrides) -> None:
     print(f"({run_id} took {time.perf_counter() - started:.0f} s)", flush=True)
 
 
+@cli.entry_point
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = cli.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=8, help="training epochs (the bundle default is 40)")
     args = parser.parse_args(argv)
 

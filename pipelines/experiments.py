@@ -12,7 +12,6 @@ The MLflow UI stays the main place to look; these commands serve terminals, scri
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import math
@@ -30,6 +29,7 @@ import mlflow
 from mlflow.exceptions import MlflowException
 
 from clinseg.datasets.errors import InputError
+from clinseg.pipelines import cli
 from clinseg.pipelines.tracking import REPO_ROOT, default_tracking_uri, unique_run_name
 
 KEY_METRICS = {"oct_layers": "val_mean_dice", "vessels": "val_f1"}
@@ -353,8 +353,9 @@ def fetch(args) -> int:
     return 0
 
 
+@cli.entry_point
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = cli.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tracking_uri", default=None)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("compare", help="table (and plot) of a bundle's training runs")

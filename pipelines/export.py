@@ -17,7 +17,6 @@ and the exported network agree.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -27,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from clinseg.datasets.errors import DataError
+from clinseg.pipelines import cli
 from clinseg.pipelines.cli import parse_overrides
 from clinseg.pipelines.paths import PROJECT_ROOT as REPO_ROOT
 
@@ -120,8 +121,9 @@ def compare(bundle: str, checkpoint: Path, torchscript: Path, overrides: dict) -
     }
 
 
+@cli.entry_point
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = cli.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("bundle", help="bundle name (ct_heart, vessels, oct_layers) or a bundle folder")
     parser.add_argument("--checkpoint", default=None, help="default: <bundle>/models/model.pt")
     parser.add_argument("--out", default=None, help="default: <bundle>/models/model.ts")
@@ -131,8 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     paths = bundle_paths(args.bundle)
     checkpoint = Path(args.checkpoint or paths["root"] / "models" / "model.pt")
     if not checkpoint.is_file():
-        print(f"error: {checkpoint}: does not exist; train the bundle first or pass --checkpoint.", file=sys.stderr)
-        return 2
+        raise DataError(checkpoint, "does not exist.", "Train the bundle first or pass --checkpoint.")
     out = Path(args.out or paths["root"] / "models" / "model.ts")
     overrides = parse_overrides(args.override)
     started = time.perf_counter()

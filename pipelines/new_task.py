@@ -21,13 +21,13 @@ use, so it runs at once.
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import shutil
 import sys
 from pathlib import Path
 
+from clinseg.pipelines import cli
 from clinseg.pipelines.paths import PROJECT_ROOT
 
 TEMPLATES = {
@@ -184,8 +184,9 @@ def new_task(
     return target
 
 
+@cli.entry_point
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = cli.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("name", help="the new bundle's name (its folder, MLflow experiment and Zoo name)")
     parser.add_argument("--from", dest="template", required=True, choices=sorted(TEMPLATES))
     parser.add_argument("--classes", default=None, help="class names, background first: background,lesion")

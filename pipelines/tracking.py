@@ -142,7 +142,6 @@ _NOT_PARAMS = {
     "inferring",
     "run",
     "finalize",
-    "parameter_kinds",
 }
 # where a run writes and how it is named: different for every run, so never a difference worth comparing (the run's
 # tags and artifacts record them)
