@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import math
 import os
 import re
 import uuid
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -35,31 +36,250 @@ def split_by_group(items: list[dict], split: str, val_fraction: float, group_key
     return [item for item in items if (item[group_key] in val_groups) == (split == "val")]
 
 
-def atomic_write(path: str | os.PathLike, write) -> Path:
+# operating-system failures of a write that are the environment's (a full disk, a quota, no permission, a read-only
+# mount, a file where a folder is expected): reported as a DataError naming the file that could not be written
+WRITE_ERRNOS = {
+    errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EACCES, errno.EPERM, errno.EROFS, errno.EISDIR, errno.ENOTDIR,
+    errno.ENOENT, errno.EEXIST, errno.ENAMETOOLONG, errno.EMFILE, errno.ENFILE, errno.EIO,
+}  # fmt: skip
+# a file system with less free than this (to an unprivileged user) is full: a write that runs out of space fills it
+# to its last block before it fails
+FULL_BELOW_BYTES = 2**20
+# appended to the temporary file of a write that failed without saying why (torch.save), to ask the file system
+PROBE_BYTES = 64 * 2**10
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> Path:
     """Call ``write(tmp)`` on a hidden temporary file beside ``path``, then rename it onto ``path``: a reader never
     sees a half-written file under the final name, and a failed write leaves the previous file intact. The temporary
-    name ends with ``path``'s own name, so writers that choose the format from the suffix (nibabel) still do."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    name ends with ``path``'s own name, so writers that choose the format from the suffix (nibabel) still do.
+
+    Raises:
+        DataError: naming ``path`` (never the temporary file) and the cause, when the environment refuses the write:
+            no space left, a quota, no permission, a read-only file system, a file where a folder is expected, a
+            folder under the file's name. A writer that loses the reason (``torch.save`` raises a ``RuntimeError``
+            without an errno) is asked after: the free space on the file system right after the failure, then a
+            small write to the temporary file. Any other failure is re-raised as it is. The temporary file is
+            removed in every case.
+    """
+    return atomic_write_all([(path, write)])[0]
+
+
+def atomic_write_all(writes: Sequence[tuple[str | os.PathLike, Callable[[Path], object]]]) -> list[Path]:
+    """:func:`atomic_write` for files that belong together (the results of one case): every ``write(tmp)`` is done on
+    its own temporary file first, and the files are renamed into place only once all are written, so a failure leaves
+    none of them and every earlier file under their names intact (one already renamed when a later rename fails gets
+    its earlier version back). Returns the final paths.
+
+    Raises:
+        DataError: as :func:`atomic_write`, naming the file whose write failed.
+    """
+    targets = [Path(path) for path, _ in writes]
+    for path in targets:
+        if path.is_dir():  # the rename would refuse it, but only after every file is written
+            raise DataError(path, "cannot be written: a folder of that name is in the way.")
+    staged: list[tuple[Path, Path]] = []
+    try:
+        for path, (_, write) in zip(targets, writes, strict=True):
+            staged.append((_stage(path, write), path))
+        _commit(staged)
+    finally:
+        for tmp, _ in staged:
+            _remove(tmp)
+    return targets
+
+
+def _stage(path: Path, write: Callable[[Path], object]) -> Path:
+    """``write`` done on a new temporary file beside ``path``; returns its name. Removed when the write fails."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        error = write_error(path, e)
+        if error is None:
+            raise
+        raise error from e
     tmp = path.with_name(f".tmp{os.getpid()}-{uuid.uuid4().hex[:8]}.{path.name}")
     try:
-        write(tmp)
-        os.replace(tmp, path)
+        try:
+            with open(tmp, "xb"):  # made here, so that a refused creation keeps its reason (writers may lose it)
+                pass
+            write(tmp)
+        except Exception as e:
+            error = write_error(path, e, tmp)  # asked before the temporary file, which holds the space, is removed
+            if error is None:
+                raise
+            raise error from e
+    except BaseException:
+        _remove(tmp)
+        raise
+    return tmp
+
+
+def _commit(staged: list[tuple[Path, Path]]) -> None:
+    """Rename each temporary file onto its final name. When a rename fails, the files renamed before it get their
+    earlier versions back (kept meanwhile as hard links, for a set of several files) or, if they had none, are
+    removed."""
+    renamed: list[tuple[Path, Path | None]] = []
+    try:
+        for tmp, path in staged:
+            earlier = _link_earlier(path) if len(staged) > 1 else None
+            try:
+                os.replace(tmp, path)
+            except OSError as e:
+                if earlier is not None:
+                    _remove(earlier)
+                for done, kept in reversed(renamed):
+                    try:
+                        os.replace(kept, done) if kept is not None else done.unlink()
+                    except OSError as undo:
+                        logger.warning(f"{done} could not be put back after a failed write ({undo.strerror or undo})")
+                renamed = []
+                error = write_error(path, e)
+                if error is None:
+                    raise
+                raise error from e
+            renamed.append((path, earlier))
     finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+        for _, kept in renamed:
+            if kept is not None:
+                _remove(kept)
 
 
-def save_nifti(path: str | os.PathLike, array, affine) -> Path:
-    """Write a NIfTI volume atomically (temporary file renamed into place), with ``affine`` as both qform and sform
-    (scanner space)."""
+def _link_earlier(path: Path) -> Path | None:
+    """A hard link to the file now under ``path``, if there is one and the file system makes links; else None."""
+    if not path.is_file():
+        return None
+    link = path.with_name(f".prev{os.getpid()}-{uuid.uuid4().hex[:8]}.{path.name}")
+    try:
+        os.link(path, link)
+    except OSError:
+        return None
+    return link
+
+
+def _remove(path: Path) -> None:
+    if not os.path.lexists(path):  # never made (a read-only folder answers an unlink with EROFS, not ENOENT)
+        return
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        logger.warning(f"the temporary file {path} could not be removed ({e.strerror or e})")
+
+
+def write_error(path: str | os.PathLike, error: BaseException, tmp: Path | None = None) -> DataError | None:
+    """The :class:`DataError` for a failed write of ``path``, if the environment refused it, else None.
+
+    The reason is an ``OSError`` with one of :data:`WRITE_ERRNOS` in ``error``'s cause chain. A ``RuntimeError``
+    or an ``OSError`` without an errno (``torch.save`` on a full disk) is looked into when the temporary file
+    ``tmp`` is given, before it is removed: a file system with less than :data:`FULL_BELOW_BYTES` free is full;
+    otherwise :data:`PROBE_BYTES` appended to ``tmp`` (and synced) say whether the file system refuses writes and
+    why (a quota, a read-only remount). No reason found: None, and the caller re-raises ``error``.
+    """
+    path = Path(path)
+    found = _os_error_in_chain(error)
+    if found is None and tmp is not None and isinstance(error, (RuntimeError, OSError)):
+        free = free_bytes(tmp.parent)
+        if free is not None and free < FULL_BELOW_BYTES:
+            found = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        else:
+            found = _probe(tmp)
+    if found is None:
+        return None
+    return DataError(path, f"cannot be written: {_cause(path, found)}.")
+
+
+def _os_error_in_chain(error: BaseException | None) -> OSError | None:
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, OSError) and error.errno in WRITE_ERRNOS:
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def _probe(tmp: Path) -> OSError | None:
+    try:
+        with open(tmp, "ab") as file:
+            file.write(bytes(PROBE_BYTES))
+            file.flush()
+            os.fsync(file.fileno())
+    except OSError as e:
+        return e if e.errno in WRITE_ERRNOS else None
+    return None
+
+
+def free_bytes(folder: str | os.PathLike) -> int | None:
+    """The space an unprivileged user may still write on ``folder``'s file system; None if it cannot be read."""
+    try:
+        stat = os.statvfs(folder)
+    except OSError:
+        return None
+    return stat.f_bavail * stat.f_frsize
+
+
+def mount_point(path: str | os.PathLike) -> Path:
+    """The mount point of the file system holding ``path`` (of its nearest existing folder), bind mounts included."""
+    path = Path(os.path.realpath(path))
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    try:
+        mounts = [
+            Path(re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), line.split()[4]))
+            for line in Path("/proc/self/mountinfo").read_text().splitlines()
+        ]
+        return max((m for m in mounts if m == path or m in path.parents), key=lambda m: len(m.parts))
+    except (OSError, IndexError, ValueError):
+        while not os.path.ismount(path) and path != path.parent:
+            path = path.parent
+        return path
+
+
+def _cause(path: Path, error: OSError) -> str:
+    """``error``, the reason ``path`` could not be written, in words."""
+    code = error.errno
+    if code == errno.ENOSPC:
+        free = free_bytes(_existing_folder(path))
+        free = f"{free / 2**20:.1f} MiB free" if free is not None else "free space unknown"
+        return f"no space left on device ({free} on {mount_point(path)})"
+    if code == errno.EDQUOT:
+        return f"disk quota exceeded (on {mount_point(path)})"
+    if code == errno.EFBIG:
+        return f"file too large for the file system on {mount_point(path)}"
+    if code == errno.EROFS:
+        return f"read-only file system ({mount_point(path)} is mounted read-only)"
+    if code in (errno.EACCES, errno.EPERM):
+        return f"permission denied (writing in {_existing_folder(path)})"
+    if code == errno.EISDIR:
+        return "a folder of that name is in the way"
+    if code in (errno.ENOTDIR, errno.EEXIST):
+        blocker = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
+        if blocker is not None:
+            return f"{blocker} is a file, not a folder"
+    return (error.strerror or str(error)).lower()
+
+
+def _existing_folder(path: Path) -> Path:
+    return next((p for p in path.parents if p.is_dir()), Path("/"))
+
+
+def nifti_writer(array, affine) -> Callable[[Path], object]:
+    """What writes ``array`` as a NIfTI volume to the file it is given (format from its suffix), with ``affine`` as
+    both qform and sform (scanner space)."""
     import nibabel as nib
 
     image = nib.Nifti1Image(array, np.asarray(affine, dtype=np.float64))
     image.set_qform(image.affine, code=1)
     image.set_sform(image.affine, code=1)
-    return atomic_write(path, lambda tmp: nib.save(image, tmp))
+    return lambda tmp: nib.save(image, tmp)
+
+
+def save_nifti(path: str | os.PathLike, array, affine) -> Path:
+    """Write a NIfTI volume atomically (temporary file renamed into place), with ``affine`` as both qform and sform
+    (scanner space)."""
+    return atomic_write(path, nifti_writer(array, affine))
 
 
 def check_size_limit(

@@ -25,7 +25,8 @@ def loss_from_output(output, key: str = "loss") -> float:
 
 
 class LossProgressBar(ProgressBar):
-    """ignite's tqdm progress bar, showing the running loss if ``loss_key`` is set.
+    """ignite's tqdm progress bar, showing the running loss if ``loss_key`` is set, whose line is ended when the run
+    fails mid-epoch (before the error is printed).
 
     Bundle handler lists can only call ``attach(engine)``, so the output transform is chosen here.
     """
@@ -43,6 +44,23 @@ class LossProgressBar(ProgressBar):
                 return {key: loss_from_output(output, key)}
 
         super().attach(engine, metric_names=metric_names, output_transform=output_transform, **kwargs)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._close_after_last_iteration)
+        engine.add_event_handler(Events.EXCEPTION_RAISED, self._end_line)
+
+    def _close_after_last_iteration(self, engine: Engine) -> None:
+        # the bar's line ends with the epoch's last iteration, before the epoch's handlers run (validation, saves):
+        # an error they raise is printed on a line of its own
+        length = engine.state.epoch_length
+        if length and engine.state.iteration % length == 0:
+            self._close(engine)
+
+    def _end_line(self, engine: Engine, error: BaseException) -> None:
+        """A run that fails mid-epoch: the bar's line is ended as it stands (not filled to 100 %), so the error's
+        one line is printed on a line of its own; the error then goes on."""
+        if self.pbar is not None:
+            self.pbar.close()
+            self.pbar = None
+        raise error
 
 
 class EpochSummary:
@@ -202,7 +220,12 @@ class AtomicDiskSaver(BaseSaveHandler):
     during a save leaves the previous checkpoint intact, never a truncated one. ignite asks to remove the file a
     new checkpoint replaces *before* writing it; the removal is deferred until the new file is in place (and never
     hits the file just written, when the name is fixed). Files get the usual permissions (MONAI's own saver writes
-    in place, because ignite's atomic mode leaves files readable by their owner only)."""
+    in place, because ignite's atomic mode leaves files readable by their owner only).
+
+    A save the environment refuses (a full disk, where ``torch.save`` loses the reason, a quota, a read-only or
+    unwritable folder) raises a ``DataError`` naming the checkpoint and the cause
+    (:func:`clinseg.datasets.io.atomic_write`); the checkpoints saved before it are kept, the one it would have
+    replaced included, and no temporary file is left."""
 
     def __init__(self, saver):
         self.saver = saver  # MONAI's disk saver, whose folder and fixed file name are kept

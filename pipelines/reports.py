@@ -1,27 +1,34 @@
 """What a person looks at: colour overlays, learning curves, and per-class metric summaries.
 
 Every file is written to a temporary name and renamed, so an interrupted run never leaves a half-written
-picture or JSON under the real name.
+picture or JSON under the real name; the files of one case are renamed together, once all are written
+(:func:`clinseg.datasets.io.atomic_write_all`), so a failed case leaves none of them. A write the environment refuses
+(a full disk, no permission, a read-only folder, a file where a folder is expected) ends in a ``DataError`` naming
+the file and the cause.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
 import os
-from collections.abc import Hashable, Mapping, Sequence
+import shutil
+import uuid
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 from ignite.engine import Engine, Events
 from monai.config import KeysCollection
+from monai.handlers import MetricsSaver
 from monai.transforms import MapTransform
 from PIL import Image
 
 from clinseg.datasets.errors import DataError
-from clinseg.datasets.io import RESERVED_RESULT_NAMES, atomic_write, save_nifti
+from clinseg.datasets.io import RESERVED_RESULT_NAMES, atomic_write, atomic_write_all, nifti_writer, write_error
 
 logger = logging.getLogger(__name__)
 
@@ -41,8 +48,22 @@ DEFAULT_PALETTE = (
 )
 
 
+def json_writer(content):
+    """What writes ``content`` as JSON to the file it is given; the text is made now, so only the write can fail."""
+    text = json.dumps(content, indent=2, default=_json_default)
+    return lambda tmp: tmp.write_text(text)
+
+
+def png_writer(array: np.ndarray):
+    """What writes ``array`` as a PNG to the file it is given (encoded by then, so only the write can fail)."""
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    data = buffer.getvalue()
+    return lambda tmp: tmp.write_bytes(data)
+
+
 def atomic_write_json(path: str | os.PathLike, content) -> Path:
-    return atomic_write(path, lambda tmp: tmp.write_text(json.dumps(content, indent=2, default=_json_default)))
+    return atomic_write(path, json_writer(content))
 
 
 def _json_default(value):
@@ -52,7 +73,7 @@ def _json_default(value):
 
 
 def save_png(path: str | os.PathLike, array: np.ndarray) -> Path:
-    return atomic_write(path, lambda tmp: Image.fromarray(array).save(tmp, format="PNG"))
+    return atomic_write(path, png_writer(array))
 
 
 def to_numpy(x) -> np.ndarray:
@@ -158,9 +179,10 @@ def plot_learning_curves(history: Mapping[str, list[tuple[int, float]]], path: s
     axes[1].legend(fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
-    path = atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
-    plt.close(fig)
-    return path
+    try:
+        return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+    finally:
+        plt.close(fig)
 
 
 class EvaluationReport:
@@ -272,10 +294,36 @@ class EvaluationReport:
             logger.info(f"metrics of {n_images} images (written to {path}):\n{format_table(report)}")
 
 
+class AtomicMetricsSaver(MetricsSaver):
+    """MONAI's ``MetricsSaver`` (same arguments) whose tables are written into a hidden folder beside them, then
+    renamed into ``save_dir`` together once all are written: a failed write leaves none of them (and the earlier
+    tables intact), and a write the environment refuses is a ``DataError`` naming the table being written."""
+
+    def __call__(self, engine: Engine) -> None:
+        final_dir = Path(self.save_dir)
+        staging = final_dir / f".tmp{os.getpid()}-{uuid.uuid4().hex[:8]}.tables"
+        self.save_dir = str(staging)
+        try:
+            try:
+                super().__call__(engine)
+            except OSError as e:  # MONAI's plain open(): a full disk's error names no file
+                written = sorted(staging.iterdir(), key=lambda p: p.stat().st_mtime_ns) if staging.is_dir() else []
+                target = final_dir / written[-1].name if written else final_dir
+                error = write_error(target, e, written[-1] if written else None)
+                if error is None:
+                    raise
+                raise error from e
+            tables = sorted(staging.iterdir()) if staging.is_dir() else []
+            atomic_write_all([(final_dir / table.name, lambda tmp, t=table: os.replace(t, tmp)) for table in tables])
+        finally:
+            self.save_dir = str(final_dir)
+            shutil.rmtree(staging, ignore_errors=True)
+
+
 class EvaluationOutputs:
     """The files of an evaluation run: the per-class report with an overlay of every image
-    (:class:`EvaluationReport`, rank 0) and MONAI's metric tables (``MetricsSaver``: summaries and per-image
-    ``*_raw.csv``, gathered across ranks, so attached on every rank)."""
+    (:class:`EvaluationReport`, rank 0) and MONAI's metric tables (:class:`AtomicMetricsSaver`: summaries and
+    per-image ``*_raw.csv``, gathered across ranks, so attached on every rank)."""
 
     def __init__(
         self,
@@ -284,8 +332,6 @@ class EvaluationOutputs:
         palette: Sequence[Sequence[int]] | None = None,
         pixel_size_um: float | None = None,
     ):
-        from monai.handlers import MetricsSaver
-
         from clinseg.pipelines.workflow import is_rank_zero
 
         self.report = None
@@ -293,7 +339,7 @@ class EvaluationOutputs:
             self.report = EvaluationReport(
                 output_dir, class_names, num_overlays=-1, palette=palette, pixel_size_um=pixel_size_um, print_table=True
             )
-        self.tables = MetricsSaver(
+        self.tables = AtomicMetricsSaver(
             save_dir=output_dir,
             metrics="*",
             metric_details="*",
@@ -337,9 +383,13 @@ class ResultLedger:
     exist, not the inputs it was given, and no case overwrites another's results.
 
     A writer calls :meth:`claim` before writing a case (a second case of the same name, compared ignoring case, is
-    refused before any of its files is written) and :meth:`record` after. :meth:`write_summary`, called once the
-    run is over (``"$print(@results_writer.write_summary(@datalist, 'masks'))"`` in a config), writes
-    ``<output_dir>/inference_summary.json`` and returns the one-line account to print.
+    refused before any of its files is written), writes the case's files with :meth:`write_case` (all or none: a
+    write that fails leaves none of them, the earlier files under their names intact, and ends the run with a
+    ``DataError`` naming the file) and calls :meth:`record` once they are in place, so a case whose write failed is
+    never counted as written. :meth:`write_summary`, called once the run is over
+    (``"$print(@results_writer.write_summary(@datalist, 'masks'))"`` in a config), writes
+    ``<output_dir>/inference_summary.json`` and returns the one-line account to print; a run that fails before
+    writes none (an earlier run's summary in the folder is left as it was).
     """
 
     output_dir: Path
@@ -358,6 +408,10 @@ class ResultLedger:
                 f"{name!r}).",
                 "Give the inputs distinct names; data lists built with clinseg.datasets.io.unique_ids never collide.",
             )
+
+    def write_case(self, files: Mapping[str, Callable[[Path], object]]) -> list[Path]:
+        """Write a case's files (names in :attr:`output_dir`, each with its writer) together: all or none."""
+        return atomic_write_all([(self.output_dir / name, write) for name, write in files.items()])
 
     def record(self, case: dict) -> None:
         self._ledger()[str(case["id"]).casefold()] = case
@@ -442,11 +496,13 @@ class SaveSegmentationd(MapTransform, ResultLedger):
             name = str(d.get(self.id_key, "image"))
             source = str(d.get("source", d.get("image_path", name)))
             self.claim(name, source)
-            save_png(self.output_dir / f"{name}_seg.png", label_map.astype(np.uint8))
-            save_png(self.output_dir / f"{name}_overlay.png", overlay(d[self.image_key], label_map, self.palette))
+            files = {
+                f"{name}_seg.png": png_writer(label_map.astype(np.uint8)),
+                f"{name}_overlay.png": png_writer(overlay(d[self.image_key], label_map, self.palette)),
+            }
             if self.prob_key and self.prob_key in d:
                 probability = to_numpy(d[self.prob_key])[-1] * inside
-                save_png(self.output_dir / f"{name}_prob.png", (np.clip(probability, 0, 1) * 255).astype(np.uint8))
+                files[f"{name}_prob.png"] = png_writer((np.clip(probability, 0, 1) * 255).astype(np.uint8))
             n_inside = max(int(inside.sum()), 1)
             summary = {
                 "id": name,
@@ -469,11 +525,11 @@ class SaveSegmentationd(MapTransform, ResultLedger):
                 summary["mean_thickness_px"] = thickness
                 if self.pixel_size_um:
                     summary["mean_thickness_um"] = {k: v * self.pixel_size_um for k, v in thickness.items()}
-            atomic_write_json(self.output_dir / f"{name}.json", summary)
-            files = [f"{name}_seg.png", f"{name}_overlay.png", f"{name}.json"]
-            if self.prob_key and self.prob_key in d:
-                files.insert(2, f"{name}_prob.png")
-            self.record({"id": name, "source": source, "original_id": summary.get("original_id", name), "files": files})
+            files[f"{name}.json"] = json_writer(summary)
+            self.write_case(files)
+            self.record(
+                {"id": name, "source": source, "original_id": summary.get("original_id", name), "files": list(files)}
+            )
         return d
 
 
@@ -591,16 +647,19 @@ class SaveVolumeSegmentationd(MapTransform, ResultLedger):
             if assumed:  # the volumes below rest on a spacing the user gave, not on the file's own geometry
                 summary["geometry_assumed"] = assumed
             views = orthogonal_views(d[self.image_key], label_map, self.palette, affine)
-            save_nifti(self.output_dir / f"{name}_{self.postfix}.nii.gz", label_map, affine)
-            save_png(self.output_dir / f"{name}_views.png", views)
-            atomic_write_json(self.output_dir / f"{name}.json", summary)
+            files = {
+                f"{name}_{self.postfix}.nii.gz": nifti_writer(label_map, affine),
+                f"{name}_views.png": png_writer(views),
+                f"{name}.json": json_writer(summary),
+            }
+            self.write_case(files)
             self.record(
                 {
                     "id": name,
                     "source": source,
                     "original_id": summary.get("original_id", name),
                     **({"geometry_assumed": assumed} if assumed else {}),
-                    "files": [f"{name}_{self.postfix}.nii.gz", f"{name}_views.png", f"{name}.json"],
+                    "files": list(files),
                 }
             )
             logger.info(
