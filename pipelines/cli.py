@@ -125,6 +125,7 @@ def report_error(error: BaseException) -> int:
 
     An internal error's full traceback is saved (:func:`save_traceback`) and its path printed on the same line;
     ``PIPELINE_TRACEBACK=1`` prints the traceback as well, for every kind."""
+    _close_progress_bars()
     if os.environ.get("PIPELINE_TRACEBACK"):
         traceback.print_exception(type(error), error, error.__traceback__, file=sys.stderr)
     line, user_side = describe_error(error)
@@ -134,6 +135,16 @@ def report_error(error: BaseException) -> int:
         line = f"{line} ({where}; set PIPELINE_TRACEBACK=1 to print it)"
     print(line, file=sys.stderr)
     return 1
+
+
+def _close_progress_bars() -> None:
+    """End any open progress bar's line, so that the error line starts a line of its own."""
+    tqdm = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", None) or []):
+        try:
+            bar.close()
+        except Exception:  # noqa: BLE001 - reporting an error must not raise another
+            pass
 
 
 _INSTANTIATE_FAILURE = re.compile(r"^Failed to instantiate component '(?P<target>[^']+)'")
@@ -203,7 +214,11 @@ def require_writable_dir(path: str | os.PathLike, what: str) -> str:
         with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
             pass
     except OSError as e:
-        raise DataError(path, f"{what} cannot be created or written ({e.strerror or e}).") from e
+        from clinseg.datasets.io import write_error
+
+        refused = write_error(path, e)  # "is a file, not a folder", "is mounted read-only", ...
+        cause = refused.problem.removeprefix("cannot be written: ").rstrip(".") if refused else e.strerror or e
+        raise DataError(path, f"{what} cannot be created or written ({cause}).") from e
     return path
 
 
