@@ -114,10 +114,17 @@ def describe_error(error: BaseException) -> tuple[str, bool]:
     refused = refused_override(error)
     if refused is not None:
         return f"error: {refused}", True
-    return (
-        f"internal error: {type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}",
-        False,
-    )
+    origin = _origin(error)  # the error itself, not MONAI's "Failed to evaluate ..." wrapped around it
+    message = str(origin).strip().splitlines()
+    return f"internal error: {type(origin).__name__}: {message[0] if message else ''}", False
+
+
+def _origin(error: BaseException) -> BaseException:
+    seen = {id(error)}
+    while error.__cause__ is not None and id(error.__cause__) not in seen:
+        error = error.__cause__
+        seen.add(id(error))
+    return error
 
 
 def report_error(error: BaseException) -> int:
