@@ -14,6 +14,7 @@ from clinseg.pipelines import cli
 
 _SUBMODULES = (
     "checkpoints",
+    "config_checks",
     "export",
     "handlers",
     "inferers",
@@ -21,6 +22,7 @@ _SUBMODULES = (
     "metrics",
     "paths",
     "reports",
+    "runs",
     "tracking",
     "workflow",
 )

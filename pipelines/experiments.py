@@ -5,6 +5,7 @@
         [--set train#trainer#max_epochs=5] [--sample N]
     python -m clinseg.pipelines.experiments register RUN_ID [--name oct_layers] [--alias champion]
     python -m clinseg.pipelines.experiments fetch oct_layers champion --out /tmp/oct_layers_v1
+    python -m clinseg.pipelines.experiments promote oct_layers RUN_NAME [--bundle_root bundles/oct_layers]
 
 The store is ``MLFLOW_TRACKING_URI`` if set, else the project's ``mlruns/mlflow.db`` (``--tracking_uri`` wins).
 The MLflow UI stays the main place to look; these commands serve terminals, scripts and reports.
@@ -316,6 +317,30 @@ def register(args) -> int:
     return 0
 
 
+def promote(args) -> int:
+    """Make a training run's model the bundle's ``models/model.pt``, on request (:func:`clinseg.pipelines.runs.promote`
+    with ``force``), and tag the run in MLflow."""
+    from clinseg.pipelines import runs
+
+    bundle = checked_bundle(args.bundle, "bundle")
+    root = Path(args.bundle_root) if args.bundle_root else REPO_ROOT / "bundles" / bundle
+    name = runs.check_run_name(args.run)
+    folder = runs.runs_dir(root) / name
+    if not folder.is_dir():
+        known = ", ".join(sorted(p.parents[1].name for p in runs.runs_dir(root).glob("*/models/model.pt"))[-5:])
+        where = runs.runs_dir(root).resolve()
+        raise InputError(f"run {name!r}", f"is not a run in {where}; runs with a model: {known or 'none'}.")
+    decision = runs.promote(folder / "models", root / "models", force=True)
+    run_id = decision["candidate"].get("training_run_id")
+    if run_id:
+        try:
+            client_for(args.tracking_uri).set_tag(run_id, "promoted", "on request")
+        except MlflowException as e:  # the promotion stands; only its note in the store is missing
+            print(f"warning: could not tag MLflow run {run_id}: {e.message[:200]}", file=sys.stderr)
+    print(f"promoted {folder / 'models' / 'model.pt'} to {root / 'models' / 'model.pt'}")
+    return 0
+
+
 def fetch(args) -> int:
     """Turn a registered version (number or alias) back into a runnable bundle folder."""
     client = client_for(args.tracking_uri)
@@ -382,6 +407,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--name", help="registered model name (default: the run's bundle)")
     p.add_argument("--alias")
     p.set_defaults(func=register)
+    p = sub.add_parser("promote", help="make a training run's model the bundle's models/model.pt")
+    p.add_argument("bundle")
+    p.add_argument("run", help="the run's name (its folder under <bundle_root>/outputs/)")
+    p.add_argument("--bundle_root", help="default: bundles/<bundle>")
+    p.set_defaults(func=promote)
     p = sub.add_parser("fetch", help="download a registered version as a runnable bundle folder")
     p.add_argument("name")
     p.add_argument("version", help="version number or alias")

@@ -126,14 +126,22 @@ def run_training(
     early_stop,
     validator: Engine,
     ckpt_dir: str,
-    resume: bool = False,
+    resume: bool | str | None = None,
     time_limit_s: NonNegativeFloat = 0,
+    promote_to: str | None = None,
+    key_metric: str | None = None,
+    validation_fingerprint: str | None = None,
+    bundle_name: str | None = None,
 ) -> None:
-    """Run ``trainer`` as every bundle does; ``models/model.pt`` exists afterwards whatever the validation interval.
+    """Run ``trainer`` as every bundle does. Afterwards the run's own ``ckpt_dir`` holds ``model.pt`` whatever the
+    validation interval, described by ``model.json``, and that model is promoted to ``promote_to`` (the bundle's
+    ``models/``) when it beats the model in place on the same validation data (:mod:`clinseg.pipelines.runs`).
 
     ``model.pt`` is the best validated model (written by the validation's best-model saver). When this training
     ran no validation at all (``max_epochs`` below ``val_interval``), the final weights are written there instead,
-    so ``inferring``, evaluation and export work after any training."""
+    so ``inferring``, evaluation and export work after any training. ``resume``: continue from the newest latest
+    checkpoint in ``ckpt_dir`` (the resumed run's own folder, chosen by :func:`clinseg.pipelines.runs.run_name`)."""
+    from clinseg.pipelines import runs
     from clinseg.pipelines.handlers import resume_from_latest
 
     early_stop.set_trainer(trainer)
@@ -144,11 +152,31 @@ def run_training(
         trainer.add_event_handler(Events.ITERATION_COMPLETED, ignite.handlers.TimeLimit(int(time_limit_s)))
 
     def leave_a_model(engine: Engine) -> None:
-        # registered before the tracking handler's completion (attached at STARTED), so MLflow logs this file
-        model_file = Path(ckpt_dir) / "model.pt"
-        if is_rank_zero() and ((validator.state.iteration == 0 and not resumed) or not model_file.is_file()):
+        # registered before the tracking handler's completion (attached at STARTED), so MLflow logs these files
+        if not is_rank_zero():
+            return
+        model_file = Path(ckpt_dir) / runs.MODEL_FILE
+        validated = validator.state.iteration > 0 or bool(resumed)
+        if not validated or not model_file.is_file():
             path = save_final_model(engine.network, ckpt_dir)
             logger.info(f"no validation ran in this training: the final model is saved as {path}")
+        best = getattr(validator.state, "best_metric", None)
+        record = runs.write_run_record(
+            ckpt_dir,
+            {
+                "bundle": bundle_name,
+                "training_run_name": Path(ckpt_dir).resolve().parent.name,
+                "training_run_id": getattr(engine.state, "tracking_run_id", None),
+                "key_metric": key_metric,
+                "value": float(best) if validated and best is not None and best != -1 else None,
+                "epoch": getattr(validator.state, "best_metric_epoch", None) if validated else None,
+                "mode": "max",
+                "validation_fingerprint": validation_fingerprint,
+            },
+        )
+        if promote_to is not None and record is not None:
+            decision_file = Path(ckpt_dir).parent / "promotion.json"
+            engine.state.promotion = runs.promote(ckpt_dir, promote_to, decision_file=decision_file)
 
     trainer.add_event_handler(Events.COMPLETED, leave_a_model)
     trainer.run()

@@ -78,3 +78,10 @@ def run_bundle(run_id: str, config_files: list[str], overrides: dict, env: dict 
             f"{' '.join(command)} failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-8000:]}"
         )
     return result
+
+
+def run_models(bundle_root: Path) -> Path:
+    """The models folder of the one training run under ``bundle_root`` (``outputs/<run>/models``)."""
+    found = sorted(Path(bundle_root).glob("outputs/*/models"))
+    assert len(found) == 1, f"expected one training run under {bundle_root}, found {[str(f) for f in found]}"
+    return found[0]

@@ -12,7 +12,7 @@ from monai.bundle import ConfigParser
 
 from clinseg.datasets.errors import DataError
 from clinseg.pipelines.checkpoints import load_network_weights, shape_differences
-from tests.conftest import REPO_ROOT, run_bundle
+from tests.conftest import REPO_ROOT, run_bundle, run_models
 
 pytestmark = pytest.mark.filterwarnings("ignore:parsing config_file:UserWarning")
 OCT = REPO_ROOT / "bundles" / "oct_layers" / "configs"
@@ -65,7 +65,7 @@ def test_resume_onto_a_checkpoint_of_another_network_size_names_it(tmp_path, tin
     root = tmp_path / "b"
     overrides = {**TINY, "bundle_root": root, "dataset_dir": tiny_oct_dir, "train#trainer#max_epochs": 1}
     run_bundle("training", [str(OCT / "train.json")], overrides)
-    latest = next((root / "models").glob("latest_checkpoint_epoch=*.pt"))
+    latest = next(run_models(root).glob("latest_checkpoint_epoch=*.pt"))
     result = run_bundle(
         "training",
         [str(OCT / "train.json")],

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from clinseg.datasets.ct import read_volume, write_msd_dataset
-from tests.conftest import REPO_ROOT, run_bundle, shared_path
+from tests.conftest import REPO_ROOT, run_bundle, run_models, shared_path
 
 CONFIGS = REPO_ROOT / "bundles" / "ct_heart" / "configs"
 TRAIN = [str(CONFIGS / "train.json")]
@@ -59,7 +59,7 @@ def runs(uri, workflow):
 def test_training_tracks_mm_metrics_and_writes_checkpoints(trained):
     bundle, uri, _ = trained
     assert (bundle / "models" / "model.pt").is_file()
-    assert list((bundle / "models").glob("latest_checkpoint_epoch=2.pt"))
+    assert list(run_models(bundle).glob("latest_checkpoint_epoch=2.pt")), "the run keeps its checkpoints"
     client, (run,) = runs(uri, "train")
     assert run.info.status == "FINISHED"
     assert METRICS <= set(run.data.metrics)

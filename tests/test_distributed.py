@@ -11,7 +11,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from tests.conftest import OCT_BUNDLE, REPO_ROOT, run_bundle
+from tests.conftest import OCT_BUNDLE, REPO_ROOT, run_bundle, run_models
 
 CONFIGS = OCT_BUNDLE / "configs"
 TRAIN = [str(CONFIGS / "train.json")]
@@ -50,7 +50,8 @@ def test_two_process_training_equals_single_process_evaluation(tmp_path, tiny_oc
     overrides = {"bundle_root": bundle, "dataset_dir": tiny_oct_dir, **TINY, "train#trainer#max_epochs": 1}
     torchrun("training", TRAIN + [str(CONFIGS / "multi_gpu_train.json")], overrides, uri)
 
-    assert sorted(p.name for p in (bundle / "models").iterdir()) == ["latest_checkpoint_epoch=1.pt", "model.pt"]
+    assert sorted(p.name for p in run_models(bundle).iterdir()) == ["latest_checkpoint_epoch=1.pt", "model.json", "model.pt"]
+    assert (bundle / "models" / "model.pt").is_file(), "the first run's model is promoted"
     (train_run,) = runs(uri, "train")  # rank 0 alone tracks
     assert train_run.info.status == "FINISHED"
 
@@ -79,9 +80,9 @@ def test_two_process_training_resumes_from_its_latest_checkpoint(tmp_path, tiny_
 
     # the same job, asked for 3 epochs, continues from epoch 1 on both ranks
     result = torchrun("training", multi_gpu, {**overrides, "train#trainer#max_epochs": 3, "resume": True}, uri)
-    assert f"resuming from {bundle / 'models' / 'latest_checkpoint_epoch=1.pt'}" in result.stdout + result.stderr
-    models = sorted(p.name for p in (bundle / "models").iterdir())
-    assert models == ["latest_checkpoint_epoch=3.pt", "model.pt"], models
+    assert f"resuming from {run_models(bundle) / 'latest_checkpoint_epoch=1.pt'}" in result.stdout + result.stderr
+    models = sorted(p.name for p in run_models(bundle).iterdir())
+    assert models == ["latest_checkpoint_epoch=3.pt", "model.json", "model.pt"], models
     _, resumed = runs(uri, "train")
     assert resumed.data.tags["resumed_from_run"] == first.info.run_id
     resumed_steps = [m.step for m in client.get_metric_history(resumed.info.run_id, "train_loss")]

@@ -11,7 +11,7 @@ import time
 import mlflow
 import torch
 
-from tests.conftest import OCT_BUNDLE, REPO_ROOT, run_bundle
+from tests.conftest import OCT_BUNDLE, REPO_ROOT, run_bundle, run_models
 
 TRAIN = [str(OCT_BUNDLE / "configs" / "train.json")]
 
@@ -34,19 +34,20 @@ def test_killed_training_resumes_and_continues_its_history(tmp_path, tiny_oct_di
         command += [f"--{key}", str(value)]
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
     process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    checkpoint = bundle / "models" / "latest_checkpoint_epoch=2.pt"
     deadline = time.time() + 300
-    while not checkpoint.exists() and process.poll() is None and time.time() < deadline:
+    while not list(bundle.glob("outputs/*/models/latest_checkpoint_epoch=2.pt")) and process.poll() is None:
+        assert time.time() < deadline, "no checkpoint of epoch 2 in time"
         time.sleep(0.05)
     time.sleep(0.3)  # into epoch 3
     process.send_signal(signal.SIGKILL)  # no chance to record anything: the hardest interruption
     process.wait()
     # one latest checkpoint is kept: epoch 2's may already be replaced by epoch 3's when the kill lands
-    saved = sorted(p.name for p in (bundle / "models").glob("latest_checkpoint_epoch=*.pt"))
+    models = run_models(bundle)  # the run's own folder: outputs/<run name>/models
+    saved = sorted(p.name for p in models.glob("latest_checkpoint_epoch=*.pt"))
     assert saved and saved[-1] != "latest_checkpoint_epoch=1.pt", process.stderr.read().decode()[-3000:]
     killed_at = int(saved[-1].split("=")[1].split(".")[0])
     assert killed_at < 6, "the run was interrupted before its end"
-    state = torch.load(bundle / "models" / saved[-1], map_location="cpu", weights_only=False)
+    state = torch.load(models / saved[-1], map_location="cpu", weights_only=False)
     iterations_done = state["trainer"]["iteration"]
 
     client = mlflow.MlflowClient(uri)
@@ -54,8 +55,9 @@ def test_killed_training_resumes_and_continues_its_history(tmp_path, tiny_oct_di
     first_losses = client.get_metric_history(first.info.run_id, "train_loss")
 
     result = run_bundle("training", TRAIN, {**overrides, "resume": True}, env={"MLFLOW_TRACKING_URI": uri})
-    assert f"resuming from {bundle / 'models' / saved[-1]}" in result.stdout + result.stderr
-    assert sorted(p.name for p in (bundle / "models").glob("latest_checkpoint_epoch=*.pt")) == [
+    assert f"resuming from {models / saved[-1]}" in result.stdout + result.stderr
+    assert run_models(bundle) == models, "the resumed run continues in its own folder"
+    assert sorted(p.name for p in models.glob("latest_checkpoint_epoch=*.pt")) == [
         "latest_checkpoint_epoch=6.pt"
     ], "it ends at the configured number of epochs"
 

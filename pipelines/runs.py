@@ -1,0 +1,235 @@
+"""Run-owned state: each run writes under its own folder, and the bundle's model changes only by promotion.
+
+A training run named ``R`` writes everything under ``<bundle_root>/outputs/R/``: its reports, and its checkpoints
+in ``outputs/R/models/`` (``latest_checkpoint_epoch=N.pt`` and its best validated ``model.pt``, each described by
+``model.json``). Nothing a run writes is deleted or replaced by another run.
+
+The bundle's ``models/model.pt`` (what evaluation, inference, export and Deploy use by default) is replaced only by
+an explicit, atomic, logged **promotion**:
+
+- at the end of a training, only when the run's best key metric beats the model in place *measured on the same
+  validation data* (the same key metric, the same validation fingerprint); the decision, with both values, is
+  written to ``outputs/R/promotion.json``, logged, and recorded on the MLflow run; where the two cannot be
+  compared (the model in place was validated on other data, or carries no record), it is kept, and the log says
+  how to promote by hand;
+- on request: ``python -m clinseg.pipelines.experiments promote R``.
+
+A promotion holds a lock on the bundle's ``models/`` folder, so two trainings ending together decide one after
+the other, and writes ``model.pt`` and ``model.json`` together, all or none (``atomic_write_all``).
+
+Resume continues a named run (``--resume R``) or the newest run of this bundle root (``--resume True``), in that
+run's folder and from its own latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+
+import torch.distributed as dist
+
+from clinseg.datasets.errors import DataError, InputError
+
+logger = logging.getLogger(__name__)
+
+RUNS_FOLDER = "outputs"  # <bundle_root>/outputs/<run name>/
+MODEL_FILE, MODEL_RECORD = "model.pt", "model.json"
+_RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
+
+
+def sha256_of(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _same_on_every_rank(name: str) -> str:
+    """Rank 0's ``name`` on every rank of a distributed run (each rank draws its own unique name otherwise)."""
+    if dist.is_available() and dist.is_initialized():
+        names = [name]
+        dist.broadcast_object_list(names, src=0)
+        return names[0]
+    return name
+
+
+def runs_dir(bundle_root: str | os.PathLike) -> Path:
+    return Path(bundle_root) / RUNS_FOLDER
+
+
+def resumable_runs(bundle_root: str | os.PathLike) -> list[Path]:
+    """The run folders under ``bundle_root`` holding a latest checkpoint, oldest first (by that checkpoint's time)."""
+    found = []
+    for checkpoint in runs_dir(bundle_root).glob("*/models/latest_checkpoint_epoch=*.pt"):
+        found.append((checkpoint.stat().st_mtime, checkpoint.parents[1]))
+    return [folder for _, folder in sorted(found)]
+
+
+def check_run_name(name: str, what: str = "run name") -> str:
+    if not isinstance(name, str) or not _RUN_NAME.match(name) or name in (".", ".."):
+        raise InputError(f"{what} {name!r}", "is not a run name (letters, digits, '.', '_' and '-'; no path).")
+    return name
+
+
+def run_name(workflow: str, bundle_root: str | os.PathLike, resume: bool | str | None = None) -> str:
+    """This run's name, which is also its folder under ``<bundle_root>/outputs/``: a new unique name, or with
+    ``resume`` the resumed run's (``True``: the newest run with a latest checkpoint; a name: that run). The same on
+    every rank of a distributed run.
+
+    Raises:
+        InputError: a resume name that is not a run of this bundle root, or no run to resume.
+    """
+    from clinseg.pipelines.paths import unique_run_name
+
+    if resume is None or resume is False:
+        return _same_on_every_rank(unique_run_name(workflow))
+    runs = resumable_runs(bundle_root)
+    if resume is True:
+        if not runs:
+            raise DataError(
+                runs_dir(bundle_root).resolve(),
+                "holds no run with a latest checkpoint to resume.",
+                "Start a new training without --resume, or pass the run's --bundle_root.",
+            )
+        return runs[-1].name
+    from clinseg.pipelines.cli import ConfigError
+
+    name = str(resume)
+    if not _RUN_NAME.match(name) or not (runs_dir(bundle_root) / name).is_dir():
+        known = ", ".join(r.name for r in runs[-5:]) or "none"
+        raise ConfigError(
+            "resume",
+            f"{resume!r} is not a run in {runs_dir(bundle_root).resolve()}.",
+            f"Runs that can be resumed (newest last): {known}. --resume True takes the newest.",
+        )
+    return name
+
+
+# ---- model records --------------------------------------------------------------------------------------------
+
+
+def read_record(models_dir: str | os.PathLike) -> dict | None:
+    """``model.json`` of a models folder, when it describes the ``model.pt`` beside it (same SHA-256), else None."""
+    models_dir = Path(models_dir)
+    try:
+        record = json.loads((models_dir / MODEL_RECORD).read_text())
+    except (OSError, ValueError):
+        return None
+    model = models_dir / MODEL_FILE
+    if not isinstance(record, dict) or not model.is_file() or record.get("sha256") != sha256_of(model):
+        return None
+    return record
+
+
+def provenance(checkpoint: str | os.PathLike) -> dict:
+    """What a checkpoint is, for the outputs' JSON and the MLflow tags of an evaluation or inference: its path and
+    SHA-256, and the training run it came from when its ``model.json`` says so (and still matches the file)."""
+    checkpoint = Path(checkpoint).resolve()
+    info = {"checkpoint": str(checkpoint), "checkpoint_sha256": sha256_of(checkpoint) if checkpoint.is_file() else None}
+    record = read_record(checkpoint.parent) if checkpoint.name == MODEL_FILE else None
+    if record is not None:
+        for key in ("training_run_id", "training_run_name", "key_metric", "value", "validation_fingerprint"):
+            if record.get(key) is not None:
+                info[key if key.startswith("training") else f"training_{key}"] = record[key]
+    return info
+
+
+def write_run_record(models_dir: str | os.PathLike, record: dict) -> dict | None:
+    """Describe the run's own ``model.pt`` (written by the best-model saver or at the end of training)."""
+    from clinseg.datasets.io import atomic_write
+
+    model = Path(models_dir) / MODEL_FILE
+    if not model.is_file():
+        return None
+    record = {**record, "sha256": sha256_of(model), "written": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    atomic_write(Path(models_dir) / MODEL_RECORD, lambda tmp: tmp.write_text(json.dumps(record, indent=2) + "\n"))
+    return record
+
+
+# ---- promotion ------------------------------------------------------------------------------------------------
+
+
+def _is_better(candidate: float, incumbent: float, mode: str) -> bool:
+    return candidate < incumbent if mode == "min" else candidate > incumbent
+
+
+def decide(candidate: dict, incumbent: dict | None, incumbent_present: bool) -> tuple[bool, str]:
+    """Whether ``candidate`` (a run's model record) replaces the model in place, and why."""
+    if not incumbent_present:
+        return True, "no model in place"
+    if incumbent is None:
+        return False, "the model in place carries no record of its validation (model.json), so it cannot be compared"
+    if candidate.get("value") is None:
+        return False, "this run validated no model"
+    if candidate.get("key_metric") != incumbent.get("key_metric"):
+        return False, f"the model in place was ranked by {incumbent.get('key_metric')}, not {candidate['key_metric']}"
+    if candidate.get("validation_fingerprint") != incumbent.get("validation_fingerprint"):
+        return False, "the model in place was validated on other data"
+    mode = candidate.get("mode", "max")
+    if _is_better(float(candidate["value"]), float(incumbent["value"]), mode):
+        return True, f"{candidate['key_metric']} {candidate['value']:.4f} beats {incumbent['value']:.4f}"
+    return False, f"{candidate['key_metric']} {candidate['value']:.4f} does not beat {incumbent['value']:.4f}"
+
+
+def promote(
+    run_models_dir: str | os.PathLike,
+    bundle_models_dir: str | os.PathLike,
+    force: bool = False,
+    decision_file: str | os.PathLike | None = None,
+) -> dict:
+    """Promote a run's ``model.pt`` (with its ``model.json``) to the bundle's ``models/`` when it beats the model in
+    place on the same validation data, or unconditionally with ``force`` (on request). Returns the decision:
+    ``{"promoted", "reason", "candidate", "incumbent"}``, also written to ``decision_file`` when given.
+
+    Raises:
+        DataError: the run has no model to promote.
+    """
+    from filelock import FileLock
+
+    from clinseg.datasets.io import atomic_write, atomic_write_all
+
+    run_models_dir, bundle_models_dir = Path(run_models_dir), Path(bundle_models_dir)
+    candidate = read_record(run_models_dir)
+    if candidate is None:
+        raise DataError(
+            run_models_dir.resolve(), "holds no model.pt with its model.json (the run saved no model) to promote."
+        )
+    bundle_models_dir.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(bundle_models_dir / ".promotion.lock"), timeout=600):
+        present = (bundle_models_dir / MODEL_FILE).is_file()
+        incumbent = read_record(bundle_models_dir) if present else None
+        promoted, reason = (True, "promoted on request") if force else decide(candidate, incumbent, present)
+        if promoted:
+            record = {**candidate, "promoted": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "promotion_reason": reason}
+            record["replaced"] = (
+                {k: incumbent.get(k) for k in ("training_run_name", "value", "sha256")} if incumbent else None
+            )
+            source = run_models_dir / MODEL_FILE
+            text = json.dumps(record, indent=2) + "\n"
+            atomic_write_all(
+                [
+                    (bundle_models_dir / MODEL_FILE, lambda tmp: shutil.copyfile(source, tmp)),
+                    (bundle_models_dir / MODEL_RECORD, lambda tmp: Path(tmp).write_text(text)),
+                ]
+            )
+    decision = {"promoted": promoted, "reason": reason, "candidate": candidate, "incumbent": incumbent}
+    if decision_file is not None:
+        text = json.dumps(decision, indent=2) + "\n"
+        atomic_write(decision_file, lambda tmp: Path(tmp).write_text(text))
+    where = bundle_models_dir / MODEL_FILE
+    if promoted:
+        logger.info(f"promoted {run_models_dir / MODEL_FILE} to {where}: {reason}")
+    else:
+        logger.warning(
+            f"kept {where}: {reason}. To use this run's model: "
+            f"python -m clinseg.pipelines.experiments promote {run_models_dir.parent.name} --bundle_root "
+            f"{bundle_models_dir.parent}"
+        )
+    return decision
