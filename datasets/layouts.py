@@ -127,13 +127,33 @@ def demo_hint(task: str) -> str:
     )
 
 
+def rank_zero_first(prepare: Callable[[], object]) -> None:
+    """Run ``prepare`` on rank 0 of a distributed run while the other ranks wait, then let all go on; outside one,
+    just run it. Every rank must call this at the same point (the ranks of one ``torchrun`` run one config)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        prepare()
+        return
+    try:
+        if dist.get_rank() == 0:
+            prepare()
+    finally:  # a rank 0 that failed still releases the others, which then find no data and say so
+        dist.barrier()
+
+
 def resolve(task: str, dataset_dir: Path, phantom_if_missing: bool = False) -> Layout:
-    """The layout of ``dataset_dir``, generating the task's phantom there first when asked and nothing is there."""
+    """The layout of ``dataset_dir``, generating the task's phantom there first when asked and nothing is there
+    (by rank 0 alone in a distributed run, the others waiting for it)."""
+    if phantom_if_missing and task in PHANTOMS:
+
+        def generate_if_missing() -> None:
+            if detect_layout(task, dataset_dir) is None:
+                logger.info(f"generating the embedded {task} phantom dataset in {dataset_dir} ...")
+                generate_atomically(PHANTOMS[task].generate, dataset_dir)
+
+        rank_zero_first(generate_if_missing)
     layout = detect_layout(task, dataset_dir)
-    if layout is None and phantom_if_missing and task in PHANTOMS:
-        logger.info(f"generating the embedded {task} phantom dataset in {dataset_dir} ...")
-        generate_atomically(PHANTOMS[task].generate, dataset_dir)
-        layout = detect_layout(task, dataset_dir)
     if layout is None:
         state = "does not exist" if not dataset_dir.exists() else f"holds no usable {task} data"
         hint = "\n".join(text for text in (accepted_layouts(task), demo_hint(task)) if text)

@@ -201,6 +201,8 @@ class EvaluationReport:
         pixel_size_um: micrometres per pixel along the measured axis, if known: ``*_px`` metrics are also given
             in micrometres (``*_um``).
         print_table: log a per-class table of every metric at the end of each epoch (evaluation runs).
+        model: what was evaluated (:func:`clinseg.pipelines.runs.provenance`: the checkpoint, its SHA-256 and the
+            training run), written into ``metrics.json``.
     """
 
     def __init__(
@@ -212,6 +214,7 @@ class EvaluationReport:
         key_metric: str | None = None,
         pixel_size_um: float | None = None,
         print_table: bool = False,
+        model: Mapping | None = None,
         image_key: str = "image",
         pred_key: str = "pred",
         label_key: str = "label",
@@ -223,6 +226,7 @@ class EvaluationReport:
         self.key_metric = key_metric
         self.pixel_size_um = pixel_size_um
         self.print_table = print_table
+        self.model = dict(model) if model else None
         self.keys = (image_key, pred_key, label_key)
         self.best: tuple[float, int] | None = None
         self._saved = 0
@@ -283,6 +287,8 @@ class EvaluationReport:
         details = getattr(engine.state, "metric_details", None) or {}
         n_images = len(next(iter(details.values()))) if details else None
         report = {"mean": means, "per_class": per_class, "n_images": n_images}
+        if self.model:
+            report["model"] = self.model
         if self.key_metric and self.key_metric in means:
             value = means[self.key_metric]
             epoch = engine.state.epoch  # an evaluator run by a trainer counts the trainer's epochs
@@ -331,14 +337,16 @@ class EvaluationOutputs:
         class_names: Sequence[str],
         palette: Sequence[Sequence[int]] | None = None,
         pixel_size_um: float | None = None,
+        model: Mapping | None = None,
     ):
         from clinseg.pipelines.workflow import is_rank_zero
 
         self.report = None
         if is_rank_zero():
             self.report = EvaluationReport(
-                output_dir, class_names, num_overlays=-1, palette=palette, pixel_size_um=pixel_size_um, print_table=True
-            )
+                output_dir, class_names, num_overlays=-1, palette=palette, pixel_size_um=pixel_size_um,
+                print_table=True, model=model,
+            )  # fmt: skip
         self.tables = AtomicMetricsSaver(
             save_dir=output_dir,
             metrics="*",
@@ -420,7 +428,11 @@ class ResultLedger:
     def written(self) -> list[dict]:
         return list(self._ledger().values())
 
-    def write_summary(self, datalist: Sequence[Mapping] | None = None, what: str = "results") -> str:
+    def write_summary(
+        self, datalist: Sequence[Mapping] | None = None, what: str = "results", model: Mapping | None = None
+    ) -> str:
+        """Write ``inference_summary.json`` (the cases written, those renamed or not written, and ``model``: what
+        inferred them, :func:`clinseg.pipelines.runs.provenance`) and return the line to print."""
         cases = self.written
         renamed = [case for case in cases if case.get("original_id", case["id"]) != case["id"]]
         assumed = [case for case in cases if case.get("geometry_assumed")]
@@ -436,6 +448,8 @@ class ResultLedger:
             ],
             "not_written": [str(item.get("source", item.get("image", item.get("id")))) for item in missing],
         }
+        if model:
+            summary["model"] = dict(model)
         path = atomic_write_json(self.output_dir / f"{RESERVED_RESULT_NAMES[0]}.json", summary)
         message = (
             f"wrote {len(cases)} of {summary['n_inputs']} {what} to {self.output_dir.resolve()} (list: {path.name})"

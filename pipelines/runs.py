@@ -233,3 +233,8 @@ def promote(
             f"{bundle_models_dir.parent}"
         )
     return decision
+
+
+def provenance_tags(checkpoint: str | os.PathLike) -> dict[str, str]:
+    """:func:`provenance` as MLflow tags (text values; what is unknown is left out)."""
+    return {key: str(value) for key, value in provenance(checkpoint).items() if value is not None}

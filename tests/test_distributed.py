@@ -26,13 +26,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun(run_id: str, config_files: list[str], overrides: dict, uri: str) -> subprocess.CompletedProcess:
+def torchrun(
+    run_id: str, config_files: list[str], overrides: dict, uri: str, env: dict | None = None
+) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
     command += ["--master_addr", "127.0.0.1", "--master_port", str(free_port())]
     command += ["-m", "monai.bundle", "run", run_id, "--config_file", str(config_files)]
     for key, value in overrides.items():
         command += [f"--{key}", str(value)]
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "OMP_NUM_THREADS": "1", **(env or {})}
     result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
     return result
@@ -50,7 +52,8 @@ def test_two_process_training_equals_single_process_evaluation(tmp_path, tiny_oc
     overrides = {"bundle_root": bundle, "dataset_dir": tiny_oct_dir, **TINY, "train#trainer#max_epochs": 1}
     torchrun("training", TRAIN + [str(CONFIGS / "multi_gpu_train.json")], overrides, uri)
 
-    assert sorted(p.name for p in run_models(bundle).iterdir()) == ["latest_checkpoint_epoch=1.pt", "model.json", "model.pt"]
+    own = sorted(p.name for p in run_models(bundle).iterdir())
+    assert own == ["latest_checkpoint_epoch=1.pt", "model.json", "model.pt"], own
     assert (bundle / "models" / "model.pt").is_file(), "the first run's model is promoted"
     (train_run,) = runs(uri, "train")  # rank 0 alone tracks
     assert train_run.info.status == "FINISHED"
@@ -89,3 +92,20 @@ def test_two_process_training_resumes_from_its_latest_checkpoint(tmp_path, tiny_
     assert min(resumed_steps) == max(first_steps) + 1 and max(resumed_steps) == 3 * max(first_steps)
     epochs = [m.step for m in client.get_metric_history(resumed.info.run_id, "val_mean_dice")]
     assert sorted(epochs) == [2, 3], "validation continues at epoch 2"
+
+
+def test_the_first_distributed_run_prepares_the_data_once_on_a_clean_folder(tmp_path):
+    """A fresh checkout's first ``torchrun``: no phantom, no cache. Rank 0 generates the phantom while rank 1 waits
+    (both used to generate it at once, and rank 1 read a half-written folder); both ranks fill one disk cache."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    home = tmp_path / "home"  # the project's state (phantoms) for this test alone: a clean data folder
+    overrides = {"bundle_root": tmp_path / "bundle", **TINY, "train#trainer#max_epochs": 1, "cache": "disk"}
+    command_env = {"CLINSEG_HOME": str(home)}
+    result = torchrun("training", TRAIN + [str(CONFIGS / "multi_gpu_train.json")], overrides, uri, command_env)
+    log = result.stdout + result.stderr
+    assert log.count("generating the embedded oct phantom dataset") == 1, "rank 0 alone generates the phantom"
+    phantom = home / "data" / "phantoms" / "oct_layers"
+    assert phantom.is_dir() and not [p for p in phantom.parent.iterdir() if p.name.startswith(".")], "no staging left"
+    cache = list((tmp_path / "bundle" / "cache").rglob("*.pt"))
+    assert cache, "the disk cache was filled"
+    assert (tmp_path / "bundle" / "models" / "model.pt").is_file()
