@@ -15,7 +15,8 @@ an explicit, atomic, logged **promotion**:
 - on request: ``python -m clinseg.pipelines.experiments promote R``.
 
 A promotion holds a lock on the bundle's ``models/`` folder, so two trainings ending together decide one after
-the other, and writes ``model.pt`` and ``model.json`` together, all or none (``atomic_write_all``).
+the other, and writes ``model.pt``, ``model.json`` and the bundle's ``large_files.yml`` (the Model Zoo's record
+of where the weights come from, with their SHA-256) together, all or none (``atomic_write_all``).
 
 Resume continues a named run (``--resume R``) or the newest run of this bundle root (``--resume True``), in that
 run's folder and from its own latest checkpoint.
@@ -40,6 +41,7 @@ logger = logging.getLogger(__name__)
 
 RUNS_FOLDER = "outputs"  # <bundle_root>/outputs/<run name>/
 MODEL_FILE, MODEL_RECORD = "model.pt", "model.json"
+LARGE_FILES = "large_files.yml"  # the Model Zoo's list of a bundle's files kept out of its folder
 _RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
 
 
@@ -156,6 +158,17 @@ def write_run_record(models_dir: str | os.PathLike, record: dict) -> dict | None
 # ---- promotion ------------------------------------------------------------------------------------------------
 
 
+def large_files_text(source: Path, sha256: str) -> str:
+    """The Model Zoo's ``large_files.yml`` for the promoted model: where ``models/model.pt`` comes from (the
+    training run's own file) and its SHA-256, so ``python -m monai.bundle download_large_files --bundle_path B``
+    restores exactly this model, or refuses a file that differs."""
+    import yaml
+
+    entry = {"path": f"models/{MODEL_FILE}", "url": Path(source).resolve().as_uri(), "hash_val": sha256,
+             "hash_type": "sha256"}  # fmt: skip
+    return yaml.safe_dump({"large_files": [entry]}, sort_keys=False)
+
+
 def _is_better(candidate: float, incumbent: float, mode: str) -> bool:
     return candidate < incumbent if mode == "min" else candidate > incumbent
 
@@ -213,10 +226,12 @@ def promote(
             )
             source = run_models_dir / MODEL_FILE
             text = json.dumps(record, indent=2) + "\n"
+            large_files = large_files_text(source, record["sha256"])
             atomic_write_all(
                 [
                     (bundle_models_dir / MODEL_FILE, lambda tmp: shutil.copyfile(source, tmp)),
                     (bundle_models_dir / MODEL_RECORD, lambda tmp: Path(tmp).write_text(text)),
+                    (bundle_models_dir.parent / LARGE_FILES, lambda tmp: Path(tmp).write_text(large_files)),
                 ]
             )
     decision = {"promoted": promoted, "reason": reason, "candidate": candidate, "incumbent": incumbent}

@@ -153,3 +153,19 @@ def test_a_worse_run_keeps_the_model_in_place_and_promote_replaces_it(tmp_path, 
     record = runs.read_record(root / "models")
     assert record["training_run_name"] == other.name and record["promotion_reason"] == "promoted on request"
     assert record["replaced"]["training_run_name"] in (good.name, worse.name)
+
+
+def test_the_promoted_model_is_listed_in_large_files_and_restored_from_it(tmp_path, data_dir):
+    """The Model Zoo's ``large_files.yml`` written by the promotion restores exactly the promoted model."""
+    root = tmp_path / "bundle"
+    overrides = {**TINY, "bundle_root": root, "dataset_dir": data_dir, "train#trainer#max_epochs": 1,
+                 "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}  # fmt: skip
+    result = subprocess.run(command(overrides), cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    promoted = (root / "models" / "model.pt").read_bytes()
+    (root / "models" / "model.pt").unlink()
+    restore = [sys.executable, "-m", "monai.bundle", "download_large_files", "--bundle_path", str(root)]
+    result = subprocess.run(restore, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (root / "models" / "model.pt").read_bytes() == promoted
+    assert runs.read_record(root / "models") is not None, "model.json describes the restored file"
