@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 DEPLOY_VENV ?= .venv-deploy
 DEPLOY_STAMP := $(DEPLOY_VENV)/.installed
 
-.PHONY: demo test lint install deploy-env clean-outputs
+.PHONY: demo test lint install deploy-env dicom3tools clean-outputs
 
 install: $(STAMP)
 
@@ -29,10 +29,23 @@ $(DEPLOY_STAMP): requirements-deploy.txt
 	$(DEPLOY_VENV)/bin/python -m pip install --disable-pip-version-check -q -r requirements-deploy.txt
 	touch $(DEPLOY_STAMP)
 
+# dciodvfy (Debian package dicom3tools) validates every DICOM SEG the Deploy apps write (tests/test_deploy.py);
+# installed with apt-get when absent (CI runs as root on a fresh Debian machine; otherwise through sudo -n)
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo -n)
+dicom3tools:
+	@command -v dciodvfy >/dev/null 2>&1 || { \
+		echo "dciodvfy is absent: installing dicom3tools with apt-get"; \
+		$(SUDO) apt-get update -q && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q --no-install-recommends dicom3tools; \
+	}; \
+	command -v dciodvfy >/dev/null 2>&1 || { \
+		echo "error: dciodvfy: could not be installed (apt-get install dicom3tools, as root); tests/test_deploy.py needs it to validate the DICOM SEGs" >&2; \
+		exit 1; \
+	}
+
 demo: $(STAMP)
 	$(PYTHON) -m pipelines.demo
 
-test: $(STAMP) $(DEPLOY_STAMP)
+test: $(STAMP) $(DEPLOY_STAMP) dicom3tools
 	DEPLOY_PYTHON=$(abspath $(DEPLOY_VENV))/bin/python $(PYTHON) -m pytest
 
 lint: $(STAMP)

@@ -2,12 +2,21 @@
 
 The apps run in the deploy environment (``make deploy-env`` -> ``.venv-deploy``, or ``$DEPLOY_PYTHON``), from their
 own folder, so they prove to be self-contained. Skipped with the reason when that environment is absent.
+
+Every DICOM SEG an app writes is validated by ``dciodvfy`` (dicom3tools: no ``Error`` line) and read back with
+highdicom (:func:`check_dicom_seg`: references, one frame per source slice at its position, segment codes, pixels
+equal to the NIfTI mask of the same run). ``make test`` installs dicom3tools when ``dciodvfy`` is absent; without
+it the SEG checks fail under ``CI=true`` and are skipped with the reason otherwise.
+
+The error contract of the apps and of the build (one line ``error: <file or argument>: <problem>``, exit status 1,
+no usage text, nothing left behind) is tested case by case.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -98,8 +107,131 @@ def run_app(
     return subprocess.run(command, cwd=app, capture_output=True, text=True, env=env, timeout=600)
 
 
+def run_app_args(app: Path, args: list[str], env: dict | None = None):
+    """``python app.py ARGS`` from the app folder, without the HOLOSCAN_* variables unless ``env`` sets them."""
+    command = ["bash", "-c", 'ulimit -s 32768; exec "$@"', "app", str(DEPLOY_PYTHON), "app.py", *map(str, args)]
+    base = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "MLFLOW_TRACKING_URI")}
+    base = {k: v for k, v in base.items() if not k.startswith("HOLOSCAN_")}
+    return subprocess.run(command, cwd=app, capture_output=True, text=True, env={**base, **(env or {})}, timeout=600)
+
+
+def assert_one_error_line(result, expected: str) -> None:
+    """Exit status 1 and stderr one line starting with ``expected``: no usage text, no traceback."""
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1, (result.returncode, result.stderr[-3000:])
+    assert len(lines) == 1 and lines[0].startswith(expected), result.stderr[-3000:]
+    assert "usage:" not in result.stdout + result.stderr
+
+
 def result_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file()) if folder.exists() else []
+
+
+DCIODVFY = shutil.which("dciodvfy")
+SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
+CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+
+
+def dciodvfy(path: Path) -> list[str]:
+    """``dciodvfy`` on ``path``: asserts that it reports no error; its warnings (printed with their count)."""
+    if DCIODVFY is None:
+        reason = (
+            "dciodvfy (Debian package dicom3tools) is absent, so the DICOM SEG cannot be validated: "
+            "`make test` installs it (apt-get install dicom3tools)"
+        )
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{reason}; under CI=true it is required")
+        pytest.skip(reason)
+    result = subprocess.run([DCIODVFY, str(path)], capture_output=True, text=True, timeout=300)
+    lines = (result.stdout + result.stderr).splitlines()
+    errors = [line for line in lines if line.startswith("Error")]
+    warnings = [line for line in lines if line.startswith("Warning")]
+    print(f"dciodvfy {path.name}: {len(errors)} errors, {len(warnings)} warnings")
+    for line in errors + warnings:
+        print(f"  {line}")
+    assert not errors, f"dciodvfy finds errors in {path}:\n" + "\n".join(errors)
+    return warnings
+
+
+def check_dicom_seg(seg_path: Path, series: Path, nifti: Path) -> hd.seg.Segmentation:
+    """Read the SEG back with highdicom and check it against its source series and the NIfTI mask of the same run,
+    then validate it with dciodvfy (last, since without dciodvfy the test is skipped there).
+
+    The apps write one frame per source slice (``omit_empty_frames=False``), each referencing its source instance
+    and at that slice's ImagePositionPatient; every pixel of every frame is compared with the NIfTI voxel at the
+    same patient position (computed from the frame's geometry and the NIfTI affine, no axis order assumed)."""
+    sources = [pydicom.dcmread(path, stop_before_pixels=True) for path in read_ct_series(series).files]
+    by_uid = {str(ds.SOPInstanceUID): ds for ds in sources}
+    first = sources[0]
+    seg = hd.seg.segread(seg_path)
+    assert seg.SOPClassUID == SEGMENTATION_STORAGE and seg.SegmentationType == "BINARY"
+    assert seg.StudyInstanceUID == first.StudyInstanceUID and seg.PatientID == first.PatientID
+    assert seg.FrameOfReferenceUID == first.FrameOfReferenceUID
+    assert seg.SeriesInstanceUID != first.SeriesInstanceUID and seg.Modality == "SEG"
+
+    (referenced,) = seg.ReferencedSeriesSequence
+    assert referenced.SeriesInstanceUID == first.SeriesInstanceUID
+    instances = {str(item.ReferencedSOPInstanceUID): item for item in referenced.ReferencedInstanceSequence}
+    assert set(instances) == set(by_uid), "the SEG references exactly the instances of the source series"
+    assert {item.ReferencedSOPClassUID for item in instances.values()} == {CT_IMAGE_STORAGE}
+
+    # one frame per source slice, each at its slice's position and orientation, with its spacing
+    assert int(seg.NumberOfFrames) == len(sources), "one frame per source slice"
+    shared = seg.SharedFunctionalGroupsSequence[0]
+    orientation = np.array(shared.PlaneOrientationSequence[0].ImageOrientationPatient, dtype=float)
+    np.testing.assert_allclose(orientation, np.array(first.ImageOrientationPatient, dtype=float), atol=1e-6)
+    spacing = np.array(shared.PixelMeasuresSequence[0].PixelSpacing, dtype=float)
+    np.testing.assert_allclose(spacing, np.array(first.PixelSpacing, dtype=float), rtol=1e-6)
+    assert (int(seg.Rows), int(seg.Columns)) == (int(first.Rows), int(first.Columns))
+    frame_sources = []
+    for frame in seg.PerFrameFunctionalGroupsSequence:
+        (derivation,) = frame.DerivationImageSequence
+        (source,) = derivation.SourceImageSequence
+        ds = by_uid[str(source.ReferencedSOPInstanceUID)]
+        frame_sources.append(ds)
+        position = np.array(frame.PlanePositionSequence[0].ImagePositionPatient, dtype=float)
+        np.testing.assert_allclose(position, np.array(ds.ImagePositionPatient, dtype=float), atol=1e-4)
+        identification = frame if "SegmentIdentificationSequence" in frame else shared  # one segment: shared
+        assert int(identification.SegmentIdentificationSequence[0].ReferencedSegmentNumber) == 1
+    assert sorted(str(ds.SOPInstanceUID) for ds in frame_sources) == sorted(by_uid), "each source slice once"
+
+    # the segment: heart, an anatomical structure, by an automatic algorithm
+    (segment,) = seg.SegmentSequence
+    assert int(segment.SegmentNumber) == 1 and segment.SegmentLabel == "Heart"
+    assert segment.SegmentAlgorithmType == "AUTOMATIC" and segment.SegmentAlgorithmName == "ct_heart"
+    category = segment.SegmentedPropertyCategoryCodeSequence[0]
+    assert (category.CodeValue, category.CodingSchemeDesignator, category.CodeMeaning) == (
+        "123037004", "SCT", "Anatomical Structure",
+    )  # fmt: skip
+    kind = segment.SegmentedPropertyTypeCodeSequence[0]
+    assert (kind.CodeValue, kind.CodingSchemeDesignator, kind.CodeMeaning) == ("80891009", "SCT", "Heart")
+
+    # the pixels: every frame pixel equals the NIfTI voxel at the same patient position
+    image = nib.load(nifti)
+    mask = np.asarray(image.dataobj)
+    to_voxel = np.linalg.inv(image.affine)
+    rows, columns = np.meshgrid(np.arange(int(seg.Rows)), np.arange(int(seg.Columns)), indexing="ij")
+    frames = seg.pixel_array.reshape(len(sources), int(seg.Rows), int(seg.Columns))
+    along_row, along_column = orientation[:3], orientation[3:]  # LPS directions of increasing column / row
+    for frame, ds in zip(frames, frame_sources, strict=True):
+        origin = np.array(ds.ImagePositionPatient, dtype=float)
+        lps = origin + columns[..., None] * spacing[1] * along_row + rows[..., None] * spacing[0] * along_column
+        ras = lps * np.array([-1.0, -1.0, 1.0])
+        voxels = ras @ to_voxel[:3, :3].T + to_voxel[:3, 3]
+        index = np.rint(voxels).astype(int)
+        assert np.abs(voxels - index).max() < 1e-3, "the frame's pixels lie on the NIfTI grid"
+        assert (index >= 0).all() and (index < mask.shape).all()
+        np.testing.assert_array_equal(frame, mask[index[..., 0], index[..., 1], index[..., 2]])
+    # and read by source instance, in the order of the mask's slices
+    uids = [str(ds.SOPInstanceUID) for ds in sources]
+    pixels = seg.get_pixels_by_source_instance(
+        source_sop_instance_uids=uids, segment_numbers=[1], combine_segments=True, skip_overlap_checks=True
+    )
+    np.testing.assert_array_equal(pixels, np.transpose(mask, (2, 1, 0)), err_msg="SEG frames equal the NIfTI mask")
+    assert (mask > 0).any(), "a segmentation to compare (the tiny model finds some heart)"
+
+    dciodvfy(seg_path)
+    return seg
 
 
 @pytest.fixture(scope="module")
@@ -138,25 +270,14 @@ def test_ct_app_writes_dicom_seg_nifti_and_volume(ct_app, tmp_path):
     assert summary["volume_ml"]["heart"] == pytest.approx(mask.sum() * np.prod(summary["spacing_mm"]) / 1000, 1e-3)
 
     (seg_path,) = (out / "dicom_seg").glob("*.dcm")
-    seg = hd.seg.segread(seg_path)
-    source = read_ct_series(series)  # slices sorted along the normal, as the mask's third axis
-    first = pydicom.dcmread(source.files[0], stop_before_pixels=True)
-    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == first.SeriesInstanceUID
+    first = pydicom.dcmread(read_ct_series(series).files[0], stop_before_pixels=True)
     assert summary["series_instance_uid"] == first.SeriesInstanceUID
-    segment = seg.SegmentSequence[0]
-    assert segment.SegmentLabel == "Heart"
-    assert segment.SegmentedPropertyTypeCodeSequence[0].CodeValue == "80891009"
-    assert segment.SegmentedPropertyTypeCodeSequence[0].CodingSchemeDesignator == "SCT"
-    assert segment.SegmentedPropertyCategoryCodeSequence[0].CodeValue == "123037004"  # Anatomical Structure
+    assert summary["dicom_seg"] == "written to dicom_seg/"
     palette = json.loads((app / "bundle" / "inference.json").read_text())["palette"]
+    segment = pydicom.dcmread(seg_path, stop_before_pixels=True).SegmentSequence[0]
     shown = hd.color.CIELabColor.from_dicom_value(segment.RecommendedDisplayCIELabValue).to_rgb()
     assert np.abs(np.subtract(shown, palette[1])).max() <= 1, "the display colour is the bundle's heart colour"
-    assert int(seg.NumberOfFrames) == hu.shape[2], "one frame per source slice"
-    uids = [pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID for f in source.files]
-    pixels = seg.get_pixels_by_source_instance(
-        source_sop_instance_uids=uids, segment_numbers=[1], combine_segments=True, skip_overlap_checks=True
-    )
-    np.testing.assert_array_equal(pixels, np.transpose(mask, (2, 1, 0)), err_msg="SEG frames equal the NIfTI mask")
+    check_dicom_seg(seg_path, series, out / "series_seg.nii.gz")
 
 
 def test_ct_app_writes_a_seg_for_a_series_with_an_empty_character_set(ct_app, tmp_path):
@@ -175,13 +296,8 @@ def test_ct_app_writes_a_seg_for_a_series_with_an_empty_character_set(ct_app, tm
     summary = json.loads((tmp_path / "out" / "series.json").read_text())
     assert summary["dicom_seg"] == "written to dicom_seg/", summary["dicom_seg"]
     (seg_path,) = (tmp_path / "out" / "dicom_seg").glob("*.dcm")
-    seg = hd.seg.segread(seg_path)
-    mask = np.asarray(nib.load(tmp_path / "out" / "series_seg.nii.gz").dataobj)
-    uids = [pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID for f in read_ct_series(series).files]
-    pixels = seg.get_pixels_by_source_instance(
-        source_sop_instance_uids=uids, segment_numbers=[1], combine_segments=True, skip_overlap_checks=True
-    )
-    np.testing.assert_array_equal(pixels, np.transpose(mask, (2, 1, 0)))
+    seg = check_dicom_seg(seg_path, series, tmp_path / "out" / "series_seg.nii.gz")
+    assert "SpecificCharacterSet" not in seg, "no value: the default repertoire, as the empty source element meant"
 
 
 def test_ct_app_runs_with_environment_variables_and_as_a_folder(ct_app, tmp_path):
@@ -190,7 +306,8 @@ def test_ct_app_runs_with_environment_variables_and_as_a_folder(ct_app, tmp_path
         out = tmp_path / f"out_{entry.strip('.') or 'folder'}"
         result = run_app(app, data / "dicom" / "ct_004", out, env_vars=env_vars, entry=entry)
         assert result.returncode == 0, result.stderr[-4000:]
-        assert (out / "series_seg.nii.gz").is_file() and list((out / "dicom_seg").glob("*.dcm"))
+        (seg_path,) = (out / "dicom_seg").glob("*.dcm")
+        check_dicom_seg(seg_path, data / "dicom" / "ct_004", out / "series_seg.nii.gz")
 
 
 def test_checkpoint_path_without_torchscript_gives_the_same_masks(ct_app, tmp_path):
@@ -206,6 +323,8 @@ def test_checkpoint_path_without_torchscript_gives_the_same_masks(ct_app, tmp_pa
         result = run_app(folder, data / "dicom" / "ct_004", out, model=command_model)
         assert result.returncode == 0, result.stderr[-4000:]
         outputs[name] = np.asarray(nib.load(out / "series_seg.nii.gz").dataobj)
+        (seg_path,) = (out / "dicom_seg").glob("*.dcm")
+        check_dicom_seg(seg_path, data / "dicom" / "ct_004", out / "series_seg.nii.gz")
     np.testing.assert_array_equal(outputs["pt"], outputs["ts"])
 
 
@@ -256,10 +375,160 @@ def test_ct_app_bad_inputs_fail_clearly_and_keep_earlier_results(ct_app, tmp_pat
         assert f"error: {named}" in result.stderr and reason in result.stderr, result.stderr[-3000:]
         assert result_files(out) == [out / "series.json"], f"a failed run wrote or removed files: {result_files(out)}"
         assert (out / "series.json").read_text() == '{"an": "earlier result"}'
+    for folder in (missing, empty):  # an output folder the failed run would have created is not left behind
+        fresh = tmp_path / f"new_{folder.name}"
+        result = run_app(app, folder, fresh / "out")
+        assert result.returncode == 1 and f"error: {cases[folder][0]}" in result.stderr, result.stderr[-3000:]
+        assert [line for line in result.stderr.splitlines() if line.startswith("error:")][-1:] == [
+            result.stderr.strip().splitlines()[-1]
+        ], "the error is the last line of stderr, and the only one"
+        assert not fresh.exists(), "a failed run removes the output folder it created"
     blocker = tmp_path / "a_file"
     blocker.write_text("a file where the output folder should be")
     result = run_app(app, data / "dicom" / "ct_004", blocker / "out")
     assert result.returncode == 1 and f"error: {blocker / 'out'}" in result.stderr, result.stderr[-3000:]
+
+
+def test_ct_app_argument_errors_are_one_line_and_create_nothing(ct_app, tmp_path):
+    """A wrong argument, input, model or output folder: exit status 1 and one line naming it, before anything is
+    loaded or created (the SDK's argparse would print its usage and exit 2, and create -o first)."""
+    app, data = ct_app
+    series = data / "dicom" / "ct_004"
+    out = tmp_path / "new" / "out"
+    (tmp_path / "a_file").write_text("a file")
+    (tmp_path / "not_a_model.ts").write_text("not a model")
+    (tmp_path / "two_models").mkdir()
+    for name in ("a.ts", "b.pt"):
+        (tmp_path / "two_models" / name).write_bytes(b"")
+    inside = tmp_path / "input_copy"
+    copy_series(sorted(series.iterdir()), inside)
+    model = ["-m", "models/model.ts"]
+    cases = {
+        "unknown option": (["-i", series, "-o", out, *model, "--bogus"], {}, "error: --bogus: is not an option"),
+        "no -i": (["-o", out, *model], {}, f"error: {app / 'input'}: the input does not exist (given by the default"),
+        "-i absent": (["-i", tmp_path / "nope", "-o", out, *model], {}, f"error: {tmp_path / 'nope'}: the input "
+                      "does not exist (given by -i)"),
+        "HOLOSCAN_INPUT_PATH absent": (["-o", out, *model], {"HOLOSCAN_INPUT_PATH": str(tmp_path / "nope")},
+                                       f"error: {tmp_path / 'nope'}: the input does not exist (given by HOLOSCAN"),
+        "-i without value": (["-o", out, *model, "-i"], {}, "error: -i/--input: expected one argument"),
+        "-m absent": (["-i", series, "-o", out, "-m", tmp_path / "nope.ts"], {}, f"error: {tmp_path / 'nope.ts'}: "
+                      "the model does not exist (given by -m)"),
+        "-m not a model": (["-i", series, "-o", out, "-m", tmp_path / "not_a_model.ts"], {},
+                           f"error: {tmp_path / 'not_a_model.ts'}: is neither a TorchScript model nor a PyTorch"),
+        "-m two models": (["-i", series, "-o", out, "-m", tmp_path / "two_models"], {},
+                          f"error: {tmp_path / 'two_models'}: expected one model file"),
+        "-o a file": (["-i", series, "-o", tmp_path / "a_file", *model], {}, f"error: {tmp_path / 'a_file'}: is a "
+                      "file"),
+        "-o under a file": (["-i", series, "-o", tmp_path / "a_file" / "out", *model], {},
+                            f"error: {tmp_path / 'a_file' / 'out'}: the output folder cannot be created"),
+        "-o inside -i": (["-i", inside, "-o", inside / "out", *model], {},
+                         f"error: {inside / 'out'}: the output folder is inside the input folder"),
+        "bad -l": (["-i", series, "-o", out, *model, "-l", "LOUD"], {}, "error: -l/--log-level: invalid choice"),
+        "-t": (["-i", series, "-o", out, *model, "-t", "localhost:8000"], {},
+               "error: --triton-server-netloc: is not supported"),
+    }  # fmt: skip
+    for case, (args, env, expected) in cases.items():
+        result = run_app_args(app, args, env)
+        assert_one_error_line(result, expected)
+        assert not (tmp_path / "new").exists() and not (inside / "out").exists(), f"{case}: an output was created"
+    assert sorted(p.name for p in inside.iterdir()) == sorted(p.name for p in series.iterdir())
+
+    result = run_app_args(app, ["--help"])
+    assert result.returncode == 0 and "usage: app.py" in result.stdout and "--input" in result.stdout
+
+
+def test_ct_app_internal_error_is_one_line_with_its_saved_traceback(ct_app, tmp_path):
+    app, data = ct_app
+    broken = tmp_path / "app"
+    shutil.copytree(app, broken)
+    config = json.loads((broken / "bundle" / "inference.json").read_text())
+    del config["evaluator"]  # an application folder damaged after the build: not the user's input
+    (broken / "bundle" / "inference.json").write_text(json.dumps(config))
+    out = tmp_path / "new" / "out"
+    args = ["-i", data / "dicom" / "ct_004", "-o", out, "-m", "models/model.ts"]
+    result = run_app_args(broken, args, {"CLINSEG_ERROR_DIR": str(tmp_path / "errors")})
+    assert result.returncode == 1, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("internal error: ") and "the traceback is saved in " in last, last
+    (saved,) = (tmp_path / "errors").iterdir()
+    assert str(saved) in last and "Traceback" in saved.read_text() and "Traceback" not in result.stderr
+    assert not (tmp_path / "new").exists(), "a failed run removes the output folder it created"
+
+
+def test_app_contract_helpers(tmp_path):
+    """In-process, without the SDK (:mod:`clinseg.pipelines.deploy.apps` imports it only to run): a library's
+    message-only FileNotFoundError is an input problem; only the folders a run created are removed."""
+    from clinseg.pipelines.cli import describe_error
+    from clinseg.pipelines.deploy.apps import first_missing, remove_created, reportable
+
+    try:
+        try:
+            raise FileNotFoundError("/data/series: no DICOM files")
+        except FileNotFoundError as e:
+            raise RuntimeError("wrapped by a transform") from e
+    except RuntimeError as e:
+        assert describe_error(reportable(e)) == ("error: /data/series: no DICOM files", True)
+    (tmp_path / "kept").mkdir()
+    output = tmp_path / "kept" / "a" / "b"
+    created = first_missing(output)
+    assert created == tmp_path / "kept" / "a"
+    output.mkdir(parents=True)
+    remove_created(output, created)
+    assert (tmp_path / "kept").is_dir() and not created.exists()
+    output.mkdir(parents=True)
+    (output / "result.json").write_text("{}")  # never removes a file
+    remove_created(output, created)
+    assert (output / "result.json").is_file()
+
+
+def test_build_errors_are_one_line_and_leave_nothing(ct_app, tmp_path):
+    """``python -m clinseg.pipelines.deploy``: a wrong bundle, checkpoint, override or --out is one line and exit
+    status 1, and nothing is left behind (no partial application folder, no folders created for --out)."""
+    app, _ = ct_app
+    checkpoint = app.parent / "bundle" / "models" / "model.pt"
+    tiny = [f"{key}={json.dumps(value)}" for key, value in TINY["ct_heart"].items()]
+    out = tmp_path / "new" / "deep" / "app"
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    (kept / "notes.txt").write_text("mine")
+    (tmp_path / "a_file").write_text("a file")
+    (tmp_path / "not_a_checkpoint.pt").write_text("not a checkpoint")
+    base = ["ct_heart", "--checkpoint", checkpoint]
+    refused_strides = [item for item in tiny if not item.startswith("network_def#strides")] + [
+        "network_def#strides=[2]"
+    ]
+    cases = {
+        "bundle": (["nosuch", "--out", out], "error: nosuch: is not a bundle of this project"),
+        "not KEY=JSON": ([*base, "--out", out, "--override", "foo"], "error: --override foo: is not KEY=JSON"),
+        "not JSON": ([*base, "--out", out, "--override", "patch_size=[16,"], "error: config key 'patch_size': the "
+                     "value '[16,' is not JSON"),
+        "unknown key": ([*base, "--out", out, "--override", *tiny, "batchsize=1"], "error: config key 'batchsize': "
+                        "is not an id of this bundle's config"),
+        "wrong kind": ([*base, "--out", out, "--override", *tiny, 'spacing="six"'], "error: config key 'spacing': "
+                       "expected"),
+        "network refuses": ([*base, "--out", out, "--override", *refused_strides], "error: the overrides "
+                            "network_def#channels, network_def#num_res_units, network_def#strides: "
+                            "monai.networks.nets.unet.UNet refused them: the length of `strides`"),
+        "checkpoint absent": (["ct_heart", "--checkpoint", tmp_path / "nope.pt", "--out", out],
+                              f"error: {tmp_path / 'nope.pt'}: does not exist"),
+        "not a checkpoint": (["ct_heart", "--checkpoint", tmp_path / "not_a_checkpoint.pt", "--out", out,
+                              "--override", *tiny], f"error: {tmp_path / 'not_a_checkpoint.pt'}: is not a PyTorch"),
+        "other network": ([*base, "--out", out], f"error: {checkpoint}: does not fit this bundle's model"),
+        "--out not empty": ([*base, "--out", kept, "--override", *tiny], f"error: {kept}: exists and is not empty"),
+        "--out under a file": ([*base, "--out", tmp_path / "a_file" / "app", "--override", *tiny],
+                               f"error: {tmp_path / 'a_file' / 'app'}: cannot be created"),
+        "unknown option": ([*base, "--out", out, "--bogus"], "error: --bogus: is not an option"),
+        "no --out": (base, "error: --out: is required"),
+        "bad --model_format": ([*base, "--out", out, "--model_format", "onnx"], "error: --model_format: invalid "
+                               "choice"),
+    }  # fmt: skip
+    before = sorted(p.name for p in tmp_path.iterdir())
+    for case, (args, expected) in cases.items():
+        command = [sys.executable, "-m", "clinseg.pipelines.deploy", *map(str, args)]
+        result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+        assert_one_error_line(result, expected)
+        assert sorted(p.name for p in tmp_path.iterdir()) == before, f"{case}: the build left something behind"
+        assert [p.name for p in kept.iterdir()] == ["notes.txt"] and (kept / "notes.txt").read_text() == "mine"
 
 
 def test_ct_app_on_the_real_anonymised_dicom_series(ct_app, tmp_path):
@@ -307,4 +576,4 @@ def test_image_apps_write_label_maps_overlays_and_json(bundle, tmp_path):
     result = run_app(app, broken, tmp_path / "out_broken")
     assert result.returncode == 1
     assert f"error: {broken / 'scan.png'}: cannot be read as an image" in result.stderr, result.stderr[-3000:]
-    assert result_files(tmp_path / "out_broken") == []
+    assert not (tmp_path / "out_broken").exists(), "a failed run removes the output folder it created"

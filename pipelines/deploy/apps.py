@@ -1,313 +1,195 @@
-"""MONAI Deploy applications for the project's bundles (Holoscan operators around the bundle's own pipeline).
+"""MONAI Deploy applications of the project's bundles: the command line, its checks and the error contract.
 
-- :class:`CTHeartApp` (ct_heart): a DICOM study folder in; the SDK's DICOM loader and series selector (Modality CT
-  and an optional rule file) pick the series; the bundle reads it (HU, geometry checks), segments the heart and
-  writes a DICOM Segmentation object through the SDK's highdicom-based writer (heart coded as SNOMED CT
-  80891009, referencing the source series), the mask as NIfTI in the series' patient space, a JSON result with the
-  heart volume in mL, and orthogonal views.
-- :class:`ImageSegmentationApp` (vessels, oct_layers): image files in (PNG/TIFF/JPEG, and Duke ``.mat`` for OCT);
-  per image a label map, a colour overlay and a JSON result (vessel area fraction inside the field of view; mean
-  thickness of each retinal layer).
+The applications themselves (Holoscan operators around the bundle's own pipeline) are in :mod:`.operators`:
+:class:`~.operators.CTHeartApp` (ct_heart: a DICOM study in; DICOM SEG, NIfTI mask, JSON heart volume and views out)
+and :class:`~.operators.ImageSegmentationApp` (vessels, oct_layers: images in; label maps, overlays and JSON out).
 
 Both run as the SDK documents: ``python app.py -i IN -o OUT -m MODEL`` or with ``HOLOSCAN_INPUT_PATH``,
-``HOLOSCAN_OUTPUT_PATH`` and ``HOLOSCAN_MODEL_PATH``. A bad input (no CT series, missing slices, an unreadable
-image) ends the run with exit status 1 and one message naming the input and the reason, and no result files.
+``HOLOSCAN_OUTPUT_PATH`` and ``HOLOSCAN_MODEL_PATH``. :func:`main` checks the command line and the paths before it
+imports the SDK (which imports Holoscan and the whole of MONAI: seconds), then loads the model, then runs the
+application, so a wrong argument is answered at once.
+
+Error contract (:func:`clinseg.pipelines.cli.report_error`): a wrong argument, a missing input or model, an unusable
+output folder or an unusable input (no CT series, missing slices, an unreadable image) ends the run with one line,
+``error: <file or argument>: <problem>``, on stderr and exit status 1; an unexpected error with one line and the path
+of its saved traceback. A failed run writes no result files (outputs are staged, :func:`.runtime.staged_outputs`)
+and removes the output folder if it created it; an existing output folder keeps its contents.
 """
 
 from __future__ import annotations
 
-import json
+import argparse
 import logging
-import shutil
+import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-from monai.deploy.conditions import CountCondition
-from monai.deploy.core import Application, Fragment, Operator, OperatorSpec
-from monai.deploy.operators.dicom_data_loader_operator import DICOMDataLoaderOperator
-from monai.deploy.operators.dicom_series_selector_operator import DICOMSeriesSelectorOperator
-
 from clinseg.datasets.errors import DataError, InputError
-from clinseg.pipelines.cli import find_input_error
-from clinseg.pipelines.deploy.runtime import CT_RULES, BundleRuntime, staged_outputs
+from clinseg.pipelines.cli import find_input_error, report_error
+from clinseg.pipelines.deploy.runtime import find_model_file
 from clinseg.pipelines.paths import require_output_outside_input
 
 logger = logging.getLogger(__name__)
 
-
-class _FailureRecorder:
-    """Operators record the first failure instead of raising into the scheduler, so that the application can end
-    with one clear message and a non-zero exit status after the graph has stopped."""
-
-    failure: BaseException | None = None
-
-    def record(self, error: BaseException) -> None:
-        if self.failure is None:
-            self.failure = error
+LOG_LEVELS = ("DEBUG", "INFO", "WARN", "ERROR", "CRITICAL")
 
 
-class BundleImageOperator(Operator):
-    """Source operator: segments every image of the input folder with the bundle's inference pipeline."""
+class CommandLineParser(argparse.ArgumentParser):
+    """``argparse`` under the error contract: a wrong argument raises an :class:`InputError` naming it (one line,
+    exit status 1 once reported), not argparse's usage text and status 2. ``--help`` still prints the usage."""
 
-    def __init__(self, fragment: Fragment, *args, runtime: BundleRuntime, input_path: Path, output_path: Path,
-                 recorder: _FailureRecorder, **kwargs):  # fmt: skip
-        self.runtime, self.input_path, self.output_path, self.recorder = runtime, input_path, output_path, recorder
-        super().__init__(fragment, *args, **kwargs)  # the base class calls setup(): attributes first
+    def error(self, message: str):
+        argument, sep, problem = message.partition(": ")
+        if message.startswith("argument ") and sep:  # "argument -l/--log-level: invalid choice: ..."
+            raise InputError(argument.removeprefix("argument "), f"{problem} (see --help).")
+        if message.startswith("unrecognized arguments: "):
+            unknown = message.removeprefix("unrecognized arguments: ")
+            raise InputError(unknown, f"{'is not an option' if ' ' not in unknown else 'are not options'} of "
+                             f"{self.prog} (see --help).")  # fmt: skip
+        if message.startswith("the following arguments are required: "):
+            missing = message.removeprefix("the following arguments are required: ")
+            raise InputError(missing, f"{'is' if ', ' not in missing else 'are'} required (see --help).")
+        raise InputError(self.prog, f"{message} (see --help).")
 
-    def setup(self, spec: OperatorSpec):
-        pass
 
-    def compute(self, op_input, op_output, context):
+def argument_parser(prog: str = "app.py") -> CommandLineParser:
+    """The SDK's options (``-i``, ``-o``, ``-m``, ``-l``, ``-w``; ``-t`` is refused: the model runs in-process) and
+    Holoscan's own, which are passed on to Holoscan."""
+    parser = CommandLineParser(prog=prog, description="Run the application (MONAI Deploy SDK command line).")
+    add = parser.add_argument
+    add("-i", "--input", help="input folder or file (default: $HOLOSCAN_INPUT_PATH, else ./input)")
+    add("-o", "--output", help="output folder, created if absent (default: $HOLOSCAN_OUTPUT_PATH, else ./output)")
+    add("-m", "--model", help="model file, or a folder holding one *.ts/*.pt (default: $HOLOSCAN_MODEL_PATH, "
+        "else ./models)")  # fmt: skip
+    add("-l", "--log-level", dest="log_level", type=str.upper, choices=LOG_LEVELS, help="logging level (INFO)")
+    add("-w", "--workdir", help="workspace folder (default: $HOLOSCAN_WORKDIR); unused by these applications")
+    add("-t", "--triton-server-netloc", dest="triton_server_netloc", help=argparse.SUPPRESS)
+    holoscan = parser.add_argument_group("Holoscan options (passed on to Holoscan)")
+    for flag in ("--driver", "--worker"):
+        holoscan.add_argument(flag, action="store_true")
+    for option in ("--address", "--worker-address", "--config"):
+        holoscan.add_argument(option)
+    holoscan.add_argument("--fragments", nargs="+")
+    return parser
+
+
+@dataclass(frozen=True)
+class AppPaths:
+    input: Path
+    output: Path
+    model: Path
+    created: Path | None  # the outermost folder of ``output`` that does not exist yet (the run creates it)
+
+
+def _pick(value: str | None, variable: str, default: str, option: str) -> tuple[Path, str]:
+    """A path from the command line, else the SDK's environment variable, else the SDK's default; and whence."""
+    if value:
+        return Path(value).expanduser().absolute(), option
+    if os.environ.get(variable):
+        return Path(os.environ[variable]).expanduser().absolute(), variable
+    return Path(default).absolute(), f"the default, without {option} or {variable}"
+
+
+def first_missing(path: Path) -> Path | None:
+    """The outermost folder of ``path`` (``path`` included) that does not exist: what a run would create."""
+    missing = None
+    for folder in (path, *path.parents):
+        if folder.exists():
+            break
+        missing = folder
+    return missing
+
+
+def check_paths(args: argparse.Namespace) -> AppPaths:
+    """The input, output and model paths the SDK would use, checked before anything is imported or written."""
+    if args.triton_server_netloc:
+        raise InputError("--triton-server-netloc", "is not supported: these applications run their model "
+                         "in-process.")  # fmt: skip
+    input_path, given = _pick(args.input, "HOLOSCAN_INPUT_PATH", "input", "-i")
+    if not input_path.exists():
+        raise DataError(input_path, f"the input does not exist (given by {given}).")
+    model_path, given = _pick(args.model, "HOLOSCAN_MODEL_PATH", "models", "-m")
+    if not model_path.exists():
+        raise DataError(model_path, f"the model does not exist (given by {given}).")
+    model_file = find_model_file(model_path)
+    output_path, given = _pick(args.output, "HOLOSCAN_OUTPUT_PATH", "output", "-o")
+    if output_path.exists() and not output_path.is_dir():
+        raise DataError(output_path, f"is a file; the output (given by {given}) must be a folder.")
+    created = first_missing(output_path)
+    if created is not None:
+        parent = created.parent
+        if not parent.is_dir():
+            raise DataError(output_path, f"the output folder cannot be created: {parent} is a file.")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise DataError(output_path, f"the output folder cannot be created: no permission to write in {parent}.")
+    elif not os.access(output_path, os.W_OK | os.X_OK):
+        raise DataError(output_path, "the output folder cannot be written (no permission).")
+    workdir = args.workdir or os.environ.get("HOLOSCAN_WORKDIR")
+    if workdir and Path(workdir).exists() and not Path(workdir).is_dir():
+        raise DataError(Path(workdir).absolute(), "is a file; the workspace (-w) must be a folder.")
+    try:  # results inside the input folder are read as inputs next time
+        require_output_outside_input(output_path, input_path)
+    except InputError as e:
+        raise DataError(output_path, f"the output folder {e.problem}") from None
+    return AppPaths(input_path, output_path, model_file, created)
+
+
+def remove_created(output: Path, created: Path | None) -> None:
+    """Remove the folders a failed run created for ``output`` (only empty ones, from ``output`` up to ``created``)."""
+    if created is None:
+        return
+    for folder in (output, *output.parents):
         try:
-            datalist = self.runtime.datalist(self.input_path)
-            with staged_outputs(self.output_path) as staging:
-                account = self.runtime.run(datalist, staging)
-            logger.info(account.replace(str(staging.resolve()), str(self.output_path)))
-        except Exception as e:  # noqa: BLE001 - reported by the application after the graph stops
-            self.recorder.record(e)
+            folder.rmdir()
+        except OSError:
+            return
+        if folder == created:
+            return
 
 
-class HeartSegmentationOperator(Operator):
-    """In: the selected study series (and the loaded studies, to report what was there). Out: files only."""
-
-    def __init__(self, fragment: Fragment, *args, runtime: BundleRuntime, input_path: Path, output_path: Path,
-                 recorder: _FailureRecorder, **kwargs):  # fmt: skip
-        self.runtime, self.input_path, self.output_path, self.recorder = runtime, input_path, output_path, recorder
-        super().__init__(fragment, *args, **kwargs)
-
-    def setup(self, spec: OperatorSpec):
-        spec.input("study_selected_series_list")
-        spec.input("dicom_study_list")
-
-    def compute(self, op_input, op_output, context):
-        selected = op_input.receive("study_selected_series_list")
-        studies = op_input.receive("dicom_study_list")
-        try:
-            self.segment(selected, studies)
-        except Exception as e:  # noqa: BLE001 - reported by the application after the graph stops
-            self.recorder.record(e)
-
-    def segment(self, selected, studies) -> None:
-        seg_problem = None
-        if selected and selected[0].selected_series:
-            series = selected[0].selected_series[0].series
-            datasets = [instance.get_native_sop_instance() for instance in series.get_sop_instances()]
-            files = [str(ds.filename) for ds in datasets]
-            series_uid = str(series.SeriesInstanceUID)
-        else:
-            files = self.anonymised_ct_series(studies)
-            datasets, series_uid = [], ""
-            seg_problem = (
-                "not written: the series is anonymised with empty SOPInstanceUID/SeriesInstanceUID, and a DICOM "
-                "Segmentation must reference its source instances by UID"
-            )
-        with staged_outputs(self.output_path) as staging:
-            try:
-                self.runtime.run([{"image": files, "id": "series", "source": files[0]}], staging)
-            except Exception as e:
-                damaged = self.damaged_file_error()
-                if damaged is None:
-                    raise
-                raise damaged from e
-            if seg_problem is None:
-                frames = dicom_frames(staging / "series_seg.nii.gz", datasets)
-                try:
-                    write_dicom_seg(frames, selected, datasets, staging / "dicom_seg", self.runtime)
-                except Exception as e:  # noqa: BLE001 - a SEG the writer refuses must not cost the NIfTI and JSON
-                    shutil.rmtree(staging / "dicom_seg", ignore_errors=True)
-                    seg_problem = f"not written: the DICOM SEG writer refused this series ({type(e).__name__}: {e})"
-                    logger.warning(f"{self.input_path}: DICOM SEG {seg_problem}; NIfTI and JSON results are written.")
-            else:
-                logger.warning(f"{self.input_path}: DICOM SEG {seg_problem}; NIfTI and JSON results are written.")
-            summary = json.loads((staging / "series.json").read_text())
-            summary.update(
-                input=str(self.input_path),
-                series_instance_uid=series_uid,
-                n_slices=len(files),
-                dicom_seg="written to dicom_seg/" if seg_problem is None else seg_problem,
-            )
-            (staging / "series.json").write_text(json.dumps(summary, indent=2))
-        logger.info(f"heart {summary['volume_ml'].get('heart', 0.0):.1f} mL; results in {self.output_path}")
-
-    def damaged_file_error(self) -> DataError | None:
-        """The SDK's loader skips files it cannot parse, so an empty or damaged slice first shows up as a gap in
-        the series; the project's scan of the whole input folder names the file itself."""
-        from clinseg.datasets.ct.dicom import list_ct_series
-
-        try:
-            list_ct_series(self.input_path)
-        except DataError as e:
-            return e
-        return None
-
-    def anonymised_ct_series(self, studies) -> list[str]:
-        """The SDK's loader drops slices with empty UIDs (anonymised exports); the project's reader groups them by
-        geometry. Their files, or an error naming the input and what it holds."""
-        from clinseg.datasets.ct.dicom import list_ct_series
-
-        try:
-            series = list_ct_series(self.input_path)
-        except DataError:
-            series = []
-        anonymised = [s for s in series if s.modality == "CT" and not s.uid]
-        if anonymised:
-            return anonymised[0].files
-        found = {f"{s.modality or '?'} ({s.n_files} files)" for s in series}
-        for study in studies or []:
-            found |= {f"{s.Modality} ({len(s.get_sop_instances())} files)" for s in study.get_all_series()}
-        listing = ", ".join(sorted(found)) or "no DICOM series"
-        raise DataError(self.input_path, f"holds no CT series matching the selection rules (found: {listing}).")
+def reportable(error: BaseException) -> BaseException:
+    """``error``, or the input error it stands for: a ``FileNotFoundError`` without an errno (raised with a message
+    by a library) is an input problem too."""
+    found = find_input_error(error, (InputError, FileNotFoundError))
+    if isinstance(found, FileNotFoundError) and not (found.errno and found.filename):
+        where, sep, problem = str(found).partition(": ")
+        return InputError(where, problem) if sep else InputError(str(found.filename or "input"), str(found))
+    return error
 
 
-def dicom_frames(mask_path: Path, datasets: list) -> np.ndarray:
-    """The NIfTI mask as DICOM frames ``(n_slices, rows, columns)`` in the order of ``datasets``: each slice is found
-    through its ImagePositionPatient and the mask's affine, so no slice order is assumed."""
-    import nibabel as nib
+def run_application(app: str, config_path: Path, paths: AppPaths, log_level: str | None, argv: list[str]):
+    """Import the SDK, load the model and run the application; the failure its operators recorded, or None."""
+    from monai.deploy.core.arg_parser import set_up_logging
 
-    image = nib.load(mask_path)
-    mask = np.asarray(image.dataobj).astype(np.uint8)
-    to_voxel = np.linalg.inv(image.affine)
-    frames = []
-    for ds in datasets:
-        x, y, z = (float(v) for v in ds.ImagePositionPatient)
-        i, j, k = (to_voxel @ np.array([-x, -y, z, 1.0]))[:3]  # DICOM LPS to the mask's RAS
-        if abs(i) > 0.01 or abs(j) > 0.01 or abs(k - round(k)) > 0.01 or not 0 <= round(k) < mask.shape[2]:
-            raise DataError(getattr(ds, "filename", "slice"), "does not lie on the segmented volume's grid.")
-        frames.append(mask[:, :, int(round(k))].T)  # the mask is [column, row]; a frame is [row, column]
-    return np.stack(frames)
+    from clinseg.pipelines.deploy import operators
+    from clinseg.pipelines.deploy.runtime import BundleRuntime
+
+    set_up_logging(log_level)  # the SDK's format and level (a logging.json in the working folder overrides them)
+    runtime = BundleRuntime(config_path, paths.model)
+    logger.info(f"{runtime.bundle_name}: model {paths.model}; input {paths.input}; output {paths.output}")
+    application = getattr(operators, app)(runtime, paths.input, paths.output, [sys.executable, *argv])
+    application.run()
+    return application.failure
 
 
-# CID 7150 "Segmentation Property Categories": Anatomical Structure, the category of an organ such as the heart
-ANATOMICAL_STRUCTURE = ("123037004", "SCT", "Anatomical Structure")
-
-
-def default_character_set(datasets: list) -> None:
-    """An empty SpecificCharacterSet (as some scanners write it) means the default repertoire; highdicom copies the
-    source's value into the SEG and refuses an empty one, so the empty element is removed (same meaning)."""
-    for ds in datasets:
-        if "SpecificCharacterSet" in ds and not ds.SpecificCharacterSet:
-            del ds.SpecificCharacterSet
-
-
-def write_dicom_seg(frames: np.ndarray, selected, datasets: list, output_dir: Path, runtime: BundleRuntime) -> None:
-    """A DICOM Segmentation object (SDK writer, highdicom) referencing the selected series; one segment per class,
-    coded as an anatomical structure, with the bundle's palette colour as its recommended display colour."""
-    import highdicom as hd
-    from monai.deploy.operators.dicom_seg_writer_operator import DICOMSegmentationWriterOperator, SegmentDescription
-    from monai.deploy.operators.dicom_utils import ModelInfo
-    from pydicom.sr.codedict import codes
-    from pydicom.sr.coding import Code
-
-    class DisplayedSegment(SegmentDescription):  # the SDK's description has no display colour
-        def __init__(self, *args, rgb=None, **kwargs):
-            super().__init__(*args, **kwargs)
-            self.rgb = rgb
-
-        def to_segment_description(self, segment_number: int):
-            description = super().to_segment_description(segment_number)
-            if self.rgb is not None:
-                colour = hd.color.CIELabColor.from_rgb(*(int(v) for v in self.rgb))
-                description.RecommendedDisplayCIELabValue = list(colour.value)
-            return description
-
-    default_character_set(datasets)
-    version = str(runtime.config.get("_meta_", {}).get("version", "0.1.0"))
-    segment_types = {"heart": codes.SCT.Heart}
-    palette = runtime.config.get("palette") or []
-    descriptions = [
-        DisplayedSegment(
-            segment_label=name.capitalize(),
-            segmented_property_category=Code(*ANATOMICAL_STRUCTURE),
-            segmented_property_type=segment_types.get(name, codes.SCT.Organ),
-            algorithm_name=runtime.bundle_name,
-            algorithm_family=codes.DCM.ArtificialIntelligence,
-            algorithm_version=version,
-            rgb=palette[index] if index < len(palette) else None,
-        )
-        for index, name in enumerate(runtime.class_names[1:], start=1)
-    ]
-    writer = DICOMSegmentationWriterOperator(
-        Fragment(),
-        segment_descriptions=descriptions,
-        output_folder=output_dir,
-        custom_tags={"SeriesDescription": f"{runtime.bundle_name} segmentation, research use only"},
-        model_info=ModelInfo("clinical-seg-pipeline", runtime.bundle_name, version, ""),
-        omit_empty_frames=False,  # one frame per source slice: consumers need not reconstruct missing frames
-        name="dicom_seg_writer",
-    )
-    writer.process_images(frames, selected, output_dir)
-
-
-class _BundleApp(Application, _FailureRecorder):
-    def __init__(self, config_path: Path, *args, **kwargs):
-        self.config_path = Path(config_path)
-        super().__init__(*args, **kwargs)
-
-    def context(self):
-        try:
-            app_context = Application.init_app_context(self.argv)  # -i/-o/-m, or the HOLOSCAN_* variables
-        except OSError as e:  # the SDK creates the output folder while parsing the arguments
-            raise DataError(e.filename or "the -o output folder", f"cannot be created ({e.strerror}).") from e
-        # before the model is loaded or a result written: results inside the input folder are read as inputs next time
-        require_output_outside_input(app_context.output_path, app_context.input_path)
-        runtime = BundleRuntime(self.config_path, app_context.model_path)
-        return runtime, Path(app_context.input_path), Path(app_context.output_path)
-
-
-class ImageSegmentationApp(_BundleApp):
-    """Image files in; label maps, overlays and JSON results out (vessels, oct_layers)."""
-
-    def compose(self):
-        runtime, input_path, output_path = self.context()
-        segment = BundleImageOperator(
-            self, CountCondition(self, 1), runtime=runtime, input_path=input_path, output_path=output_path,
-            recorder=self, name="bundle_image_segmentation",
-        )  # fmt: skip
-        self.add_operator(segment)
-
-
-class CTHeartApp(_BundleApp):
-    """A DICOM study folder in; DICOM SEG, NIfTI mask, JSON heart volume and pictures out."""
-
-    def compose(self):
-        runtime, input_path, output_path = self.context()
-        # the series selection rule is configurable: series_rules.json beside app.py (the SDK's rule format)
-        rules_file = self.config_path.parents[1] / "series_rules.json"
-        rules = json.loads(rules_file.read_text()) if rules_file.is_file() else CT_RULES
-        # must_load=False: an input without DICOM files reaches the segmentation operator, which names the problem
-        loader = DICOMDataLoaderOperator(
-            self, CountCondition(self, 1), input_folder=input_path, must_load=False, name="dicom_loader"
-        )
-        selector = DICOMSeriesSelectorOperator(self, rules=json.dumps(rules), name="series_selector")
-        segment = HeartSegmentationOperator(
-            self, runtime=runtime, input_path=input_path, output_path=output_path, recorder=self,
-            name="heart_segmentation",
-        )  # fmt: skip
-        self.add_flow(loader, selector, {("dicom_study_list", "dicom_study_list")})
-        self.add_flow(loader, segment, {("dicom_study_list", "dicom_study_list")})
-        self.add_flow(selector, segment, {("study_selected_series_list", "study_selected_series_list")})
-
-
-def root_cause(error: BaseException) -> BaseException:
-    """The input error behind the wrappers that MONAI's transforms and config expressions add around it."""
-    return find_input_error(error, (InputError, FileNotFoundError)) or error
-
-
-def main(app_class: type[_BundleApp], config_path: str | Path, argv: list[str] | None = None) -> int:
-    """Run an application; exit status 0 on success, 1 with one message on stderr when an input is unusable."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    app = app_class(Path(config_path)) if argv is None else app_class(Path(config_path), argv)
+def main(app: str, config_path: str | Path, argv: list[str] | None = None) -> int:
+    """Run the application named ``app`` (``"CTHeartApp"``, ``"ImageSegmentationApp"``) with the bundle config at
+    ``config_path``; ``argv`` as ``sys.argv`` (program first). Exit status 0, or 1 with the contract's one line."""
+    argv = list(sys.argv if argv is None else argv)
+    paths = None
     try:
-        app.run()
-    except (InputError, FileNotFoundError) as e:  # raised while composing (the model path, the output folder)
-        app.record(e)
-    if app.failure is None:
+        args = argument_parser((Path(argv[0]).name if argv else "") or "app.py").parse_args(argv[1:])
+        paths = check_paths(args)
+        failure = run_application(app, Path(config_path), paths, args.log_level, argv)
+    except Exception as e:  # noqa: BLE001 - every failure ends in the contract's one line
+        failure = e
+    except BaseException:  # KeyboardInterrupt: nothing of the run stays behind either
+        if paths is not None:
+            remove_created(paths.output, paths.created)
+        raise
+    if failure is None:
         return 0
-    error = root_cause(app.failure)
-    if isinstance(error, (InputError, FileNotFoundError)):
-        print(f"error: {error}", file=sys.stderr)
-    else:
-        logger.error("unexpected failure", exc_info=app.failure)
-        print(f"error: {type(error).__name__}: {error}", file=sys.stderr)
-    return 1
+    if paths is not None:
+        remove_created(paths.output, paths.created)
+    return report_error(reportable(failure))

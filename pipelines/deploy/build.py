@@ -17,20 +17,28 @@ The folder holds everything the application needs and nothing of the repository 
   ``clinseg.transforms``);
 - ``series_rules.json`` (CT): the DICOM series selection rule, editable (the SDK's rule format);
 - ``README.md``: how to run and package it.
+
+Everything is checked before anything is written: the bundle, the checkpoint (it must fit the network the overrides
+describe), the overrides (``KEY=JSON``, ids of the bundle's train or inference config, values of the kind the config
+expects) and ``--out`` (new or empty). A problem is one line on stderr, ``error: <file, argument or config key>:
+<problem>``, and exit status 1 (:func:`clinseg.pipelines.cli.report_error`); the folder is built under a temporary
+name beside ``--out`` and renamed into place at the end, so a failed build leaves nothing behind (folders it created
+for ``--out`` included).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
-import sys
+import warnings
 from pathlib import Path
 
-from clinseg.pipelines.cli import parse_overrides
+from clinseg.datasets.errors import DataError, InputError
+from clinseg.pipelines.cli import ConfigError, entry_point
+from clinseg.pipelines.deploy.apps import CommandLineParser, first_missing, remove_created
 from clinseg.pipelines.deploy.runtime import CT_RULES
-from clinseg.pipelines.export import REPO_ROOT, bundle_config, bundle_paths, compare, export_torchscript
+from clinseg.pipelines.paths import PROJECT_ROOT as REPO_ROOT
 
 PACKAGES = ("datasets", "transforms", "pipelines")
 IGNORED = shutil.ignore_patterns("__pycache__", "*.pyc", "benchmarks", "demo.py", "experiments.py")
@@ -46,10 +54,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the project code shipped beside this file
 
-from clinseg.pipelines.deploy.apps import {app_class}, main  # noqa: E402
+from clinseg.pipelines.deploy.apps import main  # noqa: E402
 
 if __name__ == "__main__":
-    raise SystemExit(main({app_class}, Path(__file__).resolve().parent / "bundle" / "inference.json"))
+    raise SystemExit(main("{app_class}", Path(__file__).resolve().parent / "bundle" / "inference.json"))
 '''
 
 MAIN_PY = '''"""Entry point of the application folder (``python <folder>``), as a MONAI Application Package runs it."""
@@ -90,8 +98,9 @@ ulimit -s 32768   # Holoscan asks for a larger stack than the default 8 MB
 # or: HOLOSCAN_INPUT_PATH=... HOLOSCAN_OUTPUT_PATH=... HOLOSCAN_MODEL_PATH={model} .venv/bin/python app.py
 ```
 
-Exit status 0 on success; 1 with one message naming the input and the reason when an input is unusable, and then
-no result files are written (outputs are staged and moved into place only at the end).
+Exit status 0 on success; 1 with one line naming the argument, file or folder and the reason when an argument or an
+input is unusable (`error: <file or argument>: <problem>`), and then no result files are written (outputs are staged
+and moved into place only at the end) and an output folder the run created is removed again.
 
 ## Package as a MONAI Application Package (needs Docker with buildx, and network access for the base image)
 
@@ -124,7 +133,92 @@ KINDS = {
 
 def expanded_config(bundle: str, overrides: dict) -> dict:
     """The bundle's inference config (and metadata) with the overrides applied, as one dictionary."""
-    return bundle_config(bundle, overrides, with_metadata=True).get()
+    from clinseg.pipelines.export import bundle_config
+
+    with warnings.catch_warnings():  # MONAI's note on the metadata's `optional_packages_version` name
+        warnings.filterwarnings("ignore", message="Detected deprecated name")
+        return bundle_config(bundle, overrides, with_metadata=True).get()
+
+
+def bundle_root(bundle: str) -> Path:
+    """The bundle's folder: a name under ``bundles/`` or a folder path; else an :class:`InputError` naming it."""
+    root = Path(bundle) if os.sep in bundle or bundle.startswith(".") else REPO_ROOT / "bundles" / bundle
+    if not (root / "configs" / "train.json").is_file() or not (root / "configs" / "inference.json").is_file():
+        names = sorted(p.parent.parent.name for p in (REPO_ROOT / "bundles").glob("*/configs/inference.json"))
+        raise InputError(bundle, f"is not a bundle of this project (no {root}/configs/train.json and inference.json)"
+                         f"; the bundles: {', '.join(names)}, or a bundle folder.")  # fmt: skip
+    return root.resolve()
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """``KEY=JSON`` items (``network_def#channels=[8,16,32]``, ``name="text"``) as a dictionary."""
+    overrides = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise InputError(f"--override {item}", "is not KEY=JSON (e.g. network_def#channels=[8,16,32]).")
+        try:
+            overrides[key] = json.loads(value)
+        except ValueError as e:
+            quote = f""" (a text is quoted: {key}='"{value}"')""" if value[:1].isalpha() else ""
+            raise ConfigError(key, f"the value {value!r} is not JSON: {e}{quote}.") from None
+    return overrides
+
+
+def check_overrides(root: Path, overrides: dict) -> None:
+    """Every override names an id of the bundle's train or inference config (those given at training are accepted)
+    and has the kind of value the config expects (:mod:`clinseg.pipelines.config_checks`); one line each."""
+    from monai.bundle import ConfigParser
+
+    from clinseg.pipelines.config_checks import check_override_keys, check_values
+    from clinseg.pipelines.export import bundle_config
+
+    configs = root / "configs"
+    try:
+        check_override_keys([str(configs / "train.json"), str(configs / "inference.json")], overrides)
+        defaults = ConfigParser.load_config_files(str(configs / "inference.json"))
+        check_values(bundle_config(str(root), overrides), defaults, overrides)
+    except ConfigError as e:  # the hint names `--key`, the syntax of bundle runs; here it is --override key=...
+        hint = f" {e.hint.replace('--', '')}" if e.hint and e.hint.startswith("Did you mean") else ""
+        raise ConfigError(e.key, e.problem + hint) from None
+
+
+def checked_network(root: Path, checkpoint: Path, overrides: dict):
+    """The bundle's ``network_def`` (overrides applied) with the checkpoint's weights, or one line saying which
+    override the network refused or how the checkpoint differs from it."""
+    from clinseg.pipelines.checkpoints import load_network_weights
+    from clinseg.pipelines.export import bundle_config
+
+    try:
+        network = bundle_config(str(root), overrides).get_parsed_content("network_def")
+    except Exception as e:  # noqa: BLE001 - the constructor's refusal, named after the overrides that fed it
+        keys = [key for key in overrides if key.replace("::", "#").startswith("network_def")]
+        cause = e.__cause__
+        if not keys or not isinstance(cause, (ValueError, TypeError)):
+            raise
+        target = str(e).split("'")[1] if str(e).startswith("Failed to instantiate component '") else "network_def"
+        refused = f"{target} refused {'it' if len(keys) == 1 else 'them'}: {str(cause).strip().splitlines()[0]}"
+        if len(keys) == 1:
+            raise ConfigError(keys[0], refused) from e
+        raise InputError(f"the overrides {', '.join(keys)}", refused) from e
+    try:
+        return load_network_weights(network, checkpoint)
+    except DataError as e:  # one line; the hint of training runs names their options, not the build's
+        if "not a PyTorch checkpoint" in e.problem or "does not exist" in e.problem:
+            raise DataError(checkpoint, e.problem) from None
+        raise DataError(checkpoint, f"{e.problem} Pass the network settings it was trained with "
+                        "(--override network_def#channels=...), or another --checkpoint.") from None  # fmt: skip
+
+
+def check_out(out_dir: Path) -> None:
+    """``--out`` must be a new or empty folder that can be created."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise DataError(out_dir, "is a file; --out must be a new or empty folder.")
+    if out_dir.is_dir() and any(out_dir.iterdir()):
+        raise DataError(out_dir, "exists and is not empty; choose a new folder.")
+    created = first_missing(out_dir)
+    if created is not None and not created.parent.is_dir():
+        raise DataError(out_dir, f"cannot be created: {created.parent} is a file.")
 
 
 def build_app(
@@ -137,18 +231,33 @@ def build_app(
 ) -> dict:
     """Build the application folder; ``model_format`` ``"checkpoint"`` ships ``models/model.pt`` (loaded into
     ``network_def`` by the app) beside the checked TorchScript export instead of using the export."""
-    paths = bundle_paths(bundle)
-    out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise SystemExit(f"error: {out_dir}: exists and is not empty; choose a new folder.")
+    from clinseg.pipelines.export import compare, export_torchscript
+
+    root = bundle_root(bundle)
+    out_dir = Path(out_dir).absolute()
+    if not checkpoint.is_file():
+        raise DataError(checkpoint, f"{'is not a file' if checkpoint.exists() else 'does not exist'}; train the "
+                        "bundle first or pass --checkpoint.")  # fmt: skip
+    check_out(out_dir)
+    check_overrides(root, overrides)
+    checked_network(root, checkpoint, overrides)
+    paths = {"root": root, "metadata": root / "configs" / "metadata.json"}
+    bundle = str(root)  # export's helpers take a folder path as well as a name
     staging = out_dir.with_name(f".{out_dir.name}.building")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
+    created = first_missing(staging)
+    built = False
     try:
-        export_torchscript(bundle, checkpoint, staging / "models" / "model.ts", overrides)
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        try:
+            export_torchscript(bundle, checkpoint, staging / "models" / "model.ts", overrides)
+        except SystemExit as e:  # its message holds the exporter's whole output: the saved traceback keeps it
+            lines = [line for line in str(e.code).splitlines() if line.strip()]
+            last = next((line for line in reversed(lines) if line.startswith(("error:", "internal error:"))), lines[-1])
+            raise RuntimeError(f"monai.bundle ckpt_export failed: {last}\n" + "\n".join(lines)) from None
         parity = compare(bundle, checkpoint, staging / "models" / "model.ts", overrides)
         if parity["max_abs_logit_difference"] > tolerance:
-            raise SystemExit(f"error: the TorchScript export differs from the checkpoint: {parity}")
+            raise RuntimeError(f"the TorchScript export differs from the checkpoint by more than {tolerance}: {parity}")
         if model_format == "checkpoint":
             (staging / "models" / "model.ts").unlink()  # the export was only written to check parity
             shutil.copy(checkpoint, staging / "models" / "model.pt")
@@ -162,7 +271,7 @@ def build_app(
         for package in PACKAGES:  # under the import root the configs name (clinseg.pipelines, ...)
             shutil.copytree(REPO_ROOT / package, staging / "clinseg" / package, ignore=IGNORED)
         shutil.copy(REPO_ROOT / "requirements-deploy.txt", staging / "requirements.txt")
-        values = {"bundle": paths["root"].name, "title": metadata["name"], "version": metadata["version"], **kind}
+        values = {"bundle": root.name, "title": metadata["name"], "version": metadata["version"], **kind}
         values["model"] = f"models/{'model.pt' if model_format == 'checkpoint' else 'model.ts'}"
         (staging / "app.py").write_text(APP_PY.format(**values))
         (staging / "__main__.py").write_text(MAIN_PY)
@@ -176,13 +285,17 @@ def build_app(
         if out_dir.exists():
             out_dir.rmdir()
         os.replace(staging, out_dir)
+        built = True
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        if not built:
+            remove_created(staging.parent, created if created != staging else None)
     return report
 
 
+@entry_point  # any error: the contract's one line (report_error) and exit status 1
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = CommandLineParser(prog="python -m clinseg.pipelines.deploy", description=__doc__.splitlines()[0])
     parser.add_argument("bundle", help="bundle name (ct_heart, vessels, oct_layers) or a bundle folder")
     parser.add_argument("--out", required=True, help="the application folder to create (new or empty)")
     parser.add_argument("--checkpoint", default=None, help="default: <bundle>/models/model.pt")
@@ -194,10 +307,8 @@ def main(argv: list[str] | None = None) -> int:
         help="ship models/model.ts (default) or models/model.pt + network_def (no TorchScript)",
     )
     args = parser.parse_args(argv)
-    checkpoint = Path(args.checkpoint or bundle_paths(args.bundle)["root"] / "models" / "model.pt")
-    if not checkpoint.is_file():
-        print(f"error: {checkpoint}: does not exist; train the bundle first or pass --checkpoint.", file=sys.stderr)
-        return 2
+    root = bundle_root(args.bundle)
+    checkpoint = Path(args.checkpoint or root / "models" / "model.pt").absolute()
     overrides = parse_overrides(args.override)
     report = build_app(args.bundle, Path(args.out), checkpoint, overrides, model_format=args.model_format)
     print(json.dumps(report, indent=2))

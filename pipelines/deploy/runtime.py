@@ -6,6 +6,9 @@ applied, written by :mod:`clinseg.pipelines.deploy.build`), so the app preproces
 a checkpoint loaded into ``network_def``) and the checkpoint loader is dropped. Outputs are written to a staging
 folder inside the output folder and moved into place only when every input has succeeded, so a failed run leaves no
 partial files that look like results.
+
+torch and MONAI are imported on first use: :mod:`.apps` finds the model file (:func:`find_model_file`) while it
+checks the command line, before the seconds those imports take.
 """
 
 from __future__ import annotations
@@ -18,10 +21,12 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+from clinseg.datasets.errors import DataError
 
-from clinseg.pipelines.checkpoints import load_network_weights
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -31,22 +36,29 @@ CT_RULES = {"selections": [{"name": "CT series", "conditions": {"Modality": "(?i
 
 def find_model_file(model_path: str | os.PathLike) -> Path:
     """The model file at ``model_path``: a file, or a folder holding one ``*.ts``/``*.pt`` file at any depth (the
-    MONAI Application Package layout ``models/<name>/model.ts``)."""
-    path = Path(model_path)
+    MONAI Application Package layout ``models/<name>/model.ts``); else a :class:`DataError` naming the path."""
+    path = Path(model_path).absolute()
     if path.is_dir():
         candidates = sorted(p for p in path.rglob("*") if p.suffix in (".ts", ".pt") and p.is_file())
         if len(candidates) != 1:
-            raise FileNotFoundError(f"{path}: expected one model file (*.ts or *.pt) in it, found {len(candidates)}.")
+            listed = f" ({', '.join(str(c.relative_to(path)) for c in candidates[:3])})" if candidates else ""
+            raise DataError(path, f"expected one model file (*.ts or *.pt) in this folder, found {len(candidates)}"
+                            f"{listed}.")  # fmt: skip
         path = candidates[0]
+    if not path.exists():
+        raise DataError(path, "the model file does not exist.")
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: the model file does not exist.")
+        raise DataError(path, "is not a model file.")
     return path
 
 
 def load_network(model_path: str | os.PathLike, config: dict) -> torch.nn.Module:
     """The network of a deployed bundle: a TorchScript export (``model.ts``), or a checkpoint (``model.pt``, a state
     dict) loaded into the bundle's ``network_def``, the path that needs no TorchScript."""
+    import torch
     from monai.bundle import ConfigParser
+
+    from clinseg.pipelines.checkpoints import check_state_dict, model_state, read_checkpoint
 
     path = find_model_file(model_path)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -56,9 +68,17 @@ def load_network(model_path: str | os.PathLike, config: dict) -> torch.nn.Module
         pass
     network = ConfigParser(config).get_parsed_content("network_def")
     try:
-        load_network_weights(network, path, map_location=device)
-    except Exception as e:  # noqa: BLE001 - any unreadable file gets the same clear message
-        raise FileNotFoundError(f"{path}: neither a TorchScript model nor a checkpoint ({e}).") from e
+        state = model_state(read_checkpoint(path, map_location=device))
+    except DataError as e:
+        if "not a PyTorch checkpoint" not in e.problem:
+            raise DataError(path, e.problem) from e
+        raise DataError(path, "is neither a TorchScript model nor a PyTorch checkpoint (empty, truncated or another "
+                        "kind of file).") from e  # fmt: skip
+    try:
+        check_state_dict(path, network, state)
+    except DataError as e:  # one line: the training hint (--checkpoint_path) does not apply to an app
+        raise DataError(path, e.problem) from e
+    network.load_state_dict(state)
     return network.to(device).eval()
 
 

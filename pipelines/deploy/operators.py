@@ -1,0 +1,284 @@
+"""The MONAI Deploy side of the applications: Holoscan operators around the bundle's own pipeline.
+
+Importing this module imports the MONAI Deploy SDK, Holoscan and, with the SDK, the whole of MONAI (the SDK lives in
+the ``monai`` namespace, and ``import monai`` loads every MONAI submodule): seconds. :mod:`.apps` checks the command
+line and the paths first and imports this module only then.
+
+- :class:`CTHeartApp` (ct_heart): a DICOM study folder in; the SDK's DICOM loader and series selector (Modality CT
+  and an optional rule file) pick the series; the bundle reads it (HU, geometry checks), segments the heart and
+  writes a DICOM Segmentation object through the SDK's highdicom-based writer (heart coded as SNOMED CT
+  80891009, referencing the source series), the mask as NIfTI in the series' patient space, a JSON result with the
+  heart volume in mL, and orthogonal views.
+- :class:`ImageSegmentationApp` (vessels, oct_layers): image files in (PNG/TIFF/JPEG, and Duke ``.mat`` for OCT);
+  per image a label map, a colour overlay and a JSON result (vessel area fraction inside the field of view; mean
+  thickness of each retinal layer).
+
+Operators record the first failure instead of raising into the scheduler; :func:`clinseg.pipelines.deploy.apps.main`
+reports it after the graph has stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+from monai.deploy.conditions import CountCondition
+from monai.deploy.core import Application, Fragment, Operator, OperatorSpec
+from monai.deploy.operators.dicom_data_loader_operator import DICOMDataLoaderOperator
+from monai.deploy.operators.dicom_series_selector_operator import DICOMSeriesSelectorOperator
+
+from clinseg.datasets.errors import DataError
+from clinseg.pipelines.deploy.runtime import CT_RULES, BundleRuntime, staged_outputs
+
+logger = logging.getLogger(__name__)
+
+
+class _FailureRecorder:
+    """Operators record the first failure instead of raising into the scheduler, so that the application can end
+    with one clear message and a non-zero exit status after the graph has stopped."""
+
+    failure: BaseException | None = None
+
+    def record(self, error: BaseException) -> None:
+        if self.failure is None:
+            self.failure = error
+
+
+class BundleImageOperator(Operator):
+    """Source operator: segments every image of the input folder with the bundle's inference pipeline."""
+
+    def __init__(self, fragment: Fragment, *args, runtime: BundleRuntime, input_path: Path, output_path: Path,
+                 recorder: _FailureRecorder, **kwargs):  # fmt: skip
+        self.runtime, self.input_path, self.output_path, self.recorder = runtime, input_path, output_path, recorder
+        super().__init__(fragment, *args, **kwargs)  # the base class calls setup(): attributes first
+
+    def setup(self, spec: OperatorSpec):
+        pass
+
+    def compute(self, op_input, op_output, context):
+        try:
+            datalist = self.runtime.datalist(self.input_path)
+            with staged_outputs(self.output_path) as staging:
+                account = self.runtime.run(datalist, staging)
+            logger.info(account.replace(str(staging.resolve()), str(self.output_path)))
+        except Exception as e:  # noqa: BLE001 - reported by the application after the graph stops
+            self.recorder.record(e)
+
+
+class HeartSegmentationOperator(Operator):
+    """In: the selected study series (and the loaded studies, to report what was there). Out: files only."""
+
+    def __init__(self, fragment: Fragment, *args, runtime: BundleRuntime, input_path: Path, output_path: Path,
+                 recorder: _FailureRecorder, **kwargs):  # fmt: skip
+        self.runtime, self.input_path, self.output_path, self.recorder = runtime, input_path, output_path, recorder
+        super().__init__(fragment, *args, **kwargs)
+
+    def setup(self, spec: OperatorSpec):
+        spec.input("study_selected_series_list")
+        spec.input("dicom_study_list")
+
+    def compute(self, op_input, op_output, context):
+        selected = op_input.receive("study_selected_series_list")
+        studies = op_input.receive("dicom_study_list")
+        try:
+            self.segment(selected, studies)
+        except Exception as e:  # noqa: BLE001 - reported by the application after the graph stops
+            self.recorder.record(e)
+
+    def segment(self, selected, studies) -> None:
+        seg_problem = None
+        if selected and selected[0].selected_series:
+            series = selected[0].selected_series[0].series
+            datasets = [instance.get_native_sop_instance() for instance in series.get_sop_instances()]
+            files = [str(ds.filename) for ds in datasets]
+            series_uid = str(series.SeriesInstanceUID)
+        else:
+            files = self.anonymised_ct_series(studies)
+            datasets, series_uid = [], ""
+            seg_problem = (
+                "not written: the series is anonymised with empty SOPInstanceUID/SeriesInstanceUID, and a DICOM "
+                "Segmentation must reference its source instances by UID"
+            )
+        with staged_outputs(self.output_path) as staging:
+            try:
+                self.runtime.run([{"image": files, "id": "series", "source": files[0]}], staging)
+            except Exception as e:
+                damaged = self.damaged_file_error()
+                if damaged is None:
+                    raise
+                raise damaged from e
+            if seg_problem is None:
+                frames = dicom_frames(staging / "series_seg.nii.gz", datasets)
+                try:
+                    write_dicom_seg(frames, selected, datasets, staging / "dicom_seg", self.runtime)
+                except Exception as e:  # noqa: BLE001 - a SEG the writer refuses must not cost the NIfTI and JSON
+                    shutil.rmtree(staging / "dicom_seg", ignore_errors=True)
+                    seg_problem = f"not written: the DICOM SEG writer refused this series ({type(e).__name__}: {e})"
+                    logger.warning(f"{self.input_path}: DICOM SEG {seg_problem}; NIfTI and JSON results are written.")
+            else:
+                logger.warning(f"{self.input_path}: DICOM SEG {seg_problem}; NIfTI and JSON results are written.")
+            summary = json.loads((staging / "series.json").read_text())
+            summary.update(
+                input=str(self.input_path),
+                series_instance_uid=series_uid,
+                n_slices=len(files),
+                dicom_seg="written to dicom_seg/" if seg_problem is None else seg_problem,
+            )
+            (staging / "series.json").write_text(json.dumps(summary, indent=2))
+        logger.info(f"heart {summary['volume_ml'].get('heart', 0.0):.1f} mL; results in {self.output_path}")
+
+    def damaged_file_error(self) -> DataError | None:
+        """The SDK's loader skips files it cannot parse, so an empty or damaged slice first shows up as a gap in
+        the series; the project's scan of the whole input folder names the file itself."""
+        from clinseg.datasets.ct.dicom import list_ct_series
+
+        try:
+            list_ct_series(self.input_path)
+        except DataError as e:
+            return e
+        return None
+
+    def anonymised_ct_series(self, studies) -> list[str]:
+        """The SDK's loader drops slices with empty UIDs (anonymised exports); the project's reader groups them by
+        geometry. Their files, or an error naming the input and what it holds."""
+        from clinseg.datasets.ct.dicom import list_ct_series
+
+        try:
+            series = list_ct_series(self.input_path)
+        except DataError:
+            series = []
+        anonymised = [s for s in series if s.modality == "CT" and not s.uid]
+        if anonymised:
+            return anonymised[0].files
+        found = {f"{s.modality or '?'} ({s.n_files} files)" for s in series}
+        for study in studies or []:
+            found |= {f"{s.Modality} ({len(s.get_sop_instances())} files)" for s in study.get_all_series()}
+        listing = ", ".join(sorted(found)) or "no DICOM series"
+        raise DataError(self.input_path, f"holds no CT series matching the selection rules (found: {listing}).")
+
+
+def dicom_frames(mask_path: Path, datasets: list) -> np.ndarray:
+    """The NIfTI mask as DICOM frames ``(n_slices, rows, columns)`` in the order of ``datasets``: each slice is found
+    through its ImagePositionPatient and the mask's affine, so no slice order is assumed."""
+    import nibabel as nib
+
+    image = nib.load(mask_path)
+    mask = np.asarray(image.dataobj).astype(np.uint8)
+    to_voxel = np.linalg.inv(image.affine)
+    frames = []
+    for ds in datasets:
+        x, y, z = (float(v) for v in ds.ImagePositionPatient)
+        i, j, k = (to_voxel @ np.array([-x, -y, z, 1.0]))[:3]  # DICOM LPS to the mask's RAS
+        if abs(i) > 0.01 or abs(j) > 0.01 or abs(k - round(k)) > 0.01 or not 0 <= round(k) < mask.shape[2]:
+            raise DataError(getattr(ds, "filename", "slice"), "does not lie on the segmented volume's grid.")
+        frames.append(mask[:, :, int(round(k))].T)  # the mask is [column, row]; a frame is [row, column]
+    return np.stack(frames)
+
+
+# CID 7150 "Segmentation Property Categories": Anatomical Structure, the category of an organ such as the heart
+ANATOMICAL_STRUCTURE = ("123037004", "SCT", "Anatomical Structure")
+
+
+def default_character_set(datasets: list) -> None:
+    """An empty SpecificCharacterSet (as some scanners write it) means the default repertoire; highdicom copies the
+    source's value into the SEG and refuses an empty one, so the empty element is removed (same meaning)."""
+    for ds in datasets:
+        if "SpecificCharacterSet" in ds and not ds.SpecificCharacterSet:
+            del ds.SpecificCharacterSet
+
+
+def write_dicom_seg(frames: np.ndarray, selected, datasets: list, output_dir: Path, runtime: BundleRuntime) -> None:
+    """A DICOM Segmentation object (SDK writer, highdicom) referencing the selected series; one segment per class,
+    coded as an anatomical structure, with the bundle's palette colour as its recommended display colour."""
+    import highdicom as hd
+    from monai.deploy.operators.dicom_seg_writer_operator import DICOMSegmentationWriterOperator, SegmentDescription
+    from monai.deploy.operators.dicom_utils import ModelInfo
+    from pydicom.sr.codedict import codes
+    from pydicom.sr.coding import Code
+
+    class DisplayedSegment(SegmentDescription):  # the SDK's description has no display colour
+        def __init__(self, *args, rgb=None, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.rgb = rgb
+
+        def to_segment_description(self, segment_number: int):
+            description = super().to_segment_description(segment_number)
+            if self.rgb is not None:
+                colour = hd.color.CIELabColor.from_rgb(*(int(v) for v in self.rgb))
+                description.RecommendedDisplayCIELabValue = list(colour.value)
+            return description
+
+    default_character_set(datasets)
+    version = str(runtime.config.get("_meta_", {}).get("version", "0.1.0"))
+    segment_types = {"heart": codes.SCT.Heart}
+    palette = runtime.config.get("palette") or []
+    descriptions = [
+        DisplayedSegment(
+            segment_label=name.capitalize(),
+            segmented_property_category=Code(*ANATOMICAL_STRUCTURE),
+            segmented_property_type=segment_types.get(name, codes.SCT.Organ),
+            algorithm_name=runtime.bundle_name,
+            algorithm_family=codes.DCM.ArtificialIntelligence,
+            algorithm_version=version,
+            rgb=palette[index] if index < len(palette) else None,
+        )
+        for index, name in enumerate(runtime.class_names[1:], start=1)
+    ]
+    writer = DICOMSegmentationWriterOperator(
+        Fragment(),
+        segment_descriptions=descriptions,
+        output_folder=output_dir,
+        custom_tags={"SeriesDescription": f"{runtime.bundle_name} segmentation, research use only"},
+        model_info=ModelInfo("clinical-seg-pipeline", runtime.bundle_name, version, ""),
+        omit_empty_frames=False,  # one frame per source slice: consumers need not reconstruct missing frames
+        name="dicom_seg_writer",
+    )
+    writer.process_images(frames, selected, output_dir)
+
+
+class _BundleApp(Application, _FailureRecorder):
+    """An application over a loaded :class:`BundleRuntime`; the paths were checked by :mod:`.apps` beforehand."""
+
+    def __init__(self, runtime: BundleRuntime, input_path: Path, output_path: Path, *args, **kwargs):
+        self.runtime, self.input_path, self.output_path = runtime, Path(input_path), Path(output_path)
+        super().__init__(*args, **kwargs)
+
+    def context(self):
+        return self.runtime, self.input_path, self.output_path
+
+
+class ImageSegmentationApp(_BundleApp):
+    """Image files in; label maps, overlays and JSON results out (vessels, oct_layers)."""
+
+    def compose(self):
+        runtime, input_path, output_path = self.context()
+        segment = BundleImageOperator(
+            self, CountCondition(self, 1), runtime=runtime, input_path=input_path, output_path=output_path,
+            recorder=self, name="bundle_image_segmentation",
+        )  # fmt: skip
+        self.add_operator(segment)
+
+
+class CTHeartApp(_BundleApp):
+    """A DICOM study folder in; DICOM SEG, NIfTI mask, JSON heart volume and pictures out."""
+
+    def compose(self):
+        runtime, input_path, output_path = self.context()
+        # the series selection rule is configurable: series_rules.json beside app.py (the SDK's rule format)
+        rules_file = runtime.config_path.parents[1] / "series_rules.json"
+        rules = json.loads(rules_file.read_text()) if rules_file.is_file() else CT_RULES
+        # must_load=False: an input without DICOM files reaches the segmentation operator, which names the problem
+        loader = DICOMDataLoaderOperator(
+            self, CountCondition(self, 1), input_folder=input_path, must_load=False, name="dicom_loader"
+        )
+        selector = DICOMSeriesSelectorOperator(self, rules=json.dumps(rules), name="series_selector")
+        segment = HeartSegmentationOperator(
+            self, runtime=runtime, input_path=input_path, output_path=output_path, recorder=self,
+            name="heart_segmentation",
+        )  # fmt: skip
+        self.add_flow(loader, selector, {("dicom_study_list", "dicom_study_list")})
+        self.add_flow(loader, segment, {("dicom_study_list", "dicom_study_list")})
+        self.add_flow(selector, segment, {("study_selected_series_list", "study_selected_series_list")})
