@@ -230,12 +230,22 @@ def require_writable_dir(path: str | os.PathLike, what: str) -> str:
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """``argparse`` under the error contract: a wrong argument is one line and exit status 1, not the usage text
-    and status 2 (``--help`` still prints the usage)."""
+    """``argparse`` under the error contract: a wrong argument raises an :class:`InputError` naming it (one line and
+    exit status 1 once reported by :func:`entry_point` or the hook), not argparse's usage text and status 2.
+    ``--help`` still prints the usage."""
 
     def error(self, message: str):
-        print(f"error: {self.prog}: {message} (see --help).", file=sys.stderr)
-        raise SystemExit(1)
+        argument, sep, problem = message.partition(": ")
+        if message.startswith("argument ") and sep:  # "argument -l/--log-level: invalid choice: ..."
+            raise InputError(argument.removeprefix("argument "), f"{problem} (see --help).")
+        if message.startswith("unrecognized arguments: "):
+            unknown = message.removeprefix("unrecognized arguments: ")
+            options = "is not an option" if " " not in unknown else "are not options"
+            raise InputError(unknown, f"{options} of {self.prog} (see --help).")
+        if message.startswith("the following arguments are required: "):
+            missing = message.removeprefix("the following arguments are required: ")
+            raise InputError(missing, f"{'is' if ', ' not in missing else 'are'} required (see --help).")
+        raise InputError(self.prog, f"{message} (see --help).")
 
 
 def entry_point(main: Callable[..., int]) -> Callable[..., int]:

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from clinseg.datasets.errors import DataError, InputError
-from clinseg.pipelines.cli import find_input_error, report_error
+from clinseg.pipelines.cli import ArgumentParser, find_input_error, report_error
 from clinseg.pipelines.deploy.runtime import find_model_file
 from clinseg.pipelines.paths import require_output_outside_input
 
@@ -35,22 +35,7 @@ logger = logging.getLogger(__name__)
 LOG_LEVELS = ("DEBUG", "INFO", "WARN", "ERROR", "CRITICAL")
 
 
-class CommandLineParser(argparse.ArgumentParser):
-    """``argparse`` under the error contract: a wrong argument raises an :class:`InputError` naming it (one line,
-    exit status 1 once reported), not argparse's usage text and status 2. ``--help`` still prints the usage."""
-
-    def error(self, message: str):
-        argument, sep, problem = message.partition(": ")
-        if message.startswith("argument ") and sep:  # "argument -l/--log-level: invalid choice: ..."
-            raise InputError(argument.removeprefix("argument "), f"{problem} (see --help).")
-        if message.startswith("unrecognized arguments: "):
-            unknown = message.removeprefix("unrecognized arguments: ")
-            raise InputError(unknown, f"{'is not an option' if ' ' not in unknown else 'are not options'} of "
-                             f"{self.prog} (see --help).")  # fmt: skip
-        if message.startswith("the following arguments are required: "):
-            missing = message.removeprefix("the following arguments are required: ")
-            raise InputError(missing, f"{'is' if ', ' not in missing else 'are'} required (see --help).")
-        raise InputError(self.prog, f"{message} (see --help).")
+CommandLineParser = ArgumentParser  # the project's parser under the error contract
 
 
 def argument_parser(prog: str = "app.py") -> CommandLineParser:
