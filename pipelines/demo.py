@@ -49,7 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     train_run, eval_run, infer_run = (unique_run_name(w) for w in ("train", "evaluate", "infer"))
     train = [str(configs / "train.json")]
     bundle_run("training", train, **{"train#trainer#max_epochs": args.epochs, "run_name": train_run})
-    bundle_run("evaluating", train + [str(configs / "evaluate.json")], run_name=eval_run)
+    run_model = REPO_ROOT / bundle_root / "outputs" / train_run / "models" / "model.pt"  # this run's, promoted or not
+    bundle_run("evaluating", train + [str(configs / "evaluate.json")], run_name=eval_run, checkpoint_path=run_model)
     bundle_run("inferring", [str(configs / "inference.json")], run_name=infer_run, input_dir=png_dir)
 
     outputs = REPO_ROOT / bundle_root / "outputs"
@@ -59,7 +60,12 @@ def main(argv: list[str] | None = None) -> int:
         f"oct_layers demo finished: mean Dice {metrics['val_mean_dice']:.3f}, HD95 {metrics['val_hd95']:.1f} px, "
         f"pixel accuracy {metrics['val_pixel_accuracy']:.3f} on the validation subjects"
     )
-    print(f"  model (best checkpoint):  {REPO_ROOT / bundle_root / 'models' / 'model.pt'}")
+    promotion = json.loads((outputs / train_run / "promotion.json").read_text())
+    print(f"  this run's best model:    {run_model}")
+    print(
+        f"  the bundle's model:       {REPO_ROOT / bundle_root / 'models' / 'model.pt'} "
+        f"({'promoted' if promotion['promoted'] else 'kept'}: {promotion['reason']})"
+    )
     print(f"  training outputs:         {outputs / train_run}  (learning_curves.png, overlays/)")
     print(f"  evaluation metrics:       {outputs / eval_run / 'metrics.json'}  (+ per-image CSV, overlays/)")
     print(f"  inference outputs:        {outputs / infer_run}  (*_seg.png, *_overlay.png, *.json)")
