@@ -378,6 +378,19 @@ def fetch(args) -> int:
     return 0
 
 
+def sync(args) -> int:
+    """Send the tracking records a run spooled while its server did not answer (``tracking_spool/`` in the run's
+    folder): in order, each once (the spool's ledger remembers what was sent), the run's true end last."""
+    from clinseg.pipelines.spool import SPOOL_FOLDER, sync_spools
+    from clinseg.pipelines.tracking import DEFAULT_STORE
+
+    default = [REPO_ROOT / "bundles", DEFAULT_STORE / SPOOL_FOLDER]
+    folders = args.folders or [f for f in default if f.is_dir()]
+    lines = sync_spools(folders, args.tracking_uri)
+    print("\n".join(lines) if lines else f"no spooled tracking records in {', '.join(map(str, folders))}")
+    return 0
+
+
 @cli.entry_point
 def main(argv: list[str] | None = None) -> int:
     parser = cli.ArgumentParser(description=__doc__.splitlines()[0])
@@ -417,6 +430,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("version", help="version number or alias")
     p.add_argument("--out", required=True)
     p.set_defaults(func=fetch)
+    p = sub.add_parser("sync", help="send tracking records spooled while the tracking server did not answer")
+    p.add_argument("folders", nargs="*", help="runs' folders or their tracking_spool folders (default: bundles/)")
+    p.set_defaults(func=sync)
     args = parser.parse_args(argv)
     try:
         return args.func(args)

@@ -4,6 +4,11 @@
 run per process (never reusing another process's run), the executed config, tags for provenance, learning curves
 drawn from the tracked metrics, artifacts that keep their folder structure, and a run that ends FAILED or KILLED
 (never RUNNING forever) when training crashes or is interrupted.
+
+Once a run exists, its handlers send everything through a :class:`clinseg.pipelines.spool.TrackingLink`: requests
+are bounded (a few seconds, :data:`clinseg.pipelines.spool.HTTP_LIMITS`), and while the server does not answer the
+training goes on and the records wait in the run's ``tracking_spool/`` folder, replayed when it answers again, at
+the end of the run, or later with ``python -m clinseg.pipelines.experiments sync``.
 """
 
 from __future__ import annotations
@@ -29,6 +34,13 @@ from monai.handlers import MLFlowHandler
 from clinseg.datasets.errors import DataError
 from clinseg.pipelines.handlers import loss_from_output
 from clinseg.pipelines.paths import PROJECT_ROOT, default_store, unique_run_name  # noqa: F401 (re-exported)
+from clinseg.pipelines.spool import (
+    SPOOL_FOLDER,
+    TrackingLink,
+    bound_http_requests,
+    is_refusal,
+    short_reason,
+)
 
 REPO_ROOT = PROJECT_ROOT
 DEFAULT_STORE = default_store()
@@ -213,17 +225,17 @@ class _RunGuard:
     """Ends the tracked runs of this process as KILLED/FAILED if the process exits without closing them."""
 
     def __init__(self):
-        self.active: dict[str, tuple[mlflow.MlflowClient, str]] = {}
+        self.active: dict[str, TrackingLink] = {}
         self.engines: dict[str, Engine] = {}
         self.signal_received: int | None = None
         atexit.register(self.close_all)
 
-    def register(self, run_id: str, client: mlflow.MlflowClient, engine: Engine | None = None) -> None:
+    def register(self, run_id: str, link: TrackingLink, engine: Engine | None = None) -> None:
         if not self.active and threading.current_thread() is threading.main_thread():
             # SIGTERM (a scheduler's kill, `timeout`, Ctrl-C in a container) normally skips atexit
             if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
                 signal.signal(signal.SIGTERM, self._on_sigterm)
-        self.active[run_id] = (client, run_id)
+        self.active[run_id] = link
         if engine is not None:
             self.engines[run_id] = engine
 
@@ -242,23 +254,71 @@ class _RunGuard:
             engine.terminate()
 
     def finish(self, run_id: str, status: str) -> None:
-        client, _ = self.active.pop(run_id, (None, None))
-        if client is not None:
-            client.set_terminated(run_id, status)
+        link = self.active.pop(run_id, None)
+        if link is not None:
+            link.set_terminated(status, run_id)  # spooled if the store does not answer
 
     def close_all(self) -> None:
         status = "KILLED" if self.signal_received else "FAILED"
-        for run_id in list(self.active):
+        for run_id, link in list(self.active.items()):
             try:
                 self.finish(run_id, status)
+                link.finish()
             except Exception as e:  # never mask the reason the process is ending
                 print(f"could not mark MLflow run {run_id} as {status}: {e}", file=sys.stderr)
 
 
 RUN_GUARD = _RunGuard()
+# the training run of each (experiment, run name) in this process, which its validation's logger writes into
+_RUNS: dict[tuple[str, str], BundleMLflowHandler] = {}
 
 
-class BundleMLflowHandler(MLFlowHandler):
+def default_spool_dir(artifacts: Sequence[str], curves_dir: str | None, run_name: str) -> str:
+    """``tracking_spool/`` in the run's folder: the first folder among the artifacts (the run's output folder),
+    else the curves' folder, else ``<store>/tracking_spool/<run name>``."""
+    for path in artifacts:
+        if path and (os.path.isdir(path) or not Path(path).suffix):
+            return os.path.join(path, SPOOL_FOLDER)
+    if curves_dir:
+        return os.path.join(curves_dir, SPOOL_FOLDER)
+    return str(DEFAULT_STORE / SPOOL_FOLDER / run_name)
+
+
+class _LinkedRun:
+    """What :class:`BundleMLflowHandler` and :class:`ValidationMetricsLogger` share: their run's link."""
+
+    spool_dir: str
+    _link: TrackingLink | None = None
+
+    @property
+    def link(self) -> TrackingLink | None:
+        if self.cur_run is None:
+            return None
+        if self._link is None or self._link.run_id != self.cur_run.info.run_id:
+            self._link = TrackingLink(self.client, self.cur_run.info.run_id, self.spool_dir)
+        return self._link
+
+    def _log_params(self, params: dict) -> None:
+        if self.cur_run is None:
+            raise ValueError("no active MLflow run to log params to")
+        self.link.log_batch(params=[(key, value) for key, value in params.items()])
+
+    def _delete_exist_param_in_dict(self, param_dict: dict) -> None:
+        """Drop the params the run already has: the ones sent (or spooled) from here, and, while the store answers,
+        the ones it holds."""
+        if self.cur_run is None:
+            return
+        run_id = self.cur_run.info.run_id
+        try:
+            stored = self.link.read(lambda: self.client.get_run(run_id).data.params, default={})
+        except Exception:  # noqa: BLE001 - the store refused the query: only what was logged from here is known
+            stored = {}
+        for key in list(param_dict):
+            if key in self.link.logged_params or key in stored:
+                del param_dict[key]
+
+
+class BundleMLflowHandler(_LinkedRun, MLFlowHandler):
     """Track a bundle's trainer (with its validation) or evaluator as one MLflow run.
 
     Args:
@@ -275,6 +335,9 @@ class BundleMLflowHandler(MLFlowHandler):
         dataset_manifest: the data's files (``datasets.file_manifest``), logged as ``dataset/manifest.json``.
         tracking_uri: defaults to :func:`default_tracking_uri`.
         flush_every: buffered metric values written together (iteration metrics are batched).
+        spool_dir: where records wait while the tracking server does not answer (:mod:`clinseg.pipelines.spool`);
+            default :func:`default_spool_dir`, ``tracking_spool/`` in the first artifacts folder (never logged as an
+            artifact itself).
         kwargs: passed to ``MLFlowHandler`` (``iteration_log``, ``tag_name``, ...).
     """
 
@@ -291,8 +354,10 @@ class BundleMLflowHandler(MLFlowHandler):
         dataset_manifest: list | None = None,
         tracking_uri: str | None = None,
         flush_every: int = 100,
+        spool_dir: str | None = None,
         **kwargs,
     ):
+        bound_http_requests()
         tracking_uri = tracking_uri or default_tracking_uri()
         if workflow == "train":  # the iteration loss, under its own name
             kwargs.setdefault("tag_name", "train_loss")
@@ -320,6 +385,8 @@ class BundleMLflowHandler(MLFlowHandler):
         self.dataset_manifest = dataset_manifest
         self._buffer: list = []
         self.flush_every = flush_every
+        self.spool_dir = spool_dir or default_spool_dir(self.artifact_paths, curves_dir, self.run_name)
+        self._link = None
 
     def _init_handler(self, **kwargs) -> None:
         super().__init__(**kwargs)
@@ -373,12 +440,27 @@ class BundleMLflowHandler(MLFlowHandler):
 
                 params["dataset_fingerprint"] = dataset_fingerprint(self.dataset_manifest)
             self.experiment_param = _flatten(params)
-        super().start(engine)
+        try:
+            if new_run:  # always a run of its own: a resumed training reuses its run's name, never its MLflow run
+                self._set_experiment()
+                self.cur_run = self.client.create_run(self.experiment.experiment_id, run_name=self.run_name)
+            super().start(engine)  # the params, through the link
+        except Exception as e:
+            unanswered = isinstance(e, (mlflow.exceptions.MlflowException, OSError)) and not is_refusal(e)
+            if self.cur_run is not None or not unanswered:
+                raise
+            # the server stopped answering between the check in `initialize` and the run's creation
+            raise TrackingUnavailableError(
+                str(self.client.tracking_uri),
+                f"the MLflow tracking server stopped answering before the run was created ({short_reason(e)}).",
+                "Start it (see README, 'A tracking server'), or unset MLFLOW_TRACKING_URI to record into mlruns/.",
+            ) from e
         self._attach_late(engine)
         if not new_run:
             return
         run_id = self.cur_run.info.run_id
-        RUN_GUARD.register(run_id, self.client, engine)
+        _RUNS[(self.experiment_name, self.run_name)] = self
+        RUN_GUARD.register(run_id, self.link, engine)
         tags = {
             "bundle": self.bundle_name,
             "workflow": self.workflow,
@@ -391,14 +473,13 @@ class BundleMLflowHandler(MLFlowHandler):
         if config is not None:
             text = json.dumps(config, indent=2, sort_keys=True, default=str)
             tags["config_sha256"] = hashlib.sha256(text.encode()).hexdigest()[:16]
-            self.client.log_text(run_id, text, "config/executed_config.json")
+            self.link.log_text(text, "config/executed_config.json")
         if self.dataset_manifest is not None:
-            self.client.log_text(run_id, json.dumps(self.dataset_manifest, indent=1), "dataset/manifest.json")
+            self.link.log_text(json.dumps(self.dataset_manifest, indent=1), "dataset/manifest.json")
         parent = os.environ.get("PIPELINE_PARENT_RUN_ID")
         if parent:  # a child of a sweep (pipelines.experiments sweep)
             tags["mlflow.parentRunId"] = parent
-        for key, value in tags.items():
-            self.client.set_tag(run_id, key, value)
+        self.link.log_batch(tags=tags.items())
         logger.info(
             f"MLflow run '{self.run_name}' ({run_id}) in experiment '{self.bundle_name}' at {self.client.tracking_uri}"
         )
@@ -408,88 +489,124 @@ class BundleMLflowHandler(MLFlowHandler):
         could not record its end (SIGKILL, power loss) is marked KILLED, so the store tells the true story."""
         if self.cur_run is None or previous_run_id == self.cur_run.info.run_id:
             return
-        run_id = self.cur_run.info.run_id
-        self.client.set_tag(run_id, "resumed_from_run", previous_run_id)
+        run_id, link = self.cur_run.info.run_id, self.link
+        link.set_tag("resumed_from_run", previous_run_id)
+        unknown = object()
         try:
-            previous = self.client.get_run(previous_run_id)
+            previous = link.read(self.client.get_run, previous_run_id, default=unknown)
         except mlflow.exceptions.MlflowException:
             logger.warning(f"the interrupted run {previous_run_id} is not in {self.client.tracking_uri}")
             return
-        self.client.set_tag(previous_run_id, "resumed_by_run", run_id)
+        link.set_tag("resumed_by_run", run_id, run_id=previous_run_id)
+        if previous is unknown:  # the store does not answer: decided when the spool is replayed
+            link.end_if_running(previous_run_id, "KILLED")
+            return
         if previous.info.status == "RUNNING":
-            self.client.set_terminated(previous_run_id, "KILLED")
+            link.set_terminated("KILLED", run_id=previous_run_id)
         logger.info(f"MLflow run {run_id} resumes run {previous_run_id} ({previous.info.run_name})")
 
     def _log_metrics(self, metrics: dict, step: int | None = None) -> None:
         """Buffer metrics and write them in batches: one SQLite transaction per iteration costs a measurable
         share of a CPU training step. The buffer is written every ``flush_every`` metrics, at every epoch end, and
-        before the run's curves are drawn or the run is closed; every iteration keeps its own step.
+        before the run's curves are drawn or the run is closed; every iteration keeps its own step and the time it
+        was logged at.
         """
         if self.cur_run is None:
             raise ValueError("no active MLflow run to log metrics to")
         timestamp = int(time.time() * 1000)
-        self._buffer.extend(mlflow.entities.Metric(k, float(v), timestamp, step or 0) for k, v in metrics.items())
+        self._buffer.extend((k, float(v), timestamp, step or 0) for k, v in metrics.items())
         if len(self._buffer) >= self.flush_every:
             self.flush()
 
     def flush(self) -> None:
         if self._buffer and self.cur_run is not None:
             buffer, self._buffer = self._buffer, []
-            for start in range(0, len(buffer), 1000):  # MLflow's limit of metrics per batch
-                self.client.log_batch(self.cur_run.info.run_id, metrics=buffer[start : start + 1000])
+            self.link.log_batch(metrics=buffer)
 
     def epoch_completed(self, engine: Engine) -> None:
         super().epoch_completed(engine)
         self.flush()
 
+    def _metric_history(self) -> dict[str, list[tuple[int, float]]]:
+        """The run's metrics for its curves: from the store while it answers, else as logged from here."""
+        link, run_id = self.link, self.cur_run.info.run_id
+        if link.online:
+
+            def stored():
+                return {
+                    key: [(m.step, m.value) for m in self.client.get_metric_history(run_id, key)]
+                    for key in self.client.get_run(run_id).data.metrics
+                }
+
+            with contextlib.suppress(Exception):  # a refused query: the curves are drawn from what was logged here
+                history = link.read(stored)
+                if history is not None:
+                    return history
+        return link.history_points()
+
     def complete(self) -> None:
         if self.cur_run is None:
             return
         self.flush()
-        run_id = self.cur_run.info.run_id
+        link = self.link
         if self.curves_dir:
             from clinseg.pipelines.reports import plot_learning_curves
 
-            history = {
-                key: [(m.step, m.value) for m in self.client.get_metric_history(run_id, key)]
-                for key in self.client.get_run(run_id).data.metrics
-            }
+            history = self._metric_history()
             path = plot_learning_curves(history, Path(self.curves_dir) / "learning_curves.png", title=self.run_name)
             if path is not None:
-                self.client.log_artifact(run_id, str(path))
+                link.log_artifact(str(path))
         for path in self.artifact_paths:
             if os.path.isdir(path):
-                self.client.log_artifacts(run_id, path)
+                link.log_artifacts(path, exclude=[self.spool_dir])
             elif os.path.isfile(path):
-                self.client.log_artifact(run_id, path)
+                link.log_artifact(path)
         if self.checkpoint and os.path.isfile(self.checkpoint):
-            self.client.log_artifact(run_id, self.checkpoint, "checkpoint")
+            link.log_artifact(self.checkpoint, "checkpoint")
 
     def close(self) -> None:
         self.flush()
+        link = self.link
         run_id = self.cur_run.info.run_id if self.cur_run else None
-        super().close()
-        RUN_GUARD.active.pop(run_id, None)
-        RUN_GUARD.engines.pop(run_id, None)
+        try:
+            if link is not None:
+                RUN_GUARD.active.pop(run_id, None)
+                link.set_terminated(self.run_finish_status)
+                self.cur_run = None
+                link.finish()
+        finally:
+            self._dispose_sqlite_store()
+            RUN_GUARD.engines.pop(run_id, None)
+            _RUNS.pop((self.experiment_name, self.run_name), None)
 
     def exception_raised(self, engine: Engine, e: BaseException) -> None:
         if self.cur_run is not None:
             status = "KILLED" if isinstance(e, (KeyboardInterrupt, SystemExit)) else "FAILED"
-            run_id = self.cur_run.info.run_id
+            run_id, link = self.cur_run.info.run_id, self.link
             try:
                 self.flush()
-                self.client.set_tag(run_id, "error", f"{type(e).__name__}: {e}"[:5000])
-                RUN_GUARD.finish(run_id, status)
+                link.set_tag("error", f"{type(e).__name__}: {e}"[:5000])
+                if run_id in RUN_GUARD.active:
+                    RUN_GUARD.finish(run_id, status)
+                else:
+                    link.set_terminated(status)
+                link.finish()
             finally:
                 self.cur_run = None
+                _RUNS.pop((self.experiment_name, self.run_name), None)
         raise e
 
 
-class ValidationMetricsLogger(MLFlowHandler):
+class ValidationMetricsLogger(_LinkedRun, MLFlowHandler):
     """Writes a validator's epoch metrics into the training's run (same experiment and run name as the training's
-    :class:`BundleMLflowHandler`), at the trainer's epoch as step."""
+    :class:`BundleMLflowHandler`), at the trainer's epoch as step.
 
-    def __init__(self, bundle_name: str, run_name: str, tracking_uri: str | None = None):
+    In the training's process it takes the run (and the link, with its spool) of that handler, without asking the
+    store; otherwise it finds the run by name in the store, and spools into ``spool_dir`` (default
+    ``<store>/tracking_spool/<run name>``)."""
+
+    def __init__(self, bundle_name: str, run_name: str, tracking_uri: str | None = None, spool_dir: str | None = None):
+        bound_http_requests()
         tracking_uri = tracking_uri or default_tracking_uri()
         super().__init__(
             tracking_uri=tracking_uri,
@@ -498,3 +615,28 @@ class ValidationMetricsLogger(MLFlowHandler):
             iteration_log=False,
             artifact_location=artifact_location_for(tracking_uri, bundle_name),
         )
+        self.spool_dir = spool_dir or default_spool_dir([], None, run_name)
+        self._link = None
+        self._warned = False
+
+    def start(self, engine: Engine) -> None:
+        owner = _RUNS.get((self.experiment_name, self.run_name))
+        if owner is not None and owner.cur_run is not None:
+            self.experiment, self.cur_run, self._link = owner.experiment, owner.cur_run, owner.link
+            return
+        if self.cur_run is not None and self._link is not None and self._link.down_since is not None:
+            return  # the run is known; the store does not answer: nothing to ask it now
+        try:
+            super().start(engine)
+        except Exception as e:  # noqa: BLE001 - the validation goes on without its record
+            if not self._warned:
+                logger.warning(f"tracking: the validation metrics of run '{self.run_name}' are not recorded: {e}")
+                self._warned = True
+
+    def _log_metrics(self, metrics: dict, step: int | None = None) -> None:
+        if self.cur_run is None:  # no run to write into (the warning said so)
+            return
+        from monai.utils import flatten_dict
+
+        timestamp = int(time.time() * 1000)
+        self.link.log_batch(metrics=[(k, float(v), timestamp, step or 0) for k, v in flatten_dict(metrics).items()])
