@@ -422,7 +422,7 @@ class BundleMLflowHandler(_LinkedRun, MLFlowHandler):
         if RUN_GUARD.signal_received:  # stopped by SIGTERM: record what was done, then end as a killed process
             self.run_finish_status = "KILLED"
         try:
-            self.complete()
+            self.complete(engine)
         finally:
             self.close()
         if RUN_GUARD.signal_received:
@@ -459,6 +459,7 @@ class BundleMLflowHandler(_LinkedRun, MLFlowHandler):
         if not new_run:
             return
         run_id = self.cur_run.info.run_id
+        engine.state.tracking_run_id = run_id  # read by the steps that record it (the run's model.json)
         _RUNS[(self.experiment_name, self.run_name)] = self
         RUN_GUARD.register(run_id, self.link, engine)
         tags = {
@@ -480,6 +481,9 @@ class BundleMLflowHandler(_LinkedRun, MLFlowHandler):
         if parent:  # a child of a sweep (pipelines.experiments sweep)
             tags["mlflow.parentRunId"] = parent
         self.link.log_batch(tags=tags.items())
+        training_run = self.extra_tags.get("training_run_id")
+        if training_run and training_run != run_id:  # the link back: the training run lists what evaluated it
+            self.link.set_tag(f"{self.workflow}_run.{run_id}", self.run_name, run_id=training_run)
         logger.info(
             f"MLflow run '{self.run_name}' ({run_id}) in experiment '{self.bundle_name}' at {self.client.tracking_uri}"
         )
@@ -544,11 +548,18 @@ class BundleMLflowHandler(_LinkedRun, MLFlowHandler):
                     return history
         return link.history_points()
 
-    def complete(self) -> None:
+    def complete(self, engine: Engine | None = None) -> None:
         if self.cur_run is None:
             return
         self.flush()
         link = self.link
+        promotion = getattr(getattr(engine, "state", None), "promotion", None)
+        if promotion:  # the decision on the bundle's model (clinseg.pipelines.runs.promote), with both values
+            values = {k: (promotion.get(k) or {}).get("value") for k in ("candidate", "incumbent")}
+            tags = {"promotion": "promoted" if promotion["promoted"] else "kept"}
+            tags["promotion_reason"] = promotion["reason"]
+            tags.update({f"promotion_{k}_value": f"{v:.6g}" for k, v in values.items() if v is not None})
+            link.log_batch(tags=tags.items())
         if self.curves_dir:
             from clinseg.pipelines.reports import plot_learning_curves
 

@@ -169,3 +169,42 @@ def test_the_promoted_model_is_listed_in_large_files_and_restored_from_it(tmp_pa
     assert result.returncode == 0, result.stderr[-2000:]
     assert (root / "models" / "model.pt").read_bytes() == promoted
     assert runs.read_record(root / "models") is not None, "model.json describes the restored file"
+
+
+def test_evaluation_and_inference_say_what_they_used(tmp_path, data_dir):
+    """The training run id, the checkpoint and its SHA-256: in the outputs' JSON, and linked both ways in MLflow."""
+    import mlflow
+
+    root = tmp_path / "bundle"
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    base = {**TINY, "bundle_root": root, "dataset_dir": data_dir, "tracking_uri": store}
+    for run_id, files, extra in [
+        ("training", [TRAIN], {"train#trainer#max_epochs": 1, "run_name": "the-training"}),
+        ("evaluating", [TRAIN, TRAIN.parent / "evaluate.json"], {"run_name": "the-evaluation"}),
+    ]:
+        result = subprocess.run(command({**base, **extra}, run_id, files), cwd=REPO_ROOT, capture_output=True,
+                                text=True, timeout=600)  # fmt: skip
+        assert result.returncode == 0, result.stderr[-3000:]
+    inference = {k: v for k, v in TINY.items() if k.startswith(("image_size", "network_def", "num_workers"))}
+    inference.update(bundle_root=root, input_dir=data_dir, output_dir=tmp_path / "predictions")
+    result = subprocess.run(command(inference, "inferring", [TRAIN.parent / "inference.json"]), cwd=REPO_ROOT,
+                            capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    client = mlflow.MlflowClient(store)
+    experiment = client.get_experiment_by_name("oct_layers")
+    (training,) = client.search_runs([experiment.experiment_id], "tags.workflow = 'train'")
+    (evaluation,) = client.search_runs([experiment.experiment_id], "tags.workflow = 'evaluate'")
+    record = runs.read_record(root / "models")
+    assert record["training_run_id"] == training.info.run_id and record["training_run_name"] == "the-training"
+    assert training.data.tags["promotion"] == "promoted"
+    assert training.data.tags["promotion_reason"] == "no model in place"
+
+    expected = {"checkpoint": str((root / "models" / "model.pt").resolve()), "checkpoint_sha256": record["sha256"],
+                "training_run_id": training.info.run_id, "training_run_name": "the-training"}  # fmt: skip
+    metrics = json.loads((root / "outputs" / "the-evaluation" / "metrics.json").read_text())
+    assert {k: metrics["model"][k] for k in expected} == expected
+    assert {k: evaluation.data.tags[k] for k in expected} == expected
+    assert training.data.tags[f"evaluate_run.{evaluation.info.run_id}"] == "the-evaluation", "linked back"
+    summary = json.loads((tmp_path / "predictions" / "inference_summary.json").read_text())
+    assert {k: summary["model"][k] for k in expected} == expected
