@@ -57,9 +57,9 @@ def test_killed_training_resumes_and_continues_its_history(tmp_path, tiny_oct_di
     result = run_bundle("training", TRAIN, {**overrides, "resume": True}, env={"MLFLOW_TRACKING_URI": uri})
     assert f"resuming from {models / saved[-1]}" in result.stdout + result.stderr
     assert run_models(bundle) == models, "the resumed run continues in its own folder"
-    assert sorted(p.name for p in models.glob("latest_checkpoint_epoch=*.pt")) == [
-        "latest_checkpoint_epoch=6.pt"
-    ], "it ends at the configured number of epochs"
+    assert sorted(p.name for p in models.glob("latest_checkpoint_epoch=*.pt")) == ["latest_checkpoint_epoch=6.pt"], (
+        "it ends at the configured number of epochs"
+    )
 
     runs = client.search_runs([client.get_experiment_by_name("oct_layers").experiment_id], order_by=["start_time"])
     assert [r.info.run_id for r in runs][0] == first.info.run_id

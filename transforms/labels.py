@@ -241,7 +241,7 @@ class MapLabelValues(Transform):
                 source,
                 f"label values {unknown[:10]} are not among the classes "
                 f"({sorted(known)}); set 'class_names' to this dataset's classes, or map values to classes with "
-                f'\'label_values\' where the bundle has it (e.g. {{"{unknown[0]}": 1}}).',
+                f"'label_values' where the bundle has it (e.g. {{\"{unknown[0]}\": 1}}).",
             )
         if not self.value_to_class:
             return label_t

@@ -121,9 +121,7 @@ def constructor_refuses(ctx: Context):
 
 @case("wrong_choice", "config")
 def wrong_choice(ctx: Context):
-    return ctx.bundle("training", ["train.json"], {**TRAIN, "bundle_root": ctx.folder("b5"), "cache": "ram"}), [
-        "cache"
-    ]
+    return ctx.bundle("training", ["train.json"], {**TRAIN, "bundle_root": ctx.folder("b5"), "cache": "ram"}), ["cache"]
 
 
 @case("out_of_range", "config")
