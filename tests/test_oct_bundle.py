@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import OCT_BUNDLE, REPO_ROOT, run_bundle
+from tests.conftest import OCT_BUNDLE, REPO_ROOT, run_bundle, run_models
 
 CONFIGS = OCT_BUNDLE / "configs"
 TRAIN = [str(CONFIGS / "train.json")]
@@ -74,7 +74,7 @@ def artifact_paths(client, run_id, path=""):
 def test_training_writes_checkpoints_and_an_mlflow_run(trained):
     bundle_root, uri, result = trained
     assert (bundle_root / "models" / "model.pt").is_file()
-    assert any(p.name.startswith("latest_checkpoint") for p in (bundle_root / "models").iterdir())
+    assert any(p.name.startswith("latest_checkpoint") for p in run_models(bundle_root).iterdir()), "the run's own"
     assert "epoch 2/2" in result.stdout + result.stderr, "the per-epoch summary is shown"
 
     client, run = latest_run(uri, "train")
