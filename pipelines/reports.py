@@ -623,6 +623,7 @@ class SaveVolumeSegmentationd(MapTransform, ResultLedger):
         id_key: str = "id",
         palette: Sequence[Sequence[int]] | None = None,
         postfix: str = "seg",
+        anatomy_key: str = "anatomy",
         allow_missing_keys: bool = False,
     ):
         super().__init__(keys, allow_missing_keys)
@@ -631,6 +632,7 @@ class SaveVolumeSegmentationd(MapTransform, ResultLedger):
         self.image_key, self.id_key = image_key, id_key
         self.palette = palette or DEFAULT_PALETTE
         self.postfix = postfix
+        self.anatomy_key = anatomy_key
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
         from clinseg.pipelines.metrics import volume_ml
@@ -660,6 +662,19 @@ class SaveVolumeSegmentationd(MapTransform, ResultLedger):
             }
             if assumed:  # the volumes below rest on a spacing the user gave, not on the file's own geometry
                 summary["geometry_assumed"] = assumed
+            if self.anatomy_key in d:  # the field-of-view verdict (clinseg.transforms.ct_anatomy)
+                anatomy = json.loads(d[self.anatomy_key])
+                summary.update(
+                    field_of_view=anatomy["field_of_view"],
+                    heart_expected=anatomy["heart_expected"],
+                    anatomy_flags=anatomy["flags"],
+                    anatomy=anatomy,
+                )
+                if not anatomy["volume_reportable"]:
+                    # the mask's content stays available, under a name that does not read as the organ's volume
+                    summary["segmented_volume_ml"] = summary["volume_ml"]
+                    summary["volume_ml"] = {cls: None for cls in summary["volume_ml"]}
+                    summary["volume_withheld"] = "; ".join(anatomy["reasons"])
             views = orthogonal_views(d[self.image_key], label_map, self.palette, affine)
             files = {
                 f"{name}_{self.postfix}.nii.gz": nifti_writer(label_map, affine),
@@ -678,7 +693,10 @@ class SaveVolumeSegmentationd(MapTransform, ResultLedger):
             )
             logger.info(
                 f"{name}: "
-                + ", ".join(f"{cls} {ml:.1f} mL" for cls, ml in summary["volume_ml"].items())
+                + ", ".join(
+                    f"{cls} {ml:.1f} mL" if ml is not None else f"{cls}: volume withheld ({summary['volume_withheld']})"
+                    for cls, ml in summary["volume_ml"].items()
+                )
                 + f" -> {self.output_dir / f'{name}_{self.postfix}.nii.gz'}"
             )
         return d

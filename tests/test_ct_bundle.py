@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from clinseg.datasets.ct import read_volume, write_msd_dataset
+from clinseg.transforms.ct_anatomy import FIELDS_OF_VIEW, HEART_EXPECTED
 from tests.conftest import REPO_ROOT, run_bundle, run_models, shared_path
 
 CONFIGS = REPO_ROOT / "bundles" / "ct_heart" / "configs"
@@ -94,7 +95,14 @@ def check_masks_on_input_grid(output_dir: Path, inputs: dict[str, Path]):
         voxels = int((np.asarray(mask.dataobj) > 0).sum())
         spacing = np.linalg.norm(affine[:3, :3], axis=0)
         assert summary["voxels"]["heart"] == voxels
-        assert summary["volume_ml"]["heart"] == pytest.approx(voxels * np.prod(spacing) / 1000, abs=1e-3)
+        # a volume the anatomy does not support is withheld; the mask's own content stays, under its own name
+        assert summary["field_of_view"] in FIELDS_OF_VIEW and summary["heart_expected"] in HEART_EXPECTED
+        measured = summary.get("segmented_volume_ml", summary["volume_ml"])["heart"]
+        assert measured == pytest.approx(voxels * np.prod(spacing) / 1000, abs=1e-3)
+        if summary["anatomy"]["volume_reportable"]:
+            assert summary["volume_ml"]["heart"] == measured
+        else:
+            assert summary["volume_ml"]["heart"] is None and summary["volume_withheld"]
         assert (output_dir / f"{case}_views.png").is_file()
 
 

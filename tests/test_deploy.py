@@ -267,7 +267,11 @@ def test_ct_app_writes_dicom_seg_nifti_and_volume(ct_app, tmp_path):
     hu, affine, _ = read_volume(series)
     assert mask.shape == hu.shape and np.allclose(mask_image.affine, affine, atol=1e-4)
     assert summary["voxels"]["heart"] == int((mask > 0).sum())
-    assert summary["volume_ml"]["heart"] == pytest.approx(mask.sum() * np.prod(summary["spacing_mm"]) / 1000, 1e-3)
+    measured = summary.get("segmented_volume_ml", summary["volume_ml"])["heart"]
+    assert measured == pytest.approx(mask.sum() * np.prod(summary["spacing_mm"]) / 1000, 1e-3)
+    # the app's JSON carries the anatomy verdict, and withholds a volume the anatomy does not support
+    assert summary["field_of_view"] and summary["heart_expected"] in ("whole", "partial", "none", "unknown")
+    assert (summary["volume_ml"]["heart"] is None) == (not summary["anatomy"]["volume_reportable"])
 
     (seg_path,) = (out / "dicom_seg").glob("*.dcm")
     first = pydicom.dcmread(read_ct_series(series).files[0], stop_before_pixels=True)

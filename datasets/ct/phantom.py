@@ -32,6 +32,7 @@ from clinseg.datasets.io import atomic_write, save_nifti
 logger = logging.getLogger(__name__)
 
 RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
+REGIONS = ("chest", "abdomen", "upper_abdomen")
 
 
 @dataclass
@@ -92,13 +93,22 @@ def _tube(x, y, z, points, radius: float) -> np.ndarray:
 
 
 def _random_grid(
-    rng: np.random.Generator, centre: np.ndarray, voxel_scale: float = 1.0
+    rng: np.random.Generator,
+    centre: np.ndarray,
+    voxel_scale: float = 1.0,
+    slab_mm: float | None = None,
+    slice_mm: float | None = None,
 ) -> tuple[np.ndarray, tuple[int, int, int]]:
     """A random voxel grid (affine to RAS mm, shape) around ``centre``: spacing, field of view, axis directions and
     a small rotation all vary, as between scanners and reconstructions. ``voxel_scale`` > 1 coarsens the grid
-    (tests use it for tiny volumes)."""
+    (tests use it for tiny volumes); ``slab_mm`` fixes the superior-inferior extent and ``slice_mm`` the slice
+    spacing (5 mm, as many abdominal protocols reconstruct)."""
     spacing = np.array([rng.uniform(1.3, 2.0)] * 2 + [rng.uniform(1.5, 3.0)]) * voxel_scale
     field = np.array([rng.uniform(170, 340), rng.uniform(150, 270), rng.uniform(150, 210)])
+    if slice_mm is not None:
+        spacing[2] = slice_mm
+    if slab_mm is not None:
+        field[2] = slab_mm
     shape = np.maximum(np.round(field / spacing).astype(int), 8)
     # voxel axes: LPS-like (DICOM) or RAS-like storage, slices stacked upwards or downwards
     signs = np.array([rng.choice([-1.0, 1.0]), rng.choice([-1.0, 1.0]), rng.choice([-1.0, 1.0], p=[0.2, 0.8])])
@@ -148,20 +158,27 @@ def synthesize_ct(
     contrast: bool | None = None,
     voxel_scale: float = 1.0,
     region: str | None = None,
+    slab_mm: float | None = None,
+    slice_mm: float | None = None,
+    field_offset_mm: tuple[float, float, float] | None = None,
 ) -> CTPhantom:
     """Draw one CT phantom (HU, int-valued float32) with its binary heart mask.
 
-    ``region`` is ``"chest"`` (field of view around the heart) or ``"abdomen"`` (centred 15-26 cm lower: liver,
-    spleen, kidneys, stomach and bowel, little or no heart), drawn 3:1 when None, so a model also learns what
-    the heart is not. ``voxel_scale`` multiplies the voxel spacing (3 gives about 40 x 35 x 25 voxels, for tests).
+    ``region`` is ``"chest"`` (field of view around the heart), ``"abdomen"`` (centred 15-26 cm lower: liver,
+    spleen, kidneys, stomach and bowel, little or no heart) or ``"upper_abdomen"`` (centred 11-13 cm lower: the
+    lung bases and the heart's inferior part at the top of an abdominal field); None draws chest or abdomen 3:1,
+    so a model also learns what the heart is not. ``voxel_scale`` multiplies the voxel spacing (3 gives about
+    40 x 35 x 25 voxels, for tests); ``slab_mm`` and ``slice_mm`` fix the field's superior-inferior extent and the
+    slice spacing (a thin slab, 5 mm slices); ``field_offset_mm`` moves the field's centre (RAS mm) instead of the
+    random offset, e.g. to cut the heart at the field's edge.
     """
     rng = np.random.default_rng(seed)
     if contrast is None:
         contrast = bool(rng.random() > 1 / 3)
     if region is None:
         region = "abdomen" if rng.random() < 0.25 else "chest"
-    if region not in ("chest", "abdomen"):
-        raise ValueError(f"region must be 'chest' or 'abdomen', got {region!r}.")
+    if region not in REGIONS:
+        raise ValueError(f"region must be one of {', '.join(REGIONS)}, got {region!r}.")
 
     # --- anatomy parameters, RAS mm: +x = patient's right, +y = anterior, +z = superior
     body_a, body_b = rng.uniform(135, 175), rng.uniform(95, 125)  # body half-width (LR) and half-depth (AP)
@@ -175,8 +192,16 @@ def synthesize_ct(
     spine_y = -body_b + rng.uniform(38, 50)
     dome_z = heart_centre[2] - heart_radii[2] * rng.uniform(0.6, 0.9)
 
-    field_centre = heart_centre - (np.array([0.0, 0.0, rng.uniform(150, 260)]) if region == "abdomen" else 0.0)
-    affine, shape = _random_grid(rng, field_centre, voxel_scale)
+    # only the drawn region's offset consumes a random number, so the chest and abdomen phantoms stay as before
+    below_heart_mm = 0.0
+    if region == "abdomen":
+        below_heart_mm = rng.uniform(150, 260)
+    elif region == "upper_abdomen":
+        below_heart_mm = rng.uniform(110, 130)
+    field_centre = heart_centre - np.array([0.0, 0.0, below_heart_mm])
+    affine, shape = _random_grid(rng, field_centre, voxel_scale, slab_mm, slice_mm)
+    if field_offset_mm is not None:  # an exact centre instead of the random offset
+        affine[:3, 3] = field_centre + np.asarray(field_offset_mm) - affine[:3, :3] @ ((np.array(shape) - 1) / 2.0)
     i, j, k = np.meshgrid(*(np.arange(n, dtype=np.float32) for n in shape), indexing="ij")
     a = affine.astype(np.float32)
     x = a[0, 0] * i + a[0, 1] * j + a[0, 2] * k + a[0, 3]

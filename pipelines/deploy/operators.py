@@ -128,7 +128,10 @@ class HeartSegmentationOperator(Operator):
                 dicom_seg="written to dicom_seg/" if seg_problem is None else seg_problem,
             )
             (staging / "series.json").write_text(json.dumps(summary, indent=2))
-        logger.info(f"heart {summary['volume_ml'].get('heart', 0.0):.1f} mL; results in {self.output_path}")
+        heart_ml = summary["volume_ml"].get("heart")
+        withheld = f"heart volume withheld ({summary.get('volume_withheld')})"
+        volume = f"heart {heart_ml:.1f} mL" if heart_ml is not None else withheld
+        logger.info(f"{volume}; results in {self.output_path}")
 
     def damaged_file_error(self) -> DataError | None:
         """The SDK's loader skips files it cannot parse, so an empty or damaged slice first shows up as a gap in

@@ -1,0 +1,210 @@
+"""The CT anatomy check (``clinseg.transforms.ct_anatomy``): each verdict and each flag on a phantom built to
+trigger it, the removal of heart voxels where none can be, and the verdicts on the real CT in ``../shared/data``."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import pytest
+import torch
+from monai.data import MetaTensor
+
+from clinseg.datasets.ct.phantom import synthesize_ct
+from clinseg.transforms.ct_anatomy import (
+    CheckHeartAnatomyd,
+    CTFieldOfViewd,
+    FieldOfView,
+    RemoveHeartOutsideAnatomyd,
+    world_coordinates,
+)
+from tests.conftest import shared_path
+
+
+def meta(array: np.ndarray, affine: np.ndarray) -> MetaTensor:
+    return MetaTensor(torch.as_tensor(array[None]), affine=torch.as_tensor(affine))
+
+
+def verdict_of(phantom) -> FieldOfView:
+    data = CTFieldOfViewd("image")({"image": meta(phantom.hu, phantom.affine)})
+    return FieldOfView.from_json(data["anatomy"])
+
+
+def check(phantom, prediction: np.ndarray, verdict: FieldOfView | None = None) -> tuple[np.ndarray, FieldOfView]:
+    """The default post-processing's two anatomy steps on a label-map prediction; the mask left and the verdict."""
+    verdict = verdict or verdict_of(phantom)
+    data = {"pred": meta(prediction.astype(np.uint8), phantom.affine), "anatomy": verdict.to_json()}
+    data = CheckHeartAnatomyd("pred")(RemoveHeartOutsideAnatomyd("pred")(data))
+    return data["pred"][0].numpy() > 0, FieldOfView.from_json(data["anatomy"])
+
+
+def blob(phantom, centre_mm, radius_mm: float) -> np.ndarray:
+    distance_sq = sum((world_coordinates(phantom.affine, phantom.hu.shape, a) - centre_mm[a]) ** 2 for a in range(3))
+    return distance_sq < radius_mm**2
+
+
+@pytest.fixture(scope="module")
+def chest():
+    return synthesize_ct(1, region="chest")
+
+
+def test_a_chest_phantom_holds_a_whole_heart_and_its_true_mask_passes_untouched(chest):
+    verdict = verdict_of(chest)
+    assert (verdict.field_of_view, verdict.heart_expected) == ("chest", "whole")
+    assert verdict.lung_ml > 800 and verdict.lung_base_z_mm is not None
+    kept, after = check(chest, chest.heart > 0)
+    assert kept.sum() == (chest.heart > 0).sum(), "a true heart is never removed"
+    assert after.flags == [] and after.volume_reportable
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_an_abdominal_field_expects_no_heart_and_a_predicted_one_is_removed(seed):
+    abdomen = synthesize_ct(seed, region="abdomen", slice_mm=5.0)
+    verdict = verdict_of(abdomen)
+    assert verdict.heart_expected in ("none", "partial")  # lung bases may reach the top of the field
+    if verdict.heart_expected == "partial":
+        assert verdict.field_of_view == "upper_abdomen"
+        return
+    assert verdict.field_of_view == "abdomen" and not verdict.volume_reportable
+    liver_like = blob(abdomen, world_mm(abdomen, (0.5, 0.5, 0.5)), 40.0)
+    kept, after = check(abdomen, liver_like)
+    assert not kept.any() and "no_heart_expected" in after.flags
+    assert after.removed_ml["no_heart_expected"] == pytest.approx(liver_like.sum() * voxel_ml(abdomen), abs=0.01)
+
+
+def world_mm(phantom, fraction) -> np.ndarray:
+    index = (np.array(phantom.hu.shape) - 1) * np.array(fraction)
+    return phantom.affine[:3, :3] @ index + phantom.affine[:3, 3]
+
+
+def voxel_ml(phantom) -> float:
+    return float(np.prod(phantom.spacing)) / 1000.0
+
+
+def test_the_top_of_an_abdominal_scan_is_partial_and_nothing_below_the_diaphragm_is_kept():
+    upper = synthesize_ct(1, region="upper_abdomen")
+    verdict = verdict_of(upper)
+    assert (verdict.field_of_view, verdict.heart_expected) == ("upper_abdomen", "partial")
+    assert not verdict.volume_reportable, "a partial heart's volume is not the heart's volume"
+    below = blob(upper, world_mm(upper, (0.5, 0.5, 0.5)), 30.0)
+    z = world_coordinates(upper.affine, upper.hu.shape, 2)
+    below &= z < verdict.lung_base_z_mm - 20
+    assert below.any()
+    kept, after = check(upper, (upper.heart > 0) | below)
+    assert not (kept & below).any() and "below_diaphragm" in after.flags
+    assert (kept == (upper.heart > 0) & ~below).all(), "the heart above the diaphragm is kept"
+    assert after.removed_ml["below_diaphragm"] == pytest.approx(
+        (below & ~(upper.heart > 0)).sum() * voxel_ml(upper), abs=0.01
+    )
+
+
+def test_five_millimetre_slices_give_the_same_verdicts():
+    for region, expected in (("chest", "whole"), ("upper_abdomen", "partial")):
+        assert verdict_of(synthesize_ct(1, region=region, slice_mm=5.0)).heart_expected == expected
+
+
+def test_a_thin_slab_cannot_hold_a_whole_heart():
+    slab = synthesize_ct(2, region="chest", slab_mm=60.0)
+    verdict = verdict_of(slab)
+    assert verdict.heart_expected == "partial" and not verdict.volume_reportable
+    assert any("thinner than a heart" in reason for reason in verdict.reasons)
+
+
+def test_a_heart_cut_by_the_field_of_view_is_partial_and_its_volume_withheld():
+    cut = synthesize_ct(3, region="chest", field_offset_mm=(0.0, 0.0, 75.0))
+    heart = cut.heart > 0
+    assert heart[:, :, 0].any() or heart[:, :, -1].any(), "the phantom's heart reaches a face of the volume"
+    verdict = verdict_of(cut)
+    _, after = check(cut, heart, verdict)
+    assert "cut_by_field_of_view" in after.flags and after.heart_expected == "partial"
+    assert not after.volume_reportable
+
+
+def test_an_implausibly_small_heart_is_flagged(chest):
+    tiny = blob(chest, world_mm(chest, (0.5, 0.5, 0.5)), 15.0)  # about 14 mL
+    kept, after = check(chest, tiny)
+    assert kept.sum() == tiny.sum() and "implausible_volume" in after.flags and not after.volume_reportable
+
+
+def test_a_heart_beyond_the_lungs_laterally_is_flagged(chest):
+    verdict = verdict_of(chest)
+    centre = np.argwhere(chest.heart > 0).mean(axis=0)
+    heart_x = float((chest.affine @ np.append(centre, 1.0))[0])
+    verdict.lung_x_range_mm = [heart_x + 40.0, heart_x + 120.0]  # lungs measured well to one side of it
+    _, after = check(chest, chest.heart > 0, verdict)
+    assert "outside_lungs_laterally" in after.flags and not after.volume_reportable
+
+
+def test_no_body_is_an_unknown_field_and_no_volume():
+    air = synthesize_ct(1, region="chest")
+    air.hu[:] = -1000.0
+    verdict = verdict_of(air)
+    assert (verdict.field_of_view, verdict.heart_expected, verdict.volume_reportable) == ("unknown", "unknown", False)
+
+
+def test_the_constraints_can_be_switched_off_and_then_only_flag():
+    abdomen = synthesize_ct(2, region="abdomen")
+    verdict = verdict_of(abdomen)
+    assert verdict.heart_expected == "none"
+    prediction = blob(abdomen, world_mm(abdomen, (0.5, 0.5, 0.5)), 30.0)
+    data = {"pred": meta(prediction.astype(np.uint8), abdomen.affine), "anatomy": verdict.to_json()}
+    data = RemoveHeartOutsideAnatomyd("pred", enabled=False)(data)
+    assert (data["pred"][0].numpy() > 0).sum() == prediction.sum()
+    after = FieldOfView.from_json(data["anatomy"])
+    assert "no_heart_expected" in after.flags and not after.volume_reportable
+
+
+def test_one_hot_predictions_are_handled_like_label_maps():
+    abdomen = synthesize_ct(2, region="abdomen")
+    prediction = blob(abdomen, world_mm(abdomen, (0.5, 0.5, 0.5)), 30.0)
+    onehot = np.stack([~prediction, prediction]).astype(np.float32)
+    data = {"pred": MetaTensor(torch.as_tensor(onehot), affine=torch.as_tensor(abdomen.affine))}
+    data["anatomy"] = verdict_of(abdomen).to_json()
+    out = RemoveHeartOutsideAnatomyd("pred")(data)["pred"]
+    assert out[1].sum() == 0 and out[0].sum() == prediction.size, "removed voxels become background"
+
+
+def test_a_reference_heart_that_contradicts_the_anatomy_is_named_in_a_warning(caplog):
+    abdomen = synthesize_ct(2, region="abdomen")
+    label = blob(abdomen, world_mm(abdomen, (0.5, 0.5, 0.5)), 30.0).astype(np.uint8)
+    image = meta(abdomen.hu, abdomen.affine)
+    image.meta["filename_or_obj"] = "case_017.nii.gz"
+    with caplog.at_level(logging.WARNING):
+        CTFieldOfViewd("image", label_key="label")({"image": image, "label": meta(label, abdomen.affine)})
+    assert "case_017.nii.gz: the reference heart holds" in caplog.text
+
+
+def test_verdicts_on_the_real_ct():
+    """Chest crops: a whole heart, and the reference heart survives the constraints; abdominal CT (DICOM and
+    NIfTI): no heart expected."""
+    from monai.transforms import Compose, EnsureChannelFirstd, Orientationd, Spacingd
+
+    from clinseg.datasets.ct import LoadCTVolumed
+    from clinseg.transforms.ct import AlignToImaged
+
+    folder = shared_path("ct", "totalsegmentator")
+    keys = ["image", "label"]
+    load = Compose(
+        [
+            LoadCTVolumed(keys, allow_missing_keys=True),
+            EnsureChannelFirstd(keys, allow_missing_keys=True),
+            AlignToImaged("label", allow_missing_keys=True),
+            Orientationd(keys, axcodes="RAS", allow_missing_keys=True),
+            Spacingd(keys, pixdim=(2.0, 2.0, 2.0), mode=["bilinear", "nearest"], allow_missing_keys=True),
+            CTFieldOfViewd("image"),
+        ]
+    )
+    heart = folder / "pulmonary_report" / "heart.nii.gz"
+    for crop in ("pulmonary_report", "aorta_report"):
+        data = load({"image": str(folder / crop / "ct_cropped.nii.gz"), "label": str(heart)})
+        verdict = FieldOfView.from_json(data["anatomy"])
+        assert (verdict.field_of_view, verdict.heart_expected) == ("chest", "whole"), crop
+        reference = data["label"][0].numpy() > 0
+        data["pred"] = meta(reference.astype(np.uint8), data["label"].affine.numpy())
+        after = CheckHeartAnatomyd("pred")(RemoveHeartOutsideAnatomyd("pred")(data))
+        assert (after["pred"][0].numpy() > 0).sum() == reference.sum(), crop
+        assert json.loads(after["anatomy"])["volume_reportable"], crop
+    for abdominal in ("example_ct_dicom", "example_ct.nii.gz"):
+        verdict = FieldOfView.from_json(load({"image": str(folder / abdominal)})["anatomy"])
+        assert verdict.heart_expected == "none" and not verdict.volume_reportable, abdominal
