@@ -230,6 +230,7 @@ class EvaluationReport:
         self.keys = (image_key, pred_key, label_key)
         self.best: tuple[float, int] | None = None
         self._saved = 0
+        self.anatomy: dict[str, dict] = {}
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.EPOCH_STARTED, self._reset)
@@ -238,12 +239,23 @@ class EvaluationReport:
 
     def _reset(self, engine: Engine) -> None:
         self._saved = 0
+        self.anatomy: dict[str, dict] = {}
+
+    def _record_anatomy(self, outputs: list, batches: list) -> None:
+        """The per-case anatomy verdicts (``clinseg.transforms.ct_anatomy``), when the post-processing made them."""
+        for index, (output, batch) in enumerate(zip(outputs, batches, strict=False)):
+            if isinstance(output, Mapping) and isinstance(output.get("anatomy"), str):
+                verdict = json.loads(output["anatomy"])
+                name = str(batch.get("id", f"image{index:03d}")) if isinstance(batch, Mapping) else str(index)
+                keep = ("field_of_view", "heart_expected", "flags", "removed_ml", "volume_reportable")
+                self.anatomy[name] = {key: verdict[key] for key in keep}
 
     def iteration_completed(self, engine: Engine) -> None:
-        if 0 <= self.num_overlays <= self._saved:
-            return
         outputs = engine.state.output if isinstance(engine.state.output, list) else [engine.state.output]
         batches = engine.state.batch if isinstance(engine.state.batch, list) else [engine.state.batch] * len(outputs)
+        self._record_anatomy(outputs, batches)
+        if 0 <= self.num_overlays <= self._saved:
+            return
         image_key, pred_key, label_key = self.keys
         for output, batch in zip(outputs, batches, strict=False):
             if 0 <= self.num_overlays <= self._saved:
@@ -287,6 +299,8 @@ class EvaluationReport:
         details = getattr(engine.state, "metric_details", None) or {}
         n_images = len(next(iter(details.values()))) if details else None
         report = {"mean": means, "per_class": per_class, "n_images": n_images}
+        if getattr(self, "anatomy", None):
+            report["anatomy"] = self.anatomy
         if self.model:
             report["model"] = self.model
         if self.key_metric and self.key_metric in means:

@@ -208,3 +208,37 @@ def test_verdicts_on_the_real_ct():
     for abdominal in ("example_ct_dicom", "example_ct.nii.gz"):
         verdict = FieldOfView.from_json(load({"image": str(folder / abdominal)})["anatomy"])
         assert verdict.heart_expected == "none" and not verdict.volume_reportable, abdominal
+
+
+def test_heart_free_ct_joins_training_with_an_empty_label_on_its_own_grid(tmp_path):
+    """``negative_images`` (real CT without a heart) become training items whose label is all background, on the
+    image's grid, through the bundle's own training preprocessing; a missing path names the key."""
+    from monai.bundle import ConfigParser
+
+    from clinseg.datasets.ct import write_msd_dataset
+    from clinseg.datasets.errors import InputError
+    from clinseg.datasets.io import save_nifti
+    from tests.conftest import REPO_ROOT
+
+    data = write_msd_dataset(tmp_path / "phantoms", n_train=2, n_test=0, voxel_scale=3.0, progress=False)
+    abdomen = synthesize_ct(2, region="abdomen", voxel_scale=3.0)
+    negative = save_nifti(tmp_path / "abdomen.nii.gz", abdomen.hu.astype(np.int16), abdomen.affine)
+    parser = ConfigParser()
+    parser.read_config(str(REPO_ROOT / "bundles" / "ct_heart" / "configs" / "train.json"))
+    parser.update({"bundle_root": str(tmp_path / "bundle"), "dataset_dir": str(data), "spacing": [6, 6, 6]})
+    parser["negative_images"] = [str(negative)]
+    items = parser.get_parsed_content("train#datalist")
+    assert [item.get("heart_free", False) for item in items][-1] is True and len(items) == 2
+    steps = parser.get_parsed_content("train#preprocessing").transforms
+    before_crop = [t for t in steps if type(t).__name__ == "SpatialPadd"][0]
+    out = items[-1]
+    for step in steps[: steps.index(before_crop)]:
+        out = step(out)
+    assert "heart_free" not in out, "the flag is dropped so every item of a batch has the same keys"
+    assert out["label"].shape == out["image"].shape and int(out["label"].sum()) == 0
+    assert json.loads(out["anatomy"])["heart_expected"] == "none"
+    parser["negative_images"] = [str(tmp_path / "absent.nii.gz")]
+    with pytest.raises(Exception) as caught:
+        parser.get_parsed_content("train#datalist", lazy=False)
+    error = caught.value if isinstance(caught.value, InputError) else caught.value.__cause__
+    assert isinstance(error, InputError) and "negative_images" in str(error) and "absent.nii.gz" in str(error)

@@ -70,6 +70,9 @@ def test_training_tracks_mm_metrics_and_writes_checkpoints(trained):
     report = json.loads(next((bundle / "outputs").glob("train-*/metrics.json")).read_text())
     assert 0 <= report["mean"]["val_mean_dice"] <= 1
     assert list((bundle / "outputs").glob("train-*/overlays/ct_003.png")), "a validation picture per case"
+    # each validation case's anatomy verdict is in the report
+    assert set(report["anatomy"]) == {"ct_003"}
+    assert report["anatomy"]["ct_003"]["field_of_view"] in FIELDS_OF_VIEW
 
 
 def test_evaluation_on_the_test_split_at_the_native_grid(trained, ct_data):

@@ -127,6 +127,24 @@ def load_ct_datalist(
     return load_datalist("ct", dataset_dir, split, val_fraction, phantom_if_missing)
 
 
+def heart_free_cases(paths: list[str] | None, key: str = "negative_images") -> list[dict]:
+    """Training items for real CT volumes known to hold no heart (abdominal or pelvic scans): ``{"image", "id",
+    "heart_free": True}``, given an empty label by :class:`clinseg.transforms.ct.HeartFreeLabeld`. They show the
+    network real anatomy that is not heart (a liver dome, a stomach, a spleen at heart density).
+
+    Raises:
+        InputError: naming ``key`` and the path, when a path does not exist.
+    """
+    from clinseg.datasets.errors import InputError
+
+    items = []
+    for path in paths or []:
+        if not Path(path).exists():
+            raise InputError(key, f"{path} does not exist (a heart-free CT volume file or DICOM series folder).")
+        items.append({"image": str(path), "id": f"heart_free_{case_id(path)}", "heart_free": True})
+    return items
+
+
 def load_ct_images(input_path: str | os.PathLike) -> list[dict]:
     """Inference inputs: one volume file, one DICOM series folder, or a folder of volume files and series folders.
 

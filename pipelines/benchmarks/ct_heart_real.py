@@ -1,20 +1,26 @@
-"""The ct_heart bundle's model on real chest CT: quality against the reference mask, time and memory per volume.
+"""The ct_heart bundle's model on real CT: quality against the reference mask, the anatomy verdict, time and memory.
 
     python -m clinseg.pipelines.benchmarks.ct_heart_real [--checkpoint bundles/ct_heart/models/model.pt] \\
-        [--out bundles/ct_heart/outputs/benchmark_real_ct.json]
+        [--out bundles/ct_heart/outputs/benchmark_real_ct.json] [--override anatomy_constraints=false] [--no-large]
 
 Runs the bundle's own inference config (``inference.json``, self-contained, through MONAI's ``ConfigWorkflow``,
-as ``python -m monai.bundle run inferring`` does) on each real CT of the TotalSegmentator test files in
-``$SHARED_DATA_DIR/ct/totalsegmentator`` (default ``../shared/data``):
+as ``python -m monai.bundle run inferring`` does), each volume in a process of its own (so its peak memory is its
+own), on each real CT of the TotalSegmentator test files in ``$SHARED_DATA_DIR/ct/totalsegmentator`` (default
+``../shared/data``):
 
 - ``pulmonary_report/ct_cropped.nii.gz`` and ``aorta_report/ct_cropped.nii.gz`` (one patient, two fields of view),
   scored against ``pulmonary_report/heart.nii.gz`` resampled onto each CT's grid through the affines (nearest
   neighbour). That mask is a model output (TotalSegmentator), a silver standard, not a manual delineation.
-- ``example_ct_dicom`` (abdomen, no heart) as a DICOM input: timed, and its predicted heart volume reported.
+- ``example_ct_dicom`` (a 40 mm abdominal slab, no heart) as a DICOM input, and ``example_ct.nii.gz`` (abdomen to
+  femurs, no heart): the heart volume they are given, or the verdict that they hold none.
+- unless ``--no-large``, a 512 x 512 x 200 phantom (a chest phantom resampled onto that grid), for the time a
+  full-size CT takes.
 
-Scores: Dice, 95th-percentile Hausdorff distance and average symmetric surface distance in mm (voxel spacing
-honoured), predicted and reference heart volume in mL, relative volume error. Also wall time per volume (reading,
-preprocessing, sliding window, inversion, writing) and the peak resident memory. Prints a table, writes JSON.
+Per volume: the anatomy verdict (``field_of_view``, ``heart_expected``, flags), the reported volume (or that it was
+withheld) and the segmented volume in mL, Dice, 95th-percentile Hausdorff distance and average symmetric surface
+distance in mm against the reference, wall time (reading, preprocessing, sliding window, inversion, checks,
+writing) and peak resident memory. Prints a table, writes JSON; the orthogonal views of each result are in the
+work folder (``<case>/<id>_views.png``).
 """
 
 from __future__ import annotations
@@ -93,6 +99,49 @@ def infer(source: Path, output_dir: Path, checkpoint: Path, overrides: dict) -> 
     return time.perf_counter() - started
 
 
+def _infer_in_child(queue, *args) -> None:
+    try:
+        seconds = infer(*args)
+        queue.put((seconds, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, None))
+    except BaseException as e:  # noqa: BLE001 - reported by the parent, with the case's name
+        queue.put((None, None, f"{type(e).__name__}: {e}"))
+
+
+def infer_isolated(source: Path, output_dir: Path, checkpoint: Path, overrides: dict) -> tuple[float, float]:
+    """``infer`` in a fresh process: its wall time and its own peak resident memory (MiB)."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    process = context.Process(target=_infer_in_child, args=(queue, source, output_dir, checkpoint, overrides))
+    process.start()
+    seconds, peak_mib, error = queue.get()
+    process.join()
+    if error:
+        raise RuntimeError(f"{source}: inference failed: {error}")
+    return seconds, peak_mib
+
+
+def large_phantom(folder: Path, shape=(512, 512, 200)) -> Path:
+    """A chest phantom resampled onto a full-size CT grid (``shape``), written as NIfTI: a timing case."""
+    from scipy import ndimage
+
+    from clinseg.datasets.ct.phantom import synthesize_ct
+    from clinseg.datasets.io import save_nifti
+
+    path = folder / "large_phantom_512.nii.gz"
+    if path.is_file():
+        return path
+    phantom = synthesize_ct(0, region="chest")
+    factors = np.array(shape) / np.array(phantom.hu.shape)
+    hu = ndimage.zoom(phantom.hu, factors, order=1)[: shape[0], : shape[1], : shape[2]]
+    affine = phantom.affine.copy()
+    affine[:3, :3] = affine[:3, :3] / factors
+    folder.mkdir(parents=True, exist_ok=True)
+    save_nifti(path, hu.astype(np.int16), affine)
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     import nibabel as nib
 
@@ -103,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(REPO_ROOT / "bundles" / "ct_heart" / "outputs" / "benchmark_real_ct.json"))
     parser.add_argument("--work_dir", default=None, help="where the masks and pictures go (default: a temp dir)")
     parser.add_argument("--override", nargs="*", default=[], help="config overrides KEY=JSON, as at training")
+    parser.add_argument("--no-large", action="store_true", help="skip the 512 x 512 x 200 timing case")
     args = parser.parse_args(argv)
     data_dir, checkpoint = Path(args.data_dir), Path(args.checkpoint)
     if not data_dir.is_dir():
@@ -121,23 +171,35 @@ def main(argv: list[str] | None = None) -> int:
         "pulmonary_ct_cropped": (data_dir / "pulmonary_report" / "ct_cropped.nii.gz", heart),
         "aorta_ct_cropped": (data_dir / "aorta_report" / "ct_cropped.nii.gz", heart),
         "example_ct_dicom": (data_dir / "example_ct_dicom", None),
+        "example_ct_abdomen": (data_dir / "example_ct.nii.gz", None),
     }
+    if not args.no_large:
+        cases["large_phantom_512"] = (large_phantom(work_dir / "inputs"), None)
     results = {}
     for name, (source, label) in cases.items():
         if not source.exists():
             print(f"skipping {name}: {source} is absent")
             continue
         out = work_dir / name
-        seconds = infer(source, out, checkpoint, overrides)
+        print(f"{name}: {source}", flush=True)
+        seconds, case_peak_mib = infer_isolated(source, out, checkpoint, overrides)
         case_id = source.name if source.is_dir() else source.name.removesuffix(".nii.gz")
         mask_image = nib.load(out / f"{case_id}_seg.nii.gz")
         prediction = np.asarray(mask_image.dataobj) > 0
         spacing = np.linalg.norm(mask_image.affine[:3, :3], axis=0)
+        summary = json.loads((out / f"{case_id}.json").read_text())
         entry = {
             "input": str(source),
             "shape": list(prediction.shape),
             "spacing_mm": spacing.round(4).tolist(),
             "inference_s": round(seconds, 2),
+            "peak_rss_mib": round(case_peak_mib, 1),
+            "field_of_view": summary.get("field_of_view"),
+            "heart_expected": summary.get("heart_expected"),
+            "anatomy_flags": summary.get("anatomy_flags", []),
+            "removed_ml": (summary.get("anatomy") or {}).get("removed_ml", {}),
+            "reported_volume_ml": summary["volume_ml"].get("heart"),
+            "volume_withheld": summary.get("volume_withheld"),
             "mask": str(out / f"{case_id}_seg.nii.gz"),
             "views": str(out / f"{case_id}_views.png"),
         }
@@ -146,14 +208,12 @@ def main(argv: list[str] | None = None) -> int:
         else:
             entry["predicted_volume_ml"] = round(volume_ml(prediction, spacing), 2)
         results[name] = entry
-    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     report = {
         "checkpoint": str(checkpoint),
         "checkpoint_mtime": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(checkpoint.stat().st_mtime)),
         "overrides": overrides,
         "reference": "TotalSegmentator model output (silver standard), resampled to each CT grid by nearest neighbour",
         "cases": results,
-        "peak_rss_mib": round(peak_mib, 1),
         "machine": {
             "cpus": os.cpu_count(),
             "platform": platform.platform(),
@@ -162,12 +222,22 @@ def main(argv: list[str] | None = None) -> int:
             "threads": torch.get_num_threads(),
         },
     }
-    print(f"\n{'case':<22}{'dice':>7}{'hd95 mm':>9}{'assd mm':>9}{'pred mL':>9}{'ref mL':>9}{'time s':>8}")
+    header = f"{'case':<22}{'field':>15}{'heart':>9}{'dice':>7}{'hd95':>7}{'assd':>7}{'seg mL':>8}{'ref mL':>8}"
+    print("\n" + header + f"{'reported':>10}{'s':>7}{'MiB':>7}")
     for name, entry in results.items():
-        cells = [entry.get(k) for k in ("dice", "hd95_mm", "assd_mm", "predicted_volume_ml", "reference_volume_ml")]
-        text = "".join(f"{c:>9.3f}" if isinstance(c, float) else f"{'-':>9}" for c in cells)
-        print(f"{name:<22}{text}{entry['inference_s']:>8.1f}")
-    print(f"peak resident memory {peak_mib:.0f} MiB; outputs in {work_dir}")
+        cells = [entry.get(k) for k in ("dice", "hd95_mm", "assd_mm")]
+        text = "".join(f"{c:>7.3f}" if isinstance(c, float) else f"{'-':>7}" for c in cells)
+        volumes = [entry.get(k) for k in ("predicted_volume_ml", "reference_volume_ml", "reported_volume_ml")]
+        text += "".join(f"{v:>8.0f}" if isinstance(v, (int, float)) else f"{'-':>8}" for v in volumes[:2])
+        reported = volumes[2]
+        text += f"{reported:>10.0f}" if isinstance(reported, (int, float)) else f"{'withheld':>10}"
+        print(
+            f"{name:<22}{entry['field_of_view'] or '-':>15}{entry['heart_expected'] or '-':>9}{text}"
+            f"{entry['inference_s']:>7.1f}{entry['peak_rss_mib']:>7.0f}"
+        )
+        if entry["anatomy_flags"]:
+            print(f"{'':<22}flags: {', '.join(entry['anatomy_flags'])}; removed {entry['removed_ml']} mL")
+    print(f"time and peak resident memory per volume, each in its own process; outputs in {work_dir}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2))
     print(f"wrote {args.out}")
