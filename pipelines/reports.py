@@ -247,7 +247,7 @@ class EvaluationReport:
             if isinstance(output, Mapping) and isinstance(output.get("anatomy"), str):
                 verdict = json.loads(output["anatomy"])
                 name = str(batch.get("id", f"image{index:03d}")) if isinstance(batch, Mapping) else str(index)
-                keep = ("field_of_view", "heart_expected", "flags", "removed_ml", "volume_reportable")
+                keep = ("field_of_view", "heart_expected", "flags", "outside_anatomy_ml", "volume_reportable")
                 self.anatomy[name] = {key: verdict[key] for key in keep}
 
     def iteration_completed(self, engine: Engine) -> None:

@@ -70,7 +70,9 @@ def test_an_abdominal_field_expects_no_heart_and_a_predicted_one_is_removed(seed
     liver_like = blob(abdomen, world_mm(abdomen, (0.5, 0.5, 0.5)), 40.0)
     kept, after = check(abdomen, liver_like)
     assert not kept.any() and "no_heart_expected" in after.flags
-    assert after.removed_ml["no_heart_expected"] == pytest.approx(liver_like.sum() * voxel_ml(abdomen), abs=0.01)
+    assert after.outside_anatomy_ml["no_heart_expected"] == pytest.approx(
+        liver_like.sum() * voxel_ml(abdomen), abs=0.01
+    )
 
 
 def world_mm(phantom, fraction) -> np.ndarray:
@@ -94,7 +96,7 @@ def test_the_top_of_an_abdominal_scan_is_partial_and_nothing_below_the_diaphragm
     kept, after = check(upper, (upper.heart > 0) | below)
     assert not (kept & below).any() and "below_diaphragm" in after.flags
     assert (kept == (upper.heart > 0) & ~below).all(), "the heart above the diaphragm is kept"
-    assert after.removed_ml["below_diaphragm"] == pytest.approx(
+    assert after.outside_anatomy_ml["below_diaphragm"] == pytest.approx(
         (below & ~(upper.heart > 0)).sum() * voxel_ml(upper), abs=0.01
     )
 

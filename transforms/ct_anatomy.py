@@ -49,6 +49,7 @@ UPPER_ABDOMEN_MM = 60.0  # this much of the field below the lung bases makes it 
 DIAPHRAGM_MARGIN_MM = 10.0  # the heart rests on the diaphragm; it never reaches below the lung bases
 HEART_VOLUME_RANGE_ML = (150.0, 1500.0)  # outside it, a whole adult heart is implausible
 LATERAL_MARGIN_MM = 20.0
+OUTSIDE_TOLERANCE_ML = 1.0  # less than this outside the anatomy (a few boundary voxels) is removed but not flagged
 
 FIELDS_OF_VIEW = ("chest", "chest_abdomen", "upper_abdomen", "abdomen", "unknown")
 HEART_EXPECTED = ("whole", "partial", "none", "unknown")
@@ -69,7 +70,8 @@ class FieldOfView:
     lung_top_z_mm: float | None = None
     lung_x_range_mm: list[float] | None = None  # lateral (R+) extent of the lungs
     flags: list[str] = field(default_factory=list)
-    removed_ml: dict[str, float] = field(default_factory=dict)
+    outside_anatomy_ml: dict[str, float] = field(default_factory=dict)  # predicted heart where none can be, by rule
+    constraints_applied: bool | None = None  # whether that part was removed (the default) or only flagged
     volume_reportable: bool = True
 
     def to_json(self) -> str:
@@ -278,8 +280,10 @@ def _set_heart(pred, mask_removed: np.ndarray, channel: int, onehot: bool):
 class RemoveHeartOutsideAnatomyd(MapTransform):
     """Remove predicted heart voxels (class ``heart_class``) where the measured anatomy holds no heart: all of them
     when the field of view has no lungs, and those below the lung bases otherwise. The verdict under
-    ``anatomy_key`` records what was removed, in mL. Use on the prediction on its image's grid (after
-    ``Invertd``), before keeping the largest component: a large false positive must not outvote the heart."""
+    ``anatomy_key`` records how much was outside the anatomy, in mL, and whether it was removed (``enabled``) or
+    only flagged; less than ``OUTSIDE_TOLERANCE_ML`` (boundary voxels) is not flagged. Use on the prediction on its
+    image's grid (after ``Invertd``), before keeping the largest component: a large false positive must not
+    outvote the heart."""
 
     def __init__(
         self,
@@ -306,13 +310,16 @@ class RemoveHeartOutsideAnatomyd(MapTransform):
                 outside, rule = mask, "no_heart_expected"
             else:
                 outside, rule = _below_diaphragm(mask, affine, verdict), "below_diaphragm"
+            verdict.constraints_applied = self.enabled
             if outside.any():
-                verdict.flags.append(rule)
-                verdict.removed_ml[rule] = round(float(outside.sum()) * voxel_ml, 2)
+                outside_ml = float(outside.sum()) * voxel_ml
+                verdict.outside_anatomy_ml[rule] = round(outside_ml, 2)
                 if self.enabled:
                     d[key] = _set_heart(pred, outside, self.heart_class, onehot)
-                else:
-                    verdict.volume_reportable = False
+                if outside_ml >= OUTSIDE_TOLERANCE_ML or rule == "no_heart_expected":
+                    verdict.flags.append(rule)
+                    if not self.enabled:
+                        verdict.volume_reportable = False
         d[self.anatomy_key] = verdict.to_json()
         return d
 

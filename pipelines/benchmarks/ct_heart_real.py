@@ -197,7 +197,8 @@ def main(argv: list[str] | None = None) -> int:
             "field_of_view": summary.get("field_of_view"),
             "heart_expected": summary.get("heart_expected"),
             "anatomy_flags": summary.get("anatomy_flags", []),
-            "removed_ml": (summary.get("anatomy") or {}).get("removed_ml", {}),
+            "outside_anatomy_ml": (summary.get("anatomy") or {}).get("outside_anatomy_ml", {}),
+            "constraints_applied": (summary.get("anatomy") or {}).get("constraints_applied"),
             "reported_volume_ml": summary["volume_ml"].get("heart"),
             "volume_withheld": summary.get("volume_withheld"),
             "mask": str(out / f"{case_id}_seg.nii.gz"),
@@ -236,7 +237,11 @@ def main(argv: list[str] | None = None) -> int:
             f"{entry['inference_s']:>7.1f}{entry['peak_rss_mib']:>7.0f}"
         )
         if entry["anatomy_flags"]:
-            print(f"{'':<22}flags: {', '.join(entry['anatomy_flags'])}; removed {entry['removed_ml']} mL")
+            done = "removed" if entry["constraints_applied"] else "flagged only"
+            print(
+                f"{'':<22}flags: {', '.join(entry['anatomy_flags'])}; outside the anatomy ({done}): "
+                f"{entry['outside_anatomy_ml']} mL"
+            )
     print(f"time and peak resident memory per volume, each in its own process; outputs in {work_dir}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2))
