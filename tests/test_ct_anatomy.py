@@ -216,6 +216,7 @@ def test_heart_free_ct_joins_training_with_an_empty_label_on_its_own_grid(tmp_pa
     """``negative_images`` (real CT without a heart) become training items whose label is all background, on the
     image's grid, through the bundle's own training preprocessing; a missing path names the key."""
     from monai.bundle import ConfigParser
+    from monai.data import list_data_collate
 
     from clinseg.datasets.ct import write_msd_dataset
     from clinseg.datasets.errors import InputError
@@ -233,10 +234,11 @@ def test_heart_free_ct_joins_training_with_an_empty_label_on_its_own_grid(tmp_pa
     assert [item.get("heart_free", False) for item in items][-1] is True and len(items) == 2
     steps = parser.get_parsed_content("train#preprocessing").transforms
     before_crop = [t for t in steps if type(t).__name__ == "SpatialPadd"][0]
-    out = items[-1]
+    out, labelled = items[-1], items[0]
     for step in steps[: steps.index(before_crop)]:
-        out = step(out)
-    assert "heart_free" not in out, "the flag is dropped so every item of a batch has the same keys"
+        out, labelled = step(out), step(labelled)
+    assert set(out) == set(labelled), "every item of a batch has the same keys (the flag is dropped)"
+    list_data_collate([{k: v for k, v in item.items() if k not in ("image", "label")} for item in (out, labelled)])
     assert out["label"].shape == out["image"].shape and int(out["label"].sum()) == 0
     assert json.loads(out["anatomy"])["heart_expected"] == "none"
     parser["negative_images"] = [str(tmp_path / "absent.nii.gz")]

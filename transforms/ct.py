@@ -189,12 +189,19 @@ class AlignToImaged(MapTransform):
 class HeartFreeLabeld(MapTransform):
     """Give an item flagged ``flag_key`` (a CT known to hold no heart, see
     :func:`clinseg.datasets.ct.datalist.heart_free_cases`) an all-background label ``keys`` on its image's grid,
-    and drop the flag, so every item of a batch has the same keys. Items without the flag are left as they are: a
-    missing label is never filled in silently."""
+    and drop the flag; ``annotation_source`` says where the label came from, so every item of a batch has the
+    same keys as a labelled one. Items without the flag are left as they are: a missing label is never filled in
+    silently."""
 
-    def __init__(self, keys: KeysCollection, image_key: str = "image", flag_key: str = "heart_free"):
+    def __init__(
+        self,
+        keys: KeysCollection,
+        image_key: str = "image",
+        flag_key: str = "heart_free",
+        annotation_key: str = "annotation_source",
+    ):
         super().__init__(keys, allow_missing_keys=True)
-        self.image_key, self.flag_key = image_key, flag_key
+        self.image_key, self.flag_key, self.annotation_key = image_key, flag_key, annotation_key
 
     def __call__(self, data: Mapping[Hashable, MetaTensor]) -> dict[Hashable, MetaTensor]:
         d = dict(data)
@@ -203,4 +210,5 @@ class HeartFreeLabeld(MapTransform):
         image = d[self.image_key]
         for key in self.keys:
             d[key] = MetaTensor(torch.zeros_like(image.as_tensor(), dtype=torch.uint8), meta=dict(image.meta))
+        d[self.annotation_key] = "heart-free CT: all background"
         return d

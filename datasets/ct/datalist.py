@@ -129,8 +129,8 @@ def load_ct_datalist(
 
 def heart_free_cases(paths: list[str] | None, key: str = "negative_images") -> list[dict]:
     """Training items for real CT volumes known to hold no heart (abdominal or pelvic scans): ``{"image", "id",
-    "heart_free": True}``, given an empty label by :class:`clinseg.transforms.ct.HeartFreeLabeld`. They show the
-    network real anatomy that is not heart (a liver dome, a stomach, a spleen at heart density).
+    "source", "heart_free": True}``, given an empty label by :class:`clinseg.transforms.ct.HeartFreeLabeld`. They
+    show the network real anatomy that is not heart (a liver dome, a stomach, a spleen at heart density).
 
     Raises:
         InputError: naming ``key`` and the path, when a path does not exist.
@@ -141,8 +141,8 @@ def heart_free_cases(paths: list[str] | None, key: str = "negative_images") -> l
     for path in paths or []:
         if not Path(path).exists():
             raise InputError(key, f"{path} does not exist (a heart-free CT volume file or DICOM series folder).")
-        items.append({"image": str(path), "id": f"heart_free_{case_id(path)}", "heart_free": True})
-    return items
+        items.append({"image": str(path), "id": f"heart_free_{case_id(path)}", "source": str(path), "heart_free": True})
+    return unique_ids(items)  # ids apart, and ``original_id`` as every data list item has
 
 
 def load_ct_images(input_path: str | os.PathLike) -> list[dict]:
