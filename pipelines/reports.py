@@ -244,8 +244,11 @@ class EvaluationReport:
     def _record_anatomy(self, outputs: list, batches: list) -> None:
         """The per-case anatomy verdicts (``clinseg.transforms.ct_anatomy``), when the post-processing made them."""
         for index, (output, batch) in enumerate(zip(outputs, batches, strict=False)):
-            if isinstance(output, Mapping) and isinstance(output.get("anatomy"), str):
-                verdict = json.loads(output["anatomy"])
+            # MONAI's post-processing writes keys that came with the batch back into the batch
+            found = [d.get("anatomy") for d in (output, batch) if isinstance(d, Mapping)]
+            found = [text for text in found if isinstance(text, str)]
+            if found:
+                verdict = json.loads(found[0])
                 name = str(batch.get("id", f"image{index:03d}")) if isinstance(batch, Mapping) else str(index)
                 keep = ("field_of_view", "heart_expected", "flags", "outside_anatomy_ml", "volume_reportable")
                 self.anatomy[name] = {key: verdict[key] for key in keep}
