@@ -236,7 +236,8 @@ def check_dicom_seg(seg_path: Path, series: Path, nifti: Path) -> hd.seg.Segment
 
 @pytest.fixture(scope="module")
 def ct_app(tmp_path_factory):
-    data = write_msd_dataset(tmp_path_factory.mktemp("ct_data"), n_train=4, n_test=1, voxel_scale=3.0, progress=False)
+    # two test cases: ct_004 shows the abdomen (no heart), ct_005 the chest
+    data = write_msd_dataset(tmp_path_factory.mktemp("ct_data"), n_train=4, n_test=2, voxel_scale=3.0, progress=False)
     return train_and_build("ct_heart", data, tmp_path_factory.mktemp("ct_app")), data
 
 
@@ -255,9 +256,22 @@ def test_app_folder_is_self_contained(ct_app):
     assert "monai-deploy-app-sdk==4.0.0" in (app / "requirements.txt").read_text()
 
 
+def test_ct_app_reports_no_heart_in_an_abdominal_series(ct_app, tmp_path):
+    """The app's JSON carries the anatomy verdict: an abdominal field holds no heart, the mask is empty and no
+    volume is reported (the tiny model's false positives there are removed)."""
+    app, data = ct_app
+    result = run_app(app, data / "dicom" / "ct_004", tmp_path / "out")
+    assert result.returncode == 0, result.stderr[-4000:]
+    summary = json.loads((tmp_path / "out" / "series.json").read_text())
+    assert (summary["field_of_view"], summary["heart_expected"]) == ("abdomen", "none")
+    assert summary["volume_ml"]["heart"] is None and "no thoracic slice" in summary["volume_withheld"]
+    assert not np.asarray(nib.load(tmp_path / "out" / "series_seg.nii.gz").dataobj).any()
+    assert "heart volume withheld" in result.stdout + result.stderr
+
+
 def test_ct_app_writes_dicom_seg_nifti_and_volume(ct_app, tmp_path):
     app, data = ct_app
-    series = data / "dicom" / "ct_004"
+    series = data / "dicom" / "ct_005"
     result = run_app(app, series, tmp_path / "out")
     assert result.returncode == 0, result.stderr[-4000:]
     out = tmp_path / "out"
@@ -290,7 +304,7 @@ def test_ct_app_writes_a_seg_for_a_series_with_an_empty_character_set(ct_app, tm
     app, data = ct_app
     series = tmp_path / "series"
     series.mkdir()
-    for path in sorted((data / "dicom" / "ct_004").iterdir()):
+    for path in sorted((data / "dicom" / "ct_005").iterdir()):
         ds = pydicom.dcmread(path)
         ds.SpecificCharacterSet = ""
         ds.save_as(series / path.name)
@@ -308,10 +322,10 @@ def test_ct_app_runs_with_environment_variables_and_as_a_folder(ct_app, tmp_path
     app, data = ct_app
     for entry, env_vars in ((".", False), ("app.py", True)):
         out = tmp_path / f"out_{entry.strip('.') or 'folder'}"
-        result = run_app(app, data / "dicom" / "ct_004", out, env_vars=env_vars, entry=entry)
+        result = run_app(app, data / "dicom" / "ct_005", out, env_vars=env_vars, entry=entry)
         assert result.returncode == 0, result.stderr[-4000:]
         (seg_path,) = (out / "dicom_seg").glob("*.dcm")
-        check_dicom_seg(seg_path, data / "dicom" / "ct_004", out / "series_seg.nii.gz")
+        check_dicom_seg(seg_path, data / "dicom" / "ct_005", out / "series_seg.nii.gz")
 
 
 def test_checkpoint_path_without_torchscript_gives_the_same_masks(ct_app, tmp_path):
@@ -324,11 +338,11 @@ def test_checkpoint_path_without_torchscript_gives_the_same_masks(ct_app, tmp_pa
         out = tmp_path / f"out_{name}"
         command_model = "models/model.pt" if name == "pt" else "models/model.ts"
         assert command_model in (folder / "README.md").read_text()
-        result = run_app(folder, data / "dicom" / "ct_004", out, model=command_model)
+        result = run_app(folder, data / "dicom" / "ct_005", out, model=command_model)
         assert result.returncode == 0, result.stderr[-4000:]
         outputs[name] = np.asarray(nib.load(out / "series_seg.nii.gz").dataobj)
         (seg_path,) = (out / "dicom_seg").glob("*.dcm")
-        check_dicom_seg(seg_path, data / "dicom" / "ct_004", out / "series_seg.nii.gz")
+        check_dicom_seg(seg_path, data / "dicom" / "ct_005", out / "series_seg.nii.gz")
     np.testing.assert_array_equal(outputs["pt"], outputs["ts"])
 
 
@@ -347,7 +361,7 @@ def test_ct_app_bad_inputs_fail_clearly_and_keep_earlier_results(ct_app, tmp_pat
     def height(path: Path) -> float:
         return float(pydicom.dcmread(path, stop_before_pixels=True).ImagePositionPatient[2])
 
-    series = sorted((data / "dicom" / "ct_004").iterdir(), key=height)
+    series = sorted((data / "dicom" / "ct_005").iterdir(), key=height)
     middle = len(series) // 2
     missing = copy_series(series, tmp_path / "missing_slice", skip=middle)
     empty_slice = copy_series(series, tmp_path / "empty_slice")
@@ -389,7 +403,7 @@ def test_ct_app_bad_inputs_fail_clearly_and_keep_earlier_results(ct_app, tmp_pat
         assert not fresh.exists(), "a failed run removes the output folder it created"
     blocker = tmp_path / "a_file"
     blocker.write_text("a file where the output folder should be")
-    result = run_app(app, data / "dicom" / "ct_004", blocker / "out")
+    result = run_app(app, data / "dicom" / "ct_005", blocker / "out")
     assert result.returncode == 1 and f"error: {blocker / 'out'}" in result.stderr, result.stderr[-3000:]
 
 
@@ -397,7 +411,7 @@ def test_ct_app_argument_errors_are_one_line_and_create_nothing(ct_app, tmp_path
     """A wrong argument, input, model or output folder: exit status 1 and one line naming it, before anything is
     loaded or created (the SDK's argparse would print its usage and exit 2, and create -o first)."""
     app, data = ct_app
-    series = data / "dicom" / "ct_004"
+    series = data / "dicom" / "ct_005"
     out = tmp_path / "new" / "out"
     (tmp_path / "a_file").write_text("a file")
     (tmp_path / "not_a_model.ts").write_text("not a model")
@@ -449,7 +463,7 @@ def test_ct_app_internal_error_is_one_line_with_its_saved_traceback(ct_app, tmp_
     del config["evaluator"]  # an application folder damaged after the build: not the user's input
     (broken / "bundle" / "inference.json").write_text(json.dumps(config))
     out = tmp_path / "new" / "out"
-    args = ["-i", data / "dicom" / "ct_004", "-o", out, "-m", "models/model.ts"]
+    args = ["-i", data / "dicom" / "ct_005", "-o", out, "-m", "models/model.ts"]
     result = run_app_args(broken, args, {"CLINSEG_ERROR_DIR": str(tmp_path / "errors")})
     assert result.returncode == 1, result.stderr[-3000:]
     last = result.stderr.strip().splitlines()[-1]
