@@ -583,6 +583,23 @@ def _geometry_assumed(*tensors) -> str:
     return ""
 
 
+def with_caption(panel: np.ndarray, lines: Sequence[str]) -> np.ndarray:
+    """The RGB ``panel`` with ``lines`` of text printed on a white strip below it (PIL's built-in font), so a
+    picture says what it shows without its JSON beside it."""
+    import textwrap
+
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default()
+    line_height = 14
+    lines = [part for line in lines for part in textwrap.wrap(line, max(20, panel.shape[1] // 6))]
+    strip = Image.new("RGB", (panel.shape[1], 6 + line_height * len(lines)), "white")
+    draw = ImageDraw.Draw(strip)
+    for index, line in enumerate(lines):
+        draw.text((4, 3 + index * line_height), line, fill=(0, 0, 0), font=font)
+    return np.concatenate([panel, np.asarray(strip)], axis=0)
+
+
 def orthogonal_views(image, label_map: np.ndarray, palette=DEFAULT_PALETTE, affine: np.ndarray | None = None):
     """Axial, coronal and sagittal slices through the foreground's centre (or the volume's), overlaid, side by side.
 
@@ -651,6 +668,21 @@ class SaveVolumeSegmentationd(MapTransform, ResultLedger):
         self.postfix = postfix
         self.anatomy_key = anatomy_key
 
+    def caption(self, summary: Mapping) -> list[str]:
+        """What the views show: the case, the prediction's colour, each class's volume (or why it is withheld) and
+        the anatomy verdict."""
+        shown = "; ".join(
+            f"{cls}: {ml:.0f} mL" if ml is not None else f"{cls}: volume withheld"
+            for cls, ml in summary["volume_ml"].items()
+        )
+        lines = [f"{summary['id']}: axial, coronal, sagittal through the prediction (coloured); {shown}"]
+        if "field_of_view" in summary:
+            flags = ", ".join(summary.get("anatomy_flags", [])) or "none"
+            lines.append(
+                f"field of view {summary['field_of_view']}, heart expected {summary['heart_expected']}; flags: {flags}"
+            )
+        return lines
+
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
         from clinseg.pipelines.metrics import volume_ml
 
@@ -692,7 +724,9 @@ class SaveVolumeSegmentationd(MapTransform, ResultLedger):
                     summary["segmented_volume_ml"] = summary["volume_ml"]
                     summary["volume_ml"] = {cls: None for cls in summary["volume_ml"]}
                     summary["volume_withheld"] = "; ".join(anatomy["reasons"])
-            views = orthogonal_views(d[self.image_key], label_map, self.palette, affine)
+            views = with_caption(
+                orthogonal_views(d[self.image_key], label_map, self.palette, affine), self.caption(summary)
+            )
             files = {
                 f"{name}_{self.postfix}.nii.gz": nifti_writer(label_map, affine),
                 f"{name}_views.png": png_writer(views),
