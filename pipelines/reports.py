@@ -739,6 +739,7 @@ class SaveVolumeSegmentationd(MapTransform, ResultLedger):
                     "source": source,
                     "original_id": summary.get("original_id", name),
                     **({"geometry_assumed": assumed} if assumed else {}),
+                    **{key: summary[key] for key in ("field_of_view", "heart_expected", "volume_ml") if key in summary},
                     "files": list(files),
                 }
             )

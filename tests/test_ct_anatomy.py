@@ -101,6 +101,14 @@ def test_the_top_of_an_abdominal_scan_is_partial_and_nothing_below_the_diaphragm
     )
 
 
+def test_a_long_field_over_chest_and_abdomen_holds_a_whole_heart():
+    torso = synthesize_ct(1, region="chest", slab_mm=340.0, field_offset_mm=(0.0, 0.0, -60.0))
+    verdict = verdict_of(torso)
+    assert (verdict.field_of_view, verdict.heart_expected) == ("chest_abdomen", "whole")
+    kept, after = check(torso, torso.heart > 0, verdict)
+    assert kept.sum() == (torso.heart > 0).sum() and after.volume_reportable and after.flags == []
+
+
 def test_five_millimetre_slices_give_the_same_verdicts():
     for region, expected in (("chest", "whole"), ("upper_abdomen", "partial")):
         assert verdict_of(synthesize_ct(1, region=region, slice_mm=5.0)).heart_expected == expected

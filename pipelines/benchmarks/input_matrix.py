@@ -629,7 +629,7 @@ def nifti_no_geometry_assumed(ctx, folder):
         summary = sets[0]
         voxels = int((np.asarray(nib.load(masks[0]).dataobj) == 1).sum())
         expected = round(voxels * float(np.prod(spacing)) / 1000.0, 3)
-        reported = (summary.get("volume_ml") or {}).get("heart")
+        reported = (summary.get("segmented_volume_ml") or summary.get("volume_ml") or {}).get("heart")
         recorded = "geometry_assumed" in summary
         ok = recorded and reported is not None and abs(reported - expected) <= 1e-3 + 1e-6 * expected
         detail = f"heart {reported} mL, expected {expected} mL ({voxels} voxels x {spacing} mm); recorded: {recorded}"
