@@ -146,6 +146,17 @@ def test_a_heart_beyond_the_lungs_laterally_is_flagged(chest):
     assert "outside_lungs_laterally" in after.flags and not after.volume_reportable
 
 
+def test_a_head_sized_body_without_lungs_is_not_called_an_abdomen():
+    head = synthesize_ct(1, region="chest")
+    radius = blob(head, world_mm(head, (0.5, 0.5, 0.5)), 85.0)  # a 17 cm water sphere with a bony rim
+    head.hu[:] = -1000.0
+    head.hu[radius] = 30.0
+    head.hu[radius & ~blob(head, world_mm(head, (0.5, 0.5, 0.5)), 78.0)] = 900.0
+    verdict = verdict_of(head)
+    assert (verdict.field_of_view, verdict.heart_expected) == ("other", "none")
+    assert any("not a torso" in reason for reason in verdict.reasons)
+
+
 def test_no_body_is_an_unknown_field_and_no_volume():
     air = synthesize_ct(1, region="chest")
     air.hu[:] = -1000.0

@@ -11,7 +11,8 @@ contradicting it is flagged or removed instead of being reported as a plausible 
   lung base, the diaphragm's level.
 - The verdict: ``field_of_view`` is ``chest`` (thoracic slices throughout or below a thin abdominal strip),
   ``chest_abdomen`` (a long thorax over a long abdomen), ``upper_abdomen`` (lung bases at the top of an abdominal
-  field), ``abdomen`` (no lungs: nothing of the heart can be there) or ``unknown`` (no body found); and
+  field), ``abdomen`` (no lungs: nothing of the heart can be there), ``other`` (no lungs and a body smaller than a
+  torso: a head, a neck, limbs) or ``unknown`` (no body found); and
   ``heart_expected`` is ``whole``, ``partial`` (an upper-abdominal field, or a slab thinner than a heart) or
   ``none``.
 - :class:`RemoveHeartOutsideAnatomyd` (before keeping the largest component) removes heart voxels where no heart
@@ -43,6 +44,7 @@ LUNG_HU_RANGE = (-950.0, -500.0)
 LUNG_MIN_COMPONENT_ML = 30.0  # smaller aerated pockets are partial-volume edges of bowel gas
 THORACIC_LUNG_FRACTION = 0.08  # lungs fill 10-60 % of a thoracic slice's body area; bowel gas edges about 2 %
 MIN_BODY_AREA_CM2 = 50.0
+TORSO_AREA_CM2 = 300.0  # an adult abdomen's cross-section is 400-900 cm2; a head's or a limb's is smaller
 NO_LUNG_ML = 20.0  # below this, the field holds no lung and therefore no heart
 HEART_SPAN_MM = 100.0  # a slab thinner than this cannot hold a whole adult heart (about 12 cm long)
 UPPER_ABDOMEN_MM = 60.0  # this much of the field below the lung bases makes it abdominal
@@ -51,7 +53,7 @@ HEART_VOLUME_RANGE_ML = (150.0, 1500.0)  # outside it, a whole adult heart is im
 LATERAL_MARGIN_MM = 20.0
 OUTSIDE_TOLERANCE_ML = 1.0  # less than this outside the anatomy (a few boundary voxels) is removed but not flagged
 
-FIELDS_OF_VIEW = ("chest", "chest_abdomen", "upper_abdomen", "abdomen", "unknown")
+FIELDS_OF_VIEW = ("chest", "chest_abdomen", "upper_abdomen", "abdomen", "other", "unknown")
 HEART_EXPECTED = ("whole", "partial", "none", "unknown")
 
 
@@ -148,13 +150,15 @@ def measure_field_of_view(hu: np.ndarray, affine: np.ndarray) -> tuple[FieldOfVi
     )
     thoracic_mm = float(thoracic.sum() * spacing[superior])
     if lung_ml < NO_LUNG_ML or not thoracic.any():
+        torso = float(np.median(body_area_cm2[body_area_cm2 >= MIN_BODY_AREA_CM2])) >= TORSO_AREA_CM2
         verdict = FieldOfView(
-            "abdomen",
+            "abdomen" if torso else "other",
             "none",
             [
                 f"no thoracic slice in the field of view (lungs fill less than {THORACIC_LUNG_FRACTION:.0%} of every "
                 f"axial slice; {lung_ml:.0f} mL of aerated lung in all): the heart lies between the lungs"
-            ],
+            ]
+            + ([] if torso else [f"the body's cross-section is under {TORSO_AREA_CM2:.0f} cm2: not a torso"]),
             slab_mm,
             True,
             round(lung_ml, 1),
