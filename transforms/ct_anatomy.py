@@ -281,7 +281,37 @@ def _set_heart(pred, mask_removed: np.ndarray, channel: int, onehot: bool):
     return out
 
 
-class RemoveHeartOutsideAnatomyd(MapTransform):
+class _HeartAnatomyTransform(MapTransform):
+    """A step on the heart prediction ``keys`` that reads and updates the verdict under ``anatomy_key``; without a
+    verdict (a config without the check) the data pass unchanged."""
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        anatomy_key: str = "anatomy",
+        heart_class: int = 1,
+        allow_missing_keys: bool = False,
+    ):
+        super().__init__(keys, allow_missing_keys)
+        self.anatomy_key, self.heart_class = anatomy_key, heart_class
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        d = dict(data)
+        if self.anatomy_key not in d:
+            return d
+        verdict = FieldOfView.from_json(d[self.anatomy_key])
+        for key in self.key_iterator(d):
+            pred = d[key]
+            mask, onehot = _heart_mask(pred, self.heart_class)
+            d[key] = self.apply(pred, mask, onehot, np.asarray(pred.affine, dtype=np.float64), verdict)
+        d[self.anatomy_key] = verdict.to_json()
+        return d
+
+    def apply(self, pred, mask: np.ndarray, onehot: bool, affine: np.ndarray, verdict: FieldOfView):
+        raise NotImplementedError
+
+
+class RemoveHeartOutsideAnatomyd(_HeartAnatomyTransform):
     """Remove predicted heart voxels (class ``heart_class``) where the measured anatomy holds no heart: all of them
     when the field of view has no lungs, and those below the lung bases otherwise. The verdict under
     ``anatomy_key`` records how much was outside the anatomy, in mL, and whether it was removed (``enabled``) or
@@ -297,78 +327,55 @@ class RemoveHeartOutsideAnatomyd(MapTransform):
         enabled: bool = True,
         allow_missing_keys: bool = False,
     ):
-        super().__init__(keys, allow_missing_keys)
-        self.anatomy_key, self.heart_class, self.enabled = anatomy_key, heart_class, enabled
+        super().__init__(keys, anatomy_key, heart_class, allow_missing_keys)
+        self.enabled = enabled
 
-    def __call__(self, data: Mapping[Hashable, object]) -> dict:
-        d = dict(data)
-        if self.anatomy_key not in d:
-            return d
-        verdict = FieldOfView.from_json(d[self.anatomy_key])
-        for key in self.key_iterator(d):
-            pred = d[key]
-            mask, onehot = _heart_mask(pred, self.heart_class)
-            affine = np.asarray(pred.affine, dtype=np.float64)
-            voxel_ml = float(abs(np.linalg.det(affine[:3, :3]))) / 1000.0
-            if verdict.heart_expected == "none":
-                outside, rule = mask, "no_heart_expected"
-            else:
-                outside, rule = _below_diaphragm(mask, affine, verdict), "below_diaphragm"
-            verdict.constraints_applied = self.enabled
-            if outside.any():
-                outside_ml = float(outside.sum()) * voxel_ml
-                verdict.outside_anatomy_ml[rule] = round(outside_ml, 2)
-                if self.enabled:
-                    d[key] = _set_heart(pred, outside, self.heart_class, onehot)
-                if outside_ml >= OUTSIDE_TOLERANCE_ML or rule == "no_heart_expected":
-                    verdict.flags.append(rule)
-                    if not self.enabled:
-                        verdict.volume_reportable = False
-        d[self.anatomy_key] = verdict.to_json()
-        return d
+    def apply(self, pred, mask: np.ndarray, onehot: bool, affine: np.ndarray, verdict: FieldOfView):
+        voxel_ml = float(abs(np.linalg.det(affine[:3, :3]))) / 1000.0
+        if verdict.heart_expected == "none":
+            outside, rule = mask, "no_heart_expected"
+        else:
+            outside, rule = _below_diaphragm(mask, affine, verdict), "below_diaphragm"
+        verdict.constraints_applied = self.enabled
+        if not outside.any():
+            return pred
+        outside_ml = float(outside.sum()) * voxel_ml
+        verdict.outside_anatomy_ml[rule] = round(outside_ml, 2)
+        if outside_ml >= OUTSIDE_TOLERANCE_ML or rule == "no_heart_expected":
+            verdict.flags.append(rule)
+            if not self.enabled:
+                verdict.volume_reportable = False
+        return _set_heart(pred, outside, self.heart_class, onehot) if self.enabled else pred
 
 
-class CheckHeartAnatomyd(MapTransform):
+class CheckHeartAnatomyd(_HeartAnatomyTransform):
     """Flag a final heart mask that the anatomy does not support, and decide whether its volume is reportable:
     ``cut_by_field_of_view`` (heart voxels on a face of the volume: only part of it was imaged),
     ``outside_lungs_laterally`` (the heart's centre beyond the lungs' left-right extent) and ``implausible_volume``
     (a whole heart outside ``HEART_VOLUME_RANGE_ML``). A cut heart's volume is withheld."""
 
-    def __init__(
-        self, keys: KeysCollection, anatomy_key: str = "anatomy", heart_class: int = 1, allow_missing_keys=False
-    ):
-        super().__init__(keys, allow_missing_keys)
-        self.anatomy_key, self.heart_class = anatomy_key, heart_class
+    def apply(self, pred, mask: np.ndarray, onehot: bool, affine: np.ndarray, verdict: FieldOfView):
+        if mask.any():
+            self.check(mask, affine, verdict)
+        return pred
 
-    def __call__(self, data: Mapping[Hashable, object]) -> dict:
-        d = dict(data)
-        if self.anatomy_key not in d:
-            return d
-        verdict = FieldOfView.from_json(d[self.anatomy_key])
-        for key in self.key_iterator(d):
-            pred = d[key]
-            mask, _ = _heart_mask(pred, self.heart_class)
-            if not mask.any():
-                continue
-            affine = np.asarray(pred.affine, dtype=np.float64)
-            faces = [np.take(mask, index, axis=axis).any() for axis in range(3) for index in (0, -1)]
-            if any(faces):
-                verdict.flags.append("cut_by_field_of_view")
-                verdict.reasons.append("the heart touches the edge of the field of view: only part of it was imaged")
-                if verdict.heart_expected == "whole":
-                    verdict.heart_expected = "partial"
+    def check(self, mask: np.ndarray, affine: np.ndarray, verdict: FieldOfView) -> None:
+        faces = [np.take(mask, index, axis=axis).any() for axis in range(3) for index in (0, -1)]
+        if any(faces):
+            verdict.flags.append("cut_by_field_of_view")
+            verdict.reasons.append("the heart touches the edge of the field of view: only part of it was imaged")
+            if verdict.heart_expected == "whole":
+                verdict.heart_expected = "partial"
+            verdict.volume_reportable = False
+        if verdict.lung_x_range_mm is not None:
+            centre = affine @ np.append(np.argwhere(mask).mean(axis=0), 1.0)
+            low, high = verdict.lung_x_range_mm
+            if not low - LATERAL_MARGIN_MM <= centre[0] <= high + LATERAL_MARGIN_MM:
+                verdict.flags.append("outside_lungs_laterally")
                 verdict.volume_reportable = False
-            if verdict.lung_x_range_mm is not None:
-                centre = affine @ np.append(np.argwhere(mask).mean(axis=0), 1.0)
-                low, high = verdict.lung_x_range_mm
-                if not low - LATERAL_MARGIN_MM <= centre[0] <= high + LATERAL_MARGIN_MM:
-                    verdict.flags.append("outside_lungs_laterally")
-                    verdict.volume_reportable = False
-            volume = float(mask.sum()) * float(abs(np.linalg.det(affine[:3, :3]))) / 1000.0
-            low, high = HEART_VOLUME_RANGE_ML
-            if verdict.heart_expected == "whole" and not low <= volume <= high:
-                verdict.flags.append("implausible_volume")
-                verdict.reasons.append(f"{volume:.0f} mL is outside {low:.0f}-{high:.0f} mL for a whole heart")
-                verdict.volume_reportable = False
-        d[self.anatomy_key] = verdict.to_json()
-        return d
+        volume = float(mask.sum()) * float(abs(np.linalg.det(affine[:3, :3]))) / 1000.0
+        low, high = HEART_VOLUME_RANGE_ML
+        if verdict.heart_expected == "whole" and not low <= volume <= high:
+            verdict.flags.append("implausible_volume")
+            verdict.reasons.append(f"{volume:.0f} mL is outside {low:.0f}-{high:.0f} mL for a whole heart")
+            verdict.volume_reportable = False
