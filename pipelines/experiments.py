@@ -31,7 +31,15 @@ from mlflow.exceptions import MlflowException
 
 from clinseg.datasets.errors import InputError
 from clinseg.pipelines import cli
-from clinseg.pipelines.tracking import REPO_ROOT, default_tracking_uri, unique_run_name
+from clinseg.pipelines.tracking import (
+    EXPERIMENT_KIND_TAG,
+    MODEL_TRAINING_KIND,
+    REPO_ROOT,
+    artifact_location_for,
+    default_tracking_uri,
+    mark_model_training,
+    unique_run_name,
+)
 
 KEY_METRICS = {"oct_layers": "val_mean_dice", "vessels": "val_f1"}
 HIDDEN_PARAMS = {"dataset_dir", "class_names", "palette", "label_colors", "epoch_length"}  # derived or long
@@ -173,12 +181,15 @@ def sweep(args) -> int:
     fixed = dict(item.split("=", 1) for item in args.set)
     experiment = client.get_experiment_by_name(args.bundle)
     if experiment is None:
-        from clinseg.pipelines.tracking import artifact_location_for
-
         uri = args.tracking_uri or default_tracking_uri()
-        experiment_id = client.create_experiment(args.bundle, artifact_location=artifact_location_for(uri, args.bundle))
+        experiment_id = client.create_experiment(
+            args.bundle,
+            artifact_location=artifact_location_for(uri, args.bundle),
+            tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING_KIND},
+        )
     else:
         experiment_id = experiment.experiment_id
+        mark_model_training(client, experiment)
     parent = client.create_run(
         experiment_id,
         run_name=unique_run_name("sweep"),

@@ -53,6 +53,17 @@ def default_tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{DEFAULT_STORE / 'mlflow.db'}"
 
 
+# MLflow 3's UI opens an experiment in its GenAI view unless this tag says it holds model training
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_TRAINING_KIND = "custom_model_development"
+
+
+def mark_model_training(client, experiment) -> None:
+    """Tag an experiment as model training (once), so the MLflow UI opens it on its runs table."""
+    if experiment is not None and (experiment.tags or {}).get(EXPERIMENT_KIND_TAG) != MODEL_TRAINING_KIND:
+        client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND)
+
+
 def artifact_location_for(tracking_uri: str, experiment_name: str) -> str | None:
     """Artifacts of a local SQLite store live beside it, in ``artifacts/<experiment>/``; servers decide for
     themselves (``mlflow server --artifacts-destination``)."""
@@ -394,6 +405,7 @@ class BundleMLflowHandler(_LinkedRun, MLFlowHandler):
     def _set_experiment(self):
         with store_lock(self._store_uri):
             super()._set_experiment()
+            mark_model_training(self.client, self.experiment)
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.STARTED, self.start)

@@ -63,6 +63,8 @@ def test_training_tracks_mm_metrics_and_writes_checkpoints(trained):
     assert list(run_models(bundle).glob("latest_checkpoint_epoch=2.pt")), "the run keeps its checkpoints"
     client, (run,) = runs(uri, "train")
     assert run.info.status == "FINISHED"
+    # tagged as model training, so MLflow's UI opens the experiment on its runs, not its GenAI view
+    assert client.get_experiment_by_name("ct_heart").tags["mlflow.experimentKind"] == "custom_model_development"
     assert METRICS <= set(run.data.metrics)
     assert run.data.params["spacing"] == "[6, 6, 6]" and run.data.params["window_preset"] == "cardiac"
     history = client.get_metric_history(run.info.run_id, "val_hd95_mm")
