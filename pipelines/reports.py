@@ -302,7 +302,7 @@ class EvaluationReport:
         details = getattr(engine.state, "metric_details", None) or {}
         n_images = len(next(iter(details.values()))) if details else None
         report = {"mean": means, "per_class": per_class, "n_images": n_images}
-        if getattr(self, "anatomy", None):
+        if self.anatomy:
             report["anatomy"] = self.anatomy
         if self.model:
             report["model"] = self.model

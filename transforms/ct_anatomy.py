@@ -29,6 +29,7 @@ fired, so a reader can check it on the pictures.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Hashable, Mapping
 from dataclasses import asdict, dataclass, field
 
@@ -36,6 +37,8 @@ import numpy as np
 from monai.config import KeysCollection
 from monai.transforms import MapTransform
 from scipy import ndimage
+
+logger = logging.getLogger(__name__)
 
 # soft tissue and bone; a convex hull of it per axial slice is the body even when the field of view cuts it
 TISSUE_MIN_HU = -300.0
@@ -221,8 +224,6 @@ class CTFieldOfViewd(MapTransform):
         self.anatomy_key, self.label_key = anatomy_key, label_key
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
-        import logging
-
         d = dict(data)
         for key in self.key_iterator(d):
             image = d[key]
@@ -233,7 +234,7 @@ class CTFieldOfViewd(MapTransform):
             if label is not None:
                 problem = _heart_contradiction(np.asarray(label[0] if label.ndim == 4 else label) > 0, affine, verdict)
                 if problem:
-                    logging.getLogger(__name__).warning(f"{_source(image)}: the reference heart {problem}")
+                    logger.warning(f"{_source(image)}: the reference heart {problem}")
             d[self.anatomy_key] = verdict.to_json()
         return d
 
