@@ -3,6 +3,8 @@
     python -m clinseg.pipelines.experiments compare oct_layers [--metric val_mean_dice] [--plot curves.png]
     python -m clinseg.pipelines.experiments sweep oct_layers --grid learning_rate=0.001,0.002 batch_size=2,4 \\
         [--set train#trainer#max_epochs=5] [--sample N]
+    python -m clinseg.pipelines.experiments search oct_layers --space learning_rate=loguniform:1e-4:1e-2 \\
+        batch_size=choice:2,4 --n_trials 20 --workers 2     (Optuna; see clinseg.pipelines.search)
     python -m clinseg.pipelines.experiments register RUN_ID [--name oct_layers] [--alias champion]
     python -m clinseg.pipelines.experiments fetch oct_layers champion --out /tmp/oct_layers_v1
     python -m clinseg.pipelines.experiments promote oct_layers RUN_NAME [--bundle_root bundles/oct_layers]
@@ -38,6 +40,7 @@ from clinseg.pipelines.tracking import (
     artifact_location_for,
     default_tracking_uri,
     mark_model_training,
+    store_lock,
     unique_run_name,
 )
 
@@ -171,6 +174,21 @@ def parse_grid(items: list[str]) -> dict[str, list[str]]:
     return grid
 
 
+def ensure_experiment(client: mlflow.MlflowClient, bundle: str, tracking_uri: str) -> str:
+    """The id of the bundle's experiment, created as a model-training experiment if absent (where the bundle's
+    runs would create it)."""
+    with store_lock(tracking_uri):
+        experiment = client.get_experiment_by_name(bundle)
+        if experiment is None:
+            return client.create_experiment(
+                bundle,
+                artifact_location=artifact_location_for(tracking_uri, bundle),
+                tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING_KIND},
+            )
+        mark_model_training(client, experiment)
+        return experiment.experiment_id
+
+
 def sweep(args) -> int:
     """Child training runs for every combination of ``--grid`` (or ``--sample`` of them) under one parent run."""
     client = client_for(args.tracking_uri)
@@ -179,17 +197,7 @@ def sweep(args) -> int:
     if args.sample:
         combinations = random.Random(args.seed).sample(combinations, min(args.sample, len(combinations)))
     fixed = dict(item.split("=", 1) for item in args.set)
-    experiment = client.get_experiment_by_name(args.bundle)
-    if experiment is None:
-        uri = args.tracking_uri or default_tracking_uri()
-        experiment_id = client.create_experiment(
-            args.bundle,
-            artifact_location=artifact_location_for(uri, args.bundle),
-            tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING_KIND},
-        )
-    else:
-        experiment_id = experiment.experiment_id
-        mark_model_training(client, experiment)
+    experiment_id = ensure_experiment(client, args.bundle, args.tracking_uri or default_tracking_uri())
     parent = client.create_run(
         experiment_id,
         run_name=unique_run_name("sweep"),
@@ -426,6 +434,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config_file", help="default: bundles/<bundle>/configs/train.json")
     p.add_argument("--verbose", action="store_true", help="show the children's output")
     p.set_defaults(func=sweep)
+    from clinseg.pipelines import search
+
+    search.add_parser(sub)
     p = sub.add_parser("register", help="register a run's checkpoint and bundle as a model version")
     p.add_argument("run_id")
     p.add_argument("--name", help="registered model name (default: the run's bundle)")

@@ -490,8 +490,9 @@ class BundleMLflowHandler(_LinkedRun, MLFlowHandler):
         if self.dataset_manifest is not None:
             self.link.log_text(json.dumps(self.dataset_manifest, indent=1), "dataset/manifest.json")
         parent = os.environ.get("PIPELINE_PARENT_RUN_ID")
-        if parent:  # a child of a sweep (pipelines.experiments sweep)
+        if parent:  # a child of a sweep or a search (pipelines.experiments sweep / search)
             tags["mlflow.parentRunId"] = parent
+        tags.update(json.loads(os.environ.get("PIPELINE_RUN_TAGS") or "{}"))  # the search's trial, for one
         self.link.log_batch(tags=tags.items())
         training_run = self.extra_tags.get("training_run_id")
         if training_run and training_run != run_id:  # the link back: the training run lists what evaluated it

@@ -1,0 +1,171 @@
+"""Optuna search over real bundle trainings: workers sharing one study in a real SQLite database, pruning from the
+validation metric, a worker that dies mid-trial, and the best trial's command run again."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import mlflow
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from tests.conftest import REPO_ROOT
+from tests.test_experiments import experiments, refused, sweep_settings
+
+SPACE = ["learning_rate=loguniform:0.0005:0.01", "batch_size=choice:2,4"]
+
+
+def search_args(tmp_path, dataset_dir, study: str, *extra: str, epochs: int = 3) -> list[str]:
+    fixed = [s for s in sweep_settings(tmp_path, dataset_dir, without=("batch_size",)) if "max_epochs" not in s]
+    fixed.append(f"train#trainer#max_epochs={epochs}")
+    return ["search", "oct_layers", "--space", *SPACE, "--study", study, *extra, "--set", *fixed]
+
+
+def load(tracking_uri: str, name: str) -> optuna.Study:
+    storage = tracking_uri.replace("mlflow.db", "optuna.db")  # the default: beside the MLflow store
+    return optuna.load_study(study_name=name, storage=storage)
+
+
+def children(client: mlflow.MlflowClient, parent_id: str) -> list:
+    experiment = client.get_experiment_by_name("oct_layers")
+    return client.search_runs([experiment.experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'")
+
+
+def test_two_workers_share_one_study(tmp_path, tiny_oct_dir, tracking_uri):
+    started = time.time()
+    args = search_args(tmp_path, tiny_oct_dir, "two-workers", "--n_trials", "5", "--workers", "2", "--seed", "0")
+    out = experiments(*args, "--prune_warmup", "0").stdout
+    wall = time.time() - started
+    study = load(tracking_uri, "two-workers")
+    trials = study.get_trials()
+    # every trial of the budget ran once and ended complete or pruned; none lost, none run twice
+    assert sorted(t.number for t in trials) == list(range(5)), [(t.number, t.state) for t in trials]
+    assert {t.state for t in trials} <= {TrialState.COMPLETE, TrialState.PRUNED}
+    assert len({t.user_attrs["worker"] for t in trials}) == 2, "both workers took trials"
+    overlapping = any(
+        a.datetime_start < b.datetime_complete and b.datetime_start < a.datetime_complete
+        for a in trials
+        for b in trials
+        if a.number < b.number
+    )
+    assert overlapping, "the two workers ran trials at the same time"
+
+    client = mlflow.MlflowClient(tracking_uri)
+    parent = client.get_run(study.user_attrs["parent_run_id"])
+    assert parent.info.status == "FINISHED" and parent.data.tags["workflow"] == "search"
+    runs = {r.info.run_id: r for r in children(client, parent.info.run_id)}
+    assert sorted(t.user_attrs["mlflow_run_id"] for t in trials) == sorted(runs), "one MLflow child run per trial"
+    for trial in trials:
+        run = runs[trial.user_attrs["mlflow_run_id"]]
+        assert run.data.tags["search.trial"] == str(trial.number)
+        assert run.data.tags["search.state"] == trial.state.name
+        assert float(run.data.params["learning_rate"]) == pytest.approx(trial.params["learning_rate"], rel=1e-5)
+        assert run.data.params["batch_size"] == trial.params["batch_size"]
+        validated = client.get_metric_history(run.info.run_id, "val_mean_dice")
+        # what the study holds is what the run's validation measured, epoch by epoch
+        assert {m.step: m.value for m in validated} == pytest.approx(trial.intermediate_values)
+        if trial.state == TrialState.PRUNED:
+            assert len(validated) == trial.user_attrs["pruned_at_epoch"] < 3
+        else:
+            assert len(validated) == 3 and trial.value == pytest.approx(max(m.value for m in validated))
+
+    best = study.best_trial
+    assert parent.data.tags["best_trial"] == str(best.number)
+    assert parent.data.tags["best_child"] == best.user_attrs["mlflow_run_id"]
+    assert parent.data.metrics["best_val_mean_dice"] == pytest.approx(best.value)
+    assert parent.data.metrics["trials_pruned"] == sum(t.state == TrialState.PRUNED for t in trials)
+    logged = {a.path for a in client.list_artifacts(parent.info.run_id, "search")}
+    assert logged == {"search/trials.json", "search/search.png"}
+    print(f"two workers, 5 trials: {wall:.0f} s")
+
+    # the best trial's command, as printed, trains the same configuration again
+    command = shlex.split(out.split("re-run it with:")[1].strip().splitlines()[0])
+    assert command[:3] == ["python", "-m", "monai.bundle"]
+    rerun = subprocess.run([sys.executable, *command[1:]], cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    experiment = client.get_experiment_by_name("oct_layers")
+    again = client.search_runs([experiment.experiment_id], "tags.workflow = 'train'", order_by=["start_time DESC"])[0]
+    assert again.info.run_id not in runs
+    assert float(again.data.params["learning_rate"]) == pytest.approx(best.params["learning_rate"], rel=1e-5)
+    assert again.data.params["batch_size"] == best.params["batch_size"]
+
+
+def test_pruned_trials_are_marked_and_a_used_budget_runs_nothing(tmp_path, tiny_oct_dir, tracking_uri):
+    # a threshold no tiny model reaches: every trial is pruned at its first validation
+    args = search_args(tmp_path, tiny_oct_dir, "all-pruned", "--n_trials", "2", "--pruner", "threshold:0.99")
+    result = experiments(*args, "--prune_warmup", "0", check=False)
+    assert result.returncode == 1 and "no trial completed" in result.stdout, result.stdout + result.stderr[-2000:]
+    study = load(tracking_uri, "all-pruned")
+    assert [(t.state, t.user_attrs["pruned_at_epoch"]) for t in study.get_trials()] == [(TrialState.PRUNED, 1)] * 2
+    client = mlflow.MlflowClient(tracking_uri)
+    for run in children(client, study.user_attrs["parent_run_id"]):
+        # a pruned training stops as an ordinary run: finished, with its model and one validation
+        assert run.info.status == "FINISHED" and run.data.tags["search.state"] == "PRUNED"
+        assert len(client.get_metric_history(run.info.run_id, "val_mean_dice")) == 1
+        assert "checkpoint/model.pt" in {a.path for a in client.list_artifacts(run.info.run_id, "checkpoint")}
+
+    # a worker joining a study whose budget is used runs nothing
+    joined = experiments("search", "oct_layers", "--join", "--study", "all-pruned", check=False)
+    assert "] trial " not in joined.stdout, joined.stdout
+    assert len(load(tracking_uri, "all-pruned").get_trials()) == 2
+
+    # wrong searches: one line each, nothing created
+    assert "no such study" in refused("search", "oct_layers", "--join", "--study", "nope")
+    assert "searches bundle 'oct_layers'" in refused("search", "vessels", "--join", "--study", "all-pruned")
+    assert "exists: add --join" in refused(*args)
+    assert "is not KEY=KIND:ARGS" in refused("search", "oct_layers", "--space", "learning_rate=uniform:1:2")
+    assert "needs LOW < HIGH" in refused("search", "oct_layers", "--space", "learning_rate=float:0.1:0.01")
+    assert "needs choice spaces only" in refused(
+        "search", "oct_layers", "--space", *SPACE, "--sampler", "grid", "--study", "grid-of-ranges"
+    )
+    assert "also in --space" in refused(
+        "search", "oct_layers", "--space", *SPACE, "--set", "batch_size=2", "--study", "fixed-and-searched"
+    )
+    assert {s.study_name for s in optuna.get_all_study_summaries(load(tracking_uri, "all-pruned")._storage)} == {
+        "all-pruned"
+    }
+
+
+def test_a_dead_workers_trial_runs_again(tmp_path, tiny_oct_dir, tracking_uri):
+    env = {"PIPELINE_SEARCH_HEARTBEAT_S": "1"}  # stale after 4 s without a heartbeat
+    args = search_args(tmp_path, tiny_oct_dir, "dead-worker", "--n_trials", "1", epochs=2)
+    command = [sys.executable, "-m", "clinseg.pipelines.experiments", *args]
+    worker = subprocess.Popen(
+        command, cwd=REPO_ROOT, env={**os.environ, **env}, stdout=subprocess.PIPE, text=True, start_new_session=True
+    )
+    storage = tracking_uri.replace("mlflow.db", "optuna.db")
+    deadline = time.time() + 300
+    while True:  # until the trial's training has started its MLflow run
+        assert time.time() < deadline and worker.poll() is None, "the trial did not start"
+        try:
+            trials = optuna.load_study(study_name="dead-worker", storage=storage).get_trials()
+        except KeyError:
+            trials = []
+        if trials and "mlflow_run_id" in trials[0].user_attrs:
+            break
+        time.sleep(0.5)
+    os.killpg(worker.pid, signal.SIGKILL)  # the worker and its training, as a lost machine would be
+    worker.wait(timeout=60)
+    time.sleep(5)
+
+    joined = experiments("search", "oct_layers", "--join", "--study", "dead-worker", env=env)
+    assert "its worker stopped (no heartbeat)" in joined.stdout
+    first, second = load(tracking_uri, "dead-worker").get_trials()
+    assert first.state == TrialState.FAIL and second.state == TrialState.COMPLETE
+    assert second.params == first.params and second.system_attrs["failed_trial"] == first.number
+    assert second.datetime_start - first.datetime_start > timedelta(seconds=4)
+    client = mlflow.MlflowClient(tracking_uri)
+    killed = client.get_run(first.user_attrs["mlflow_run_id"])
+    assert killed.info.status == "KILLED" and killed.data.tags["search.state"] == "FAIL"
+    parent_id = killed.data.tags["mlflow.parentRunId"]
+    trials_json = client.download_artifacts(parent_id, "search/trials.json", str(tmp_path))
+    assert [row["state"] for row in json.loads(Path(trials_json).read_text())] == ["FAIL", "COMPLETE"]
