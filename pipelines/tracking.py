@@ -119,6 +119,95 @@ def environment_tags() -> dict[str, str]:
     }
 
 
+def typed_command(argv: Sequence[str] | None = None) -> str:
+    """The command line as the user typed it: ``python -m monai.bundle run ...`` rather than the path of the
+    module's ``__main__.py`` that ``sys.argv[0]`` holds under ``-m``."""
+    import shlex
+
+    argv = list(sys.argv if argv is None else argv)
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if spec is not None and spec.name and argv and argv[0].endswith(".py"):
+        program = ["python", "-m", spec.name.removesuffix(".__main__")]
+    else:
+        program = ["python", argv[0]] if argv and argv[0].endswith(".py") else argv[:1]
+    return shlex.join([*program, *argv[1:]])
+
+
+def mlflow_metric_name(name: str, workflow: str) -> str:
+    """The name a metric is recorded under in MLflow. Ignite's ``lr_group_<i>`` is ``learning_rate`` (more groups:
+    ``learning_rate/group_<i>``); an evaluation's metrics are ``eval/<name>`` (``val_mean_dice`` ->
+    ``eval/mean_dice``), so they never mix into the training runs' validation curves."""
+    if name.startswith("lr_group_"):
+        group = name[len("lr_group_") :]
+        return "learning_rate" if group == "0" else f"learning_rate/group_{group}"
+    if workflow != "train" and not name.startswith(("eval/", "system/")):
+        return "eval/" + name.removeprefix("val_")
+    return name
+
+
+class SystemMetricsSampler:
+    """CPU, memory, disk, network (and GPU, where MLflow finds one) sampled by MLflow's own monitors, every
+    ``interval_s`` in a background thread, as ``system/...`` metrics. The thread only samples: the run's handler
+    sends the samples with its other metrics, through its link (spooled while the server does not answer).
+
+    On by default; ``MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING=false`` turns it off, ``MLFLOW_SYSTEM_METRICS_SAMPLING_
+    INTERVAL`` sets the interval (MLflow's own variables)."""
+
+    def __init__(self, interval_s: float | None = None):
+        from mlflow.system_metrics.metrics.cpu_monitor import CPUMonitor
+        from mlflow.system_metrics.metrics.disk_monitor import DiskMonitor
+        from mlflow.system_metrics.metrics.network_monitor import NetworkMonitor
+
+        self.monitors = [CPUMonitor(), DiskMonitor(), NetworkMonitor()]
+        try:
+            from mlflow.system_metrics.metrics.gpu_monitor import GPUMonitor
+
+            self.monitors.append(GPUMonitor())
+        except Exception:  # noqa: BLE001 - no NVIDIA GPU or no pynvml: CPU metrics only
+            pass
+        env = os.environ.get("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL")
+        self.interval_s = float(interval_s or env or 10.0)
+        self._samples: list[tuple[str, float, int, int]] = []
+        self._lock = threading.Lock()
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True, name="SystemMetricsSampler")
+
+    @staticmethod
+    def enabled() -> bool:
+        return os.environ.get("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "true").strip().lower() not in ("false", "0")
+
+    def start(self) -> SystemMetricsSampler:
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        step = 0
+        while not self._stopped.wait(self.interval_s):
+            values = {}
+            try:
+                for monitor in self.monitors:
+                    monitor.collect_metrics()
+                    values.update(monitor.aggregate_metrics())
+                    monitor.clear_metrics()
+            except Exception as e:  # noqa: BLE001 - a failed sample costs that sample, never the training
+                logger.debug(f"system metrics: sample skipped ({e})")
+                continue
+            timestamp = int(time.time() * 1000)
+            with self._lock:
+                self._samples.extend((f"system/{k}", float(v), timestamp, step) for k, v in values.items())
+            step += 1
+
+    def take(self) -> list[tuple[str, float, int, int]]:
+        with self._lock:
+            samples, self._samples = self._samples, []
+        return samples
+
+    def stop(self) -> None:
+        self._stopped.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
+
+
 @contextlib.contextmanager
 def store_lock(tracking_uri: str, timeout_s: float = 300.0):
     """Serialise what must not race between processes on one local SQLite store: creating its tables (MLflow
@@ -395,6 +484,7 @@ class BundleMLflowHandler(_LinkedRun, MLFlowHandler):
         self.extra_tags = dict(tags or {})
         self.dataset_manifest = dataset_manifest
         self._buffer: list = []
+        self._system_metrics: SystemMetricsSampler | None = None
         self.flush_every = flush_every
         self.spool_dir = spool_dir or default_spool_dir(self.artifact_paths, curves_dir, self.run_name)
         self._link = None
@@ -472,12 +562,14 @@ class BundleMLflowHandler(_LinkedRun, MLFlowHandler):
             return
         run_id = self.cur_run.info.run_id
         engine.state.tracking_run_id = run_id  # read by the steps that record it (the run's model.json)
+        if SystemMetricsSampler.enabled():
+            self._system_metrics = SystemMetricsSampler().start()
         _RUNS[(self.experiment_name, self.run_name)] = self
         RUN_GUARD.register(run_id, self.link, engine)
         tags = {
             "bundle": self.bundle_name,
             "workflow": self.workflow,
-            "command": " ".join(sys.argv)[:5000],
+            "command": typed_command()[:5000],
             **git_state(),
             **environment_tags(),
             **self.extra_tags,
@@ -531,11 +623,14 @@ class BundleMLflowHandler(_LinkedRun, MLFlowHandler):
         if self.cur_run is None:
             raise ValueError("no active MLflow run to log metrics to")
         timestamp = int(time.time() * 1000)
-        self._buffer.extend((k, float(v), timestamp, step or 0) for k, v in metrics.items())
+        names = {k: mlflow_metric_name(k, self.workflow) for k in metrics}
+        self._buffer.extend((names[k], float(v), timestamp, step or 0) for k, v in metrics.items())
         if len(self._buffer) >= self.flush_every:
             self.flush()
 
     def flush(self) -> None:
+        if self._system_metrics is not None:
+            self._buffer.extend(self._system_metrics.take())
         if self._buffer and self.cur_run is not None:
             buffer, self._buffer = self._buffer, []
             self.link.log_batch(metrics=buffer)
@@ -588,7 +683,14 @@ class BundleMLflowHandler(_LinkedRun, MLFlowHandler):
         if self.checkpoint and os.path.isfile(self.checkpoint):
             link.log_artifact(self.checkpoint, "checkpoint")
 
+    def _stop_system_metrics(self) -> None:
+        if self._system_metrics is not None:
+            self._system_metrics.stop()
+            self.flush()
+            self._system_metrics = None
+
     def close(self) -> None:
+        self._stop_system_metrics()
         self.flush()
         link = self.link
         run_id = self.cur_run.info.run_id if self.cur_run else None
@@ -608,6 +710,7 @@ class BundleMLflowHandler(_LinkedRun, MLFlowHandler):
             status = "KILLED" if isinstance(e, (KeyboardInterrupt, SystemExit)) else "FAILED"
             run_id, link = self.cur_run.info.run_id, self.link
             try:
+                self._stop_system_metrics()
                 self.flush()
                 link.set_tag("error", f"{type(e).__name__}: {e}"[:5000])
                 if run_id in RUN_GUARD.active:

@@ -85,9 +85,10 @@ def test_evaluation_on_the_test_split_at_the_native_grid(trained, ct_data):
     report = json.loads(sorted((bundle / "outputs").glob("evaluate-*/metrics.json"))[-1].read_text())
     assert report["n_images"] == 1 and METRICS <= set(report["mean"])
     _, (run,) = runs(uri, "evaluate")
-    assert run.data.params["eval_split"] == "test" and run.data.metrics["val_mean_dice"] == pytest.approx(
+    assert run.data.params["eval_split"] == "test" and run.data.metrics["eval/mean_dice"] == pytest.approx(
         report["mean"]["val_mean_dice"]
     )
+    assert not any(k.startswith("val_") for k in run.data.metrics), "an evaluation's metrics are named eval/..."
 
 
 def check_masks_on_input_grid(output_dir: Path, inputs: dict[str, Path]):

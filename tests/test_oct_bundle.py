@@ -52,7 +52,8 @@ def trained(tmp_path_factory, tiny_oct_dir):
         "training",
         TRAIN,
         tiny(root / "bundle", tiny_oct_dir, **{"train#trainer#max_epochs": 2}),
-        env={"MLFLOW_TRACKING_URI": uri},
+        # a sample of the system metrics every second, so that a tiny run has some
+        env={"MLFLOW_TRACKING_URI": uri, "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1"},
     )
     return root / "bundle", uri, result
 
@@ -120,6 +121,13 @@ def test_training_writes_checkpoints_and_an_mlflow_run(trained):
     assert all(len(entry["sha256"]) == 64 and entry["size"] > 0 for entry in manifest)
     tags = run.data.tags
     assert tags["version.monai"] and tags["version.torch"] and tags["device"] == "cpu" and "git_commit" in tags
+    assert tags["command"].startswith("python -m monai.bundle run training --config_file "), tags["command"]
+    # ignite's lr_group_0 under its own name, at each iteration, with the value the optimizer used
+    learning_rate = client.get_metric_history(run.info.run_id, "learning_rate")
+    assert len(learning_rate) == len(loss) and learning_rate[0].value == pytest.approx(0.002)
+    assert not any(k.startswith("lr_group") for k in run.data.metrics)
+    system = {k for k in run.data.metrics if k.startswith("system/")}
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= system, system
     metrics = json.loads(Path(client.download_artifacts(run.info.run_id, "metrics.json")).read_text())
     assert metrics["n_images"] == 3 and set(metrics["per_class"]["val_mean_dice"]) >= {"NFL", "OS-RPE"}
     assert metrics["best"]["value"] == pytest.approx(max(m.value for m in dice))
@@ -132,7 +140,8 @@ def test_evaluation_reproduces_validation_and_records_a_run(trained, tiny_oct_di
     assert run.info.status == "FINISHED"
     _, train_run = latest_run(uri, "train")
     best = max(m.value for m in client.get_metric_history(train_run.info.run_id, "val_mean_dice"))
-    assert run.data.metrics["val_mean_dice"] == pytest.approx(best, abs=1e-5), "the best checkpoint is evaluated"
+    assert run.data.metrics["eval/mean_dice"] == pytest.approx(best, abs=1e-5), "the best checkpoint is evaluated"
+    assert "eval/mean_dice/NFL" in run.data.metrics and "val_mean_dice" not in run.data.metrics
     out = bundle_root / "outputs" / run.info.run_name
     report = json.loads((out / "metrics.json").read_text())
     assert report["n_images"] == 3

@@ -132,10 +132,13 @@ class Server:
         return runs[0] if runs else None
 
     def metric_steps(self, run: dict) -> dict[str, list[int]]:
-        """The steps of every metric's points (the full history, not only the latest value)."""
+        """The steps of every metric's points (the full history, not only the latest value). System metrics are
+        sampled by the clock (their number follows the run's duration), so they are not compared."""
         steps = {}
         for metric in run["data"].get("metrics", []):
             key = metric["key"]
+            if key.startswith("system/"):
+                continue
             history = self.api(
                 "metrics/get-history", run_id=run["info"]["run_id"], metric_key=urllib.parse.quote(key, safe="")
             )
