@@ -39,7 +39,9 @@ from clinseg.pipelines.tracking import (
     REPO_ROOT,
     artifact_location_for,
     default_tracking_uri,
+    engine_metric_name,
     mark_model_training,
+    mlflow_metric_name,
     store_lock,
     unique_run_name,
 )
@@ -68,10 +70,19 @@ def training_runs(client: mlflow.MlflowClient, bundle: str, limit: int = 50, par
     )
 
 
+def recorded_name(metric: str, params: dict) -> str:
+    """The MLflow name of a training run's metric given by its engine name (``val_mean_dice`` is recorded as
+    ``0_key/val_mean_dice`` in the runs whose key metric it is): :func:`clinseg.pipelines.tracking.mlflow_metric_name`.
+    Names already in the recorded form are kept."""
+    if engine_metric_name(metric) != metric:
+        return metric
+    return mlflow_metric_name(metric, "train", params.get("key_metric"))
+
+
 def summarize(client: mlflow.MlflowClient, runs, metric: str) -> list[dict]:
     rows = []
     for run in runs:
-        history = client.get_metric_history(run.info.run_id, metric)
+        history = client.get_metric_history(run.info.run_id, recorded_name(metric, run.data.params))
         finite = [m for m in history if math.isfinite(m.value)]
         best = max(finite, key=lambda m: m.value) if finite else None
         rows.append(
@@ -83,7 +94,7 @@ def summarize(client: mlflow.MlflowClient, runs, metric: str) -> list[dict]:
                 f"best_{metric}": best.value if best else float("nan"),
                 "best_epoch": best.step if best else None,
                 f"final_{metric}": finite[-1].value if finite else float("nan"),
-                "final_train_loss": run.data.metrics.get("train_loss", float("nan")),
+                "final_train_loss": run.data.metrics.get(mlflow_metric_name("train_loss"), float("nan")),
             }
         )
     return rows
@@ -126,7 +137,8 @@ def plot_runs(client: mlflow.MlflowClient, rows: list[dict], metric: str, path: 
     params = differing_params(rows)
     fig, ax = plt.subplots(figsize=(9, 5))
     for row in rows:
-        history = sorted((m.step, m.value) for m in client.get_metric_history(row["run_id"], metric))
+        recorded = recorded_name(metric, row["params"])
+        history = sorted((m.step, m.value) for m in client.get_metric_history(row["run_id"], recorded))
         if history:
             label = row["run"] + (
                 "" if not params else " (" + ", ".join(f"{p}={row['params'].get(p)}" for p in params) + ")"

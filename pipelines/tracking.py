@@ -133,16 +133,61 @@ def typed_command(argv: Sequence[str] | None = None) -> str:
     return shlex.join([*program, *argv[1:]])
 
 
-def mlflow_metric_name(name: str, workflow: str) -> str:
-    """The name a metric is recorded under in MLflow. Ignite's ``lr_group_<i>`` is ``learning_rate`` (more groups:
-    ``learning_rate/group_<i>``); an evaluation's metrics are ``eval/<name>`` (``val_mean_dice`` ->
-    ``eval/mean_dice``), so they never mix into the training runs' validation curves."""
+# MLflow's run page draws one section of charts per metric-name prefix (before the first '/'), in the order of the
+# prefixes' names, and the metrics without a prefix last: the prefixes below put the key curves first
+KEY_SECTION = "0_key"
+AGGREGATE_SECTIONS = {"train": "1_validation", "evaluate": "1_evaluation"}
+CLASS_SECTION_SUFFIX = " by class"
+TRAINING_KEY_CURVES = ("train_loss", "learning_rate")
+
+
+def mlflow_metric_name(name: str, workflow: str = "train", key_metric: str | None = None) -> str:
+    """The name an engine's metric is recorded under in MLflow, so that the UI shows the key curves first.
+
+    - ``0_key/``: the training loss, the learning rate (ignite's ``lr_group_0``; other groups
+      ``learning_rate_group_<i>``) and the bundle's key metric (``0_key/val_mean_dice``);
+    - ``1_validation/`` (``1_evaluation/`` in an evaluation's run): the other averaged metrics;
+    - ``<metric> by class/<class>``: the per-class values (``val_mean_dice by class/NFL``), one section per metric;
+    - ``system/``: MLflow's system metrics (their own tab), unchanged.
+
+    An evaluation's metrics are named ``eval_...`` instead of ``val_...`` (``0_key/eval_mean_dice``), so they never
+    mix into the training runs' validation curves. :func:`engine_metric_name` is the inverse."""
+    if name.startswith("system/"):
+        return name
     if name.startswith("lr_group_"):
         group = name[len("lr_group_") :]
-        return "learning_rate" if group == "0" else f"learning_rate/group_{group}"
-    if workflow != "train" and not name.startswith(("eval/", "system/")):
-        return "eval/" + name.removeprefix("val_")
+        name = "learning_rate" if group == "0" else f"learning_rate_group_{group}"
+    base, _, class_name = name.partition("/")
+    evaluation = workflow != "train"
+    renamed = "eval_" + base.removeprefix("val_") if evaluation and base.startswith("val_") else base
+    if class_name:
+        return f"{renamed}{CLASS_SECTION_SUFFIX}/{class_name}"
+    if base in TRAINING_KEY_CURVES or (key_metric is not None and base == key_metric):
+        return f"{KEY_SECTION}/{renamed}"
+    return f"{AGGREGATE_SECTIONS['evaluate' if evaluation else 'train']}/{renamed}"
+
+
+def engine_metric_name(name: str) -> str:
+    """The engine's name of a metric recorded by :func:`mlflow_metric_name` (``0_key/val_mean_dice`` ->
+    ``val_mean_dice``, ``val_hd95 by class/NFL`` -> ``val_hd95/NFL``); an evaluation's keep their ``eval_``."""
+    section, _, rest = name.partition("/")
+    if not rest or section == "system":
+        return name
+    if section.endswith(CLASS_SECTION_SUFFIX):
+        return f"{section.removesuffix(CLASS_SECTION_SUFFIX)}/{rest}"
+    if section in (KEY_SECTION, *AGGREGATE_SECTIONS.values()):
+        return rest
     return name
+
+
+def running_key_metric() -> str | None:
+    """The key metric (``key_metric_name``) of the bundle config being run, if any."""
+    from clinseg.pipelines.workflow import running_parser
+
+    parser = running_parser()
+    if parser is None or "key_metric_name" not in parser:
+        return None
+    return str(parser.get_parsed_content("key_metric_name"))
 
 
 class SystemMetricsSampler:
@@ -485,6 +530,7 @@ class BundleMLflowHandler(_LinkedRun, MLFlowHandler):
         self.dataset_manifest = dataset_manifest
         self._buffer: list = []
         self._system_metrics: SystemMetricsSampler | None = None
+        self.key_metric: str | None = None  # the bundle's, read from its config at the start
         self.flush_every = flush_every
         self.spool_dir = spool_dir or default_spool_dir(self.artifact_paths, curves_dir, self.run_name)
         self._link = None
@@ -532,6 +578,8 @@ class BundleMLflowHandler(_LinkedRun, MLFlowHandler):
 
     def start(self, engine: Engine) -> None:
         new_run = self.cur_run is None
+        if self.key_metric is None:
+            self.key_metric = running_key_metric()
         if new_run and self._derive_params:
             from clinseg.pipelines.workflow import running_parser
 
@@ -623,7 +671,7 @@ class BundleMLflowHandler(_LinkedRun, MLFlowHandler):
         if self.cur_run is None:
             raise ValueError("no active MLflow run to log metrics to")
         timestamp = int(time.time() * 1000)
-        names = {k: mlflow_metric_name(k, self.workflow) for k in metrics}
+        names = {k: mlflow_metric_name(k, self.workflow, self.key_metric) for k in metrics}
         self._buffer.extend((names[k], float(v), timestamp, step or 0) for k, v in metrics.items())
         if len(self._buffer) >= self.flush_every:
             self.flush()
@@ -671,7 +719,7 @@ class BundleMLflowHandler(_LinkedRun, MLFlowHandler):
         if self.curves_dir:
             from clinseg.pipelines.reports import plot_learning_curves
 
-            history = self._metric_history()
+            history = {engine_metric_name(k): points for k, points in self._metric_history().items()}
             path = plot_learning_curves(history, Path(self.curves_dir) / "learning_curves.png", title=self.run_name)
             if path is not None:
                 link.log_artifact(str(path))
@@ -745,6 +793,7 @@ class ValidationMetricsLogger(_LinkedRun, MLFlowHandler):
         self.spool_dir = spool_dir or default_spool_dir([], None, run_name)
         self._link = None
         self._warned = False
+        self.key_metric: str | None = None
 
     def start(self, engine: Engine) -> None:
         owner = _RUNS.get((self.experiment_name, self.run_name))
@@ -766,4 +815,9 @@ class ValidationMetricsLogger(_LinkedRun, MLFlowHandler):
         from monai.utils import flatten_dict
 
         timestamp = int(time.time() * 1000)
-        self.link.log_batch(metrics=[(k, float(v), timestamp, step or 0) for k, v in flatten_dict(metrics).items()])
+        if self.key_metric is None:
+            owner = _RUNS.get((self.experiment_name, self.run_name))
+            self.key_metric = owner.key_metric if owner is not None else running_key_metric()
+        values = flatten_dict(metrics).items()
+        named = [(mlflow_metric_name(k, "train", self.key_metric), float(v), timestamp, step or 0) for k, v in values]
+        self.link.log_batch(metrics=named)

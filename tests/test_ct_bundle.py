@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from clinseg.datasets.ct import read_volume, write_msd_dataset
+from clinseg.pipelines.tracking import mlflow_metric_name
 from clinseg.transforms.ct_anatomy import FIELDS_OF_VIEW, HEART_EXPECTED
 from tests.conftest import REPO_ROOT, run_bundle, run_models, shared_path
 
@@ -20,6 +21,11 @@ TRAIN = [str(CONFIGS / "train.json")]
 EVALUATE = TRAIN + [str(CONFIGS / "evaluate.json")]
 INFER = [str(CONFIGS / "inference.json")]  # self-contained (the Model Zoo form)
 METRICS = {"val_mean_dice", "val_iou", "val_hd95_mm", "val_assd_mm", "val_rve", "val_sensitivity", "val_precision"}
+
+
+def recorded(metric: str) -> str:
+    """A training run's MLflow name of a validation metric (ct_heart's key metric is val_mean_dice)."""
+    return mlflow_metric_name(metric, "train", "val_mean_dice")
 
 
 def tiny(bundle_root, dataset_dir, **extra):
@@ -65,9 +71,9 @@ def test_training_tracks_mm_metrics_and_writes_checkpoints(trained):
     assert run.info.status == "FINISHED"
     # tagged as model training, so MLflow's UI opens the experiment on its runs, not its GenAI view
     assert client.get_experiment_by_name("ct_heart").tags["mlflow.experimentKind"] == "custom_model_development"
-    assert METRICS <= set(run.data.metrics)
+    assert {recorded(m) for m in METRICS} <= set(run.data.metrics)
     assert run.data.params["spacing"] == "[6, 6, 6]" and run.data.params["window_preset"] == "cardiac"
-    history = client.get_metric_history(run.info.run_id, "val_hd95_mm")
+    history = client.get_metric_history(run.info.run_id, recorded("val_hd95_mm"))
     assert [m.step for m in history] == [1, 2] and all(m.value > 0 for m in history)
     report = json.loads(next((bundle / "outputs").glob("train-*/metrics.json")).read_text())
     assert 0 <= report["mean"]["val_mean_dice"] <= 1
@@ -85,7 +91,7 @@ def test_evaluation_on_the_test_split_at_the_native_grid(trained, ct_data):
     report = json.loads(sorted((bundle / "outputs").glob("evaluate-*/metrics.json"))[-1].read_text())
     assert report["n_images"] == 1 and METRICS <= set(report["mean"])
     _, (run,) = runs(uri, "evaluate")
-    assert run.data.params["eval_split"] == "test" and run.data.metrics["eval/mean_dice"] == pytest.approx(
+    assert run.data.params["eval_split"] == "test" and run.data.metrics["0_key/eval_mean_dice"] == pytest.approx(
         report["mean"]["val_mean_dice"]
     )
     assert not any(k.startswith("val_") for k in run.data.metrics), "an evaluation's metrics are named eval/..."
@@ -181,7 +187,7 @@ def test_training_is_deterministic_on_cpu_with_a_fixed_seed(trained, ct_data, tm
     assert len(first_and_second) == 2
     histories = [
         {
-            key: [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, key)]
+            key: [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, recorded(key))]
             for key in ["train_loss", *METRICS]
         }
         for run in first_and_second

@@ -11,6 +11,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
+from clinseg.pipelines.tracking import mlflow_metric_name
 from tests.conftest import OCT_BUNDLE, REPO_ROOT, run_bundle, run_models
 
 CONFIGS = OCT_BUNDLE / "configs"
@@ -62,12 +63,12 @@ def test_two_process_training_equals_single_process_evaluation(tmp_path, tiny_oc
     run_bundle("evaluating", EVALUATE, evaluation, env={"MLFLOW_TRACKING_URI": uri})
     (single,) = runs(uri, "evaluate")
     for key in COMPARED:  # 3 validation images split 2 + 1 over the ranks, gathered before reduction
-        evaluated = "eval/" + key.removeprefix("val_")  # an evaluation's name of the validation metric
-        assert train_run.data.metrics[key] == pytest.approx(single.data.metrics[evaluated], rel=1e-5), key
+        trained, evaluated = (mlflow_metric_name(key, workflow, "val_mean_dice") for workflow in ("train", "evaluate"))
+        assert train_run.data.metrics[trained] == pytest.approx(single.data.metrics[evaluated], rel=1e-5), key
 
     torchrun("evaluating", EVALUATE + [str(CONFIGS / "multi_gpu_evaluate.json")], evaluation, uri)
     _, distributed = runs(uri, "evaluate")
-    for key in ("eval/" + k.removeprefix("val_") for k in COMPARED):
+    for key in (mlflow_metric_name(k, "evaluate", "val_mean_dice") for k in COMPARED):
         assert distributed.data.metrics[key] == pytest.approx(single.data.metrics[key], rel=1e-5), key
     assert Path(distributed.data.params["checkpoint"]).name == "model.pt"
 
@@ -80,7 +81,7 @@ def test_two_process_training_resumes_from_its_latest_checkpoint(tmp_path, tiny_
     torchrun("training", multi_gpu, {**overrides, "train#trainer#max_epochs": 1}, uri)
     (first,) = runs(uri, "train")
     client = mlflow.MlflowClient(uri)
-    first_steps = [m.step for m in client.get_metric_history(first.info.run_id, "train_loss")]
+    first_steps = [m.step for m in client.get_metric_history(first.info.run_id, "0_key/train_loss")]
 
     # the same job, asked for 3 epochs, continues from epoch 1 on both ranks
     result = torchrun("training", multi_gpu, {**overrides, "train#trainer#max_epochs": 3, "resume": True}, uri)
@@ -89,9 +90,9 @@ def test_two_process_training_resumes_from_its_latest_checkpoint(tmp_path, tiny_
     assert models == ["latest_checkpoint_epoch=3.pt", "model.json", "model.pt"], models
     _, resumed = runs(uri, "train")
     assert resumed.data.tags["resumed_from_run"] == first.info.run_id
-    resumed_steps = [m.step for m in client.get_metric_history(resumed.info.run_id, "train_loss")]
+    resumed_steps = [m.step for m in client.get_metric_history(resumed.info.run_id, "0_key/train_loss")]
     assert min(resumed_steps) == max(first_steps) + 1 and max(resumed_steps) == 3 * max(first_steps)
-    epochs = [m.step for m in client.get_metric_history(resumed.info.run_id, "val_mean_dice")]
+    epochs = [m.step for m in client.get_metric_history(resumed.info.run_id, "0_key/val_mean_dice")]
     assert sorted(epochs) == [2, 3], "validation continues at epoch 2"
 
 

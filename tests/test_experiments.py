@@ -76,7 +76,7 @@ def test_sweep_compare_register_fetch_evaluate(tmp_path, tiny_oct_dir, tracking_
         ("0.004", "2"),
         ("0.004", "4"),
     }
-    best = max(children, key=lambda c: c.data.metrics["val_mean_dice"])
+    best = max(children, key=lambda c: c.data.metrics["0_key/val_mean_dice"])
     assert parent.data.tags["best_child"] == best.info.run_id
 
     plot = tmp_path / "curves.png"
@@ -98,7 +98,7 @@ def test_sweep_compare_register_fetch_evaluate(tmp_path, tiny_oct_dir, tracking_
     configs = [str(fetched / "configs" / "executed_config.json"), str(fetched / "configs" / "evaluate.json")]
     run_bundle("evaluating", configs, {"bundle_root": fetched, "dataset_dir": tiny_oct_dir, "run_name": "eval-fetched"})
     report = json.loads((fetched / "outputs" / "eval-fetched" / "metrics.json").read_text())
-    assert report["mean"]["val_mean_dice"] == pytest.approx(best.data.metrics["val_mean_dice"], abs=1e-5)
+    assert report["mean"]["val_mean_dice"] == pytest.approx(best.data.metrics["0_key/val_mean_dice"], abs=1e-5)
 
     # wrong run ids, names, aliases and paths: one line each, nothing registered or written
     versions = len(client.search_model_versions("name = 'oct_layers'"))
@@ -239,8 +239,8 @@ def test_two_runs_at_once_do_not_write_into_each_other(tmp_path, tiny_oct_dir, t
     assert sorted(r.data.params["learning_rate"] for r in runs) == ["0.001", "0.005"]
     for run in runs:
         assert run.info.status == "FINISHED"
-        assert len(client.get_metric_history(run.info.run_id, "train_loss")) == 2 * 2  # 2 epochs x 2 iterations
-        assert [m.step for m in client.get_metric_history(run.info.run_id, "val_mean_dice")] == [1, 2]
+        assert len(client.get_metric_history(run.info.run_id, "0_key/train_loss")) == 2 * 2  # 2 epochs x 2 iterations
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "0_key/val_mean_dice")] == [1, 2]
 
 
 def test_an_interrupted_sweep_keeps_finished_children(tmp_path, tiny_oct_dir, tracking_uri):

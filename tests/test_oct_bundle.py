@@ -87,20 +87,21 @@ def test_training_writes_checkpoints_and_an_mlflow_run(trained):
     assert params["loss_lambda_dice"] == "0.7" and params["seed"] == "0" and len(params["dataset_fingerprint"]) == 16
     assert params["num_train_images"] == "6" and params["num_val_images"] == "3"  # 3 subjects, 3 of 4 B-scans each
 
-    loss = client.get_metric_history(run.info.run_id, "train_loss")
+    loss = client.get_metric_history(run.info.run_id, "0_key/train_loss")
     assert len(loss) == 2 * 2, "one loss per iteration (6 images / batch 4 = 2 iterations, 2 epochs)"
-    dice = client.get_metric_history(run.info.run_id, "val_mean_dice")
+    dice = client.get_metric_history(run.info.run_id, "0_key/val_mean_dice")
     assert [m.step for m in dice] == [1, 2] and all(0.0 <= m.value <= 1.0 for m in dice)
     for key in (
-        "val_mean_iou",
-        "val_hd95",
-        "val_precision",
-        "val_recall",
-        "val_specificity",
-        "val_pixel_accuracy",
-        "val_thickness_mae_px",
-        "val_mean_dice/NFL",
-        "val_mean_dice/OS-RPE",
+        # the key curves first, then the other averages, then one section per metric of its per-class values
+        "1_validation/val_mean_iou",
+        "1_validation/val_hd95",
+        "1_validation/val_precision",
+        "1_validation/val_recall",
+        "1_validation/val_specificity",
+        "1_validation/val_pixel_accuracy",
+        "1_validation/val_thickness_mae_px",
+        "val_mean_dice by class/NFL",
+        "val_mean_dice by class/OS-RPE",
     ):
         assert key in run.data.metrics, key
 
@@ -123,7 +124,7 @@ def test_training_writes_checkpoints_and_an_mlflow_run(trained):
     assert tags["version.monai"] and tags["version.torch"] and tags["device"] == "cpu" and "git_commit" in tags
     assert tags["command"].startswith("python -m monai.bundle run training --config_file "), tags["command"]
     # ignite's lr_group_0 under its own name, at each iteration, with the value the optimizer used
-    learning_rate = client.get_metric_history(run.info.run_id, "learning_rate")
+    learning_rate = client.get_metric_history(run.info.run_id, "0_key/learning_rate")
     assert len(learning_rate) == len(loss) and learning_rate[0].value == pytest.approx(0.002)
     assert not any(k.startswith("lr_group") for k in run.data.metrics)
     system = {k for k in run.data.metrics if k.startswith("system/")}
@@ -139,9 +140,10 @@ def test_evaluation_reproduces_validation_and_records_a_run(trained, tiny_oct_di
     client, run = latest_run(uri, "evaluate")
     assert run.info.status == "FINISHED"
     _, train_run = latest_run(uri, "train")
-    best = max(m.value for m in client.get_metric_history(train_run.info.run_id, "val_mean_dice"))
-    assert run.data.metrics["eval/mean_dice"] == pytest.approx(best, abs=1e-5), "the best checkpoint is evaluated"
-    assert "eval/mean_dice/NFL" in run.data.metrics and "val_mean_dice" not in run.data.metrics
+    best = max(m.value for m in client.get_metric_history(train_run.info.run_id, "0_key/val_mean_dice"))
+    assert run.data.metrics["0_key/eval_mean_dice"] == pytest.approx(best, abs=1e-5), "the best checkpoint is evaluated"
+    assert "eval_mean_dice by class/NFL" in run.data.metrics and "1_evaluation/eval_hd95" in run.data.metrics
+    assert not any(k.startswith("val_") or "/val_" in k for k in run.data.metrics), "evaluations are eval_..."
     out = bundle_root / "outputs" / run.info.run_name
     report = json.loads((out / "metrics.json").read_text())
     assert report["n_images"] == 3

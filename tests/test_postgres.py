@@ -239,6 +239,13 @@ def train_two_at_once(tmp_path: Path, data_dir: Path, tracking_uri: str) -> None
             log.close()
 
 
+def recorded(metric: str) -> str:
+    """A training run's MLflow name of a validation metric (oct_layers' key metric is val_mean_dice)."""
+    from clinseg.pipelines.tracking import mlflow_metric_name
+
+    return mlflow_metric_name(metric, "train", "val_mean_dice")
+
+
 def validation_metric_names() -> set[str]:
     """The metrics the validator logs once per epoch (the config's key metric and additional metrics)."""
     validate = json.loads(TRAIN.read_text())["validate"]
@@ -263,9 +270,9 @@ def assert_two_finished_runs(tracking_uri: str, data_dir: Path) -> list:
         assert run.info.status == "FINISHED", (run.info.run_id, run.info.status)
         assert run.data.params["max_epochs"] == str(EPOCHS)
         for name in validation_metric_names():
-            steps = [m.step for m in client.get_metric_history(run.info.run_id, name)]
+            steps = [m.step for m in client.get_metric_history(run.info.run_id, recorded(name))]
             assert steps == list(range(1, EPOCHS + 1)), (run.info.run_id, name, steps)
-        losses = [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")]
+        losses = [m.step for m in client.get_metric_history(run.info.run_id, "0_key/train_loss")]
         assert losses == list(range(1, EPOCHS * iterations + 1)), (run.info.run_id, losses)
     return runs
 
@@ -301,8 +308,8 @@ def test_two_trainings_at_once_against_a_tracking_server_on_postgresql(tmp_path,
             r.info.run_id: {
                 "status": r.info.status,
                 "learning_rate": r.data.params["learning_rate"],
-                "val_mean_dice_steps": len(client.get_metric_history(r.info.run_id, "val_mean_dice")),
-                "train_loss_steps": len(client.get_metric_history(r.info.run_id, "train_loss")),
+                "val_mean_dice_steps": len(client.get_metric_history(r.info.run_id, "0_key/val_mean_dice")),
+                "train_loss_steps": len(client.get_metric_history(r.info.run_id, "0_key/train_loss")),
             }
             for r in runs
         },

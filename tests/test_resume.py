@@ -52,7 +52,7 @@ def test_killed_training_resumes_and_continues_its_history(tmp_path, tiny_oct_di
 
     client = mlflow.MlflowClient(uri)
     (first,) = client.search_runs([client.get_experiment_by_name("oct_layers").experiment_id])
-    first_losses = client.get_metric_history(first.info.run_id, "train_loss")
+    first_losses = client.get_metric_history(first.info.run_id, "0_key/train_loss")
 
     result = run_bundle("training", TRAIN, {**overrides, "resume": True}, env={"MLFLOW_TRACKING_URI": uri})
     assert f"resuming from {models / saved[-1]}" in result.stdout + result.stderr
@@ -67,11 +67,11 @@ def test_killed_training_resumes_and_continues_its_history(tmp_path, tiny_oct_di
     assert resumed.data.tags["resumed_from_run"] == first.info.run_id
     assert client.get_run(first.info.run_id).info.status == "KILLED", "a SIGKILLed run is not left RUNNING"
     assert client.get_run(first.info.run_id).data.tags["resumed_by_run"] == resumed.info.run_id
-    resumed_losses = client.get_metric_history(resumed.info.run_id, "train_loss")
+    resumed_losses = client.get_metric_history(resumed.info.run_id, "0_key/train_loss")
     assert min(m.step for m in resumed_losses) == iterations_done + 1, "the loss curve continues after the checkpoint"
     assert max(m.step for m in resumed_losses) == 6 * 3  # 6 images / batch 2 = 3 iterations per epoch
     assert all(m.step <= iterations_done or m.step > iterations_done for m in first_losses)
-    dice = client.get_metric_history(resumed.info.run_id, "val_mean_dice")
+    dice = client.get_metric_history(resumed.info.run_id, "0_key/val_mean_dice")
     assert [m.step for m in dice] == list(range(killed_at + 1, 7)), "epochs continue from the checkpoint's"
 
 

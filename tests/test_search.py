@@ -70,7 +70,7 @@ def test_two_workers_share_one_study(tmp_path, tiny_oct_dir, tracking_uri):
         assert run.data.tags["search.state"] == trial.state.name
         assert float(run.data.params["learning_rate"]) == pytest.approx(trial.params["learning_rate"], rel=1e-5)
         assert run.data.params["batch_size"] == trial.params["batch_size"]
-        validated = client.get_metric_history(run.info.run_id, "val_mean_dice")
+        validated = client.get_metric_history(run.info.run_id, "0_key/val_mean_dice")
         # what the study holds is what the run's validation measured, epoch by epoch
         assert {m.step: m.value for m in validated} == pytest.approx(trial.intermediate_values)
         if trial.state == TrialState.PRUNED:
@@ -110,7 +110,7 @@ def test_pruned_trials_are_marked_and_a_used_budget_runs_nothing(tmp_path, tiny_
     for run in children(client, study.user_attrs["parent_run_id"]):
         # a pruned training stops as an ordinary run: finished, with its model and one validation
         assert run.info.status == "FINISHED" and run.data.tags["search.state"] == "PRUNED"
-        assert len(client.get_metric_history(run.info.run_id, "val_mean_dice")) == 1
+        assert len(client.get_metric_history(run.info.run_id, "0_key/val_mean_dice")) == 1
         assert "checkpoint/model.pt" in {a.path for a in client.list_artifacts(run.info.run_id, "checkpoint")}
 
     # a worker joining a study whose budget is used runs nothing

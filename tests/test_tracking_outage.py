@@ -265,7 +265,7 @@ def fmt(times: dict[int, float]) -> str:
 def val_metric_arrived(server: Server, run_name: str):
     def check() -> bool:
         run = server.run(run_name)
-        return bool(run) and any(m["key"] == "val_mean_dice" for m in run["data"].get("metrics", []))
+        return bool(run) and any(m["key"] == "0_key/val_mean_dice" for m in run["data"].get("metrics", []))
 
     return check
 
@@ -285,8 +285,8 @@ def assert_complete(server: Server, run_name: str, undisturbed: dict) -> dict:
     assert expected_files <= set(artifacts), artifacts
     assert not [a for a in artifacts if "tracking_spool" in a or "mlflow_records" in a], "the spool is no artifact"
     print(
-        f"  {run_name}: FINISHED, the points of every metric as undisturbed ({counts['train_loss']} train_loss, "
-        f"{counts['val_mean_dice']} val_mean_dice, {len(counts)} metric keys)"
+        f"  {run_name}: FINISHED, the points of every metric as undisturbed ({counts['0_key/train_loss']} train_loss, "
+        f"{counts['0_key/val_mean_dice']} val_mean_dice, {len(counts)} metric keys)"
     )
     return run
 

@@ -99,15 +99,15 @@ def check_round(client, experiment_id: str, root: Path, known: set[str], counts:
         if run.info.status != "FINISHED":
             problems.append(f"{run.info.run_id} ({workflow}) is {run.info.status}")
         if workflow == "train":
-            losses = client.get_metric_history(run.info.run_id, "train_loss")
-            dice = client.get_metric_history(run.info.run_id, "val_mean_dice")
+            losses = client.get_metric_history(run.info.run_id, "0_key/train_loss")
+            dice = client.get_metric_history(run.info.run_id, "0_key/val_mean_dice")
             counts["metric_points"] = counts.get("metric_points", 0) + len(losses) + len(dice)
             if sorted(m.step for m in dice) != list(range(1, EPOCHS + 1)):
                 problems.append(f"{run.info.run_id}: val_mean_dice steps {[m.step for m in dice]}")
             if len(losses) != EPOCHS * ITERATIONS_PER_EPOCH:
                 problems.append(f"{run.info.run_id}: {len(losses)} train_loss points")
         elif workflow == "evaluate":
-            if "val_mean_dice" not in run.data.metrics or "checkpoint_sha256" not in run.data.tags:
+            if "0_key/eval_mean_dice" not in run.data.metrics or "checkpoint_sha256" not in run.data.tags:
                 problems.append(f"{run.info.run_id}: evaluation without its metric or checkpoint SHA-256")
     promoted = runs.read_record(root / "models")
     best = None
