@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 DEPLOY_VENV ?= .venv-deploy
 DEPLOY_STAMP := $(DEPLOY_VENV)/.installed
 
-.PHONY: demo test lint install deploy-env dicom3tools clean-outputs
+.PHONY: demo test lint install deploy-env dicom3tools chromium clean-outputs
 
 install: $(STAMP)
 
@@ -42,10 +42,22 @@ dicom3tools:
 		exit 1; \
 	}
 
+# Chromium (Debian package chromium) for the browser test of the MLflow UI (tests/test_mlflow_ui.py), installed the
+# same way when absent; Playwright drives it (its own browser download cannot work here)
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { \
+		echo "chromium is absent: installing it with apt-get"; \
+		$(SUDO) apt-get update -q && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q --no-install-recommends chromium; \
+	}; \
+	command -v chromium >/dev/null 2>&1 || { \
+		echo "error: chromium: could not be installed (apt-get install chromium, as root); tests/test_mlflow_ui.py needs it" >&2; \
+		exit 1; \
+	}
+
 demo: $(STAMP)
 	$(PYTHON) -m pipelines.demo
 
-test: $(STAMP) $(DEPLOY_STAMP) dicom3tools
+test: $(STAMP) $(DEPLOY_STAMP) dicom3tools chromium
 	DEPLOY_PYTHON=$(abspath $(DEPLOY_VENV))/bin/python $(PYTHON) -m pytest
 
 lint: $(STAMP)

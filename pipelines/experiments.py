@@ -8,6 +8,7 @@
     python -m clinseg.pipelines.experiments register RUN_ID [--name oct_layers] [--alias champion]
     python -m clinseg.pipelines.experiments fetch oct_layers champion --out /tmp/oct_layers_v1
     python -m clinseg.pipelines.experiments promote oct_layers RUN_NAME [--bundle_root bundles/oct_layers]
+    python -m clinseg.pipelines.experiments ui [--port 5000]     (the MLflow UI, and the links to each experiment)
 
 The store is ``MLFLOW_TRACKING_URI`` if set, else the project's ``mlruns/mlflow.db`` (``--tracking_uri`` wins).
 The MLflow UI stays the main place to look; these commands serve terminals, scripts and reports.
@@ -422,6 +423,36 @@ def sync(args) -> int:
     return 0
 
 
+def ui_links(client: mlflow.MlflowClient, server: str) -> list[str]:
+    """One line per experiment: its name and the UI page of its runs (model-training workspace, runs view)."""
+    from clinseg.pipelines.tracking import runs_page_url
+
+    experiments = client.search_experiments()
+    experiments = [e for e in experiments if e.name != "Default" or client.search_runs([e.experiment_id])]
+    return [f"  {e.name}: {runs_page_url(server, e.experiment_id)}" for e in experiments]
+
+
+def ui(args) -> int:
+    """Serve the store's MLflow UI (``mlflow server``) and print the pages that open on each experiment's runs.
+
+    MLflow 3's UI starts in its GenAI workspace unless a link chooses the model-training one; these links do, and
+    open the runs view each training keeps up to date (key metric, final loss, the params the runs varied)."""
+    uri = args.tracking_uri or default_tracking_uri()
+    server = f"http://{args.host}:{args.port}"
+    if uri.startswith(("http://", "https://")):  # a server already runs: only the links
+        print("\n".join(ui_links(client_for(uri), uri)) or f"no experiments in {uri}")
+        return 0
+    if not uri.startswith("sqlite:///"):
+        raise InputError("--tracking_uri", f"{uri}: `ui` serves a local SQLite store; run `mlflow server` for others.")
+    store = Path(uri[len("sqlite:///") :])
+    command = [str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri", uri]
+    command += ["--artifacts-destination", str(store.parent / "artifacts")]
+    command += ["--host", args.host, "--port", str(args.port)]
+    print(f"MLflow UI of {uri} at {server}; the runs of each experiment:")
+    print("\n".join(ui_links(client_for(uri), server)) or "  (no experiments yet)", flush=True)
+    return subprocess.call(command)
+
+
 @cli.entry_point
 def main(argv: list[str] | None = None) -> int:
     parser = cli.ArgumentParser(description=__doc__.splitlines()[0])
@@ -464,6 +495,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("version", help="version number or alias")
     p.add_argument("--out", required=True)
     p.set_defaults(func=fetch)
+    p = sub.add_parser("ui", help="serve the MLflow UI and print the pages of each experiment's runs")
+    p.add_argument("--host", default="127.0.0.1", help="0.0.0.0 only behind your network's access control")
+    p.add_argument("--port", type=int, default=5000)
+    p.set_defaults(func=ui)
     p = sub.add_parser("sync", help="send tracking records spooled while the tracking server did not answer")
     p.add_argument("folders", nargs="*", help="runs' folders or their tracking_spool folders (default: bundles/)")
     p.set_defaults(func=sync)

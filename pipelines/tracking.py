@@ -64,6 +64,67 @@ def mark_model_training(client, experiment) -> None:
         client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND)
 
 
+# a view of the runs table kept in the experiment (MLflow's shared view state, an experiment tag): the key metric,
+# the final loss and the params the runs varied as columns, sorted by the key metric; opened by runs_page_url
+RUNS_VIEW_KEY = "runs"
+SHARED_VIEW_TAG = "mlflow.sharedViewState."
+# the UI's own choice between its GenAI and model-training workspaces (kept in the browser otherwise)
+MODEL_TRAINING_WORKSPACE = "workflowType=machine_learning"
+
+
+def runs_page_url(server: str, experiment_id: str) -> str:
+    """The UI page of an experiment's runs, in the model-training workspace, with the experiment's runs view."""
+    return (
+        f"{server.rstrip('/')}/#/experiments/{experiment_id}/runs?{MODEL_TRAINING_WORKSPACE}"
+        f"&viewStateShareKey={RUNS_VIEW_KEY}"
+    )
+
+
+def _column(kind: str, name: str) -> str:
+    return f"{kind}.`{name}`"  # the UI's column key
+
+
+def update_runs_view(client, experiment, key_metric: str | None, params: Sequence[str]) -> None:
+    """Add ``params`` (the ones a run overrode) to the experiment's runs view, with the key metric and the final
+    loss first; written only when it changes. Concurrent runs may each add their columns: the last write wins."""
+    tag = SHARED_VIEW_TAG + RUNS_VIEW_KEY
+    try:
+        current = json.loads((experiment.tags or {}).get(tag) or "{}")
+    except json.JSONDecodeError:
+        current = {}
+    key = _column("metrics", mlflow_metric_name(key_metric or "train_loss", "train", key_metric))
+    metrics = list(dict.fromkeys([key, _column("metrics", mlflow_metric_name("train_loss"))]))
+    known = [c for c in current.get("selectedColumns", []) if c.startswith("params.")]
+    columns = list(dict.fromkeys([*metrics, *known, *(_column("params", p) for p in params)]))
+    state = {"orderByKey": key, "orderByAsc": False, "selectedColumns": columns}
+    if state != current:
+        client.set_experiment_tag(experiment.experiment_id, tag, json.dumps(state))
+
+
+# overridden by every run on a given machine, and no hyper-parameter: not a column of the runs view
+_NOT_COMPARED = {"dataset_dir", "num_workers", "cache", "cache_dir", "resume"}
+
+
+def overridden_params(params: Mapping[str, object]) -> list[str]:
+    """The tracked params that the running command line overrode (``--learning_rate``, ``--network_def#channels``
+    -> ``network_channels``, ``--train#trainer#max_epochs`` -> ``max_epochs``)."""
+    from clinseg.pipelines.workflow import running_run_arguments
+
+    found = running_run_arguments()
+    if found is None:
+        return []
+    names = []
+    for key in found[1]:
+        if key in _RUN_IDENTITY:
+            continue
+        parts = [_COMPONENT_NAMES.get(part, part) for part in str(key).split("#")]
+        for candidate in ("_".join(parts), parts[-1]):
+            if candidate in params and candidate not in _NOT_COMPARED and candidate not in names:
+                names.append(candidate)
+                break
+    return names
+
+
 def artifact_location_for(tracking_uri: str, experiment_name: str) -> str | None:
     """Artifacts of a local SQLite store live beside it, in ``artifacts/<experiment>/``; servers decide for
     themselves (``mlflow server --artifacts-destination``)."""
@@ -634,6 +695,12 @@ class BundleMLflowHandler(_LinkedRun, MLFlowHandler):
             tags["mlflow.parentRunId"] = parent
         tags.update(json.loads(os.environ.get("PIPELINE_RUN_TAGS") or "{}"))  # the search's trial, for one
         self.link.log_batch(tags=tags.items())
+        if self.workflow == "train" and self.link.online:  # a convenience of the UI: never worth a wait or a failure
+            try:
+                varied = overridden_params(self.experiment_param)
+                update_runs_view(self.client, self.experiment, self.key_metric, varied)
+            except Exception as e:  # noqa: BLE001
+                logger.debug(f"tracking: the experiment's runs view was not updated ({e})")
         training_run = self.extra_tags.get("training_run_id")
         if training_run and training_run != run_id:  # the link back: the training run lists what evaluated it
             self.link.set_tag(f"{self.workflow}_run.{run_id}", self.run_name, run_id=training_run)

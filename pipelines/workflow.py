@@ -53,11 +53,15 @@ def is_rank_zero() -> bool:
 def running_run_arguments() -> tuple[list[str], dict] | None:
     """The config files and the overrides (typed, as ``fire`` read them) of the ``monai.bundle`` run in progress,
     from the command line or in-process (``monai.bundle.run(...)``); None outside one. MONAI keeps neither after
-    building the workflow, so they are read from its ``create_workflow`` frame, which runs ``initialize``."""
+    building the workflow, so they are read from its ``create_workflow`` frame, which runs ``initialize``, or once
+    the workflow runs, from the frame of ``monai.bundle.scripts.run`` (its ``override`` keyword arguments)."""
     for frame_info in inspect.stack(context=0):
         frame = frame_info.frame
-        if frame.f_code.co_name == "create_workflow" and frame.f_globals.get("__name__") == "monai.bundle.scripts":
-            files, arguments = frame.f_locals.get("config_file"), frame.f_locals.get("_args") or {}
+        if frame.f_globals.get("__name__") != "monai.bundle.scripts":
+            continue
+        if frame.f_code.co_name in ("create_workflow", "run"):
+            arguments_name = "_args" if frame.f_code.co_name == "create_workflow" else "override"
+            files, arguments = frame.f_locals.get("config_file"), frame.f_locals.get(arguments_name) or {}
             if files is None:
                 return None
             files = [str(f) for f in files] if isinstance(files, (list, tuple)) else [str(files)]
