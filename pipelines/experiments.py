@@ -311,6 +311,36 @@ def logged_artifacts(client: mlflow.MlflowClient, run_id: str, folder: str) -> s
         return set()
 
 
+def version_evidence(client: mlflow.MlflowClient, run) -> dict:
+    """What a registered version carries to be trusted without its run: the validation averages (engine names) at
+    the epoch its checkpoint was chosen (the key metric's best), that epoch, the dataset fingerprint, the source
+    run, the commit and the config hash."""
+    from clinseg.pipelines.tracking import AGGREGATE_SECTIONS, KEY_SECTION
+
+    key = run.data.params.get("key_metric")
+    history = {}
+    for recorded in run.data.metrics:
+        section, _, name = recorded.partition("/")
+        if section in (KEY_SECTION, AGGREGATE_SECTIONS["train"]) and name.startswith("val_"):
+            history[name] = {m.step: m.value for m in client.get_metric_history(run.info.run_id, recorded)}
+    finite = {step: v for step, v in history.get(key, {}).items() if math.isfinite(v)}
+    epoch = max(finite, key=finite.get) if finite else None
+    validation = {name: values[epoch] for name, values in history.items() if epoch in values}
+    params, tags = run.data.params, run.data.tags
+    return {
+        "source_run_id": run.info.run_id,
+        "source_run_name": run.info.run_name,
+        "key_metric": key,
+        "epoch": epoch,
+        "validation": validation,
+        "dataset_fingerprint": params.get("dataset_fingerprint"),
+        "num_train_images": params.get("num_train_images"),
+        "num_val_images": params.get("num_val_images"),
+        "git_commit": tags.get("git_commit"),
+        "config_sha256": tags.get("config_sha256"),
+    }
+
+
 def register(args) -> int:
     """Register a run's best checkpoint, with the bundle folder it belongs to, as a model version."""
     client = client_for(args.tracking_uri)
@@ -324,6 +354,7 @@ def register(args) -> int:
                 f"logged no {artifact} (a training run logs its best checkpoint after a validation, and its "
                 "executed config at the start); register a training run that validated at least once.",
             )
+    evidence = version_evidence(client, run)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / bundle
         shutil.copytree(
@@ -334,11 +365,19 @@ def register(args) -> int:
         shutil.move(checkpoint, folder / "models" / "model.pt")
         executed = client.download_artifacts(args.run_id, "config/executed_config.json", tmp)
         shutil.copy(executed, folder / "configs" / "executed_config.json")
+        (folder / "evidence.json").write_text(json.dumps(evidence, indent=2, default=str))
         client.log_artifacts(args.run_id, str(folder), "bundle")
     if not client.search_registered_models(f"name = '{name}'"):
         client.create_registered_model(name, description=f"MONAI bundle {bundle}")
     source = f"{client.get_run(args.run_id).info.artifact_uri}/bundle"
-    version = client.create_model_version(name, source, run_id=args.run_id, tags={"bundle": bundle})
+    tags = {"bundle": bundle, **{k: str(v) for k, v in evidence.items() if k != "validation" and v is not None}}
+    tags.update({f"validation.{k}": f"{v:.6g}" for k, v in evidence["validation"].items()})
+    description = (
+        f"MONAI bundle {bundle} from run {run.info.run_name} ({args.run_id}): best {evidence['key_metric']} "
+        f"{evidence['validation'].get(evidence['key_metric'], float('nan')):.4f} on the validation data of dataset "
+        f"{evidence['dataset_fingerprint']}"
+    )
+    version = client.create_model_version(name, source, run_id=args.run_id, tags=tags, description=description)
     if args.alias:
         client.set_registered_model_alias(name, args.alias, version.version)
     print(

@@ -267,6 +267,9 @@ class EvaluationReport:
             reference = to_label_map(output[label_key]) if label_key in output else None
             image, prediction, reference = display_slices(output[image_key], to_label_map(output[pred_key]), reference)
             panel = comparison_panel(image, prediction, reference, self.palette)
+            shown = "image | prediction of this model" + (" | reference" if reference is not None else "")
+            caption = [f"{name}: {shown} (left to right)"]
+            panel = with_caption(panel, caption, class_legend(self.class_names, self.palette))
             save_png(self.output_dir / "overlays" / f"{name}.png", panel)
             self._saved += 1
 
@@ -583,21 +586,51 @@ def _geometry_assumed(*tensors) -> str:
     return ""
 
 
-def with_caption(panel: np.ndarray, lines: Sequence[str]) -> np.ndarray:
+def with_caption(
+    panel: np.ndarray, lines: Sequence[str], legend: Sequence[tuple[str, Sequence[int]]] = ()
+) -> np.ndarray:
     """The RGB ``panel`` with ``lines`` of text printed on a white strip below it (PIL's built-in font), so a
-    picture says what it shows without its JSON beside it."""
+    picture says what it shows without its JSON beside it; ``legend``: (name, colour) pairs drawn as swatches."""
     import textwrap
 
     from PIL import Image, ImageDraw, ImageFont
 
     font = ImageFont.load_default()
     line_height = 14
-    lines = [part for line in lines for part in textwrap.wrap(line, max(20, panel.shape[1] // 6))]
-    strip = Image.new("RGB", (panel.shape[1], 6 + line_height * len(lines)), "white")
+    width = max(panel.shape[1], 160)
+    lines = [part for line in lines for part in textwrap.wrap(line, max(20, width // 6))]
+    rows, x = [[]], 4  # the legend's swatches, wrapped to the picture's width
+    for name, colour in legend:
+        size = 16 + int(draw_width(font, name))
+        if x + size > width and rows[-1]:
+            rows.append([])
+            x = 4
+        rows[-1].append((x, name, tuple(int(c) for c in colour)))
+        x += size + 8
+    legend_rows = len(rows) if legend else 0
+    strip = Image.new("RGB", (width, 6 + line_height * (len(lines) + legend_rows)), "white")
     draw = ImageDraw.Draw(strip)
     for index, line in enumerate(lines):
         draw.text((4, 3 + index * line_height), line, fill=(0, 0, 0), font=font)
+    for row_index, row in enumerate(rows if legend else []):
+        y = 3 + (len(lines) + row_index) * line_height
+        for x, name, colour in row:
+            draw.rectangle((x, y + 2, x + 10, y + 12), fill=colour, outline=(0, 0, 0))
+            draw.text((x + 14, y), name, fill=(0, 0, 0), font=font)
+    if width > panel.shape[1]:  # a narrow picture: widened with white, so the caption stays readable
+        panel = np.pad(panel, ((0, 0), (0, width - panel.shape[1]), (0, 0)), constant_values=255)
     return np.concatenate([panel, np.asarray(strip)], axis=0)
+
+
+def draw_width(font, text: str) -> float:
+    left, _, right, _ = font.getbbox(text)
+    return right - left
+
+
+def class_legend(class_names: Sequence[str], palette=DEFAULT_PALETTE) -> list[tuple[str, Sequence[int]]]:
+    """(name, colour) of each class but the background, as :func:`overlay` colours them."""
+    palette = np.asarray(palette, dtype=np.uint8)
+    return [(name, palette[index % len(palette)]) for index, name in enumerate(class_names) if index > 0]
 
 
 def orthogonal_views(image, label_map: np.ndarray, palette=DEFAULT_PALETTE, affine: np.ndarray | None = None):

@@ -92,9 +92,19 @@ def test_sweep_compare_register_fetch_evaluate(tmp_path, tiny_oct_dir, tracking_
     experiments("register", best.info.run_id, "--alias", "champion")
     version = client.get_model_version_by_alias("oct_layers", "champion")
     assert version.run_id == best.info.run_id
+    # the version carries its evidence: the validation at the checkpoint's epoch, the data, the source run
+    dice = client.get_metric_history(best.info.run_id, "0_key/val_mean_dice")
+    chosen = max(dice, key=lambda m: m.value)
+    assert float(version.tags["validation.val_mean_dice"]) == pytest.approx(chosen.value, rel=1e-5)
+    assert version.tags["epoch"] == str(chosen.step) and "validation.val_hd95" in version.tags
+    assert version.tags["dataset_fingerprint"] == best.data.params["dataset_fingerprint"]
+    assert version.tags["source_run_id"] == best.info.run_id and version.tags["git_commit"]
+    assert best.info.run_name in version.description and "val_mean_dice" in version.description
     fetched = tmp_path / "fetched"
     experiments("fetch", "oct_layers", "champion", "--out", str(fetched))
     assert (fetched / "models" / "model.pt").is_file() and (fetched / "configs" / "executed_config.json").is_file()
+    evidence = json.loads((fetched / "evidence.json").read_text())
+    assert evidence["source_run_id"] == best.info.run_id and evidence["epoch"] == chosen.step
     configs = [str(fetched / "configs" / "executed_config.json"), str(fetched / "configs" / "evaluate.json")]
     run_bundle("evaluating", configs, {"bundle_root": fetched, "dataset_dir": tiny_oct_dir, "run_name": "eval-fetched"})
     report = json.loads((fetched / "outputs" / "eval-fetched" / "metrics.json").read_text())
