@@ -29,30 +29,27 @@ $(DEPLOY_STAMP): requirements-deploy.txt
 	$(DEPLOY_VENV)/bin/python -m pip install --disable-pip-version-check -q -r requirements-deploy.txt
 	touch $(DEPLOY_STAMP)
 
-# dciodvfy (Debian package dicom3tools) validates every DICOM SEG the Deploy apps write (tests/test_deploy.py);
-# installed with apt-get when absent (CI runs as root on a fresh Debian machine; otherwise through sudo -n)
+# Debian packages the tests need, installed with apt-get when their command is absent (CI runs as root on a fresh
+# Debian machine; otherwise through sudo -n). $(call apt_command,COMMAND,PACKAGE,WHY)
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo -n)
-dicom3tools:
-	@command -v dciodvfy >/dev/null 2>&1 || { \
-		echo "dciodvfy is absent: installing dicom3tools with apt-get"; \
-		$(SUDO) apt-get update -q && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q --no-install-recommends dicom3tools; \
+define apt_command
+	@command -v $(1) >/dev/null 2>&1 || { \
+		echo "$(1) is absent: installing $(2) with apt-get"; \
+		$(SUDO) apt-get update -q && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q --no-install-recommends $(2); \
 	}; \
-	command -v dciodvfy >/dev/null 2>&1 || { \
-		echo "error: dciodvfy: could not be installed (apt-get install dicom3tools, as root); tests/test_deploy.py needs it to validate the DICOM SEGs" >&2; \
+	command -v $(1) >/dev/null 2>&1 || { \
+		echo "error: $(1): could not be installed (apt-get install $(2), as root); $(3)" >&2; \
 		exit 1; \
 	}
+endef
 
-# Chromium (Debian package chromium) for the browser test of the MLflow UI (tests/test_mlflow_ui.py), installed the
-# same way when absent; Playwright drives it (its own browser download cannot work here)
+# dciodvfy validates every DICOM SEG the Deploy apps write
+dicom3tools:
+	$(call apt_command,dciodvfy,dicom3tools,tests/test_deploy.py needs it to validate the DICOM SEGs)
+
+# Chromium for the browser test of the MLflow UI; Playwright drives it (its own browser download cannot work here)
 chromium:
-	@command -v chromium >/dev/null 2>&1 || { \
-		echo "chromium is absent: installing it with apt-get"; \
-		$(SUDO) apt-get update -q && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q --no-install-recommends chromium; \
-	}; \
-	command -v chromium >/dev/null 2>&1 || { \
-		echo "error: chromium: could not be installed (apt-get install chromium, as root); tests/test_mlflow_ui.py needs it" >&2; \
-		exit 1; \
-	}
+	$(call apt_command,chromium,chromium,tests/test_mlflow_ui.py needs it)
 
 demo: $(STAMP)
 	$(PYTHON) -m pipelines.demo

@@ -85,3 +85,20 @@ def run_models(bundle_root: Path) -> Path:
     found = sorted(Path(bundle_root).glob("outputs/*/models"))
     assert len(found) == 1, f"expected one training run under {bundle_root}, found {[str(f) for f in found]}"
     return found[0]
+
+
+def server_answers(uri: str, process: subprocess.Popen, timeout_s: float) -> bool:
+    """Wait until the MLflow server at ``uri`` answers ``/health``; False if ``process`` ends or time runs out."""
+    import time
+    import urllib.request
+
+    deadline = time.time() + timeout_s
+    while process.poll() is None and time.time() < deadline:
+        try:
+            with urllib.request.urlopen(f"{uri}/health", timeout=2) as response:
+                if response.status == 200:
+                    return True
+        except OSError:
+            pass
+        time.sleep(0.5)
+    return False

@@ -15,7 +15,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from tests.conftest import OCT_BUNDLE, REPO_ROOT, run_bundle
+from tests.conftest import OCT_BUNDLE, REPO_ROOT, run_bundle, server_answers
 
 TRAIN = [str(OCT_BUNDLE / "configs" / "train.json")]
 TINY = {
@@ -152,16 +152,7 @@ def test_training_against_a_real_tracking_server(tmp_path, tiny_oct_dir):
     )
     uri = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 90
-        while True:
-            try:
-                with urllib.request.urlopen(f"{uri}/health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            assert time.time() < deadline, "mlflow server did not start"
-            time.sleep(1)
+        assert server_answers(uri, server, 90), "mlflow server did not start"
         run_bundle(
             "training",
             TRAIN,

@@ -17,7 +17,6 @@ import re
 import shutil
 import subprocess
 import sys
-import time
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -25,7 +24,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from tests.conftest import REPO_ROOT, run_bundle
+from tests.conftest import REPO_ROOT, run_bundle, server_answers
 from tests.test_experiments import TINY, TRAIN, free_port
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -65,16 +64,7 @@ def served_store(tmp_path_factory, tiny_oct_dir):
         text=True,
     )
     links = [server.stdout.readline() for _ in range(2)]
-    deadline = time.time() + 120
-    while True:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
-                if response.status == 200:
-                    break
-        except OSError:
-            pass
-        assert time.time() < deadline and server.poll() is None, "the MLflow UI did not start"
-        time.sleep(0.5)
+    assert server_answers(f"http://127.0.0.1:{port}", server, 120), "the MLflow UI did not start"
     try:
         yield mlflow.MlflowClient(uri), links, f"http://127.0.0.1:{port}"
     finally:

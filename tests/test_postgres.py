@@ -22,12 +22,11 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import OCT_BUNDLE, REPO_ROOT
+from tests.conftest import OCT_BUNDLE, REPO_ROOT, server_answers
 from tests.test_error_contract import TINY
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
@@ -174,18 +173,9 @@ def tracking_server(postgres, tmp_path_factory) -> str:
     )
     uri = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"{uri}/health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            if server.poll() is not None or time.time() > deadline:
-                log.flush()
-                pytest.fail(f"mlflow server did not start:\n{(folder / 'server.log').read_text()[-5000:]}")
-            time.sleep(1)
+        if not server_answers(uri, server, 120):
+            log.flush()
+            pytest.fail(f"mlflow server did not start:\n{(folder / 'server.log').read_text()[-5000:]}")
         yield uri
     finally:
         with contextlib.suppress(ProcessLookupError):
