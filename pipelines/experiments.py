@@ -80,10 +80,16 @@ def recorded_name(metric: str, params: dict) -> str:
     return mlflow_metric_name(metric, "train", params.get("key_metric"))
 
 
+def metric_history(client: mlflow.MlflowClient, run_id: str, metric: str, params: dict) -> list:
+    """A training run's history of ``metric`` under its recorded name, or under the engine's name in runs
+    recorded before the names were sectioned (stores made by earlier versions)."""
+    return client.get_metric_history(run_id, recorded_name(metric, params)) or client.get_metric_history(run_id, metric)
+
+
 def summarize(client: mlflow.MlflowClient, runs, metric: str) -> list[dict]:
     rows = []
     for run in runs:
-        history = client.get_metric_history(run.info.run_id, recorded_name(metric, run.data.params))
+        history = metric_history(client, run.info.run_id, metric, run.data.params)
         finite = [m for m in history if math.isfinite(m.value)]
         best = max(finite, key=lambda m: m.value) if finite else None
         rows.append(
@@ -95,7 +101,9 @@ def summarize(client: mlflow.MlflowClient, runs, metric: str) -> list[dict]:
                 f"best_{metric}": best.value if best else float("nan"),
                 "best_epoch": best.step if best else None,
                 f"final_{metric}": finite[-1].value if finite else float("nan"),
-                "final_train_loss": run.data.metrics.get(mlflow_metric_name("train_loss"), float("nan")),
+                "final_train_loss": run.data.metrics.get(
+                    mlflow_metric_name("train_loss"), run.data.metrics.get("train_loss", float("nan"))
+                ),
             }
         )
     return rows
@@ -138,8 +146,7 @@ def plot_runs(client: mlflow.MlflowClient, rows: list[dict], metric: str, path: 
     params = differing_params(rows)
     fig, ax = plt.subplots(figsize=(9, 5))
     for row in rows:
-        recorded = recorded_name(metric, row["params"])
-        history = sorted((m.step, m.value) for m in client.get_metric_history(row["run_id"], recorded))
+        history = sorted((m.step, m.value) for m in metric_history(client, row["run_id"], metric, row["params"]))
         if history:
             label = row["run"] + (
                 "" if not params else " (" + ", ".join(f"{p}={row['params'].get(p)}" for p in params) + ")"
