@@ -694,10 +694,13 @@ class BundleMLflowHandler(_LinkedRun, MLFlowHandler):
         if parent:  # a child of a sweep or a search (pipelines.experiments sweep / search)
             tags["mlflow.parentRunId"] = parent
         tags.update(json.loads(os.environ.get("PIPELINE_RUN_TAGS") or "{}"))  # the search's trial, for one
+        varied = overridden_params(self.experiment_param)
+        if varied:  # the run page's description: what this run changed from the bundle's defaults
+            changed = ", ".join(f"{name}={self.experiment_param[name]}" for name in varied)
+            tags["mlflow.note.content"] = f"{self.workflow} of {self.bundle_name} with {changed}"
         self.link.log_batch(tags=tags.items())
         if self.workflow == "train" and self.link.online:  # a convenience of the UI: never worth a wait or a failure
             try:
-                varied = overridden_params(self.experiment_param)
                 update_runs_view(self.client, self.experiment, self.key_metric, varied)
             except Exception as e:  # noqa: BLE001
                 logger.debug(f"tracking: the experiment's runs view was not updated ({e})")

@@ -169,7 +169,7 @@ def test_training_against_a_real_tracking_server(tmp_path, tiny_oct_dir):
         assert len(runs) == 1 and runs[0]["info"]["status"] == "FINISHED"
         params = {p["key"]: p["value"] for p in runs[0]["data"]["params"]}
         metrics = {m["key"] for m in runs[0]["data"]["metrics"]}
-        assert params["max_epochs"] == "1" and {"train_loss", "val_mean_dice"} <= metrics
+        assert params["max_epochs"] == "1" and {"0_key/train_loss", "0_key/val_mean_dice"} <= metrics
         run_id = runs[0]["info"]["run_id"]
         with urllib.request.urlopen(f"{uri}/get-artifact?path=metrics.json&run_uuid={run_id}", timeout=10) as r:
             assert "val_mean_dice" in json.load(r)["mean"]
@@ -208,7 +208,7 @@ def test_a_killed_run_is_marked_killed_not_left_running(tmp_path, tiny_oct_dir, 
     deadline = time.time() + 180
     while True:  # wait until training is under way (a validation metric is recorded)
         runs = training_runs(tracking_uri) if (tmp_path / "mlruns" / "mlflow.db").exists() else []
-        if runs and "val_mean_dice" in client.get_run(runs[0].info.run_id).data.metrics:
+        if runs and "0_key/val_mean_dice" in client.get_run(runs[0].info.run_id).data.metrics:
             break
         assert time.time() < deadline and process.poll() is None, "training did not start"
         time.sleep(1)

@@ -138,6 +138,7 @@ def test_a_runs_charts_start_with_the_key_curves(served_store, browser):
     shot(page, "run.png")
     overview = page.inner_text("body")
     assert "python -m monai.bundle run training --config_file" in overview, "the command as typed"
+    assert f"learning_rate={best.data.params['learning_rate']}" in overview, "the description says what differs"
     page.close()
 
     page = open_page(browser, f"{base}/model-metrics?workflowType=machine_learning", "0_key")
