@@ -281,7 +281,8 @@ def test_two_trainings_at_once_against_a_tracking_server_on_postgresql(tmp_path,
     with psycopg2.connect(dsn) as connection, connection.cursor() as cursor:
         cursor.execute("SELECT run_uuid, status FROM runs")
         in_database = dict(cursor.fetchall())
-        cursor.execute("SELECT run_uuid, key, count(*) FROM metrics WHERE key = 'val_mean_dice' GROUP BY run_uuid, key")
+        key = recorded("val_mean_dice")
+        cursor.execute("SELECT run_uuid, key, count(*) FROM metrics WHERE key = %s GROUP BY run_uuid, key", (key,))
         dice_rows = {run_id: count for run_id, _, count in cursor.fetchall()}
     connection.close()
     assert in_database == {r.info.run_id: "FINISHED" for r in runs}, in_database
