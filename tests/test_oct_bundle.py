@@ -150,7 +150,9 @@ def test_evaluation_reproduces_validation_and_records_a_run(trained, tiny_oct_di
     assert set(report["per_class"]["val_thickness_mae_px"]) == LAYERS
     assert (out / "val_mean_dice_raw.csv").is_file() and len(list((out / "overlays").glob("*.png"))) == 3
     panel = np.asarray(Image.open(next((out / "overlays").glob("*.png"))))
-    assert panel.shape == (64, 3 * 96 + 2 * 4, 3), "image | prediction | reference at the input's resolution"
+    # image | prediction | reference at the input's resolution, over a white caption strip saying so
+    assert panel.shape[1:] == (3 * 96 + 2 * 4, 3) and panel.shape[0] > 64, panel.shape
+    assert (panel[64:, :3] == 255).all(), "the caption strip starts below the 64 rows of the images"
     assert "val_mean_dice" in result.stdout + result.stderr
 
 
