@@ -130,7 +130,12 @@ def format_table(rows: list[dict], metric: str) -> str:
                 f"{row['final_train_loss']:.4f}",
             ]
         )
-    widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]
+    return text_table(lines)
+
+
+def text_table(lines: list[list]) -> str:
+    """Rows of cells (the header first) as left-aligned columns."""
+    widths = [max(len(str(line[i])) for line in lines) for i in range(len(lines[0]))]
     return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(line, widths, strict=True)) for line in lines)
 
 

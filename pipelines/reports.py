@@ -599,20 +599,20 @@ def with_caption(
     line_height = 14
     width = max(panel.shape[1], 160)
     lines = [part for line in lines for part in textwrap.wrap(line, max(20, width // 6))]
-    rows, x = [[]], 4  # the legend's swatches, wrapped to the picture's width
+    rows: list[list] = []  # the legend's swatches, (x, name, colour), wrapped to the picture's width
+    x = width
     for name, colour in legend:
-        size = 16 + int(draw_width(font, name))
-        if x + size > width and rows[-1]:
+        size = 16 + int(font.getlength(name))
+        if x + size > width:
             rows.append([])
             x = 4
         rows[-1].append((x, name, tuple(int(c) for c in colour)))
         x += size + 8
-    legend_rows = len(rows) if legend else 0
-    strip = Image.new("RGB", (width, 6 + line_height * (len(lines) + legend_rows)), "white")
+    strip = Image.new("RGB", (width, 6 + line_height * (len(lines) + len(rows))), "white")
     draw = ImageDraw.Draw(strip)
     for index, line in enumerate(lines):
         draw.text((4, 3 + index * line_height), line, fill=(0, 0, 0), font=font)
-    for row_index, row in enumerate(rows if legend else []):
+    for row_index, row in enumerate(rows):
         y = 3 + (len(lines) + row_index) * line_height
         for x, name, colour in row:
             draw.rectangle((x, y + 2, x + 10, y + 12), fill=colour, outline=(0, 0, 0))
@@ -620,11 +620,6 @@ def with_caption(
     if width > panel.shape[1]:  # a narrow picture: widened with white, so the caption stays readable
         panel = np.pad(panel, ((0, 0), (0, width - panel.shape[1]), (0, 0)), constant_values=255)
     return np.concatenate([panel, np.asarray(strip)], axis=0)
-
-
-def draw_width(font, text: str) -> float:
-    left, _, right, _ = font.getbbox(text)
-    return right - left
 
 
 def class_legend(class_names: Sequence[str], palette=DEFAULT_PALETTE) -> list[tuple[str, Sequence[int]]]:

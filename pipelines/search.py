@@ -30,6 +30,7 @@ spaces, in random order) is the grid sweep of ``experiments sweep`` on this engi
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -46,8 +47,6 @@ from pathlib import Path
 from clinseg.datasets.errors import InputError
 
 SEARCH_TRIAL_ENV = "PIPELINE_SEARCH_TRIAL"
-# extra tags of the run a bundle training records (set by the sweep and the search for their children)
-RUN_TAGS_ENV = "PIPELINE_RUN_TAGS"
 HEARTBEAT_INTERVAL_S = int(os.environ.get("PIPELINE_SEARCH_HEARTBEAT_S", "30"))
 HEARTBEAT_GRACE_S = 4 * HEARTBEAT_INTERVAL_S
 STUDY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
@@ -281,7 +280,7 @@ def run_trial(study, storage, trial, settings: dict, worker: str, verbose: bool)
     import mlflow
     from optuna.trial import TrialState
 
-    from clinseg.pipelines.tracking import REPO_ROOT
+    from clinseg.pipelines.tracking import REPO_ROOT, RUN_TAGS_ENV
 
     params = {key: override_text(value) for key, value in trial.params.items()}
     run_name = f"{study.study_name}-t{trial.number:03d}"
@@ -379,13 +378,13 @@ def work(storage, study_name: str, worker_index: int, verbose: bool = False) -> 
     import optuna
     from optuna.trial import TrialState
 
-    bare = load_study(storage, study_name)
-    settings = dict(bare.user_attrs)
+    study = load_study(storage, study_name)
+    settings = dict(study.user_attrs)
     space = {k: optuna.distributions.json_to_distribution(v) for k, v in settings["space"].items()}
     # one seed per worker: workers with one seed would propose the same first points
     seed = None if settings["seed"] is None else settings["seed"] + worker_index
-    sampler = make_sampler(settings["sampler"], space, seed)
-    study = load_study(storage, study_name, sampler, make_pruner(settings["pruner"], settings["warmup_epochs"]))
+    study.sampler = make_sampler(settings["sampler"], space, seed)
+    study.pruner = make_pruner(settings["pruner"], settings["warmup_epochs"])
     worker = f"{socket.gethostname()}:{os.getpid()}"
     while True:
         fail_stale_trials(study, settings["tracking_uri"], worker)
@@ -448,8 +447,9 @@ def format_trials(rows: list[dict], metric: str) -> str:
                 "" if row["seconds"] is None else f"{row['seconds']:.0f}",
             ]
         )
-    widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]
-    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(line, widths, strict=True)) for line in lines)
+    from clinseg.pipelines.experiments import text_table
+
+    return text_table(lines)
 
 
 def plot_search(rows: list[dict], metric: str, title: str, path: Path) -> Path:
@@ -691,13 +691,7 @@ def add_parser(sub) -> None:
     p.add_argument("--study", help="study name (default: <bundle>-search-<time>); with --join, the study to join")
     p.add_argument("--storage", help="Optuna storage URL (default: optuna.db beside the MLflow SQLite store)")
     p.add_argument("--join", action="store_true", help="add a worker to an existing study")
-    p.add_argument("--worker_index", type=int, default=0, help=argparse_suppress())
-    p.add_argument("--quiet_summary", action="store_true", help=argparse_suppress())
+    p.add_argument("--worker_index", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--quiet_summary", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--verbose", action="store_true", help="show the trainings' output")
     p.set_defaults(func=search)
-
-
-def argparse_suppress():
-    import argparse
-
-    return argparse.SUPPRESS

@@ -53,13 +53,14 @@ def default_tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{DEFAULT_STORE / 'mlflow.db'}"
 
 
-# MLflow 3's UI opens an experiment in its GenAI view unless this tag says it holds model training
+# MLflow's own kind of an experiment (its UI's kind selector); which workspace the UI opens is chosen by the link
+# (runs_page_url), not by this tag
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 MODEL_TRAINING_KIND = "custom_model_development"
 
 
 def mark_model_training(client, experiment) -> None:
-    """Tag an experiment as model training (once), so the MLflow UI opens it on its runs table."""
+    """Tag an experiment as model training (once)."""
     if experiment is not None and (experiment.tags or {}).get(EXPERIMENT_KIND_TAG) != MODEL_TRAINING_KIND:
         client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND)
 
@@ -194,6 +195,9 @@ def typed_command(argv: Sequence[str] | None = None) -> str:
     return shlex.join([*program, *argv[1:]])
 
 
+# extra tags of the run a bundle training records, as JSON (set by the sweep and the search for their children)
+RUN_TAGS_ENV = "PIPELINE_RUN_TAGS"
+
 # MLflow's run page draws one section of charts per metric-name prefix (before the first '/'), in the order of the
 # prefixes' names, and the metrics without a prefix last: the prefixes below put the key curves first
 KEY_SECTION = "0_key"
@@ -271,8 +275,9 @@ class SystemMetricsSampler:
             self.monitors.append(GPUMonitor())
         except Exception:  # noqa: BLE001 - no NVIDIA GPU or no pynvml: CPU metrics only
             pass
-        env = os.environ.get("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL")
-        self.interval_s = float(interval_s or env or 10.0)
+        from mlflow.environment_variables import MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL
+
+        self.interval_s = float(interval_s or MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL.get() or 10.0)
         self._samples: list[tuple[str, float, int, int]] = []
         self._lock = threading.Lock()
         self._stopped = threading.Event()
@@ -280,7 +285,10 @@ class SystemMetricsSampler:
 
     @staticmethod
     def enabled() -> bool:
-        return os.environ.get("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "true").strip().lower() not in ("false", "0")
+        """MLflow's switch, read as MLflow reads it, but on unless it is set."""
+        from mlflow.environment_variables import MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING as switch
+
+        return not switch.defined or switch.get()
 
     def start(self) -> SystemMetricsSampler:
         self._thread.start()
@@ -639,8 +647,6 @@ class BundleMLflowHandler(_LinkedRun, MLFlowHandler):
 
     def start(self, engine: Engine) -> None:
         new_run = self.cur_run is None
-        if self.key_metric is None:
-            self.key_metric = running_key_metric()
         if new_run and self._derive_params:
             from clinseg.pipelines.workflow import running_parser
 
@@ -651,6 +657,8 @@ class BundleMLflowHandler(_LinkedRun, MLFlowHandler):
 
                 params["dataset_fingerprint"] = dataset_fingerprint(self.dataset_manifest)
             self.experiment_param = _flatten(params)
+        if self.key_metric is None:
+            self.key_metric = self.experiment_param.get("key_metric") or running_key_metric()
         try:
             if new_run:  # always a run of its own: a resumed training reuses its run's name, never its MLflow run
                 self._set_experiment()
@@ -693,7 +701,7 @@ class BundleMLflowHandler(_LinkedRun, MLFlowHandler):
         parent = os.environ.get("PIPELINE_PARENT_RUN_ID")
         if parent:  # a child of a sweep or a search (pipelines.experiments sweep / search)
             tags["mlflow.parentRunId"] = parent
-        tags.update(json.loads(os.environ.get("PIPELINE_RUN_TAGS") or "{}"))  # the search's trial, for one
+        tags.update(json.loads(os.environ.get(RUN_TAGS_ENV) or "{}"))  # the search's trial, for one
         varied = overridden_params(self.experiment_param)
         if varied:  # the run page's description: what this run changed from the bundle's defaults
             changed = ", ".join(f"{name}={self.experiment_param[name]}" for name in varied)
@@ -867,6 +875,8 @@ class ValidationMetricsLogger(_LinkedRun, MLFlowHandler):
 
     def start(self, engine: Engine) -> None:
         owner = _RUNS.get((self.experiment_name, self.run_name))
+        if self.key_metric is None:
+            self.key_metric = owner.key_metric if owner is not None else running_key_metric()
         if owner is not None and owner.cur_run is not None:
             self.experiment, self.cur_run, self._link = owner.experiment, owner.cur_run, owner.link
             return
@@ -885,9 +895,6 @@ class ValidationMetricsLogger(_LinkedRun, MLFlowHandler):
         from monai.utils import flatten_dict
 
         timestamp = int(time.time() * 1000)
-        if self.key_metric is None:
-            owner = _RUNS.get((self.experiment_name, self.run_name))
-            self.key_metric = owner.key_metric if owner is not None else running_key_metric()
         values = flatten_dict(metrics).items()
         named = [(mlflow_metric_name(k, "train", self.key_metric), float(v), timestamp, step or 0) for k, v in values]
         self.link.log_batch(metrics=named)

@@ -183,8 +183,8 @@ def run_training(
             engine.state.promotion = runs.promote(ckpt_dir, promote_to, decision_file=decision_file)
 
     trainer.add_event_handler(Events.COMPLETED, leave_a_model)
-    if os.environ.get("PIPELINE_SEARCH_TRIAL") and is_rank_zero():  # a trial of `pipelines.experiments search`
-        from clinseg.pipelines.search import attach_trial_reporter
+    from clinseg.pipelines.search import SEARCH_TRIAL_ENV, attach_trial_reporter
 
+    if os.environ.get(SEARCH_TRIAL_ENV) and is_rank_zero():  # a trial of `pipelines.experiments search`
         attach_trial_reporter(trainer, validator, key_metric)
     trainer.run()
