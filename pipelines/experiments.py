@@ -43,6 +43,7 @@ from clinseg.pipelines.tracking import (
     engine_metric_name,
     mark_model_training,
     mlflow_metric_name,
+    run_folder,
     store_lock,
     unique_run_name,
 )
@@ -94,7 +95,7 @@ def summarize(client: mlflow.MlflowClient, runs, metric: str) -> list[dict]:
         best = max(finite, key=lambda m: m.value) if finite else None
         rows.append(
             {
-                "run": run.info.run_name,
+                "run": run_folder(run),
                 "run_id": run.info.run_id,
                 "status": run.info.status,
                 "params": dict(run.data.params),

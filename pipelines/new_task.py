@@ -52,6 +52,9 @@ A bundle made from the `{template}` template (`python -m clinseg.pipelines.new_t
 - Data: {layout}, in `dataset_dir` ({dataset_dir}).
 - Everything else (network, transforms, metrics, schedule) is the `{template}` bundle's: see
   `bundles/{template}/docs/README.md`, and change any config value in `configs/` or with `--key value`.
+- From the vessels template, `estimate_fov` and `scale_to_fov` are off: an image without a mask in `fov/` counts
+  whole, at its own scale. For fundus photographs, `--estimate_fov True --scale_to_fov True` estimates their field
+  of view and resamples them to one disc size, as the vessels bundle does.
 
 ```bash
 python -m monai.bundle run training --config_file bundles/{name}/configs/train.json
@@ -93,6 +96,9 @@ def task_config(
         config["dataset_dir"] = dataset_dir
     if channels is not None and "channels" in config:
         config["channels"] = channels
+    for fundus_only in ("estimate_fov", "scale_to_fov"):  # a new task's photographs may have no field of view
+        if fundus_only in config:
+            config[fundus_only] = False
     return config
 
 

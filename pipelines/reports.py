@@ -29,6 +29,7 @@ from PIL import Image
 
 from clinseg.datasets.errors import DataError
 from clinseg.datasets.io import RESERVED_RESULT_NAMES, atomic_write, atomic_write_all, nifti_writer, write_error
+from clinseg.transforms.fundus import FOV_SOURCE_SUFFIX
 
 logger = logging.getLogger(__name__)
 
@@ -537,11 +538,18 @@ class SaveSegmentationd(MapTransform, ResultLedger):
             if self.prob_key and self.prob_key in d:
                 probability = to_numpy(d[self.prob_key])[-1] * inside
                 files[f"{name}_prob.png"] = png_writer((np.clip(probability, 0, 1) * 255).astype(np.uint8))
+            field = "whole image"
+            if self.fov_key and self.fov_key in d:
+                field = str(d.get(self.fov_key + FOV_SOURCE_SUFFIX) or "given")
+                if field == "estimated":  # what the results were confined to, for a person to check
+                    files[f"{name}_fov.png"] = png_writer(inside.astype(np.uint8) * 255)
             n_inside = max(int(inside.sum()), 1)
             summary = {
                 "id": name,
                 **_renaming(d, name),
                 "shape": list(label_map.shape),
+                **({"field_of_view": field} if self.fov_key else {}),
+                **_fov_scale(d),
                 "classes_present": [
                     self.class_names[i] for i in np.unique(label_map) if 0 <= i < len(self.class_names)
                 ],
@@ -565,6 +573,15 @@ class SaveSegmentationd(MapTransform, ResultLedger):
                 {"id": name, "source": source, "original_id": summary.get("original_id", name), "files": list(files)}
             )
         return d
+
+
+def _fov_scale(d: Mapping) -> dict:
+    """``resampled_by``: the factor the photograph was resampled by for the network (``ScaleToFOVd``), when not 1."""
+    for value in d.values():
+        factor = getattr(value, "meta", {}).get("fov_scale") if isinstance(value, torch.Tensor) else None
+        if factor is not None:
+            return {"resampled_by": round(float(factor), 4)} if float(factor) != 1.0 else {}
+    return {}
 
 
 def _renaming(d: Mapping, name: str) -> dict:

@@ -126,6 +126,27 @@ def overridden_params(params: Mapping[str, object]) -> list[str]:
     return names
 
 
+RUN_FOLDER_TAG = "run_folder"  # the run's own name: its folder under outputs/, what --resume and --run_name take
+_NAMED_VALUE_CHARS = 24
+
+
+def described_run_name(bundle: str, workflow: str, changed: Mapping[str, object], folder: str) -> str:
+    """The name the UI lists for a run: the bundle, the workflow and the settings its command line changed, then its
+    folder name (unique, the handle of ``--resume``), e.g. ``oct_layers train: learning_rate=0.004, batch_size=8 ·
+    train-20261201-081230-a1b2c3``. The runs table cuts long names, so what tells runs apart comes first."""
+    settings = []
+    for name, value in changed.items():
+        text = str(value)
+        settings.append(f"{name}={text if len(text) <= _NAMED_VALUE_CHARS else text[: _NAMED_VALUE_CHARS - 3] + '...'}")
+    what = ", ".join(settings) or "defaults"
+    return f"{bundle} {workflow}: {what} · {folder}"
+
+
+def run_folder(run) -> str:
+    """A run's own name (its folder under ``outputs/``), for runs recorded before names described them too."""
+    return run.data.tags.get(RUN_FOLDER_TAG) or run.info.run_name
+
+
 def artifact_location_for(tracking_uri: str, experiment_name: str) -> str | None:
     """Artifacts of a local SQLite store live beside it, in ``artifacts/<experiment>/``; servers decide for
     themselves (``mlflow server --artifacts-destination``)."""
@@ -659,10 +680,15 @@ class BundleMLflowHandler(_LinkedRun, MLFlowHandler):
             self.experiment_param = _flatten(params)
         if self.key_metric is None:
             self.key_metric = self.experiment_param.get("key_metric") or running_key_metric()
+        varied = overridden_params(self.experiment_param) if new_run else []
         try:
             if new_run:  # always a run of its own: a resumed training reuses its run's name, never its MLflow run
                 self._set_experiment()
-                self.cur_run = self.client.create_run(self.experiment.experiment_id, run_name=self.run_name)
+                changed = {name: self.experiment_param[name] for name in varied}
+                described = described_run_name(self.bundle_name, self.workflow, changed, self.run_name)
+                self.cur_run = self.client.create_run(
+                    self.experiment.experiment_id, run_name=described, tags={RUN_FOLDER_TAG: self.run_name}
+                )
             super().start(engine)  # the params, through the link
         except Exception as e:
             unanswered = isinstance(e, (mlflow.exceptions.MlflowException, OSError)) and not is_refusal(e)
@@ -702,7 +728,6 @@ class BundleMLflowHandler(_LinkedRun, MLFlowHandler):
         if parent:  # a child of a sweep or a search (pipelines.experiments sweep / search)
             tags["mlflow.parentRunId"] = parent
         tags.update(json.loads(os.environ.get(RUN_TAGS_ENV) or "{}"))  # the search's trial, for one
-        varied = overridden_params(self.experiment_param)
         if varied:  # the run page's description: what this run changed from the bundle's defaults
             changed = ", ".join(f"{name}={self.experiment_param[name]}" for name in varied)
             tags["mlflow.note.content"] = f"{self.workflow} of {self.bundle_name} with {changed}"
@@ -883,6 +908,14 @@ class ValidationMetricsLogger(_LinkedRun, MLFlowHandler):
         if self.cur_run is not None and self._link is not None and self._link.down_since is not None:
             return  # the run is known; the store does not answer: nothing to ask it now
         try:
+            if self.cur_run is None:  # the training's run, by its folder name (its MLflow name describes it)
+                self._set_experiment()
+                found = self.client.search_runs(
+                    [self.experiment.experiment_id],
+                    filter_string=f"tags.{RUN_FOLDER_TAG} = '{self.run_name}' and attributes.status = 'RUNNING'",
+                    max_results=1,
+                )
+                self.cur_run = found[0] if found else None
             super().start(engine)
         except Exception as e:  # noqa: BLE001 - the validation goes on without its record
             if not self._warned:

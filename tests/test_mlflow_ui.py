@@ -121,6 +121,9 @@ def test_the_experiment_opens_on_its_runs_with_the_key_metric(served_store, brow
     for column in ("0_key/val_mean_dice", "0_key/train_loss", "learning_rate", "batch_size", "network_channels"):
         assert column in text, f"column {column} is not shown"
     assert "dataset_dir" not in text, "where the data lies is no column to compare"
+    for run in (best, other):  # the names tell the runs apart, before any column is read
+        assert f"learning_rate={run.data.params['learning_rate']}" in run.info.run_name, run.info.run_name
+        assert run.info.run_name.startswith("oct_layers train: ") and run.info.run_name in text
     # best run first: the runs view is sorted by the key metric
     assert text.index(best.info.run_name) < text.index(other.info.run_name)
     for run in (best, other):

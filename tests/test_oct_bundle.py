@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from clinseg.pipelines.tracking import run_folder
 from tests.conftest import OCT_BUNDLE, REPO_ROOT, run_bundle, run_models
 
 CONFIGS = OCT_BUNDLE / "configs"
@@ -144,7 +145,7 @@ def test_evaluation_reproduces_validation_and_records_a_run(trained, tiny_oct_di
     assert run.data.metrics["0_key/eval_mean_dice"] == pytest.approx(best, abs=1e-5), "the best checkpoint is evaluated"
     assert "eval_mean_dice by class/NFL" in run.data.metrics and "1_evaluation/eval_hd95" in run.data.metrics
     assert not any(k.startswith("val_") or "/val_" in k for k in run.data.metrics), "evaluations are eval_..."
-    out = bundle_root / "outputs" / run.info.run_name
+    out = bundle_root / "outputs" / run_folder(run)
     report = json.loads((out / "metrics.json").read_text())
     assert report["n_images"] == 3
     assert set(report["per_class"]["val_thickness_mae_px"]) == LAYERS

@@ -127,7 +127,7 @@ class Server:
         found = self.api("experiments/get-by-name", experiment_name="oct_layers")
         if not found:
             return None
-        body = {"experiment_ids": [found["experiment"]["experiment_id"]], "filter": f"run_name = '{run_name}'"}
+        body = {"experiment_ids": [found["experiment"]["experiment_id"]], "filter": f"tags.run_folder = '{run_name}'"}
         runs = (self.api("runs/search", body) or {}).get("runs", [])
         return runs[0] if runs else None
 

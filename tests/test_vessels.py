@@ -12,11 +12,11 @@ from PIL import Image
 
 from clinseg.datasets.errors import DataError, NoUsableDataError
 from clinseg.datasets.fundus import drive_split_items, image_mask_items, load_vessel_datalist
-from clinseg.datasets.fundus.phantom import write_drive_layout
-from clinseg.datasets.readers import read_binary_mask
+from clinseg.datasets.fundus.phantom import synthesize_fundus, write_drive_layout
+from clinseg.datasets.readers import PhotoReader, ReadImaged, read_binary_mask
 from clinseg.pipelines.metrics import CenterlineDiceMetric, ROCAUCInMaskMetric
 from clinseg.pipelines.tracking import mlflow_metric_name
-from clinseg.transforms.fundus import FundusNormalize
+from clinseg.transforms.fundus import EstimateFOV, EstimateFOVd, FundusNormalize
 from clinseg.transforms.labels import OneHotWithIgnore
 from tests.conftest import REPO_ROOT, decode, run_bundle, shared_path
 
@@ -82,7 +82,8 @@ def test_generic_folders_suffixes_and_sizes(tmp_path):
     mask[:3] = 1
     save(tmp_path / "masks" / "a_mask.png", mask)  # 0/1 with suffix
     save(tmp_path / "masks" / "b.png", mask * 255)  # 0/255, same stem
-    items = decode("vessels", image_mask_items(tmp_path / "images", tmp_path / "masks"))
+    # black photographs: no field of view to estimate (refused with estimation on; see below)
+    items = decode("vessels", image_mask_items(tmp_path / "images", tmp_path / "masks"), estimate_fov=False)
     assert [int((i["label"] == 1).sum()) for i in items] == [36, 36]
     assert len(load_vessel_datalist(tmp_path, "all")) == 2
     save(tmp_path / "masks" / "b.png", np.zeros((9, 12), dtype=np.uint8))
@@ -114,6 +115,71 @@ def test_fov_normalisation_uses_only_pixels_inside():
     assert out.shape == (1, 20, 20) and abs(inside.mean()) < 1e-5 and abs(inside.std() - 1) < 1e-4
     assert (out[0][fov[0] == 0] == 0).all()
     assert FundusNormalize("rgb", clahe=True)(image, fov).shape == (3, 20, 20)
+
+
+def iou(a, b) -> float:
+    return float((a & b).sum() / (a | b).sum())
+
+
+def channels_first(photo: np.ndarray) -> np.ndarray:
+    return photo.transpose(2, 0, 1).astype(np.float32)
+
+
+def test_fov_estimated_from_phantom_photographs_matches_their_masks():
+    # at 80 x 72 one pixel along the rim is 6 % of the disc: the bound follows the size
+    for seed, shape, least in ((0, (292, 283), 0.97), (1, (584, 565), 0.98), (2, (80, 72), 0.93)):
+        photo, _, fov = synthesize_fundus(np.random.default_rng([seed, 0]), shape)
+        estimated = EstimateFOV()(channels_first(photo))
+        assert estimated.shape == fov.shape and iou(estimated, fov) > least, (shape, iou(estimated, fov))
+
+
+def test_a_photograph_without_a_dark_frame_is_its_own_field():
+    photo, _, fov = synthesize_fundus(np.random.default_rng([3, 0]), (584, 565))
+    crop = photo[200:380, 200:380]  # inside the disc: no frame to find
+    assert EstimateFOV()(channels_first(crop)).all()
+    # a dark lesion inside the disc stays inside the field (holes are filled)
+    lesioned = photo.copy()
+    lesioned[280:320, 260:300] = 5
+    assert EstimateFOV()(channels_first(lesioned))[280:320, 260:300].all()
+
+
+@pytest.mark.parametrize(
+    "kind, problem",
+    [("dark", "dark throughout"), ("spot", "covers only"), ("uniform", "uniform")],
+)
+def test_no_plausible_field_of_view_is_refused_naming_the_file(tmp_path, kind, problem):
+    rng = np.random.default_rng(0)
+    photo = rng.uniform(0, 6, size=(120, 110, 3)).astype(np.uint8)
+    if kind == "spot":  # a bright spot of 4 % of the image: no fundus photograph
+        photo[40:62, 40:62] = 180
+    if kind == "uniform":
+        photo[:] = 90
+    path = tmp_path / f"{kind}.png"
+    save(path, photo)
+    read = ReadImaged("image", reader=PhotoReader(channels="rgb"))
+    with pytest.raises(DataError) as raised:
+        EstimateFOVd("image")(read({"image": str(path)}))
+    message = str(raised.value)
+    assert str(path) in message and problem in message and "fov/" in message, message
+
+
+def test_a_given_mask_is_kept_and_estimation_can_be_turned_off():
+    photo, _, fov = synthesize_fundus(np.random.default_rng([4, 0]), (80, 72))
+    given = np.zeros((1, 80, 72), np.uint8)
+    given[:, 10:70, 10:60] = 1
+    out = EstimateFOVd("image")({"image": channels_first(photo), "fov": given})
+    assert out["fov"] is given and out["fov_source"] == "given"
+    out = EstimateFOVd("image")({"image": channels_first(photo)})
+    assert out["fov_source"] == "estimated" and iou(np.asarray(out["fov"][0]) > 0, fov) > 0.93
+    assert "fov" not in EstimateFOVd("image", estimate=False)({"image": channels_first(photo)})
+
+
+def test_real_drive_fov_estimated_like_the_released_masks():
+    root = shared_path("vessels", "DRIVE", "training")
+    for item in drive_split_items(root, with_labels=False):
+        photo = np.asarray(Image.open(item["image"]), dtype=np.float32).transpose(2, 0, 1)
+        released = read_binary_mask(item["fov"])
+        assert iou(EstimateFOV()(photo), released) > 0.98, item["image"]
 
 
 def test_metrics_inside_the_fov_by_hand():
@@ -200,6 +266,22 @@ def test_tiny_bundle_train_evaluate_infer(tmp_path, tiny_drive, tracking_uri):
     assert (np.asarray(Image.open(out / "21_seg.png"))[~fov] == 0).all(), "nothing is predicted outside the FOV"
     summary = json.loads((out / "21.json").read_text())
     assert 0.0 <= summary["area_fraction"]["vessel"] <= 1.0
+    assert summary["field_of_view"] == "given" and not (out / "21_fov.png").exists()
+
+    # photographs as users have them: a plain folder, no FOV masks; the field is estimated and written out
+    plain = tmp_path / "photographs"
+    for item in drive_split_items(tiny_drive / "training", with_labels=False):
+        save(plain / f"{item['id']}.png", np.asarray(Image.open(item["image"])))
+    estimated_out = tmp_path / "predictions_without_fov"
+    inference = {k: v for k, v in common.items() if k not in TRAINING_ONLY}
+    run_bundle(
+        "inferring", [str(CONFIGS / "inference.json")], {**inference, "input_dir": plain, "output_dir": estimated_out}
+    )
+    summary = json.loads((estimated_out / "21.json").read_text())
+    assert summary["field_of_view"] == "estimated"
+    estimated = np.asarray(Image.open(estimated_out / "21_fov.png")) > 0
+    assert iou(estimated, fov) > 0.93  # 80 x 72 pixels: one along the rim is 6 % of the disc
+    assert (np.asarray(Image.open(estimated_out / "21_seg.png"))[~estimated] == 0).all()
 
 
 def test_real_drive_training_images_read():

@@ -1,8 +1,9 @@
-"""Fundus photograph preprocessing: channel choice, optional CLAHE, and normalisation inside the field of view."""
+"""Fundus photograph preprocessing: the field of view (given, or estimated from the photograph), channel choice,
+optional CLAHE, and normalisation inside the field of view."""
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping
+from collections.abc import Hashable, Mapping, Sequence
 from typing import Literal
 
 import numpy as np
@@ -10,8 +11,11 @@ import torch
 from monai.config import KeysCollection
 from monai.config.type_definitions import NdarrayOrTensor
 from monai.data import MetaTensor
-from monai.transforms import MapTransform, Transform
-from monai.utils import convert_to_numpy
+from monai.transforms import InvertibleTransform, MapTransform, Transform
+from monai.utils import TraceKeys, convert_to_numpy, ensure_tuple_rep
+from scipy import ndimage
+
+from clinseg.datasets.errors import DataError
 
 CHANNELS = {"red": [0], "green": [1], "blue": [2], "rgb": [0, 1, 2]}
 CHANNEL_CHOICES = (*CHANNELS, "grey")  # "grey": luminance of the three
@@ -84,4 +88,219 @@ class FundusNormalized(MapTransform):
         fov = d.get(self.fov_key) if self.fov_key else None
         for key in self.key_iterator(d):
             d[key] = self.normalize(d[key], fov)
+        return d
+
+
+FOV_SOURCE_SUFFIX = "_source"  # ``fov_source``: "given" (a mask file) or "estimated" (from the photograph)
+
+
+class EstimateFOV(Transform):
+    """The field of view of a colour fundus photograph: the bright disc (or cut disc) inside the camera's dark frame.
+
+    Photographs come without FOV masks far more often than with them, and the dark frame must not enter the
+    normalisation statistics, the metrics or the prediction (the bright rim of the disc reads as a vessel edge).
+    On a working copy at most ``working_size`` pixels on its longer side: brightness is the largest channel
+    (the red one in a fundus photograph, whatever the camera's colour balance), smoothed; the frame and the disc
+    are told apart by Otsu's threshold, and the mask is taken where brightness exceeds the frame's level by
+    ``rise`` of the way to the disc's; then the opened, hole-filled largest component, scaled back.
+
+    A photograph whose darkest tenth is not dark against the disc has no frame (a crop inside the disc): the whole
+    image is the field. MONAI's ``ForegroundMask`` thresholds alone; it neither fills the dark lesions inside the
+    disc nor keeps one component, and it would split a frameless photograph at its own median.
+
+    Raises:
+        DataError: (from the dictionary transform, naming the file) a photograph with no bright field, or one whose
+            field would be under ``min_fraction`` of the image: a plausible mask cannot be made, so none is guessed.
+    """
+
+    def __init__(
+        self, working_size: int = 512, rise: float = 0.2, frame_contrast: float = 0.15, min_fraction: float = 0.2
+    ):
+        self.working_size, self.rise = working_size, rise
+        self.frame_contrast, self.min_fraction = frame_contrast, min_fraction
+
+    def __call__(self, image: NdarrayOrTensor) -> np.ndarray:
+        from skimage.filters import threshold_otsu
+        from skimage.transform import resize
+
+        array = convert_to_numpy(image, dtype=np.float32)
+        if array.ndim != 3:
+            raise ValueError(f"expected a (channels, H, W) photograph, got shape {array.shape}.")
+        brightness = array.max(axis=0)
+        shape = brightness.shape
+        scale = min(1.0, self.working_size / max(shape))
+        small = resize(brightness, [max(1, round(n * scale)) for n in shape], order=1, anti_aliasing=scale < 1)
+        small = ndimage.gaussian_filter(small, sigma=1.5)
+        if not np.isfinite(small).all() or float(small.max()) <= float(small.min()):
+            raise ValueError("is uniform: it holds no field of view.")
+        top = float(brightness.max())
+        full_scale = 1.0 if top <= 1.0 else 255.0 if top <= 255.0 else 65535.0  # [0, 1] floats, 8 or 16 bits
+        if np.percentile(small, 99) < 0.05 * full_scale:
+            raise ValueError("is dark throughout (99 % of it below 5 % of full scale): it holds no field of view.")
+        split = threshold_otsu(small)
+        frame, disc = float(np.median(small[small <= split])), float(np.median(small[small > split]))
+        if np.percentile(small, 10) > self.frame_contrast * disc:  # no dark frame: a crop inside the field
+            return np.ones(shape, bool)
+        mask = small > frame + self.rise * (disc - frame)
+        radius = max(1, round(0.01 * max(small.shape)))
+        mask = ndimage.binary_opening(mask, structure=np.ones((2 * radius + 1,) * 2, bool))
+        labels, count = ndimage.label(mask)
+        if count == 0:
+            raise ValueError("holds no bright field of view (the photograph is dark throughout).")
+        sizes = ndimage.sum_labels(mask, labels, index=np.arange(1, count + 1))
+        mask = ndimage.binary_fill_holes(labels == 1 + int(np.argmax(sizes)))
+        if mask.mean() < self.min_fraction:
+            raise ValueError(
+                f"its bright field of view covers only {mask.mean():.0%} of the image (at least "
+                f"{self.min_fraction:.0%} expected): it does not look like a fundus photograph."
+            )
+        return resize(mask.astype(np.float32), shape, order=1) >= 0.5
+
+
+class EstimateFOVd(MapTransform):
+    """Give every item a field-of-view mask at ``fov_key``: the given one (a mask file, already read), or one
+    estimated from the photograph at ``keys`` (:class:`EstimateFOV`). ``<fov_key>_source`` records which, so the
+    results say when the field was estimated (and the inference writes the estimated mask beside them). With
+    ``estimate=False`` (photographs that are not fundus photographs) an item without a mask keeps none: its whole
+    image is the field.
+
+    Raises:
+        DataError: naming the photograph, when no plausible field of view can be estimated.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        fov_key: str = "fov",
+        working_size: int = 512,
+        min_fraction: float = 0.2,
+        estimate: bool = True,
+        allow_missing_keys: bool = False,
+    ):
+        super().__init__(keys, allow_missing_keys)
+        self.fov_key = fov_key
+        self.estimator = EstimateFOV(working_size=working_size, min_fraction=min_fraction) if estimate else None
+
+    def __call__(self, data: Mapping[Hashable, NdarrayOrTensor]) -> dict[Hashable, NdarrayOrTensor]:
+        d = dict(data)
+        if d.get(self.fov_key) is not None:
+            d.setdefault(self.fov_key + FOV_SOURCE_SUFFIX, "given")
+            return d
+        if self.estimator is None:
+            return d
+        for key in self.key_iterator(d):
+            image = d[key]
+            try:
+                mask = self.estimator(image)
+            except ValueError as e:
+                source = image.meta.get("filename_or_obj", key) if isinstance(image, MetaTensor) else key
+                raise DataError(
+                    source, f"field of view: {e}", "Give its FOV mask (a fov/ folder beside images/)."
+                ) from None
+            fov = torch.as_tensor(mask[None].astype(np.uint8))
+            d[self.fov_key] = MetaTensor(fov, meta=dict(image.meta)) if isinstance(image, MetaTensor) else fov
+            d[self.fov_key + FOV_SOURCE_SUFFIX] = "estimated"
+            break  # one field per item, from its first photograph
+        return d
+
+
+def fov_diameter(fov: NdarrayOrTensor) -> float | None:
+    """The diameter in pixels of the field-of-view disc: the longer side of its bounding box, so a disc cut at the
+    top and bottom by the camera still measures its full width. None for a field that fills the whole image (a
+    frameless crop), whose disc, and so whose scale, cannot be seen."""
+    mask = convert_to_numpy(fov).reshape(convert_to_numpy(fov).shape[-2:]) > 0
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    if rows.size == 0 or mask.all():
+        return None
+    return float(max(rows[-1] - rows[0] + 1, cols[-1] - cols[0] + 1))
+
+
+class ScaleToFOVd(MapTransform, InvertibleTransform):
+    """Resample every key so the field-of-view disc is ``diameter`` pixels across, the scale the network learnt.
+
+    Cameras differ in resolution far more than retinas in size: the disc of a DRIVE photograph is about 538 pixels
+    across, that of a CHASE_DB1 photograph about 920, so its vessels are 1.7 times wider in pixels than any the
+    network saw. Resampling by the disc brings them back to the learnt calibre. A disc within ``tolerance`` of
+    ``diameter`` is left untouched (no resampling of data at its native scale), as is a field with no visible
+    disc. A smaller disc is enlarged only with ``upscale``: detail a low-resolution camera never recorded cannot be
+    made up, and an enlarged copy costs memory for nothing. Invertible: ``Invertd`` brings predictions back to the
+    photograph's own grid. The factor is kept in the metadata (``fov_scale``) for the results.
+
+    Args:
+        keys: the photograph, its FOV mask and labels.
+        fov_key: the FOV mask that gives the scale (given or estimated: :class:`EstimateFOVd` first).
+        diameter: the disc diameter in pixels to resample to.
+        mode: per key, ``"bilinear"`` (images, probabilities) or ``"nearest"`` (masks, labels).
+        tolerance: relative difference of the diameter below which nothing is resampled.
+        upscale: enlarge photographs whose disc is smaller than ``diameter`` too.
+        enabled: ``False`` leaves every photograph at its own scale (and ``inverse`` changes nothing).
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        fov_key: str = "fov",
+        diameter: float = 538.0,
+        mode: Sequence[str] | str = "bilinear",
+        tolerance: float = 0.1,
+        upscale: bool = False,
+        enabled: bool = True,
+        allow_missing_keys: bool = False,
+    ):
+        super().__init__(keys, allow_missing_keys)
+        self.fov_key, self.diameter, self.tolerance = fov_key, float(diameter), tolerance
+        self.upscale, self.enabled = upscale, enabled
+        self.mode = ensure_tuple_rep(mode, len(self.keys))
+
+    def factor(self, data: Mapping[Hashable, NdarrayOrTensor]) -> float:
+        fov = data.get(self.fov_key)
+        measured = fov_diameter(fov) if fov is not None else None
+        if measured is None or abs(self.diameter / measured - 1.0) <= self.tolerance:
+            return 1.0
+        if measured < self.diameter and not self.upscale:
+            return 1.0
+        return self.diameter / measured
+
+    @staticmethod
+    def _resample(image: torch.Tensor, size: Sequence[int], mode: str) -> torch.Tensor:
+        values = image.as_subclass(torch.Tensor) if isinstance(image, MetaTensor) else torch.as_tensor(image)
+        resized = torch.nn.functional.interpolate(
+            values[None].float(), size=tuple(size), mode=mode, **({} if mode == "nearest" else {"antialias": True})
+        )[0]
+        return resized.to(values.dtype) if mode == "nearest" else resized
+
+    def __call__(self, data: Mapping[Hashable, NdarrayOrTensor]) -> dict[Hashable, NdarrayOrTensor]:
+        d = dict(data)
+        if not self.enabled:
+            return d
+        factor = self.factor(d)
+        for key, mode in self.key_iterator(d, self.mode):
+            image = d[key] if isinstance(d[key], MetaTensor) else MetaTensor(torch.as_tensor(d[key]))
+            size = list(image.shape[1:])
+            if factor != 1.0:
+                target = [max(1, round(n * factor)) for n in size]
+                resized = MetaTensor(self._resample(image, target, mode), meta=dict(image.meta))
+                resized.applied_operations = list(image.applied_operations)
+                affine = resized.affine.clone()
+                affine[:2, :2] = affine[:2, :2] / factor  # each pixel covers 1 / factor of what it did
+                resized.affine = affine
+                image = resized
+            image.meta["fov_scale"] = factor
+            self.push_transform(image, orig_size=size, extra_info={"mode": mode, "factor": factor})
+            d[key] = image
+        return d
+
+    def inverse(self, data: Mapping[Hashable, NdarrayOrTensor]) -> dict[Hashable, NdarrayOrTensor]:
+        d = dict(data)
+        if not self.enabled:
+            return d
+        for key in self.key_iterator(d):
+            record = self.pop_transform(d[key])
+            image = d[key]
+            if record[TraceKeys.EXTRA_INFO]["factor"] != 1.0:
+                mode = record[TraceKeys.EXTRA_INFO]["mode"]
+                restored = MetaTensor(self._resample(image, record[TraceKeys.ORIG_SIZE], mode), meta=dict(image.meta))
+                restored.applied_operations = list(image.applied_operations)
+                image = restored
+            d[key] = image
         return d

@@ -126,7 +126,8 @@ KINDS = {
         "memory": "2Gi",
         "inputs": "a folder of images (PNG/TIFF/JPEG; for OCT also Duke `.mat` B-scans).",
         "outputs": "per image `<id>_seg.png` (label map), `<id>_overlay.png`, `<id>.json` (area fraction per class"
-        "; vessels inside the field of view; OCT: mean thickness per layer).",
+        "; vessels inside the field of view, estimated from the photograph when no mask is given and then written as "
+        "`<id>_fov.png`; OCT: mean thickness per layer).",
     },
 }
 

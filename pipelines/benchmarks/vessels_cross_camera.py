@@ -1,0 +1,207 @@
+"""A DRIVE-trained vessels model on photographs of another camera that come without FOV masks (CHASE_DB1).
+
+    python -m clinseg.pipelines.benchmarks.vessels_cross_camera \\
+        --chase_dir ../shared/data/vessels/CHASEDB1_x3 --checkpoint bundles/vessels/models/model.pt
+
+1. Prepares the photographs as their data README says: the 3x enlarged JPEG release reduced by 3 (area) to the
+   original 999 x 960 pixels, masks thresholded (> 127 of 255). The copy is written under ``data/benchmarks/``
+   (never into the repository's tracked files), once.
+2. Runs the bundle's own inference (``python -m monai.bundle run inferring --config_file inference.json``) over
+   the photographs once per condition; a condition is a set of command-line overrides, so what it changes is
+   exactly what a user would type: ``whole_image`` (no FOV estimation, no scaling: the pipeline before them),
+   ``estimated_fov`` (the field estimated from each photograph), ``estimated_fov_scaled`` (the defaults: also
+   resampled so the disc is as wide as DRIVE's) and ``estimated_fov_scaled_tta`` (with flip test-time
+   augmentation). ``--condition NAME='--key value ...'`` adds one.
+3. Scores every prediction on the photograph's own grid against its mask, inside the field that
+   ``EstimateFOV`` finds in the photograph (the same field for every condition) and over the whole image; prints
+   the mean F1, sensitivity, AUC and the worst images, and writes everything as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from clinseg.pipelines.paths import PROJECT_ROOT as REPO_ROOT
+
+CONFIGS = REPO_ROOT / "bundles" / "vessels" / "configs"
+# what each condition types on the command line (the bundle's defaults last: FOV estimation and disc scaling on)
+CONDITIONS = {
+    "whole_image": ["--estimate_fov", "False", "--scale_to_fov", "False"],
+    "estimated_fov": ["--scale_to_fov", "False"],
+    "estimated_fov_scaled": [],
+    "estimated_fov_scaled_tta": ["--tta", "True"],
+}
+
+
+def prepare(chase_dir: Path, target: Path, factor: int = 3) -> Path:
+    """``target/images/*.png`` and ``target/masks/*.png``: each photograph and mask reduced by ``factor`` (area),
+    masks thresholded at half; written once (a folder that is complete is reused)."""
+    from PIL import Image
+
+    images = sorted((chase_dir / "images").glob("*.jpg"))
+    if not images:
+        raise SystemExit(f"error: {chase_dir / 'images'}: no CHASE photographs (*.jpg) there.")
+    done = target / "complete"
+    if done.is_file() and done.read_text().split() == [p.stem for p in images]:
+        return target
+    for folder in ("images", "masks"):
+        (target / folder).mkdir(parents=True, exist_ok=True)
+    for path in images:
+        mask_path = chase_dir / "masks" / path.name
+        if not mask_path.is_file():
+            raise SystemExit(f"error: {mask_path}: the mask of {path.name} is missing.")
+        image = Image.open(path).convert("RGB")
+        size = (image.width // factor, image.height // factor)
+        image.resize(size, Image.Resampling.BOX).save(target / "images" / f"{path.stem}.png")
+        mask = np.asarray(Image.open(mask_path).convert("L").resize(size, Image.Resampling.BOX)) > 127
+        Image.fromarray(mask.astype(np.uint8) * 255).save(target / "masks" / f"{path.stem}.png")
+    done.write_text("\n".join(p.stem for p in images))
+    return target
+
+
+def scores(prediction: np.ndarray, probability: np.ndarray, reference: np.ndarray, field: np.ndarray) -> dict:
+    """F1, sensitivity, specificity and AUC of one prediction inside ``field``."""
+    from monai.metrics import compute_roc_auc
+
+    p, r = prediction[field], reference[field]
+    tp, fp, fn = int((p & r).sum()), int((p & ~r).sum()), int((~p & r).sum())
+    tn = int(p.size - tp - fp - fn)
+    auc = compute_roc_auc(
+        torch.as_tensor(probability[field], dtype=torch.float32), torch.as_tensor(r.astype(np.float32))
+    )
+    return {
+        "f1": 2 * tp / max(2 * tp + fp + fn, 1),
+        "sensitivity": tp / max(tp + fn, 1),
+        "specificity": tn / max(tn + fp, 1),
+        "auc": float(auc),
+    }
+
+
+def infer(dataset_dir: Path, checkpoint: Path, overrides: list[str], work: Path, name: str) -> dict:
+    """One inference through the bundle's command line over the photographs; the predictions scored on the
+    photographs' own grid against their masks, inside the field estimated from each photograph and over the
+    whole image, with the seconds it took."""
+    from PIL import Image
+
+    from clinseg.transforms.fundus import EstimateFOV
+
+    output_dir = work / name
+    command = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        "inferring",
+        "--config_file",
+        str(CONFIGS / "inference.json"),
+        "--input_dir",
+        str(dataset_dir / "images"),
+        "--checkpoint_path",
+        str(checkpoint),
+        "--output_dir",
+        str(output_dir),
+        *overrides,
+    ]
+    start = time.perf_counter()
+    done = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    if done.returncode != 0:
+        raise SystemExit(f"error: inference '{name}' failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    per_image: dict[str, dict] = {}
+    for mask_path in sorted((dataset_dir / "masks").glob("*.png")):
+        reference = np.asarray(Image.open(mask_path)) > 127
+        photo = np.asarray(Image.open(dataset_dir / "images" / mask_path.name), dtype=np.float32).transpose(2, 0, 1)
+        field = EstimateFOV()(photo)
+        prediction = np.asarray(Image.open(output_dir / f"{mask_path.stem}_seg.png")) > 0
+        probability = np.asarray(Image.open(output_dir / f"{mask_path.stem}_prob.png"), dtype=np.float32) / 255
+        summary = json.loads((output_dir / f"{mask_path.stem}.json").read_text())
+        per_image[mask_path.stem] = {
+            "in_field": scores(prediction, probability, reference, field),
+            "whole_image_f1": scores(prediction, probability, reference, np.ones_like(field))["f1"],
+            "resampled_by": summary.get("resampled_by", 1.0),
+        }
+    mean = {
+        metric: float(np.mean([v["in_field"][metric] for v in per_image.values()]))
+        for metric in ("f1", "sensitivity", "specificity", "auc")
+    }
+    mean["whole_image_f1"] = float(np.mean([v["whole_image_f1"] for v in per_image.values()]))
+    worst = sorted(per_image, key=lambda k: per_image[k]["in_field"]["f1"])[:3]
+    return {
+        "overrides": overrides,
+        "mean": mean,
+        "per_image": per_image,
+        "worst": worst,
+        "seconds": seconds,
+        "seconds_per_image": seconds / len(per_image),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--chase_dir",
+        default=os.environ.get("CHASE_DIR", str(REPO_ROOT.parent / "shared" / "data" / "vessels" / "CHASEDB1_x3")),
+    )
+    parser.add_argument("--checkpoint", default=str(REPO_ROOT / "bundles" / "vessels" / "models" / "model.pt"))
+    parser.add_argument("--prepared_dir", default=None, help="default: data/benchmarks/chase_reduced_<factor>")
+    parser.add_argument("--factor", type=int, default=3, help="reduction of the 3x release (3: its original size)")
+    parser.add_argument(
+        "--condition",
+        action="append",
+        default=None,
+        metavar="NAME=OVERRIDES",
+        help="an extra condition, e.g. 'tta=--validate#inferer ...'; default: no_fov and estimated_fov",
+    )
+    parser.add_argument("--out", default=str(REPO_ROOT / "data" / "benchmarks" / "vessels_cross_camera.json"))
+    args = parser.parse_args(argv)
+    chase_dir, checkpoint = Path(args.chase_dir), Path(args.checkpoint)
+    if not chase_dir.is_dir():
+        print(f"skipped: {chase_dir} is absent (set CHASE_DIR or --chase_dir)")
+        return 0
+    if not checkpoint.is_file():
+        raise SystemExit(
+            f"error: {checkpoint}: no model; train one on DRIVE first (python -m monai.bundle run training "
+            "--config_file bundles/vessels/configs/train.json --dataset_dir ../shared/data/vessels/DRIVE/training)."
+        )
+    conditions = dict(CONDITIONS)
+    for text in args.condition or []:
+        name, _, overrides = text.partition("=")
+        conditions[name] = overrides.split()
+    prepared = args.prepared_dir or REPO_ROOT / "data" / "benchmarks" / f"chase_reduced_{args.factor}"
+    dataset_dir = prepare(chase_dir, Path(prepared), args.factor)
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="cross_camera_") as work:
+        for name, overrides in conditions.items():
+            print(f"[{len(results) + 1}/{len(conditions)}] {name}: inferring {dataset_dir} {' '.join(overrides)}")
+            results[name] = infer(dataset_dir, checkpoint, overrides, Path(work), name)
+            mean = results[name]["mean"]
+            print(
+                f"    F1 {mean['f1']:.4f} (whole image {mean['whole_image_f1']:.4f})  sensitivity "
+                f"{mean['sensitivity']:.4f}  AUC {mean['auc']:.4f}  worst {', '.join(results[name]['worst'])}  "
+                f"({results[name]['seconds_per_image']:.1f} s per image with start-up)"
+            )
+    summary = {
+        "dataset": f"{chase_dir} reduced by {args.factor} (3: the original release size), "
+        f"{len(results[name]['per_image'])} photographs, no FOV masks",
+        "checkpoint": str(checkpoint),
+        "conditions": results,
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(summary, indent=2))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
