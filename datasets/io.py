@@ -22,15 +22,37 @@ logger = logging.getLogger(__name__)
 RESERVED_RESULT_NAMES = ("inference_summary",)
 
 
-def split_by_group(items: list[dict], split: str, val_fraction: float, group_key: str = "id") -> list[dict]:
+def split_by_group(
+    items: list[dict], split: str, val_fraction: float, group_key: str = "id", folds: int = 0, fold: int = 0
+) -> list[dict]:
     """The fixed, written-down split of a layout without explicit splits: the last ``ceil(val_fraction * n)`` of
-    the sorted groups (subjects, image ids) are validation, at least one and never all. ``"all"`` returns every
-    item; ``"test"`` none (a test split is a folder of its own, read as such by the caller)."""
+    the sorted groups (subjects, image ids) are validation, at least one and never all. With ``folds`` (2 or more)
+    the split of cross-validation fold ``fold`` instead: the sorted groups are dealt to the folds in turn (group
+    ``i`` to fold ``i % folds``), and fold ``fold``'s groups are validation, so every group is validated exactly
+    once over the folds and one subject's images stay together. ``"all"`` returns every item; ``"test"`` none (a
+    test split is a folder of its own, read as such by the caller).
+
+    Raises:
+        InputError: ``folds`` of 1, a ``fold`` outside ``0..folds-1``, or fewer groups than folds.
+    """
     if split == "all":
         return items
     groups = sorted({item[group_key] for item in items})
-    n_val = min(len(groups) - 1, max(1, math.ceil(val_fraction * len(groups)))) if len(groups) > 1 else 0
-    val_groups = set(groups[len(groups) - n_val :])
+    if folds:
+        from clinseg.datasets.errors import InputError
+
+        if folds < 2 or not 0 <= fold < folds:
+            raise InputError(
+                "fold" if folds >= 2 else "folds",
+                f"fold {fold} of {folds} folds: cross-validation needs 2 folds or more and a fold from 0 to folds - 1.",
+                "--folds 0 keeps the fixed split by val_fraction.",
+            )
+        if len(groups) < folds:
+            raise InputError("folds", f"{folds} folds need at least {folds} {group_key}s; the data has {len(groups)}.")
+        val_groups = set(groups[fold::folds])
+    else:
+        n_val = min(len(groups) - 1, max(1, math.ceil(val_fraction * len(groups)))) if len(groups) > 1 else 0
+        val_groups = set(groups[len(groups) - n_val :])
     if split not in ("train", "val"):
         return []
     return [item for item in items if (item[group_key] in val_groups) == (split == "val")]

@@ -35,7 +35,7 @@ from pathlib import Path
 from clinseg.datasets.errors import DataError, NoUsableDataError
 from clinseg.datasets.io import split_by_group, unique_ids
 from clinseg.datasets.readers import IMAGE_SUFFIXES, MAX_PIXELS, read_header, split_member
-from clinseg.datasets.value_types import Fraction, PositiveInt, PositiveSize
+from clinseg.datasets.value_types import Fraction, NonNegativeInt, PositiveInt, PositiveSize
 
 logger = logging.getLogger(__name__)
 
@@ -233,11 +233,14 @@ def load_datalist(
     phantom_if_missing: bool = False,
     min_shape: PositiveSize | None = None,
     max_pixels: PositiveInt | None = MAX_PIXELS,
+    folds: NonNegativeInt = 0,
+    fold: NonNegativeInt = 0,
     **options,
 ) -> list[dict]:
     """The items (paths) of one split (``train``, ``val``, ``test`` or ``all``) of the ``task`` dataset in
-    ``dataset_dir``, in whichever registered layout it is. ``options`` go to the layout's lister (class names,
-    colour table, grader, ...).
+    ``dataset_dir``, in whichever registered layout it is. ``folds`` (2 or more) and ``fold`` choose the
+    validation fold of a cross-validation instead of the fixed split (:func:`clinseg.datasets.io.split_by_group`).
+    ``options`` go to the layout's lister (class names, colour table, grader, ...).
 
     Raises:
         NoUsableDataError: no accepted layout (the message lists them and how to make demo data), or an empty split.
@@ -247,6 +250,13 @@ def load_datalist(
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}.")
     dataset_dir = Path(dataset_dir)
     layout = resolve(task, dataset_dir, phantom_if_missing)
+    if folds and layout.own_splits and split != "test":
+        raise NoUsableDataError(
+            dataset_dir.resolve(),
+            f"has train and validation folders of its own ({layout.name} layout): cross-validation deals one pool "
+            "of cases to the folds.",
+            "Put the cases in one folder of a layout without splits, or train with --folds 0.",
+        )
     if layout.own_splits or split == "test":  # a test split is always a folder of its own, used whole
         items = layout.list_items(dataset_dir, split, **options)
         if not items and split == "test":
@@ -254,7 +264,7 @@ def load_datalist(
     else:
         # unique ids first: results and metric rows are named by id, and the split keeps groups by it
         items = unique_ids(layout.list_items(dataset_dir, "all", **options))
-        items = split_by_group(items, split, val_fraction, layout.group_key)
+        items = split_by_group(items, split, val_fraction, layout.group_key, folds, fold)
     if not items:
         raise NoUsableDataError(
             dataset_dir.resolve(),

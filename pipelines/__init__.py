@@ -15,6 +15,7 @@ from clinseg.pipelines import cli
 _SUBMODULES = (
     "checkpoints",
     "config_checks",
+    "ensembles",
     "export",
     "handlers",
     "inferers",

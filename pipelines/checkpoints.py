@@ -97,6 +97,17 @@ class CheckpointLoader(MonaiCheckpointLoader):
     differs (a training checkpoint resumed with other network settings, another bundle's ``model.pt``)."""
 
     def __call__(self, engine) -> None:
+        from clinseg.pipelines.ensembles import ProbabilityEnsemble, checkpoint_paths
+
+        paths = checkpoint_paths(self.load_path)
+        if len(paths) > 1:  # an ensemble: each member from its own file, each checked
+            ensembles = [m for m in self.load_dict.values() if isinstance(m, ProbabilityEnsemble)]
+            if len(ensembles) != 1 or len(ensembles[0].members) != len(paths):
+                raise DataError(paths[0], f"is one of {len(paths)} checkpoints; the network is no ensemble of as many.")
+            for member, path in zip(ensembles[0].members, paths, strict=True):
+                load_network_weights(member, path, self.map_location)
+            return
+        self.load_path = paths[0]  # one checkpoint, possibly given as a list of one
         checkpoint = read_checkpoint(self.load_path, self.map_location)
         if isinstance(checkpoint, Mapping):
             single = len(self.load_dict) == 1 and next(iter(self.load_dict)) not in checkpoint

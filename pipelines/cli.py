@@ -203,10 +203,12 @@ def install() -> None:
 install()
 
 
-def require_file(path: str, what: str, hint: str) -> str:
-    """Return ``path`` if it is a file, else raise a :class:`DataError` naming it (used by bundle configs)."""
-    if not os.path.isfile(path):
-        raise DataError(os.path.abspath(path), f"{what} does not exist.", hint)
+def require_file(path: str | list[str], what: str, hint: str) -> str | list[str]:
+    """Return ``path`` if it is a file (or, for a list such as an ensemble's checkpoints, if each is), else raise a
+    :class:`DataError` naming the first that is not (used by bundle configs)."""
+    for one in [path] if isinstance(path, (str, os.PathLike)) else path:
+        if not os.path.isfile(one):
+            raise DataError(os.path.abspath(one), f"{what} does not exist.", hint)
     return path
 
 

@@ -24,6 +24,7 @@ import random
 import re
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -49,7 +50,7 @@ from clinseg.pipelines.tracking import (
 )
 
 KEY_METRICS = {"oct_layers": "val_mean_dice", "vessels": "val_f1"}
-HIDDEN_PARAMS = {"dataset_dir", "class_names", "palette", "label_colors", "epoch_length"}  # derived or long
+HIDDEN_PARAMS = {"dataset_dir", "class_names", "palette", "label_colors", "epoch_length", "val_ids"}  # derived or long
 
 
 def client_for(tracking_uri: str | None) -> mlflow.MlflowClient:
@@ -215,33 +216,29 @@ def ensure_experiment(client: mlflow.MlflowClient, bundle: str, tracking_uri: st
         return experiment.experiment_id
 
 
-def sweep(args) -> int:
-    """Child training runs for every combination of ``--grid`` (or ``--sample`` of them) under one parent run."""
-    client = client_for(args.tracking_uri)
-    grid = parse_grid(args.grid)
-    combinations = [dict(zip(grid, values, strict=True)) for values in itertools.product(*grid.values())]
-    if args.sample:
-        combinations = random.Random(args.seed).sample(combinations, min(args.sample, len(combinations)))
-    fixed = dict(item.split("=", 1) for item in args.set)
+def start_parent(client: mlflow.MlflowClient, args, workflow: str, tags: dict, fixed: dict) -> str:
+    """The parent run of a sweep or a cross-validation (its children are the trainings): its id."""
     experiment_id = ensure_experiment(client, args.bundle, args.tracking_uri or default_tracking_uri())
     parent = client.create_run(
-        experiment_id,
-        run_name=unique_run_name("sweep"),
-        tags={"workflow": "sweep", "bundle": args.bundle, "grid": json.dumps(grid)},
+        experiment_id, run_name=unique_run_name(workflow), tags={"workflow": workflow, "bundle": args.bundle, **tags}
     )
-    parent_id = parent.info.run_id
     for key, value in fixed.items():  # MLflow param names cannot hold '#': config ids use '.' there
-        client.log_param(parent_id, key.replace("#", "."), value)
+        client.log_param(parent.info.run_id, key.replace("#", "."), value)
+    return parent.info.run_id
+
+
+def run_children(args, parent_id: str, combinations: list[dict], fixed: dict) -> str:
+    """One training per combination of overrides (with ``fixed`` for all), one after the other, as children of
+    ``parent_id``; the parent's end status: FINISHED, FAILED (a child failed) or KILLED (Ctrl-C or SIGTERM)."""
     config = args.config_file or str(Path("bundles") / args.bundle / "configs" / "train.json")
     env = {
         **os.environ,
         "PIPELINE_PARENT_RUN_ID": parent_id,
         "MLFLOW_TRACKING_URI": args.tracking_uri or default_tracking_uri(),
     }
-    print(f"sweep {parent.info.run_name}: {len(combinations)} child runs of {args.bundle}")
     status = "FINISHED"
 
-    def stop(signum, frame):  # SIGTERM (a scheduler, `kill`) stops a sweep as Ctrl-C does
+    def stop(signum, frame):  # SIGTERM (a scheduler, `kill`) stops the children as Ctrl-C does
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, stop)
@@ -271,7 +268,23 @@ def sweep(args) -> int:
                 print(f"  child failed ({child.returncode}): {(errors or '')[-2000:]}")
     except KeyboardInterrupt:
         status = "KILLED"
-        print("sweep interrupted: finished child runs are kept; the parent run is marked KILLED")
+        print("interrupted: finished child runs are kept; the parent run is marked KILLED")
+    return status
+
+
+def sweep(args) -> int:
+    """Child training runs for every combination of ``--grid`` (or ``--sample`` of them) under one parent run."""
+    client = client_for(args.tracking_uri)
+    grid = parse_grid(args.grid)
+    combinations = [dict(zip(grid, values, strict=True)) for values in itertools.product(*grid.values())]
+    if args.sample:
+        combinations = random.Random(args.seed).sample(combinations, min(args.sample, len(combinations)))
+    fixed = dict(item.split("=", 1) for item in args.set)
+    parent_id = start_parent(client, args, "sweep", {"grid": json.dumps(grid)}, fixed)
+    print(f"sweep {client.get_run(parent_id).info.run_name}: {len(combinations)} child runs of {args.bundle}")
+    status = "FAILED"
+    try:
+        status = run_children(args, parent_id, combinations, fixed)
     finally:
         client.set_terminated(parent_id, status)
     runs = training_runs(client, args.bundle, 1000, parent_id)
@@ -282,6 +295,69 @@ def sweep(args) -> int:
     if rows:
         client.set_tag(parent_id, "best_child", rows[0]["run_id"])
         client.log_metric(parent_id, f"best_{metric}", rows[0][f"best_{metric}"])
+    return 0 if status == "FINISHED" else 1
+
+
+def cross_validate(args) -> int:
+    """k-fold cross-validation: one training per fold (``--folds K --fold k``) as children of one parent run, which
+    records each fold's best key metric, their mean and spread, which cases each fold validated (``cv/folds.json``),
+    and the ensemble of the fold models as the command that runs it."""
+    if args.folds < 2:
+        raise InputError("--folds", f"{args.folds}: cross-validation needs 2 folds or more.")
+    fixed = {"folds": str(args.folds), **dict(item.split("=", 1) for item in args.set)}
+    if "fold" in fixed:
+        raise InputError("--set fold", "is chosen by cv itself, one training per fold.")
+    client = client_for(args.tracking_uri)
+    parent_id = start_parent(client, args, "cv", {"folds": str(args.folds)}, fixed)
+    print(f"cv {client.get_run(parent_id).info.run_name}: {args.folds} folds of {args.bundle}")
+    status = "FAILED"
+    try:
+        status = run_children(args, parent_id, [{"fold": str(k)} for k in range(args.folds)], fixed)
+        runs = training_runs(client, args.bundle, 1000, parent_id)
+        finished = [r for r in runs if r.info.status == "FINISHED" and "fold" in r.data.params]
+        by_fold = {int(r.data.params["fold"]): r for r in finished}
+        metric = key_metric_of(args.bundle, runs[0] if runs else None)
+        rows = summarize(client, [by_fold[k] for k in sorted(by_fold)], metric)
+        folds = []
+        for k, row in zip(sorted(by_fold), rows, strict=True):
+            run = by_fold[k]
+            folds.append(
+                {
+                    "fold": k,
+                    "run_id": run.info.run_id,
+                    "run": run_folder(run),
+                    f"best_{metric}": row[f"best_{metric}"],
+                    "val_ids": run.data.params.get("val_ids", "").split(","),
+                    "checkpoint": run.data.tags.get("checkpoint_path"),
+                }
+            )
+            client.log_metric(parent_id, f"fold_{k}_{metric}", row[f"best_{metric}"])
+        values = [f[f"best_{metric}"] for f in folds if math.isfinite(f[f"best_{metric}"])]
+        summary = {"bundle": args.bundle, "folds": args.folds, "key_metric": metric, "per_fold": folds}
+        if values:
+            summary.update(mean=float(statistics.fmean(values)), std=float(statistics.pstdev(values)))
+            client.log_metric(parent_id, f"cv_mean_{metric}", summary["mean"])
+            client.log_metric(parent_id, f"cv_std_{metric}", summary["std"])
+        checkpoints = [f["checkpoint"] for f in folds if f["checkpoint"] and Path(f["checkpoint"]).is_file()]
+        if len(folds) < args.folds:
+            status = "FAILED"
+        if len(checkpoints) >= 2:
+            summary["ensemble_command"] = (
+                f"python -m monai.bundle run inferring --config_file bundles/{args.bundle}/configs/inference.json "
+                f'--checkpoint_path "{checkpoints!r}" --input_dir IMAGES --output_dir OUT'
+            )
+            client.set_tag(parent_id, "ensemble_command", summary["ensemble_command"])
+        client.log_text(parent_id, json.dumps(summary, indent=2), "cv/folds.json")
+    finally:
+        client.set_terminated(parent_id, status)
+    print(f"\n{args.folds}-fold cross-validation of {args.bundle}, best {metric} per fold:")
+    lines = [["fold", f"best {metric}", "run", "validated"]]
+    lines += [[f["fold"], f"{f[f'best_{metric}']:.4f}", f["run"], ",".join(f["val_ids"])[:60]] for f in folds]
+    print(text_table(lines))
+    if values:
+        print(f"mean {summary['mean']:.4f}, standard deviation {summary['std']:.4f} over {len(values)} folds")
+    if "ensemble_command" in summary:
+        print(f"the {len(checkpoints)} fold models as one ensemble:\n  {summary['ensemble_command']}")
     return 0 if status == "FINISHED" else 1
 
 
@@ -529,6 +605,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config_file", help="default: bundles/<bundle>/configs/train.json")
     p.add_argument("--verbose", action="store_true", help="show the children's output")
     p.set_defaults(func=sweep)
+    p = sub.add_parser("cv", help="k-fold cross-validation: one training per fold under one parent run")
+    p.add_argument("bundle")
+    p.add_argument("--folds", type=int, default=5)
+    p.add_argument("--set", nargs="*", default=[], help="KEY=VALUE overrides for every fold")
+    p.add_argument("--config_file", help="default: bundles/<bundle>/configs/train.json")
+    p.add_argument("--verbose", action="store_true", help="show the trainings' output")
+    p.set_defaults(func=cross_validate)
     from clinseg.pipelines import search
 
     search.add_parser(sub)

@@ -130,9 +130,15 @@ def read_record(models_dir: str | os.PathLike) -> dict | None:
     return record
 
 
-def provenance(checkpoint: str | os.PathLike) -> dict:
+def provenance(checkpoint: str | os.PathLike | list) -> dict:
     """What a checkpoint is, for the outputs' JSON and the MLflow tags of an evaluation or inference: its path and
-    SHA-256, and the training run it came from when its ``model.json`` says so (and still matches the file)."""
+    SHA-256, and the training run it came from when its ``model.json`` says so (and still matches the file). For an
+    ensemble (a list of checkpoints): their number, and each one's."""
+    if not isinstance(checkpoint, (str, os.PathLike)):
+        members = [provenance(path) for path in checkpoint]
+        if len(members) > 1:
+            return {"ensemble_size": len(members), "ensemble": members}
+        checkpoint = checkpoint[0]
     checkpoint = Path(checkpoint).resolve()
     info = {"checkpoint": str(checkpoint), "checkpoint_sha256": sha256_of(checkpoint) if checkpoint.is_file() else None}
     record = read_record(checkpoint.parent) if checkpoint.name == MODEL_FILE else None
@@ -251,5 +257,10 @@ def promote(
 
 
 def provenance_tags(checkpoint: str | os.PathLike) -> dict[str, str]:
-    """:func:`provenance` as MLflow tags (text values; what is unknown is left out)."""
-    return {key: str(value) for key, value in provenance(checkpoint).items() if value is not None}
+    """:func:`provenance` as MLflow tags (text values; what is unknown is left out); an ensemble's members as
+    ``ensemble.<i>.<key>``."""
+    info = provenance(checkpoint)
+    tags = {key: str(value) for key, value in info.items() if value is not None and key != "ensemble"}
+    for index, member in enumerate(info.get("ensemble", [])):
+        tags.update({f"ensemble.{index}.{key}": str(value) for key, value in member.items() if value is not None})
+    return tags

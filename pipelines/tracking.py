@@ -413,6 +413,9 @@ def _plain(value) -> bool:
     return value is None or isinstance(value, (bool, int, float)) or (isinstance(value, str) and value[:1] not in "$@%")
 
 
+VAL_IDS_CHARS = 1000  # an MLflow param holds 6000; a longer list is cut, its length kept
+
+
 def tracked_params(parser) -> dict:
     """The hyper-parameters of a run, derived from its resolved config rather than listed by hand: every top-level
     setting whose value is plain (or an expression already resolved to a plain value), the plain settings of the
@@ -440,6 +443,11 @@ def tracked_params(parser) -> dict:
     for key, name in (("train::datalist", "num_train_images"), ("validate::datalist", "num_val_images")):
         if isinstance(resolved.get(key), list):
             params[name] = len(resolved[key])
+    validation = resolved.get("validate::datalist")
+    if isinstance(validation, list) and validation:  # which cases validated: what tells the folds apart
+        ids = sorted({str(item.get("id")) for item in validation if isinstance(item, Mapping)})
+        text = ",".join(ids)
+        params["val_ids"] = text if len(text) <= VAL_IDS_CHARS else f"{text[: VAL_IDS_CHARS - 24]}... ({len(ids)} ids)"
     if "key_metric_name" in params:
         params["key_metric"] = params["key_metric_name"]
     return params
@@ -712,6 +720,7 @@ class BundleMLflowHandler(_LinkedRun, MLFlowHandler):
         tags = {
             "bundle": self.bundle_name,
             "workflow": self.workflow,
+            **({"checkpoint_path": str(Path(self.checkpoint).resolve())} if self.checkpoint else {}),
             "command": typed_command()[:5000],
             **git_state(),
             **environment_tags(),

@@ -51,7 +51,8 @@ def served_store(tmp_path_factory, tiny_oct_dir):
     uri = f"sqlite:///{root / 'mlruns' / 'mlflow.db'}"
     (root / "mlruns").mkdir()
     for rate in RATES:
-        overrides = {**TINY, "learning_rate": rate, "train#trainer#max_epochs": 2}
+        # typed first, as by a person comparing learning rates: the run names list the settings in typed order
+        overrides = {"learning_rate": rate, **TINY, "train#trainer#max_epochs": 2}
         run_bundle("training", TRAIN, {**overrides, "dataset_dir": tiny_oct_dir, "bundle_root": root / "bundle"},
                    env={"MLFLOW_TRACKING_URI": uri})  # fmt: skip
     port = free_port()
@@ -123,7 +124,8 @@ def test_the_experiment_opens_on_its_runs_with_the_key_metric(served_store, brow
     assert "dataset_dir" not in text, "where the data lies is no column to compare"
     for run in (best, other):  # the names tell the runs apart, before any column is read
         assert f"learning_rate={run.data.params['learning_rate']}" in run.info.run_name, run.info.run_name
-        assert run.info.run_name.startswith("oct_layers train: ") and run.info.run_name in text
+        assert run.info.run_name.startswith(f"oct_layers train: learning_rate={run.data.params['learning_rate']}")
+        assert run.info.run_name in text
     # best run first: the runs view is sorted by the key metric
     assert text.index(best.info.run_name) < text.index(other.info.run_name)
     for run in (best, other):

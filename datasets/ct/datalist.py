@@ -23,7 +23,7 @@ from clinseg.datasets.ct.volumes import VOLUME_SUFFIXES, case_id, is_volume_file
 from clinseg.datasets.errors import DataError
 from clinseg.datasets.io import unique_ids
 from clinseg.datasets.layouts import load_datalist, register_layout, register_phantom
-from clinseg.datasets.value_types import Fraction
+from clinseg.datasets.value_types import Fraction, NonNegativeInt
 
 logger = logging.getLogger(__name__)
 
@@ -121,10 +121,13 @@ def load_ct_datalist(
     split: str = "train",
     val_fraction: Fraction = 0.25,
     phantom_if_missing: bool = False,
+    folds: NonNegativeInt = 0,
+    fold: NonNegativeInt = 0,
 ) -> list[dict]:
     """The ``{"image", "label", "id"}`` items (paths) of one split (``train``, ``val``, ``test``, ``all``) of a CT
-    dataset (detection, phantom, split and empty-split message are the layout registry's)."""
-    return load_datalist("ct", dataset_dir, split, val_fraction, phantom_if_missing)
+    dataset (detection, phantom, split and empty-split message are the layout registry's); ``folds`` and ``fold``
+    choose a cross-validation fold instead of the fixed split."""
+    return load_datalist("ct", dataset_dir, split, val_fraction, phantom_if_missing, folds=folds, fold=fold)
 
 
 def heart_free_cases(paths: list[str] | None, key: str = "negative_images") -> list[dict]:

@@ -32,7 +32,7 @@ from clinseg.datasets.layouts import (
     register_phantom,
 )
 from clinseg.datasets.readers import read_header
-from clinseg.datasets.value_types import Fraction, PositiveSize
+from clinseg.datasets.value_types import Fraction, NonNegativeInt, PositiveSize
 
 DRIVE_IMAGE = re.compile(r"^(\d+)_(training|test)\.(tif|tiff)$", re.IGNORECASE)
 MASK_SUFFIXES = ("", "_mask", "_label", "_manual1")
@@ -151,10 +151,15 @@ def load_vessel_datalist(
     val_fraction: Fraction = 0.25,
     phantom_if_missing: bool = False,
     min_shape: PositiveSize | None = None,
+    folds: NonNegativeInt = 0,
+    fold: NonNegativeInt = 0,
 ) -> list[dict]:
     """The items (paths) of one split (``train``, ``val``, ``test`` or ``all``) of the vessel dataset in
-    ``dataset_dir``; ``min_shape`` (the training patch) is checked against every image's header."""
-    return load_datalist("fundus", dataset_dir, split, val_fraction, phantom_if_missing, min_shape=min_shape)
+    ``dataset_dir``; ``min_shape`` (the training patch) is checked against every image's header; ``folds`` and
+    ``fold`` choose a cross-validation fold instead of the fixed split."""
+    return load_datalist(
+        "fundus", dataset_dir, split, val_fraction, phantom_if_missing, min_shape=min_shape, folds=folds, fold=fold
+    )
 
 
 def load_fundus_images(input_path: str | os.PathLike) -> list[dict]:

@@ -33,7 +33,7 @@ from clinseg.datasets.layouts import (
 from clinseg.datasets.oct.duke import bscan_items, duke_items
 from clinseg.datasets.oct.phantom import write_phantom_dataset
 from clinseg.datasets.oct.via import via_items
-from clinseg.datasets.value_types import Fraction
+from clinseg.datasets.value_types import Fraction, NonNegativeInt
 
 IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
 LABEL_SUFFIXES = ("", "_label", "_labels", "_mask", "_seg", "_gt")
@@ -138,6 +138,8 @@ def load_oct_datalist(
     val_fraction: Fraction = 0.2,
     grader: int = 1,
     phantom_if_missing: bool = False,
+    folds: NonNegativeInt = 0,
+    fold: NonNegativeInt = 0,
 ) -> list[dict]:
     """The items (paths) of one split (``train``, ``val``, ``test`` or ``all``) of the OCT dataset in ``dataset_dir``.
 
@@ -149,9 +151,18 @@ def load_oct_datalist(
         grader: which Duke grader's boundaries to use (1 or 2).
         phantom_if_missing: generate the synthetic phantom into ``dataset_dir`` if the folder has no data yet
             (used for the bundle's default folder only, never for a folder the user named).
+        folds, fold: a cross-validation fold's split instead of the fixed one (``folds`` 2 or more).
     """
     return load_datalist(
-        "oct", dataset_dir, split, val_fraction, phantom_if_missing, class_names=class_names, grader=grader
+        "oct",
+        dataset_dir,
+        split,
+        val_fraction,
+        phantom_if_missing,
+        folds=folds,
+        fold=fold,
+        class_names=class_names,
+        grader=grader,
     )
 
 

@@ -1,0 +1,56 @@
+"""Several trained models of one bundle used as one: their class probabilities averaged.
+
+The members are the folds of a cross-validation (``python -m clinseg.pipelines.experiments cv``) or trainings with
+other seeds. A bundle's configs take an ensemble where they take one checkpoint: ``--checkpoint_path
+"['fold0/model.pt','fold1/model.pt',...]"``; the network becomes a :class:`ProbabilityEnsemble` of as many copies
+of ``network_def``, each loaded (and checked) from its own file by the bundle's ``CheckpointLoader``.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Sequence
+
+import torch
+
+# floor of an averaged probability before its logarithm: keeps log finite, far below any threshold that matters
+PROBABILITY_FLOOR = 1e-7
+
+
+def checkpoint_paths(checkpoint_path: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
+    """The checkpoint files of one model or of an ensemble (a list of files), as a list."""
+    if isinstance(checkpoint_path, (str, os.PathLike)):
+        return [os.fspath(checkpoint_path)]
+    return [os.fspath(path) for path in checkpoint_path]
+
+
+class ProbabilityEnsemble(torch.nn.Module):
+    """The mean of the members' softmax probabilities, returned as its logarithm.
+
+    The bundles' post-processing applies softmax to what the network returns, and softmax(log p) = p for
+    probabilities that sum to one, so an ensemble passes through the same inferers, test-time augmentation and
+    post-processing as one network, and its probabilities are the average of the members' (as nnU-Net ensembles
+    its folds). Averaging probabilities, not logits, keeps one over-confident member from outvoting the others.
+    """
+
+    def __init__(self, members: Sequence[torch.nn.Module]):
+        super().__init__()
+        if len(members) < 2:
+            raise ValueError(f"an ensemble needs at least 2 members, got {len(members)}.")
+        self.members = torch.nn.ModuleList(members)
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        total = None
+        for member in self.members:
+            probability = torch.softmax(member(inputs).float(), dim=1)
+            total = probability if total is None else total + probability
+        return torch.log((total / len(self.members)).clamp_min(PROBABILITY_FLOOR))
+
+
+def network_for(network_def: torch.nn.Module, checkpoint_path) -> torch.nn.Module:
+    """``network_def`` itself for one checkpoint; a :class:`ProbabilityEnsemble` of one copy per file for several."""
+    paths = checkpoint_paths(checkpoint_path)
+    if len(paths) == 1:
+        return network_def
+    return ProbabilityEnsemble([copy.deepcopy(network_def) for _ in paths])

@@ -1,0 +1,99 @@
+"""k-fold cross-validation as one parent run with a child per fold, and the fold models as one ensemble."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from clinseg.datasets.errors import InputError
+from clinseg.datasets.io import split_by_group
+from clinseg.pipelines.ensembles import ProbabilityEnsemble
+from tests.conftest import OCT_BUNDLE, run_bundle
+from tests.test_experiments import experiments, refused, sweep_settings
+
+
+def test_folds_validate_every_group_once_and_keep_groups_together():
+    items = [{"id": f"s{subject}", "image": f"s{subject}_{scan}"} for subject in range(7) for scan in range(3)]
+    validated = []
+    for fold in range(3):
+        train = split_by_group(items, "train", 0.2, folds=3, fold=fold)
+        val = split_by_group(items, "val", 0.2, folds=3, fold=fold)
+        assert len(train) + len(val) == len(items) and not {i["id"] for i in train} & {i["id"] for i in val}
+        validated += sorted({i["id"] for i in val})
+    assert sorted(validated) == sorted({i["id"] for i in items}), "each subject is validated exactly once"
+    assert split_by_group(items, "val", 0.2) == items[-6:], "without folds: the fixed split, unchanged"
+    for folds, fold in ((1, 0), (3, 3), (8, 0)):
+        with pytest.raises(InputError):
+            split_by_group(items, "val", 0.2, folds=folds, fold=fold)
+
+
+def test_an_ensemble_averages_its_members_probabilities():
+    torch.manual_seed(0)
+    members = [torch.nn.Conv2d(1, 3, 3, padding=1) for _ in range(3)]
+    image = torch.randn(2, 1, 8, 8)
+    # what the bundles' post-processing does to a network's output: softmax
+    probability = torch.softmax(ProbabilityEnsemble(members)(image), dim=1)
+    expected = torch.stack([torch.softmax(m(image), dim=1) for m in members]).mean(0)
+    assert torch.allclose(probability, expected, atol=1e-5)
+    with pytest.raises(ValueError, match="at least 2"):
+        ProbabilityEnsemble(members[:1])
+
+
+def test_cv_runs_a_child_per_fold_and_its_models_infer_as_one_ensemble(tmp_path, tiny_oct_dir, tracking_uri):
+    settings = [s.replace("max_epochs=2", "max_epochs=1") for s in sweep_settings(tmp_path, tiny_oct_dir)]
+    out = experiments("cv", "oct_layers", "--folds", "3", "--set", *settings).stdout
+    assert "3-fold cross-validation of oct_layers" in out and "standard deviation" in out, out
+    client = mlflow.MlflowClient(tracking_uri)
+    experiment = client.get_experiment_by_name("oct_layers")
+    parent = client.search_runs([experiment.experiment_id], "tags.workflow = 'cv'")[0]
+    children = client.search_runs([experiment.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert parent.info.status == "FINISHED" and len(children) == 3
+    assert sorted(c.data.params["fold"] for c in children) == ["0", "1", "2"]
+    assert {c.data.params["folds"] for c in children} == {"3"}
+    validated = [c.data.params["val_ids"].split(",") for c in children]
+    assert len(sum(validated, [])) == len({i for v in validated for i in v}), "no B-scan in two folds"
+    subjects = [{i.split("_bscan")[0] for i in v} for v in validated]
+    assert all(len(s) == 1 for s in subjects) and len(set.union(*subjects)) == 3, "one whole subject per fold"
+
+    best = [max(m.value for m in client.get_metric_history(c.info.run_id, "0_key/val_mean_dice")) for c in children]
+    assert parent.data.metrics["cv_mean_val_mean_dice"] == pytest.approx(np.mean(best), abs=1e-6)
+    assert parent.data.metrics["cv_std_val_mean_dice"] == pytest.approx(np.std(best), abs=1e-6)
+    summary = json.loads(Path(mlflow.artifacts.download_artifacts(
+        run_id=parent.info.run_id, artifact_path="cv/folds.json", tracking_uri=tracking_uri
+    )).read_text())  # fmt: skip
+    checkpoints = [f["checkpoint"] for f in summary["per_fold"]]
+    assert len(checkpoints) == 3 and all(Path(c).is_file() for c in checkpoints)
+    assert "--checkpoint_path" in parent.data.tags["ensemble_command"]
+
+    images = tmp_path / "bscans"
+    images.mkdir()
+    for index in range(2):
+        pixels = (np.random.default_rng(index).random((64, 96)) * 255).astype(np.uint8)
+        Image.fromarray(pixels).save(images / f"b{index}.png")
+    inference = [str(OCT_BUNDLE / "configs" / "inference.json")]
+    tiny = {"image_size": "[64,96]", "network_def#channels": "[8,16,32]", "network_def#strides": "[2,2]"}
+    output = tmp_path / "ensemble"
+    run_bundle("inferring", inference, {**tiny, "input_dir": images, "output_dir": output,
+                                         "checkpoint_path": json.dumps(checkpoints)})  # fmt: skip
+    record = json.loads((output / "inference_summary.json").read_text())
+    assert record["model"]["ensemble_size"] == 3, record["model"]
+    assert [m["checkpoint"] for m in record["model"]["ensemble"]] == [str(Path(c).resolve()) for c in checkpoints]
+    assert (output / "b0_seg.png").is_file() and (output / "b1_seg.png").is_file()
+
+    # a checkpoint of the ensemble that is missing is named, before anything is written
+    missing = str(tmp_path / "fold9.pt")
+    failed = run_bundle("inferring", inference, {**tiny, "input_dir": images, "output_dir": tmp_path / "none",
+                                                  "checkpoint_path": json.dumps([checkpoints[0], missing])},
+                        check=False)  # fmt: skip
+    assert failed.returncode != 0 and "fold9.pt" in failed.stderr and not (tmp_path / "none" / "b0_seg.png").exists()
+
+
+def test_cv_refuses_too_few_folds_and_a_fold_of_its_own(tmp_path, tiny_oct_dir, tracking_uri):
+    assert "needs 2 folds or more" in refused("cv", "oct_layers", "--folds", "1")
+    assert "chosen by cv itself" in refused("cv", "oct_layers", "--folds", "3", "--set", "fold=1")
