@@ -14,7 +14,6 @@ leaves idle (process start-up, data loading, validation), not a doubling.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import subprocess
@@ -23,6 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from clinseg.pipelines.benchmarks import write_report
 from clinseg.pipelines.paths import PROJECT_ROOT as REPO_ROOT
 
 SPACE = ["learning_rate=loguniform:0.0005:0.01", "batch_size=choice:2,4"]
@@ -80,10 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     report = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform()}, "n_trials": args.n_trials}
     report["epochs"], report["results"] = args.epochs, rows
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
-    print(f"wrote {out}")
+    write_report(args.out, report)
     return 0
 
 

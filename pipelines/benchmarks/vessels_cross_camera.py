@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from clinseg.pipelines.benchmarks import write_report
 from clinseg.pipelines.paths import PROJECT_ROOT as REPO_ROOT
 
 CONFIGS = REPO_ROOT / "bundles" / "vessels" / "configs"
@@ -160,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         action="append",
         default=None,
         metavar="NAME=OVERRIDES",
-        help="an extra condition, e.g. 'tta=--validate#inferer ...'; default: no_fov and estimated_fov",
+        help="an extra condition beside the four above, e.g. 'clahe=--clahe True'",
     )
     parser.add_argument("--out", default=str(REPO_ROOT / "data" / "benchmarks" / "vessels_cross_camera.json"))
     args = parser.parse_args(argv)
@@ -196,10 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         "checkpoint": str(checkpoint),
         "conditions": results,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(summary, indent=2))
-    print(f"wrote {out}")
+    write_report(args.out, summary)
     return 0
 
 
