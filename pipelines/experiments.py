@@ -16,6 +16,7 @@ The MLflow UI stays the main place to look; these commands serve terminals, scri
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import math
@@ -578,7 +579,20 @@ def ui(args) -> int:
     command += ["--host", args.host, "--port", str(args.port)]
     print(f"MLflow UI of {uri} at {server}; the runs of each experiment:")
     print("\n".join(ui_links(client_for(uri), server)) or "  (no experiments yet)", flush=True)
-    return subprocess.call(command)
+    # the server's own workers (uvicorn, its job runner) outlive a server process killed alone: it runs in a
+    # process group of its own, and Ctrl-C or SIGTERM here stops that whole group
+    served = subprocess.Popen(command, start_new_session=True)
+
+    def stop(signum, frame):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(served.pid, signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    try:
+        return served.wait()
+    finally:
+        stop(None, None)
 
 
 @cli.entry_point

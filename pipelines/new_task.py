@@ -55,6 +55,8 @@ A bundle made from the `{template}` template (`python -m clinseg.pipelines.new_t
 - From the vessels template, `estimate_fov` and `scale_to_fov` are off: an image without a mask in `fov/` counts
   whole, at its own scale. For fundus photographs, `--estimate_fov True --scale_to_fov True` estimates their field
   of view and resamples them to one disc size, as the vessels bundle does.
+- From the oct_layers template, `layer_order` is off: the classes need not be layers stacked in a fixed order.
+  For retinal layers, `--layer_order True` keeps every column's labels in the order of `class_names`.
 
 ```bash
 python -m monai.bundle run training --config_file bundles/{name}/configs/train.json
@@ -96,9 +98,10 @@ def task_config(
         config["dataset_dir"] = dataset_dir
     if channels is not None and "channels" in config:
         config["channels"] = channels
-    for fundus_only in ("estimate_fov", "scale_to_fov"):  # a new task's photographs may have no field of view
-        if fundus_only in config:
-            config[fundus_only] = False
+    # facts of the templates' anatomy: a new task's photographs may have no field of view, its classes no layers
+    for anatomy_only in ("estimate_fov", "scale_to_fov", "layer_order"):
+        if anatomy_only in config:
+            config[anatomy_only] = False
     return config
 
 

@@ -11,7 +11,7 @@ from clinseg.datasets.oct import load_oct_datalist
 from clinseg.pipelines.losses import DiceCELossWithIgnore
 from clinseg.pipelines.metrics import LayerThicknessError, PixelAccuracyMetric
 from clinseg.transforms.labels import ColorToLabeld, OneHotWithIgnored
-from clinseg.transforms.oct import boundaries_to_label_map
+from clinseg.transforms.oct import OrderLayersd, boundaries_to_label_map, order_layers
 from tests.conftest import OCT_BUNDLE, decode
 
 
@@ -21,6 +21,45 @@ def test_boundaries_to_label_map_fills_layers_and_ignores_missing_columns():
     np.testing.assert_array_equal(label[:, 0], [0, 1, 1, 2, 2, 0])
     np.testing.assert_array_equal(label[:, 1], [0, 1, 1, 2, 0, 0])
     assert (label[:, 2] == 255).all()
+
+
+def is_in_layer_order(labels: np.ndarray) -> bool:
+    """Every column: background, then layers in increasing order (each once, some absent), then background."""
+    for column in labels.T:
+        retina = np.flatnonzero(column > 0)
+        if retina.size and (
+            (column[retina[0] : retina[-1] + 1] == 0).any() or (np.diff(column[retina[0] : retina[-1] + 1]) < 0).any()
+        ):
+            return False
+    return True
+
+
+def test_layer_order_fixes_what_breaks_the_anatomy_and_keeps_what_does_not():
+    rng = np.random.default_rng(0)
+    n_classes, height, width = 6, 60, 40
+    bounds = np.sort(rng.integers(5, 55, size=(n_classes, width)), axis=0)
+    truth = np.zeros((height, width), np.int64)
+    for k in range(1, n_classes):
+        truth[(np.arange(height)[:, None] >= bounds[k - 1]) & (np.arange(height)[:, None] < bounds[k])] = k
+    assert is_in_layer_order(truth)
+    clean = np.where(np.arange(n_classes)[:, None, None] == truth[None], 3.0, 0.0)
+    np.testing.assert_array_equal(order_layers(clean), truth)  # an ordered prediction is kept as it is
+    noisy = clean + rng.normal(0, 1.2, size=clean.shape)
+    assert not is_in_layer_order(noisy.argmax(0))
+    ordered = order_layers(noisy)
+    assert is_in_layer_order(ordered)
+    assert (ordered == truth).mean() > (noisy.argmax(0) == truth).mean() + 0.05
+    # a layer mistaken inside another (a swapped island) is relabelled by its column
+    island = clean.copy()
+    column, row = 7, int(bounds[1, 7] + bounds[2, 7]) // 2
+    island[:, row, column] = 0.0
+    island[4, row, column] = 5.0
+    if truth[row, column] == 2:
+        assert island.argmax(0)[row, column] == 4 and order_layers(island)[row, column] == 2
+    out = OrderLayersd("pred")({"pred": torch.as_tensor(noisy, dtype=torch.float32)})["pred"]
+    assert out.shape == (n_classes, height, width) and torch.equal(out.argmax(0), torch.as_tensor(ordered))
+    off = OrderLayersd("pred", enabled=False)({"pred": torch.as_tensor(noisy)})["pred"]
+    assert torch.equal(off, torch.as_tensor(noisy))
 
 
 def test_colour_and_onehot_transforms():

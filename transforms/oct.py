@@ -88,3 +88,69 @@ class BoundariesToLabelMapd(MapTransform):
                 label = MetaTensor(torch.as_tensor(label), meta=meta)
             d[key] = label
         return d
+
+
+def order_layers(scores: np.ndarray) -> np.ndarray:
+    """The label map that best agrees with per-pixel class ``scores`` among those in anatomical order.
+
+    A B-scan holds, in every column (A-scan) from top to bottom: background (vitreous), layer 1, layer 2, ..., the
+    last layer, background (choroid and below); a layer may be absent (thinned to nothing) but never out of order,
+    never twice, never with background inside the retina. Per column this is a path through the states
+    ``background above, 1, ..., C-1, background below`` that never goes back; dynamic programming finds the path of
+    the highest summed score, for all columns at once (Viterbi, as graph-search layer segmentation does).
+
+    Args:
+        scores: ``(C, H, W)`` log-probabilities (or any per-pixel additive scores) of class 0 (background) and the
+            layers 1..C-1 in their top-to-bottom order.
+
+    Returns:
+        ``(H, W)`` int64 labels.
+    """
+    scores = np.asarray(scores, dtype=np.float32)
+    n_classes, height, width = scores.shape
+    state_class = np.array([0, *range(1, n_classes), 0])  # background above, the layers, background below
+    emission = scores[state_class]  # (S, H, W)
+    best = emission[:, 0].copy()  # a column may start in any state (a crop that cuts the vitreous)
+    came_from = np.zeros((height, len(state_class), width), dtype=np.int8)
+    states = np.arange(len(state_class))[:, None]
+    for row in range(1, height):
+        # the best earlier state at or above each state: a running maximum down the state order
+        running = np.maximum.accumulate(best, axis=0)
+        is_new = np.concatenate([np.ones((1, width), bool), running[1:] > running[:-1]], axis=0)
+        origin = np.maximum.accumulate(np.where(is_new, states, 0), axis=0)
+        came_from[row] = origin
+        best = running + emission[:, row]
+    path = np.empty((height, width), dtype=np.int64)
+    path[-1] = best.argmax(axis=0)
+    for row in range(height - 1, 0, -1):
+        path[row - 1] = np.take_along_axis(came_from[row], path[row][None], axis=0)[0]
+    return state_class[path]
+
+
+class OrderLayersd(MapTransform):
+    """Replace each key's ``(C, H, W)`` prediction (logits or probabilities) by the one-hot map of
+    :func:`order_layers`: the most likely labelling whose layers lie in anatomical order in every column. Pixels the
+    network called background between two layers, or a layer above the one before it, are relabelled by what the
+    column allows. ``enabled=False`` passes predictions through (the same config, ordering off).
+    """
+
+    def __init__(self, keys: KeysCollection, logits: bool = True, enabled: bool = True, allow_missing_keys=False):
+        super().__init__(keys, allow_missing_keys)
+        self.logits, self.enabled = logits, enabled
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        d = dict(data)
+        if not self.enabled:
+            return d
+        for key in self.key_iterator(d):
+            prediction = d[key]
+            values = torch.as_tensor(prediction).detach().float()
+            if values.ndim != 3:
+                raise ValueError(f"'{key}': expected a (classes, rows, columns) prediction, got {tuple(values.shape)}.")
+            scores = torch.log_softmax(values, dim=0) if self.logits else torch.log(values.clamp_min(1e-7))
+            labels = torch.as_tensor(order_layers(scores.cpu().numpy()))
+            one_hot = torch.nn.functional.one_hot(labels, values.shape[0]).permute(2, 0, 1).to(values.dtype)
+            if isinstance(prediction, MetaTensor):
+                one_hot = MetaTensor(one_hot, meta=prediction.meta, applied_operations=prediction.applied_operations)
+            d[key] = one_hot.to(prediction.device) if isinstance(prediction, torch.Tensor) else one_hot
+        return d
