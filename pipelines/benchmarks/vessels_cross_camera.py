@@ -147,6 +147,41 @@ def infer(dataset_dir: Path, checkpoint: Path, overrides: list[str], work: Path,
     }
 
 
+def draw_worst_case(dataset_dir: Path, work: Path, results: dict, path: Path) -> Path:
+    """One picture of the photograph the last condition scores worst on: the photograph with its estimated field
+    outlined, then each condition's prediction over it (vessels in red) and the reference, each captioned."""
+    from PIL import Image
+    from scipy import ndimage
+
+    from clinseg.pipelines.reports import overlay, with_caption
+    from clinseg.transforms.fundus import EstimateFOV
+
+    last = list(results)[-1]
+    case = results[last]["worst"][0]
+    photo = np.asarray(Image.open(dataset_dir / "images" / f"{case}.png").convert("RGB"))
+    field = EstimateFOV()(photo.transpose(2, 0, 1).astype(np.float32))
+    rim = field & ~ndimage.binary_erosion(field, iterations=3)
+    outlined = photo.copy()
+    outlined[rim] = (255, 255, 0)
+    panels = [with_caption(outlined, [f"{case}: photograph", "estimated field of view (yellow)"])]
+    for name, result in results.items():
+        prediction = (np.asarray(Image.open(work / name / f"{case}_seg.png")) > 0).astype(np.uint8)
+        f1 = result["per_image"][case]["in_field"]["f1"]
+        panels.append(with_caption(overlay(photo, prediction), [f"{name}: F1 {f1:.3f}", " ".join(result["overrides"])]))
+    reference = (np.asarray(Image.open(dataset_dir / "masks" / f"{case}.png")) > 127).astype(np.uint8)
+    panels.append(with_caption(overlay(photo, reference), ["reference (approximate)", ""]))
+    height = max(p.shape[0] for p in panels)
+    panels = [np.pad(p, ((0, height - p.shape[0]), (0, 0), (0, 0)), constant_values=255) for p in panels]
+    row = np.concatenate(panels, axis=1)
+    scale = min(1.0, 3000 / row.shape[1])
+    image = Image.fromarray(row)
+    if scale < 1:
+        image = image.resize((round(row.shape[1] * scale), round(row.shape[0] * scale)), Image.Resampling.LANCZOS)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path)
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -181,6 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     prepared = args.prepared_dir or REPO_ROOT / "data" / "benchmarks" / f"chase_reduced_{args.factor}"
     dataset_dir = prepare(chase_dir, Path(prepared), args.factor)
     results = {}
+    out = Path(args.out)
     with tempfile.TemporaryDirectory(prefix="cross_camera_") as work:
         for name, overrides in conditions.items():
             print(f"[{len(results) + 1}/{len(conditions)}] {name}: inferring {dataset_dir} {' '.join(overrides)}")
@@ -191,13 +227,15 @@ def main(argv: list[str] | None = None) -> int:
                 f"{mean['sensitivity']:.4f}  AUC {mean['auc']:.4f}  worst {', '.join(results[name]['worst'])}  "
                 f"({results[name]['seconds_per_image']:.1f} s per image with start-up)"
             )
+        picture = draw_worst_case(dataset_dir, Path(work), results, out.with_suffix(".png"))
+        print(f"picture: {picture}")
     summary = {
         "dataset": f"{chase_dir} reduced by {args.factor} (3: the original release size), "
         f"{len(results[name]['per_image'])} photographs, no FOV masks",
         "checkpoint": str(checkpoint),
         "conditions": results,
     }
-    write_report(args.out, summary)
+    write_report(out, summary)
     return 0
 
 
