@@ -38,6 +38,10 @@ def split_by_group(
     if split == "all":
         return items
     groups = sorted({item[group_key] for item in items})
+    if fold and not folds:
+        from clinseg.datasets.errors import InputError
+
+        raise InputError("fold", f"{fold} without --folds: the fixed split has no folds.", "Pass --folds K too.")
     if folds:
         from clinseg.datasets.errors import InputError
 

@@ -206,6 +206,8 @@ install()
 def require_file(path: str | list[str], what: str, hint: str) -> str | list[str]:
     """Return ``path`` if it is a file (or, for a list such as an ensemble's checkpoints, if each is), else raise a
     :class:`DataError` naming the first that is not (used by bundle configs)."""
+    if not isinstance(path, (str, os.PathLike)) and not path:
+        raise ConfigError("checkpoint_path", f"is an empty list: {what} needs one file, or several for an ensemble.")
     for one in [path] if isinstance(path, (str, os.PathLike)) else path:
         if not os.path.isfile(one):
             raise DataError(os.path.abspath(one), f"{what} does not exist.", hint)

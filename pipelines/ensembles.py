@@ -54,3 +54,31 @@ def network_for(network_def: torch.nn.Module, checkpoint_path) -> torch.nn.Modul
     if len(paths) == 1:
         return network_def
     return ProbabilityEnsemble([copy.deepcopy(network_def) for _ in paths])
+
+
+def evaluable(checkpoint_path, eval_split: str):
+    """``checkpoint_path``, unless it is an ensemble of cross-validation folds evaluated on a split of their own data.
+
+    Fold models were validated on different cases (their ``model.json`` validation fingerprints differ), so each
+    trained on what the others validated: no ``train`` or ``val`` split of that dataset is unseen by all members,
+    and its score would be too high without a word. Such an ensemble is evaluated on held-out cases only.
+
+    Raises:
+        ConfigError: naming ``checkpoint_path``.
+    """
+    from clinseg.pipelines.cli import ConfigError
+    from clinseg.pipelines.runs import provenance
+
+    paths = checkpoint_paths(checkpoint_path)
+    if len(paths) < 2 or eval_split not in ("train", "val"):
+        return checkpoint_path
+    validated_on = {provenance(path).get("training_validation_fingerprint") for path in paths}
+    if len(validated_on - {None}) > 1:
+        raise ConfigError(
+            "checkpoint_path",
+            f"its {len(paths)} models were validated on different cases (cross-validation folds): each trained on "
+            f"what the others validated, so the '{eval_split}' split is no unseen data for the ensemble.",
+            "Evaluate it on held-out cases: --eval_split test, or --dataset_dir a folder of other cases with "
+            "--eval_split all.",
+        )
+    return checkpoint_path

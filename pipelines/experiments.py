@@ -305,9 +305,11 @@ def cross_validate(args) -> int:
     and the ensemble of the fold models as the command that runs it."""
     if args.folds < 2:
         raise InputError("--folds", f"{args.folds}: cross-validation needs 2 folds or more.")
-    fixed = {"folds": str(args.folds), **dict(item.split("=", 1) for item in args.set)}
-    if "fold" in fixed:
-        raise InputError("--set fold", "is chosen by cv itself, one training per fold.")
+    fixed = dict(item.split("=", 1) for item in args.set)
+    for chosen in ("fold", "folds"):
+        if chosen in fixed:
+            raise InputError(f"--set {chosen}", "is chosen by cv itself (--folds K, one training per fold).")
+    fixed["folds"] = str(args.folds)
     client = client_for(args.tracking_uri)
     parent_id = start_parent(client, args, "cv", {"folds": str(args.folds)}, fixed)
     print(f"cv {client.get_run(parent_id).info.run_name}: {args.folds} folds of {args.bundle}")
@@ -328,7 +330,8 @@ def cross_validate(args) -> int:
                     "run_id": run.info.run_id,
                     "run": run_folder(run),
                     f"best_{metric}": row[f"best_{metric}"],
-                    "val_ids": run.data.params.get("val_ids", "").split(","),
+                    "val_ids": [i for i in run.data.params.get("val_ids", "").split(",") if "... (" not in i],
+                    "val_ids_complete": "... (" not in run.data.params.get("val_ids", ""),
                     "checkpoint": run.data.tags.get("checkpoint_path"),
                 }
             )
@@ -340,7 +343,7 @@ def cross_validate(args) -> int:
             client.log_metric(parent_id, f"cv_mean_{metric}", summary["mean"])
             client.log_metric(parent_id, f"cv_std_{metric}", summary["std"])
         checkpoints = [f["checkpoint"] for f in folds if f["checkpoint"] and Path(f["checkpoint"]).is_file()]
-        if len(folds) < args.folds:
+        if len(folds) < args.folds and status == "FINISHED":
             status = "FAILED"
         if len(checkpoints) >= 2:
             summary["ensemble_command"] = (
@@ -419,7 +422,7 @@ def version_evidence(client: mlflow.MlflowClient, run) -> dict:
     params, tags = run.data.params, run.data.tags
     return {
         "source_run_id": run.info.run_id,
-        "source_run_name": run.info.run_name,
+        "source_run_name": run_folder(run),
         "key_metric": key,
         "epoch": epoch,
         "validation": validation,
@@ -587,12 +590,16 @@ def ui(args) -> int:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(served.pid, signal.SIGTERM)
 
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):  # SIGHUP: the terminal closed
+        signal.signal(signum, stop)
     try:
         return served.wait()
     finally:
         stop(None, None)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            served.wait(timeout=30)
+        with contextlib.suppress(ProcessLookupError):  # a server that ignored SIGTERM
+            os.killpg(served.pid, signal.SIGKILL)
 
 
 @cli.entry_point

@@ -128,6 +128,7 @@ def overridden_params(params: Mapping[str, object]) -> list[str]:
 
 RUN_FOLDER_TAG = "run_folder"  # the run's own name: its folder under outputs/, what --resume and --run_name take
 _NAMED_VALUE_CHARS = 24
+RUN_NAME_CHARS = 250  # MLflow's SQL stores' column width
 
 
 def described_run_name(bundle: str, workflow: str, changed: Mapping[str, object], folder: str) -> str:
@@ -139,6 +140,9 @@ def described_run_name(bundle: str, workflow: str, changed: Mapping[str, object]
         text = str(value)
         settings.append(f"{name}={text if len(text) <= _NAMED_VALUE_CHARS else text[: _NAMED_VALUE_CHARS - 3] + '...'}")
     what = ", ".join(settings) or "defaults"
+    room = RUN_NAME_CHARS - len(f"{bundle} {workflow}:  · {folder}")
+    if len(what) > room:  # SQL stores hold 250 characters of a run name; the folder part is never cut
+        what = what[: max(room - 3, 0)] + "..."
     return f"{bundle} {workflow}: {what} · {folder}"
 
 
@@ -413,7 +417,7 @@ def _plain(value) -> bool:
     return value is None or isinstance(value, (bool, int, float)) or (isinstance(value, str) and value[:1] not in "$@%")
 
 
-VAL_IDS_CHARS = 1000  # an MLflow param holds 6000; a longer list is cut, its length kept
+VAL_IDS_CHARS = 6000  # what an MLflow param holds; a longer list is cut, its length kept
 
 
 def tracked_params(parser) -> dict:

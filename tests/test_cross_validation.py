@@ -28,7 +28,7 @@ def test_folds_validate_every_group_once_and_keep_groups_together():
         validated += sorted({i["id"] for i in val})
     assert sorted(validated) == sorted({i["id"] for i in items}), "each subject is validated exactly once"
     assert split_by_group(items, "val", 0.2) == items[-6:], "without folds: the fixed split, unchanged"
-    for folds, fold in ((1, 0), (3, 3), (8, 0)):
+    for folds, fold in ((1, 0), (3, 3), (8, 0), (0, 1)):
         with pytest.raises(InputError):
             split_by_group(items, "val", 0.2, folds=folds, fold=fold)
 
@@ -86,6 +86,15 @@ def test_cv_runs_a_child_per_fold_and_its_models_infer_as_one_ensemble(tmp_path,
     assert [m["checkpoint"] for m in record["model"]["ensemble"]] == [str(Path(c).resolve()) for c in checkpoints]
     assert (output / "b0_seg.png").is_file() and (output / "b1_seg.png").is_file()
 
+    # the fold models together trained on every case: evaluating them on a split of that data is refused
+    evaluation = [str(OCT_BUNDLE / "configs" / "train.json"), str(OCT_BUNDLE / "configs" / "evaluate.json")]
+    overrides = {**tiny, "dataset_dir": tiny_oct_dir, "bundle_root": tmp_path / "e"}
+    scored = run_bundle(
+        "evaluating", evaluation, {**overrides, "checkpoint_path": json.dumps(checkpoints)}, check=False
+    )
+    assert scored.returncode != 0 and "validated on different cases" in scored.stderr, scored.stderr[-2000:]
+    assert "Traceback" not in scored.stderr
+
     # a checkpoint of the ensemble that is missing is named, before anything is written
     missing = str(tmp_path / "fold9.pt")
     failed = run_bundle("inferring", inference, {**tiny, "input_dir": images, "output_dir": tmp_path / "none",
@@ -97,3 +106,4 @@ def test_cv_runs_a_child_per_fold_and_its_models_infer_as_one_ensemble(tmp_path,
 def test_cv_refuses_too_few_folds_and_a_fold_of_its_own(tmp_path, tiny_oct_dir, tracking_uri):
     assert "needs 2 folds or more" in refused("cv", "oct_layers", "--folds", "1")
     assert "chosen by cv itself" in refused("cv", "oct_layers", "--folds", "3", "--set", "fold=1")
+    assert "chosen by cv itself" in refused("cv", "oct_layers", "--folds", "3", "--set", "folds=4")

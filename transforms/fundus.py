@@ -104,8 +104,8 @@ class EstimateFOV(Transform):
     are told apart by Otsu's threshold, and the mask is taken where brightness exceeds the frame's level by
     ``rise`` of the way to the disc's; then the opened, hole-filled largest component, scaled back.
 
-    A photograph whose darkest tenth is not dark against the disc has no frame (a crop inside the disc): the whole
-    image is the field. MONAI's ``ForegroundMask`` thresholds alone; it neither fills the dark lesions inside the
+    A photograph whose four corners are all bright has no frame (a crop inside the disc): the whole image is the
+    field. MONAI's ``ForegroundMask`` thresholds alone; it neither fills the dark lesions inside the
     disc nor keeps one component, and it would split a frameless photograph at its own median.
 
     Raises:
@@ -139,7 +139,11 @@ class EstimateFOV(Transform):
             raise ValueError("is dark throughout (99 % of it below 5 % of full scale): it holds no field of view.")
         split = threshold_otsu(small)
         frame, disc = float(np.median(small[small <= split])), float(np.median(small[small > split]))
-        if np.percentile(small, 10) > self.frame_contrast * disc:  # no dark frame: a crop inside the field
+        # a disc inside a rectangle leaves its four corners dark, however much of it the camera cuts; a crop inside
+        # the disc has bright corners: no frame, the whole image is the field
+        k = max(2, round(0.03 * min(small.shape)))
+        corners = [small[:k, :k], small[:k, -k:], small[-k:, :k], small[-k:, -k:]]
+        if min(float(np.median(c)) for c in corners) > self.frame_contrast * float(np.percentile(small, 90)):
             return np.ones(shape, bool)
         mask = small > frame + self.rise * (disc - frame)
         radius = max(1, round(0.01 * max(small.shape)))
@@ -264,8 +268,12 @@ class ScaleToFOVd(MapTransform, InvertibleTransform):
     @staticmethod
     def _resample(image: torch.Tensor, size: Sequence[int], mode: str) -> torch.Tensor:
         values = image.as_subclass(torch.Tensor) if isinstance(image, MetaTensor) else torch.as_tensor(image)
+        # "nearest-exact" samples pixel centres, as bilinear does: masks stay aligned with the image
         resized = torch.nn.functional.interpolate(
-            values[None].float(), size=tuple(size), mode=mode, **({} if mode == "nearest" else {"antialias": True})
+            values[None].float(),
+            size=tuple(size),
+            mode="nearest-exact" if mode == "nearest" else mode,
+            **({} if mode == "nearest" else {"antialias": True}),
         )[0]
         return resized.to(values.dtype) if mode == "nearest" else resized
 
@@ -281,12 +289,19 @@ class ScaleToFOVd(MapTransform, InvertibleTransform):
                 target = [max(1, round(n * factor)) for n in size]
                 resized = MetaTensor(self._resample(image, target, mode), meta=dict(image.meta))
                 resized.applied_operations = list(image.applied_operations)
-                affine = resized.affine.clone()
-                affine[:2, :2] = affine[:2, :2] / factor  # each pixel covers 1 / factor of what it did
+                original_affine = image.affine.clone()
+                affine = original_affine.clone()
+                for axis in range(2):  # each pixel now covers orig / new of a source pixel, centres kept aligned
+                    step = size[axis] / target[axis]
+                    affine[:, 3] += affine[:, axis] * (step - 1) / 2
+                    affine[:, axis] = affine[:, axis] * step
                 resized.affine = affine
                 image = resized
+            else:
+                original_affine = image.affine.clone()
             image.meta["fov_scale"] = factor
-            self.push_transform(image, orig_size=size, extra_info={"mode": mode, "factor": factor})
+            extra = {"mode": mode, "factor": factor, "affine": original_affine.tolist()}
+            self.push_transform(image, orig_size=size, extra_info=extra)
             d[key] = image
         return d
 
@@ -301,6 +316,7 @@ class ScaleToFOVd(MapTransform, InvertibleTransform):
                 mode = record[TraceKeys.EXTRA_INFO]["mode"]
                 restored = MetaTensor(self._resample(image, record[TraceKeys.ORIG_SIZE], mode), meta=dict(image.meta))
                 restored.applied_operations = list(image.applied_operations)
+                restored.affine = torch.as_tensor(record[TraceKeys.EXTRA_INFO]["affine"], dtype=torch.float64)
                 image = restored
             d[key] = image
         return d
