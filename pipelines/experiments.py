@@ -228,7 +228,7 @@ def start_parent(client: mlflow.MlflowClient, args, workflow: str, tags: dict, f
     return parent.info.run_id
 
 
-def run_children(args, parent_id: str, combinations: list[dict], fixed: dict) -> str:
+def run_children(args, parent_id: str, combinations: list[dict], fixed: dict, workflow: str) -> str:
     """One training per combination of overrides (with ``fixed`` for all), one after the other, as children of
     ``parent_id``; the parent's end status: FINISHED, FAILED (a child failed) or KILLED (Ctrl-C or SIGTERM)."""
     config = args.config_file or str(Path("bundles") / args.bundle / "configs" / "train.json")
@@ -269,7 +269,7 @@ def run_children(args, parent_id: str, combinations: list[dict], fixed: dict) ->
                 print(f"  child failed ({child.returncode}): {(errors or '')[-2000:]}")
     except KeyboardInterrupt:
         status = "KILLED"
-        print("interrupted: finished child runs are kept; the parent run is marked KILLED")
+        print(f"{workflow} interrupted: finished child runs are kept; the parent run is marked KILLED")
     return status
 
 
@@ -285,7 +285,7 @@ def sweep(args) -> int:
     print(f"sweep {client.get_run(parent_id).info.run_name}: {len(combinations)} child runs of {args.bundle}")
     status = "FAILED"
     try:
-        status = run_children(args, parent_id, combinations, fixed)
+        status = run_children(args, parent_id, combinations, fixed, "sweep")
     finally:
         client.set_terminated(parent_id, status)
     runs = training_runs(client, args.bundle, 1000, parent_id)
@@ -315,7 +315,7 @@ def cross_validate(args) -> int:
     print(f"cv {client.get_run(parent_id).info.run_name}: {args.folds} folds of {args.bundle}")
     status = "FAILED"
     try:
-        status = run_children(args, parent_id, [{"fold": str(k)} for k in range(args.folds)], fixed)
+        status = run_children(args, parent_id, [{"fold": str(k)} for k in range(args.folds)], fixed, "cv")
         runs = training_runs(client, args.bundle, 1000, parent_id)
         finished = [r for r in runs if r.info.status == "FINISHED" and "fold" in r.data.params]
         by_fold = {int(r.data.params["fold"]): r for r in finished}
