@@ -130,7 +130,7 @@ def read_record(models_dir: str | os.PathLike) -> dict | None:
     return record
 
 
-def provenance(checkpoint: str | os.PathLike | list) -> dict:
+def provenance(checkpoint: str | os.PathLike | list[str]) -> dict:
     """What a checkpoint is, for the outputs' JSON and the MLflow tags of an evaluation or inference: its path and
     SHA-256, and the training run it came from when its ``model.json`` says so (and still matches the file). For an
     ensemble (a list of checkpoints): their number, and each one's."""
@@ -256,7 +256,7 @@ def promote(
     return decision
 
 
-def provenance_tags(checkpoint: str | os.PathLike) -> dict[str, str]:
+def provenance_tags(checkpoint: str | os.PathLike | list[str]) -> dict[str, str]:
     """:func:`provenance` as MLflow tags (text values; what is unknown is left out); an ensemble's members as
     ``ensemble.<i>.<key>``."""
     info = provenance(checkpoint)

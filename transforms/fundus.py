@@ -143,7 +143,7 @@ class EstimateFOV(Transform):
         # the disc has bright corners: no frame, the whole image is the field
         k = max(2, round(0.03 * min(small.shape)))
         corners = [small[:k, :k], small[:k, -k:], small[-k:, :k], small[-k:, -k:]]
-        if min(float(np.median(c)) for c in corners) > self.frame_contrast * float(np.percentile(small, 90)):
+        if min(float(np.median(c)) for c in corners) > self.frame_contrast * disc:
             return np.ones(shape, bool)
         mask = small > frame + self.rise * (disc - frame)
         radius = max(1, round(0.01 * max(small.shape)))
