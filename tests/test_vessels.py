@@ -163,6 +163,30 @@ def test_no_plausible_field_of_view_is_refused_naming_the_file(tmp_path, kind, p
     assert str(path) in message and problem in message and "fov/" in message, message
 
 
+def test_a_large_disc_is_resampled_for_the_network_and_back(tmp_path):
+    from monai.transforms import Compose, Invertd
+
+    from clinseg.transforms.fundus import ScaleToFOVd, fov_diameter
+
+    photo, _, fov = synthesize_fundus(np.random.default_rng([5, 0]), (960, 999))  # a CHASE-sized photograph
+    save(tmp_path / "large.png", photo)
+    read = ReadImaged("image", reader=PhotoReader(channels="rgb"))
+    preprocessing = Compose([read, EstimateFOVd("image"), ScaleToFOVd(["image", "fov"], mode=["bilinear", "nearest"])])
+    item = preprocessing({"image": str(tmp_path / "large.png")})
+    assert fov_diameter(item["fov"]) == pytest.approx(538, abs=3) and item["image"].meta["fov_scale"] < 0.65
+    original_affine = read({"image": str(tmp_path / "large.png")})["image"].affine
+    item["pred"] = item["image"][:2].clone()
+    restored = Invertd(["pred", "fov"], preprocessing, orig_keys=["image", "fov"], nearest_interp=[False, True])(item)
+    assert restored["pred"].shape[1:] == photo.shape[:2] and restored["fov"].shape[1:] == photo.shape[:2]
+    assert torch.allclose(restored["pred"].affine, original_affine.to(restored["pred"].affine.dtype))
+    assert iou(np.asarray(restored["fov"][0]) > 0, fov) > 0.98
+    # a disc of DRIVE's size is left at its own scale
+    drive_sized, _, _ = synthesize_fundus(np.random.default_rng([5, 1]), (584, 565))
+    save(tmp_path / "drive_sized.png", drive_sized)
+    item = preprocessing({"image": str(tmp_path / "drive_sized.png")})
+    assert item["image"].shape[1:] == drive_sized.shape[:2] and item["image"].meta["fov_scale"] == 1.0
+
+
 def test_a_given_mask_is_kept_and_estimation_can_be_turned_off():
     photo, _, fov = synthesize_fundus(np.random.default_rng([4, 0]), (80, 72))
     given = np.zeros((1, 80, 72), np.uint8)

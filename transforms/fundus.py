@@ -293,7 +293,7 @@ class ScaleToFOVd(MapTransform, InvertibleTransform):
                 affine = original_affine.clone()
                 for axis in range(2):  # each pixel now covers orig / new of a source pixel, centres kept aligned
                     step = size[axis] / target[axis]
-                    affine[:, 3] += affine[:, axis] * (step - 1) / 2
+                    affine[:, -1] += affine[:, axis] * (step - 1) / 2  # 3 x 3 (2D readers) or 4 x 4
                     affine[:, axis] = affine[:, axis] * step
                 resized.affine = affine
                 image = resized
