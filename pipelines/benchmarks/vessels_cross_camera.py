@@ -147,9 +147,12 @@ def infer(dataset_dir: Path, checkpoint: Path, overrides: list[str], work: Path,
     }
 
 
+PANEL_WIDTH = 560
+
+
 def draw_worst_case(dataset_dir: Path, work: Path, results: dict, path: Path) -> Path:
     """One picture of the photograph the last condition scores worst on: the photograph with its estimated field
-    outlined, then each condition's prediction over it (vessels in red) and the reference, each captioned."""
+    outlined, then each condition's prediction over it (vessels in green) and the reference, each captioned."""
     from PIL import Image
     from scipy import ndimage
 
@@ -163,20 +166,24 @@ def draw_worst_case(dataset_dir: Path, work: Path, results: dict, path: Path) ->
     rim = field & ~ndimage.binary_erosion(field, iterations=3)
     outlined = photo.copy()
     outlined[rim] = (255, 255, 0)
-    panels = [with_caption(outlined, [f"{case}: photograph", "estimated field of view (yellow)"])]
+    green = [(0, 0, 0), (0, 255, 0)]  # vessels in green: red ones vanish on a fundus
+
+    def panel(rgb: np.ndarray, lines: list[str]) -> np.ndarray:
+        small = Image.fromarray(rgb).resize((PANEL_WIDTH, round(rgb.shape[0] * PANEL_WIDTH / rgb.shape[1])))
+        return with_caption(np.asarray(small), lines)  # captioned after the reduction: legible text
+
+    panels = [panel(outlined, [f"{case}: photograph", "estimated field of view (yellow)"])]
     for name, result in results.items():
         prediction = (np.asarray(Image.open(work / name / f"{case}_seg.png")) > 0).astype(np.uint8)
         f1 = result["per_image"][case]["in_field"]["f1"]
-        panels.append(with_caption(overlay(photo, prediction), [f"{name}: F1 {f1:.3f}", " ".join(result["overrides"])]))
+        panels.append(panel(overlay(photo, prediction, green), [f"{name}: F1 {f1:.3f}", " ".join(result["overrides"])]))
     reference = (np.asarray(Image.open(dataset_dir / "masks" / f"{case}.png")) > 127).astype(np.uint8)
-    panels.append(with_caption(overlay(photo, reference), ["reference (approximate)", ""]))
+    panels.append(panel(overlay(photo, reference, green), ["reference (approximate labels)", ""]))
     height = max(p.shape[0] for p in panels)
     panels = [np.pad(p, ((0, height - p.shape[0]), (0, 0), (0, 0)), constant_values=255) for p in panels]
-    row = np.concatenate(panels, axis=1)
-    scale = min(1.0, 3000 / row.shape[1])
-    image = Image.fromarray(row)
-    if scale < 1:
-        image = image.resize((round(row.shape[1] * scale), round(row.shape[0] * scale)), Image.Resampling.LANCZOS)
+    panels += [np.full_like(panels[0], 255)] * (-len(panels) % 3)
+    rows = [np.concatenate(panels[i : i + 3], axis=1) for i in range(0, len(panels), 3)]
+    image = Image.fromarray(np.concatenate(rows, axis=0))
     path.parent.mkdir(parents=True, exist_ok=True)
     image.save(path)
     return path
