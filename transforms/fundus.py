@@ -285,11 +285,11 @@ class ScaleToFOVd(MapTransform, InvertibleTransform):
         for key, mode in self.key_iterator(d, self.mode):
             image = d[key] if isinstance(d[key], MetaTensor) else MetaTensor(torch.as_tensor(d[key]))
             size = list(image.shape[1:])
+            original_affine = image.affine.clone()
             if factor != 1.0:
                 target = [max(1, round(n * factor)) for n in size]
                 resized = MetaTensor(self._resample(image, target, mode), meta=dict(image.meta))
                 resized.applied_operations = list(image.applied_operations)
-                original_affine = image.affine.clone()
                 affine = original_affine.clone()
                 for axis in range(2):  # each pixel now covers orig / new of a source pixel, centres kept aligned
                     step = size[axis] / target[axis]
@@ -297,8 +297,6 @@ class ScaleToFOVd(MapTransform, InvertibleTransform):
                     affine[:, axis] = affine[:, axis] * step
                 resized.affine = affine
                 image = resized
-            else:
-                original_affine = image.affine.clone()
             image.meta["fov_scale"] = factor
             extra = {"mode": mode, "factor": factor, "affine": original_affine.tolist()}
             self.push_transform(image, orig_size=size, extra_info=extra)
