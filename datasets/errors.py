@@ -28,3 +28,11 @@ class DataError(InputError):
 
 class NoUsableDataError(DataError):
     """A dataset folder holds nothing any reader accepts."""
+
+
+class ConfigError(InputError):
+    """A config value cannot be used. ``key`` is the config id (as given to ``--key`` overrides)."""
+
+    def __init__(self, key: str, problem: str, hint: str | None = None):
+        self.key = key
+        super().__init__(f"config key '{key}'", problem, hint)

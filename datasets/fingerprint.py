@@ -13,9 +13,10 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from clinseg.datasets.io import atomic_write
+from clinseg.datasets.locations import PROJECT_ROOT
 from clinseg.datasets.readers import split_member
 
-CACHE_FILE = Path(__file__).resolve().parents[1] / "data" / ".cache" / "sha256.json"
+CACHE_FILE = PROJECT_ROOT / "data" / ".cache" / "sha256.json"
 
 
 # item keys naming source files: the data list's paths (``file::member`` counts as the file) and the sources

@@ -7,9 +7,11 @@ import logging
 import math
 import os
 import re
+import shutil
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +20,7 @@ from clinseg.datasets.errors import DataError
 
 logger = logging.getLogger(__name__)
 
-# names the results writers (clinseg.pipelines.reports) keep for run-level files beside the per-case ones
+# names the results writers (clinseg.pipelines.engine.writers) keep for run-level files beside the per-case ones
 RESERVED_RESULT_NAMES = ("inference_summary",)
 
 
@@ -113,6 +115,35 @@ def atomic_write_all(writes: Sequence[tuple[str | os.PathLike, Callable[[Path], 
         for tmp, _ in staged:
             _remove(tmp)
     return targets
+
+
+@contextmanager
+def staged_folder(target: str | os.PathLike) -> Iterator[Path]:
+    """A fresh hidden folder beside ``target`` to build a whole folder in (a dataset, a bundle, an application); when
+    the block succeeds it is renamed onto ``target`` in one step, so nobody ever sees a half-built folder under the
+    final name. An empty ``target`` is replaced. The staging folder is gone afterwards in every case, and a block that
+    fails leaves ``target`` as it was.
+
+    Raises:
+        FileExistsError: ``target`` holds something by the time the block ends (another process built it meanwhile):
+            the caller decides whether that copy will do.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.with_name(f".{target.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    staging.mkdir()
+    try:
+        yield staging
+        if target.is_dir() and not any(target.iterdir()):
+            target.rmdir()  # an empty folder is no result: the built one takes its place
+        try:
+            os.rename(staging, target)
+        except OSError as error:
+            if target.exists():
+                raise FileExistsError(errno.EEXIST, "was built meanwhile by another process", str(target)) from error
+            raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _stage(path: Path, write: Callable[[Path], object]) -> Path:

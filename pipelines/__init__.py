@@ -1,5 +1,18 @@
-"""Orchestration around the bundles: tracking, reports, losses and metrics, export and deployment, command-line
-entry points.
+"""The project's library around the bundles, in two stages:
+
+- :mod:`clinseg.pipelines.engine`: what runs inside a bundle's MONAI engines and is named by its configs (the shared
+  workflow steps, handlers, metrics, losses, inferers, caching, checkpoints, writers and pictures);
+- the orchestration around them, the command-line entry points: :mod:`~clinseg.pipelines.experiments` (compare, fetch,
+  sweep, cv, search, ui), :mod:`~clinseg.pipelines.export`, :mod:`~clinseg.pipelines.deploy`,
+  :mod:`~clinseg.pipelines.new_task`, :mod:`~clinseg.pipelines.demo` and :mod:`~clinseg.pipelines.benchmarks`.
+
+Both stand on a few shared modules: :mod:`~clinseg.pipelines.cli` (the error contract), :mod:`~clinseg.pipelines.paths`
+(the project's locations), :mod:`~clinseg.pipelines.context` (the bundle run in progress),
+:mod:`~clinseg.pipelines.config_checks` (override ids and values checked before anything runs),
+:mod:`~clinseg.pipelines.tracking` (the MLflow vocabulary: names, tags, the store), :mod:`~clinseg.pipelines.spool`
+(tracking records kept through outages), :mod:`~clinseg.pipelines.runs` (run folders, provenance, promotion) and
+:mod:`~clinseg.pipelines.studies` (the Optuna storage and pruner). The engine never imports the orchestration
+modules, and no module imports itself back through others (``tests/test_layout.py``).
 
 The import name is ``clinseg.pipelines`` (the ``clinseg`` root also holds ``clinseg.datasets`` and
 ``clinseg.transforms``); bundle configs import it as ``"$import clinseg.pipelines as pipelines"``. Importing it
@@ -12,21 +25,7 @@ import importlib
 
 from clinseg.pipelines import cli
 
-_SUBMODULES = (
-    "checkpoints",
-    "config_checks",
-    "ensembles",
-    "export",
-    "handlers",
-    "inferers",
-    "losses",
-    "metrics",
-    "paths",
-    "reports",
-    "runs",
-    "tracking",
-    "workflow",
-)
+_SUBMODULES = ("config_checks", "context", "engine", "export", "paths", "runs", "spool", "studies", "tracking")
 
 __all__ = ["cli", *_SUBMODULES]
 

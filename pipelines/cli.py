@@ -27,15 +27,7 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-from clinseg.datasets.errors import DataError, InputError
-
-
-class ConfigError(InputError):
-    """A config value cannot be used. ``key`` is the config id (as given to ``--key`` overrides)."""
-
-    def __init__(self, key: str, problem: str, hint: str | None = None):
-        self.key = key
-        super().__init__(f"config key '{key}'", problem, hint)
+from clinseg.datasets.errors import ConfigError, DataError, InputError  # noqa: F401 (ConfigError re-exported)
 
 
 def parse_overrides(items: list[str]) -> dict:
@@ -266,3 +258,9 @@ def entry_point(main: Callable[..., int]) -> Callable[..., int]:
             return report_error(error)
 
     return wrapped
+
+
+def text_table(lines: list[list]) -> str:
+    """Rows of cells (the header first) as left-aligned columns."""
+    widths = [max(len(str(line[i])) for line in lines) for i in range(len(lines[0]))]
+    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(line, widths, strict=True)) for line in lines)

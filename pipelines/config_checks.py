@@ -32,8 +32,8 @@ from collections.abc import Callable, Iterator, Mapping
 from functools import cache
 from typing import Any
 
+from clinseg.datasets.errors import ConfigError
 from clinseg.datasets.value_types import PositiveFloat, PositiveInt, PositiveSpacing, Probability
-from clinseg.pipelines.cli import ConfigError
 
 # the options of ``monai.bundle run`` itself: everything else on its command line is a config override
 RUN_OPTIONS = {

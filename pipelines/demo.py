@@ -16,7 +16,8 @@ from pathlib import Path
 
 from clinseg.datasets.oct.phantom import write_phantom_dataset, write_png_bscans
 from clinseg.pipelines import cli
-from clinseg.pipelines.tracking import DEFAULT_STORE, REPO_ROOT, default_tracking_uri, unique_run_name
+from clinseg.pipelines.paths import PROJECT_ROOT
+from clinseg.pipelines.tracking import DEFAULT_STORE, default_tracking_uri, unique_run_name
 
 BUNDLE = "oct_layers"
 
@@ -27,7 +28,7 @@ def bundle_run(run_id: str, configs: list[str], **overrides) -> None:
         command += [f"--{key}", str(value)]
     print(f"\n$ python {' '.join(command[1:])}", flush=True)
     started = time.perf_counter()
-    subprocess.run(command, cwd=REPO_ROOT, check=True)
+    subprocess.run(command, cwd=PROJECT_ROOT, check=True)
     print(f"({run_id} took {time.perf_counter() - started:.0f} s)", flush=True)
 
 
@@ -39,21 +40,23 @@ def main(argv: list[str] | None = None) -> int:
 
     bundle_root = Path("bundles") / BUNDLE
     configs = bundle_root / "configs"
-    data_dir = REPO_ROOT / "data" / "phantoms" / BUNDLE
+    data_dir = PROJECT_ROOT / "data" / "phantoms" / BUNDLE
     if not any(data_dir.glob("*.mat")):
         print(f"generating the OCT phantom dataset in {data_dir} ...", flush=True)
         write_phantom_dataset(data_dir)
-    png_dir = REPO_ROOT / "data" / "phantoms" / f"{BUNDLE}_png"
+    png_dir = PROJECT_ROOT / "data" / "phantoms" / f"{BUNDLE}_png"
     write_png_bscans(data_dir / "Subject_08.mat", png_dir, limit=3)
 
     train_run, eval_run, infer_run = (unique_run_name(w) for w in ("train", "evaluate", "infer"))
     train = [str(configs / "train.json")]
     bundle_run("training", train, **{"train#trainer#max_epochs": args.epochs, "run_name": train_run})
-    run_model = REPO_ROOT / bundle_root / "outputs" / train_run / "models" / "model.pt"  # this run's, promoted or not
+    run_model = (
+        PROJECT_ROOT / bundle_root / "outputs" / train_run / "models" / "model.pt"
+    )  # this run's, promoted or not
     bundle_run("evaluating", train + [str(configs / "evaluate.json")], run_name=eval_run, checkpoint_path=run_model)
     bundle_run("inferring", [str(configs / "inference.json")], run_name=infer_run, input_dir=png_dir)
 
-    outputs = REPO_ROOT / bundle_root / "outputs"
+    outputs = PROJECT_ROOT / bundle_root / "outputs"
     metrics = json.loads((outputs / eval_run / "metrics.json").read_text())["mean"]
     print("\n" + "=" * 78)
     print(
@@ -63,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     promotion = json.loads((outputs / train_run / "promotion.json").read_text())
     print(f"  this run's best model:    {run_model}")
     print(
-        f"  the bundle's model:       {REPO_ROOT / bundle_root / 'models' / 'model.pt'} "
+        f"  the bundle's model:       {PROJECT_ROOT / bundle_root / 'models' / 'model.pt'} "
         f"({'promoted' if promotion['promoted'] else 'kept'}: {promotion['reason']})"
     )
     print(f"  training outputs:         {outputs / train_run}  (learning_curves.png, overlays/)")

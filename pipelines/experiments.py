@@ -36,26 +36,20 @@ from mlflow.exceptions import MlflowException
 
 from clinseg.datasets.errors import InputError
 from clinseg.pipelines import cli
+from clinseg.pipelines.cli import text_table
+from clinseg.pipelines.paths import PROJECT_ROOT, checked_bundle
 from clinseg.pipelines.tracking import (
-    EXPERIMENT_KIND_TAG,
-    MODEL_TRAINING_KIND,
-    REPO_ROOT,
-    artifact_location_for,
+    client_for,
     default_tracking_uri,
     engine_metric_name,
-    mark_model_training,
+    ensure_experiment,
     mlflow_metric_name,
     run_folder,
-    store_lock,
     unique_run_name,
 )
 
 KEY_METRICS = {"oct_layers": "val_mean_dice", "vessels": "val_f1"}
 HIDDEN_PARAMS = {"dataset_dir", "class_names", "palette", "label_colors", "epoch_length", "val_ids"}  # derived or long
-
-
-def client_for(tracking_uri: str | None) -> mlflow.MlflowClient:
-    return mlflow.MlflowClient(tracking_uri or default_tracking_uri())
 
 
 def key_metric_of(bundle: str, run=None) -> str:
@@ -136,12 +130,6 @@ def format_table(rows: list[dict], metric: str) -> str:
     return text_table(lines)
 
 
-def text_table(lines: list[list]) -> str:
-    """Rows of cells (the header first) as left-aligned columns."""
-    widths = [max(len(str(line[i])) for line in lines) for i in range(len(lines[0]))]
-    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(line, widths, strict=True)) for line in lines)
-
-
 def plot_runs(client: mlflow.MlflowClient, rows: list[dict], metric: str, path: str) -> Path:
     import matplotlib
 
@@ -202,21 +190,6 @@ def parse_grid(items: list[str]) -> dict[str, list[str]]:
     return grid
 
 
-def ensure_experiment(client: mlflow.MlflowClient, bundle: str, tracking_uri: str) -> str:
-    """The id of the bundle's experiment, created as a model-training experiment if absent (where the bundle's
-    runs would create it)."""
-    with store_lock(tracking_uri):
-        experiment = client.get_experiment_by_name(bundle)
-        if experiment is None:
-            return client.create_experiment(
-                bundle,
-                artifact_location=artifact_location_for(tracking_uri, bundle),
-                tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING_KIND},
-            )
-        mark_model_training(client, experiment)
-        return experiment.experiment_id
-
-
 def start_parent(client: mlflow.MlflowClient, args, workflow: str, tags: dict, fixed: dict) -> str:
     """The parent run of a sweep or a cross-validation (its children are the trainings): its id."""
     experiment_id = ensure_experiment(client, args.bundle, args.tracking_uri or default_tracking_uri())
@@ -251,7 +224,7 @@ def run_children(args, parent_id: str, combinations: list[dict], fixed: dict, wo
             print(f"[{index}/{len(combinations)}] {' '.join(f'{k}={v}' for k, v in overrides.items())}", flush=True)
             child = subprocess.Popen(
                 command,
-                cwd=REPO_ROOT,
+                cwd=PROJECT_ROOT,
                 env=env,
                 stdout=None if args.verbose else subprocess.DEVNULL,
                 stderr=None if args.verbose else subprocess.PIPE,
@@ -365,20 +338,7 @@ def cross_validate(args) -> int:
     return 0 if status == "FINISHED" else 1
 
 
-BUNDLES_DIR = REPO_ROOT / "bundles"
 MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
-
-
-def bundle_names() -> list[str]:
-    return sorted(p.parent.parent.name for p in BUNDLES_DIR.glob("*/configs/metadata.json"))
-
-
-def checked_bundle(name: str | None, what: str) -> str:
-    """``name`` if it is a bundle of this repository (a folder of ``bundles/`` with a metadata file), so that no
-    name can lead outside ``bundles/``."""
-    if not name or name not in bundle_names():
-        raise InputError(what, f"{name!r} is not a bundle of this repository; the bundles are {bundle_names()}.")
-    return name
 
 
 def checked_model_name(name: str) -> str:
@@ -451,7 +411,7 @@ def register(args) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / bundle
         shutil.copytree(
-            REPO_ROOT / "bundles" / bundle, folder, ignore=shutil.ignore_patterns("outputs", "*.pt", "eval")
+            PROJECT_ROOT / "bundles" / bundle, folder, ignore=shutil.ignore_patterns("outputs", "*.pt", "eval")
         )
         (folder / "models").mkdir(exist_ok=True)
         checkpoint = client.download_artifacts(args.run_id, "checkpoint/model.pt", tmp)
@@ -487,7 +447,7 @@ def promote(args) -> int:
     from clinseg.pipelines import runs
 
     bundle = checked_bundle(args.bundle, "bundle")
-    root = Path(args.bundle_root) if args.bundle_root else REPO_ROOT / "bundles" / bundle
+    root = Path(args.bundle_root) if args.bundle_root else PROJECT_ROOT / "bundles" / bundle
     name = runs.check_run_name(args.run)
     folder = runs.runs_dir(root) / name
     if not folder.is_dir():
@@ -548,7 +508,7 @@ def sync(args) -> int:
     from clinseg.pipelines.spool import SPOOL_FOLDER, sync_spools
     from clinseg.pipelines.tracking import DEFAULT_STORE
 
-    default = [REPO_ROOT / "bundles", DEFAULT_STORE / SPOOL_FOLDER]
+    default = [PROJECT_ROOT / "bundles", DEFAULT_STORE / SPOOL_FOLDER]
     folders = args.folders or [f for f in default if f.is_dir()]
     lines = sync_spools(folders, args.tracking_uri)
     print("\n".join(lines) if lines else f"no spooled tracking records in {', '.join(map(str, folders))}")

@@ -29,11 +29,11 @@ import torch
 from clinseg.datasets.errors import DataError
 from clinseg.pipelines import cli
 from clinseg.pipelines.cli import parse_overrides
-from clinseg.pipelines.paths import PROJECT_ROOT as REPO_ROOT
+from clinseg.pipelines.paths import PROJECT_ROOT
 
 
 def bundle_paths(bundle: str) -> dict[str, Path]:
-    root = Path(bundle) if os.sep in bundle else REPO_ROOT / "bundles" / bundle
+    root = Path(bundle) if os.sep in bundle else PROJECT_ROOT / "bundles" / bundle
     if not (root / "configs" / "train.json").is_file():
         raise SystemExit(f"error: {root}: not a bundle of this project (no configs/train.json).")
     return {
@@ -63,7 +63,7 @@ def export_torchscript(bundle: str, checkpoint: Path, out: Path, overrides: dict
         "--bundle_root", str(paths["root"]),
         *override_args(overrides),
     ]  # fmt: skip
-    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True)
+    result = subprocess.run(command, cwd=PROJECT_ROOT, capture_output=True, text=True)
     if result.returncode != 0 or not out.is_file():
         raise SystemExit(
             f"error: ckpt_export failed ({result.returncode}):\n{result.stdout[-3000:]}{result.stderr[-3000:]}"
@@ -90,7 +90,7 @@ def bundle_config(bundle: str, overrides: dict, with_metadata: bool = False):
 def checkpoint_network(bundle: str, checkpoint: Path, overrides: dict) -> torch.nn.Module:
     """The bundle's ``network_def`` with the checkpoint's weights (the ``model.pt`` + ``network_def`` path)."""
     network = bundle_config(bundle, overrides).get_parsed_content("network_def")
-    from clinseg.pipelines.checkpoints import load_network_weights
+    from clinseg.pipelines.engine.checkpoints import load_network_weights
 
     return load_network_weights(network, checkpoint).eval()
 

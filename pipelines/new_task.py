@@ -27,6 +27,7 @@ import shutil
 import sys
 from pathlib import Path
 
+from clinseg.datasets.io import staged_folder
 from clinseg.pipelines import cli
 from clinseg.pipelines.paths import PROJECT_ROOT
 
@@ -157,9 +158,7 @@ def new_task(
             f"{len(template_train['class_names'])})."
         )
     title = title or name.replace("_", " ").capitalize() + " segmentation"
-    staging = bundles_dir / f".{name}.creating"
-    shutil.rmtree(staging, ignore_errors=True)
-    try:
+    with staged_folder(target) as staging:  # the bundle appears whole or not at all
         (staging / "configs").mkdir(parents=True)
         (staging / "models").mkdir()
         (staging / "docs").mkdir()
@@ -187,9 +186,6 @@ def new_task(
             dataset_dir=f"`{dataset_dir}`" if dataset_dir else "default: the template's phantom",
         )
         (staging / "docs" / "README.md").write_text(readme)
-        staging.rename(target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return target
 
 

@@ -1,9 +1,5 @@
-"""Where the project keeps its state: one place that knows the project root.
-
-In a checkout (the library installed editable, as ``make install`` does) the project root is the repository; the
-generated phantoms live in ``<root>/data`` and the MLflow store in ``<root>/mlruns``. Installed from a wheel, or to
-put the state elsewhere, set ``CLINSEG_HOME``. A bundle copied out of the repository therefore still finds its
-phantom data and the store without any path of its own.
+"""Where the project keeps its state, under the one project root (:mod:`clinseg.datasets.locations`):
+the generated phantoms in ``<root>/data/phantoms``, the MLflow store in ``<root>/mlruns``, and the run names.
 """
 
 from __future__ import annotations
@@ -13,19 +9,8 @@ import time
 import uuid
 from pathlib import Path
 
-_CHECKOUT = Path(__file__).resolve().parents[1]
-
-
-def project_root() -> Path:
-    """``CLINSEG_HOME`` if set; else the repository this library lives in; else the current folder."""
-    if os.environ.get("CLINSEG_HOME"):
-        return Path(os.environ["CLINSEG_HOME"]).resolve()
-    if (_CHECKOUT / "bundles").is_dir() and (_CHECKOUT / "pipelines").is_dir():
-        return _CHECKOUT
-    return Path.cwd()
-
-
-PROJECT_ROOT = project_root()
+from clinseg.datasets.errors import InputError
+from clinseg.datasets.locations import PROJECT_ROOT
 
 
 def phantom_dir(bundle_name: str) -> str:
@@ -67,3 +52,18 @@ def require_output_outside_input(output_dir: str | os.PathLike, input_path: str 
             "Choose an output folder outside the input folder (--output_dir PATH).",
         )
     return os.fspath(output_dir)
+
+
+BUNDLES_DIR = PROJECT_ROOT / "bundles"
+
+
+def bundle_names() -> list[str]:
+    return sorted(p.parent.parent.name for p in BUNDLES_DIR.glob("*/configs/metadata.json"))
+
+
+def checked_bundle(name: str | None, what: str) -> str:
+    """``name`` if it is a bundle of this repository (a folder of ``bundles/`` with a metadata file), so that no
+    name can lead outside ``bundles/``."""
+    if not name or name not in bundle_names():
+        raise InputError(what, f"{name!r} is not a bundle of this repository; the bundles are {bundle_names()}.")
+    return name

@@ -146,6 +146,8 @@ def provenance(checkpoint: str | os.PathLike | list[str]) -> dict:
         for key in ("training_run_id", "training_run_name", "key_metric", "value", "validation_fingerprint"):
             if record.get(key) is not None:
                 info[key if key.startswith("training") else f"training_{key}"] = record[key]
+        if record.get("decision_rule"):  # how the model's probabilities become a mask (chosen on validation)
+            info["decision_rule"] = record["decision_rule"]
     return info
 
 

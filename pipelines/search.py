@@ -1,6 +1,6 @@
 """Hyper-parameter search over a bundle's training with Optuna, on a study that several processes or machines share.
 
-    python -m clinseg.pipelines.experiments search oct_layers \\
+    python -m clinseg.pipelines.experiments search oct_layers \
         --space learning_rate=loguniform:1e-4:1e-2 batch_size=choice:2,4 --n_trials 20 --workers 2
     # another machine joins the same study (its storage must be a database both reach):
     python -m clinseg.pipelines.experiments search oct_layers --join --study STUDY --storage postgresql+psycopg2://...
@@ -12,8 +12,9 @@ database (default: ``optuna.db`` beside the MLflow SQLite store), so workers coo
 - each worker asks the study for a trial, runs it, and tells the study its result; trial numbers are unique, and a
   trial asked beyond ``--n_trials`` (two workers asking at the same moment) is marked ``surplus`` and never run;
 - the trial's training reports its validation key metric to the study after every validation
-  (:func:`attach_trial_reporter`, called by the shared workflow when ``PIPELINE_SEARCH_TRIAL`` is set) and stops
-  when the pruner says so; the trial ends ``PRUNED`` and its MLflow run is tagged ``search.state = PRUNED``;
+  (:func:`clinseg.pipelines.engine.handlers.trials.attach_trial_reporter`, called by the shared workflow when
+  ``PIPELINE_SEARCH_TRIAL`` is set) and stops when the pruner says so; the trial ends ``PRUNED`` and its MLflow run
+  is tagged ``search.state = PRUNED``;
 - a running trial records a heartbeat; a trial whose worker died (no heartbeat for ``HEARTBEAT_GRACE_S``) is
   failed by the next worker that asks, and run again once with the same values.
 
@@ -45,10 +46,14 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from clinseg.datasets.errors import InputError
+from clinseg.pipelines.studies import (
+    HEARTBEAT_INTERVAL_S,
+    SEARCH_TRIAL_ENV,
+    make_pruner,
+    open_storage,
+    shown_url,
+)
 
-SEARCH_TRIAL_ENV = "PIPELINE_SEARCH_TRIAL"
-HEARTBEAT_INTERVAL_S = int(os.environ.get("PIPELINE_SEARCH_HEARTBEAT_S", "30"))
-HEARTBEAT_GRACE_S = 4 * HEARTBEAT_INTERVAL_S
 STUDY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 SPACE_KINDS = ("float", "loguniform", "int", "choice")
 SAMPLERS = ("tpe", "random", "grid")
@@ -113,24 +118,6 @@ def make_sampler(name: str, space: dict, seed: int | None):
     raise InputError("--sampler", f"{name!r} is not one of {', '.join(SAMPLERS)}.")
 
 
-def make_pruner(spec: str, warmup_epochs: int):
-    """``median`` (a trial below the median of earlier trials at the same epoch stops), ``none``, or
-    ``threshold:LOW`` (a trial whose key metric is below LOW stops)."""
-    import optuna
-
-    kind, _, arg = spec.partition(":")
-    if kind == "median" and not arg:
-        return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=warmup_epochs)
-    if kind == "none" and not arg:
-        return optuna.pruners.NopPruner()
-    if kind == "threshold":
-        try:
-            return optuna.pruners.ThresholdPruner(lower=float(arg), n_warmup_steps=warmup_epochs)
-        except ValueError:
-            pass
-    raise InputError(f"--pruner {spec!r}", "is not one of median, none, threshold:LOW.")
-
-
 # -------------------------------------------------------------------------------------------------- the storage
 def default_storage(tracking_uri: str) -> str:
     """``optuna.db`` beside a local MLflow SQLite store; a tracking server needs ``--storage`` (a database every
@@ -144,40 +131,6 @@ def default_storage(tracking_uri: str) -> str:
     )
 
 
-def shown_url(url: str) -> str:
-    """The storage URL without its password, for tags and messages."""
-    return re.sub(r"://([^:/@]+):[^@]*@", r"://\1:***@", url)
-
-
-def quiet_optuna() -> None:
-    """Optuna's own logging down to warnings, and none about the heartbeat API being experimental (it is used as
-    its documentation describes, with ask and tell rather than ``optimize``)."""
-    import warnings
-
-    import optuna
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-    warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
-
-
-def open_storage(url: str):
-    import optuna
-
-    quiet_optuna()
-    engine_kwargs = {"connect_args": {"timeout": 120}} if url.startswith("sqlite:") else {"pool_pre_ping": True}
-    if url.startswith("sqlite:///"):
-        Path(url[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
-    return optuna.storages.RDBStorage(
-        url,
-        engine_kwargs=engine_kwargs,
-        heartbeat_interval=HEARTBEAT_INTERVAL_S,
-        grace_period=HEARTBEAT_GRACE_S,
-        # a trial whose worker died is run again once, with the same values
-        heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1),
-    )
-
-
 def load_study(storage, name: str, sampler=None, pruner=None):
     import optuna
 
@@ -186,43 +139,6 @@ def load_study(storage, name: str, sampler=None, pruner=None):
     except KeyError:
         known = [s.study_name for s in optuna.get_all_study_summaries(storage)]
         raise InputError(f"--study {name!r}", f"no such study in {shown_url(storage.url)}; studies: {known}.") from None
-
-
-# ------------------------------------------------------------------------------------------ inside the training
-def attach_trial_reporter(trainer, validator, key_metric: str) -> None:
-    """Report ``key_metric`` to the search trial named by ``PIPELINE_SEARCH_TRIAL`` after every validation, at the
-    trainer's epoch, and stop the training when the study's pruner says so (the run then ends as usual, with its
-    best model so far). Called by :func:`clinseg.pipelines.workflow.run_training`."""
-    import optuna
-    from ignite.engine import Events
-
-    settings = json.loads(os.environ[SEARCH_TRIAL_ENV])
-    storage = open_storage(settings["storage"])
-    pruner = make_pruner(settings["pruner"], int(settings["warmup_epochs"]))
-    # the values were sampled by the worker; a plain sampler keeps the trial's construction cheap
-    sampler = optuna.samplers.RandomSampler()
-    study = optuna.load_study(study_name=settings["study"], storage=storage, pruner=pruner, sampler=sampler)
-    trial = optuna.trial.Trial(study, int(settings["trial_id"]))
-
-    def started(engine) -> None:
-        trial.set_user_attr("key_metric", key_metric)
-        run_id = getattr(engine.state, "tracking_run_id", None)
-        if run_id:
-            trial.set_user_attr("mlflow_run_id", run_id)
-
-    def validated(engine) -> None:
-        value = engine.state.metrics.get(key_metric)
-        if value is None or not math.isfinite(float(value)):
-            return  # a NaN is no evidence either way; the pruner would read it as the worst value
-        epoch = trainer.state.epoch
-        trial.report(float(value), step=epoch)
-        if trial.should_prune():
-            trial.set_user_attr("pruned_at_epoch", epoch)
-            print(f"search: trial {trial.number} pruned at epoch {epoch} ({key_metric} {value:.4f})", flush=True)
-            trainer.terminate()
-
-    trainer.add_event_handler(Events.STARTED, started)
-    validator.add_event_handler(Events.COMPLETED, validated)
 
 
 # ------------------------------------------------------------------------------------------------- the workers
@@ -280,7 +196,8 @@ def run_trial(study, storage, trial, settings: dict, worker: str, verbose: bool)
     import mlflow
     from optuna.trial import TrialState
 
-    from clinseg.pipelines.tracking import REPO_ROOT, RUN_TAGS_ENV
+    from clinseg.pipelines.paths import PROJECT_ROOT
+    from clinseg.pipelines.tracking import RUN_TAGS_ENV
 
     params = {key: override_text(value) for key, value in trial.params.items()}
     run_name = f"{study.study_name}-t{trial.number:03d}"
@@ -308,7 +225,7 @@ def run_trial(study, storage, trial, settings: dict, worker: str, verbose: bool)
     with Heartbeat(storage, trial._trial_id):
         child = subprocess.Popen(
             [sys.executable, *command[1:]],
-            cwd=REPO_ROOT,
+            cwd=PROJECT_ROOT,
             env=env,
             stdout=None if verbose else subprocess.DEVNULL,
             stderr=None if verbose else subprocess.PIPE,
@@ -447,7 +364,7 @@ def format_trials(rows: list[dict], metric: str) -> str:
                 "" if row["seconds"] is None else f"{row['seconds']:.0f}",
             ]
         )
-    from clinseg.pipelines.experiments import text_table
+    from clinseg.pipelines.cli import text_table
 
     return text_table(lines)
 
@@ -552,9 +469,8 @@ def search(args) -> int:
     """``experiments search``: create (or ``--join``) a study and run its workers."""
     import optuna
 
-    from clinseg.pipelines.experiments import checked_bundle, client_for, ensure_experiment
-    from clinseg.pipelines.paths import unique_run_name
-    from clinseg.pipelines.tracking import REPO_ROOT, default_tracking_uri
+    from clinseg.pipelines.paths import PROJECT_ROOT, checked_bundle, unique_run_name
+    from clinseg.pipelines.tracking import client_for, default_tracking_uri, ensure_experiment
 
     bundle = checked_bundle(args.bundle, "bundle")
     tracking_uri = args.tracking_uri or default_tracking_uri()
@@ -580,7 +496,7 @@ def search(args) -> int:
         if not STUDY_NAME.match(name):
             raise InputError(f"--study {name!r}", "is not a study name (letters, digits, '.', '_', '-').")
         config_file = args.config_file or str(Path("bundles") / bundle / "configs" / "train.json")
-        config_path = Path(config_file) if Path(config_file).is_absolute() else REPO_ROOT / config_file
+        config_path = Path(config_file) if Path(config_file).is_absolute() else PROJECT_ROOT / config_file
         if not config_path.is_file():
             raise InputError(f"--config_file {config_file}", "no such file.")
         fixed = {}

@@ -30,6 +30,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from clinseg.datasets.errors import DataError
+
 logger = logging.getLogger("clinseg.pipelines.tracking")
 
 SPOOL_FOLDER = "tracking_spool"
@@ -52,6 +54,10 @@ HTTP_LIMITS = {
 # an artifact upload (a checkpoint) can need longer than 3 s for the server's answer (it stores the file first)
 ARTIFACT_TIMEOUT_S = 60
 _OWN_LIMITS: set[str] = set()
+
+
+class TrackingUnavailableError(DataError):
+    """The configured tracking server cannot be reached (raised before any training starts)."""
 
 
 def bound_http_requests() -> dict[str, str]:
@@ -630,7 +636,6 @@ def sync_spools(folders: Iterable[str | os.PathLike], tracking_uri: str | None =
     import mlflow
 
     from clinseg.datasets.errors import DataError
-    from clinseg.pipelines.tracking import TrackingUnavailableError
 
     bound_http_requests()
     clients: dict[str, object] = {}

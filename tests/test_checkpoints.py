@@ -11,7 +11,7 @@ import torch
 from monai.bundle import ConfigParser
 
 from clinseg.datasets.errors import DataError
-from clinseg.pipelines.checkpoints import load_network_weights, shape_differences
+from clinseg.pipelines.engine.checkpoints import load_network_weights, shape_differences
 from tests.conftest import REPO_ROOT, run_bundle, run_models
 
 pytestmark = pytest.mark.filterwarnings("ignore:parsing config_file:UserWarning")

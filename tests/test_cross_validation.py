@@ -13,7 +13,7 @@ from PIL import Image
 
 from clinseg.datasets.errors import InputError
 from clinseg.datasets.io import split_by_group
-from clinseg.pipelines.ensembles import ProbabilityEnsemble
+from clinseg.pipelines.engine.ensembles import ProbabilityEnsemble
 from tests.conftest import OCT_BUNDLE, run_bundle
 from tests.test_experiments import experiments, refused, sweep_settings
 

@@ -25,7 +25,12 @@ from clinseg.datasets.ct import (
 )
 from clinseg.datasets.ct.phantom import RAS_TO_LPS
 from clinseg.datasets.errors import DataError, NoUsableDataError
-from clinseg.pipelines.metrics import AverageSurfaceDistanceMM, HausdorffDistanceMM, RelativeVolumeError, volume_ml
+from clinseg.pipelines.engine.metrics import (
+    AverageSurfaceDistanceMM,
+    HausdorffDistanceMM,
+    RelativeVolumeError,
+    volume_ml,
+)
 from clinseg.transforms.ct import WINDOW_PRESETS, AlignToImaged, HounsfieldWindow, window_range
 from clinseg.transforms.labels import MapLabelValues
 from tests.conftest import shared_path

@@ -79,7 +79,7 @@ def test_checkpoints_are_written_atomically(tmp_path, monkeypatch):
     """A save that dies half-way leaves the previous checkpoint intact and no partial file under the real name."""
     from ignite.engine import Engine
 
-    from clinseg.pipelines.handlers import AtomicCheckpointSaver
+    from clinseg.pipelines.engine.handlers.checkpointing import AtomicCheckpointSaver
 
     network = torch.nn.Linear(2, 2)
     engine = Engine(lambda engine, batch: None)

@@ -8,8 +8,8 @@ import torch
 from monai.bundle import ConfigParser
 
 from clinseg.datasets.oct import load_oct_datalist
-from clinseg.pipelines.losses import DiceCELossWithIgnore
-from clinseg.pipelines.metrics import LayerThicknessError, PixelAccuracyMetric
+from clinseg.pipelines.engine.losses import DiceCELossWithIgnore
+from clinseg.pipelines.engine.metrics import LayerThicknessError, PixelAccuracyMetric
 from clinseg.transforms.labels import ColorToLabeld, OneHotWithIgnored
 from clinseg.transforms.oct import OrderLayersd, boundaries_to_label_map, order_layers
 from tests.conftest import OCT_BUNDLE, decode

@@ -14,7 +14,7 @@ from clinseg.datasets.errors import DataError, NoUsableDataError
 from clinseg.datasets.fundus import drive_split_items, image_mask_items, load_vessel_datalist
 from clinseg.datasets.fundus.phantom import synthesize_fundus, write_drive_layout
 from clinseg.datasets.readers import PhotoReader, ReadImaged, read_binary_mask
-from clinseg.pipelines.metrics import CenterlineDiceMetric, ROCAUCInMaskMetric
+from clinseg.pipelines.engine.metrics import CenterlineDiceMetric, ROCAUCInMaskMetric
 from clinseg.pipelines.tracking import mlflow_metric_name
 from clinseg.transforms.fundus import EstimateFOV, EstimateFOVd, FundusNormalize
 from clinseg.transforms.labels import OneHotWithIgnore
@@ -268,6 +268,12 @@ def test_tiny_bundle_train_evaluate_infer(tmp_path, tiny_drive, tracking_uri):
         recorded = mlflow_metric_name(key, "train", "val_f1")  # vessels' key metric: 0_key/val_f1
         assert recorded in runs[0].data.metrics, recorded
 
+    # the decision rule chosen on the best epoch's validation case is stored with the model (plain or not)
+    record = json.loads((tmp_path / "bundle" / "models" / "model.json").read_text())
+    rule = record["decision_rule"]
+    assert 0.3 <= rule["threshold"] <= 0.7 and rule["cases"] == 1 and rule["min_component_fraction"] >= 0
+    assert rule["validation_f1"] >= rule["plain_validation_f1"]
+
     run_bundle("evaluating", TRAIN + [str(CONFIGS / "evaluate.json")], {**common, "run_name": "eval-test"})
     report = json.loads((tmp_path / "bundle" / "outputs" / "eval-test" / "metrics.json").read_text())
     assert report["n_images"] == 1 and 0 <= report["mean"]["val_f1"] <= 1
@@ -290,6 +296,8 @@ def test_tiny_bundle_train_evaluate_infer(tmp_path, tiny_drive, tracking_uri):
     assert (np.asarray(Image.open(out / "21_seg.png"))[~fov] == 0).all(), "nothing is predicted outside the FOV"
     summary = json.loads((out / "21.json").read_text())
     assert 0.0 <= summary["area_fraction"]["vessel"] <= 1.0
+    applied = json.loads((out / "inference_summary.json").read_text())["model"]["decision_rule"]
+    assert applied == {"threshold": rule["threshold"], "min_component_fraction": rule["min_component_fraction"]}
     assert summary["field_of_view"] == "given" and not (out / "21_fov.png").exists()
 
     # photographs as users have them: a plain folder, no FOV masks; the field is estimated and written out

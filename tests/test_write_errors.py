@@ -28,8 +28,9 @@ from PIL import Image
 from clinseg.datasets.errors import DataError
 from clinseg.datasets.fundus.phantom import write_drive_layout
 from clinseg.datasets.io import atomic_write, atomic_write_all, free_bytes, save_nifti
-from clinseg.pipelines.handlers import AtomicCheckpointSaver
-from clinseg.pipelines.reports import AtomicMetricsSaver, SaveSegmentationd, atomic_write_json, save_png
+from clinseg.pipelines.engine.handlers.checkpointing import AtomicCheckpointSaver
+from clinseg.pipelines.engine.handlers.evaluation import AtomicMetricsSaver
+from clinseg.pipelines.engine.writers import SaveSegmentationd, atomic_write_json, save_png
 from tests.conftest import REPO_ROOT, run_bundle
 
 pytestmark = pytest.mark.filterwarnings("ignore:parsing config_file:UserWarning")  # our own, trusted configs
@@ -233,7 +234,7 @@ def test_writing_without_permission_names_the_file(tmp_path):
     folder.mkdir()
     folder.chmod(0o555)
     code = (
-        "import sys\nfrom clinseg.datasets.errors import DataError\nfrom clinseg.pipelines.reports import "
+        "import sys\nfrom clinseg.datasets.errors import DataError\nfrom clinseg.pipelines.engine.writers import "
         "atomic_write_json\ntry:\n    atomic_write_json(sys.argv[1], {})\nexcept DataError as error:\n"
         "    print(error)\n    sys.exit(0)\nsys.exit('written')\n"
     )

@@ -39,10 +39,10 @@ import numpy as np
 import torch
 
 from clinseg.pipelines.cli import parse_overrides
-from clinseg.pipelines.metrics import volume_ml
-from clinseg.pipelines.paths import PROJECT_ROOT as REPO_ROOT
+from clinseg.pipelines.engine.metrics import volume_ml
+from clinseg.pipelines.paths import PROJECT_ROOT
 
-CONFIGS = REPO_ROOT / "bundles" / "ct_heart" / "configs"
+CONFIGS = PROJECT_ROOT / "bundles" / "ct_heart" / "configs"
 
 
 def reference_on_grid(image_path: Path, label_path: Path) -> np.ndarray:
@@ -146,10 +146,12 @@ def main(argv: list[str] | None = None) -> int:
     import nibabel as nib
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    shared = Path(os.environ.get("SHARED_DATA_DIR", REPO_ROOT.parent / "shared" / "data"))
+    shared = Path(os.environ.get("SHARED_DATA_DIR", PROJECT_ROOT.parent / "shared" / "data"))
     parser.add_argument("--data_dir", default=str(shared / "ct" / "totalsegmentator"))
-    parser.add_argument("--checkpoint", default=str(REPO_ROOT / "bundles" / "ct_heart" / "models" / "model.pt"))
-    parser.add_argument("--out", default=str(REPO_ROOT / "bundles" / "ct_heart" / "outputs" / "benchmark_real_ct.json"))
+    parser.add_argument("--checkpoint", default=str(PROJECT_ROOT / "bundles" / "ct_heart" / "models" / "model.pt"))
+    parser.add_argument(
+        "--out", default=str(PROJECT_ROOT / "bundles" / "ct_heart" / "outputs" / "benchmark_real_ct.json")
+    )
     parser.add_argument("--work_dir", default=None, help="where the masks and pictures go (default: a temp dir)")
     parser.add_argument("--override", nargs="*", default=[], help="config overrides KEY=JSON, as at training")
     parser.add_argument("--no-large", action="store_true", help="skip the 512 x 512 x 200 timing case")

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from clinseg.pipelines.benchmarks import write_report
-from clinseg.pipelines.paths import PROJECT_ROOT as REPO_ROOT
+from clinseg.pipelines.paths import PROJECT_ROOT
 
 SPACE = ["learning_rate=loguniform:0.0005:0.01", "batch_size=choice:2,4"]
 TINY = ["image_size=[64,96]", "network_def#channels=[8,16,32]", "network_def#strides=[2,2]"]
@@ -43,7 +43,7 @@ def measure(workers: int, n_trials: int, epochs: int, seed: int) -> dict:
         command += ["--space", *SPACE, "--n_trials", str(n_trials), "--workers", str(workers), "--seed", str(seed)]
         command += ["--study", "bench", "--set", *fixed]
         started = time.time()
-        result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, env=os.environ.copy())
+        result = subprocess.run(command, cwd=PROJECT_ROOT, capture_output=True, text=True, env=os.environ.copy())
         wall = time.time() - started
         if result.returncode not in (0, 1):
             raise SystemExit(f"search with {workers} workers failed: {result.stderr[-2000:]}")
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n_trials", type=int, default=6)
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default=str(REPO_ROOT / "data" / "benchmarks" / "search_workers.json"))
+    parser.add_argument("--out", default=str(PROJECT_ROOT / "data" / "benchmarks" / "search_workers.json"))
     args = parser.parse_args(argv)
     rows = []
     for workers in args.workers:

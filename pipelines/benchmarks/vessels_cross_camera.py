@@ -9,9 +9,11 @@
 2. Runs the bundle's own inference (``python -m monai.bundle run inferring --config_file inference.json``) over
    the photographs once per condition; a condition is a set of command-line overrides, so what it changes is
    exactly what a user would type: ``whole_image`` (no FOV estimation, no scaling: the pipeline before them),
-   ``estimated_fov`` (the field estimated from each photograph), ``estimated_fov_scaled`` (the defaults: also
-   resampled so the disc is as wide as DRIVE's) and ``estimated_fov_scaled_tta`` (with flip test-time
-   augmentation). ``--condition NAME='--key value ...'`` adds one.
+   ``estimated_fov`` (the field estimated from each photograph), ``estimated_fov_scaled`` (also resampled so the
+   disc is as wide as DRIVE's), ``estimated_fov_scaled_rule`` (the defaults: also the model's decision rule,
+   chosen on its DRIVE validation cases, instead of the plain threshold of 0.5) and
+   ``estimated_fov_scaled_rule_tta`` (with flip test-time augmentation). ``--condition NAME='--key value ...'``
+   adds one.
 3. Scores every prediction on the photograph's own grid against its mask, inside the field that
    ``EstimateFOV`` finds in the photograph (the same field for every condition) and over the whole image; prints
    the mean F1, sensitivity, AUC and the worst images, and writes everything as JSON.
@@ -32,15 +34,19 @@ import numpy as np
 import torch
 
 from clinseg.pipelines.benchmarks import write_report
-from clinseg.pipelines.paths import PROJECT_ROOT as REPO_ROOT
+from clinseg.pipelines.paths import PROJECT_ROOT
 
-CONFIGS = REPO_ROOT / "bundles" / "vessels" / "configs"
+CONFIGS = PROJECT_ROOT / "bundles" / "vessels" / "configs"
 # what each condition types on the command line (the bundle's defaults last: FOV estimation and disc scaling on)
+# one feature added at a time; the first three with the plain decision rule (threshold 0.5), the model's own rule
+# (chosen on its DRIVE validation cases, clinseg.pipelines.engine.decision) from the fourth on
+PLAIN_RULE = ["--decision_rule", "{'threshold': 0.5, 'min_component_fraction': 0.0}"]
 CONDITIONS = {
-    "whole_image": ["--estimate_fov", "False", "--scale_to_fov", "False"],
-    "estimated_fov": ["--scale_to_fov", "False"],
-    "estimated_fov_scaled": [],
-    "estimated_fov_scaled_tta": ["--tta", "True"],
+    "whole_image": ["--estimate_fov", "False", "--scale_to_fov", "False", *PLAIN_RULE],
+    "estimated_fov": ["--scale_to_fov", "False", *PLAIN_RULE],
+    "estimated_fov_scaled": [*PLAIN_RULE],
+    "estimated_fov_scaled_rule": [],
+    "estimated_fov_scaled_rule_tta": ["--tta", "True"],
 }
 
 
@@ -114,7 +120,7 @@ def infer(dataset_dir: Path, checkpoint: Path, overrides: list[str], work: Path,
         *overrides,
     ]
     start = time.perf_counter()
-    done = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True)
+    done = subprocess.run(command, cwd=PROJECT_ROOT, capture_output=True, text=True)
     seconds = time.perf_counter() - start
     if done.returncode != 0:
         raise SystemExit(f"error: inference '{name}' failed ({done.returncode}):\n{done.stderr[-3000:]}")
@@ -156,7 +162,7 @@ def draw_worst_case(dataset_dir: Path, work: Path, results: dict, path: Path) ->
     from PIL import Image
     from scipy import ndimage
 
-    from clinseg.pipelines.reports import overlay, with_caption
+    from clinseg.pipelines.engine.pictures import overlay, with_caption
     from clinseg.transforms.fundus import EstimateFOV
 
     last = list(results)[-1]
@@ -193,9 +199,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--chase_dir",
-        default=os.environ.get("CHASE_DIR", str(REPO_ROOT.parent / "shared" / "data" / "vessels" / "CHASEDB1_x3")),
+        default=os.environ.get("CHASE_DIR", str(PROJECT_ROOT.parent / "shared" / "data" / "vessels" / "CHASEDB1_x3")),
     )
-    parser.add_argument("--checkpoint", default=str(REPO_ROOT / "bundles" / "vessels" / "models" / "model.pt"))
+    parser.add_argument("--checkpoint", default=str(PROJECT_ROOT / "bundles" / "vessels" / "models" / "model.pt"))
     parser.add_argument("--prepared_dir", default=None, help="default: data/benchmarks/chase_reduced_<factor>")
     parser.add_argument("--factor", type=int, default=3, help="reduction of the 3x release (3: its original size)")
     parser.add_argument(
@@ -205,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
         metavar="NAME=OVERRIDES",
         help="an extra condition beside the four above, e.g. 'clahe=--clahe True'",
     )
-    parser.add_argument("--out", default=str(REPO_ROOT / "data" / "benchmarks" / "vessels_cross_camera.json"))
+    parser.add_argument("--out", default=str(PROJECT_ROOT / "data" / "benchmarks" / "vessels_cross_camera.json"))
     args = parser.parse_args(argv)
     chase_dir, checkpoint = Path(args.chase_dir), Path(args.checkpoint)
     if not chase_dir.is_dir():
@@ -220,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     for text in args.condition or []:
         name, _, overrides = text.partition("=")
         conditions[name] = overrides.split()
-    prepared = args.prepared_dir or REPO_ROOT / "data" / "benchmarks" / f"chase_reduced_{args.factor}"
+    prepared = args.prepared_dir or PROJECT_ROOT / "data" / "benchmarks" / f"chase_reduced_{args.factor}"
     dataset_dir = prepare(chase_dir, Path(prepared), args.factor)
     results = {}
     out = Path(args.out)

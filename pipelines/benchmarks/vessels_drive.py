@@ -31,9 +31,9 @@ from pathlib import Path
 import torch
 from ignite.engine import Events
 
-from clinseg.pipelines.paths import PROJECT_ROOT as REPO_ROOT
+from clinseg.pipelines.paths import PROJECT_ROOT
 
-CONFIG = REPO_ROOT / "bundles" / "vessels" / "configs" / "train.json"
+CONFIG = PROJECT_ROOT / "bundles" / "vessels" / "configs" / "train.json"
 
 
 class IterationClock:
@@ -97,12 +97,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--dataset_dir",
         default=os.environ.get(
-            "DRIVE_DIR", str(REPO_ROOT.parent / "shared" / "data" / "vessels" / "DRIVE" / "training")
+            "DRIVE_DIR", str(PROJECT_ROOT.parent / "shared" / "data" / "vessels" / "DRIVE" / "training")
         ),
     )
     parser.add_argument("--budget_s", type=float, default=600.0, help="training wall-time budget in seconds")
     parser.add_argument("--plain_iterations", type=int, default=60)
-    parser.add_argument("--out", default=str(REPO_ROOT / "bundles" / "vessels" / "outputs" / "benchmark_drive.json"))
+    parser.add_argument("--out", default=str(PROJECT_ROOT / "bundles" / "vessels" / "outputs" / "benchmark_drive.json"))
     parser.add_argument(
         "--work_dir", default=None, help="where the benchmark's bundle outputs go (default: a temp dir)"
     )

@@ -35,10 +35,11 @@ import warnings
 from pathlib import Path
 
 from clinseg.datasets.errors import DataError, InputError
+from clinseg.datasets.io import staged_folder
 from clinseg.pipelines.cli import ConfigError, entry_point
 from clinseg.pipelines.deploy.apps import CommandLineParser, first_missing, remove_created
 from clinseg.pipelines.deploy.runtime import CT_RULES
-from clinseg.pipelines.paths import PROJECT_ROOT as REPO_ROOT
+from clinseg.pipelines.paths import PROJECT_ROOT
 
 PACKAGES = ("datasets", "transforms", "pipelines")
 IGNORED = shutil.ignore_patterns("__pycache__", "*.pyc", "benchmarks", "demo.py", "experiments.py")
@@ -143,9 +144,9 @@ def expanded_config(bundle: str, overrides: dict) -> dict:
 
 def bundle_root(bundle: str) -> Path:
     """The bundle's folder: a name under ``bundles/`` or a folder path; else an :class:`InputError` naming it."""
-    root = Path(bundle) if os.sep in bundle or bundle.startswith(".") else REPO_ROOT / "bundles" / bundle
+    root = Path(bundle) if os.sep in bundle or bundle.startswith(".") else PROJECT_ROOT / "bundles" / bundle
     if not (root / "configs" / "train.json").is_file() or not (root / "configs" / "inference.json").is_file():
-        names = sorted(p.parent.parent.name for p in (REPO_ROOT / "bundles").glob("*/configs/inference.json"))
+        names = sorted(p.parent.parent.name for p in (PROJECT_ROOT / "bundles").glob("*/configs/inference.json"))
         raise InputError(bundle, f"is not a bundle of this project (no {root}/configs/train.json and inference.json)"
                          f"; the bundles: {', '.join(names)}, or a bundle folder.")  # fmt: skip
     return root.resolve()
@@ -187,7 +188,7 @@ def check_overrides(root: Path, overrides: dict) -> None:
 def checked_network(root: Path, checkpoint: Path, overrides: dict):
     """The bundle's ``network_def`` (overrides applied) with the checkpoint's weights, or one line saying which
     override the network refused or how the checkpoint differs from it."""
-    from clinseg.pipelines.checkpoints import load_network_weights
+    from clinseg.pipelines.engine.checkpoints import load_network_weights
     from clinseg.pipelines.export import bundle_config
 
     try:
@@ -244,53 +245,57 @@ def build_app(
     checked_network(root, checkpoint, overrides)
     paths = {"root": root, "metadata": root / "configs" / "metadata.json"}
     bundle = str(root)  # export's helpers take a folder path as well as a name
-    staging = out_dir.with_name(f".{out_dir.name}.building")
-    created = first_missing(staging)
+    created = first_missing(out_dir)
     built = False
     try:
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
-        try:
-            export_torchscript(bundle, checkpoint, staging / "models" / "model.ts", overrides)
-        except SystemExit as e:  # its message holds the exporter's whole output: the saved traceback keeps it
-            lines = [line for line in str(e.code).splitlines() if line.strip()]
-            last = next((line for line in reversed(lines) if line.startswith(("error:", "internal error:"))), lines[-1])
-            raise RuntimeError(f"monai.bundle ckpt_export failed: {last}\n" + "\n".join(lines)) from None
-        parity = compare(bundle, checkpoint, staging / "models" / "model.ts", overrides)
-        if parity["max_abs_logit_difference"] > tolerance:
-            raise RuntimeError(f"the TorchScript export differs from the checkpoint by more than {tolerance}: {parity}")
-        if model_format == "checkpoint":
-            (staging / "models" / "model.ts").unlink()  # the export was only written to check parity
-            shutil.copy(checkpoint, staging / "models" / "model.pt")
-        config = expanded_config(bundle, overrides)
-        metadata = json.loads(paths["metadata"].read_text())
-        is_volume = config["network_def"].get("spatial_dims", 2) == 3
-        kind = KINDS[is_volume]
-        (staging / "bundle").mkdir()
-        (staging / "bundle" / "inference.json").write_text(json.dumps(config, indent=2))
-        shutil.copy(paths["metadata"], staging / "bundle" / "metadata.json")
-        for package in PACKAGES:  # under the import root the configs name (clinseg.pipelines, ...)
-            shutil.copytree(REPO_ROOT / package, staging / "clinseg" / package, ignore=IGNORED)
-        shutil.copy(REPO_ROOT / "requirements-deploy.txt", staging / "requirements.txt")
-        values = {"bundle": root.name, "title": metadata["name"], "version": metadata["version"], **kind}
-        values["model"] = f"models/{'model.pt' if model_format == 'checkpoint' else 'model.ts'}"
-        (staging / "app.py").write_text(APP_PY.format(**values))
-        (staging / "__main__.py").write_text(MAIN_PY)
-        (staging / "app.yaml").write_text(APP_YAML.format(**values))
-        (staging / "README.md").write_text(README.format(**values))
-        if is_volume:
-            (staging / "series_rules.json").write_text(json.dumps(CT_RULES, indent=2))
-        report = {"bundle": values["bundle"], "app": str(out_dir), "checkpoint": str(checkpoint), **parity}
-        report["model"] = values["model"]
-        (staging / "models" / "export.json").write_text(json.dumps(report, indent=2))
-        if out_dir.exists():
-            out_dir.rmdir()
-        os.replace(staging, out_dir)
+        with staged_folder(out_dir) as staging:  # the application appears whole or not at all
+            try:
+                export_torchscript(bundle, checkpoint, staging / "models" / "model.ts", overrides)
+            except SystemExit as e:  # its message holds the exporter's whole output: the saved traceback keeps it
+                lines = [line for line in str(e.code).splitlines() if line.strip()]
+                last = next(
+                    (line for line in reversed(lines) if line.startswith(("error:", "internal error:"))), lines[-1]
+                )
+                raise RuntimeError(f"monai.bundle ckpt_export failed: {last}\n" + "\n".join(lines)) from None
+            parity = compare(bundle, checkpoint, staging / "models" / "model.ts", overrides)
+            if parity["max_abs_logit_difference"] > tolerance:
+                raise RuntimeError(
+                    f"the TorchScript export differs from the checkpoint by more than {tolerance}: {parity}"
+                )
+            if model_format == "checkpoint":
+                (staging / "models" / "model.ts").unlink()  # the export was only written to check parity
+                shutil.copy(checkpoint, staging / "models" / "model.pt")
+            config = expanded_config(bundle, overrides)
+            if isinstance(config.get("decision_rule"), str):  # the rule stored with the model, shipped as a value
+                from clinseg.pipelines.engine.decision import rule_for
+
+                config["decision_rule"] = rule_for(str(checkpoint))
+            metadata = json.loads(paths["metadata"].read_text())
+            is_volume = config["network_def"].get("spatial_dims", 2) == 3
+            kind = KINDS[is_volume]
+            (staging / "bundle").mkdir()
+            (staging / "bundle" / "inference.json").write_text(json.dumps(config, indent=2))
+            shutil.copy(paths["metadata"], staging / "bundle" / "metadata.json")
+            for package in PACKAGES:  # under the import root the configs name (clinseg.pipelines, ...)
+                shutil.copytree(PROJECT_ROOT / package, staging / "clinseg" / package, ignore=IGNORED)
+            shutil.copy(PROJECT_ROOT / "requirements-deploy.txt", staging / "requirements.txt")
+            values = {"bundle": root.name, "title": metadata["name"], "version": metadata["version"], **kind}
+            values["model"] = f"models/{'model.pt' if model_format == 'checkpoint' else 'model.ts'}"
+            (staging / "app.py").write_text(APP_PY.format(**values))
+            (staging / "__main__.py").write_text(MAIN_PY)
+            (staging / "app.yaml").write_text(APP_YAML.format(**values))
+            (staging / "README.md").write_text(README.format(**values))
+            if is_volume:
+                (staging / "series_rules.json").write_text(json.dumps(CT_RULES, indent=2))
+            report = {"bundle": values["bundle"], "app": str(out_dir), "checkpoint": str(checkpoint), **parity}
+            report["model"] = values["model"]
+            if isinstance(config.get("decision_rule"), dict):
+                report["decision_rule"] = config["decision_rule"]
+            (staging / "models" / "export.json").write_text(json.dumps(report, indent=2))
         built = True
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
         if not built:
-            remove_created(staging.parent, created if created != staging else None)
+            remove_created(out_dir.parent, created if created != out_dir else None)
     return report
 
 

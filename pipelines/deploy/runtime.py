@@ -58,7 +58,7 @@ def load_network(model_path: str | os.PathLike, config: dict) -> torch.nn.Module
     import torch
     from monai.bundle import ConfigParser
 
-    from clinseg.pipelines.checkpoints import check_state_dict, model_state, read_checkpoint
+    from clinseg.pipelines.engine.checkpoints import check_state_dict, model_state, read_checkpoint
 
     path = find_model_file(model_path)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

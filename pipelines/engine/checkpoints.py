@@ -97,7 +97,7 @@ class CheckpointLoader(MonaiCheckpointLoader):
     differs (a training checkpoint resumed with other network settings, another bundle's ``model.pt``)."""
 
     def __call__(self, engine) -> None:
-        from clinseg.pipelines.ensembles import ProbabilityEnsemble, checkpoint_paths
+        from clinseg.pipelines.engine.ensembles import ProbabilityEnsemble, checkpoint_paths
 
         paths = checkpoint_paths(self.load_path)
         if len(paths) > 1:  # an ensemble: each member from its own file, each checked

@@ -15,58 +15,20 @@ Every step is rank-aware: under ``torchrun`` only rank 0 writes outputs, checkpo
 
 from __future__ import annotations
 
-import inspect
 import logging
 import os
 from pathlib import Path
 
 import ignite
 import torch
-import torch.distributed as dist
 from ignite.engine import Engine, Events
 
 from clinseg.datasets.value_types import NonNegativeFloat
 from clinseg.pipelines.cli import require_writable_dir
+from clinseg.pipelines.context import is_rank_zero, running_parser, running_run_arguments  # noqa: F401 (re-exported)
 from clinseg.pipelines.paths import require_output_outside_input
 
 logger = logging.getLogger(__name__)
-
-
-def running_parser():
-    """The ``ConfigParser`` of the bundle workflow being run (after command-line overrides), or None.
-
-    MONAI hands a config expression no reference to its workflow, so the ``ConfigWorkflow`` is found on the call
-    stack (expressions and handlers run inside its ``initialize`` / ``run``)."""
-    from monai.bundle import ConfigWorkflow
-
-    for frame_info in inspect.stack(context=0):
-        candidate = frame_info.frame.f_locals.get("self")
-        if isinstance(candidate, ConfigWorkflow):
-            return candidate.parser
-    return None
-
-
-def is_rank_zero() -> bool:
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
-
-
-def running_run_arguments() -> tuple[list[str], dict] | None:
-    """The config files and the overrides (typed, as ``fire`` read them) of the ``monai.bundle`` run in progress,
-    from the command line or in-process (``monai.bundle.run(...)``); None outside one. MONAI keeps neither after
-    building the workflow, so they are read from its ``create_workflow`` frame, which runs ``initialize``, or once
-    the workflow runs, from the frame of ``monai.bundle.scripts.run`` (its ``override`` keyword arguments)."""
-    for frame_info in inspect.stack(context=0):
-        frame = frame_info.frame
-        if frame.f_globals.get("__name__") != "monai.bundle.scripts":
-            continue
-        if frame.f_code.co_name in ("create_workflow", "run"):
-            arguments_name = "_args" if frame.f_code.co_name == "create_workflow" else "override"
-            files, arguments = frame.f_locals.get("config_file"), frame.f_locals.get(arguments_name) or {}
-            if files is None:
-                return None
-            files = [str(f) for f in files] if isinstance(files, (list, tuple)) else [str(files)]
-            return files, dict(arguments)
-    return None
 
 
 def check_config(parser=None) -> None:
@@ -146,7 +108,8 @@ def run_training(
     so ``inferring``, evaluation and export work after any training. ``resume``: continue from the newest latest
     checkpoint in ``ckpt_dir`` (the resumed run's own folder, chosen by :func:`clinseg.pipelines.runs.run_name`)."""
     from clinseg.pipelines import runs
-    from clinseg.pipelines.handlers import resume_from_latest
+    from clinseg.pipelines.engine import decision
+    from clinseg.pipelines.engine.handlers.checkpointing import resume_from_latest
 
     early_stop.set_trainer(trainer)
     if is_rank_zero():
@@ -176,6 +139,9 @@ def run_training(
                 "epoch": getattr(validator.state, "best_metric_epoch", None) if validated else None,
                 "mode": "max",
                 "validation_fingerprint": validation_fingerprint,
+                # the threshold and component filter chosen on the best epoch's validation cases, where the
+                # bundle searches one (clinseg.pipelines.engine.decision.DecisionRuleSearch)
+                "decision_rule": decision.rule_from(validator) if validated else None,
             },
         )
         if promote_to is not None and record is not None:
@@ -183,7 +149,8 @@ def run_training(
             engine.state.promotion = runs.promote(ckpt_dir, promote_to, decision_file=decision_file)
 
     trainer.add_event_handler(Events.COMPLETED, leave_a_model)
-    from clinseg.pipelines.search import SEARCH_TRIAL_ENV, attach_trial_reporter
+    from clinseg.pipelines.engine.handlers.trials import attach_trial_reporter
+    from clinseg.pipelines.studies import SEARCH_TRIAL_ENV
 
     if os.environ.get(SEARCH_TRIAL_ENV) and is_rank_zero():  # a trial of `pipelines.experiments search`
         attach_trial_reporter(trainer, validator, key_metric)

@@ -1,126 +1,30 @@
-"""Small engine handlers used by the bundle configs."""
+"""Checkpoints written atomically: the best validated model, the latest state to resume from, and the training
+state outside the engines that a resumed run must continue (:class:`TrainingProgress`).
+"""
 
 from __future__ import annotations
 
 import logging
 import re
-import time
 from pathlib import Path
 
 import torch
 from ignite.engine import Engine, Events
-from ignite.handlers import ProgressBar
 from ignite.handlers.checkpoint import BaseSaveHandler
 from monai.handlers import CheckpointSaver, EarlyStopHandler
 
 from clinseg.datasets.io import atomic_write
+from clinseg.pipelines.engine.handlers.evaluation import EvaluationReport
 
 logger = logging.getLogger(__name__)
 
 
-def loss_from_output(output, key: str = "loss") -> float:
-    """The loss of an iteration, whether the engine decollates its output (a list of dicts) or not (a dict)."""
-    value = output[0][key] if isinstance(output, list) else output[key]
-    return float(value)
+def _tracking_handler() -> type:
+    """The MLflow run handler's class, imported when a training state is saved or restored, not with this module:
+    inference and the Deploy apps load checkpoints without the tracking stack."""
+    from clinseg.pipelines.engine.handlers.tracking import BundleMLflowHandler
 
-
-class LossProgressBar(ProgressBar):
-    """ignite's tqdm progress bar, showing the running loss if ``loss_key`` is set, whose line is ended when the run
-    fails mid-epoch (before the error is printed).
-
-    Bundle handler lists can only call ``attach(engine)``, so the output transform is chosen here.
-    """
-
-    def __init__(self, loss_key: str | None = "loss", **kwargs):
-        kwargs.setdefault("persist", True)
-        super().__init__(**kwargs)
-        self.loss_key = loss_key
-
-    def attach(self, engine: Engine, metric_names=None, output_transform=None, **kwargs) -> None:
-        if output_transform is None and self.loss_key is not None:
-            key = self.loss_key
-
-            def output_transform(output):
-                return {key: loss_from_output(output, key)}
-
-        super().attach(engine, metric_names=metric_names, output_transform=output_transform, **kwargs)
-        engine.add_event_handler(Events.ITERATION_COMPLETED, self._close_after_last_iteration)
-        engine.add_event_handler(Events.EXCEPTION_RAISED, self._end_line)
-
-    def _close_after_last_iteration(self, engine: Engine) -> None:
-        # the bar's line ends with the epoch's last iteration, before the epoch's handlers run (validation, saves):
-        # an error they raise is printed on a line of its own
-        length = engine.state.epoch_length
-        if length and engine.state.iteration % length == 0:
-            self._close(engine)
-
-    def _end_line(self, engine: Engine, error: BaseException) -> None:
-        """A run that fails mid-epoch: the bar's line is ended as it stands (not filled to 100 %), so the error's
-        one line is printed on a line of its own; the error then goes on."""
-        if self.pbar is not None:
-            self.pbar.close()
-            self.pbar = None
-        raise error
-
-
-class EpochSummary:
-    """One log line per training epoch: mean loss, the key validation metric (and its best so far), lr, time."""
-
-    def __init__(self, validator: Engine | None = None, key_metric: str | None = None, loss_key: str = "loss"):
-        self.validator, self.key_metric, self.loss_key = validator, key_metric, loss_key
-        self.logger = logging.getLogger("train")
-        self._losses: list[float] = []
-        self._start = 0.0
-        self._best: tuple[float, int] | None = None
-
-    def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.EPOCH_STARTED, self._epoch_started)
-        engine.add_event_handler(Events.ITERATION_COMPLETED, self._iteration_completed)
-        engine.add_event_handler(Events.EPOCH_COMPLETED, self._epoch_completed)
-
-    def _epoch_started(self, engine: Engine) -> None:
-        self._losses, self._start = [], time.perf_counter()
-
-    def _iteration_completed(self, engine: Engine) -> None:
-        self._losses.append(loss_from_output(engine.state.output, self.loss_key))
-
-    def _epoch_completed(self, engine: Engine) -> None:
-        parts = [f"epoch {engine.state.epoch}/{engine.state.max_epochs}"]
-        if self._losses:
-            parts.append(f"loss {sum(self._losses) / len(self._losses):.4f}")
-        metrics = self.validator.state.metrics if self.validator is not None else {}
-        if self.key_metric and self.key_metric in metrics:
-            value = float(metrics[self.key_metric])
-            if self._best is None or value > self._best[0]:
-                self._best = (value, engine.state.epoch)
-            parts.append(f"{self.key_metric} {value:.4f} (best {self._best[0]:.4f} at epoch {self._best[1]})")
-        optimizer = getattr(engine, "optimizer", None)
-        if optimizer is not None:
-            parts.append(f"lr {optimizer.param_groups[0]['lr']:.2e}")
-        parts.append(f"{time.perf_counter() - self._start:.1f} s")
-        self.logger.info(" | ".join(parts))
-
-
-class TrainingMonitor:
-    """What follows each validation and what a person watching a training sees: the LR schedule stepped on the key
-    validation metric (on every rank, so the ranks stay in step), one summary line per epoch and a progress bar
-    with the running loss (rank 0 only)."""
-
-    def __init__(self, validator: Engine, lr_scheduler, key_metric: str, progress_bar: bool = True):
-        from monai.handlers import LrScheduleHandler
-
-        from clinseg.pipelines.workflow import is_rank_zero
-
-        self.lr_schedule = LrScheduleHandler(
-            lr_scheduler, print_lr=False, step_transform=lambda engine: validator.state.metrics.get(key_metric, 0.0)
-        )
-        self.summary = EpochSummary(validator, key_metric) if is_rank_zero() else None
-        self.progress = LossProgressBar() if progress_bar and is_rank_zero() else None
-
-    def attach(self, engine: Engine) -> None:
-        for handler in (self.lr_schedule, self.summary, self.progress):
-            if handler is not None:
-                handler.attach(engine)
+    return BundleMLflowHandler
 
 
 class TrainingProgress:
@@ -133,8 +37,9 @@ class TrainingProgress:
     def __init__(self, validator: Engine, validate_handlers: list, train_handlers: list):
         self.validator, self.validate_handlers, self.train_handlers = validator, validate_handlers, train_handlers
 
-    def _find(self, handlers: list, kind: str):
-        return next((h for h in handlers if type(h).__name__ == kind), None)
+    @staticmethod
+    def _find(handlers: list, kind: type):
+        return next((h for h in handlers if isinstance(h, kind)), None)
 
     def state_dict(self) -> dict:
         state = {
@@ -144,13 +49,13 @@ class TrainingProgress:
         saver = next((h for h in self.validate_handlers if getattr(h, "_key_metric_checkpoint", None)), None)
         if saver is not None:
             state["best_model_saver"] = saver._key_metric_checkpoint.state_dict()
-        early_stop = self._find(self.validate_handlers, "EarlyStopHandler")
+        early_stop = self._find(self.validate_handlers, EarlyStopHandler)
         if early_stop is not None and getattr(early_stop, "_handler", None) is not None:
             state["early_stop"] = dict(early_stop._handler.state_dict())
-        report = self._find(self.validate_handlers, "EvaluationReport")
+        report = self._find(self.validate_handlers, EvaluationReport)
         if report is not None and report.best is not None:
             state["report_best"] = list(report.best)
-        tracker = self._find(self.train_handlers, "BundleMLflowHandler")
+        tracker = self._find(self.train_handlers, _tracking_handler())
         if tracker is not None and tracker.cur_run is not None:
             state["mlflow_run_id"] = tracker.cur_run.info.run_id
         return state
@@ -161,13 +66,13 @@ class TrainingProgress:
         saver = next((h for h in self.validate_handlers if getattr(h, "_key_metric_checkpoint", None)), None)
         if saver is not None and "best_model_saver" in state:
             saver.load_state_dict(state["best_model_saver"])
-        early_stop = self._find(self.validate_handlers, "EarlyStopHandler")
+        early_stop = self._find(self.validate_handlers, EarlyStopHandler)
         if early_stop is not None and getattr(early_stop, "_handler", None) is not None and "early_stop" in state:
             early_stop._handler.load_state_dict(state["early_stop"])
-        report = self._find(self.validate_handlers, "EvaluationReport")
+        report = self._find(self.validate_handlers, EvaluationReport)
         if report is not None and "report_best" in state:
             report.best = tuple(state["report_best"])
-        tracker = self._find(self.train_handlers, "BundleMLflowHandler")
+        tracker = self._find(self.train_handlers, _tracking_handler())
         if tracker is not None and state.get("mlflow_run_id"):
             tracker.link_resumed_run(state["mlflow_run_id"])
 
@@ -190,7 +95,7 @@ def resume_from_latest(trainer: Engine, latest_checkpoint, ckpt_dir: str) -> str
         DataError: when ``ckpt_dir`` holds no latest checkpoint to resume from.
     """
     from clinseg.datasets.errors import DataError
-    from clinseg.pipelines.checkpoints import CheckpointLoader
+    from clinseg.pipelines.engine.checkpoints import CheckpointLoader
 
     found = latest_checkpoints(ckpt_dir)
     if not found:
@@ -289,13 +194,3 @@ class LatestCheckpointSaver(AtomicCheckpointSaver):
             "progress": TrainingProgress(validator, validate_handlers, train_handlers),
         }
         super().__init__(save_dir=save_dir, save_dict=save_dict, file_prefix="latest", save_interval=1, n_saved=1)
-
-
-def early_stop_on(key_metric: str, patience: int) -> EarlyStopHandler:
-    """Stop training when ``key_metric`` has not improved for ``patience`` validations; 0 never stops. The trainer
-    is set by :func:`clinseg.pipelines.workflow.run_training`."""
-    return EarlyStopHandler(
-        patience=patience if patience > 0 else 2**31,
-        score_function=lambda engine: engine.state.metrics[key_metric],
-        epoch_level=True,
-    )

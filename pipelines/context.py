@@ -1,0 +1,49 @@
+"""The bundle run in progress: its config parser, its command-line arguments and its rank.
+
+MONAI hands a config expression or a handler no reference to the workflow that runs it, so the ``ConfigWorkflow``
+and the arguments of ``monai.bundle run`` are found on the call stack, here and nowhere else. Used by the engine
+(the shared workflow, the handlers), the config checks and the run names in tracking.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch.distributed as dist
+
+
+def running_parser():
+    """The ``ConfigParser`` of the bundle workflow being run (after command-line overrides), or None.
+
+    MONAI hands a config expression no reference to its workflow, so the ``ConfigWorkflow`` is found on the call
+    stack (expressions and handlers run inside its ``initialize`` / ``run``)."""
+    from monai.bundle import ConfigWorkflow
+
+    for frame_info in inspect.stack(context=0):
+        candidate = frame_info.frame.f_locals.get("self")
+        if isinstance(candidate, ConfigWorkflow):
+            return candidate.parser
+    return None
+
+
+def is_rank_zero() -> bool:
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def running_run_arguments() -> tuple[list[str], dict] | None:
+    """The config files and the overrides (typed, as ``fire`` read them) of the ``monai.bundle`` run in progress,
+    from the command line or in-process (``monai.bundle.run(...)``); None outside one. MONAI keeps neither after
+    building the workflow, so they are read from its ``create_workflow`` frame, which runs ``initialize``, or once
+    the workflow runs, from the frame of ``monai.bundle.scripts.run`` (its ``override`` keyword arguments)."""
+    for frame_info in inspect.stack(context=0):
+        frame = frame_info.frame
+        if frame.f_globals.get("__name__") != "monai.bundle.scripts":
+            continue
+        if frame.f_code.co_name in ("create_workflow", "run"):
+            arguments_name = "_args" if frame.f_code.co_name == "create_workflow" else "override"
+            files, arguments = frame.f_locals.get("config_file"), frame.f_locals.get(arguments_name) or {}
+            if files is None:
+                return None
+            files = [str(f) for f in files] if isinstance(files, (list, tuple)) else [str(files)]
+            return files, dict(arguments)
+    return None

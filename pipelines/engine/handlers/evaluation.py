@@ -1,0 +1,252 @@
+"""Evaluator handlers: the per-class metric report (JSON, a text table, overlays) and MONAI's metric tables, both
+written atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import uuid
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+from ignite.engine import Engine, Events
+from monai.handlers import MetricsSaver
+
+from clinseg.datasets.io import atomic_write_all, write_error
+from clinseg.pipelines.engine.pictures import (
+    DEFAULT_PALETTE,
+    class_legend,
+    comparison_panel,
+    display_slices,
+    to_label_map,
+    to_numpy,
+    with_caption,
+)
+from clinseg.pipelines.engine.writers import atomic_write_json, save_png
+
+logger = logging.getLogger(__name__)
+
+
+class EvaluationReport:
+    """Evaluator handler: per-class metric summary (JSON), per-class metrics for the trackers, and overlays.
+
+    At each evaluation epoch it averages ``engine.state.metric_details`` per class, adds them to
+    ``engine.state.metrics`` as ``<metric>/<class>`` (so the MLflow and stats handlers listed after it record
+    them), writes ``metrics.json`` and saves ``image | prediction | reference`` panels of the first images.
+
+    Args:
+        output_dir: where ``metrics.json`` and ``overlays/`` go.
+        class_names: all class names, background first; details of metrics without background use ``[1:]``.
+        num_overlays: how many images get a panel (-1: all).
+        palette: class colours.
+        key_metric: name of the key metric, whose best value and epoch are reported.
+        pixel_size_um: micrometres per pixel along the measured axis, if known: ``*_px`` metrics are also given
+            in micrometres (``*_um``).
+        print_table: log a per-class table of every metric at the end of each epoch (evaluation runs).
+        model: what was evaluated (:func:`clinseg.pipelines.runs.provenance`: the checkpoint, its SHA-256 and the
+            training run), written into ``metrics.json``.
+    """
+
+    def __init__(
+        self,
+        output_dir: str,
+        class_names: Sequence[str],
+        num_overlays: int = 4,
+        palette: Sequence[Sequence[int]] | None = None,
+        key_metric: str | None = None,
+        pixel_size_um: float | None = None,
+        print_table: bool = False,
+        model: Mapping | None = None,
+        image_key: str = "image",
+        pred_key: str = "pred",
+        label_key: str = "label",
+    ):
+        self.output_dir = Path(output_dir)
+        self.class_names = list(class_names)
+        self.num_overlays = num_overlays
+        self.palette = palette or DEFAULT_PALETTE
+        self.key_metric = key_metric
+        self.pixel_size_um = pixel_size_um
+        self.print_table = print_table
+        self.model = dict(model) if model else None
+        self.keys = (image_key, pred_key, label_key)
+        self.best: tuple[float, int] | None = None
+        self._saved = 0
+        self.anatomy: dict[str, dict] = {}
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_STARTED, self._reset)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self.iteration_completed)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self.epoch_completed)
+
+    def _reset(self, engine: Engine) -> None:
+        self._saved = 0
+        self.anatomy: dict[str, dict] = {}
+
+    def _record_anatomy(self, outputs: list, batches: list) -> None:
+        """The per-case anatomy verdicts (``clinseg.transforms.ct_anatomy``), when the post-processing made them."""
+        for index, (output, batch) in enumerate(zip(outputs, batches, strict=False)):
+            # MONAI's post-processing writes keys that came with the batch back into the batch
+            found = [d.get("anatomy") for d in (output, batch) if isinstance(d, Mapping)]
+            found = [text for text in found if isinstance(text, str)]
+            if found:
+                verdict = json.loads(found[0])
+                name = str(batch.get("id", f"image{index:03d}")) if isinstance(batch, Mapping) else str(index)
+                keep = ("field_of_view", "heart_expected", "flags", "outside_anatomy_ml", "volume_reportable")
+                self.anatomy[name] = {key: verdict[key] for key in keep}
+
+    def iteration_completed(self, engine: Engine) -> None:
+        outputs = engine.state.output if isinstance(engine.state.output, list) else [engine.state.output]
+        batches = engine.state.batch if isinstance(engine.state.batch, list) else [engine.state.batch] * len(outputs)
+        self._record_anatomy(outputs, batches)
+        if 0 <= self.num_overlays <= self._saved:
+            return
+        image_key, pred_key, label_key = self.keys
+        for output, batch in zip(outputs, batches, strict=False):
+            if 0 <= self.num_overlays <= self._saved:
+                break
+            name = str(batch.get("id", f"image{self._saved:03d}")) if isinstance(batch, Mapping) else str(self._saved)
+            reference = to_label_map(output[label_key]) if label_key in output else None
+            image, prediction, reference = display_slices(output[image_key], to_label_map(output[pred_key]), reference)
+            panel = comparison_panel(image, prediction, reference, self.palette)
+            shown = "image | prediction of this model" + (" | reference" if reference is not None else "")
+            caption = [f"{name}: {shown} (left to right)"]
+            panel = with_caption(panel, caption, class_legend(self.class_names, self.palette))
+            save_png(self.output_dir / "overlays" / f"{name}.png", panel)
+            self._saved += 1
+
+    def per_class(self, engine: Engine) -> dict[str, dict[str, float]]:
+        summary = {}
+        for metric, details in (getattr(engine.state, "metric_details", None) or {}).items():
+            values = to_numpy(details).astype(np.float64)
+            if values.ndim == 3 and values.shape[-1] == 4:  # confusion matrices [tp, fp, tn, fn] per image and class
+                values = _confusion_metric(values.sum(axis=0, keepdims=True), metric)
+                if values is None:
+                    continue
+            if values.ndim != 2 or values.shape[1] <= 1:
+                continue
+            names = self.class_names[-values.shape[1] :]  # metrics without background drop class 0
+            with np.errstate(all="ignore"):
+                means = np.nanmean(np.where(np.isinf(values), np.nan, values), axis=0)
+            summary[metric] = {name: float(v) for name, v in zip(names, means, strict=False)}
+            if self.pixel_size_um and metric.endswith("_px"):
+                summary[metric[:-3] + "_um"] = {
+                    name: float(v) * self.pixel_size_um for name, v in zip(names, means, strict=True)
+                }
+        return summary
+
+    def epoch_completed(self, engine: Engine) -> None:
+        per_class = self.per_class(engine)
+        for metric, values in per_class.items():
+            for name, value in values.items():
+                engine.state.metrics[f"{metric}/{name}"] = value
+        means = {k: float(v) for k, v in engine.state.metrics.items() if "/" not in k and np.isscalar(v)}
+        if self.pixel_size_um:
+            for key in [k for k in means if k.endswith("_px")]:
+                means[key[:-3] + "_um"] = engine.state.metrics[key[:-3] + "_um"] = means[key] * self.pixel_size_um
+        details = getattr(engine.state, "metric_details", None) or {}
+        n_images = len(next(iter(details.values()))) if details else None
+        report = {"mean": means, "per_class": per_class, "n_images": n_images}
+        if self.anatomy:
+            report["anatomy"] = self.anatomy
+        if self.model:
+            report["model"] = self.model
+        if self.key_metric and self.key_metric in means:
+            value = means[self.key_metric]
+            epoch = engine.state.epoch  # an evaluator run by a trainer counts the trainer's epochs
+            if self.best is None or value > self.best[0]:
+                self.best = (value, epoch)
+            report["best"] = {"metric": self.key_metric, "value": self.best[0], "epoch": self.best[1]}
+        path = atomic_write_json(self.output_dir / "metrics.json", report)
+        if self.print_table:
+            logger.info(f"metrics of {n_images} images (written to {path}):\n{format_table(report)}")
+
+
+class AtomicMetricsSaver(MetricsSaver):
+    """MONAI's ``MetricsSaver`` (same arguments) whose tables are written into a hidden folder beside them, then
+    renamed into ``save_dir`` together once all are written: a failed write leaves none of them (and the earlier
+    tables intact), and a write the environment refuses is a ``DataError`` naming the table being written."""
+
+    def __call__(self, engine: Engine) -> None:
+        final_dir = Path(self.save_dir)
+        staging = final_dir / f".tmp{os.getpid()}-{uuid.uuid4().hex[:8]}.tables"
+        self.save_dir = str(staging)
+        try:
+            try:
+                super().__call__(engine)
+            except OSError as e:  # MONAI's plain open(): a full disk's error names no file
+                written = sorted(staging.iterdir(), key=lambda p: p.stat().st_mtime_ns) if staging.is_dir() else []
+                target = final_dir / written[-1].name if written else final_dir
+                error = write_error(target, e, written[-1] if written else None)
+                if error is None:
+                    raise
+                raise error from e
+            tables = sorted(staging.iterdir()) if staging.is_dir() else []
+            atomic_write_all([(final_dir / table.name, lambda tmp, t=table: os.replace(t, tmp)) for table in tables])
+        finally:
+            self.save_dir = str(final_dir)
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+class EvaluationOutputs:
+    """The files of an evaluation run: the per-class report with an overlay of every image
+    (:class:`EvaluationReport`, rank 0) and MONAI's metric tables (:class:`AtomicMetricsSaver`: summaries and
+    per-image ``*_raw.csv``, gathered across ranks, so attached on every rank)."""
+
+    def __init__(
+        self,
+        output_dir: str,
+        class_names: Sequence[str],
+        palette: Sequence[Sequence[int]] | None = None,
+        pixel_size_um: float | None = None,
+        model: Mapping | None = None,
+    ):
+        from clinseg.pipelines.context import is_rank_zero
+
+        self.report = None
+        if is_rank_zero():
+            self.report = EvaluationReport(
+                output_dir, class_names, num_overlays=-1, palette=palette, pixel_size_um=pixel_size_um,
+                print_table=True, model=model,
+            )  # fmt: skip
+        self.tables = AtomicMetricsSaver(
+            save_dir=output_dir,
+            metrics="*",
+            metric_details="*",
+            batch_transform=lambda batch: [{"filename_or_obj": item["id"]} for item in batch],
+        )
+
+    def attach(self, engine: Engine) -> None:
+        if self.report is not None:
+            self.report.attach(engine)
+        self.tables.attach(engine)
+
+
+def format_table(report: Mapping) -> str:
+    """Metrics as a text table: one row per metric, its mean then one column per class."""
+    per_class = report.get("per_class", {})
+    classes = list(dict.fromkeys(name for values in per_class.values() for name in values))
+    header = ["metric", "mean", *classes]
+    rows = [header]
+    for metric, mean in report.get("mean", {}).items():
+        values = per_class.get(metric, {})
+        rows.append([metric, f"{mean:.4f}", *(f"{values[c]:.4f}" if c in values else "" for c in classes)])
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    return "\n".join("  ".join(cell.rjust(width) for cell, width in zip(row, widths, strict=False)) for row in rows)
+
+
+def _confusion_metric(matrix: np.ndarray, metric: str) -> np.ndarray | None:
+    """Per-class precision / recall / specificity from pooled ``[tp, fp, tn, fn]`` counts, or None."""
+    tp, fp, tn, fn = (matrix[..., i] for i in range(4))
+    with np.errstate(all="ignore"):
+        if "precision" in metric:
+            return tp / (tp + fp)
+        if "recall" in metric or "sensitivity" in metric:
+            return tp / (tp + fn)
+        if "specificity" in metric:
+            return tn / (tn + fp)
+    return None

@@ -1,0 +1,46 @@
+"""What follows each validation: the learning-rate schedule stepped on the key metric, early stopping, and the
+progress a person watching sees (:mod:`clinseg.pipelines.engine.handlers.progress`).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from ignite.engine import Engine
+from monai.handlers import EarlyStopHandler
+
+from clinseg.pipelines.engine.handlers.progress import EpochSummary, LossProgressBar
+
+logger = logging.getLogger(__name__)
+
+
+class TrainingMonitor:
+    """What follows each validation and what a person watching a training sees: the LR schedule stepped on the key
+    validation metric (on every rank, so the ranks stay in step), one summary line per epoch and a progress bar
+    with the running loss (rank 0 only)."""
+
+    def __init__(self, validator: Engine, lr_scheduler, key_metric: str, progress_bar: bool = True):
+        from monai.handlers import LrScheduleHandler
+
+        from clinseg.pipelines.context import is_rank_zero
+
+        self.lr_schedule = LrScheduleHandler(
+            lr_scheduler, print_lr=False, step_transform=lambda engine: validator.state.metrics.get(key_metric, 0.0)
+        )
+        self.summary = EpochSummary(validator, key_metric) if is_rank_zero() else None
+        self.progress = LossProgressBar() if progress_bar and is_rank_zero() else None
+
+    def attach(self, engine: Engine) -> None:
+        for handler in (self.lr_schedule, self.summary, self.progress):
+            if handler is not None:
+                handler.attach(engine)
+
+
+def early_stop_on(key_metric: str, patience: int) -> EarlyStopHandler:
+    """Stop training when ``key_metric`` has not improved for ``patience`` validations; 0 never stops. The trainer
+    is set by :func:`clinseg.pipelines.engine.workflow.run_training`."""
+    return EarlyStopHandler(
+        patience=patience if patience > 0 else 2**31,
+        score_function=lambda engine: engine.state.metrics[key_metric],
+        epoch_level=True,
+    )

@@ -1,0 +1,377 @@
+"""Writers of results: the segmentation files and the per-case JSON of inference, and the ledger of what a run
+wrote.
+
+Every file is written to a temporary name and renamed, so an interrupted run never leaves a half-written
+picture or JSON under the real name; the files of one case are renamed together, once all are written
+(:func:`clinseg.datasets.io.atomic_write_all`), so a failed case leaves none of them. A write the environment refuses
+(a full disk, no permission, a read-only folder, a file where a folder is expected) ends in a ``DataError`` naming
+the file and the cause.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from monai.config import KeysCollection
+from monai.transforms import MapTransform
+from PIL import Image
+
+from clinseg.datasets.errors import DataError
+from clinseg.datasets.io import RESERVED_RESULT_NAMES, atomic_write, atomic_write_all, nifti_writer
+from clinseg.pipelines.engine.pictures import (
+    DEFAULT_PALETTE,
+    orthogonal_views,
+    overlay,
+    to_label_map,
+    to_numpy,
+    with_caption,
+)
+from clinseg.transforms.fundus import FOV_SOURCE_SUFFIX
+
+logger = logging.getLogger(__name__)
+
+
+def json_writer(content):
+    """What writes ``content`` as JSON to the file it is given; the text is made now, so only the write can fail."""
+    text = json.dumps(content, indent=2, default=_json_default)
+    return lambda tmp: tmp.write_text(text)
+
+
+def png_writer(array: np.ndarray):
+    """What writes ``array`` as a PNG to the file it is given (encoded by then, so only the write can fail)."""
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    data = buffer.getvalue()
+    return lambda tmp: tmp.write_bytes(data)
+
+
+def atomic_write_json(path: str | os.PathLike, content) -> Path:
+    return atomic_write(path, json_writer(content))
+
+
+def _json_default(value):
+    if isinstance(value, (np.generic, torch.Tensor)):
+        return value.item()
+    return str(value)
+
+
+def save_png(path: str | os.PathLike, array: np.ndarray) -> Path:
+    return atomic_write(path, png_writer(array))
+
+
+class ResultLedger:
+    """What a per-case results writer has written in this run, so that the run's summary counts the files that
+    exist, not the inputs it was given, and no case overwrites another's results.
+
+    A writer calls :meth:`claim` before writing a case (a second case of the same name, compared ignoring case, is
+    refused before any of its files is written), writes the case's files with :meth:`write_case` (all or none: a
+    write that fails leaves none of them, the earlier files under their names intact, and ends the run with a
+    ``DataError`` naming the file) and calls :meth:`record` once they are in place, so a case whose write failed is
+    never counted as written. :meth:`write_summary`, called once the run is over
+    (``"$print(@results_writer.write_summary(@datalist, 'masks'))"`` in a config), writes
+    ``<output_dir>/inference_summary.json`` and returns the one-line account to print; a run that fails before
+    writes none (an earlier run's summary in the folder is left as it was).
+    """
+
+    output_dir: Path
+
+    def _ledger(self) -> dict[str, dict]:
+        if not hasattr(self, "_written"):
+            self._written: dict[str, dict] = {}
+        return self._written
+
+    def claim(self, name: str, source: str) -> None:
+        earlier = self._ledger().get(name.casefold())
+        if earlier is not None and earlier["source"] != source:
+            raise DataError(
+                source,
+                f"its results would overwrite those of {earlier['source']} in {self.output_dir} (both are named "
+                f"{name!r}).",
+                "Give the inputs distinct names; data lists built with clinseg.datasets.io.unique_ids never collide.",
+            )
+
+    def write_case(self, files: Mapping[str, Callable[[Path], object]]) -> list[Path]:
+        """Write a case's files (names in :attr:`output_dir`, each with its writer) together: all or none."""
+        return atomic_write_all([(self.output_dir / name, write) for name, write in files.items()])
+
+    def record(self, case: dict) -> None:
+        self._ledger()[str(case["id"]).casefold()] = case
+
+    @property
+    def written(self) -> list[dict]:
+        return list(self._ledger().values())
+
+    def write_summary(
+        self, datalist: Sequence[Mapping] | None = None, what: str = "results", model: Mapping | None = None
+    ) -> str:
+        """Write ``inference_summary.json`` (the cases written, those renamed or not written, and ``model``: what
+        inferred them, :func:`clinseg.pipelines.runs.provenance`) and return the line to print."""
+        cases = self.written
+        renamed = [case for case in cases if case.get("original_id", case["id"]) != case["id"]]
+        assumed = [case for case in cases if case.get("geometry_assumed")]
+        written_ids = {str(case["id"]) for case in cases}
+        missing = [item for item in datalist or [] if str(item.get("id")) not in written_ids]
+        summary = {
+            "n_inputs": len(datalist) if datalist is not None else len(cases),
+            "n_written": len(cases),
+            "cases": cases,
+            "renamed": [{"source": c["source"], "original_id": c["original_id"], "id": c["id"]} for c in renamed],
+            "geometry_assumed": [
+                {"id": c["id"], "source": c["source"], "geometry": c["geometry_assumed"]} for c in assumed
+            ],
+            "not_written": [str(item.get("source", item.get("image", item.get("id")))) for item in missing],
+        }
+        if model:
+            summary["model"] = dict(model)
+        path = atomic_write_json(self.output_dir / f"{RESERVED_RESULT_NAMES[0]}.json", summary)
+        message = (
+            f"wrote {len(cases)} of {summary['n_inputs']} {what} to {self.output_dir.resolve()} (list: {path.name})"
+        )
+        if renamed:
+            message += "; renamed to keep results apart: " + ", ".join(
+                f"{Path(c['source']).name} -> {c['id']}" for c in renamed
+            )
+        if assumed:
+            message += f"; geometry ASSUMED for {len(assumed)} (see 'geometry_assumed' in their JSON)"
+        if missing:
+            message += f"; NOT written: {', '.join(summary['not_written'])}"
+        return message
+
+
+class SaveSegmentationd(MapTransform, ResultLedger):
+    """Write, per image, the label map (index PNG), a colour overlay PNG and a JSON summary.
+
+    Use after the prediction is inverted to the input's grid and turned into a ``(1, H, W)`` label map. Outputs
+    are ``<output_dir>/<id>_seg.png``, ``<id>_overlay.png``, ``<id>.json``, and ``<id>_prob.png`` (foreground
+    probability, 0-255) when ``prob_key`` names a ``(2, H, W)`` probability map.
+
+    The summary gives each class's area fraction (inside the field of view when ``fov_key`` is given; the
+    prediction outside it is set to background) and, with ``thickness=True`` (layered tissue such as the retina in
+    OCT), each class's mean thickness per column in pixels, and in micrometres when ``pixel_size_um`` is given.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        output_dir: str,
+        class_names: Sequence[str],
+        image_key: str = "image",
+        id_key: str = "id",
+        prob_key: str | None = None,
+        fov_key: str | None = None,
+        palette: Sequence[Sequence[int]] | None = None,
+        thickness: bool = False,
+        pixel_size_um: float | None = None,
+        allow_missing_keys: bool = False,
+    ):
+        super().__init__(keys, allow_missing_keys)
+        self.output_dir = Path(output_dir)
+        self.class_names = list(class_names)
+        self.image_key, self.id_key, self.prob_key, self.fov_key = image_key, id_key, prob_key, fov_key
+        self.palette = palette or DEFAULT_PALETTE
+        self.thickness = thickness
+        self.pixel_size_um = pixel_size_um
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            label_map = to_label_map(d[key])
+            inside = np.ones(label_map.shape, bool)
+            if self.fov_key and self.fov_key in d:
+                inside = to_numpy(d[self.fov_key]).reshape(label_map.shape) > 0
+                label_map = np.where(inside, label_map, 0)
+            name = str(d.get(self.id_key, "image"))
+            source = str(d.get("source", d.get("image_path", name)))
+            self.claim(name, source)
+            files = {
+                f"{name}_seg.png": png_writer(label_map.astype(np.uint8)),
+                f"{name}_overlay.png": png_writer(overlay(d[self.image_key], label_map, self.palette)),
+            }
+            if self.prob_key and self.prob_key in d:
+                probability = to_numpy(d[self.prob_key])[-1] * inside
+                files[f"{name}_prob.png"] = png_writer((np.clip(probability, 0, 1) * 255).astype(np.uint8))
+            field = "whole image"
+            if self.fov_key and self.fov_key in d:
+                field = str(d.get(self.fov_key + FOV_SOURCE_SUFFIX) or "given")
+                if field == "estimated":  # what the results were confined to, for a person to check
+                    files[f"{name}_fov.png"] = png_writer(inside.astype(np.uint8) * 255)
+            n_inside = max(int(inside.sum()), 1)
+            summary = {
+                "id": name,
+                **_renaming(d, name),
+                "shape": list(label_map.shape),
+                **({"field_of_view": field} if self.fov_key else {}),
+                **_fov_scale(d),
+                "classes_present": [
+                    self.class_names[i] for i in np.unique(label_map) if 0 <= i < len(self.class_names)
+                ],
+                "area_fraction": {
+                    cls: float(((label_map == index) & inside).sum() / n_inside)
+                    for index, cls in enumerate(self.class_names)
+                },
+            }
+            if self.thickness:
+                thickness = {
+                    cls: float((label_map == index).sum(axis=0).mean())
+                    for index, cls in enumerate(self.class_names)
+                    if index
+                }
+                summary["mean_thickness_px"] = thickness
+                if self.pixel_size_um:
+                    summary["mean_thickness_um"] = {k: v * self.pixel_size_um for k, v in thickness.items()}
+            files[f"{name}.json"] = json_writer(summary)
+            self.write_case(files)
+            self.record(
+                {"id": name, "source": source, "original_id": summary.get("original_id", name), "files": list(files)}
+            )
+        return d
+
+
+def _fov_scale(d: Mapping) -> dict:
+    """``resampled_by``: the factor the photograph was resampled by for the network (``ScaleToFOVd``), when not 1."""
+    for value in d.values():
+        factor = getattr(value, "meta", {}).get("fov_scale") if isinstance(value, torch.Tensor) else None
+        if factor is not None:
+            return {"resampled_by": round(float(factor), 4)} if float(factor) != 1.0 else {}
+    return {}
+
+
+def _renaming(d: Mapping, name: str) -> dict:
+    """``original_id`` and why, for a case renamed to keep its results apart from another input's."""
+    original = str(d.get("original_id") or name)
+    if original == name:
+        return {}
+    return {"original_id": original, "renamed": f"another input also has the name {original!r}"}
+
+
+def _geometry_assumed(*tensors) -> str:
+    """The ``geometry_assumed`` note of the first of ``tensors`` whose metadata has one, else ''."""
+    for tensor in tensors:
+        note = getattr(tensor, "meta", {}).get("geometry_assumed") if tensor is not None else None
+        if isinstance(note, (list, tuple)):  # collated
+            note = note[0] if note else ""
+        if note:
+            return str(note)
+    return ""
+
+
+class SaveVolumeSegmentationd(MapTransform, ResultLedger):
+    """Write, per volume, the label map as NIfTI on the input's grid, a JSON summary and an overlay picture.
+
+    Use after ``Invertd`` has brought the ``(1, X, Y, Z)`` label map back to the input's grid: the NIfTI gets the
+    input's shape and affine (for a DICOM series, its patient space in RAS). The JSON gives each class's voxel
+    count and volume in millilitres, the spacing, shape and source; ``<id>_views.png`` shows axial, coronal and
+    sagittal slices through the structure. Files are written atomically: a failed case leaves none of its files.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        output_dir: str,
+        class_names: Sequence[str],
+        image_key: str = "image",
+        id_key: str = "id",
+        palette: Sequence[Sequence[int]] | None = None,
+        postfix: str = "seg",
+        anatomy_key: str = "anatomy",
+        allow_missing_keys: bool = False,
+    ):
+        super().__init__(keys, allow_missing_keys)
+        self.output_dir = Path(output_dir)
+        self.class_names = list(class_names)
+        self.image_key, self.id_key = image_key, id_key
+        self.palette = palette or DEFAULT_PALETTE
+        self.postfix = postfix
+        self.anatomy_key = anatomy_key
+
+    def caption(self, summary: Mapping) -> list[str]:
+        """What the views show: the case, the prediction's colour, each class's volume (or why it is withheld) and
+        the anatomy verdict."""
+        shown = "; ".join(
+            f"{cls}: {ml:.0f} mL" if ml is not None else f"{cls}: volume withheld"
+            for cls, ml in summary["volume_ml"].items()
+        )
+        lines = [f"{summary['id']}: axial, coronal, sagittal through the prediction (coloured); {shown}"]
+        if "field_of_view" in summary:
+            flags = ", ".join(summary.get("anatomy_flags", [])) or "none"
+            lines.append(
+                f"field of view {summary['field_of_view']}, heart expected {summary['heart_expected']}; flags: {flags}"
+            )
+        return lines
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        from clinseg.pipelines.engine.metrics import volume_ml
+
+        d = dict(data)
+        for key in self.key_iterator(d):
+            prediction = d[key]
+            label_map = to_label_map(prediction).astype(np.uint8)
+            affine = to_numpy(prediction.affine).astype(np.float64)
+            spacing = np.linalg.norm(affine[:3, :3], axis=0)
+            name = str(d.get(self.id_key, "volume"))
+            source = prediction.meta.get("filename_or_obj", "") if hasattr(prediction, "meta") else ""
+            source = str(d.get("source") or source)
+            self.claim(name, source)
+            assumed = _geometry_assumed(prediction, d.get(self.image_key))
+            summary = {
+                "id": name,
+                **_renaming(d, name),
+                "source": source,
+                "shape": list(label_map.shape),
+                "spacing_mm": [round(float(s), 4) for s in spacing],
+                "affine": affine.round(6).tolist(),
+                "voxels": {cls: int((label_map == i).sum()) for i, cls in enumerate(self.class_names) if i},
+                "volume_ml": {
+                    cls: round(volume_ml(label_map == i, spacing), 3) for i, cls in enumerate(self.class_names) if i
+                },
+            }
+            if assumed:  # the volumes below rest on a spacing the user gave, not on the file's own geometry
+                summary["geometry_assumed"] = assumed
+            if self.anatomy_key in d:  # the field-of-view verdict (clinseg.transforms.ct_anatomy)
+                anatomy = json.loads(d[self.anatomy_key])
+                summary.update(
+                    field_of_view=anatomy["field_of_view"],
+                    heart_expected=anatomy["heart_expected"],
+                    anatomy_flags=anatomy["flags"],
+                    anatomy=anatomy,
+                )
+                if not anatomy["volume_reportable"]:
+                    # the mask's content stays available, under a name that does not read as the organ's volume
+                    summary["segmented_volume_ml"] = summary["volume_ml"]
+                    summary["volume_ml"] = {cls: None for cls in summary["volume_ml"]}
+                    summary["volume_withheld"] = "; ".join(anatomy["reasons"])
+            views = with_caption(
+                orthogonal_views(d[self.image_key], label_map, self.palette, affine), self.caption(summary)
+            )
+            files = {
+                f"{name}_{self.postfix}.nii.gz": nifti_writer(label_map, affine),
+                f"{name}_views.png": png_writer(views),
+                f"{name}.json": json_writer(summary),
+            }
+            self.write_case(files)
+            self.record(
+                {
+                    "id": name,
+                    "source": source,
+                    "original_id": summary.get("original_id", name),
+                    **({"geometry_assumed": assumed} if assumed else {}),
+                    **{key: summary[key] for key in ("field_of_view", "heart_expected", "volume_ml") if key in summary},
+                    "files": list(files),
+                }
+            )
+            logger.info(
+                f"{name}: "
+                + ", ".join(
+                    f"{cls} {ml:.1f} mL" if ml is not None else f"{cls}: volume withheld ({summary['volume_withheld']})"
+                    for cls, ml in summary["volume_ml"].items()
+                )
+                + f" -> {self.output_dir / f'{name}_{self.postfix}.nii.gz'}"
+            )
+        return d
