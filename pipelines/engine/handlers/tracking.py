@@ -98,6 +98,7 @@ class SystemMetricsSampler:
 
         self.interval_s = float(interval_s or MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL.get() or 10.0)
         self._samples: list[tuple[str, float, int, int]] = []
+        self._step = 0
         self._lock = threading.Lock()
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True, name="SystemMetricsSampler")
@@ -114,21 +115,23 @@ class SystemMetricsSampler:
         return self
 
     def _sample(self) -> None:
-        step = 0
         while not self._stopped.wait(self.interval_s):
-            values = {}
-            try:
-                for monitor in self.monitors:
-                    monitor.collect_metrics()
-                    values.update(monitor.aggregate_metrics())
-                    monitor.clear_metrics()
-            except Exception as e:  # noqa: BLE001 - a failed sample costs that sample, never the training
-                logger.debug(f"system metrics: sample skipped ({e})")
-                continue
-            timestamp = int(time.time() * 1000)
-            with self._lock:
-                self._samples.extend((f"system/{k}", float(v), timestamp, step) for k, v in values.items())
-            step += 1
+            self._sample_once()
+
+    def _sample_once(self) -> None:
+        values = {}
+        try:
+            for monitor in self.monitors:
+                monitor.collect_metrics()
+                values.update(monitor.aggregate_metrics())
+                monitor.clear_metrics()
+        except Exception as e:  # noqa: BLE001 - a failed sample costs that sample, never the training
+            logger.debug(f"system metrics: sample skipped ({e})")
+            return
+        timestamp = int(time.time() * 1000)
+        with self._lock:
+            self._samples.extend((f"system/{k}", float(v), timestamp, self._step) for k, v in values.items())
+            self._step += 1
 
     def take(self) -> list[tuple[str, float, int, int]]:
         with self._lock:
@@ -139,6 +142,8 @@ class SystemMetricsSampler:
         self._stopped.set()
         if self._thread.is_alive():
             self._thread.join(timeout=5)
+        if self._step == 0:  # a run shorter than the interval still records what it ran on, once
+            self._sample_once()
 
 
 def executed_config() -> dict | None:
