@@ -51,6 +51,13 @@ def test_a_well_separated_network_keeps_the_plain_rule():
     rule = choose_rule(cases)
     assert {k: rule[k] for k in PLAIN_RULE} == PLAIN_RULE
     assert rule["validation_f1"] == rule["plain_validation_f1"] > 0.99
+    found = rule.get("best_candidate")
+    assert found is None or found["validation_f1"] - rule["plain_validation_f1"] < 0.002
+    # a gain under min_gain is not kept, but what was found is said
+    underconfident = [case(seed, vessel_prob=0.42, speckle_prob=0.6) for seed in range(2)]
+    cautious = choose_rule(underconfident, min_gain=0.99)
+    assert {k: cautious[k] for k in PLAIN_RULE} == PLAIN_RULE
+    assert cautious["best_candidate"]["validation_f1"] > cautious["plain_validation_f1"] + 0.2
     with pytest.raises(ValueError, match="no validation cases"):
         choose_rule([])
 

@@ -78,7 +78,7 @@ def choose_rule(
     """The decision rule for ``cases`` (foreground probability, boolean reference, boolean valid region): the
     candidate of the best mean per-case F1, or the plain rule when no candidate beats it by ``min_gain`` (a
     difference that small, on a handful of validation cases, is not evidence). Returns the rule with its score,
-    the plain rule's score and the number of cases."""
+    the plain rule's score and the number of cases, and the best candidate not kept (``best_candidate``)."""
     if not cases:
         raise ValueError("no validation cases to choose a decision rule on")
 
@@ -93,9 +93,13 @@ def choose_rule(
             value = score(rule)
             if value > best + 1e-12:
                 best_rule, best = rule, value
+    candidate = {**best_rule, "validation_f1": round(best, 6)}
     if best < plain + min_gain:
         best_rule, best = dict(PLAIN_RULE), plain
-    return {**best_rule, "validation_f1": round(best, 6), "plain_validation_f1": round(plain, 6), "cases": len(cases)}
+    chosen = {**best_rule, "validation_f1": round(best, 6), "plain_validation_f1": round(plain, 6), "cases": len(cases)}
+    if best_rule == PLAIN_RULE and candidate["validation_f1"] > plain:
+        chosen["best_candidate"] = candidate  # what was looked at and not kept: the gain was under min_gain
+    return chosen
 
 
 def rule_of_record(record: Mapping | None) -> dict:
@@ -166,9 +170,18 @@ def rule_from(validator: Engine) -> dict | None:
     if not cases:
         return None
     rule = choose_rule([(p.astype(np.float32), r, v) for p, r, v in cases])
+    kept = f"threshold {rule['threshold']}, components under {rule['min_component_fraction']:g} of the field removed"
+    if rule["threshold"] == PLAIN_RULE["threshold"] and not rule["min_component_fraction"]:
+        kept = "the plain one (threshold 0.5)"
+        found = rule.get("best_candidate")
+        if found:
+            gain = found["validation_f1"] - rule["plain_validation_f1"]
+            kept += (
+                f"; the best other (threshold {found['threshold']}, components under "
+                f"{found['min_component_fraction']:g} of the field removed) gains {gain:.4f}, too little to keep"
+            )
     logger.info(
-        f"decision rule on {rule['cases']} validation cases: threshold {rule['threshold']}, components under "
-        f"{rule['min_component_fraction']:g} of the field removed (F1 {rule['plain_validation_f1']:.4f} with the "
+        f"decision rule on {rule['cases']} validation cases: {kept} (F1 {rule['plain_validation_f1']:.4f} with the "
         f"plain rule, {rule['validation_f1']:.4f} with this one)"
     )
     return rule
