@@ -3,8 +3,8 @@
     python -m clinseg.pipelines.benchmarks.training_step --bundle vessels --out data/benchmarks/training_step.json
 
 1. Builds the bundle's own network, loss and optimizer from its ``train.json`` (MONAI's ``ConfigParser``, the
-   defaults or ``--override KEY=JSON``) and a batch of the config's shape (``batch_size`` patches of
-   ``patch_size``, random values: the step's cost does not depend on them).
+   defaults or ``--override KEY=JSON``) and a batch of the config's shape (``batch_size`` images times their
+   ``patches_per_image`` patches of ``patch_size``, random values: the step's cost does not depend on them).
 2. Counts the floating-point operations of one training step (forward, loss, backward) with PyTorch's
    ``FlopCounterMode``.
 3. Times the step, after warm-up, in each variant: float32 (the default), ``channels_last`` memory format,
@@ -45,6 +45,9 @@ def build(bundle: str, overrides: dict):
         parser.get_parsed_content("patch_size") if "patch_size" in parser else parser.get_parsed_content("image_size")
     )
     batch = int(parser.get_parsed_content("batch_size"))
+    for samples in ("patches_per_image", "patches_per_volume"):  # each image gives this many patches to a batch
+        if samples in parser:
+            batch *= int(parser.get_parsed_content(samples))
     num_classes = int(parser.get_parsed_content("num_classes"))
     lr = float(parser.get_parsed_content("learning_rate"))
     return network, loss, (batch, in_channels, *size), num_classes, lr
