@@ -108,8 +108,39 @@ def example_input(metadata: Path, overrides: dict, seed: int = 0) -> torch.Tenso
     return torch.rand((1, spec["num_channels"], *shape), generator=generator)
 
 
-def compare(bundle: str, checkpoint: Path, torchscript: Path, overrides: dict) -> dict:
-    network = checkpoint_network(bundle, checkpoint, overrides)
+def export_ensemble(bundle: str, checkpoints: list[Path], out: Path, overrides: dict) -> None:
+    """An ensemble of the bundle's ``network_def`` loaded from each of ``checkpoints``
+    (:class:`clinseg.pipelines.engine.ensembles.ProbabilityEnsemble`: the log of the members' mean probability) as
+    one TorchScript model, with the bundle's metadata and inference config embedded as ``ckpt_export`` embeds them,
+    so a Deploy app runs it as it runs one network."""
+    from monai.data import save_net_with_metadata
+
+    from clinseg.pipelines.engine.ensembles import ProbabilityEnsemble
+
+    paths = bundle_paths(bundle)
+    ensemble = ProbabilityEnsemble([checkpoint_network(bundle, c, overrides) for c in checkpoints]).eval()
+    scripted = torch.jit.script(ensemble)
+    config = bundle_config(bundle, overrides).get()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_net_with_metadata(
+        scripted,
+        str(out.with_suffix("")),
+        meta_values=json.loads(paths["metadata"].read_text()),
+        more_extra_files={"inference.json": json.dumps(config, default=str).encode()},
+    )
+
+
+def ensemble_network(bundle: str, checkpoints: list[Path], overrides: dict) -> torch.nn.Module:
+    from clinseg.pipelines.engine.ensembles import ProbabilityEnsemble
+
+    members = [checkpoint_network(bundle, c, overrides) for c in checkpoints]
+    return members[0] if len(members) == 1 else ProbabilityEnsemble(members).eval()
+
+
+def compare(bundle: str, checkpoint: Path | list[Path], torchscript: Path, overrides: dict) -> dict:
+    """The TorchScript model's output against the checkpoint's network (or the ensemble of a list of checkpoints) on
+    one example input: the largest difference and the share of pixels with the same class."""
+    network = ensemble_network(bundle, checkpoint if isinstance(checkpoint, list) else [checkpoint], overrides)
     scripted = torch.jit.load(str(torchscript), map_location="cpu").eval()
     x = example_input(bundle_paths(bundle)["metadata"], overrides)
     with torch.no_grad():

@@ -60,32 +60,34 @@ TINY = {
 }
 
 
-def build(bundle: str, checkpoint: Path, app: Path, *extra: str) -> Path:
-    command = [
-        sys.executable,
-        "-m",
-        "clinseg.pipelines.deploy",
-        bundle,
-        "--out",
-        str(app),
-        "--checkpoint",
-        str(checkpoint),
-    ]
-    command += [*extra, "--override", *(f"{key}={json.dumps(value)}" for key, value in TINY[bundle].items())]
+def build_command(bundle: str, checkpoints: Path | list[Path], app: Path, *extra: str) -> list[str]:
+    checkpoints = checkpoints if isinstance(checkpoints, list) else [checkpoints]
+    command = [sys.executable, "-m", "clinseg.pipelines.deploy", bundle, "--out", str(app), "--checkpoint"]
+    command += [*map(str, checkpoints), *extra]
+    return command + ["--override", *(f"{key}={json.dumps(value)}" for key, value in TINY[bundle].items())]
+
+
+def build(bundle: str, checkpoint: Path | list[Path], app: Path, *extra: str) -> Path:
+    command = build_command(bundle, checkpoint, app, *extra)
     result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     return app
 
 
-def train_and_build(bundle: str, dataset_dir: Path, root: Path) -> Path:
-    """Train the bundle for one tiny epoch and build its application folder; the folder's path."""
+def train(bundle: str, dataset_dir: Path, root: Path, seed: int = 0) -> Path:
+    """Train the bundle for one tiny epoch; its model's path."""
     overrides = {key: json.dumps(value) for key, value in TINY[bundle].items()}
     overrides.update({"bundle_root": root / "bundle", "dataset_dir": dataset_dir, "train#trainer#max_epochs": 1})
-    overrides["val_interval"] = 1
+    overrides.update({"val_interval": 1, "seed": seed})
     uri = f"sqlite:///{root / 'mlflow.db'}"
     run_bundle("training", [str(REPO_ROOT / "bundles" / bundle / "configs" / "train.json")], overrides,
                env={"MLFLOW_TRACKING_URI": uri})  # fmt: skip
-    return build(bundle, root / "bundle" / "models" / "model.pt", root / "app")
+    return root / "bundle" / "models" / "model.pt"
+
+
+def train_and_build(bundle: str, dataset_dir: Path, root: Path) -> Path:
+    """Train the bundle for one tiny epoch and build its application folder; the folder's path."""
+    return build(bundle, train(bundle, dataset_dir, root), root / "app")
 
 
 def run_app(
@@ -595,3 +597,29 @@ def test_image_apps_write_label_maps_overlays_and_json(bundle, tmp_path):
     assert result.returncode == 1
     assert f"error: {broken / 'scan.png'}: cannot be read as an image" in result.stderr, result.stderr[-3000:]
     assert not (tmp_path / "out_broken").exists(), "a failed run removes the output folder it created"
+
+
+def test_an_ensemble_ships_as_one_torchscript_model(tmp_path):
+    data = tmp_path / "data"
+    write_drive_layout(data, n_images=4, shape=(80, 72), seed=2)
+    members = [train("vessels", data, tmp_path / f"seed{seed}", seed=seed) for seed in (0, 1)]
+    assert members[0].read_bytes() != members[1].read_bytes(), "two seeds, two different models"
+
+    refused = subprocess.run(
+        build_command("vessels", members, tmp_path / "refused", "--model_format", "checkpoint"),
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert_one_error_line(refused, "error: --model_format checkpoint: ships one checkpoint; an ensemble of 2")
+    assert not (tmp_path / "refused").exists()
+
+    app = build("vessels", members, tmp_path / "app")
+    export = json.loads((app / "models" / "export.json").read_text())
+    assert export["ensemble_size"] == 2 and export["checkpoint"] == [str(m) for m in members]
+    assert export["max_abs_logit_difference"] <= 1e-4 and export["same_argmax_fraction"] == 1.0
+    config = json.loads((app / "bundle" / "inference.json").read_text())
+    assert config["decision_rule"] == {"threshold": 0.5, "min_component_fraction": 0.0}, "an ensemble: the plain rule"
+    result = run_app(app, data / "training", tmp_path / "out")
+    assert result.returncode == 0, result.stderr[-4000:]
+    for name in ("21", "22", "23", "24"):
+        probability = np.asarray(Image.open(tmp_path / "out" / f"{name}_prob.png"))
+        assert probability.shape == (80, 72) and (tmp_path / "out" / f"{name}_seg.png").is_file()

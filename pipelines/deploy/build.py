@@ -1,6 +1,7 @@
 """Build a self-contained MONAI Deploy application folder from a trained bundle.
 
-    python -m clinseg.pipelines.deploy ct_heart --out deploy/ct_heart_app [--checkpoint PATH] [--override KEY=JSON ...]
+    python -m clinseg.pipelines.deploy ct_heart --out deploy/ct_heart_app [--checkpoint PATH [PATH ...]] \\
+        [--override KEY=JSON ...]
 
 The folder holds everything the application needs and nothing of the repository around it:
 
@@ -9,7 +10,8 @@ The folder holds everything the application needs and nothing of the repository 
 - ``app.yaml``: the package manifest (title, version, input/output formats, resources);
 - ``requirements.txt``: the pinned runtime packages (the SDK, Holoscan, torch, MONAI, DICOM and image I/O);
 - ``models/model.ts``: the TorchScript export (metadata and inference config embedded), checked against the
-  checkpoint's logits before it is written into the folder; or, with ``--model_format checkpoint``,
+  checkpoint's logits before it is written into the folder; with several ``--checkpoint`` files, the TorchScript
+  model of their ensemble (the mean of their probabilities); or, with ``--model_format checkpoint``,
   ``models/model.pt``, which the app loads into ``network_def`` (the path that needs no TorchScript);
 - ``bundle/inference.json`` (the bundle's inference config, includes expanded, overrides applied) and
   ``bundle/metadata.json``;
@@ -226,23 +228,33 @@ def check_out(out_dir: Path) -> None:
 def build_app(
     bundle: str,
     out_dir: Path,
-    checkpoint: Path,
+    checkpoint: Path | list[Path],
     overrides: dict,
     tolerance: float = 1e-4,
     model_format: str = "torchscript",
 ) -> dict:
     """Build the application folder; ``model_format`` ``"checkpoint"`` ships ``models/model.pt`` (loaded into
-    ``network_def`` by the app) beside the checked TorchScript export instead of using the export."""
-    from clinseg.pipelines.export import compare, export_torchscript
+    ``network_def`` by the app) beside the checked TorchScript export instead of using the export.
+
+    Several checkpoints (the folds of a cross-validation, or several seeds) ship as one TorchScript model of their
+    :class:`~clinseg.pipelines.engine.ensembles.ProbabilityEnsemble`, which the app runs as one network."""
+    from clinseg.pipelines.export import compare, export_ensemble, export_torchscript
 
     root = bundle_root(bundle)
     out_dir = Path(out_dir).absolute()
-    if not checkpoint.is_file():
-        raise DataError(checkpoint, f"{'is not a file' if checkpoint.exists() else 'does not exist'}; train the "
-                        "bundle first or pass --checkpoint.")  # fmt: skip
+    checkpoints = list(checkpoint) if isinstance(checkpoint, (list, tuple)) else [checkpoint]
+    for member in checkpoints:
+        if not member.is_file():
+            raise DataError(member, f"{'is not a file' if member.exists() else 'does not exist'}; train the "
+                            "bundle first or pass --checkpoint.")  # fmt: skip
+    if len(checkpoints) > 1 and model_format == "checkpoint":
+        raise InputError("--model_format checkpoint", f"ships one checkpoint; an ensemble of {len(checkpoints)} "
+                         "ships as one TorchScript model (the default --model_format torchscript).")  # fmt: skip
     check_out(out_dir)
     check_overrides(root, overrides)
-    checked_network(root, checkpoint, overrides)
+    for member in checkpoints:
+        checked_network(root, member, overrides)
+    checkpoint = checkpoints[0] if len(checkpoints) == 1 else checkpoints
     paths = {"root": root, "metadata": root / "configs" / "metadata.json"}
     bundle = str(root)  # export's helpers take a folder path as well as a name
     created = first_missing(out_dir)
@@ -250,7 +262,10 @@ def build_app(
     try:
         with staged_folder(out_dir) as staging:  # the application appears whole or not at all
             try:
-                export_torchscript(bundle, checkpoint, staging / "models" / "model.ts", overrides)
+                if isinstance(checkpoint, list):
+                    export_ensemble(bundle, checkpoint, staging / "models" / "model.ts", overrides)
+                else:
+                    export_torchscript(bundle, checkpoint, staging / "models" / "model.ts", overrides)
             except SystemExit as e:  # its message holds the exporter's whole output: the saved traceback keeps it
                 lines = [line for line in str(e.code).splitlines() if line.strip()]
                 last = next(
@@ -269,7 +284,7 @@ def build_app(
             if isinstance(config.get("decision_rule"), str):  # the rule stored with the model, shipped as a value
                 from clinseg.pipelines.engine.decision import rule_for
 
-                config["decision_rule"] = rule_for(str(checkpoint))
+                config["decision_rule"] = rule_for([str(c) for c in checkpoints])
             metadata = json.loads(paths["metadata"].read_text())
             is_volume = config["network_def"].get("spatial_dims", 2) == 3
             kind = KINDS[is_volume]
@@ -287,7 +302,10 @@ def build_app(
             (staging / "README.md").write_text(README.format(**values))
             if is_volume:
                 (staging / "series_rules.json").write_text(json.dumps(CT_RULES, indent=2))
-            report = {"bundle": values["bundle"], "app": str(out_dir), "checkpoint": str(checkpoint), **parity}
+            shipped = [str(c) for c in checkpoints] if len(checkpoints) > 1 else str(checkpoints[0])
+            report = {"bundle": values["bundle"], "app": str(out_dir), "checkpoint": shipped, **parity}
+            if len(checkpoints) > 1:
+                report["ensemble_size"] = len(checkpoints)
             report["model"] = values["model"]
             if isinstance(config.get("decision_rule"), dict):
                 report["decision_rule"] = config["decision_rule"]
@@ -304,7 +322,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = CommandLineParser(prog="python -m clinseg.pipelines.deploy", description=__doc__.splitlines()[0])
     parser.add_argument("bundle", help="bundle name (ct_heart, vessels, oct_layers) or a bundle folder")
     parser.add_argument("--out", required=True, help="the application folder to create (new or empty)")
-    parser.add_argument("--checkpoint", default=None, help="default: <bundle>/models/model.pt")
+    parser.add_argument(
+        "--checkpoint",
+        nargs="+",
+        default=None,
+        help="default: <bundle>/models/model.pt; several files ship their ensemble (mean probabilities)",
+    )
     parser.add_argument("--override", nargs="*", default=[], help="config overrides KEY=JSON, as at training")
     parser.add_argument(
         "--model_format",
@@ -314,7 +337,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     root = bundle_root(args.bundle)
-    checkpoint = Path(args.checkpoint or root / "models" / "model.pt").absolute()
+    checkpoints = [Path(c).absolute() for c in args.checkpoint or [root / "models" / "model.pt"]]
+    checkpoint = checkpoints[0] if len(checkpoints) == 1 else checkpoints
     overrides = parse_overrides(args.override)
     report = build_app(args.bundle, Path(args.out), checkpoint, overrides, model_format=args.model_format)
     print(json.dumps(report, indent=2))

@@ -39,13 +39,19 @@ class ProbabilityEnsemble(torch.nn.Module):
         if len(members) < 2:
             raise ValueError(f"an ensemble needs at least 2 members, got {len(members)}.")
         self.members = torch.nn.ModuleList(members)
+        self.probability_floor = PROBABILITY_FLOOR  # an attribute, so that TorchScript (a Deploy app) keeps it
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
-        total = None
+        # written so that torch.jit.script compiles it: no Optional accumulator, no global
+        total = torch.zeros(0)
+        first = True
         for member in self.members:
             probability = torch.softmax(member(inputs).float(), dim=1)
-            total = probability if total is None else total + probability
-        return torch.log((total / len(self.members)).clamp_min(PROBABILITY_FLOOR))
+            if first:
+                total, first = probability, False
+            else:
+                total = total + probability
+        return torch.log((total / len(self.members)).clamp_min(self.probability_floor))
 
 
 def network_for(network_def: torch.nn.Module, checkpoint_path) -> torch.nn.Module:
