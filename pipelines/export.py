@@ -115,11 +115,8 @@ def export_ensemble(bundle: str, checkpoints: list[Path], out: Path, overrides: 
     so a Deploy app runs it as it runs one network."""
     from monai.data import save_net_with_metadata
 
-    from clinseg.pipelines.engine.ensembles import ProbabilityEnsemble
-
     paths = bundle_paths(bundle)
-    ensemble = ProbabilityEnsemble([checkpoint_network(bundle, c, overrides) for c in checkpoints]).eval()
-    scripted = torch.jit.script(ensemble)
+    scripted = torch.jit.script(ensemble_network(bundle, checkpoints, overrides))
     config = bundle_config(bundle, overrides).get()
     out.parent.mkdir(parents=True, exist_ok=True)
     save_net_with_metadata(

@@ -47,7 +47,10 @@ def _f1(prediction: np.ndarray, reference: np.ndarray) -> float:
 
 
 def remove_small_components(mask: np.ndarray, min_pixels: float) -> np.ndarray:
-    """``mask`` without its connected components (full connectivity) of fewer than ``min_pixels`` pixels."""
+    """``mask`` without its connected components (full connectivity) of fewer than ``min_pixels`` pixels.
+
+    Not MONAI's ``RemoveSmallObjects``: it passes ``min_size`` to scikit-image, whose 0.26 removes objects of that
+    size too (``<=``, where earlier releases removed smaller ones only), so the rule would change with the version."""
     if min_pixels <= 0 or not mask.any():
         return mask
     from scipy import ndimage

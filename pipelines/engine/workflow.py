@@ -25,7 +25,7 @@ from ignite.engine import Engine, Events
 
 from clinseg.datasets.value_types import NonNegativeFloat
 from clinseg.pipelines.cli import require_writable_dir
-from clinseg.pipelines.context import is_rank_zero, running_parser, running_run_arguments  # noqa: F401 (re-exported)
+from clinseg.pipelines.context import is_rank_zero, running_parser, running_run_arguments
 from clinseg.pipelines.paths import require_output_outside_input
 
 logger = logging.getLogger(__name__)
