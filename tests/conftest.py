@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny phantom dataset, a private MLflow store, and the location of the real data."""
+"""Shared fixtures: a tiny phantom dataset, a private MLflow store, the location of the real data, and the one rule
+for a test whose prerequisite is missing (:func:`prerequisite_missing`)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,28 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("SHARED_DATA_DIR", REPO_ROOT.parent / "shared" / "data"))
 OCT_BUNDLE = REPO_ROOT / "bundles" / "oct_layers"
+IN_CI = os.environ.get("CI", "").lower() == "true"
+RUNNING_AS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
+WITHOUT_FILE_PERMISSION_OVERRIDE = ["setpriv", "--inh-caps=-dac_override,-dac_read_search",
+                                    "--bounding-set=-dac_override,-dac_read_search"]  # fmt: skip
+"""A command prefix: root without the capabilities that let it read and write any file, so file permissions apply
+to it (CI runs as root)."""
+
+
+def where_permissions_apply(command: list[str]) -> list[str]:
+    """``command`` run so that file permissions apply to it: as is for a user, without root's override as root."""
+    return [*WITHOUT_FILE_PERMISSION_OVERRIDE, *command] if RUNNING_AS_ROOT else command
+
+
+def prerequisite_missing(reason: str):
+    """A test cannot run here (a program, server or mount it needs is missing or refused). It is skipped with the
+    reason only for a developer who may lack it, and fails as root or under ``CI=true``: CI runs ``make test`` as root,
+    which installs every program these tests need, and root can install PostgreSQL and mount file systems itself;
+    there a skip would mean the test never runs anywhere, silently."""
+    if RUNNING_AS_ROOT or IN_CI:
+        who = "CI=true" if IN_CI else "running as root"
+        pytest.fail(f"{who}, so this test must run, but {reason}", pytrace=False)
+    pytest.skip(reason)
 
 
 def shared_path(*parts: str) -> Path:

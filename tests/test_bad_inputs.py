@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -45,7 +44,7 @@ from clinseg.datasets.oct.duke import duke_items
 from clinseg.datasets.oct.phantom import write_phantom_dataset
 from clinseg.datasets.readers import LabelImageReader, read_binary_mask, read_grayscale, read_rgb
 from clinseg.pipelines.cli import ConfigError
-from tests.conftest import REPO_ROOT, decode
+from tests.conftest import REPO_ROOT, decode, where_permissions_apply
 
 pytestmark = pytest.mark.filterwarnings("ignore:parsing config_file:UserWarning")  # our own, trusted configs
 RNG = np.random.default_rng(0)
@@ -161,12 +160,6 @@ def break_file(path: Path, defect: str) -> None:
 
 
 FILE_DEFECTS = ["empty", "truncated", "wrong format", "folder", "absent", "no permission"]
-ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
-
-
-WITHOUT_FILE_PERMISSION_OVERRIDE = ["setpriv", "--inh-caps=-dac_override,-dac_read_search",
-                                    "--bounding-set=-dac_override,-dac_read_search"]  # fmt: skip
-"""Run a command as root without the capabilities that let root read any file (CI runs as root)."""
 
 READ_IN_SUBPROCESS = """
 import sys
@@ -183,7 +176,7 @@ sys.exit(f"{sys.argv[2]}: read without an error")
 
 def read_without_permission_override(reader: str, source: Path) -> str:
     """The DataError message of ``reader`` on ``source`` in a process that file permissions apply to."""
-    command = [*(WITHOUT_FILE_PERMISSION_OVERRIDE if ROOT else []), sys.executable, "-c", READ_IN_SUBPROCESS]
+    command = where_permissions_apply([sys.executable, "-c", READ_IN_SUBPROCESS])
     result = subprocess.run([*command, reader, str(source)], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr[-3000:]
     return result.stdout.strip()

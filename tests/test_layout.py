@@ -147,3 +147,22 @@ def test_one_project_root_and_one_atomic_publish():
     # the evaluation report hands MONAI's finished metric tables to atomic_write_all as their writer
     expected = ["clinseg.pipelines.deploy.runtime", "clinseg.pipelines.engine.handlers.evaluation"]
     assert publishes == expected, f"renames outside clinseg.datasets.io: {publishes}"
+
+
+SKIPS = {"skip", "skipif", "importorskip"}
+
+
+def test_tests_skip_only_through_the_shared_rules():
+    """A test skips only through conftest's two rules: real data absent (``shared_path``) or a prerequisite missing
+    (``prerequisite_missing``, a failure as root and under CI). A ``pytest.skip`` or ``skipif`` elsewhere could skip
+    as root, which is how CI runs, so the test would never run anywhere."""
+    found = []
+    for path in sorted((REPO_ROOT / "tests").glob("*.py")):
+        if path.name == "conftest.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.Attribute) and node.attr in SKIPS and getattr(node.value, "id", None) == "pytest":
+                found.append(f"{path.name}:{node.lineno} pytest.{node.attr}")
+            elif isinstance(node, ast.Attribute) and node.attr in SKIPS and getattr(node.value, "attr", None) == "mark":
+                found.append(f"{path.name}:{node.lineno} pytest.mark.{node.attr}")
+    assert not found, "skips outside tests/conftest.py's shared_path and prerequisite_missing: " + ", ".join(found)

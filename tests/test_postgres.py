@@ -3,9 +3,10 @@
 oct_layers bundle at tiny sizes recording into it at the same time.
 
 PostgreSQL is looked for in ``/usr/lib/postgresql/<version>/bin`` (Debian), then on ``PATH``; when absent and running
-as root with ``apt-get``, ``apt-get install -y postgresql`` installs it. Where it cannot be had, the test is skipped
-with the reason, except under ``CI=true``, where that is a failure. PostgreSQL refuses to run as root: as root, the
-server runs as the ``postgres`` system user (created by the package), in a folder owned by that user.
+as root with ``apt-get``, ``apt-get install -y postgresql`` installs it. Where it cannot be had, the test fails as
+root or under ``CI=true`` (CI's case) and is skipped with the reason only for a developer without root. PostgreSQL
+refuses to run as root: as root, the server runs as the ``postgres`` system user (created by the package), in a
+folder owned by that user.
 """
 
 from __future__ import annotations
@@ -26,20 +27,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import OCT_BUNDLE, REPO_ROOT, server_answers
+from tests.conftest import OCT_BUNDLE, REPO_ROOT, RUNNING_AS_ROOT, prerequisite_missing, server_answers
 from tests.test_error_contract import TINY
 
-IN_CI = os.environ.get("CI", "").lower() == "true"
 TRAIN = OCT_BUNDLE / "configs" / "train.json"
 EPOCHS = 2
 RATES = ("0.001", "0.005")  # one learning rate per run: which run is which
-
-
-def unavailable(reason: str):
-    """Skip with the reason; under CI a missing prerequisite is a failure, never a silent skip."""
-    if IN_CI:
-        pytest.fail(f"CI=true: {reason}", pytrace=False)
-    pytest.skip(reason)
 
 
 def free_port() -> int:
@@ -61,28 +54,28 @@ def postgres_bindir() -> Path | None:
 
 
 def install_postgres() -> Path:
-    """``apt-get install -y postgresql`` (root only); the bin folder, or a skip (a failure under CI) saying why."""
-    if os.geteuid() != 0 or shutil.which("apt-get") is None:
-        unavailable("PostgreSQL is not installed (apt-get install -y postgresql, as root)")
+    """``apt-get install -y postgresql`` (root only): the bin folder, or why not (:func:`prerequisite_missing`)."""
+    if not RUNNING_AS_ROOT or shutil.which("apt-get") is None:
+        prerequisite_missing("PostgreSQL is not installed (apt-get install -y postgresql, as root)")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     for command in (["apt-get", "update"], ["apt-get", "install", "-y", "--no-install-recommends", "postgresql"]):
         try:
             result = subprocess.run(command, capture_output=True, text=True, timeout=900, env=env)
         except subprocess.TimeoutExpired:
-            unavailable(f"{' '.join(command)} did not finish in 900 s")
+            prerequisite_missing(f"{' '.join(command)} did not finish in 900 s")
         if result.returncode != 0:
-            unavailable(
+            prerequisite_missing(
                 f"{' '.join(command)} failed ({result.returncode}):\n{result.stdout[-2000:]}{result.stderr[-3000:]}"
             )
     bindir = postgres_bindir()
     if bindir is None:
-        unavailable("apt-get install -y postgresql succeeded, but no initdb is in /usr/lib/postgresql/*/bin")
+        prerequisite_missing("apt-get install -y postgresql succeeded, but no initdb is in /usr/lib/postgresql/*/bin")
     return bindir
 
 
 def as_server_user(command: list[str]) -> list[str]:
     """``command`` as the ``postgres`` user when running as root (PostgreSQL refuses root), else as is."""
-    if os.geteuid() != 0:
+    if not RUNNING_AS_ROOT:
         return command
     if shutil.which("runuser"):
         return ["runuser", "-u", "postgres", "--", *command]
@@ -104,18 +97,18 @@ def postgres() -> dict:
     try:
         import psycopg2  # noqa: F401  (the driver of postgresql+psycopg2://, pinned in requirements-dev.txt)
     except ImportError:
-        unavailable("psycopg2 is not installed: pip install -r requirements-dev.txt")
+        prerequisite_missing("psycopg2 is not installed: pip install -r requirements-dev.txt")
     bindir = postgres_bindir() or install_postgres()
-    if os.geteuid() == 0:
+    if RUNNING_AS_ROOT:
         try:
             import pwd
 
             server_user = pwd.getpwnam("postgres")
         except KeyError:
-            unavailable("running as root and there is no 'postgres' system user to run PostgreSQL as")
+            prerequisite_missing("running as root and there is no 'postgres' system user to run PostgreSQL as")
     # not under pytest's tmp_path (nor $TMPDIR): its parents are private to root, and the server runs as 'postgres'
-    root = Path(tempfile.mkdtemp(prefix="clinseg-postgres-", dir="/tmp" if os.geteuid() == 0 else None))
-    if os.geteuid() == 0:
+    root = Path(tempfile.mkdtemp(prefix="clinseg-postgres-", dir="/tmp" if RUNNING_AS_ROOT else None))
+    if RUNNING_AS_ROOT:
         os.chown(root, server_user.pw_uid, server_user.pw_gid)
     data, log = root / "data", root / "server.log"
     version = checked([str(bindir / "postgres"), "--version"], "postgres --version").strip()

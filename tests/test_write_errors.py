@@ -31,7 +31,7 @@ from clinseg.datasets.io import atomic_write, atomic_write_all, free_bytes, save
 from clinseg.pipelines.engine.handlers.checkpointing import AtomicCheckpointSaver
 from clinseg.pipelines.engine.handlers.evaluation import AtomicMetricsSaver
 from clinseg.pipelines.engine.writers import SaveSegmentationd, atomic_write_json, save_png
-from tests.conftest import REPO_ROOT, run_bundle
+from tests.conftest import REPO_ROOT, prerequisite_missing, run_bundle, where_permissions_apply
 
 pytestmark = pytest.mark.filterwarnings("ignore:parsing config_file:UserWarning")  # our own, trusted configs
 VESSELS = REPO_ROOT / "bundles" / "vessels" / "configs"
@@ -45,9 +45,6 @@ TINY = {
     "network_def#strides": "[2]",
 }  # fmt: skip
 PAGE = os.sysconf("SC_PAGE_SIZE")  # what tmpfs allocates a file's content in
-ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
-WITHOUT_FILE_PERMISSION_OVERRIDE = ["setpriv", "--inh-caps=-dac_override,-dac_read_search",
-                                    "--bounding-set=-dac_override,-dac_read_search"]  # fmt: skip
 
 
 def pages(size: int) -> int:
@@ -57,14 +54,14 @@ def pages(size: int) -> int:
 @pytest.fixture()
 def mounts():
     """``mount("tmpfs", folder, size=N)``: a tmpfs of N bytes on ``folder``; ``mount("read-only", folder,
-    source=S)``: S bound read-only onto ``folder``. Skips where mounting is refused (not root); every mount is undone
-    in the teardown."""
+    source=S)``: S bound read-only onto ``folder``. Where mounting is refused, the test fails as root (a root that
+    cannot mount is an environment to fix) and is skipped only for a user; every mount is undone in the teardown."""
     done: list[Path] = []
 
     def run(command: list[str]) -> None:
         result = subprocess.run(command, capture_output=True, text=True)
         if result.returncode != 0:
-            pytest.skip(f"cannot mount here ({' '.join(command)}: {result.stderr.strip()})")
+            prerequisite_missing(f"mounting is refused ({' '.join(command)}: {result.stderr.strip()})")
 
     def mount(kind: str, folder: Path, source: Path | None = None, size: int | None = None) -> Path:
         folder.mkdir(parents=True, exist_ok=True)
@@ -238,7 +235,7 @@ def test_writing_without_permission_names_the_file(tmp_path):
         "atomic_write_json\ntry:\n    atomic_write_json(sys.argv[1], {})\nexcept DataError as error:\n"
         "    print(error)\n    sys.exit(0)\nsys.exit('written')\n"
     )
-    command = [*(WITHOUT_FILE_PERMISSION_OVERRIDE if ROOT else []), sys.executable, "-c", code, str(folder / "m.json")]
+    command = where_permissions_apply([sys.executable, "-c", code, str(folder / "m.json")])
     result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr[-3000:]
     assert result.stdout.strip() == f"{folder / 'm.json'}: cannot be written: permission denied (writing in {folder})."
