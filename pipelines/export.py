@@ -92,7 +92,17 @@ def checkpoint_network(bundle: str, checkpoint: Path, overrides: dict) -> torch.
     network = bundle_config(bundle, overrides).get_parsed_content("network_def")
     from clinseg.pipelines.engine.checkpoints import load_network_weights
 
+    require_trained_settings(bundle, checkpoint, overrides)
     return load_network_weights(network, checkpoint).eval()
+
+
+def require_trained_settings(bundle: str, checkpoint: Path | list[Path], overrides: dict) -> None:
+    """The bundle's ``input_settings`` with the overrides are those the checkpoint was trained with (an export or a
+    Deploy app carries them in its config): :func:`clinseg.pipelines.runs.require_input_settings`."""
+    from clinseg.pipelines import runs
+
+    settings = bundle_config(bundle, overrides).get_parsed_content("input_settings")
+    runs.require_input_settings(checkpoint, settings, option="--override {key}={value}")
 
 
 def concrete_shape(spatial_shape: list, n: int = 2) -> list[int]:

@@ -12,7 +12,7 @@ an explicit, atomic, logged **promotion**:
   written to ``outputs/R/promotion.json``, logged, and recorded on the MLflow run; where the two cannot be
   compared (the model in place was validated on other data, or carries no record), it is kept, and the log says
   how to promote by hand;
-- on request: ``python -m clinseg.pipelines.experiments promote R``.
+- on request: ``python -m clinseg.pipelines.experiments promote BUNDLE R``.
 
 A promotion holds a lock on the bundle's ``models/`` folder, so two trainings ending together decide one after
 the other, and writes ``model.pt``, ``model.json`` and the bundle's ``large_files.yml`` (the Model Zoo's record
@@ -27,15 +27,17 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import shutil
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch.distributed as dist
 
-from clinseg.datasets.errors import DataError, InputError
+from clinseg.datasets.errors import ConfigError, DataError, InputError
 
 logger = logging.getLogger(__name__)
 
@@ -101,7 +103,6 @@ def run_name(workflow: str, bundle_root: str | os.PathLike, resume: bool | str |
                 "Start a new training without --resume, or pass the run's --bundle_root.",
             )
         return runs[-1].name
-    from clinseg.pipelines.cli import ConfigError
 
     name = str(resume)
     if not _RUN_NAME.match(name) or not (runs_dir(bundle_root) / name).is_dir():
@@ -149,6 +150,43 @@ def provenance(checkpoint: str | os.PathLike | list[str]) -> dict:
         if record.get("decision_rule"):  # how the model's probabilities become a mask (chosen on validation)
             info["decision_rule"] = record["decision_rule"]
     return info
+
+
+def _same_setting(a, b) -> bool:
+    """Two config values alike, numbers within rounding (a spacing of 2 and of 2.0 are one)."""
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same_setting(x, y) for x, y in zip(a, b, strict=True))
+    numbers = [isinstance(v, (int, float)) and not isinstance(v, bool) for v in (a, b)]
+    return math.isclose(a, b, rel_tol=1e-6) if all(numbers) else a == b
+
+
+def require_input_settings(
+    checkpoint: str | os.PathLike | list[str], settings: Mapping | None, option: str = "--{key} '{value}'"
+):
+    """Return ``checkpoint`` when the run's ``settings`` (the config values that shape what the network sees, the
+    bundle's ``input_settings``: a CT's voxel spacing, an image size) are those its model was trained with, as its
+    ``model.json`` records them; each member of an ensemble is checked. A model without a record (a training
+    checkpoint, a file from elsewhere) is not checked. ``option``: how the caller's command line sets a value (the
+    hint of the error).
+
+    Raises:
+        ConfigError: naming the first setting that differs, the model and the value it was trained with: a model
+            trained at 1.5 mm run on a 2 mm grid gives a plausible, wrong mask.
+    """
+    paths = [checkpoint] if isinstance(checkpoint, (str, os.PathLike)) else list(checkpoint)
+    for path in paths:
+        path = Path(path)
+        record = read_record(path.parent) if path.name == MODEL_FILE else None
+        trained = (record or {}).get("input_settings") or {}
+        for key, value in (settings or {}).items():
+            if key in trained and not _same_setting(value, trained[key]):
+                used = json.dumps(trained[key])
+                raise ConfigError(
+                    key,
+                    f"is {json.dumps(value)}, but {path} was trained with {used} (its model.json).",
+                    f"Pass {option.format(key=key, value=used)} to run the model as it was trained.",
+                )
+    return checkpoint
 
 
 def write_run_record(models_dir: str | os.PathLike, record: dict) -> dict | None:
@@ -250,10 +288,10 @@ def promote(
     if promoted:
         logger.info(f"promoted {run_models_dir / MODEL_FILE} to {where}: {reason}")
     else:
+        bundle = candidate.get("bundle") or bundle_models_dir.parent.name
         logger.warning(
-            f"kept {where}: {reason}. To use this run's model: "
-            f"python -m clinseg.pipelines.experiments promote {run_models_dir.parent.name} --bundle_root "
-            f"{bundle_models_dir.parent}"
+            f"kept {where}: {reason}. To use this run's model: python -m clinseg.pipelines.experiments promote "
+            f"{bundle} {run_models_dir.parent.name} --bundle_root {bundle_models_dir.parent}"
         )
     return decision
 

@@ -1,6 +1,8 @@
 """Checkpoints are identified before they are loaded: through the real command lines, a file that is not a
 checkpoint, another bundle's checkpoint, one of another network size, and ``--resume True`` onto a checkpoint of
-another network size each end in one line naming the file and what differs (exit 1, no traceback)."""
+another network size each end in one line naming the file and what differs (exit 1, no traceback). A training
+started from another model's weights (``initial_weights``, fine-tuning) starts from exactly them and records them;
+weights that do not fit, or given with ``--resume``, are refused the same way."""
 
 from __future__ import annotations
 
@@ -11,7 +13,8 @@ import torch
 from monai.bundle import ConfigParser
 
 from clinseg.datasets.errors import DataError
-from clinseg.pipelines.engine.checkpoints import load_network_weights, shape_differences
+from clinseg.pipelines import runs
+from clinseg.pipelines.engine.checkpoints import load_network_weights, model_state, read_checkpoint, shape_differences
 from tests.conftest import REPO_ROOT, run_bundle, run_models
 
 pytestmark = pytest.mark.filterwarnings("ignore:parsing config_file:UserWarning")
@@ -86,3 +89,78 @@ def test_export_and_deploy_loading_name_the_file(tmp_path):
     path.write_bytes(b"")
     with pytest.raises(DataError, match="is not a PyTorch checkpoint"):
         load_network_weights(network("oct_layers"), path)
+
+
+@pytest.fixture(scope="module")
+def trained_oct(tmp_path_factory, tiny_oct_dir) -> dict:
+    """A tiny oct_layers training of 1 epoch (its own bundle root and MLflow store): the weights to start from."""
+    folder = tmp_path_factory.mktemp("trained")
+    overrides = {**TINY, "dataset_dir": tiny_oct_dir, "train#trainer#max_epochs": 1,
+                 "tracking_uri": f"sqlite:///{folder / 'mlflow.db'}"}  # fmt: skip
+    run_bundle("training", [str(OCT / "train.json")], {**overrides, "bundle_root": folder / "a"})
+    return {"overrides": overrides, "root": folder / "a", "model": folder / "a" / "models" / "model.pt"}
+
+
+def parameters(path) -> dict[str, torch.Tensor]:
+    names = {name for name, _ in network("oct_layers", **TINY).named_parameters()}  # not the norms' running stats
+    return {name: value for name, value in model_state(read_checkpoint(path, "cpu")).items() if name in names}
+
+
+def test_a_training_from_initial_weights_starts_from_them_and_says_so(tmp_path, trained_oct):
+    """At a learning rate of 1e-12 the new run's model is the start model's; a start from scratch would end at the
+    seed's initialisation, which the start model's epoch of lr 1e-3 left far behind. ``model.json`` names the file,
+    its SHA-256 and the run it came from."""
+    start = trained_oct["model"]
+    overrides = {**trained_oct["overrides"], "bundle_root": tmp_path / "b", "learning_rate": 1e-12}
+    run_bundle("training", [str(OCT / "train.json")], {**overrides, "initial_weights": start})
+    before, after = parameters(start), parameters(tmp_path / "b" / "models" / "model.pt")
+    assert before.keys() == after.keys() and before
+    assert all(torch.allclose(before[name], after[name], atol=1e-6) for name in before)
+    source = runs.read_record(tmp_path / "b" / "models")["initialized_from"]
+    assert source["checkpoint"] == str(start.resolve()) and source["checkpoint_sha256"] == runs.sha256_of(start)
+    assert source["training_run_name"] == runs.read_record(trained_oct["root"] / "models")["training_run_name"]
+
+    run_bundle("training", [str(OCT / "train.json")], {**overrides, "bundle_root": tmp_path / "c"})
+    scratch = parameters(tmp_path / "c" / "models" / "model.pt")
+    assert max(float((scratch[name] - before[name]).abs().max()) for name in before) > 1e-4, "the check can fail"
+    assert runs.read_record(tmp_path / "c" / "models")["initialized_from"] is None
+
+
+def test_initial_weights_that_do_not_fit_or_come_with_resume_are_refused(tmp_path, trained_oct):
+    start = trained_oct["model"]
+    overrides = {**trained_oct["overrides"], "initial_weights": start}
+    result = run_bundle(
+        "training",
+        [str(OCT / "train.json")],
+        {**overrides, "bundle_root": tmp_path / "b", "network_def#channels": "[8,16]"},
+        check=False,
+    )
+    line = one_line_error(result)
+    assert str(start) in line, line
+    assert "does not fit this bundle's model" in line, line
+    assert not list((tmp_path / "b").glob("outputs/*/models/*.pt")), "nothing was trained"
+
+    sha = runs.sha256_of(start)
+    result = run_bundle("training", [str(OCT / "train.json")], {**overrides, "bundle_root": trained_oct["root"],
+                        "resume": True}, check=False)  # fmt: skip
+    line = one_line_error(result)
+    assert "initial_weights" in line and "--resume" in line, line
+    assert runs.sha256_of(start) == sha, "the resumed run's model is untouched"
+
+
+def test_a_model_run_with_other_input_settings_than_it_was_trained_with_is_refused(tmp_path, trained_oct):
+    """``model.json`` records the bundle's ``input_settings`` (here the image size); an evaluation, an inference or
+    an export with other values is refused, naming the setting and the value to pass; with the same, it runs."""
+    assert runs.read_record(trained_oct["model"].parent)["input_settings"] == {"image_size": [32, 48]}
+    overrides = {**trained_oct["overrides"], "bundle_root": trained_oct["root"], "image_size": "[48,64]"}
+    result = run_bundle("evaluating", [str(OCT / "train.json"), str(OCT / "evaluate.json")], overrides, check=False)
+    line = one_line_error(result)
+    assert "'image_size'" in line and "is [48, 64]" in line and "trained with [32, 48]" in line, line
+    inference = {k: v for k, v in TINY.items() if k != "image_size"}
+    inference.update(bundle_root=trained_oct["root"], input_dir=trained_oct["overrides"]["dataset_dir"],
+                     output_dir=tmp_path / "out")  # fmt: skip
+    result = run_bundle("inferring", [str(OCT / "inference.json")], inference, check=False)
+    line = one_line_error(result)
+    assert "'image_size'" in line and "--image_size '[32, 48]'" in result.stderr, result.stderr[-2000:]
+    run_bundle("inferring", [str(OCT / "inference.json")], {**inference, "image_size": "[32,48]"})
+    assert list((tmp_path / "out").glob("*")), "with the trained settings it runs"

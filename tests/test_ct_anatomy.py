@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -265,3 +266,69 @@ def test_heart_free_ct_joins_training_with_an_empty_label_on_its_own_grid(tmp_pa
         parser.get_parsed_content("train#datalist", lazy=False)
     error = caught.value if isinstance(caught.value, InputError) else caught.value.__cause__
     assert isinstance(error, InputError) and "negative_images" in str(error) and "absent.nii.gz" in str(error)
+
+
+def test_labelled_real_cases_join_training_and_validation_with_their_label_on_the_image_grid(tmp_path):
+    """``extra_training_cases`` (labelled CT beside the phantom folder, as a fine-tuning on real cases adds them)
+    join training ``extra_case_repeats`` times under ids of their own, ``extra_validation_cases`` join validation;
+    a label on a coarser grid of the same world space is resampled onto the image's by the bundle's loader. Bad
+    entries name their key."""
+    from monai.bundle import ConfigParser
+
+    from clinseg.datasets.ct import labelled_cases, write_msd_dataset
+    from clinseg.datasets.errors import InputError
+    from clinseg.datasets.io import save_nifti
+    from tests.conftest import REPO_ROOT, decode
+
+    data = write_msd_dataset(tmp_path / "phantoms", n_train=4, n_test=0, voxel_scale=3.0, progress=False)
+    chest = synthesize_ct(5, region="chest", voxel_scale=3.0)
+    image = save_nifti(tmp_path / "real.nii.gz", chest.hu.astype(np.int16), chest.affine)
+    fine = save_nifti(tmp_path / "heart_fine.nii.gz", chest.heart.astype(np.uint8), chest.affine)
+    coarse_affine = chest.affine.copy()
+    coarse_affine[:3, :3] *= 2  # every second voxel: the same world space on a grid of twice the spacing
+    coarse = save_nifti(tmp_path / "heart_coarse.nii.gz", chest.heart[::2, ::2, ::2].astype(np.uint8), coarse_affine)
+    case = {"image": str(image), "label": str(coarse), "id": "real_chest"}
+
+    parser = ConfigParser()
+    parser.read_config(str(REPO_ROOT / "bundles" / "ct_heart" / "configs" / "train.json"))
+    parser.update({"bundle_root": str(tmp_path / "bundle"), "dataset_dir": str(data), "extra_case_repeats": 3})
+    parser["extra_training_cases"] = [case]
+    parser["extra_validation_cases"] = [case]
+    train_ids = [item["id"] for item in parser.get_parsed_content("train#datalist")]
+    validation_ids = [item["id"] for item in parser.get_parsed_content("validate#datalist")]
+    assert train_ids[-3:] == ["real_chest_copy0", "real_chest_copy1", "real_chest_copy2"] and len(train_ids) == 6
+    assert validation_ids[-1] == "real_chest" and len(validation_ids) == 2
+
+    on_coarse, on_fine = decode("ct_heart", [case, {**case, "label": str(fine)}])
+    assert on_coarse["label"].shape == on_coarse["image"].shape
+    a, b = on_coarse["label"] > 0, on_fine["label"] > 0
+    assert 2 * (a & b).sum() / (a.sum() + b.sum()) > 0.85, "the coarse label lands on the heart"
+
+    with pytest.raises(InputError, match=r"extra_training_cases\[0\]#label: .*absent.nii.gz does not exist"):
+        labelled_cases([{**case, "label": str(tmp_path / "absent.nii.gz")}])
+    with pytest.raises(InputError, match=r"extra_validation_cases\[1\]: must be"):
+        labelled_cases([case, {"image": str(image)}], "extra_validation_cases")
+    with pytest.raises(InputError, match="extra_training_cases repeats: must be a whole number"):
+        labelled_cases([case], repeats=0)
+
+
+def test_the_real_ct_overlay_tunes_on_one_chest_crop_and_keeps_the_other_real_ct_out_of_training(tmp_path):
+    """``configs/real_ct.json`` fine-tunes the bundle's model on the pulmonary crop (and the abdominal NIfTI as a
+    negative); the aorta crop and the abdominal DICOM series, which the real-CT benchmark reports, stay out."""
+    from monai.bundle import ConfigParser
+
+    from tests.conftest import REPO_ROOT
+
+    folder = shared_path("ct", "totalsegmentator")
+    configs = REPO_ROOT / "bundles" / "ct_heart" / "configs"
+    parser = ConfigParser()
+    parser.read_config([str(configs / "train.json"), str(configs / "real_ct.json")])
+    parser.update({"bundle_root": str(tmp_path / "bundle"), "real_ct_dir": str(folder)})
+    sources = [Path(item["source"]).resolve() for item in parser.get_parsed_content("train#datalist")]
+    validation = [Path(item["source"]).resolve() for item in parser.get_parsed_content("validate#datalist")]
+    crop = (folder / "pulmonary_report" / "ct_cropped.nii.gz").resolve()
+    assert sources.count(crop) == parser.get_parsed_content("extra_case_repeats") > 1 and crop in validation
+    assert (folder / "example_ct.nii.gz").resolve() in sources
+    held_out = [folder / "aorta_report" / "ct_cropped.nii.gz", folder / "example_ct_dicom"]
+    assert not {p.resolve() for p in held_out} & set(sources + validation)
+    assert parser.get_parsed_content("initial_weights") == parser.get_parsed_content("checkpoint_path")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -126,11 +127,14 @@ def test_a_worse_run_keeps_the_model_in_place_and_promote_replaces_it(tmp_path, 
     base = {**TINY, "bundle_root": root, "dataset_dir": data_dir, "tracking_uri": store}
     env = {**os.environ}
 
+    logs = []
+
     def train(epochs: int, **extra) -> Path:
         before = set(root.glob("outputs/*"))
         result = subprocess.run(command({**base, "train#trainer#max_epochs": epochs, **extra}), cwd=REPO_ROOT,
                                 capture_output=True, text=True, timeout=600, env=env)  # fmt: skip
         assert result.returncode == 0, result.stderr[-3000:]
+        logs.append(result.stdout + result.stderr)
         (folder,) = set(root.glob("outputs/*")) - before
         return folder
 
@@ -145,10 +149,16 @@ def test_a_worse_run_keeps_the_model_in_place_and_promote_replaces_it(tmp_path, 
     other = train(1, val_fraction=0.5)
     assert not decision(other)["promoted"] and "other data" in decision(other)["reason"], decision(other)
 
+    # the command the log gives for promoting by hand is the one that works
+    (hint,) = re.findall(r"To use this run's model: python -m clinseg\.pipelines\.experiments (.*)", logs[-1])
+    assert hint.split() == ["promote", "oct_layers", other.name, "--bundle_root", str(root)], hint
     result = subprocess.run(
-        [sys.executable, "-m", "clinseg.pipelines.experiments", "--tracking_uri", store, "promote", "oct_layers",
-         other.name, "--bundle_root", str(root)], cwd=tmp_path, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [sys.executable, "-m", "clinseg.pipelines.experiments", "--tracking_uri", store, *hint.split()],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     record = runs.read_record(root / "models")
     assert record["training_run_name"] == other.name and record["promotion_reason"] == "promoted on request"

@@ -20,10 +20,10 @@ import os
 from pathlib import Path
 
 from clinseg.datasets.ct.volumes import VOLUME_SUFFIXES, case_id, is_volume_file, looks_like_dicom
-from clinseg.datasets.errors import DataError
+from clinseg.datasets.errors import DataError, InputError
 from clinseg.datasets.io import unique_ids
 from clinseg.datasets.layouts import load_datalist, register_layout, register_phantom
-from clinseg.datasets.value_types import Fraction, NonNegativeInt
+from clinseg.datasets.value_types import Fraction, NonNegativeInt, PositiveInt
 
 logger = logging.getLogger(__name__)
 
@@ -138,7 +138,6 @@ def heart_free_cases(paths: list[str] | None, key: str = "negative_images") -> l
     Raises:
         InputError: naming ``key`` and the path, when a path does not exist.
     """
-    from clinseg.datasets.errors import InputError
 
     items = []
     for path in paths or []:
@@ -146,6 +145,40 @@ def heart_free_cases(paths: list[str] | None, key: str = "negative_images") -> l
             raise InputError(key, f"{path} does not exist (a heart-free CT volume file or DICOM series folder).")
         items.append({"image": str(path), "id": f"heart_free_{case_id(path)}", "source": str(path), "heart_free": True})
     return unique_ids(items)  # ids apart, and ``original_id`` as every data list item has
+
+
+def labelled_cases(cases: list[dict] | None, key: str = "extra_training_cases", repeats: PositiveInt = 1) -> list[dict]:
+    """Data list items for labelled CT volumes given one by one (``[{"image": path, "label": path}]``), beside a
+    dataset folder: real cases added to a phantom training (fine-tuning) or to its validation. A label may be on
+    another grid in the same world space (resampled onto the image's by the bundle's loader). Each case appears
+    ``repeats`` times (a small set of real cases weighed against many phantoms), the copies with ids of their own.
+
+    Raises:
+        InputError: naming ``key[i]`` (or ``key[i]#image``), when an entry is not such a pair or a path does not
+            exist.
+    """
+    if not isinstance(repeats, int) or isinstance(repeats, bool) or repeats < 1:
+        raise InputError(f"{key} repeats", f"must be a whole number of at least 1, not {repeats!r}.")
+    items = []
+    for index, case in enumerate(cases or []):
+        where = f"{key}[{index}]"
+        if not isinstance(case, dict) or not {"image", "label"} <= set(case):
+            raise InputError(where, f"must be {{'image': path, 'label': path}}, not {case!r}.")
+        for field in ("image", "label"):
+            if not Path(case[field]).exists():
+                raise InputError(f"{where}#{field}", f"{case[field]} does not exist.")
+        name = case.get("id") or case_id(case["image"])
+        for copy in range(repeats):
+            items.append(
+                {
+                    "image": str(case["image"]),
+                    "label": str(case["label"]),
+                    "id": name if repeats == 1 else f"{name}_copy{copy}",
+                    "source": str(case["image"]),
+                    "annotation_source": str(case["label"]),
+                }
+            )
+    return unique_ids(items)
 
 
 def load_ct_images(input_path: str | os.PathLike) -> list[dict]:

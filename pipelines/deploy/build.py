@@ -191,7 +191,7 @@ def checked_network(root: Path, checkpoint: Path, overrides: dict):
     """The bundle's ``network_def`` (overrides applied) with the checkpoint's weights, or one line saying which
     override the network refused or how the checkpoint differs from it."""
     from clinseg.pipelines.engine.checkpoints import load_network_weights
-    from clinseg.pipelines.export import bundle_config
+    from clinseg.pipelines.export import bundle_config, require_trained_settings
 
     try:
         network = bundle_config(str(root), overrides).get_parsed_content("network_def")
@@ -205,6 +205,7 @@ def checked_network(root: Path, checkpoint: Path, overrides: dict):
         if len(keys) == 1:
             raise ConfigError(keys[0], refused) from e
         raise InputError(f"the overrides {', '.join(keys)}", refused) from e
+    require_trained_settings(str(root), checkpoint, overrides)
     try:
         return load_network_weights(network, checkpoint)
     except DataError as e:  # one line; the hint of training runs names their options, not the build's

@@ -6,9 +6,9 @@ Model Zoo's ids; the steps here are what is the same for every task, written onc
 
 - :func:`initialize`: override ids and config values checked before anything runs
   (:mod:`clinseg.pipelines.config_checks`), determinism, writable folders, a reachable tracking server;
-- :func:`run_training`: early stopping, the latest-checkpoint saver, resume, the time limit, the run itself, and
-  ``models/model.pt`` left behind in every case (the best validated model, or the final one when no validation
-  ran).
+- :func:`run_training`: early stopping, the latest-checkpoint saver, resume or a start from another model's weights
+  (fine-tuning), the time limit, the run itself, and ``models/model.pt`` left behind in every case (the best
+  validated model, or the final one when no validation ran).
 
 Every step is rank-aware: under ``torchrun`` only rank 0 writes outputs, checkpoints and tracking records.
 """
@@ -86,6 +86,35 @@ def save_final_model(network: torch.nn.Module, ckpt_dir: str | os.PathLike) -> P
     return path
 
 
+def start_from(network: torch.nn.Module, initial_weights: str | os.PathLike | None, resume=None) -> dict | None:
+    """Load ``initial_weights`` (a bundle checkpoint: another run's ``model.pt`` or a training checkpoint) into
+    ``network`` before the first epoch: fine-tuning, e.g. the phantom-trained model on real cases. Checked to fit
+    (:func:`clinseg.pipelines.engine.checkpoints.load_network_weights`); returns what was loaded (path, SHA-256 and
+    the run it came from, :func:`clinseg.pipelines.runs.provenance`) for the run's ``model.json``, or ``None``.
+
+    Raises:
+        ConfigError: ``initial_weights`` together with ``resume`` (a resumed run continues its own weights).
+        DataError: naming the file, when it is not a checkpoint of this network.
+    """
+    if not initial_weights:
+        return None
+    from clinseg.datasets.errors import ConfigError
+    from clinseg.pipelines import runs
+    from clinseg.pipelines.engine.checkpoints import load_network_weights
+
+    if resume:
+        raise ConfigError(
+            "initial_weights",
+            "cannot be combined with --resume: a resumed run continues from its own latest checkpoint.",
+            "Drop --initial_weights to resume, or drop --resume to start a new run from those weights.",
+        )
+    source = runs.provenance(initial_weights)  # read before loading: the file is what was loaded
+    module = network.module if isinstance(network, torch.nn.parallel.DistributedDataParallel) else network
+    load_network_weights(module, initial_weights, map_location=next(module.parameters()).device)
+    logger.info(f"training starts from the weights of {source['checkpoint']} (sha256 {source['checkpoint_sha256']})")
+    return source
+
+
 def run_training(
     trainer: Engine,
     latest_checkpoint,
@@ -98,6 +127,8 @@ def run_training(
     key_metric: str | None = None,
     validation_fingerprint: str | None = None,
     bundle_name: str | None = None,
+    initial_weights: str | os.PathLike | None = None,
+    input_settings: dict | None = None,
 ) -> None:
     """Run ``trainer`` as every bundle does. Afterwards the run's own ``ckpt_dir`` holds ``model.pt`` whatever the
     validation interval, described by ``model.json``, and that model is promoted to ``promote_to`` (the bundle's
@@ -106,11 +137,16 @@ def run_training(
     ``model.pt`` is the best validated model (written by the validation's best-model saver). When this training
     ran no validation at all (``max_epochs`` below ``val_interval``), the final weights are written there instead,
     so ``inferring``, evaluation and export work after any training. ``resume``: continue from the newest latest
-    checkpoint in ``ckpt_dir`` (the resumed run's own folder, chosen by :func:`clinseg.pipelines.runs.run_name`)."""
+    checkpoint in ``ckpt_dir`` (the resumed run's own folder, chosen by :func:`clinseg.pipelines.runs.run_name`).
+    ``initial_weights``: start from another model's weights (:func:`start_from`), recorded in ``model.json`` as
+    ``initialized_from``. ``input_settings``: the config values that shape what the network sees (a spacing, an
+    image size), recorded in ``model.json`` so that a run with other values is refused
+    (:func:`clinseg.pipelines.runs.require_input_settings`)."""
     from clinseg.pipelines import runs
     from clinseg.pipelines.engine import decision
     from clinseg.pipelines.engine.handlers.checkpointing import resume_from_latest
 
+    initialized_from = start_from(trainer.network, initial_weights, resume)
     early_stop.set_trainer(trainer)
     if is_rank_zero():
         latest_checkpoint.attach(trainer)
@@ -142,6 +178,8 @@ def run_training(
                 # the threshold and component filter chosen on the best epoch's validation cases, where the
                 # bundle searches one (clinseg.pipelines.engine.decision.DecisionRuleSearch)
                 "decision_rule": decision.rule_from(validator) if validated else None,
+                "initialized_from": initialized_from,
+                "input_settings": input_settings,
             },
         )
         if promote_to is not None and record is not None:
