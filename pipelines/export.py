@@ -102,7 +102,7 @@ def require_trained_settings(bundle: str, checkpoint: Path | list[Path], overrid
     from clinseg.pipelines import runs
 
     settings = bundle_config(bundle, overrides).get_parsed_content("input_settings")
-    runs.require_input_settings(checkpoint, settings, option="--override {key}={value}")
+    runs.require_input_settings(checkpoint, settings, option="--override '{key}={value}'")
 
 
 def concrete_shape(spatial_shape: list, n: int = 2) -> list[int]:

@@ -38,8 +38,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from clinseg.pipelines import runs
 from clinseg.pipelines.cli import parse_overrides
 from clinseg.pipelines.engine.metrics import volume_ml
+from clinseg.pipelines.export import require_trained_settings
 from clinseg.pipelines.paths import PROJECT_ROOT
 
 CONFIGS = PROJECT_ROOT / "bundles" / "ct_heart" / "configs"
@@ -167,6 +169,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     overrides = parse_overrides(args.override)
+    # a model trained on another grid is refused here, once, with the override to pass, before any case runs
+    require_trained_settings("ct_heart", checkpoint, overrides)
     work_dir = Path(args.work_dir or tempfile.mkdtemp(prefix="ct_heart_benchmark_"))
     heart = data_dir / "pulmonary_report" / "heart.nii.gz"
     cases = {
@@ -214,6 +218,11 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "checkpoint": str(checkpoint),
         "checkpoint_mtime": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(checkpoint.stat().st_mtime)),
+        # the training run, and for a fine-tuned model what it started from and the settings it was trained with
+        "model": {
+            **runs.provenance(checkpoint),
+            **{k: (runs.read_record(checkpoint.parent) or {}).get(k) for k in ("initialized_from", "input_settings")},
+        },  # fmt: skip
         "overrides": overrides,
         "reference": "TotalSegmentator model output (silver standard), resampled to each CT grid by nearest neighbour",
         "cases": results,
