@@ -153,7 +153,13 @@ def test_torchscript_export_matches_the_checkpoint(trained, tmp_path):
     import torch
 
     bundle, _, _ = trained
-    overrides = ["patch_size=[16,16,16]", "network_def#channels=[4,8,16]", "network_def#strides=[2,2]"]
+    # the settings it was trained with: the export embeds the inference config, and refuses other input settings
+    overrides = [
+        "spacing=[6,6,6]",
+        "patch_size=[16,16,16]",
+        "network_def#channels=[4,8,16]",
+        "network_def#strides=[2,2]",
+    ]
     overrides.append("network_def#num_res_units=1")
     out = tmp_path / "model.ts"
     checkpoint = str(bundle / "models" / "model.pt")

@@ -537,6 +537,9 @@ def test_build_errors_are_one_line_and_leave_nothing(ct_app, tmp_path):
         "not a checkpoint": (["ct_heart", "--checkpoint", tmp_path / "not_a_checkpoint.pt", "--out", out,
                               "--override", *tiny], f"error: {tmp_path / 'not_a_checkpoint.pt'}: is not a PyTorch"),
         "other network": ([*base, "--out", out], f"error: {checkpoint}: does not fit this bundle's model"),
+        "other input settings": ([*base, "--out", out, "--override", *tiny, "spacing=[2,2,2]"],
+                                 f"error: config key 'spacing': is [2, 2, 2], but {checkpoint} was trained with "
+                                 "[6, 6, 6] (its model.json). Pass --override 'spacing=[6, 6, 6]'"),
         "--out not empty": ([*base, "--out", kept, "--override", *tiny], f"error: {kept}: exists and is not empty"),
         "--out under a file": ([*base, "--out", tmp_path / "a_file" / "app", "--override", *tiny],
                                f"error: {tmp_path / 'a_file' / 'app'}: cannot be created"),

@@ -205,14 +205,18 @@ def checked_network(root: Path, checkpoint: Path, overrides: dict):
         if len(keys) == 1:
             raise ConfigError(keys[0], refused) from e
         raise InputError(f"the overrides {', '.join(keys)}", refused) from e
-    require_trained_settings(str(root), checkpoint, overrides)
     try:
-        return load_network_weights(network, checkpoint)
+        network = load_network_weights(network, checkpoint)
     except DataError as e:  # one line; the hint of training runs names their options, not the build's
         if "not a PyTorch checkpoint" in e.problem or "does not exist" in e.problem:
             raise DataError(checkpoint, e.problem) from None
         raise DataError(checkpoint, f"{e.problem} Pass the network settings it was trained with "
                         "(--override network_def#channels=...), or another --checkpoint.") from None  # fmt: skip
+    try:
+        require_trained_settings(str(root), checkpoint, overrides)
+    except ConfigError as e:  # one line, as every build error
+        raise ConfigError(e.key, f"{e.problem} {e.hint}") from None
+    return network
 
 
 def check_out(out_dir: Path) -> None:
