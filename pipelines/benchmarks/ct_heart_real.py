@@ -3,6 +3,9 @@
     python -m clinseg.pipelines.benchmarks.ct_heart_real [--checkpoint bundles/ct_heart/models/model.pt] \\
         [--out bundles/ct_heart/outputs/benchmark_real_ct.json] [--override anatomy_constraints=false] [--no-large]
 
+The model runs with the input settings its ``model.json`` records (spacing, window size, window preset), so a
+fine-tuned 1.5 mm model needs no override.
+
 Runs the bundle's own inference config (``inference.json``, self-contained, through MONAI's ``ConfigWorkflow``,
 as ``python -m monai.bundle run inferring`` does), each volume in a process of its own (so its peak memory is its
 own), on each real CT of the TotalSegmentator test files in ``$SHARED_DATA_DIR/ct/totalsegmentator`` (default
@@ -168,8 +171,10 @@ def main(argv: list[str] | None = None) -> int:
             "bundles/ct_heart/configs/train.json) or pass --checkpoint"
         )
         return 2
-    overrides = parse_overrides(args.override)
-    # a model trained on another grid is refused here, once, with the override to pass, before any case runs
+    # the model runs as it was trained (its model.json's input settings: a fine-tuned 1.5 mm model on the 1.5 mm
+    # grid); an override that contradicts them is refused here, once, before any case runs
+    trained = (runs.read_record(checkpoint.parent) or {}).get("input_settings") or {}
+    overrides = {**trained, **parse_overrides(args.override)}
     require_trained_settings("ct_heart", checkpoint, overrides)
     work_dir = Path(args.work_dir or tempfile.mkdtemp(prefix="ct_heart_benchmark_"))
     heart = data_dir / "pulmonary_report" / "heart.nii.gz"
