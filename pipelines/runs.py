@@ -131,6 +131,13 @@ def read_record(models_dir: str | os.PathLike) -> dict | None:
     return record
 
 
+def record_of(checkpoint: str | os.PathLike) -> dict | None:
+    """The ``model.json`` that describes ``checkpoint`` itself: only a bundle ``model.pt`` has one (a training
+    checkpoint beside it is another file, trained to another epoch)."""
+    checkpoint = Path(checkpoint)
+    return read_record(checkpoint.parent) if checkpoint.name == MODEL_FILE else None
+
+
 def provenance(checkpoint: str | os.PathLike | list[str]) -> dict:
     """What a checkpoint is, for the outputs' JSON and the MLflow tags of an evaluation or inference: its path and
     SHA-256, and the training run it came from when its ``model.json`` says so (and still matches the file). For an
@@ -142,7 +149,7 @@ def provenance(checkpoint: str | os.PathLike | list[str]) -> dict:
         checkpoint = checkpoint[0]
     checkpoint = Path(checkpoint).resolve()
     info = {"checkpoint": str(checkpoint), "checkpoint_sha256": sha256_of(checkpoint) if checkpoint.is_file() else None}
-    record = read_record(checkpoint.parent) if checkpoint.name == MODEL_FILE else None
+    record = record_of(checkpoint)
     if record is not None:
         for key in ("training_run_id", "training_run_name", "key_metric", "value", "validation_fingerprint"):
             if record.get(key) is not None:
@@ -175,9 +182,7 @@ def require_input_settings(
     """
     paths = [checkpoint] if isinstance(checkpoint, (str, os.PathLike)) else list(checkpoint)
     for path in paths:
-        path = Path(path)
-        record = read_record(path.parent) if path.name == MODEL_FILE else None
-        trained = (record or {}).get("input_settings") or {}
+        trained = (record_of(path) or {}).get("input_settings") or {}
         for key, value in (settings or {}).items():
             if key in trained and not _same_setting(value, trained[key]):
                 used = json.dumps(trained[key])

@@ -173,8 +173,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     # the model runs as it was trained (its model.json's input settings: a fine-tuned 1.5 mm model on the 1.5 mm
     # grid); an override that contradicts them is refused here, once, before any case runs
-    trained = (runs.read_record(checkpoint.parent) or {}).get("input_settings") or {}
-    overrides = {**trained, **parse_overrides(args.override)}
+    record = runs.record_of(checkpoint) or {}
+    overrides = {**(record.get("input_settings") or {}), **parse_overrides(args.override)}
     require_trained_settings("ct_heart", checkpoint, overrides)
     work_dir = Path(args.work_dir or tempfile.mkdtemp(prefix="ct_heart_benchmark_"))
     heart = data_dir / "pulmonary_report" / "heart.nii.gz"
@@ -226,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         # the training run, and for a fine-tuned model what it started from and the settings it was trained with
         "model": {
             **runs.provenance(checkpoint),
-            **{k: (runs.read_record(checkpoint.parent) or {}).get(k) for k in ("initialized_from", "input_settings")},
+            **{k: record.get(k) for k in ("initialized_from", "input_settings")},
         },  # fmt: skip
         "overrides": overrides,
         "reference": "TotalSegmentator model output (silver standard), resampled to each CT grid by nearest neighbour",

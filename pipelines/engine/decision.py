@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Hashable, Mapping, Sequence
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -122,7 +121,7 @@ def rule_for(checkpoint_path) -> dict:
     if len(paths) != 1:
         logger.info(f"an ensemble of {len(paths)} models: the plain decision rule (threshold 0.5) is used")
         return dict(PLAIN_RULE)
-    rule = rule_of_record(runs.read_record(Path(paths[0]).parent))
+    rule = rule_of_record(runs.record_of(paths[0]))
     if rule != PLAIN_RULE:
         logger.info(f"decision rule chosen on validation: {rule}")
     return rule
