@@ -218,3 +218,21 @@ def test_evaluation_and_inference_say_what_they_used(tmp_path, data_dir):
     assert training.data.tags[f"evaluate_run.{evaluation.info.run_id}"] == "the-evaluation", "linked back"
     summary = json.loads((tmp_path / "predictions" / "inference_summary.json").read_text())
     assert {k: summary["model"][k] for k in expected} == expected
+
+
+def test_the_cross_camera_benchmark_runs_a_model_with_its_recorded_settings(tmp_path):
+    """A CLAHE-trained model is benchmarked with CLAHE; a condition's own setting is kept, never doubled."""
+    from clinseg.pipelines.benchmarks.vessels_cross_camera import CONDITIONS, with_trained_settings
+
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / runs.MODEL_FILE).write_bytes(b"weights")
+    runs.write_run_record(models, {"input_settings": {"clahe": True, "channels": "green", "scale_to_fov": True}})
+    model = models / runs.MODEL_FILE
+    default = with_trained_settings(CONDITIONS["estimated_fov_scaled_rule"], model)
+    assert default == ["--clahe", "True", "--channels", "'green'", "--scale_to_fov", "True"]
+    unscaled = with_trained_settings(CONDITIONS["estimated_fov"], model)
+    assert unscaled.count("--scale_to_fov") == 1 and unscaled[unscaled.index("--scale_to_fov") + 1] == "False"
+    assert unscaled[:2] == ["--clahe", "True"]
+    # a training checkpoint beside model.pt is not what model.json describes: nothing is added
+    assert with_trained_settings(["--tta", "True"], models / "latest_checkpoint_epoch=3.pt") == ["--tta", "True"]

@@ -11,7 +11,7 @@ from clinseg.datasets.oct import load_oct_datalist
 from clinseg.pipelines.engine.losses import DiceCELossWithIgnore
 from clinseg.pipelines.engine.metrics import LayerThicknessError, PixelAccuracyMetric
 from clinseg.transforms.labels import ColorToLabeld, OneHotWithIgnored
-from clinseg.transforms.oct import OrderLayersd, boundaries_to_label_map, order_layers
+from clinseg.transforms.oct import OrderLayersd, RandSpeckleNoised, boundaries_to_label_map, order_layers
 from tests.conftest import OCT_BUNDLE, decode
 
 
@@ -60,6 +60,40 @@ def test_layer_order_fixes_what_breaks_the_anatomy_and_keeps_what_does_not():
     assert out.shape == (n_classes, height, width) and torch.equal(out.argmax(0), torch.as_tensor(ordered))
     off = OrderLayersd("pred", enabled=False)({"pred": torch.as_tensor(noisy)})["pred"]
     assert torch.equal(off, torch.as_tensor(noisy))
+
+
+def test_speckle_is_multiplicative_correlated_and_leaves_other_keys_alone():
+    rng = np.random.default_rng(0)
+    image = torch.as_tensor(rng.uniform(0.2, 0.8, size=(1, 96, 128)), dtype=torch.float32)
+    image[:, :, :16] = 0.0  # a black margin, as above the retina
+    label = torch.randint(0, 3, (1, 96, 128))
+
+    def speckle(**kwargs):
+        transform = RandSpeckleNoised("image", prob=1.0, **kwargs)
+        transform.set_random_state(seed=1)
+        return transform({"image": image.clone(), "label": label.clone()})
+
+    out = speckle()
+    assert torch.equal(out["label"], label) and out["image"].dtype == torch.float32
+    assert torch.equal(out["image"][:, :, :16], image[:, :, :16]), "multiplicative: black stays black"
+    assert out["image"].min() >= image.min() and out["image"].max() <= image.max(), "clipped to the image's range"
+    ratio = (out["image"] / image)[:, :, 16:]
+    assert 0.97 < float(ratio.mean()) < 1.03 and float(ratio.std()) > 0.05, "noise of mean 1 that changes pixels"
+
+    # the grain: neighbouring pixels share their noise when blurred, not when grain_sigma is 0
+    def neighbour_correlation(r):
+        centred = r - r.mean()
+        return float((centred[..., 1:] * centred[..., :-1]).mean() / centred.var())
+
+    assert neighbour_correlation((speckle(grain_sigma=(1.5, 1.5))["image"] / image)[:, :, 16:]) > 0.3
+    assert abs(neighbour_correlation((speckle(grain_sigma=(0.0, 0.0))["image"] / image)[:, :, 16:])) < 0.1
+    assert torch.equal(speckle()["image"], out["image"]), "the same seed gives the same speckle"
+    untouched = RandSpeckleNoised("image", prob=0.0)({"image": image})
+    assert torch.equal(untouched["image"], image)
+    missing = RandSpeckleNoised(["image", "other"], prob=1.0, allow_missing_keys=True)({"image": image})
+    assert set(missing) == {"image"}
+    with pytest.raises(ValueError, match="looks"):
+        RandSpeckleNoised("image", looks=(0.0, 1.0))
 
 
 def test_colour_and_onehot_transforms():

@@ -1,4 +1,5 @@
-"""OCT-specific transforms: layer boundaries (one row position per A-scan) to a layer label map."""
+"""OCT-specific transforms: layer boundaries (one row position per A-scan) to a layer label map, the anatomical
+order of the layers in every column, and speckle-like augmentation."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
-from monai.transforms import MapTransform, Transform
-from monai.utils import MetaKeys, convert_to_numpy
+from monai.transforms import MapTransform, RandomizableTransform, Transform
+from monai.utils import MetaKeys, TransformBackends, convert_to_numpy
 
 IGNORE_INDEX = 255
 """Label value of pixels without annotation (masked out of the loss and the metrics)."""
@@ -153,4 +154,56 @@ class OrderLayersd(MapTransform):
             if isinstance(prediction, MetaTensor):
                 one_hot = MetaTensor(one_hot, meta=prediction.meta, applied_operations=prediction.applied_operations)
             d[key] = one_hot.to(prediction.device) if isinstance(prediction, torch.Tensor) else one_hot
+        return d
+
+
+class RandSpeckleNoised(RandomizableTransform, MapTransform):
+    """Speckle-like augmentation for OCT: multiply the image by spatially correlated noise of mean 1.
+
+    Speckle is the grain of coherent imaging: a multiplicative noise whose grains span a few pixels, stronger or
+    weaker from one scanner and averaging setting to the next. Additive white noise (``RandGaussianNoised``) has
+    neither property. Here the noise is a gamma variate of ``looks`` looks (fewer looks: stronger speckle), blurred by
+    a Gaussian of ``grain_sigma`` pixels (the grain), renormalised to mean 1; the result is clipped to the image's own
+    range, so the intensity scaling before it still holds. Both are drawn uniformly from their ranges per call.
+    """
+
+    backend = [TransformBackends.TORCH, TransformBackends.NUMPY]
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        prob: float = 0.2,
+        looks: tuple[float, float] = (2.0, 8.0),
+        grain_sigma: tuple[float, float] = (0.5, 1.5),
+        allow_missing_keys: bool = False,
+    ):
+        MapTransform.__init__(self, keys, allow_missing_keys)
+        RandomizableTransform.__init__(self, prob)
+        if not 0 < looks[0] <= looks[1]:
+            raise ValueError(f"looks must be a range (low, high) of positive values, got {looks}.")
+        if not 0 <= grain_sigma[0] <= grain_sigma[1]:
+            raise ValueError(f"grain_sigma must be a range (low, high) of non-negative values, got {grain_sigma}.")
+        self.looks = looks
+        self.grain_sigma = grain_sigma
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        from scipy.ndimage import gaussian_filter
+
+        d = dict(data)
+        self.randomize(None)
+        if not self._do_transform:
+            return d
+        looks = self.R.uniform(*self.looks)
+        sigma = self.R.uniform(*self.grain_sigma)
+        for key in self.key_iterator(d):
+            image = d[key]
+            noise = self.R.gamma(shape=looks, scale=1.0 / looks, size=np.shape(image)).astype(np.float32)
+            if sigma > 0:
+                # blur the spatial axes only: the channels of one pixel share its grain
+                noise = gaussian_filter(noise, sigma=[0] + [sigma] * (noise.ndim - 1), mode="reflect")
+            noise /= noise.mean()
+            image_t = torch.as_tensor(image)
+            low, high = image_t.min(), image_t.max()
+            speckled = (image_t * torch.as_tensor(noise, device=image_t.device)).clamp(low, high)
+            d[key] = speckled.to(image_t.dtype) if isinstance(image, torch.Tensor) else speckled.numpy()
         return d

@@ -41,9 +41,12 @@ CONFIGS = PROJECT_ROOT / "bundles" / "vessels" / "configs"
 # one feature added at a time; the first three with the plain decision rule (threshold 0.5), the model's own rule
 # (chosen on its DRIVE validation cases, clinseg.pipelines.engine.decision) from the fourth on
 PLAIN_RULE = ["--decision_rule", "{'threshold': 0.5, 'min_component_fraction': 0.0}"]
+# the first two conditions show the pipeline before disc scaling, so they run a model trained with it without it on
+# purpose: an empty input_settings turns off the check that would refuse exactly that (and nothing else)
+UNCHECKED = ["--input_settings", "{}"]
 CONDITIONS = {
-    "whole_image": ["--estimate_fov", "False", "--scale_to_fov", "False", *PLAIN_RULE],
-    "estimated_fov": ["--scale_to_fov", "False", *PLAIN_RULE],
+    "whole_image": ["--estimate_fov", "False", "--scale_to_fov", "False", *UNCHECKED, *PLAIN_RULE],
+    "estimated_fov": ["--scale_to_fov", "False", *UNCHECKED, *PLAIN_RULE],
     "estimated_fov_scaled": [*PLAIN_RULE],
     "estimated_fov_scaled_rule": [],
     "estimated_fov_scaled_rule_tta": ["--tta", "True"],
@@ -94,6 +97,17 @@ def scores(prediction: np.ndarray, probability: np.ndarray, reference: np.ndarra
     }
 
 
+def with_trained_settings(overrides: list[str], checkpoint: Path) -> list[str]:
+    """``overrides`` preceded by the input settings the model's ``model.json`` records (a CLAHE model runs with
+    CLAHE), for each setting the condition does not set itself."""
+    from clinseg.pipelines import runs
+
+    trained = (runs.record_of(checkpoint) or {}).get("input_settings") or {}
+    given = {option[2:] for option in overrides if option.startswith("--")}
+    recorded = [[f"--{key}", repr(value)] for key, value in trained.items() if key not in given]
+    return [part for pair in recorded for part in pair] + overrides
+
+
 def infer(dataset_dir: Path, checkpoint: Path, overrides: list[str], work: Path, name: str) -> dict:
     """One inference through the bundle's command line over the photographs; the predictions scored on the
     photographs' own grid against their masks, inside the field estimated from each photograph and over the
@@ -117,7 +131,7 @@ def infer(dataset_dir: Path, checkpoint: Path, overrides: list[str], work: Path,
         str(checkpoint),
         "--output_dir",
         str(output_dir),
-        *overrides,
+        *with_trained_settings(overrides, checkpoint),
     ]
     start = time.perf_counter()
     done = subprocess.run(command, cwd=PROJECT_ROOT, capture_output=True, text=True)
@@ -144,7 +158,7 @@ def infer(dataset_dir: Path, checkpoint: Path, overrides: list[str], work: Path,
     mean["whole_image_f1"] = float(np.mean([v["whole_image_f1"] for v in per_image.values()]))
     worst = sorted(per_image, key=lambda k: per_image[k]["in_field"]["f1"])[:3]
     return {
-        "overrides": overrides,
+        "overrides": with_trained_settings(overrides, checkpoint),
         "mean": mean,
         "per_image": per_image,
         "worst": worst,
@@ -232,7 +246,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     with tempfile.TemporaryDirectory(prefix="cross_camera_") as work:
         for name, overrides in conditions.items():
-            print(f"[{len(results) + 1}/{len(conditions)}] {name}: inferring {dataset_dir} {' '.join(overrides)}")
+            typed = " ".join(with_trained_settings(overrides, checkpoint))
+            print(f"[{len(results) + 1}/{len(conditions)}] {name}: inferring {dataset_dir} {typed}")
             results[name] = infer(dataset_dir, checkpoint, overrides, Path(work), name)
             mean = results[name]["mean"]
             print(

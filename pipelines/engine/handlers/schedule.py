@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 
+import torch
 from ignite.engine import Engine
 from monai.handlers import EarlyStopHandler
 
@@ -15,18 +16,22 @@ logger = logging.getLogger(__name__)
 
 
 class TrainingMonitor:
-    """What follows each validation and what a person watching a training sees: the LR schedule stepped on the key
-    validation metric (on every rank, so the ranks stay in step), one summary line per epoch and a progress bar
-    with the running loss (rank 0 only)."""
+    """What follows each validation and what a person watching a training sees: the LR schedule stepped each epoch
+    (a ``ReduceLROnPlateau`` on the key validation metric, any other scheduler by its own count), on every rank so
+    the ranks stay in step, one summary line per epoch and a progress bar with the running loss (rank 0 only)."""
 
     def __init__(self, validator: Engine, lr_scheduler, key_metric: str, progress_bar: bool = True):
         from monai.handlers import LrScheduleHandler
 
         from clinseg.pipelines.context import is_rank_zero
 
-        self.lr_schedule = LrScheduleHandler(
-            lr_scheduler, print_lr=False, step_transform=lambda engine: validator.state.metrics.get(key_metric, 0.0)
-        )
+        # MONAI passes what step_transform returns to scheduler.step(); only a plateau scheduler takes a metric,
+        # any other would read it as a (deprecated) epoch number.
+        if isinstance(lr_scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            step_transform = lambda engine: validator.state.metrics.get(key_metric, 0.0)  # noqa: E731
+        else:
+            step_transform = lambda engine: ()  # noqa: E731
+        self.lr_schedule = LrScheduleHandler(lr_scheduler, print_lr=False, step_transform=step_transform)
         self.summary = EpochSummary(validator, key_metric) if is_rank_zero() else None
         self.progress = LossProgressBar() if progress_bar and is_rank_zero() else None
 
