@@ -199,7 +199,7 @@ class RandSpeckleNoised(RandomizableTransform, MapTransform):
             image = d[key]
             noise = self.R.gamma(shape=looks, scale=1.0 / looks, size=np.shape(image)).astype(np.float32)
             if sigma > 0:
-                # blur the spatial axes only: the channels of one pixel share its grain
+                # the grain spans pixels, not channels: blur the spatial axes only
                 noise = gaussian_filter(noise, sigma=[0] + [sigma] * (noise.ndim - 1), mode="reflect")
             noise /= noise.mean()
             image_t = torch.as_tensor(image)
