@@ -131,7 +131,7 @@ def infer(dataset_dir: Path, checkpoint: Path, overrides: list[str], work: Path,
         str(checkpoint),
         "--output_dir",
         str(output_dir),
-        *with_trained_settings(overrides, checkpoint),
+        *overrides,
     ]
     start = time.perf_counter()
     done = subprocess.run(command, cwd=PROJECT_ROOT, capture_output=True, text=True)
@@ -158,7 +158,7 @@ def infer(dataset_dir: Path, checkpoint: Path, overrides: list[str], work: Path,
     mean["whole_image_f1"] = float(np.mean([v["whole_image_f1"] for v in per_image.values()]))
     worst = sorted(per_image, key=lambda k: per_image[k]["in_field"]["f1"])[:3]
     return {
-        "overrides": with_trained_settings(overrides, checkpoint),
+        "overrides": overrides,
         "mean": mean,
         "per_image": per_image,
         "worst": worst,
@@ -246,9 +246,9 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     with tempfile.TemporaryDirectory(prefix="cross_camera_") as work:
         for name, overrides in conditions.items():
-            typed = " ".join(with_trained_settings(overrides, checkpoint))
-            print(f"[{len(results) + 1}/{len(conditions)}] {name}: inferring {dataset_dir} {typed}")
-            results[name] = infer(dataset_dir, checkpoint, overrides, Path(work), name)
+            typed = with_trained_settings(overrides, checkpoint)  # what the command line gets, printed and kept
+            print(f"[{len(results) + 1}/{len(conditions)}] {name}: inferring {dataset_dir} {' '.join(typed)}")
+            results[name] = infer(dataset_dir, checkpoint, typed, Path(work), name)
             mean = results[name]["mean"]
             print(
                 f"    F1 {mean['f1']:.4f} (whole image {mean['whole_image_f1']:.4f})  sensitivity "

@@ -26,12 +26,13 @@ class TrainingMonitor:
         from clinseg.pipelines.context import is_rank_zero
 
         # MONAI passes what step_transform returns to scheduler.step(); only a plateau scheduler takes a metric,
-        # any other would read it as a (deprecated) epoch number.
+        # any other would read it as a (deprecated) epoch number, so it keeps MONAI's default: step() alone
         if isinstance(lr_scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-            step_transform = lambda engine: validator.state.metrics.get(key_metric, 0.0)  # noqa: E731
+            self.lr_schedule = LrScheduleHandler(
+                lr_scheduler, print_lr=False, step_transform=lambda engine: validator.state.metrics.get(key_metric, 0.0)
+            )
         else:
-            step_transform = lambda engine: ()  # noqa: E731
-        self.lr_schedule = LrScheduleHandler(lr_scheduler, print_lr=False, step_transform=step_transform)
+            self.lr_schedule = LrScheduleHandler(lr_scheduler, print_lr=False)
         self.summary = EpochSummary(validator, key_metric) if is_rank_zero() else None
         self.progress = LossProgressBar() if progress_bar and is_rank_zero() else None
 
