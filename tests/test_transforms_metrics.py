@@ -140,6 +140,19 @@ def test_loss_ignores_unannotated_pixels():
     assert loss(perfect, target) < 1e-3 < loss(logits, target)
 
 
+def test_batch_dice_is_the_dice_of_the_batch_as_one_image():
+    torch.manual_seed(1)
+    logits = torch.randn(2, 2, 8, 8)
+    target = (torch.rand(2, 1, 8, 8) > 0.7).long()
+    target[1] = 0  # a patch without foreground: alone, its Dice is ~0 whatever the prediction
+    target[0, 0, 0, :] = 255  # unannotated pixels stay out of the batch's Dice too
+    side_by_side = torch.cat(list(logits), dim=-1)[None], torch.cat(list(target), dim=-1)[None]
+    batch_dice = DiceCELossWithIgnore(lambda_dice=1.0, lambda_ce=0.0, batch_dice=True)
+    per_patch = DiceCELossWithIgnore(lambda_dice=1.0, lambda_ce=0.0)
+    assert torch.allclose(batch_dice(logits, target), per_patch(*side_by_side), atol=1e-6)
+    assert not torch.allclose(per_patch(logits, target), per_patch(*side_by_side), atol=1e-3)
+
+
 def onehot(labels, num_classes=3):
     labels = torch.as_tensor(labels)
     out = torch.nn.functional.one_hot(labels.clamp(min=0), num_classes).permute(2, 0, 1).float()

@@ -42,12 +42,15 @@ def main(argv: list[str] | None = None) -> int:
     trainer.on_train_start()  # plans the network, the optimizer (poly decay over num_epochs) and the data loaders
     started = time.monotonic()
     epoch_seconds: list[float] = []
+    step_seconds: list[float] = []  # a training iteration (batch loading and augmentation included), per epoch
     # nnUNetTrainer.run_training's epoch, with the budget checked between epochs
     while trainer.current_epoch < trainer.num_epochs:
         epoch_started = time.monotonic()
         trainer.on_epoch_start()
         trainer.on_train_epoch_start()
+        steps_started = time.monotonic()
         outputs = [trainer.train_step(next(trainer.dataloader_train)) for _ in range(trainer.num_iterations_per_epoch)]
+        step_seconds.append((time.monotonic() - steps_started) / trainer.num_iterations_per_epoch)
         trainer.on_train_epoch_end(outputs)
         with torch.no_grad():
             trainer.on_validation_epoch_start()
@@ -72,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
         "epochs": epochs,
         "iterations": epochs * trainer.num_iterations_per_epoch,
         "training_s": round(time.monotonic() - started, 1),
-        "seconds_per_iteration": round(statistics.median(epoch_seconds) / trainer.num_iterations_per_epoch, 2),
+        "median_epoch_s": round(statistics.median(epoch_seconds), 1),
+        "seconds_per_iteration": round(statistics.median(step_seconds), 2),
         "patch_size": list(trainer.configuration_manager.patch_size),
         "batch_size": trainer.configuration_manager.batch_size,
         "parameters": sum(p.numel() for p in trainer.network.parameters()),

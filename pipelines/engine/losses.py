@@ -24,13 +24,18 @@ class DiceCELossWithIgnore(_Loss):
         include_background: bool = True,
         ignore_index: int = IGNORE_INDEX,
         class_weights: list[float] | None = None,
+        batch_dice: bool = False,
     ):
         super().__init__()
         if lambda_dice < 0 or lambda_ce < 0 or lambda_dice + lambda_ce == 0:
             raise ValueError(f"loss weights must be >= 0 and not both 0, got dice={lambda_dice}, ce={lambda_ce}.")
         self.lambda_dice, self.lambda_ce, self.ignore_index = lambda_dice, lambda_ce, ignore_index
         self.dice = DiceLoss(
-            include_background=include_background, to_onehot_y=True, softmax=True, ignore_index=ignore_index
+            include_background=include_background,
+            to_onehot_y=True,
+            softmax=True,
+            ignore_index=ignore_index,
+            batch=batch_dice,
         )
         weight = None if class_weights is None else torch.as_tensor(class_weights, dtype=torch.float32)
         self.cross_entropy = torch.nn.CrossEntropyLoss(weight=weight, ignore_index=ignore_index)
