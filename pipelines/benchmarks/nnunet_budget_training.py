@@ -5,9 +5,10 @@
 
 nnU-Net's plan, network, loss, augmentation and optimizer are used as they are. Only its schedule changes: 1000
 epochs of 250 iterations (days on a CPU) become epochs of ``--iterations_per_epoch`` steps, each with nnU-Net's
-validation steps and epoch-end bookkeeping, and after the first epoch the number of epochs is set to as many as fit
-in the budget, so nnU-Net's polynomial learning-rate decay runs its whole course within it. The loop also stops
-when the next epoch would end past the budget. ``checkpoint_final.pth`` is written where ``nnUNetv2_predict``
+validation steps and epoch-end bookkeeping, and the number of epochs is set to as many as fit in the budget (after
+the first epoch, then again after the second, as the first includes the data loaders' warm-up), so nnU-Net's
+polynomial learning-rate decay runs its whole course within it. The loop also stops when the next epoch would end
+past the budget. ``checkpoint_final.pth`` is written where ``nnUNetv2_predict``
 finds it; the last line printed is a JSON summary (epochs, iterations, seconds).
 """
 
@@ -61,11 +62,14 @@ def main(argv: list[str] | None = None) -> int:
             trainer.on_validation_epoch_end(outputs)
         trainer.on_epoch_end()
         epoch_seconds.append(time.monotonic() - epoch_started)
-        if len(epoch_seconds) == 1:
-            fits = max(1, int(args.budget_s // epoch_seconds[0]))
-            trainer.num_epochs = fits
-            trainer.lr_scheduler.max_steps = fits
-            print(f"nnU-Net budget: first epoch {epoch_seconds[0]:.1f} s, so {fits} epochs in {args.budget_s:.0f} s")
+        if len(epoch_seconds) <= 2:
+            # the first epoch includes the data loaders' warm-up: the second one sets the count for the rest (it
+            # only grows, and the poly decay follows it)
+            first, *rest = epoch_seconds
+            fits = max(1, int(args.budget_s // first) if not rest else 1 + int((args.budget_s - first) // rest[0]))
+            trainer.num_epochs = max(fits, trainer.num_epochs if rest else 1)
+            trainer.lr_scheduler.max_steps = trainer.num_epochs
+            print(f"nnU-Net budget: epochs of {', '.join(f'{e:.1f}' for e in epoch_seconds)} s, so {fits} in all")
         elapsed = time.monotonic() - started
         if elapsed + statistics.median(epoch_seconds) > args.budget_s:
             break
