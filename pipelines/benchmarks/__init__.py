@@ -1,7 +1,16 @@
 """Benchmarks: they print numbers and write JSON; they assert nothing (targets are checked by reading them)."""
 
 import json
+import os
 from pathlib import Path
+
+from clinseg.pipelines.paths import PROJECT_ROOT
+
+
+def drive_training_dir() -> str:
+    """DRIVE's released training folder: ``$DRIVE_DIR``, else beside the project in the shared real data."""
+    shared = Path(os.environ.get("SHARED_DATA_DIR", PROJECT_ROOT.parent / "shared" / "data"))
+    return os.environ.get("DRIVE_DIR", str(shared / "vessels" / "DRIVE" / "training"))
 
 
 def write_report(path: str | Path, report: dict) -> Path:

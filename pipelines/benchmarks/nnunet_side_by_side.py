@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from clinseg.pipelines.benchmarks import write_report
+from clinseg.pipelines.benchmarks import drive_training_dir, write_report
 from clinseg.pipelines.benchmarks.vessels_cross_camera import scores
 from clinseg.pipelines.paths import PROJECT_ROOT
 
@@ -227,12 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     from clinseg.datasets import fundus
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--dataset_dir",
-        default=os.environ.get(
-            "DRIVE_DIR", str(PROJECT_ROOT.parent / "shared" / "data" / "vessels" / "DRIVE" / "training")
-        ),
-    )
+    parser.add_argument("--dataset_dir", default=drive_training_dir(), help="default: $DRIVE_DIR or the shared data")
     parser.add_argument("--budget_s", type=float, default=600.0, help="each tool's training wall time, in seconds")
     parser.add_argument("--iterations_per_epoch", type=int, default=10, help="nnU-Net's shortened epoch")
     parser.add_argument("--nnunet_venv", default=str(PROJECT_ROOT / ".venv-nnunet"))

@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 from ignite.engine import Events
 
+from clinseg.pipelines.benchmarks import drive_training_dir
 from clinseg.pipelines.paths import PROJECT_ROOT
 
 CONFIG = PROJECT_ROOT / "bundles" / "vessels" / "configs" / "train.json"
@@ -94,12 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     from monai.bundle import ConfigWorkflow
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--dataset_dir",
-        default=os.environ.get(
-            "DRIVE_DIR", str(PROJECT_ROOT.parent / "shared" / "data" / "vessels" / "DRIVE" / "training")
-        ),
-    )
+    parser.add_argument("--dataset_dir", default=drive_training_dir(), help="default: $DRIVE_DIR or the shared data")
     parser.add_argument("--budget_s", type=float, default=600.0, help="training wall-time budget in seconds")
     parser.add_argument("--plain_iterations", type=int, default=60)
     parser.add_argument("--out", default=str(PROJECT_ROOT / "bundles" / "vessels" / "outputs" / "benchmark_drive.json"))
