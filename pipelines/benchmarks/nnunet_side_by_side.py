@@ -46,17 +46,28 @@ DATASET_ID, DATASET_NAME = 501, "Dataset501_DRIVE"
 DRIVER = Path(__file__).with_name("nnunet_budget_training.py")
 
 
+# the lines of a long step shown as it runs: the bundle's epoch lines, nnU-Net's epoch time and pseudo Dice
+PROGRESS = re.compile(r"\| val_f1 |nnU-Net budget|Pseudo dice|Epoch time")
+
+
 def run(command: list, what: str, env: dict | None = None, log: Path | None = None) -> tuple[str, float]:
-    """Run ``command``, its output kept in ``log`` (and returned); stop the benchmark in one line if it fails."""
+    """Run ``command``, its output kept in ``log`` (and returned) and its progress lines shown as they come; stop
+    the benchmark in one line if it fails."""
     print(f"  $ {' '.join(str(c) for c in command)}", flush=True)
     started = time.perf_counter()
-    done = subprocess.run([str(c) for c in command], cwd=PROJECT_ROOT, env=env, capture_output=True, text=True)
+    lines = []
+    merged = {"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT, "text": True}
+    with subprocess.Popen([str(c) for c in command], cwd=PROJECT_ROOT, env=env, **merged) as child:
+        for line in child.stdout:
+            lines.append(line)
+            if PROGRESS.search(line):
+                print(f"    {line.strip()[-150:]}", flush=True)
     seconds = time.perf_counter() - started
-    output = done.stdout + done.stderr
+    output = "".join(lines)
     if log is not None:
         log.write_text(output)
-    if done.returncode != 0:
-        raise SystemExit(f"error: {what} failed ({done.returncode}; log {log}):\n{output[-3000:]}")
+    if child.returncode != 0:
+        raise SystemExit(f"error: {what} failed ({child.returncode}; log {log}):\n{output[-3000:]}")
     return output, seconds
 
 
@@ -147,7 +158,8 @@ def nnunet_row(python: Path, train: list, validation: list, work: Path, budget_s
         env,
         work / "nnunet_train.log",
     )
-    training = json.loads(output.strip().splitlines()[-1])
+    # the driver's last line is its summary; what nnU-Net's workers write to stderr on exit may follow it
+    training = json.loads(next(line for line in reversed(output.splitlines()) if line.startswith("{")))
     plans = json.loads((Path(env["nnUNet_preprocessed"]) / DATASET_NAME / "nnUNetPlans.json").read_text())
     plan_2d = plans["configurations"]["2d"]
     predictions = {}
