@@ -340,11 +340,11 @@ def test_a_server_killed_mid_training_is_caught_up_when_it_is_back(server, undis
     )
     assert float(calls.group(3)) < MAX_CALL_DELAY_S
     assert held < EPOCHS, "epochs remained after the server was back"
-    # down during epochs 2 to held + 1; the hold lies in epoch held's time or in the next one's (hold_after_epoch)
+    # down during epochs 2 to held + 1; the hold lies in epoch held's time or in the next one's (hold_after_epoch),
+    # or, should the stop fall between ignite's two timings, in neither
     with_hold = held if times[held] >= times[held + 1] else held + 1
-    assert times[with_hold] >= hold_s, (with_hold, hold_s, times)
     for epoch in range(2, held + 2):
-        spent = times[epoch] - (hold_s if epoch == with_hold else 0.0)
+        spent = times[epoch] - (min(hold_s, times[epoch]) if epoch == with_hold else 0.0)
         assert spent < max(normal.values()) + MAX_CALL_DELAY_S, (epoch, hold_s, times, normal)
     assert_complete(server, "outage", undisturbed)
 
