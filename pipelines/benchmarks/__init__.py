@@ -7,10 +7,14 @@ from pathlib import Path
 from clinseg.pipelines.paths import PROJECT_ROOT
 
 
+def shared_data_dir() -> Path:
+    """The real public data: ``$SHARED_DATA_DIR``, else ``shared/data`` beside the project."""
+    return Path(os.environ.get("SHARED_DATA_DIR", PROJECT_ROOT.parent / "shared" / "data"))
+
+
 def drive_training_dir() -> str:
-    """DRIVE's released training folder: ``$DRIVE_DIR``, else beside the project in the shared real data."""
-    shared = Path(os.environ.get("SHARED_DATA_DIR", PROJECT_ROOT.parent / "shared" / "data"))
-    return os.environ.get("DRIVE_DIR", str(shared / "vessels" / "DRIVE" / "training"))
+    """DRIVE's released training folder: ``$DRIVE_DIR``, else in the shared real data."""
+    return os.environ.get("DRIVE_DIR", str(shared_data_dir() / "vessels" / "DRIVE" / "training"))
 
 
 def write_report(path: str | Path, report: dict) -> Path:

@@ -42,6 +42,7 @@ import numpy as np
 import torch
 
 from clinseg.pipelines import runs
+from clinseg.pipelines.benchmarks import shared_data_dir
 from clinseg.pipelines.cli import parse_overrides
 from clinseg.pipelines.engine.metrics import volume_ml
 from clinseg.pipelines.export import require_trained_settings
@@ -151,8 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     import nibabel as nib
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    shared = Path(os.environ.get("SHARED_DATA_DIR", PROJECT_ROOT.parent / "shared" / "data"))
-    parser.add_argument("--data_dir", default=str(shared / "ct" / "totalsegmentator"))
+    parser.add_argument("--data_dir", default=str(shared_data_dir() / "ct" / "totalsegmentator"))
     parser.add_argument("--checkpoint", default=str(PROJECT_ROOT / "bundles" / "ct_heart" / "models" / "model.pt"))
     parser.add_argument(
         "--out", default=str(PROJECT_ROOT / "bundles" / "ct_heart" / "outputs" / "benchmark_real_ct.json")

@@ -66,10 +66,13 @@ def main(argv: list[str] | None = None) -> int:
             # the first epoch includes the data loaders' warm-up: the second one sets the count for the rest (it
             # only grows, and the poly decay follows it)
             first, *rest = epoch_seconds
-            fits = max(1, int(args.budget_s // first) if not rest else 1 + int((args.budget_s - first) // rest[0]))
-            trainer.num_epochs = max(fits, trainer.num_epochs if rest else 1)
+            if rest:
+                trainer.num_epochs = max(trainer.num_epochs, 1 + int((args.budget_s - first) // rest[0]))
+            else:
+                trainer.num_epochs = max(1, int(args.budget_s // first))
             trainer.lr_scheduler.max_steps = trainer.num_epochs
-            print(f"nnU-Net budget: epochs of {', '.join(f'{e:.1f}' for e in epoch_seconds)} s, so {fits} in all")
+            seconds = ", ".join(f"{e:.1f}" for e in epoch_seconds)
+            print(f"nnU-Net budget: epochs of {seconds} s, so {trainer.num_epochs} in all")
         elapsed = time.monotonic() - started
         if elapsed + statistics.median(epoch_seconds) > args.budget_s:
             break

@@ -37,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
+from clinseg.datasets.readers import read_binary_mask
 from clinseg.pipelines.benchmarks import drive_training_dir, write_report
 from clinseg.pipelines.benchmarks.vessels_cross_camera import scores
 from clinseg.pipelines.paths import PROJECT_ROOT
@@ -106,8 +107,8 @@ def convert(train: list[dict], validation: list[dict], raw: Path) -> Path:
         for item in items:
             Image.open(item["image"]).convert("RGB").save(dataset / images / f"DRIVE_{item['id']}_0000.png")
             if images == "imagesTr":
-                vessels = np.asarray(Image.open(item["label"]).convert("L")) > 127
-                Image.fromarray(vessels.astype(np.uint8)).save(dataset / "labelsTr" / f"DRIVE_{item['id']}.png")
+                vessels = read_binary_mask(item["label"]).astype(np.uint8)
+                Image.fromarray(vessels).save(dataset / "labelsTr" / f"DRIVE_{item['id']}.png")
     description = {
         "channel_names": {"0": "R", "1": "G", "2": "B"},
         "labels": {"background": 0, "vessel": 1},
@@ -120,13 +121,13 @@ def convert(train: list[dict], validation: list[dict], raw: Path) -> Path:
 
 
 def score_folder(validation: list[dict], prediction: dict[str, Path], probability: dict[str, Path]) -> dict:
-    """Each validation case's prediction (0/1 PNG) and vessel probability scored inside DRIVE's FOV mask."""
+    """Each validation case's prediction (0/1 PNG) and vessel probability scored inside DRIVE's FOV mask (the
+    reference and the field read as the bundle reads them)."""
     from PIL import Image
 
     per_image = {}
     for item in validation:
-        reference = np.asarray(Image.open(item["label"]).convert("L")) > 127
-        field = np.asarray(Image.open(item["fov"]).convert("L")) > 127
+        reference, field = read_binary_mask(item["label"]), read_binary_mask(item["fov"])
         predicted = np.asarray(Image.open(prediction[item["id"]])) > 0
         path = probability[item["id"]]
         if path.suffix == ".npz":  # nnU-Net: (classes, 1, H, W) softmax
