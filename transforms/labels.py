@@ -174,7 +174,7 @@ class OneHotWithIgnore(Transform):
             bad = torch.unique(values[invalid]).tolist()[:10]
             raise ValueError(f"label values {bad} are outside the {self.num_classes} classes of this bundle.")
         valid = values != self.ignore_index
-        onehot = torch.zeros((self.num_classes, *label_t.shape[1:]), dtype=torch.float32)
+        onehot = torch.zeros((self.num_classes, *label_t.shape[1:]), dtype=torch.float32, device=label_t.device)
         onehot.scatter_(0, torch.where(valid, values, 0).as_subclass(torch.Tensor), 1.0)
         onehot *= valid.as_subclass(torch.Tensor)
         if isinstance(label_t, MetaTensor):
