@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 from ignite.engine import Events
 
+from clinseg.datasets.io import atomic_write
 from clinseg.pipelines.benchmarks import drive_training_dir
 from clinseg.pipelines.paths import PROJECT_ROOT
 
@@ -126,9 +127,10 @@ def draw_time_to_quality(curve: list[dict], reached: dict, budget_s: float, path
     figure.text(0.01, 0.01, caption, fontsize=8, wrap=True)
     figure.tight_layout(rect=(0, 0.06, 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-    return path
+    try:  # written as the project's other pictures are: whole or not at all
+        return atomic_write(path, lambda tmp: figure.savefig(tmp, dpi=120, format="png"))
+    finally:
+        plt.close(figure)
 
 
 def rate(durations: list[float], skip: int = 3) -> float:
