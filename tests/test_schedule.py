@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import math
+import time
 
 import pytest
 import torch
 from ignite.engine import Engine, Events
 
 from clinseg.pipelines.engine.handlers.schedule import TrainingMonitor
+from clinseg.pipelines.engine.schedules import PolyLR
 
 
-def _train(scheduler_for, metrics: list[float], epochs: int = 4) -> list[float]:
-    """Learning rates after each epoch of a trainer whose validator reports ``metrics`` in turn."""
+def _train(scheduler_for, metrics: list[float], epochs: int = 4, epoch_s: float = 0.0) -> list[float]:
+    """Learning rates after each epoch of a trainer whose validator reports ``metrics`` in turn and whose epochs
+    take at least ``epoch_s`` seconds."""
     weight = torch.nn.Parameter(torch.zeros(1))
     optimizer = torch.optim.SGD([weight], lr=1.0)
     scheduler = scheduler_for(optimizer)
@@ -20,6 +23,7 @@ def _train(scheduler_for, metrics: list[float], epochs: int = 4) -> list[float]:
 
     def step(engine, batch):
         optimizer.step()  # as a trainer does, before the scheduler
+        time.sleep(epoch_s)
         return {"loss": 0.0}
 
     trainer = Engine(step)
@@ -45,3 +49,37 @@ def test_a_plateau_schedule_reads_the_key_metric_and_any_other_counts_epochs():
     cosine = _train(lambda opt: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=4), metrics=[0.9] * 4)
     expected = [0.5 * (1 + math.cos(math.pi * epoch / 4)) for epoch in range(1, 5)]
     assert cosine == pytest.approx(expected)
+
+
+def test_the_poly_schedule_reaches_zero_at_the_last_epoch():
+    rates = _train(lambda opt: PolyLR(opt, max_epochs=4), metrics=[0.9] * 4)
+    assert rates == pytest.approx([(1 - epoch / 4) ** 0.9 for epoch in range(1, 5)])
+    assert rates[-1] == 0.0
+
+
+def test_the_poly_schedule_spans_a_time_budget_that_starts_with_the_training():
+    def poly(optimizer):
+        scheduler = PolyLR(optimizer, max_epochs=1000, time_limit_s=1.0)
+        time.sleep(0.5)  # data caching and the like before the training: not the training's budget
+        return scheduler
+
+    rates = _train(poly, metrics=[0.9] * 4, epoch_s=0.2)
+    # by epochs alone the rate would stay above 0.99; by the clock it follows the 0.2 s epochs of the 1 s budget
+    for epoch, rate in enumerate(rates, start=1):
+        elapsed = 0.2 * epoch
+        assert (1 - (elapsed + 0.15)) ** 0.9 <= rate <= (1 - elapsed) ** 0.9 + 1e-9, (epoch, rate)
+
+
+def test_the_poly_schedule_resumes_its_epochs_but_not_another_process_clock():
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = PolyLR(optimizer, max_epochs=10, time_limit_s=60)
+    scheduler.start_clock()
+    for _ in range(3):
+        optimizer.step()
+        scheduler.step()
+    state = scheduler.state_dict()
+    assert "_clock_start" not in state
+    resumed = PolyLR(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0), max_epochs=10, time_limit_s=60)
+    resumed.load_state_dict(state)
+    assert resumed.last_epoch == 3 and resumed.get_last_lr() == pytest.approx([0.7**0.9])
+    assert resumed.progress() == pytest.approx(0.3), "the new run's budget starts with its own training"

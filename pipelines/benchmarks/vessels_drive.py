@@ -36,6 +36,8 @@ from ignite.engine import Events
 
 from clinseg.datasets.io import atomic_write
 from clinseg.pipelines.benchmarks import drive_training_dir
+from clinseg.pipelines.cli import parse_overrides
+from clinseg.pipelines.config_checks import check_override_keys
 from clinseg.pipelines.paths import PROJECT_ROOT
 
 CONFIG = PROJECT_ROOT / "bundles" / "vessels" / "configs" / "train.json"
@@ -150,7 +152,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--work_dir", default=None, help="where the benchmark's bundle outputs go (default: a temp dir)"
     )
+    parser.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="KEY=JSON",
+        help="config overrides, one choice measured against the defaults (learning_rate=0.005)",
+    )
     args = parser.parse_args(argv)
+    overrides = parse_overrides(args.set)
+    check_override_keys([str(CONFIG)], overrides)
     if not Path(args.dataset_dir).is_dir():
         print(f"DRIVE training folder not found: {args.dataset_dir} (pass --dataset_dir or set DRIVE_DIR)")
         return 2
@@ -162,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         bundle_root=str(work_dir / "vessels"),
         dataset_dir=args.dataset_dir,
         train_time_limit_s=int(args.budget_s),
-        **{"train#trainer#max_epochs": 100000},
+        **{"train#trainer#max_epochs": 100000, **overrides},
     )
     workflow.initialize()
     config = workflow.parser
@@ -214,6 +225,7 @@ def main(argv: list[str] | None = None) -> int:
         "dataset_dir": str(Path(args.dataset_dir).resolve()),
         "split": {"train_ids": "21-35", "validation_ids": "36-40"},
         "budget_s": args.budget_s,
+        "overrides": overrides,
         "training_wall_s": round(training_s, 1),
         "epochs": trainer.state.epoch,
         "iterations": trainer.state.iteration,
@@ -246,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
             "platform": platform.platform(),
         },
         "targets": {"f1": 0.82, "training_s": 600, "throughput_ratio": 0.95, "inference_s_per_image": 0.15},
-        "run_name": config["run_name"],
+        "run_name": config.get_parsed_content("run_name"),  # the name the training resolved, not its expression
         "work_dir": str(work_dir),
     }
     out = Path(args.out)

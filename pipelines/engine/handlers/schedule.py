@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 
 import torch
-from ignite.engine import Engine
+from ignite.engine import Engine, Events
 from monai.handlers import EarlyStopHandler
 
 from clinseg.pipelines.engine.handlers.progress import EpochSummary, LossProgressBar
@@ -37,6 +37,11 @@ class TrainingMonitor:
         self.progress = LossProgressBar() if progress_bar and is_rank_zero() else None
 
     def attach(self, engine: Engine) -> None:
+        # a schedule that spans a time budget (clinseg.pipelines.engine.schedules.PolyLR) starts its clock with
+        # the training, as the time limit does
+        start_clock = getattr(self.lr_schedule.lr_scheduler, "start_clock", None)
+        if start_clock is not None:
+            engine.add_event_handler(Events.STARTED, start_clock)
         for handler in (self.lr_schedule, self.summary, self.progress):
             if handler is not None:
                 handler.attach(engine)
