@@ -218,3 +218,26 @@ def test_evaluation_without_checkpoint_names_the_missing_file(tmp_path, tiny_oct
     assert "model.pt: the checkpoint to evaluate does not exist" in result.stderr
     assert "Traceback" not in result.stderr
     assert os.path.isdir(REPO_ROOT / "bundles" / "oct_layers" / "configs")
+
+
+def test_the_nr206_overlay_trains_at_its_size_and_answers_on_each_b_scans_own_grid(tmp_path, tracking_uri):
+    """The real NR206 sample through the overlay's own sizes (twice the rows of a B-scan, 1024 x 768, and crops of
+    512 x 384), a tiny network for one epoch: the model records that size, and its label maps come back on the
+    500 x 750 grid of each B-scan, the layers in anatomical order in every column."""
+    from tests.conftest import shared_path
+    from tests.test_transforms_metrics import is_in_layer_order
+
+    sample = shared_path("oct", "NR206_sample")
+    overlay = TRAIN + [str(CONFIGS / "nr206.json")]
+    bundle_root = tmp_path / "bundle"
+    network = {"network_def#channels": "[4,8,16,32,64]", "bundle_root": bundle_root, "dataset_dir": sample}
+    run_bundle("training", overlay, {**network, "train#trainer#max_epochs": 1, "repeats_per_epoch": 1})
+    record = json.loads((run_models(bundle_root) / "model.json").read_text())
+    assert record["input_settings"]["image_size"] == [1024, 768]
+    out = tmp_path / "predictions"
+    infer = INFER + [str(CONFIGS / "nr206.json")]
+    run_bundle("inferring", infer, {**network, "input_dir": sample / "val", "output_dir": out})
+    for scan in sorted((sample / "val").glob("*.png")):
+        label = np.asarray(Image.open(out / f"{scan.stem}_seg.png"))
+        assert label.shape == np.asarray(Image.open(scan)).shape[:2] == (500, 750)
+        assert label.max() <= 8 and is_in_layer_order(label)
