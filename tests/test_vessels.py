@@ -316,6 +316,33 @@ def test_tiny_bundle_train_evaluate_infer(tmp_path, tiny_drive, tracking_uri):
     assert (np.asarray(Image.open(estimated_out / "21_seg.png"))[~estimated] == 0).all()
 
 
+def test_training_takes_photographs_of_different_sizes(tmp_path, tracking_uri):
+    """A folder of photographs from several cameras (sizes differ, no FOV masks): the patches of two photographs
+    batch together. The full-size FOV mask of each photograph travelled with its patches and could not."""
+    dataset = tmp_path / "photos"
+    for folder in ("images", "masks"):
+        (dataset / folder).mkdir(parents=True)
+    for index, shape in enumerate([(80, 72), (92, 86), (76, 70), (88, 96)]):
+        photo, vessels, _ = synthesize_fundus(np.random.default_rng([7, index]), shape)
+        Image.fromarray(photo).save(dataset / "images" / f"photo{index}.png")
+        Image.fromarray(vessels.astype(np.uint8) * 255).save(dataset / "masks" / f"photo{index}.png")
+    overrides = {
+        "bundle_root": tmp_path / "bundle",
+        "dataset_dir": dataset,
+        "patch_size": "[32,32]",
+        "patches_per_image": 2,
+        "repeats_per_epoch": 2,
+        "sw_roi_size": "[48,48]",
+        "network_def#channels": "[8,16,32]",
+        "network_def#strides": "[2,2]",
+        "train#trainer#max_epochs": 1,
+        "val_interval": 1,
+    }
+    run_bundle("training", TRAIN, overrides)
+    record = json.loads((tmp_path / "bundle" / "models" / "model.json").read_text())
+    assert record["epoch"] == 1 and record["value"] is not None, "trained and validated"
+
+
 def test_real_drive_training_images_read():
     root = shared_path("vessels", "DRIVE", "training")
     train, val = load_vessel_datalist(root, "train"), load_vessel_datalist(root, "val")
