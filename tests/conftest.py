@@ -1,5 +1,5 @@
-"""Shared fixtures: a tiny phantom dataset, a private MLflow store, the location of the real data, and the one rule
-for a test whose prerequisite is missing (:func:`prerequisite_missing`)."""
+"""Shared fixtures: a tiny phantom dataset, a private MLflow store, the location of the real data, the one rule
+for a test whose prerequisite is missing (:func:`prerequisite_missing`), and the layer-order check of OCT label maps."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -125,3 +126,14 @@ def server_answers(uri: str, process: subprocess.Popen, timeout_s: float) -> boo
             pass
         time.sleep(0.5)
     return False
+
+
+def is_in_layer_order(labels: np.ndarray) -> bool:
+    """Every column: background, then layers in increasing order (each once, some absent), then background."""
+    for column in labels.T:
+        retina = np.flatnonzero(column > 0)
+        if retina.size and (
+            (column[retina[0] : retina[-1] + 1] == 0).any() or (np.diff(column[retina[0] : retina[-1] + 1]) < 0).any()
+        ):
+            return False
+    return True

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from clinseg.pipelines.tracking import run_folder
-from tests.conftest import OCT_BUNDLE, REPO_ROOT, run_bundle, run_models
+from tests.conftest import OCT_BUNDLE, REPO_ROOT, is_in_layer_order, run_bundle, run_models, shared_path
 
 CONFIGS = OCT_BUNDLE / "configs"
 TRAIN = [str(CONFIGS / "train.json")]
@@ -224,9 +224,6 @@ def test_the_nr206_overlay_trains_at_its_size_and_answers_on_each_b_scans_own_gr
     """The real NR206 sample through the overlay's own sizes (twice the rows of a B-scan, 1024 x 768, and crops of
     512 x 384), a tiny network for one epoch: the model records that size, and its label maps come back on the
     500 x 750 grid of each B-scan, the layers in anatomical order in every column."""
-    from tests.conftest import shared_path
-    from tests.test_transforms_metrics import is_in_layer_order
-
     sample = shared_path("oct", "NR206_sample")
     overlay = TRAIN + [str(CONFIGS / "nr206.json")]
     bundle_root = tmp_path / "bundle"

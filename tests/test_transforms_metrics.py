@@ -12,7 +12,7 @@ from clinseg.pipelines.engine.losses import DiceCELossWithIgnore
 from clinseg.pipelines.engine.metrics import LayerThicknessError, PixelAccuracyMetric
 from clinseg.transforms.labels import ColorToLabeld, OneHotWithIgnored
 from clinseg.transforms.oct import OrderLayersd, RandSpeckleNoised, boundaries_to_label_map, order_layers
-from tests.conftest import OCT_BUNDLE, decode
+from tests.conftest import OCT_BUNDLE, decode, is_in_layer_order
 
 
 def test_boundaries_to_label_map_fills_layers_and_ignores_missing_columns():
@@ -21,17 +21,6 @@ def test_boundaries_to_label_map_fills_layers_and_ignores_missing_columns():
     np.testing.assert_array_equal(label[:, 0], [0, 1, 1, 2, 2, 0])
     np.testing.assert_array_equal(label[:, 1], [0, 1, 1, 2, 0, 0])
     assert (label[:, 2] == 255).all()
-
-
-def is_in_layer_order(labels: np.ndarray) -> bool:
-    """Every column: background, then layers in increasing order (each once, some absent), then background."""
-    for column in labels.T:
-        retina = np.flatnonzero(column > 0)
-        if retina.size and (
-            (column[retina[0] : retina[-1] + 1] == 0).any() or (np.diff(column[retina[0] : retina[-1] + 1]) < 0).any()
-        ):
-            return False
-    return True
 
 
 def test_layer_order_fixes_what_breaks_the_anatomy_and_keeps_what_does_not():
@@ -128,10 +117,10 @@ def test_training_augmentation_preserves_label_values(tiny_oct_dir):
 
 
 def test_training_labels_are_resized_onto_the_pixels_of_the_resized_image():
-    """A B-scan resized for training (500 x 750 to 512 x 768, the NR206 overlay) keeps its labels on the image's
-    pixels. Torch's plain "nearest" takes the source row at or above each pixel centre: a layer three pixels thick
-    moved by up to a row against the bilinear image, and the network learnt the shifted boundaries (Dice 0.84
-    against the aligned labels in NR206's thinnest layer)."""
+    """A B-scan resized for training (500 x 750 to 512 x 768, as the NR206 overlay did until version 0.2.0) keeps
+    its labels on the image's pixels. Torch's plain "nearest" takes the source row at or above each pixel centre:
+    a layer three pixels thick moved by up to a row against the bilinear image, and the network learnt the shifted
+    boundaries (Dice 0.84 against the aligned labels in NR206's thinnest layer)."""
     parser = ConfigParser()
     parser.read_config(str(OCT_BUNDLE / "configs" / "train.json"))
     parser.update({"image_size": [512, 768]})

@@ -18,9 +18,10 @@ import torch
 from clinseg.datasets.errors import ConfigError
 
 
-class PolyLR(torch.optim.lr_scheduler.LRScheduler):
-    """``lr = base_lr * (1 - progress) ** exponent``, stepped once per epoch, where ``progress`` is the larger of
-    the fraction of ``max_epochs`` done and, when ``time_limit_s`` > 0, the fraction of the time budget spent.
+class PolyLR(torch.optim.lr_scheduler.PolynomialLR):
+    """Torch's ``PolynomialLR`` over ``max_epochs`` (``lr = base_lr * (1 - progress) ** exponent``, stepped once per
+    epoch), where ``progress`` is the larger of the fraction of the epochs done and, when ``time_limit_s`` > 0, the
+    fraction of the time budget spent.
 
     The budget's clock starts with the training (:meth:`start_clock`, called at the trainer's ``STARTED`` by
     :class:`clinseg.pipelines.engine.handlers.schedule.TrainingMonitor`), as the time limit's own does
@@ -43,11 +44,9 @@ class PolyLR(torch.optim.lr_scheduler.LRScheduler):
             raise ConfigError(
                 "lr_scheduler", f"time_limit_s {time_limit_s} and exponent {exponent}: need >= 0 and > 0."
             )
-        self.max_epochs = int(max_epochs)
         self.time_limit_s = float(time_limit_s)
-        self.exponent = float(exponent)
         self._clock_start: float | None = None
-        super().__init__(optimizer, last_epoch)
+        super().__init__(optimizer, total_iters=int(max_epochs), power=float(exponent), last_epoch=last_epoch)
 
     def start_clock(self, *_) -> None:
         """Start the time budget now (the trainer's ``STARTED``); a later call restarts it."""
@@ -55,21 +54,17 @@ class PolyLR(torch.optim.lr_scheduler.LRScheduler):
 
     def progress(self) -> float:
         """The fraction of the training done, 0 to 1: epochs, or the time budget where that is further along."""
-        done = max(self.last_epoch, 0) / self.max_epochs
+        done = max(self.last_epoch, 0) / self.total_iters
         if self.time_limit_s > 0 and self._clock_start is not None:
             done = max(done, (time.monotonic() - self._clock_start) / self.time_limit_s)
         return min(done, 1.0)
 
     def get_lr(self) -> list[float]:
-        factor = (1.0 - self.progress()) ** self.exponent
+        # the closed form, not torch's step-to-step ratio: the time budget moves progress between steps unevenly
+        factor = (1.0 - self.progress()) ** self.power
         return [base_lr * factor for base_lr in self.base_lrs]
 
     def state_dict(self) -> dict:
         state = super().state_dict()
-        state.pop("_clock_start", None)  # a moment of this process, meaningless to another
+        state.pop("_clock_start", None)  # a moment of this process, meaningless to another; loading keeps our own
         return state
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        clock = self._clock_start
-        super().load_state_dict(state_dict)
-        self._clock_start = clock
