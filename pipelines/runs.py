@@ -167,14 +167,27 @@ def _same_setting(a, b) -> bool:
     return math.isclose(a, b, rel_tol=1e-6) if all(numbers) else a == b
 
 
+def flat_settings(settings: Mapping | None, prefix: str = "") -> dict:
+    """``settings`` with nested sections as config ids: ``{"network_def": {"channels": [..]}}`` becomes
+    ``{"network_def#channels": [..]}``, the key a command line or an override sets."""
+    flat = {}
+    for key, value in (settings or {}).items():
+        if isinstance(value, Mapping):
+            flat.update(flat_settings(value, f"{prefix}{key}#"))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
 def require_input_settings(
     checkpoint: str | os.PathLike | list[str], settings: Mapping | None, option: str = "--{key} '{value}'"
 ):
     """Return ``checkpoint`` when the run's ``settings`` (the config values that shape what the network sees, the
-    bundle's ``input_settings``: a CT's voxel spacing, an image size) are those its model was trained with, as its
-    ``model.json`` records them; each member of an ensemble is checked. A model without a record (a training
-    checkpoint, a file from elsewhere) is not checked. ``option``: how the caller's command line sets a value (the
-    hint of the error).
+    bundle's ``input_settings``: a CT's voxel spacing, an image size, and the network's structure, its
+    ``network_def`` section) are those its model was trained with, as its ``model.json`` records them; each member
+    of an ensemble is checked. A model without a record (a training checkpoint, a file from elsewhere) is not
+    checked, nor a setting its record lacks (recorded since a later version). ``option``: how the caller's command
+    line sets a value (the hint of the error).
 
     Raises:
         ConfigError: naming the first setting that differs, the model and the value it was trained with: a model
@@ -182,8 +195,8 @@ def require_input_settings(
     """
     paths = [checkpoint] if isinstance(checkpoint, (str, os.PathLike)) else list(checkpoint)
     for path in paths:
-        trained = (record_of(path) or {}).get("input_settings") or {}
-        for key, value in (settings or {}).items():
+        trained = flat_settings((record_of(path) or {}).get("input_settings"))
+        for key, value in flat_settings(settings).items():
             if key in trained and not _same_setting(value, trained[key]):
                 used = json.dumps(trained[key])
                 raise ConfigError(

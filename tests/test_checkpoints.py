@@ -151,7 +151,10 @@ def test_initial_weights_that_do_not_fit_or_come_with_resume_are_refused(tmp_pat
 def test_a_model_run_with_other_input_settings_than_it_was_trained_with_is_refused(tmp_path, trained_oct):
     """``model.json`` records the bundle's ``input_settings`` (here the image size); an evaluation, an inference or
     an export with other values is refused, naming the setting and the value to pass; with the same, it runs."""
-    assert runs.read_record(trained_oct["model"].parent)["input_settings"] == {"image_size": [32, 48]}
+    assert runs.read_record(trained_oct["model"].parent)["input_settings"] == {
+        "image_size": [32, 48],
+        "network_def": {"channels": [4, 8], "strides": [2], "num_res_units": 1, "norm": "batch"},
+    }
     overrides = {**trained_oct["overrides"], "bundle_root": trained_oct["root"], "image_size": "[48,64]"}
     result = run_bundle("evaluating", [str(OCT / "train.json"), str(OCT / "evaluate.json")], overrides, check=False)
     line = one_line_error(result)
@@ -164,3 +167,47 @@ def test_a_model_run_with_other_input_settings_than_it_was_trained_with_is_refus
     assert "'image_size'" in line and "--image_size '[32, 48]'" in result.stderr, result.stderr[-2000:]
     run_bundle("inferring", [str(OCT / "inference.json")], {**inference, "image_size": "[32,48]"})
     assert list((tmp_path / "out").glob("*")), "with the trained settings it runs"
+
+
+def test_a_model_run_with_other_network_settings_than_it_was_trained_with_is_refused_by_name(tmp_path, trained_oct):
+    """``model.json`` records the network's structure with the input settings: an inference or an evaluation whose
+    ``network_def`` differs from the model's is refused naming the setting and the exact option to pass, where the
+    weights alone could only say that tensors are missing. Models recorded before the network was (their
+    ``model.json`` without ``network_def``) still run."""
+    inference = {k: v for k, v in TINY.items() if k != "image_size"}
+    inference.update(image_size="[32,48]", bundle_root=trained_oct["root"],
+                     input_dir=trained_oct["overrides"]["dataset_dir"], output_dir=tmp_path / "out")  # fmt: skip
+    result = run_bundle("inferring", [str(OCT / "inference.json")], {**inference, "network_def#num_res_units": 2},
+                        check=False)  # fmt: skip
+    line = one_line_error(result)
+    assert "'network_def#num_res_units'" in line and "is 2" in line and "trained with 1" in line, line
+    assert "--network_def#num_res_units '1'" in result.stderr, result.stderr[-2000:]
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").glob("*")), "nothing was written"
+
+    evaluation = {**trained_oct["overrides"], "bundle_root": trained_oct["root"], "network_def#channels": "[4,16]"}
+    result = run_bundle("evaluating", [str(OCT / "train.json"), str(OCT / "evaluate.json")], evaluation, check=False)
+    line = one_line_error(result)
+    assert "'network_def#channels'" in line and "trained with [4, 8]" in line, line
+
+    older = tmp_path / "older"  # the same model with the record of an earlier version: input settings only
+    older.mkdir()
+    (older / "model.pt").write_bytes(trained_oct["model"].read_bytes())
+    record = runs.read_record(trained_oct["model"].parent)
+    record["input_settings"].pop("network_def")
+    (older / "model.json").write_text(json.dumps(record))
+    run_bundle("inferring", [str(OCT / "inference.json")], {**inference, "checkpoint_path": older / "model.pt"})
+    assert list((tmp_path / "out").glob("*")), "a model recorded without its network settings runs as before"
+
+
+def test_the_cross_camera_benchmark_runs_a_model_with_the_network_settings_it_was_trained_with(tmp_path):
+    """The benchmark passes the recorded settings to the bundle's command line as config ids, a nested section
+    one key at a time (a whole ``network_def`` given as one value would replace the network's definition)."""
+    from clinseg.pipelines.benchmarks.vessels_cross_camera import with_trained_settings
+
+    (tmp_path / "model.pt").write_bytes(b"")
+    settings = {"channels": "green", "network_def": {"channels": [8, 16], "num_res_units": 3}}
+    record = {"input_settings": settings, "sha256": runs.sha256_of(tmp_path / "model.pt")}
+    (tmp_path / "model.json").write_text(json.dumps(record))
+    options = with_trained_settings(["--channels", "'rgb'"], tmp_path / "model.pt")
+    pairs = dict(zip(options[::2], options[1::2], strict=True))
+    assert pairs == {"--network_def#channels": "[8, 16]", "--network_def#num_res_units": "3", "--channels": "'rgb'"}

@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     # the model runs as it was trained (its model.json's input settings: a fine-tuned 1.5 mm model on the 1.5 mm
     # grid); an override that contradicts them is refused here, once, before any case runs
     record = runs.record_of(checkpoint) or {}
-    overrides = {**(record.get("input_settings") or {}), **parse_overrides(args.override)}
+    overrides = {**runs.flat_settings(record.get("input_settings")), **parse_overrides(args.override)}
     require_trained_settings("ct_heart", checkpoint, overrides)
     work_dir = Path(args.work_dir or tempfile.mkdtemp(prefix="ct_heart_benchmark_"))
     heart = data_dir / "pulmonary_report" / "heart.nii.gz"

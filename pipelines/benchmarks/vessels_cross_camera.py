@@ -102,7 +102,7 @@ def with_trained_settings(overrides: list[str], checkpoint: Path) -> list[str]:
     CLAHE), for each setting the condition does not set itself."""
     from clinseg.pipelines import runs
 
-    trained = (runs.record_of(checkpoint) or {}).get("input_settings") or {}
+    trained = runs.flat_settings((runs.record_of(checkpoint) or {}).get("input_settings"))
     given = {option[2:] for option in overrides if option.startswith("--")}
     recorded = [[f"--{key}", repr(value)] for key, value in trained.items() if key not in given]
     return [part for pair in recorded for part in pair] + overrides
