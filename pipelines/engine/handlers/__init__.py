@@ -1,5 +1,6 @@
 """Engine handlers, one concern a module:
 
+- :mod:`~clinseg.pipelines.engine.handlers.averaging`: a moving average of the weights, validated in their place;
 - :mod:`~clinseg.pipelines.engine.handlers.progress`: the progress bar and the per-epoch summary line;
 - :mod:`~clinseg.pipelines.engine.handlers.schedule`: the learning-rate schedule and early stopping on validation;
 - :mod:`~clinseg.pipelines.engine.handlers.checkpointing`: atomic checkpoints, the best model, resume;
@@ -10,7 +11,7 @@
 
 import importlib
 
-_SUBMODULES = ("checkpointing", "evaluation", "progress", "schedule", "tracking", "trials")
+_SUBMODULES = ("averaging", "checkpointing", "evaluation", "progress", "schedule", "tracking", "trials")
 
 __all__ = list(_SUBMODULES)
 

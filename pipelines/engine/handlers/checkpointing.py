@@ -14,6 +14,7 @@ from ignite.handlers.checkpoint import BaseSaveHandler
 from monai.handlers import CheckpointSaver, EarlyStopHandler
 
 from clinseg.datasets.io import atomic_write
+from clinseg.pipelines.engine.handlers.averaging import WeightAverage
 from clinseg.pipelines.engine.handlers.evaluation import EvaluationReport
 
 logger = logging.getLogger(__name__)
@@ -31,7 +32,8 @@ class TrainingProgress:
     """The training state that lives outside the engines, saved in the latest checkpoint so that a resumed run
     continues it instead of silently restarting it: the validator's best metric and its epoch, the ranking of the
     best-model saver (``model.pt`` is only replaced by a better model), the early-stopping counter, the report's
-    best value, and the MLflow run of the interrupted training, to which the resumed run is linked.
+    best value, the weight average (:class:`WeightAverage`) when the training keeps one, and the MLflow run of the
+    interrupted training, to which the resumed run is linked.
     """
 
     def __init__(self, validator: Engine, validate_handlers: list, train_handlers: list):
@@ -58,6 +60,9 @@ class TrainingProgress:
         tracker = self._find(self.train_handlers, _tracking_handler())
         if tracker is not None and tracker.cur_run is not None:
             state["mlflow_run_id"] = tracker.cur_run.info.run_id
+        average = self._find(self.train_handlers, WeightAverage)
+        if average is not None and average.state_dict():
+            state["weight_average"] = average.state_dict()
         return state
 
     def load_state_dict(self, state: dict) -> None:
@@ -75,6 +80,9 @@ class TrainingProgress:
         tracker = self._find(self.train_handlers, _tracking_handler())
         if tracker is not None and state.get("mlflow_run_id"):
             tracker.link_resumed_run(state["mlflow_run_id"])
+        average = self._find(self.train_handlers, WeightAverage)
+        if average is not None and "weight_average" in state:
+            average.load_state_dict(state["weight_average"])
 
 
 def latest_checkpoints(ckpt_dir: str) -> dict:

@@ -1,0 +1,102 @@
+"""The weight average (:class:`clinseg.pipelines.engine.handlers.averaging.WeightAverage`) on real ignite engines:
+validation sees the exponential moving average of the trained weights, training goes on from its own weights, a
+resumed training continues the same average, and a decay of 0 changes nothing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from ignite.engine import Engine, Events
+
+from clinseg.pipelines.engine.handlers.averaging import WeightAverage
+
+
+def tiny_network() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 1))
+
+
+def engines(network: torch.nn.Module, seen: list):
+    """A trainer whose every step moves the weights (SGD on a fixed batch), and a validator that records the
+    weights it sees."""
+    optimizer = torch.optim.SGD(network.parameters(), lr=0.1)
+    batch = torch.arange(24, dtype=torch.float32).reshape(8, 3) / 24
+
+    def step(engine, _):
+        network.train()
+        optimizer.zero_grad()
+        loss = network(batch).pow(2).mean()
+        loss.backward()
+        optimizer.step()
+        return loss.item()
+
+    validator = Engine(lambda engine, _: None)
+    validator.add_event_handler(Events.ITERATION_COMPLETED, lambda _: seen.append(clone(network)))
+    trainer = Engine(step)
+    trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda _: validator.run([0]))
+    return trainer, validator
+
+
+def clone(network: torch.nn.Module) -> dict:
+    return {k: v.detach().clone() for k, v in network.state_dict().items()}
+
+
+def expected_average(history: list[dict], decay: float) -> dict:
+    """The average by its definition: the first step's weights, then ``a = d a + (1 - d) w`` with the step's
+    ``d = min(decay, (1 + n) / (10 + n))``."""
+    average = {k: v.clone() for k, v in history[0].items()}
+    for n, weights in enumerate(history[1:], start=2):
+        d = min(decay, (1 + n) / (10 + n))
+        for k, v in weights.items():
+            if v.is_floating_point():
+                average[k] = d * average[k] + (1 - d) * v
+    return average
+
+
+def test_validation_sees_the_average_and_training_continues_from_its_own_weights():
+    network, seen = tiny_network(), []
+    trainer, validator = engines(network, seen)
+    history = []
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda _: history.append(clone(network)))
+    WeightAverage(network, validator, decay=0.9).attach(trainer)
+    trainer.run([0] * 5, max_epochs=2)
+
+    assert len(seen) == 2
+    for validated, steps in zip(seen, (history[:5], history), strict=True):
+        average = expected_average(steps, 0.9)
+        for key, value in average.items():
+            if value.is_floating_point():
+                assert torch.allclose(validated[key], value, atol=1e-6), key
+    last = clone(network)  # training's own weights are back after each validation, not the average
+    assert all(torch.equal(last[k], history[-1][k]) for k in last)
+    assert not torch.allclose(seen[-1]["2.weight"], last["2.weight"]), "the average is not the last weights"
+
+
+def test_a_resumed_training_continues_the_same_average():
+    network, seen = tiny_network(), []
+    trainer, validator = engines(network, seen)
+    average = WeightAverage(network, validator, decay=0.9)
+    average.attach(trainer)
+    trainer.run([0] * 5, max_epochs=1)
+    state = average.state_dict()
+
+    resumed, seen_again = tiny_network(), []
+    resumed.load_state_dict(network.state_dict())
+    trainer2, validator2 = engines(resumed, seen_again)
+    continued = WeightAverage(resumed, validator2, decay=0.9)
+    continued.attach(trainer2)
+    continued.load_state_dict(state)
+    validator2.run([0])
+    assert all(torch.equal(seen_again[0][k], seen[0][k]) for k in seen[0]), "the resumed average is the saved one"
+
+
+def test_a_decay_of_zero_changes_nothing_and_a_decay_of_one_is_refused():
+    network, seen = tiny_network(), []
+    trainer, validator = engines(network, seen)
+    history = []
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda _: history.append(clone(network)))
+    WeightAverage(network, validator, decay=0.0).attach(trainer)
+    trainer.run([0] * 3, max_epochs=1)
+    assert all(torch.equal(seen[0][k], history[-1][k]) for k in seen[0])
+    with pytest.raises(ValueError, match="decay"):
+        WeightAverage(network, validator, decay=1.0)
