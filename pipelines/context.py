@@ -7,9 +7,15 @@ and the arguments of ``monai.bundle run`` are found on the call stack, here and 
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+from contextvars import ContextVar
 
 import torch.distributed as dist
+
+# the config files and overrides of a bundle workflow that a Python caller builds and runs itself (a benchmark's
+# ConfigWorkflow), where no ``monai.bundle`` frame holds them
+_DECLARED_RUN_ARGUMENTS: ContextVar[tuple[list[str], dict] | None] = ContextVar("declared_run_arguments", default=None)
 
 
 def running_parser():
@@ -34,7 +40,11 @@ def running_run_arguments() -> tuple[list[str], dict] | None:
     """The config files and the overrides (typed, as ``fire`` read them) of the ``monai.bundle`` run in progress,
     from the command line or in-process (``monai.bundle.run(...)``); None outside one. MONAI keeps neither after
     building the workflow, so they are read from its ``create_workflow`` frame, which runs ``initialize``, or once
-    the workflow runs, from the frame of ``monai.bundle.scripts.run`` (its ``override`` keyword arguments)."""
+    the workflow runs, from the frame of ``monai.bundle.scripts.run`` (its ``override`` keyword arguments). A caller
+    that builds its own ``ConfigWorkflow`` declares them with :func:`declared_run_arguments`."""
+    declared = _DECLARED_RUN_ARGUMENTS.get()
+    if declared is not None:
+        return declared
     for frame_info in inspect.stack(context=0):
         frame = frame_info.frame
         if frame.f_globals.get("__name__") != "monai.bundle.scripts":
@@ -47,3 +57,15 @@ def running_run_arguments() -> tuple[list[str], dict] | None:
             files = [str(f) for f in files] if isinstance(files, (list, tuple)) else [str(files)]
             return files, dict(arguments)
     return None
+
+
+@contextlib.contextmanager
+def declared_run_arguments(config_files: list[str], overrides: dict):
+    """While the block runs, :func:`running_run_arguments` answers ``config_files`` and ``overrides``: a workflow
+    built in-process (``ConfigWorkflow(config_file, **overrides)``) is then named and compared by what it changed,
+    as the same run from the command line would be."""
+    token = _DECLARED_RUN_ARGUMENTS.set(([str(f) for f in config_files], dict(overrides)))
+    try:
+        yield
+    finally:
+        _DECLARED_RUN_ARGUMENTS.reset(token)

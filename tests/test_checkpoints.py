@@ -197,17 +197,3 @@ def test_a_model_run_with_other_network_settings_than_it_was_trained_with_is_ref
     (older / "model.json").write_text(json.dumps(record))
     run_bundle("inferring", [str(OCT / "inference.json")], {**inference, "checkpoint_path": older / "model.pt"})
     assert list((tmp_path / "out").glob("*")), "a model recorded without its network settings runs as before"
-
-
-def test_the_cross_camera_benchmark_runs_a_model_with_the_network_settings_it_was_trained_with(tmp_path):
-    """The benchmark passes the recorded settings to the bundle's command line as config ids, a nested section
-    one key at a time (a whole ``network_def`` given as one value would replace the network's definition)."""
-    from clinseg.pipelines.benchmarks.vessels_cross_camera import with_trained_settings
-
-    (tmp_path / "model.pt").write_bytes(b"")
-    settings = {"channels": "green", "network_def": {"channels": [8, 16], "num_res_units": 3}}
-    record = {"input_settings": settings, "sha256": runs.sha256_of(tmp_path / "model.pt")}
-    (tmp_path / "model.json").write_text(json.dumps(record))
-    options = with_trained_settings(["--channels", "'rgb'"], tmp_path / "model.pt")
-    pairs = dict(zip(options[::2], options[1::2], strict=True))
-    assert pairs == {"--network_def#channels": "[8, 16]", "--network_def#num_res_units": "3", "--channels": "'rgb'"}

@@ -221,7 +221,8 @@ def test_evaluation_and_inference_say_what_they_used(tmp_path, data_dir):
 
 
 def test_the_cross_camera_benchmark_runs_a_model_with_its_recorded_settings(tmp_path):
-    """A CLAHE-trained model is benchmarked with CLAHE; a condition's own setting is kept, never doubled."""
+    """A CLAHE-trained model is benchmarked with CLAHE, a model of another network size with that size; a
+    condition's own setting is kept, never doubled."""
     from clinseg.pipelines.benchmarks.vessels_cross_camera import CONDITIONS, with_trained_settings
 
     models = tmp_path / "models"
@@ -236,3 +237,8 @@ def test_the_cross_camera_benchmark_runs_a_model_with_its_recorded_settings(tmp_
     assert unscaled[:2] == ["--clahe", "True"]
     # a training checkpoint beside model.pt is not what model.json describes: nothing is added
     assert with_trained_settings(["--tta", "True"], models / "latest_checkpoint_epoch=3.pt") == ["--tta", "True"]
+    # the network's section is passed one config id at a time: a whole network_def given as one value would
+    # replace the network's definition
+    runs.write_run_record(models, {"input_settings": {"network_def": {"channels": [8, 16], "num_res_units": 3}}})
+    options = with_trained_settings(["--channels", "'rgb'"], model)
+    assert options == ["--network_def#channels", "[8, 16]", "--network_def#num_res_units", "3", "--channels", "'rgb'"]

@@ -28,3 +28,32 @@ def test_time_to_quality_picture_is_written(tmp_path):
     path = draw_time_to_quality(CURVE, reached, budget_s=60, path=tmp_path / "drive.png")
     with Image.open(path) as picture:
         assert picture.size[0] > 400 and picture.size[1] > 300
+
+
+def test_the_benchmark_measures_its_choice_and_names_its_mlflow_run_by_it(tmp_path, monkeypatch):
+    """A real (tiny) benchmark run in-process on a DRIVE-layout phantom: its JSON records the ``--set`` choice and
+    the curve, and the MLflow run it trained is named by what it changed (``weight_average_decay=0``, the budget),
+    as the same training from the command line would be, not "defaults"."""
+    import json
+
+    import mlflow
+
+    from clinseg.datasets.fundus.phantom import write_drive_layout
+    from clinseg.pipelines.benchmarks.vessels_drive import main
+
+    write_drive_layout(tmp_path / "drive", n_images=4, shape=(96, 80), seed=1)
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    out = tmp_path / "benchmark.json"
+    code = main(["--dataset_dir", str(tmp_path / "drive" / "training"), "--budget_s", "8", "--plain_iterations", "2",
+                 "--out", str(out), "--work_dir", str(tmp_path / "work"), "--set", "network_def#channels=[4,8]",
+                 "network_def#strides=[2]", "patch_size=[32,32]", "sw_roi_size=[96,80]", "val_interval=1",
+                 "weight_average_decay=0"])  # fmt: skip
+    assert code == 0
+    result = json.loads(out.read_text())
+    assert result["overrides"]["weight_average_decay"] == 0 and result["time_to_quality"]["validations"]
+    names = [run.info.run_name for run in mlflow.MlflowClient(store).search_runs(
+        [e.experiment_id for e in mlflow.MlflowClient(store).search_experiments()])]  # fmt: skip
+    trained = [name for name in names if name.startswith("vessels train:")]
+    assert len(trained) == 1, names
+    assert "weight_average_decay=0" in trained[0] and "train_time_limit_s=8" in trained[0], trained[0]

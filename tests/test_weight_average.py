@@ -86,8 +86,12 @@ def test_a_resumed_training_continues_the_same_average():
     continued = WeightAverage(resumed, validator2, decay=0.9)
     continued.attach(trainer2)
     continued.load_state_dict(state)
-    validator2.run([0])
-    assert all(torch.equal(seen_again[0][k], seen[0][k]) for k in seen[0]), "the resumed average is the saved one"
+    assert continued.state_dict()["n_averaged"] == 5
+    restored = continued.state_dict()["weights"]
+    assert all(torch.equal(restored[k], seen[0][k]) for k in seen[0]), "the resumed average is the one validated"
+    trainer2.run([0] * 1, max_epochs=1)  # one more step: the average moves on from the saved one, not from scratch
+    assert continued.state_dict()["n_averaged"] == 6
+    assert not torch.allclose(seen_again[0]["2.weight"], resumed.state_dict()["2.weight"])
 
 
 def test_a_decay_of_zero_changes_nothing_and_a_decay_of_one_is_refused():
@@ -100,3 +104,16 @@ def test_a_decay_of_zero_changes_nothing_and_a_decay_of_one_is_refused():
     assert all(torch.equal(seen[0][k], history[-1][k]) for k in seen[0])
     with pytest.raises(ValueError, match="decay"):
         WeightAverage(network, validator, decay=1.0)
+
+
+def test_after_training_the_validator_evaluates_the_weights_it_is_given():
+    """A benchmark loads the best checkpoint into the network once training is over and runs the validator again:
+    that run must score the loaded weights, not the average of the last steps."""
+    network, seen = tiny_network(), []
+    trainer, validator = engines(network, seen)
+    WeightAverage(network, validator, decay=0.9).attach(trainer)
+    trainer.run([0] * 5, max_epochs=2)
+    loaded = {k: torch.full_like(v, 0.5) if v.is_floating_point() else v for k, v in network.state_dict().items()}
+    network.load_state_dict(loaded)
+    validator.run([0])
+    assert all(torch.equal(seen[-1][k], loaded[k]) for k in loaded)

@@ -38,6 +38,7 @@ from clinseg.datasets.io import atomic_write
 from clinseg.pipelines.benchmarks import drive_training_dir
 from clinseg.pipelines.cli import parse_overrides
 from clinseg.pipelines.config_checks import check_override_keys
+from clinseg.pipelines.context import declared_run_arguments
 from clinseg.pipelines.paths import PROJECT_ROOT
 
 CONFIG = PROJECT_ROOT / "bundles" / "vessels" / "configs" / "train.json"
@@ -142,8 +143,6 @@ def rate(durations: list[float], skip: int = 3) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from monai.bundle import ConfigWorkflow
-
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset_dir", default=drive_training_dir(), help="default: $DRIVE_DIR or the shared data")
     parser.add_argument("--budget_s", type=float, default=600.0, help="training wall-time budget in seconds")
@@ -167,14 +166,22 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     work_dir = Path(args.work_dir or tempfile.mkdtemp(prefix="vessels_benchmark_"))
-    workflow = ConfigWorkflow(
-        config_file=str(CONFIG),
-        workflow_type="train",
-        bundle_root=str(work_dir / "vessels"),
-        dataset_dir=args.dataset_dir,
-        train_time_limit_s=int(args.budget_s),
-        **{"train#trainer#max_epochs": 100000, **overrides},
-    )
+    run_overrides = {
+        "bundle_root": str(work_dir / "vessels"),
+        "dataset_dir": args.dataset_dir,
+        "train_time_limit_s": int(args.budget_s),
+        "train#trainer#max_epochs": 100000,
+        **overrides,
+    }
+    # the MLflow run is named by what the benchmark changed (weight_average_decay=0, ...), not "defaults"
+    with declared_run_arguments([str(CONFIG)], run_overrides):
+        return measure(args, overrides, work_dir, run_overrides)
+
+
+def measure(args: argparse.Namespace, overrides: dict, work_dir: Path, run_overrides: dict) -> int:
+    from monai.bundle import ConfigWorkflow
+
+    workflow = ConfigWorkflow(config_file=str(CONFIG), workflow_type="train", **run_overrides)
     workflow.initialize()
     config = workflow.parser
     trainer = config.get_parsed_content("train#trainer")

@@ -16,9 +16,9 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 class WeightAverage:
     """Keep an exponential moving average of ``network``'s parameters and normalisation statistics, updated after
     every training step with ``decay`` (at step n, at most ``(1 + n) / (10 + n)``, so the first steps are not
-    outweighed by the random initialisation); while ``validator`` runs, ``network`` holds the average, and its own
-    weights are put back when validation ends. Everything that validation saves (the best model, the decision
-    rule) is therefore the average's.
+    outweighed by the random initialisation); while ``validator`` runs during the training, ``network`` holds the
+    average, and its own weights are put back when validation ends. Everything that validation saves (the best
+    model, the decision rule) is therefore the average's.
 
     Args:
         network: the trained network (the one the validator evaluates).
@@ -42,8 +42,20 @@ class WeightAverage:
         if self.decay == 0.0:
             return
         engine.add_event_handler(Events.ITERATION_COMPLETED, self.update)
-        self.validator.add_event_handler(Events.STARTED, self.swap_in)
-        self.validator.add_event_handler(Events.COMPLETED, self.swap_out)
+        engine.add_event_handler(Events.STARTED, self._watch_validation)
+        engine.add_event_handler(Events.COMPLETED, self._stop_watching_validation)
+
+    def _watch_validation(self, _trainer: Engine) -> None:
+        if not self.validator.has_event_handler(self.swap_in, Events.STARTED):
+            self.validator.add_event_handler(Events.STARTED, self.swap_in)
+            self.validator.add_event_handler(Events.COMPLETED, self.swap_out)
+
+    def _stop_watching_validation(self, _trainer: Engine) -> None:
+        # the validator may run again after training (a benchmark scoring the best checkpoint it loaded): it then
+        # evaluates the weights it is given, not the average
+        if self.validator.has_event_handler(self.swap_in, Events.STARTED):
+            self.validator.remove_event_handler(self.swap_in, Events.STARTED)
+            self.validator.remove_event_handler(self.swap_out, Events.COMPLETED)
 
     def _build(self) -> AveragedModel:
         if self.average is None:  # built at the first step: the network is on its device and the seed applied
