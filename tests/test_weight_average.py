@@ -53,13 +53,20 @@ def expected_average(history: list[dict], decay: float) -> dict:
     return average
 
 
-def test_validation_sees_the_average_and_training_continues_from_its_own_weights():
+def trained(decay: float, steps: int, epochs: int):
+    """A tiny network trained ``epochs`` epochs of ``steps`` steps with a weight average of ``decay``, validated
+    after each epoch: the network, the weights after every step, the weights each validation saw, and the engines."""
     network, seen = tiny_network(), []
     trainer, validator = engines(network, seen)
     history = []
     trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda _: history.append(clone(network)))
-    WeightAverage(network, validator, decay=0.9).attach(trainer)
-    trainer.run([0] * 5, max_epochs=2)
+    WeightAverage(network, validator, decay=decay).attach(trainer)
+    trainer.run([0] * steps, max_epochs=epochs)
+    return network, history, seen, validator
+
+
+def test_validation_sees_the_average_and_training_continues_from_its_own_weights():
+    network, history, seen, _ = trained(decay=0.9, steps=5, epochs=2)
 
     assert len(seen) == 2
     for validated, steps in zip(seen, (history[:5], history), strict=True):
@@ -95,12 +102,7 @@ def test_a_resumed_training_continues_the_same_average():
 
 
 def test_a_decay_of_zero_changes_nothing_and_a_decay_of_one_is_refused():
-    network, seen = tiny_network(), []
-    trainer, validator = engines(network, seen)
-    history = []
-    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda _: history.append(clone(network)))
-    WeightAverage(network, validator, decay=0.0).attach(trainer)
-    trainer.run([0] * 3, max_epochs=1)
+    network, history, seen, validator = trained(decay=0.0, steps=3, epochs=1)
     assert all(torch.equal(seen[0][k], history[-1][k]) for k in seen[0])
     with pytest.raises(ValueError, match="decay"):
         WeightAverage(network, validator, decay=1.0)
@@ -109,10 +111,7 @@ def test_a_decay_of_zero_changes_nothing_and_a_decay_of_one_is_refused():
 def test_after_training_the_validator_evaluates_the_weights_it_is_given():
     """A benchmark loads the best checkpoint into the network once training is over and runs the validator again:
     that run must score the loaded weights, not the average of the last steps."""
-    network, seen = tiny_network(), []
-    trainer, validator = engines(network, seen)
-    WeightAverage(network, validator, decay=0.9).attach(trainer)
-    trainer.run([0] * 5, max_epochs=2)
+    network, _, seen, validator = trained(decay=0.9, steps=5, epochs=2)
     loaded = {k: torch.full_like(v, 0.5) if v.is_floating_point() else v for k, v in network.state_dict().items()}
     network.load_state_dict(loaded)
     validator.run([0])
