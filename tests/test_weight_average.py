@@ -28,7 +28,7 @@ def engines(network: torch.nn.Module, seen: list):
         loss = network(batch).pow(2).mean()
         loss.backward()
         optimizer.step()
-        return loss.item()
+        return {"loss": loss.item()}  # as MONAI's trainer gives it
 
     validator = Engine(lambda engine, _: None)
     validator.add_event_handler(Events.ITERATION_COMPLETED, lambda _: seen.append(clone(network)))
@@ -116,3 +116,34 @@ def test_after_training_the_validator_evaluates_the_weights_it_is_given():
     network.load_state_dict(loaded)
     validator.run([0])
     assert all(torch.equal(seen[-1][k], loaded[k]) for k in loaded)
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)`:UserWarning")  # its own optimizer
+def test_the_training_monitor_keeps_the_average_and_the_latest_checkpoint_carries_it():
+    """The bundles turn averaging on through the training monitor (``weight_average_decay``); the training state of
+    the latest checkpoint (:class:`TrainingProgress`) holds the average and gives it back to a resumed run."""
+    from clinseg.pipelines.engine.handlers.checkpointing import TrainingProgress
+    from clinseg.pipelines.engine.handlers.schedule import TrainingMonitor
+
+    def monitored(network, seen):
+        trainer, validator = engines(network, seen)
+        schedule = torch.optim.lr_scheduler.StepLR(torch.optim.SGD(network.parameters(), lr=0.1), step_size=1)
+        monitor = TrainingMonitor(validator, schedule, "loss", progress_bar=False, network=network,
+                                  weight_average_decay=0.9)  # fmt: skip
+        monitor.attach(trainer)
+        return trainer, TrainingProgress(validator, validate_handlers=[], train_handlers=[monitor]), monitor
+
+    network, seen = tiny_network(), []
+    trainer, progress, _ = monitored(network, seen)
+    trainer.run([0] * 4, max_epochs=1)
+    state = progress.state_dict()
+    assert state["weight_average"]["n_averaged"] == 4
+    assert all(torch.equal(state["weight_average"]["weights"][k], seen[0][k]) for k in seen[0])
+
+    _, resumed_progress, resumed_monitor = monitored(tiny_network(), [])
+    resumed_progress.load_state_dict(state)
+    restored = resumed_monitor.weight_average.state_dict()["weights"]
+    assert all(torch.equal(restored[k], seen[0][k]) for k in seen[0])
+    schedule = torch.optim.lr_scheduler.StepLR(torch.optim.SGD(network.parameters(), lr=0.1), step_size=1)
+    off = TrainingMonitor(Engine(lambda e, b: None), schedule, "loss", progress_bar=False, network=network)
+    assert off.weight_average is None, "a decay of 0 (the default) keeps no average"

@@ -14,8 +14,8 @@ from ignite.handlers.checkpoint import BaseSaveHandler
 from monai.handlers import CheckpointSaver, EarlyStopHandler
 
 from clinseg.datasets.io import atomic_write
-from clinseg.pipelines.engine.handlers.averaging import WeightAverage
 from clinseg.pipelines.engine.handlers.evaluation import EvaluationReport
+from clinseg.pipelines.engine.handlers.schedule import TrainingMonitor
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ class TrainingProgress:
     """The training state that lives outside the engines, saved in the latest checkpoint so that a resumed run
     continues it instead of silently restarting it: the validator's best metric and its epoch, the ranking of the
     best-model saver (``model.pt`` is only replaced by a better model), the early-stopping counter, the report's
-    best value, the weight average (:class:`WeightAverage`) when the training keeps one, and the MLflow run of the
+    best value, the weight average when the training keeps one (:class:`TrainingMonitor`), and the MLflow run of the
     interrupted training, to which the resumed run is linked.
     """
 
@@ -42,6 +42,10 @@ class TrainingProgress:
     @staticmethod
     def _find(handlers: list, kind: type):
         return next((h for h in handlers if isinstance(h, kind)), None)
+
+    def _weight_average(self):
+        monitor = self._find(self.train_handlers, TrainingMonitor)
+        return getattr(monitor, "weight_average", None)
 
     def state_dict(self) -> dict:
         state = {
@@ -60,7 +64,7 @@ class TrainingProgress:
         tracker = self._find(self.train_handlers, _tracking_handler())
         if tracker is not None and tracker.cur_run is not None:
             state["mlflow_run_id"] = tracker.cur_run.info.run_id
-        average = self._find(self.train_handlers, WeightAverage)
+        average = self._weight_average()
         if average is not None and average.state_dict():
             state["weight_average"] = average.state_dict()
         return state
@@ -80,7 +84,7 @@ class TrainingProgress:
         tracker = self._find(self.train_handlers, _tracking_handler())
         if tracker is not None and state.get("mlflow_run_id"):
             tracker.link_resumed_run(state["mlflow_run_id"])
-        average = self._find(self.train_handlers, WeightAverage)
+        average = self._weight_average()
         if average is not None and "weight_average" in state:
             average.load_state_dict(state["weight_average"])
 
