@@ -65,8 +65,9 @@ class TrainingProgress:
         if tracker is not None and tracker.cur_run is not None:
             state["mlflow_run_id"] = tracker.cur_run.info.run_id
         average = self._weight_average()
-        if average is not None and average.state_dict():
-            state["weight_average"] = average.state_dict()
+        average_state = average.state_dict() if average is not None else {}
+        if average_state:
+            state["weight_average"] = average_state
         return state
 
     def load_state_dict(self, state: dict) -> None:
