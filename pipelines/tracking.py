@@ -13,10 +13,12 @@ import logging
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import mlflow
+from mlflow.exceptions import MlflowException
 
 from clinseg.pipelines.paths import PROJECT_ROOT, default_store, unique_run_name  # noqa: F401 (re-exported)
 from clinseg.pipelines.spool import TrackingUnavailableError
@@ -38,10 +40,32 @@ EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 MODEL_TRAINING_KIND = "custom_model_development"
 
 
+# how a SQL store reports a row that another writer inserted first (PostgreSQL through psycopg2, SQLite, MySQL)
+_DUPLICATE_KEY = ("UniqueViolation", "duplicate key", "UNIQUE constraint failed", "Duplicate entry", "IntegrityError")
+
+
+def set_experiment_tag(client, experiment_id: str, key: str, value: str, attempts: int = 3) -> None:
+    """``client.set_experiment_tag``, safe when other runs write the same tag at the same moment.
+
+    MLflow's SQL store writes a tag by a look, then an insert or an update (SQLAlchemy's ``merge``): two runs that
+    start together against one server both find no row, both insert, and the second fails on the tag's unique key.
+    Written again, the tag's row is found and updated. Any other failure is raised at once.
+    """
+    for attempt in range(1, attempts + 1):
+        try:
+            client.set_experiment_tag(experiment_id, key, value)
+            return
+        except MlflowException as e:
+            if attempt == attempts or not any(sign in str(e) for sign in _DUPLICATE_KEY):
+                raise
+            logger.debug(f"tracking: experiment tag {key!r} was written by another run at the same time; again")
+            time.sleep(0.1 * attempt)
+
+
 def mark_model_training(client, experiment) -> None:
     """Tag an experiment as model training (once)."""
     if experiment is not None and (experiment.tags or {}).get(EXPERIMENT_KIND_TAG) != MODEL_TRAINING_KIND:
-        client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND)
+        set_experiment_tag(client, experiment.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND)
 
 
 # a view of the runs table kept in the experiment (MLflow's shared view state, an experiment tag): the key metric,
@@ -78,7 +102,7 @@ def update_runs_view(client, experiment, key_metric: str | None, params: Sequenc
     columns = list(dict.fromkeys([*metrics, *known, *(_column("params", p) for p in params)]))
     state = {"orderByKey": key, "orderByAsc": False, "selectedColumns": columns}
     if state != current:
-        client.set_experiment_tag(experiment.experiment_id, tag, json.dumps(state))
+        set_experiment_tag(client, experiment.experiment_id, tag, json.dumps(state))
 
 
 # overridden by every run on a given machine, and no hyper-parameter: not a column of the runs view
@@ -298,10 +322,15 @@ def ensure_experiment(client: mlflow.MlflowClient, bundle: str, tracking_uri: st
     with store_lock(tracking_uri):
         experiment = client.get_experiment_by_name(bundle)
         if experiment is None:
-            return client.create_experiment(
-                bundle,
-                artifact_location=artifact_location_for(tracking_uri, bundle),
-                tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING_KIND},
-            )
+            try:
+                return client.create_experiment(
+                    bundle,
+                    artifact_location=artifact_location_for(tracking_uri, bundle),
+                    tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING_KIND},
+                )
+            except MlflowException as e:  # a server's other client created it since the look
+                if "RESOURCE_ALREADY_EXISTS" not in str(e) and not any(sign in str(e) for sign in _DUPLICATE_KEY):
+                    raise
+                experiment = client.get_experiment_by_name(bundle)
         mark_model_training(client, experiment)
         return experiment.experiment_id

@@ -300,3 +300,76 @@ def test_two_trainings_at_once_against_a_tracking_server_on_postgresql(tmp_path,
         "training_s": round(trained, 1),
     }
     print(json.dumps(summary, indent=1))
+
+
+def first_writes_at_once(tracking_uri: str, write, writers: int = 4, tags: int = 12) -> list[str]:
+    """``writers`` threads write each of ``tags`` new tags of one experiment at the same moment (a barrier before
+    every tag), as runs that start together tag their experiment; the errors, one line each."""
+    import threading
+
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri)
+    experiment_id = client.create_experiment(f"tag_race_{write.__name__}_{time.time_ns()}")
+    barrier = threading.Barrier(writers)
+    errors: list[str] = []
+
+    def writer(index: int) -> None:
+        own = mlflow.MlflowClient(tracking_uri)
+        for tag in range(tags):
+            barrier.wait(timeout=60)
+            try:
+                write(own, experiment_id, f"kind_{tag}", f"writer {index}")
+            except Exception as e:  # noqa: BLE001  (collected: the assertion shows them)
+                errors.append(f"tag {tag}, writer {index}: {str(e).splitlines()[0][:200]}")
+
+    threads = [threading.Thread(target=writer, args=(i,)) for i in range(writers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    tags_written = client.get_experiment(experiment_id).tags
+    assert all(f"kind_{tag}" in tags_written for tag in range(tags)), sorted(tags_written)
+    return errors
+
+
+def test_runs_that_tag_their_experiment_at_the_same_moment_all_go_on(postgres, tracking_server):
+    """The failure of two trainings started together: both wrote the experiment's kind tag, PostgreSQL refused the
+    second insert (duplicate key), and that training stopped. :func:`set_experiment_tag` writes again."""
+    from clinseg.pipelines.tracking import set_experiment_tag
+
+    errors = first_writes_at_once(tracking_server, set_experiment_tag)
+    assert errors == [], "\n".join(errors)
+
+
+def test_commands_that_create_the_same_experiment_at_the_same_moment_share_it(postgres, tracking_server):
+    """``pipelines.experiments`` commands started together (a sweep and a cv, say) each create the bundle's
+    experiment where it is missing: one creates it, the others find it. Ten experiments, four creators each (one
+    round alone often misses the race)."""
+    import threading
+
+    import mlflow
+
+    from clinseg.pipelines.tracking import EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND, ensure_experiment
+
+    writers = 4
+    for round_ in range(10):
+        name = f"created_together_{round_}_{time.time_ns()}"
+        barrier = threading.Barrier(writers)
+        ids, errors = [], []
+
+        def create(name=name, barrier=barrier, ids=ids, errors=errors) -> None:
+            barrier.wait(timeout=60)
+            try:
+                ids.append(ensure_experiment(mlflow.MlflowClient(tracking_server), name, tracking_server))
+            except Exception as e:  # noqa: BLE001  (collected: the assertion shows them)
+                errors.append(str(e).splitlines()[0][:200])
+
+        threads = [threading.Thread(target=create) for _ in range(writers)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=300)
+        assert errors == [] and len(ids) == writers and len(set(ids)) == 1, (name, ids, errors)
+        experiment = mlflow.MlflowClient(tracking_server).get_experiment(ids[0])
+        assert experiment.name == name and experiment.tags[EXPERIMENT_KIND_TAG] == MODEL_TRAINING_KIND
