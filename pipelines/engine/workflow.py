@@ -75,6 +75,19 @@ def initialize(
             check_tracking_uri(tracking_uri)
 
 
+def finish_distributed() -> None:
+    """Leave the process group together (the multi-GPU overlays' ``finalize``).
+
+    Rank 0 still promotes the model and closes its MLflow run when the other ranks are done. A rank that destroyed
+    its group and exited meanwhile was seen to abort at exit (gloo: "terminate called without an active
+    exception"), and ``torchrun`` then stopped rank 0 before its model was promoted. Every rank waits here for the
+    others first. Nothing happens outside a process group.
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
 def save_final_model(network: torch.nn.Module, ckpt_dir: str | os.PathLike) -> Path:
     """Write ``network``'s weights (a plain state dict, as the best-model saver writes) to ``<ckpt_dir>/model.pt``,
     atomically."""
