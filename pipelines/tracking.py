@@ -40,8 +40,14 @@ EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 MODEL_TRAINING_KIND = "custom_model_development"
 
 
-# how a SQL store reports a row that another writer inserted first (PostgreSQL through psycopg2, SQLite, MySQL)
+# how a SQL store reports a row that another writer inserted first (PostgreSQL through psycopg2, SQLite, MySQL); a
+# server passes a tag's refusal on as a plain BAD_REQUEST, so only its message tells
 _DUPLICATE_KEY = ("UniqueViolation", "duplicate key", "UNIQUE constraint failed", "Duplicate entry", "IntegrityError")
+
+
+def _written_by_another(error: MlflowException) -> bool:
+    """Whether ``error`` says another client wrote the row first (an experiment or a tag)."""
+    return error.error_code == "RESOURCE_ALREADY_EXISTS" or any(sign in str(error) for sign in _DUPLICATE_KEY)
 
 
 def set_experiment_tag(client, experiment_id: str, key: str, value: str, attempts: int = 3) -> None:
@@ -56,7 +62,7 @@ def set_experiment_tag(client, experiment_id: str, key: str, value: str, attempt
             client.set_experiment_tag(experiment_id, key, value)
             return
         except MlflowException as e:
-            if attempt == attempts or not any(sign in str(e) for sign in _DUPLICATE_KEY):
+            if attempt == attempts or not _written_by_another(e):
                 raise
             logger.debug(f"tracking: experiment tag {key!r} was written by another run at the same time; again")
             time.sleep(0.1 * attempt)
@@ -288,7 +294,8 @@ def engine_metric_name(name: str) -> str:
 @contextlib.contextmanager
 def store_lock(tracking_uri: str, timeout_s: float = 300.0):
     """Serialise what must not race between processes on one local SQLite store: creating its tables (MLflow
-    migrates a new database on first use) and creating an experiment. Servers serialise this themselves."""
+    migrates a new database on first use) and creating an experiment. A server's clients cannot share this lock:
+    :func:`ensure_experiment` and :func:`set_experiment_tag` take up where another client wrote first."""
     if not tracking_uri.startswith("sqlite:///"):
         yield
         return
@@ -329,7 +336,7 @@ def ensure_experiment(client: mlflow.MlflowClient, bundle: str, tracking_uri: st
                     tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING_KIND},
                 )
             except MlflowException as e:  # a server's other client created it since the look
-                if "RESOURCE_ALREADY_EXISTS" not in str(e) and not any(sign in str(e) for sign in _DUPLICATE_KEY):
+                if not _written_by_another(e):
                     raise
                 experiment = client.get_experiment_by_name(bundle)
         mark_model_training(client, experiment)

@@ -302,32 +302,44 @@ def test_two_trainings_at_once_against_a_tracking_server_on_postgresql(tmp_path,
     print(json.dumps(summary, indent=1))
 
 
-def first_writes_at_once(tracking_uri: str, write, writers: int = 4, tags: int = 12) -> list[str]:
-    """``writers`` threads write each of ``tags`` new tags of one experiment at the same moment (a barrier before
-    every tag), as runs that start together tag their experiment; the errors, one line each."""
+def at_the_same_moment(action, writers: int = 4) -> tuple[list, list[str]]:
+    """``action(index)`` in ``writers`` threads released together (a barrier), as runs that start together; what
+    they returned and their errors, one line each."""
     import threading
 
-    import mlflow
-
-    client = mlflow.MlflowClient(tracking_uri)
-    experiment_id = client.create_experiment(f"tag_race_{write.__name__}_{time.time_ns()}")
     barrier = threading.Barrier(writers)
-    errors: list[str] = []
+    results, errors = [], []
 
     def writer(index: int) -> None:
-        own = mlflow.MlflowClient(tracking_uri)
-        for tag in range(tags):
-            barrier.wait(timeout=60)
-            try:
-                write(own, experiment_id, f"kind_{tag}", f"writer {index}")
-            except Exception as e:  # noqa: BLE001  (collected: the assertion shows them)
-                errors.append(f"tag {tag}, writer {index}: {str(e).splitlines()[0][:200]}")
+        barrier.wait(timeout=60)
+        try:
+            results.append(action(index))
+        except Exception as e:  # noqa: BLE001  (collected: the assertions show them)
+            errors.append(f"writer {index}: {str(e).splitlines()[0][:200]}")
 
     threads = [threading.Thread(target=writer, args=(i,)) for i in range(writers)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join(timeout=300)
+    return results, errors
+
+
+def first_writes_at_once(tracking_uri: str, write, tags: int = 12) -> list[str]:
+    """Four writers write each of ``tags`` new tags of one experiment at the same moment, as runs that start
+    together tag their experiment; the errors, one line each."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri)
+    experiment_id = client.create_experiment(f"tag_race_{write.__name__}_{time.time_ns()}")
+    errors: list[str] = []
+    for tag in range(tags):
+        _, failed = at_the_same_moment(
+            lambda index, tag=tag: write(
+                mlflow.MlflowClient(tracking_uri), experiment_id, f"kind_{tag}", f"writer {index}"
+            )
+        )
+        errors += [f"tag {tag}, {line}" for line in failed]
     tags_written = client.get_experiment(experiment_id).tags
     assert all(f"kind_{tag}" in tags_written for tag in range(tags)), sorted(tags_written)
     return errors
@@ -346,8 +358,6 @@ def test_commands_that_create_the_same_experiment_at_the_same_moment_share_it(po
     """``pipelines.experiments`` commands started together (a sweep and a cv, say) each create the bundle's
     experiment where it is missing: one creates it, the others find it. Ten experiments, four creators each (one
     round alone often misses the race)."""
-    import threading
-
     import mlflow
 
     from clinseg.pipelines.tracking import EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND, ensure_experiment
@@ -355,21 +365,10 @@ def test_commands_that_create_the_same_experiment_at_the_same_moment_share_it(po
     writers = 4
     for round_ in range(10):
         name = f"created_together_{round_}_{time.time_ns()}"
-        barrier = threading.Barrier(writers)
-        ids, errors = [], []
-
-        def create(name=name, barrier=barrier, ids=ids, errors=errors) -> None:
-            barrier.wait(timeout=60)
-            try:
-                ids.append(ensure_experiment(mlflow.MlflowClient(tracking_server), name, tracking_server))
-            except Exception as e:  # noqa: BLE001  (collected: the assertion shows them)
-                errors.append(str(e).splitlines()[0][:200])
-
-        threads = [threading.Thread(target=create) for _ in range(writers)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(timeout=300)
+        ids, errors = at_the_same_moment(
+            lambda _, name=name: ensure_experiment(mlflow.MlflowClient(tracking_server), name, tracking_server),
+            writers,
+        )
         assert errors == [] and len(ids) == writers and len(set(ids)) == 1, (name, ids, errors)
         experiment = mlflow.MlflowClient(tracking_server).get_experiment(ids[0])
         assert experiment.name == name and experiment.tags[EXPERIMENT_KIND_TAG] == MODEL_TRAINING_KIND
