@@ -288,6 +288,7 @@ def test_tiny_bundle_train_evaluate_infer(tmp_path, tiny_drive, tracking_uri):
             "input_dir": tiny_drive / "training",
             "output_dir": out,
             "tta": True,
+            "tta_rot90": True,  # eight passes on a non-square photograph: each one undone before the average
         },
     )
     for name in ("21_seg.png", "21_prob.png", "21_overlay.png"):

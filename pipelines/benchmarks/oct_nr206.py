@@ -192,7 +192,7 @@ def draw(report: dict, path: Path) -> Path:
     curves.xaxis.get_major_locator().set_params(integer=True)
     curves.set_ylabel("validation mean layer Dice")
     all_values = [v for s in report["seeds"] for v in s["validation_curve"][len(s["validation_curve"]) // 4 :]]
-    curves.set_ylim(max(0.0, min(all_values + [TARGETS["mean_dice"]]) - 0.01), 1.0)
+    curves.set_ylim(max(0.0, min(all_values + [TARGETS["mean_dice"]]) - 0.01), min(1.0, max(all_values + [0.0]) + 0.02))
     curves.legend(fontsize=8)
 
     names = list(report["seeds"][0]["dice"])

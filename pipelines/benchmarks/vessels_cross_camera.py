@@ -12,8 +12,8 @@
    ``estimated_fov`` (the field estimated from each photograph), ``estimated_fov_scaled`` (also resampled so the
    disc is as wide as DRIVE's), ``estimated_fov_scaled_rule`` (the defaults: also the model's decision rule,
    chosen on its DRIVE validation cases, instead of the plain threshold of 0.5) and
-   ``estimated_fov_scaled_rule_tta`` (with flip test-time augmentation). ``--condition NAME='--key value ...'``
-   adds one.
+   ``estimated_fov_scaled_rule_tta`` (with flip test-time augmentation) and ``estimated_fov_scaled_rule_tta_rot90``
+   (flips and quarter turns, eight passes). ``--condition NAME='--key value ...'`` adds one.
 3. Scores every prediction on the photograph's own grid against its mask, inside the field that
    ``EstimateFOV`` finds in the photograph (the same field for every condition) and over the whole image; prints
    the mean F1, sensitivity, AUC and the worst images, and writes everything as JSON.
@@ -50,6 +50,7 @@ CONDITIONS = {
     "estimated_fov_scaled": [*PLAIN_RULE],
     "estimated_fov_scaled_rule": [],
     "estimated_fov_scaled_rule_tta": ["--tta", "True"],
+    "estimated_fov_scaled_rule_tta_rot90": ["--tta", "True", "--tta_rot90", "True"],
 }
 
 
