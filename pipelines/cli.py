@@ -41,6 +41,18 @@ def parse_overrides(items: list[str]) -> dict:
     return overrides
 
 
+def add_set_argument(parser, measured_against: str, example: str) -> None:
+    """A benchmark's ``--set KEY=JSON ...``: config overrides, one choice measured against ``measured_against``
+    (read with :func:`parse_overrides`)."""
+    parser.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="KEY=JSON",
+        help=f"config overrides, one choice measured against {measured_against} ({example})",
+    )
+
+
 def find_input_error(error: BaseException | None, types: tuple[type, ...] = (InputError,)) -> BaseException | None:
     """The first error of ``types`` in the cause chain: MONAI wraps errors raised in transforms and expressions."""
     seen = set()

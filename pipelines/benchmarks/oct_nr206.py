@@ -33,7 +33,7 @@ from pathlib import Path
 
 from clinseg.datasets.io import atomic_write
 from clinseg.pipelines.benchmarks import shared_data_dir, write_report
-from clinseg.pipelines.cli import parse_overrides
+from clinseg.pipelines.cli import add_set_argument, parse_overrides
 from clinseg.pipelines.config_checks import check_override_keys
 from clinseg.pipelines.paths import PROJECT_ROOT
 from clinseg.pipelines.tracking import default_tracking_uri, mlflow_metric_name
@@ -236,13 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--work_dir", default=None, help="where the seeds' bundle roots go (default: a temp dir)")
     parser.add_argument("--tracking_uri", default=None, help="MLflow store (default: MLFLOW_TRACKING_URI or mlruns/)")
-    parser.add_argument(
-        "--set",
-        nargs="*",
-        default=[],
-        metavar="KEY=JSON",
-        help="config overrides, one choice measured against the overlay (speckle_prob=0.3)",
-    )
+    add_set_argument(parser, "the overlay", "speckle_prob=0.3")
     args = parser.parse_args(argv)
     overrides = parse_overrides(args.set)
     check_override_keys(TRAINING, overrides)

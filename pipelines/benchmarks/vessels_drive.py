@@ -36,7 +36,7 @@ from ignite.engine import Events
 
 from clinseg.datasets.io import atomic_write
 from clinseg.pipelines.benchmarks import drive_training_dir
-from clinseg.pipelines.cli import parse_overrides
+from clinseg.pipelines.cli import add_set_argument, parse_overrides
 from clinseg.pipelines.config_checks import check_override_keys
 from clinseg.pipelines.context import declared_run_arguments
 from clinseg.pipelines.paths import PROJECT_ROOT
@@ -151,13 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--work_dir", default=None, help="where the benchmark's bundle outputs go (default: a temp dir)"
     )
-    parser.add_argument(
-        "--set",
-        nargs="*",
-        default=[],
-        metavar="KEY=JSON",
-        help="config overrides, one choice measured against the defaults (learning_rate=0.005)",
-    )
+    add_set_argument(parser, "the defaults", "learning_rate=0.005")
     args = parser.parse_args(argv)
     overrides = parse_overrides(args.set)
     check_override_keys([str(CONFIG)], overrides)
