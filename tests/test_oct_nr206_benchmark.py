@@ -47,3 +47,16 @@ def test_a_missing_sample_is_one_line_and_writes_nothing(tmp_path, capsys):
     said = capsys.readouterr().out.strip().splitlines()
     assert len(said) == 1 and "NR206 sample not found" in said[0] and str(tmp_path / "absent") in said[0]
     assert not out.exists()
+
+
+def test_a_work_folder_of_an_earlier_run_is_refused_and_kept(tmp_path, capsys):
+    sample = shared_path("oct", "NR206_sample")
+    earlier = tmp_path / "work" / "seed1" / "training.log"
+    earlier.parent.mkdir(parents=True)
+    earlier.write_text("an earlier run")
+    code = main(["--dataset_dir", str(sample), "--seeds", "0", "1", "--work_dir", str(tmp_path / "work"),
+                 "--out", str(tmp_path / "nr206.json")])  # fmt: skip
+    assert code == 2
+    said = capsys.readouterr().out.strip().splitlines()
+    assert len(said) == 1 and "seed1" in said[0] and "--work_dir" in said[0]
+    assert earlier.read_text() == "an earlier run" and not (tmp_path / "work" / "seed0").exists()

@@ -249,6 +249,10 @@ def main(argv: list[str] | None = None) -> int:
     args.tracking_uri = args.tracking_uri or default_tracking_uri()
     work_dir = Path(args.work_dir or tempfile.mkdtemp(prefix="oct_nr206_benchmark_"))
     work_dir.mkdir(parents=True, exist_ok=True)
+    taken = [name for name in [f"seed{seed}" for seed in args.seeds] + ["ensemble"] if (work_dir / name).exists()]
+    if taken:  # each run owns its folder: an earlier benchmark's results are never written over
+        print(f"{work_dir}: already holds {', '.join(taken)} of an earlier run; pass another --work_dir")
+        return 2
 
     seeds = [one_seed(seed, args, overrides, work_dir) for seed in args.seeds]
     ensemble = None
