@@ -104,7 +104,7 @@ def layer_scores(metrics: dict) -> dict:
     dice = {layer: round(v, 4) for layer, v in per_class["val_mean_dice"].items()}
     lowest = min(dice, key=dice.get)
     return {
-        "mean_dice": round(statistics.fmean(dice.values()), 4),
+        "mean_dice": round(metrics["mean"]["val_mean_dice"], 4),
         "dice": dice,
         "thickness_mae_px": {k: round(v, 3) for k, v in per_class["val_thickness_mae_px"].items()},
         "hd95_px": round(metrics["mean"]["val_hd95"], 2),
