@@ -54,8 +54,14 @@ chromium:
 demo: $(STAMP)
 	$(PYTHON) -m pipelines.demo
 
+# The suite runs in TEST_WORKERS processes (pytest-xdist), one test file per worker at a time: a file's tests share
+# their module fixtures (a trained model, a server). Most tests wait on bundle runs, servers and files as much as they
+# compute, so one worker per logical core finishes sooner than one process; each worker's threads are capped at its
+# share of the cores (tests/conftest.py). TEST_WORKERS=0 runs everything in this one process.
+TEST_WORKERS ?= logical
+
 test: $(STAMP) $(DEPLOY_STAMP) dicom3tools chromium
-	DEPLOY_PYTHON=$(abspath $(DEPLOY_VENV))/bin/python $(PYTHON) -m pytest
+	DEPLOY_PYTHON=$(abspath $(DEPLOY_VENV))/bin/python $(PYTHON) -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

@@ -1,9 +1,11 @@
 """Shared fixtures: a tiny phantom dataset, a private MLflow store, the location of the real data, the one rule
-for a test whose prerequisite is missing (:func:`prerequisite_missing`), and the layer-order check of OCT label maps."""
+for a test whose prerequisite is missing (:func:`prerequisite_missing`), the layer-order check of OCT label maps, and
+the threads each worker of a parallel run (``pytest -n``, as ``make test`` runs) may use."""
 
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +22,26 @@ WITHOUT_FILE_PERMISSION_OVERRIDE = ["setpriv", "--inh-caps=-dac_override,-dac_re
                                     "--bounding-set=-dac_override,-dac_read_search"]  # fmt: skip
 """A command prefix: root without the capabilities that let it read and write any file, so file permissions apply
 to it (CI runs as root)."""
+
+
+def pytest_configure(config):
+    """In a worker of ``pytest -n N`` (pytest-xdist), cap the threads of this process and of the bundle runs it starts
+    at the cores per worker. torch and OpenMP otherwise each take every core, and N workers doing so share the cores
+    between N times too many spinning threads, which is slower than no parallelism at all. A value set by the caller
+    is kept."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    if workers > 1:
+        threads = str(max(1, (os.cpu_count() or 1) // workers))
+        for variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            os.environ.setdefault(variable, threads)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (the system picks it, so parallel workers get different
+    ones)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def where_permissions_apply(command: list[str]) -> list[str]:

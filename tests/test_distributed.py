@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -12,19 +11,13 @@ import mlflow
 import pytest
 
 from clinseg.pipelines.tracking import mlflow_metric_name
-from tests.conftest import OCT_BUNDLE, REPO_ROOT, run_bundle, run_models
+from tests.conftest import OCT_BUNDLE, REPO_ROOT, free_port, run_bundle, run_models
 
 CONFIGS = OCT_BUNDLE / "configs"
 TRAIN = [str(CONFIGS / "train.json")]
 EVALUATE = TRAIN + [str(CONFIGS / "evaluate.json")]
 TINY = {"image_size": "[64,96]", "network_def#channels": "[8,16,32]", "network_def#strides": "[2,2]", "batch_size": 2}
 COMPARED = ("val_mean_dice", "val_mean_iou", "val_hd95", "val_pixel_accuracy", "val_thickness_mae_px")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def torchrun(

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,7 +14,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from tests.conftest import OCT_BUNDLE, REPO_ROOT, run_bundle, server_answers
+from tests.conftest import OCT_BUNDLE, REPO_ROOT, free_port, run_bundle, server_answers
 
 TRAIN = [str(OCT_BUNDLE / "configs" / "train.json")]
 TINY = {
@@ -121,12 +120,6 @@ def test_sweep_compare_register_fetch_evaluate(tmp_path, tiny_oct_dir, tracking_
     assert "no registered model" in refused("fetch", "vessels_v9", "1", "--out", str(tmp_path / "x"))
     assert "not an empty folder" in refused("fetch", "oct_layers", "champion", "--out", str(fetched))
     assert not (tmp_path / "x").exists()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_training_against_a_real_tracking_server(tmp_path, tiny_oct_dir):

@@ -24,8 +24,8 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from tests.conftest import REPO_ROOT, prerequisite_missing, run_bundle, server_answers
-from tests.test_experiments import TINY, TRAIN, free_port
+from tests.conftest import REPO_ROOT, free_port, prerequisite_missing, run_bundle, server_answers
+from tests.test_experiments import TINY, TRAIN
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 ARTIFACTS = Path(os.environ.get("TEST_ARTIFACTS", REPO_ROOT / "tests" / "artifacts")) / "mlflow_ui"

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from importlib.metadata import version
@@ -24,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, free_port
 
 BUNDLES = ["vessels", "oct_layers", "ct_heart"]
 SCHEMA = REPO_ROOT / "tests" / "data" / "model_zoo" / "meta_schema_20220324.json"
@@ -179,12 +178,6 @@ print("PROPERTIES", json.dumps(missing))
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory, tiny_oct_dir) -> dict[str, Path]:
     from clinseg.datasets.ct import write_msd_dataset
@@ -213,7 +206,7 @@ def test_train_eval_infer_and_multi_gpu_workflows_have_the_zoo_properties(bundle
         "LOCAL_RANK": "0",
         "WORLD_SIZE": "1",
         "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(_free_port()),
+        "MASTER_PORT": str(free_port()),
     }
     result = subprocess.run(
         [sys.executable, "-c", PROPERTIES_SCRIPT, str(bundle_root / "configs"), json.dumps(overrides)],

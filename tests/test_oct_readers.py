@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 import pytest
@@ -80,7 +81,9 @@ def test_duke_truncated_and_empty_files(tmp_path):
 
 def test_phantom_is_deterministic_and_readable(tmp_path):
     a = write_phantom_dataset(tmp_path / "a", n_subjects=2, n_bscans=3, height=48, width=64, seed=5)
+    time.sleep(1.1)  # in another second: the same seed must give the same bytes whenever it is written
     b = write_phantom_dataset(tmp_path / "b", n_subjects=2, n_bscans=3, height=48, width=64, seed=5)
+    assert [p.read_bytes() for p in a] == [p.read_bytes() for p in b]
     c = write_phantom_dataset(tmp_path / "c", n_subjects=2, n_bscans=3, height=48, width=64, seed=6)
     first, second, other = (scipy.io.loadmat(p[0]) for p in (a, b, c))
     np.testing.assert_array_equal(first["images"], second["images"])

@@ -18,7 +18,6 @@ import math
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,18 +26,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import OCT_BUNDLE, REPO_ROOT, RUNNING_AS_ROOT, prerequisite_missing, server_answers
+from tests.conftest import OCT_BUNDLE, REPO_ROOT, RUNNING_AS_ROOT, free_port, prerequisite_missing, server_answers
 from tests.test_error_contract import TINY
 
 TRAIN = OCT_BUNDLE / "configs" / "train.json"
 EPOCHS = 2
 RATES = ("0.001", "0.005")  # one learning rate per run: which run is which
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def postgres_bindir() -> Path | None:

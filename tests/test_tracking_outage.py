@@ -17,7 +17,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import OCT_BUNDLE, REPO_ROOT
+from tests.conftest import OCT_BUNDLE, REPO_ROOT, free_port
 
 pytestmark = pytest.mark.filterwarnings("ignore:parsing config_file:UserWarning")
 TRAIN = [str(OCT_BUNDLE / "configs" / "train.json")]
@@ -46,12 +45,6 @@ CLEAN_ENV = {
     k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI" and not k.startswith("MLFLOW_HTTP_REQUEST")
 }
 MAX_CALL_DELAY_S = 8.0  # two attempts of 3 s at most, plus a /health check of 2 s at most
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Server:

@@ -15,6 +15,7 @@ Command line::
 from __future__ import annotations
 
 import argparse
+import io
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -157,7 +158,24 @@ def write_subject(
     manual2 = manual1 + rng.uniform(-1, 1, manual1.shape)
     content = {"images": images, "manualLayers1": manual1, "manualLayers2": manual2}
     # a half-written subject is never left under its real name
-    return atomic_write(path, lambda tmp: scipy.io.savemat(tmp, content, do_compression=True))
+    return atomic_write(path, lambda tmp: tmp.write_bytes(mat_file_bytes(content)))
+
+
+MAT_DESCRIPTION = b"MATLAB 5.0 MAT-file, a phantom of clinseg.datasets.oct.phantom"
+
+
+def mat_file_bytes(content: dict) -> bytes:
+    """``content`` as the bytes of a compressed MATLAB 5 file, the same bytes for the same content.
+
+    scipy writes the time of writing into the file's 116-byte text header, so the same seed written a second later
+    would be other bytes and another dataset fingerprint (which is how runs tell whether they saw the same data).
+    The header's text is only a description: readers take the version and byte order from the bytes after it.
+    """
+    buffer = io.BytesIO()
+    scipy.io.savemat(buffer, content, do_compression=True)
+    data = bytearray(buffer.getvalue())
+    data[:116] = MAT_DESCRIPTION.ljust(116)
+    return bytes(data)
 
 
 def write_phantom_dataset(
