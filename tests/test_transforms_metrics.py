@@ -165,6 +165,29 @@ def test_batch_dice_is_the_dice_of_the_batch_as_one_image():
     assert not torch.allclose(per_patch(logits, target), per_patch(*side_by_side), atol=1e-3)
 
 
+def test_column_term_is_the_gap_between_the_layers_mass_down_each_column():
+    """One column of 6 rows, 3 classes. The boundary between classes 1 and 2 predicted a row low: class 1 one row too
+    thick, class 2 one row too thin. Class 1's mass above each row is one too many from row 3 down (3 of 6 rows),
+    class 2's one too few: mean gaps 0, 1/2, 1/2 over the classes, 1/3. Dice and cross-entropy see one pixel."""
+    label = torch.tensor([0, 1, 1, 2, 2, 0])
+    predicted = torch.tensor([0, 1, 1, 1, 2, 0])
+    logits = 20.0 * torch.nn.functional.one_hot(predicted, 3).T[None, :, :, None].float()
+    column = DiceCELossWithIgnore(lambda_dice=0.0, lambda_ce=0.0, lambda_column_w1=1.0)
+    assert column(logits, label[None, None, :, None]).item() == pytest.approx(1 / 3, abs=1e-6)
+    # both layers moved down a row: each costs its thickness (2 rows) x 1 row over 6 rows, 1/3; the background's
+    # mass above rows 1-4 is one too many, 4/6: (1/3 + 1/3 + 2/3) / 3 = 4/9
+    shifted = 20.0 * torch.nn.functional.one_hot(torch.tensor([0, 0, 1, 1, 2, 2]), 3).T[None, :, :, None].float()
+    assert column(shifted, label[None, None, :, None]).item() == pytest.approx(4 / 9, abs=1e-6)
+    exact = 20.0 * torch.nn.functional.one_hot(label, 3).T[None, :, :, None].float()
+    assert column(exact, label[None, None, :, None]).item() < 1e-6
+    # a column holding an unannotated pixel counts for nothing, whatever is predicted there
+    labels = torch.stack([label, torch.tensor([0, 1, 255, 2, 2, 0])], dim=-1)[None, None]
+    noisy = torch.cat([logits, torch.randn(1, 3, 6, 1)], dim=-1)
+    assert column(noisy, labels).item() == pytest.approx(1 / 3, abs=1e-6)
+    with pytest.raises(ValueError, match="rows, columns"):
+        column(torch.zeros(1, 3, 6, 1, 1), torch.zeros(1, 1, 6, 1, 1, dtype=torch.long))
+
+
 def onehot(labels, num_classes=3):
     labels = torch.as_tensor(labels)
     out = torch.nn.functional.one_hot(labels.clamp(min=0), num_classes).permute(2, 0, 1).float()

@@ -10,11 +10,15 @@ from clinseg.transforms.oct import IGNORE_INDEX
 
 
 class DiceCELossWithIgnore(_Loss):
-    """``lambda_dice * Dice + lambda_ce * cross-entropy`` on logits and a ``(B, 1, ...)`` label map.
+    """``lambda_dice * Dice + lambda_ce * cross-entropy + lambda_column_w1 * column term`` on logits and a
+    ``(B, 1, ...)`` label map.
 
-    Pixels labelled ``ignore_index`` (unannotated columns of a Duke B-scan, say) contribute to neither term: MONAI's
-    ``DiceLoss`` masks them through its own ``ignore_index`` and cross-entropy skips them. MONAI's ``DiceCELoss``
-    has no ``ignore_index``, hence this small combination of the two library losses.
+    Pixels labelled ``ignore_index`` (unannotated columns of a Duke B-scan, say) contribute to none of the terms:
+    MONAI's ``DiceLoss`` masks them through its own ``ignore_index`` and cross-entropy skips them. MONAI's
+    ``DiceCELoss`` has no ``ignore_index``, hence this small combination of the two library losses.
+
+    The column term (:func:`column_mass_gap`, 2D only, off by default) is for label maps whose columns cross ordered
+    layers, as an OCT B-scan's A-scans do.
     """
 
     def __init__(
@@ -25,11 +29,14 @@ class DiceCELossWithIgnore(_Loss):
         ignore_index: int = IGNORE_INDEX,
         class_weights: list[float] | None = None,
         batch_dice: bool = False,
+        lambda_column_w1: float = 0.0,
     ):
         super().__init__()
-        if lambda_dice < 0 or lambda_ce < 0 or lambda_dice + lambda_ce == 0:
-            raise ValueError(f"loss weights must be >= 0 and not both 0, got dice={lambda_dice}, ce={lambda_ce}.")
+        weights = {"dice": lambda_dice, "ce": lambda_ce, "column_w1": lambda_column_w1}
+        if min(weights.values()) < 0 or sum(weights.values()) == 0:
+            raise ValueError(f"loss weights must be >= 0 and not all 0, got {weights}.")
         self.lambda_dice, self.lambda_ce, self.ignore_index = lambda_dice, lambda_ce, ignore_index
+        self.lambda_column_w1 = lambda_column_w1
         self.dice = DiceLoss(
             include_background=include_background,
             to_onehot_y=True,
@@ -52,4 +59,33 @@ class DiceCELossWithIgnore(_Loss):
             if self.cross_entropy.weight is not None:
                 self.cross_entropy.weight = self.cross_entropy.weight.to(logits.device)
             loss = loss + self.lambda_ce * self.cross_entropy(logits, target[:, 0].long())
+        if self.lambda_column_w1:
+            loss = loss + self.lambda_column_w1 * column_mass_gap(logits, target[:, 0].long(), self.ignore_index)
         return loss
+
+
+def column_mass_gap(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """How far the predicted layers sit from the labelled ones down each column, in rows.
+
+    For each class and column, the softmax mass of the class above each row is compared with the label's (two
+    cumulative sums down the column, the 1-D Wasserstein construction); the absolute gap is averaged over the rows,
+    then over the classes and the columns. A layer displaced by k rows costs k times its thickness; a layer k rows
+    too thick or too thin costs k on every row below it. Dice and cross-entropy count only the pixels that flip,
+    whatever the shape of the error; this term sees where the layer's mass is, so a thin layer's thickness error
+    weighs on every row beneath it. Columns holding an unannotated pixel (``ignore_index``) are left out.
+
+    ``logits``: ``(B, C, rows, columns)``; ``labels``: ``(B, rows, columns)`` class indices.
+    """
+    if logits.ndim != 4 or labels.shape != (logits.shape[0], *logits.shape[2:]):
+        raise ValueError(
+            f"the column term needs (B, C, rows, columns) logits and (B, rows, columns) labels, got "
+            f"{tuple(logits.shape)} and {tuple(labels.shape)}."
+        )
+    ignored = labels == ignore_index
+    annotated = ~ignored.any(dim=1, keepdim=True)  # (B, 1, columns)
+    probabilities = torch.softmax(logits.float(), dim=1)
+    one_hot = torch.nn.functional.one_hot(labels.masked_fill(ignored, 0), probabilities.shape[1])
+    one_hot = one_hot.permute(0, 3, 1, 2).float()
+    gap = (probabilities.cumsum(dim=2) - one_hot.cumsum(dim=2)).abs().mean(dim=2)  # (B, C, columns), in rows
+    weight = annotated.float().expand_as(gap)
+    return (gap * weight).sum() / weight.sum().clamp_min(1)
