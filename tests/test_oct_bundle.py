@@ -228,7 +228,9 @@ def test_the_nr206_overlay_trains_at_its_size_and_answers_on_each_b_scans_own_gr
     overlay = TRAIN + [str(CONFIGS / "nr206.json")]
     bundle_root = tmp_path / "bundle"
     network = {"network_def#channels": "[4,8,16,32,64]", "bundle_root": bundle_root, "dataset_dir": sample}
-    run_bundle("training", overlay, {**network, "train#trainer#max_epochs": 1, "repeats_per_epoch": 1})
+    # with the loss's optional column term too (off in the overlay), so its config key runs in a real bundle run
+    training = {**network, "train#trainer#max_epochs": 1, "repeats_per_epoch": 1, "loss#lambda_column_w1": 0.02}
+    run_bundle("training", overlay, training)
     record = json.loads((run_models(bundle_root) / "model.json").read_text())
     assert record["input_settings"]["image_size"] == [1024, 768]
     out = tmp_path / "predictions"
