@@ -193,11 +193,10 @@ def training_command(settings: dict, params: dict, run_name: str | None) -> list
 
 def run_trial(study, storage, trial, settings: dict, worker: str, verbose: bool) -> str:
     """Run one trial's training as a child process and tell the study how it ended; returns its state."""
-    import mlflow
     from optuna.trial import TrialState
 
     from clinseg.pipelines.paths import PROJECT_ROOT
-    from clinseg.pipelines.tracking import RUN_TAGS_ENV
+    from clinseg.pipelines.tracking import RUN_TAGS_ENV, client_for
 
     params = {key: override_text(value) for key, value in trial.params.items()}
     run_name = f"{study.study_name}-t{trial.number:03d}"
@@ -255,7 +254,7 @@ def run_trial(study, storage, trial, settings: dict, worker: str, verbose: bool)
     run_id = recorded.user_attrs.get("mlflow_run_id")
     if run_id:
         try:
-            mlflow.MlflowClient(settings["tracking_uri"]).set_tag(run_id, "search.state", state.name)
+            client_for(settings["tracking_uri"]).set_tag(run_id, "search.state", state.name)
         except Exception as e:  # noqa: BLE001 - the study holds the state; only its copy on the run is missing
             print(f"[{worker}] could not tag run {run_id}: {e}", file=sys.stderr)
     metric = settings["key_metric"]
@@ -267,15 +266,16 @@ def run_trial(study, storage, trial, settings: dict, worker: str, verbose: bool)
 def fail_stale_trials(study, tracking_uri: str, worker: str) -> None:
     """Fail the trials whose worker stopped beating (killed, machine lost); the study enqueues each once more, with
     the same values. Their MLflow runs, left RUNNING by the killed training, end KILLED."""
-    import mlflow
     import optuna
     from optuna.trial import TrialState
+
+    from clinseg.pipelines.tracking import client_for
 
     running = {t.number: t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
     optuna.storages.fail_stale_trials(study)
     if not running:
         return
-    client = mlflow.MlflowClient(tracking_uri)
+    client = client_for(tracking_uri)
     for trial in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
         if trial.number not in running:
             continue
@@ -426,7 +426,7 @@ def summarize(study, storage, started: float | None = None) -> tuple[list[dict],
     """Print the trials' table and the best trial's command; write both, and a picture, into the parent run."""
     import tempfile
 
-    import mlflow
+    from clinseg.pipelines.tracking import client_for
 
     settings = study.user_attrs
     metric = settings["key_metric"]
@@ -437,7 +437,7 @@ def summarize(study, storage, started: float | None = None) -> tuple[list[dict],
     wall = f"; {time.time() - started:.0f} s" if started else ""
     print(", ".join(f"{v} {k.lower()}" for k, v in counts.items() if v) + wall)
     command = best_trial_command(study, rows)
-    client = mlflow.MlflowClient(settings["tracking_uri"])
+    client = client_for(settings["tracking_uri"])
     parent = settings["parent_run_id"]
     if command:
         best = max((r for r in rows if r["state"] == "COMPLETE"), key=lambda r: r["value"])

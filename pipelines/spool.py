@@ -633,16 +633,14 @@ def sync_spools(folders: Iterable[str | os.PathLike], tracking_uri: str | None =
     Raises:
         TrackingUnavailableError: a store does not answer (what is left stays spooled for the next sync).
     """
-    import mlflow
-
-    from clinseg.datasets.errors import DataError
+    from clinseg.pipelines import tracking
 
     bound_http_requests()
     clients: dict[str, object] = {}
 
     def client_for(uri: str):
         if uri not in clients:
-            clients[uri] = mlflow.MlflowClient(uri)
+            clients[uri] = tracking.client_for(uri)
         return clients[uri]
 
     lines = []

@@ -320,7 +320,12 @@ def git_state(root: Path = PROJECT_ROOT) -> dict[str, str]:
 
 
 def client_for(tracking_uri: str | None) -> mlflow.MlflowClient:
-    return mlflow.MlflowClient(tracking_uri or default_tracking_uri())
+    """A client of the store, whose SQLite database (MLflow creates and migrates one on first use) is made under
+    :func:`store_lock`: two processes migrating one new database at once leave it half-made, and one of them
+    fails (a duplicate column, an unexpected ``alembic_version``)."""
+    uri = tracking_uri or default_tracking_uri()
+    with store_lock(uri):  # the client opens its store (and so makes a new database) as it is made
+        return mlflow.MlflowClient(uri)
 
 
 def ensure_experiment(client: mlflow.MlflowClient, bundle: str, tracking_uri: str) -> str:

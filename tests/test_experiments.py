@@ -14,6 +14,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
+from clinseg.pipelines.tracking import client_for
 from tests.conftest import OCT_BUNDLE, REPO_ROOT, free_port, run_bundle, server_answers
 
 TRAIN = [str(OCT_BUNDLE / "configs" / "train.json")]
@@ -49,9 +50,18 @@ def refused(*args: str) -> str:
 
 
 def training_runs(uri: str) -> list:
-    client = mlflow.MlflowClient(uri)
+    # the project's client: a test that watches the store while a training creates it must not migrate the new
+    # database at the same time (the training's store lock is the project's, so is this one)
+    client = client_for(uri)
     experiment = client.get_experiment_by_name("oct_layers")
     return client.search_runs([experiment.experiment_id], "tags.workflow = 'train'") if experiment else []
+
+
+def still_running(process: subprocess.Popen, deadline: float, waiting_for: str) -> None:
+    """Fail with the process's own output if it ended (or the deadline passed) before what the test waits for."""
+    if process.poll() is not None:
+        pytest.fail(f"{waiting_for}: the process exited {process.returncode}:\n{process.communicate()[0][-3000:]}")
+    assert time.time() < deadline, waiting_for
 
 
 def sweep_settings(tmp_path, dataset_dir, without=()) -> list[str]:
@@ -200,7 +210,7 @@ def test_a_killed_run_is_marked_killed_not_left_running(tmp_path, tiny_oct_dir, 
     client = mlflow.MlflowClient(tracking_uri)
     deadline = time.time() + 180
     while True:  # wait until training is under way (a validation metric is recorded)
-        runs = training_runs(tracking_uri) if (tmp_path / "mlruns" / "mlflow.db").exists() else []
+        runs = training_runs(tracking_uri)
         if runs and "0_key/val_mean_dice" in client.get_run(runs[0].info.run_id).data.metrics:
             break
         assert time.time() < deadline and process.poll() is None, "training did not start"
@@ -209,6 +219,42 @@ def test_a_killed_run_is_marked_killed_not_left_running(tmp_path, tiny_oct_dir, 
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=120) != 0
     assert client.get_run(runs[0].info.run_id).info.status == "KILLED"
+
+
+OPEN_THE_STORE = """
+import pathlib, sys, time
+from clinseg.pipelines.tracking import client_for
+pathlib.Path(sys.argv[3]).touch()
+while not pathlib.Path(sys.argv[2]).exists():
+    time.sleep(0.005)
+client_for(sys.argv[1]).search_experiments()
+"""
+
+
+def test_processes_that_open_a_new_store_at_once_all_get_it(tmp_path):
+    """MLflow makes a new SQLite database on first use; unguarded, processes doing so at the same moment leave it
+    half-migrated and fail (``experiments ui`` or ``compare`` watching the store while a training starts)."""
+    uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
+    go = tmp_path / "go"
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-c", OPEN_THE_STORE, uri, str(go), str(tmp_path / f"ready{index}")],
+            cwd=REPO_ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for index in range(4)
+    ]
+    deadline = time.time() + 120
+    while len(list(tmp_path.glob("ready*"))) < len(processes):  # all imported: released together below
+        assert time.time() < deadline and all(p.poll() is None for p in processes), "the processes did not start"
+        time.sleep(0.05)
+    go.touch()
+    for process in processes:
+        output = process.communicate(timeout=120)[0]
+        assert process.returncode == 0, output[-3000:]
+    assert mlflow.MlflowClient(uri).get_experiment_by_name("Default") is not None
 
 
 def test_two_runs_at_once_do_not_write_into_each_other(tmp_path, tiny_oct_dir, tracking_uri):
@@ -262,13 +308,11 @@ def test_an_interrupted_sweep_keeps_finished_children(tmp_path, tiny_oct_dir, tr
     )
     client = mlflow.MlflowClient(tracking_uri)
     deadline = time.time() + 300
-    while not any(
-        r.info.status == "FINISHED" for r in training_runs(tracking_uri) if (tmp_path / "mlruns" / "mlflow.db").exists()
-    ):
-        assert time.time() < deadline and sweep.poll() is None, "the first child did not finish"
+    while not any(r.info.status == "FINISHED" for r in training_runs(tracking_uri)):
+        still_running(sweep, deadline, "the first child did not finish")
         time.sleep(1)
     while not any(r.info.status == "RUNNING" for r in training_runs(tracking_uri)):
-        assert time.time() < deadline and sweep.poll() is None, "the second child did not start"
+        still_running(sweep, deadline, "the second child did not start")
         time.sleep(0.5)  # interrupt while the second child is training
     sweep.send_signal(signal.SIGINT)
     output, _ = sweep.communicate(timeout=300)

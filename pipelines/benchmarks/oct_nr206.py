@@ -36,7 +36,7 @@ from clinseg.pipelines.benchmarks import shared_data_dir, write_report
 from clinseg.pipelines.cli import add_set_argument, parse_overrides
 from clinseg.pipelines.config_checks import check_override_keys
 from clinseg.pipelines.paths import PROJECT_ROOT
-from clinseg.pipelines.tracking import default_tracking_uri, mlflow_metric_name
+from clinseg.pipelines.tracking import client_for, default_tracking_uri, mlflow_metric_name
 
 CONFIGS = PROJECT_ROOT / "bundles" / "oct_layers" / "configs"
 TRAINING = [str(CONFIGS / "train.json"), str(CONFIGS / "nr206.json")]
@@ -74,9 +74,7 @@ def only(paths: list[Path], what: str) -> Path:
 
 def validation_curves(tracking_uri: str, run_id: str, layers: list[str]) -> dict[str, list[float]]:
     """The training's validation values per epoch, from its MLflow run: the key metric and each layer's Dice."""
-    import mlflow
-
-    client = mlflow.MlflowClient(tracking_uri)
+    client = client_for(tracking_uri)
     names = {"mean": mlflow_metric_name(KEY_METRIC, key_metric=KEY_METRIC)}
     names.update({layer: mlflow_metric_name(f"{KEY_METRIC}/{layer}") for layer in layers})
     curves = {}

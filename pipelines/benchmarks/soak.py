@@ -132,9 +132,8 @@ def check_round(client, experiment_id: str, root: Path, known: set[str], counts:
 
 
 def soak(store: str, parallel: int, rounds: int, deadline: float, work: Path) -> dict:
-    import mlflow
-
     from clinseg.datasets.oct.phantom import write_phantom_dataset
+    from clinseg.pipelines.tracking import client_for
 
     data, root = work / "data", work / "bundle"
     write_phantom_dataset(data, n_subjects=3, n_bscans=2, height=48, width=64, seed=3)
@@ -159,7 +158,7 @@ def soak(store: str, parallel: int, rounds: int, deadline: float, work: Path) ->
                     problems.append(f"{log.name}: exit {process.returncode}: {log.read_text()[-400:]}")
             counts["processes"] += len(processes)
             counts["rounds"] += 1
-            client = mlflow.MlflowClient(uri)
+            client = client_for(uri)
             experiment = client.get_experiment_by_name("oct_layers")
             problems += check_round(client, experiment.experiment_id, root, known, counts)
             seconds.append(round(time.time() - started, 1))
