@@ -626,21 +626,26 @@ def find_spools(folders: Iterable[str | os.PathLike]) -> list[Path]:
     return list(dict.fromkeys(found))
 
 
-def sync_spools(folders: Iterable[str | os.PathLike], tracking_uri: str | None = None) -> list[str]:
+def sync_spools(
+    folders: Iterable[str | os.PathLike],
+    tracking_uri: str | None = None,
+    open_client: Callable[[str], object] | None = None,
+) -> list[str]:
     """Replay the pending records of every spool in ``folders``; one line per spool. Replaying again sends
-    nothing: the ledger remembers what was sent.
+    nothing: the ledger remembers what was sent. ``open_client`` makes a store's client (``mlflow.MlflowClient``
+    if not given; the ``sync`` command gives one that makes a new SQLite store under the store's lock).
 
     Raises:
         TrackingUnavailableError: a store does not answer (what is left stays spooled for the next sync).
     """
-    from clinseg.pipelines import tracking
+    import mlflow
 
     bound_http_requests()
     clients: dict[str, object] = {}
 
     def client_for(uri: str):
         if uri not in clients:
-            clients[uri] = tracking.client_for(uri)
+            clients[uri] = (open_client or mlflow.MlflowClient)(uri)
         return clients[uri]
 
     lines = []
