@@ -4,6 +4,7 @@ the generated phantoms in ``<root>/data/phantoms``, the MLflow store in ``<root>
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 import uuid
@@ -20,6 +21,22 @@ def phantom_dir(bundle_name: str) -> str:
 
 def default_store() -> Path:
     return PROJECT_ROOT / "mlruns"
+
+
+@contextlib.contextmanager
+def sqlite_lock(url: str, timeout_s: float = 300.0):
+    """Hold ``<database>.lock`` beside the database of a ``sqlite:///`` URL, for what must not race between
+    processes on it; nothing for other URLs (a server orders its clients' writes itself). MLflow and Optuna both
+    make a new database's tables on first use, and two processes doing that at once leave it half-made."""
+    if not url.startswith("sqlite:///"):
+        yield
+        return
+    from filelock import FileLock
+
+    database = Path(url[len("sqlite:///") :])
+    database.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(database) + ".lock", timeout=timeout_s):
+        yield
 
 
 def unique_run_name(workflow: str) -> str:

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import os
 import re
-from pathlib import Path
 
 from clinseg.datasets.errors import InputError
+from clinseg.pipelines.paths import sqlite_lock
 
 SEARCH_TRIAL_ENV = "PIPELINE_SEARCH_TRIAL"  # the trial a worker hands its training: JSON of study, storage, pruner
 HEARTBEAT_INTERVAL_S = int(os.environ.get("PIPELINE_SEARCH_HEARTBEAT_S", "30"))
@@ -56,13 +56,12 @@ def open_storage(url: str):
 
     quiet_optuna()
     engine_kwargs = {"connect_args": {"timeout": 120}} if url.startswith("sqlite:") else {"pool_pre_ping": True}
-    if url.startswith("sqlite:///"):
-        Path(url[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
-    return optuna.storages.RDBStorage(
-        url,
-        engine_kwargs=engine_kwargs,
-        heartbeat_interval=HEARTBEAT_INTERVAL_S,
-        grace_period=HEARTBEAT_GRACE_S,
-        # a trial whose worker died is run again once, with the same values
-        heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1),
-    )
+    with sqlite_lock(url):  # the storage makes a new database's tables as it opens: one process at a time
+        return optuna.storages.RDBStorage(
+            url,
+            engine_kwargs=engine_kwargs,
+            heartbeat_interval=HEARTBEAT_INTERVAL_S,
+            grace_period=HEARTBEAT_GRACE_S,
+            # a trial whose worker died is run again once, with the same values
+            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1),
+        )

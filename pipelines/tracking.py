@@ -20,7 +20,7 @@ from pathlib import Path
 import mlflow
 from mlflow.exceptions import MlflowException
 
-from clinseg.pipelines.paths import PROJECT_ROOT, default_store, unique_run_name  # noqa: F401 (re-exported)
+from clinseg.pipelines.paths import PROJECT_ROOT, default_store, sqlite_lock, unique_run_name  # noqa: F401 (re-exported)
 from clinseg.pipelines.spool import TrackingUnavailableError
 
 DEFAULT_STORE = default_store()
@@ -296,14 +296,7 @@ def store_lock(tracking_uri: str, timeout_s: float = 300.0):
     """Serialise what must not race between processes on one local SQLite store: creating its tables (MLflow
     migrates a new database on first use) and creating an experiment. A server's clients cannot share this lock:
     :func:`ensure_experiment` and :func:`set_experiment_tag` take up where another client wrote first."""
-    if not tracking_uri.startswith("sqlite:///"):
-        yield
-        return
-    from filelock import FileLock
-
-    database = Path(tracking_uri[len("sqlite:///") :])
-    database.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(database) + ".lock", timeout=timeout_s):
+    with sqlite_lock(tracking_uri, timeout_s):
         yield
 
 

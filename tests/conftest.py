@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +43,36 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def run_at_once(folder: Path, imports: str, action: str, *args: str, count: int = 4) -> list[tuple[int, str]]:
+    """Run ``action`` in ``count`` Python processes released at one moment, after each has run ``imports`` (the
+    slow part, so they start together); ``args`` are their ``sys.argv[1:]``. Returns each one's exit code and
+    output."""
+    go = folder / "go"
+    script = "\n".join([
+        "import pathlib, sys, time", imports, "pathlib.Path(sys.argv.pop()).touch()",
+        f"while not pathlib.Path({str(go)!r}).exists(): time.sleep(0.005)", action,
+    ])  # fmt: skip
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-c", script, *args, str(folder / f"ready{index}")],
+            cwd=REPO_ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for index in range(count)
+    ]
+    deadline = time.time() + 120
+    while len(list(folder.glob("ready*"))) < count:
+        if time.time() > deadline or any(p.poll() is not None for p in processes):
+            for process in processes:
+                process.kill()
+            pytest.fail("the processes did not all start: " + " | ".join(p.communicate()[0][-500:] for p in processes))
+        time.sleep(0.05)
+    go.touch()
+    return [(p.wait(timeout=120), p.communicate()[0]) for p in processes]
 
 
 def where_permissions_apply(command: list[str]) -> list[str]:

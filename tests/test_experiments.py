@@ -15,7 +15,7 @@ import mlflow
 import pytest
 
 from clinseg.pipelines.tracking import client_for
-from tests.conftest import OCT_BUNDLE, REPO_ROOT, free_port, run_bundle, server_answers
+from tests.conftest import OCT_BUNDLE, REPO_ROOT, free_port, run_at_once, run_bundle, server_answers
 
 TRAIN = [str(OCT_BUNDLE / "configs" / "train.json")]
 TINY = {
@@ -221,39 +221,13 @@ def test_a_killed_run_is_marked_killed_not_left_running(tmp_path, tiny_oct_dir, 
     assert client.get_run(runs[0].info.run_id).info.status == "KILLED"
 
 
-OPEN_THE_STORE = """
-import pathlib, sys, time
-from clinseg.pipelines.tracking import client_for
-pathlib.Path(sys.argv[3]).touch()
-while not pathlib.Path(sys.argv[2]).exists():
-    time.sleep(0.005)
-client_for(sys.argv[1]).search_experiments()
-"""
-
-
 def test_processes_that_open_a_new_store_at_once_all_get_it(tmp_path):
     """MLflow makes a new SQLite database on first use; unguarded, processes doing so at the same moment leave it
     half-migrated and fail (``experiments ui`` or ``compare`` watching the store while a training starts)."""
     uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
-    go = tmp_path / "go"
-    processes = [
-        subprocess.Popen(
-            [sys.executable, "-c", OPEN_THE_STORE, uri, str(go), str(tmp_path / f"ready{index}")],
-            cwd=REPO_ROOT,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for index in range(4)
-    ]
-    deadline = time.time() + 120
-    while len(list(tmp_path.glob("ready*"))) < len(processes):  # all imported: released together below
-        assert time.time() < deadline and all(p.poll() is None for p in processes), "the processes did not start"
-        time.sleep(0.05)
-    go.touch()
-    for process in processes:
-        output = process.communicate(timeout=120)[0]
-        assert process.returncode == 0, output[-3000:]
+    imports = "from clinseg.pipelines.tracking import client_for"
+    for code, output in run_at_once(tmp_path, imports, "client_for(sys.argv[1]).search_experiments()", uri):
+        assert code == 0, output[-3000:]
     assert mlflow.MlflowClient(uri).get_experiment_by_name("Default") is not None
 
 

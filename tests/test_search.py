@@ -18,7 +18,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, run_at_once
 from tests.test_experiments import experiments, refused, sweep_settings
 
 SPACE = ["learning_rate=loguniform:0.0005:0.01", "batch_size=choice:2,4"]
@@ -38,6 +38,17 @@ def load(tracking_uri: str, name: str) -> optuna.Study:
 def children(client: mlflow.MlflowClient, parent_id: str) -> list:
     experiment = client.get_experiment_by_name("oct_layers")
     return client.search_runs([experiment.experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'")
+
+
+def test_searches_that_open_a_new_study_storage_at_once_all_get_it(tmp_path):
+    """Optuna makes a new SQLite storage's tables as it opens it; two searches started at once on a new store
+    (two users, one script) raced to make them and one failed ("table studies already exists")."""
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    imports = "from clinseg.pipelines.studies import open_storage; import optuna"
+    action = "optuna.create_study(storage=open_storage(sys.argv[1]))"
+    for code, output in run_at_once(tmp_path, imports, action, url, count=6):
+        assert code == 0, output[-3000:]
+    assert len(optuna.get_all_study_summaries(url)) == 6
 
 
 def test_two_workers_share_one_study(tmp_path, tiny_oct_dir, tracking_uri):
