@@ -207,7 +207,7 @@ def test_a_killed_run_is_marked_killed_not_left_running(tmp_path, tiny_oct_dir, 
     }.items():
         command += [f"--{key}", str(value)]
     process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    client = mlflow.MlflowClient(tracking_uri)
+    client = client_for(tracking_uri)  # the training may be making the store now: under its lock
     deadline = time.time() + 180
     while True:  # wait until training is under way (a validation metric is recorded)
         runs = training_runs(tracking_uri)
@@ -280,7 +280,7 @@ def test_an_interrupted_sweep_keeps_finished_children(tmp_path, tiny_oct_dir, tr
         text=True,
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
-    client = mlflow.MlflowClient(tracking_uri)
+    client = client_for(tracking_uri)  # the sweep may be making the store now: under its lock
     deadline = time.time() + 300
     while not any(r.info.status == "FINISHED" for r in training_runs(tracking_uri)):
         still_running(sweep, deadline, "the first child did not finish")
