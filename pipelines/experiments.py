@@ -510,7 +510,7 @@ def sync(args) -> int:
 
     default = [PROJECT_ROOT / "bundles", DEFAULT_STORE / SPOOL_FOLDER]
     folders = args.folders or [f for f in default if f.is_dir()]
-    lines = sync_spools(folders, args.tracking_uri, open_client=client_for)
+    lines = sync_spools(folders, args.tracking_uri, client_for)
     print("\n".join(lines) if lines else f"no spooled tracking records in {', '.join(map(str, folders))}")
     return 0
 

@@ -627,25 +627,21 @@ def find_spools(folders: Iterable[str | os.PathLike]) -> list[Path]:
 
 
 def sync_spools(
-    folders: Iterable[str | os.PathLike],
-    tracking_uri: str | None = None,
-    open_client: Callable[[str], object] | None = None,
+    folders: Iterable[str | os.PathLike], tracking_uri: str | None, open_client: Callable[[str], object]
 ) -> list[str]:
     """Replay the pending records of every spool in ``folders``; one line per spool. Replaying again sends
-    nothing: the ledger remembers what was sent. ``open_client`` makes a store's client (``mlflow.MlflowClient``
-    if not given; the ``sync`` command gives one that makes a new SQLite store under the store's lock).
+    nothing: the ledger remembers what was sent. ``open_client`` makes a store's client (the ``sync`` command's
+    :func:`clinseg.pipelines.tracking.client_for` makes a new SQLite store under the store's lock).
 
     Raises:
         TrackingUnavailableError: a store does not answer (what is left stays spooled for the next sync).
     """
-    import mlflow
-
     bound_http_requests()
     clients: dict[str, object] = {}
 
     def client_for(uri: str):
         if uri not in clients:
-            clients[uri] = (open_client or mlflow.MlflowClient)(uri)
+            clients[uri] = open_client(uri)
         return clients[uri]
 
     lines = []

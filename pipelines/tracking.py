@@ -7,7 +7,6 @@ run names and tags, the metric names and sections, the store lock.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -291,13 +290,10 @@ def engine_metric_name(name: str) -> str:
     return name
 
 
-@contextlib.contextmanager
-def store_lock(tracking_uri: str, timeout_s: float = 300.0):
-    """Serialise what must not race between processes on one local SQLite store: creating its tables (MLflow
-    migrates a new database on first use) and creating an experiment. A server's clients cannot share this lock:
-    :func:`ensure_experiment` and :func:`set_experiment_tag` take up where another client wrote first."""
-    with sqlite_lock(tracking_uri, timeout_s):
-        yield
+# what must not race between processes on one local SQLite store: creating its tables (MLflow migrates a new
+# database on first use) and creating an experiment. A server's clients cannot share this lock: ensure_experiment
+# and set_experiment_tag take up where another client wrote first.
+store_lock = sqlite_lock
 
 
 def git_state(root: Path = PROJECT_ROOT) -> dict[str, str]:

@@ -72,7 +72,11 @@ def run_at_once(folder: Path, imports: str, action: str, *args: str, count: int 
             pytest.fail("the processes did not all start: " + " | ".join(p.communicate()[0][-500:] for p in processes))
         time.sleep(0.05)
     go.touch()
-    return [(p.wait(timeout=120), p.communicate()[0]) for p in processes]
+    results = []
+    for process in processes:  # communicate, not wait: a process blocked on a full pipe would never end
+        output = process.communicate(timeout=120)[0]
+        results.append((process.returncode, output))
+    return results
 
 
 def where_permissions_apply(command: list[str]) -> list[str]:
