@@ -188,6 +188,34 @@ def test_column_term_is_the_gap_between_the_layers_mass_down_each_column():
         column(torch.zeros(1, 3, 6, 1, 1), torch.zeros(1, 1, 6, 1, 1, dtype=torch.long))
 
 
+def test_cldice_term_weighs_a_broken_thin_vessel_more_than_a_thickened_one():
+    """A vertical vessel 3 pixels wide. Predicting it one pixel wider on each side flips 2 pixels per row; cutting a
+    5-row gap into it flips 15 pixels, fewer than the 64 the wider vessel flips, so Dice prefers the break. The
+    centreline term sees the reverse: the wider vessel still holds the whole centreline, the broken one loses a
+    stretch of it."""
+    label = torch.zeros(1, 1, 32, 32, dtype=torch.long)
+    label[..., 14:17] = 1
+
+    def logits(mask):
+        return 20.0 * torch.stack([1 - mask, mask], dim=1).float() - 10.0
+
+    wider = label[:, 0].clone()
+    wider[..., 13:18] = 1
+    broken = label[:, 0].clone()
+    broken[:, 14:19] = 0
+    dice = DiceCELossWithIgnore(lambda_dice=1.0, lambda_ce=0.0)
+    cldice = DiceCELossWithIgnore(lambda_dice=0.0, lambda_ce=0.0, lambda_cldice=1.0)
+    assert dice(logits(broken), label) < dice(logits(wider), label)
+    assert cldice(logits(wider), label) < cldice(logits(broken), label)
+    assert cldice(logits(label[:, 0]), label) < 1e-3
+    # unannotated pixels are part of no centreline: whatever is predicted there changes nothing
+    unannotated = label.clone()
+    unannotated[..., :, :8] = 255
+    noisy = logits(label[:, 0])
+    noisy[..., :8] = torch.randn(1, 2, 32, 8) * 10
+    assert cldice(noisy, unannotated).item() == pytest.approx(cldice(logits(label[:, 0]), unannotated).item(), abs=1e-6)
+
+
 def onehot(labels, num_classes=3):
     labels = torch.as_tensor(labels)
     out = torch.nn.functional.one_hot(labels.clamp(min=0), num_classes).permute(2, 0, 1).float()

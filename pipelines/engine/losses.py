@@ -3,19 +3,25 @@
 from __future__ import annotations
 
 import torch
-from monai.losses import DiceLoss
+from monai.losses import DiceLoss, SoftclDiceLoss
 from torch.nn.modules.loss import _Loss
 
 from clinseg.transforms.oct import IGNORE_INDEX
 
 
 class DiceCELossWithIgnore(_Loss):
-    """``lambda_dice * Dice + lambda_ce * cross-entropy + lambda_column_w1 * column term`` on logits and a
-    ``(B, 1, ...)`` label map.
+    """``lambda_dice * Dice + lambda_ce * cross-entropy + lambda_cldice * clDice + lambda_column_w1 * column term``
+    on logits and a ``(B, 1, ...)`` label map.
 
     Pixels labelled ``ignore_index`` (unannotated columns of a Duke B-scan, say) contribute to none of the terms:
     MONAI's ``DiceLoss`` masks them through its own ``ignore_index`` and cross-entropy skips them. MONAI's
     ``DiceCELoss`` has no ``ignore_index``, hence this small combination of the two library losses.
+
+    The clDice term (off by default; MONAI's ``SoftclDiceLoss``, Shit et al. 2021) scores the overlap of soft
+    centrelines, so a thin vessel counts as much as a thick one and a break costs its whole length. It is taken over
+    the foreground classes with the ignored pixels set to 0 in both the probabilities and the labels, so an
+    unannotated pixel contributes to no centreline. ``cldice_iterations`` is how many soft erosions make the
+    skeleton: at least half the width, in pixels, of the widest structure.
 
     The column term (:func:`column_mass_gap`, 2D only, off by default) is for label maps whose columns cross ordered
     layers, as an OCT B-scan's A-scans do.
@@ -30,13 +36,16 @@ class DiceCELossWithIgnore(_Loss):
         class_weights: list[float] | None = None,
         batch_dice: bool = False,
         lambda_column_w1: float = 0.0,
+        lambda_cldice: float = 0.0,
+        cldice_iterations: int = 5,
     ):
         super().__init__()
-        weights = {"dice": lambda_dice, "ce": lambda_ce, "column_w1": lambda_column_w1}
+        weights = {"dice": lambda_dice, "ce": lambda_ce, "column_w1": lambda_column_w1, "cldice": lambda_cldice}
         if min(weights.values()) < 0 or sum(weights.values()) == 0:
             raise ValueError(f"loss weights must be >= 0 and not all 0, got {weights}.")
         self.lambda_dice, self.lambda_ce, self.ignore_index = lambda_dice, lambda_ce, ignore_index
-        self.lambda_column_w1 = lambda_column_w1
+        self.lambda_column_w1, self.lambda_cldice = lambda_column_w1, lambda_cldice
+        self.cldice = SoftclDiceLoss(iter_=cldice_iterations)
         self.dice = DiceLoss(
             include_background=include_background,
             to_onehot_y=True,
@@ -59,9 +68,18 @@ class DiceCELossWithIgnore(_Loss):
             if self.cross_entropy.weight is not None:
                 self.cross_entropy.weight = self.cross_entropy.weight.to(logits.device)
             loss = loss + self.lambda_ce * self.cross_entropy(logits, target[:, 0].long())
+        if self.lambda_cldice:
+            loss = loss + self.lambda_cldice * self._cldice(logits, target[:, 0].long())
         if self.lambda_column_w1:
             loss = loss + self.lambda_column_w1 * column_mass_gap(logits, target[:, 0].long(), self.ignore_index)
         return loss
+
+    def _cldice(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        annotated = (labels != self.ignore_index).unsqueeze(1)
+        probabilities = torch.softmax(logits.float(), dim=1) * annotated
+        one_hot = torch.nn.functional.one_hot(labels.masked_fill(~annotated[:, 0], 0), logits.shape[1])
+        one_hot = one_hot.movedim(-1, 1).float() * annotated
+        return self.cldice(probabilities[:, 1:], one_hot[:, 1:])
 
 
 def column_mass_gap(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
