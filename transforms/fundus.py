@@ -32,26 +32,12 @@ class FundusNormalize(Transform):
         channels: ``"green"`` (default), ``"red"``, ``"blue"``, ``"rgb"``, or ``"grey"`` (luminance).
         clahe: apply contrast-limited adaptive histogram equalisation (scikit-image) to each channel first.
         clip_limit: CLAHE clip limit.
-        background_sigma: when above 0, each channel is divided by its background, a Gaussian average over
-            ``background_sigma`` pixels inside the FOV (normalised convolution: the dark frame does not darken the
-            rim), before the z-score. Illumination multiplies what the retina reflects, so the ratio keeps a
-            vessel's contrast against its own surroundings and drops the camera's fall-off and the slow changes of
-            the fundus's colour; vessels, narrower than the average, stay.
     """
 
-    def __init__(
-        self,
-        channels: Literal[CHANNEL_CHOICES] = "green",
-        clahe: bool = False,
-        clip_limit: float = 0.01,
-        background_sigma: float = 0.0,
-    ):
+    def __init__(self, channels: Literal[CHANNEL_CHOICES] = "green", clahe: bool = False, clip_limit: float = 0.01):
         if channels not in CHANNEL_CHOICES:
             raise ValueError(f"channels must be one of {list(CHANNEL_CHOICES)}, got {channels!r}.")
-        if background_sigma < 0:
-            raise ValueError(f"background_sigma must be >= 0, got {background_sigma}.")
         self.channels, self.clahe, self.clip_limit = channels, clahe, clip_limit
-        self.background_sigma = float(background_sigma)
 
     def __call__(self, image: NdarrayOrTensor, fov: NdarrayOrTensor | None = None) -> NdarrayOrTensor:
         array = convert_to_numpy(image, dtype=np.float32)
@@ -71,8 +57,6 @@ class FundusNormalize(Transform):
             array = np.stack([equalize_adapthist(c / scale, clip_limit=self.clip_limit) for c in array]).astype(
                 np.float32
             )
-        if self.background_sigma > 0:
-            array = self.divide_by_background(array, inside)
         out = np.zeros_like(array)
         for index, channel in enumerate(array):
             values = channel[inside]
@@ -81,17 +65,6 @@ class FundusNormalize(Transform):
         if isinstance(image, MetaTensor):
             return MetaTensor(torch.as_tensor(out), meta=image.meta, applied_operations=image.applied_operations)
         return torch.as_tensor(out) if isinstance(image, torch.Tensor) else out
-
-    def divide_by_background(self, array: np.ndarray, inside: np.ndarray) -> np.ndarray:
-        weight = ndimage.gaussian_filter(inside.astype(np.float32), self.background_sigma)
-        out = np.empty_like(array)
-        for index, channel in enumerate(array):
-            background = ndimage.gaussian_filter(np.where(inside, channel, 0.0), self.background_sigma)
-            background = background / np.maximum(weight, 1e-6)
-            # a floor at 5 % of the field's mean keeps a black patch (a lesion, a scar) from dividing by ~0
-            floor = 0.05 * max(float(channel[inside].mean()) if inside.any() else 0.0, 1e-6)
-            out[index] = np.where(inside, channel / np.maximum(background, floor), 0.0)
-        return out
 
 
 class FundusNormalized(MapTransform):
@@ -104,12 +77,11 @@ class FundusNormalized(MapTransform):
         channels: Literal[CHANNEL_CHOICES] = "green",
         clahe: bool = False,
         clip_limit: float = 0.01,
-        background_sigma: float = 0.0,
         allow_missing_keys: bool = False,
     ):
         super().__init__(keys, allow_missing_keys)
         self.fov_key = fov_key
-        self.normalize = FundusNormalize(channels, clahe, clip_limit, background_sigma)
+        self.normalize = FundusNormalize(channels, clahe, clip_limit)
 
     def __call__(self, data: Mapping[Hashable, NdarrayOrTensor]) -> dict[Hashable, NdarrayOrTensor]:
         d = dict(data)
