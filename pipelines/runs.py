@@ -189,14 +189,28 @@ def require_input_settings(
     checked, nor a setting its record lacks (recorded since a later version). ``option``: how the caller's command
     line sets a value (the hint of the error).
 
+    A setting the record holds and ``settings`` lack is refused too: the model was trained with a preprocessing
+    this config does not apply (a model from a later version, or an option since taken out), and run without it,
+    it gives a plausible, wrong mask. Empty ``settings`` check nothing (a benchmark that runs a model otherwise
+    than it was trained, on purpose).
+
     Raises:
         ConfigError: naming the first setting that differs, the model and the value it was trained with: a model
             trained at 1.5 mm run on a 2 mm grid gives a plausible, wrong mask.
     """
     paths = [checkpoint] if isinstance(checkpoint, (str, os.PathLike)) else list(checkpoint)
+    current = flat_settings(settings)
     for path in paths:
         trained = flat_settings((record_of(path) or {}).get("input_settings"))
-        for key, value in flat_settings(settings).items():
+        unknown = [key for key in trained if key not in current]
+        if current and unknown:
+            raise ConfigError(
+                unknown[0],
+                f"{path} was trained with {unknown[0]} = {json.dumps(trained[unknown[0]])} (its model.json), a "
+                "setting this config does not have, so the model cannot be run as it was trained.",
+                "Run it with the version of the bundle it was trained with (its model.json names the training run).",
+            )
+        for key, value in current.items():
             if key in trained and not _same_setting(value, trained[key]):
                 used = json.dumps(trained[key])
                 raise ConfigError(
