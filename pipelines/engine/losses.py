@@ -45,7 +45,7 @@ class DiceCELossWithIgnore(_Loss):
             raise ValueError(f"loss weights must be >= 0 and not all 0, got {weights}.")
         self.lambda_dice, self.lambda_ce, self.ignore_index = lambda_dice, lambda_ce, ignore_index
         self.lambda_column_w1, self.lambda_cldice = lambda_column_w1, lambda_cldice
-        self.cldice = SoftclDiceLoss(iter_=cldice_iterations)
+        self.cldice = SoftclDiceLoss(iter_=cldice_iterations, include_background=False, to_onehot_y=True)
         self.dice = DiceLoss(
             include_background=include_background,
             to_onehot_y=True,
@@ -69,17 +69,17 @@ class DiceCELossWithIgnore(_Loss):
                 self.cross_entropy.weight = self.cross_entropy.weight.to(logits.device)
             loss = loss + self.lambda_ce * self.cross_entropy(logits, target[:, 0].long())
         if self.lambda_cldice:
-            loss = loss + self.lambda_cldice * self._cldice(logits, target[:, 0].long())
+            loss = loss + self.lambda_cldice * self._cldice(logits, target.long())
         if self.lambda_column_w1:
             loss = loss + self.lambda_column_w1 * column_mass_gap(logits, target[:, 0].long(), self.ignore_index)
         return loss
 
     def _cldice(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        annotated = (labels != self.ignore_index).unsqueeze(1)
+        """``labels``: ``(B, 1, ...)``. An unannotated pixel becomes background, so it lies on no labelled centreline,
+        and its probabilities are zeroed, so it lies on no predicted one."""
+        annotated = labels != self.ignore_index
         probabilities = torch.softmax(logits.float(), dim=1) * annotated
-        one_hot = torch.nn.functional.one_hot(labels.masked_fill(~annotated[:, 0], 0), logits.shape[1])
-        one_hot = one_hot.movedim(-1, 1).float() * annotated
-        return self.cldice(probabilities[:, 1:], one_hot[:, 1:])
+        return self.cldice(probabilities, labels.masked_fill(~annotated, 0))
 
 
 def column_mass_gap(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
