@@ -6,8 +6,9 @@ random tail runs every epoch. Which store fits depends on the data, so every bun
 - ``"memory"`` (default): :class:`monai.data.CacheDataset`. Fastest; the cached items live in the training
   process, so RAM grows with the dataset (see the README's memory table). ``cache_rate`` < 1 caches only part.
 - ``"disk"``: :class:`monai.data.PersistentDataset` under ``cache_dir``. For datasets larger than RAM, and reused
-  across runs: bundles put the cache under the dataset's content fingerprint, and the transforms' hash is part of
-  each key, so a changed file or a changed preprocessing never reads a stale entry. Entries are written to a
+  across runs: bundles put the cache under the dataset's content fingerprint, and the hash of the cached
+  transforms *with their settings* (:func:`transform_settings_hashing`) is part of each key, so a changed file or
+  a changed preprocessing never reads a stale entry. Entries are written to a
   temporary file and moved into place, so a killed run leaves no half-written entry; several ranks may share one.
 - ``"none"``: :class:`monai.data.Dataset`, everything every epoch; the least memory.
 
@@ -17,17 +18,84 @@ them again: the repeats share one cache.
 
 from __future__ import annotations
 
+import enum
+import hashlib
+import json
 import os
+import types
+from collections.abc import Mapping
+from functools import partial
 from typing import Literal
 
+import numpy as np
+import torch
 from monai.data import CacheDataset, Dataset, PersistentDataset
-from monai.data.utils import json_hashing
 from torch.utils.data import ConcatDataset
 
 from clinseg.datasets.value_types import NonNegativeInt, PositiveInt, Rate
 from clinseg.pipelines.cli import ConfigError
 
 CACHE_MODES = ("memory", "disk", "none")
+_MAX_DEPTH = 12  # transforms nest a few levels (Compose, loader, reader); deeper is a cycle or a model, not a setting
+
+
+def _settings_of(value, depth: int = 0, seen: frozenset = frozenset()):
+    """A JSON description of ``value`` that holds every setting it carries: its type and, for an object, its
+    attributes, recursively (arrays by their content's SHA-256). Two transforms that would preprocess differently
+    differ here; two built from the same config in two processes do not (no memory addresses)."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, enum.Enum):
+        return f"{type(value).__qualname__}.{value.name}"
+    if isinstance(value, (np.generic,)):
+        return value.item()
+    if isinstance(value, (torch.dtype, np.dtype, torch.device, type)):
+        return str(value)
+    if isinstance(value, (np.ndarray, torch.Tensor)):
+        array = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else value
+        return {"array": str(array.dtype), "shape": list(array.shape),
+                "sha256": hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()}  # fmt: skip
+    if isinstance(value, (types.FunctionType, types.MethodType, types.BuiltinFunctionType, partial)):
+        return _callable_settings(value, depth, seen)
+    if depth >= _MAX_DEPTH or id(value) in seen:
+        return type(value).__qualname__
+    seen = seen | {id(value)}
+    if isinstance(value, Mapping):
+        return {str(k): _settings_of(v, depth + 1, seen) for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        items = sorted(value, key=repr) if isinstance(value, (set, frozenset)) else value
+        return [_settings_of(v, depth + 1, seen) for v in items]
+    if isinstance(value, np.random.RandomState):  # a random transform's generator is state, not a setting
+        return "RandomState"
+    attributes = getattr(value, "__dict__", None)
+    if attributes is not None:
+        return {f"{type(value).__module__}.{type(value).__qualname__}": _settings_of(attributes, depth + 1, seen)}
+    return f"{type(value).__module__}.{type(value).__qualname__}"
+
+
+def _callable_settings(function, depth: int, seen: frozenset):
+    """A function by its qualified name and, since two lambdas share the name ``<lambda>``, its compiled code."""
+    if isinstance(function, partial):
+        return {"partial": _callable_settings(function.func, depth, seen),
+                "args": _settings_of(function.args, depth + 1, seen),
+                "keywords": _settings_of(function.keywords, depth + 1, seen)}  # fmt: skip
+    if isinstance(function, types.MethodType):
+        return {"method": function.__func__.__qualname__, "of": _settings_of(function.__self__, depth + 1, seen)}
+    name = f"{getattr(function, '__module__', '')}.{getattr(function, '__qualname__', repr(function))}"
+    code = getattr(function, "__code__", None)
+    if code is None:
+        return name
+    consts = [c for c in code.co_consts if isinstance(c, (bool, int, float, str, bytes, type(None)))]
+    return {"function": name, "code": hashlib.sha256(code.co_code + repr(consts).encode()).hexdigest()}
+
+
+def transform_settings_hashing(transforms) -> bytes:
+    """The hash :class:`~monai.data.PersistentDataset` puts in every cache entry's name: of the cached
+    (deterministic) transforms *with their settings*. MONAI's ``json_hashing`` cannot encode a transform and then
+    hashes the transforms' class names alone, so a CLAHE run would read the entries of a run without CLAHE, and an
+    image size of 32 x 48 the entries of 64 x 96: a model trained on other inputs than its config says."""
+    description = json.dumps(_settings_of(list(transforms)), sort_keys=True, default=str)
+    return hashlib.sha256(description.encode("utf-8")).hexdigest().encode("utf-8")
 
 
 def cached_dataset(
@@ -56,7 +124,12 @@ def cached_dataset(
         # corrupt, deleted and recomputed on each read (a disk cache that never serves from disk). The entries are
         # this run's own files under cache_dir, trusted as the bundle config itself is.
         dataset = PersistentDataset(
-            data, transform, cache_dir=cache_dir, hash_transform=json_hashing, track_meta=True, weights_only=False
+            data,
+            transform,
+            cache_dir=cache_dir,
+            hash_transform=transform_settings_hashing,
+            track_meta=True,
+            weights_only=False,
         )
     elif cache == "none":
         dataset = Dataset(data, transform)
