@@ -259,6 +259,8 @@ def decide(candidate: dict, incumbent: dict | None, incumbent_present: bool) -> 
         return False, "the model in place carries no record of its validation (model.json), so it cannot be compared"
     if candidate.get("value") is None:
         return False, "this run validated no model"
+    if incumbent.get("value") is None:  # promoted when nothing was in place, before any validation
+        return True, "the model in place was never validated"
     if candidate.get("key_metric") != incumbent.get("key_metric"):
         return False, f"the model in place was ranked by {incumbent.get('key_metric')}, not {candidate['key_metric']}"
     if candidate.get("validation_fingerprint") != incumbent.get("validation_fingerprint"):

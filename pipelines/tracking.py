@@ -317,11 +317,36 @@ def client_for(tracking_uri: str | None) -> mlflow.MlflowClient:
         return mlflow.MlflowClient(uri)
 
 
+def require_active(experiment, tracking_uri: str | None):
+    """``experiment`` (or None, not there yet) when it can take runs.
+
+    Raises:
+        InputError: the experiment was deleted in the MLflow UI: MLflow keeps the name taken until the deleted
+            experiment is removed for good, so no run can be made under it, and MLflow's own message for that
+            ("must be in the 'active' state") names neither the experiment nor the ways out.
+    """
+    if experiment is not None and experiment.lifecycle_stage != "active":
+        from clinseg.datasets.errors import InputError
+
+        uri = tracking_uri or default_tracking_uri()
+        raise InputError(
+            f"MLflow experiment {experiment.name!r}",
+            f"is deleted in {uri} (id {experiment.experiment_id}), so no run can be recorded under it.",
+            f"Restore it (mlflow experiments restore --experiment-id {experiment.experiment_id}, with "
+            f"MLFLOW_TRACKING_URI={uri}), or remove it for good (mlflow gc --backend-store-uri {uri}).",
+        )
+    return experiment
+
+
 def ensure_experiment(client: mlflow.MlflowClient, bundle: str, tracking_uri: str) -> str:
     """The id of the bundle's experiment, created as a model-training experiment if absent (where the bundle's
-    runs would create it)."""
+    runs would create it).
+
+    Raises:
+        InputError: the experiment is deleted (:func:`require_active`).
+    """
     with store_lock(tracking_uri):
-        experiment = client.get_experiment_by_name(bundle)
+        experiment = require_active(client.get_experiment_by_name(bundle), tracking_uri)
         if experiment is None:
             try:
                 return client.create_experiment(

@@ -267,3 +267,50 @@ def test_a_model_trained_with_a_setting_this_config_lacks_is_refused(tmp_path):
     runs.write_run_record(models, {"input_settings": {"channels": "green", "network_def": {"norm": "instance"}}})
     with pytest.raises(ConfigError, match="network_def#norm"):
         runs.require_input_settings(model, settings)
+
+
+def _run_model(folder: Path, value, content: bytes) -> Path:
+    """A run's models folder as the trainer leaves it: its model.pt and the model.json describing it."""
+    models = folder / "models"
+    models.mkdir(parents=True)
+    (models / "model.pt").write_bytes(content)
+    runs.write_run_record(models, {"training_run_name": folder.name, "key_metric": "val_mean_dice", "value": value,
+                                   "mode": "max", "validation_fingerprint": "v1", "bundle": "oct_layers"})  # fmt: skip
+    return models
+
+
+def test_a_model_promoted_before_any_validation_gives_way_to_a_validated_one(tmp_path):
+    """A one-epoch smoke training with no validation is promoted when nothing is in place (its value is null);
+    the next, validated training must replace it, not fail on comparing with null after all its work."""
+    bundle_models = tmp_path / "bundle" / "models"
+    first = runs.promote(_run_model(tmp_path / "smoke", None, b"smoke"), bundle_models)
+    assert first["promoted"] and runs.read_record(bundle_models)["value"] is None
+    second = runs.promote(_run_model(tmp_path / "trained", 0.61, b"trained"), bundle_models)
+    assert second["promoted"] and second["reason"] == "the model in place was never validated", second
+    assert (bundle_models / "model.pt").read_bytes() == b"trained"
+    third = runs.promote(_run_model(tmp_path / "worse", 0.42, b"worse"), bundle_models)
+    assert not third["promoted"] and "does not beat" in third["reason"]
+
+
+def test_a_deleted_experiment_is_one_line_naming_it_and_the_ways_out(tmp_path, data_dir):
+    """MLflow keeps a deleted experiment's name taken: a training (and cv) under it must say so in one line, not
+    end in MONAI's or MLflow's "must be in the 'active' state" traceback."""
+    import mlflow
+
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(store)
+    client.delete_experiment(client.create_experiment("oct_layers"))
+    overrides = {**TINY, "bundle_root": tmp_path / "bundle", "dataset_dir": data_dir, "tracking_uri": store,
+                 "train#trainer#max_epochs": 1}  # fmt: skip
+    for line in (
+        command(overrides),
+        [sys.executable, "-m", "clinseg.pipelines.experiments", "--tracking_uri", store, "cv", "oct_layers",
+         "--folds", "2", "--set", f"dataset_dir={data_dir}", f"bundle_root={tmp_path / 'bundle'}"],
+    ):  # fmt: skip
+        result = subprocess.run(line, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 1, result.stderr[-3000:]
+        (message,) = [row for row in result.stderr.splitlines() if "is deleted" in row]
+        assert "'oct_layers'" in message and "mlflow experiments restore" in result.stderr
+        assert "mlflow gc" in result.stderr
+        assert "Traceback" not in result.stderr
+    assert not list((tmp_path / "bundle").glob("outputs/*/models/model.pt")), "nothing trained before the refusal"

@@ -56,6 +56,7 @@ from clinseg.pipelines.tracking import (
     mark_model_training,
     mlflow_metric_name,
     overridden_params,
+    require_active,
     store_lock,
     typed_command,
     update_runs_view,
@@ -401,6 +402,8 @@ class BundleMLflowHandler(_LinkedRun, MLFlowHandler):
 
     def _set_experiment(self):
         with store_lock(self._store_uri):
+            if self.experiment is None:  # a deleted experiment is refused in one line (MONAI's error is obscure)
+                require_active(self.client.get_experiment_by_name(self.experiment_name), self._store_uri)
             super()._set_experiment()
             mark_model_training(self.client, self.experiment)
 
