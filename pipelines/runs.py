@@ -72,7 +72,10 @@ def resumable_runs(bundle_root: str | os.PathLike) -> list[Path]:
     """The run folders under ``bundle_root`` holding a latest checkpoint, oldest first (by that checkpoint's time)."""
     found = []
     for checkpoint in runs_dir(bundle_root).glob("*/models/latest_checkpoint_epoch=*.pt"):
-        found.append((checkpoint.stat().st_mtime, checkpoint.parents[1]))
+        try:
+            found.append((checkpoint.stat().st_mtime, checkpoint.parents[1]))
+        except FileNotFoundError:  # another training replaced its latest checkpoint between the listing and now
+            continue
     return [folder for _, folder in sorted(found)]
 
 
@@ -94,8 +97,8 @@ def run_name(workflow: str, bundle_root: str | os.PathLike, resume: bool | str |
 
     if resume is None or resume is False:
         return _same_on_every_rank(unique_run_name(workflow))
-    runs = resumable_runs(bundle_root)
     if resume is True:
+        runs = resumable_runs(bundle_root)
         if not runs:
             raise DataError(
                 runs_dir(bundle_root).resolve(),
@@ -106,13 +109,54 @@ def run_name(workflow: str, bundle_root: str | os.PathLike, resume: bool | str |
 
     name = str(resume)
     if not _RUN_NAME.match(name) or not (runs_dir(bundle_root) / name).is_dir():
-        known = ", ".join(r.name for r in runs[-5:]) or "none"
+        known = ", ".join(r.name for r in resumable_runs(bundle_root)[-5:]) or "none"
         raise ConfigError(
             "resume",
             f"{resume!r} is not a run in {runs_dir(bundle_root).resolve()}.",
             f"Runs that can be resumed (newest last): {known}. --resume True takes the newest.",
         )
     return name
+
+
+_CLAIMED: dict[str, object] = {}  # this process's run folders, locked until it exits (the OS frees a dead one's)
+RUN_LOCK = ".run.lock"
+
+
+def claim_run_folder(output_dir: str | os.PathLike, resume: bool | str | None = None) -> Path:
+    """Make ``output_dir`` this training's own until the process ends: a lock file in it that another training
+    cannot take while this one runs (released by the OS if the process dies), and, for a new run, a folder that
+    no other run has written to. Two trainings given one ``--run_name``, two ``--resume`` of one run, or a
+    ``--resume True`` that picks a run still training would otherwise write over each other's checkpoints,
+    ``model.pt`` and spool.
+
+    Raises:
+        InputError: another process holds the run; or a new run's name is already a run's folder.
+    """
+    from filelock import FileLock, Timeout
+
+    folder = Path(output_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    key = str(folder.resolve())
+    if key in _CLAIMED:
+        return folder
+    lock = FileLock(str(folder / RUN_LOCK), timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise InputError(
+            f"run folder {folder.resolve()}",
+            "belongs to a training still running in another process.",
+            "Wait for it to end, or start a new run (leave out --run_name and --resume).",
+        ) from None
+    if not resume and any(entry.name != RUN_LOCK for entry in folder.iterdir()):
+        lock.release()
+        raise InputError(
+            f"run name {folder.name!r}",
+            f"is taken: {folder.resolve()} holds another run's files, which a new run must not write over.",
+            f"Leave out --run_name for a new name, or pass --resume {folder.name} to continue that run.",
+        )
+    _CLAIMED[key] = lock
+    return folder
 
 
 # ---- model records --------------------------------------------------------------------------------------------

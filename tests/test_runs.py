@@ -314,3 +314,32 @@ def test_a_deleted_experiment_is_one_line_naming_it_and_the_ways_out(tmp_path, d
         assert "mlflow gc" in result.stderr
         assert "Traceback" not in result.stderr
     assert not list((tmp_path / "bundle").glob("outputs/*/models/model.pt")), "nothing trained before the refusal"
+
+
+def test_a_run_name_already_taken_is_refused_and_the_first_runs_files_are_kept(tmp_path, data_dir):
+    """A second training given the first one's ``--run_name`` would write over its checkpoints and model.pt; it is
+    refused before it writes anything, and ``--resume`` of a run still training is refused while that run holds it."""
+    from filelock import FileLock
+
+    root = tmp_path / "bundle"
+    base = {**TINY, "bundle_root": root, "dataset_dir": data_dir, "train#trainer#max_epochs": 1,
+            "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "run_name": "shared"}  # fmt: skip
+    first = subprocess.run(command(base), cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    folder = root / "outputs" / "shared"
+    before = {p: p.read_bytes() for p in folder.rglob("*") if p.is_file() and p.name != runs.RUN_LOCK}
+
+    second = subprocess.run(command({**base, "seed": 5}), cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 1 and "run name 'shared': is taken" in second.stderr, second.stderr[-3000:]
+    assert "--resume shared" in second.stderr and "Traceback" not in second.stderr
+    assert {p: p.read_bytes() for p in folder.rglob("*") if p.is_file() and p.name != runs.RUN_LOCK} == before
+
+    with FileLock(str(folder / runs.RUN_LOCK), timeout=0):  # as a training of this run still going holds it
+        resumed = subprocess.run(command({**base, "resume": "shared", "train#trainer#max_epochs": 2}),
+                                 cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert resumed.returncode == 1 and "still running in another process" in resumed.stderr, resumed.stderr[-3000:]
+    assert {p: p.read_bytes() for p in folder.rglob("*") if p.is_file() and p.name != runs.RUN_LOCK} == before
+    resumed = subprocess.run(command({**base, "resume": "shared", "train#trainer#max_epochs": 2}), cwd=REPO_ROOT,
+                             capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert (folder / "models" / "latest_checkpoint_epoch=2.pt").is_file()

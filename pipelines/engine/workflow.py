@@ -63,6 +63,13 @@ def initialize(
     check_config()
     if seed is not None:
         set_determinism(seed=seed)
+    if ckpt_dir is not None and output_dir is not None and is_rank_zero():
+        from clinseg.pipelines.runs import claim_run_folder
+
+        # a training's run folder is its own: claimed before anything (the checkpoint folder first) is made in it
+        require_output_outside_input(output_dir, input_path)
+        require_writable_dir(output_dir, "the output folder")
+        claim_run_folder(output_dir, resume=_resume_of_running_config())
     if ckpt_dir is not None:  # every rank reads checkpoints (resume)
         require_writable_dir(ckpt_dir, "the checkpoint folder")
     if is_rank_zero():
@@ -73,6 +80,14 @@ def initialize(
             from clinseg.pipelines.tracking import check_tracking_uri
 
             check_tracking_uri(tracking_uri)
+
+
+def _resume_of_running_config():
+    """The running training's ``resume`` (a run name, True, or None for a new run)."""
+    parser = running_parser()
+    if parser is None or "resume" not in parser:
+        return None
+    return parser.get_parsed_content("resume")
 
 
 def finish_distributed() -> None:
