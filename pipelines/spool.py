@@ -20,6 +20,7 @@ by ``python -m clinseg.pipelines.experiments sync FOLDER`` (:func:`sync_spools`)
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -115,7 +116,23 @@ def is_refusal(error: BaseException) -> bool:
         status = getattr(getattr(error, "response", None), "status_code", None)
     if isinstance(status, int):
         return 400 <= status < 500 and status not in (408, 429)
-    return isinstance(error, OSError) and getattr(error, "filename", None) is not None
+    # a file that cannot be read is refused for good; a store that cannot be written now (mounted read-only, full)
+    # may take it later
+    retryable = (errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EIO)
+    return isinstance(error, OSError) and error.filename is not None and error.errno not in retryable
+
+
+def is_unknown_run(error: BaseException) -> bool:
+    """Whether the store answered that it has no such run, or that the run or its experiment is deleted: the
+    records are not at fault, the store is (a mistyped --tracking_uri, a server restarted on an empty database, an
+    experiment deleted in the UI). Dropping them would lose them for good; they are kept for a sync to the right
+    store, or after the experiment is restored."""
+    from mlflow.exceptions import MlflowException
+
+    if not isinstance(error, MlflowException):
+        return False
+    text = str(error)
+    return error.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_STATE") or "must be in the 'active' state" in text
 
 
 def short_reason(error: BaseException) -> str:
@@ -364,6 +381,7 @@ class ReplayResult:
     already_sent: int = 0
     error: BaseException | None = None
     locked: bool = False
+    other_store: int = 0  # pending records of another store, left for `experiments sync` (``only_uri``)
     runs: dict[str, str] = field(default_factory=dict)  # run id -> status recorded in the spool, if any
 
 
@@ -372,10 +390,13 @@ def replay(
     client_for: Callable[[str], object],
     lock_timeout_s: float = 0.0,
     tracking_uri: str | None = None,
+    only_uri: str | None = None,
 ) -> ReplayResult:
     """Send ``spool``'s pending records in order, each marked in the ledger once sent; stop at the first that does
-    not get through (the store is down again). A record the store refuses is marked dropped, with a warning, so it
-    never blocks the ones after it. ``tracking_uri`` replaces the records' own store."""
+    not get through (the store is down again, or does not know the run: :func:`is_unknown_run`). A record the store
+    refuses is marked dropped, with a warning, so it never blocks the ones after it; of merged records, only the
+    one refused. ``tracking_uri`` replaces the records' own store; ``only_uri``: send only the records of that
+    store (a training's link leaves an earlier process's records of another store to ``experiments sync``)."""
     result = ReplayResult()
     with spool.lock(lock_timeout_s) as held:
         if not held:
@@ -386,21 +407,29 @@ def replay(
         done = spool.outcomes()
         pending = [r for r in records if r["seq"] not in done]
         result.already_sent = len(records) - len(pending)
+        if only_uri is not None:
+            result.other_store = sum(1 for r in pending if r.get("uri") not in (None, only_uri))
+            pending = [r for r in pending if r.get("uri") in (None, only_uri)]
         for record in records:
             if record["op"] in ("set_terminated", "end_if_running") and record["run_id"] not in result.runs:
                 result.runs[record["run_id"]] = ""
             if record["op"] == "set_terminated":
                 result.runs[record["run_id"]] = record["args"]["status"]
-        for group in _batches(pending):
+        groups = list(_batches(pending))
+        while groups:
+            group = groups.pop(0)
             merged = _merged(group)
             seqs = [r["seq"] for r in group]
             try:
                 with quiet_retries():
                     execute(client_for(tracking_uri or merged.get("uri")), merged, spool)
             except Exception as e:  # noqa: BLE001 - whatever the store or the network raise
-                if not is_refusal(e):
+                if not is_refusal(e) or is_unknown_run(e):
                     result.error = e
                     break
+                if len(group) > 1:  # one bad value refuses the whole request: find it, send the others
+                    groups[:0] = [[record] for record in group]
+                    continue
                 spool.mark(seqs, "dropped", short_reason(e))
                 result.dropped += len(seqs)
                 logger.warning(
@@ -440,6 +469,7 @@ class TrackingLink:
         self.history: dict[str, list[tuple[int, float]]] = {}
         self.logged_params: set[str] = set()
         self.outage_calls, self.outage_wait_s, self.outage_max_wait_s = 0, 0.0, 0.0
+        self._other_store_told = False
         with contextlib.suppress(Exception):  # a resumed run's folder can hold records of the interrupted run
             self.pending = len(self.spool.pending()) if self.spool.exists() else 0
 
@@ -516,7 +546,7 @@ class TrackingLink:
                         execute(self.client, record)
                     return
                 except Exception as e:  # noqa: BLE001 - whatever the store or the network raise
-                    if is_refusal(e):
+                    if is_refusal(e) and not is_unknown_run(e):  # kept when the store, not the record, is at fault
                         reason = short_reason(e)
                         logger.warning(f"tracking: {self.uri} refused {op} for run {record['run_id']}: {reason}")
                         return
@@ -560,9 +590,16 @@ class TrackingLink:
                 self._back_off(now)
             return 0.0
         started = time.monotonic()
-        result = replay(self.spool, lambda uri: self.client)
+        result = replay(self.spool, lambda uri: self.client, only_uri=self.uri)
         spent = time.monotonic() - started
         self.pending = result.remaining
+        if result.other_store and not self._other_store_told:
+            self._other_store_told = True
+            logger.warning(
+                f"tracking: {result.other_store} records in {self.spool.folder} belong to another store than "
+                f"{self.uri} (an earlier process of this run); send them with: "
+                f"python -m clinseg.pipelines.experiments sync {self.spool.folder}"
+            )
         if result.error is not None or result.locked:
             if result.error is not None and self.down_since is None:
                 self._went_down(result.error)
@@ -658,6 +695,13 @@ def sync_spools(
         result = replay(spool, client_for, lock_timeout_s=60, tracking_uri=tracking_uri)
         if result.locked:
             raise DataError(folder, "is being replayed by another process (its training?): try again.")
+        if result.error is not None and is_unknown_run(result.error):
+            raise DataError(
+                folder,
+                f"its run is unknown to {tracking_uri or next(iter(uris), 'the store')}, or deleted there "
+                f"({short_reason(result.error)}); its {result.remaining} records stay here.",
+                "Sync to the store the run was made in (--tracking_uri), or restore the run's experiment first.",
+            )
         if result.error is not None:
             raise TrackingUnavailableError(
                 tracking_uri or next(iter(uris), "the store"),

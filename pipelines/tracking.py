@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import time
@@ -271,6 +272,9 @@ def mlflow_metric_name(name: str, workflow: str = "train", key_metric: str | Non
     evaluation = workflow != "train"
     renamed = "eval_" + base.removeprefix("val_") if evaluation and base.startswith("val_") else base
     if class_name:
+        # a class is named by the user (`new_task`, a label table): MLflow refuses a metric name with other
+        # characters than these, and with it the whole request, key metric included
+        class_name = re.sub(r"[^\w.\- :]", "_", class_name).strip(" .") or "_"
         return f"{renamed}{CLASS_SECTION_SUFFIX}/{class_name}"
     if base in TRAINING_KEY_CURVES or (key_metric is not None and base == key_metric):
         return f"{KEY_SECTION}/{renamed}"

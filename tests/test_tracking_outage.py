@@ -435,3 +435,51 @@ def test_the_spool_survives_a_torn_line_and_replays_each_record_once(tmp_path):
     again = replay(spool, lambda uri: store)
     assert (again.sent, again.already_sent, len(store.calls)) == (0, 4, 3), "nothing is sent twice"
     assert Spool(spool.folder).outcomes() == {1: "sent", 2: "dropped", 3: "sent", 4: "sent"}
+
+
+def test_a_sync_to_the_wrong_store_keeps_the_records_and_one_bad_name_loses_only_itself(tmp_path):
+    """Replaying into a store that does not know the run (a mistyped --tracking_uri: SQLite makes a new, empty
+    database) must not mark the records dropped: the sync to the right store then sends them. A metric name MLflow
+    refuses, merged with good ones into one request, costs only itself."""
+    import mlflow
+
+    from clinseg.datasets.errors import DataError
+    from clinseg.pipelines.spool import Spool, sync_spools
+    from clinseg.pipelines.tracking import client_for
+
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(store)
+    run_id = client.create_run(client.create_experiment("oct_layers")).info.run_id
+    spool = Spool(tmp_path / "run" / "tracking_spool")
+    record = {"op": "log_batch", "run_id": run_id, "uri": store, "time": 1000}
+    for step in range(1, 4):
+        spool.append({**record, "args": {"metrics": [["0_key/train_loss", 1.0 / step, 1000 + step, step]]}})
+    spool.append({**record, "args": {"metrics": [["val_mean_dice by class/PED (serous)", 0.5, 1004, 1]]}})
+    spool.append({**record, "args": {"metrics": [["0_key/val_mean_dice", 0.6, 1005, 1]]}})
+    spool.append({"op": "set_terminated", "run_id": run_id, "uri": store, "args": {"status": "FINISHED"}})
+
+    mistyped = f"sqlite:///{tmp_path / 'mlfow.db'}"
+    with pytest.raises(DataError, match="its run is unknown to") as refused:
+        sync_spools([tmp_path / "run"], mistyped, client_for)
+    assert "6 records stay here" in str(refused.value)
+    assert spool.outcomes() == {}, "nothing is marked dropped by a store that does not know the run"
+
+    (line,) = sync_spools([tmp_path / "run"], None, client_for)
+    assert "5 records sent" in line and "1 refused by the store" in line, line
+    history = client.get_metric_history(run_id, "0_key/train_loss")
+    assert sorted(m.step for m in history) == [1, 2, 3]
+    assert client.get_metric_history(run_id, "0_key/val_mean_dice")[0].value == 0.6
+    assert client.get_run(run_id).info.status == "FINISHED"
+    assert list(spool.outcomes().values()).count("dropped") == 1
+
+
+def test_a_store_that_cannot_be_written_now_is_not_a_refusal():
+    """A read-only or full artifact store may take the file later: its record stays spooled; a source file that
+    is gone is refused for good."""
+    import errno
+
+    from clinseg.pipelines.spool import is_refusal
+
+    assert not is_refusal(OSError(errno.EROFS, "Read-only file system", "/mnt/artifacts/model.pt"))
+    assert not is_refusal(OSError(errno.ENOSPC, "No space left on device", "/mnt/artifacts/model.pt"))
+    assert is_refusal(FileNotFoundError(errno.ENOENT, "No such file or directory", "/run/models/model.pt"))
