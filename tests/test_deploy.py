@@ -629,3 +629,211 @@ def test_an_ensemble_ships_as_one_torchscript_model(tmp_path):
     for name in ("21", "22", "23", "24"):
         probability = np.asarray(Image.open(tmp_path / "out" / f"{name}_prob.png"))
         assert probability.shape == (80, 72) and (tmp_path / "out" / f"{name}_seg.png").is_file()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the CT app's graph (the SDK's loader, selector and DICOM SEG writer, the app's segmentation operator) with a stand-in
+# for the bundle: it reads the selected files with the bundle's reader and writes a box mask on the read grid, so a
+# run takes seconds and needs no trained model. Run in the deploy environment, with the repository importable as
+# clinseg (as an app folder ships it).
+
+STAND_IN_APP = r"""
+import json, logging, os, sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from clinseg.datasets.ct.volumes import read_dicom_files
+from clinseg.pipelines.deploy.operators import CTHeartApp
+
+logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+args = json.loads(sys.argv[1])
+
+
+class StandInRuntime:
+    # what the app uses of BundleRuntime: run() writes the mask in the series' patient space and series.json
+    bundle_name, class_names = "ct_heart", ["background", "heart"]
+    config = {"_meta_": {"version": "0.1.0"}, "palette": [[0, 0, 0], [220, 20, 60]]}
+    config_path = Path(args["app"]) / "bundle" / "inference.json"  # no series_rules.json beside it: CT_RULES
+
+    def run(self, datalist, output_dir):
+        _, affine, _ = read_dicom_files(datalist[0]["image"])  # the bundle's reader, and its checks
+        affine[:3, 3] += args.get("shift_mask_mm", 0.0)  # a mask off the series' grid
+        shape = tuple(int(n) for n in args["mask_shape"])
+        mask = np.zeros(shape, np.uint8)
+        mask[shape[0] // 4 : shape[0] // 2, shape[1] // 3 :, 1:-1] = 1
+        nib.save(nib.Nifti1Image(mask, affine), Path(output_dir) / "series_seg.nii.gz")
+        (Path(output_dir) / "series.json").write_text(json.dumps({"volume_ml": {"heart": 1.0}}))
+        return "segmented 1 input"
+
+
+if args.get("listdir"):  # the file-system order of the SDK loader's os.listdir, as another disk may give it
+    listdir = os.listdir
+
+    def ordered(path="."):
+        names = listdir(path)
+        key = {n: i for i, n in enumerate(args["listdir"])}
+        return sorted(names, key=lambda n: key.get(n, len(key)))
+
+    os.listdir = ordered
+app = CTHeartApp(StandInRuntime(), Path(args["input"]), Path(args["output"]), [sys.executable])
+app.run()
+print(json.dumps({"failure": None if app.failure is None else f"{type(app.failure).__name__}: {app.failure}"}))
+"""
+
+
+def run_stand_in_app(tmp_path: Path, input_path: Path, output: Path, **args) -> tuple[str | None, str]:
+    """The CT app with :data:`STAND_IN_APP`'s runtime on ``input_path``: the failure it recorded (or None) and its
+    log (stderr)."""
+    package = tmp_path / "pythonpath" / "clinseg"
+    if not package.exists():
+        package.mkdir(parents=True)
+        for name in ("datasets", "pipelines", "transforms"):
+            (package / name).symlink_to(REPO_ROOT / name)
+    args = {"app": str(tmp_path / "app"), "input": str(input_path), "output": str(output), **args}
+    command = ["bash", "-c", 'ulimit -s 32768; exec "$@"', "app", str(DEPLOY_PYTHON), "-c", STAND_IN_APP]
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "MLFLOW_TRACKING_URI")}
+    env["PYTHONPATH"] = str(package.parent)
+    result = subprocess.run([*command, json.dumps(args)], cwd=tmp_path, capture_output=True, text=True, env=env,
+                            timeout=600)  # fmt: skip
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])["failure"], result.stderr
+
+
+def write_study_series(folder: Path, prefix: str, n_slices: int, step: float, **kwargs) -> list[Path]:
+    """A CT series written into ``folder`` (beside others) as ``<prefix>_NNNN.dcm``; its files."""
+    from clinseg.datasets.ct.dicom import write_ct_series
+
+    hu = np.random.default_rng(n_slices).normal(0, 300, (24, 20, n_slices)).round().astype(np.float32)
+    written = write_ct_series(hu, np.diag([0.7, 0.8, step, 1.0]), folder / f".{prefix}", file_names="index", **kwargs)
+    files = []
+    for path in written:
+        files.append(folder / f"{prefix}_{path.name}")
+        path.rename(files[-1])
+    (folder / f".{prefix}").rmdir()
+    return files
+
+
+def add_localizer(folder: Path, like: Path) -> Path:
+    """A one-image localizer (scout, topogram) of the same study in ``folder``: Modality CT, ImageType LOCALIZER,
+    coronal."""
+    from pydicom.uid import generate_uid
+
+    ds = pydicom.dcmread(like)
+    ds.SeriesInstanceUID, ds.SOPInstanceUID = generate_uid(), generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.SeriesNumber, ds.SeriesDescription = 1, "Topogram 0.6 T20s"
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
+    ds.ImageOrientationPatient = [1, 0, 0, 0, 0, -1]
+    ds.save_as(folder / "scout.dcm")
+    return folder / "scout.dcm"
+
+
+def test_ct_app_never_segments_a_localizer_and_prefers_the_series_with_most_slices(tmp_path):
+    """A study with a localizer (Modality CT, one image), a 5 mm series and the 2.5 mm axial volume: whatever order
+    the file system lists them in, the axial volume is segmented, and the log and the JSON name the skipped ones."""
+    from pydicom.uid import generate_uid
+
+    study_uid, study = generate_uid(), tmp_path / "study"
+    axial = write_study_series(study, "ax", 8, 2.5, study_uid=study_uid, series_number=2,
+                               series_description="Axial 2.5mm")  # fmt: skip
+    write_study_series(study, "th", 4, 5.0, study_uid=study_uid, series_number=3,
+                       series_description="Axial 5mm")  # fmt: skip
+    add_localizer(study, axial[0])
+    axial_uid = str(pydicom.dcmread(axial[0]).SeriesInstanceUID)
+    names = sorted(p.name for p in study.iterdir() if p.name != "scout.dcm")
+    orders = {"localizer_first": ["scout.dcm", *names], "thick_first": sorted([*names, "scout.dcm"], reverse=True)}
+    for case, order in orders.items():
+        out = tmp_path / f"out_{case}"
+        failure, log = run_stand_in_app(tmp_path, study, out, listdir=order, mask_shape=[24, 20, 8])
+        assert failure is None, f"{case}: {failure}"
+        summary = json.loads((out / "series.json").read_text())
+        assert summary["series_instance_uid"] == axial_uid and summary["n_slices"] == 8, case
+        selection = summary["series_selection"]
+        assert selection["selected"]["series_description"] == "Axial 2.5mm"
+        skipped = {s["series_description"]: s["reason"] for s in selection["skipped"]}
+        assert skipped == {"Topogram 0.6 T20s": "localizer (ImageType LOCALIZER)",
+                           "Axial 5mm": "fewer slices (4 < 8)"}, skipped  # fmt: skip
+        assert "segmenting series 'Axial 2.5mm' (series 2, 8 slices" in log
+        assert "skipped series 'Axial 5mm' (4 slices" in log and "skipped series 'Topogram 0.6 T20s'" in log
+        (seg_path,) = (out / "dicom_seg").glob("*.dcm")
+        (referenced,) = pydicom.dcmread(seg_path, stop_before_pixels=True).ReferencedSeriesSequence
+        assert referenced.SeriesInstanceUID == axial_uid, "the SEG references the segmented series"
+
+
+def test_ct_app_refuses_an_arbitrary_choice_between_equal_series(tmp_path):
+    """Two reconstructions with the same number of slices (two kernels): no rule tells which to segment, so the app
+    refuses, naming both, instead of taking whichever the file system lists first; a localizer alone is refused
+    as no volume."""
+    from pydicom.uid import generate_uid
+
+    study_uid, study = generate_uid(), tmp_path / "study"
+    soft = write_study_series(study, "soft", 6, 2.5, study_uid=study_uid, series_number=2,
+                              series_description="Soft tissue B30f")  # fmt: skip
+    write_study_series(study, "lung", 6, 2.5, study_uid=study_uid, series_number=3, series_description="Lung B70f")
+    failure, _ = run_stand_in_app(tmp_path, study, tmp_path / "out", mask_shape=[24, 20, 6])
+    assert failure is not None and failure.startswith(f"DataError: {study}: holds 2 CT series with the same number"), (
+        failure
+    )
+    assert "'Soft tissue B30f' (series 2, 6 slices" in failure and "'Lung B70f' (series 3, 6 slices" in failure
+    assert "series_rules.json" in failure
+    assert result_files(tmp_path / "out") == [], "a refused input writes no results"
+
+    scout_only = tmp_path / "scout_only"
+    scout_only.mkdir()
+    add_localizer(scout_only, soft[0])
+    failure, _ = run_stand_in_app(tmp_path, scout_only, tmp_path / "out_scout", mask_shape=[24, 20, 1])
+    assert failure is not None and "holds only localizer (scout) images" in failure, failure
+    assert "'Topogram 0.6 T20s' (series 1, 1 slice, UID" in failure
+
+
+def jittered_series(folder: Path) -> list[Path]:
+    """A CT series whose slice origins are as uneven as the series reader accepts: odd slices 0.04 mm off the
+    stacking line (IN_PLANE_TOL_MM is 0.05), one slice 0.009 mm along it at 0.625 mm steps (steps may differ by
+    0.01 mm)."""
+    files = write_study_series(folder, "ct", 8, 0.625, series_description="Axial 0.625mm")
+    for k, path in enumerate(files):
+        ds = pydicom.dcmread(path)
+        x, y, z = (float(v) for v in ds.ImagePositionPatient)
+        x += 0.04 * (k % 2)
+        z += 0.009 * (k == 3)
+        ds.ImagePositionPatient = [f"{v:.4f}" for v in (x, y, z)]
+        ds.save_as(path)
+    return files
+
+
+def test_ct_app_writes_the_seg_of_a_series_with_jittered_slice_positions(tmp_path):
+    """Slice positions that the reader accepts (and segments) also map onto the segmented grid for the DICOM SEG:
+    each slice to its nearest grid plane, every frame equal to that plane of the NIfTI mask."""
+    files = jittered_series(tmp_path / "series")
+    hu, _, _ = read_volume(tmp_path / "series")  # the reader accepts this series
+    out = tmp_path / "out"
+    failure, log = run_stand_in_app(tmp_path, tmp_path / "series", out, mask_shape=list(hu.shape))
+    assert failure is None, failure
+    summary = json.loads((out / "series.json").read_text())
+    assert summary["dicom_seg"] == "written to dicom_seg/", summary["dicom_seg"]
+    (seg_path,) = (out / "dicom_seg").glob("*.dcm")
+    seg = hd.seg.segread(seg_path)
+    assert int(seg.NumberOfFrames) == len(files), "one frame per source slice"
+    ordered = [str(pydicom.dcmread(path).SOPInstanceUID) for path in read_ct_series(tmp_path / "series").files]
+    pixels = seg.get_pixels_by_source_instance(
+        source_sop_instance_uids=ordered, segment_numbers=[1], combine_segments=True, skip_overlap_checks=True
+    )
+    mask = np.asarray(nib.load(out / "series_seg.nii.gz").dataobj)
+    np.testing.assert_array_equal(pixels, np.transpose(mask, (2, 1, 0)), err_msg="SEG frames equal the NIfTI mask")
+
+
+def test_ct_app_keeps_the_nifti_and_json_when_no_seg_can_be_made(tmp_path):
+    """A mask that does not lie on the series' grid (here 1 mm off) gives no DICOM SEG, but the NIfTI mask and the
+    JSON result are written, the JSON saying why there is no SEG."""
+    files = write_study_series(tmp_path / "series", "ct", 6, 2.5)
+    out = tmp_path / "out"
+    failure, log = run_stand_in_app(tmp_path, tmp_path / "series", out, mask_shape=[24, 20, 6], shift_mask_mm=1.0)
+    assert failure is None, failure
+    assert [p.name for p in result_files(out)] == ["series.json", "series_seg.nii.gz"]
+    summary = json.loads((out / "series.json").read_text())
+    assert summary["dicom_seg"].startswith("not written: no DICOM SEG could be made for this series (DataError: ")
+    assert "does not lie on the segmented volume's grid" in summary["dicom_seg"]
+    assert summary["series_selection"]["selected"]["n_slices"] == len(files)
+    assert "NIfTI and JSON results are written" in log

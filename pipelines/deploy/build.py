@@ -119,10 +119,12 @@ KINDS = {
     True: {
         "app_class": "CTHeartApp",
         "memory": "6Gi",
-        "inputs": "a folder of DICOM files (one study; the CT series is chosen by `series_rules.json`).",
+        "inputs": "a folder of DICOM files (one study; of the series `series_rules.json` matches, localizers are "
+        "skipped and the one with the most slices is segmented; a tie is refused, naming the series).",
         "outputs": "`dicom_seg/<uid>.dcm` (DICOM Segmentation, heart = SNOMED CT 80891009, one frame per source "
         "slice, referencing the CT series), `series_seg.nii.gz` (mask in the series' patient space), "
-        "`series.json` (heart volume in mL, voxels, spacing, series UID), `series_views.png`.",
+        "`series.json` (heart volume in mL, voxels, spacing, series UID, the series chosen and skipped), "
+        "`series_views.png`.",
     },
     False: {
         "app_class": "ImageSegmentationApp",

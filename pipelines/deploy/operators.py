@@ -5,10 +5,11 @@ the ``monai`` namespace, and ``import monai`` loads every MONAI submodule): seco
 line and the paths first and imports this module only then.
 
 - :class:`CTHeartApp` (ct_heart): a DICOM study folder in; the SDK's DICOM loader and series selector (Modality CT
-  and an optional rule file) pick the series; the bundle reads it (HU, geometry checks), segments the heart and
-  writes a DICOM Segmentation object through the SDK's highdicom-based writer (heart coded as SNOMED CT
-  80891009, referencing the source series), the mask as NIfTI in the series' patient space, a JSON result with the
-  heart volume in mL, and orthogonal views.
+  and an optional rule file) find the candidate series, of which the one with the most slices is segmented
+  (localizers never; a tie is refused: :func:`~.runtime.choose_series`); the bundle reads it (HU, geometry
+  checks), segments the heart and writes a DICOM Segmentation object through the SDK's highdicom-based writer
+  (heart coded as SNOMED CT 80891009, referencing the source series), the mask as NIfTI in the series' patient
+  space, a JSON result with the heart volume in mL and the series choice, and orthogonal views.
 - :class:`ImageSegmentationApp` (vessels, oct_layers): image files in (PNG/TIFF/JPEG, and Duke ``.mat`` for OCT);
   per image a label map, a colour overlay and a JSON result (vessel area fraction inside the field of view; mean
   thickness of each retinal layer).
@@ -23,15 +24,25 @@ import json
 import logging
 import shutil
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from monai.deploy.conditions import CountCondition
 from monai.deploy.core import Application, Fragment, Operator, OperatorSpec
+from monai.deploy.core.domain.dicom_series_selection import StudySelectedSeries
 from monai.deploy.operators.dicom_data_loader_operator import DICOMDataLoaderOperator
 from monai.deploy.operators.dicom_series_selector_operator import DICOMSeriesSelectorOperator
 
 from clinseg.datasets.errors import DataError
-from clinseg.pipelines.deploy.runtime import CT_RULES, BundleRuntime, staged_outputs
+from clinseg.pipelines.deploy.runtime import (
+    CT_RULES,
+    SERIES_CHOICE,
+    BundleRuntime,
+    SeriesCandidate,
+    choose_series,
+    is_localizer,
+    staged_outputs,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -90,18 +101,29 @@ class HeartSegmentationOperator(Operator):
 
     def segment(self, selected, studies) -> None:
         seg_problem = None
-        if selected and selected[0].selected_series:
-            series = selected[0].selected_series[0].series
+        if selected and any(study.selected_series for study in selected):
+            chosen, skipped = self.choose_selected(selected, studies)
+            series = chosen.source.series
             datasets = [instance.get_native_sop_instance() for instance in series.get_sop_instances()]
             files = [str(ds.filename) for ds in datasets]
             series_uid = str(series.SeriesInstanceUID)
+            # the SEG references the segmented series only (the SDK's writer takes each study's first selected one)
+            selected = [StudySelectedSeries(chosen.source.study)]
+            selected[0].add_selected_series(chosen.source.selected)
         else:
-            files = self.anonymised_ct_series(studies)
+            chosen, skipped = self.anonymised_ct_series(studies)
+            files = chosen.source.files
             datasets, series_uid = [], ""
             seg_problem = (
                 "not written: the series is anonymised with empty SOPInstanceUID/SeriesInstanceUID, and a DICOM "
                 "Segmentation must reference its source instances by UID"
             )
+        selection = {"rule": SERIES_CHOICE, "selected": chosen.record(), "skipped": skipped}
+        logger.info(f"{self.input_path}: segmenting series {chosen.label()}")
+        for record in skipped:
+            n, description = record["n_slices"], record["series_description"] or "(no description)"
+            logger.info(f"{self.input_path}: skipped series {description!r} ({n} slice{'' if n == 1 else 's'}, "
+                        f"UID {record['series_instance_uid'] or '(empty)'}): {record['reason']}")  # fmt: skip
         with staged_outputs(self.output_path) as staging:
             try:
                 self.runtime.run([{"image": files, "id": "series", "source": files[0]}], staging)
@@ -111,12 +133,12 @@ class HeartSegmentationOperator(Operator):
                     raise
                 raise damaged from e
             if seg_problem is None:
-                frames = dicom_frames(staging / "series_seg.nii.gz", datasets)
-                try:
+                try:  # a SEG that cannot be made must not cost the NIfTI and JSON results
+                    frames = dicom_frames(staging / "series_seg.nii.gz", datasets)
                     write_dicom_seg(frames, selected, datasets, staging / "dicom_seg", self.runtime)
-                except Exception as e:  # noqa: BLE001 - a SEG the writer refuses must not cost the NIfTI and JSON
+                except Exception as e:  # noqa: BLE001 - reported in the JSON and the log
                     shutil.rmtree(staging / "dicom_seg", ignore_errors=True)
-                    seg_problem = f"not written: the DICOM SEG writer refused this series ({type(e).__name__}: {e})"
+                    seg_problem = f"not written: no DICOM SEG could be made for this series ({type(e).__name__}: {e})"
                     logger.warning(f"{self.input_path}: DICOM SEG {seg_problem}; NIfTI and JSON results are written.")
             else:
                 logger.warning(f"{self.input_path}: DICOM SEG {seg_problem}; NIfTI and JSON results are written.")
@@ -125,6 +147,7 @@ class HeartSegmentationOperator(Operator):
                 input=str(self.input_path),
                 series_instance_uid=series_uid,
                 n_slices=len(files),
+                series_selection=selection,
                 dicom_seg="written to dicom_seg/" if seg_problem is None else seg_problem,
             )
             (staging / "series.json").write_text(json.dumps(summary, indent=2))
@@ -132,6 +155,23 @@ class HeartSegmentationOperator(Operator):
         withheld = f"heart volume withheld ({summary.get('volume_withheld')})"
         volume = f"heart {heart_ml:.1f} mL" if heart_ml is not None else withheld
         logger.info(f"{volume}; results in {self.output_path}")
+
+    def choose_selected(self, selected, studies) -> tuple[SeriesCandidate, list[dict]]:
+        """The series to segment among those the selector matched (:func:`choose_series`), and the skipped ones:
+        the other matches, and the loaded series no rule matched."""
+        candidates = {}
+        for study_selection in selected:
+            for item in study_selection.selected_series:
+                source = _Selected(study_selection.study, item, item.series)
+                candidates.setdefault(id(item.series), sdk_candidate(item.series, source))
+        chosen, skipped = choose_series(self.input_path, list(candidates.values()))
+        for study in studies or []:
+            for series in study.get_all_series():
+                if id(series) not in candidates:
+                    modality = getattr(series, "Modality", None) or "?"
+                    reason = f"not matched by the selection rules (Modality {modality})"
+                    skipped.append(sdk_candidate(series).record(reason=reason))
+        return chosen, skipped
 
     def damaged_file_error(self) -> DataError | None:
         """The SDK's loader skips files it cannot parse, so an empty or damaged slice first shows up as a gap in
@@ -144,9 +184,12 @@ class HeartSegmentationOperator(Operator):
             return e
         return None
 
-    def anonymised_ct_series(self, studies) -> list[str]:
+    def anonymised_ct_series(self, studies) -> tuple[SeriesCandidate, list[dict]]:
         """The SDK's loader drops slices with empty UIDs (anonymised exports); the project's reader groups them by
-        geometry. Their files, or an error naming the input and what it holds."""
+        geometry. The series to segment among them (chosen as among the SDK's) and the skipped ones, or an error
+        naming the input and what it holds."""
+        import pydicom
+
         from clinseg.datasets.ct.dicom import list_ct_series
 
         try:
@@ -155,7 +198,13 @@ class HeartSegmentationOperator(Operator):
             series = []
         anonymised = [s for s in series if s.modality == "CT" and not s.uid]
         if anonymised:
-            return anonymised[0].files
+            candidates = []
+            for s in anonymised:
+                image_type = pydicom.dcmread(s.files[0], stop_before_pixels=True).get("ImageType")
+                candidates.append(SeriesCandidate(uid="", description=s.description, number=s.number,
+                                                  n_slices=s.n_files, localizer=is_localizer(image_type),
+                                                  source=s))  # fmt: skip
+            return choose_series(self.input_path, candidates)
         found = {f"{s.modality or '?'} ({s.n_files} files)" for s in series}
         for study in studies or []:
             found |= {f"{s.Modality} ({len(s.get_sop_instances())} files)" for s in study.get_all_series()}
@@ -163,21 +212,73 @@ class HeartSegmentationOperator(Operator):
         raise DataError(self.input_path, f"holds no CT series matching the selection rules (found: {listing}).")
 
 
+def sdk_candidate(series, source=None) -> SeriesCandidate:
+    """An SDK series (``DICOMSeries``) as :func:`choose_series` weighs it; localizer if any of its images is."""
+    datasets = [instance.get_native_sop_instance() for instance in series.get_sop_instances()]
+    number = datasets[0].get("SeriesNumber") if datasets else None
+    return SeriesCandidate(
+        uid=str(series.SeriesInstanceUID or ""),
+        description=str(datasets[0].get("SeriesDescription", "") or "") if datasets else "",
+        number=int(number) if number not in (None, "") else None,
+        n_slices=len(datasets),
+        localizer=any(is_localizer(ds.get("ImageType")) for ds in datasets),
+        source=source,
+    )
+
+
+class _Selected(NamedTuple):
+    """Where a series the selector matched came from: its study, the selector's item and the series itself."""
+
+    study: object
+    selected: object
+    series: object
+
+
+# the NIfTI header keeps the affine in float32: a position several hundred mm from the origin moves by ~1e-4 mm
+AFFINE_ROUNDING_MM = 1e-3
+
+
 def dicom_frames(mask_path: Path, datasets: list) -> np.ndarray:
     """The NIfTI mask as DICOM frames ``(n_slices, rows, columns)`` in the order of ``datasets``: each slice is found
-    through its ImagePositionPatient and the mask's affine, so no slice order is assumed."""
+    through its ImagePositionPatient and the mask's affine, so no slice order is assumed.
+
+    The tolerances are the series reader's (:mod:`clinseg.datasets.ct.dicom`), which built the segmented grid from
+    these slices: a slice origin may lie up to ``IN_PLANE_TOL_MM`` off the grid's stacking line, and along it the
+    slices may be unevenly stepped (each step within the reader's spacing tolerance of the median), so each slice
+    is mapped to its nearest grid plane; every plane must receive exactly one slice."""
     import nibabel as nib
+
+    from clinseg.datasets.ct.dicom import IN_PLANE_TOL_MM
 
     image = nib.load(mask_path)
     mask = np.asarray(image.dataobj).astype(np.uint8)
-    to_voxel = np.linalg.inv(image.affine)
+    affine = np.asarray(image.affine, dtype=np.float64)
+    if mask.ndim != 3 or mask.shape[2] != len(datasets):
+        raise DataError(mask_path, f"the mask has shape {list(mask.shape)}, but the series has {len(datasets)} "
+                        "slices: it is not on the series' grid.")  # fmt: skip
+    step = np.linalg.norm(affine[:3, 2])
+    normal = affine[:3, 2] / step
+    planes: dict[int, str] = {}
     frames = []
     for ds in datasets:
+        name = str(getattr(ds, "filename", "slice"))
+        if (int(ds.Columns), int(ds.Rows)) != mask.shape[:2]:
+            raise DataError(name, f"has {ds.Rows} rows and {ds.Columns} columns, the segmented volume "
+                            f"{mask.shape[1]} rows and {mask.shape[0]} columns.")  # fmt: skip
         x, y, z = (float(v) for v in ds.ImagePositionPatient)
-        i, j, k = (to_voxel @ np.array([-x, -y, z, 1.0]))[:3]  # DICOM LPS to the mask's RAS
-        if abs(i) > 0.01 or abs(j) > 0.01 or abs(k - round(k)) > 0.01 or not 0 <= round(k) < mask.shape[2]:
-            raise DataError(getattr(ds, "filename", "slice"), "does not lie on the segmented volume's grid.")
-        frames.append(mask[:, :, int(round(k))].T)  # the mask is [column, row]; a frame is [row, column]
+        offset = np.array([-x, -y, z]) - affine[:3, 3]  # DICOM LPS to the mask's RAS, from the grid's first slice
+        along = float(offset @ normal)
+        off_line = float(np.linalg.norm(offset - along * normal))
+        k = int(round(along / step))
+        if off_line > IN_PLANE_TOL_MM + AFFINE_ROUNDING_MM or not 0 <= k < mask.shape[2]:
+            raise DataError(name, f"does not lie on the segmented volume's grid (its origin is {off_line:.3f} mm off "
+                            f"the grid's stacking line, {along / step:.2f} slice steps along it; the grid has "
+                            f"{mask.shape[2]} slices).")  # fmt: skip
+        if k in planes:
+            raise DataError(name, f"is nearest to the same plane of the segmented volume's grid ({k}) as "
+                            f"{planes[k]}: the slices are not evenly stacked on that grid.")  # fmt: skip
+        planes[k] = name
+        frames.append(mask[:, :, k].T)  # the mask is [column, row]; a frame is [row, column]
     return np.stack(frames)
 
 
@@ -277,7 +378,10 @@ class CTHeartApp(_BundleApp):
         loader = DICOMDataLoaderOperator(
             self, CountCondition(self, 1), input_folder=input_path, must_load=False, name="dicom_loader"
         )
-        selector = DICOMSeriesSelectorOperator(self, rules=json.dumps(rules), name="series_selector")
+        # every matching series, most slices first; HeartSegmentationOperator chooses one (runtime.choose_series)
+        selector = DICOMSeriesSelectorOperator(
+            self, rules=json.dumps(rules), all_matched=True, sort_by_sop_instance_count=True, name="series_selector"
+        )
         segment = HeartSegmentationOperator(
             self, runtime=runtime, input_path=input_path, output_path=output_path, recorder=self,
             name="heart_segmentation",

@@ -20,6 +20,7 @@ import shutil
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -30,8 +31,79 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-# the default DICOM series selection (the SDK's rule format): the first series whose Modality is CT
+# the default DICOM series selection (the SDK's rule format): the series whose Modality is CT. The selector returns
+# every series a rule matches (``all_matched``), and :func:`choose_series` picks the one to segment: localizers are
+# excluded there, not by an ImageType condition here, since the SDK's matching drops a series without ImageType and
+# fails on a single-valued one.
 CT_RULES = {"selections": [{"name": "CT series", "conditions": {"Modality": "(?i)^CT$"}}]}
+
+SERIES_CHOICE = (
+    "the series with the most slices among those the selection rules match; localizers (ImageType LOCALIZER: "
+    "scouts, topograms) are never segmented, and a tie for the most slices is refused"
+)
+
+
+def is_localizer(image_type) -> bool:
+    """Whether an ImageType value (a list of strings, one backslash-separated string, or None) marks a localizer."""
+    if image_type is None:
+        return False
+    values = image_type.split("\\") if isinstance(image_type, str) else [str(v) for v in image_type]
+    return "LOCALIZER" in {v.strip().upper() for v in values}
+
+
+@dataclass(frozen=True)
+class SeriesCandidate:
+    """A series the selection rules matched, as :func:`choose_series` weighs it; ``source`` is the caller's own
+    record of it (where the SDK's selector found it, or the project reader's series)."""
+
+    uid: str
+    description: str
+    number: int | None
+    n_slices: int
+    localizer: bool = False
+    source: object = field(default=None, compare=False, repr=False)
+
+    def label(self) -> str:
+        number = f"series {self.number}, " if self.number is not None else ""
+        description = self.description or "(no description)"
+        slices = f"{self.n_slices} slice{'' if self.n_slices == 1 else 's'}"
+        return f"{description!r} ({number}{slices}, UID {self.uid or '(empty)'})"
+
+    def record(self, **extra) -> dict:
+        return {
+            "series_instance_uid": self.uid,
+            "series_description": self.description,
+            "series_number": self.number,
+            "n_slices": self.n_slices,
+            **extra,
+        }
+
+
+def choose_series(where: Path, candidates: list[SeriesCandidate]) -> tuple[SeriesCandidate, list[dict]]:
+    """The series to segment among ``candidates`` (see :data:`SERIES_CHOICE`), and a record of each one skipped
+    with the reason. The order of ``candidates`` (the SDK lists series in file-system order) never matters: several
+    series with the most slices raise a :class:`DataError` naming them, since any pick among them would be arbitrary
+    (a site names its series in the app's ``series_rules.json``)."""
+    unique = {}
+    for candidate in candidates:  # a series matched by several selections counts once
+        unique.setdefault(candidate.uid or id(candidate.source), candidate)
+    skipped = [c.record(reason="localizer (ImageType LOCALIZER)") for c in unique.values() if c.localizer]
+    volumes = sorted((c for c in unique.values() if not c.localizer), key=lambda c: (-c.n_slices, c.uid))
+    if not volumes:
+        listing = "; ".join(c.label() for c in unique.values())
+        raise DataError(where, f"holds only localizer (scout) images among the series matching the selection rules "
+                        f"({listing}): there is no CT volume to segment.")  # fmt: skip
+    most = [c for c in volumes if c.n_slices == volumes[0].n_slices]
+    if len(most) > 1:
+        listing = "; ".join(c.label() for c in most)
+        raise DataError(
+            where,
+            f"holds {len(most)} CT series with the same number of slices, so the choice would be arbitrary: {listing}. "
+            "Name the one to segment in the app's series_rules.json (e.g. by SeriesDescription or SeriesInstanceUID).",
+        )
+    chosen = volumes[0]
+    skipped += [c.record(reason=f"fewer slices ({c.n_slices} < {chosen.n_slices})") for c in volumes[1:]]
+    return chosen, skipped
 
 
 def find_model_file(model_path: str | os.PathLike) -> Path:
