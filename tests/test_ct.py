@@ -166,6 +166,37 @@ def test_inference_inputs_file_series_folder_or_mixed_folder(tmp_path):
         load_ct_images(tmp_path / "nothing")
 
 
+def test_inference_inputs_folder_mixing_volumes_and_dicom_files_is_refused(tmp_path):
+    folder = tmp_path / "inputs"
+    folder.mkdir()
+    for case in ("a", "b"):
+        nifti(folder / f"{case}.nii.gz", np.zeros((6, 5, 4), np.int16), np.eye(4))
+    (folder / "report.dcm").write_bytes(b"\0" * 128 + b"DICM")  # sorted after the volumes
+    with pytest.raises(DataError) as error:
+        load_ct_images(folder)
+    message = str(error.value)
+    assert message.startswith(f"{folder}: holds both volume files (a.nii.gz, b.nii.gz) and DICOM files (report.dcm)")
+    assert "\n" not in message
+    (folder / "report.dcm").unlink()
+    assert [i["id"] for i in load_ct_images(folder)] == ["a", "b"]
+
+
+def test_inference_inputs_find_a_series_behind_other_files_and_without_preamble(tmp_path):
+    hu = np.full((6, 5, 4), -1000.0, np.float32)
+    for folder in (tmp_path / "series", tmp_path / "study" / "series"):
+        write_ct_series(hu, np.diag([1.0, 1.0, 2.0, 1.0]), folder, file_names="index")
+        for i in range(25):  # sorted before the slices
+            (folder / f"a_preview_{i:02d}.jpg").write_bytes(b"\xff\xd8 not a slice")
+    assert [i["image"] for i in load_ct_images(tmp_path / "series")] == [str(tmp_path / "series")]
+    assert [i["image"] for i in load_ct_images(tmp_path / "study")] == [str(tmp_path / "study" / "series")]
+    bare = tmp_path / "bare"  # files named IM0000... without the 128-byte preamble and DICM marker
+    bare.mkdir()
+    for i, path in enumerate(write_ct_series(hu, np.diag([1.0, 1.0, 2.0, 1.0]), tmp_path / "full")):
+        (bare / f"IM{i:04d}").write_bytes(path.read_bytes()[132:])
+    assert [i["image"] for i in load_ct_images(bare)] == [str(bare)]
+    assert read_volume(bare)[0].shape == (6, 5, 4)
+
+
 # --- labels on another grid, label values
 
 

@@ -10,6 +10,7 @@ import pytest
 from pydicom.encaps import encapsulate
 from pydicom.uid import JPEG2000Lossless, RLELossless
 
+from clinseg.datasets.ct import read_volume
 from clinseg.datasets.ct.dicom import CTVolume, list_ct_series, read_ct_series, write_ct_series
 from clinseg.datasets.errors import DataError
 from tests.conftest import shared_path
@@ -281,3 +282,99 @@ def test_real_anonymised_jpeg2000_series():
     np.testing.assert_allclose(volume.affine_lps[:3, :3], np.diag(volume.spacing), atol=1e-6)
     positions = [float(pydicom.dcmread(f, stop_before_pixels=True).ImagePositionPatient[2]) for f in volume.files]
     assert positions == sorted(positions) and len(set(positions)) == 20
+
+
+# --- values that are not Hounsfield units, and multi-frame files
+
+
+def delete(path, *keywords) -> None:
+    ds = pydicom.dcmread(path)
+    for keyword in keywords:
+        delattr(ds, keyword)
+    ds.save_as(path)
+
+
+@pytest.mark.parametrize(
+    "missing",
+    [("RescaleIntercept",), ("RescaleSlope", "RescaleIntercept")],
+    ids=["intercept", "slope-and-intercept"],
+)
+def test_ct_without_rescale_attributes_is_refused(tmp_path, missing):
+    # the stored values are HU + 1024: read with an intercept of 0 they gave a plausible, wrong image
+    paths = write_ct_series(random_hu(), make_affine(), tmp_path, intercept=-1024.0, file_names="index")
+    delete(paths[3], *missing)
+    with pytest.raises(DataError, match="cannot be converted to Hounsfield units") as error:
+        read_ct_series(tmp_path)
+    message = str(error.value)
+    assert message.startswith(f"{paths[3]}: has no ") and "RescaleIntercept (0028,1052)" in message
+
+
+def test_non_ct_without_rescale_attributes_reads_with_slope_1_and_intercept_0(tmp_path):
+    hu = random_hu(low=0, high=2000)
+    paths = write_ct_series(hu, make_affine(), tmp_path, intercept=0.0)
+    for path in paths:
+        edit(path, Modality="MR")
+        delete(path, "RescaleSlope", "RescaleIntercept", "RescaleType")
+    np.testing.assert_array_equal(read_ct_series(tmp_path, allow_non_ct=True).hu, hu)
+
+
+def test_rescale_slope_zero_is_refused(tmp_path):
+    paths = write_ct_series(random_hu(), make_affine(), tmp_path, file_names="index")
+    edit(paths[0], RescaleSlope="0")
+    with pytest.raises(DataError, match=r"RescaleSlope \(0028,1053\) is 0") as error:
+        read_ct_series(tmp_path)
+    assert str(paths[0]) in str(error.value)
+
+
+@pytest.mark.parametrize("rescale_type", ["US", "MGML"])
+def test_rescale_type_other_than_hu_is_refused(tmp_path, rescale_type):
+    paths = write_ct_series(random_hu(), make_affine(), tmp_path, file_names="index")
+    for path in paths:
+        edit(path, RescaleType=rescale_type)
+    with pytest.raises(DataError, match=f"RescaleType \\(0028,1054\\) is '{rescale_type}', not HU") as error:
+        read_ct_series(tmp_path)
+    assert str(error.value).startswith(str(paths[0]))
+    for path in paths:
+        edit(path, RescaleType="hu")  # the case is not significant
+    np.testing.assert_array_equal(read_ct_series(tmp_path).hu, random_hu())
+
+
+def test_series_without_intercept_and_no_value_below_zero_is_not_hounsfield_units(tmp_path):
+    # an intercept of 0 written, unsigned stored values HU + 1024: the header is complete, the values are not HU
+    stored = random_hu() + 1024
+    write_ct_series(stored, make_affine(), tmp_path / "stored", intercept=0.0)
+    with pytest.raises(DataError, match="does not look like Hounsfield units") as error:
+        read_volume(tmp_path / "stored")
+    assert str(error.value).startswith(f"{tmp_path / 'stored'}: ")
+    assert read_volume(tmp_path / "stored", check_hu=False)[0].min() >= 0
+    write_ct_series(random_hu(), make_affine(), tmp_path / "hu", intercept=0.0)  # signed, HU as stored
+    np.testing.assert_array_equal(read_volume(tmp_path / "hu")[0], random_hu())
+
+
+def enhanced_ct(path, source, frames: int = 6):
+    """An Enhanced CT Image Storage file as a scanner writes one: all frames in one file, the geometry in functional
+    group sequences (here absent: the reader must refuse it before looking for it)."""
+    ds = pydicom.dcmread(source)
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2.1"
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+    ds.NumberOfFrames = frames
+    for keyword in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "SliceThickness"):
+        delattr(ds, keyword)
+    ds.PixelData = np.zeros((frames, ds.Rows, ds.Columns), np.uint16).tobytes()
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def test_enhanced_multi_frame_ct_is_refused_as_multi_frame(tmp_path):
+    [source] = write_ct_series(random_hu(shape=(12, 10, 1)), make_affine(), tmp_path / "source")
+    folder = tmp_path / "enhanced"
+    folder.mkdir()
+    path = enhanced_ct(folder / "enhanced.dcm", source)
+    with pytest.raises(DataError) as error:
+        read_ct_series(folder)
+    message = str(error.value)
+    assert message.startswith(f"{path}: is a multi-frame image (Enhanced CT Image Storage, 6 frame(s) in one file)")
+    assert "multi-frame DICOM is not supported" in message and "only slice" not in message
+    enhanced_ct(folder / "enhanced2.dcm", source)  # two such files: still multi-frame, not a geometry problem
+    with pytest.raises(DataError, match="multi-frame DICOM is not supported"):
+        read_ct_series(folder)

@@ -5,6 +5,7 @@ before decoding, results that cannot overwrite each other, and no output folder 
 from __future__ import annotations
 
 import json
+import re
 import struct
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from clinseg.datasets.ct import LoadCTVolumed, load_ct_images, read_volume, writ
 from clinseg.datasets.errors import DataError, InputError
 from clinseg.datasets.io import unique_ids
 from clinseg.pipelines.paths import require_output_outside_input
-from tests.conftest import REPO_ROOT, run_bundle
+from tests.conftest import REPO_ROOT, run_bundle, shared_path
 from tests.test_ct_bundle import tiny
 
 INFER = [str(REPO_ROOT / "bundles" / "ct_heart" / "configs" / "inference.json")]
@@ -334,3 +335,128 @@ def test_inference_refuses_a_file_without_geometry_and_an_output_folder_inside_t
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert f"error: the output folder {out}: is inside the input folder {inputs}" in result.stderr
     assert not out.exists(), "refused before the output folder was made"
+
+
+# --- anatomical space, voxel types and Hounsfield units
+
+
+@pytest.mark.parametrize(
+    "space, shown",
+    [(None, "it has no 'space' field (only 'space dimension: 3')"), ("scanner-xyz", "its 'space' is 'scanner-xyz'")],
+    ids=["space-dimension-only", "scanner-xyz"],
+)
+def test_nrrd_without_an_anatomical_space_is_refused(tmp_path, space, shown):
+    array = volume()
+    fields = ["space directions: (0.7,0,0) (0,0.8,0) (0,0,2.5)", "space origin: (10,20,30)"]
+    fields.insert(0, f"space: {space}" if space else "space dimension: 3")
+    path = text_header_nrrd(tmp_path / "scanner.nrrd", array, fields)
+    with pytest.raises(DataError) as refused:
+        read_volume(path)  # ITK alone reads it as LPS
+    message = str(refused.value)
+    assert message.startswith(f"{path}: has no anatomical coordinate system: {shown}")
+    assert "--assume_orientation" in message
+    read, affine, meta = read_volume(path, assume_spacing=(0.7, 0.8, 2.5), assume_orientation="LPS")
+    np.testing.assert_array_equal(read, array)
+    np.testing.assert_allclose(affine, np.diag([-0.7, -0.8, 2.5, 1.0]))
+    assert "has no anatomical coordinate system" in meta["geometry_assumed"]
+
+
+@pytest.mark.parametrize(
+    "space, diagonal",
+    [
+        ("left-posterior-superior", [-0.7, -0.8, 2.5]),
+        ("RAS", [0.7, 0.8, 2.5]),
+        ("left-anterior-superior", [-0.7, 0.8, 2.5]),
+    ],
+)
+def test_nrrd_in_a_patient_space_keeps_its_geometry(tmp_path, space, diagonal):
+    fields = [f"space: {space}", "space directions: (0.7,0,0) (0,0.8,0) (0,0,2.5)"]
+    _, affine, meta = read_volume(text_header_nrrd(tmp_path / "ct.nrrd", volume(), fields))
+    np.testing.assert_allclose(affine, np.diag([*diagonal, 1.0]))
+    assert meta["geometry_assumed"] == ""
+
+
+def test_float64_beyond_float32_range_is_refused_not_made_infinite(tmp_path):
+    array = volume().astype(np.float64)
+    array[0, 0, 0] = 1e39
+    nib.save(nib.Nifti1Image(array, np.diag([0.8, 0.8, 2.5, 1.0])), tmp_path / "big.nii.gz")
+    scaled = nib.Nifti1Image(volume(), np.diag([0.8, 0.8, 2.5, 1.0]))
+    scaled.header.set_slope_inter(1e38, 0)  # int16 voxels times 1e38: finite in float64 only
+    nib.save(scaled, tmp_path / "slope.nii.gz")
+    for name in ("big.nii.gz", "slope.nii.gz"):
+        path = tmp_path / name
+        with pytest.raises(DataError, match="NaN or infinite voxel values") as refused:
+            LoadCTVolumed("image")({"image": str(path)})
+        assert str(refused.value).startswith(f"{path}: holds "), name
+    read, _, _ = read_volume(tmp_path / "big.nii.gz", check_finite=False)
+    assert read.dtype == np.float32  # what the loaders hand on
+
+
+def test_rgb_and_complex_nifti_are_refused_naming_the_file(tmp_path):
+    rgb = np.zeros(SHAPE, dtype=[("R", "u1"), ("G", "u1"), ("B", "u1")])
+    nib.save(nib.Nifti1Image(rgb, np.eye(4)), tmp_path / "rgb.nii.gz")
+    real = volume().astype(np.float32)
+    nib.save(nib.Nifti1Image((real + 1j * real).astype(np.complex64), np.eye(4)), tmp_path / "complex.nii.gz")
+    for name, problem in (("rgb.nii.gz", "structured type (R, G, B"), ("complex.nii.gz", "complex voxels")):
+        path = tmp_path / name
+        with pytest.raises(DataError, match=re.escape(problem)) as refused:
+            LoadCTVolumed(["image", "label"])({"image": str(path), "label": str(path)})
+        assert str(refused.value).startswith(f"{path}: has "), name
+        with pytest.raises(DataError, match=re.escape(problem)):
+            LoadCTVolumed("label", hu_keys=None)({"label": str(path)})  # not a label either
+
+
+def hu_plus_1024(path: Path, array: np.ndarray, dtype=np.uint16, intercept: float | None = None) -> Path:
+    """A CT as some exporters write it: the stored values HU + 1024, with or without scl_inter saying so."""
+    image = nib.Nifti1Image((array.astype(np.int32) + 1024).astype(dtype), np.diag([0.8, 0.8, 2.5, 1.0]))
+    if intercept is not None:
+        image.header.set_slope_inter(1.0, intercept)
+    nib.save(image, path)
+    return path
+
+
+def test_integers_without_intercept_and_nothing_below_zero_are_refused_as_not_hounsfield_units(tmp_path):
+    hu = volume()
+    cases = {
+        "u16.nii.gz": hu_plus_1024(tmp_path / "u16.nii.gz", hu),
+        "i16.nii.gz": hu_plus_1024(tmp_path / "i16.nii.gz", hu, np.int16),
+        "u16.nrrd": itk_volume(tmp_path / "u16.nrrd", (hu.astype(np.int32) + 1024).astype(np.uint16)),
+    }
+    for name, path in cases.items():
+        with pytest.raises(DataError) as refused:
+            read_volume(path)
+        message = str(refused.value)
+        assert message.startswith(f"{path}: does not look like Hounsfield units: its values are stored integers")
+        assert "intercept" in message and "not a CT" in message, name
+        with pytest.raises(DataError, match="does not look like Hounsfield units"):
+            LoadCTVolumed(["image", "label"])({"image": str(path), "label": str(path)})
+    # the same stored values with scl_inter -1024 are HU; a label is integers from 0 and is read as it is
+    read, _, _ = read_volume(hu_plus_1024(tmp_path / "scaled.nii.gz", hu, intercept=-1024.0))
+    np.testing.assert_array_equal(read, hu)
+    label = tmp_path / "label.nii.gz"
+    nib.save(nib.Nifti1Image((hu > 0).astype(np.uint8), np.diag([0.8, 0.8, 2.5, 1.0])), label)
+    loaded = LoadCTVolumed(["image", "label"])({"image": str(tmp_path / "scaled.nii.gz"), "label": str(label)})
+    np.testing.assert_array_equal(loaded["label"].numpy(), hu > 0)
+
+
+def test_a_tight_crop_inside_the_body_without_air_is_hounsfield_units(tmp_path):
+    """A box inside the body can hold no air (nothing below -500 HU); it holds fat, so values below 0: read."""
+    crop = np.random.default_rng(3).integers(-120, 400, size=SHAPE).astype(np.int16)
+    nib.save(nib.Nifti1Image(crop, np.diag([0.8, 0.8, 2.5, 1.0])), tmp_path / "crop.nii.gz")
+    np.testing.assert_array_equal(LoadCTVolumed("image")({"image": str(tmp_path / "crop.nii.gz")})["image"], crop)
+
+
+@pytest.mark.parametrize(
+    "parts",
+    [
+        ("totalsegmentator", "pulmonary_report", "ct_cropped.nii.gz"),
+        ("totalsegmentator", "aorta_report", "ct_cropped.nii.gz"),
+        ("totalsegmentator", "example_ct_sm.nii.gz"),
+        ("totalsegmentator", "example_ct_dicom"),
+        ("dcmqi_ct3slice", "ct-3slice"),
+    ],
+    ids=lambda parts: "/".join(parts[1:]) or parts[0],
+)
+def test_real_ct_is_hounsfield_units(parts):
+    array, _, _ = read_volume(shared_path("ct", *parts))
+    assert array.min() < -500

@@ -181,6 +181,31 @@ def labelled_cases(cases: list[dict] | None, key: str = "extra_training_cases", 
     return unique_ids(items)
 
 
+def _is_series_folder(folder: Path) -> bool:
+    """Whether ``folder`` is a DICOM series folder: any of its files looks like DICOM. Every file is looked at
+    (thumbnails, a README or a checksum list may come first, or the slices may have no suffix). A folder that also
+    holds volume files is refused: read as a series, its volumes would be ignored; read as volumes, the series."""
+    # dot files are hidden files and writers' unfinished temporary files, which the DICOM reader skips too
+    files = [p for p in sorted(folder.iterdir()) if p.is_file() and not p.name.startswith(".")]
+    volumes = [f for f in files if is_volume_file(f)]
+    others = (f for f in files if not is_volume_file(f))
+    if not volumes:
+        return any(looks_like_dicom(f) for f in others)
+    dicom = [f for f in others if looks_like_dicom(f)]
+    if dicom:
+        raise DataError(
+            folder,
+            f"holds both volume files ({_names(volumes)}) and DICOM files ({_names(dicom)}), so it is neither a DICOM "
+            "series nor a folder of volumes: move the DICOM files to a folder of their own.",
+        )
+    return False
+
+
+def _names(paths: list[Path], most: int = 3) -> str:
+    more = f" and {len(paths) - most} more" if len(paths) > most else ""
+    return ", ".join(p.name for p in paths[:most]) + more
+
+
 def load_ct_images(input_path: str | os.PathLike) -> list[dict]:
     """Inference inputs: one volume file, one DICOM series folder, or a folder of volume files and series folders.
 
@@ -188,20 +213,23 @@ def load_ct_images(input_path: str | os.PathLike) -> list[dict]:
     renamed apart by :func:`datasets.io.unique_ids` (``a_nii_gz``, ``a_nrrd``), which logs it.
 
     Raises:
-        DataError: when the path does not exist or holds no volume.
+        DataError: when the path does not exist or holds no volume, or when a folder holds both volume files and
+            DICOM files (is it one series, or a folder of volumes?).
     """
     path = Path(input_path)
     if not path.exists():
         raise DataError(path, "does not exist.")
     if path.is_file():
         return unique_ids([{"image": str(path), "id": case_id(path), "source": str(path)}])
-    if any(looks_like_dicom(child) for child in sorted(path.iterdir())[:20] if child.is_file()):
+    if _is_series_folder(path):
         return unique_ids([{"image": str(path), "id": path.name, "source": str(path)}])
     items = []
     for child in sorted(path.iterdir()):
+        if child.name.startswith("."):
+            continue
         if is_volume_file(child):
             items.append({"image": str(child), "id": case_id(child), "source": str(child)})
-        elif child.is_dir() and any(looks_like_dicom(f) for f in sorted(child.iterdir())[:20] if f.is_file()):
+        elif child.is_dir() and _is_series_folder(child):
             items.append({"image": str(child), "id": child.name, "source": str(child)})
     if not items:
         raise DataError(

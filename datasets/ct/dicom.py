@@ -21,7 +21,7 @@ import os
 import warnings
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
@@ -43,6 +43,11 @@ from clinseg.datasets.io import atomic_write, check_size_limit
 logger = logging.getLogger(__name__)
 
 CT_IMAGE_STORAGE = UID("1.2.840.10008.5.1.4.1.1.2")
+# one file holds a whole series, its geometry per frame in functional group sequences
+MULTI_FRAME_CT_STORAGE = {
+    UID("1.2.840.10008.5.1.4.1.1.2.1"),  # Enhanced CT Image Storage
+    UID("1.2.840.10008.5.1.4.1.1.2.2"),  # Legacy Converted Enhanced CT Image Storage
+}
 DICOMDIR_STORAGE = UID("1.2.840.10008.1.3.10")
 DICOM_SUFFIXES = {".dcm", ".dicom", ".dic", ".ima"}
 
@@ -66,7 +71,7 @@ class CTVolume:
 
     ``hu[i, j, k]`` is column ``i``, row ``j`` of slice ``k``; slices are sorted along the slice normal (the cross
     product of the row and column directions), increasing, so the affine is right-handed. ``files`` are the slice
-    files in that order.
+    files in that order, ``intercepts`` their RescaleIntercept.
     """
 
     hu: np.ndarray
@@ -74,6 +79,7 @@ class CTVolume:
     series_uid: str
     description: str
     files: list[str]
+    intercepts: list[float] = field(default_factory=list)
 
     @property
     def spacing(self) -> tuple[float, float, float]:
@@ -445,8 +451,40 @@ def _sort_slices(
     return headers, origins, mean_step
 
 
-def _read_slice_hu(path: Path, rows: int, cols: int) -> np.ndarray:
-    """One slice in HU, (rows, cols) float64: stored value * RescaleSlope + RescaleIntercept of this file."""
+def _rescale(path: Path, ds: Dataset) -> tuple[float, float]:
+    """RescaleSlope and RescaleIntercept of one slice. A CT image must have both (type 1 in the CT Image module): the
+    stored values are not HU without them, and a missing intercept read as 0 gives HU + 1024, which reads as a
+    plausible but wrong image. Other modalities (``allow_non_ct``) may lack them: 1 and 0."""
+    ct = _text(ds, "Modality") == "CT"
+    attributes = (("RescaleSlope", "(0028,1053)", 1.0), ("RescaleIntercept", "(0028,1052)", 0.0))
+    missing = [f"{keyword} {tag}" for keyword, tag, _ in attributes if ds.get(keyword) in (None, "")]
+    if ct and missing:
+        raise DataError(
+            path,
+            f"has no {' and no '.join(missing)}: the stored values of a CT cannot be converted to Hounsfield units "
+            "without them (read with slope 1 and intercept 0 they would typically be 1024 too high).",
+        )
+    values = {}
+    for keyword, tag, default in attributes:
+        values[keyword] = _float_or(ds, keyword, default, path)
+        if not np.isfinite(values[keyword]):
+            raise DataError(path, f"{keyword} {tag} is not a finite number ({ds.get(keyword)!r}).")
+    slope, intercept = values["RescaleSlope"], values["RescaleIntercept"]
+    if slope == 0:
+        raise DataError(path, "RescaleSlope (0028,1053) is 0: every voxel would have the same value (the intercept).")
+    rescale_type = _text(ds, "RescaleType")
+    if ct and rescale_type and rescale_type.upper() != "HU":
+        raise DataError(
+            path,
+            f"RescaleType (0028,1054) is {rescale_type!r}, not HU: its values are not Hounsfield units (a derived "
+            "map, e.g. iodine or unspecified units), which this reader needs.",
+        )
+    return slope, intercept
+
+
+def _read_slice_hu(path: Path, rows: int, cols: int) -> tuple[np.ndarray, float]:
+    """One slice in HU, (rows, cols) float64: stored value * RescaleSlope + RescaleIntercept of this file; and that
+    intercept."""
     ds = _dcmread(path, force=True)
     meta = getattr(ds, "file_meta", None)
     syntax = UID(str(meta.get("TransferSyntaxUID", "") if meta is not None else "") or "")
@@ -471,9 +509,8 @@ def _read_slice_hu(path: Path, rows: int, cols: int) -> np.ndarray:
         ) from e
     if stored.shape != (rows, cols):
         raise DataError(path, f"pixel data has shape {stored.shape}, expected ({rows}, {cols}) from the header.")
-    slope = _float_or(ds, "RescaleSlope", 1.0, path)
-    intercept = _float_or(ds, "RescaleIntercept", 0.0, path)
-    return stored.astype(np.float64) * slope + intercept
+    slope, intercept = _rescale(path, ds)
+    return stored.astype(np.float64) * slope + intercept, intercept
 
 
 def read_ct_series(
@@ -501,6 +538,19 @@ def read_ct_series(
     """
     folder = Path(folder)
     info, headers = _select(folder, _scan(folder, files), series_uid, series_description)
+    # before anything else: an Enhanced CT file is a whole series whose geometry lives in per-frame sequences, so
+    # every later check (one slice, no position) would name a wrong problem
+    for path, ds in headers:
+        frames = _int_or_none(ds.get("NumberOfFrames")) or 1
+        sop_class = _sop_class(ds)
+        if frames > 1 or sop_class in MULTI_FRAME_CT_STORAGE:
+            raise DataError(
+                path,
+                f"is a multi-frame image ({sop_class.name or 'no SOP class'}, {frames} frame(s) in one file): "
+                "multi-frame DICOM is not supported, only series of one file per slice (CT Image Storage).",
+                "Export the series from the PACS or scanner as single-frame CT images, or convert it to NIfTI "
+                "(e.g. with dcm2niix, which reads Enhanced CT) and pass the .nii.gz.",
+            )
     if not allow_non_ct:
         modalities = [_text(ds, "Modality") for _, ds in headers]
         if all(m == modalities[0] for m in modalities):
@@ -528,8 +578,12 @@ def read_ct_series(
     headers, origins, step = _sort_slices(folder, headers, normal)
 
     hu = np.empty((cols, rows, len(headers)), dtype=np.float32)
+    intercepts = []
     for k, (path, _) in enumerate(headers):
-        hu[:, :, k] = _read_slice_hu(path, rows, cols).T  # pixel data is [row, column]; the volume is [i=col, j=row]
+        # pixel data is [row, column]; the volume is [i=col, j=row]
+        slice_hu, intercept = _read_slice_hu(path, rows, cols)
+        hu[:, :, k] = slice_hu.T
+        intercepts.append(intercept)
 
     affine = np.eye(4)
     affine[:3, 0] = row_cos * pixel_spacing[1]  # along a row: columns advance, spaced by PixelSpacing[1]
@@ -543,6 +597,7 @@ def read_ct_series(
         series_uid=info.uid,
         description=info.description,
         files=[str(path) for path, _ in headers],
+        intercepts=intercepts,
     )
 
 

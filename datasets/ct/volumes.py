@@ -34,6 +34,20 @@ NIFTI_SUFFIXES = (".nii", ".nii.gz")
 ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
 VOLUME_SUFFIXES = NIFTI_SUFFIXES + ITK_SUFFIXES
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+# the NRRD 'space' values that name the patient's axes (the format's long and short names), for a 3D volume
+NRRD_PATIENT_SPACES = {
+    "left-posterior-superior",
+    "lps",
+    "right-anterior-superior",
+    "ras",
+    "left-anterior-superior",
+    "las",
+}
+# the way out of a refusal by _hounsfield_problem
+HU_HINT = (
+    "If it is a CT, convert it again from the scanner's DICOM series with a tool that applies RescaleSlope and "
+    "RescaleIntercept (e.g. dcm2niix), or give that series itself; CT in Hounsfield units is what is read here."
+)
 
 
 def is_volume_file(path: str | os.PathLike) -> bool:
@@ -41,16 +55,26 @@ def is_volume_file(path: str | os.PathLike) -> bool:
 
 
 def looks_like_dicom(path: str | os.PathLike) -> bool:
-    """A cheap test for a DICOM Part 10 file: the ``DICM`` preamble marker (or a ``.dcm`` suffix)."""
+    """A cheap test for a DICOM file, from its name or its first 132 bytes: a DICOM suffix (``.dcm``, ``.dicom``,
+    ``.dic``, ``.ima``), the ``DICM`` preamble marker, or, as some old exporters write files without a preamble, a
+    first element of group 0002 or 0008 followed by an explicit VR or a short implicit length (the files the DICOM
+    series reader accepts)."""
+    from clinseg.datasets.ct.dicom import DICOM_SUFFIXES
+
     path = Path(path)
-    if path.suffix.lower() == ".dcm":
+    if path.suffix.lower() in DICOM_SUFFIXES:
         return True
     try:
         with open(path, "rb") as f:
-            f.seek(128)
-            return f.read(4) == b"DICM"
+            head = f.read(132)
     except OSError:
         return False
+    if head[128:132] == b"DICM":
+        return True
+    if len(head) < 8 or head[:2] not in (b"\x02\x00", b"\x08\x00"):
+        return False
+    vr = head[4:6]
+    return (vr.isalpha() and vr.isupper()) or int.from_bytes(head[4:8], "little") < 1024
 
 
 def case_id(path: str | os.PathLike) -> str:
@@ -165,7 +189,10 @@ def geometry_hint(spacing: Sequence[float] | None = None) -> str:
     )
 
 
-def _read_nifti(path: Path, max_voxels: int | None, assume: tuple | None) -> tuple[np.ndarray, np.ndarray, str | None]:
+def _read_nifti(
+    path: Path, max_voxels: int | None, assume: tuple | None
+) -> tuple[np.ndarray, np.ndarray, str | None, bool]:
+    """The voxels, RAS affine, geometry note, and whether the voxels are the stored integers without an intercept."""
     import nibabel as nib
 
     try:
@@ -182,7 +209,10 @@ def _read_nifti(path: Path, max_voxels: int | None, assume: tuple | None) -> tup
         array = np.asanyarray(image.dataobj)  # applies scl_slope/scl_inter when the header has them
     except Exception as e:
         raise DataError(path, f"cannot be read as NIfTI (empty, truncated or not a NIfTI file): {e}") from e
-    return array, affine, note
+    # nibabel reports no intercept (None) when scl_slope is 0 or NaN: the stored values are then used as they are
+    intercept = image.header.get_slope_inter()[1]
+    unscaled = np.issubdtype(image.get_data_dtype(), np.integer) and not (intercept and math.isfinite(intercept))
+    return array, affine, note, unscaled
 
 
 def _text_header(path: Path) -> dict[str, str]:
@@ -223,6 +253,17 @@ def _itk_geometry_problem(path: Path, spacing: Sequence[float]) -> str | None:
                 f"has no coordinate system: its NRRD header has no 'space directions' field{spacings}, so its voxel "
                 "size and orientation are unknown"
             )
+        # ITK reads every space that is not one of these (none given, 'space dimension' only, scanner-xyz,
+        # 3D-right-handed) as LPS without a word: a guess at which side is the patient's left
+        space = fields.get("space", "")
+        if space.lower() not in NRRD_PATIENT_SPACES:
+            given = f"its 'space' is {space!r}" if space else "it has no 'space' field"
+            if not space and "space dimension" in fields:
+                given += f" (only 'space dimension: {fields['space dimension']}')"
+            return (
+                f"has no anatomical coordinate system: {given}, not a patient space (left-posterior-superior, "
+                "right-anterior-superior or left-anterior-superior), so which side is the patient's left is unknown"
+            )
     elif "elementspacing" not in fields and "elementsize" not in fields:
         return "has no voxel size: its MetaImage header has no ElementSpacing (or ElementSize)"
     spacing = np.asarray(spacing, dtype=np.float64)
@@ -231,7 +272,11 @@ def _itk_geometry_problem(path: Path, spacing: Sequence[float]) -> str | None:
     return None
 
 
-def _read_itk(path: Path, max_voxels: int | None, assume: tuple | None) -> tuple[np.ndarray, np.ndarray, str | None]:
+def _read_itk(
+    path: Path, max_voxels: int | None, assume: tuple | None
+) -> tuple[np.ndarray, np.ndarray, str | None, bool]:
+    """The voxels, RAS affine, geometry note, and whether the voxels are the stored integers without an intercept
+    (always, for integer voxels: NRRD and MetaImage have no rescale)."""
     import SimpleITK as sitk
 
     if not path.exists():
@@ -265,7 +310,8 @@ def _read_itk(path: Path, max_voxels: int | None, assume: tuple | None) -> tuple
                 "Correct the spacing in its text header (ElementSpacing, or NRRD space directions).",
             ) from e
         raise DataError(path, f"cannot be read as {what} (empty or truncated?): {e}") from e
-    return np.transpose(sitk.GetArrayFromImage(image), (2, 1, 0)), affine, note  # ITK arrays are [k, j, i]
+    array = np.transpose(sitk.GetArrayFromImage(image), (2, 1, 0))  # ITK arrays are [k, j, i]
+    return array, affine, note, np.issubdtype(array.dtype, np.integer)
 
 
 def _apply_geometry_policy(
@@ -287,6 +333,46 @@ def _apply_geometry_policy(
     return assumed_affine(spacing, orientation), note
 
 
+def _voxel_type_problem(array: np.ndarray) -> str | None:
+    """What makes the voxel type unusable as one real number per voxel, or None. nibabel gives RGB NIfTIs a
+    structured type (R, G, B fields) and complex ones a complex type; a cast to float32 would fail on the first
+    and silently drop the imaginary part of the second."""
+    dtype = array.dtype
+    if dtype.fields is not None:
+        return f"has voxels of a structured type ({', '.join(dtype.names)}: e.g. RGB colour), not one number each"
+    if np.issubdtype(dtype, np.complexfloating):
+        return f"has complex voxels ({dtype}); a CT volume holds real numbers (its imaginary part would be dropped)"
+    if not (np.issubdtype(dtype, np.integer) or np.issubdtype(dtype, np.floating) or dtype == np.bool_):
+        return f"has voxels of type {dtype}, not real numbers"
+    return None
+
+
+def _hounsfield_problem(array: np.ndarray, unscaled: bool) -> str | None:
+    """Why ``array`` cannot be a CT in Hounsfield units, or None.
+
+    The rule rests on the storage, not on the content alone. A CT of a body holds air (-1000 HU: around the body, in
+    the lungs, the bowel), but a tight crop inside the body need not (a box around the mediastinum or the liver), so
+    "no voxel below -500 HU" would refuse real crops. What a crop still holds is fat (-100 HU) or air, so values
+    below 0. Values that are the file's stored integers, with no intercept applied, none of them below 0, are what a
+    CT exported without its intercept gives (HU + 1024 as uint16: air at 0, fat at 920, soft tissue at 1064), and
+    also MR or other images stored as unsigned integers; the field-of-view check would read either as "not a torso,
+    no heart". A float volume carries no such evidence (it was computed, e.g. resampled, by software that applied
+    the rescale) and is left to the anatomy check. A crop of nothing but blood, muscle or bone stored as integers
+    (no fat, no air) is refused too: it holds no anatomy this bundle could report on.
+    """
+    if not unscaled or array.size == 0:
+        return None
+    low, high = array.min(), array.max()
+    if low < 0:
+        return None
+    return (
+        f"does not look like Hounsfield units: its values are stored integers ({array.dtype}) from {low} to {high} "
+        "with no rescale intercept, none below 0, where a CT has air at -1000 and fat at -100 HU. Most likely the "
+        "intercept (usually -1024) was lost when the scan was exported (DICOM RescaleIntercept, NIfTI scl_inter), "
+        "or the image is not a CT."
+    )
+
+
 def read_volume(
     path: str | os.PathLike,
     series_uid: str | None = None,
@@ -295,11 +381,18 @@ def read_volume(
     assume_spacing: PositiveSpacing | None = None,
     assume_orientation: str = "RAS",
     max_voxels: PositiveInt | None = DEFAULT_MAX_VOXELS,
+    check_hu: bool = True,
 ) -> tuple[np.ndarray, np.ndarray, dict]:
     """Read a CT volume (file or DICOM series folder) as ``(array [i, j, k], affine to RAS mm, metadata)``.
 
     DICOM series are converted to Hounsfield units with each slice's RescaleSlope/Intercept; NIfTI scaling is
-    applied. ``series_uid``/``series_description`` select a series in a folder holding several.
+    applied. ``series_uid``/``series_description`` select a series in a folder holding several. Floating-point
+    voxels come out as float32 (what every loader hands on), integer ones keep their type; structured (RGB) and
+    complex voxels are refused, and so are values that are not finite as float32 (``check_finite``).
+
+    ``check_hu``: refuse a volume whose values cannot be Hounsfield units: stored integers with no rescale intercept,
+    none below 0 (a CT exported as HU + 1024 without its intercept, or not a CT; see :func:`_hounsfield_problem`).
+    Turn it off for label volumes.
 
     Geometry is never assumed: a file without a coordinate system (NIfTI with qform and sform codes 0, NRRD without
     space directions, MetaImage without spacing) or with a degenerate one (a spacing of 0, negative or NaN, an axis
@@ -310,7 +403,7 @@ def read_volume(
 
     Raises:
         DataError: naming the file or folder and the problem (unreadable, not 3D, no geometry, too large, NaN/Inf
-            values, ...).
+            values, not Hounsfield units, ...).
     """
     path = Path(path)
     check_assumed_geometry(assume_spacing, assume_orientation)
@@ -324,12 +417,13 @@ def read_volume(
             path, series_uid=series_uid, series_description=series_description, max_voxels=max_voxels
         )
         array, affine = volume.hu, LPS_TO_RAS @ volume.affine_lps
+        unscaled = not any(volume.intercepts)  # DICOM pixel data are integers
         meta.update(source_format="dicom", series_uid=volume.series_uid, series_description=volume.description)
     elif str(path).lower().endswith(NIFTI_SUFFIXES):
-        array, affine, note = _read_nifti(path, max_voxels, assume)
+        array, affine, note, unscaled = _read_nifti(path, max_voxels, assume)
         meta["source_format"] = "nifti"
     elif str(path).lower().endswith(ITK_SUFFIXES):
-        array, affine, note = _read_itk(path, max_voxels, assume)
+        array, affine, note, unscaled = _read_itk(path, max_voxels, assume)
         meta["source_format"] = path.suffix.lstrip(".").lower()
     elif not path.exists():
         raise DataError(path, "does not exist.")
@@ -345,19 +439,39 @@ def read_volume(
         raise DataError(path, f"has shape {tuple(array.shape)}; a CT volume must be 3D (one channel).")
     if min(array.shape) < 2:
         raise DataError(path, f"has shape {tuple(array.shape)}; a volume needs at least 2 voxels along every axis.")
+    return _checked_voxels(path, array, affine, unscaled, check_finite, check_hu), affine, meta
+
+
+def _checked_voxels(
+    path: Path, array: np.ndarray, affine: np.ndarray, unscaled: bool, check_finite: bool, check_hu: bool
+) -> np.ndarray:
+    """The checks on the voxels every reader shares; returns the array, floats as float32."""
+    problem = _voxel_type_problem(array)
+    if problem is not None:
+        raise DataError(path, problem + ".")
+    if np.issubdtype(array.dtype, np.floating) and array.dtype != np.float32:
+        # the finiteness check comes after this cast: a float64 value beyond float32's range (a 1e39, or an int16
+        # NIfTI with scl_slope 1e38) would otherwise pass it and become inf in the loader's cast
+        with np.errstate(over="ignore"):
+            array = array.astype(np.float32)
     if check_finite and np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
         bad = int((~np.isfinite(array)).sum())
-        raise DataError(path, f"holds {bad} NaN or infinite voxel values.")
+        raise DataError(path, f"holds {bad} NaN or infinite voxel values (as float32).")
     problem = affine_problem(affine)
     if problem is not None:
         raise DataError(path, problem)
-    return array, affine, meta
+    if check_hu:
+        problem = _hounsfield_problem(array, unscaled)
+        if problem is not None:
+            raise DataError(path, problem, HU_HINT)
+    return array
 
 
 def read_dicom_files(
-    files: Sequence[str | os.PathLike], max_voxels: PositiveInt | None = DEFAULT_MAX_VOXELS
+    files: Sequence[str | os.PathLike], max_voxels: PositiveInt | None = DEFAULT_MAX_VOXELS, check_hu: bool = True
 ) -> tuple[np.ndarray, np.ndarray, dict]:
-    """One CT series given as its slice files (all checks of :func:`datasets.ct.dicom.read_ct_series` apply)."""
+    """One CT series given as its slice files (all checks of :func:`datasets.ct.dicom.read_ct_series` apply, and
+    those of :func:`read_volume` on the voxels)."""
     from clinseg.datasets.ct.dicom import read_ct_series
 
     files = [Path(f) for f in files]
@@ -369,7 +483,9 @@ def read_dicom_files(
         "series_description": volume.description,
         "geometry_assumed": "",
     }
-    return volume.hu, LPS_TO_RAS @ volume.affine_lps, meta
+    affine = LPS_TO_RAS @ volume.affine_lps
+    hu = _checked_voxels(folder, volume.hu, affine, not any(volume.intercepts), True, check_hu)
+    return hu, affine, meta
 
 
 class CTVolumeReader(ImageReader):
@@ -378,7 +494,9 @@ class CTVolumeReader(ImageReader):
     Use as ``LoadImaged(keys, reader=CTVolumeReader())``. Images come out in float32 (HU for CT), labels keep
     their values; the metadata carries ``affine``/``original_affine`` (RAS), ``spatial_shape``, the source
     format and ``geometry_assumed`` (see :func:`read_volume`, which also describes ``assume_spacing``,
-    ``assume_orientation`` and ``max_voxels``), so ``Invertd`` and ``SaveImaged`` restore the input's grid.
+    ``assume_orientation``, ``max_voxels`` and ``check_hu``), so ``Invertd`` and ``SaveImaged`` restore the input's
+    grid. ``check_hu`` is off by default because one reader often loads the labels too; :class:`LoadCTVolumed`
+    turns it on for the image keys.
     """
 
     def __init__(
@@ -389,6 +507,7 @@ class CTVolumeReader(ImageReader):
         assume_spacing: PositiveSpacing | None = None,
         assume_orientation: str = "RAS",
         max_voxels: PositiveInt | None = DEFAULT_MAX_VOXELS,
+        check_hu: bool = False,
     ):
         super().__init__()
         check_assumed_geometry(assume_spacing, assume_orientation)
@@ -398,6 +517,7 @@ class CTVolumeReader(ImageReader):
             raise InputError(f"max_voxels {max_voxels!r}", "must be a positive integer (or None for no limit).")
         self.series_uid, self.series_description, self.dtype = series_uid, series_description, dtype
         self.assume_spacing, self.assume_orientation, self.max_voxels = assume_spacing, assume_orientation, max_voxels
+        self.check_hu = check_hu
 
     def verify_suffix(self, filename: Sequence[os.PathLike] | os.PathLike) -> bool:
         return all(Path(f).is_dir() or is_volume_file(f) for f in ensure_tuple(filename))
@@ -405,7 +525,8 @@ class CTVolumeReader(ImageReader):
     def read(self, data: Sequence[os.PathLike] | os.PathLike, **kwargs):
         paths = [Path(p) for p in ensure_tuple(data)]
         if len(paths) > 1 and all(p.is_file() and looks_like_dicom(p) for p in paths):
-            return read_dicom_files(paths, self.max_voxels)  # one series' slice files, e.g. from a study loader
+            # one series' slice files, e.g. from a study loader
+            return read_dicom_files(paths, self.max_voxels, check_hu=self.check_hu)
         volumes = [
             read_volume(
                 p,
@@ -414,6 +535,7 @@ class CTVolumeReader(ImageReader):
                 assume_spacing=self.assume_spacing,
                 assume_orientation=self.assume_orientation,
                 max_voxels=self.max_voxels,
+                check_hu=self.check_hu,
             )
             for p in paths
         ]
@@ -440,7 +562,8 @@ class LoadCTVolumed(ReadImaged):
     :class:`~clinseg.datasets.readers.ReadImaged` with a :class:`CTVolumeReader`, so an unusable input raises the
     reader's :class:`~datasets.errors.DataError`, which names the file and the problem. The metadata is the reader's
     (RAS affine, spatial shape, source, ``geometry_assumed``). ``assume_spacing``, ``assume_orientation`` and
-    ``max_voxels``: see :func:`read_volume`.
+    ``max_voxels``: see :func:`read_volume`. The volumes of ``hu_keys`` (default ``image``; None: none) must be CT in
+    Hounsfield units (``check_hu`` of :func:`read_volume`); the other keys (labels) are read as they are.
     """
 
     def __init__(
@@ -453,7 +576,27 @@ class LoadCTVolumed(ReadImaged):
         assume_spacing: PositiveSpacing | None = None,
         assume_orientation: str = "RAS",
         max_voxels: PositiveInt | None = DEFAULT_MAX_VOXELS,
+        hu_keys: KeysCollection | None = "image",
     ):
-        reader = CTVolumeReader(series_uid, series_description, dtype, assume_spacing, assume_orientation, max_voxels)
+        options = (series_uid, series_description, dtype, assume_spacing, assume_orientation, max_voxels)
+        reader = CTVolumeReader(*options)
         super().__init__(keys, reader, allow_missing_keys=allow_missing_keys)
         self.reader = reader
+        self.hu_keys = set(ensure_tuple(hu_keys)) if hu_keys is not None else set()
+        # ReadImaged picks a reader by a path's name; whether a volume must be in HU depends on its key instead
+        hu_reader = CTVolumeReader(*options, check_hu=True)
+        parts = (
+            ([k for k in self.keys if k in self.hu_keys], hu_reader),
+            ([k for k in self.keys if k not in self.hu_keys], reader),
+        )
+        self.parts = [
+            ReadImaged(part_keys, part_reader, allow_missing_keys=allow_missing_keys)
+            for part_keys, part_reader in parts
+            if part_keys
+        ]
+
+    def __call__(self, data) -> dict:
+        d = dict(data)
+        for part in self.parts:
+            d = part(d)
+        return d
