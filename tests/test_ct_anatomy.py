@@ -332,3 +332,51 @@ def test_the_real_ct_overlay_tunes_on_one_chest_crop_and_keeps_the_other_real_ct
     held_out = [folder / "aorta_report" / "ct_cropped.nii.gz", folder / "example_ct_dicom"]
     assert not {p.resolve() for p in held_out} & set(sources + validation)
     assert parser.get_parsed_content("initial_weights") == parser.get_parsed_content("checkpoint_path")
+
+
+def crop_around(phantom_hu, heart, affine, margin_mm: float):
+    """The volume cut to the heart's bounding box plus ``margin_mm``: a field of view inside the body."""
+    spacing = np.linalg.norm(affine[:3, :3], axis=0)
+    where = np.argwhere(heart)
+    margin = np.ceil(margin_mm / spacing).astype(int)
+    low, high = np.maximum(where.min(0) - margin, 0), np.minimum(where.max(0) + margin + 1, heart.shape)
+    box = tuple(slice(a, b) for a, b in zip(low, high, strict=True))
+    cropped = affine.copy()
+    cropped[:3, 3] = affine[:3, :3] @ low + affine[:3, 3]
+    return phantom_hu[box], heart[box], cropped
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+@pytest.mark.parametrize("margin_mm", [0.0, 3.0])
+def test_a_field_inside_the_body_around_the_heart_keeps_the_heart(seed, margin_mm):
+    """A crop around the heart shows little lung and no outline of the body: slices without lungs there are not
+    abdominal (the lungs may lie just outside the field), so no rule removes the heart. It was removed whole
+    ("other", no heart expected) or below lung bases placed too high."""
+    chest = synthesize_ct(seed, region="chest")
+    hu, heart, affine = crop_around(chest.hu, chest.heart > 0, chest.affine, margin_mm)
+    verdict = FieldOfView.from_json(CTFieldOfViewd("image")({"image": meta(hu, affine)})["anatomy"])
+    data = {"pred": meta(heart.astype(np.uint8), affine), "anatomy": verdict.to_json()}
+    data = CheckHeartAnatomyd("pred")(RemoveHeartOutsideAnatomyd("pred")(data))
+    after = FieldOfView.from_json(data["anatomy"])
+    assert (data["pred"][0].numpy() > 0).sum() == heart.sum(), (after.field_of_view, after.flags, after.reasons)
+    assert after.heart_expected in ("partial", "unknown", "whole")
+    if after.field_of_view == "unknown":
+        assert not after.volume_reportable and "inside the body" in after.reasons[0]
+
+
+def test_a_field_inside_the_real_chest_around_its_heart_keeps_the_heart():
+    from monai.transforms import Compose, EnsureChannelFirstd
+
+    from clinseg.datasets.ct import LoadCTVolumed
+    from clinseg.transforms.ct import AlignToImaged
+
+    folder = shared_path("ct", "totalsegmentator", "pulmonary_report")
+    data = Compose(
+        [LoadCTVolumed(["image", "label"]), EnsureChannelFirstd(["image", "label"]), AlignToImaged("label")]
+    )({"image": str(folder / "ct_cropped.nii.gz"), "label": str(folder / "heart.nii.gz")})
+    hu, heart, affine = crop_around(
+        data["image"][0].numpy(), data["label"][0].numpy() > 0, data["image"].affine.numpy(), 0.0
+    )
+    verdict = FieldOfView.from_json(CTFieldOfViewd("image")({"image": meta(hu, affine)})["anatomy"])
+    kept, after = check(type("Case", (), {"affine": affine})(), heart, verdict)
+    assert kept.sum() == heart.sum(), (after.field_of_view, after.flags, after.reasons)

@@ -12,9 +12,13 @@ contradicting it is flagged or removed instead of being reported as a plausible 
 - The verdict: ``field_of_view`` is ``chest`` (thoracic slices throughout or below a thin abdominal strip),
   ``chest_abdomen`` (a long thorax over a long abdomen), ``upper_abdomen`` (lung bases at the top of an abdominal
   field), ``abdomen`` (no lungs: nothing of the heart can be there), ``other`` (no lungs and a body smaller than a
-  torso: a head, a neck, limbs) or ``unknown`` (no body found); and
+  torso: a head, a neck, limbs) or ``unknown`` (no body found, or a field of view inside the body: below); and
   ``heart_expected`` is ``whole``, ``partial`` (an upper-abdominal field, or a slab thinner than a heart) or
   ``none``.
+- A slice none of whose corners is air shows no outline of the body: the field lies inside it (a crop around an
+  organ), and lungs just outside the field cannot be told from none. Such a slice without lungs is *undetermined*:
+  it moves the lung base below it, and a field mostly of them without a thoracic slice is ``unknown``, so a crop
+  around a heart does not lose its heart to a verdict of "no lungs".
 - :class:`RemoveHeartOutsideAnatomyd` (before keeping the largest component) removes heart voxels where no heart
   can be: everything when ``heart_expected`` is ``none``, and what lies below the lung bases.
 - :class:`CheckHeartAnatomyd` (on the final mask) flags a heart cut by the field of view, a heart outside the
@@ -54,6 +58,13 @@ UPPER_ABDOMEN_MM = 60.0  # this much of the field below the lung bases makes it 
 DIAPHRAGM_MARGIN_MM = 10.0  # the heart rests on the diaphragm; it never reaches below the lung bases
 HEART_VOLUME_RANGE_ML = (150.0, 1500.0)  # outside it, a whole adult heart is implausible
 LATERAL_MARGIN_MM = 20.0
+# A body's cross-section is round and an image square, so a slice that shows the body's outline has outside air in
+# at least one corner (or the scanner's padding, lower still). A slice whose four corners (this fraction of each
+# side) are all tissue or lung lies inside the body (a crop around an organ): lungs just outside its field cannot
+# be told from their absence there. A corner is air when a fifth of its voxels are below the lungs' range (a field
+# fitted tightly to the body leaves only a small triangle of air in its corners; aerated lung has few such voxels).
+CORNER_FRACTION = 0.1
+AIR_CORNER_SHARE = 0.2
 OUTSIDE_TOLERANCE_ML = 1.0  # less than this outside the anatomy (a few boundary voxels) is removed but not flagged
 
 FIELDS_OF_VIEW = ("chest", "chest_abdomen", "upper_abdomen", "abdomen", "other", "unknown")
@@ -120,6 +131,17 @@ def _body_hull(hu: np.ndarray, superior: int, spacing: np.ndarray) -> np.ndarray
     return ndimage.binary_erosion(hull, structure=structure, iterations=radius)  # off the skin's partial volume
 
 
+def _no_outline(hu: np.ndarray, superior: int) -> np.ndarray:
+    """Which axial slices show no outline of the body: none of their four corners is air (see ``CORNER_FRACTION``)."""
+    planes = np.moveaxis(hu, superior, 0)
+    rows, cols = (max(2, int(round(n * CORNER_FRACTION))) for n in planes.shape[1:])
+    corners = [
+        planes[:, r, c] for r in (slice(0, rows), slice(-rows, None)) for c in (slice(0, cols), slice(-cols, None))
+    ]
+    air = [(corner < LUNG_HU_RANGE[0]).mean(axis=(1, 2)) >= AIR_CORNER_SHARE for corner in corners]
+    return ~np.any(air, axis=0)
+
+
 def measure_field_of_view(hu: np.ndarray, affine: np.ndarray) -> tuple[FieldOfView, np.ndarray]:
     """The field-of-view verdict of a HU volume ``[i, j, k]`` with its voxel-to-RAS affine, and the lung mask."""
     hu = np.asarray(hu, dtype=np.float32)
@@ -133,13 +155,15 @@ def measure_field_of_view(hu: np.ndarray, affine: np.ndarray) -> tuple[FieldOfVi
     slice_z = slice_z + sum(affine[2, d] * (hu.shape[d] - 1) / 2 for d in in_plane)
 
     hull = _body_hull(hu, superior, spacing)
-    body_area_cm2 = hull.sum(axis=in_plane) * float(np.prod(spacing[list(in_plane)])) / 100.0
+    pixel_cm2 = float(np.prod(spacing[list(in_plane)])) / 100.0
+    body_area_cm2 = hull.sum(axis=in_plane) * pixel_cm2
     if body_area_cm2.max(initial=0.0) < MIN_BODY_AREA_CM2:
         verdict = FieldOfView("unknown", "unknown", ["no body found in the field of view"], slab_mm, False, 0.0, 0.0)
         verdict.volume_reportable = False
         return verdict, np.zeros(hu.shape, dtype=bool)
 
     smoothed = ndimage.uniform_filter(hu, 3)
+    enclosed = _no_outline(hu, superior)
     lung = (smoothed > LUNG_HU_RANGE[0]) & (smoothed < LUNG_HU_RANGE[1]) & hull
     if float(min(spacing)) <= 3.0:
         lung = ndimage.binary_opening(lung)
@@ -147,11 +171,31 @@ def measure_field_of_view(hu: np.ndarray, affine: np.ndarray) -> tuple[FieldOfVi
     sizes_ml = np.bincount(labels.ravel())[1:] * voxel_ml
     lung = np.isin(labels, np.flatnonzero(sizes_ml >= LUNG_MIN_COMPONENT_ML) + 1)
     lung_ml = float(lung.sum()) * voxel_ml
-    lung_area_cm2 = lung.sum(axis=in_plane) * float(np.prod(spacing[list(in_plane)])) / 100.0
+    lung_area_cm2 = lung.sum(axis=in_plane) * pixel_cm2
     thoracic = (lung_area_cm2 >= THORACIC_LUNG_FRACTION * np.maximum(body_area_cm2, 1e-6)) & (
         body_area_cm2 >= MIN_BODY_AREA_CM2
     )
     thoracic_mm = float(thoracic.sum() * spacing[superior])
+    has_body = body_area_cm2 >= MIN_BODY_AREA_CM2
+    # a slice without lungs inside a field that lies inside the body may have them just outside the field: it is
+    # neither thoracic nor abdominal, and no verdict that removes a heart rests on it
+    undetermined = enclosed & has_body & ~thoracic
+    if (lung_ml < NO_LUNG_ML or not thoracic.any()) and undetermined.sum() >= 0.5 * has_body.sum():
+        verdict = FieldOfView(
+            "unknown",
+            "unknown",
+            [
+                f"the field of view lies inside the body on {int(undetermined.sum())} of {int(has_body.sum())} "
+                "slices (no outline of the body): lungs just outside it cannot be told from none, so whether a "
+                "heart can be there is unknown"
+            ],
+            slab_mm,
+            True,
+            round(lung_ml, 1),
+            thoracic_mm,
+        )
+        verdict.volume_reportable = False
+        return verdict, lung
     if lung_ml < NO_LUNG_ML or not thoracic.any():
         torso = float(np.median(body_area_cm2[body_area_cm2 >= MIN_BODY_AREA_CM2])) >= TORSO_AREA_CM2
         verdict = FieldOfView(
@@ -172,6 +216,14 @@ def measure_field_of_view(hu: np.ndarray, affine: np.ndarray) -> tuple[FieldOfVi
 
     z_thoracic = slice_z[thoracic]
     base_z, top_z = float(z_thoracic.min()), float(z_thoracic.max())
+    # the lung bases may lie lower, outside the field, where the slices below the lowest thoracic one are
+    # undetermined: the diaphragm is placed at the lowest of those joined to it, so nothing above it is removed
+    by_height = np.argsort(-slice_z)
+    lowest = int(np.flatnonzero(thoracic[by_height]).max())
+    for k in by_height[lowest + 1 :]:
+        if not undetermined[k]:
+            break
+        base_z = float(slice_z[k])
     bottom_z, roof_z = float(slice_z.min()), float(slice_z.max())
     below_mm = base_z - bottom_z
     lung_x = world_coordinates(affine, hu.shape, 0)
