@@ -70,6 +70,10 @@ def test_cv_runs_a_child_per_fold_and_its_models_infer_as_one_ensemble(tmp_path,
     checkpoints = [f["checkpoint"] for f in summary["per_fold"]]
     assert len(checkpoints) == 3 and all(Path(c).is_file() for c in checkpoints)
     assert "--checkpoint_path" in parent.data.tags["ensemble_command"]
+    # a fold's model saw part of the data: none becomes the bundle's model (a later full training's would then be
+    # kept out as "validated on other data")
+    assert not (tmp_path / "bundle" / "models" / "model.pt").exists()
+    assert not list((tmp_path / "bundle").glob("outputs/*/promotion.json"))
 
     images = tmp_path / "bscans"
     images.mkdir()

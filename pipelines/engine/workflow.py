@@ -69,7 +69,7 @@ def initialize(
         # a training's run folder is its own: claimed before anything (the checkpoint folder first) is made in it
         require_output_outside_input(output_dir, input_path)
         require_writable_dir(output_dir, "the output folder")
-        claim_run_folder(output_dir, resume=_resume_of_running_config())
+        claim_run_folder(output_dir, resume=_running_config_value("resume"))
     if ckpt_dir is not None:  # every rank reads checkpoints (resume)
         require_writable_dir(ckpt_dir, "the checkpoint folder")
     if is_rank_zero():
@@ -82,12 +82,12 @@ def initialize(
             check_tracking_uri(tracking_uri)
 
 
-def _resume_of_running_config():
-    """The running training's ``resume`` (a run name, True, or None for a new run)."""
+def _running_config_value(key: str):
+    """``key`` of the running bundle config (``resume``: a run name, True, or None for a new run), or None."""
     parser = running_parser()
-    if parser is None or "resume" not in parser:
+    if parser is None or key not in parser:
         return None
-    return parser.get_parsed_content("resume")
+    return parser.get_parsed_content(key)
 
 
 def finish_distributed() -> None:
@@ -175,6 +175,12 @@ def run_training(
     from clinseg.pipelines.engine.handlers.checkpointing import resume_from_latest
 
     initialized_from = start_from(trainer.network, initial_weights, resume)
+    folds = _running_config_value("folds")
+    if promote_to is not None and folds:
+        # a fold's model saw part of the data and was validated on its own part: it must not become the bundle's
+        # model, nor block the full training's promotion ("validated on other data")
+        logger.info(f"fold {_running_config_value('fold')} of {folds}: its model is not promoted to {promote_to}")
+        promote_to = None
     early_stop.set_trainer(trainer)
     if is_rank_zero():
         latest_checkpoint.attach(trainer)
