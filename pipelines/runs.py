@@ -16,7 +16,8 @@ an explicit, atomic, logged **promotion**:
 
 A promotion holds a lock on the bundle's ``models/`` folder, so two trainings ending together decide one after
 the other, and writes ``model.pt``, ``model.json`` and the bundle's ``large_files.yml`` (the Model Zoo's record
-of where the weights come from, with their SHA-256) together, all or none (``atomic_write_all``).
+of where the weights come from, with their SHA-256) together: each staged whole, then a journal of the renames,
+then the renames, so a promotion whose process dies midway is completed by the next reader or promotion.
 
 Resume continues a named run (``--resume R``) or the newest run of this bundle root (``--resume True``), in that
 run's folder and from its own latest checkpoint.
@@ -163,8 +164,11 @@ def claim_run_folder(output_dir: str | os.PathLike, resume: bool | str | None = 
 
 
 def read_record(models_dir: str | os.PathLike) -> dict | None:
-    """``model.json`` of a models folder, when it describes the ``model.pt`` beside it (same SHA-256), else None."""
+    """``model.json`` of a models folder, when it describes the ``model.pt`` beside it (same SHA-256), else None.
+    A promotion into the folder left half-done by a process that died is completed first."""
     models_dir = Path(models_dir)
+    if (models_dir / PROMOTION_JOURNAL).is_file():
+        _complete_abandoned_promotion(models_dir)
     try:
         record = json.loads((models_dir / MODEL_RECORD).read_text())
     except (OSError, ValueError):
@@ -279,6 +283,40 @@ def write_run_record(models_dir: str | os.PathLike, record: dict) -> dict | None
 
 # ---- promotion ------------------------------------------------------------------------------------------------
 
+# the promotion's list of renames still to do, written (atomically) once every new file is staged beside its target:
+# a promotion whose process dies between two renames is completed by the next one that takes the lock, or by the
+# next reader, instead of leaving one run's model.pt beside another run's model.json
+PROMOTION_JOURNAL = ".promotion-journal.json"
+PROMOTION_LOCK = ".promotion.lock"
+
+
+def _roll_forward(models_dir: Path) -> bool:
+    """Do the renames the journal in ``models_dir`` lists that are not done yet, then remove it (under the lock).
+    Returns whether there was one."""
+    journal = models_dir / PROMOTION_JOURNAL
+    try:
+        moves = json.loads(journal.read_text())["moves"]
+    except FileNotFoundError:
+        return False
+    for staged, target in moves:
+        if os.path.exists(staged):  # a rename already done has left nothing under the staged name
+            os.replace(staged, target)
+    journal.unlink()
+    return True
+
+
+def _complete_abandoned_promotion(models_dir: Path) -> None:
+    """Complete a promotion into ``models_dir`` whose process died midway; one still running (it holds the lock) is
+    left to finish."""
+    from filelock import FileLock, Timeout
+
+    try:
+        with FileLock(str(models_dir / PROMOTION_LOCK), timeout=0):
+            if _roll_forward(models_dir):
+                logger.warning(f"{models_dir}: completed a promotion left unfinished by a process that stopped")
+    except Timeout:
+        return
+
 
 def large_files_text(source: Path, sha256: str) -> str:
     """The Model Zoo's ``large_files.yml`` for the promoted model: where ``models/model.pt`` comes from (the
@@ -330,7 +368,7 @@ def promote(
     """
     from filelock import FileLock
 
-    from clinseg.datasets.io import atomic_write, atomic_write_all
+    from clinseg.datasets.io import atomic_write
 
     run_models_dir, bundle_models_dir = Path(run_models_dir), Path(bundle_models_dir)
     candidate = read_record(run_models_dir)
@@ -339,7 +377,9 @@ def promote(
             run_models_dir.resolve(), "holds no model.pt with its model.json (the run saved no model) to promote."
         )
     bundle_models_dir.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(bundle_models_dir / ".promotion.lock"), timeout=600):
+    with FileLock(str(bundle_models_dir / PROMOTION_LOCK), timeout=600):
+        if _roll_forward(bundle_models_dir):
+            logger.warning(f"{bundle_models_dir}: completed a promotion left unfinished by a process that stopped")
         present = (bundle_models_dir / MODEL_FILE).is_file()
         incumbent = read_record(bundle_models_dir) if present else None
         promoted, reason = (True, "promoted on request") if force else decide(candidate, incumbent, present)
@@ -351,13 +391,18 @@ def promote(
             source = run_models_dir / MODEL_FILE
             text = json.dumps(record, indent=2) + "\n"
             large_files = large_files_text(source, record["sha256"])
-            atomic_write_all(
-                [
-                    (bundle_models_dir / MODEL_FILE, lambda tmp: shutil.copyfile(source, tmp)),
-                    (bundle_models_dir / MODEL_RECORD, lambda tmp: Path(tmp).write_text(text)),
-                    (bundle_models_dir.parent / LARGE_FILES, lambda tmp: Path(tmp).write_text(large_files)),
-                ]
-            )
+            writes = [
+                (bundle_models_dir / MODEL_FILE, lambda tmp: shutil.copyfile(source, tmp)),
+                (bundle_models_dir / MODEL_RECORD, lambda tmp: Path(tmp).write_text(text)),
+                (bundle_models_dir.parent / LARGE_FILES, lambda tmp: Path(tmp).write_text(large_files)),
+            ]
+            # every new file staged (each written whole), then the journal of the renames, then the renames: a
+            # process that dies after the journal leaves a promotion the next reader completes (_roll_forward)
+            staged = [atomic_write(target.with_name(f".{target.name}.promoting"), write) for target, write in writes]
+            moves = [[str(tmp), str(target)] for tmp, (target, _) in zip(staged, writes, strict=True)]
+            journal = json.dumps({"moves": moves})
+            atomic_write(bundle_models_dir / PROMOTION_JOURNAL, lambda tmp: Path(tmp).write_text(journal))
+            _roll_forward(bundle_models_dir)
     decision = {"promoted": promoted, "reason": reason, "candidate": candidate, "incumbent": incumbent}
     if decision_file is not None:
         text = json.dumps(decision, indent=2) + "\n"

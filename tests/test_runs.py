@@ -343,3 +343,36 @@ def test_a_run_name_already_taken_is_refused_and_the_first_runs_files_are_kept(t
                              capture_output=True, text=True, timeout=600)  # fmt: skip
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert (folder / "models" / "latest_checkpoint_epoch=2.pt").is_file()
+
+
+def test_a_promotion_killed_between_its_renames_is_completed_by_the_next_reader(tmp_path):
+    """model.pt, model.json and large_files.yml are renamed one after the other; a process killed between two
+    renames must not leave one run's model.pt beside another's model.json (the record no longer matches, every
+    later promotion is kept out and the input-settings check is skipped)."""
+    bundle_models = tmp_path / "bundle" / "models"
+    runs.promote(_run_model(tmp_path / "first", 0.5, b"first"), bundle_models)
+    better = _run_model(tmp_path / "better", 0.7, b"better")
+    killed = subprocess.run(
+        [sys.executable, "-c", (
+            "import os, sys\n"
+            "from clinseg.pipelines import runs\n"
+            "replace, done = os.replace, []\n"
+            "def dying_replace(src, dst):\n"
+            "    replace(src, dst)\n"
+            "    if str(dst).endswith('model.pt'):\n"
+            "        os._exit(9)  # killed right after the first rename of the promotion\n"
+            f"os.replace = dying_replace\nruns.promote({str(better)!r}, {str(bundle_models)!r})\n"
+        )],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert killed.returncode == 9, killed.stderr[-2000:]
+    assert (bundle_models / "model.pt").read_bytes() == b"better"
+    assert json.loads((bundle_models / "model.json").read_text())["training_run_name"] == "first", "half-done"
+
+    record = runs.read_record(bundle_models)
+    assert record is not None and record["training_run_name"] == "better" and record["value"] == 0.7
+    assert record["sha256"] == runs.sha256_of(bundle_models / "model.pt")
+    assert "better" in (bundle_models.parent / "large_files.yml").read_text()
+    assert not [p.name for p in bundle_models.iterdir() if p.name.endswith((".promoting", ".json")) and
+                p.name != "model.json"]  # fmt: skip
+    assert not runs.promote(_run_model(tmp_path / "worse", 0.6, b"worse"), bundle_models)["promoted"]
