@@ -344,6 +344,16 @@ def test_a_run_name_already_taken_is_refused_and_the_first_runs_files_are_kept(t
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert (folder / "models" / "latest_checkpoint_epoch=2.pt").is_file()
 
+    # resumed on other validation data, or with other input settings, the run would go on against another yardstick
+    for change, named in (
+        ({"val_fraction": 0.5}, "validated on other data"),
+        ({"image_size": "[48,64]"}, "image_size"),
+    ):
+        other = subprocess.run(command({**base, **change, "resume": "shared", "train#trainer#max_epochs": 3}),
+                               cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)  # fmt: skip
+        assert other.returncode == 1 and named in other.stderr, other.stderr[-3000:]
+        assert not (folder / "models" / "latest_checkpoint_epoch=3.pt").exists()
+
 
 def test_a_promotion_killed_between_its_renames_is_completed_by_the_next_reader(tmp_path):
     """model.pt, model.json and large_files.yml are renamed one after the other; a process killed between two

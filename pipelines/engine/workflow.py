@@ -82,6 +82,32 @@ def initialize(
             check_tracking_uri(tracking_uri)
 
 
+def _require_same_run(ckpt_dir: str | os.PathLike, input_settings: dict | None, validation_fingerprint: str | None):
+    """A resumed training goes on with the data and settings its run was started with, as its ``model.json`` records
+    them: other validation data would make its restored best metric incomparable (a worse model kept as the best, or
+    promoted against the wrong yardstick), other input settings a network fed what it never learnt.
+
+    Raises:
+        ConfigError: naming what differs.
+    """
+    from clinseg.datasets.errors import ConfigError
+    from clinseg.pipelines import runs
+
+    models = Path(ckpt_dir)
+    record = runs.read_record(models)
+    if record is None:  # no model saved yet: nothing recorded to compare with
+        return
+    runs.require_input_settings(models / runs.MODEL_FILE, input_settings, "--{key} '{value}'")
+    recorded = record.get("validation_fingerprint")
+    if recorded and validation_fingerprint and recorded != validation_fingerprint:
+        raise ConfigError(
+            "resume",
+            f"run {models.parent.name} was validated on other data than this config's (validation fingerprint "
+            f"{recorded[:12]}, now {validation_fingerprint[:12]}): its best metric would not compare.",
+            "Resume with the run's own --dataset_dir and split settings (its MLflow params), or start a new run.",
+        )
+
+
 def _running_config_value(key: str):
     """``key`` of the running bundle config (``resume``: a run name, True, or None for a new run), or None."""
     parser = running_parser()
@@ -184,6 +210,8 @@ def run_training(
     early_stop.set_trainer(trainer)
     if is_rank_zero():
         latest_checkpoint.attach(trainer)
+    if resume:
+        _require_same_run(ckpt_dir, input_settings, validation_fingerprint)
     resumed = resume_from_latest(trainer, latest_checkpoint, ckpt_dir) if resume else None
     if time_limit_s > 0:
         trainer.add_event_handler(Events.ITERATION_COMPLETED, ignite.handlers.TimeLimit(int(time_limit_s)))
