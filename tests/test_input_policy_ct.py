@@ -439,6 +439,20 @@ def test_integers_without_intercept_and_nothing_below_zero_are_refused_as_not_ho
     np.testing.assert_array_equal(loaded["label"].numpy(), hu > 0)
 
 
+def test_normalised_and_non_ct_floats_with_nothing_below_zero_are_refused(tmp_path):
+    """A CT normalised to 0..1 (or an MR, a PET volume) saved as floats carries no intercept to miss, but nothing
+    below 0 either: no air, no fat, not even soft tissue's noise. Read as HU it would be called "not a torso"."""
+    hu = volume()
+    for name, values in {"unit.nii.gz": (hu - hu.min()) / (hu.max() - hu.min()), "mr.nii.gz": hu - hu.min()}.items():
+        path = tmp_path / name
+        nib.save(nib.Nifti1Image(values.astype(np.float32), np.diag([0.8, 0.8, 2.5, 1.0])), path)
+        with pytest.raises(DataError, match="does not look like Hounsfield units.*intensity-normalised or not a CT"):
+            read_volume(path)
+    path = tmp_path / "hu.nii.gz"
+    nib.save(nib.Nifti1Image(hu.astype(np.float32), np.diag([0.8, 0.8, 2.5, 1.0])), path)
+    np.testing.assert_array_equal(read_volume(path)[0], hu.astype(np.float32))
+
+
 def test_a_tight_crop_inside_the_body_without_air_is_hounsfield_units(tmp_path):
     """A box inside the body can hold no air (nothing below -500 HU); it holds fat, so values below 0: read."""
     crop = np.random.default_rng(3).integers(-120, 400, size=SHAPE).astype(np.int16)

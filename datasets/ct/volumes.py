@@ -356,15 +356,24 @@ def _hounsfield_problem(array: np.ndarray, unscaled: bool) -> str | None:
     below 0. Values that are the file's stored integers, with no intercept applied, none of them below 0, are what a
     CT exported without its intercept gives (HU + 1024 as uint16: air at 0, fat at 920, soft tissue at 1064), and
     also MR or other images stored as unsigned integers; the field-of-view check would read either as "not a torso,
-    no heart". A float volume carries no such evidence (it was computed, e.g. resampled, by software that applied
-    the rescale) and is left to the anatomy check. A crop of nothing but blood, muscle or bone stored as integers
-    (no fat, no air) is refused too: it holds no anatomy this bundle could report on.
+    no heart". Computed values (floats, or an intercept applied) with nothing below 0 are refused too: no air, no
+    fat and not even the noise of soft tissue around 0 HU is a normalised image (0..1), an MR or a PET volume. A crop
+    of nothing but blood, muscle or bone, noiseless, would be refused with them: it holds no anatomy this bundle
+    could report on.
     """
-    if not unscaled or array.size == 0:
+    if array.size == 0:
         return None
     low, high = array.min(), array.max()
     if low < 0:
         return None
+    if not unscaled:
+        # computed values (floats, or integers with an intercept applied) with nothing below 0 either: no air, no
+        # fat, not even the noise of soft tissue around 0 HU; a normalised image (0..1), an MR or a PET volume
+        return (
+            f"does not look like Hounsfield units: its values run from {low:g} to {high:g}, none below 0, where a CT "
+            "has air at -1000 and fat at -100 HU (and noise below 0 in any soft tissue). Most likely the image is "
+            "intensity-normalised or not a CT."
+        )
     return (
         f"does not look like Hounsfield units: its values are stored integers ({array.dtype}) from {low} to {high} "
         "with no rescale intercept, none below 0, where a CT has air at -1000 and fat at -100 HU. Most likely the "
