@@ -141,6 +141,33 @@ def test_jpeg2000_round_trip(tmp_path):
     np.testing.assert_array_equal(read_ct_series(tmp_path).hu, hu)
 
 
+def test_jpeg_lossless_round_trip(tmp_path):
+    """JPEG Lossless, first-order prediction (1.2.840.10008.1.2.4.70), what most PACS export lossless CT as:
+    transcoded by GDCM from a series the project wrote, read back voxel for voxel."""
+    import gdcm
+    from pydicom.uid import JPEGLosslessSV1
+
+    hu = random_hu(11, shape=(24, 20, 3))
+    write_ct_series(hu, make_affine(), tmp_path / "raw")
+    (tmp_path / "jpeg").mkdir()
+    for path in sorted((tmp_path / "raw").iterdir()):
+        reader = gdcm.ImageReader()
+        reader.SetFileName(str(path))
+        assert reader.Read()
+        change = gdcm.ImageChangeTransferSyntax()
+        change.SetTransferSyntax(gdcm.TransferSyntax(gdcm.TransferSyntax.JPEGLosslessProcess14_1))
+        change.SetInput(reader.GetImage())
+        assert change.Change()
+        writer = gdcm.ImageWriter()
+        writer.SetFileName(str(tmp_path / "jpeg" / path.name))
+        writer.SetFile(reader.GetFile())
+        writer.SetImage(change.GetOutput())
+        assert writer.Write()
+    written = next((tmp_path / "jpeg").iterdir())
+    assert pydicom.dcmread(written).file_meta.TransferSyntaxUID == JPEGLosslessSV1
+    np.testing.assert_array_equal(read_ct_series(tmp_path / "jpeg").hu, hu)
+
+
 def test_non_dicom_files_are_ignored(tmp_path):
     write_ct_series(random_hu(), make_affine(), tmp_path)
     (tmp_path / "README").write_text("exported series\n")
