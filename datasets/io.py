@@ -77,10 +77,26 @@ FULL_BELOW_BYTES = 2**20
 PROBE_BYTES = 64 * 2**10
 
 
+NAME_MAX_BYTES = 255
+"""The longest file name the common file systems accept (ext4, XFS, btrfs, APFS, NTFS), in bytes."""
+
+
+def hidden_sibling(path: Path, kind: str, keep_suffixes: bool = True) -> Path:
+    """A fresh hidden name beside ``path`` for a temporary file or folder: a short prefix (``.<kind><pid>-`` and 8
+    random hex digits), then ``path``'s last two suffixes (``.nii.gz``) where they fit, so writers that choose the
+    format from the suffix (nibabel) still do. ``path``'s whole name is not repeated: beside a prefix, a name near the
+    file system's limit would no longer fit, and a result the file system accepts could not be written."""
+    name = f".{kind}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    suffixes = ("".join(path.suffixes[-2:]), path.suffix) if keep_suffixes else ()
+    suffix = next((s for s in suffixes if len(os.fsencode(name + s)) <= NAME_MAX_BYTES), "")
+    return path.with_name(name + suffix)
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> Path:
     """Call ``write(tmp)`` on a hidden temporary file beside ``path``, then rename it onto ``path``: a reader never
     sees a half-written file under the final name, and a failed write leaves the previous file intact. The temporary
-    name ends with ``path``'s own name, so writers that choose the format from the suffix (nibabel) still do.
+    name is short and ends with ``path``'s suffixes (:func:`hidden_sibling`), so writers that choose the format from
+    the suffix (nibabel) still do, and any name the file system accepts can be written.
 
     Raises:
         DataError: naming ``path`` (never the temporary file) and the cause, when the environment refuses the write:
@@ -130,7 +146,7 @@ def staged_folder(target: str | os.PathLike) -> Iterator[Path]:
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = target.with_name(f".{target.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    staging = hidden_sibling(target, "stage", keep_suffixes=False)
     staging.mkdir()
     try:
         yield staging
@@ -155,7 +171,7 @@ def _stage(path: Path, write: Callable[[Path], object]) -> Path:
         if error is None:
             raise
         raise error from e
-    tmp = path.with_name(f".tmp{os.getpid()}-{uuid.uuid4().hex[:8]}.{path.name}")
+    tmp = hidden_sibling(path, "tmp")
     try:
         try:
             with open(tmp, "xb"):  # made here, so that a refused creation keeps its reason (writers may lose it)
@@ -206,7 +222,7 @@ def _link_earlier(path: Path) -> Path | None:
     """A hard link to the file now under ``path``, if there is one and the file system makes links; else None."""
     if not path.is_file():
         return None
-    link = path.with_name(f".prev{os.getpid()}-{uuid.uuid4().hex[:8]}.{path.name}")
+    link = hidden_sibling(path, "prev")
     try:
         os.link(path, link)
     except OSError:

@@ -166,18 +166,35 @@ def data_files(folder: Path, suffixes: Sequence[str] = IMAGE_SUFFIXES) -> list[P
     return files
 
 
-def files_by_stem(folder: Path | None, suffixes: Sequence[str] = IMAGE_SUFFIXES) -> dict[str, Path]:
-    """The data files of ``folder`` by lower-case stem, listed once (an absent folder: none), so that finding each
-    image's mask or label is a lookup, not a folder listing per image."""
+def files_by_stem(folder: Path | None, suffixes: Sequence[str] = IMAGE_SUFFIXES) -> dict[str, list[Path]]:
+    """The data files of ``folder`` by lower-case stem (several where names differ only in case or extension:
+    ``a.png``, ``A.tif``), listed once (an absent folder: none), so that finding each image's mask or label is a
+    lookup, not a folder listing per image."""
     if folder is None or not folder.is_dir():
         return {}
-    return {p.stem.lower(): p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in suffixes}
+    files: dict[str, list[Path]] = {}
+    for path in sorted(folder.iterdir()):
+        if path.is_file() and path.suffix.lower() in suffixes:
+            files.setdefault(path.stem.lower(), []).append(path)
+    return files
 
 
-def partner_file(files: dict[str, Path], stem: str, name_suffixes: Sequence[str]) -> Path | None:
-    """The file of ``files`` (:func:`files_by_stem`) named ``stem`` plus the first of ``name_suffixes`` present
-    (``""`` for the same name, ``"_mask"``, ...), any extension and case."""
-    return next((files[f"{stem}{s}".lower()] for s in name_suffixes if f"{stem}{s}".lower() in files), None)
+def partner_file(files: dict[str, list[Path]], stem: str, name_suffixes: Sequence[str]) -> Path | None:
+    """The file of ``files`` (:func:`files_by_stem`) named ``stem`` plus one of ``name_suffixes`` (``""`` for the
+    same name, ``"_mask"``, ...), any extension and case; None when there is none.
+
+    Raises:
+        DataError: several files would do (``a.png`` and ``A.tif``, ``a.png`` and ``a_mask.png``): which one belongs
+            to the image cannot be told, and taking the first the file system lists would be a guess.
+    """
+    found = [path for s in name_suffixes for path in files.get(f"{stem}{s}".lower(), [])]
+    if len(found) > 1:
+        raise DataError(
+            found[0].parent,
+            f"holds {len(found)} candidates for {stem}: {', '.join(p.name for p in found)}; keep only the one that "
+            "belongs to it.",
+        )
+    return found[0] if found else None
 
 
 def check_headers(items: list[dict], min_shape: Sequence[int] | None = None, max_pixels: int | None = MAX_PIXELS):

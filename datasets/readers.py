@@ -5,14 +5,20 @@ memory only while a Dataset needs it, and every decoded item carries its metadat
 orientation applied, original shape). The policy, written once here for every 2D format:
 
 - **Pixel depth read faithfully.** TIFFs are read with ``tifffile`` (16-bit colour TIFFs from fundus cameras stay
-  16-bit), 16-bit colour PNGs with SimpleITK, everything else with Pillow. Integer images deeper than 8 bits are
-  scaled to the 8-bit range by the depth they actually use (``bits_stored``: 12-bit camera data in a 16-bit
-  container is divided by 4095, not 65535), so a model trained on 8-bit photographs sees the same intensities;
-  the depth is recorded in the metadata.
-- **Orientation tags honoured** (EXIF orientation of a JPEG photograph), so an image and its mask line up.
+  16-bit), 16-bit PNGs with libpng (``imagecodecs``; Pillow keeps 8 bits of colour), everything else with Pillow.
+  Integer images deeper than 8 bits are scaled to the 8-bit range by the depth they actually use (``bits_stored``:
+  12-bit camera data in a 16-bit container is divided by 4095, not 65535), so a model trained on 8-bit photographs
+  sees the same intensities; the depth is recorded in the metadata.
+- **Orientation tags honoured** (EXIF orientation of a JPEG photograph, a PNG's eXIf chunk, a TIFF's orientation
+  tag), so an image and its mask line up: decided once from the header and applied to the pixels of every decoder
+  alike; pixels whose shape differs from the header's are refused.
+- **Photometric interpretation honoured**: a TIFF's palette, CMYK and YCbCr are converted as Pillow converts those
+  of PNGs, GIFs and JPEGs; min-is-white TIFFs and samples that are not colour or alpha are refused.
 - **Palettes interpreted by their meaning**: a photograph's palette gives colours; a mask's palette gives the grey
   level of each index; a label image's palette is kept, so a colour table can map its colours to classes
   (:class:`clinseg.transforms.labels.LabelColorsToClassesd`).
+- **Alpha never dropped unseen**: photographs are composited onto black, masks whose alpha holds content are read
+  from it or refused (the readers' docstrings say why).
 - **Size checked from the header** before anything is decoded (``max_pixels``), so a decompression bomb is a one-line
   error, not a stalled process.
 - Every failure is a :class:`~clinseg.datasets.errors.DataError` naming the file and the problem.
@@ -21,6 +27,7 @@ orientation applied, original shape). The policy, written once here for every 2D
 from __future__ import annotations
 
 import os
+import struct
 import warnings
 from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
@@ -32,7 +39,7 @@ from monai.config import KeysCollection
 from monai.data import ImageReader, MetaTensor
 from monai.transforms import MapTransform
 from monai.utils import MetaKeys, ensure_tuple
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from clinseg.datasets.errors import DataError
 from clinseg.datasets.io import check_size_limit
@@ -63,23 +70,35 @@ def split_member(name: str | os.PathLike) -> tuple[Path, str | None]:
 
 
 # ---------------------------------------------------------------- header and pixels of one 2D file
-def _tiff_header(path: Path) -> dict:
-    import tifffile
-
-    with tifffile.TiffFile(path) as tif:
-        pages = len(tif.pages)
-        page = tif.pages[0]
-        axes, shape = page.axes, page.shape
-    rows, cols = shape[axes.index("Y")], shape[axes.index("X")]
-    samples = shape[axes.index("S")] if "S" in axes else 1
-    return {"shape": (rows, cols), "samples": samples, "frames": pages, "dtype": str(page.dtype), "format": "TIFF"}
+def _orient(array: np.ndarray, orientation: int) -> np.ndarray:
+    """``array`` (rows, cols[, samples]) as a viewer shows it under EXIF/TIFF orientation ``orientation`` (tag 0x0112;
+    1 = as stored). Applied here to the decoded pixels, the same way whichever decoder gave them."""
+    transpose = (1, 0, *range(2, array.ndim))
+    if orientation in (5, 6, 7, 8):
+        array = array.transpose(transpose)  # the stored rows become columns
+    flips = {1: (), 2: (1,), 3: (0, 1), 4: (0,), 5: (), 6: (1,), 7: (0, 1), 8: (0,)}[orientation]
+    return np.flip(array, flips) if flips else array
 
 
-def _orientation(image: Image.Image) -> int:
-    """The EXIF orientation tag, read only where it sits in the header: Pillow's ``getexif`` decodes a whole PNG to
-    look for a trailing eXIf chunk, which would undo the size check against decompression bombs."""
+def _png_exif_after_data(path: Path) -> bytes | None:
+    """The eXIf chunk of a PNG that stores it after the image data, found by stepping over the chunks' data (nothing is
+    decoded): Pillow finds such a chunk only by decoding the whole image, which would undo the size check."""
+    with open(path, "rb") as f:
+        f.seek(8)  # the PNG signature
+        while len(head := f.read(8)) == 8:
+            length, tag = struct.unpack(">I4s", head)
+            if tag == b"eXIf":
+                return f.read(length)
+            if tag == b"IEND":
+                break
+            f.seek(length + 4, os.SEEK_CUR)  # the data and its CRC
+    return None
+
+
+def _orientation(image: Image.Image, path: Path) -> int:
+    """The EXIF orientation tag, read from the header only (a PNG's eXIf chunk wherever it sits, see above)."""
     if image.format == "PNG":
-        raw = image.info.get("exif")
+        raw = image.info.get("exif") or _png_exif_after_data(path)
         if not raw:
             return 1
         exif = Image.Exif()
@@ -90,32 +109,114 @@ def _orientation(image: Image.Image) -> int:
     return 1
 
 
+# TIFF photometric interpretations (TIFF 6.0, tag 262) and extra samples (tag 338) by their meaning
+MINISWHITE, MINISBLACK, RGB, PALETTE, SEPARATED, YCBCR = 0, 1, 2, 3, 5, 6
+ALPHA_SAMPLES = (1, 2)  # associated (premultiplied), unassociated alpha
+TIFF_DIRECT = {MINISBLACK: ("grey", 1), RGB: ("RGB", 3)}
+
+
+def _tiff_header(path: Path) -> dict:
+    """What a TIFF's first page says, and which decoder gives its pixels by their meaning (``decoder``): tifffile
+    for grey and RGB (with at most an alpha sample besides) and palette pages, Pillow for CMYK and YCbCr, which it
+    converts to RGB as it does JPEGs. Every other interpretation is refused.
+
+    Raises:
+        DataError: an interpretation whose pixels would read as something else (min-is-white, a stack of images in
+            the samples of one page, unspecified extra samples, other ink sets or colour spaces).
+        tifffile.TiffFileError: not a TIFF inside (the caller tries Pillow).
+    """
+    import tifffile
+
+    with tifffile.TiffFile(path) as tif:
+        page = tif.pages[0]
+        # a reduced-resolution page (NewSubfileType bit 0: a thumbnail, a pyramid level) previews the image: no frame
+        frames = 1 if len(tif.pages) == 1 else sum(1 for p in tif.pages if not getattr(p, "is_reduced", False))
+        axes, shape = page.axes, page.shape
+        photometric, extras = int(page.photometric), tuple(int(e) for e in page.extrasamples)
+        orientation = int(page.tags.valueof(274, 1) or 1)
+        inkset, bits = int(page.tags.valueof(332, 1) or 1), int(page.bitspersample)
+    rows, cols = shape[axes.index("Y")], shape[axes.index("X")]
+    samples = shape[axes.index("S")] if "S" in axes else 1
+    header = {"shape": (rows, cols), "samples": samples, "frames": frames, "format": "TIFF"}
+    header.update(orientation=orientation, photometric=photometric, alpha=bool(extras), decoder="tifffile")
+    if photometric == MINISWHITE and bits == 1:
+        # a bilevel page (tifffile writes every bool array so; fax images): a set bit is ink, the drawn mark, as
+        # tifffile reads it; only grey levels are ambiguous
+        photometric = header["photometric"] = MINISBLACK
+    elif photometric == MINISWHITE:
+        raise DataError(
+            path,
+            "is a min-is-white TIFF (0 means white): ImageJ stores masks so on purpose, other programs store inverted "
+            "grey images so, and which is meant cannot be told; save it as a min-is-black TIFF or a PNG.",
+        )
+    if photometric in TIFF_DIRECT:  # (after the bilevel case above)
+        kind, colours = TIFF_DIRECT[photometric]
+        if samples - len(extras) != colours or any(e not in ALPHA_SAMPLES for e in extras) or len(extras) > 1:
+            raise DataError(
+                path,
+                f"is a {kind} TIFF with {samples} samples per pixel (extra samples of kinds {list(extras)}); expected "
+                f"{colours} {kind} sample(s) and at most an alpha sample: images stored in the samples of one page are "
+                "not one image.",
+            )
+    elif photometric == PALETTE:
+        if samples != 1:
+            raise DataError(path, f"is a palette TIFF with {samples} samples per pixel; expected 1 (the index).")
+    elif photometric == SEPARATED and inkset == 1 and samples == 4 and bits == 8:
+        header["decoder"] = "pillow"  # CMYK, converted to RGB as a CMYK JPEG is
+    elif photometric == YCBCR and samples == 3:
+        header["decoder"] = "pillow"
+    else:
+        try:
+            name = tifffile.PHOTOMETRIC(photometric).name
+        except ValueError:
+            name = str(photometric)
+        raise DataError(
+            path,
+            f"is a TIFF of photometric interpretation {name} with {samples} samples of {bits} bits; "
+            "expected grey, RGB (with or without alpha), palette, 8-bit CMYK or YCbCr: save it as an RGB or grey TIFF.",
+        )
+    return header
+
+
 def _header(path: Path) -> dict:
-    """What the file's header says (shape after orientation, samples, frames, pixel type) without decoding pixels."""
+    """What the file's header says (shape after orientation, samples, frames, orientation, which decoder) without
+    decoding pixels."""
+    header = None
     if path.suffix.lower() in TIFF_SUFFIXES:
         try:
-            return _tiff_header(path)
-        except Exception:  # not a TIFF inside (tifffile raises TiffFileError, ValueError, struct.error...): try Pillow
+            header = _tiff_header(path)
+        except DataError:
+            raise
+        except Exception:  # not a TIFF inside (tifffile raises TiffFileError, ValueError, struct.error...): Pillow
             pass
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit applies, below
-        Image.MAX_IMAGE_PIXELS = None
-        with Image.open(path) as image:
-            cols, rows = image.size
-            # the raw mode first: reading a PNG's EXIF may decode it, which empties its tile list
-            rawmode = image.tile[0][3] if image.tile and len(image.tile[0]) > 3 else None
-            rawmode = rawmode[0] if isinstance(rawmode, tuple) else rawmode
-            orientation = _orientation(image)
-            if orientation in (5, 6, 7, 8):  # rotated by 90 degrees: rows and columns swap once honoured
-                rows, cols = cols, rows
-            return {
-                "shape": (rows, cols),
-                "mode": image.mode,
-                "frames": getattr(image, "n_frames", 1),
-                "format": image.format,
-                "orientation": orientation,
-                "wide_colour": image.format == "PNG" and isinstance(rawmode, str) and rawmode.endswith(";16B"),
-            }
+    if header is None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit applies, below
+            Image.MAX_IMAGE_PIXELS = None
+            with Image.open(path) as image:
+                cols, rows = image.size
+                # the raw mode first: reading a PNG's EXIF may decode it, which empties its tile list
+                rawmode = image.tile[0][3] if image.tile and len(image.tile[0]) > 3 else None
+                rawmode = rawmode[0] if isinstance(rawmode, tuple) else rawmode
+                header = {
+                    "shape": (rows, cols),
+                    "mode": image.mode,
+                    # an MPO is a JPEG followed by further images (a preview, a stereo partner): the first is the photo
+                    "frames": 1 if image.format == "MPO" else getattr(image, "n_frames", 1),
+                    "format": image.format,
+                    "orientation": _orientation(image, path),
+                    # 16 bits per sample: Pillow keeps 8 of them for colour and grey+alpha, so libpng decodes these
+                    "decoder": "png16"
+                    if image.format == "PNG" and isinstance(rawmode, str) and rawmode.endswith(";16B")
+                    else "pillow",
+                }
+    if header["orientation"] == 0:  # "not set", as some cameras write it: shown as stored
+        header["orientation"] = 1
+    if header["orientation"] not in range(1, 9):
+        raise DataError(path, f"has EXIF orientation {header['orientation']}, not one of 1-8: its metadata is damaged.")
+    if header["orientation"] in (5, 6, 7, 8):  # rotated by 90 degrees: rows and columns swap once honoured
+        header["shape"] = header["shape"][::-1]
+    return header
 
 
 def read_header(path: str | os.PathLike, max_pixels: int | None = MAX_PIXELS) -> dict:
@@ -123,18 +224,21 @@ def read_header(path: str | os.PathLike, max_pixels: int | None = MAX_PIXELS) ->
     ``max_pixels`` and for being a single 2D image.
 
     Raises:
-        DataError: the file is absent, not an image, holds several frames, or is larger than ``max_pixels``.
+        DataError: the file is absent, not an image, holds several frames, is larger than ``max_pixels``, or stores
+            its pixels in a way that would read as something else (a TIFF's photometric interpretation).
     """
     path = Path(path)
     if path.is_dir():
         raise DataError(path, "is a folder; expected an image file.")
     try:
         header = _header(path)
+    except DataError:
+        raise
     except FileNotFoundError as e:
         raise DataError(path, "does not exist.") from e
     except PermissionError as e:
         raise DataError(path, "cannot be read (no permission).") from e
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, struct.error) as e:
         raise DataError(path, f"cannot be read as an image (empty, truncated or not an image file): {e}") from e
     if header["frames"] > 1:  # e.g. a multi-page TIFF volume where one 2D image is expected
         raise DataError(path, f"holds {header['frames']} frames (pages); expected one 2D image.")
@@ -142,57 +246,105 @@ def read_header(path: str | os.PathLike, max_pixels: int | None = MAX_PIXELS) ->
     return header
 
 
-def decode_image(path: str | os.PathLike, max_pixels: int | None = MAX_PIXELS) -> tuple[np.ndarray, dict]:
-    """The pixels of a 2D image file as stored, ``(rows, cols)`` or ``(rows, cols, samples)``, and its metadata.
+def _tiff_pixels(path: Path, meta: dict) -> np.ndarray:
+    import tifffile
 
-    Palette images come back as indices with the palette in ``meta["palette"]``; EXIF orientation is applied.
+    with tifffile.TiffFile(path) as tif:
+        page = tif.pages[0]
+        array = page.asarray()
+        if "S" in page.axes and page.axes.index("S") < page.axes.index("Y"):  # planar (S, Y, X) storage
+            array = np.moveaxis(array, 0, -1)
+        if int(page.photometric) == PALETTE:
+            # TIFF colour maps hold 16-bit levels; some writers put 8-bit ones there (tifffile's asrgb tells them
+            # apart the same way)
+            colormap = page.colormap.T
+            colormap = colormap >> 8 if colormap.max() > 255 else colormap
+            palette = np.zeros((max(256, len(colormap)), 3), dtype=np.uint8)
+            palette[: len(colormap)] = colormap
+            meta["palette"] = palette
+        elif page.extrasamples and page.extrasamples[0] == 1 and np.issubdtype(array.dtype, np.integer):
+            # associated (premultiplied) alpha: back to straight colours, as every other decoder gives them
+            alpha = array[..., -1:].astype(np.float64)
+            top = np.iinfo(array.dtype).max
+            colour = np.where(alpha > 0, array[..., :-1] * (top / np.maximum(alpha, 1)), 0)
+            array = np.concatenate([np.clip(np.rint(colour), 0, top).astype(array.dtype), array[..., -1:]], axis=-1)
+    return array
+
+
+def _pillow_pixels(path: Path, meta: dict) -> np.ndarray:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with Image.open(path) as image:
+            image.load()
+            if image.mode in ("PA", "La", "RGBa"):  # palette + alpha, premultiplied alpha: straight colour + alpha
+                image = image.convert("LA" if image.mode == "La" else "RGBA")
+            if image.mode == "P":
+                palette = np.zeros((256, 3), dtype=np.uint8)  # entries a short palette lacks are black
+                colours = np.asarray(image.getpalette("RGB") or [], dtype=np.uint8).reshape(-1, 3)[:256]
+                palette[: len(colours)] = colours
+                meta["palette"] = palette
+                transparency = image.info.get("transparency")
+                if transparency is not None:  # a transparent index (GIF), or an opacity per index (PNG tRNS)
+                    opacity = np.full(256, 255, dtype=np.uint8)
+                    if isinstance(transparency, int):
+                        opacity[transparency] = 0
+                    else:
+                        given = np.frombuffer(bytes(transparency), dtype=np.uint8)[:256]
+                        opacity[: len(given)] = given
+                    meta["palette_alpha"] = opacity
+                return np.asarray(image)
+            if image.mode in ("CMYK", "YCbCr", "LAB", "HSV", "RGBX"):
+                return np.asarray(image.convert("RGB"))
+            if image.mode == "1":
+                return np.asarray(image, dtype=np.uint8)
+            meta["alpha"] = image.mode in ("LA", "RGBA")
+            return np.asarray(image)
+
+
+def decode_image(path: str | os.PathLike, max_pixels: int | None = MAX_PIXELS) -> tuple[np.ndarray, dict]:
+    """The pixels of a 2D image file, ``(rows, cols)`` or ``(rows, cols, samples)``, as displayed, and its metadata.
+
+    The orientation is decided once, from the header (:func:`read_header`), and applied here to the pixels of every
+    decoder alike; pixels whose shape differs from the one the header announced are refused. Palette images come
+    back as indices with the palette in ``meta["palette"]`` (and ``meta["palette_alpha"]``, the opacity of each
+    index, when the palette has transparency); ``meta["alpha"]`` is True when the last sample is an alpha channel.
     """
     path = Path(path)
     header = read_header(path, max_pixels)
-    meta = {"format": header["format"], "exif_orientation": header.get("orientation", 1)}
+    orientation = header["orientation"]
+    meta = {"format": header["format"], "exif_orientation": orientation}
     try:
-        if header["format"] == "TIFF" and "samples" in header:
-            import tifffile
+        if header["decoder"] == "tifffile":
+            meta["alpha"] = header["alpha"]
+            array = _tiff_pixels(path, meta)
+        elif header["decoder"] == "png16":  # 16 bits per sample, every colour type, as stored (no EXIF applied)
+            import imagecodecs
 
-            with tifffile.TiffFile(path) as tif:
-                page = tif.pages[0]
-                array = page.asarray()
-                if "S" in page.axes and page.axes.index("S") < page.axes.index("Y"):  # planar (S, Y, X) storage
-                    array = np.moveaxis(array, 0, -1)
-        elif header["wide_colour"]:  # 48/64-bit colour PNG: Pillow keeps only 8 bits per sample
-            import SimpleITK as sitk
-
-            array = sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+            array = imagecodecs.png_decode(path.read_bytes())
+            meta["alpha"] = array.ndim == 3 and array.shape[-1] in (2, 4)
         else:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                with Image.open(path) as image:
-                    image.load()
-                    image = ImageOps.exif_transpose(image)
-                    if image.mode == "P":
-                        palette = np.zeros((256, 3), dtype=np.uint8)  # entries a short palette lacks are black
-                        colours = np.asarray(image.getpalette("RGB") or [], dtype=np.uint8).reshape(-1, 3)[:256]
-                        palette[: len(colours)] = colours
-                        meta["palette"] = palette
-                        array = np.asarray(image)
-                    elif image.mode in ("CMYK", "YCbCr", "LAB", "HSV"):
-                        array = np.asarray(image.convert("RGB"))
-                    elif image.mode == "1":
-                        array = np.asarray(image, dtype=np.uint8)
-                    else:
-                        array = np.asarray(image)
+            array = _pillow_pixels(path, meta)
     except DataError:
         raise
     except Exception as e:  # decoders raise OSError, ValueError, zlib/struct errors... for damaged files
         raise DataError(path, f"cannot be decoded (truncated or damaged image data): {e}") from e
+    if not meta.get("alpha"):
+        meta.pop("alpha", None)
     if array.ndim == 3 and array.shape[-1] == 1:
         array = array[..., 0]
     if array.ndim not in (2, 3):
         raise DataError(path, f"has shape {array.shape}; expected a 2D image (rows, cols[, channels]).")
+    array = _orient(array, orientation)
+    if tuple(array.shape[:2]) != tuple(header["shape"]):
+        raise DataError(
+            path,
+            f"decodes to {array.shape[0]} x {array.shape[1]} pixels but its header announces {header['shape'][0]} x "
+            f"{header['shape'][1]} (rows x cols, orientation {orientation} applied): the file is inconsistent.",
+        )
     if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
         raise DataError(path, "contains NaN or infinite values.")
     meta["original_dtype"] = str(array.dtype)
-    return array, meta
+    return np.ascontiguousarray(array), meta
 
 
 def bits_stored(array: np.ndarray) -> int:
@@ -241,10 +393,39 @@ class _File2DReader(ImageReader):
 
 
 PHOTO_CHANNELS = ("rgb", "grey")
+LUMA = np.asarray([0.299, 0.587, 0.114], np.float32)  # ITU-R 601
+
+
+def _split_alpha(array: np.ndarray, meta: dict) -> tuple[np.ndarray, np.ndarray | None]:
+    """``(colour, alpha)`` of a decoded image: alpha None when the image has no alpha channel."""
+    if meta.pop("alpha", False) and array.ndim == 3:
+        colour = array[..., :-1]
+        return (colour[..., 0] if colour.shape[-1] == 1 else colour), array[..., -1]
+    return array, None
+
+
+def _opacity(alpha: np.ndarray | None) -> np.ndarray | None:
+    """An alpha channel as opacity in [0, 1]; None when there is none or every pixel is fully opaque (it then says
+    nothing, and dropping it loses nothing)."""
+    if alpha is None:
+        return None
+    top = np.iinfo(alpha.dtype).max if np.issubdtype(alpha.dtype, np.integer) else 1.0
+    opacity = alpha.astype(np.float32) / np.float32(top)
+    return None if (opacity >= 1).all() else opacity
+
+
+def _one_colour(colour: np.ndarray) -> bool:
+    """Every pixel has the same colour (the same value in each channel)."""
+    return bool((colour == colour.reshape(-1, *colour.shape[2:])[0]).all())
 
 
 class PhotoReader(_File2DReader):
     """Photographs and scans (fundus photographs, OCT B-scans) as ``(C, rows, cols)`` float32 on the 8-bit scale.
+
+    An image with an alpha channel that is not fully opaque is composited onto black: a fundus camera's frame and
+    an OCT scan's background are dark, so a frame made transparent becomes what the camera recorded there, whereas
+    the colour left under transparent pixels is whatever the editing program kept (often white), which read as it
+    is passes for a bright field of view. A fully transparent image shows nothing and is refused.
 
     Args:
         channels: ``"rgb"`` (3 channels; grey images are repeated) or ``"grey"`` (1 channel; colour images become
@@ -260,13 +441,14 @@ class PhotoReader(_File2DReader):
 
     def decode(self, path: Path) -> tuple[np.ndarray, dict]:
         array, meta = decode_image(path, self.max_pixels)
-        if "palette" in meta:  # a palette photograph: its indices mean the palette's colours
+        if "palette" in meta:  # a palette photograph: its indices mean the palette's colours (and opacities)
+            opacities = meta.pop("palette_alpha", None)
+            alpha = None if opacities is None else opacities[array]
             array = meta.pop("palette")[array]
-        if array.ndim == 3:
-            if array.shape[-1] in (2, 4):  # grey or colour with alpha: the alpha channel is not image content
-                array = array[..., :-1]
-            if array.shape[-1] not in (1, 3):
-                raise DataError(path, f"has {array.shape[-1]} channels; expected a grey or RGB image.")
+        else:
+            array, alpha = _split_alpha(array, meta)
+        if array.ndim == 3 and array.shape[-1] not in (1, 3):
+            raise DataError(path, f"has {array.shape[-1]} channels; expected a grey or RGB image.")
         if np.issubdtype(array.dtype, np.integer) or array.dtype == bool:
             depth = 8 if array.dtype == bool else bits_stored(array)
             scale = 255.0 / (2**depth - 1) if depth > 8 else (255.0 if array.dtype == bool else 1.0)
@@ -275,8 +457,14 @@ class PhotoReader(_File2DReader):
         else:
             pixels = array.astype(np.float32)
         pixels = pixels if pixels.ndim == 3 else pixels[..., None]
+        opacity = _opacity(alpha)
+        if opacity is not None:
+            if not opacity.any():
+                raise DataError(path, "is fully transparent (its alpha channel is 0 everywhere): it shows nothing.")
+            pixels = pixels * opacity[..., None]
+            meta["alpha_composited"] = True
         if self.channels == "grey":
-            pixels = pixels if pixels.shape[-1] == 1 else pixels @ np.asarray([0.299, 0.587, 0.114], np.float32)
+            pixels = pixels if pixels.shape[-1] == 1 else pixels @ LUMA
             pixels = pixels.reshape(*pixels.shape[:2], 1)
         elif pixels.shape[-1] == 1:
             pixels = np.repeat(pixels, 3, axis=-1)
@@ -291,17 +479,28 @@ class BinaryMaskReader(_File2DReader):
     of each pixel, the higher of the two levels is foreground. A mask with more than two levels is refused (a
     multi-class label map thresholded would silently lose its classes), except JPEG masks, whose compression blurs
     the two levels: they are thresholded at half their range.
+
+    An alpha channel that is not fully opaque may hold the mask itself (ink drawn on a transparent layer: one colour
+    throughout, the mask in the alpha), so it is read as the mask when the colour channels are one colour, and
+    accepted when it splits the image exactly as the colour does. Any other alpha is refused: taking either the
+    colour or the alpha could give a mask that looks plausible and is the wrong one.
     """
 
     def decode(self, path: Path) -> tuple[np.ndarray, dict]:
         array, meta = decode_image(path, self.max_pixels)
         if "palette" in meta:
-            palette = meta.pop("palette").astype(np.float32)
-            array = (palette @ np.asarray([0.299, 0.587, 0.114], np.float32))[array]
-        elif array.ndim == 3:
-            if array.shape[-1] in (2, 4):
-                array = array[..., :-1]
-            array = array.astype(np.float32) @ np.full(array.shape[-1], 1.0 / array.shape[-1], np.float32)
+            opacities = meta.pop("palette_alpha", None)
+            alpha = None if opacities is None else opacities[array]
+            colour = meta.pop("palette")[array]
+            array = colour.astype(np.float32) @ LUMA
+        else:
+            colour, alpha = _split_alpha(array, meta)
+            array = colour
+            if array.ndim == 3:
+                array = array.astype(np.float32) @ np.full(array.shape[-1], 1.0 / array.shape[-1], np.float32)
+        if _opacity(alpha) is not None:
+            array = self._mask_with_alpha(path, colour, array, alpha)
+            meta["alpha_mask"] = True
         values = np.unique(array)
         if len(values) > 2 and path.suffix.lower() not in LOSSY_SUFFIXES:
             listed = [int(v) if float(v).is_integer() else float(v) for v in values[:8]]
@@ -316,11 +515,29 @@ class BinaryMaskReader(_File2DReader):
             mask = array > float(values[0]) if len(values) == 2 else np.full(array.shape, values[0] > 0)
         return mask.astype(np.uint8)[None], meta
 
+    @staticmethod
+    def _mask_with_alpha(path: Path, colour: np.ndarray, grey: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+        if _one_colour(colour):
+            return alpha
+        grey_levels, alpha_levels = np.unique(grey), np.unique(alpha)
+        if len(grey_levels) == 2 and len(alpha_levels) == 2:
+            if np.array_equal(grey > grey_levels[0], alpha > alpha_levels[0]):
+                return grey
+        raise DataError(
+            path,
+            "alpha channel carries content: it is not fully opaque and does not match the colour channels, so "
+            "which of them holds the mask cannot be told; save the mask as a grey image without alpha.",
+        )
+
 
 class LabelImageReader(_File2DReader):
     """A label image as stored: class indices ``(1, rows, cols)`` uint8, or a colour-coded label ``(3, rows, cols)``
     uint8 that :class:`~clinseg.transforms.labels.LabelColorsToClassesd` maps to classes with the bundle's colour
     table. A palette image keeps its indices and carries its palette in the metadata, for that same table.
+
+    An alpha channel is dropped: a colour-coded label goes through the colour table, which refuses every colour it
+    does not know, and an index label's values are its classes whatever their display opacity. Only a label of one
+    colour with a varying alpha is refused: its classes are drawn in the alpha channel, which no table reads.
     """
 
     suffixes = (".png", ".tif", ".tiff", ".bmp", ".gif")
@@ -329,22 +546,29 @@ class LabelImageReader(_File2DReader):
         array, meta = decode_image(path, self.max_pixels)
         if path.suffix.lower() in LOSSY_SUFFIXES:
             raise DataError(path, "is a JPEG; a label image must be stored losslessly (PNG, TIFF, BMP).")
+        meta.pop("palette_alpha", None)  # a palette index is its class, however transparent it is shown
+        array, alpha = _split_alpha(array, meta)
+        if _opacity(alpha) is not None and _one_colour(array):
+            raise DataError(
+                path,
+                "alpha channel carries content: the label is one colour throughout and its shapes are in the alpha "
+                "channel; save the classes as indices or colours without alpha.",
+            )
         if np.issubdtype(array.dtype, np.floating):
             if not np.all(array == np.round(array)):
                 raise DataError(path, "holds non-integer label values.")
             array = array.astype(np.int64)
         if array.ndim == 3:
-            if array.shape[-1] in (2, 4):
-                array = array[..., :-1]
-            if array.shape[-1] == 1:
-                array = array[..., 0]
-        if array.ndim == 3:
             if array.dtype != np.uint8:
                 raise DataError(path, f"is a {array.dtype} colour image; colour-coded labels must be 8-bit RGB.")
             meta["label_kind"] = "colour"
             return np.ascontiguousarray(np.moveaxis(array, -1, 0)), meta
-        if array.min(initial=0) < 0 or array.max(initial=0) > 255:
-            raise DataError(path, f"label value {int(array.max())} is too large for a class index (0..254).")
+        low, high = int(array.min(initial=0)), int(array.max(initial=0))
+        if low < 0 or high > 255:
+            raise DataError(
+                path,
+                f"holds label value {low if low < 0 else high}, outside the class indices 0..254 (255: unannotated).",
+            )
         meta["label_kind"] = "palette" if "palette" in meta else "indices"
         return array.astype(np.uint8)[None], meta
 

@@ -738,3 +738,21 @@ def test_an_unknown_override_stops_the_run_before_anything_is_written(tmp_path):
     assert result.returncode == 1
     assert "error: config key 'batchsize': is not an id" in result.stderr and "--batch_size" in result.stderr
     assert not (tmp_path / "bundle").exists()
+
+
+@pytest.mark.parametrize("name", ["L" * 251 + ".png", "é" * 119 + "_seg.nii.gz", "case.nii.gz"])
+def test_any_name_the_file_system_accepts_is_written_atomically(tmp_path, name):
+    """The hidden temporary file beside a result has a short name of its own: a result named near the file system's
+    limit of 255 bytes (an input's long name plus ``_seg.png``) is still written, and its suffixes, by which writers
+    choose the format, are kept."""
+    from clinseg.datasets.io import atomic_write, atomic_write_all
+
+    seen = []
+    target = tmp_path / name
+    atomic_write(target, lambda tmp: (seen.append(tmp.name), tmp.write_bytes(b"result")))
+    assert target.read_bytes() == b"result" and seen[0].endswith(".nii.gz" if "nii" in name else ".png")
+    atomic_write_all(
+        [(target, lambda tmp: tmp.write_bytes(b"again")), (tmp_path / "b.json", lambda t: t.write_text("{}"))]
+    )
+    assert target.read_bytes() == b"again"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([name, "b.json"]), "no temporary file left"

@@ -35,7 +35,7 @@ def untrained_bundle(bundle: str, root) -> str:
     return str(root)
 
 
-def grey(path, shape=(24, 32), seed=0):
+def grey(path, shape=(32, 48), seed=0):  # the smallest B-scan an OCT inference takes is 32 x 32
     Image.fromarray(np.random.default_rng(seed).integers(0, 255, shape, dtype=np.uint8)).save(path)
 
 
@@ -102,3 +102,49 @@ def test_a_12_bit_camera_photograph_keeps_its_grey_levels(tmp_path):
     image = decode("vessels", [item])[0]["image"]
     np.testing.assert_allclose(image, np.moveaxis(levels, -1, 0) * (255 / 4095), rtol=1e-5)
     assert len(np.unique(image[1])) == len(np.unique(levels[..., 1])) > 2000  # not 16 levels (the high byte only)
+
+
+def header_only_png(path, rows: int, cols: int) -> None:
+    """A PNG whose header announces rows x cols grey pixels, with one row of data: a few hundred bytes."""
+    import struct
+    import zlib
+
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", cols, rows, 8, 0, 0, 0, 0)
+    data = zlib.compress(b"\x00" * (cols + 1), 9)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", data) + chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize(
+    "bundle, config, datalist, layout",
+    [
+        ("vessels", "inference", "datalist", {"big.png": None}),
+        ("oct_layers", "inference", "datalist", {"big.png": None}),
+        ("vessels", "train", "train#datalist", {"images/big.png": "masks/big.png"}),
+        ("oct_layers", "train", "train#datalist", {"images/big.png": "labels/big.png"}),
+    ],
+)
+def test_raising_max_pixels_as_the_error_says_lets_the_images_be_listed(tmp_path, bundle, config, datalist, layout):
+    """The size check at listing time obeys ``max_pixels``, as the readers do: the error's advice works."""
+    from clinseg.datasets.errors import DataError
+    from clinseg.pipelines.cli import find_input_error
+
+    for image, label in layout.items():
+        for name in filter(None, (image, label)):
+            header_only_png(tmp_path / "data" / name, 15000, 15000)  # 225 million pixels, above the default limit
+    parser = ConfigParser()
+    parser.read_config(str(REPO_ROOT / "bundles" / bundle / "configs" / f"{config}.json"))
+    parser["dataset_dir"] = parser["input_dir"] = str(tmp_path / "data")
+    with pytest.raises(Exception) as error:
+        parser.get_parsed_content(datalist)
+    found = find_input_error(error.value)
+    assert isinstance(found, DataError) and "--max_pixels 225000000" in str(found)
+    parser = ConfigParser()
+    parser.read_config(str(REPO_ROOT / "bundles" / bundle / "configs" / f"{config}.json"))
+    parser["dataset_dir"] = parser["input_dir"] = str(tmp_path / "data")
+    parser["max_pixels"] = 300_000_000
+    items = parser.get_parsed_content(datalist)
+    assert [item["image"] for item in items] == [str(tmp_path / "data" / next(iter(layout)))]

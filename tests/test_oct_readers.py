@@ -14,7 +14,8 @@ from clinseg.datasets.errors import DataError, NoUsableDataError
 from clinseg.datasets.fingerprint import dataset_fingerprint
 from clinseg.datasets.oct import duke_items, load_oct_datalist, load_oct_images, paired_items, via_items
 from clinseg.datasets.oct.phantom import write_phantom_dataset
-from tests.conftest import decode, shared_path
+from clinseg.pipelines.cli import find_input_error
+from tests.conftest import REPO_ROOT, decode, shared_path
 
 NR206_COLORS = [
     [0, 0, 0],
@@ -212,8 +213,8 @@ def test_datalist_rejects_labels_outside_the_class_list(tmp_path):
 
 
 def test_inference_images_from_png_and_mat(tmp_path, tiny_oct_dir):
-    save_png(tmp_path / "x.png", np.zeros((8, 8, 3), dtype=np.uint8))
-    assert decode("oct_layers", load_oct_images(tmp_path))[0]["image"].shape == (1, 8, 8)
+    save_png(tmp_path / "x.png", np.random.default_rng(2).integers(0, 255, (32, 40, 3), dtype=np.uint8))
+    assert decode("oct_layers", load_oct_images(tmp_path))[0]["image"].shape == (1, 32, 40)
     items = decode("oct_layers", load_oct_images(tiny_oct_dir / "Subject_01.mat"))
     assert len(items) == 4 and items[0]["image"].shape == (1, 64, 96)
     with pytest.raises(NoUsableDataError):
@@ -228,3 +229,44 @@ def test_real_nr206_sample_reads_with_the_colour_table():
     for item in decode("oct_layers", train + val, label_colors=NR206_COLORS, class_names=classes):
         assert item["image"].shape == item["label"].shape == (1, 500, 750)
         assert set(np.unique(item["label"])) == set(range(9))
+
+
+def inference_preprocessing():
+    """The oct_layers inference preprocessing, as the bundle builds it."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(str(REPO_ROOT / "bundles" / "oct_layers" / "configs" / "inference.json"))
+    return parser.get_parsed_content("preprocessing")
+
+
+@pytest.mark.parametrize("shape", [(2, 2), (1, 50), (12, 12), (31, 400)])
+def test_a_thumbnail_is_refused_as_a_bscan_when_listed(tmp_path, shape):
+    save_png(tmp_path / "thumb.png", np.random.default_rng(3).integers(0, 255, shape, dtype=np.uint8))
+    with pytest.raises(DataError, match="smaller than the 32 x 32 a B-scan needs") as error:
+        load_oct_images(tmp_path)
+    assert str(error.value).startswith(str(tmp_path / "thumb.png")) and "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+def test_a_blank_bscan_is_refused_before_inference(tmp_path, dtype):
+    save_png(tmp_path / "blank.png", np.full((64, 96), 40, dtype=dtype))
+    items = load_oct_images(tmp_path)  # its header is fine: its pixels are not
+    with pytest.raises(Exception) as error:
+        inference_preprocessing()(items[0])
+    found = find_input_error(error.value)
+    assert isinstance(found, DataError) and found.path == str(tmp_path / "blank.png")
+    assert "is uniform" in str(found) and "\n" not in str(found)
+    save_png(tmp_path / "blank.png", np.random.default_rng(4).integers(0, 255, (64, 96), dtype=np.uint8))
+    assert tuple(inference_preprocessing()(items[0])["image"].shape) == (1, 256, 384)
+
+
+def test_a_blank_bscan_of_a_mat_file_is_refused_naming_it(tmp_path):
+    images = np.random.default_rng(5).integers(0, 255, (40, 48, 2), dtype=np.uint8)
+    images[:, :, 1] = 0
+    scipy.io.savemat(tmp_path / "Subject_01.mat", {"images": images})
+    items = load_oct_images(tmp_path / "Subject_01.mat")
+    inference_preprocessing()(items[0])
+    with pytest.raises(Exception) as error:
+        inference_preprocessing()(items[1])
+    assert "Subject_01.mat::1: is uniform" in str(find_input_error(error.value))

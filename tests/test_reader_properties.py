@@ -235,3 +235,274 @@ def test_a_decompression_bomb_is_refused_from_its_header(tmp_path):
     with pytest.raises(DataError, match="400,000,000 pixels, more than the limit") as error:
         PhotoReader("rgb").decode(path)
     assert str(path) in str(error.value)
+
+
+# ---------------------------------------------------------------- orientation: decided once, applied by every decoder
+def write_oriented(path: Path, array: np.ndarray, orientation: int, kind: str) -> None:
+    """``array`` stored with orientation ``orientation``, by the writer of ``kind``."""
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    if kind == "tif":
+        tifffile.imwrite(path, array, extratags=[(274, "H", 1, orientation, True)],
+                         **({"photometric": "rgb"} if array.ndim == 3 else {}))  # fmt: skip
+    elif kind == "png16-rgb":  # 48-bit colour, eXIf chunk before the data, from the specification
+        rows, cols, _ = array.shape
+        raw = b"".join(b"\x00" + row.astype(">u2").tobytes() for row in array)
+        header = struct.pack(">IIBBBBB", cols, rows, 16, 2, 0, 0, 0)
+        exif_bytes = exif.tobytes()
+        exif_bytes = exif_bytes[6:] if exif_bytes.startswith(b"Exif\x00\x00") else exif_bytes
+        path.write_bytes(
+            b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", header) + png_chunk(b"eXIf", exif_bytes)
+            + png_chunk(b"IDAT", zlib.compress(raw)) + png_chunk(b"IEND", b"")
+        )  # fmt: skip
+    else:
+        Image.fromarray(array).save(path, exif=exif)
+
+
+@seed(8)
+@SETTINGS
+@given(
+    kind_and_array=st.sampled_from(["png8", "png16-grey", "png16-rgb", "tif"]).flatmap(
+        lambda kind: st.tuples(
+            st.just(kind),
+            images(
+                depths=(np.uint8,) if kind == "png8" else (np.uint16,),
+                colour=(True,) if kind == "png16-rgb" else (False,) if kind == "png16-grey" else (False, True),
+            ),
+        )
+    ),
+    orientation=st.integers(1, 8),
+)
+def test_orientation_is_applied_alike_by_every_decoder(tmp_path, kind_and_array, orientation):
+    """16-bit PNGs and TIFFs have decoders of their own (libpng, tifffile): they are turned as Pillow's are, and
+    the header announces the shape they decode to."""
+    kind, array = kind_and_array
+    path = tmp_path / f"image.{'tif' if kind == 'tif' else 'png'}"
+    write_oriented(path, array, orientation, kind)
+    shown = oriented(array, orientation)
+    assert read_header(path)["shape"] == shown.shape[:2]
+    pixels, meta = PhotoReader("rgb").decode(path)
+    np.testing.assert_allclose(pixels, as_rgb_scaled(shown), rtol=1e-6, atol=1e-4)
+    assert meta["exif_orientation"] == orientation
+
+
+def test_an_exif_chunk_after_the_image_data_is_read_from_the_header(tmp_path):
+    stored = np.zeros((20, 30), dtype=np.uint8)
+    stored[:5, :5] = 255
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    exif_bytes = exif.tobytes()
+    exif_bytes = exif_bytes[6:] if exif_bytes.startswith(b"Exif\x00\x00") else exif_bytes
+    raw = b"".join(b"\x00" + row.tobytes() for row in stored)
+    header = struct.pack(">IIBBBBB", 30, 20, 8, 0, 0, 0, 0)
+    path = tmp_path / "late_exif.png"
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", header) + png_chunk(b"IDAT", zlib.compress(raw))
+        + png_chunk(b"eXIf", exif_bytes) + png_chunk(b"IEND", b"")
+    )  # fmt: skip
+    assert read_header(path)["shape"] == (30, 20)
+    np.testing.assert_array_equal(PhotoReader("grey").decode(path)[0][0], oriented(stored, 6))
+
+
+def test_pixels_of_another_shape_than_the_header_announced_are_refused(tmp_path, monkeypatch):
+    """A decoder that ignores the orientation the header applied (as SimpleITK did for 16-bit PNGs) is caught."""
+    from clinseg.datasets import readers
+
+    path = tmp_path / "rotated.png"
+    write_oriented(path, np.zeros((20, 30), dtype=np.uint8), 6, "png8")
+    monkeypatch.setattr(readers, "_orient", lambda array, orientation: array)
+    with pytest.raises(DataError, match="decodes to 20 x 30 pixels but its header announces 30 x 20") as error:
+        PhotoReader("grey").decode(path)
+    assert str(path) in str(error.value) and "\n" not in str(error.value)
+
+
+# ---------------------------------------------------------------- TIFF photometric interpretation
+RGB_ROWS = np.array([[200, 100, 50], [30, 160, 90]], dtype=np.uint8)  # two colours, one per half
+
+
+def two_colour_photo() -> np.ndarray:
+    return np.repeat(np.repeat(RGB_ROWS[:, None], 16, axis=0), 24, axis=1)
+
+
+def test_a_palette_tiff_is_read_by_its_palette_as_png_and_gif_are(tmp_path):
+    photo = two_colour_photo()
+    palette_image = Image.fromarray(photo).quantize(2)
+    for suffix in ("tif", "png", "gif"):
+        palette_image.save(tmp_path / f"photo.{suffix}")
+        np.testing.assert_array_equal(
+            PhotoReader("rgb").decode(tmp_path / f"photo.{suffix}")[0], photo.transpose(2, 0, 1)
+        )
+    # a mask whose palette inverts its indices (index 0 white): read by the grey level each index means
+    indices = np.zeros((8, 8), dtype=np.uint8)
+    indices[2:5, 2:5] = 1
+    mask = Image.fromarray(indices, mode="P")
+    mask.putpalette([255, 255, 255, 0, 0, 0] + [0] * 762)
+    mask.save(tmp_path / "mask.tif")
+    np.testing.assert_array_equal(BinaryMaskReader().decode(tmp_path / "mask.tif")[0][0], indices == 0)
+    # a label keeps its indices and its palette, for the colour table
+    label = Image.fromarray(np.array([[0, 1], [2, 1]], dtype=np.uint8), mode="P")
+    label.putpalette([0, 0, 0, 255, 0, 0, 0, 255, 0] + [0] * 759)
+    label.save(tmp_path / "label.tif")
+    array, meta = LabelImageReader().decode(tmp_path / "label.tif")
+    assert meta["label_kind"] == "palette" and meta["palette"][1].tolist() == [255, 0, 0]
+    np.testing.assert_array_equal(array[0], [[0, 1], [2, 1]])
+
+
+def test_a_cmyk_tiff_is_converted_as_a_cmyk_jpeg_is(tmp_path):
+    photo = two_colour_photo()
+    Image.fromarray(photo).convert("CMYK").save(tmp_path / "pillow.tif")
+    cmyk = np.asarray(Image.fromarray(photo).convert("CMYK"))
+    tifffile.imwrite(tmp_path / "tifffile.tif", cmyk, photometric="separated")
+    for name in ("pillow.tif", "tifffile.tif"):
+        np.testing.assert_array_equal(PhotoReader("rgb").decode(tmp_path / name)[0], photo.transpose(2, 0, 1))
+
+
+@pytest.mark.parametrize(
+    "write, problem",
+    [
+        (lambda p: tifffile.imwrite(p, np.full((8, 9), 30, np.uint8), photometric="miniswhite"), "min-is-white"),
+        (lambda p: tifffile.imwrite(p, np.zeros((3, 8, 9), np.uint8), photometric="minisblack",
+                                    planarconfig="separate"), "grey TIFF with 3 samples per pixel"),
+        (lambda p: tifffile.imwrite(p, np.zeros((8, 9, 4), np.uint8), photometric="rgb", extrasamples=["unspecified"]),
+         "RGB TIFF with 4 samples per pixel"),
+        (lambda p: tifffile.imwrite(p, np.zeros((8, 9, 3), np.uint8), photometric="cielab"), "CIELAB"),
+    ],
+)  # fmt: skip
+def test_tiffs_whose_samples_would_read_as_something_else_are_refused_in_one_line(tmp_path, write, problem):
+    path = tmp_path / "scan.tif"
+    write(path)
+    for reader in (PhotoReader("grey"), BinaryMaskReader(), LabelImageReader()):
+        with pytest.raises(DataError, match=problem) as error:
+            reader.decode(path)
+        assert str(error.value).startswith(f"{path}: ") and "\n" not in str(error.value)
+    with pytest.raises(DataError, match=problem):
+        read_header(path)  # already when the data are listed
+
+
+def test_a_bool_mask_written_by_tifffile_reads_as_written(tmp_path):
+    """tifffile writes every bool array as a bilevel min-is-white page; its set bits are the mask (the ink), not an
+    inverted grey image: read as stored, not refused with the grey min-is-white TIFFs."""
+    mask = np.zeros((40, 48), bool)
+    mask[10:20, 5:30] = True
+    tifffile.imwrite(tmp_path / "mask.tif", mask)
+    with tifffile.TiffFile(tmp_path / "mask.tif") as tif:
+        assert int(tif.pages[0].photometric) == 0 and tif.pages[0].bitspersample == 1
+    read = BinaryMaskReader().decode(tmp_path / "mask.tif")[0]
+    np.testing.assert_array_equal(np.squeeze(np.asarray(read)) > 0, mask)
+
+
+# ---------------------------------------------------------------- alpha channels
+def disc(rows: int = 40, cols: int = 40) -> np.ndarray:
+    yy, xx = np.mgrid[:rows, :cols]
+    return (yy - rows / 2) ** 2 + (xx - cols / 2) ** 2 < (0.4 * rows) ** 2
+
+
+def test_a_transparent_frame_of_a_photograph_becomes_black(tmp_path):
+    inside = disc()
+    rgba = np.zeros((*inside.shape, 4), dtype=np.uint8)
+    rgba[inside] = [180, 90, 40, 255]
+    rgba[~inside] = [255, 255, 255, 0]  # the frame made transparent; the colour under it white
+    Image.fromarray(rgba).save(tmp_path / "photo.png")
+    pixels, meta = PhotoReader("rgb").decode(tmp_path / "photo.png")
+    assert (pixels[:, ~inside] == 0).all() and (pixels[:, inside] == [[180], [90], [40]]).all()
+    assert meta["alpha_composited"]
+    half = rgba.copy()
+    half[..., 3] = 128
+    Image.fromarray(half).save(tmp_path / "half.png")
+    np.testing.assert_allclose(
+        PhotoReader("rgb").decode(tmp_path / "half.png")[0][:, 20, 20], [90.4, 45.2, 20.1], atol=0.1
+    )
+    rgba[..., 3] = 0
+    Image.fromarray(rgba).save(tmp_path / "invisible.png")
+    with pytest.raises(DataError, match="fully transparent"):
+        PhotoReader("rgb").decode(tmp_path / "invisible.png")
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "P"])
+def test_a_mask_drawn_in_the_alpha_channel_is_read_from_it(tmp_path, mode):
+    inside = disc()
+    if mode == "P":  # one palette entry, transparent where the mask is not (a GIF's transparent index)
+        image = Image.fromarray(np.where(inside, 1, 0).astype(np.uint8), mode="P")
+        image.putpalette([0, 0, 0] * 2 + [0] * 762)
+        image.info["transparency"] = 0
+        image.save(tmp_path / "mask.gif", transparency=0)
+        path = tmp_path / "mask.gif"
+    else:
+        channels = 4 if mode == "RGBA" else 2
+        array = np.zeros((*inside.shape, channels), dtype=np.uint8)
+        array[..., :-1] = 255 if mode == "RGBA" else 0  # white or black ink: one colour throughout
+        array[..., -1] = inside * 255
+        path = tmp_path / "mask.png"
+        Image.fromarray(array, mode=mode).save(path)
+    np.testing.assert_array_equal(BinaryMaskReader().decode(path)[0][0], inside)
+
+
+def test_a_mask_whose_alpha_and_colour_disagree_is_refused(tmp_path):
+    inside = disc()
+    agree = np.zeros((*inside.shape, 2), dtype=np.uint8)
+    agree[..., 0] = agree[..., 1] = inside * 255  # white on black, the black made transparent: both say the same
+    Image.fromarray(agree, mode="LA").save(tmp_path / "agree.png")
+    np.testing.assert_array_equal(BinaryMaskReader().decode(tmp_path / "agree.png")[0][0], inside)
+    disagree = agree.copy()
+    disagree[:, :10, 1] = 0  # part of the white field made transparent
+    Image.fromarray(disagree, mode="LA").save(tmp_path / "disagree.png")
+    with pytest.raises(DataError, match="alpha channel carries content") as error:
+        BinaryMaskReader().decode(tmp_path / "disagree.png")
+    assert str(error.value).startswith(str(tmp_path / "disagree.png")) and "\n" not in str(error.value)
+
+
+def test_a_label_drawn_in_the_alpha_channel_is_refused(tmp_path):
+    rgba = np.zeros((10, 12, 4), dtype=np.uint8)
+    rgba[..., :3] = 255
+    rgba[3:6, :, 3] = 255
+    Image.fromarray(rgba).save(tmp_path / "label.png")
+    with pytest.raises(DataError, match="alpha channel carries content"):
+        LabelImageReader().decode(tmp_path / "label.png")
+
+
+def test_a_16_bit_grey_and_alpha_png_is_decoded(tmp_path):
+    grey_alpha = np.zeros((10, 12, 2), dtype=np.uint16)
+    grey_alpha[..., 0] = np.arange(12) * 5000
+    grey_alpha[..., 1] = 65535
+    grey_alpha[:, 6:, 1] = 0  # the right half transparent: composited onto black
+    rows, cols, _ = grey_alpha.shape
+    raw = b"".join(b"\x00" + row.astype(">u2").tobytes() for row in grey_alpha)
+    header = struct.pack(">IIBBBBB", cols, rows, 16, 4, 0, 0, 0)  # colour type 4: grey + alpha
+    path = tmp_path / "la16.png"
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", header) + png_chunk(b"IDAT", zlib.compress(raw))
+        + png_chunk(b"IEND", b"")
+    )  # fmt: skip
+    pixels, meta = PhotoReader("grey").decode(path)
+    expected = np.where(np.arange(12) < 6, np.arange(12) * 5000 * 255 / 65535, 0)
+    np.testing.assert_allclose(pixels[0], np.broadcast_to(expected, (10, 12)), rtol=1e-5, atol=1e-3)
+    assert meta["bits_stored"] == 16
+
+
+# ---------------------------------------------------------------- further frames that are not further images
+def test_an_mpo_photograph_reads_its_first_image(tmp_path):
+    photo = np.random.default_rng(0).integers(0, 255, (64, 80, 3), dtype=np.uint8)
+    first = Image.fromarray(photo)
+    first.save(tmp_path / "photo.jpg", format="MPO", save_all=True, append_images=[first.resize((16, 20))])
+    assert Image.open(tmp_path / "photo.jpg").n_frames == 2
+    expected = np.asarray(Image.open(tmp_path / "photo.jpg").convert("RGB"))  # frame 0, as a viewer shows it
+    np.testing.assert_array_equal(PhotoReader("rgb").decode(tmp_path / "photo.jpg")[0], expected.transpose(2, 0, 1))
+
+
+def test_a_reduced_resolution_tiff_page_is_no_frame_but_a_second_image_is(tmp_path):
+    photo = np.random.default_rng(0).integers(0, 255, (64, 80, 3), dtype=np.uint8)
+    with tifffile.TiffWriter(tmp_path / "thumb.tif") as tif:
+        tif.write(photo, photometric="rgb")
+        tif.write(photo[::4, ::4], photometric="rgb", subfiletype=1)  # NewSubfileType: reduced-resolution image
+    np.testing.assert_array_equal(PhotoReader("rgb").decode(tmp_path / "thumb.tif")[0], photo.transpose(2, 0, 1))
+    with tifffile.TiffWriter(tmp_path / "two.tif") as tif:
+        tif.write(photo, photometric="rgb")
+        tif.write(photo, photometric="rgb")
+    with pytest.raises(DataError, match="holds 2 frames"):
+        read_header(tmp_path / "two.tif")
+
+
+def test_a_negative_label_value_is_named_as_it_is(tmp_path):
+    tifffile.imwrite(tmp_path / "label.tif", np.array([[-1, 0], [3, 5]], dtype=np.int16))
+    with pytest.raises(DataError, match=r"label value -1, outside the class indices 0\.\.254"):
+        LabelImageReader().decode(tmp_path / "label.tif")

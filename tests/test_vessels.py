@@ -94,6 +94,19 @@ def test_generic_folders_suffixes_and_sizes(tmp_path):
         image_mask_items(tmp_path / "images", tmp_path / "masks")
 
 
+def test_several_candidate_masks_for_one_image_are_refused_naming_them(tmp_path):
+    save(tmp_path / "images" / "a.png", np.zeros((8, 8, 3), dtype=np.uint8))
+    save(tmp_path / "masks" / "a.png", np.zeros((8, 8), dtype=np.uint8))
+    save(tmp_path / "masks" / "A.tif", np.full((8, 8), 255, dtype=np.uint8))  # same stem, another case and format
+    with pytest.raises(DataError, match="holds 2 candidates for a: A.tif, a.png") as error:
+        image_mask_items(tmp_path / "images", tmp_path / "masks")
+    assert str(error.value).startswith(str(tmp_path / "masks")) and "\n" not in str(error.value)
+    (tmp_path / "masks" / "A.tif").unlink()
+    save(tmp_path / "masks" / "a_mask.png", np.full((8, 8), 255, dtype=np.uint8))  # another naming rule
+    with pytest.raises(DataError, match="holds 2 candidates for a: a.png, a_mask.png"):
+        image_mask_items(tmp_path / "images", tmp_path / "masks")
+
+
 def test_kaggle_layout_and_split(tmp_path, tiny_drive):
     for name in ("x", "y", "z", "w"):
         save(tmp_path / "Data" / "train" / "image" / f"{name}.png", np.zeros((8, 8, 3), dtype=np.uint8))
@@ -196,6 +209,39 @@ def test_a_given_mask_is_kept_and_estimation_can_be_turned_off():
     out = EstimateFOVd("image")({"image": channels_first(photo)})
     assert out["fov_source"] == "estimated" and iou(np.asarray(out["fov"][0]) > 0, fov) > 0.93
     assert "fov" not in EstimateFOVd("image", estimate=False)({"image": channels_first(photo)})
+
+
+@pytest.mark.parametrize("covered", [0, 0.1])
+def test_an_empty_or_tiny_given_fov_mask_is_refused_naming_it(tmp_path, covered):
+    write_drive_layout(tmp_path, n_images=1, shape=(64, 64), seed=0)
+    items = drive_split_items(tmp_path / "training")
+    fov = np.zeros((64, 64), dtype=np.uint8)
+    fov[: int(covered * 64)] = 255
+    Image.fromarray(fov).save(items[0]["fov"])  # a GIF, as DRIVE's
+    with pytest.raises(DataError, match="FOV mask (is empty|covers only 9.4% of its image)") as error:
+        decode("vessels", items)
+    assert error.value.path == items[0]["fov"] and "\n" not in str(error.value)
+    fov[:32] = 255  # half the image: a field (a cut disc, a crop)
+    Image.fromarray(fov).save(items[0]["fov"])
+    assert decode("vessels", items)[0]["fov"].sum() == 32 * 64
+
+
+def test_inference_on_a_drive_folder_segments_every_photograph(tmp_path, caplog):
+    from clinseg.datasets.fundus import load_fundus_images
+
+    write_drive_layout(tmp_path, n_images=2, shape=(64, 64), seed=0)
+    split = tmp_path / "training"
+    save(split / "images" / "patient_007.jpg", np.zeros((64, 64, 3), dtype=np.uint8))  # a clinic's own photographs
+    save(split / "images" / "21_training.png", np.zeros((64, 64, 3), dtype=np.uint8))
+    save(split / "mask" / "patient_007_mask.png", np.full((64, 64), 255, dtype=np.uint8))
+    items = {item["id"]: item for item in load_fundus_images(split)}
+    assert sorted(items) == ["21", "21_training", "22", "patient_007"]
+    assert items["patient_007"]["fov"] == str(split / "mask" / "patient_007_mask.png")
+    assert items["21_training"]["fov"] == str(split / "mask" / "21_training_mask.gif")  # DRIVE's mask of photo 21
+    with caplog.at_level("WARNING"):  # training needs a manual for each: the others are named, one line each
+        assert [item["id"] for item in drive_split_items(split)] == ["21", "22"]
+    skipped = [r.getMessage() for r in caplog.records if "not named as DRIVE images are" in r.getMessage()]
+    assert any("patient_007.jpg: skipped" in m for m in skipped) and any("2 image(s) skipped" in m for m in skipped)
 
 
 def test_real_drive_fov_estimated_like_the_released_masks():

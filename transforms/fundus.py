@@ -169,7 +169,8 @@ class EstimateFOVd(MapTransform):
     image is the field.
 
     Raises:
-        DataError: naming the photograph, when no plausible field of view can be estimated.
+        DataError: naming the photograph, when no plausible field of view can be estimated; naming the mask file,
+            when a given one is empty or covers less than ``min_fraction`` of the image.
     """
 
     def __init__(
@@ -182,12 +183,28 @@ class EstimateFOVd(MapTransform):
         allow_missing_keys: bool = False,
     ):
         super().__init__(keys, allow_missing_keys)
-        self.fov_key = fov_key
+        self.fov_key, self.min_fraction = fov_key, min_fraction
         self.estimator = EstimateFOV(working_size=working_size, min_fraction=min_fraction) if estimate else None
+
+    def check_given(self, fov: NdarrayOrTensor) -> None:
+        """Refuse a given FOV mask that an estimate would not be accepted as: an empty one leaves nothing to segment
+        or score (every metric of the image would be empty, every prediction masked away), and one under
+        ``min_fraction`` of the image is no fundus field (an inverted or wrong mask, most likely)."""
+        fraction = float((convert_to_numpy(fov) > 0).mean()) if np.size(fov) else 0.0
+        if fraction >= self.min_fraction:
+            return
+        source = fov.meta.get("filename_or_obj", self.fov_key) if isinstance(fov, MetaTensor) else self.fov_key
+        problem = "is empty" if fraction == 0 else f"covers only {fraction:.1%} of its image"
+        raise DataError(
+            source,
+            f"FOV mask {problem} (at least {self.min_fraction:.0%} expected, as for an estimated field of view): "
+            "it leaves no plausible field to segment; check that it is the right mask and not inverted.",
+        )
 
     def __call__(self, data: Mapping[Hashable, NdarrayOrTensor]) -> dict[Hashable, NdarrayOrTensor]:
         d = dict(data)
         if d.get(self.fov_key) is not None:
+            self.check_given(d[self.fov_key])
             d.setdefault(self.fov_key + FOV_SOURCE_SUFFIX, "given")
             return d
         if self.estimator is None:

@@ -16,6 +16,7 @@ protocol requires. Without explicit splits the last ``val_fraction`` of the sort
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from pathlib import Path
@@ -31,17 +32,25 @@ from clinseg.datasets.layouts import (
     register_layout,
     register_phantom,
 )
-from clinseg.datasets.readers import read_header
-from clinseg.datasets.value_types import Fraction, NonNegativeInt, PositiveSize
+from clinseg.datasets.readers import MAX_PIXELS, read_header
+from clinseg.datasets.value_types import Fraction, NonNegativeInt, PositiveInt, PositiveSize
+
+logger = logging.getLogger(__name__)
 
 DRIVE_IMAGE = re.compile(r"^(\d+)_(training|test)\.(tif|tiff)$", re.IGNORECASE)
 MASK_SUFFIXES = ("", "_mask", "_label", "_manual1")
 FOV_SUFFIXES = ("", "_fov", "_mask")
 
 
-def drive_split_items(split_dir: Path, annotator: int = 1, with_labels: bool = True) -> list[dict]:
+def drive_split_items(
+    split_dir: Path, annotator: int = 1, with_labels: bool = True, other_images: bool = False
+) -> list[dict]:
     """One split of DRIVE as released: ``images/NN_<split>.tif``, ``1st_manual/NN_manual1.gif``,
     ``mask/NN_<split>_mask.gif`` (``2nd_manual`` with ``annotator=2``, test split only).
+
+    Images not named as DRIVE names them have no manual to pair with: with ``other_images`` (photographs to
+    segment, which need none) they are items too, with a FOV mask from ``mask/`` when one has their name (plus
+    ``_fov`` or ``_mask``), else none (it is estimated); otherwise each is named in a log line and left out.
 
     Raises:
         DataError: a missing manual or FOV mask (named).
@@ -49,10 +58,19 @@ def drive_split_items(split_dir: Path, annotator: int = 1, with_labels: bool = T
     image_dir = split_dir / "images"
     if not image_dir.is_dir():
         raise DataError(split_dir, "has no 'images' folder; not a DRIVE split folder.")
-    items = []
+    items, skipped, fovs = [], 0, files_by_stem(split_dir / "mask") if other_images else {}
     for image_path in data_files(image_dir):
         match = DRIVE_IMAGE.match(image_path.name)
         if match is None:
+            if not other_images:
+                logger.warning(f"{image_path}: skipped, not named as DRIVE images are (NN_training.tif, NN_test.tif)")
+                skipped += 1
+                continue
+            item = {"image": str(image_path), "id": image_path.stem, "source": str(image_path)}
+            fov_path = partner_file(fovs, image_path.stem, FOV_SUFFIXES)
+            if fov_path is not None:
+                item["fov"] = str(fov_path)
+            items.append(item)
             continue
         number, split = match.group(1), match.group(2)
         fov_path = split_dir / "mask" / f"{number}_{split}_mask.gif"
@@ -67,6 +85,8 @@ def drive_split_items(split_dir: Path, annotator: int = 1, with_labels: bool = T
         items.append(item)
     if not items:
         raise DataError(image_dir, "holds no DRIVE images named NN_training.tif or NN_test.tif.")
+    if skipped:
+        logger.warning(f"{image_dir}: {skipped} image(s) skipped, not named as DRIVE images are (named above)")
     return items
 
 
@@ -153,25 +173,35 @@ def load_vessel_datalist(
     min_shape: PositiveSize | None = None,
     folds: NonNegativeInt = 0,
     fold: NonNegativeInt = 0,
+    max_pixels: PositiveInt | None = MAX_PIXELS,
 ) -> list[dict]:
     """The items (paths) of one split (``train``, ``val``, ``test`` or ``all``) of the vessel dataset in
-    ``dataset_dir``; ``min_shape`` (the training patch) is checked against every image's header; ``folds`` and
-    ``fold`` choose a cross-validation fold instead of the fixed split."""
+    ``dataset_dir``; ``min_shape`` (the training patch) and ``max_pixels`` are checked against every image's header;
+    ``folds`` and ``fold`` choose a cross-validation fold instead of the fixed split."""
     return load_datalist(
-        "fundus", dataset_dir, split, val_fraction, phantom_if_missing, min_shape=min_shape, folds=folds, fold=fold
+        "fundus",
+        dataset_dir,
+        split,
+        val_fraction,
+        phantom_if_missing,
+        min_shape=min_shape,
+        max_pixels=max_pixels,
+        folds=folds,
+        fold=fold,
     )
 
 
-def load_fundus_images(input_path: str | os.PathLike) -> list[dict]:
+def load_fundus_images(input_path: str | os.PathLike, max_pixels: PositiveInt | None = MAX_PIXELS) -> list[dict]:
     """Photographs to segment (paths): one image, a folder of images, or a DRIVE split folder (its FOV masks are
-    used); each is checked from its header, and inputs of one name (``a.png``, ``a.tif``) get distinct result ids."""
+    used; every photograph in its ``images/`` is segmented, DRIVE's names or not); each is checked from its header
+    (within ``max_pixels``), and inputs of one name (``a.png``, ``a.tif``) get distinct result ids."""
     from clinseg.datasets.layouts import check_headers
 
     input_path = Path(input_path)
     if input_path.is_dir() and (input_path / "images").is_dir() and (input_path / "mask").is_dir():
-        items = drive_split_items(input_path, with_labels=False)
+        items = drive_split_items(input_path, with_labels=False, other_images=True)
     elif input_path.is_file():
-        read_header(input_path)
+        read_header(input_path, max_pixels)
         items = [{"image": str(input_path), "id": input_path.stem, "source": str(input_path)}]
     elif input_path.is_dir():
         items = image_mask_items(input_path, None)
@@ -179,5 +209,5 @@ def load_fundus_images(input_path: str | os.PathLike) -> list[dict]:
         items = []
     if not items:
         raise NoUsableDataError(input_path.resolve(), "holds no photographs to segment (or does not exist).")
-    check_headers(items)
+    check_headers(items, max_pixels=max_pixels)
     return unique_ids(items)

@@ -30,10 +30,12 @@ from clinseg.datasets.layouts import (
     register_layout,
     register_phantom,
 )
+from clinseg.datasets.oct.bscans import MIN_BSCAN_SIZE, check_bscan_size
 from clinseg.datasets.oct.duke import bscan_items, duke_items
 from clinseg.datasets.oct.phantom import write_phantom_dataset
 from clinseg.datasets.oct.via import via_items
-from clinseg.datasets.value_types import Fraction, NonNegativeInt
+from clinseg.datasets.readers import MAX_PIXELS, read_header, split_member
+from clinseg.datasets.value_types import Fraction, NonNegativeInt, PositiveInt
 
 IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
 LABEL_SUFFIXES = ("", "_label", "_labels", "_mask", "_seg", "_gt")
@@ -140,6 +142,7 @@ def load_oct_datalist(
     phantom_if_missing: bool = False,
     folds: NonNegativeInt = 0,
     fold: NonNegativeInt = 0,
+    max_pixels: PositiveInt | None = MAX_PIXELS,
 ) -> list[dict]:
     """The items (paths) of one split (``train``, ``val``, ``test`` or ``all``) of the OCT dataset in ``dataset_dir``.
 
@@ -152,6 +155,7 @@ def load_oct_datalist(
         phantom_if_missing: generate the synthetic phantom into ``dataset_dir`` if the folder has no data yet
             (used for the bundle's default folder only, never for a folder the user named).
         folds, fold: a cross-validation fold's split instead of the fixed one (``folds`` 2 or more).
+        max_pixels: the largest image accepted, checked from every file's header.
     """
     return load_datalist(
         "oct",
@@ -159,6 +163,7 @@ def load_oct_datalist(
         split,
         val_fraction,
         phantom_if_missing,
+        max_pixels=max_pixels,
         folds=folds,
         fold=fold,
         class_names=class_names,
@@ -166,9 +171,12 @@ def load_oct_datalist(
     )
 
 
-def load_oct_images(input_path: str | os.PathLike) -> list[dict]:
+def load_oct_images(
+    input_path: str | os.PathLike, max_pixels: PositiveInt | None = MAX_PIXELS, min_size: PositiveInt = MIN_BSCAN_SIZE
+) -> list[dict]:
     """Images to segment (paths): one image file, a ``.mat`` file of B-scans, or a folder of either; inputs of one
-    name (``b0.png``, ``b0.tif``) get distinct result ids."""
+    name (``b0.png``, ``b0.tif``) get distinct result ids. Each image file is checked from its header: within
+    ``max_pixels``, and at least ``min_size`` rows and columns (a thumbnail is no B-scan)."""
     input_path = Path(input_path)
     if input_path.is_file():
         paths = [input_path]
@@ -186,5 +194,8 @@ def load_oct_images(input_path: str | os.PathLike) -> list[dict]:
             items.extend(bscan_items(path))
         else:
             items.append({"image": str(path), "id": path.stem, "source": str(path)})
-    check_headers(items)
+    check_headers(items, max_pixels=max_pixels)
+    for item in items:
+        if split_member(item["image"])[1] is None:  # a .mat B-scan's size is checked once it is read
+            check_bscan_size(item["image"], read_header(item["image"], max_pixels)["shape"], min_size)
     return unique_ids(items)

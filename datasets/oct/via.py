@@ -20,7 +20,8 @@ from monai.utils import MetaKeys, ensure_tuple
 from skimage.draw import polygon as fill_polygon
 
 from clinseg.datasets.errors import DataError
-from clinseg.datasets.readers import member_path, read_header, split_member
+from clinseg.datasets.readers import MAX_PIXELS, member_path, read_header, split_member
+from clinseg.datasets.value_types import PositiveInt
 
 
 def _region_class(region: dict, class_names: list[str], attribute: str | None, json_path: Path, filename: str) -> int:
@@ -97,11 +98,14 @@ class ViaLabelReader(ImageReader):
     Args:
         class_names: class names, index = class value; a region's class attribute must match one (any case).
         attribute: the ``region_attributes`` key holding the class (default: the first non-empty string).
+        max_pixels: the largest image whose label map is made (checked from the image's header).
     """
 
-    def __init__(self, class_names: Sequence[str], attribute: str | None = None):
+    def __init__(
+        self, class_names: Sequence[str], attribute: str | None = None, max_pixels: PositiveInt | None = MAX_PIXELS
+    ):
         super().__init__()
-        self.class_names, self.attribute = list(class_names), attribute
+        self.class_names, self.attribute, self.max_pixels = list(class_names), attribute, max_pixels
 
     def verify_suffix(self, filename) -> bool:
         return all(str(split_member(f)[0]).lower().endswith(".json") for f in ensure_tuple(filename))
@@ -113,7 +117,7 @@ class ViaLabelReader(ImageReader):
         entries = _metadata(json_path)
         if filename not in entries:
             raise DataError(json_path, f"has no entry for image {filename!r}.")
-        shape = tuple(read_header(json_path.parent / filename)["shape"])
+        shape = tuple(read_header(json_path.parent / filename, self.max_pixels)["shape"])
         label = np.zeros(shape, dtype=np.uint8)
         regions = entries[filename].get("regions") or []
         if isinstance(regions, dict):  # VIA 1 stores regions as a dict
