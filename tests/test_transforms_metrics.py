@@ -233,3 +233,81 @@ def test_pixel_accuracy_and_thickness_error_by_hand():
     np.testing.assert_allclose(thickness.numpy(), [[1.0 * 3.9, 0.5 * 3.9]], rtol=1e-6)
     no_annotation = onehot([[-1, -1]])
     assert torch.isnan(PixelAccuracyMetric()(onehot([[0, 1]]), no_annotation)).all()
+
+
+def test_thickness_error_counts_only_annotated_rows_of_a_column():
+    """A column annotated above and below a gap (a label with a partial 255): the prediction in the gap is no
+    thicker layer, it is unscored."""
+    reference = onehot([[0], [1], [-1], [1], [0]], num_classes=2)
+    prediction = onehot([[0], [1], [1], [1], [0]], num_classes=2)
+    assert LayerThicknessError()(prediction, reference).item() == 0.0
+
+
+def test_pixel_hd95_counts_a_missed_structure_as_the_image_diagonal():
+    """MONAI's HD95 is NaN for an empty prediction, which its mean leaves out: a model that misses the structure
+    in one image (or in every image: 0.0) would read as better. Here a miss costs the diagonal, in pixels."""
+    from clinseg.pipelines.engine.metrics import METRIC_KINDS
+
+    reference = np.zeros((10, 10), int)
+    reference[4, 2:8] = 1
+    shifted = np.roll(reference, 2, axis=0)
+    metric = METRIC_KINDS["hd95"][0](None)
+    metric(onehot(shifted, 2), onehot(reference, 2))
+    metric(onehot(np.zeros_like(reference), 2), onehot(reference, 2))
+    diagonal = float(np.hypot(10, 10))
+    assert metric.aggregate().item() == pytest.approx((2.0 + diagonal) / 2, rel=1e-5)
+    missed_everywhere = METRIC_KINDS["hd95"][0](None)
+    missed_everywhere(onehot(np.zeros_like(reference), 2), onehot(reference, 2))
+    assert missed_everywhere.aggregate().item() == pytest.approx(diagonal, rel=1e-5)
+
+
+def test_a_metric_undefined_in_every_case_is_nan_not_zero():
+    """Distances and volume errors are undefined without a reference structure (a heart-free CT): MONAI's mean of
+    nothing but NaN is 0.0, a perfect score; the evaluator reports NaN, written as null in JSON."""
+    import json
+
+    from ignite.engine import Engine
+
+    from clinseg.pipelines.engine.metrics import metric_handlers
+    from clinseg.pipelines.engine.writers import json_writer
+
+    empty = onehot(np.zeros((8, 8), int), 2)
+    false_positive = onehot(np.pad(np.ones((2, 2), int), 3), 2)
+    engine = Engine(lambda engine, batch: {"pred": [false_positive[0]], "label": [empty[0]]})
+    handlers = metric_handlers({"val_hd95": "hd95", "val_rve": "relative_volume_error", "val_dice": "dice"})
+    for name, handler in handlers.items():
+        handler.attach(engine, name)
+    engine.run([0, 1], max_epochs=1)
+    for name in ("val_hd95", "val_rve"):
+        assert np.isnan(engine.state.metrics[name]), (name, engine.state.metrics[name])
+    path = __import__("pathlib").Path(__import__("tempfile").mkdtemp()) / "m.json"
+    json_writer({"mean": dict(engine.state.metrics)})(path)
+    assert json.loads(path.read_text())["mean"]["val_hd95"] is None, "valid JSON, undefined as null"
+
+
+def test_per_class_precision_is_averaged_over_images_as_the_headline_mean_is(tmp_path):
+    """Per class, precision (recall, specificity) is the mean of the images' values, as the headline mean is;
+    only a metric named pooled pools the images' counts. The per-image tables hold the metric, not MONAI's
+    [tp, fp, tn, fn] counts, under the classes' names."""
+    from types import SimpleNamespace
+
+    from clinseg.pipelines.engine.handlers.evaluation import AtomicMetricsSaver, EvaluationReport
+
+    # class L1: image 1 tp 1 fp 0 (precision 1), image 2 tp 1 fp 8 (1/9); class L2: 2/4 and 3/4
+    counts = torch.tensor([[[1, 0, 10, 0], [2, 2, 5, 1]], [[1, 8, 3, 0], [3, 1, 6, 0]]], dtype=torch.float32)
+    engine = SimpleNamespace(state=SimpleNamespace(
+        metric_details={"val_precision": counts, "val_pooled_f1": counts}, metrics={"val_precision": 0.0}, epoch=1
+    ))  # fmt: skip
+    report = EvaluationReport(tmp_path, ["background", "L1", "L2"])
+    per_class = report.per_class(engine)
+    assert per_class["val_precision"]["L1"] == pytest.approx((1 + 1 / 9) / 2)
+    assert per_class["val_precision"]["L2"] == pytest.approx((2 / 4 + 3 / 4) / 2)
+
+    saver = AtomicMetricsSaver(save_dir=str(tmp_path / "tables"), metrics="*", metric_details="*",
+                               class_names=["background", "L1", "L2"])  # fmt: skip
+    saver._filenames = ["image1", "image2"]
+    saver(engine)
+    rows = (tmp_path / "tables" / "val_precision_raw.csv").read_text().splitlines()
+    assert rows[0].split(",")[:3] == ["filename", "L1", "L2"], rows[0]
+    assert [float(v) for v in rows[2].split(",")[1:3]] == pytest.approx([1 / 9, 3 / 4], abs=1e-4)
+    assert engine.state.metric_details["val_precision"] is counts, "the engine's details are left as they were"

@@ -64,7 +64,8 @@ class LayerThicknessError(_ReducedMetric):
         if y_pred.shape != y.shape or y.ndim != 4:
             raise ValueError(f"expected y_pred and y of one shape (B, C, H, W), got {y_pred.shape} and {y.shape}.")
         annotated_columns = (y.sum(dim=(1, 2)) > 0).float()[:, None]  # (B, 1, W)
-        thickness_pred = y_pred[:, 1:].sum(dim=2)  # (B, C - 1, W)
+        annotated = (y.sum(dim=1, keepdim=True) > 0).to(y_pred.dtype)  # rows left unannotated in a column count not
+        thickness_pred = (y_pred[:, 1:] * annotated).sum(dim=2)  # (B, C - 1, W)
         thickness_true = y[:, 1:].sum(dim=2)
         error = (thickness_pred - thickness_true).abs() * annotated_columns
         n_columns = annotated_columns.sum(dim=-1)
@@ -170,6 +171,19 @@ def _defined_distances(distances, y_pred, y, spacing, include_background: bool) 
     return torch.where(reference_empty, torch.full_like(distances, float("nan")), distances)
 
 
+class HausdorffDistancePx(HausdorffDistanceMetric):
+    """MONAI's Hausdorff distance (default: 95th percentile) in pixels, empty masks made explicit as in
+    :class:`HausdorffDistanceMM`: a missed structure costs the image's diagonal in pixels. MONAI's own gives NaN
+    there, which its mean leaves out, so a model that misses a layer (or everything: 0.0) would read as better."""
+
+    def __init__(self, percentile: float | None = 95.0, **kwargs):
+        super().__init__(percentile=percentile, **kwargs)
+
+    def _compute_tensor(self, y_pred: torch.Tensor, y: torch.Tensor, **kwargs) -> torch.Tensor:
+        distances = super()._compute_tensor(y_pred, y, **kwargs)
+        return _defined_distances(distances, y_pred, y, None, self.include_background)
+
+
 class AverageSurfaceDistanceMM(_MillimetreDistance, SurfaceDistanceMetric):
     """Average symmetric surface distance (ASSD) in millimetres, spacing from the reference's affine as in
     :class:`HausdorffDistanceMM`."""
@@ -222,11 +236,15 @@ def _monai(cls_name: str, **kwargs):
     return build
 
 
+def _hd95_px(ignore_index):
+    return HausdorffDistancePx(include_background=False, ignore_index=ignore_index)
+
+
 # the metric kinds a bundle names in its configs: kind -> (metric built for an ignore index, engine output keys)
 METRIC_KINDS = {
     "dice": (_monai("DiceMetric"), ("pred", "label")),
     "iou": (_monai("MeanIoU"), ("pred", "label")),
-    "hd95": (_monai("HausdorffDistanceMetric", percentile=95), ("pred", "label")),
+    "hd95": (_hd95_px, ("pred", "label")),
     "hd95_mm": (lambda ignore_index: HausdorffDistanceMM(include_background=False, percentile=95), ("pred", "label")),
     "assd_mm": (lambda ignore_index: AverageSurfaceDistanceMM(include_background=False), ("pred", "label")),
     "relative_volume_error": (lambda ignore_index: RelativeVolumeError(), ("pred", "label")),
@@ -243,11 +261,27 @@ METRIC_KINDS = {
 }
 
 
+def _undefined_throughout(metric) -> bool:
+    """Whether every value ``metric`` collected is NaN (undefined: no reference structure in any case). MONAI's
+    mean of such values is 0.0, which reads as a perfect distance or no volume error; it is reported as NaN (null
+    in JSON) instead. Confusion-matrix metrics collect counts, never NaN."""
+    try:
+        data = metric.get_buffer()
+    except Exception:  # noqa: BLE001 - nothing collected yet
+        return False
+    return isinstance(data, torch.Tensor) and data.numel() > 0 and bool(torch.isnan(data.float()).all())
+
+
 def metric_handlers(metrics: dict[str, str], ignore_index: int | None = None) -> dict:
     """The evaluator's metrics from a ``{tracked name: kind}`` mapping (kinds: :data:`METRIC_KINDS`), each an
     ``IgniteMetricHandler`` on the engine's one-hot ``pred`` (or ``prob``) and ``label``; background excluded, and
-    pixels labelled ``ignore_index`` not scored."""
+    pixels labelled ``ignore_index`` not scored. A metric undefined in every case is NaN, not MONAI's 0.0."""
     from monai.handlers import IgniteMetricHandler, from_engine
+
+    class DefinedMetricHandler(IgniteMetricHandler):
+        def compute(self):
+            value = super().compute()
+            return float("nan") if _undefined_throughout(self.metric_fn) else value
 
     from clinseg.pipelines.cli import ConfigError
 
@@ -256,5 +290,5 @@ def metric_handlers(metrics: dict[str, str], ignore_index: int | None = None) ->
         if kind not in METRIC_KINDS:
             raise ConfigError(name, f"unknown metric kind {kind!r}.", f"Choose one of {sorted(METRIC_KINDS)}.")
         build, keys = METRIC_KINDS[kind]
-        handlers[name] = IgniteMetricHandler(metric_fn=build(ignore_index), output_transform=from_engine(list(keys)))
+        handlers[name] = DefinedMetricHandler(metric_fn=build(ignore_index), output_transform=from_engine(list(keys)))
     return handlers

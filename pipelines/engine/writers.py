@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import math
 import os
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from pathlib import Path
@@ -38,9 +39,23 @@ from clinseg.transforms.fundus import FOV_SOURCE_SUFFIX
 logger = logging.getLogger(__name__)
 
 
+def _finite_or_null(value):
+    """``value`` with every NaN or infinite float made None: JSON has no NaN (Python would write a bare ``NaN`` that
+    other readers refuse), and an undefined metric is null, not a number."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Mapping):
+        return {key: _finite_or_null(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_null(item) for item in value]
+    if isinstance(value, (np.floating, torch.Tensor)) and np.size(value) == 1:
+        return _finite_or_null(float(value))
+    return value
+
+
 def json_writer(content):
     """What writes ``content`` as JSON to the file it is given; the text is made now, so only the write can fail."""
-    text = json.dumps(content, indent=2, default=_json_default)
+    text = json.dumps(_finite_or_null(content), indent=2, default=_json_default)
     return lambda tmp: tmp.write_text(text)
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import uuid
 from collections.abc import Mapping, Sequence
@@ -124,7 +125,8 @@ class EvaluationReport:
         for metric, details in (getattr(engine.state, "metric_details", None) or {}).items():
             values = to_numpy(details).astype(np.float64)
             if values.ndim == 3 and values.shape[-1] == 4:  # confusion matrices [tp, fp, tn, fn] per image and class
-                values = _confusion_metric(values.sum(axis=0, keepdims=True), metric)
+                # per image, then averaged, as the headline mean is; a pooled metric pools the images' counts
+                values = _confusion_metric(values.sum(axis=0, keepdims=True) if "pooled" in metric else values, metric)
                 if values is None:
                     continue
             if values.ndim != 2 or values.shape[1] <= 1:
@@ -171,10 +173,17 @@ class AtomicMetricsSaver(MetricsSaver):
     renamed into ``save_dir`` together once all are written: a failed write leaves none of them (and the earlier
     tables intact), and a write the environment refuses is a ``DataError`` naming the table being written."""
 
+    def __init__(self, *args, class_names: Sequence[str] | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.class_names = list(class_names) if class_names else None
+
     def __call__(self, engine: Engine) -> None:
         final_dir = Path(self.save_dir)
         staging = final_dir / f".tmp{os.getpid()}-{uuid.uuid4().hex[:8]}.tables"
         self.save_dir = str(staging)
+        details = getattr(engine.state, "metric_details", None)
+        if details:  # a confusion metric's details are MONAI's [tp, fp, tn, fn] counts: the tables show the metric
+            engine.state.metric_details = {name: _per_image(name, value) for name, value in details.items()}
         try:
             try:
                 super().__call__(engine)
@@ -186,10 +195,37 @@ class AtomicMetricsSaver(MetricsSaver):
                     raise
                 raise error from e
             tables = sorted(staging.iterdir()) if staging.is_dir() else []
+            for table in tables:
+                self._name_classes(table)
             atomic_write_all([(final_dir / table.name, lambda tmp, t=table: os.replace(t, tmp)) for table in tables])
         finally:
             self.save_dir = str(final_dir)
+            if details:
+                engine.state.metric_details = details
             shutil.rmtree(staging, ignore_errors=True)
+
+    def _name_classes(self, table: Path) -> None:
+        """MONAI heads a per-image table's columns ``class0``, ``class1``...: the classes' names instead (the
+        metrics leave the background out, so ``class0`` is the first foreground class)."""
+        if not self.class_names or not table.name.endswith("_raw.csv"):
+            return
+        lines = table.read_text().split("\n")
+        header = lines[0].split(self.deli)
+        columns = [c for c in header if re.fullmatch(r"class\d+", c)]
+        names = self.class_names[-len(columns) :] if columns else []
+        if len(names) == len(columns):
+            renamed = {column: name for column, name in zip(columns, names, strict=True)}
+            lines[0] = self.deli.join(renamed.get(c, c) for c in header)
+            table.write_text("\n".join(lines))
+
+
+def _per_image(name: str, values):
+    """Per-image, per-class values of a metric's details: confusion counts turned into the metric's ratio."""
+    array = to_numpy(values).astype(np.float64)
+    if array.ndim == 3 and array.shape[-1] == 4:
+        converted = _confusion_metric(array, name)
+        return converted if converted is not None else array
+    return values
 
 
 class EvaluationOutputs:
@@ -214,6 +250,7 @@ class EvaluationOutputs:
                 print_table=True, model=model,
             )  # fmt: skip
         self.tables = AtomicMetricsSaver(
+            class_names=class_names,
             save_dir=output_dir,
             metrics="*",
             metric_details="*",
