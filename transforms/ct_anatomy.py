@@ -180,37 +180,22 @@ def measure_field_of_view(hu: np.ndarray, affine: np.ndarray) -> tuple[FieldOfVi
     # a slice without lungs inside a field that lies inside the body may have them just outside the field: it is
     # neither thoracic nor abdominal, and no verdict that removes a heart rests on it
     undetermined = enclosed & has_body & ~thoracic
-    if (lung_ml < NO_LUNG_ML or not thoracic.any()) and undetermined.sum() >= 0.5 * has_body.sum():
-        verdict = FieldOfView(
-            "unknown",
-            "unknown",
-            [
+    if lung_ml < NO_LUNG_ML or not thoracic.any():
+        if undetermined.sum() >= 0.5 * has_body.sum():
+            fov, expected = "unknown", "unknown"
+            reasons = [
                 f"the field of view lies inside the body on {int(undetermined.sum())} of {int(has_body.sum())} "
                 "slices (no outline of the body): lungs just outside it cannot be told from none, so whether a "
                 "heart can be there is unknown"
-            ],
-            slab_mm,
-            True,
-            round(lung_ml, 1),
-            thoracic_mm,
-        )
-        verdict.volume_reportable = False
-        return verdict, lung
-    if lung_ml < NO_LUNG_ML or not thoracic.any():
-        torso = float(np.median(body_area_cm2[body_area_cm2 >= MIN_BODY_AREA_CM2])) >= TORSO_AREA_CM2
-        verdict = FieldOfView(
-            "abdomen" if torso else "other",
-            "none",
-            [
+            ]
+        else:
+            torso = float(np.median(body_area_cm2[has_body])) >= TORSO_AREA_CM2
+            fov, expected = ("abdomen" if torso else "other"), "none"
+            reasons = [
                 f"no thoracic slice in the field of view (lungs fill less than {THORACIC_LUNG_FRACTION:.0%} of every "
                 f"axial slice; {lung_ml:.0f} mL of aerated lung in all): the heart lies between the lungs"
-            ]
-            + ([] if torso else [f"the body's cross-section is under {TORSO_AREA_CM2:.0f} cm2: not a torso"]),
-            slab_mm,
-            True,
-            round(lung_ml, 1),
-            thoracic_mm,
-        )
+            ] + ([] if torso else [f"the body's cross-section is under {TORSO_AREA_CM2:.0f} cm2: not a torso"])
+        verdict = FieldOfView(fov, expected, reasons, slab_mm, True, round(lung_ml, 1), thoracic_mm)
         verdict.volume_reportable = False
         return verdict, lung
 
