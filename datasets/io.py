@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import math
 import os
@@ -131,6 +132,42 @@ def atomic_write_all(writes: Sequence[tuple[str | os.PathLike, Callable[[Path], 
         for tmp, _ in staged:
             _remove(tmp)
     return targets
+
+
+def journaled_write_all(
+    writes: Sequence[tuple[str | os.PathLike, Callable[[Path], object]]], journal: str | os.PathLike
+) -> list[Path]:
+    """:func:`atomic_write_all` that a process dying between its renames cannot leave half-done: each file is staged
+    whole beside its target, then ``journal`` lists the renames (written atomically), then they are done and the
+    journal removed. A journal left behind is completed by :func:`finish_journal` (the caller's next reader or
+    writer, under the caller's lock). Returns the final paths.
+
+    Raises:
+        DataError: as :func:`atomic_write`, before anything under a final name has changed.
+    """
+    targets = [Path(path) for path, _ in writes]
+    staged = [
+        atomic_write(t.with_name(f".{t.name}.staged"), write) for t, (_, write) in zip(targets, writes, strict=True)
+    ]
+    text = json.dumps({"moves": [[str(s), str(t)] for s, t in zip(staged, targets, strict=True)]})
+    atomic_write(journal, lambda tmp: Path(tmp).write_text(text))
+    finish_journal(journal)
+    return targets
+
+
+def finish_journal(journal: str | os.PathLike) -> bool:
+    """Do the renames ``journal`` lists that are not done yet (a staged file still there), then remove it. Returns
+    whether there was one. The caller holds the lock that serialises its writers."""
+    journal = Path(journal)
+    try:
+        moves = json.loads(journal.read_text())["moves"]
+    except FileNotFoundError:
+        return False
+    for staged, target in moves:
+        if os.path.exists(staged):  # a rename already done has left nothing under the staged name
+            os.replace(staged, target)
+    journal.unlink()
+    return True
 
 
 @contextmanager

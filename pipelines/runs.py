@@ -126,9 +126,9 @@ RUN_LOCK = ".run.lock"
 def claim_run_folder(output_dir: str | os.PathLike, resume: bool | str | None = None) -> Path:
     """Make ``output_dir`` this training's own until the process ends: a lock file in it that another training
     cannot take while this one runs (released by the OS if the process dies), and, for a new run, a folder that
-    no other run has written to. Two trainings given one ``--run_name``, two ``--resume`` of one run, or a
-    ``--resume True`` that picks a run still training would otherwise write over each other's checkpoints,
-    ``model.pt`` and spool.
+    is no other training's run folder (claimed before, or holding checkpoints). Two trainings given one
+    ``--run_name``, two ``--resume`` of one run, or a ``--resume True`` that picks a run still training would
+    otherwise write over each other's checkpoints, ``model.pt`` and spool.
 
     Raises:
         InputError: another process holds the run; or a new run's name is already a run's folder.
@@ -140,6 +140,13 @@ def claim_run_folder(output_dir: str | os.PathLike, resume: bool | str | None = 
     key = str(folder.resolve())
     if key in _CLAIMED:
         return folder
+    # a run's folder: claimed by a training before (its lock file stays), or holding a training's checkpoints
+    models = folder / "models"
+    was_a_run = (
+        (folder / RUN_LOCK).exists()
+        or (models / MODEL_FILE).exists()
+        or any(models.glob("latest_checkpoint_epoch=*.pt"))
+    )
     lock = FileLock(str(folder / RUN_LOCK), timeout=0)
     try:
         lock.acquire()
@@ -149,12 +156,13 @@ def claim_run_folder(output_dir: str | os.PathLike, resume: bool | str | None = 
             "belongs to a training still running in another process.",
             "Wait for it to end, or start a new run (leave out --run_name and --resume).",
         ) from None
-    if not resume and any(entry.name != RUN_LOCK for entry in folder.iterdir()):
+    if not resume and was_a_run:
         lock.release()
         raise InputError(
             f"run name {folder.name!r}",
-            f"is taken: {folder.resolve()} holds another run's files, which a new run must not write over.",
-            f"Leave out --run_name for a new name, or pass --resume {folder.name} to continue that run.",
+            f"is taken: {folder.resolve()} is another training's run folder, which a new run must not write over.",
+            f"Leave out --run_name (and --output_dir) for a new folder, or pass --resume {folder.name} to continue "
+            "that run.",
         )
     _CLAIMED[key] = lock
     return folder
@@ -290,29 +298,16 @@ PROMOTION_JOURNAL = ".promotion-journal.json"
 PROMOTION_LOCK = ".promotion.lock"
 
 
-def _roll_forward(models_dir: Path) -> bool:
-    """Do the renames the journal in ``models_dir`` lists that are not done yet, then remove it (under the lock).
-    Returns whether there was one."""
-    journal = models_dir / PROMOTION_JOURNAL
-    try:
-        moves = json.loads(journal.read_text())["moves"]
-    except FileNotFoundError:
-        return False
-    for staged, target in moves:
-        if os.path.exists(staged):  # a rename already done has left nothing under the staged name
-            os.replace(staged, target)
-    journal.unlink()
-    return True
-
-
 def _complete_abandoned_promotion(models_dir: Path) -> None:
     """Complete a promotion into ``models_dir`` whose process died midway; one still running (it holds the lock) is
     left to finish."""
     from filelock import FileLock, Timeout
 
+    from clinseg.datasets.io import finish_journal
+
     try:
         with FileLock(str(models_dir / PROMOTION_LOCK), timeout=0):
-            if _roll_forward(models_dir):
+            if finish_journal(models_dir / PROMOTION_JOURNAL):
                 logger.warning(f"{models_dir}: completed a promotion left unfinished by a process that stopped")
     except Timeout:
         return
@@ -368,7 +363,7 @@ def promote(
     """
     from filelock import FileLock
 
-    from clinseg.datasets.io import atomic_write
+    from clinseg.datasets.io import atomic_write, finish_journal, journaled_write_all
 
     run_models_dir, bundle_models_dir = Path(run_models_dir), Path(bundle_models_dir)
     candidate = read_record(run_models_dir)
@@ -378,7 +373,7 @@ def promote(
         )
     bundle_models_dir.mkdir(parents=True, exist_ok=True)
     with FileLock(str(bundle_models_dir / PROMOTION_LOCK), timeout=600):
-        if _roll_forward(bundle_models_dir):
+        if finish_journal(bundle_models_dir / PROMOTION_JOURNAL):
             logger.warning(f"{bundle_models_dir}: completed a promotion left unfinished by a process that stopped")
         present = (bundle_models_dir / MODEL_FILE).is_file()
         incumbent = read_record(bundle_models_dir) if present else None
@@ -396,13 +391,8 @@ def promote(
                 (bundle_models_dir / MODEL_RECORD, lambda tmp: Path(tmp).write_text(text)),
                 (bundle_models_dir.parent / LARGE_FILES, lambda tmp: Path(tmp).write_text(large_files)),
             ]
-            # every new file staged (each written whole), then the journal of the renames, then the renames: a
-            # process that dies after the journal leaves a promotion the next reader completes (_roll_forward)
-            staged = [atomic_write(target.with_name(f".{target.name}.promoting"), write) for target, write in writes]
-            moves = [[str(tmp), str(target)] for tmp, (target, _) in zip(staged, writes, strict=True)]
-            journal = json.dumps({"moves": moves})
-            atomic_write(bundle_models_dir / PROMOTION_JOURNAL, lambda tmp: Path(tmp).write_text(journal))
-            _roll_forward(bundle_models_dir)
+            # a process that dies between the renames leaves a journal the next reader completes
+            journaled_write_all(writes, bundle_models_dir / PROMOTION_JOURNAL)
     decision = {"promoted": promoted, "reason": reason, "candidate": candidate, "incumbent": incumbent}
     if decision_file is not None:
         text = json.dumps(decision, indent=2) + "\n"

@@ -4,6 +4,7 @@ coarser grid, 6 mm resampling, 16^3 patches, a 3-level 3D U-Net, 2 epochs."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import mlflow
@@ -91,9 +92,10 @@ def test_evaluation_on_the_test_split_at_the_native_grid(trained, ct_data):
     report = json.loads(sorted((bundle / "outputs").glob("evaluate-*/metrics.json"))[-1].read_text())
     assert report["n_images"] == 1 and METRICS <= set(report["mean"])
     _, (run,) = runs(uri, "evaluate")
-    assert run.data.params["eval_split"] == "test" and run.data.metrics["0_key/eval_mean_dice"] == pytest.approx(
-        report["mean"]["val_mean_dice"]
-    )
+    assert run.data.params["eval_split"] == "test"
+    logged, written = run.data.metrics["0_key/eval_mean_dice"], report["mean"]["val_mean_dice"]
+    # undefined (no heart in the reference of the tiny grid's case): NaN in MLflow, null in the JSON, never 0
+    assert (written is None and math.isnan(logged)) or logged == pytest.approx(written)
     assert not any(k.startswith("val_") for k in run.data.metrics), "an evaluation's metrics are named eval/..."
 
 

@@ -383,6 +383,6 @@ def test_a_promotion_killed_between_its_renames_is_completed_by_the_next_reader(
     assert record is not None and record["training_run_name"] == "better" and record["value"] == 0.7
     assert record["sha256"] == runs.sha256_of(bundle_models / "model.pt")
     assert "better" in (bundle_models.parent / "large_files.yml").read_text()
-    assert not [p.name for p in bundle_models.iterdir() if p.name.endswith((".promoting", ".json")) and
+    assert not [p.name for p in bundle_models.iterdir() if p.name.endswith((".staged", ".json")) and
                 p.name != "model.json"]  # fmt: skip
     assert not runs.promote(_run_model(tmp_path / "worse", 0.6, b"worse"), bundle_models)["promoted"]

@@ -63,7 +63,8 @@ def initialize(
     check_config()
     if seed is not None:
         set_determinism(seed=seed)
-    if ckpt_dir is not None and output_dir is not None and is_rank_zero():
+    # the process group may not be up yet: torchrun's RANK says which process is rank 0
+    if ckpt_dir is not None and output_dir is not None and is_rank_zero() and os.environ.get("RANK", "0") == "0":
         from clinseg.pipelines.runs import claim_run_folder
 
         # a training's run folder is its own: claimed before anything (the checkpoint folder first) is made in it
@@ -97,7 +98,11 @@ def _require_same_run(ckpt_dir: str | os.PathLike, input_settings: dict | None, 
     record = runs.read_record(models)
     if record is None:  # no model saved yet: nothing recorded to compare with
         return
-    runs.require_input_settings(models / runs.MODEL_FILE, input_settings, "--{key} '{value}'")
+    try:
+        runs.require_input_settings(models / runs.MODEL_FILE, input_settings, "--{key} '{value}'")
+    except ConfigError as error:
+        if not error.key.startswith("network_def#"):  # the checkpoint's own load names the network that differs
+            raise
     recorded = record.get("validation_fingerprint")
     if recorded and validation_fingerprint and recorded != validation_fingerprint:
         raise ConfigError(
@@ -210,9 +215,9 @@ def run_training(
     early_stop.set_trainer(trainer)
     if is_rank_zero():
         latest_checkpoint.attach(trainer)
-    if resume:
-        _require_same_run(ckpt_dir, input_settings, validation_fingerprint)
     resumed = resume_from_latest(trainer, latest_checkpoint, ckpt_dir) if resume else None
+    if resume:  # after the checkpoint's own check, which names it when the network differs
+        _require_same_run(ckpt_dir, input_settings, validation_fingerprint)
     if time_limit_s > 0:
         trainer.add_event_handler(Events.ITERATION_COMPLETED, ignite.handlers.TimeLimit(int(time_limit_s)))
 
