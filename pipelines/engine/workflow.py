@@ -63,20 +63,18 @@ def initialize(
     check_config()
     if seed is not None:
         set_determinism(seed=seed)
+    if is_rank_zero() and output_dir is not None:  # checked before the folder is made in it (below)
+        require_output_outside_input(output_dir, input_path)
+        require_writable_dir(output_dir, "the output folder")
     # the process group may not be up yet: torchrun's RANK says which process is rank 0
     if ckpt_dir is not None and output_dir is not None and is_rank_zero() and os.environ.get("RANK", "0") == "0":
         from clinseg.pipelines.runs import claim_run_folder
 
         # a training's run folder is its own: claimed before anything (the checkpoint folder first) is made in it
-        require_output_outside_input(output_dir, input_path)
-        require_writable_dir(output_dir, "the output folder")
         claim_run_folder(output_dir, resume=_running_config_value("resume"))
     if ckpt_dir is not None:  # every rank reads checkpoints (resume)
         require_writable_dir(ckpt_dir, "the checkpoint folder")
     if is_rank_zero():
-        if output_dir is not None:
-            require_output_outside_input(output_dir, input_path)
-            require_writable_dir(output_dir, "the output folder")
         if tracking_uri is not None:
             from clinseg.pipelines.tracking import check_tracking_uri
 
