@@ -460,6 +460,113 @@ def test_a_tight_crop_inside_the_body_without_air_is_hounsfield_units(tmp_path):
     np.testing.assert_array_equal(LoadCTVolumed("image")({"image": str(tmp_path / "crop.nii.gz")})["image"], crop)
 
 
+def noisy_phantom_hu(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """A phantom chest in HU with a scanner's noise (sigma 15 HU) and its affine."""
+    from clinseg.datasets.ct.phantom import synthesize_ct
+
+    phantom = synthesize_ct(seed=seed, voxel_scale=3, region="chest")
+    noise = np.random.default_rng(seed).normal(0.0, 15.0, phantom.hu.shape)
+    return np.round(phantom.hu + noise).astype(np.int16), phantom.affine
+
+
+@pytest.mark.parametrize("padding", [None, -3024], ids=["noise", "padding"])
+def test_hu_plus_1024_with_values_below_zero_is_refused_as_not_hounsfield_units(tmp_path, padding):
+    """HU + 1024 stored without its intercept holds values below 0 as soon as the air around 0 has noise, or the
+    scanner's padding (-3024 HU, stored -2000) is left in: its content gives it away (no air, soft tissue at 1024)."""
+    hu, affine = noisy_phantom_hu()
+    if padding is not None:
+        hu[:3, :3, :] = padding  # outside the reconstruction circle
+    shifted = tmp_path / "shifted.nii.gz"
+    nib.save(nib.Nifti1Image((hu.astype(np.int32) + 1024).astype(np.int16), affine), shifted)
+    assert np.asanyarray(nib.load(shifted).dataobj).min() < 0
+    with pytest.raises(DataError) as refused:
+        LoadCTVolumed("image")({"image": str(shifted)})
+    message = str(refused.value)
+    assert message.startswith(f"{shifted}: does not look like Hounsfield units: no air"), message
+    assert "HU + 1024" in message and "intercept" in message
+    # the same scan in HU is read as it is
+    kept = tmp_path / "hu.nii.gz"
+    nib.save(nib.Nifti1Image(hu, affine), kept)
+    np.testing.assert_array_equal(read_volume(kept)[0], hu)
+
+
+def write_raw_scaling(path: Path, array: np.ndarray, slope: float, intercept: float) -> Path:
+    """A NIfTI whose scl_slope and scl_inter are stored as given (nibabel resets odd ones on save and on load)."""
+    nib.save(nib.Nifti1Image(array, np.diag([0.8, 0.8, 2.5, 1.0])), path)
+    raw = bytearray(path.read_bytes())
+    raw[SCALING_OFFSET : SCALING_OFFSET + 8] = struct.pack("<ff", slope, intercept)
+    path.write_bytes(bytes(raw))
+    return path
+
+
+SCALING_OFFSET = 112  # bytes into a NIfTI-1 header: scl_slope, scl_inter (float32)
+
+
+@pytest.mark.parametrize("slope", [0.0, float("nan")], ids=["zero", "nan"])
+def test_an_intercept_beside_a_slope_that_turns_scaling_off_is_refused(tmp_path, slope):
+    """scl_inter -1024 with scl_slope 0 or NaN: NIfTI (and nibabel) apply no scaling, so the values would be read
+    1024 HU too high, or not, depending on the reader."""
+    hu, _ = noisy_phantom_hu()
+    path = write_raw_scaling(tmp_path / "scaled.nii", (hu.astype(np.int32) + 1024).astype(np.int16), slope, -1024.0)
+    with pytest.raises(DataError) as refused:
+        read_volume(path)
+    assert str(refused.value).startswith(f"{path}: has scl_inter -1024 but scl_slope {slope:g}"), str(refused.value)
+    # a slope that applies is read with its intercept; NaN in both (nibabel's "no scaling") is read as stored
+    applied = write_raw_scaling(tmp_path / "applied.nii", (hu.astype(np.int32) + 1024).astype(np.int16), 1.0, -1024)
+    np.testing.assert_array_equal(read_volume(applied)[0], hu)
+    unscaled = write_raw_scaling(tmp_path / "unscaled.nii", hu, float("nan"), float("nan"))
+    np.testing.assert_array_equal(read_volume(unscaled)[0], hu)
+
+
+@pytest.mark.parametrize("change", ["flip", "shift", "voxel"])
+def test_a_nifti_whose_qform_and_sform_disagree_is_refused(tmp_path, change):
+    """nibabel reads the sform, ITK-based viewers may read the qform: when they place the scan differently, the
+    mask would be checked against another geometry than the one it was computed in."""
+    hu, affine = noisy_phantom_hu()
+    other = affine.copy()
+    if change == "flip":
+        other[:, 0] *= -1
+    elif change == "shift":
+        other[:3, 3] += 30.0
+    else:
+        other[:3, 2] *= 1.5
+    path = tmp_path / f"{change}.nii.gz"
+    image = nib.Nifti1Image(hu, affine)
+    image.set_sform(affine, code=1)
+    image.set_qform(other, code=1)
+    nib.save(image, path)
+    with pytest.raises(DataError) as refused:
+        read_volume(path)
+    message = str(refused.value)
+    assert message.startswith(f"{path}: has two coordinate systems that disagree (qform: axes"), message
+    assert "assume_spacing" in message  # the way out: state the geometry
+    # both set and equal (as dcm2niix, ITK and nibabel write them), or only one set: read with that geometry
+    for name, qform_code in (("same.nii.gz", 1), ("sform_only.nii.gz", 0)):
+        image = nib.Nifti1Image(hu, affine)
+        image.set_qform(affine, code=qform_code)
+        nib.save(image, tmp_path / name)
+        np.testing.assert_allclose(read_volume(tmp_path / name)[1], affine, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "parts",
+    [
+        ("totalsegmentator", "pulmonary_report", "ct_cropped.nii.gz"),
+        ("totalsegmentator", "aorta_report", "ct_cropped.nii.gz"),
+        ("totalsegmentator", "example_ct_sm.nii.gz"),
+        ("totalsegmentator", "example_ct_dicom"),
+        ("dcmqi_ct3slice", "ct-3slice"),
+    ],
+    ids=lambda parts: "/".join(parts[1:]) or parts[0],
+)
+def test_real_ct_stored_as_hu_plus_1024_is_refused(parts, tmp_path):
+    array, affine, _ = read_volume(shared_path("ct", *parts))
+    shifted = tmp_path / "shifted.nii.gz"
+    nib.save(nib.Nifti1Image((array + 1024).astype(np.int16), affine), shifted)
+    with pytest.raises(DataError, match="does not look like Hounsfield units"):
+        read_volume(shifted)
+
+
 @pytest.mark.parametrize(
     "parts",
     [
