@@ -231,6 +231,44 @@ def check_headers(items: list[dict], min_shape: Sequence[int] | None = None, max
             )
 
 
+def split_together(items: list[dict], group_key: str) -> list[str]:
+    """Each item's split group: its ``group_key``, except that items whose images are one file's content under two
+    names (a copy, found by SHA-256: :func:`clinseg.datasets.fingerprint.file_manifest`, cached) make their groups
+    one, so a copied image is never trained on and validated on; each such set is named in a log line."""
+    from clinseg.datasets.fingerprint import file_manifest
+
+    groups = [item[group_key] for item in items]
+    by_file: dict[str, list[int]] = {}
+    for index, item in enumerate(items):
+        image = item.get("image")
+        if isinstance(image, str) and split_member(image)[0].is_file():  # (not a DICOM series folder)
+            by_file.setdefault(os.path.abspath(split_member(image)[0]), []).append(index)
+    if len(by_file) < 2:
+        return groups
+    paths = sorted(by_file)
+    root = os.path.commonpath(paths)
+    root = root if os.path.isdir(root) else os.path.dirname(root)
+    digests = {os.path.join(root, entry["path"]): entry["sha256"] for entry in file_manifest(paths)}
+    copies: dict[tuple[str, str | None], list[int]] = {}
+    for path, indices in by_file.items():
+        for index in indices:  # B-scan i of two copies of one .mat file are copies, B-scans i and j are not
+            copies.setdefault((digests[path], split_member(items[index]["image"])[1]), []).append(index)
+    merged: dict = {}  # a group -> the group it is one with (the smallest of them), followed to the end
+
+    def one_with(group):
+        while group in merged:
+            group = merged[group]
+        return group
+
+    for indices in copies.values():
+        names = sorted({Path(items[i]["image"]).name for i in indices})
+        if len(names) > 1:
+            together = sorted({one_with(groups[i]) for i in indices})
+            merged.update((group, together[0]) for group in together[1:])
+            logger.warning(f"{', '.join(names)} are the same image (identical files): kept on one side of the split")
+    return [one_with(group) for group in groups]
+
+
 def load_datalist(
     task: str,
     dataset_dir: str | os.PathLike,
@@ -270,7 +308,10 @@ def load_datalist(
     else:
         # unique ids first: results and metric rows are named by id, and the split keeps groups by it
         items = unique_ids(layout.list_items(dataset_dir, "all", **options))
-        items = split_by_group(items, split, val_fraction, layout.group_key, folds, fold)
+        if split != "all":
+            key = layout.group_key  # (named so in split_by_group's messages)
+            groups = [{key: group, "index": index} for index, group in enumerate(split_together(items, key))]
+            items = [items[entry["index"]] for entry in split_by_group(groups, split, val_fraction, key, folds, fold)]
     if not items:
         raise NoUsableDataError(
             dataset_dir.resolve(),

@@ -125,10 +125,11 @@ def test_volume_reader_errors_name_the_file(tmp_path):
 
 
 def test_msd_layout_pairs_by_case_id_and_splits(tmp_path):
-    for case in ("a", "b", "c", "d"):
+    for value, case in enumerate(("a", "b", "c", "d")):
         (tmp_path / "imagesTr").mkdir(exist_ok=True)
         (tmp_path / "labelsTr").mkdir(exist_ok=True)
-        nifti(tmp_path / "imagesTr" / f"{case}_0000.nii.gz", np.zeros((4, 4, 4), np.int16), np.eye(4))
+        # distinct scans: copies of one file are kept on one side of the split
+        nifti(tmp_path / "imagesTr" / f"{case}_0000.nii.gz", np.full((4, 4, 4), value, np.int16), np.eye(4))
         nifti(tmp_path / "labelsTr" / f"{case}.nii.gz", np.zeros((4, 4, 4), np.uint8), np.eye(4))
     train = load_ct_datalist(tmp_path, "train", val_fraction=0.25)
     val = load_ct_datalist(tmp_path, "val", val_fraction=0.25)

@@ -108,8 +108,8 @@ def test_several_candidate_masks_for_one_image_are_refused_naming_them(tmp_path)
 
 
 def test_kaggle_layout_and_split(tmp_path, tiny_drive):
-    for name in ("x", "y", "z", "w"):
-        save(tmp_path / "Data" / "train" / "image" / f"{name}.png", np.zeros((8, 8, 3), dtype=np.uint8))
+    for value, name in enumerate(("x", "y", "z", "w")):  # four photographs (copies of one would be one case)
+        save(tmp_path / "Data" / "train" / "image" / f"{name}.png", np.full((8, 8, 3), value, dtype=np.uint8))
         save(tmp_path / "Data" / "train" / "mask" / f"{name}.png", np.eye(8, dtype=np.uint8) * 255)
     assert [i["id"] for i in load_vessel_datalist(tmp_path, "val")] == ["z"]
     assert len(load_vessel_datalist(tmp_path, "train")) == 3
@@ -221,8 +221,11 @@ def test_an_empty_or_tiny_given_fov_mask_is_refused_naming_it(tmp_path, covered)
     with pytest.raises(DataError, match="FOV mask (is empty|covers only 9.4% of its image)") as error:
         decode("vessels", items)
     assert error.value.path == items[0]["fov"] and "\n" not in str(error.value)
-    fov[:32] = 255  # half the image: a field (a cut disc, a crop)
+    fov[:32] = 255  # half the image: a field (a cut disc, a crop), annotated inside it
     Image.fromarray(fov).save(items[0]["fov"])
+    vessels = np.asarray(Image.open(items[0]["label"]).convert("L")).copy()
+    vessels[32:] = 0
+    Image.fromarray(vessels).save(items[0]["label"])
     assert decode("vessels", items)[0]["fov"].sum() == 32 * 64
 
 

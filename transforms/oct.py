@@ -12,6 +12,8 @@ from monai.data import MetaTensor
 from monai.transforms import MapTransform, RandomizableTransform, Transform
 from monai.utils import MetaKeys, TransformBackends, convert_to_numpy
 
+from clinseg.datasets.oct.duke import crossing_columns
+
 IGNORE_INDEX = 255
 """Label value of pixels without annotation (masked out of the loss and the metrics)."""
 
@@ -23,8 +25,10 @@ def boundaries_to_label_map(boundaries: np.ndarray, height: int, ignore_index: i
         boundaries: ``(n_boundaries, width)`` row positions (0-based, sub-pixel allowed) of each boundary in each
             column, top to bottom; NaN where the boundary is not annotated.
         height: number of rows of the B-scan.
-        ignore_index: value given to every pixel of a column in which any boundary is missing. Such columns are
-            not guessed: they are excluded from training and evaluation.
+        ignore_index: value given to every pixel of a column in which any boundary is missing, or in which a
+            boundary lies more than ``CROSSING_TOLERANCE`` rows above the one before it (the two cross: which layer
+            lies between them cannot be told). Such columns are not guessed: they are excluded from training and
+            evaluation. A boundary less far above the one before touches it (that layer is absent there).
 
     Returns:
         ``(height, width)`` uint8 map: 0 above the first and below the last boundary, ``k`` between boundary
@@ -36,6 +40,10 @@ def boundaries_to_label_map(boundaries: np.ndarray, height: int, ignore_index: i
     n_boundaries = boundaries.shape[0]
     if n_boundaries > ignore_index:
         raise ValueError(f"{n_boundaries} boundaries give more classes than the ignore value {ignore_index} allows.")
+    unannotated = np.isnan(boundaries).any(axis=0) | crossing_columns(boundaries)
+    # filled one layer after another, a boundary drawn above the one before would let the later layer overwrite the
+    # earlier: a slip within the tolerance becomes touching, a larger crossing leaves the column unannotated
+    boundaries = np.fmax.accumulate(boundaries, axis=0)
     rows = np.arange(height, dtype=np.float64)[:, None]
     label = np.zeros((height, boundaries.shape[1]), dtype=np.uint8)
     # a pixel whose centre lies at or below boundary k-1 and above boundary k belongs to layer k
@@ -43,7 +51,7 @@ def boundaries_to_label_map(boundaries: np.ndarray, height: int, ignore_index: i
         with np.errstate(invalid="ignore"):
             inside = (rows >= boundaries[k - 1][None]) & (rows < boundaries[k][None])
         label[inside] = k
-    label[:, np.isnan(boundaries).any(axis=0)] = ignore_index
+    label[:, unannotated] = ignore_index
     return label
 
 

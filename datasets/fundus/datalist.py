@@ -12,6 +12,8 @@ The bundle's transforms decode them (``PhotoReader``, ``BinaryMaskReader``) and 
 to the ignore value (``MaskOutsideFOVd``), so the loss and every metric see only the FOV, as DRIVE's evaluation
 protocol requires. Without explicit splits the last ``val_fraction`` of the sorted image ids are validation: for the
 20 DRIVE training images (ids 21-40) and the default 0.25 this is ids 36-40, the fixed split the benchmark reports.
+In the generic and Kaggle layouts the split keeps both eyes of one person together (``subject``: the name without a
+trailing eye marker, CHASE_DB1's ``Image_01L`` and ``Image_01R``).
 """
 
 from __future__ import annotations
@@ -40,6 +42,16 @@ logger = logging.getLogger(__name__)
 DRIVE_IMAGE = re.compile(r"^(\d+)_(training|test)\.(tif|tiff)$", re.IGNORECASE)
 MASK_SUFFIXES = ("", "_mask", "_label", "_manual1")
 FOV_SUFFIXES = ("", "_fov", "_mask")
+EYE_SUFFIX = re.compile(r"^(?P<subject>.+?)(?:(?<=\d)[_-]?[LR]|[_-](?:L|R|OD|OS|left|right))$", re.IGNORECASE)
+"""A name ending in the eye it shows (CHASE_DB1's ``Image_01L``/``Image_01R``, ``p3_OD``/``p3_OS``): both eyes of a
+person share the rest of the name."""
+
+
+def subject_of(stem: str) -> str:
+    """The person a fundus photograph shows, from its name: the name without a trailing eye marker (:data:`EYE_SUFFIX`),
+    so that the split keeps both eyes of one person on one side (they share anatomy, camera and session)."""
+    match = EYE_SUFFIX.match(stem)
+    return match.group("subject") if match else stem
 
 
 def drive_split_items(
@@ -100,7 +112,8 @@ def image_mask_items(image_dir: Path, mask_dir: Path | None, fov_dir: Path | Non
     masks, fovs = files_by_stem(mask_dir), files_by_stem(fov_dir)
     items = []
     for image_path in data_files(image_dir):
-        item = {"image": str(image_path), "id": image_path.stem, "source": str(image_path)}
+        item = {"image": str(image_path), "id": image_path.stem, "subject": subject_of(image_path.stem)}
+        item["source"] = str(image_path)
         if mask_dir is not None:
             mask_path = partner_file(masks, image_path.stem, MASK_SUFFIXES)
             if mask_path is None:
@@ -140,6 +153,7 @@ def list_drive(dataset_dir: Path, split: str, **options) -> list[dict]:
     "kaggle",
     "Kaggle retina vessels: <dir>/Data/train/image/ + <dir>/Data/train/mask/",
     detect=lambda d: (d / "Data" / "train" / "image").is_dir(),
+    group_key="subject",
 )
 def list_kaggle(dataset_dir: Path, split: str, **options) -> list[dict]:
     root = dataset_dir / "Data" / ("test" if split == "test" else "train")
@@ -151,6 +165,7 @@ def list_kaggle(dataset_dir: Path, split: str, **options) -> list[dict]:
     "folders",
     "generic: <dir>/images/ + <dir>/masks/ (+ optional <dir>/fov/), masks 0/255 or 0/1",
     detect=lambda d: (d / "images").is_dir() and (d / "masks").is_dir(),
+    group_key="subject",
 )
 def list_image_mask_folders(dataset_dir: Path, split: str, **options) -> list[dict]:
     if split == "test":

@@ -76,10 +76,12 @@ def paired_items(image_dir: Path, label_dir: Path) -> list[dict]:
     detect=lambda d: any(d.glob("*.mat")),
     group_key="subject",
 )
-def list_duke(dataset_dir: Path, split: str, grader: int = 1, **options) -> list[dict]:
+def list_duke(
+    dataset_dir: Path, split: str, grader: int = 1, class_names: list[str] | None = None, **options
+) -> list[dict]:
     if split == "test":
         return []
-    return [item for path in data_files(dataset_dir, (".mat",)) for item in duke_items(path, grader)]
+    return [item for path in data_files(dataset_dir, (".mat",)) for item in duke_items(path, grader, class_names)]
 
 
 @register_layout(

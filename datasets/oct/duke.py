@@ -87,12 +87,40 @@ def _boundary_stack(path: Path, content: dict, grader: int, images: np.ndarray) 
     return layers - 1.0  # MATLAB rows are 1-based
 
 
-def annotated_bscans(path: str | os.PathLike, grader: int = 1) -> list[int]:
-    """The indices of the B-scans of a Duke file that ``grader`` annotated (checking the file's structure)."""
+CROSSING_TOLERANCE = 1.0
+"""How far (rows) a boundary may lie above the one before it and still count as touching it (a layer thinned to
+nothing, drawn with a grader's sub-pixel slip); further above, the two cross and the column's layers are unknown."""
+
+
+def crossing_columns(boundaries: np.ndarray, tolerance: float = CROSSING_TOLERANCE) -> np.ndarray:
+    """The columns of ``(n_boundaries, cols)`` boundary rows (top first) in which a boundary lies more than
+    ``tolerance`` rows above the one before it; unannotated (NaN) boundaries are skipped."""
+    boundaries = np.asarray(boundaries, dtype=np.float64)
+    above = np.fmax.accumulate(boundaries, axis=0)  # the lowest boundary so far, NaN skipped
+    with np.errstate(invalid="ignore"):
+        return (boundaries[1:] < above[:-1] - tolerance).any(axis=0)
+
+
+def annotated_bscans(path: str | os.PathLike, grader: int = 1, class_names: Sequence[str] | None = None) -> list[int]:
+    """The indices of the B-scans of a Duke file that ``grader`` annotated, checking the file's structure: boundaries
+    inside the image, in top-to-bottom order in every column, and (with ``class_names``) as many as the classes
+    need (``n`` boundaries bound ``n - 1`` layers; with background, ``n`` classes).
+
+    Raises:
+        DataError: naming the file (and the B-scan) and the problem.
+    """
     path = Path(path)
     content = load_mat(path)
     images = _bscan_stack(path, content)
     layers = _boundary_stack(path, content, grader, images)
+    if class_names is not None and layers.shape[0] != len(class_names):
+        # the label map's values would be other layers than the classes name, or some classes never drawn
+        raise DataError(
+            path,
+            f"'manualLayers{grader}' holds {layers.shape[0]} boundaries per B-scan, which bound "
+            f"{layers.shape[0] - 1} layers, but the bundle has {len(class_names) - 1} layer classes ({class_names}); "
+            f"set 'class_names' to background plus the {layers.shape[0] - 1} layers of this file.",
+        )
     rows = images.shape[0]
     indices = []
     for index in range(images.shape[2]):
@@ -102,12 +130,20 @@ def annotated_bscans(path: str | os.PathLike, grader: int = 1) -> list[int]:
         finite = boundaries[np.isfinite(boundaries)]
         if finite.size and (finite.min() < -1 or finite.max() > rows + 1):
             raise DataError(path, f"B-scan {index}: boundary rows outside the image's {rows} rows.")
+        crossed, annotated = crossing_columns(boundaries), ~np.isnan(boundaries).any(axis=0)
+        if crossed.sum() > annotated.sum() / 2:
+            raise DataError(
+                path,
+                f"B-scan {index}: boundaries out of top-to-bottom order in {int(crossed.sum())} of "
+                f"{int(annotated.sum())} annotated columns (first at column {int(np.argmax(crossed))}): the layers "
+                "between them cannot be told; boundaries must be stored top (ILM) first.",
+            )
         indices.append(index)
     return indices
 
 
-def duke_items(path: str | os.PathLike, grader: int = 1) -> list[dict]:
-    """The data-list items (paths) of the annotated B-scans of one Duke file."""
+def duke_items(path: str | os.PathLike, grader: int = 1, class_names: Sequence[str] | None = None) -> list[dict]:
+    """The data-list items (paths) of the annotated B-scans of one Duke file (checked by :func:`annotated_bscans`)."""
     path = Path(path)
     return [
         {
@@ -118,7 +154,7 @@ def duke_items(path: str | os.PathLike, grader: int = 1) -> list[dict]:
             "bscan": index,
             "source": str(path),
         }
-        for index in annotated_bscans(path, grader)
+        for index in annotated_bscans(path, grader, class_names)
     ]
 
 

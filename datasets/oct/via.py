@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,6 +23,8 @@ from skimage.draw import polygon as fill_polygon
 from clinseg.datasets.errors import DataError
 from clinseg.datasets.readers import MAX_PIXELS, member_path, read_header, split_member
 from clinseg.datasets.value_types import PositiveInt
+
+logger = logging.getLogger(__name__)
 
 
 def _region_class(region: dict, class_names: list[str], attribute: str | None, json_path: Path, filename: str) -> int:
@@ -38,17 +41,35 @@ def _region_class(region: dict, class_names: list[str], attribute: str | None, j
     return lookup[str(value).lower()]
 
 
+OUTSIDE_TOLERANCE = 1.0
+"""How far (pixels) past the image's edge a region's point may lie: annotation tools place points on the edge itself
+(x = width); a point further out was drawn on another size of the image."""
+
+
 def _rasterise(shape: dict, out_shape: tuple[int, int], json_path: Path, filename: str):
     name = shape.get("name")
     if name in ("polygon", "polyline"):
         xs, ys = shape.get("all_points_x"), shape.get("all_points_y")
         if not xs or not ys or len(xs) != len(ys) or len(xs) < 3:
             raise DataError(json_path, f"a polygon of {filename!r} has too few or unpaired points.")
-        return fill_polygon(np.asarray(ys, float), np.asarray(xs, float), out_shape)
-    if name == "rect":
+        ys, xs = np.asarray(ys, float), np.asarray(xs, float)
+    elif name == "rect":
         x, y, w, h = (float(shape[k]) for k in ("x", "y", "width", "height"))
-        return fill_polygon(np.array([y, y, y + h, y + h]), np.array([x, x + w, x + w, x]), out_shape)
-    raise DataError(json_path, f"region shape {name!r} of {filename!r} is not supported (polygon, polyline, rect).")
+        ys, xs = np.array([y, y, y + h, y + h]), np.array([x, x + w, x + w, x])
+    else:
+        raise DataError(json_path, f"region shape {name!r} of {filename!r} is not supported (polygon, polyline, rect).")
+    if not (np.isfinite(xs).all() and np.isfinite(ys).all()):
+        raise DataError(json_path, f"a region of {filename!r} has points that are not numbers.")
+    rows, cols = out_shape
+    low, high = -OUTSIDE_TOLERANCE, np.array([cols, rows]) + OUTSIDE_TOLERANCE
+    if xs.min() < low or ys.min() < low or xs.max() > high[0] or ys.max() > high[1]:
+        # clipped to the image, such a region would be a plausible label map of the wrong shapes
+        raise DataError(
+            json_path,
+            f"a region of {filename!r} spans x {xs.min():g}..{xs.max():g}, y {ys.min():g}..{ys.max():g}, outside the "
+            f"image's {cols} x {rows} pixels (width x height): it was drawn on another size of the image.",
+        )
+    return fill_polygon(ys, xs, out_shape)
 
 
 def _metadata(json_path: Path) -> dict:
@@ -71,13 +92,31 @@ def _parse(json_path: Path, mtime_ns: int) -> dict:
     return {entry["filename"]: entry for entry in metadata.values()}
 
 
+def _regions(entry: dict) -> list:
+    regions = entry.get("regions") or []
+    return list(regions.values()) if isinstance(regions, dict) else list(regions)  # VIA 1 stores a dict
+
+
 def via_items(json_path: str | os.PathLike, image_dir: str | os.PathLike | None = None) -> list[dict]:
-    """The data-list items (paths) of a VIA 2 project or VIA/makesense.ai region export: each image with its regions
-    (``export.json::filename``). The images are in ``image_dir`` (default: the JSON's folder)."""
+    """The data-list items (paths) of a VIA 2 project or VIA/makesense.ai region export: each annotated image with
+    its regions (``export.json::filename``). The images are in ``image_dir`` (default: the JSON's folder).
+
+    A VIA project lists every image loaded into it, annotated or not: an image without regions is not annotated yet
+    (an all-background label map would teach that it holds no retina), so it is left out and named in a log line."""
     json_path = Path(json_path)
     image_dir = Path(image_dir) if image_dir is not None else json_path.parent
+    entries = _metadata(json_path)
+    unannotated = [filename for filename, entry in entries.items() if not _regions(entry)]
+    if unannotated:
+        logger.warning(
+            f"{json_path}: {len(unannotated)} of {len(entries)} images have no regions (not annotated), left out: "
+            + ", ".join(unannotated[:5])
+            + (" ..." if len(unannotated) > 5 else "")
+        )
     items = []
-    for filename in _metadata(json_path):
+    for filename, entry in entries.items():
+        if not _regions(entry):
+            continue
         image_path = image_dir / filename
         items.append(
             {
@@ -119,10 +158,7 @@ class ViaLabelReader(ImageReader):
             raise DataError(json_path, f"has no entry for image {filename!r}.")
         shape = tuple(read_header(json_path.parent / filename, self.max_pixels)["shape"])
         label = np.zeros(shape, dtype=np.uint8)
-        regions = entries[filename].get("regions") or []
-        if isinstance(regions, dict):  # VIA 1 stores regions as a dict
-            regions = list(regions.values())
-        for region in regions:
+        for region in _regions(entries[filename]):
             rows, cols = _rasterise(region.get("shape_attributes") or {}, shape, json_path, filename)
             label[rows, cols] = _region_class(region, self.class_names, self.attribute, json_path, filename)
         return member_path(json_path, filename), label
