@@ -130,3 +130,49 @@ def test_copies_of_one_image_stay_on_one_side_of_the_split(tmp_path, caplog):
         val = [item["id"] for item in load_vessel_datalist(tmp_path, "val")]
     assert {"0", "9"} <= set(train) and not {"0", "9"} & set(val), (train, val)
     assert "0.png, 9.png are the same image" in caplog.text
+
+
+def write_chase_release(folder, subjects=3):
+    """CHASE_DB1 as released: ``Image_NN{L,R}.jpg`` with both observers' ``_1stHO.png`` / ``_2ndHO.png`` beside them,
+    each photograph and each annotation distinct."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for n in range(1, subjects + 1):
+        for eye in "LR":
+            stem = f"Image_{n:02d}{eye}"
+            Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(folder / f"{stem}.jpg")
+            for observer in ("1stHO", "2ndHO"):
+                vessels = (rng.random((40, 48)) > 0.9).astype(np.uint8) * 255
+                Image.fromarray(vessels).save(folder / f"{stem}_{observer}.png")
+
+
+def test_the_chase_db1_release_pairs_each_photograph_with_its_first_observer(tmp_path):
+    write_chase_release(tmp_path)
+    items = load_vessel_datalist(tmp_path, "all")
+    assert [item["id"] for item in items] == [f"Image_{n:02d}{eye}" for n in (1, 2, 3) for eye in "LR"]
+    for item in items:
+        assert item["label"] == str(tmp_path / f"{item['id']}_1stHO.png") and "fov" not in item
+    train = {item["subject"] for item in load_vessel_datalist(tmp_path, "train", val_fraction=0.3)}
+    val = {item["subject"] for item in load_vessel_datalist(tmp_path, "val", val_fraction=0.3)}
+    assert val == {"Image_03"} and train == {"Image_01", "Image_02"}
+    decoded = decode("vessels", items[:1])[0]  # the label is the annotation's vessels, inside an estimated field
+    annotation = np.asarray(Image.open(tmp_path / "Image_01L_1stHO.png")) > 0
+    assert decoded["label"].shape[-2:] == annotation.shape and "fov" in decoded
+    (tmp_path / "Image_02R_1stHO.png").unlink()
+    with pytest.raises(DataError, match=r"Image_02R.jpg: has no annotation Image_02R_1stHO.png beside it"):
+        load_vessel_datalist(tmp_path, "all")
+
+
+def test_masks_beside_photographs_are_not_segmented_as_photographs(tmp_path, caplog):
+    """A folder as users keep it (the release's annotations, a mask beside a photograph) given to inference: only the
+    photographs are segmented; a vessel map segmented as a photograph would give a plausible map of a map."""
+    from clinseg.datasets.fundus import load_fundus_images
+
+    write_chase_release(tmp_path)
+    Image.fromarray(np.zeros((40, 48, 3), np.uint8)).save(tmp_path / "other.png")
+    Image.fromarray(np.zeros((40, 48), np.uint8)).save(tmp_path / "other_mask.png")
+    Image.fromarray(np.zeros((40, 48), np.uint8)).save(tmp_path / "lonely_mask.png")  # no photograph of its name
+    with caplog.at_level(logging.WARNING):
+        ids = [item["id"] for item in load_fundus_images(tmp_path)]
+    assert ids == ["Image_01L", "Image_01R", "Image_02L", "Image_02R", "Image_03L", "Image_03R", "lonely_mask", "other"]
+    assert "13 masks or annotations of photographs beside them are not photographs, left out" in caplog.text

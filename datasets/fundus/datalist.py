@@ -42,6 +42,11 @@ logger = logging.getLogger(__name__)
 DRIVE_IMAGE = re.compile(r"^(\d+)_(training|test)\.(tif|tiff)$", re.IGNORECASE)
 MASK_SUFFIXES = ("", "_mask", "_label", "_manual1")
 FOV_SUFFIXES = ("", "_fov", "_mask")
+CHASE_ANNOTATIONS = {1: "_1stHO", 2: "_2ndHO"}
+"""CHASE_DB1's manual annotations beside each photograph (``Image_01L.jpg``, ``Image_01L_1stHO.png``): the first
+and second human observer."""
+ANNOTATION_SUFFIXES = (*MASK_SUFFIXES[1:], *FOV_SUFFIXES[1:], "_manual2", *CHASE_ANNOTATIONS.values())
+"""Name suffixes of the masks, FOV masks and annotations that releases keep beside their photographs."""
 EYE_SUFFIX = re.compile(r"^(?P<subject>.+?)(?:(?<=\d)[_-]?[LR]|[_-](?:L|R|OD|OS|left|right))$", re.IGNORECASE)
 """A name ending in the eye it shows (CHASE_DB1's ``Image_01L``/``Image_01R``, ``p3_OD``/``p3_OS``): both eyes of a
 person share the rest of the name."""
@@ -111,7 +116,7 @@ def image_mask_items(image_dir: Path, mask_dir: Path | None, fov_dir: Path | Non
     """
     masks, fovs = files_by_stem(mask_dir), files_by_stem(fov_dir)
     items = []
-    for image_path in data_files(image_dir):
+    for image_path in photographs(data_files(image_dir)):
         item = {"image": str(image_path), "id": image_path.stem, "subject": subject_of(image_path.stem)}
         item["source"] = str(image_path)
         if mask_dir is not None:
@@ -171,6 +176,66 @@ def list_image_mask_folders(dataset_dir: Path, split: str, **options) -> list[di
     if split == "test":
         return []
     return image_mask_items(dataset_dir / "images", dataset_dir / "masks", dataset_dir / "fov")
+
+
+def chase_items(folder: Path, annotator: int = 1) -> list[dict]:
+    """CHASE_DB1 as released: the photographs and both observers' annotations in one folder (``Image_01L.jpg``,
+    ``Image_01L_1stHO.png``, ``Image_01L_2ndHO.png``), no FOV masks (the field of view is estimated). Each
+    photograph is an item with the ``annotator``'s annotation; both eyes of a person are one subject.
+
+    Raises:
+        DataError: a photograph without that annotation (named).
+    """
+    suffix = CHASE_ANNOTATIONS[annotator]
+    files = files_by_stem(folder)
+    items = []
+    for image_path in photographs(data_files(folder)):
+        label_path = partner_file(files, image_path.stem, (suffix,))
+        if label_path is None:
+            raise DataError(image_path, f"has no annotation {image_path.stem}{suffix}.png beside it (CHASE_DB1).")
+        items.append(
+            {
+                "image": str(image_path),
+                "label": str(label_path),
+                "annotation_source": str(label_path),
+                "id": image_path.stem,
+                "subject": subject_of(image_path.stem),
+                "source": str(image_path),
+            }
+        )
+    return items
+
+
+def photographs(paths: list[Path]) -> list[Path]:
+    """``paths`` without the masks and annotations of other files among them (``a_mask.png`` beside ``a.jpg``,
+    CHASE_DB1's ``Image_01L_1stHO.png`` beside ``Image_01L.jpg``), named in one log line: segmented as photographs,
+    they would give a plausible vessel map of a vessel map."""
+    stems = {path.stem.lower() for path in paths}
+    kept, annotations = [], []
+    for path in paths:
+        stem = path.stem.lower()
+        is_annotation = any(
+            stem.endswith(suffix.lower()) and stem[: -len(suffix)] in stems for suffix in ANNOTATION_SUFFIXES
+        )
+        (annotations if is_annotation else kept).append(path)
+    if annotations:
+        names = ", ".join(path.name for path in annotations[:5]) + (" ..." if len(annotations) > 5 else "")
+        logger.warning(
+            f"{paths[0].parent}: {len(annotations)} masks or annotations of photographs beside them are not "
+            f"photographs, left out: {names}"
+        )
+    return kept
+
+
+@register_layout(
+    "fundus",
+    "chase_db1",
+    "CHASE_DB1: <dir>/Image_NN{L,R}.jpg beside Image_NN{L,R}_1stHO.png (and _2ndHO.png), no FOV masks",
+    detect=lambda d: any(d.glob("*_1stHO.png")),
+    group_key="subject",
+)
+def list_chase(dataset_dir: Path, split: str, **options) -> list[dict]:
+    return [] if split == "test" else chase_items(dataset_dir)
 
 
 register_phantom(
