@@ -21,6 +21,10 @@ orientation applied, original shape). The policy, written once here for every 2D
   from it or refused (the readers' docstrings say why).
 - **Size checked from the header** before anything is decoded (``max_pixels``), so a decompression bomb is a one-line
   error, not a stalled process.
+- **DICOM** (``.dcm``), as hospitals store photographs and scans: single-frame Ophthalmic Photography, Ophthalmic
+  Tomography, external-camera and secondary-capture images, decoded by pydicom (colour in YBR comes back as RGB, a
+  palette through its lookup table, MONOCHROME1 inverted to display). Images of other modalities (a CT slice, an X-ray,
+  a report) are refused, and so are several frames (an OCT volume) where one 2D image is expected.
 - Every failure is a :class:`~clinseg.datasets.errors.DataError` naming the file and the problem.
 """
 
@@ -45,7 +49,17 @@ from clinseg.datasets.errors import DataError
 from clinseg.datasets.io import check_size_limit
 from clinseg.datasets.value_types import PositiveInt
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif", ".ppm")
+DICOM_SUFFIXES = (".dcm", ".dicom")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif", ".ppm", *DICOM_SUFFIXES)
+PHOTOGRAPH_MODALITIES = {
+    "OP": "ophthalmic photography",
+    "OPT": "ophthalmic tomography",
+    "XC": "external-camera photography",
+    "OT": "other",
+    "SC": "secondary capture",
+}
+"""DICOM modalities whose images are photographs or scans a 2D bundle reads; any other (CT, MR, DX, US, SR, SEG, ...)
+is another kind of image, or not an image."""
 LOSSY_SUFFIXES = (".jpg", ".jpeg")
 TIFF_SUFFIXES = (".tif", ".tiff")
 MAX_PIXELS = 200_000_000
@@ -178,11 +192,66 @@ def _tiff_header(path: Path) -> dict:
     return header
 
 
+def _dicom_header(path: Path) -> dict:
+    """The header of a DICOM image file read without its pixel data, checked for being a photograph or a scan."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+    except InvalidDicomError as e:
+        raise DataError(path, f"is named as DICOM but is not a DICOM file (no 'DICM' marker): {e}") from e
+    except (FileNotFoundError, PermissionError):
+        raise
+    except Exception as e:  # pydicom raises EOFError, struct.error, ValueError... for truncated or damaged headers
+        raise DataError(path, f"cannot be read as DICOM (truncated or damaged header): {e}") from e
+    modality = str(ds.get("Modality", "") or "").upper()
+    if modality not in PHOTOGRAPH_MODALITIES:
+        kinds = ", ".join(f"{code} ({name})" for code, name in PHOTOGRAPH_MODALITIES.items())
+        raise DataError(
+            path,
+            f"is a DICOM {'image of modality ' + modality if modality else 'file without a Modality'}, not a "
+            f"photograph or a scan: expected one of {kinds}.",
+        )
+    rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+    if not rows or not cols:
+        raise DataError(path, "is a DICOM file without an image (no Rows/Columns): a report, a structure or a key.")
+    if int(ds.get("PixelRepresentation", 0) or 0) == 1:
+        raise DataError(path, "stores signed pixel values; a photograph or scan stores unsigned ones.")
+    photometric = str(ds.get("PhotometricInterpretation", "") or "")
+    return {
+        "shape": (rows, cols),
+        "mode": photometric,
+        "frames": int(ds.get("NumberOfFrames", 1) or 1),
+        "format": "DICOM",
+        "orientation": 1,  # DICOM images are stored as displayed (no orientation tag to honour)
+        "decoder": "dicom",
+    }
+
+
+def _dicom_pixels(path: Path) -> np.ndarray:
+    """A DICOM image's pixels as displayed: YBR colour as RGB (pydicom 3's default), a palette through its lookup
+    table, MONOCHROME1 (0 is white) inverted."""
+    import pydicom
+    from pydicom.pixels import apply_color_lut
+
+    ds = pydicom.dcmread(path)
+    array = ds.pixel_array
+    photometric = str(ds.get("PhotometricInterpretation", "") or "")
+    if photometric == "PALETTE COLOR":
+        array = apply_color_lut(array, ds)
+    elif photometric == "MONOCHROME1":
+        array = (2 ** int(ds.BitsStored) - 1) - array
+    return array
+
+
 def _header(path: Path) -> dict:
     """What the file's header says (shape after orientation, samples, frames, orientation, which decoder) without
     decoding pixels."""
     header = None
-    if path.suffix.lower() in TIFF_SUFFIXES:
+    if path.suffix.lower() in DICOM_SUFFIXES:
+        header = _dicom_header(path)
+    elif path.suffix.lower() in TIFF_SUFFIXES:
         try:
             header = _tiff_header(path)
         except DataError:
@@ -317,6 +386,8 @@ def decode_image(path: str | os.PathLike, max_pixels: int | None = MAX_PIXELS) -
         if header["decoder"] == "tifffile":
             meta["alpha"] = header["alpha"]
             array = _tiff_pixels(path, meta)
+        elif header["decoder"] == "dicom":
+            array = _dicom_pixels(path)
         elif header["decoder"] == "png16":  # 16 bits per sample, every colour type, as stored (no EXIF applied)
             import imagecodecs
 

@@ -19,6 +19,7 @@ from clinseg.pipelines.tracking import mlflow_metric_name
 from clinseg.transforms.fundus import EstimateFOV, EstimateFOVd, FundusNormalize
 from clinseg.transforms.labels import OneHotWithIgnore
 from tests.conftest import REPO_ROOT, decode, run_bundle, shared_path
+from tests.test_dicom_photographs import write_dicom
 
 CONFIGS = REPO_ROOT / "bundles" / "vessels" / "configs"
 TRAIN = [str(CONFIGS / "train.json")]
@@ -354,6 +355,8 @@ def test_tiny_bundle_train_evaluate_infer(tmp_path, tiny_drive, tracking_uri):
     plain = tmp_path / "photographs"
     for item in drive_split_items(tiny_drive / "training", with_labels=False):
         save(plain / f"{item['id']}.png", np.asarray(Image.open(item["image"])))
+    # and as a hospital stores it: the same photograph as DICOM Ophthalmic Photography
+    write_dicom(plain / "21_op.dcm", np.asarray(Image.open(tiny_drive / "training" / "images" / "21_training.tif")))
     estimated_out = tmp_path / "predictions_without_fov"
     inference = {k: v for k, v in common.items() if k not in TRAINING_ONLY}
     run_bundle(
@@ -364,6 +367,12 @@ def test_tiny_bundle_train_evaluate_infer(tmp_path, tiny_drive, tracking_uri):
     estimated = np.asarray(Image.open(estimated_out / "21_fov.png")) > 0
     assert iou(estimated, fov) > 0.93  # 80 x 72 pixels: one along the rim is 6 % of the disc
     assert (np.asarray(Image.open(estimated_out / "21_seg.png"))[~estimated] == 0).all()
+    for name in ("seg", "prob", "fov"):
+        np.testing.assert_array_equal(
+            np.asarray(Image.open(estimated_out / f"21_op_{name}.png")),
+            np.asarray(Image.open(estimated_out / f"21_{name}.png")),
+            err_msg=name,
+        )
 
 
 def test_training_takes_photographs_of_different_sizes(tmp_path, tracking_uri):
