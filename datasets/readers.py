@@ -229,14 +229,14 @@ def _dicom_header(path: Path) -> dict:
     }
 
 
-def _dicom_pixels(path: Path) -> np.ndarray:
-    """A DICOM image's pixels as displayed: YBR colour as RGB (pydicom 3's default), a palette through its lookup
-    table, MONOCHROME1 (0 is white) inverted."""
+def _dicom_pixels(path: Path, frame: int | None = None) -> np.ndarray:
+    """A DICOM image's pixels (of one ``frame`` of several) as displayed: YBR colour as RGB (pydicom 3's default), a
+    palette through its lookup table, MONOCHROME1 (0 is white) inverted."""
     import pydicom
-    from pydicom.pixels import apply_color_lut
+    from pydicom.pixels import apply_color_lut, pixel_array
 
     ds = pydicom.dcmread(path)
-    array = ds.pixel_array
+    array = ds.pixel_array if frame is None else pixel_array(ds, index=frame)  # decodes that frame alone
     photometric = str(ds.get("PhotometricInterpretation", "") or "")
     if photometric == "PALETTE COLOR":
         array = apply_color_lut(array, ds)
@@ -296,7 +296,7 @@ def read_header(path: str | os.PathLike, max_pixels: int | None = MAX_PIXELS) ->
         DataError: the file is absent, not an image, holds several frames, is larger than ``max_pixels``, or stores
             its pixels in a way that would read as something else (a TIFF's photometric interpretation).
     """
-    path = Path(path)
+    path, frame = _frame_of(path)
     if path.is_dir():
         raise DataError(path, "is a folder; expected an image file.")
     try:
@@ -309,10 +309,33 @@ def read_header(path: str | os.PathLike, max_pixels: int | None = MAX_PIXELS) ->
         raise DataError(path, "cannot be read (no permission).") from e
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, struct.error) as e:
         raise DataError(path, f"cannot be read as an image (empty, truncated or not an image file): {e}") from e
+    if frame is not None:
+        if not 0 <= frame < header["frames"]:
+            raise DataError(path, f"has {header['frames']} frames; frame {frame} does not exist.")
+        header.update(frames=1, frame=frame)
     if header["frames"] > 1:  # e.g. a multi-page TIFF volume where one 2D image is expected
         raise DataError(path, f"holds {header['frames']} frames (pages); expected one 2D image.")
     check_size_limit(path, header["shape"], max_pixels, unit="pixels", parameter="max_pixels")
     return header
+
+
+def _frame_of(path: str | os.PathLike) -> tuple[Path, int | None]:
+    """``(file, frame)`` of a 2D image path: ``scan.dcm::12`` names frame 12 of a multi-frame DICOM file (an OCT
+    volume's B-scan); a plain path has no frame."""
+    path, member = split_member(path)
+    if member is None:
+        return path, None
+    if path.suffix.lower() not in DICOM_SUFFIXES or not member.isdigit():
+        raise DataError(member_path(path, member), "names a frame of a file that is not a multi-frame DICOM image.")
+    return path, int(member)
+
+
+def dicom_frame_count(path: str | os.PathLike, max_pixels: int | None = MAX_PIXELS) -> int:
+    """How many frames a DICOM image file holds (an OCT volume's B-scans), its header checked as for one image."""
+    path = Path(path)
+    frames = _header(path)["frames"] if path.suffix.lower() in DICOM_SUFFIXES else 1
+    read_header(member_path(path, 0) if frames > 1 else path, max_pixels)
+    return frames
 
 
 def _tiff_pixels(path: Path, meta: dict) -> np.ndarray:
@@ -378,8 +401,8 @@ def decode_image(path: str | os.PathLike, max_pixels: int | None = MAX_PIXELS) -
     back as indices with the palette in ``meta["palette"]`` (and ``meta["palette_alpha"]``, the opacity of each
     index, when the palette has transparency); ``meta["alpha"]`` is True when the last sample is an alpha channel.
     """
-    path = Path(path)
     header = read_header(path, max_pixels)
+    path = _frame_of(path)[0]
     orientation = header["orientation"]
     meta = {"format": header["format"], "exif_orientation": orientation}
     try:
@@ -387,7 +410,7 @@ def decode_image(path: str | os.PathLike, max_pixels: int | None = MAX_PIXELS) -
             meta["alpha"] = header["alpha"]
             array = _tiff_pixels(path, meta)
         elif header["decoder"] == "dicom":
-            array = _dicom_pixels(path)
+            array = _dicom_pixels(path, header.get("frame"))
         elif header["decoder"] == "png16":  # 16 bits per sample, every colour type, as stored (no EXIF applied)
             import imagecodecs
 
@@ -438,7 +461,8 @@ class _File2DReader(ImageReader):
         self.max_pixels = max_pixels
 
     def verify_suffix(self, filename: Sequence[os.PathLike] | os.PathLike) -> bool:
-        return all(str(f).lower().endswith(self.suffixes) for f in ensure_tuple(filename))
+        # a frame of a multi-frame DICOM file (``scan.dcm::12``) by its file's suffix
+        return all(str(split_member(f)[0]).lower().endswith(self.suffixes) for f in ensure_tuple(filename))
 
     def read(self, data: Sequence[os.PathLike] | os.PathLike, **kwargs):
         paths = ensure_tuple(data)

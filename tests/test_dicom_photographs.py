@@ -134,3 +134,26 @@ def test_dicom_that_is_not_one_photograph_is_refused_naming_the_file(tmp_path, k
         PhotoReader("rgb").decode(path)
     message = str(refused.value)
     assert message.startswith(f"{path}: ") and problem in message and "\n" not in message, message
+
+
+def test_a_multi_frame_oct_volume_is_segmented_b_scan_by_b_scan(tmp_path):
+    """Ophthalmic Tomography stores an OCT volume as one multi-frame file: each frame is a B-scan to segment,
+    named ``scan.dcm::k`` as a Duke .mat B-scan is."""
+    from clinseg.datasets.oct.datalist import load_oct_images
+
+    rng = np.random.default_rng(0)
+    volume = rng.integers(0, 255, (3, 40, 64), dtype=np.uint8)
+    write_dicom(tmp_path / "scan.dcm", volume, modality="OPT", sop_class=OPHTHALMIC_TOMOGRAPHY, NumberOfFrames=3)
+    items = load_oct_images(tmp_path, min_size=32)
+    assert [item["id"] for item in items] == ["scan_bscan000", "scan_bscan001", "scan_bscan002"]
+    assert [item["image"] for item in items] == [f"{tmp_path / 'scan.dcm'}::{k}" for k in range(3)]
+    for k, item in enumerate(items):
+        array, _ = PhotoReader("grey").decode(item["image"])
+        np.testing.assert_array_equal(array[0], volume[k].astype(np.float32))
+    with pytest.raises(DataError, match=r"scan.dcm: has 3 frames; frame 3 does not exist"):
+        PhotoReader("grey").decode(f"{tmp_path / 'scan.dcm'}::3")
+    Image.fromarray(volume[0]).save(tmp_path / "b.png")
+    with pytest.raises(DataError, match=r"b.png::1: names a frame of a file that is not a multi-frame DICOM image"):
+        read_header(f"{tmp_path / 'b.png'}::1")
+    with pytest.raises(DataError, match=r"is smaller than|at least"):  # each frame is checked as a B-scan
+        load_oct_images(tmp_path, min_size=48)

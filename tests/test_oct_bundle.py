@@ -16,6 +16,7 @@ from PIL import Image
 
 from clinseg.pipelines.tracking import run_folder
 from tests.conftest import OCT_BUNDLE, REPO_ROOT, is_in_layer_order, run_bundle, run_models, shared_path
+from tests.test_dicom_photographs import OPHTHALMIC_TOMOGRAPHY, write_dicom
 
 CONFIGS = OCT_BUNDLE / "configs"
 TRAIN = [str(CONFIGS / "train.json")]
@@ -162,11 +163,17 @@ def test_inference_writes_label_maps_on_the_input_grid(trained, tiny_oct_dir, tm
     # an image of another size than the network input: outputs come back on the input's grid
     scans = tmp_path / "scans"  # the output folder may not lie inside the input folder
     scans.mkdir()
-    Image.fromarray(np.random.default_rng(0).integers(0, 255, (70, 110), dtype=np.uint8)).save(scans / "scan.png")
+    scan = np.random.default_rng(0).integers(0, 255, (70, 110), dtype=np.uint8)
+    Image.fromarray(scan).save(scans / "scan.png")
+    # the same B-scan as frame 0 of a DICOM OCT volume (Ophthalmic Tomography, one B-scan per frame)
+    volume = np.stack([scan, scan[::-1]])
+    write_dicom(scans / "volume.dcm", volume, modality="OPT", sop_class=OPHTHALMIC_TOMOGRAPHY, NumberOfFrames=2)
     out = tmp_path / "predictions"
     run_bundle("inferring", INFER, tiny_inference(bundle_root, tiny_oct_dir, input_dir=scans, output_dir=out))
     label = np.asarray(Image.open(out / "scan_seg.png"))
     assert label.shape == (70, 110) and label.max() < 8
+    np.testing.assert_array_equal(np.asarray(Image.open(out / "volume_bscan000_seg.png")), label)
+    assert np.asarray(Image.open(out / "volume_bscan001_seg.png")).shape == (70, 110)
     assert np.asarray(Image.open(out / "scan_overlay.png")).shape == (70, 110, 3)
     summary = json.loads((out / "scan.json").read_text())
     assert summary["shape"] == [70, 110] and set(summary["mean_thickness_px"]) == LAYERS

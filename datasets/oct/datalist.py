@@ -34,7 +34,14 @@ from clinseg.datasets.oct.bscans import MIN_BSCAN_SIZE, check_bscan_size
 from clinseg.datasets.oct.duke import bscan_items, duke_items
 from clinseg.datasets.oct.phantom import write_phantom_dataset
 from clinseg.datasets.oct.via import via_items
-from clinseg.datasets.readers import MAX_PIXELS, read_header, split_member
+from clinseg.datasets.readers import (
+    DICOM_SUFFIXES,
+    MAX_PIXELS,
+    dicom_frame_count,
+    member_path,
+    read_header,
+    split_member,
+)
 from clinseg.datasets.value_types import Fraction, NonNegativeInt, PositiveInt
 
 IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
@@ -176,28 +183,37 @@ def load_oct_datalist(
 def load_oct_images(
     input_path: str | os.PathLike, max_pixels: PositiveInt | None = MAX_PIXELS, min_size: PositiveInt = MIN_BSCAN_SIZE
 ) -> list[dict]:
-    """Images to segment (paths): one image file, a ``.mat`` file of B-scans, or a folder of either; inputs of one
-    name (``b0.png``, ``b0.tif``) get distinct result ids. Each image file is checked from its header: within
+    """Images to segment (paths): one image file, a ``.mat`` file of B-scans, a multi-frame DICOM OCT volume (each
+    frame a B-scan, ``scan.dcm::12``), or a folder of these; inputs of one name (``b0.png``, ``b0.tif``) get distinct
+    result ids. Each image file is checked from its header: within
     ``max_pixels``, and at least ``min_size`` rows and columns (a thumbnail is no B-scan)."""
     input_path = Path(input_path)
     if input_path.is_file():
         paths = [input_path]
     elif input_path.is_dir():
-        paths = data_files(input_path, (*IMAGE_SUFFIXES, ".mat"))
+        paths = data_files(input_path, (*IMAGE_SUFFIXES, *DICOM_SUFFIXES, ".mat"))
     else:
         raise DataError(input_path, "does not exist.", "Point 'input_dir' at an image, a .mat file or a folder.")
     if not paths:
         raise NoUsableDataError(
-            input_path.resolve(), f"holds no images ({', '.join(IMAGE_SUFFIXES)}) or Duke .mat files to segment."
+            input_path.resolve(),
+            f"holds no images ({', '.join(IMAGE_SUFFIXES + DICOM_SUFFIXES)}) or Duke .mat files to segment.",
         )
     items = []
     for path in paths:
         if path.suffix.lower() == ".mat":
             items.extend(bscan_items(path))
+        elif path.suffix.lower() in DICOM_SUFFIXES and (frames := dicom_frame_count(path, max_pixels)) > 1:
+            # a multi-frame Ophthalmic Tomography image: an OCT volume, one B-scan per frame
+            items.extend(
+                {"image": member_path(path, i), "id": f"{path.stem}_bscan{i:03d}", "source": str(path)}
+                for i in range(frames)
+            )
         else:
             items.append({"image": str(path), "id": path.stem, "source": str(path)})
     check_headers(items, max_pixels=max_pixels)
     for item in items:
-        if split_member(item["image"])[1] is None:  # a .mat B-scan's size is checked once it is read
+        if split_member(item["image"])[0].suffix.lower() != ".mat":
+            # a .mat B-scan's size is checked once it is read; a DICOM frame's from the file's header
             check_bscan_size(item["image"], read_header(item["image"], max_pixels)["shape"], min_size)
     return unique_ids(items)
