@@ -274,12 +274,21 @@ def test_a_metric_undefined_in_every_case_is_nan_not_zero():
     empty = onehot(np.zeros((8, 8), int), 2)
     false_positive = onehot(np.pad(np.ones((2, 2), int), 3), 2)
     engine = Engine(lambda engine, batch: {"pred": [false_positive[0]], "label": [empty[0]]})
-    handlers = metric_handlers({"val_hd95": "hd95", "val_rve": "relative_volume_error", "val_dice": "dice"})
+    handlers = metric_handlers(
+        {
+            "val_hd95": "hd95",
+            "val_rve": "relative_volume_error",
+            "val_dice": "dice",
+            "val_sensitivity": "sensitivity",  # no reference structure: nothing to be sensitive to
+            "val_specificity": "specificity",  # defined: the background is there
+        }
+    )
     for name, handler in handlers.items():
         handler.attach(engine, name)
     engine.run([0, 1], max_epochs=1)
-    for name in ("val_hd95", "val_rve"):
+    for name in ("val_hd95", "val_rve", "val_sensitivity"):
         assert np.isnan(engine.state.metrics[name]), (name, engine.state.metrics[name])
+    assert engine.state.metrics["val_specificity"] == pytest.approx(60 / 64)
     path = __import__("pathlib").Path(__import__("tempfile").mkdtemp()) / "m.json"
     json_writer({"mean": dict(engine.state.metrics)})(path)
     assert json.loads(path.read_text())["mean"]["val_hd95"] is None, "valid JSON, undefined as null"

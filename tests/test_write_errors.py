@@ -188,9 +188,9 @@ def write_case(writer: SaveSegmentationd, name: str = "f0") -> dict:
     return writer(item)
 
 
-def saver_of(folder: Path) -> SaveSegmentationd:
+def saver_of(folder: Path, overwrite: bool = False) -> SaveSegmentationd:
     return SaveSegmentationd(keys="pred", output_dir=str(folder), class_names=["background", "vessel"],
-                             prob_key="prob", image_key="photo")  # fmt: skip
+                             prob_key="prob", image_key="photo", overwrite=overwrite)  # fmt: skip
 
 
 @pytest.mark.parametrize("refusal", ["full disk", "read-only", "file in the way", "folder at the name"])
@@ -217,7 +217,7 @@ def test_a_case_whose_write_is_refused_leaves_none_of_its_files_and_is_not_count
         (out / "f0.json").mkdir(parents=True)  # the last file of the case: the others would be written first
         expected = "a folder of that name is in the way"
     before = snapshot(out) if out.is_dir() else {}
-    writer = saver_of(out)
+    writer = saver_of(out, overwrite=True)  # the earlier result in the folder is to be written over
     with pytest.raises(DataError) as error:
         write_case(writer)
     assert Path(error.value.path).parent == out and Path(error.value.path).name.startswith("f0"), error.value

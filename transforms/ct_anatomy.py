@@ -147,7 +147,7 @@ def measure_field_of_view(hu: np.ndarray, affine: np.ndarray) -> tuple[FieldOfVi
     hu = np.asarray(hu, dtype=np.float32)
     affine = np.asarray(affine, dtype=np.float64)
     spacing = np.linalg.norm(affine[:3, :3], axis=0)
-    voxel_ml = float(np.prod(spacing)) / 1000.0
+    voxel_ml = abs(float(np.linalg.det(affine[:3, :3]))) / 1000.0  # the voxel's true volume, sheared grids too
     superior, sign = _superior_axis(affine)
     in_plane = tuple(d for d in range(3) if d != superior)
     slab_mm = float(hu.shape[superior] * spacing[superior])

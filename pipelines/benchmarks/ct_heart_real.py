@@ -97,6 +97,8 @@ def infer(source: Path, output_dir: Path, checkpoint: Path, overrides: dict) -> 
         input_path=str(source),
         output_dir=str(output_dir),
         checkpoint_path=str(checkpoint),
+        # a rerun with the same --work_dir writes over this benchmark's own earlier masks, by name
+        **{"results_writer#overwrite": True},
         **overrides,
     )
     started = time.perf_counter()

@@ -132,6 +132,9 @@ def infer(dataset_dir: Path, checkpoint: Path, overrides: list[str], work: Path,
         str(checkpoint),
         "--output_dir",
         str(output_dir),
+        # a rerun with the same --work_dir writes over this benchmark's own earlier predictions, by name
+        "--results_writer#overwrite",
+        "True",
         *overrides,
     ]
     start = time.perf_counter()

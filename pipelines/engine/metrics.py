@@ -264,12 +264,21 @@ METRIC_KINDS = {
 def _undefined_throughout(metric) -> bool:
     """Whether every value ``metric`` collected is NaN (undefined: no reference structure in any case). MONAI's
     mean of such values is 0.0, which reads as a perfect distance or no volume error; it is reported as NaN (null
-    in JSON) instead. Confusion-matrix metrics collect counts, never NaN."""
+    in JSON) instead. Confusion-matrix metrics collect counts: their value is undefined where its denominator is 0
+    (sensitivity of cases without a reference structure), per case, or for the pooled counts."""
+    from monai.metrics import ConfusionMatrixMetric
+    from monai.metrics.confusion_matrix import compute_confusion_matrix_metric
+
     try:
         data = metric.get_buffer()
     except Exception:  # noqa: BLE001 - nothing collected yet
         return False
-    return isinstance(data, torch.Tensor) and data.numel() > 0 and bool(torch.isnan(data.float()).all())
+    if not isinstance(data, torch.Tensor) or data.numel() == 0:
+        return False
+    if isinstance(metric, ConfusionMatrixMetric):  # (batch, classes, [tp, fp, tn, fn])
+        counts = data.float() if metric.compute_sample else data.float().sum(dim=0, keepdim=True)
+        data = compute_confusion_matrix_metric(metric.metric_name[0], counts)
+    return bool(torch.isnan(data.float()).all())
 
 
 def metric_handlers(metrics: dict[str, str], ignore_index: int | None = None) -> dict:

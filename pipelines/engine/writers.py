@@ -6,10 +6,16 @@ picture or JSON under the real name; the files of one case are renamed together,
 (:func:`clinseg.datasets.io.atomic_write_all`), so a failed case leaves none of them. A write the environment refuses
 (a full disk, no permission, a read-only folder, a file where a folder is expected) ends in a ``DataError`` naming
 the file and the cause.
+
+A run's results never mix with another run's: a writer makes its output folder its own before its first case (a
+lock held until the process ends, so a second run started into the same folder at once is refused) and refuses a
+folder that already holds results of an earlier run, unless asked to write over them (``overwrite``).
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import io
 import json
 import logging
@@ -86,7 +92,8 @@ class ResultLedger:
     exist, not the inputs it was given, and no case overwrites another's results.
 
     A writer calls :meth:`claim` before writing a case (a second case of the same name, compared ignoring case, is
-    refused before any of its files is written), writes the case's files with :meth:`write_case` (all or none: a
+    refused before any of its files is written; the first claim makes the output folder this run's, see
+    :meth:`claim_folder`), writes the case's files with :meth:`write_case` (all or none: a
     write that fails leaves none of them, the earlier files under their names intact, and ends the run with a
     ``DataError`` naming the file) and calls :meth:`record` once they are in place, so a case whose write failed is
     never counted as written. :meth:`write_summary`, called once the run is over
@@ -96,13 +103,80 @@ class ResultLedger:
     """
 
     output_dir: Path
+    overwrite: bool = False
 
     def _ledger(self) -> dict[str, dict]:
         if not hasattr(self, "_written"):
             self._written: dict[str, dict] = {}
         return self._written
 
+    def claim_folder(self) -> None:
+        """Make :attr:`output_dir` this run's before anything is written in it, once per writer.
+
+        The folder itself is locked (``flock`` on the folder: no lock file is left among the results) until the
+        process ends, so two runs started at once into one folder cannot write over each other's cases and
+        summary. A folder that already holds files (not hidden ones) holds an earlier run's results: writing into
+        it would replace some of them and leave others beside the new ones, under one new summary that does not
+        list them. It is refused unless :attr:`overwrite` is set; then the files of the same names are replaced
+        and the summary lists the earlier files left beside the new ones (``earlier_files``).
+
+        Raises:
+            DataError: naming the folder, when another run is writing into it or it holds earlier results.
+        """
+        if hasattr(self, "_earlier_files"):
+            return
+        folder = self.output_dir
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            descriptor = os.open(folder, os.O_RDONLY)
+        except OSError:  # a folder that cannot be made or opened: the case's own write names the file and why
+            self._earlier_files: list[str] = []
+            return
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as error:
+            os.close(descriptor)
+            descriptor = None
+            if error.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                # a file system without locks (some network mounts): the earlier results are still looked for
+                logger.warning(
+                    f"{folder}: cannot be locked ({error.strerror or error}); runs into it are not kept apart"
+                )
+            else:
+                raise DataError(
+                    folder,
+                    "another run is writing its results into this folder now; two runs in one folder would write "
+                    "over each other's results.",
+                    "Give each run its own --output_dir.",
+                ) from None
+        try:
+            earlier = sorted(entry.name for entry in os.scandir(folder) if not entry.name.startswith("."))
+        except OSError:  # a folder that cannot be listed: the case's own write names the file and why
+            earlier = []
+        if earlier and not self.overwrite:
+            if descriptor is not None:
+                os.close(descriptor)  # releases the lock: nothing was written
+            shown = ", ".join(earlier[:3]) + (", ..." if len(earlier) > 3 else "")
+            raise DataError(
+                folder,
+                f"holds {len(earlier)} files of an earlier run ({shown}); this run's results would replace some of "
+                "them and leave the others beside its own.",
+                "Give a new --output_dir, or pass --results_writer#overwrite True to replace the files of the same "
+                "names (inference_summary.json then lists the earlier files left beside them).",
+            )
+        self._folder_lock = descriptor  # held open, so locked, until the summary is written or the process ends
+        self._earlier_files = earlier
+
+    def release_folder(self) -> None:
+        """Let go of the folder's lock once the run's summary is written (a long-lived process, a Deploy app, would
+        otherwise hold one open folder per run); its results keep any later run out unless it overwrites them."""
+        descriptor = getattr(self, "_folder_lock", None)
+        if descriptor is not None:
+            self._folder_lock = None
+            os.close(descriptor)
+
     def claim(self, name: str, source: str) -> None:
+        self.claim_folder()
         earlier = self._ledger().get(name.casefold())
         if earlier is not None and earlier["source"] != source:
             raise DataError(
@@ -128,6 +202,7 @@ class ResultLedger:
     ) -> str:
         """Write ``inference_summary.json`` (the cases written, those renamed or not written, and ``model``: what
         inferred them, :func:`clinseg.pipelines.runs.provenance`) and return the line to print."""
+        self.claim_folder()  # a run that wrote no case still must not replace an earlier run's summary
         cases = self.written
         renamed = [case for case in cases if case.get("original_id", case["id"]) != case["id"]]
         assumed = [case for case in cases if case.get("geometry_assumed")]
@@ -143,9 +218,15 @@ class ResultLedger:
             ],
             "not_written": [str(item.get("source", item.get("image", item.get("id")))) for item in missing],
         }
+        written_files = {name for case in cases for name in case.get("files", [])}
+        summary_name = f"{RESERVED_RESULT_NAMES[0]}.json"
+        kept = [name for name in getattr(self, "_earlier_files", []) if name not in written_files | {summary_name}]
+        if kept:  # written with overwrite into a folder of earlier results: what in it is not this run's
+            summary["earlier_files"] = kept
         if model:
             summary["model"] = dict(model)
         path = atomic_write_json(self.output_dir / f"{RESERVED_RESULT_NAMES[0]}.json", summary)
+        self.release_folder()
         message = (
             f"wrote {len(cases)} of {summary['n_inputs']} {what} to {self.output_dir.resolve()} (list: {path.name})"
         )
@@ -157,6 +238,8 @@ class ResultLedger:
             message += f"; geometry ASSUMED for {len(assumed)} (see 'geometry_assumed' in their JSON)"
         if missing:
             message += f"; NOT written: {', '.join(summary['not_written'])}"
+        if kept:
+            message += f"; {len(kept)} files of an earlier run are also in the folder ('earlier_files')"
         return message
 
 
@@ -170,6 +253,8 @@ class SaveSegmentationd(MapTransform, ResultLedger):
     The summary gives each class's area fraction (inside the field of view when ``fov_key`` is given; the
     prediction outside it is set to background) and, with ``thickness=True`` (layered tissue such as the retina in
     OCT), each class's mean thickness per column in pixels, and in micrometres when ``pixel_size_um`` is given.
+
+    ``output_dir`` must not hold an earlier run's results unless ``overwrite`` (:meth:`ResultLedger.claim_folder`).
     """
 
     def __init__(
@@ -184,10 +269,12 @@ class SaveSegmentationd(MapTransform, ResultLedger):
         palette: Sequence[Sequence[int]] | None = None,
         thickness: bool = False,
         pixel_size_um: float | None = None,
+        overwrite: bool = False,
         allow_missing_keys: bool = False,
     ):
         super().__init__(keys, allow_missing_keys)
         self.output_dir = Path(output_dir)
+        self.overwrite = overwrite
         self.class_names = list(class_names)
         self.image_key, self.id_key, self.prob_key, self.fov_key = image_key, id_key, prob_key, fov_key
         self.palette = palette or DEFAULT_PALETTE
@@ -284,6 +371,7 @@ class SaveVolumeSegmentationd(MapTransform, ResultLedger):
     input's shape and affine (for a DICOM series, its patient space in RAS). The JSON gives each class's voxel
     count and volume in millilitres, the spacing, shape and source; ``<id>_views.png`` shows axial, coronal and
     sagittal slices through the structure. Files are written atomically: a failed case leaves none of its files.
+    ``output_dir`` must not hold an earlier run's results unless ``overwrite`` (:meth:`ResultLedger.claim_folder`).
     """
 
     def __init__(
@@ -296,10 +384,12 @@ class SaveVolumeSegmentationd(MapTransform, ResultLedger):
         palette: Sequence[Sequence[int]] | None = None,
         postfix: str = "seg",
         anatomy_key: str = "anatomy",
+        overwrite: bool = False,
         allow_missing_keys: bool = False,
     ):
         super().__init__(keys, allow_missing_keys)
         self.output_dir = Path(output_dir)
+        self.overwrite = overwrite
         self.class_names = list(class_names)
         self.image_key, self.id_key = image_key, id_key
         self.palette = palette or DEFAULT_PALETTE
@@ -322,14 +412,15 @@ class SaveVolumeSegmentationd(MapTransform, ResultLedger):
         return lines
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
-        from clinseg.pipelines.engine.metrics import volume_ml
-
         d = dict(data)
         for key in self.key_iterator(d):
             prediction = d[key]
             label_map = to_label_map(prediction).astype(np.uint8)
             affine = to_numpy(prediction.affine).astype(np.float64)
             spacing = np.linalg.norm(affine[:3, :3], axis=0)
+            # a voxel's volume is the determinant of its axes, not the product of their lengths: the two differ for
+            # a sheared grid (a CT with gantry tilt kept in its affine: 10 % at 25 degrees)
+            voxel_ml = abs(float(np.linalg.det(affine[:3, :3]))) / 1000.0
             name = str(d.get(self.id_key, "volume"))
             source = prediction.meta.get("filename_or_obj", "") if hasattr(prediction, "meta") else ""
             source = str(d.get("source") or source)
@@ -344,7 +435,7 @@ class SaveVolumeSegmentationd(MapTransform, ResultLedger):
                 "affine": affine.round(6).tolist(),
                 "voxels": {cls: int((label_map == i).sum()) for i, cls in enumerate(self.class_names) if i},
                 "volume_ml": {
-                    cls: round(volume_ml(label_map == i, spacing), 3) for i, cls in enumerate(self.class_names) if i
+                    cls: round(int((label_map == i).sum()) * voxel_ml, 3) for i, cls in enumerate(self.class_names) if i
                 },
             }
             if assumed:  # the volumes below rest on a spacing the user gave, not on the file's own geometry

@@ -4,6 +4,8 @@ written atomically.
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import logging
 import os
@@ -125,8 +127,10 @@ class EvaluationReport:
         for metric, details in (getattr(engine.state, "metric_details", None) or {}).items():
             values = to_numpy(details).astype(np.float64)
             if values.ndim == 3 and values.shape[-1] == 4:  # confusion matrices [tp, fp, tn, fn] per image and class
-                # per image, then averaged, as the headline mean is; a pooled metric pools the images' counts
-                values = _confusion_metric(values.sum(axis=0, keepdims=True) if "pooled" in metric else values, metric)
+                # per image, then averaged, as the headline mean is; a pooled metric (the bundles name them
+                # "global" or "pooled") pools the images' counts, as its headline value does
+                pooled = "pooled" in metric or "global" in metric
+                values = _confusion_metric(values.sum(axis=0, keepdims=True) if pooled else values, metric)
                 if values is None:
                     continue
             if values.ndim != 2 or values.shape[1] <= 1:
@@ -160,7 +164,9 @@ class EvaluationReport:
         if self.key_metric and self.key_metric in means:
             value = means[self.key_metric]
             epoch = engine.state.epoch  # an evaluator run by a trainer counts the trainer's epochs
-            if self.best is None or value > self.best[0]:
+            # an undefined value (NaN: no reference structure in any image) is never better than a number, and
+            # one in the first epoch must not stand as the best against every later value (NaN compares False)
+            if self.best is None or value > self.best[0] or (np.isnan(self.best[0]) and not np.isnan(value)):
                 self.best = (value, epoch)
             report["best"] = {"metric": self.key_metric, "value": self.best[0], "epoch": self.best[1]}
         path = atomic_write_json(self.output_dir / "metrics.json", report)
@@ -184,6 +190,10 @@ class AtomicMetricsSaver(MetricsSaver):
         details = getattr(engine.state, "metric_details", None)
         if details:  # a confusion metric's details are MONAI's [tp, fp, tn, fn] counts: the tables show the metric
             engine.state.metric_details = {name: _per_image(name, value) for name, value in details.items()}
+        names = self._filenames
+        # MONAI writes each image's name into its row as it is: a name with the delimiter in it ("scan 1, OD")
+        # would shift that row's values into the wrong columns, so names are quoted as CSV quotes a field
+        self._filenames = [_csv_field(str(name), self.deli) for name in names]
         try:
             try:
                 super().__call__(engine)
@@ -200,6 +210,7 @@ class AtomicMetricsSaver(MetricsSaver):
             atomic_write_all([(final_dir / table.name, lambda tmp, t=table: os.replace(t, tmp)) for table in tables])
         finally:
             self.save_dir = str(final_dir)
+            self._filenames = names
             if details:
                 engine.state.metric_details = details
             shutil.rmtree(staging, ignore_errors=True)
@@ -217,6 +228,14 @@ class AtomicMetricsSaver(MetricsSaver):
             renamed = {column: name for column, name in zip(columns, names, strict=True)}
             lines[0] = self.deli.join(renamed.get(c, c) for c in header)
             table.write_text("\n".join(lines))
+
+
+def _csv_field(text: str, delimiter: str) -> str:
+    """``text`` as one field of a CSV row: quoted (quotes doubled) only where it holds the delimiter, a quote or a
+    line break, as the ``csv`` module writes it."""
+    buffer = io.StringIO()
+    csv.writer(buffer, delimiter=delimiter, lineterminator="").writerow([text])
+    return buffer.getvalue()
 
 
 def _per_image(name: str, values):
@@ -277,13 +296,19 @@ def format_table(report: Mapping) -> str:
 
 
 def _confusion_metric(matrix: np.ndarray, metric: str) -> np.ndarray | None:
-    """Per-class precision / recall / specificity from pooled ``[tp, fp, tn, fn]`` counts, or None."""
-    tp, fp, tn, fn = (matrix[..., i] for i in range(4))
-    with np.errstate(all="ignore"):
-        if "precision" in metric:
-            return tp / (tp + fp)
-        if "recall" in metric or "sensitivity" in metric:
-            return tp / (tp + fn)
-        if "specificity" in metric:
-            return tn / (tn + fp)
+    """Per-class values of the confusion-matrix metric that ``metric``'s last words name (``val_accuracy``,
+    ``val_global_f1``, ``eval_precision``: MONAI's names and aliases) from ``[tp, fp, tn, fn]`` counts, by MONAI's
+    own formulas (NaN where a ratio is 0/0, as MONAI's per-image values are); None for a name MONAI does not know.
+    Every metric a bundle may compute from counts is converted: a table never shows the raw counts as values."""
+    import torch
+    from monai.metrics.confusion_matrix import check_confusion_matrix_metric_name, compute_confusion_matrix_metric
+
+    words = metric.lower().split("/")[0].split("_")
+    for start in range(len(words)):
+        name = "_".join(words[start:])
+        try:
+            check_confusion_matrix_metric_name(name)
+        except NotImplementedError:
+            continue
+        return compute_confusion_matrix_metric(name, torch.as_tensor(matrix, dtype=torch.float64)).numpy()
     return None
