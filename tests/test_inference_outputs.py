@@ -189,3 +189,25 @@ def test_a_heart_volume_on_a_sheared_grid_is_measured_by_the_voxels_true_volume(
     mask = nib.load(tmp_path / "tilted_seg.nii.gz")
     np.testing.assert_allclose(mask.get_sform(), affine, atol=1e-6)
     assert int(np.asarray(mask.dataobj).sum()) == 216
+
+
+def test_layer_thickness_is_measured_over_the_columns_the_retina_is_in(tmp_path):
+    """A B-scan whose retina fills half of its columns (the scan's margins are empty): each layer's mean thickness
+    is its thickness where the retina is, not shrunk by the empty columns."""
+    from clinseg.pipelines.engine.writers import SaveSegmentationd
+
+    label = np.zeros((40, 60), np.uint8)
+    label[10:14, 15:45], label[14:20, 15:45] = 1, 2  # 4 and 6 rows thick over 30 columns
+    label[14:20, 20:25] = 1  # layer 1 thicker there, layer 2 absent: still columns of the retina
+    scan = torch.zeros(1, 40, 60)
+    outputs = {"scan": label, "blank": np.zeros_like(label)}
+    writer = SaveSegmentationd(keys="pred", output_dir=str(tmp_path / "out"), class_names=["bg", "L1", "L2"],
+                               thickness=True, pixel_size_um=3.9)  # fmt: skip
+    for name, prediction in outputs.items():
+        writer({"pred": torch.as_tensor(prediction)[None], "image": scan, "id": name, "source": f"/in/{name}.png"})
+    summary = json.loads((tmp_path / "out" / "scan.json").read_text())
+    assert summary["thickness_columns"] == 30
+    assert summary["mean_thickness_px"] == pytest.approx({"L1": (25 * 4 + 5 * 10) / 30, "L2": 25 * 6 / 30})
+    assert summary["mean_thickness_um"]["L1"] == pytest.approx(3.9 * 5)
+    blank = json.loads((tmp_path / "out" / "blank.json").read_text())
+    assert blank["mean_thickness_px"] == {"L1": None, "L2": None} and blank["thickness_columns"] == 0

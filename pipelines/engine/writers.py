@@ -252,7 +252,8 @@ class SaveSegmentationd(MapTransform, ResultLedger):
 
     The summary gives each class's area fraction (inside the field of view when ``fov_key`` is given; the
     prediction outside it is set to background) and, with ``thickness=True`` (layered tissue such as the retina in
-    OCT), each class's mean thickness per column in pixels, and in micrometres when ``pixel_size_um`` is given.
+    OCT), each class's mean thickness per column in pixels, and in micrometres when ``pixel_size_um`` is given, over
+    the columns the tissue is in (``thickness_columns``; null when no column holds any).
 
     ``output_dir`` must not hold an earlier run's results unless ``overwrite`` (:meth:`ResultLedger.claim_folder`).
     """
@@ -298,7 +299,7 @@ class SaveSegmentationd(MapTransform, ResultLedger):
             }
             if self.prob_key and self.prob_key in d:
                 probability = to_numpy(d[self.prob_key])[-1] * inside
-                files[f"{name}_prob.png"] = png_writer((np.clip(probability, 0, 1) * 255).astype(np.uint8))
+                files[f"{name}_prob.png"] = png_writer(np.rint(np.clip(probability, 0, 1) * 255).astype(np.uint8))
             field = "whole image"
             if self.fov_key and self.fov_key in d:
                 field = str(d.get(self.fov_key + FOV_SOURCE_SUFFIX) or "given")
@@ -320,14 +321,20 @@ class SaveSegmentationd(MapTransform, ResultLedger):
                 },
             }
             if self.thickness:
+                # over the columns the tissue is in: a scan's empty margins (no retina) are not layers 0 pixels thick
+                tissue = (label_map > 0) & (label_map < len(self.class_names))
+                columns = tissue.any(axis=0)
                 thickness = {
-                    cls: float((label_map == index).sum(axis=0).mean())
+                    cls: float((label_map[:, columns] == index).sum(axis=0).mean()) if columns.any() else None
                     for index, cls in enumerate(self.class_names)
                     if index
                 }
                 summary["mean_thickness_px"] = thickness
+                summary["thickness_columns"] = int(columns.sum())
                 if self.pixel_size_um:
-                    summary["mean_thickness_um"] = {k: v * self.pixel_size_um for k, v in thickness.items()}
+                    summary["mean_thickness_um"] = {
+                        k: None if v is None else v * self.pixel_size_um for k, v in thickness.items()
+                    }
             files[f"{name}.json"] = json_writer(summary)
             self.write_case(files)
             self.record(
