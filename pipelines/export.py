@@ -2,14 +2,19 @@
 
     python -m clinseg.pipelines.export ct_heart [--checkpoint PATH] [--override KEY=JSON ...]
 
-1. Runs ``python -m monai.bundle ckpt_export network_def`` on the bundle (``train.json`` + ``inference.json``,
-   ``metadata.json``), writing ``models/model.ts``: TorchScript with the metadata and inference config embedded,
-   the form MONAI Deploy's bundle operator and ``monai-deploy package -m`` take.
+1. Checks the checkpoint against the bundle's network and the ``input_settings`` of its ``model.json`` (one line
+   naming the file or the key when they differ), then runs ``python -m monai.bundle ckpt_export network_def`` on
+   the bundle's ``inference.json`` and ``metadata.json``: TorchScript with the metadata and the inference config
+   embedded, the form MONAI Deploy's bundle operator and ``monai-deploy package -m`` take. The embedded config is
+   ``inference.json`` with the overrides applied (and the model's decision rule as a value), since those operators
+   build their pre- and post-processing from it: a model trained at another spacing or with another network must
+   carry those settings. A training checkpoint (``latest_checkpoint_epoch=N.pt``) exports its ``model`` entry.
 2. Feeds one input of the network's documented shape (``metadata.json``'s ``network_data_format``) to the
    checkpoint's network (``network_def`` + ``models/model.pt``, the successor path that needs no TorchScript) and
    to the TorchScript model, and reports the largest absolute difference of the logits; a difference above
    ``--tolerance`` fails the export.
-3. Writes ``models/export.json`` with what was exported and the measured difference.
+3. Only then replaces ``models/model.ts`` and ``models/export.json`` (what was exported and the measured
+   difference) together: a refused export leaves the earlier ones as they were.
 
 ``--override`` takes the same config overrides as training (e.g. a smaller network), so that the checkpoint
 and the exported network agree.
@@ -19,21 +24,26 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 
 from clinseg.datasets.errors import DataError
+from clinseg.datasets.io import atomic_write, atomic_write_all
 from clinseg.pipelines import cli
 from clinseg.pipelines.cli import parse_overrides
 from clinseg.pipelines.paths import PROJECT_ROOT
 
 
 def bundle_paths(bundle: str) -> dict[str, Path]:
-    root = Path(bundle) if os.sep in bundle else PROJECT_ROOT / "bundles" / bundle
+    # absolute: ckpt_export runs from the repository root, where a folder given relative to the caller's is not
+    root = (Path(bundle) if os.sep in bundle else PROJECT_ROOT / "bundles" / bundle).absolute()
     if not (root / "configs" / "train.json").is_file():
         raise SystemExit(f"error: {root}: not a bundle of this project (no configs/train.json).")
     return {
@@ -43,31 +53,53 @@ def bundle_paths(bundle: str) -> dict[str, Path]:
     }
 
 
-def override_args(overrides: dict) -> list[str]:
-    args = []
-    for key, value in overrides.items():
-        args += [f"--{key}", json.dumps(value) if not isinstance(value, str) else value]
-    return args
+def embedded_config(bundle: str, checkpoints: list[Path], overrides: dict, with_metadata: bool = False) -> dict:
+    """The inference config an export carries and a Deploy app ships: the bundle's ``inference.json`` with the
+    overrides applied (MONAI Deploy's bundle operator builds its processing from the config inside ``model.ts``, so
+    the spacing, window and network the model was trained with must be the ones written there), and the decision
+    rule stored with the model (:func:`~clinseg.pipelines.engine.decision.rule_for`) as a value, since the model's
+    ``model.json`` does not travel with it."""
+    config = bundle_config(bundle, overrides, with_metadata=with_metadata).get()
+    if isinstance(config.get("decision_rule"), str):
+        from clinseg.pipelines.engine.decision import rule_for
+
+        config["decision_rule"] = rule_for([str(c) for c in checkpoints])
+    return config
+
+
+def checkpoint_key(checkpoint: Path) -> str:
+    """Where the network's weights are in ``checkpoint``: ``"model"`` for a training checkpoint (model, optimizer,
+    trainer state), ``""`` for ``model.pt`` (the state dict itself); ``ckpt_export``'s ``--key_in_ckpt``."""
+    from clinseg.pipelines.engine.checkpoints import read_checkpoint
+
+    content = read_checkpoint(checkpoint, map_location="cpu")
+    return "model" if isinstance(content, Mapping) and isinstance(content.get("model"), Mapping) else ""
 
 
 def export_torchscript(bundle: str, checkpoint: Path, out: Path, overrides: dict) -> None:
-    """``monai.bundle ckpt_export`` as a user runs it (a subprocess from the repository root)."""
+    """``monai.bundle ckpt_export`` as a user runs it (a subprocess from the repository root), on the config that
+    :func:`embedded_config` gives (written as ``inference.json``, the name the export carries it under); ``out``
+    is replaced only by a whole export."""
     paths = bundle_paths(bundle)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    command = [
-        sys.executable, "-m", "monai.bundle", "ckpt_export", "network_def",
-        "--filepath", str(out),
-        "--ckpt_file", str(checkpoint),
-        "--meta_file", str(paths["metadata"]),
-        "--config_file", str([str(p) for p in paths["configs"]]),
-        "--bundle_root", str(paths["root"]),
-        *override_args(overrides),
-    ]  # fmt: skip
-    result = subprocess.run(command, cwd=PROJECT_ROOT, capture_output=True, text=True)
-    if result.returncode != 0 or not out.is_file():
-        raise SystemExit(
-            f"error: ckpt_export failed ({result.returncode}):\n{result.stdout[-3000:]}{result.stderr[-3000:]}"
-        )
+    with tempfile.TemporaryDirectory(prefix="clinseg-export-") as folder:
+        config_file = Path(folder) / "inference.json"
+        config_file.write_text(json.dumps(embedded_config(bundle, [checkpoint], overrides), default=str))
+        exported = Path(folder) / "model.ts"
+        command = [
+            sys.executable, "-m", "monai.bundle", "ckpt_export", "network_def",
+            "--filepath", str(exported),
+            "--ckpt_file", str(Path(checkpoint).absolute()),
+            "--key_in_ckpt", checkpoint_key(checkpoint),
+            "--meta_file", str(paths["metadata"]),
+            "--config_file", str(config_file),
+            "--bundle_root", str(paths["root"]),
+        ]  # fmt: skip
+        result = subprocess.run(command, cwd=PROJECT_ROOT, capture_output=True, text=True)
+        if result.returncode != 0 or not exported.is_file():
+            raise SystemExit(
+                f"error: ckpt_export failed ({result.returncode}):\n{result.stdout[-3000:]}{result.stderr[-3000:]}"
+            )
+        atomic_write(out, lambda tmp: shutil.copyfile(exported, tmp))
 
 
 def bundle_config(bundle: str, overrides: dict, with_metadata: bool = False):
@@ -127,14 +159,14 @@ def export_ensemble(bundle: str, checkpoints: list[Path], out: Path, overrides: 
 
     paths = bundle_paths(bundle)
     scripted = torch.jit.script(ensemble_network(bundle, checkpoints, overrides))
-    config = bundle_config(bundle, overrides).get()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    save_net_with_metadata(
+    config = embedded_config(bundle, checkpoints, overrides)
+    save = lambda tmp: save_net_with_metadata(  # noqa: E731
         scripted,
-        str(out.with_suffix("")),
+        str(tmp),
         meta_values=json.loads(paths["metadata"].read_text()),
         more_extra_files={"inference.json": json.dumps(config, default=str).encode()},
     )
+    atomic_write(out, save)
 
 
 def ensemble_network(bundle: str, checkpoints: list[Path], overrides: dict) -> torch.nn.Module:
@@ -175,21 +207,29 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out or paths["root"] / "models" / "model.ts")
     overrides = parse_overrides(args.override)
     started = time.perf_counter()
-    export_torchscript(args.bundle, checkpoint, out, overrides)
-    check = compare(args.bundle, checkpoint, out, overrides)
-    report = {
-        "bundle": paths["root"].name,
-        "checkpoint": str(checkpoint),
-        "torchscript": str(out),
-        "overrides": overrides,
-        "export_s": round(time.perf_counter() - started, 1),
-        **check,
-    }
-    (out.parent / "export.json").write_text(json.dumps(report, indent=2))
-    print(json.dumps(report, indent=2))
-    if check["max_abs_logit_difference"] > args.tolerance:
-        print(f"error: TorchScript and checkpoint disagree by {check['max_abs_logit_difference']:.3g}", file=sys.stderr)
-        return 1
+    checkpoint_network(args.bundle, checkpoint, overrides)  # a checkpoint that does not fit: one line, nothing written
+    with tempfile.TemporaryDirectory(prefix="clinseg-export-") as folder:
+        exported = Path(folder) / "model.ts"
+        export_torchscript(args.bundle, checkpoint, exported, overrides)
+        check = compare(args.bundle, checkpoint, exported, overrides)
+        report = {
+            "bundle": paths["root"].name,
+            "checkpoint": str(checkpoint),
+            "torchscript": str(out),
+            "overrides": overrides,
+            "export_s": round(time.perf_counter() - started, 1),
+            **check,
+        }
+        print(json.dumps(report, indent=2))
+        if check["max_abs_logit_difference"] > args.tolerance:
+            difference = check["max_abs_logit_difference"]
+            raise DataError(out, f"not written: the TorchScript export and {checkpoint} disagree by "
+                            f"{difference:.3g} (above --tolerance {args.tolerance:g}).")  # fmt: skip
+        # the model and its report replace the earlier ones together, and only once the export is checked
+        atomic_write_all([
+            (out, lambda tmp: shutil.copyfile(exported, tmp)),
+            (out.parent / "export.json", lambda tmp: tmp.write_text(json.dumps(report, indent=2))),
+        ])  # fmt: skip
     return 0
 
 

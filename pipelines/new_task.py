@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 import shutil
 import sys
 from pathlib import Path
@@ -60,10 +61,10 @@ A bundle made from the `{template}` template (`python -m clinseg.pipelines.new_t
   For retinal layers, `--layer_order True` keeps every column's labels in the order of `class_names`.
 
 ```bash
-python -m monai.bundle run training --config_file bundles/{name}/configs/train.json
-python -m monai.bundle run evaluating \\
-    --config_file "['bundles/{name}/configs/train.json','bundles/{name}/configs/evaluate.json']"
-python -m monai.bundle run inferring --config_file bundles/{name}/configs/inference.json \\
+python -m monai.bundle run training --config_file {train}{options}
+python -m monai.bundle run evaluating{options} \\
+    --config_file "['{train}','{evaluate}']"
+python -m monai.bundle run inferring --config_file {inference}{options} \\
     --input_dir /path/to/images --output_dir /path/to/predictions
 ```
 """
@@ -106,7 +107,25 @@ def task_config(
     return config
 
 
-def task_metadata(metadata: dict, name: str, template: str, title: str, classes: list[str]) -> dict:
+def network_inputs(config: dict) -> dict:
+    """``network_data_format.inputs.image``'s channel facts for a task's inference config: the number of channels
+    its network takes (its ``network_def#in_channels``, evaluated as the bundle evaluates it: ``--channels rgb``
+    gives 3) and what each one is, so that the metadata says what the network really sees and the Model Zoo's
+    ``verify_net_in_out`` feeds it an input of that many channels."""
+    from monai.bundle import ConfigParser
+
+    in_channels = int(ConfigParser(config).get_parsed_content("network_def#in_channels"))
+    channels = config.get("channels")
+    if channels is None:  # a template without a channel choice (oct_layers): its own description holds
+        return {"num_channels": in_channels}
+    names = ["red", "green", "blue"] if in_channels == 3 else ["luminance" if channels == "grey" else channels]
+    channel_def = {str(i): f"{name} channel, z-scored inside the field of view" for i, name in enumerate(names)}
+    return {"num_channels": in_channels, "channel_def": channel_def}
+
+
+def task_metadata(
+    metadata: dict, name: str, template: str, title: str, classes: list[str], inputs: dict | None = None
+) -> dict:
     metadata = dict(metadata)
     metadata["version"] = "0.1.0"
     metadata["changelog"] = {"0.1.0": f"first version, from the {template} template"}
@@ -119,8 +138,30 @@ def task_metadata(metadata: dict, name: str, template: str, title: str, classes:
     outputs = json.loads(json.dumps(metadata["network_data_format"]["outputs"]))
     outputs["pred"]["num_channels"] = len(classes)
     outputs["pred"]["channel_def"] = {str(i): c for i, c in enumerate(classes)}
-    metadata["network_data_format"] = {**metadata["network_data_format"], "outputs": outputs}
+    image = {**metadata["network_data_format"]["inputs"]["image"], **(inputs or {})}
+    if "channel_def" in (inputs or {}):  # the template's words for its own input no longer hold
+        names = [d.split(" channel")[0] for d in image["channel_def"].values()]
+        which = f"the {', '.join(names[:-1])} and {names[-1]} channels" if len(names) > 1 else f"the {names[0]} channel"
+        metadata["image_classes"] = f"photograph, uint8; {which} (`channels`), z-scored inside the field of view"
+    inputs_format = {**metadata["network_data_format"]["inputs"], "image": image}
+    metadata["network_data_format"] = {"inputs": inputs_format, "outputs": outputs}
     return metadata
+
+
+def run_options(target: Path) -> str:
+    """How a command names the new bundle: its configs under ``bundles/`` from the repository root (the configs'
+    own ``bundle_root``), or, for a bundle written elsewhere (``--bundles_dir``), its folder as ``--bundle_root``, so
+    that what a run writes (its outputs, the promoted model) goes into that bundle and not into ``bundles/<name>``
+    under whatever folder the command is run from."""
+    if target.resolve() == (PROJECT_ROOT / "bundles" / target.name).resolve():
+        return ""
+    return f" --bundle_root {shlex.quote(str(target))}"
+
+
+def config_path(target: Path, file_name: str) -> str:
+    if not run_options(target):
+        return f"bundles/{target.name}/configs/{file_name}"
+    return str(target / "configs" / file_name)
 
 
 def dump(path: Path, content: dict) -> None:
@@ -169,9 +210,11 @@ def new_task(
             if file_name == "logging.conf":
                 shutil.copy(path, staging / "configs" / file_name)
             elif file_name == "metadata.json":
+                inference = json.loads((source / "configs" / "inference.json").read_text())
+                inputs = network_inputs(task_config(inference, name, template, classes, dataset_dir, channels))
                 dump(
                     staging / "configs" / file_name,
-                    task_metadata(json.loads(path.read_text()), name, template, title, classes),
+                    task_metadata(json.loads(path.read_text()), name, template, title, classes, inputs),
                 )
             else:
                 config = task_config(json.loads(path.read_text()), name, template, classes, dataset_dir, channels)
@@ -184,6 +227,8 @@ def new_task(
             classes=", ".join(classes),
             layout=layout,
             dataset_dir=f"`{dataset_dir}`" if dataset_dir else "default: the template's phantom",
+            options=run_options(target),
+            **{key: config_path(target, f"{key}.json") for key in ("train", "evaluate", "inference")},
         )
         (staging / "docs" / "README.md").write_text(readme)
     return target
@@ -215,7 +260,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"wrote {target}; train it with:")
-    print(f"  python -m monai.bundle run training --config_file {target / 'configs' / 'train.json'}")
+    train = shlex.quote(str(target / "configs" / "train.json"))
+    print(f"  python -m monai.bundle run training --config_file {train}{run_options(target)}")
     return 0
 
 

@@ -184,6 +184,10 @@ def test_torchscript_export_matches_the_checkpoint(trained, tmp_path):
     assert json.loads(extra["metadata.json"])["name"] == "CT heart segmentation", "metadata embedded"
     embedded = json.loads(extra["inference.json"])  # the self-contained inference config, Zoo ids at the top level
     assert {"network_def", "preprocessing", "evaluator", "postprocessing"} <= set(embedded), "inference config embedded"
+    # with the settings the model was trained with: a consumer of model.ts (MONAI Deploy's bundle operator) resamples
+    # and builds the network from this config, and the bundle's defaults (2 mm) would give a plausible, wrong mask
+    assert (embedded["spacing"], embedded["patch_size"]) == ([6, 6, 6], [16, 16, 16])
+    assert embedded["network_def"]["channels"] == [4, 8, 16] and embedded["network_def"]["num_res_units"] == 1
 
 
 def test_training_is_deterministic_on_cpu_with_a_fixed_seed(trained, ct_data, tmp_path):

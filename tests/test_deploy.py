@@ -254,6 +254,17 @@ def test_app_folder_is_self_contained(ct_app):
     config = json.loads((app / "bundle" / "inference.json").read_text())
     assert "%" not in json.dumps(config), "includes expanded: the app does not need the repository"
     assert config["network_def"]["channels"] == [4, 8, 16]
+    # the config inside model.ts (what MONAI Deploy's bundle operator and `monai-deploy package -m` read) is the
+    # one the app ships: the spacing and network the model was trained with, not the bundle's defaults
+    import torch
+
+    extra = {"inference.json": ""}
+    torch.jit.load(str(app / "models" / "model.ts"), _extra_files=extra)
+    embedded = json.loads(extra["inference.json"])
+    assert (embedded["spacing"], embedded["network_def"]["channels"]) == ([6, 6, 6], [4, 8, 16])
+    assert {key: embedded[key] for key in TINY["ct_heart"] if "#" not in key} == {
+        key: config[key] for key in TINY["ct_heart"] if "#" not in key
+    }
     export = json.loads((app / "models" / "export.json").read_text())
     assert export["max_abs_logit_difference"] <= 1e-4
     manifest = (app / "app.yaml").read_text()
@@ -392,12 +403,19 @@ def test_ct_app_bad_inputs_fail_clearly_and_keep_earlier_results(ct_app, tmp_pat
     for folder, (named, reason) in cases.items():
         out = tmp_path / f"out_{folder.name}"
         out.mkdir()
-        (out / "series.json").write_text('{"an": "earlier result"}')
         result = run_app(app, folder, out)
         assert result.returncode == 1, result.stderr[-3000:]
         assert f"error: {named}" in result.stderr and reason in result.stderr, result.stderr[-3000:]
-        assert result_files(out) == [out / "series.json"], f"a failed run wrote or removed files: {result_files(out)}"
-        assert (out / "series.json").read_text() == '{"an": "earlier result"}'
+        assert result_files(out) == [], f"a failed run wrote files: {result_files(out)}"
+    # an output folder holding an earlier run's results is refused before anything is read, and left as it was
+    earlier = tmp_path / "out_earlier"
+    earlier.mkdir()
+    (earlier / "series.json").write_text('{"an": "earlier result"}')
+    result = run_app(app, data / "dicom" / "ct_005", earlier)
+    refusal = f"error: {earlier}: the output folder holds an earlier run's results (1 in all"
+    assert result.returncode == 1 and refusal in result.stderr, result.stderr[-3000:]
+    assert result_files(earlier) == [earlier / "series.json"]
+    assert (earlier / "series.json").read_text() == '{"an": "earlier result"}'
     for folder in (missing, empty):  # an output folder the failed run would have created is not left behind
         fresh = tmp_path / f"new_{folder.name}"
         result = run_app(app, folder, fresh / "out")
@@ -585,6 +603,14 @@ def test_image_apps_write_label_maps_overlays_and_json(bundle, tmp_path):
     app = train_and_build(bundle, data, tmp_path / "work")
     result = run_app(app, inputs, tmp_path / "out")
     assert result.returncode == 0, result.stderr[-4000:]
+    # the results name what made them: the model file run, and the checkpoint and training run it came from
+    from clinseg.pipelines.runs import sha256_of
+
+    model = json.loads((tmp_path / "out" / "inference_summary.json").read_text())["model"]
+    assert model["sha256"] == sha256_of(app / "models" / "model.ts")
+    checkpoint = tmp_path / "work" / "bundle" / "models" / "model.pt"
+    assert model["exported_from"]["checkpoint_sha256"] == sha256_of(checkpoint)
+    assert model["exported_from"]["training_run_id"], model
     for name in expected:
         summary = json.loads((tmp_path / "out" / f"{name}.json").read_text())
         label_map = np.asarray(Image.open(tmp_path / "out" / f"{name}_seg.png"))
@@ -592,7 +618,8 @@ def test_image_apps_write_label_maps_overlays_and_json(bundle, tmp_path):
         assert (tmp_path / "out" / f"{name}_overlay.png").is_file()
         if bundle == "oct_layers":
             assert set(summary["mean_thickness_px"]) == {"NFL", "GCL-IPL", "INL", "OPL", "ONL-ISM", "ISE", "OS-RPE"}
-            assert summary["mean_thickness_px"]["NFL"] == pytest.approx((label_map == 1).sum(axis=0).mean())
+            retina = (label_map > 0).any(axis=0)  # thickness over the columns the retina is in
+            assert summary["mean_thickness_px"]["NFL"] == pytest.approx((label_map[:, retina] == 1).sum(axis=0).mean())
         else:
             assert 0 <= summary["area_fraction"]["vessel"] <= 1
 

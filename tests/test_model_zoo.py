@@ -346,3 +346,66 @@ def test_export_runs_with_its_defaults(bundle, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((tmp_path / "export.json").read_text())
     assert report["input_shape"] == [1, 1, 32, 32] and report["max_abs_logit_difference"] <= 1e-4
+
+
+def test_an_export_carries_its_settings_and_a_refused_one_replaces_nothing(tmp_path):
+    """``python -m clinseg.pipelines.export`` on a bundle folder elsewhere (given relative to the working folder, a
+    space in its path), for a model trained with other settings (a smaller network, another field-of-view size): the
+    TorchScript carries the inference config with those settings, since MONAI Deploy's bundle operator builds its
+    processing and network from it; a training checkpoint exports its ``model`` entry; and an export refused for a
+    setting the model was not trained with leaves the earlier ``model.ts`` and ``export.json`` as they were."""
+    import torch
+    from monai.bundle import ConfigParser
+
+    from clinseg.pipelines.runs import write_run_record
+
+    bundle = tmp_path / "my bundles" / "vessels"
+    shutil.copytree(
+        REPO_ROOT / "bundles" / "vessels",
+        bundle,
+        ignore=shutil.ignore_patterns("models", "outputs", "cache", "eval", "large_files.yml"),
+    )
+    models = bundle / "models"
+    models.mkdir()
+    trained = {"network_def#channels": [8, 16, 32], "network_def#strides": [2, 2], "fov_diameter_px": 300}
+    parser = ConfigParser()
+    parser.read_config(str(bundle / "configs" / "inference.json"))
+    for key, value in trained.items():
+        parser[key] = value
+    torch.manual_seed(0)
+    network = parser.get_parsed_content("network_def")
+    torch.save(network.state_dict(), models / "model.pt")
+    write_run_record(models, {"input_settings": parser.get_parsed_content("input_settings")})
+    training_checkpoint = tmp_path / "latest_checkpoint_epoch=1.pt"
+    optimizer = torch.optim.Adam(network.parameters())
+    torch.save({"model": network.state_dict(), "optimizer": optimizer.state_dict()}, training_checkpoint)
+
+    def export(*args: str, settings: dict = trained):
+        """The export of the bundle folder as given relative to the folder the command runs from."""
+        overrides = [f"{key}={json.dumps(value)}" for key, value in settings.items()]
+        folder = str(bundle.relative_to(tmp_path))
+        command = [sys.executable, "-m", "clinseg.pipelines.export", folder, *args, "--override", *overrides]
+        return subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+
+    result = export()
+    assert result.returncode == 0, result.stderr[-3000:]
+    extra = {"inference.json": "", "metadata.json": ""}
+    torch.jit.load(str(models / "model.ts"), _extra_files=extra)
+    embedded = json.loads(extra["inference.json"])
+    assert embedded["fov_diameter_px"] == 300 and embedded["network_def"]["channels"] == [8, 16, 32]
+    assert isinstance(embedded["decision_rule"], dict), "the model's decision rule travels as a value"
+    # the network the embedded config describes is the one whose weights the export holds
+    ConfigParser(embedded).get_parsed_content("network_def").load_state_dict(network.state_dict())
+
+    kept = {
+        name: ((models / name).read_bytes(), (models / name).stat().st_mtime_ns) for name in ("model.ts", "export.json")
+    }
+    refused = export(settings={**trained, "fov_diameter_px": 538})
+    assert refused.returncode == 1 and "error: config key 'fov_diameter_px': is 538" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    assert {name: ((models / name).read_bytes(), (models / name).stat().st_mtime_ns) for name in kept} == kept
+
+    out = tmp_path / "from_training" / "model.ts"
+    result = export("--checkpoint", training_checkpoint.name, "--out", str(out.relative_to(tmp_path)))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((out.parent / "export.json").read_text())["max_abs_logit_difference"] <= 1e-4

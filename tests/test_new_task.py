@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import shlex
 import subprocess
 import sys
 
@@ -61,7 +62,10 @@ def changed_config_lines(new_bundle, template: str) -> int:
 
 
 def test_a_new_binary_task_trains_and_infers(tmp_path, lesion_images, tracking_uri):
-    bundles = tmp_path / "bundles"
+    """An RGB task written outside the project's ``bundles/``: its metadata declares the three channels its network
+    takes (the Zoo's shape check passes), and the training command it prints, run from another folder, trains into
+    that bundle."""
+    bundles = tmp_path / "my bundles"
     result = new_task(
         "lesions",
         "--from",
@@ -82,16 +86,31 @@ def test_a_new_binary_task_trains_and_infers(tmp_path, lesion_images, tracking_u
     assert train["channels"] == "rgb" and train["dataset_dir"] == str(lesion_images)
     metadata = json.loads((bundle / "configs" / "metadata.json").read_text())
     assert metadata["network_data_format"]["outputs"]["pred"]["channel_def"] == {"0": "background", "1": "lesion"}
+    image = metadata["network_data_format"]["inputs"]["image"]
+    assert image["num_channels"] == 3 and len(image["channel_def"]) == 3, image
+    shape_check = subprocess.run(
+        [sys.executable, "-m", "monai.bundle", "verify_net_in_out", "--net_id", "network_def",
+         "--meta_file", str(bundle / "configs" / "metadata.json"),
+         "--config_file", str(bundle / "configs" / "inference.json"), "--bundle_root", str(bundle)],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert "data shape of network is verified with no error" in shape_check.stdout + shape_check.stderr, (
+        shape_check.stderr[-3000:]
+    )
     changed = changed_config_lines(bundle, "vessels")
     print(f"config lines changed from the template: {changed}")
     assert 0 < changed <= 60
+    printed = next(line for line in result.stdout.splitlines() if "monai.bundle run training" in line)
+    command = [sys.executable if word == "python" else word for word in shlex.split(printed)]
+    for key, value in {**TINY, "train#trainer#max_epochs": 1, "val_interval": 1}.items():
+        command += [f"--{key}", str(value)]
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    trained = subprocess.run(command, cwd=elsewhere, capture_output=True, text=True, timeout=600)
+    assert trained.returncode == 0, trained.stderr[-4000:]
+    assert (bundle / "models" / "model.pt").is_file(), "the printed command trains into the new bundle"
+    assert not any(elsewhere.iterdir()), "nothing is written into the folder the command runs from"
     overrides = {"bundle_root": bundle, **TINY}
-    run_bundle(
-        "training",
-        [str(bundle / "configs" / "train.json")],
-        {**overrides, "train#trainer#max_epochs": 1, "val_interval": 1},
-    )
-    assert (bundle / "models" / "model.pt").is_file()
     out = tmp_path / "predictions"
     run_bundle(
         "inferring",

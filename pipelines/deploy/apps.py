@@ -110,6 +110,16 @@ def check_paths(args: argparse.Namespace) -> AppPaths:
             raise DataError(output_path, f"the output folder cannot be created: no permission to write in {parent}.")
     elif not os.access(output_path, os.W_OK | os.X_OK):
         raise DataError(output_path, "the output folder cannot be written (no permission).")
+    else:
+        earlier = sorted(entry.name for entry in os.scandir(output_path) if not entry.name.startswith("."))
+        if earlier:  # as the bundles' inference: results of two runs in one folder would mix under one summary
+            shown = ", ".join(earlier[:3]) + (", ..." if len(earlier) > 3 else "")
+            raise DataError(
+                output_path,
+                f"the output folder holds an earlier run's results ({len(earlier)} in all: {shown}); this run's "
+                f"would replace some of them and leave the others beside its own (given by {given}).",
+                "Give each run its own output folder (-o).",
+            )
     workdir = args.workdir or os.environ.get("HOLOSCAN_WORKDIR")
     if workdir and Path(workdir).exists() and not Path(workdir).is_dir():
         raise DataError(Path(workdir).absolute(), "is a file; the workspace (-w) must be a folder.")

@@ -137,13 +137,15 @@ KINDS = {
 }
 
 
-def expanded_config(bundle: str, overrides: dict) -> dict:
-    """The bundle's inference config (and metadata) with the overrides applied, as one dictionary."""
-    from clinseg.pipelines.export import bundle_config
+def expanded_config(bundle: str, checkpoints: list[Path], overrides: dict) -> dict:
+    """The bundle's inference config (and metadata) with the overrides applied and the model's decision rule as a
+    value, as one dictionary: what the TorchScript export carries too
+    (:func:`clinseg.pipelines.export.embedded_config`)."""
+    from clinseg.pipelines.export import embedded_config
 
     with warnings.catch_warnings():  # MONAI's note on the metadata's `optional_packages_version` name
         warnings.filterwarnings("ignore", message="Detected deprecated name")
-        return bundle_config(bundle, overrides, with_metadata=True).get()
+        return embedded_config(bundle, checkpoints, overrides, with_metadata=True)
 
 
 def bundle_root(bundle: str) -> Path:
@@ -246,6 +248,7 @@ def build_app(
     Several checkpoints (the folds of a cross-validation, or several seeds) ship as one TorchScript model of their
     :class:`~clinseg.pipelines.engine.ensembles.ProbabilityEnsemble`, which the app runs as one network."""
     from clinseg.pipelines.export import compare, export_ensemble, export_torchscript
+    from clinseg.pipelines.runs import provenance
 
     root = bundle_root(bundle)
     out_dir = Path(out_dir).absolute()
@@ -287,11 +290,7 @@ def build_app(
             if model_format == "checkpoint":
                 (staging / "models" / "model.ts").unlink()  # the export was only written to check parity
                 shutil.copy(checkpoint, staging / "models" / "model.pt")
-            config = expanded_config(bundle, overrides)
-            if isinstance(config.get("decision_rule"), str):  # the rule stored with the model, shipped as a value
-                from clinseg.pipelines.engine.decision import rule_for
-
-                config["decision_rule"] = rule_for([str(c) for c in checkpoints])
+            config = expanded_config(bundle, checkpoints, overrides)
             metadata = json.loads(paths["metadata"].read_text())
             is_volume = config["network_def"].get("spatial_dims", 2) == 3
             kind = KINDS[is_volume]
@@ -314,6 +313,8 @@ def build_app(
             if len(checkpoints) > 1:
                 report["ensemble_size"] = len(checkpoints)
             report["model"] = values["model"]
+            # the checkpoints' SHA-256 and training runs: the app names them in every inference_summary.json
+            report["exported_from"] = provenance(checkpoints if len(checkpoints) > 1 else checkpoints[0])
             if isinstance(config.get("decision_rule"), dict):
                 report["decision_rule"] = config["decision_rule"]
             (staging / "models" / "export.json").write_text(json.dumps(report, indent=2))

@@ -160,7 +160,24 @@ class BundleRuntime:
     def __init__(self, config_path: str | os.PathLike, model_path: str | os.PathLike):
         self.config_path = Path(config_path)
         self.config = json.loads(self.config_path.read_text())
-        self.network = load_network(model_path, self.config)
+        self.model_path = find_model_file(model_path)
+        self.network = load_network(self.model_path, self.config)
+
+    def model_provenance(self) -> dict:
+        """What made the results, for their ``inference_summary.json`` (as a bundle's own inference names its
+        checkpoint): the model file run and its SHA-256, and, from the build's ``models/export.json`` beside it, the
+        checkpoint(s) it was exported from (their SHA-256 and training run) and the decision rule shipped with it."""
+        from clinseg.pipelines.runs import sha256_of
+
+        info = {"file": str(self.model_path), "sha256": sha256_of(self.model_path)}
+        try:
+            built = json.loads((self.model_path.parent / "export.json").read_text())
+        except (OSError, ValueError):  # a model placed elsewhere (HOLOSCAN_MODEL_PATH) without its build record
+            return info
+        for key in ("exported_from", "decision_rule"):
+            if key in built:
+                info[key] = built[key]
+        return info
 
     @property
     def bundle_name(self) -> str:
@@ -194,7 +211,7 @@ class BundleRuntime:
         evaluator = parser.get_parsed_content("evaluator")
         evaluator.run()
         if "results_writer" in parser:
-            return parser.get_parsed_content("results_writer").write_summary(datalist)
+            return parser.get_parsed_content("results_writer").write_summary(datalist, model=self.model_provenance())
         return f"segmented {len(datalist)} inputs into {output_dir}"
 
 
