@@ -43,6 +43,7 @@ from clinseg.pipelines.tracking import (
     default_tracking_uri,
     engine_metric_name,
     ensure_experiment,
+    lower_is_better,
     mlflow_metric_name,
     run_folder,
     unique_run_name,
@@ -84,11 +85,14 @@ def metric_history(client: mlflow.MlflowClient, run_id: str, metric: str, params
 
 
 def summarize(client: mlflow.MlflowClient, runs, metric: str) -> list[dict]:
+    """One row per run: its best value of ``metric`` (the lowest for a distance, an error or a loss:
+    :func:`clinseg.pipelines.tracking.lower_is_better`), that value's epoch, its final value and final loss."""
+    pick = min if lower_is_better(metric) else max
     rows = []
     for run in runs:
         history = metric_history(client, run.info.run_id, metric, run.data.params)
-        finite = [m for m in history if math.isfinite(m.value)]
-        best = max(finite, key=lambda m: m.value) if finite else None
+        finite = sorted((m for m in history if math.isfinite(m.value)), key=lambda m: (m.step, m.timestamp))
+        best = pick(finite, key=lambda m: m.value) if finite else None
         rows.append(
             {
                 "run": run_folder(run),
@@ -104,6 +108,32 @@ def summarize(client: mlflow.MlflowClient, runs, metric: str) -> list[dict]:
             }
         )
     return rows
+
+
+def ranked(rows: list[dict], key: str, metric: str, ascending: bool | None = None) -> list[dict]:
+    """``rows`` ordered by ``key`` (a column such as ``best_<metric>``, or a param name), the best first: a metric
+    column highest first, or lowest first for a distance, an error or a loss; ``ascending`` chooses instead. Rows
+    without a value (NaN: no validation ran, or every value was undefined) come last in either order: Python
+    cannot order a NaN, and one among the values would leave the whole ranking unsorted."""
+    if not rows:
+        return []
+    column = key in rows[0]
+    if ascending is None:
+        ascending = column and lower_is_better(metric if key.endswith(metric) else key)
+
+    def value(row: dict) -> float:
+        number = row.get(key) if column else row["params"].get(key)
+        try:  # a param is recorded as text
+            number = float(number)
+        except (TypeError, ValueError):
+            return math.nan
+        return number if math.isfinite(number) else math.nan
+
+    if not column and not any(math.isfinite(value(r)) for r in rows):  # a param that is no number: by its text
+        return sorted(rows, key=lambda r: str(r["params"].get(key, "")), reverse=not ascending)
+
+    scored = sorted((r for r in rows if math.isfinite(value(r))), key=value, reverse=not ascending)
+    return scored + [r for r in rows if not math.isfinite(value(r))]
 
 
 def differing_params(rows: list[dict]) -> list[str]:
@@ -168,11 +198,15 @@ def compare(args) -> int:
         return 1
     metric = args.metric or key_metric_of(args.bundle, runs[0])
     rows = summarize(client, runs, metric)
-    sort_key = args.sort or f"best_{metric}"
-    rows.sort(
-        key=lambda r: r.get(sort_key) if sort_key in r else r["params"].get(sort_key, ""), reverse=not args.ascending
-    )
+    rows = ranked(rows, args.sort or f"best_{metric}", metric, True if args.ascending else None)
     print(format_table(rows, metric))
+    validated_on = {row["params"].get("validation_fingerprint") for row in rows} - {None}
+    if len(validated_on) > 1:  # a higher value on easier cases is no better model
+        print(
+            f"note: these runs were validated on {len(validated_on)} different sets of cases (their "
+            f"validation_fingerprint): {metric} compares only between runs of one set",
+            file=sys.stderr,
+        )
     if args.plot:
         print(f"plot: {plot_runs(client, rows, metric, args.plot)}")
     if args.json:
@@ -263,19 +297,78 @@ def sweep(args) -> int:
         client.set_terminated(parent_id, status)
     runs = training_runs(client, args.bundle, 1000, parent_id)
     metric = key_metric_of(args.bundle, runs[0] if runs else None)
-    rows = sorted(summarize(client, runs, metric), key=lambda r: r[f"best_{metric}"], reverse=True)
+    rows = ranked(summarize(client, runs, metric), f"best_{metric}", metric)
     print(f"\nranking by best {metric}:")
     print(format_table(rows, metric))
-    if rows:
+    if rows and math.isfinite(rows[0][f"best_{metric}"]):  # a child that validated nothing is no best child
         client.set_tag(parent_id, "best_child", rows[0]["run_id"])
         client.log_metric(parent_id, f"best_{metric}", rows[0][f"best_{metric}"])
     return 0 if status == "FINISHED" else 1
 
 
+def cv_summary(client: mlflow.MlflowClient, bundle: str, folds: int, parent_id: str) -> dict:
+    """The summary of the cross-validation ``parent_id`` from its fold runs in the store, recorded on it: each
+    fold's best key metric (``fold_<k>_<metric>``), which cases it validated and its model; the mean and spread
+    (``cv_mean_<metric>``, ``cv_std_<metric>``) only when every one of the ``folds`` folds finished and validated.
+
+    A mean over the folds that happened to finish is no k-fold estimate, and looks like one in the UI: an incomplete
+    cross-validation records how many folds scored (``cv_folds_scored``), names the missing ones, and keeps the
+    mean of those that scored as ``partial_mean`` in ``cv/folds.json`` only."""
+    runs = training_runs(client, bundle, 1000, parent_id)
+    finished = [r for r in runs if r.info.status == "FINISHED" and "fold" in r.data.params]
+    by_fold = {int(r.data.params["fold"]): r for r in finished}
+    metric = key_metric_of(bundle, runs[0] if runs else None)
+    rows = summarize(client, [by_fold[k] for k in sorted(by_fold)], metric)
+    per_fold = []
+    for k, row in zip(sorted(by_fold), rows, strict=True):
+        run = by_fold[k]
+        per_fold.append(
+            {
+                "fold": k,
+                "run_id": run.info.run_id,
+                "run": run_folder(run),
+                f"best_{metric}": row[f"best_{metric}"],
+                "val_ids": [i for i in run.data.params.get("val_ids", "").split(",") if "... (" not in i],
+                "val_ids_complete": "... (" not in run.data.params.get("val_ids", ""),
+                "checkpoint": run.data.tags.get("checkpoint_path"),
+            }
+        )
+        if math.isfinite(row[f"best_{metric}"]):
+            client.log_metric(parent_id, f"fold_{k}_{metric}", row[f"best_{metric}"])
+    scored = {f["fold"]: f[f"best_{metric}"] for f in per_fold if math.isfinite(f[f"best_{metric}"])}
+    summary = {"bundle": bundle, "folds": folds, "key_metric": metric, "per_fold": per_fold}
+    summary["complete"] = len(scored) == folds
+    summary["missing_folds"] = {
+        str(k): "did not finish" if k not in by_fold else "validated nothing (max_epochs below val_interval?)"
+        for k in range(folds)
+        if k not in scored
+    }
+    client.log_metric(parent_id, "cv_folds_scored", len(scored))
+    values = list(scored.values())
+    if values:
+        spread = {"mean": float(statistics.fmean(values)), "std": float(statistics.pstdev(values))}
+        if summary["complete"]:
+            summary.update(spread)
+            client.log_metric(parent_id, f"cv_mean_{metric}", spread["mean"])
+            client.log_metric(parent_id, f"cv_std_{metric}", spread["std"])
+        else:
+            summary.update(partial_mean=spread["mean"], partial_std=spread["std"])
+    checkpoints = [f["checkpoint"] for f in per_fold if f["checkpoint"] and Path(f["checkpoint"]).is_file()]
+    if len(checkpoints) >= 2:
+        summary["ensemble_command"] = (
+            f"python -m monai.bundle run inferring --config_file bundles/{bundle}/configs/inference.json "
+            f'--checkpoint_path "{checkpoints!r}" --input_dir IMAGES --output_dir OUT'
+        )
+        client.set_tag(parent_id, "ensemble_command", summary["ensemble_command"])
+    client.log_text(parent_id, json.dumps(summary, indent=2), "cv/folds.json")
+    return summary
+
+
 def cross_validate(args) -> int:
     """k-fold cross-validation: one training per fold (``--folds K --fold k``) as children of one parent run, which
     records each fold's best key metric, their mean and spread, which cases each fold validated (``cv/folds.json``),
-    and the ensemble of the fold models as the command that runs it."""
+    and the ensemble of the fold models as the command that runs it (:func:`cv_summary`). The parent ends FAILED
+    (KILLED when interrupted) unless every fold finished and validated."""
     if args.folds < 2:
         raise InputError("--folds", f"{args.folds}: cross-validation needs 2 folds or more.")
     fixed = dict(item.split("=", 1) for item in args.set)
@@ -289,52 +382,31 @@ def cross_validate(args) -> int:
     status = "FAILED"
     try:
         status = run_children(args, parent_id, [{"fold": str(k)} for k in range(args.folds)], fixed, "cv")
-        runs = training_runs(client, args.bundle, 1000, parent_id)
-        finished = [r for r in runs if r.info.status == "FINISHED" and "fold" in r.data.params]
-        by_fold = {int(r.data.params["fold"]): r for r in finished}
-        metric = key_metric_of(args.bundle, runs[0] if runs else None)
-        rows = summarize(client, [by_fold[k] for k in sorted(by_fold)], metric)
-        folds = []
-        for k, row in zip(sorted(by_fold), rows, strict=True):
-            run = by_fold[k]
-            folds.append(
-                {
-                    "fold": k,
-                    "run_id": run.info.run_id,
-                    "run": run_folder(run),
-                    f"best_{metric}": row[f"best_{metric}"],
-                    "val_ids": [i for i in run.data.params.get("val_ids", "").split(",") if "... (" not in i],
-                    "val_ids_complete": "... (" not in run.data.params.get("val_ids", ""),
-                    "checkpoint": run.data.tags.get("checkpoint_path"),
-                }
-            )
-            client.log_metric(parent_id, f"fold_{k}_{metric}", row[f"best_{metric}"])
-        values = [f[f"best_{metric}"] for f in folds if math.isfinite(f[f"best_{metric}"])]
-        summary = {"bundle": args.bundle, "folds": args.folds, "key_metric": metric, "per_fold": folds}
-        if values:
-            summary.update(mean=float(statistics.fmean(values)), std=float(statistics.pstdev(values)))
-            client.log_metric(parent_id, f"cv_mean_{metric}", summary["mean"])
-            client.log_metric(parent_id, f"cv_std_{metric}", summary["std"])
-        checkpoints = [f["checkpoint"] for f in folds if f["checkpoint"] and Path(f["checkpoint"]).is_file()]
-        if len(folds) < args.folds and status == "FINISHED":
+        summary = cv_summary(client, args.bundle, args.folds, parent_id)
+        if not summary["complete"] and status == "FINISHED":
             status = "FAILED"
-        if len(checkpoints) >= 2:
-            summary["ensemble_command"] = (
-                f"python -m monai.bundle run inferring --config_file bundles/{args.bundle}/configs/inference.json "
-                f'--checkpoint_path "{checkpoints!r}" --input_dir IMAGES --output_dir OUT'
-            )
-            client.set_tag(parent_id, "ensemble_command", summary["ensemble_command"])
-        client.log_text(parent_id, json.dumps(summary, indent=2), "cv/folds.json")
     finally:
         client.set_terminated(parent_id, status)
+    metric = summary["key_metric"]
     print(f"\n{args.folds}-fold cross-validation of {args.bundle}, best {metric} per fold:")
     lines = [["fold", f"best {metric}", "run", "validated"]]
-    lines += [[f["fold"], f"{f[f'best_{metric}']:.4f}", f["run"], ",".join(f["val_ids"])[:60]] for f in folds]
+    lines += [
+        [f["fold"], f"{f[f'best_{metric}']:.4f}", f["run"], ",".join(f["val_ids"])[:60]] for f in summary["per_fold"]
+    ]
     print(text_table(lines))
-    if values:
-        print(f"mean {summary['mean']:.4f}, standard deviation {summary['std']:.4f} over {len(values)} folds")
+    if summary["complete"]:
+        print(f"mean {summary['mean']:.4f}, standard deviation {summary['std']:.4f} over {args.folds} folds")
+    else:
+        missing = ", ".join(f"fold {k} {why}" for k, why in summary["missing_folds"].items())
+        partial = (
+            f"; the {args.folds - len(summary['missing_folds'])} scored folds' mean, {summary['partial_mean']:.4f}, "
+            "is no cross-validation estimate"
+            if "partial_mean" in summary
+            else ""
+        )
+        print(f"incomplete: {missing}{partial}")
     if "ensemble_command" in summary:
-        print(f"the {len(checkpoints)} fold models as one ensemble:\n  {summary['ensemble_command']}")
+        print(f"the fold models as one ensemble:\n  {summary['ensemble_command']}")
     return 0 if status == "FINISHED" else 1
 
 

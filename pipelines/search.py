@@ -179,7 +179,19 @@ def counted_trials(study) -> list:
 def failed_trials(study) -> list:
     from optuna.trial import TrialState
 
-    return [t for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)) if not t.user_attrs.get("surplus")]
+    failed = study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
+    return [t for t in failed if not t.user_attrs.get("surplus") and not t.user_attrs.get("interrupted")]
+
+
+def search_over(study) -> bool:
+    """Whether the study's budget is spent: ``n_trials`` trials completed or pruned, none running or waiting."""
+    from optuna.trial import TrialState
+
+    trials = study.get_trials(deepcopy=False)
+    if any(t.state in (TrialState.RUNNING, TrialState.WAITING) for t in trials):
+        return False
+    done = sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
+    return done >= study.user_attrs["n_trials"]
 
 
 def training_command(settings: dict, params: dict, run_name: str | None) -> list[str]:
@@ -235,7 +247,11 @@ def run_trial(study, storage, trial, settings: dict, worker: str, verbose: bool)
         except KeyboardInterrupt:
             child.send_signal(signal.SIGTERM)  # the child's run ends KILLED, its files kept
             child.wait(timeout=300)
+            # stopped by the user, not failed: it does not count towards --max_failures, and the search, resumed
+            # with --join, runs its values again first (as a dead worker's trial is)
+            trial.set_user_attr("interrupted", True)
             study.tell(trial, state=TrialState.FAIL)
+            study.enqueue_trial(trial.params, user_attrs={"retried_from": trial.number})
             raise
     recorded = storage.get_trial(trial._trial_id)  # what the training reported (the study's cache may be stale)
     values = list(recorded.intermediate_values.values())
@@ -329,7 +345,7 @@ def trial_rows(study) -> list[dict]:
         rows.append(
             {
                 "trial": t.number,
-                "state": t.state.name,
+                "state": "INTERRUPTED" if t.user_attrs.get("interrupted") else t.state.name,
                 "value": t.value,
                 "best_intermediate": max(t.intermediate_values.values()) if t.intermediate_values else None,
                 "epochs_validated": len(t.intermediate_values),
@@ -341,7 +357,8 @@ def trial_rows(study) -> list[dict]:
                 "seconds": (t.datetime_complete - t.datetime_start).total_seconds()
                 if t.datetime_complete and t.datetime_start
                 else None,
-                "retried_from": t.system_attrs.get("failed_trial"),
+                "retried_from": t.system_attrs.get("failed_trial", t.user_attrs.get("retried_from")),
+                "interrupted": bool(t.user_attrs.get("interrupted")),
             }
         )
     return rows
@@ -508,6 +525,10 @@ def search(args) -> int:
         overlap = sorted(set(fixed) & set(space))
         if overlap:
             raise InputError("--set", f"{', '.join(overlap)} is also in --space: each key is fixed or searched.")
+        if "key_metric_name" in space:
+            raise InputError(
+                "--space key_metric_name", "trials scored by different metrics do not compare: --set it instead."
+            )
         try:
             study = optuna.create_study(storage=storage, study_name=name, direction="maximize")
         except optuna.exceptions.DuplicatedStudyError:
@@ -536,7 +557,8 @@ def search(args) -> int:
             "fixed": fixed,
             "n_trials": args.n_trials,
             "max_failures": args.max_failures,
-            "key_metric": bundle_key_metric(config_path),
+            # what the trials report (trials.attach_trial_reporter): the config's, or the one --set chooses
+            "key_metric": fixed.get("key_metric_name") or bundle_key_metric(config_path),
             "sampler": args.sampler,
             "seed": args.seed,
             "pruner": args.pruner,
@@ -561,13 +583,20 @@ def search(args) -> int:
             status = run_workers(args, bundle, study.study_name, storage_url)
     except KeyboardInterrupt:
         status = "KILLED"
-        print("search interrupted: finished trials are kept; the running ones are marked failed")
+        print(
+            "search interrupted: finished trials are kept; the running ones run again first when it is resumed "
+            f"(--join --study {study.study_name})"
+        )
     if args.quiet_summary:  # a worker of `--workers N`: the launching process summarises
         return 0 if status == "FINISHED" else 1
     study = load_study(storage, study.study_name)
     rows, _ = summarize(study, storage, started)
-    if not args.join:  # the parent run is the launcher's; workers that joined from elsewhere leave it open
+    if not args.join:  # the parent run is the launcher's
         client_for(tracking_uri).set_terminated(study.user_attrs["parent_run_id"], status)
+    elif status == "FINISHED" and search_over(study):
+        # workers that joined leave the parent open while the search goes on; the one that finds it over ends it,
+        # also when its launcher was interrupted (KILLED) or lost (left RUNNING) and the search was resumed
+        client_for(tracking_uri).set_terminated(study.user_attrs["parent_run_id"], "FINISHED")
     return 0 if status == "FINISHED" and any(r["state"] == "COMPLETE" for r in rows) else 1
 
 

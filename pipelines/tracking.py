@@ -281,6 +281,18 @@ def mlflow_metric_name(name: str, workflow: str = "train", key_metric: str | Non
     return f"{AGGREGATE_SECTIONS['evaluate' if evaluation else 'train']}/{renamed}"
 
 
+# the words of a metric's name that make a lower value the better one: the distances and errors among the metric
+# kinds (hd95, hd95_mm, assd_mm, relative_volume_error as ``rve``, layer_thickness_mae_px) and losses
+_LOWER_IS_BETTER_WORDS = {"hd", "hd95", "hausdorff", "assd", "asd", "distance", "rve", "error", "mae", "mse", "loss"}
+
+
+def lower_is_better(metric: str) -> bool:
+    """Whether a smaller value of ``metric`` (engine or recorded name: ``val_hd95``, ``1_validation/val_rve``,
+    ``0_key/train_loss``) is the better one, so that ranking runs by it puts the lowest first."""
+    base = engine_metric_name(metric).split("/")[0].lower()
+    return bool(set(re.split(r"[^a-z0-9]+", base)) & _LOWER_IS_BETTER_WORDS)
+
+
 def engine_metric_name(name: str) -> str:
     """The engine's name of a metric recorded by :func:`mlflow_metric_name` (``0_key/val_mean_dice`` ->
     ``val_mean_dice``, ``val_hd95 by class/NFL`` -> ``val_hd95/NFL``); an evaluation's keep their ``eval_``."""

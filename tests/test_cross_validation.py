@@ -111,3 +111,27 @@ def test_cv_refuses_too_few_folds_and_a_fold_of_its_own(tmp_path, tiny_oct_dir, 
     assert "needs 2 folds or more" in refused("cv", "oct_layers", "--folds", "1")
     assert "chosen by cv itself" in refused("cv", "oct_layers", "--folds", "3", "--set", "fold=1")
     assert "chosen by cv itself" in refused("cv", "oct_layers", "--folds", "3", "--set", "folds=4")
+
+
+def test_an_incomplete_cv_records_no_mean_as_its_estimate(tracking_uri):
+    """A fold that failed, or finished without a validation, leaves the cross-validation incomplete: the parent
+    records which folds are missing, and no mean of the others as the k-fold estimate."""
+    from clinseg.pipelines.experiments import cv_summary
+    from tests.test_experiments import recorded_training
+
+    client = mlflow.MlflowClient(tracking_uri)
+    experiment_id = client.create_experiment("oct_layers")
+    parent = client.create_run(experiment_id, tags={"workflow": "cv"}).info.run_id
+    nan = float("nan")
+    for fold, dice in ((0, [0.4, 0.6]), (1, [0.8, 0.9]), (2, [nan, nan])):  # fold 2 validated nothing
+        recorded_training(client, experiment_id, f"f{fold}", {"0_key/val_mean_dice": dice}, parent, fold=fold,
+                          folds=4, val_ids=f"Subject_0{fold}_bscan00")  # fmt: skip
+    failed = recorded_training(client, experiment_id, "f3", {}, parent, fold=3, folds=4)
+    client.set_terminated(failed, "FAILED")
+
+    summary = cv_summary(client, "oct_layers", 4, parent)
+    assert not summary["complete"] and set(summary["missing_folds"]) == {"2", "3"}, summary
+    assert "mean" not in summary and summary["partial_mean"] == pytest.approx(0.75)
+    metrics = client.get_run(parent).data.metrics
+    assert "cv_mean_val_mean_dice" not in metrics and "cv_std_val_mean_dice" not in metrics, metrics
+    assert metrics["cv_folds_scored"] == 2 and metrics["fold_1_val_mean_dice"] == pytest.approx(0.9)

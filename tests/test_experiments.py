@@ -239,6 +239,7 @@ def test_two_runs_at_once_do_not_write_into_each_other(tmp_path, tiny_oct_dir, t
             **TINY,
             "train#trainer#max_epochs": 2,
             "learning_rate": rate,
+            "train#dataloader#shuffle": rate == "0.001",  # a nested setting: no param of its own by default
             "dataset_dir": tiny_oct_dir,
             "bundle_root": tmp_path / rate,
         }.items():
@@ -251,6 +252,10 @@ def test_two_runs_at_once_do_not_write_into_each_other(tmp_path, tiny_oct_dir, t
     runs = training_runs(tracking_uri)
     client = mlflow.MlflowClient(tracking_uri)
     assert sorted(r.data.params["learning_rate"] for r in runs) == ["0.001", "0.005"]
+    # every override is in the record, the nested ones too, and in the name the runs table lists
+    shuffled = {r.data.params["learning_rate"]: r.data.params.get("train_dataloader_shuffle") for r in runs}
+    assert shuffled == {"0.001": "True", "0.005": "False"}, shuffled
+    assert all("train_dataloader_shuffle=" in r.info.run_name for r in runs)
     for run in runs:
         assert run.info.status == "FINISHED"
         assert len(client.get_metric_history(run.info.run_id, "0_key/train_loss")) == 2 * 2  # 2 epochs x 2 iterations
@@ -298,3 +303,53 @@ def test_an_interrupted_sweep_keeps_finished_children(tmp_path, tiny_oct_dir, tr
     # the finished child is kept; the interrupted one ends KILLED (never RUNNING); the rest never started
     assert "RUNNING" not in statuses, statuses
     assert "FINISHED" in statuses and statuses.count("KILLED") <= 1 and len(statuses) < 3 + 1, statuses
+
+
+def recorded_training(client, experiment_id: str, name: str, history: dict, parent: str | None = None, **params):
+    """A finished training run in ``client``'s store as a bundle training records it: its tags and params, and each
+    metric's values by epoch (recorded names, ``{"0_key/val_mean_dice": [0.5, 0.8]}``)."""
+    tags = {"workflow": "train", "bundle": "oct_layers", "run_folder": name}
+    if parent:
+        tags["mlflow.parentRunId"] = parent
+    run_id = client.create_run(experiment_id, run_name=name, tags=tags).info.run_id
+    for key, value in {"key_metric": "val_mean_dice", **params}.items():
+        client.log_param(run_id, key, str(value))
+    for key, values in history.items():
+        for epoch, value in enumerate(values, 1):
+            client.log_metric(run_id, key, value, step=epoch)
+    client.set_terminated(run_id, "FINISHED")
+    return run_id
+
+
+def test_compare_ranks_runs_without_a_value_last_and_distances_lowest_first(tmp_path, tracking_uri, capsys):
+    client = mlflow.MlflowClient(tracking_uri)
+    experiment_id = client.create_experiment("oct_layers")
+    nan = float("nan")
+    for name, dice, hd95 in (
+        ("good", [0.5, 0.8], [10.0, 3.0]),
+        ("unscored", [nan, nan], [nan, nan]),  # every validation undefined
+        ("poor", [0.2, 0.3], [40.0, 30.0]),
+        ("fair", [0.6, 0.55], [8.0, 9.0]),
+    ):
+        history = {"0_key/val_mean_dice": dice, "1_validation/val_hd95": hd95}
+        recorded_training(client, experiment_id, name, history, validation_fingerprint="a1")
+
+    def ranking(*args: str) -> list[tuple[str, float, int | None]]:
+        from clinseg.pipelines.experiments import main
+
+        rows_json = tmp_path / "rows.json"
+        assert main(["compare", "oct_layers", "--json", str(rows_json), *args]) == 0
+        metric = args[1] if args[:1] == ("--metric",) else "val_mean_dice"
+        return [(r["run"], r[f"best_{metric}"], r["best_epoch"]) for r in json.loads(rows_json.read_text())]
+
+    by_dice = ranking()
+    assert [name for name, *_ in by_dice] == ["good", "fair", "poor", "unscored"], by_dice
+    assert by_dice[1] == ("fair", 0.6, 1)
+    # a distance: its best is its lowest value, and the lowest ranks first
+    assert ranking("--metric", "val_hd95")[:3] == [("good", 3.0, 2), ("fair", 8.0, 1), ("poor", 30.0, 2)]
+    assert [name for name, *_ in ranking("--ascending")] == ["poor", "fair", "good", "unscored"]
+    assert "different sets of cases" not in capsys.readouterr().err
+    # a run validated on other cases is listed, and the table says its metric does not compare
+    recorded_training(client, experiment_id, "easier", {"0_key/val_mean_dice": [0.99]}, validation_fingerprint="b2")
+    assert ranking()[0][0] == "easier"
+    assert "validated on 2 different sets of cases" in capsys.readouterr().err

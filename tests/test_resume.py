@@ -67,12 +67,16 @@ def test_killed_training_resumes_and_continues_its_history(tmp_path, tiny_oct_di
     assert resumed.data.tags["resumed_from_run"] == first.info.run_id
     assert client.get_run(first.info.run_id).info.status == "KILLED", "a SIGKILLed run is not left RUNNING"
     assert client.get_run(first.info.run_id).data.tags["resumed_by_run"] == resumed.info.run_id
+    # the resumed run's record is the whole training that made its model.pt: the interrupted run's values up to the
+    # checkpoint (what was logged after it is done again, not kept twice), then its own, each step once
     resumed_losses = client.get_metric_history(resumed.info.run_id, "0_key/train_loss")
-    assert min(m.step for m in resumed_losses) == iterations_done + 1, "the loss curve continues after the checkpoint"
-    assert max(m.step for m in resumed_losses) == 6 * 3  # 6 images / batch 2 = 3 iterations per epoch
-    assert all(m.step <= iterations_done or m.step > iterations_done for m in first_losses)
+    assert sorted(m.step for m in resumed_losses) == list(range(1, 6 * 3 + 1))  # 6 images / batch 2: 3 per epoch
+    before = {m.step: m.value for m in first_losses if m.step <= iterations_done}
+    assert {m.step: m.value for m in resumed_losses if m.step <= iterations_done} == before
     dice = client.get_metric_history(resumed.info.run_id, "0_key/val_mean_dice")
-    assert [m.step for m in dice] == list(range(killed_at + 1, 7)), "epochs continue from the checkpoint's"
+    assert [m.step for m in dice] == list(range(1, 7)), "the epochs of the interrupted run, then its own"
+    first_dice = client.get_metric_history(first.info.run_id, "0_key/val_mean_dice")
+    assert [m.value for m in dice[:killed_at]] == [m.value for m in first_dice if m.step <= killed_at]
 
 
 def test_checkpoints_are_written_atomically(tmp_path, monkeypatch):

@@ -142,6 +142,9 @@ def test_pruned_trials_are_marked_and_a_used_budget_runs_nothing(tmp_path, tiny_
     assert "needs choice spaces only" in refused(
         "search", "oct_layers", "--space", *SPACE, "--sampler", "grid", "--study", "grid-of-ranges"
     )
+    assert "do not compare" in refused(
+        "search", "oct_layers", "--space", *SPACE, "key_metric_name=choice:val_mean_dice,val_mean_iou"
+    )
     assert "also in --space" in refused(
         "search", "oct_layers", "--space", *SPACE, "--set", "batch_size=2", "--study", "fixed-and-searched"
     )
@@ -184,3 +187,47 @@ def test_a_dead_workers_trial_runs_again(tmp_path, tiny_oct_dir, tracking_uri):
     parent_id = killed.data.tags["mlflow.parentRunId"]
     trials_json = client.download_artifacts(parent_id, "search/trials.json", str(tmp_path))
     assert [row["state"] for row in json.loads(Path(trials_json).read_text())] == ["FAIL", "COMPLETE"]
+    # the launcher died with its machine; the worker that finished the search ends its parent run
+    assert client.get_run(parent_id).info.status == "FINISHED"
+
+
+def test_an_interrupted_search_resumes_with_the_interrupted_trial(tmp_path, tiny_oct_dir, tracking_uri):
+    """Ctrl-C stops a search; resumed with --join, it runs the interrupted trial's values again, and the interruption
+    counts as no failure (--max_failures 1 would otherwise stop the resumed search at once)."""
+    args = search_args(tmp_path, tiny_oct_dir, "interrupted", "--n_trials", "1", "--max_failures", "1", epochs=2)
+    command = [sys.executable, "-m", "clinseg.pipelines.experiments", *args]
+    # a shell's background job starts with SIGINT ignored: restore the default, as in a terminal
+    search = subprocess.Popen(
+        command,
+        cwd=REPO_ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    storage = tracking_uri.replace("mlflow.db", "optuna.db")
+    deadline = time.time() + 300
+    while True:  # until the trial's training has started its MLflow run
+        assert time.time() < deadline and search.poll() is None, "the trial did not start"
+        try:
+            trials = optuna.load_study(study_name="interrupted", storage=storage).get_trials()
+        except KeyError:
+            trials = []
+        if trials and "mlflow_run_id" in trials[0].user_attrs:
+            break
+        time.sleep(0.5)
+    os.killpg(search.pid, signal.SIGINT)  # Ctrl-C: the terminal signals the search and its training
+    output = search.communicate(timeout=300)[0]
+    assert search.returncode != 0 and "search interrupted" in output, output[-3000:]
+
+    resumed = experiments("search", "oct_layers", "--join", "--study", "interrupted")
+    assert "] trial 1:" in resumed.stdout and "failed: this worker stops" not in resumed.stdout, resumed.stdout
+    first, second = load(tracking_uri, "interrupted").get_trials()
+    assert first.state == TrialState.FAIL and first.user_attrs["interrupted"], first
+    assert second.state == TrialState.COMPLETE and second.params == first.params
+    client = mlflow.MlflowClient(tracking_uri)
+    assert client.get_run(first.user_attrs["mlflow_run_id"]).info.status == "KILLED"
+    parent = client.get_run(first.user_attrs["mlflow_run_id"]).data.tags["mlflow.parentRunId"]
+    assert client.get_run(parent).info.status == "FINISHED", "the resumed search ended its parent run"
+    assert client.get_run(parent).data.tags["best_child"] == second.user_attrs["mlflow_run_id"]

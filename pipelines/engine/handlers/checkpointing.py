@@ -33,11 +33,13 @@ class TrainingProgress:
     continues it instead of silently restarting it: the validator's best metric and its epoch, the ranking of the
     best-model saver (``model.pt`` is only replaced by a better model), the early-stopping counter, the report's
     best value, the weight average when the training keeps one (:class:`TrainingMonitor`), and the MLflow run of the
-    interrupted training, to which the resumed run is linked.
+    interrupted training, to which the resumed run is linked, with the trainer's epoch and iteration at the save
+    (the resumed run's MLflow record continues that run's metrics up to them).
     """
 
-    def __init__(self, validator: Engine, validate_handlers: list, train_handlers: list):
+    def __init__(self, validator: Engine, validate_handlers: list, train_handlers: list, trainer: Engine | None = None):
         self.validator, self.validate_handlers, self.train_handlers = validator, validate_handlers, train_handlers
+        self.trainer = trainer
 
     @staticmethod
     def _find(handlers: list, kind: type):
@@ -64,6 +66,8 @@ class TrainingProgress:
         tracker = self._find(self.train_handlers, _tracking_handler())
         if tracker is not None and tracker.cur_run is not None:
             state["mlflow_run_id"] = tracker.cur_run.info.run_id
+        if self.trainer is not None:
+            state.update(epoch=self.trainer.state.epoch, iteration=self.trainer.state.iteration)
         average = self._weight_average()
         average_state = average.state_dict() if average is not None else {}
         if average_state:
@@ -84,7 +88,7 @@ class TrainingProgress:
             report.best = tuple(state["report_best"])
         tracker = self._find(self.train_handlers, _tracking_handler())
         if tracker is not None and state.get("mlflow_run_id"):
-            tracker.link_resumed_run(state["mlflow_run_id"])
+            tracker.link_resumed_run(state["mlflow_run_id"], state.get("epoch"), state.get("iteration"))
         average = self._weight_average()
         if average is not None and "weight_average" in state:
             average.load_state_dict(state["weight_average"])
@@ -204,6 +208,6 @@ class LatestCheckpointSaver(AtomicCheckpointSaver):
             "optimizer": optimizer,
             "lr_scheduler": lr_scheduler,
             "trainer": trainer,
-            "progress": TrainingProgress(validator, validate_handlers, train_handlers),
+            "progress": TrainingProgress(validator, validate_handlers, train_handlers, trainer),
         }
         super().__init__(save_dir=save_dir, save_dict=save_dict, file_prefix="latest", save_interval=1, n_saved=1)

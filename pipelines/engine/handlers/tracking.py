@@ -20,6 +20,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import signal
 import sys
 import threading
@@ -215,6 +216,39 @@ def tracked_params(parser) -> dict:
     return params
 
 
+def untracked_overrides(params: Mapping[str, object]) -> dict[str, object]:
+    """The command-line overrides of the running workflow that no param of ``params`` (:func:`tracked_params`)
+    records: nested settings such as ``--train#dataloader#shuffle False`` or ``--validate#evaluator#amp False``,
+    named as the params of components are (``train_dataloader_shuffle``). Without them, runs of a sweep over such a
+    setting carry the same params, and nothing in their record tells them apart."""
+    from clinseg.pipelines.context import running_parser, running_run_arguments
+
+    found, parser = running_run_arguments(), running_parser()
+    if found is None or parser is None:
+        return {}
+    extra = {}
+    for key, value in found[1].items():  # a name MLflow refuses would take every other param of the run with it
+        config_id = str(key).replace("::", "#")
+        if config_id in RUN_IDENTITY or config_id.startswith("_") or config_id not in parser:
+            continue
+        name = re.sub(r"[^\w.\-/: ]", "_", "_".join(COMPONENT_NAMES.get(p, p) for p in config_id.split("#")))
+        if name in params or config_id == "train#trainer#max_epochs":  # recorded as max_epochs
+            continue
+        extra[name] = value
+    return extra
+
+
+PARAM_CHARS = 6000  # MLflow's limit of a param's value
+
+
+def _param_text(value: str) -> str:
+    """A param's value as MLflow takes it: one longer than its limit is refused with every other param of its
+    request, so it is cut, and says so."""
+    if len(value) <= PARAM_CHARS:
+        return value
+    return f"{value[: PARAM_CHARS - 32]}... ({len(value)} characters)"
+
+
 def _flatten(params: Mapping, prefix: str = "") -> dict[str, str]:
     flat = {}
     for key, value in params.items():
@@ -308,7 +342,7 @@ class _LinkedRun:
     def _log_params(self, params: dict) -> None:
         if self.cur_run is None:
             raise ValueError("no active MLflow run to log params to")
-        self.link.log_batch(params=[(key, value) for key, value in params.items()])
+        self.link.log_batch(params=[(key, _param_text(str(value))) for key, value in params.items()])
 
     def _delete_exist_param_in_dict(self, param_dict: dict) -> None:
         """Drop the params the run already has: the ones sent (or spooled) from here, and, while the store answers,
@@ -447,6 +481,7 @@ class BundleMLflowHandler(_LinkedRun, MLFlowHandler):
 
             parser = running_parser()
             params = tracked_params(parser) if parser is not None else {}
+            params.update(untracked_overrides(params))
             if self.dataset_manifest is not None:
                 from clinseg.datasets.fingerprint import dataset_fingerprint
 
@@ -519,9 +554,12 @@ class BundleMLflowHandler(_LinkedRun, MLFlowHandler):
             f"MLflow run '{self.run_name}' ({run_id}) in experiment '{self.bundle_name}' at {self.client.tracking_uri}"
         )
 
-    def link_resumed_run(self, previous_run_id: str) -> None:
+    def link_resumed_run(self, previous_run_id: str, epoch: int | None = None, iteration: int | None = None) -> None:
         """Link this run to the interrupted run it resumes (tags both ways). A run left RUNNING by a process that
-        could not record its end (SIGKILL, power loss) is marked KILLED, so the store tells the true story."""
+        could not record its end (SIGKILL, power loss) is marked KILLED, so the store tells the true story.
+
+        ``epoch`` and ``iteration``: the trainer's counters in the checkpoint resumed from. The interrupted run's
+        metric values up to them are copied into this run (:meth:`_continue_history`)."""
         if self.cur_run is None or previous_run_id == self.cur_run.info.run_id:
             return
         run_id, link = self.cur_run.info.run_id, self.link
@@ -538,7 +576,35 @@ class BundleMLflowHandler(_LinkedRun, MLFlowHandler):
             return
         if previous.info.status == "RUNNING":
             link.set_terminated("KILLED", run_id=previous_run_id)
+        if epoch is not None and iteration is not None:
+            self._continue_history(previous, epoch, iteration)
         logger.info(f"MLflow run {run_id} resumes run {previous_run_id} ({previous.info.run_name})")
+
+    def _continue_history(self, previous, epoch: int, iteration: int) -> None:
+        """Copy the interrupted run's metric values that the checkpoint resumed from contains (steps up to its
+        ``iteration`` for the per-iteration loss and learning rate, up to its ``epoch`` for the rest), with their
+        steps and times, into this run. Its curves are then the whole training, and its best key metric, which
+        ranks it (``experiments compare``, a sweep's best child, a cross-validation's fold) and which
+        ``experiments register`` records as the evidence of its ``model.pt``, is the best over every epoch, as
+        ``model.pt`` is: the restored best model may be from before the interruption. Values that the interrupted
+        run logged after its checkpoint are not copied: that work is done again. Its system metrics stay its own.
+        """
+        run_id = previous.info.run_id
+        copied = []
+        for key in previous.data.metrics:
+            name = engine_metric_name(key)
+            if name.startswith("system/"):
+                continue
+            last = iteration if name == "train_loss" or name.startswith("learning_rate") else epoch
+            try:
+                history = self.link.read(self.client.get_metric_history, run_id, key, default=None)
+            except Exception:  # noqa: BLE001 - a refused query is treated as no answer: tracking never stops a run
+                history = None
+            if history is None:  # the store stopped answering: this run's curves start at the checkpoint
+                logger.warning(f"tracking: the metrics of run {run_id} before the checkpoint were not copied")
+                return
+            copied += [(key, m.value, m.timestamp, m.step) for m in history if m.step <= last]
+        self.link.log_batch(metrics=sorted(copied, key=lambda m: (m[3], m[2])))
 
     def _log_metrics(self, metrics: dict, step: int | None = None) -> None:
         """Buffer metrics and write them in batches: one SQLite transaction per iteration costs a measurable
