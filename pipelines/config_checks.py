@@ -154,6 +154,47 @@ def check_override_keys(files: list[str], overrides: Mapping[str, object]) -> No
         raise ConfigError(key, "is not an id of this bundle's config, so its value would be ignored.", hint)
 
 
+def check_bundle_root(files: list[str], overrides: Mapping[str, object], parser) -> None:
+    """Refuse a run whose config files belong to one bundle folder while ``bundle_root`` is another one only by
+    default: the configs' ``bundle_root`` is relative to the working folder, so a copied bundle's configs run without
+    ``--bundle_root`` read the model and write the outputs of whatever bundle of that name the working folder holds
+    (the repository's, run from its root). Given on the command line, any ``bundle_root`` is the user's choice."""
+    from pathlib import Path
+
+    if "bundle_root" in overrides or "bundle_root" not in parser:
+        return
+    root = Path(str(parser.get_parsed_content("bundle_root"))).resolve()
+    for file in files:
+        folder = Path(file).resolve().parent
+        if folder.name != "configs" or not (folder / "metadata.json").is_file():
+            continue  # not a bundle's config folder (an overlay kept elsewhere)
+        if folder.parent != root:
+            raise ConfigError(
+                "bundle_root",
+                f"is {root} (the config's default, relative to the working folder), but {file} is a config of the "
+                f"bundle folder {folder.parent}: the run would use the model of {root.name} in {root.parent} and "
+                "write its outputs there, not in the bundle it was started from.",
+                f"Pass --bundle_root {folder.parent}.",
+            )
+
+
+def check_key_metric(parser) -> None:
+    """Refuse a key metric where lower is better (a distance, an error, a loss): the best checkpoint, the decision
+    rule and promotion keep the highest value of the key metric, so they would keep the worst model."""
+    from clinseg.pipelines.tracking import lower_is_better
+
+    if "key_metric_name" not in parser:
+        return
+    name = str(parser.get_parsed_content("key_metric_name"))
+    if lower_is_better(name):
+        raise ConfigError(
+            "key_metric_name",
+            f"is {name!r}, a metric where lower is better; the best checkpoint and promotion keep the highest key "
+            "metric, so they would keep the worst model.",
+            "Choose an overlap metric as the key (Dice, F1, IoU); distances and errors are reported beside it.",
+        )
+
+
 # ---- where each value goes -------------------------------------------------------------------------------------
 
 

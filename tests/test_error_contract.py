@@ -231,3 +231,17 @@ def test_broken_output_locations_end_in_one_line(kind, data_dir, store, tmp_path
     assert (line is None) == (kind == "fine"), line
     if line is not None:
         assert str(output)[:60] in line, line
+
+
+@pytest.mark.parametrize("metric", ["val_hd95", "val_thickness_mae_px"])
+def test_a_key_metric_where_lower_is_better_is_refused(metric, data_dir, tmp_path):
+    """The best checkpoint and promotion keep the highest key metric: a distance or an error as the key would keep
+    the worst model, so it is refused before anything runs."""
+    configs = REPO_ROOT / "bundles" / "oct_layers" / "configs"
+    overrides = {"bundle_root": tmp_path / "bundle", "dataset_dir": data_dir, "key_metric_name": metric}
+    result = run(bundle_command("training", [configs / "train.json"], overrides), REPO_ROOT)
+    line = assert_contract(result, metric)
+    assert line == f"error: config key 'key_metric_name': is {metric!r}, a metric where lower is better; the best " + (
+        "checkpoint and promotion keep the highest key metric, so they would keep the worst model."
+    ), line
+    assert not (tmp_path / "bundle").exists()

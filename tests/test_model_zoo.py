@@ -409,3 +409,25 @@ def test_an_export_carries_its_settings_and_a_refused_one_replaces_nothing(tmp_p
     result = export("--checkpoint", training_checkpoint.name, "--out", str(out.relative_to(tmp_path)))
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads((out.parent / "export.json").read_text())["max_abs_logit_difference"] <= 1e-4
+
+
+@pytest.mark.parametrize("workflow", ["inferring", "training"])
+def test_a_copied_bundle_run_without_its_bundle_root_is_refused_naming_it(tmp_path, tiny_data, workflow):
+    """A copy of the vessels bundle run from the repository root without ``--bundle_root``: the configs' default
+    (``bundles/vessels``, relative to the working folder) is the repository's bundle, whose model inference would
+    use and whose outputs training would write, while the user ran the copy."""
+    from tests.conftest import run_bundle
+
+    bundle = tmp_path / "copy" / "vessels"
+    shutil.copytree(
+        REPO_ROOT / "bundles" / "vessels", bundle, ignore=shutil.ignore_patterns("*.pt", "outputs", "cache")
+    )
+    config = "inference.json" if workflow == "inferring" else "train.json"
+    data = {"input_dir": tiny_data["vessels"], "output_dir": tmp_path / "out"} if workflow == "inferring" else {}
+    repo_outputs = sorted((REPO_ROOT / "bundles" / "vessels").glob("outputs/*"))
+    result = run_bundle(workflow, [str(bundle / "configs" / config)], data, check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    expected = f"error: config key 'bundle_root': is {REPO_ROOT / 'bundles' / 'vessels'} (the config's default"
+    assert expected in result.stderr and f"--bundle_root {bundle}" in result.stderr, result.stderr[-3000:]
+    assert sorted((REPO_ROOT / "bundles" / "vessels").glob("outputs/*")) == repo_outputs, "nothing written there"
+    assert not (tmp_path / "out").exists()

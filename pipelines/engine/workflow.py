@@ -46,6 +46,9 @@ def check_config(parser=None) -> None:
     if parser is not None:
         defaults = ConfigParser.load_config_files(files) if files else None
         config_checks.check_values(parser, defaults, overrides)
+        config_checks.check_key_metric(parser)
+        if files:
+            config_checks.check_bundle_root(files, overrides, parser)
 
 
 def initialize(
