@@ -548,17 +548,21 @@ def test_a_nifti_whose_qform_and_sform_disagree_is_refused(tmp_path, change):
         np.testing.assert_allclose(read_volume(tmp_path / name)[1], affine, atol=1e-4)
 
 
-@pytest.mark.parametrize(
-    "parts",
-    [
-        ("totalsegmentator", "pulmonary_report", "ct_cropped.nii.gz"),
-        ("totalsegmentator", "aorta_report", "ct_cropped.nii.gz"),
-        ("totalsegmentator", "example_ct_sm.nii.gz"),
-        ("totalsegmentator", "example_ct_dicom"),
-        ("dcmqi_ct3slice", "ct-3slice"),
-    ],
-    ids=lambda parts: "/".join(parts[1:]) or parts[0],
-)
+REAL_CT = [
+    ("totalsegmentator", "pulmonary_report", "ct_cropped.nii.gz"),
+    ("totalsegmentator", "aorta_report", "ct_cropped.nii.gz"),
+    ("totalsegmentator", "example_ct_sm.nii.gz"),
+    ("totalsegmentator", "example_ct_dicom"),
+    ("dcmqi_ct3slice", "ct-3slice"),
+]
+"""The real CTs of the shared data (chest, aorta, abdomen; NIfTI and DICOM)."""
+
+
+def real_ct_id(parts) -> str:
+    return "/".join(parts[1:]) or parts[0]
+
+
+@pytest.mark.parametrize("parts", REAL_CT, ids=real_ct_id)
 def test_real_ct_stored_as_hu_plus_1024_is_refused(parts, tmp_path):
     array, affine, _ = read_volume(shared_path("ct", *parts))
     shifted = tmp_path / "shifted.nii.gz"
@@ -567,17 +571,7 @@ def test_real_ct_stored_as_hu_plus_1024_is_refused(parts, tmp_path):
         read_volume(shifted)
 
 
-@pytest.mark.parametrize(
-    "parts",
-    [
-        ("totalsegmentator", "pulmonary_report", "ct_cropped.nii.gz"),
-        ("totalsegmentator", "aorta_report", "ct_cropped.nii.gz"),
-        ("totalsegmentator", "example_ct_sm.nii.gz"),
-        ("totalsegmentator", "example_ct_dicom"),
-        ("dcmqi_ct3slice", "ct-3slice"),
-    ],
-    ids=lambda parts: "/".join(parts[1:]) or parts[0],
-)
+@pytest.mark.parametrize("parts", REAL_CT, ids=real_ct_id)
 def test_real_ct_is_hounsfield_units(parts):
     array, _, _ = read_volume(shared_path("ct", *parts))
     assert array.min() < -500

@@ -40,6 +40,20 @@ def children(client: mlflow.MlflowClient, parent_id: str) -> list:
     return client.search_runs([experiment.experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'")
 
 
+def wait_for_first_trial(process: subprocess.Popen, study: str, storage: str, timeout_s: float = 300) -> None:
+    """Wait until the first trial of ``study`` has started its training's MLflow run (``process`` still alive)."""
+    deadline = time.time() + timeout_s
+    while True:
+        assert time.time() < deadline and process.poll() is None, "the trial did not start"
+        try:
+            trials = optuna.load_study(study_name=study, storage=storage).get_trials()
+        except KeyError:
+            trials = []
+        if trials and "mlflow_run_id" in trials[0].user_attrs:
+            return
+        time.sleep(0.5)
+
+
 def test_searches_that_open_a_new_study_storage_at_once_all_get_it(tmp_path):
     """Optuna makes a new SQLite storage's tables as it opens it; two searches started at once on a new store
     (two users, one script) raced to make them and one failed ("table studies already exists")."""
@@ -161,16 +175,7 @@ def test_a_dead_workers_trial_runs_again(tmp_path, tiny_oct_dir, tracking_uri):
         command, cwd=REPO_ROOT, env={**os.environ, **env}, stdout=subprocess.PIPE, text=True, start_new_session=True
     )
     storage = tracking_uri.replace("mlflow.db", "optuna.db")
-    deadline = time.time() + 300
-    while True:  # until the trial's training has started its MLflow run
-        assert time.time() < deadline and worker.poll() is None, "the trial did not start"
-        try:
-            trials = optuna.load_study(study_name="dead-worker", storage=storage).get_trials()
-        except KeyError:
-            trials = []
-        if trials and "mlflow_run_id" in trials[0].user_attrs:
-            break
-        time.sleep(0.5)
+    wait_for_first_trial(worker, "dead-worker", storage)
     os.killpg(worker.pid, signal.SIGKILL)  # the worker and its training, as a lost machine would be
     worker.wait(timeout=60)
     time.sleep(5)
@@ -207,16 +212,7 @@ def test_an_interrupted_search_resumes_with_the_interrupted_trial(tmp_path, tiny
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     storage = tracking_uri.replace("mlflow.db", "optuna.db")
-    deadline = time.time() + 300
-    while True:  # until the trial's training has started its MLflow run
-        assert time.time() < deadline and search.poll() is None, "the trial did not start"
-        try:
-            trials = optuna.load_study(study_name="interrupted", storage=storage).get_trials()
-        except KeyError:
-            trials = []
-        if trials and "mlflow_run_id" in trials[0].user_attrs:
-            break
-        time.sleep(0.5)
+    wait_for_first_trial(search, "interrupted", storage)
     os.killpg(search.pid, signal.SIGINT)  # Ctrl-C: the terminal signals the search and its training
     output = search.communicate(timeout=300)[0]
     assert search.returncode != 0 and "search interrupted" in output, output[-3000:]
