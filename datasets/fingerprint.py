@@ -41,6 +41,18 @@ def _sources(items: Iterable[Mapping | str | os.PathLike]) -> list[str]:
     return sorted(paths)
 
 
+def image_digests(items: Iterable[Mapping], length: int = 16) -> dict[str, str]:
+    """``{digest: file name}`` of the image files behind a data list (each item's ``image``; a DICOM series folder
+    stands for its files, a ``file::member`` for the file), the digest a SHA-256 prefix of ``length`` hex digits:
+    what a model was trained on, recorded so that an evaluation can tell the same images under any name or folder.
+    Labels, masks and annotation files are left out (one VIA export holds the regions of training and other
+    images alike)."""
+    images = [{"image": item["image"]} for item in items if isinstance(item.get("image"), str)]
+    paths = _sources(images)
+    manifest = file_manifest(paths)  # in the order of ``paths`` (both sorted)
+    return {entry["sha256"][:length]: os.path.basename(path) for entry, path in zip(manifest, paths, strict=True)}
+
+
 def _sha256(path: str) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:

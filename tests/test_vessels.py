@@ -327,6 +327,13 @@ def test_tiny_bundle_train_evaluate_infer(tmp_path, tiny_drive, tracking_uri):
     run_bundle("evaluating", TRAIN + [str(CONFIGS / "evaluate.json")], {**common, "run_name": "eval-test"})
     report = json.loads((tmp_path / "bundle" / "outputs" / "eval-test" / "metrics.json").read_text())
     assert report["n_images"] == 1 and 0 <= report["mean"]["val_f1"] <= 1
+    assert len(record["training_images"]) == 3, "the digests of the images it trained on"
+    # evaluated on every image of the folder, the model would be scored on the three it trained on
+    refused = run_bundle(
+        "evaluating", TRAIN + [str(CONFIGS / "evaluate.json")], {**common, "eval_split": "all"}, check=False
+    )
+    assert refused.returncode == 1 and "error: config key 'checkpoint_path': " in refused.stderr, refused.stderr[-3000:]
+    assert "was trained on 3 of the 4 images to evaluate (21_training.tif, 22_training.tif" in refused.stderr
 
     out = tmp_path / "predictions"
     run_bundle(

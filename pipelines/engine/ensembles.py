@@ -25,6 +25,40 @@ def checkpoint_paths(checkpoint_path: str | os.PathLike | Sequence[str | os.Path
     return [os.fspath(path) for path in checkpoint_path]
 
 
+def require_unseen(checkpoint_path, datalist: Sequence[dict]):
+    """``checkpoint_path``, unless a model of it was trained on images being evaluated.
+
+    Training records the digests of its images in ``model.json`` (``training_images``). An evaluation whose data
+    list holds any of them, under any name or in any folder (another split of a grown folder, ``--eval_split all``,
+    a copy), would score a model on what it learnt, and report a plausible, too high score.
+
+    Raises:
+        ConfigError: naming ``checkpoint_path``, how many of the images, and a few of them.
+    """
+    from clinseg.datasets.fingerprint import image_digests
+    from clinseg.pipelines.cli import ConfigError
+    from clinseg.pipelines.runs import record_of
+
+    evaluated = None
+    for path in checkpoint_paths(checkpoint_path):
+        record = record_of(path) or {}
+        trained_on = set(record.get("training_images") or [])
+        if not trained_on:
+            continue  # a model trained before this was recorded, or not by a bundle: nothing to compare with
+        evaluated = evaluated if evaluated is not None else image_digests(datalist)
+        seen = sorted(name for digest, name in evaluated.items() if digest in trained_on)
+        if seen:
+            shown = ", ".join(seen[:5]) + (", ..." if len(seen) > 5 else "")
+            raise ConfigError(
+                "checkpoint_path",
+                f"{path} was trained on {len(seen)} of the {len(evaluated)} images to evaluate ({shown}): its scores "
+                "on them would be too high.",
+                "Evaluate on images it did not train on: the split it was validated on (--eval_split val with the "
+                "training's dataset and split settings), --eval_split test, or --dataset_dir a folder of other cases.",
+            )
+    return checkpoint_path
+
+
 class ProbabilityEnsemble(torch.nn.Module):
     """The mean of the members' softmax probabilities, returned as its logarithm.
 

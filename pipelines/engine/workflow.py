@@ -189,6 +189,7 @@ def run_training(
     bundle_name: str | None = None,
     initial_weights: str | os.PathLike | None = None,
     input_settings: dict | None = None,
+    training_images: list[str] | None = None,
 ) -> None:
     """Run ``trainer`` as every bundle does. Afterwards the run's own ``ckpt_dir`` holds ``model.pt`` whatever the
     validation interval, described by ``model.json``, and that model is promoted to ``promote_to`` (the bundle's
@@ -201,7 +202,9 @@ def run_training(
     ``initial_weights``: start from another model's weights (:func:`start_from`), recorded in ``model.json`` as
     ``initialized_from``. ``input_settings``: the config values that shape what the network sees (a spacing, an
     image size), recorded in ``model.json`` so that a run with other values is refused
-    (:func:`clinseg.pipelines.runs.require_input_settings`)."""
+    (:func:`clinseg.pipelines.runs.require_input_settings`). ``training_images``: the digests of the images it trains
+    on (:func:`clinseg.datasets.fingerprint.image_digests`), recorded so that an evaluation on any of them is refused
+    (:func:`clinseg.pipelines.engine.ensembles.require_unseen`)."""
     from clinseg.pipelines import runs
     from clinseg.pipelines.engine import decision
     from clinseg.pipelines.engine.handlers.checkpointing import resume_from_latest
@@ -248,6 +251,7 @@ def run_training(
                 "decision_rule": decision.rule_from(validator) if validated else None,
                 "initialized_from": initialized_from,
                 "input_settings": input_settings,
+                "training_images": sorted(training_images) if training_images is not None else None,
             },
         )
         if promote_to is not None and record is not None:
