@@ -587,9 +587,9 @@ def test_inference_on_an_empty_file_names_it_and_keeps_earlier_results(bundle, b
     (out / "earlier_seg.png").write_bytes(b"an earlier result")
     before = snapshot(out)
     key = "input_path" if bundle == "ct_heart" else "input_dir"
-    with pytest.raises(Exception) as error:
+    with pytest.raises(Exception) as error:  # asked to write beside the earlier result (else it is refused first)
         run_in_process(bundle, "inference", {**TINY[bundle], "bundle_root": bundle_env, key: inputs,
-                                             "output_dir": out})  # fmt: skip
+                                             "output_dir": out, "results_writer#overwrite": True})  # fmt: skip
     assert str(bad) in str(find_input_error(error.value))
     after = snapshot(out)
     assert {k: v for k, v in after.items() if k in before} == before
