@@ -178,6 +178,38 @@ def check_bundle_root(files: list[str], overrides: Mapping[str, object], parser)
             )
 
 
+CLASS_NAME_MAX_LENGTH = 64
+"""Longer class names would push the per-class metric names past MLflow's 250 characters (the request refused)."""
+
+
+def check_class_names(parser) -> None:
+    """Refuse class names that cannot each stand for one class everywhere they are used: per-class metrics are
+    recorded under the names made valid for MLflow (``PED (serous)`` as ``PED _serous_``), so two names that become
+    one would record one class's values under the other's; an empty or overlong name, or fewer than two classes
+    (background and one structure), is refused too."""
+    from clinseg.pipelines.tracking import mlflow_class_name
+
+    if "class_names" not in parser:
+        return
+    names = parser.get_parsed_content("class_names")
+    if not isinstance(names, (list, tuple)) or len(names) < 2 or not all(isinstance(n, str) for n in names):
+        raise ConfigError("class_names", f"got {names!r}: expected a list of at least two names (background first).")
+    for name in names:
+        if not name.strip() or len(name) > CLASS_NAME_MAX_LENGTH:
+            raise ConfigError("class_names", f"{name!r}: a class name must be 1 to {CLASS_NAME_MAX_LENGTH} characters.")
+    recorded: dict[str, str] = {}
+    for name in names:
+        key = mlflow_class_name(name).casefold()
+        if key in recorded:
+            raise ConfigError(
+                "class_names",
+                f"{recorded[key]!r} and {name!r} are recorded under one name ({mlflow_class_name(name)!r}): their "
+                "per-class metrics and result keys would mix.",
+                "Name the classes so that they differ in letters or digits.",
+            )
+        recorded[key] = name
+
+
 def check_key_metric(parser) -> None:
     """Refuse a key metric where lower is better (a distance, an error, a loss): the best checkpoint, the decision
     rule and promotion keep the highest value of the key metric, so they would keep the worst model."""

@@ -252,6 +252,13 @@ CLASS_SECTION_SUFFIX = " by class"
 TRAINING_KEY_CURVES = ("train_loss", "learning_rate")
 
 
+def mlflow_class_name(class_name: str) -> str:
+    """A class's name as it can stand in an MLflow metric name. A class is named by the user (``new_task``, a label
+    table): MLflow refuses a metric name with other characters than these, and with it the whole request, key metric
+    included."""
+    return re.sub(r"[^\w.\- :]", "_", class_name).strip(" .") or "_"
+
+
 def mlflow_metric_name(name: str, workflow: str = "train", key_metric: str | None = None) -> str:
     """The name an engine's metric is recorded under in MLflow, so that the UI shows the key curves first.
 
@@ -272,10 +279,7 @@ def mlflow_metric_name(name: str, workflow: str = "train", key_metric: str | Non
     evaluation = workflow != "train"
     renamed = "eval_" + base.removeprefix("val_") if evaluation and base.startswith("val_") else base
     if class_name:
-        # a class is named by the user (`new_task`, a label table): MLflow refuses a metric name with other
-        # characters than these, and with it the whole request, key metric included
-        class_name = re.sub(r"[^\w.\- :]", "_", class_name).strip(" .") or "_"
-        return f"{renamed}{CLASS_SECTION_SUFFIX}/{class_name}"
+        return f"{renamed}{CLASS_SECTION_SUFFIX}/{mlflow_class_name(class_name)}"
     if base in TRAINING_KEY_CURVES or (key_metric is not None and base == key_metric):
         return f"{KEY_SECTION}/{renamed}"
     return f"{AGGREGATE_SECTIONS['evaluate' if evaluation else 'train']}/{renamed}"

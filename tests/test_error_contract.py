@@ -245,3 +245,22 @@ def test_a_key_metric_where_lower_is_better_is_refused(metric, data_dir, tmp_pat
         "checkpoint and promotion keep the highest key metric, so they would keep the worst model."
     ), line
     assert not (tmp_path / "bundle").exists()
+
+
+@pytest.mark.parametrize(
+    "names, problem",
+    [
+        (
+            "['background','PED (serous)','PED [serous]']",
+            "'PED (serous)' and 'PED [serous]' are recorded under one name ('PED _serous_')",
+        ),
+        (f"['background','{'x' * 70}']", "a class name must be 1 to 64 characters."),
+        ("['vessel']", "expected a list of at least two names (background first)."),
+    ],
+)
+def test_class_names_that_cannot_each_stand_for_one_class_are_refused(names, problem, data_dir, tmp_path):
+    """Per-class metrics are recorded under MLflow-valid names: two classes that become one name would mix."""
+    configs = REPO_ROOT / "bundles" / "oct_layers" / "configs"
+    overrides = {"bundle_root": tmp_path / "bundle", "dataset_dir": data_dir, "class_names": names}
+    line = assert_contract(run(bundle_command("training", [configs / "train.json"], overrides), REPO_ROOT), names)
+    assert line is not None and line.startswith("error: config key 'class_names': ") and problem in line, line

@@ -47,6 +47,7 @@ def check_config(parser=None) -> None:
         defaults = ConfigParser.load_config_files(files) if files else None
         config_checks.check_values(parser, defaults, overrides)
         config_checks.check_key_metric(parser)
+        config_checks.check_class_names(parser)
         if files:
             config_checks.check_bundle_root(files, overrides, parser)
 
