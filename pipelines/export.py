@@ -84,13 +84,15 @@ def export_torchscript(bundle: str, checkpoint: Path, out: Path, overrides: dict
     with tempfile.TemporaryDirectory(prefix="clinseg-export-") as folder:
         config_file = Path(folder) / "inference.json"
         config_file.write_text(json.dumps(embedded_config(bundle, [checkpoint], overrides), default=str))
+        meta_file = Path(folder) / "metadata.json"
+        meta_file.write_text(json.dumps(exported_metadata(bundle, overrides), indent=4))
         exported = Path(folder) / "model.ts"
         command = [
             sys.executable, "-m", "monai.bundle", "ckpt_export", "network_def",
             "--filepath", str(exported),
             "--ckpt_file", str(Path(checkpoint).absolute()),
             "--key_in_ckpt", checkpoint_key(checkpoint),
-            "--meta_file", str(paths["metadata"]),
+            "--meta_file", str(meta_file),
             "--config_file", str(config_file),
             "--bundle_root", str(paths["root"]),
         ]  # fmt: skip
@@ -137,14 +139,55 @@ def require_trained_settings(bundle: str, checkpoint: Path | list[Path], overrid
     runs.require_input_settings(checkpoint, settings, option="--override '{key}={value}'")
 
 
+def network_inputs(config: dict) -> dict:
+    """``network_data_format.inputs.image``'s channel facts for a task's inference config: the number of channels
+    its network takes (its ``network_def#in_channels``, evaluated as the bundle evaluates it: ``--channels rgb``
+    gives 3) and what each one is, so that the metadata says what the network really sees and the Model Zoo's
+    ``verify_net_in_out`` feeds it an input of that many channels."""
+    from monai.bundle import ConfigParser
+
+    in_channels = int(ConfigParser(config).get_parsed_content("network_def#in_channels"))
+    channels = config.get("channels")
+    if channels is None:  # a template without a channel choice (oct_layers): its own description holds
+        return {"num_channels": in_channels}
+    names = ["red", "green", "blue"] if in_channels == 3 else ["luminance" if channels == "grey" else channels]
+    channel_def = {str(i): f"{name} channel, z-scored inside the field of view" for i, name in enumerate(names)}
+    return {"num_channels": in_channels, "channel_def": channel_def}
+
+
+def exported_metadata(bundle: str, overrides: dict) -> dict:
+    """The bundle's ``metadata.json`` as the exported model is: its network's input and output facts
+    (``network_data_format``) taken from the inference config with the overrides the model was trained with, so that
+    a model trained on RGB photographs (``channels rgb``), at another ``image_size`` or ``patch_size``, or with other
+    classes is described, checked (``verify_net_in_out``, the parity check) and shipped as what it is."""
+    paths = bundle_paths(bundle)
+    metadata = json.loads(paths["metadata"].read_text())
+    parser = bundle_config(bundle, overrides)
+    formats = metadata["network_data_format"]
+    image = {**formats["inputs"]["image"], **network_inputs(parser.get())}
+    if image["num_channels"] != formats["inputs"]["image"]["num_channels"] and "channel_def" not in image:
+        image["channel_def"] = {str(i): f"channel {i}" for i in range(image["num_channels"])}
+    for key in ("image_size", "patch_size"):  # the network's input size, where the bundle fixes one
+        if key in parser:
+            image["spatial_shape"] = [int(v) for v in parser.get_parsed_content(key)]
+            break
+    formats["inputs"]["image"] = image
+    if "class_names" in parser:
+        names = list(parser.get_parsed_content("class_names"))
+        prediction = dict(formats["outputs"]["pred"])
+        prediction.update(num_channels=len(names), channel_def={str(i): name for i, name in enumerate(names)})
+        formats["outputs"]["pred"] = prediction
+    return metadata
+
+
 def concrete_shape(spatial_shape: list, n: int = 2) -> list[int]:
     """The metadata's ``spatial_shape`` with its symbolic sizes (``"16*n"``, ``"2**p"``) made concrete, as MONAI's
     ``verify_net_in_out`` does (here with ``n = p = 2``)."""
     return [int(eval(str(size), {"__builtins__": {}}, {"n": n, "p": n, "any": n})) for size in spatial_shape]
 
 
-def example_input(metadata: Path, overrides: dict, seed: int = 0) -> torch.Tensor:
-    spec = json.loads(metadata.read_text())["network_data_format"]["inputs"]["image"]
+def example_input(metadata: dict, overrides: dict, seed: int = 0) -> torch.Tensor:
+    spec = metadata["network_data_format"]["inputs"]["image"]
     shape = overrides.get("patch_size") or concrete_shape(spec["spatial_shape"])
     generator = torch.Generator().manual_seed(seed)
     return torch.rand((1, spec["num_channels"], *shape), generator=generator)
@@ -157,13 +200,12 @@ def export_ensemble(bundle: str, checkpoints: list[Path], out: Path, overrides: 
     so a Deploy app runs it as it runs one network."""
     from monai.data import save_net_with_metadata
 
-    paths = bundle_paths(bundle)
     scripted = torch.jit.script(ensemble_network(bundle, checkpoints, overrides))
     config = embedded_config(bundle, checkpoints, overrides)
     save = lambda tmp: save_net_with_metadata(  # noqa: E731
         scripted,
         str(tmp),
-        meta_values=json.loads(paths["metadata"].read_text()),
+        meta_values=exported_metadata(bundle, overrides),
         more_extra_files={"inference.json": json.dumps(config, default=str).encode()},
     )
     atomic_write(out, save)
@@ -181,7 +223,7 @@ def compare(bundle: str, checkpoint: Path | list[Path], torchscript: Path, overr
     one example input: the largest difference and the share of pixels with the same class."""
     network = ensemble_network(bundle, checkpoint if isinstance(checkpoint, list) else [checkpoint], overrides)
     scripted = torch.jit.load(str(torchscript), map_location="cpu").eval()
-    x = example_input(bundle_paths(bundle)["metadata"], overrides)
+    x = example_input(exported_metadata(bundle, overrides), overrides)
     with torch.no_grad():
         eager, exported = network(x), scripted(x)
     return {

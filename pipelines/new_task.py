@@ -30,6 +30,7 @@ from pathlib import Path
 
 from clinseg.datasets.io import staged_folder
 from clinseg.pipelines import cli
+from clinseg.pipelines.export import network_inputs
 from clinseg.pipelines.paths import PROJECT_ROOT
 
 TEMPLATES = {
@@ -105,22 +106,6 @@ def task_config(
         if anatomy_only in config:
             config[anatomy_only] = False
     return config
-
-
-def network_inputs(config: dict) -> dict:
-    """``network_data_format.inputs.image``'s channel facts for a task's inference config: the number of channels
-    its network takes (its ``network_def#in_channels``, evaluated as the bundle evaluates it: ``--channels rgb``
-    gives 3) and what each one is, so that the metadata says what the network really sees and the Model Zoo's
-    ``verify_net_in_out`` feeds it an input of that many channels."""
-    from monai.bundle import ConfigParser
-
-    in_channels = int(ConfigParser(config).get_parsed_content("network_def#in_channels"))
-    channels = config.get("channels")
-    if channels is None:  # a template without a channel choice (oct_layers): its own description holds
-        return {"num_channels": in_channels}
-    names = ["red", "green", "blue"] if in_channels == 3 else ["luminance" if channels == "grey" else channels]
-    channel_def = {str(i): f"{name} channel, z-scored inside the field of view" for i, name in enumerate(names)}
-    return {"num_channels": in_channels, "channel_def": channel_def}
 
 
 def task_metadata(

@@ -367,7 +367,12 @@ def test_an_export_carries_its_settings_and_a_refused_one_replaces_nothing(tmp_p
     )
     models = bundle / "models"
     models.mkdir()
-    trained = {"network_def#channels": [8, 16, 32], "network_def#strides": [2, 2], "fov_diameter_px": 300}
+    trained = {
+        "network_def#channels": [8, 16, 32],
+        "network_def#strides": [2, 2],
+        "fov_diameter_px": 300,
+        "channels": "rgb",  # three input channels where the metadata as written says one
+    }
     parser = ConfigParser()
     parser.read_config(str(bundle / "configs" / "inference.json"))
     for key, value in trained.items():
@@ -394,6 +399,9 @@ def test_an_export_carries_its_settings_and_a_refused_one_replaces_nothing(tmp_p
     embedded = json.loads(extra["inference.json"])
     assert embedded["fov_diameter_px"] == 300 and embedded["network_def"]["channels"] == [8, 16, 32]
     assert isinstance(embedded["decision_rule"], dict), "the model's decision rule travels as a value"
+    image = json.loads(extra["metadata.json"])["network_data_format"]["inputs"]["image"]
+    assert image["num_channels"] == 3 and set(image["channel_def"].values()) >= {"red channel, z-scored inside the "
+                                                                               "field of view"}  # fmt: skip
     # the network the embedded config describes is the one whose weights the export holds
     ConfigParser(embedded).get_parsed_content("network_def").load_state_dict(network.state_dict())
 

@@ -247,7 +247,7 @@ def build_app(
 
     Several checkpoints (the folds of a cross-validation, or several seeds) ship as one TorchScript model of their
     :class:`~clinseg.pipelines.engine.ensembles.ProbabilityEnsemble`, which the app runs as one network."""
-    from clinseg.pipelines.export import compare, export_ensemble, export_torchscript
+    from clinseg.pipelines.export import compare, export_ensemble, export_torchscript, exported_metadata
     from clinseg.pipelines.runs import provenance
 
     root = bundle_root(bundle)
@@ -265,7 +265,6 @@ def build_app(
     for member in checkpoints:
         checked_network(root, member, overrides)
     checkpoint = checkpoints[0] if len(checkpoints) == 1 else checkpoints
-    paths = {"root": root, "metadata": root / "configs" / "metadata.json"}
     bundle = str(root)  # export's helpers take a folder path as well as a name
     created = first_missing(out_dir)
     built = False
@@ -291,12 +290,12 @@ def build_app(
                 (staging / "models" / "model.ts").unlink()  # the export was only written to check parity
                 shutil.copy(checkpoint, staging / "models" / "model.pt")
             config = expanded_config(bundle, checkpoints, overrides)
-            metadata = json.loads(paths["metadata"].read_text())
+            metadata = exported_metadata(bundle, overrides)
             is_volume = config["network_def"].get("spatial_dims", 2) == 3
             kind = KINDS[is_volume]
             (staging / "bundle").mkdir()
             (staging / "bundle" / "inference.json").write_text(json.dumps(config, indent=2))
-            shutil.copy(paths["metadata"], staging / "bundle" / "metadata.json")
+            (staging / "bundle" / "metadata.json").write_text(json.dumps(metadata, indent=4))
             for package in PACKAGES:  # under the import root the configs name (clinseg.pipelines, ...)
                 shutil.copytree(PROJECT_ROOT / package, staging / "clinseg" / package, ignore=IGNORED)
             shutil.copy(PROJECT_ROOT / "requirements-deploy.txt", staging / "requirements.txt")
