@@ -48,9 +48,13 @@ def image_digests(items: Iterable[Mapping], length: int = 16) -> dict[str, str]:
     Labels, masks and annotation files are left out (one VIA export holds the regions of training and other
     images alike)."""
     images = [{"image": item["image"]} for item in items if isinstance(item.get("image"), str)]
-    paths = _sources(images)
-    manifest = file_manifest(paths)  # in the order of ``paths`` (both sorted)
-    return {entry["sha256"][:length]: os.path.basename(path) for entry, path in zip(manifest, paths, strict=True)}
+    return {digest[:length]: os.path.basename(path) for path, digest in file_digests(_sources(images)).items()}
+
+
+def file_digests(paths: Iterable[str | os.PathLike]) -> dict[str, str]:
+    """``{absolute path: SHA-256}`` of files, from the cache :func:`file_manifest` keeps."""
+    paths = sorted({os.path.abspath(os.fspath(path)) for path in paths})
+    return dict(zip(paths, (entry["sha256"] for entry in file_manifest(paths)), strict=True))  # both sorted
 
 
 def _sha256(path: str) -> str:

@@ -233,9 +233,9 @@ def check_headers(items: list[dict], min_shape: Sequence[int] | None = None, max
 
 def split_together(items: list[dict], group_key: str) -> list[str]:
     """Each item's split group: its ``group_key``, except that items whose images are one file's content under two
-    names (a copy, found by SHA-256: :func:`clinseg.datasets.fingerprint.file_manifest`, cached) make their groups
+    names (a copy, found by SHA-256: :func:`clinseg.datasets.fingerprint.file_digests`, cached) make their groups
     one, so a copied image is never trained on and validated on; each such set is named in a log line."""
-    from clinseg.datasets.fingerprint import file_manifest
+    from clinseg.datasets.fingerprint import file_digests
 
     groups = [item[group_key] for item in items]
     by_file: dict[str, list[int]] = {}
@@ -245,10 +245,7 @@ def split_together(items: list[dict], group_key: str) -> list[str]:
             by_file.setdefault(os.path.abspath(split_member(image)[0]), []).append(index)
     if len(by_file) < 2:
         return groups
-    paths = sorted(by_file)
-    root = os.path.commonpath(paths)
-    root = root if os.path.isdir(root) else os.path.dirname(root)
-    digests = {os.path.join(root, entry["path"]): entry["sha256"] for entry in file_manifest(paths)}
+    digests = file_digests(by_file)
     copies: dict[tuple[str, str | None], list[int]] = {}
     for path, indices in by_file.items():
         for index in indices:  # B-scan i of two copies of one .mat file are copies, B-scans i and j are not

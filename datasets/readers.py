@@ -312,7 +312,7 @@ def read_header(path: str | os.PathLike, max_pixels: int | None = MAX_PIXELS) ->
     if frame is not None:
         if not 0 <= frame < header["frames"]:
             raise DataError(path, f"has {header['frames']} frames; frame {frame} does not exist.")
-        header.update(frames=1, frame=frame)
+        header.update(frames=1, frame=frame, frames_in_file=header["frames"])
     if header["frames"] > 1:  # e.g. a multi-page TIFF volume where one 2D image is expected
         raise DataError(path, f"holds {header['frames']} frames (pages); expected one 2D image.")
     check_size_limit(path, header["shape"], max_pixels, unit="pixels", parameter="max_pixels")
@@ -330,12 +330,11 @@ def _frame_of(path: str | os.PathLike) -> tuple[Path, int | None]:
     return path, int(member)
 
 
-def dicom_frame_count(path: str | os.PathLike, max_pixels: int | None = MAX_PIXELS) -> int:
-    """How many frames a DICOM image file holds (an OCT volume's B-scans), its header checked as for one image."""
-    path = Path(path)
-    frames = _header(path)["frames"] if path.suffix.lower() in DICOM_SUFFIXES else 1
-    read_header(member_path(path, 0) if frames > 1 else path, max_pixels)
-    return frames
+def dicom_frames(path: str | os.PathLike, max_pixels: int | None = MAX_PIXELS) -> tuple[int, tuple[int, int]]:
+    """How many frames a DICOM image file holds (an OCT volume's B-scans) and their shape, from one read of its
+    header, checked as for one image (every frame of a multi-frame image has its Rows and Columns)."""
+    header = read_header(member_path(path, 0), max_pixels)
+    return header["frames_in_file"], tuple(header["shape"])
 
 
 def _tiff_pixels(path: Path, meta: dict) -> np.ndarray:

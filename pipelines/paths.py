@@ -74,6 +74,17 @@ def require_output_outside_input(output_dir: str | os.PathLike, input_path: str 
 BUNDLES_DIR = PROJECT_ROOT / "bundles"
 
 
+def earlier_results(folder: str | os.PathLike) -> tuple[list[str], str]:
+    """The entries an earlier run left in an output ``folder`` (hidden ones, such as staging folders, aside), sorted,
+    and the first three of them as a message shows them; none when the folder cannot be listed (a write into it
+    then names the file and why)."""
+    try:
+        names = sorted(entry.name for entry in os.scandir(folder) if not entry.name.startswith("."))
+    except OSError:
+        names = []
+    return names, ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+
+
 def bundle_names() -> list[str]:
     return sorted(p.parent.parent.name for p in BUNDLES_DIR.glob("*/configs/metadata.json"))
 

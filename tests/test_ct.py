@@ -24,12 +24,12 @@ from clinseg.datasets.ct import (
     write_msd_dataset,
 )
 from clinseg.datasets.ct.phantom import RAS_TO_LPS
+from clinseg.datasets.ct.volumes import voxel_volume_ml
 from clinseg.datasets.errors import DataError, NoUsableDataError
 from clinseg.pipelines.engine.metrics import (
     AverageSurfaceDistanceMM,
     HausdorffDistanceMM,
     RelativeVolumeError,
-    volume_ml,
 )
 from clinseg.transforms.ct import WINDOW_PRESETS, AlignToImaged, HounsfieldWindow, window_range
 from clinseg.transforms.labels import MapLabelValues
@@ -304,7 +304,7 @@ def test_relative_volume_error_and_volume_in_millilitres():
     metric = RelativeVolumeError()
     metric([prediction], [reference])
     assert float(metric.aggregate()) == pytest.approx(1.0)  # 2 voxels predicted for 1
-    assert volume_ml(prediction[1].numpy(), spacing) == pytest.approx(2 * 3.0 / 1000)
+    assert float(prediction[1].sum()) * voxel_volume_ml(np.diag([*spacing, 1.0])) == pytest.approx(2 * 3.0 / 1000)
     empty = single_voxel((6, 6, 6), (2, 2, 2), spacing)
     empty[1] = 0
     metric.reset()

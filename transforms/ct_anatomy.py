@@ -42,6 +42,8 @@ from monai.config import KeysCollection
 from monai.transforms import MapTransform
 from scipy import ndimage
 
+from clinseg.datasets.ct.volumes import voxel_volume_ml
+
 logger = logging.getLogger(__name__)
 
 # soft tissue and bone; a convex hull of it per axial slice is the body even when the field of view cuts it
@@ -147,7 +149,7 @@ def measure_field_of_view(hu: np.ndarray, affine: np.ndarray) -> tuple[FieldOfVi
     hu = np.asarray(hu, dtype=np.float32)
     affine = np.asarray(affine, dtype=np.float64)
     spacing = np.linalg.norm(affine[:3, :3], axis=0)
-    voxel_ml = abs(float(np.linalg.det(affine[:3, :3]))) / 1000.0  # the voxel's true volume, sheared grids too
+    voxel_ml = voxel_volume_ml(affine)
     superior, sign = _superior_axis(affine)
     in_plane = tuple(d for d in range(3) if d != superior)
     slab_mm = float(hu.shape[superior] * spacing[superior])
@@ -289,7 +291,7 @@ def _below_diaphragm(mask: np.ndarray, affine: np.ndarray, verdict: FieldOfView)
 
 
 def _heart_contradiction(mask: np.ndarray, affine: np.ndarray, verdict: FieldOfView) -> str | None:
-    voxel_ml = float(abs(np.linalg.det(np.asarray(affine)[:3, :3]))) / 1000.0
+    voxel_ml = voxel_volume_ml(affine)
     if verdict.heart_expected == "none" and mask.any():
         return f"holds {mask.sum() * voxel_ml:.0f} mL in a field of view without lungs ({verdict.field_of_view})"
     below = _below_diaphragm(mask, affine, verdict)
@@ -369,7 +371,7 @@ class RemoveHeartOutsideAnatomyd(_HeartAnatomyTransform):
         self.enabled = enabled
 
     def apply(self, pred, mask: np.ndarray, onehot: bool, affine: np.ndarray, verdict: FieldOfView):
-        voxel_ml = float(abs(np.linalg.det(affine[:3, :3]))) / 1000.0
+        voxel_ml = voxel_volume_ml(affine)
         if verdict.heart_expected == "none":
             outside, rule = mask, "no_heart_expected"
         else:
@@ -411,7 +413,7 @@ class CheckHeartAnatomyd(_HeartAnatomyTransform):
             if not low - LATERAL_MARGIN_MM <= centre[0] <= high + LATERAL_MARGIN_MM:
                 verdict.flags.append("outside_lungs_laterally")
                 verdict.volume_reportable = False
-        volume = float(mask.sum()) * float(abs(np.linalg.det(affine[:3, :3]))) / 1000.0
+        volume = float(mask.sum()) * voxel_volume_ml(affine)
         low, high = HEART_VOLUME_RANGE_ML
         if verdict.heart_expected == "whole" and not low <= volume <= high:
             verdict.flags.append("implausible_volume")

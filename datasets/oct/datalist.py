@@ -37,7 +37,7 @@ from clinseg.datasets.oct.via import via_items
 from clinseg.datasets.readers import (
     DICOM_SUFFIXES,
     MAX_PIXELS,
-    dicom_frame_count,
+    dicom_frames,
     member_path,
     read_header,
     split_member,
@@ -203,8 +203,10 @@ def load_oct_images(
     for path in paths:
         if path.suffix.lower() == ".mat":
             items.extend(bscan_items(path))
-        elif path.suffix.lower() in DICOM_SUFFIXES and (frames := dicom_frame_count(path, max_pixels)) > 1:
-            # a multi-frame Ophthalmic Tomography image: an OCT volume, one B-scan per frame
+        elif path.suffix.lower() in DICOM_SUFFIXES and (volume := dicom_frames(path, max_pixels))[0] > 1:
+            # a multi-frame Ophthalmic Tomography image: an OCT volume, one B-scan per frame, all of one size
+            frames, shape = volume
+            check_bscan_size(str(path), shape, min_size)
             items.extend(
                 {"image": member_path(path, i), "id": f"{path.stem}_bscan{i:03d}", "source": str(path)}
                 for i in range(frames)
@@ -213,7 +215,6 @@ def load_oct_images(
             items.append({"image": str(path), "id": path.stem, "source": str(path)})
     check_headers(items, max_pixels=max_pixels)
     for item in items:
-        if split_member(item["image"])[0].suffix.lower() != ".mat":
-            # a .mat B-scan's size is checked once it is read; a DICOM frame's from the file's header
+        if split_member(item["image"])[1] is None:  # a .mat B-scan's size is checked once it is read
             check_bscan_size(item["image"], read_header(item["image"], max_pixels)["shape"], min_size)
     return unique_ids(items)

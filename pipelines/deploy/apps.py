@@ -28,7 +28,7 @@ from pathlib import Path
 from clinseg.datasets.errors import DataError, InputError
 from clinseg.pipelines.cli import ArgumentParser, find_input_error, report_error
 from clinseg.pipelines.deploy.runtime import find_model_file
-from clinseg.pipelines.paths import require_output_outside_input
+from clinseg.pipelines.paths import earlier_results, require_output_outside_input
 
 logger = logging.getLogger(__name__)
 
@@ -111,9 +111,8 @@ def check_paths(args: argparse.Namespace) -> AppPaths:
     elif not os.access(output_path, os.W_OK | os.X_OK):
         raise DataError(output_path, "the output folder cannot be written (no permission).")
     else:
-        earlier = sorted(entry.name for entry in os.scandir(output_path) if not entry.name.startswith("."))
+        earlier, shown = earlier_results(output_path)
         if earlier:  # as the bundles' inference: results of two runs in one folder would mix under one summary
-            shown = ", ".join(earlier[:3]) + (", ..." if len(earlier) > 3 else "")
             raise DataError(
                 output_path,
                 f"the output folder holds an earlier run's results ({len(earlier)} in all: {shown}); this run's "

@@ -210,12 +210,6 @@ class RelativeVolumeError(_ReducedMetric):
         return torch.where(reference > 0, error, torch.full_like(error, float("nan")))
 
 
-def volume_ml(mask, spacing) -> float:
-    """Volume of the non-zero voxels of ``mask`` in millilitres, given the voxel spacing in mm."""
-    count = int((mask > 0).sum())
-    return count * float(np.prod([float(s) for s in spacing])) / 1000.0
-
-
 def _confusion(name: str, compute_sample: bool = True):
     def build(ignore_index):
         from monai.metrics import ConfusionMatrixMetric

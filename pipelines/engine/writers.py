@@ -30,6 +30,7 @@ from monai.config import KeysCollection
 from monai.transforms import MapTransform
 from PIL import Image
 
+from clinseg.datasets.ct.volumes import voxel_volume_ml
 from clinseg.datasets.errors import DataError
 from clinseg.datasets.io import RESERVED_RESULT_NAMES, atomic_write, atomic_write_all, nifti_writer
 from clinseg.pipelines.engine.pictures import (
@@ -40,6 +41,7 @@ from clinseg.pipelines.engine.pictures import (
     to_numpy,
     with_caption,
 )
+from clinseg.pipelines.paths import earlier_results
 from clinseg.transforms.fundus import FOV_SOURCE_SUFFIX
 
 logger = logging.getLogger(__name__)
@@ -149,14 +151,10 @@ class ResultLedger:
                     "over each other's results.",
                     "Give each run its own --output_dir.",
                 ) from None
-        try:
-            earlier = sorted(entry.name for entry in os.scandir(folder) if not entry.name.startswith("."))
-        except OSError:  # a folder that cannot be listed: the case's own write names the file and why
-            earlier = []
+        earlier, shown = earlier_results(folder)
         if earlier and not self.overwrite:
             if descriptor is not None:
                 os.close(descriptor)  # releases the lock: nothing was written
-            shown = ", ".join(earlier[:3]) + (", ..." if len(earlier) > 3 else "")
             raise DataError(
                 folder,
                 f"holds {len(earlier)} files of an earlier run ({shown}); this run's results would replace some of "
@@ -425,9 +423,7 @@ class SaveVolumeSegmentationd(MapTransform, ResultLedger):
             label_map = to_label_map(prediction).astype(np.uint8)
             affine = to_numpy(prediction.affine).astype(np.float64)
             spacing = np.linalg.norm(affine[:3, :3], axis=0)
-            # a voxel's volume is the determinant of its axes, not the product of their lengths: the two differ for
-            # a sheared grid (a CT with gantry tilt kept in its affine: 10 % at 25 degrees)
-            voxel_ml = abs(float(np.linalg.det(affine[:3, :3]))) / 1000.0
+            voxel_ml = voxel_volume_ml(affine)  # the true voxel volume, sheared grids too
             name = str(d.get(self.id_key, "volume"))
             source = prediction.meta.get("filename_or_obj", "") if hasattr(prediction, "meta") else ""
             source = str(d.get("source") or source)
