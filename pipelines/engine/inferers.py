@@ -19,6 +19,11 @@ class FlipTTAInferer(Inferer):
     anatomy that may appear at any quarter turn, as a fundus's vessels do (the vessels bundle trains with
     ``RandRotate90d``), never for an OCT B-scan, whose layers run top to bottom. Non-square images keep their
     shape: each pass is undone before the average. ``spatial_axes`` count spatial dimensions only (0 = rows).
+
+    The passes' logits are averaged, as nnU-Net's test-time mirroring averages them, where an ensemble of separate
+    models averages probabilities (:class:`clinseg.pipelines.engine.ensembles.ProbabilityEnsemble`): the passes are
+    one network seeing one image under symmetries it was trained with, so their logits are on one scale, while
+    separately trained members' logits need not be, and one over-confident member would outvote the rest.
     """
 
     def __init__(self, inferer: Inferer, spatial_axes: Sequence[int] = (0, 1), rot90: bool = False):
