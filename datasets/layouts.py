@@ -10,7 +10,9 @@ Duke's ``Subject_NN.mat``, NR206's ``train`` + ``train_labels``, ...). Each is a
   layouts when none does;
 - the embedded phantom generated on first use, atomically (a temporary folder renamed into place, so ranks of a
   distributed run starting together never read a half-written dataset);
-- the split: the layout's own split folders, or the fixed split by subject (:func:`clinseg.datasets.io.split_by_group`);
+- the split: a split file when one is given (:func:`read_split_file`, nnU-Net's ``splits_final.json`` form), else the
+  layout's own split folders, or the fixed split by subject (:func:`clinseg.datasets.io.split_by_group`); either way
+  it is recorded, so that a training writes down the split it trained with (:func:`write_split`);
 - the header checks of every listed file (exists, is an image, size limit, several frames, image and label of one
   shape, image at least as large as a training patch), before any pixel is decoded;
 - the report of files that are not data (skipped, named in one log line) and the empty-split message.
@@ -24,20 +26,24 @@ A new release layout is one function::
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from clinseg.datasets.errors import DataError, NoUsableDataError
-from clinseg.datasets.io import split_by_group, staged_folder, unique_ids
+from clinseg.datasets.io import atomic_write, split_by_group, staged_folder, unique_ids
 from clinseg.datasets.readers import IMAGE_SUFFIXES, MAX_PIXELS, read_header, split_member
 from clinseg.datasets.value_types import Fraction, NonNegativeInt, PositiveInt, PositiveSize
 
 logger = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test", "all")
+SPLIT_FILE = "split.json"
+"""The name of the file in a training's run folder that holds the split it trained with (:func:`write_split`)."""
 FILE_KEYS = ("image", "label", "fov")
 """Item keys holding the path of a 2D file whose header is checked (a ``path::member`` entry is the layout's)."""
 
@@ -266,6 +272,148 @@ def split_together(items: list[dict], group_key: str) -> list[str]:
     return [one_with(group) for group in groups]
 
 
+def _names(values: Sequence[str], most: int = 5) -> str:
+    return ", ".join(values[:most]) + (f" ... ({len(values)} in all)" if len(values) > most else "")
+
+
+_logged: set[str] = set()
+
+
+def log_once(message: str, level: int = logging.WARNING) -> None:
+    """Log ``message`` the first time this process is to log it: a data list is listed once per split (and again by
+    each evaluation in the process), and one finding about the folder is worth one line."""
+    if message not in _logged:
+        _logged.add(message)
+        logger.log(level, message)
+
+
+def read_split_file(path: str | os.PathLike, fold: int = 0, folds: int = 0) -> dict[str, list[str]]:
+    """The split a split file decides: ``{"train": [ids], "val": [ids]}`` (the data list items' ``id``), or a list of
+    such splits, one per cross-validation fold (nnU-Net's ``splits_final.json``), of which ``fold`` is taken.
+
+    Raises:
+        DataError: naming the file: absent, not JSON, not of that form, an id in both lists, a ``fold`` it has not,
+            ``folds`` other than its number of splits, or ``folds``/``fold`` with a single split (each fold of a
+            cross-validation would get that one split).
+    """
+    path = Path(path)
+    expected = 'expected {"train": [ids], "val": [ids]} or a list of those, one per fold'
+    try:
+        content = json.loads(path.read_text())
+    except FileNotFoundError as e:
+        raise DataError(path, f"does not exist (the split_file: {expected}).") from e
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(path, f"cannot be read as a split file: {e}".replace("\n", " ")) from e
+    where = ""
+    if isinstance(content, list):
+        if folds and folds != len(content):
+            raise DataError(path, f"holds {len(content)} folds, not the {folds} of --folds {folds}.")
+        if not 0 <= fold < len(content):
+            raise DataError(path, f"has no fold {fold}: it holds {len(content)} (fold 0 to {len(content) - 1}).")
+        content, where = content[fold], f"fold {fold} "
+    elif folds or fold:
+        raise DataError(
+            path,
+            f"holds one split, not one per fold, so --folds {folds} --fold {fold} would get that split for every "
+            "fold: drop --folds and --fold, or give a list of splits.",
+        )
+
+    def ids(side: str) -> list[str] | None:
+        values = content.get(side) if isinstance(content, dict) else None
+        if not isinstance(values, list) or not all(
+            isinstance(v, (str, int)) and not isinstance(v, bool) for v in values
+        ):
+            return None
+        return list(dict.fromkeys(str(v) for v in values))
+
+    sides = {"train": ids("train"), "val": ids("val")}
+    if None in sides.values():
+        raise DataError(path, f"{where}is not a split: {expected}.")
+    both = [i for i in sides["train"] if i in set(sides["val"])]
+    if both:
+        raise DataError(path, f"{where}lists {len(both)} ids in both 'train' and 'val': {_names(both)}.")
+    return sides
+
+
+def split_from_file(
+    items: list[dict], split_file: str | os.PathLike, group_key: str, fold: int = 0, folds: int = 0
+) -> dict[str, list[dict]]:
+    """``items`` (unique ids) on the sides a split file gives them (:func:`read_split_file`), each side in the
+    items' order. The file decides exactly: every item must be on one side and every id of the file an item's.
+
+    Raises:
+        DataError: naming the file: a case of the dataset it assigns to neither side (a case added since it was
+            written), an id it lists that the dataset has not, or copies of one image (:func:`split_together`) on
+            both sides.
+    """
+    sides = read_split_file(split_file, fold, folds)
+    side_of = {i: side for side, ids in sides.items() for i in ids}
+    known = [str(item["id"]) for item in items]
+    absent = [i for i in side_of if i not in set(known)]
+    if absent:
+        raise DataError(split_file, f"lists {len(absent)} ids that are not cases of the dataset: {_names(absent)}.")
+    unassigned = [i for i in known if i not in side_of]
+    if unassigned:
+        raise DataError(
+            split_file,
+            f"assigns {len(unassigned)} cases of the dataset to neither 'train' nor 'val': {_names(unassigned)} "
+            "(added since it was written?); add each to one of the lists.",
+        )
+    copies = split_together(items, "id")  # an item's id, or one shared by the copies of its image
+    by_group: dict[str, set[str]] = {}
+    for item, group in zip(items, copies, strict=True):
+        by_group.setdefault(group, set()).add(side_of[str(item["id"])])
+    split_copies = [str(item["id"]) for item, group in zip(items, copies, strict=True) if len(by_group[group]) > 1]
+    if split_copies:
+        raise DataError(
+            split_file,
+            f"puts copies of one image (identical files) on both sides: {_names(split_copies)}; put them on one side.",
+        )
+    if group_key != "id":  # the file decides, but validating on the training cases' own subject is worth a line
+        sides_of_group: dict[str, set[str]] = {}
+        for item in items:
+            sides_of_group.setdefault(str(item[group_key]), set()).add(side_of[str(item["id"])])
+        shared = sorted(group for group, found in sides_of_group.items() if len(found) > 1)
+        if shared:
+            log_once(
+                f"{split_file}: {len(shared)} {group_key}s have cases on both sides of the split: {_names(shared)}"
+            )
+    return {side: [item for item in items if side_of[str(item["id"])] == side] for side in sides}
+
+
+_decided: dict[str, dict[str, list[str]]] = {}
+"""The ids of each side of the split this process's data lists used, by dataset folder (its real path)."""
+
+
+def _record(dataset_dir: Path, sides: dict[str, list[dict]]) -> None:
+    recorded = _decided.setdefault(os.path.realpath(dataset_dir), {})
+    recorded.update({side: [str(item["id"]) for item in listed] for side, listed in sides.items()})
+
+
+def decided_split(dataset_dir: str | os.PathLike) -> dict[str, list[str]] | None:
+    """``{"train": ids, "val": ids}``: the split the data lists of ``dataset_dir`` were given in this process (the
+    last one of each side); None while not both sides were listed."""
+    recorded = _decided.get(os.path.realpath(dataset_dir), {})
+    return {side: list(recorded[side]) for side in ("train", "val")} if {"train", "val"} <= recorded.keys() else None
+
+
+def write_split(path: str | os.PathLike, dataset_dir: str | os.PathLike) -> Path | None:
+    """Write the split the data lists of ``dataset_dir`` used (:func:`decided_split`) to ``path`` as a split file
+    (atomically), so that passing it as ``split_file`` gives the same split later, where the fixed split would move
+    with every case added to the folder (a case added since is refused until the file assigns it a side). Returns
+    the path, or None when no split of ``dataset_dir`` was listed."""
+    split = decided_split(dataset_dir)
+    if split is None:
+        return None
+    text = json.dumps(split, indent=1) + "\n"
+    path = atomic_write(path, lambda tmp: tmp.write_text(text))
+    logger.info(
+        f"the split ({len(split['train'])} train, {len(split['val'])} val) is written to {path}: pass "
+        f"--split_file {path} to train or evaluate on it again"
+    )
+    return path
+
+
 def load_datalist(
     task: str,
     dataset_dir: str | os.PathLike,
@@ -276,39 +424,69 @@ def load_datalist(
     max_pixels: PositiveInt | None = MAX_PIXELS,
     folds: NonNegativeInt = 0,
     fold: NonNegativeInt = 0,
+    split_file: str | os.PathLike | None = None,
     **options,
 ) -> list[dict]:
     """The items (paths) of one split (``train``, ``val``, ``test`` or ``all``) of the ``task`` dataset in
     ``dataset_dir``, in whichever registered layout it is. ``folds`` (2 or more) and ``fold`` choose the
     validation fold of a cross-validation instead of the fixed split (:func:`clinseg.datasets.io.split_by_group`).
+    ``split_file`` (a training run's ``split.json``, or nnU-Net's ``splits_final.json`` with ``fold``) decides the
+    ``train`` and ``val`` splits exactly instead (:func:`split_from_file`), the layout's split folders pooled.
     ``options`` go to the layout's lister (class names, colour table, grader, ...).
 
     Raises:
         NoUsableDataError: no accepted layout (the message lists them and how to make demo data), or an empty split.
-        DataError: a file of the dataset is unusable (named).
+        DataError: a file of the dataset is unusable (named), or the split file does not fit the dataset (named).
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}.")
     dataset_dir = Path(dataset_dir)
     layout = resolve(task, dataset_dir, phantom_if_missing)
-    if folds and layout.own_splits and split != "test":
+    if split_file and split in ("train", "val"):
+        if layout.own_splits:  # the cases of its train and val folders, dealt as the file says
+            pool = [item for side in ("train", "val") for item in layout.list_items(dataset_dir, side, **options)]
+            counts = Counter(str(item["id"]) for item in pool)
+            repeated = sorted(i for i, n in counts.items() if n > 1)
+            if repeated:
+                raise DataError(
+                    dataset_dir,
+                    f"has cases of one name in its split folders, which a split file cannot tell apart: "
+                    f"{_names(repeated)}.",
+                )
+        else:
+            pool = unique_ids(layout.list_items(dataset_dir, "all", **options))
+        sides = split_from_file(pool, split_file, layout.group_key, fold, folds)
+        _record(dataset_dir, sides)
+        items = sides[split]
+        log_once(
+            f"{dataset_dir}: the split of {split_file}: {len(sides['train'])} train, {len(sides['val'])} val",
+            logging.INFO,
+        )
+    elif folds and layout.own_splits and split != "test":
         raise NoUsableDataError(
             dataset_dir.resolve(),
             f"has train and validation folders of its own ({layout.name} layout): cross-validation deals one pool "
             "of cases to the folds.",
             "Put the cases in one folder of a layout without splits, or train with --folds 0.",
         )
-    if layout.own_splits or split == "test":  # a test split is always a folder of its own, used whole
+    elif layout.own_splits or split == "test":  # a test split is always a folder of its own, used whole
         items = layout.list_items(dataset_dir, split, **options)
         if not items and split == "test":
             raise NoUsableDataError(dataset_dir.resolve(), "has no test split (a test folder).", accepted_layouts(task))
+        if split in ("train", "val"):
+            _record(dataset_dir, {split: items})
     else:
         # unique ids first: results and metric rows are named by id, and the split keeps groups by it
         items = unique_ids(layout.list_items(dataset_dir, "all", **options))
         if split != "all":
             key = layout.group_key  # (named so in split_by_group's messages)
             groups = [{key: group, "index": index} for index, group in enumerate(split_together(items, key))]
-            items = [items[entry["index"]] for entry in split_by_group(groups, split, val_fraction, key, folds, fold)]
+            val = {entry["index"] for entry in split_by_group(groups, "val", val_fraction, key, folds, fold)}
+            sides = {
+                side: [it for i, it in enumerate(items) if (i in val) == (side == "val")] for side in ("train", "val")
+            }
+            _record(dataset_dir, sides)
+            items = sides[split]
     if not items:
         raise NoUsableDataError(
             dataset_dir.resolve(),

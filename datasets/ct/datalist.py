@@ -123,11 +123,15 @@ def load_ct_datalist(
     phantom_if_missing: bool = False,
     folds: NonNegativeInt = 0,
     fold: NonNegativeInt = 0,
+    split_file: str | os.PathLike | None = None,
 ) -> list[dict]:
     """The ``{"image", "label", "id"}`` items (paths) of one split (``train``, ``val``, ``test``, ``all``) of a CT
     dataset (detection, phantom, split and empty-split message are the layout registry's); ``folds`` and ``fold``
-    choose a cross-validation fold instead of the fixed split."""
-    return load_datalist("ct", dataset_dir, split, val_fraction, phantom_if_missing, folds=folds, fold=fold)
+    choose a cross-validation fold instead of the fixed split; ``split_file`` (a training run's ``split.json``, or
+    nnU-Net's ``splits_final.json`` with ``fold``) gives the split exactly."""
+    return load_datalist(
+        "ct", dataset_dir, split, val_fraction, phantom_if_missing, folds=folds, fold=fold, split_file=split_file
+    )
 
 
 def heart_free_cases(paths: list[str] | None, key: str = "negative_images") -> list[dict]:

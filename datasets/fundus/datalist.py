@@ -254,10 +254,12 @@ def load_vessel_datalist(
     folds: NonNegativeInt = 0,
     fold: NonNegativeInt = 0,
     max_pixels: PositiveInt | None = MAX_PIXELS,
+    split_file: str | os.PathLike | None = None,
 ) -> list[dict]:
     """The items (paths) of one split (``train``, ``val``, ``test`` or ``all``) of the vessel dataset in
     ``dataset_dir``; ``min_shape`` (the training patch) and ``max_pixels`` are checked against every image's header;
-    ``folds`` and ``fold`` choose a cross-validation fold instead of the fixed split."""
+    ``folds`` and ``fold`` choose a cross-validation fold instead of the fixed split; ``split_file`` (a training
+    run's ``split.json``) gives the split exactly (:func:`clinseg.datasets.layouts.split_from_file`)."""
     return load_datalist(
         "fundus",
         dataset_dir,
@@ -268,6 +270,7 @@ def load_vessel_datalist(
         max_pixels=max_pixels,
         folds=folds,
         fold=fold,
+        split_file=split_file,
     )
 
 

@@ -8,15 +8,19 @@ Accepted layouts of ``dataset_dir``:
 3. One pair of folders: ``images/`` + ``labels/`` (or ``masks/``).
 4. A VIA / makesense.ai VGG JSON export (``*.json``) beside its images.
 
-Folders without explicit splits are split by subject (Duke: one ``.mat`` per subject) or by image, with the last
-``val_fraction`` of the sorted subjects as validation, so B-scans of one eye never land on both sides. Items are
+Folders without explicit splits are split by subject (Duke: one ``.mat`` per subject) or by volume (images named
+with a trailing B-scan index, ``vol3_bscan012.png``: :func:`group_by_volume`), with the last ``val_fraction`` of
+the sorted subjects or volumes as validation, so B-scans of one eye never land on both sides. Items are
 paths; the bundle's transforms decode them (``DukeMatReader``, ``PhotoReader``, ``LabelImageReader``,
 ``ViaLabelReader``) and build the label maps (``BoundariesToLabelMapd``, ``LabelColorsToClassesd``).
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import re
+from collections import Counter
 from pathlib import Path
 
 from clinseg.datasets.errors import DataError, NoUsableDataError
@@ -26,6 +30,7 @@ from clinseg.datasets.layouts import (
     data_files,
     files_by_stem,
     load_datalist,
+    log_once,
     partner_file,
     register_layout,
     register_phantom,
@@ -33,7 +38,7 @@ from clinseg.datasets.layouts import (
 from clinseg.datasets.oct.bscans import MIN_BSCAN_SIZE, check_bscan_size
 from clinseg.datasets.oct.duke import bscan_items, duke_items
 from clinseg.datasets.oct.phantom import write_phantom_dataset
-from clinseg.datasets.oct.via import via_items
+from clinseg.datasets.oct.via import via_filenames, via_items
 from clinseg.datasets.readers import (
     DICOM_SUFFIXES,
     MAX_PIXELS,
@@ -76,6 +81,51 @@ def paired_items(image_dir: Path, label_dir: Path) -> list[dict]:
     return items
 
 
+BSCAN_INDEX = re.compile(r"^(?P<volume>.+)[-_. ](?:b-?scan|slice|frame|b)?\d+$", re.IGNORECASE)
+"""A B-scan's name: its volume's name, a separator, an optional word and its index in the volume
+(``Subject01_012``, ``vol3_bscan012``, ``patientA-5``, ``eye2_slice_40``)."""
+
+
+MIN_VOLUMES = 5
+"""The fewest volumes the names must give for the split to keep volumes together: with fewer, one volume would be
+the whole validation set, and names such as ``AMD_001`` ... ``NORMAL_040`` (a class and an image number, not a
+volume and a B-scan) would hold one class out of training entirely."""
+
+
+def group_by_volume(items: list[dict], folder: Path) -> list[dict]:
+    """``items`` with a ``volume``: the name without its trailing B-scan index (:data:`BSCAN_INDEX`) where several
+    items share it, else the item's ``id``. The split keeps a volume's B-scans together: neighbouring B-scans of one
+    volume are nearly the same image, and validating on them would score memory, not generalisation.
+
+    Names are only a guess at volumes, so the split trusts them where the guess gives a plausible split: at least
+    :data:`MIN_VOLUMES` groups, none holding more than half of the B-scans. Otherwise (one volume cut into B-scans,
+    three class names, one large group among single images) the B-scans are dealt one by one as before, and a
+    warning says that validation may then be on neighbours of training B-scans, and how to decide the split
+    (``split_file``). Each finding is logged once."""
+    volumes = [match.group("volume") if (match := BSCAN_INDEX.match(item["id"])) else None for item in items]
+    counts = Counter(volume for volume in volumes if volume is not None)
+    groups = [volume if counts[volume] > 1 else item["id"] for volume, item in zip(volumes, items, strict=True)]
+    shared = sorted(volume for volume, n in counts.items() if n > 1)
+    if not shared:
+        return [{**item, "volume": item["id"]} for item in items]
+    sizes = ", ".join(f"{volume} ({counts[volume]})" for volume in shared[:5]) + (" ..." if len(shared) > 5 else "")
+    largest = max(Counter(groups).values())
+    if len(set(groups)) < MIN_VOLUMES or largest > len(items) / 2:
+        log_once(
+            f"{folder}: the names of the {len(items)} B-scans give {len(set(groups))} volume(s) ({sizes}), too few "
+            f"(or one too large) to split by, so they are split image by image: validation B-scans may neighbour "
+            "training ones of their volume. Pass --split_file to decide the split (a training's split.json form)."
+        )
+        groups = [item["id"] for item in items]
+    else:
+        log_once(
+            f"{folder}: {len(items)} B-scans split by volume (the name without its B-scan index), "
+            f"{len(set(groups))} volumes: {sizes}",
+            logging.INFO,
+        )
+    return [{**item, "volume": group} for item, group in zip(items, groups, strict=True)]
+
+
 @register_layout(
     "oct",
     "duke",
@@ -113,12 +163,13 @@ def list_split_folders(dataset_dir: Path, split: str, **options) -> list[dict]:
     "folder_pair",
     "one folder pair: <dir>/images/ + <dir>/labels/ (or masks/), PNG/TIFF/JPEG/BMP",
     detect=lambda d: (d / "images").is_dir() and any((d / name).is_dir() for name in ("labels", "masks")),
+    group_key="volume",
 )
 def list_folder_pair(dataset_dir: Path, split: str, **options) -> list[dict]:
     if split == "test":
         return []
     label_dir = dataset_dir / ("labels" if (dataset_dir / "labels").is_dir() else "masks")
-    return paired_items(dataset_dir / "images", label_dir)
+    return group_by_volume(paired_items(dataset_dir / "images", label_dir), dataset_dir / "images")
 
 
 @register_layout(
@@ -126,13 +177,28 @@ def list_folder_pair(dataset_dir: Path, split: str, **options) -> list[dict]:
     "via_json",
     "a VIA / makesense.ai VGG JSON export <dir>/*.json beside its images",
     detect=lambda d: any(d.glob("*.json")) and any(p.suffix.lower() in IMAGE_SUFFIXES for p in d.iterdir()),
+    group_key="volume",
 )
 def list_via_json(dataset_dir: Path, split: str, class_names: list[str] | None = None, **options) -> list[dict]:
     if split == "test":
         return []
     if class_names is None:
         raise DataError(dataset_dir, "a VIA JSON export needs 'class_names' to map region classes to values.")
-    return [item for path in sorted(dataset_dir.glob("*.json")) for item in via_items(path)]
+    exports = sorted(dataset_dir.glob("*.json"))
+    listed = {Path(name).name for path in exports for name in via_filenames(path)}
+    beside = sorted(
+        path.name
+        for path in dataset_dir.iterdir()
+        if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES and path.name not in listed
+    )
+    if beside:  # not annotated (or exported from another project): an image is never guessed to be background
+        log_once(
+            f"{dataset_dir}: {len(beside)} images beside the VIA export{'s' if len(exports) > 1 else ''} are not in "
+            f"{'any of them' if len(exports) > 1 else 'it'} (not annotated), left out: "
+            + ", ".join(beside[:5])
+            + (" ..." if len(beside) > 5 else "")
+        )
+    return group_by_volume([item for path in exports for item in via_items(path)], dataset_dir)
 
 
 register_phantom(
@@ -152,6 +218,7 @@ def load_oct_datalist(
     folds: NonNegativeInt = 0,
     fold: NonNegativeInt = 0,
     max_pixels: PositiveInt | None = MAX_PIXELS,
+    split_file: str | os.PathLike | None = None,
 ) -> list[dict]:
     """The items (paths) of one split (``train``, ``val``, ``test`` or ``all``) of the OCT dataset in ``dataset_dir``.
 
@@ -165,6 +232,8 @@ def load_oct_datalist(
             (used for the bundle's default folder only, never for a folder the user named).
         folds, fold: a cross-validation fold's split instead of the fixed one (``folds`` 2 or more).
         max_pixels: the largest image accepted, checked from every file's header.
+        split_file: a training run's ``split.json`` (or nnU-Net's ``splits_final.json``, with ``fold``): the split,
+            exactly (:func:`clinseg.datasets.layouts.split_from_file`).
     """
     return load_datalist(
         "oct",
@@ -175,6 +244,7 @@ def load_oct_datalist(
         max_pixels=max_pixels,
         folds=folds,
         fold=fold,
+        split_file=split_file,
         class_names=class_names,
         grader=grader,
     )

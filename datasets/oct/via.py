@@ -97,6 +97,11 @@ def _regions(entry: dict) -> list:
     return list(regions.values()) if isinstance(regions, dict) else list(regions)  # VIA 1 stores a dict
 
 
+def via_filenames(json_path: str | os.PathLike) -> list[str]:
+    """The file names of every image a VIA export lists, annotated or not."""
+    return list(_metadata(Path(json_path)))
+
+
 def via_items(json_path: str | os.PathLike, image_dir: str | os.PathLike | None = None) -> list[dict]:
     """The data-list items (paths) of a VIA 2 project or VIA/makesense.ai region export: each annotated image with
     its regions (``export.json::filename``). The images are in ``image_dir`` (default: the JSON's folder).

@@ -7,8 +7,9 @@ Model Zoo's ids; the steps here are what is the same for every task, written onc
 - :func:`initialize`: override ids and config values checked before anything runs
   (:mod:`clinseg.pipelines.config_checks`), determinism, writable folders, a reachable tracking server;
 - :func:`run_training`: early stopping, the latest-checkpoint saver, resume or a start from another model's weights
-  (fine-tuning), the time limit, the run itself, and ``models/model.pt`` left behind in every case (the best
-  validated model, or the final one when no validation ran).
+  (fine-tuning), the time limit, the split written down (``split.json``, to pass back as ``--split_file``), the
+  run itself, and ``models/model.pt`` left behind in every case (the best validated model, or the final one when no
+  validation ran).
 
 Every step is rank-aware: under ``torchrun`` only rank 0 writes outputs, checkpoints and tracking records.
 """
@@ -265,4 +266,11 @@ def run_training(
 
     if os.environ.get(SEARCH_TRIAL_ENV) and is_rank_zero():  # a trial of `pipelines.experiments search`
         attach_trial_reporter(trainer, validator, key_metric)
+    dataset_dir = _running_config_value("dataset_dir")
+    if is_rank_zero() and dataset_dir is not None:
+        from clinseg.datasets.layouts import SPLIT_FILE, write_split
+
+        # the split this run trains and validates with, in the run's folder (logged with it as an artifact): passed
+        # back as --split_file, it gives this split again, where the fixed split would move with every case added
+        write_split(Path(ckpt_dir).parent / SPLIT_FILE, dataset_dir)
     trainer.run()
