@@ -21,7 +21,9 @@ database (default: ``optuna.db`` beside the MLflow SQLite store), so workers coo
 The value of a trial is the best validation key metric of its training, the one its checkpoint was chosen by.
 The search is over when ``--n_trials`` trials have completed or been pruned (failed trials do not count; the search
 stops after ``--max_failures`` of them). It ends with the trials' table, a picture of the search, and the best
-trial as the command that re-runs it.
+trial as the command that re-runs it. The last worker to stop (no other one running a trial) ends the parent run:
+FINISHED, KILLED (Ctrl-C or SIGTERM, which stop the running trainings and leave their trials to run again first) or
+FAILED with the tag ``search.stopped`` saying why (``--max_failures`` trials failed).
 
 The space is ``KEY=KIND:ARGS`` per config id: ``float:LOW:HIGH``, ``loguniform:LOW:HIGH``, ``int:LOW:HIGH`` or
 ``choice:A,B,...`` (each choice is given to the config as typed). ``--sampler grid`` (every combination of choice
@@ -32,6 +34,7 @@ spaces, in random order) is the grid sweep of ``experiments sweep`` on this engi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -245,13 +248,9 @@ def run_trial(study, storage, trial, settings: dict, worker: str, verbose: bool)
         try:
             _, errors = child.communicate()
         except KeyboardInterrupt:
-            child.send_signal(signal.SIGTERM)  # the child's run ends KILLED, its files kept
-            child.wait(timeout=300)
-            # stopped by the user, not failed: it does not count towards --max_failures, and the search, resumed
-            # with --join, runs its values again first (as a dead worker's trial is)
-            trial.set_user_attr("interrupted", True)
-            study.tell(trial, state=TrialState.FAIL)
-            study.enqueue_trial(trial.params, user_attrs={"retried_from": trial.number})
+            with interrupts_deferred():
+                child.send_signal(signal.SIGTERM)  # the child's run ends KILLED, its files kept
+                child.wait(timeout=300)
             raise
     recorded = storage.get_trial(trial._trial_id)  # what the training reported (the study's cache may be stale)
     values = list(recorded.intermediate_values.values())
@@ -270,13 +269,43 @@ def run_trial(study, storage, trial, settings: dict, worker: str, verbose: bool)
     run_id = recorded.user_attrs.get("mlflow_run_id")
     if run_id:
         try:
-            client_for(settings["tracking_uri"]).set_tag(run_id, "search.state", state.name)
+            client = client_for(settings["tracking_uri"])
+            if child.returncode != 0 and client.get_run(run_id).info.status == "RUNNING":
+                # a training killed outright (the kernel's out-of-memory killer, SIGKILL) could not end its run
+                client.set_terminated(run_id, "FAILED")
+            client.set_tag(run_id, "search.state", state.name)
         except Exception as e:  # noqa: BLE001 - the study holds the state; only its copy on the run is missing
             print(f"[{worker}] could not tag run {run_id}: {e}", file=sys.stderr)
     metric = settings["key_metric"]
     value = f", best {metric} {best:.4f}" if best is not None else ""
     print(f"[{worker}] trial {trial.number} {state.name}: {note}{value} ({time.time() - started:.0f} s)", flush=True)
     return state.name
+
+
+@contextlib.contextmanager
+def interrupts_deferred():
+    """Run the block to its end through further Ctrl-C and SIGTERM: stopping a trial is interrupted by a second
+    signal as easily as by the first (the launcher of ``--workers N`` passes the terminal's Ctrl-C on to workers that
+    the terminal signalled already), and a trial left RUNNING would later be failed as a dead worker's and count
+    towards ``--max_failures``. The interruption in progress is raised after the block."""
+    previous = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def interrupt_trial(study, storage, trial) -> None:
+    """A trial stopped by the user, not failed: it does not count towards --max_failures, and the search, resumed
+    with --join, runs its values again first (as a dead worker's trial is)."""
+    from optuna.trial import TrialState
+
+    if storage.get_trial(trial._trial_id).state != TrialState.RUNNING:  # told already
+        return
+    trial.set_user_attr("interrupted", True)
+    study.tell(trial, state=TrialState.FAIL)
+    study.enqueue_trial(trial.params, user_attrs={"retried_from": trial.number})
 
 
 def fail_stale_trials(study, tracking_uri: str, worker: str) -> None:
@@ -306,8 +335,9 @@ def fail_stale_trials(study, tracking_uri: str, worker: str) -> None:
                 print(f"[{worker}] could not mark run {run_id}: {e}", file=sys.stderr)
 
 
-def work(storage, study_name: str, worker_index: int, verbose: bool = False) -> None:
-    """One worker: ask, run, tell, until the study's budget is used."""
+def work(storage, study_name: str, worker_index: int, verbose: bool = False) -> str:
+    """One worker: ask, run, tell, until the study's budget is used; returns why it stopped: ``budget`` or
+    ``failures`` (``--max_failures`` trials failed)."""
     import optuna
     from optuna.trial import TrialState
 
@@ -323,17 +353,44 @@ def work(storage, study_name: str, worker_index: int, verbose: bool = False) -> 
         fail_stale_trials(study, settings["tracking_uri"], worker)
         waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))  # retries come first
         if not waiting and len(counted_trials(study)) >= settings["n_trials"]:
-            break
+            return "budget"
         if len(failed_trials(study)) >= settings["max_failures"]:
             print(f"[{worker}] {settings['max_failures']} trials failed: this worker stops", flush=True)
-            break
+            return "failures"
         trial = study.ask(space)
-        ahead = [t for t in counted_trials(study) if t.number < trial.number]
-        if len(ahead) >= settings["n_trials"]:  # another worker took the last trial at the same moment
-            trial.set_user_attr("surplus", True)
-            study.tell(trial, state=TrialState.FAIL)
-            break
-        run_trial(study, storage, trial, settings, worker, verbose)
+        try:
+            ahead = [t for t in counted_trials(study) if t.number < trial.number]
+            if len(ahead) >= settings["n_trials"]:  # another worker took the last trial at the same moment
+                trial.set_user_attr("surplus", True)
+                study.tell(trial, state=TrialState.FAIL)
+                return "budget"
+            run_trial(study, storage, trial, settings, worker, verbose)
+        except KeyboardInterrupt:  # also between ask and the training's start, or while the result is told
+            with interrupts_deferred():
+                interrupt_trial(study, storage, trial)
+            raise
+
+
+def parent_end(study, status: str, launcher: bool) -> tuple[str | None, str | None]:
+    """How this worker ends the search's parent run: its MLflow status and why, or ``(None, None)`` to leave it
+    RUNNING for a worker that still runs a trial (its heartbeat says so; a dead worker's trial is failed first),
+    which ends it in turn. Without one running, the last worker ends it: FINISHED when the budget is used, KILLED
+    when interrupted, FAILED when ``--max_failures`` trials failed (every worker stops then, and one that joins
+    later stops at once); the launcher ends it also otherwise, with its own status."""
+    from optuna.trial import TrialState
+
+    settings = study.user_attrs
+    fail_stale_trials(study, settings["tracking_uri"], f"{socket.gethostname()}:{os.getpid()}")
+    if study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        return None, None
+    if search_over(study):
+        return "FINISHED", None
+    if status == "KILLED":
+        return "KILLED", None
+    failed = len(failed_trials(study))
+    if failed >= settings["max_failures"]:
+        return "FAILED", f"{failed} trials failed (--max_failures {settings['max_failures']})"
+    return (status, None) if launcher else (None, None)
 
 
 # ---------------------------------------------------------------------------------------------- the whole search
@@ -576,9 +633,15 @@ def search(args) -> int:
             flush=True,
         )
     status = "FINISHED"
+
+    def stop(signum, frame):  # SIGTERM (`kill`, a scheduler's time limit) stops the search as Ctrl-C does
+        raise KeyboardInterrupt
+
+    previous_sigterm = signal.signal(signal.SIGTERM, stop)
     try:
         if args.workers <= 1:
-            work(storage, study.study_name, args.worker_index, args.verbose)
+            if work(storage, study.study_name, args.worker_index, args.verbose) == "failures":
+                status = "FAILED"
         else:
             status = run_workers(args, bundle, study.study_name, storage_url)
     except KeyboardInterrupt:
@@ -587,16 +650,22 @@ def search(args) -> int:
             "search interrupted: finished trials are kept; the running ones run again first when it is resumed "
             f"(--join --study {study.study_name})"
         )
+    finally:
+        signal.signal(signal.SIGTERM, previous_sigterm)
     if args.quiet_summary:  # a worker of `--workers N`: the launching process summarises
         return 0 if status == "FINISHED" else 1
     study = load_study(storage, study.study_name)
     rows, _ = summarize(study, storage, started)
-    if not args.join:  # the parent run is the launcher's
-        client_for(tracking_uri).set_terminated(study.user_attrs["parent_run_id"], status)
-    elif status == "FINISHED" and search_over(study):
-        # workers that joined leave the parent open while the search goes on; the one that finds it over ends it,
-        # also when its launcher was interrupted (KILLED) or lost (left RUNNING) and the search was resumed
-        client_for(tracking_uri).set_terminated(study.user_attrs["parent_run_id"], "FINISHED")
+    # workers that joined leave the parent open while the search goes on; the last one ends it, also when its
+    # launcher was interrupted (KILLED) or lost (left RUNNING) and the search was resumed
+    end, why = parent_end(study, status, launcher=not args.join)
+    if end:
+        client = client_for(tracking_uri)
+        parent = study.user_attrs["parent_run_id"]
+        if why:
+            client.set_tag(parent, "search.stopped", why)
+            print(f"search stopped: {why}; the parent run ends {end}")
+        client.set_terminated(parent, end)
     return 0 if status == "FINISHED" and any(r["state"] == "COMPLETE" for r in rows) else 1
 
 

@@ -227,3 +227,131 @@ def test_an_interrupted_search_resumes_with_the_interrupted_trial(tmp_path, tiny
     parent = client.get_run(first.user_attrs["mlflow_run_id"]).data.tags["mlflow.parentRunId"]
     assert client.get_run(parent).info.status == "FINISHED", "the resumed search ended its parent run"
     assert client.get_run(parent).data.tags["best_child"] == second.user_attrs["mlflow_run_id"]
+
+
+def test_the_last_worker_stopped_by_failures_ends_the_parent_failed(tmp_path, tiny_oct_dir, tracking_uri):
+    """A worker that joined and stopped on --max_failures left the parent RUNNING, with no worker left to end it.
+    The last worker ends it FAILED and says why; one that stops while another worker's trial still runs (its heartbeat
+    fresh) leaves the parent to that worker."""
+    env = {"PIPELINE_SEARCH_HEARTBEAT_S": "1"}  # stale after 4 s without a heartbeat
+    # trainings long enough to be running still when they are stopped (then they end at once)
+    args = search_args(tmp_path, tiny_oct_dir, "failing", "--n_trials", "2", "--max_failures", "1", epochs=50)
+    command = [sys.executable, "-m", "clinseg.pipelines.experiments", *args]
+    launcher = subprocess.Popen(
+        command, cwd=REPO_ROOT, env={**os.environ, **env}, stdout=subprocess.PIPE, text=True, start_new_session=True
+    )
+    storage = tracking_uri.replace("mlflow.db", "optuna.db")
+    wait_for_first_trial(launcher, "failing", storage)
+    study = load(tracking_uri, "failing")
+    running = study.get_trials()[0]
+    # a trial another worker ran and failed: the study holds --max_failures failures
+    study.add_trial(
+        optuna.trial.create_trial(state=TrialState.FAIL, params=running.params, distributions=running.distributions)
+    )
+    client = mlflow.MlflowClient(tracking_uri)
+    parent_id = client.get_run(running.user_attrs["mlflow_run_id"]).data.tags["mlflow.parentRunId"]
+
+    joined = experiments("search", "oct_layers", "--join", "--study", "failing", env=env, check=False)
+    assert "1 trials failed: this worker stops" in joined.stdout, joined.stdout + joined.stderr[-2000:]
+    assert client.get_run(parent_id).info.status == "RUNNING", "the launcher's trial still runs"
+
+    os.killpg(launcher.pid, signal.SIGKILL)  # the launcher is lost mid-trial: the joined worker is the last
+    launcher.wait(timeout=60)
+    time.sleep(5)
+    last = experiments("search", "oct_layers", "--join", "--study", "failing", env=env, check=False)
+    assert last.returncode == 1 and "its worker stopped (no heartbeat)" in last.stdout, last.stdout
+    parent = client.get_run(parent_id)
+    assert parent.info.status == "FAILED", parent.info.status
+    assert parent.data.tags["search.stopped"] == "2 trials failed (--max_failures 1)"
+    assert client.get_run(running.user_attrs["mlflow_run_id"]).info.status == "KILLED"
+
+
+def test_sigterm_stops_a_search_as_ctrl_c_does(tmp_path, tiny_oct_dir, tracking_uri):
+    """``kill`` (or a scheduler's time limit) on a search killed it outright: its training went on without it, its
+    trial and the parent run stayed RUNNING, and the trial later counted as a dead worker's failure."""
+    args = search_args(tmp_path, tiny_oct_dir, "terminated", "--n_trials", "1", epochs=50)
+    command = [sys.executable, "-m", "clinseg.pipelines.experiments", *args]
+    search = subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    storage = tracking_uri.replace("mlflow.db", "optuna.db")
+    wait_for_first_trial(search, "terminated", storage)
+    search.send_signal(signal.SIGTERM)  # to the search alone, as `kill PID` does
+    output = search.communicate(timeout=300)[0]
+    assert search.returncode == 1 and "search interrupted" in output, output[-3000:]
+    trial = load(tracking_uri, "terminated").get_trials()[0]
+    assert trial.state == TrialState.FAIL and trial.user_attrs["interrupted"], trial
+    client = mlflow.MlflowClient(tracking_uri)
+    run = client.get_run(trial.user_attrs["mlflow_run_id"])
+    assert run.info.status == "KILLED", "the training was stopped, its run ended"
+    assert client.get_run(run.data.tags["mlflow.parentRunId"]).info.status == "KILLED"
+
+
+def test_ctrl_c_on_several_workers_marks_every_running_trial_interrupted(tmp_path, tiny_oct_dir, tracking_uri):
+    """Ctrl-C reaches ``--workers N``'s workers twice (from the terminal, and passed on by their launcher); the
+    second one interrupted the stopping of the trial, which stayed RUNNING, to be failed later as a dead worker's."""
+    args = search_args(tmp_path, tiny_oct_dir, "several", "--n_trials", "2", "--workers", "2", epochs=50)
+    search = subprocess.Popen(
+        [sys.executable, "-m", "clinseg.pipelines.experiments", *args],
+        cwd=REPO_ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # as in a terminal
+    )
+    storage = tracking_uri.replace("mlflow.db", "optuna.db")
+    deadline = time.time() + 300
+    while True:  # both workers' trainings have started
+        assert time.time() < deadline and search.poll() is None, "the trials did not start"
+        try:
+            trials = optuna.load_study(study_name="several", storage=storage).get_trials()
+        except KeyError:
+            trials = []
+        if len(trials) >= 2 and all("mlflow_run_id" in t.user_attrs for t in trials[:2]):
+            break
+        time.sleep(0.5)
+    os.killpg(search.pid, signal.SIGINT)
+    output = search.communicate(timeout=300)[0]
+    assert search.returncode == 1 and "search interrupted" in output, output[-3000:]
+    trials = load(tracking_uri, "several").get_trials()
+    interrupted = [t for t in trials if t.state == TrialState.FAIL]
+    assert len(interrupted) == 2 and all(t.user_attrs.get("interrupted") for t in interrupted), trials
+    assert [t.state for t in trials if t not in interrupted] == [TrialState.WAITING] * 2, "both run again first"
+    client = mlflow.MlflowClient(tracking_uri)
+    assert {client.get_run(t.user_attrs["mlflow_run_id"]).info.status for t in interrupted} == {"KILLED"}
+    assert client.get_run(load(tracking_uri, "several").user_attrs["parent_run_id"]).info.status == "KILLED"
+
+
+def test_a_training_killed_after_reporting_fails_its_trial_and_ends_its_run(tmp_path, tiny_oct_dir, tracking_uri):
+    """A trial's training killed outright after a validation (the kernel's out-of-memory killer sends SIGKILL)
+    cannot end its MLflow run: the trial failed, but the run stayed RUNNING for good."""
+    import psutil
+
+    args = search_args(tmp_path, tiny_oct_dir, "oom", "--n_trials", "1", "--max_failures", "1", epochs=50)
+    search = subprocess.Popen(
+        [sys.executable, "-m", "clinseg.pipelines.experiments", *args],
+        cwd=REPO_ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    storage = tracking_uri.replace("mlflow.db", "optuna.db")
+    deadline = time.time() + 300
+    while True:  # the training has reported a validation
+        assert time.time() < deadline and search.poll() is None, "the trial did not report"
+        try:
+            trials = optuna.load_study(study_name="oom", storage=storage).get_trials()
+        except KeyError:
+            trials = []
+        if trials and trials[0].intermediate_values:
+            break
+        time.sleep(0.5)
+    for training in psutil.Process(search.pid).children():
+        training.send_signal(signal.SIGKILL)
+    output = search.communicate(timeout=300)[0]
+    assert search.returncode == 1 and "trial 0 FAIL: training failed (-9)" in output, output[-3000:]
+    trial = load(tracking_uri, "oom").get_trials()[0]
+    assert trial.state == TrialState.FAIL and trial.intermediate_values
+    client = mlflow.MlflowClient(tracking_uri)
+    run = client.get_run(trial.user_attrs["mlflow_run_id"])
+    assert (run.info.status, run.data.tags["search.state"]) == ("FAILED", "FAIL")
+    assert client.get_run(run.data.tags["mlflow.parentRunId"]).info.status == "FAILED"
