@@ -380,3 +380,84 @@ def test_a_field_inside_the_real_chest_around_its_heart_keeps_the_heart():
     verdict = FieldOfView.from_json(CTFieldOfViewd("image")({"image": meta(hu, affine)})["anatomy"])
     kept, after = check(type("Case", (), {"affine": affine})(), heart, verdict)
     assert kept.sum() == heart.sum(), (after.field_of_view, after.flags, after.reasons)
+
+
+def pad_outside_circle(hu: np.ndarray, affine: np.ndarray, value: float) -> np.ndarray:
+    """``hu`` with ``value`` outside the circle inscribed in each axial slice (in millimetres): a scanner's padding
+    outside its reconstruction circle."""
+    superior = int(np.argmax(np.abs(affine[2, :3])))
+    in_plane = [d for d in range(3) if d != superior]
+    spacing = np.linalg.norm(affine[:3, :3], axis=0)
+    extent = [(hu.shape[d] - 1) * spacing[d] for d in in_plane]
+    mm = np.meshgrid(
+        *(np.arange(hu.shape[d]) * spacing[d] - e / 2 for d, e in zip(in_plane, extent, strict=True)), indexing="ij"
+    )
+    outside = np.expand_dims(mm[0] ** 2 + mm[1] ** 2 > (min(extent) / 2) ** 2, superior)
+    return np.where(outside, np.float32(value), hu)
+
+
+def load_field_of_view(path) -> dict:
+    """A CT file through the bundle's reader and onto a 2 mm grid, then measured."""
+    from monai.transforms import Compose, EnsureChannelFirstd, Orientationd, Spacingd
+
+    from clinseg.datasets.ct import LoadCTVolumed
+
+    load = Compose(
+        [
+            LoadCTVolumed("image"),
+            EnsureChannelFirstd("image"),
+            Orientationd("image", axcodes="RAS"),
+            Spacingd("image", pixdim=(2.0, 2.0, 2.0), mode="bilinear"),
+            CTFieldOfViewd("image"),
+        ]
+    )
+    return load({"image": str(path)})
+
+
+@pytest.mark.parametrize("value", [0.0, 50.0, -700.0])
+def test_padding_of_any_constant_outside_the_reconstruction_circle_reads_as_air(tmp_path, value):
+    """A scanner (or a resampling's default fill) that writes 0 HU outside the reconstruction circle made the
+    padding a body filling the whole square, with no outline: an abdomen read as ``unknown``, and its lungs were
+    searched in the whole square. The padding is found from the data (one constant in the slices' corners) and read
+    as air, as -1024 is; the heart checks still remove a heart predicted in an abdomen."""
+    from clinseg.datasets.io import save_nifti
+
+    for region, expected in (("abdomen", ("abdomen", "none")), ("chest", ("chest", "whole"))):
+        phantom = synthesize_ct(4, region=region, voxel_scale=1.5)
+        padded = pad_outside_circle(phantom.hu, phantom.affine, value)
+        path = save_nifti(tmp_path / f"{region}.nii.gz", padded.astype(np.int16), phantom.affine)
+        data = load_field_of_view(path)
+        verdict = FieldOfView.from_json(data["anatomy"])
+        assert (verdict.field_of_view, verdict.heart_expected) == expected, (region, verdict.reasons)
+        assert verdict.padding_hu == value
+    image = data["image"]
+    liver_like = np.zeros(image.shape[1:], dtype=np.uint8)
+    liver_like[tuple(slice(n // 3, 2 * n // 3) for n in liver_like.shape)] = 1
+    abdomen = load_field_of_view(tmp_path / "abdomen.nii.gz")
+    abdomen["pred"] = meta(liver_like, abdomen["image"].affine.numpy())
+    after = RemoveHeartOutsideAnatomyd("pred")(abdomen)
+    assert not after["pred"].any() and "no_heart_expected" in FieldOfView.from_json(after["anatomy"]).flags
+
+
+def test_real_ct_padded_with_zero_outside_its_reconstruction_circle_keeps_its_verdicts(tmp_path):
+    """The real abdominal DICOM series (which pads with -1024) and NIfTI with 0 HU outside the circle: abdomen, no
+    heart (the series was read as a chest before, from a ring of lung-like values between air and padding); the real
+    chest crops stay chest with a whole heart."""
+    from clinseg.datasets.ct.volumes import read_volume
+    from clinseg.datasets.io import save_nifti
+
+    folder = shared_path("ct", "totalsegmentator")
+    cases = {
+        "example_ct_dicom": ("abdomen", "none"),
+        "example_ct.nii.gz": ("abdomen", "none"),
+        "pulmonary_report/ct_cropped.nii.gz": ("chest", "whole"),
+    }
+    for name, expected in cases.items():
+        hu, affine, _ = read_volume(folder / name)
+        padded = pad_outside_circle(hu.astype(np.float32), affine, 0.0)
+        path = save_nifti(tmp_path / f"{name.replace('/', '_')}.nii.gz", padded.astype(np.int16), affine)
+        verdict = FieldOfView.from_json(load_field_of_view(path)["anatomy"])
+        assert (verdict.field_of_view, verdict.heart_expected, verdict.padding_hu) == (*expected, 0.0), (
+            name,
+            verdict.reasons,
+        )

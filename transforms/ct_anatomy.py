@@ -19,6 +19,8 @@ contradicting it is flagged or removed instead of being reported as a plausible 
   organ), and lungs just outside the field cannot be told from none. Such a slice without lungs is *undetermined*:
   it moves the lung base below it, and a field mostly of them without a thoracic slice is ``unknown``, so a crop
   around a heart does not lose its heart to a verdict of "no lungs".
+- A scanner's padding outside its reconstruction circle (one constant filling the slices' corners) reads as air
+  whatever its value, 0 HU included (recorded as ``padding_hu``): as tissue it would be a body filling the square.
 - :class:`RemoveHeartOutsideAnatomyd` (before keeping the largest component) removes heart voxels where no heart
   can be: everything when ``heart_expected`` is ``none``, and what lies below the lung bases.
 - :class:`CheckHeartAnatomyd` (on the final mask) flags a heart cut by the field of view, a heart outside the
@@ -67,6 +69,15 @@ LATERAL_MARGIN_MM = 20.0
 # fitted tightly to the body leaves only a small triangle of air in its corners; aerated lung has few such voxels).
 CORNER_FRACTION = 0.1
 AIR_CORNER_SHARE = 0.2
+# Outside its reconstruction circle (or outside the body, after an anonymiser or a resampling) a scanner writes one
+# constant: usually -1024, -2048 or -3024 HU, which read as air, but also 0 HU (a resampling's default fill), which
+# would read as soft tissue: a body filling the whole square and no outline of it. Such padding is one value in most
+# of the slices' corner voxels (measured noise never is), joined to the slices' edges and filling over 1 % of the
+# volume (as in ``clinseg.datasets.ct.volumes``); it is read as the air it replaces.
+PADDING_CORNER_SHARE = 0.5
+PADDING_MIN_FRACTION = 0.01
+PADDING_TOLERANCE_HU = 0.5  # interpolation (a resampling to the network's spacing) moves a constant by rounding only
+AIR_HU = -1024.0
 OUTSIDE_TOLERANCE_ML = 1.0  # less than this outside the anatomy (a few boundary voxels) is removed but not flagged
 
 FIELDS_OF_VIEW = ("chest", "chest_abdomen", "upper_abdomen", "abdomen", "other", "unknown")
@@ -87,6 +98,7 @@ class FieldOfView:
     lung_base_z_mm: float | None = None  # superior coordinate of the lowest thoracic slice
     lung_top_z_mm: float | None = None
     lung_x_range_mm: list[float] | None = None  # lateral (R+) extent of the lungs
+    padding_hu: float | None = None  # the constant outside the reconstruction circle, read as air, when not air
     flags: list[str] = field(default_factory=list)
     outside_anatomy_ml: dict[str, float] = field(default_factory=dict)  # predicted heart where none can be, by rule
     constraints_applied: bool | None = None  # whether that part was removed (the default) or only flagged
@@ -144,6 +156,36 @@ def _no_outline(hu: np.ndarray, superior: int) -> np.ndarray:
     return ~np.any(air, axis=0)
 
 
+def _padding(hu: np.ndarray, superior: int) -> tuple[float | None, np.ndarray | None]:
+    """The scanner's padding where it would not read as air (see ``PADDING_CORNER_SHARE``): its value and where it
+    lies, or ``(None, None)``. The rim that interpolation blends between padding and image is left as it is: thin, it
+    is no body (the hull's opening) and no lung (the lungs' opening), as it is beside padding of -1024."""
+    planes = np.moveaxis(hu, superior, 0)
+    rows, cols = (max(2, int(round(n * CORNER_FRACTION))) for n in planes.shape[1:])
+    corners = np.concatenate(
+        [
+            planes[:, r, c].ravel()
+            for r in (slice(0, rows), slice(-rows, None))
+            for c in (slice(0, cols), slice(-cols, None))
+        ]
+    )
+    values, counts = np.unique(np.round(corners), return_counts=True)
+    value = float(values[np.argmax(counts)])
+    if counts.max() < PADDING_CORNER_SHARE * corners.size or value < LUNG_HU_RANGE[0]:
+        return None, None  # no constant in the corners, or one that reads as air already
+    constant = np.abs(planes - value) <= PADDING_TOLERANCE_HU
+    in_plane = np.zeros((3, 3, 3), dtype=bool)
+    in_plane[1] = ndimage.generate_binary_structure(2, 1)
+    labels, _ = ndimage.label(constant, structure=in_plane)
+    edges = np.concatenate(
+        [labels[:, 0].ravel(), labels[:, -1].ravel(), labels[:, :, 0].ravel(), labels[:, :, -1].ravel()]
+    )
+    padding = np.isin(labels, np.unique(edges[edges > 0]))
+    if padding.mean() < PADDING_MIN_FRACTION:
+        return None, None
+    return value, np.moveaxis(padding, 0, superior)
+
+
 def measure_field_of_view(hu: np.ndarray, affine: np.ndarray) -> tuple[FieldOfView, np.ndarray]:
     """The field-of-view verdict of a HU volume ``[i, j, k]`` with its voxel-to-RAS affine, and the lung mask."""
     hu = np.asarray(hu, dtype=np.float32)
@@ -155,6 +197,9 @@ def measure_field_of_view(hu: np.ndarray, affine: np.ndarray) -> tuple[FieldOfVi
     slab_mm = float(hu.shape[superior] * spacing[superior])
     slice_z = affine[2, superior] * np.arange(hu.shape[superior]) + affine[2, 3]  # superior mm of each slice
     slice_z = slice_z + sum(affine[2, d] * (hu.shape[d] - 1) / 2 for d in in_plane)
+    padding_hu, padding = _padding(hu, superior)
+    if padding is not None:
+        hu = np.where(padding, np.float32(AIR_HU), hu)
 
     hull = _body_hull(hu, superior, spacing)
     pixel_cm2 = float(np.prod(spacing[list(in_plane)])) / 100.0
@@ -162,6 +207,7 @@ def measure_field_of_view(hu: np.ndarray, affine: np.ndarray) -> tuple[FieldOfVi
     if body_area_cm2.max(initial=0.0) < MIN_BODY_AREA_CM2:
         verdict = FieldOfView("unknown", "unknown", ["no body found in the field of view"], slab_mm, False, 0.0, 0.0)
         verdict.volume_reportable = False
+        verdict.padding_hu = padding_hu
         return verdict, np.zeros(hu.shape, dtype=bool)
 
     smoothed = ndimage.uniform_filter(hu, 3)
@@ -199,6 +245,7 @@ def measure_field_of_view(hu: np.ndarray, affine: np.ndarray) -> tuple[FieldOfVi
             ] + ([] if torso else [f"the body's cross-section is under {TORSO_AREA_CM2:.0f} cm2: not a torso"])
         verdict = FieldOfView(fov, expected, reasons, slab_mm, True, round(lung_ml, 1), thoracic_mm)
         verdict.volume_reportable = False
+        verdict.padding_hu = padding_hu
         return verdict, lung
 
     z_thoracic = slice_z[thoracic]
@@ -242,6 +289,7 @@ def measure_field_of_view(hu: np.ndarray, affine: np.ndarray) -> tuple[FieldOfVi
         lung_base_z_mm=round(base_z, 2),
         lung_top_z_mm=round(top_z, 2),
         lung_x_range_mm=[round(float(lung_x.min()), 2), round(float(lung_x.max()), 2)],
+        padding_hu=padding_hu,
     )
     verdict.volume_reportable = expected == "whole"
     return verdict, lung
