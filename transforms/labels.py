@@ -12,7 +12,7 @@ from monai.data import MetaTensor
 from monai.transforms import MapTransform, Transform
 from monai.utils import convert_to_numpy, convert_to_tensor
 
-from clinseg.datasets.errors import DataError
+from clinseg.datasets.errors import ConfigError, DataError
 from clinseg.transforms.oct import IGNORE_INDEX
 
 
@@ -20,15 +20,31 @@ class ColorToLabel(Transform):
     """Map a colour-coded label image ``(H, W, 3|4)`` to class indices ``(H, W)``.
 
     Args:
-        colors: ``colors[k]`` is the RGB colour of class ``k`` (class 0 is usually black background).
-            Alpha is ignored.
+        colors: ``colors[k]`` is the RGB colour of class ``k`` (class 0 is usually black background), as
+            ``[r, g, b]`` of 8-bit values; an ``[r, g, b, a]`` entry (as a viewer shows an RGBA label's colours) has
+            its alpha ignored, as the label's alpha is.
 
     Raises:
-        ValueError: if a pixel has a colour that is not in the table (its colour, count and first position are named).
+        ValueError: for a table that is not one colour per class (an entry of another length, a value outside
+            0..255, a colour twice), and when a pixel has a colour that is not in the table (its colour, count and
+            first position are named).
     """
 
     def __init__(self, colors: Sequence[Sequence[int]]):
-        self.colors = np.asarray(colors, dtype=np.int64).reshape(-1, 3)
+        # each entry is read as one colour: a flat reshape would cut RGBA entries into colours that are none of them
+        entries = [np.asarray(c).ravel() for c in colors]
+        lengths = {len(c) for c in entries}
+        if not entries or not lengths <= {3, 4} or len(lengths) > 1:
+            raise ValueError(
+                f"the colour table must give one [r, g, b] colour per class, got entries of length "
+                f"{sorted(lengths)}: {[c.tolist() for c in entries][:10]}."
+            )
+        table = np.stack(entries)[:, :3]
+        if not np.issubdtype(table.dtype, np.number) or (table != np.round(table)).any() or (table < 0).any() or (
+            table > 255
+        ).any():
+            raise ValueError(f"the colour table holds values outside the 8-bit range 0..255: {table.tolist()}.")
+        self.colors = table.astype(np.int64)
         if len({tuple(c) for c in self.colors}) != len(self.colors):
             raise ValueError(f"the colour table repeats a colour: {self.colors.tolist()}.")
 
@@ -86,6 +102,7 @@ class LabelColorsToClassesd(MapTransform):
     table, when a table is given (without one its indices are the classes); class-index labels pass unchanged.
 
     Raises:
+        ConfigError: a table that is not one ``[r, g, b]`` colour per class (naming ``label_colors``).
         DataError: a colour label without a table, or a colour the table lacks (naming the file).
     """
 
@@ -93,7 +110,10 @@ class LabelColorsToClassesd(MapTransform):
         self, keys: KeysCollection, colors: Sequence[Sequence[int]] | None = None, allow_missing_keys: bool = False
     ):
         super().__init__(keys, allow_missing_keys)
-        self.converter = ColorToLabel(colors) if colors is not None else None
+        try:
+            self.converter = ColorToLabel(colors) if colors is not None else None
+        except ValueError as e:
+            raise ConfigError("label_colors", str(e)) from None
 
     def __call__(self, data: Mapping[Hashable, NdarrayOrTensor]) -> dict[Hashable, NdarrayOrTensor]:
         d = dict(data)
@@ -225,7 +245,9 @@ class OneHotWithIgnored(MapTransform):
 
 class MapLabelValues(Transform):
     """Turn the values of a label map into this bundle's class indices: ``value_to_class[v]`` for each listed value,
-    0 (background) for every other value, or an error for values not listed when ``strict``.
+    ``ignore_index`` for unannotated pixels (kept as they are), 0 (background) for every other value, or an error for
+    values not listed when ``strict``. With ``strict``, a label holding nothing but 0 and ``ignore_index`` is refused:
+    it is a binary mask stored 0/255, whose foreground would silently count as unannotated.
 
     A multi-label map (e.g. a whole-body segmentation where 51 is the heart) becomes a binary heart label with
     ``{51: 1}`` and ``strict=False``. With ``value_to_class=None`` the values must already be class indices
@@ -264,11 +286,27 @@ class MapLabelValues(Transform):
                 f"({sorted(known)}); set 'class_names' to this dataset's classes, or map values to classes with "
                 f"'label_values' where the bundle has it (e.g. {{\"{unknown[0]}\": 1}}).",
             )
+        if (
+            self.strict
+            and self.ignore_index not in (None, 0)
+            and (self.num_classes or 0) > 1
+            and self.ignore_index not in known
+            and {int(v) for v in values} == {0, self.ignore_index}
+        ):
+            # a binary mask stored 0/255 would train and score on background alone, its foreground unannotated
+            raise DataError(
+                source,
+                f"holds only the values 0 and {self.ignore_index}, the value of unannotated pixels: its foreground "
+                f"would be ignored, not learnt. A binary mask stored 0/{self.ignore_index} must be stored as class "
+                f"indices (0/1), or read as a binary mask (the vessels template's BinaryMaskReader).",
+            )
         if not self.value_to_class:
             return label_t
         mapped = torch.zeros_like(label_t, dtype=torch.uint8)
         for value, index in self.value_to_class.items():
             mapped[label_t == value] = index
+        if self.ignore_index is not None and self.ignore_index not in self.value_to_class:
+            mapped[label_t == self.ignore_index] = self.ignore_index  # unannotated stays unannotated, not background
         return mapped
 
 
