@@ -6,13 +6,19 @@ import numpy as np
 import pytest
 import torch
 from monai.bundle import ConfigParser
+from monai.data import MetaTensor
+from PIL import Image
 
+from clinseg.datasets.errors import ConfigError, DataError
+from clinseg.datasets.fundus.phantom import synthesize_fundus
 from clinseg.datasets.oct import load_oct_datalist
+from clinseg.datasets.readers import LabelImageReader, PhotoReader, ReadImaged
 from clinseg.pipelines.engine.losses import DiceCELossWithIgnore
 from clinseg.pipelines.engine.metrics import LayerThicknessError, PixelAccuracyMetric
-from clinseg.transforms.labels import ColorToLabeld, OneHotWithIgnored
+from clinseg.transforms.fundus import EstimateFOVd, FundusNormalized
+from clinseg.transforms.labels import ColorToLabeld, LabelColorsToClassesd, MapLabelValues, OneHotWithIgnored
 from clinseg.transforms.oct import OrderLayersd, RandSpeckleNoised, boundaries_to_label_map, order_layers
-from tests.conftest import OCT_BUNDLE, decode, is_in_layer_order
+from tests.conftest import OCT_BUNDLE, decode, is_in_layer_order, shared_path
 
 
 def test_boundaries_to_label_map_fills_layers_and_ignores_missing_columns():
@@ -95,6 +101,107 @@ def test_colour_and_onehot_transforms():
     assert onehot[:, 1, 0].sum() == 0, "the ignored pixel has no class"
     with pytest.raises(ValueError, match=r"label values \[7\]"):
         OneHotWithIgnored("label", num_classes=3)({"label": np.array([[[7]]])})
+
+
+NR206_COLOURS = [[0, 0, 0], [255, 0, 0], [128, 128, 0], [255, 255, 0], [0, 128, 0], [0, 255, 0], [0, 255, 255],
+                 [0, 0, 255], [255, 0, 255]]  # fmt: skip
+
+
+def test_a_colour_table_is_read_one_colour_per_entry(tmp_path):
+    """NR206's labels are RGBA, and a viewer shows their colours as [r, g, b, 255]: a table written so was cut into
+    colours of three values each (12 "colours" for 9 classes, none of them the classes'), and refused as repeating a
+    colour it never held. Each entry is one colour, its alpha ignored as the label's is; a table that is not one
+    colour per class, or holds values outside 0..255 ([0, 256, 0] was the colour (1, 0, 0)), is refused naming it."""
+    label = np.zeros((6, 9, 4), np.uint8)
+    label[..., 3] = 255
+    for row, colour in enumerate(NR206_COLOURS[1:6], start=1):
+        label[row] = [*colour, 255]
+    Image.fromarray(label).save(tmp_path / "label.png")
+    read = ReadImaged("label", reader=LabelImageReader())({"label": str(tmp_path / "label.png")})
+    rgba_table = [[*colour, 255] for colour in NR206_COLOURS]
+    classes = LabelColorsToClassesd("label", colors=rgba_table)(read)["label"]
+    np.testing.assert_array_equal(np.asarray(classes)[0, :, 0], [0, 1, 2, 3, 4, 5])
+    np.testing.assert_array_equal(classes, LabelColorsToClassesd("label", colors=NR206_COLOURS)(read)["label"])
+    for table, problem in (([[0, 0, 0], [0, 256, 0]], "outside the 8-bit range"),
+                           ([[0, 0, 0], [255, 0]], "one \\[r, g, b\\] colour per class"),
+                           ([[0, 0, 0, 255], [255, 0, 0]], "one \\[r, g, b\\] colour per class")):  # fmt: skip
+        with pytest.raises(ConfigError, match=f"config key 'label_colors': .*{problem}"):
+            LabelColorsToClassesd("label", colors=table)
+
+
+def test_value_mapping_keeps_unannotated_pixels_unannotated():
+    """Mapped values to classes, the unannotated pixels became background: scored and learnt as background."""
+    label = MetaTensor(torch.tensor([[[0, 7, 9, 255]]]), meta={"filename_or_obj": "labels/a.png"})
+    mapped = MapLabelValues({7: 1, 9: 2}, num_classes=3, ignore_index=255)(label)
+    assert mapped.tolist() == [[[0, 1, 2, 255]]]
+    assert MapLabelValues({7: 1}, strict=False)(label).tolist() == [[[0, 1, 0, 0]]], "without one, all else is 0"
+
+
+def test_a_binary_mask_stored_0_255_is_refused_as_a_label_map(tmp_path):
+    """A bundle made from the oct_layers template (new_task fluid --from oct_layers) reads label values as stored:
+    a mask saved 0/255 had its whole foreground read as unannotated (255), and trained on background alone."""
+    image = np.random.default_rng(0).integers(0, 255, (64, 96), dtype=np.uint8)
+    mask = np.zeros((64, 96), np.uint8)
+    mask[20:40, 30:60] = 255
+    Image.fromarray(image).save(tmp_path / "a.png")
+    Image.fromarray(mask).save(tmp_path / "a_label.png")
+    item = {"image": str(tmp_path / "a.png"), "label": str(tmp_path / "a_label.png")}
+    with pytest.raises(DataError, match="holds only the values 0 and 255") as error:
+        decode("oct_layers", [item], class_names=["background", "fluid"])
+    assert error.value.path == item["label"] and "\n" not in str(error.value)
+    Image.fromarray((mask > 0).astype(np.uint8)).save(tmp_path / "a_label.png")  # the same mask as class indices
+    assert int(decode("oct_layers", [item], class_names=["background", "fluid"])[0]["label"].sum()) == 600
+    mask[:, :3] = 255  # a multi-class label with unannotated columns is what 255 is for
+    mask[20:40, 30:60] = 1
+    Image.fromarray(mask).save(tmp_path / "a_label.png")
+    assert set(np.unique(decode("oct_layers", [item], class_names=["background", "fluid"])[0]["label"])) == {0, 1, 255}
+
+
+def test_layer_order_reports_and_can_refuse_what_it_had_to_reorder():
+    """On an upside-down B-scan the network's layers come out of order, and the ordering makes a map of them in which
+    every layer is present, in order, with plausible thicknesses (a phantom-trained network on a flipped phantom
+    B-scan: 43 % of the retina relabelled, against 0.4 % upright). The share is kept in the metadata; with
+    ``max_relabelled`` the prediction is refused naming the image."""
+    rng = np.random.default_rng(2)
+    width, n_classes = 48, 8
+    tops = 12 + np.cumsum(rng.integers(2, 7, size=(n_classes, width)), axis=0).astype(float)
+    truth = boundaries_to_label_map(tops, height=64).astype(np.int64)
+    logits = 4.0 * torch.nn.functional.one_hot(torch.as_tensor(truth), n_classes).permute(2, 0, 1).float()
+    logits += torch.as_tensor(rng.normal(0, 0.5, logits.shape), dtype=torch.float32)
+    meta = {"filename_or_obj": "bscans/upright.png"}
+    upright = OrderLayersd("pred", max_relabelled=0.2)({"pred": MetaTensor(logits, meta=meta)})["pred"]
+    assert upright.meta["layer_order_relabelled"] < 0.02 and (upright.argmax(0).numpy() == truth).mean() > 0.98
+    flipped = MetaTensor(logits.flip(1), meta={"filename_or_obj": "bscans/flipped.png"})  # layers bottom to top
+    reordered = OrderLayersd("pred")({"pred": flipped})["pred"]
+    assert is_in_layer_order(reordered.argmax(0).numpy()) and reordered.meta["layer_order_relabelled"] > 0.5
+    with pytest.raises(DataError, match=r"bscans/flipped.png: the predicted layers are out of .* order in \d+%"):
+        OrderLayersd("pred", max_relabelled=0.2)({"pred": flipped})
+
+
+def test_fundus_normalisation_refuses_a_channel_that_holds_nothing(tmp_path):
+    """A photograph stored in its red channel alone (green and blue 0), read for its green channel: z-scored inside
+    the field of view, a constant channel is 0 throughout, a blank field in which the network finds no vessel."""
+    photo, _, _ = synthesize_fundus(np.random.default_rng([7, 0]), (96, 88))
+    photo[..., 1:] = 0
+    Image.fromarray(photo).save(tmp_path / "red_only.png")
+    item = ReadImaged("image", reader=PhotoReader(channels="rgb"))({"image": str(tmp_path / "red_only.png")})
+    item = EstimateFOVd("image")(item)
+    with pytest.raises(DataError, match="red_only.png: its green channel is constant") as error:
+        FundusNormalized("image", channels="green")(dict(item))
+    assert "\n" not in str(error.value)
+    out = FundusNormalized("image", channels="red")(dict(item))["image"]  # the channel that holds the picture
+    assert float(out[0][np.asarray(item["fov"][0]) > 0].std()) == pytest.approx(1.0, abs=1e-3)
+    empty = {**item, "fov": torch.zeros_like(item["fov"])}
+    with pytest.raises(DataError, match="field of view is empty"):
+        FundusNormalized("image", channels="red")(empty)
+
+
+def test_real_nr206_labels_and_their_rgba_table_give_the_same_classes():
+    labels = shared_path("oct", "NR206_sample", "train_labels")
+    read = ReadImaged("label", reader=LabelImageReader())({"label": str(labels / "NORMAL1.png")})
+    by_rgb = LabelColorsToClassesd("label", colors=NR206_COLOURS)(dict(read))["label"]
+    by_rgba = LabelColorsToClassesd("label", colors=[[*c, 255] for c in NR206_COLOURS])(dict(read))["label"]
+    assert torch.equal(by_rgb, by_rgba) and set(torch.unique(by_rgb).tolist()) == set(range(9))
 
 
 def test_training_augmentation_preserves_label_values(tiny_oct_dir):

@@ -32,6 +32,11 @@ class FundusNormalize(Transform):
         channels: ``"green"`` (default), ``"red"``, ``"blue"``, ``"rgb"``, or ``"grey"`` (luminance).
         clahe: apply contrast-limited adaptive histogram equalisation (scikit-image) to each channel first.
         clip_limit: CLAHE clip limit.
+
+    Raises:
+        ValueError: (a ``DataError`` naming the file, from the dictionary transform) for an empty field of view, and
+            when every chosen channel is constant inside it (a photograph stored in its red channel alone, read for
+            its green one): normalised, it would be a blank field, in which the network finds nothing, plausibly.
     """
 
     def __init__(self, channels: Literal[CHANNEL_CHOICES] = "green", clahe: bool = False, clip_limit: float = 0.01):
@@ -50,6 +55,16 @@ class FundusNormalize(Transform):
         else:
             array = array[CHANNELS[self.channels]]
         inside = np.ones(array.shape[1:], bool) if fov is None else convert_to_numpy(fov).reshape(array.shape[1:]) > 0
+        if not inside.any():
+            raise ValueError("its field of view is empty: no pixel is left to normalise or segment.")
+        selected = array[:, inside]
+        if (selected.max(axis=1) == selected.min(axis=1)).all():
+            # z-scored, a constant channel is 0 throughout: the network would see a blank field and find nothing
+            raise ValueError(
+                f"its {self.channels} channel{'s are' if len(array) > 1 else ' is'} constant "
+                f"({float(selected[0, 0]):g}) inside the field of view: nothing to segment there; choose 'channels' "
+                f"({', '.join(CHANNEL_CHOICES)}) that hold the picture."
+            )
         if self.clahe:
             from skimage.exposure import equalize_adapthist
 
@@ -87,7 +102,12 @@ class FundusNormalized(MapTransform):
         d = dict(data)
         fov = d.get(self.fov_key) if self.fov_key else None
         for key in self.key_iterator(d):
-            d[key] = self.normalize(d[key], fov)
+            try:
+                d[key] = self.normalize(d[key], fov)
+            except ValueError as e:
+                image = d[key]
+                source = image.meta.get("filename_or_obj", key) if isinstance(image, MetaTensor) else key
+                raise DataError(str(source), str(e)) from None
         return d
 
 

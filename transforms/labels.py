@@ -40,9 +40,12 @@ class ColorToLabel(Transform):
                 f"{sorted(lengths)}: {[c.tolist() for c in entries][:10]}."
             )
         table = np.stack(entries)[:, :3]
-        if not np.issubdtype(table.dtype, np.number) or (table != np.round(table)).any() or (table < 0).any() or (
-            table > 255
-        ).any():
+        if (
+            not np.issubdtype(table.dtype, np.number)
+            or (table != np.round(table)).any()
+            or (table < 0).any()
+            or (table > 255).any()
+        ):
             raise ValueError(f"the colour table holds values outside the 8-bit range 0..255: {table.tolist()}.")
         self.colors = table.astype(np.int64)
         if len({tuple(c) for c in self.colors}) != len(self.colors):
