@@ -166,3 +166,42 @@ def test_tests_skip_only_through_the_shared_rules():
             elif isinstance(node, ast.Attribute) and node.attr in SKIPS and getattr(node.value, "attr", None) == "mark":
                 found.append(f"{path.name}:{node.lineno} pytest.mark.{node.attr}")
     assert not found, "skips outside tests/conftest.py's shared_path and prerequisite_missing: " + ", ".join(found)
+
+
+def top_level_names(path: Path) -> set[str]:
+    """The names a module defines or imports at its top level (inside ``if``/``try`` blocks too)."""
+    names = set()
+    body = list(ast.parse(path.read_text()).body)
+    while body:
+        node = body.pop()
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign, ast.AugAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names |= {n.id for target in targets for n in ast.walk(target) if isinstance(n, ast.Name)}
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names |= {(alias.asname or alias.name).split(".")[0] for alias in node.names}
+        elif isinstance(node, (ast.If, ast.Try, ast.With)):
+            body += node.body + getattr(node, "orelse", []) + getattr(node, "finalbody", [])
+            body += [n for handler in getattr(node, "handlers", []) for n in handler.body]
+    return names
+
+
+def test_every_name_imported_from_the_library_exists():
+    """``from clinseg.x import name``, at the top of a module or inside a function (a benchmark's, a command's),
+    names a module or something ``clinseg.x`` defines: a name removed from a module fails here, not in a user's
+    first run of a command that no other test imports."""
+    modules = library_modules()
+    defined = {name: top_level_names(path) for name, path in modules.items()}
+    missing = []
+    for path in [*modules.values(), *sorted((REPO_ROOT / "tests").glob("*.py"))]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module in modules:
+                missing += [
+                    f"{path.relative_to(REPO_ROOT)}:{node.lineno}: {node.module}.{alias.name}"
+                    for alias in node.names
+                    if alias.name != "*"
+                    and alias.name not in defined[node.module]
+                    and f"{node.module}.{alias.name}" not in modules
+                ]
+    assert not missing, missing

@@ -41,10 +41,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from clinseg.datasets.ct.volumes import voxel_volume_ml
 from clinseg.pipelines import runs
 from clinseg.pipelines.benchmarks import shared_data_dir
 from clinseg.pipelines.cli import parse_overrides
-from clinseg.pipelines.engine.metrics import volume_ml
 from clinseg.pipelines.export import require_trained_settings
 from clinseg.pipelines.paths import PROJECT_ROOT
 
@@ -68,15 +68,16 @@ def reference_on_grid(image_path: Path, label_path: Path) -> np.ndarray:
     return load({"image": str(image_path), "label": str(label_path)})["label"][0].numpy() > 0
 
 
-def scores(prediction: np.ndarray, reference: np.ndarray, spacing: np.ndarray) -> dict[str, float]:
+def scores(prediction: np.ndarray, reference: np.ndarray, affine: np.ndarray) -> dict[str, float]:
     from monai.metrics import compute_average_surface_distance, compute_dice, compute_hausdorff_distance
 
     def onehot(mask):
         return torch.from_numpy(np.stack([~mask, mask])[None].astype(np.float32))
 
     p, r = onehot(prediction), onehot(reference)
-    spacing = [float(s) for s in spacing]
-    predicted_ml, reference_ml = volume_ml(prediction, spacing), volume_ml(reference, spacing)
+    spacing = [float(s) for s in np.linalg.norm(affine[:3, :3], axis=0)]
+    voxel_ml = voxel_volume_ml(affine)  # as the writer reports volumes: the determinant (a sheared grid's too)
+    predicted_ml, reference_ml = float(prediction.sum()) * voxel_ml, float(reference.sum()) * voxel_ml
     return {
         "dice": float(compute_dice(p, r, include_background=False)),
         "hd95_mm": float(compute_hausdorff_distance(p, r, percentile=95, spacing=spacing)),
@@ -218,9 +219,9 @@ def main(argv: list[str] | None = None) -> int:
             "views": str(out / f"{case_id}_views.png"),
         }
         if label is not None:
-            entry.update(scores(prediction, reference_on_grid(source, label), spacing))
+            entry.update(scores(prediction, reference_on_grid(source, label), mask_image.affine))
         else:
-            entry["predicted_volume_ml"] = round(volume_ml(prediction, spacing), 2)
+            entry["predicted_volume_ml"] = round(float(prediction.sum()) * voxel_volume_ml(mask_image.affine), 2)
         results[name] = entry
     report = {
         "checkpoint": str(checkpoint),
