@@ -468,6 +468,8 @@ def version_evidence(client: mlflow.MlflowClient, run) -> dict:
 
 def register(args) -> int:
     """Register a run's best checkpoint, with the bundle folder it belongs to, as a model version."""
+    from clinseg.pipelines import runs
+
     client = client_for(args.tracking_uri)
     run = existing_run(client, args.run_id)
     bundle = checked_bundle(run.data.tags.get("bundle"), f"run {args.run_id}'s 'bundle' tag")
@@ -482,12 +484,28 @@ def register(args) -> int:
     evidence = version_evidence(client, run)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / bundle
+        # the bundle's files without its models and their records: the promoted model.json beside this run's
+        # checkpoint would describe another model (and be ignored for it, taking the run's decision rule and
+        # training record with it)
         shutil.copytree(
-            PROJECT_ROOT / "bundles" / bundle, folder, ignore=shutil.ignore_patterns("outputs", "*.pt", "eval")
+            PROJECT_ROOT / "bundles" / bundle,
+            folder,
+            ignore=shutil.ignore_patterns("outputs", "*.pt", "eval", runs.MODEL_RECORD, "large_files.yml", ".*.lock"),
         )
         (folder / "models").mkdir(exist_ok=True)
         checkpoint = client.download_artifacts(args.run_id, "checkpoint/model.pt", tmp)
-        shutil.move(checkpoint, folder / "models" / "model.pt")
+        shutil.move(checkpoint, folder / "models" / runs.MODEL_FILE)
+        record_artifact = f"models/{runs.MODEL_RECORD}"
+        if record_artifact in logged_artifacts(client, args.run_id, "models"):
+            record = client.download_artifacts(args.run_id, record_artifact, tmp)
+            shutil.move(record, folder / "models" / runs.MODEL_RECORD)
+        if runs.read_record(folder / "models") is None:  # a run of an older version, or its best model moved on
+            (folder / "models" / runs.MODEL_RECORD).unlink(missing_ok=True)
+            print(
+                f"warning: run {args.run_id} logged no model.json describing its checkpoint: the registered model has "
+                "no record (decision rule, input settings, training images)",
+                file=sys.stderr,
+            )
         executed = client.download_artifacts(args.run_id, "config/executed_config.json", tmp)
         shutil.copy(executed, folder / "configs" / "executed_config.json")
         (folder / "evidence.json").write_text(json.dumps(evidence, indent=2, default=str))

@@ -118,6 +118,9 @@ def test_sweep_compare_register_fetch_evaluate(tmp_path, tiny_oct_dir, tracking_
     run_bundle("evaluating", configs, {"bundle_root": fetched, "dataset_dir": tiny_oct_dir, "run_name": "eval-fetched"})
     report = json.loads((fetched / "outputs" / "eval-fetched" / "metrics.json").read_text())
     assert report["mean"]["val_mean_dice"] == pytest.approx(best.data.metrics["0_key/val_mean_dice"], abs=1e-5)
+    # the fetched model comes with its own record (the repository's promoted model.json describes another model)
+    assert report["model"]["training_run_id"] == best.info.run_id, report["model"]
+    assert not (fetched / "large_files.yml").exists()
 
     # wrong run ids, names, aliases and paths: one line each, nothing registered or written
     versions = len(client.search_model_versions("name = 'oct_layers'"))
