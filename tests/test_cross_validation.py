@@ -83,8 +83,10 @@ def test_cv_runs_a_child_per_fold_and_its_models_infer_as_one_ensemble(tmp_path,
     inference = [str(OCT_BUNDLE / "configs" / "inference.json")]
     tiny = {"image_size": "[64,96]", "network_def#channels": "[8,16,32]", "network_def#strides": "[2,2]"}
     output = tmp_path / "ensemble"
+    # noise through models of one tiny epoch: layers in no order, which inference refuses unless told otherwise
     run_bundle("inferring", inference, {**tiny, "input_dir": images, "output_dir": output,
-                                         "checkpoint_path": json.dumps(checkpoints)})  # fmt: skip
+                                         "checkpoint_path": json.dumps(checkpoints),
+                                         "max_layer_order_relabelled": "1.0"})  # fmt: skip
     record = json.loads((output / "inference_summary.json").read_text())
     assert record["model"]["ensemble_size"] == 3, record["model"]
     assert [m["checkpoint"] for m in record["model"]["ensemble"]] == [str(Path(c).resolve()) for c in checkpoints]

@@ -65,11 +65,16 @@ TINY = {
 }
 
 
+# a model of one tiny epoch puts layers in no order yet, which the OCT app refuses unless told otherwise
+INFERENCE_ONLY = {"oct_layers": {"max_layer_order_relabelled": 1.0}}
+
+
 def build_command(bundle: str, checkpoints: Path | list[Path], app: Path, *extra: str) -> list[str]:
     checkpoints = checkpoints if isinstance(checkpoints, list) else [checkpoints]
     command = [sys.executable, "-m", "clinseg.pipelines.deploy", bundle, "--out", str(app), "--checkpoint"]
     command += [*map(str, checkpoints), *extra]
-    return command + ["--override", *(f"{key}={json.dumps(value)}" for key, value in TINY[bundle].items())]
+    overrides = {**TINY[bundle], **INFERENCE_ONLY.get(bundle, {})}
+    return command + ["--override", *(f"{key}={json.dumps(value)}" for key, value in overrides.items())]
 
 
 def build(bundle: str, checkpoint: Path | list[Path], app: Path, *extra: str) -> Path:

@@ -26,10 +26,11 @@ LAYERS = {"NFL", "GCL-IPL", "INL", "OPL", "ONL-ISM", "ISE", "OS-RPE"}
 
 
 def tiny_inference(bundle_root, dataset_dir, **extra):
-    """The tiny sizes for inference.json, which has no batch size (an id a config lacks is refused)."""
+    """The tiny sizes for inference.json, which has no batch size (an id a config lacks is refused); a model of two
+    tiny epochs puts layers in no order yet, which inference refuses unless told otherwise (tested on its own)."""
     overrides = tiny(bundle_root, dataset_dir, **extra)
     del overrides["batch_size"]
-    return overrides
+    return {"max_layer_order_relabelled": "1.0", **overrides}
 
 
 def tiny(bundle_root, dataset_dir, **extra):
@@ -177,6 +178,14 @@ def test_inference_writes_label_maps_on_the_input_grid(trained, tiny_oct_dir, tm
     assert np.asarray(Image.open(out / "scan_overlay.png")).shape == (70, 110, 3)
     summary = json.loads((out / "scan.json").read_text())
     assert summary["shape"] == [70, 110] and set(summary["mean_thickness_px"]) == LAYERS
+    assert 0 <= summary["layer_order_relabelled"] <= 1
+    # with the default limit, a prediction the layer order had to rebuild is refused, naming its image: a map with
+    # every layer in order, made from a jumble, would look plausible
+    defaults = tiny_inference(bundle_root, tiny_oct_dir, input_dir=scans, output_dir=tmp_path / "refused")
+    del defaults["max_layer_order_relabelled"]
+    refused = run_bundle("inferring", INFER, defaults, check=False)
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr
+    assert f"error: {scans}" in refused.stderr and "out of their top-to-bottom order in" in refused.stderr
     run_bundle(
         "inferring",
         INFER,

@@ -329,6 +329,9 @@ class SaveSegmentationd(MapTransform, ResultLedger):
                 }
                 summary["mean_thickness_px"] = thickness
                 summary["thickness_columns"] = int(columns.sum())
+                relabelled = getattr(d[key], "meta", {}).get("layer_order_relabelled")
+                if relabelled is not None:  # how much the top-to-bottom order changed (``OrderLayersd``)
+                    summary["layer_order_relabelled"] = round(float(relabelled), 4)
                 if self.pixel_size_um:
                     summary["mean_thickness_um"] = {
                         k: None if v is None else v * self.pixel_size_um for k, v in thickness.items()
