@@ -1,4 +1,4 @@
-"""The project root: the one place that knows where the project keeps its state.
+"""The project root: the one place that knows where the project keeps its state, and where its sources are.
 
 In a checkout (the library installed editable, as ``make install`` does) the project root is the repository; the
 generated phantoms and caches live in ``<root>/data`` and the MLflow store in ``<root>/mlruns``. Installed from a
@@ -18,13 +18,21 @@ from pathlib import Path
 _CHECKOUT = Path(__file__).resolve().parents[1]
 
 
-def project_root() -> Path:
-    """``CLINSEG_HOME`` if set; else the repository this library lives in; else the current folder."""
-    if os.environ.get("CLINSEG_HOME"):
-        return Path(os.environ["CLINSEG_HOME"]).resolve()
+def source_root() -> Path:
+    """Where the bundles and the library's sources are: the repository this library lives in; else the current
+    folder (a wheel carries no bundles: they are then named by path, ``--bundle_root``)."""
     if (_CHECKOUT / "bundles").is_dir() and (_CHECKOUT / "pipelines").is_dir():
         return _CHECKOUT
     return Path.cwd()
 
 
+def project_root() -> Path:
+    """Where the project keeps its state (phantoms, caches, the MLflow store): ``CLINSEG_HOME`` if set; else the
+    source root. Kept apart from :func:`source_root`, so that a state kept elsewhere still finds the bundles."""
+    if os.environ.get("CLINSEG_HOME"):
+        return Path(os.environ["CLINSEG_HOME"]).resolve()
+    return source_root()
+
+
+SOURCE_ROOT = source_root()
 PROJECT_ROOT = project_root()

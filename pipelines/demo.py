@@ -16,7 +16,7 @@ from pathlib import Path
 
 from clinseg.datasets.oct.phantom import write_phantom_dataset, write_png_bscans
 from clinseg.pipelines import cli
-from clinseg.pipelines.paths import PROJECT_ROOT
+from clinseg.pipelines.paths import PROJECT_ROOT, SOURCE_ROOT
 from clinseg.pipelines.tracking import DEFAULT_STORE, default_tracking_uri, unique_run_name
 
 BUNDLE = "oct_layers"
@@ -28,7 +28,7 @@ def bundle_run(run_id: str, configs: list[str], **overrides) -> None:
         command += [f"--{key}", str(value)]
     print(f"\n$ python {' '.join(command[1:])}", flush=True)
     started = time.perf_counter()
-    subprocess.run(command, cwd=PROJECT_ROOT, check=True)
+    subprocess.run(command, cwd=SOURCE_ROOT, check=True)
     print(f"({run_id} took {time.perf_counter() - started:.0f} s)", flush=True)
 
 
@@ -50,13 +50,11 @@ def main(argv: list[str] | None = None) -> int:
     train_run, eval_run, infer_run = (unique_run_name(w) for w in ("train", "evaluate", "infer"))
     train = [str(configs / "train.json")]
     bundle_run("training", train, **{"train#trainer#max_epochs": args.epochs, "run_name": train_run})
-    run_model = (
-        PROJECT_ROOT / bundle_root / "outputs" / train_run / "models" / "model.pt"
-    )  # this run's, promoted or not
+    run_model = SOURCE_ROOT / bundle_root / "outputs" / train_run / "models" / "model.pt"  # this run's, promoted or not
     bundle_run("evaluating", train + [str(configs / "evaluate.json")], run_name=eval_run, checkpoint_path=run_model)
     bundle_run("inferring", [str(configs / "inference.json")], run_name=infer_run, input_dir=png_dir)
 
-    outputs = PROJECT_ROOT / bundle_root / "outputs"
+    outputs = SOURCE_ROOT / bundle_root / "outputs"
     metrics = json.loads((outputs / eval_run / "metrics.json").read_text())["mean"]
     print("\n" + "=" * 78)
     print(
@@ -66,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     promotion = json.loads((outputs / train_run / "promotion.json").read_text())
     print(f"  this run's best model:    {run_model}")
     print(
-        f"  the bundle's model:       {PROJECT_ROOT / bundle_root / 'models' / 'model.pt'} "
+        f"  the bundle's model:       {SOURCE_ROOT / bundle_root / 'models' / 'model.pt'} "
         f"({'promoted' if promotion['promoted'] else 'kept'}: {promotion['reason']})"
     )
     print(f"  training outputs:         {outputs / train_run}  (learning_curves.png, overlays/)")

@@ -37,7 +37,7 @@ from mlflow.exceptions import MlflowException
 from clinseg.datasets.errors import InputError
 from clinseg.pipelines import cli
 from clinseg.pipelines.cli import text_table
-from clinseg.pipelines.paths import PROJECT_ROOT, checked_bundle
+from clinseg.pipelines.paths import SOURCE_ROOT, checked_bundle
 from clinseg.pipelines.tracking import (
     client_for,
     default_tracking_uri,
@@ -190,9 +190,44 @@ def plot_runs(client: mlflow.MlflowClient, rows: list[dict], metric: str, path: 
     return out
 
 
+def parent_run_id(client: mlflow.MlflowClient, bundle: str, parent: str) -> str:
+    """The id of the sweep or cross-validation parent run ``parent`` of ``bundle``'s experiment, given by its id or
+    by the name the sweep printed (``sweep-20261206-064357-33d152``).
+
+    Raises:
+        InputError: no such run in the experiment (the latest parents are named), or one name for several runs.
+    """
+    experiment = client.get_experiment_by_name(bundle)
+    if experiment is None:
+        raise InputError(bundle, f"no experiment of this name in {client.tracking_uri} (train the bundle first).")
+    if re.fullmatch(r"[0-9a-f]{32}", parent):
+        query = f"attributes.run_id = '{parent}'"
+    else:
+        query = f"attributes.run_name = '{parent}'"
+    found = client.search_runs([experiment.experiment_id], query, max_results=2)
+    if len(found) == 1:
+        return found[0].info.run_id
+    if found:
+        raise InputError("--parent", f"{parent!r} names several runs of '{bundle}': give the run id.")
+    parents = sorted(
+        (
+            run
+            for workflow in ("sweep", "cv")
+            for run in client.search_runs(
+                [experiment.experiment_id], f"tags.workflow = '{workflow}'", order_by=["attributes.start_time DESC"]
+            )
+        ),
+        key=lambda run: run.info.start_time,
+        reverse=True,
+    )[:5]
+    known = ", ".join(f"{r.info.run_name} ({r.info.run_id})" for r in parents) or "none"
+    raise InputError("--parent", f"{parent!r}: no run of '{bundle}' has this id or name; latest parents: {known}.")
+
+
 def compare(args) -> int:
     client = client_for(args.tracking_uri)
-    runs = training_runs(client, args.bundle, args.runs, args.parent)
+    parent = parent_run_id(client, args.bundle, args.parent) if args.parent else None
+    runs = training_runs(client, args.bundle, args.runs, parent)
     if not runs:
         print(f"no training runs of '{args.bundle}' in {client.tracking_uri}")
         return 1
@@ -258,7 +293,7 @@ def run_children(args, parent_id: str, combinations: list[dict], fixed: dict, wo
             print(f"[{index}/{len(combinations)}] {' '.join(f'{k}={v}' for k, v in overrides.items())}", flush=True)
             child = subprocess.Popen(
                 command,
-                cwd=PROJECT_ROOT,
+                cwd=SOURCE_ROOT,
                 env=env,
                 stdout=None if args.verbose else subprocess.DEVNULL,
                 stderr=None if args.verbose else subprocess.PIPE,
@@ -289,7 +324,11 @@ def sweep(args) -> int:
         combinations = random.Random(args.seed).sample(combinations, min(args.sample, len(combinations)))
     fixed = dict(item.split("=", 1) for item in args.set)
     parent_id = start_parent(client, args, "sweep", {"grid": json.dumps(grid)}, fixed)
-    print(f"sweep {client.get_run(parent_id).info.run_name}: {len(combinations)} child runs of {args.bundle}")
+    print(
+        f"sweep {client.get_run(parent_id).info.run_name} (run id {parent_id}): {len(combinations)} child runs of "
+        f"{args.bundle}; compare them with: python -m clinseg.pipelines.experiments compare {args.bundle} "
+        f"--parent {parent_id}"
+    )
     status = "FAILED"
     try:
         status = run_children(args, parent_id, combinations, fixed, "sweep")
@@ -378,7 +417,7 @@ def cross_validate(args) -> int:
     fixed["folds"] = str(args.folds)
     client = client_for(args.tracking_uri)
     parent_id = start_parent(client, args, "cv", {"folds": str(args.folds)}, fixed)
-    print(f"cv {client.get_run(parent_id).info.run_name}: {args.folds} folds of {args.bundle}")
+    print(f"cv {client.get_run(parent_id).info.run_name} (run id {parent_id}): {args.folds} folds of {args.bundle}")
     status = "FAILED"
     try:
         status = run_children(args, parent_id, [{"fold": str(k)} for k in range(args.folds)], fixed, "cv")
@@ -488,7 +527,7 @@ def register(args) -> int:
         # checkpoint would describe another model (and be ignored for it, taking the run's decision rule and
         # training record with it)
         shutil.copytree(
-            PROJECT_ROOT / "bundles" / bundle,
+            SOURCE_ROOT / "bundles" / bundle,
             folder,
             ignore=shutil.ignore_patterns("outputs", "*.pt", "eval", runs.MODEL_RECORD, "large_files.yml", ".*.lock"),
         )
@@ -537,7 +576,7 @@ def promote(args) -> int:
     from clinseg.pipelines import runs
 
     bundle = checked_bundle(args.bundle, "bundle")
-    root = Path(args.bundle_root) if args.bundle_root else PROJECT_ROOT / "bundles" / bundle
+    root = Path(args.bundle_root) if args.bundle_root else SOURCE_ROOT / "bundles" / bundle
     name = runs.check_run_name(args.run)
     folder = runs.runs_dir(root) / name
     if not folder.is_dir():
@@ -598,7 +637,7 @@ def sync(args) -> int:
     from clinseg.pipelines.spool import SPOOL_FOLDER, sync_spools
     from clinseg.pipelines.tracking import DEFAULT_STORE
 
-    default = [PROJECT_ROOT / "bundles", DEFAULT_STORE / SPOOL_FOLDER]
+    default = [SOURCE_ROOT / "bundles", DEFAULT_STORE / SPOOL_FOLDER]
     folders = args.folders or [f for f in default if f.is_dir()]
     lines = sync_spools(folders, args.tracking_uri, client_for)
     print("\n".join(lines) if lines else f"no spooled tracking records in {', '.join(map(str, folders))}")
@@ -663,7 +702,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sort", help="a column (best_<metric>, final_<metric>) or a param name")
     p.add_argument("--ascending", action="store_true")
     p.add_argument("--runs", type=int, default=20, help="newest N runs")
-    p.add_argument("--parent", help="only the children of this sweep run id")
+    p.add_argument("--parent", help="only the children of this sweep or cv run (its id or name)")
     p.add_argument("--plot", help="write the metric's curves across runs as PNG")
     p.add_argument("--json", help="write the rows as JSON")
     p.set_defaults(func=compare)

@@ -38,12 +38,12 @@ from clinseg.datasets.errors import DataError
 from clinseg.datasets.io import atomic_write, atomic_write_all
 from clinseg.pipelines import cli
 from clinseg.pipelines.cli import parse_overrides
-from clinseg.pipelines.paths import PROJECT_ROOT
+from clinseg.pipelines.paths import SOURCE_ROOT
 
 
 def bundle_paths(bundle: str) -> dict[str, Path]:
     # absolute: ckpt_export runs from the repository root, where a folder given relative to the caller's is not
-    root = (Path(bundle) if os.sep in bundle else PROJECT_ROOT / "bundles" / bundle).absolute()
+    root = (Path(bundle) if os.sep in bundle else SOURCE_ROOT / "bundles" / bundle).absolute()
     if not (root / "configs" / "train.json").is_file():
         raise SystemExit(f"error: {root}: not a bundle of this project (no configs/train.json).")
     return {
@@ -96,7 +96,7 @@ def export_torchscript(bundle: str, checkpoint: Path, out: Path, overrides: dict
             "--config_file", str(config_file),
             "--bundle_root", str(paths["root"]),
         ]  # fmt: skip
-        result = subprocess.run(command, cwd=PROJECT_ROOT, capture_output=True, text=True)
+        result = subprocess.run(command, cwd=SOURCE_ROOT, capture_output=True, text=True)
         if result.returncode != 0 or not exported.is_file():
             raise SystemExit(
                 f"error: ckpt_export failed ({result.returncode}):\n{result.stdout[-3000:]}{result.stderr[-3000:]}"

@@ -31,7 +31,7 @@ from pathlib import Path
 from clinseg.datasets.io import staged_folder
 from clinseg.pipelines import cli
 from clinseg.pipelines.export import network_inputs
-from clinseg.pipelines.paths import PROJECT_ROOT
+from clinseg.pipelines.paths import SOURCE_ROOT
 
 TEMPLATES = {
     "vessels": "binary masks (images/ + masks/ [+ fov/])",
@@ -138,7 +138,7 @@ def run_options(target: Path) -> str:
     own ``bundle_root``), or, for a bundle written elsewhere (``--bundles_dir``), its folder as ``--bundle_root``, so
     that what a run writes (its outputs, the promoted model) goes into that bundle and not into ``bundles/<name>``
     under whatever folder the command is run from."""
-    if target.resolve() == (PROJECT_ROOT / "bundles" / target.name).resolve():
+    if target.resolve() == (SOURCE_ROOT / "bundles" / target.name).resolve():
         return ""
     return f" --bundle_root {shlex.quote(str(target))}"
 
@@ -163,7 +163,7 @@ def new_task(
     bundles_dir: Path | None = None,
 ) -> Path:
     """Write ``<bundles_dir>/<name>/`` from ``template``; the folder appears whole or not at all."""
-    bundles_dir = Path(bundles_dir or PROJECT_ROOT / "bundles")
+    bundles_dir = Path(bundles_dir or SOURCE_ROOT / "bundles")
     if not NAME.match(name):
         raise TaskError(f"'{name}': a bundle name is 2-40 lower-case letters, digits or '_', starting with a letter.")
     if template not in TEMPLATES:
@@ -171,7 +171,7 @@ def new_task(
     target = bundles_dir / name
     if target.exists():
         raise TaskError(f"{target}: exists already; choose another name.")
-    source = bundles_dir / template if (bundles_dir / template).is_dir() else PROJECT_ROOT / "bundles" / template
+    source = bundles_dir / template if (bundles_dir / template).is_dir() else SOURCE_ROOT / "bundles" / template
     template_train = json.loads((source / "configs" / "train.json").read_text())
     classes = classes or template_train["class_names"]
     if len(classes) < 2 or len(set(classes)) != len(classes):

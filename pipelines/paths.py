@@ -11,7 +11,7 @@ import uuid
 from pathlib import Path
 
 from clinseg.datasets.errors import InputError
-from clinseg.datasets.locations import PROJECT_ROOT
+from clinseg.datasets.locations import PROJECT_ROOT, SOURCE_ROOT
 
 
 def phantom_dir(bundle_name: str) -> str:
@@ -71,7 +71,7 @@ def require_output_outside_input(output_dir: str | os.PathLike, input_path: str 
     return os.fspath(output_dir)
 
 
-BUNDLES_DIR = PROJECT_ROOT / "bundles"
+BUNDLES_DIR = SOURCE_ROOT / "bundles"
 
 
 def earlier_results(folder: str | os.PathLike) -> tuple[list[str], str]:

@@ -210,7 +210,7 @@ def run_trial(study, storage, trial, settings: dict, worker: str, verbose: bool)
     """Run one trial's training as a child process and tell the study how it ended; returns its state."""
     from optuna.trial import TrialState
 
-    from clinseg.pipelines.paths import PROJECT_ROOT
+    from clinseg.pipelines.paths import SOURCE_ROOT
     from clinseg.pipelines.tracking import RUN_TAGS_ENV, client_for
 
     params = {key: override_text(value) for key, value in trial.params.items()}
@@ -239,7 +239,7 @@ def run_trial(study, storage, trial, settings: dict, worker: str, verbose: bool)
     with Heartbeat(storage, trial._trial_id):
         child = subprocess.Popen(
             [sys.executable, *command[1:]],
-            cwd=PROJECT_ROOT,
+            cwd=SOURCE_ROOT,
             env=env,
             stdout=None if verbose else subprocess.DEVNULL,
             stderr=None if verbose else subprocess.PIPE,
@@ -543,7 +543,7 @@ def search(args) -> int:
     """``experiments search``: create (or ``--join``) a study and run its workers."""
     import optuna
 
-    from clinseg.pipelines.paths import PROJECT_ROOT, checked_bundle, unique_run_name
+    from clinseg.pipelines.paths import SOURCE_ROOT, checked_bundle, unique_run_name
     from clinseg.pipelines.tracking import client_for, default_tracking_uri, ensure_experiment
 
     bundle = checked_bundle(args.bundle, "bundle")
@@ -570,7 +570,7 @@ def search(args) -> int:
         if not STUDY_NAME.match(name):
             raise InputError(f"--study {name!r}", "is not a study name (letters, digits, '.', '_', '-').")
         config_file = args.config_file or str(Path("bundles") / bundle / "configs" / "train.json")
-        config_path = Path(config_file) if Path(config_file).is_absolute() else PROJECT_ROOT / config_file
+        config_path = Path(config_file) if Path(config_file).is_absolute() else SOURCE_ROOT / config_file
         if not config_path.is_file():
             raise InputError(f"--config_file {config_file}", "no such file.")
         fixed = {}

@@ -20,7 +20,7 @@ from pathlib import Path
 import mlflow
 from mlflow.exceptions import MlflowException
 
-from clinseg.pipelines.paths import PROJECT_ROOT, default_store, sqlite_lock, unique_run_name  # noqa: F401 (re-exported)
+from clinseg.pipelines.paths import PROJECT_ROOT, SOURCE_ROOT, default_store, sqlite_lock, unique_run_name  # noqa: F401 (re-exported)
 from clinseg.pipelines.spool import TrackingUnavailableError
 
 DEFAULT_STORE = default_store()
@@ -316,7 +316,7 @@ def engine_metric_name(name: str) -> str:
 store_lock = sqlite_lock
 
 
-def git_state(root: Path = PROJECT_ROOT) -> dict[str, str]:
+def git_state(root: Path = SOURCE_ROOT) -> dict[str, str]:
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10).stdout.strip()
 

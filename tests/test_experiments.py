@@ -87,6 +87,13 @@ def test_sweep_compare_register_fetch_evaluate(tmp_path, tiny_oct_dir, tracking_
     }
     best = max(children, key=lambda c: c.data.metrics["0_key/val_mean_dice"])
     assert parent.data.tags["best_child"] == best.info.run_id
+    # the sweep prints its run id and the command that compares its children; --parent takes the name as well
+    assert f"--parent {parent.info.run_id}" in out.stdout
+    by_name = experiments("compare", "oct_layers", "--parent", parent.info.run_name, "--json", str(tmp_path / "p.json"))
+    assert {row["run_id"] for row in json.loads((tmp_path / "p.json").read_text())} == {
+        c.info.run_id for c in children
+    }, by_name.stdout
+    assert "latest parents: " + parent.info.run_name in refused("compare", "oct_layers", "--parent", "sweep-none")
 
     plot = tmp_path / "curves.png"
     rows_json = tmp_path / "rows.json"

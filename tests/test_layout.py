@@ -11,7 +11,10 @@
 from __future__ import annotations
 
 import ast
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 from tests.conftest import REPO_ROOT
@@ -205,3 +208,22 @@ def test_every_name_imported_from_the_library_exists():
                     and f"{node.module}.{alias.name}" not in modules
                 ]
     assert not missing, missing
+
+
+def test_a_state_home_elsewhere_still_finds_the_bundles(tmp_path):
+    """``CLINSEG_HOME`` moves the state (phantoms, caches, the MLflow store), not the bundles and sources: with it set,
+    ``promote``, ``register`` and the Deploy build used to find no bundle at all ("the bundles are []")."""
+    probe = (
+        "from clinseg.pipelines.paths import BUNDLES_DIR, bundle_names, default_store, phantom_dir; "
+        "print(bundle_names(), BUNDLES_DIR, default_store(), phantom_dir('vessels'), sep='|')"
+    )
+    env = {**os.environ, "CLINSEG_HOME": str(tmp_path)}
+    result = subprocess.run([sys.executable, "-c", probe], env=env, cwd=tmp_path, capture_output=True, text=True)
+    names, bundles, store, phantoms = result.stdout.strip().split("|")
+    assert names == "['ct_heart', 'oct_layers', 'vessels']" and Path(bundles) == REPO_ROOT / "bundles", result
+    assert Path(store) == tmp_path / "mlruns" and Path(phantoms) == tmp_path / "data" / "phantoms" / "vessels"
+    refused = subprocess.run(
+        [sys.executable, "-m", "clinseg.pipelines.experiments", "promote", "oct_layers", "no-such-run"],
+        env=env, cwd=tmp_path, capture_output=True, text=True,
+    )  # fmt: skip
+    assert refused.returncode == 1 and "is not a run in" in refused.stderr, refused.stderr

@@ -4,12 +4,12 @@ import json
 import os
 from pathlib import Path
 
-from clinseg.pipelines.paths import PROJECT_ROOT
+from clinseg.pipelines.paths import SOURCE_ROOT
 
 
 def shared_data_dir() -> Path:
     """The real public data: ``$SHARED_DATA_DIR``, else ``shared/data`` beside the project."""
-    return Path(os.environ.get("SHARED_DATA_DIR", PROJECT_ROOT.parent / "shared" / "data"))
+    return Path(os.environ.get("SHARED_DATA_DIR", SOURCE_ROOT.parent / "shared" / "data"))
 
 
 def drive_training_dir() -> str:

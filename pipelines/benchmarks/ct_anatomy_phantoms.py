@@ -21,7 +21,7 @@ import torch
 from monai.data import MetaTensor
 
 from clinseg.datasets.ct.phantom import synthesize_ct
-from clinseg.pipelines.paths import PROJECT_ROOT
+from clinseg.pipelines.paths import SOURCE_ROOT
 from clinseg.transforms.ct_anatomy import (
     CheckHeartAnatomyd,
     CTFieldOfViewd,
@@ -66,7 +66,7 @@ def false_positive(phantom, verdict: FieldOfView, radius_mm: float = 25.0) -> np
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--out", default=str(PROJECT_ROOT / "bundles" / "ct_heart" / "outputs" / "anatomy_phantoms.json")
+        "--out", default=str(SOURCE_ROOT / "bundles" / "ct_heart" / "outputs" / "anatomy_phantoms.json")
     )
     parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args(argv)

@@ -46,9 +46,9 @@ from clinseg.pipelines import runs
 from clinseg.pipelines.benchmarks import shared_data_dir
 from clinseg.pipelines.cli import parse_overrides
 from clinseg.pipelines.export import require_trained_settings
-from clinseg.pipelines.paths import PROJECT_ROOT
+from clinseg.pipelines.paths import SOURCE_ROOT
 
-CONFIGS = PROJECT_ROOT / "bundles" / "ct_heart" / "configs"
+CONFIGS = SOURCE_ROOT / "bundles" / "ct_heart" / "configs"
 
 
 def reference_on_grid(image_path: Path, label_path: Path) -> np.ndarray:
@@ -156,9 +156,9 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data_dir", default=str(shared_data_dir() / "ct" / "totalsegmentator"))
-    parser.add_argument("--checkpoint", default=str(PROJECT_ROOT / "bundles" / "ct_heart" / "models" / "model.pt"))
+    parser.add_argument("--checkpoint", default=str(SOURCE_ROOT / "bundles" / "ct_heart" / "models" / "model.pt"))
     parser.add_argument(
-        "--out", default=str(PROJECT_ROOT / "bundles" / "ct_heart" / "outputs" / "benchmark_real_ct.json")
+        "--out", default=str(SOURCE_ROOT / "bundles" / "ct_heart" / "outputs" / "benchmark_real_ct.json")
     )
     parser.add_argument("--work_dir", default=None, help="where the masks and pictures go (default: a temp dir)")
     parser.add_argument("--override", nargs="*", default=[], help="config overrides KEY=JSON, as at training")

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from clinseg.pipelines.paths import PROJECT_ROOT
+from clinseg.pipelines.paths import SOURCE_ROOT
 
 TINY = {"image_size": "[32,48]", "network_def#channels": "[4,8]", "network_def#strides": "[2]"}
 TRAIN = {**TINY, "train#trainer#max_epochs": "1", "val_interval": "1", "num_workers": "0", "batch_size": "2"}
@@ -252,7 +252,7 @@ def export_missing(ctx: Context):
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--repo", type=Path, default=PROJECT_ROOT)
+    parser.add_argument("--repo", type=Path, default=SOURCE_ROOT)
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--cases", nargs="*", default=None)
     args = parser.parse_args(argv)

@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 from clinseg.pipelines.cli import parse_overrides
-from clinseg.pipelines.paths import PROJECT_ROOT
+from clinseg.pipelines.paths import PROJECT_ROOT, SOURCE_ROOT
 
 BUNDLES = ("oct_layers", "vessels", "ct_heart")
 CACHES = ("memory", "disk", "none")
@@ -55,7 +55,7 @@ def child(bundle: str, overrides: dict) -> None:
     from monai.bundle import run
 
     start = time.perf_counter()
-    run("training", config_file=str(PROJECT_ROOT / "bundles" / bundle / "configs" / "train.json"), **overrides)
+    run("training", config_file=str(SOURCE_ROOT / "bundles" / bundle / "configs" / "train.json"), **overrides)
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     # DataLoader workers are child processes: the largest of them (each also holds its copy-on-write pages)
     worker_mib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
@@ -109,7 +109,7 @@ def measure(bundle: str, cache: str, epochs: int, extra: dict, dataset_size: int
             json.dumps(overrides),
         ]
         with tempfile.TemporaryFile("w+") as stdout, tempfile.TemporaryFile("w+") as stderr:
-            process = subprocess.Popen(command, cwd=PROJECT_ROOT, stdout=stdout, stderr=stderr, text=True)
+            process = subprocess.Popen(command, cwd=SOURCE_ROOT, stdout=stdout, stderr=stderr, text=True)
             peak_pss = 0.0
             while process.poll() is None:
                 peak_pss = max(peak_pss, tree_pss_mib(process.pid))

@@ -40,9 +40,9 @@ import numpy as np
 from clinseg.datasets.readers import read_binary_mask
 from clinseg.pipelines.benchmarks import drive_training_dir, write_report
 from clinseg.pipelines.benchmarks.vessels_cross_camera import scores
-from clinseg.pipelines.paths import PROJECT_ROOT
+from clinseg.pipelines.paths import PROJECT_ROOT, SOURCE_ROOT
 
-CONFIGS = PROJECT_ROOT / "bundles" / "vessels" / "configs"
+CONFIGS = SOURCE_ROOT / "bundles" / "vessels" / "configs"
 DATASET_ID, DATASET_NAME = 501, "Dataset501_DRIVE"
 DRIVER = Path(__file__).with_name("nnunet_budget_training.py")
 
@@ -58,7 +58,7 @@ def run(command: list, what: str, env: dict | None = None, log: Path | None = No
     started = time.perf_counter()
     lines = []
     merged = {"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT, "text": True}
-    with subprocess.Popen([str(c) for c in command], cwd=PROJECT_ROOT, env=env, **merged) as child:
+    with subprocess.Popen([str(c) for c in command], cwd=SOURCE_ROOT, env=env, **merged) as child:
         for line in child.stdout:
             lines.append(line)
             if PROGRESS.search(line):
@@ -78,7 +78,7 @@ def nnunet_environment(venv: Path) -> Path:
     if not (venv / "bin" / "nnUNetv2_predict").is_file():
         print(f"installing nnU-Net into {venv} (requirements-nnunet.txt)", flush=True)
         run([sys.executable, "-m", "venv", venv], "making nnU-Net's environment")
-        requirements = PROJECT_ROOT / "requirements-nnunet.txt"
+        requirements = SOURCE_ROOT / "requirements-nnunet.txt"
         # torch first, on its own: the pinned CPU build, before nnunetv2's unpinned requirement can choose
         run([python, "-m", "pip", "install", "-q", "torch==2.13.0"], "installing torch for nnU-Net")
         run([python, "-m", "pip", "install", "-q", "-r", requirements], "installing nnU-Net")
@@ -243,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dataset_dir", default=drive_training_dir(), help="default: $DRIVE_DIR or the shared data")
     parser.add_argument("--budget_s", type=float, default=600.0, help="each tool's training wall time, in seconds")
     parser.add_argument("--iterations_per_epoch", type=int, default=10, help="nnU-Net's shortened epoch")
-    parser.add_argument("--nnunet_venv", default=str(PROJECT_ROOT / ".venv-nnunet"))
+    parser.add_argument("--nnunet_venv", default=str(SOURCE_ROOT / ".venv-nnunet"))
     parser.add_argument("--work_dir", default=str(PROJECT_ROOT / "data" / "benchmarks" / "nnunet_side_by_side"))
     parser.add_argument("--out", default=str(PROJECT_ROOT / "data" / "benchmarks" / "nnunet_side_by_side.json"))
     parser.add_argument("--only", choices=("pipeline", "nnunet"), default=None, help="run one tool's row only")

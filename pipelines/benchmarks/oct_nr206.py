@@ -35,10 +35,10 @@ from clinseg.datasets.io import atomic_write
 from clinseg.pipelines.benchmarks import shared_data_dir, write_report
 from clinseg.pipelines.cli import add_set_argument, parse_overrides
 from clinseg.pipelines.config_checks import check_override_keys
-from clinseg.pipelines.paths import PROJECT_ROOT
+from clinseg.pipelines.paths import SOURCE_ROOT
 from clinseg.pipelines.tracking import client_for, default_tracking_uri, mlflow_metric_name
 
-CONFIGS = PROJECT_ROOT / "bundles" / "oct_layers" / "configs"
+CONFIGS = SOURCE_ROOT / "bundles" / "oct_layers" / "configs"
 TRAINING = [str(CONFIGS / "train.json"), str(CONFIGS / "nr206.json")]
 EVALUATION = [*TRAINING, str(CONFIGS / "evaluate.json")]
 KEY_METRIC = "val_mean_dice"
@@ -60,7 +60,7 @@ def run_bundle(workflow: str, configs: list[str], arguments: dict, log: Path, tr
         command += [f"--{key}", value if isinstance(value, str) else repr(value)]  # Python literals, as fire reads them
     env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri}
     with open(log, "w") as output:
-        result = subprocess.run(command, cwd=PROJECT_ROOT, stdout=output, stderr=subprocess.STDOUT, env=env)
+        result = subprocess.run(command, cwd=SOURCE_ROOT, stdout=output, stderr=subprocess.STDOUT, env=env)
     if result.returncode:
         lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
         raise SystemExit(f"{workflow} failed (exit {result.returncode}): {lines[-1] if lines else ''} (log: {log})")
@@ -230,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--no_ensemble", action="store_true", help="skip the evaluation of the seeds as one ensemble")
     parser.add_argument(
-        "--out", default=str(PROJECT_ROOT / "bundles" / "oct_layers" / "outputs" / "benchmark_nr206.json")
+        "--out", default=str(SOURCE_ROOT / "bundles" / "oct_layers" / "outputs" / "benchmark_nr206.json")
     )
     parser.add_argument("--work_dir", default=None, help="where the seeds' bundle roots go (default: a temp dir)")
     parser.add_argument("--tracking_uri", default=None, help="MLflow store (default: MLFLOW_TRACKING_URI or mlruns/)")
@@ -266,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     report = {
         "dataset_dir": str(Path(args.dataset_dir).resolve()),
-        "configs": [str(Path(c).relative_to(PROJECT_ROOT)) for c in TRAINING],
+        "configs": [str(Path(c).relative_to(SOURCE_ROOT)) for c in TRAINING],
         "overrides": overrides,
         "tracking_uri": args.tracking_uri,
         "seeds": seeds,

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from clinseg.pipelines.benchmarks import write_report
-from clinseg.pipelines.paths import PROJECT_ROOT
+from clinseg.pipelines.paths import PROJECT_ROOT, SOURCE_ROOT
 
 SPACE = ["learning_rate=loguniform:0.0005:0.01", "batch_size=choice:2,4"]
 TINY = ["image_size=[64,96]", "network_def#channels=[8,16,32]", "network_def#strides=[2,2]"]
@@ -43,7 +43,7 @@ def measure(workers: int, n_trials: int, epochs: int, seed: int) -> dict:
         command += ["--space", *SPACE, "--n_trials", str(n_trials), "--workers", str(workers), "--seed", str(seed)]
         command += ["--study", "bench", "--set", *fixed]
         started = time.time()
-        result = subprocess.run(command, cwd=PROJECT_ROOT, capture_output=True, text=True, env=os.environ.copy())
+        result = subprocess.run(command, cwd=SOURCE_ROOT, capture_output=True, text=True, env=os.environ.copy())
         wall = time.time() - started
         if result.returncode not in (0, 1):
             raise SystemExit(f"search with {workers} workers failed: {result.stderr[-2000:]}")

@@ -32,9 +32,9 @@ import time
 import urllib.request
 from pathlib import Path
 
-from clinseg.pipelines.paths import PROJECT_ROOT
+from clinseg.pipelines.paths import SOURCE_ROOT
 
-CONFIGS = PROJECT_ROOT / "bundles" / "oct_layers" / "configs"
+CONFIGS = SOURCE_ROOT / "bundles" / "oct_layers" / "configs"
 TINY = {
     "image_size": "[32,48]",
     "network_def#channels": "[4,8]",
@@ -83,7 +83,7 @@ def launch(kind: str, seed: int, root: Path, data: Path, uri: str, log: Path) ->
     for key, value in overrides.items():
         command += [f"--{key}", str(value)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen(command, cwd=PROJECT_ROOT, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
+    return subprocess.Popen(command, cwd=SOURCE_ROOT, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
 
 
 def check_round(client, experiment_id: str, root: Path, known: set[str], counts: dict) -> list[str]:

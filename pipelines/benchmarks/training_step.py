@@ -29,14 +29,14 @@ import torch
 
 from clinseg.pipelines.benchmarks import write_report
 from clinseg.pipelines.cli import parse_overrides
-from clinseg.pipelines.paths import PROJECT_ROOT
+from clinseg.pipelines.paths import PROJECT_ROOT, SOURCE_ROOT
 
 
 def build(bundle: str, overrides: dict):
     from monai.bundle import ConfigParser
 
     parser = ConfigParser()
-    parser.read_config(str(PROJECT_ROOT / "bundles" / bundle / "configs" / "train.json"))
+    parser.read_config(str(SOURCE_ROOT / "bundles" / bundle / "configs" / "train.json"))
     parser.update(overrides)
     network = parser.get_parsed_content("network_def")
     loss = parser.get_parsed_content("loss")

@@ -34,9 +34,9 @@ import numpy as np
 import torch
 
 from clinseg.pipelines.benchmarks import write_report
-from clinseg.pipelines.paths import PROJECT_ROOT
+from clinseg.pipelines.paths import PROJECT_ROOT, SOURCE_ROOT
 
-CONFIGS = PROJECT_ROOT / "bundles" / "vessels" / "configs"
+CONFIGS = SOURCE_ROOT / "bundles" / "vessels" / "configs"
 # what each condition types on the command line (the bundle's defaults last: FOV estimation and disc scaling on)
 # one feature added at a time; the first three with the plain decision rule (threshold 0.5), the model's own rule
 # (chosen on its DRIVE validation cases, clinseg.pipelines.engine.decision) from the fourth on
@@ -138,7 +138,7 @@ def infer(dataset_dir: Path, checkpoint: Path, overrides: list[str], work: Path,
         *overrides,
     ]
     start = time.perf_counter()
-    done = subprocess.run(command, cwd=PROJECT_ROOT, capture_output=True, text=True)
+    done = subprocess.run(command, cwd=SOURCE_ROOT, capture_output=True, text=True)
     seconds = time.perf_counter() - start
     if done.returncode != 0:
         raise SystemExit(f"error: inference '{name}' failed ({done.returncode}):\n{done.stderr[-3000:]}")
@@ -217,9 +217,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--chase_dir",
-        default=os.environ.get("CHASE_DIR", str(PROJECT_ROOT.parent / "shared" / "data" / "vessels" / "CHASEDB1_x3")),
+        default=os.environ.get("CHASE_DIR", str(SOURCE_ROOT.parent / "shared" / "data" / "vessels" / "CHASEDB1_x3")),
     )
-    parser.add_argument("--checkpoint", default=str(PROJECT_ROOT / "bundles" / "vessels" / "models" / "model.pt"))
+    parser.add_argument("--checkpoint", default=str(SOURCE_ROOT / "bundles" / "vessels" / "models" / "model.pt"))
     parser.add_argument("--prepared_dir", default=None, help="default: data/benchmarks/chase_reduced_<factor>")
     parser.add_argument("--factor", type=int, default=3, help="reduction of the 3x release (3: its original size)")
     parser.add_argument(

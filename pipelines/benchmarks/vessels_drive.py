@@ -39,9 +39,9 @@ from clinseg.pipelines.benchmarks import drive_training_dir
 from clinseg.pipelines.cli import add_set_argument, parse_overrides
 from clinseg.pipelines.config_checks import check_override_keys
 from clinseg.pipelines.context import declared_run_arguments
-from clinseg.pipelines.paths import PROJECT_ROOT
+from clinseg.pipelines.paths import SOURCE_ROOT
 
-CONFIG = PROJECT_ROOT / "bundles" / "vessels" / "configs" / "train.json"
+CONFIG = SOURCE_ROOT / "bundles" / "vessels" / "configs" / "train.json"
 # validation F1 levels whose first crossing is reported: the second observer's (0.788 on the official test set),
 # the earlier target, the single-model target and the ensemble's target
 QUALITY_LEVELS = (0.788, 0.80, 0.81, 0.82, 0.83)
@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dataset_dir", default=drive_training_dir(), help="default: $DRIVE_DIR or the shared data")
     parser.add_argument("--budget_s", type=float, default=600.0, help="training wall-time budget in seconds")
     parser.add_argument("--plain_iterations", type=int, default=60)
-    parser.add_argument("--out", default=str(PROJECT_ROOT / "bundles" / "vessels" / "outputs" / "benchmark_drive.json"))
+    parser.add_argument("--out", default=str(SOURCE_ROOT / "bundles" / "vessels" / "outputs" / "benchmark_drive.json"))
     parser.add_argument(
         "--work_dir", default=None, help="where the benchmark's bundle outputs go (default: a temp dir)"
     )

@@ -41,7 +41,7 @@ from clinseg.datasets.io import staged_folder
 from clinseg.pipelines.cli import ConfigError, entry_point
 from clinseg.pipelines.deploy.apps import CommandLineParser, first_missing, remove_created
 from clinseg.pipelines.deploy.runtime import CT_RULES
-from clinseg.pipelines.paths import PROJECT_ROOT
+from clinseg.pipelines.paths import SOURCE_ROOT
 
 PACKAGES = ("datasets", "transforms", "pipelines")
 IGNORED = shutil.ignore_patterns("__pycache__", "*.pyc", "benchmarks", "demo.py", "experiments.py")
@@ -150,9 +150,9 @@ def expanded_config(bundle: str, checkpoints: list[Path], overrides: dict) -> di
 
 def bundle_root(bundle: str) -> Path:
     """The bundle's folder: a name under ``bundles/`` or a folder path; else an :class:`InputError` naming it."""
-    root = Path(bundle) if os.sep in bundle or bundle.startswith(".") else PROJECT_ROOT / "bundles" / bundle
+    root = Path(bundle) if os.sep in bundle or bundle.startswith(".") else SOURCE_ROOT / "bundles" / bundle
     if not (root / "configs" / "train.json").is_file() or not (root / "configs" / "inference.json").is_file():
-        names = sorted(p.parent.parent.name for p in (PROJECT_ROOT / "bundles").glob("*/configs/inference.json"))
+        names = sorted(p.parent.parent.name for p in (SOURCE_ROOT / "bundles").glob("*/configs/inference.json"))
         raise InputError(bundle, f"is not a bundle of this project (no {root}/configs/train.json and inference.json)"
                          f"; the bundles: {', '.join(names)}, or a bundle folder.")  # fmt: skip
     return root.resolve()
@@ -297,8 +297,8 @@ def build_app(
             (staging / "bundle" / "inference.json").write_text(json.dumps(config, indent=2))
             (staging / "bundle" / "metadata.json").write_text(json.dumps(metadata, indent=4))
             for package in PACKAGES:  # under the import root the configs name (clinseg.pipelines, ...)
-                shutil.copytree(PROJECT_ROOT / package, staging / "clinseg" / package, ignore=IGNORED)
-            shutil.copy(PROJECT_ROOT / "requirements-deploy.txt", staging / "requirements.txt")
+                shutil.copytree(SOURCE_ROOT / package, staging / "clinseg" / package, ignore=IGNORED)
+            shutil.copy(SOURCE_ROOT / "requirements-deploy.txt", staging / "requirements.txt")
             values = {"bundle": root.name, "title": metadata["name"], "version": metadata["version"], **kind}
             values["model"] = f"models/{'model.pt' if model_format == 'checkpoint' else 'model.ts'}"
             (staging / "app.py").write_text(APP_PY.format(**values))
