@@ -298,7 +298,7 @@ def _artifact_source(args: dict, spool: Spool | None) -> str:
 
 
 def _log_folder(client, run_id: str, folder: str, artifact_path: str | None, exclude: list[str]) -> None:
-    """``client.log_artifacts`` of ``folder`` without the folders in ``exclude`` and without spool folders."""
+    """``client.log_artifacts`` of ``folder`` without the folders in ``exclude``, spool folders and lock files."""
     excluded = {Path(p).resolve() for p in exclude}
     root = Path(folder)
     for current, folders, files in os.walk(root):
@@ -309,6 +309,8 @@ def _log_folder(client, run_id: str, folder: str, artifact_path: str | None, exc
         relative = here.relative_to(root).as_posix()
         target = "/".join(p for p in (artifact_path, "" if relative == "." else relative) if p) or None
         for name in sorted(files):
+            if name.startswith(".") and name.endswith(".lock"):  # a run's or a promotion's lock: no result
+                continue
             client.log_artifact(run_id, str(here / name), target)
 
 

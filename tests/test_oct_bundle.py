@@ -118,6 +118,7 @@ def test_training_writes_checkpoints_and_an_mlflow_run(trained):
     ):
         assert expected in artifacts, (expected, artifacts)
     assert sum(a.startswith("overlays/") for a in artifacts) == 3
+    assert "split.json" in artifacts and not [a for a in artifacts if a.endswith(".lock")], artifacts
     config = json.loads(Path(client.download_artifacts(run.info.run_id, "config/executed_config.json")).read_text())
     assert config["train"]["trainer"]["max_epochs"] == 2 and config["image_size"] == [64, 96]
     manifest = json.loads(Path(client.download_artifacts(run.info.run_id, "dataset/manifest.json")).read_text())

@@ -14,7 +14,7 @@ logger = logging.getLogger(__name__)
 def loss_from_output(output, key: str = "loss") -> float:
     """The loss of an iteration, whether the engine decollates its output (a list of dicts) or not (a dict)."""
     value = output[0][key] if isinstance(output, list) else output[key]
-    return float(value)
+    return float(value.detach()) if hasattr(value, "detach") else float(value)  # (a loss still holds its graph)
 
 
 class LossProgressBar(ProgressBar):
