@@ -40,6 +40,23 @@ def children(client: mlflow.MlflowClient, parent_id: str) -> list:
     return client.search_runs([experiment.experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'")
 
 
+def start_search(args: list[str], env: dict | None = None, as_in_a_terminal: bool = False, **popen) -> subprocess.Popen:
+    """``experiments search ARGS`` started in the background, its output piped (stderr with it unless ``popen`` says
+    otherwise); ``as_in_a_terminal``: in a session of its own with SIGINT at its default (a shell's background job
+    starts with it ignored), so that Ctrl-C can be sent to its process group as a terminal would."""
+    if as_in_a_terminal:
+        popen.update(start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    popen.setdefault("stderr", subprocess.STDOUT)
+    return subprocess.Popen(
+        [sys.executable, "-m", "clinseg.pipelines.experiments", *args],
+        cwd=REPO_ROOT,
+        env={**os.environ, **(env or {})},
+        stdout=subprocess.PIPE,
+        text=True,
+        **popen,
+    )
+
+
 def wait_for_first_trial(process: subprocess.Popen, study: str, storage: str, timeout_s: float = 300) -> None:
     """Wait until the first trial of ``study`` has started its training's MLflow run (``process`` still alive)."""
     deadline = time.time() + timeout_s
@@ -170,10 +187,7 @@ def test_pruned_trials_are_marked_and_a_used_budget_runs_nothing(tmp_path, tiny_
 def test_a_dead_workers_trial_runs_again(tmp_path, tiny_oct_dir, tracking_uri):
     env = {"PIPELINE_SEARCH_HEARTBEAT_S": "1"}  # stale after 4 s without a heartbeat
     args = search_args(tmp_path, tiny_oct_dir, "dead-worker", "--n_trials", "1", epochs=2)
-    command = [sys.executable, "-m", "clinseg.pipelines.experiments", *args]
-    worker = subprocess.Popen(
-        command, cwd=REPO_ROOT, env={**os.environ, **env}, stdout=subprocess.PIPE, text=True, start_new_session=True
-    )
+    worker = start_search(args, env, stderr=None, start_new_session=True)
     storage = tracking_uri.replace("mlflow.db", "optuna.db")
     wait_for_first_trial(worker, "dead-worker", storage)
     os.killpg(worker.pid, signal.SIGKILL)  # the worker and its training, as a lost machine would be
@@ -200,17 +214,7 @@ def test_an_interrupted_search_resumes_with_the_interrupted_trial(tmp_path, tiny
     """Ctrl-C stops a search; resumed with --join, it runs the interrupted trial's values again, and the interruption
     counts as no failure (--max_failures 1 would otherwise stop the resumed search at once)."""
     args = search_args(tmp_path, tiny_oct_dir, "interrupted", "--n_trials", "1", "--max_failures", "1", epochs=2)
-    command = [sys.executable, "-m", "clinseg.pipelines.experiments", *args]
-    # a shell's background job starts with SIGINT ignored: restore the default, as in a terminal
-    search = subprocess.Popen(
-        command,
-        cwd=REPO_ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-    )
+    search = start_search(args, as_in_a_terminal=True)
     storage = tracking_uri.replace("mlflow.db", "optuna.db")
     wait_for_first_trial(search, "interrupted", storage)
     os.killpg(search.pid, signal.SIGINT)  # Ctrl-C: the terminal signals the search and its training
@@ -236,10 +240,7 @@ def test_the_last_worker_stopped_by_failures_ends_the_parent_failed(tmp_path, ti
     env = {"PIPELINE_SEARCH_HEARTBEAT_S": "1"}  # stale after 4 s without a heartbeat
     # trainings long enough to be running still when they are stopped (then they end at once)
     args = search_args(tmp_path, tiny_oct_dir, "failing", "--n_trials", "2", "--max_failures", "1", epochs=50)
-    command = [sys.executable, "-m", "clinseg.pipelines.experiments", *args]
-    launcher = subprocess.Popen(
-        command, cwd=REPO_ROOT, env={**os.environ, **env}, stdout=subprocess.PIPE, text=True, start_new_session=True
-    )
+    launcher = start_search(args, env, stderr=None, start_new_session=True)
     storage = tracking_uri.replace("mlflow.db", "optuna.db")
     wait_for_first_trial(launcher, "failing", storage)
     study = load(tracking_uri, "failing")
@@ -270,8 +271,7 @@ def test_sigterm_stops_a_search_as_ctrl_c_does(tmp_path, tiny_oct_dir, tracking_
     """``kill`` (or a scheduler's time limit) on a search killed it outright: its training went on without it, its
     trial and the parent run stayed RUNNING, and the trial later counted as a dead worker's failure."""
     args = search_args(tmp_path, tiny_oct_dir, "terminated", "--n_trials", "1", epochs=50)
-    command = [sys.executable, "-m", "clinseg.pipelines.experiments", *args]
-    search = subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    search = start_search(args)
     storage = tracking_uri.replace("mlflow.db", "optuna.db")
     wait_for_first_trial(search, "terminated", storage)
     search.send_signal(signal.SIGTERM)  # to the search alone, as `kill PID` does
@@ -289,15 +289,7 @@ def test_ctrl_c_on_several_workers_marks_every_running_trial_interrupted(tmp_pat
     """Ctrl-C reaches ``--workers N``'s workers twice (from the terminal, and passed on by their launcher); the
     second one interrupted the stopping of the trial, which stayed RUNNING, to be failed later as a dead worker's."""
     args = search_args(tmp_path, tiny_oct_dir, "several", "--n_trials", "2", "--workers", "2", epochs=50)
-    search = subprocess.Popen(
-        [sys.executable, "-m", "clinseg.pipelines.experiments", *args],
-        cwd=REPO_ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # as in a terminal
-    )
+    search = start_search(args, as_in_a_terminal=True)
     storage = tracking_uri.replace("mlflow.db", "optuna.db")
     deadline = time.time() + 300
     while True:  # both workers' trainings have started
@@ -327,13 +319,7 @@ def test_a_training_killed_after_reporting_fails_its_trial_and_ends_its_run(tmp_
     import psutil
 
     args = search_args(tmp_path, tiny_oct_dir, "oom", "--n_trials", "1", "--max_failures", "1", epochs=50)
-    search = subprocess.Popen(
-        [sys.executable, "-m", "clinseg.pipelines.experiments", *args],
-        cwd=REPO_ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    search = start_search(args)
     storage = tracking_uri.replace("mlflow.db", "optuna.db")
     deadline = time.time() + 300
     while True:  # the training has reported a validation
