@@ -272,7 +272,8 @@ def split_together(items: list[dict], group_key: str) -> list[str]:
     return [one_with(group) for group in groups]
 
 
-def _names(values: Sequence[str], most: int = 5) -> str:
+def first_names(values: Sequence[str], most: int = 5) -> str:
+    """The first ``most`` of ``values`` for a message, and how many there are when there are more."""
     return ", ".join(values[:most]) + (f" ... ({len(values)} in all)" if len(values) > most else "")
 
 
@@ -331,7 +332,7 @@ def read_split_file(path: str | os.PathLike, fold: int = 0, folds: int = 0) -> d
         raise DataError(path, f"{where}is not a split: {expected}.")
     both = [i for i in sides["train"] if i in set(sides["val"])]
     if both:
-        raise DataError(path, f"{where}lists {len(both)} ids in both 'train' and 'val': {_names(both)}.")
+        raise DataError(path, f"{where}lists {len(both)} ids in both 'train' and 'val': {first_names(both)}.")
     return sides
 
 
@@ -351,12 +352,14 @@ def split_from_file(
     known = [str(item["id"]) for item in items]
     absent = [i for i in side_of if i not in set(known)]
     if absent:
-        raise DataError(split_file, f"lists {len(absent)} ids that are not cases of the dataset: {_names(absent)}.")
+        raise DataError(
+            split_file, f"lists {len(absent)} ids that are not cases of the dataset: {first_names(absent)}."
+        )
     unassigned = [i for i in known if i not in side_of]
     if unassigned:
         raise DataError(
             split_file,
-            f"assigns {len(unassigned)} cases of the dataset to neither 'train' nor 'val': {_names(unassigned)} "
+            f"assigns {len(unassigned)} cases of the dataset to neither 'train' nor 'val': {first_names(unassigned)} "
             "(added since it was written?); add each to one of the lists.",
         )
     copies = split_together(items, "id")  # an item's id, or one shared by the copies of its image
@@ -367,7 +370,8 @@ def split_from_file(
     if split_copies:
         raise DataError(
             split_file,
-            f"puts copies of one image (identical files) on both sides: {_names(split_copies)}; put them on one side.",
+            f"puts copies of one image (identical files) on both sides: {first_names(split_copies)}; put them on "
+            "one side.",
         )
     if group_key != "id":  # the file decides, but validating on the training cases' own subject is worth a line
         sides_of_group: dict[str, set[str]] = {}
@@ -376,7 +380,7 @@ def split_from_file(
         shared = sorted(group for group, found in sides_of_group.items() if len(found) > 1)
         if shared:
             log_once(
-                f"{split_file}: {len(shared)} {group_key}s have cases on both sides of the split: {_names(shared)}"
+                f"{split_file}: {len(shared)} {group_key}s have cases on both sides of the split: {first_names(shared)}"
             )
     return {side: [item for item in items if side_of[str(item["id"])] == side] for side in sides}
 
@@ -451,7 +455,7 @@ def load_datalist(
                 raise DataError(
                     dataset_dir,
                     f"has cases of one name in its split folders, which a split file cannot tell apart: "
-                    f"{_names(repeated)}.",
+                    f"{first_names(repeated)}.",
                 )
         else:
             pool = unique_ids(layout.list_items(dataset_dir, "all", **options))

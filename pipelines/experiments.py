@@ -59,10 +59,16 @@ def key_metric_of(bundle: str, run=None) -> str:
     return KEY_METRICS.get(bundle, "val_mean_dice")
 
 
-def training_runs(client: mlflow.MlflowClient, bundle: str, limit: int = 50, parent: str | None = None):
+def bundle_experiment(client: mlflow.MlflowClient, bundle: str):
+    """The MLflow experiment of ``bundle``'s runs; refused, naming the store, when there is none."""
     experiment = client.get_experiment_by_name(bundle)
     if experiment is None:
         raise InputError(bundle, f"no experiment of this name in {client.tracking_uri} (train the bundle first).")
+    return experiment
+
+
+def training_runs(client: mlflow.MlflowClient, bundle: str, limit: int = 50, parent: str | None = None):
+    experiment = bundle_experiment(client, bundle)
     query = "tags.workflow = 'train'" + (f" and tags.mlflow.parentRunId = '{parent}'" if parent else "")
     return client.search_runs(
         [experiment.experiment_id], query, order_by=["attributes.start_time DESC"], max_results=limit
@@ -197,9 +203,7 @@ def parent_run_id(client: mlflow.MlflowClient, bundle: str, parent: str) -> str:
     Raises:
         InputError: no such run in the experiment (the latest parents are named), or one name for several runs.
     """
-    experiment = client.get_experiment_by_name(bundle)
-    if experiment is None:
-        raise InputError(bundle, f"no experiment of this name in {client.tracking_uri} (train the bundle first).")
+    experiment = bundle_experiment(client, bundle)
     if re.fullmatch(r"[0-9a-f]{32}", parent):
         query = f"attributes.run_id = '{parent}'"
     else:

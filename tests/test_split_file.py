@@ -21,17 +21,10 @@ from clinseg.datasets.fundus.phantom import write_drive_layout
 from clinseg.datasets.layouts import decided_split, write_split
 from clinseg.datasets.oct import DUKE_CLASS_NAMES, load_oct_datalist
 from tests.conftest import REPO_ROOT, run_bundle, shared_path
+from tests.test_write_errors import TINY as TINY_VESSELS_SIZES
 
 CLASSES = list(DUKE_CLASS_NAMES)
 VESSELS = REPO_ROOT / "bundles" / "vessels" / "configs"
-TINY_VESSELS = {
-    "patch_size": "[32,32]",
-    "patches_per_image": 2,
-    "repeats_per_epoch": 1,
-    "sw_roi_size": "[48,48]",
-    "network_def#channels": "[8,16,32]",
-    "network_def#strides": "[2,2]",
-}
 
 
 def ids(items):
@@ -238,7 +231,7 @@ def test_the_real_nr206_sample_keeps_its_split():
 
 
 def test_a_training_writes_its_split_and_the_file_gives_it_back(drive, tmp_path, tracking_uri):
-    common = {**TINY_VESSELS, "bundle_root": tmp_path / "bundle", "dataset_dir": drive}
+    common = {**TINY_VESSELS_SIZES, "bundle_root": tmp_path / "bundle", "dataset_dir": drive}
     run_bundle("training", [str(VESSELS / "train.json")], {**common, "train#trainer#max_epochs": 1, "val_interval": 1})
     (run_folder,) = (tmp_path / "bundle" / "outputs").iterdir()
     split_file = run_folder / "split.json"

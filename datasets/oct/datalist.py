@@ -29,6 +29,7 @@ from clinseg.datasets.layouts import (
     check_headers,
     data_files,
     files_by_stem,
+    first_names,
     load_datalist,
     log_once,
     partner_file,
@@ -108,7 +109,7 @@ def group_by_volume(items: list[dict], folder: Path) -> list[dict]:
     shared = sorted(volume for volume, n in counts.items() if n > 1)
     if not shared:
         return [{**item, "volume": item["id"]} for item in items]
-    sizes = ", ".join(f"{volume} ({counts[volume]})" for volume in shared[:5]) + (" ..." if len(shared) > 5 else "")
+    sizes = first_names([f"{volume} ({counts[volume]})" for volume in shared])
     largest = max(Counter(groups).values())
     if len(set(groups)) < MIN_VOLUMES or largest > len(items) / 2:
         log_once(
@@ -194,9 +195,7 @@ def list_via_json(dataset_dir: Path, split: str, class_names: list[str] | None =
     if beside:  # not annotated (or exported from another project): an image is never guessed to be background
         log_once(
             f"{dataset_dir}: {len(beside)} images beside the VIA export{'s' if len(exports) > 1 else ''} are not in "
-            f"{'any of them' if len(exports) > 1 else 'it'} (not annotated), left out: "
-            + ", ".join(beside[:5])
-            + (" ..." if len(beside) > 5 else "")
+            f"{'any of them' if len(exports) > 1 else 'it'} (not annotated), left out: {first_names(beside)}"
         )
     return group_by_volume([item for path in exports for item in via_items(path)], dataset_dir)
 
