@@ -23,6 +23,7 @@ import math
 import os
 import random
 import re
+import shlex
 import shutil
 import signal
 import statistics
@@ -349,14 +350,19 @@ def sweep(args) -> int:
     return 0 if status == "FINISHED" else 1
 
 
-def cv_summary(client: mlflow.MlflowClient, bundle: str, folds: int, parent_id: str) -> dict:
+def cv_summary(
+    client: mlflow.MlflowClient, bundle: str, folds: int, parent_id: str, overrides: dict | None = None
+) -> dict:
     """The summary of the cross-validation ``parent_id`` from its fold runs in the store, recorded on it: each
     fold's best key metric (``fold_<k>_<metric>``), which cases it validated and its model; the mean and spread
     (``cv_mean_<metric>``, ``cv_std_<metric>``) only when every one of the ``folds`` folds finished and validated.
 
     A mean over the folds that happened to finish is no k-fold estimate, and looks like one in the UI: an incomplete
     cross-validation records how many folds scored (``cv_folds_scored``), names the missing ones, and keeps the
-    mean of those that scored as ``partial_mean`` in ``cv/folds.json`` only."""
+    mean of those that scored as ``partial_mean`` in ``cv/folds.json`` only.
+
+    The ensemble's command carries the folds' ``overrides`` that inference has too (``channels``,
+    ``network_def#channels``...): without them it builds the default network and refuses the fold models."""
     runs = training_runs(client, bundle, 1000, parent_id)
     finished = [r for r in runs if r.info.status == "FINISHED" and "fold" in r.data.params]
     by_fold = {int(r.data.params["fold"]): r for r in finished}
@@ -398,13 +404,30 @@ def cv_summary(client: mlflow.MlflowClient, bundle: str, folds: int, parent_id: 
             summary.update(partial_mean=spread["mean"], partial_std=spread["std"])
     checkpoints = [f["checkpoint"] for f in per_fold if f["checkpoint"] and Path(f["checkpoint"]).is_file()]
     if len(checkpoints) >= 2:
-        summary["ensemble_command"] = (
-            f"python -m monai.bundle run inferring --config_file bundles/{bundle}/configs/inference.json "
-            f'--checkpoint_path "{checkpoints!r}" --input_dir IMAGES --output_dir OUT'
-        )
+        summary["ensemble_command"] = ensemble_command(bundle, checkpoints, overrides or {})
         client.set_tag(parent_id, "ensemble_command", summary["ensemble_command"])
     client.log_text(parent_id, json.dumps(summary, indent=2), "cv/folds.json")
     return summary
+
+
+def ensemble_command(bundle: str, checkpoints: list[str], overrides: dict) -> str:
+    """The inference command over ``checkpoints`` as one ensemble, with the training ``overrides`` (``KEY=VALUE`` of
+    ``--set``) that the bundle's ``inference.json`` has: the network and input settings, without which inference
+    builds the default network and refuses the models. The trainings' data folder and split are left out."""
+    from monai.bundle import ConfigParser
+
+    from clinseg.pipelines.config_checks import config_ids
+
+    config = f"bundles/{bundle}/configs/inference.json"
+    ids = config_ids(ConfigParser.load_config_files([str(SOURCE_ROOT / config)]))
+    training_only = {"fold", "folds", "dataset_dir"}
+    kept = [(k, v) for k, v in overrides.items() if k not in training_only and k.replace("::", "#") in ids]
+    source = "input_dir" if "input_dir" in ids else "input_path"  # a folder of images, a CT folder or file
+    return (
+        f"python -m monai.bundle run inferring --config_file {config}"
+        f" --checkpoint_path {shlex.quote(json.dumps(checkpoints))} --{source} IMAGES --output_dir OUT"
+        + "".join(f" --{k} {shlex.quote(str(v))}" for k, v in kept)
+    )
 
 
 def cross_validate(args) -> int:
@@ -425,7 +448,7 @@ def cross_validate(args) -> int:
     status = "FAILED"
     try:
         status = run_children(args, parent_id, [{"fold": str(k)} for k in range(args.folds)], fixed, "cv")
-        summary = cv_summary(client, args.bundle, args.folds, parent_id)
+        summary = cv_summary(client, args.bundle, args.folds, parent_id, fixed)
         if not summary["complete"] and status == "FINISHED":
             status = "FAILED"
     finally:

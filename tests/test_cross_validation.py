@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 import mlflow
@@ -14,7 +17,7 @@ from PIL import Image
 from clinseg.datasets.errors import InputError
 from clinseg.datasets.io import split_by_group
 from clinseg.pipelines.engine.ensembles import ProbabilityEnsemble
-from tests.conftest import OCT_BUNDLE, run_bundle
+from tests.conftest import OCT_BUNDLE, REPO_ROOT, run_bundle
 from tests.test_experiments import experiments, refused, sweep_settings
 
 
@@ -84,9 +87,16 @@ def test_cv_runs_a_child_per_fold_and_its_models_infer_as_one_ensemble(tmp_path,
     tiny = {"image_size": "[64,96]", "network_def#channels": "[8,16,32]", "network_def#strides": "[2,2]"}
     output = tmp_path / "ensemble"
     # noise through models of one tiny epoch: layers in no order, which inference refuses unless told otherwise
-    run_bundle("inferring", inference, {**tiny, "input_dir": images, "output_dir": output,
-                                         "checkpoint_path": json.dumps(checkpoints),
-                                         "max_layer_order_relabelled": "1.0"})  # fmt: skip
+    # the command the parent records, as a user copies it: it carries the folds' network settings, without which
+    # inference builds the default network and refuses the fold models
+    command = parent.data.tags["ensemble_command"].replace("IMAGES", str(images)).replace("OUT", str(output))
+    assert command.startswith("python -m monai.bundle run inferring") and "--network_def#channels" in command
+    assert "--dataset_dir" not in command and "--folds" not in command, "no setting that inference lacks"
+    command = command.replace("python", shlex.quote(sys.executable), 1)
+    # noise through models of one tiny epoch: layers in no order, which inference refuses unless told otherwise
+    ran = subprocess.run(f"{command} --max_layer_order_relabelled 1.0", shell=True, cwd=REPO_ROOT, capture_output=True,
+                         text=True, timeout=600)  # fmt: skip
+    assert ran.returncode == 0, ran.stderr[-3000:]
     record = json.loads((output / "inference_summary.json").read_text())
     assert record["model"]["ensemble_size"] == 3, record["model"]
     assert [m["checkpoint"] for m in record["model"]["ensemble"]] == [str(Path(c).resolve()) for c in checkpoints]
@@ -137,3 +147,15 @@ def test_an_incomplete_cv_records_no_mean_as_its_estimate(tracking_uri):
     metrics = client.get_run(parent).data.metrics
     assert "cv_mean_val_mean_dice" not in metrics and "cv_std_val_mean_dice" not in metrics, metrics
     assert metrics["cv_folds_scored"] == 2 and metrics["fold_1_val_mean_dice"] == pytest.approx(0.9)
+
+
+def test_the_ensemble_command_names_each_bundle_s_input_and_keeps_the_model_settings():
+    from clinseg.pipelines.experiments import ensemble_command
+
+    settings = {"network_def#channels": "[8, 16]", "dataset_dir": "/data/ct", "folds": "5", "learning_rate": "0.01"}
+    command = ensemble_command("ct_heart", ["/runs/a b/model.pt", "/runs/c/model.pt"], settings)
+    assert " --input_path IMAGES " in command and "--input_dir" not in command, "a CT is a folder or a file"
+    assert " --network_def#channels '[8, 16]'" in command
+    assert "--dataset_dir" not in command and "--folds" not in command and "--learning_rate" not in command
+    assert """--checkpoint_path '["/runs/a b/model.pt", "/runs/c/model.pt"]'""" in command
+    assert " --input_dir IMAGES " in ensemble_command("vessels", ["a", "b"], {})
