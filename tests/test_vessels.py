@@ -201,6 +201,34 @@ def test_a_large_disc_is_resampled_for_the_network_and_back(tmp_path):
     assert item["image"].shape[1:] == drive_sized.shape[:2] and item["image"].meta["fov_scale"] == 1.0
 
 
+def test_a_disc_cut_on_every_side_keeps_its_periphery_and_is_measured_by_its_rim(tmp_path):
+    """A photograph cut just inside its disc, dark only in its corners. Its field was estimated as 71 % of the image,
+    the darker periphery cut off as if it were frame (Otsu's split fell inside the fundus), and no vessel was
+    predicted there. Its bounding box is narrower than the disc: measured by the box, its vessels would be
+    resampled as if its camera had 25 % fewer pixels across the retina. The circle through the round rim measures
+    the whole disc, as the uncut photograph's."""
+    from clinseg.transforms.fundus import ScaleToFOVd, fov_diameter
+
+    photo, _, fov = synthesize_fundus(np.random.default_rng([5, 0]), (960, 999))
+    rows, cols = np.flatnonzero(fov.any(axis=1)), np.flatnonzero(fov.any(axis=0))
+    whole = fov_diameter(fov[None])
+    assert whole == pytest.approx(cols[-1] - cols[0] + 1, rel=0.01), "a whole disc measures its width"
+    cut = slice(rows[0] + 120, rows[-1] - 120), slice(cols[0] + 120, cols[-1] - 120)
+    save(tmp_path / "cut.png", photo[cut])
+    item = EstimateFOVd("image")(
+        ReadImaged("image", reader=PhotoReader(channels="rgb"))({"image": tmp_path / "cut.png"})
+    )
+    measured = np.asarray(item["fov"][0]) > 0
+    assert not measured.all() and max(measured.shape) < 0.8 * whole, "dark corners, a box far narrower than the disc"
+    assert iou(measured, fov[cut]) > 0.99
+    assert fov_diameter(item["fov"]) == pytest.approx(whole, rel=0.01)
+    assert ScaleToFOVd("fov").factor(item) == pytest.approx(538 / whole, rel=0.01)
+    # a field with a rim that is no circle keeps the bounding box
+    square = np.zeros((400, 400), bool)
+    square[50:350, 80:320] = True
+    assert fov_diameter(square[None]) == 300
+
+
 def test_a_given_mask_is_kept_and_estimation_can_be_turned_off():
     photo, _, fov = synthesize_fundus(np.random.default_rng([4, 0]), (80, 72))
     given = np.zeros((1, 80, 72), np.uint8)

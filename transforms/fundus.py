@@ -125,7 +125,8 @@ class EstimateFOV(Transform):
     ``rise`` of the way to the disc's; then the opened, hole-filled largest component, scaled back.
 
     A photograph whose four corners are all bright has no frame (a crop inside the disc): the whole image is the
-    field. MONAI's ``ForegroundMask`` thresholds alone; it neither fills the dark lesions inside the
+    field. One cut just inside its disc, dark only in its corners, is too little frame for Otsu's split: the frame's
+    level is then read from the dark corners. MONAI's ``ForegroundMask`` thresholds alone; it neither fills the dark lesions inside the
     disc nor keeps one component, and it would split a frameless photograph at its own median.
 
     Raises:
@@ -163,8 +164,14 @@ class EstimateFOV(Transform):
         # the disc has bright corners: no frame, the whole image is the field
         k = max(2, round(0.03 * min(small.shape)))
         corners = [small[:k, :k], small[:k, -k:], small[-k:, :k], small[-k:, -k:]]
-        if min(float(np.median(c)) for c in corners) > self.frame_contrast * disc:
+        dark = [float(np.median(c)) for c in corners if float(np.median(c)) <= self.frame_contrast * disc]
+        if not dark:
             return np.ones(shape, bool)
+        if frame > self.frame_contrast * disc:
+            # Otsu's lower class is no dark frame: in a photograph cut just inside its disc, dark only in its
+            # corners, the split falls inside the fundus, and the darker periphery would be cut off as frame; the
+            # frame's level is then that of the dark corners
+            frame = float(np.median(dark))
         mask = small > frame + self.rise * (disc - frame)
         radius = max(1, round(0.01 * max(small.shape)))
         mask = ndimage.binary_opening(mask, structure=np.ones((2 * radius + 1,) * 2, bool))
@@ -246,14 +253,32 @@ class EstimateFOVd(MapTransform):
 
 
 def fov_diameter(fov: NdarrayOrTensor) -> float | None:
-    """The diameter in pixels of the field-of-view disc: the longer side of its bounding box, so a disc cut at the
-    top and bottom by the camera still measures its full width. None for a field that fills the whole image (a
-    frameless crop), whose disc, and so whose scale, cannot be seen."""
+    """The diameter in pixels of the field-of-view disc: the circle through its round rim, so a disc cut by the
+    camera or a crop, at the top and bottom or on every side, still measures its full width. A rim that is no
+    circle (an irregular field) falls back to the longer side of the bounding box. None for a field that fills the
+    whole image (a frameless crop), whose disc, and so whose scale, cannot be seen."""
     mask = convert_to_numpy(fov).reshape(convert_to_numpy(fov).shape[-2:]) > 0
     rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
     if rows.size == 0 or mask.all():
         return None
-    return float(max(rows[-1] - rows[0] + 1, cols[-1] - cols[0] + 1))
+    box = float(max(rows[-1] - rows[0] + 1, cols[-1] - cols[0] + 1))
+    # the rim: the field's edge pixels, less the straight cuts (they lie on the sides of its bounding box)
+    rim = mask & ~ndimage.binary_erosion(mask, border_value=0)
+    rim[[rows[0], rows[-1]], :] = False
+    rim[:, [cols[0], cols[-1]]] = False
+    y, x = np.nonzero(rim)
+    if x.size < 50:
+        return box
+    # algebraic least-squares circle (Kasa): x^2 + y^2 = a x + b y + c, centre (a/2, b/2)
+    design = np.stack([x, y, np.ones_like(x)], axis=1).astype(np.float64)
+    (a, b, c), *_ = np.linalg.lstsq(design, (x**2 + y**2).astype(np.float64), rcond=None)
+    centre_x, centre_y = a / 2, b / 2
+    radius = float(np.sqrt(max(c + centre_x**2 + centre_y**2, 0.0)))
+    spread = float(np.sqrt(np.mean((np.hypot(x - centre_x, y - centre_y) - radius) ** 2)))
+    diameter = 2 * radius + 1  # edge pixel centre to edge pixel centre, plus the pixel
+    if radius == 0 or spread > 0.02 * radius or diameter < 0.97 * box:
+        return box
+    return diameter
 
 
 class ScaleToFOVd(MapTransform, InvertibleTransform):
