@@ -83,6 +83,7 @@ class ROCAUCInMaskMetric(_ReducedMetric):
     def _compute_tensor(self, y_pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         from monai.metrics import compute_roc_auc
 
+        _require_binary("auc_in_mask (ROCAUCInMaskMetric)", y)
         probability = y_pred[:, -1]
         annotated = y.sum(dim=1) > 0
         scores = []
@@ -106,6 +107,7 @@ class CenterlineDiceMetric(_ReducedMetric):
     def _compute_tensor(self, y_pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         from skimage.morphology import skeletonize
 
+        _require_binary("cldice (CenterlineDiceMetric)", y)
         annotated = (y.sum(dim=1) > 0).cpu().numpy()
         predicted = (y_pred[:, -1] > 0.5).cpu().numpy() & annotated
         reference = (y[:, -1] > 0.5).cpu().numpy() & annotated
@@ -120,6 +122,16 @@ class CenterlineDiceMetric(_ReducedMetric):
             total = precision + sensitivity
             scores.append(float(2 * precision * sensitivity / total) if total > 0 else 0.0)
         return torch.tensor(scores, dtype=torch.float32)[:, None]
+
+
+def _require_binary(metric: str, y: torch.Tensor) -> None:
+    """Refuse a multi-class reference: the metric scores channel 1 against the rest, so on more classes it would
+    report the last class alone under the metric's plain name."""
+    if y.ndim < 3 or y.shape[1] != 2:
+        raise ValueError(
+            f"{metric} needs a binary one-hot reference (B, 2, ...), got shape {tuple(y.shape)}: "
+            "it is defined for one foreground class."
+        )
 
 
 def voxel_spacing(volume: torch.Tensor, batch_size: int) -> list[list[float]] | None:
@@ -137,6 +149,7 @@ class _MillimetreDistance:
 
     def _compute_tensor(self, y_pred: torch.Tensor, y: torch.Tensor, **kwargs) -> torch.Tensor:
         kwargs.setdefault("spacing", voxel_spacing(y, y.shape[0]))
+        y_pred = _annotated_only(y_pred, y, self.ignore_index)
         distances = super()._compute_tensor(y_pred, y, **kwargs)
         return _defined_distances(distances, y_pred, y, kwargs["spacing"], self.include_background)
 
@@ -151,19 +164,33 @@ class HausdorffDistanceMM(_MillimetreDistance, HausdorffDistanceMetric):
         super().__init__(percentile=percentile, **kwargs)
 
 
+def _annotated_only(y_pred: torch.Tensor, y: torch.Tensor, ignore_index: int | None) -> torch.Tensor:
+    """``y_pred`` without the pixels that ``ignore_index`` leaves unscored (MONAI's mask, as its distance metrics
+    apply it). Whether the prediction is empty must be judged on this: a structure predicted only where nothing is
+    annotated is a miss, not an undefined case left out of the mean."""
+    from monai.metrics.utils import create_ignore_mask
+
+    mask = create_ignore_mask(y, ignore_index)
+    return y_pred if mask is None else y_pred * mask
+
+
 def _defined_distances(distances, y_pred, y, spacing, include_background: bool) -> torch.Tensor:
     """Surface distances with MONAI's infinities and NaNs for empty masks made explicit: NaN (undefined, left out
     of means) where the reference class is empty; the volume's diagonal in mm (the largest possible distance) where
-    the prediction is empty but the reference is not, so that a missed structure is a large, finite error."""
+    the (annotated part of the) prediction is empty but the reference is not, so that a missed structure is a large,
+    finite error. ``spacing`` takes every form MONAI's metrics accept (None, a number, per axis, per item)."""
+    from monai.metrics.utils import prepare_spacing
+
     first = 0 if include_background else 1
     dims = tuple(range(2, y.ndim))
     reference_empty = y[:, first:].sum(dim=dims) == 0
     prediction_empty = y_pred[:, first:].sum(dim=dims) == 0
-    spacings = spacing if spacing is not None else [[1.0] * len(dims)] * y.shape[0]
-    if not isinstance(spacings[0], (list, tuple)):
-        spacings = [spacings] * y.shape[0]
+    spacings = [
+        np.broadcast_to(np.asarray(1.0 if s is None else s, dtype=float), (len(dims),))
+        for s in prepare_spacing(spacing=spacing, batch_size=y.shape[0], img_dim=len(dims))
+    ]
     diagonal = torch.tensor(
-        [float(np.linalg.norm(np.asarray(y.shape[2:]) * np.asarray(s, dtype=float))) for s in spacings],
+        [float(np.linalg.norm(np.asarray(y.shape[2:]) * s)) for s in spacings],
         dtype=distances.dtype,
         device=distances.device,
     )[:, None].expand_as(distances)
@@ -180,6 +207,7 @@ class HausdorffDistancePx(HausdorffDistanceMetric):
         super().__init__(percentile=percentile, **kwargs)
 
     def _compute_tensor(self, y_pred: torch.Tensor, y: torch.Tensor, **kwargs) -> torch.Tensor:
+        y_pred = _annotated_only(y_pred, y, self.ignore_index)
         distances = super()._compute_tensor(y_pred, y, **kwargs)
         return _defined_distances(distances, y_pred, y, None, self.include_background)
 
@@ -239,8 +267,14 @@ METRIC_KINDS = {
     "dice": (_monai("DiceMetric"), ("pred", "label")),
     "iou": (_monai("MeanIoU"), ("pred", "label")),
     "hd95": (_hd95_px, ("pred", "label")),
-    "hd95_mm": (lambda ignore_index: HausdorffDistanceMM(include_background=False, percentile=95), ("pred", "label")),
-    "assd_mm": (lambda ignore_index: AverageSurfaceDistanceMM(include_background=False), ("pred", "label")),
+    "hd95_mm": (
+        lambda ignore_index: HausdorffDistanceMM(include_background=False, percentile=95, ignore_index=ignore_index),
+        ("pred", "label"),
+    ),
+    "assd_mm": (
+        lambda ignore_index: AverageSurfaceDistanceMM(include_background=False, ignore_index=ignore_index),
+        ("pred", "label"),
+    ),
     "relative_volume_error": (lambda ignore_index: RelativeVolumeError(), ("pred", "label")),
     "sensitivity": (_confusion("sensitivity"), ("pred", "label")),
     "recall": (_confusion("recall"), ("pred", "label")),

@@ -135,7 +135,13 @@ class EvaluationReport:
                     continue
             if values.ndim != 2 or values.shape[1] <= 1:
                 continue
-            names = self.class_names[-values.shape[1] :]  # metrics without background drop class 0
+            names = class_columns(self.class_names, values.shape[1])
+            if names is None:
+                logger.warning(
+                    f"{metric}: {values.shape[1]} values per image for the {len(self.class_names)} classes "
+                    f"{self.class_names}: not reported per class"
+                )
+                continue
             with np.errstate(all="ignore"):
                 means = np.nanmean(np.where(np.isinf(values), np.nan, values), axis=0)
             summary[metric] = {name: float(v) for name, v in zip(names, means, strict=False)}
@@ -223,11 +229,29 @@ class AtomicMetricsSaver(MetricsSaver):
         lines = table.read_text().split("\n")
         header = lines[0].split(self.deli)
         columns = [c for c in header if re.fullmatch(r"class\d+", c)]
-        names = self.class_names[-len(columns) :] if columns else []
-        if len(names) == len(columns):
+        names = class_columns(self.class_names, len(columns)) if columns else None
+        if names is None and len(columns) == 1:
+            names = [ALL_CLASSES]  # one value per image over every class (pixel accuracy), no class's own
+        if names is not None:
             renamed = {column: name for column, name in zip(columns, names, strict=True)}
             lines[0] = self.deli.join(renamed.get(c, c) for c in header)
             table.write_text("\n".join(lines))
+
+
+ALL_CLASSES = "all_classes"
+"""The column name of a per-image value that belongs to no one class (pixel accuracy of a multi-class task)."""
+
+
+def class_columns(class_names: Sequence[str], count: int) -> list[str] | None:
+    """The classes that ``count`` per-class values of a metric stand for: every class, or the foreground classes
+    (metrics without background drop class 0); None for any other count, which names no class for certain (one
+    value over all classes of a multi-class task, or a metric of another set of classes)."""
+    names = list(class_names)
+    if count == len(names):
+        return names
+    if count == len(names) - 1:
+        return names[1:]
+    return None
 
 
 def _csv_field(text: str, delimiter: str) -> str:
