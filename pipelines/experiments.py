@@ -44,8 +44,8 @@ from clinseg.pipelines.tracking import (
     default_tracking_uri,
     engine_metric_name,
     ensure_experiment,
-    lower_is_better,
     mlflow_metric_name,
+    ranking_value,
     run_folder,
     unique_run_name,
 )
@@ -92,14 +92,15 @@ def metric_history(client: mlflow.MlflowClient, run_id: str, metric: str, params
 
 
 def summarize(client: mlflow.MlflowClient, runs, metric: str) -> list[dict]:
-    """One row per run: its best value of ``metric`` (the lowest for a distance, an error or a loss:
-    :func:`clinseg.pipelines.tracking.lower_is_better`), that value's epoch, its final value and final loss."""
-    pick = min if lower_is_better(metric) else max
+    """One row per run: its best value of ``metric`` (the lowest for a distance, an error or a loss, the closest to
+    0 for a signed error: :func:`clinseg.pipelines.tracking.ranking_value`), that value's epoch, its final value
+    and final loss."""
+    order = ranking_value(metric)
     rows = []
     for run in runs:
         history = metric_history(client, run.info.run_id, metric, run.data.params)
         finite = sorted((m for m in history if math.isfinite(m.value)), key=lambda m: (m.step, m.timestamp))
-        best = pick(finite, key=lambda m: m.value) if finite else None
+        best = min(finite, key=lambda m: order(m.value)) if finite else None
         rows.append(
             {
                 "run": run_folder(run),
@@ -119,14 +120,14 @@ def summarize(client: mlflow.MlflowClient, runs, metric: str) -> list[dict]:
 
 def ranked(rows: list[dict], key: str, metric: str, ascending: bool | None = None) -> list[dict]:
     """``rows`` ordered by ``key`` (a column such as ``best_<metric>``, or a param name), the best first: a metric
-    column highest first, or lowest first for a distance, an error or a loss; ``ascending`` chooses instead. Rows
+    column highest first, lowest first for a distance, an error or a loss, closest to 0 first for a signed error
+    (relative volume error); ``ascending`` orders by the plain value instead. Rows
     without a value (NaN: no validation ran, or every value was undefined) come last in either order: Python
     cannot order a NaN, and one among the values would leave the whole ranking unsorted."""
     if not rows:
         return []
     column = key in rows[0]
-    if ascending is None:
-        ascending = column and lower_is_better(metric if key.endswith(metric) else key)
+    best_first = ranking_value(metric if key.endswith(metric) else key) if column and ascending is None else None
 
     def value(row: dict) -> float:
         number = row.get(key) if column else row["params"].get(key)
@@ -139,7 +140,11 @@ def ranked(rows: list[dict], key: str, metric: str, ascending: bool | None = Non
     if not column and not any(math.isfinite(value(r)) for r in rows):  # a param that is no number: by its text
         return sorted(rows, key=lambda r: str(r["params"].get(key, "")), reverse=not ascending)
 
-    scored = sorted((r for r in rows if math.isfinite(value(r))), key=value, reverse=not ascending)
+    finite = [r for r in rows if math.isfinite(value(r))]
+    if best_first is not None:
+        scored = sorted(finite, key=lambda r: best_first(value(r)))
+    else:
+        scored = sorted(finite, key=value, reverse=not ascending)
     return scored + [r for r in rows if not math.isfinite(value(r))]
 
 

@@ -14,7 +14,7 @@ import re
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import mlflow
@@ -295,6 +295,20 @@ def lower_is_better(metric: str) -> bool:
     ``0_key/train_loss``) is the better one, so that ranking runs by it puts the lowest first."""
     base = engine_metric_name(metric).split("/")[0].lower()
     return bool(set(re.split(r"[^a-z0-9]+", base)) & _LOWER_IS_BETTER_WORDS)
+
+
+# signed errors: an under-estimate is as wrong as an over-estimate, so the best is the value closest to 0 (the most
+# negative relative volume error is the most under-segmented model, not the best one)
+_SIGNED_ERROR_WORDS = {"rve"}
+
+
+def ranking_value(metric: str) -> Callable[[float], float]:
+    """The value by which runs are ranked on ``metric``, the best the smallest: the metric itself where lower is
+    better, its magnitude for a signed error (best at 0), its negative otherwise."""
+    base = engine_metric_name(metric).split("/")[0].lower()
+    if set(re.split(r"[^a-z0-9]+", base)) & _SIGNED_ERROR_WORDS:
+        return abs
+    return (lambda value: value) if lower_is_better(metric) else (lambda value: -value)
 
 
 def engine_metric_name(name: str) -> str:

@@ -335,13 +335,13 @@ def test_compare_ranks_runs_without_a_value_last_and_distances_lowest_first(tmp_
     client = mlflow.MlflowClient(tracking_uri)
     experiment_id = client.create_experiment("oct_layers")
     nan = float("nan")
-    for name, dice, hd95 in (
-        ("good", [0.5, 0.8], [10.0, 3.0]),
-        ("unscored", [nan, nan], [nan, nan]),  # every validation undefined
-        ("poor", [0.2, 0.3], [40.0, 30.0]),
-        ("fair", [0.6, 0.55], [8.0, 9.0]),
+    for name, dice, hd95, rve in (
+        ("good", [0.5, 0.8], [10.0, 3.0], [0.4, 0.05]),
+        ("unscored", [nan, nan], [nan, nan], [nan, nan]),  # every validation undefined
+        ("poor", [0.2, 0.3], [40.0, 30.0], [-0.9, -0.8]),
+        ("fair", [0.6, 0.55], [8.0, 9.0], [-0.1, 0.3]),
     ):
-        history = {"0_key/val_mean_dice": dice, "1_validation/val_hd95": hd95}
+        history = {"0_key/val_mean_dice": dice, "1_validation/val_hd95": hd95, "1_validation/val_rve": rve}
         recorded_training(client, experiment_id, name, history, validation_fingerprint="a1")
 
     def ranking(*args: str) -> list[tuple[str, float, int | None]]:
@@ -357,6 +357,8 @@ def test_compare_ranks_runs_without_a_value_last_and_distances_lowest_first(tmp_
     assert by_dice[1] == ("fair", 0.6, 1)
     # a distance: its best is its lowest value, and the lowest ranks first
     assert ranking("--metric", "val_hd95")[:3] == [("good", 3.0, 2), ("fair", 8.0, 1), ("poor", 30.0, 2)]
+    # a signed error: its best is the value closest to 0, and the model that misses most of the volume ranks last
+    assert ranking("--metric", "val_rve")[:3] == [("good", 0.05, 2), ("fair", -0.1, 1), ("poor", -0.8, 2)]
     assert [name for name, *_ in ranking("--ascending")] == ["poor", "fair", "good", "unscored"]
     assert "different sets of cases" not in capsys.readouterr().err
     # a run validated on other cases is listed, and the table says its metric does not compare
