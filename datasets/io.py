@@ -375,20 +375,36 @@ def _existing_folder(path: Path) -> Path:
     return next((p for p in path.parents if p.is_dir()), Path("/"))
 
 
+# how far (in voxels) the qform of a written volume may place a voxel from where its sform (the affine) does
+QFORM_TOLERANCE_VOXELS = 0.01
+
+
 def nifti_writer(array, affine) -> Callable[[Path], object]:
-    """What writes ``array`` as a NIfTI volume to the file it is given (format from its suffix), with ``affine`` as
-    both qform and sform (scanner space)."""
+    """What writes ``array`` as a NIfTI volume to the file it is given (format from its suffix), with ``affine`` (in
+    millimetres) as its sform and, where the qform can hold it, as its qform too (both scanner space).
+
+    A qform is a rotation, voxel sizes and a shift: it cannot hold the shear of a grid whose slices were stacked
+    along a tilted gantry. nibabel would write the nearest rotation instead, and the tools that read the qform
+    (ITK-based viewers: 3D Slicer, ITK-SNAP) would place the volume tens of millimetres from the input's voxels.
+    Such a volume has only its sform (qform_code 0), which those tools refuse as they refuse the input itself."""
     import nibabel as nib
 
-    image = nib.Nifti1Image(array, np.asarray(affine, dtype=np.float64))
-    image.set_qform(image.affine, code=1)
-    image.set_sform(image.affine, code=1)
+    affine = np.asarray(affine, dtype=np.float64)
+    image = nib.Nifti1Image(array, affine)
+    image.header.set_xyzt_units("mm")
+    image.set_sform(affine, code=1)
+    image.set_qform(affine, code=1)  # nibabel keeps the nearest rotation of a sheared affine
+    corners = np.array(np.meshgrid(*[[0, max(n - 1, 0)] for n in array.shape[:3]], indexing="ij")).reshape(3, -1)
+    corners = np.vstack([corners, np.ones(corners.shape[1])])
+    drift = np.linalg.norm((image.get_qform() - affine)[:3] @ corners, axis=0).max()
+    if drift > QFORM_TOLERANCE_VOXELS * float(np.linalg.norm(affine[:3, :3], axis=0).min()):
+        image.set_qform(None, code=0)
     return lambda tmp: nib.save(image, tmp)
 
 
 def save_nifti(path: str | os.PathLike, array, affine) -> Path:
-    """Write a NIfTI volume atomically (temporary file renamed into place), with ``affine`` as both qform and sform
-    (scanner space)."""
+    """Write a NIfTI volume atomically (temporary file renamed into place), with ``affine`` as its sform and qform
+    (scanner space; :func:`nifti_writer`)."""
     return atomic_write(path, nifti_writer(array, affine))
 
 

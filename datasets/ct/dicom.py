@@ -210,14 +210,21 @@ def _float_or(ds: Dataset, keyword: str, default: float, path: Path) -> float:
 
 
 def _series_key(ds: Dataset) -> tuple:
-    """The series a slice belongs to: its SeriesInstanceUID, or for anonymised files its study, number and geometry."""
+    """The series a slice belongs to: its SeriesInstanceUID, or for anonymised files what one series shares: its
+    study, frame of reference, number, description, reconstruction kernel and geometry. Anonymisers that empty the
+    UIDs often empty the study UID and the series number too; two reconstructions of one scan (a soft-tissue and a
+    lung kernel, of one field of view) then differ only in description and kernel, and as one series their slices
+    would interleave into one plausible volume."""
     uid = _text(ds, "SeriesInstanceUID")
     if uid:
         return ("uid", uid)
     return (
         "geometry",
         _text(ds, "StudyInstanceUID"),
+        _text(ds, "FrameOfReferenceUID"),
         _int_or_none(ds.get("SeriesNumber")),
+        _text(ds, "SeriesDescription"),
+        _text(ds, "ConvolutionKernel"),
         _rounded(ds.get("ImageOrientationPatient"), 3),
         _int_or_none(ds.get("Rows")),
         _int_or_none(ds.get("Columns")),
@@ -300,7 +307,10 @@ def _select(
     series_description: str | None,
 ) -> tuple[SeriesInfo, list[tuple[Path, Dataset]]]:
     """The one series the selectors pick, or a DataError listing the series and how to pick one."""
-    how = "Select one with series_uid=... or series_description=... (exact, or a unique case-insensitive part)."
+    how = (
+        "Select one with series_uid=... or series_description=... (exact, or a unique case-insensitive part), or "
+        "move each series into a folder of its own."
+    )
     infos = [info for info, _ in series]
     chosen = series
     if series_uid is not None:

@@ -34,6 +34,11 @@ NIFTI_SUFFIXES = (".nii", ".nii.gz")
 ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
 VOLUME_SUFFIXES = NIFTI_SUFFIXES + ITK_SUFFIXES
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+# the voxel sizes (mm) a CT of a patient or a specimen can have: from micro-CT to the thickest reconstructed slab
+PLAUSIBLE_VOXEL_MM = (0.01, 50.0)
+# millimetres per unit of a NIfTI header's spatial unit code (xyzt_units & 7); unknown (0) is read as millimetres,
+# as ITK and nibabel do
+NIFTI_MM_PER_UNIT = {1: 1000.0, 2: 1.0, 3: 0.001}
 # the NRRD 'space' values that name the patient's axes (the format's long and short names), for a 3D volume
 NRRD_PATIENT_SPACES = {
     "left-posterior-superior",
@@ -143,8 +148,9 @@ def voxel_volume_ml(affine: np.ndarray) -> float:
 
 
 def affine_problem(affine: np.ndarray) -> str | None:
-    """What is wrong with a voxel-to-world affine (a non-finite entry, an axis of zero length, a singular matrix),
-    or None. Zero-length or NaN axes come from headers whose spacing is 0 or NaN."""
+    """What is wrong with a voxel-to-world affine (a non-finite entry, an axis of zero length, a singular matrix, a
+    voxel size no CT has), or None. Zero-length or NaN axes come from headers whose spacing is 0 or NaN; voxels of
+    micrometres or metres from a spacing written in other units than millimetres."""
     affine = np.asarray(affine, dtype=np.float64)
     if not np.isfinite(affine).all():
         return f"has a voxel-to-world affine with non-finite entries:\n{affine}"
@@ -154,6 +160,15 @@ def affine_problem(affine: np.ndarray) -> str | None:
             return f"has a voxel-to-world affine whose {axis} axis has zero length (voxel spacing 0):\n{affine}"
     if abs(np.linalg.det(affine[:3, :3])) < 1e-9 * float(np.prod(lengths)):
         return f"has a singular voxel-to-world affine (its axes are parallel):\n{affine}"
+    low, high = PLAUSIBLE_VOXEL_MM
+    if lengths.min() < low or lengths.max() > high:
+        # read as millimetres, a spacing in metres gives volumes a billion times too small, one in micrometres a grid
+        # whose resampling to the network's spacing takes all memory
+        size = " x ".join(f"{length:g}" for length in lengths)
+        return (
+            f"has voxels of {size} mm (along i, j, k), and a CT's are between {low:g} and {high:g} mm: its spacing "
+            "is in other units than millimetres or is wrong"
+        )
     return None
 
 
@@ -246,7 +261,9 @@ def _read_nifti(
     except Exception as e:  # nibabel raises many types for truncated or non-NIfTI files (EOFError, zlib, header)
         raise DataError(path, f"cannot be read as NIfTI (empty, truncated or not a NIfTI file): {e}") from e
     check_size_limit(path, image.shape, max_voxels)
-    affine = np.asarray(image.affine, dtype=np.float64)
+    # nibabel gives the affine in the header's spatial units; the volumes, the network's spacing and every other
+    # reader (ITK: 3D Slicer, ITK-SNAP) work in millimetres
+    affine = np.diag([*[_nifti_mm_per_unit(raw_header)] * 3, 1.0]) @ np.asarray(image.affine, dtype=np.float64)
     affine, note = _apply_geometry_policy(path, problem or affine_problem(affine), affine, assume, header_spacing)
     try:
         array = np.asanyarray(image.dataobj)  # applies scl_slope/scl_inter when the header has them
@@ -259,6 +276,12 @@ def _read_nifti(
     intercept = image.header.get_slope_inter()[1]
     unscaled = np.issubdtype(image.get_data_dtype(), np.integer) and not (intercept and math.isfinite(intercept))
     return array, affine, note, unscaled
+
+
+def _nifti_mm_per_unit(header) -> float:
+    """Millimetres per unit of the header's spatial coordinates (its ``xyzt_units``): 1000 for metres, 0.001 for
+    micrometres, 1 for millimetres and for no unit given."""
+    return NIFTI_MM_PER_UNIT.get(int(header["xyzt_units"]) & 0x07, 1.0)
 
 
 def _nifti_scaling_problem(header) -> str | None:
