@@ -9,7 +9,9 @@ random tail runs every epoch. Which store fits depends on the data, so every bun
   across runs: bundles put the cache under the dataset's content fingerprint, and the hash of the cached
   transforms *with their settings* (:func:`transform_settings_hashing`) is part of each key, so a changed file or
   a changed preprocessing never reads a stale entry. Entries are written to a
-  temporary file and moved into place, so a killed run leaves no half-written entry; several ranks may share one.
+  temporary file beside them and renamed into place (:class:`AtomicPersistentDataset`), so a killed run or a full
+  disk leaves no half-written entry, and an entry that cannot be read back is computed again; several ranks may
+  share one.
 - ``"none"``: :class:`monai.data.Dataset`, everything every epoch; the least memory.
 
 ``repeats`` > 1 presents the items several times per epoch (several random patches per volume) without caching
@@ -21,20 +23,25 @@ from __future__ import annotations
 import enum
 import hashlib
 import json
+import logging
 import os
 import types
 from collections.abc import Mapping
+from copy import deepcopy
 from functools import partial
 from typing import Literal
 
 import numpy as np
 import torch
 from monai.data import CacheDataset, Dataset, PersistentDataset
+from monai.data.utils import SUPPORTED_PICKLE_MOD
+from monai.utils import convert_to_tensor, look_up_option
 from torch.utils.data import ConcatDataset
 
 from clinseg.datasets.value_types import NonNegativeInt, PositiveInt, Rate
 from clinseg.pipelines.cli import ConfigError
 
+logger = logging.getLogger(__name__)
 CACHE_MODES = ("memory", "disk", "none")
 _MAX_DEPTH = 12  # transforms nest a few levels (Compose, loader, reader); deeper is a cycle or a model, not a setting
 
@@ -98,6 +105,43 @@ def transform_settings_hashing(transforms) -> bytes:
     return hashlib.sha256(description.encode("utf-8")).hexdigest().encode("utf-8")
 
 
+class AtomicPersistentDataset(PersistentDataset):
+    """MONAI's :class:`~monai.data.PersistentDataset` whose entries are written atomically in the cache folder
+    itself, and whose unreadable entries are computed again.
+
+    MONAI saves an entry in a temporary folder of the system's (``$TMPDIR``) and moves it into the cache. Where the
+    two are on different file systems (a tmpfs ``/tmp``, a cache on another disk or a network share), the move is
+    a copy into the entry's final name: a run killed during it, or a disk that fills up, leaves a truncated entry,
+    which every later run sharing the cache then fails to read with torch's zip error ("failed finding central
+    directory", or a bare "Invalid argument"), naming no file. MONAI recomputes only the entries whose error says
+    "Invalid magic number".
+    """
+
+    def _cachecheck(self, item_transformed):
+        if self.cache_dir is None:
+            return super()._cachecheck(item_transformed)
+        from clinseg.datasets.io import atomic_write
+
+        name = self.hash_func(item_transformed).decode("utf-8") + self.transform_hash
+        entry = self.cache_dir / f"{name}.pt"
+        if entry.is_file():
+            try:
+                return torch.load(entry, weights_only=self.weights_only)
+            except PermissionError:
+                raise
+            except Exception as error:  # noqa: BLE001 - any unreadable entry is only a cache miss
+                first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+                logger.warning(f"{entry}: the cache entry cannot be read ({first}); it is computed again")
+        item = self._pre_transform(deepcopy(item_transformed))  # the original stays as it was hashed
+        stored = convert_to_tensor(item, convert_numeric=False, track_meta=self.track_meta)
+        pickle_module = look_up_option(self.pickle_module, SUPPORTED_PICKLE_MOD)
+        atomic_write(
+            entry,
+            lambda tmp: torch.save(stored, tmp, pickle_module=pickle_module, pickle_protocol=self.pickle_protocol),
+        )
+        return item
+
+
 def cached_dataset(
     data: list[dict],
     transform,
@@ -123,7 +167,7 @@ def cached_dataset(
         # weights_only=False: torch's weights-only unpickler refuses MetaTensor, so every entry would be taken for
         # corrupt, deleted and recomputed on each read (a disk cache that never serves from disk). The entries are
         # this run's own files under cache_dir, trusted as the bundle config itself is.
-        dataset = PersistentDataset(
+        dataset = AtomicPersistentDataset(
             data,
             transform,
             cache_dir=cache_dir,

@@ -17,6 +17,7 @@ Every step is rank-aware: under ``torchrun`` only rank 0 writes outputs, checkpo
 from __future__ import annotations
 
 import logging
+import math
 import os
 from pathlib import Path
 
@@ -177,6 +178,103 @@ def start_from(network: torch.nn.Module, initial_weights: str | os.PathLike | No
     return source
 
 
+def _non_finite_tensors(module: torch.nn.Module) -> list[str]:
+    """The names of ``module``'s floating-point parameters and buffers (normalisation statistics) holding a NaN or an
+    infinity."""
+    return [
+        name
+        for name, value in module.state_dict().items()
+        if torch.is_tensor(value) and value.is_floating_point() and not bool(torch.isfinite(value).all())
+    ]
+
+
+def stop_when_diverged(trainer: Engine, ckpt_dir: str | os.PathLike) -> None:
+    """Stop the training with one line when its weights are no longer finite (a learning rate far too high, inputs
+    of extreme values): every later step, validation and checkpoint would be of a broken network, and at its end
+    the run would leave, and promote, a ``model.pt`` of NaNs. The epoch's latest checkpoint is not written (the
+    previous one, of finite weights, stays to start again from), nor is anything promoted.
+
+    A loss that is not finite with finite weights is let through: a batch whose pixels are all unannotated has a
+    cross-entropy of 0/0 and no gradient, and mixed precision skips the steps whose gradients overflow. The weights
+    are only looked at then, and after each epoch's last step.
+
+    Raises:
+        ConfigError: naming ``learning_rate``, the epoch and iteration, and the first tensor that is not finite.
+    """
+    from clinseg.datasets.errors import ConfigError
+    from clinseg.pipelines.engine.handlers.progress import loss_from_output
+
+    network = trainer.network.module if hasattr(trainer.network, "module") else trainer.network
+
+    def check(engine: Engine) -> None:
+        try:
+            loss = loss_from_output(engine.state.output)
+        except (KeyError, IndexError, TypeError, ValueError):  # an output without a loss: nothing to go by
+            return
+        last_of_epoch = engine.state.epoch_length and engine.state.iteration % engine.state.epoch_length == 0
+        if math.isfinite(loss) and not last_of_epoch:
+            return
+        # the epoch's last step is checked whatever its loss (computed before the step): the validation and the
+        # latest checkpoint that follow must not take over weights that step broke
+        broken = _non_finite_tensors(network)
+        if not broken:
+            if not math.isfinite(loss):
+                where = f"epoch {engine.state.epoch}, iteration {engine.state.iteration}"
+                logger.warning(f"{where}: the loss is {loss} (a batch without annotated pixels?); the weights are "
+                               "finite, the training goes on")  # fmt: skip
+            return
+        optimizer = getattr(engine, "optimizer", None)
+        rates = sorted({group["lr"] for group in optimizer.param_groups}) if optimizer is not None else []
+        raise ConfigError(
+            "learning_rate",
+            f"the training diverged at epoch {engine.state.epoch}, iteration {engine.state.iteration}: the loss is "
+            f"{loss} and {len(broken)} of the network's tensors are no longer finite (e.g. {broken[0]!r}, learning "
+            f"rate {', '.join(f'{r:g}' for r in rates) or 'unknown'}); the run is stopped, nothing is promoted.",
+            f"Lower --learning_rate, or check the inputs for extreme values. The checkpoints of the epochs before "
+            f"are kept in {Path(ckpt_dir).resolve()} (start a new run from one with --initial_weights).",
+        )
+
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, check)
+
+
+RESUMED_AS_STARTED = (
+    "learning_rate",
+    "batch_size",
+    "patch_size",
+    "train_crop_size",
+    "repeats_per_epoch",
+    "crops_per_image",
+    "patches_per_image",
+)
+"""Config values, beside the input settings, that a resumed training must keep: the optimizer's restored state
+would silently override another learning rate, and the restored epoch length another batch size or count of
+samples per epoch."""
+
+
+def run_settings(
+    input_settings: dict | None, validation_fingerprint: str | None, training_images: list[str] | None
+) -> dict:
+    """What this training trains on and with, recorded in its latest checkpoint so that a resumed run with other
+    settings or data is refused (:func:`clinseg.pipelines.engine.handlers.checkpointing.require_same_run_settings`):
+    the input settings and :data:`RESUMED_AS_STARTED` as config ids, and fingerprints of the validation and the
+    training images."""
+    import hashlib
+
+    from clinseg.pipelines.runs import flat_settings
+
+    config = dict(flat_settings(input_settings))
+    for key in RESUMED_AS_STARTED:
+        value = _running_config_value(key)
+        if isinstance(value, (bool, int, float, str, list, tuple)):
+            config[key] = list(value) if isinstance(value, tuple) else value
+    images = "\n".join(sorted(training_images)) if training_images is not None else None
+    return {
+        "config": config,
+        "validation_fingerprint": validation_fingerprint,
+        "training_fingerprint": hashlib.sha256(images.encode()).hexdigest()[:16] if images is not None else None,
+    }
+
+
 def run_training(
     trainer: Engine,
     latest_checkpoint,
@@ -219,11 +317,17 @@ def run_training(
         logger.info(f"fold {_running_config_value('fold')} of {folds}: its model is not promoted to {promote_to}")
         promote_to = None
     early_stop.set_trainer(trainer)
+    settings = run_settings(input_settings, validation_fingerprint, training_images)
+    progress = getattr(latest_checkpoint, "save_dict", {}).get("progress")
+    if progress is not None:  # recorded in every latest checkpoint, compared when it is resumed
+        progress.run_settings = settings
     if is_rank_zero():
         latest_checkpoint.attach(trainer)
-    resumed = resume_from_latest(trainer, latest_checkpoint, ckpt_dir) if resume else None
+    resumed = resume_from_latest(trainer, latest_checkpoint, ckpt_dir, settings) if resume else None
     if resume:  # after the checkpoint's own check, which names it when the network differs
         _require_same_run(ckpt_dir, input_settings, validation_fingerprint)
+    # a step that leaves the weights NaN stops the run before its epoch is validated, checkpointed or promoted
+    stop_when_diverged(trainer, ckpt_dir)
     if time_limit_s > 0:
         trainer.add_event_handler(Events.ITERATION_COMPLETED, ignite.handlers.TimeLimit(int(time_limit_s)))
 

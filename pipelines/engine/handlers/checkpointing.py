@@ -4,7 +4,9 @@ state outside the engines that a resumed run must continue (:class:`TrainingProg
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import re
 from pathlib import Path
 
@@ -40,6 +42,9 @@ class TrainingProgress:
     def __init__(self, validator: Engine, validate_handlers: list, train_handlers: list, trainer: Engine | None = None):
         self.validator, self.validate_handlers, self.train_handlers = validator, validate_handlers, train_handlers
         self.trainer = trainer
+        # what the run trains on and with (:func:`resume_from_latest` compares a resumed run's with these), set by
+        # clinseg.pipelines.engine.workflow.run_training
+        self.run_settings: dict | None = None
 
     @staticmethod
     def _find(handlers: list, kind: type):
@@ -72,6 +77,8 @@ class TrainingProgress:
         average_state = average.state_dict() if average is not None else {}
         if average_state:
             state["weight_average"] = average_state
+        if self.run_settings is not None:
+            state["run_settings"] = self.run_settings
         return state
 
     def load_state_dict(self, state: dict) -> None:
@@ -104,15 +111,66 @@ def latest_checkpoints(ckpt_dir: str) -> dict:
     return found
 
 
-def resume_from_latest(trainer: Engine, latest_checkpoint, ckpt_dir: str) -> str:
-    """Attach a loader of the newest ``latest_checkpoint_epoch=N.pt`` in ``ckpt_dir`` (network, optimizer, LR
-    scheduler, trainer epoch and iteration, :class:`TrainingProgress`), so ``trainer.run()`` continues from it.
+def _same_value(a, b) -> bool:
+    """Two recorded settings alike, numbers within rounding (a learning rate of 1e-3 and of 0.001 are one)."""
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same_value(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same_value(a[k], b[k]) for k in a)
+    numbers = [isinstance(v, (int, float)) and not isinstance(v, bool) for v in (a, b)]
+    return math.isclose(a, b, rel_tol=1e-6) if all(numbers) else a == b
+
+
+def require_same_run_settings(path: Path, recorded: dict | None, current: dict | None) -> None:
+    """A resumed training continues with what its run was started with, as its latest checkpoint records it
+    (:attr:`TrainingProgress.run_settings`): resumed with another image size, other data or another learning rate,
+    it would go on training the interrupted run's weights on other inputs, rank a model validated on other cases
+    against its restored best, and record the new values for a model trained mostly with the old ones. Settings
+    either side lacks are not compared (a checkpoint written before they were recorded); the network's structure
+    is left to the checkpoint's own load, which names the tensors that differ.
 
     Raises:
-        DataError: when ``ckpt_dir`` holds no latest checkpoint to resume from.
+        ConfigError: naming the first setting that differs, its value now and in the checkpoint ``path``.
     """
-    from clinseg.datasets.errors import DataError
-    from clinseg.pipelines.engine.checkpoints import CheckpointLoader
+    from clinseg.datasets.errors import ConfigError
+
+    if not recorded or not current:
+        return
+    run = path.parent.parent.name
+    fresh = f"or start a new run from its weights (--initial_weights {path})."
+    for key, value in current.get("config", {}).items():
+        before = recorded.get("config", {}).get(key)
+        if key.startswith("network_def#") or before is None or value is None or _same_value(value, before):
+            continue
+        raise ConfigError(
+            key,
+            f"is {json.dumps(value)}, but run {run} was started with {json.dumps(before)} ({path}): resumed, "
+            "it would go on with other settings than the ones its weights were trained with.",
+            f"Resume with --{key} '{json.dumps(before)}', {fresh}",
+        )
+    for key, what in (("validation_fingerprint", "validated on"), ("training_fingerprint", "trained on")):
+        before, now = recorded.get(key), current.get(key)
+        if before and now and before != now:
+            raise ConfigError(
+                "resume",
+                f"run {run} was {what} other data than this config's ({key.split('_')[0]} fingerprint "
+                f"{before[:12]} in {path}, now {now[:12]}): resumed, its model would mix the two.",
+                f"Resume with the run's own --dataset_dir and split settings (its MLflow params), {fresh}",
+            )
+
+
+def resume_from_latest(trainer: Engine, latest_checkpoint, ckpt_dir: str, run_settings: dict | None = None) -> str:
+    """Attach a loader of the newest ``latest_checkpoint_epoch=N.pt`` in ``ckpt_dir`` (network, optimizer, LR
+    scheduler, trainer epoch and iteration, :class:`TrainingProgress`), so ``trainer.run()`` continues from it.
+    ``run_settings``: this run's (:attr:`TrainingProgress.run_settings`), checked against the checkpoint's first
+    (:func:`require_same_run_settings`), before anything of the run is started or written.
+
+    Raises:
+        DataError: when ``ckpt_dir`` holds no latest checkpoint to resume from, or it cannot be read.
+        ConfigError: a setting that differs from the checkpoint's, or fewer ``max_epochs`` than it has done.
+    """
+    from clinseg.datasets.errors import ConfigError, DataError
+    from clinseg.pipelines.engine.checkpoints import CheckpointLoader, read_checkpoint
 
     found = latest_checkpoints(ckpt_dir)
     if not found:
@@ -123,6 +181,18 @@ def resume_from_latest(trainer: Engine, latest_checkpoint, ckpt_dir: str) -> str
         )
     resumed_epoch = max(found)
     path = found[resumed_epoch]
+    max_epochs = trainer.state.max_epochs
+    if max_epochs is not None and resumed_epoch > max_epochs:
+        raise ConfigError(
+            "train#trainer#max_epochs",
+            f"is {max_epochs}, but {path} is of epoch {resumed_epoch}: there is nothing left to train.",
+            f"Pass --train#trainer#max_epochs above {resumed_epoch} to train on.",
+        )
+    if run_settings:
+        checkpoint = read_checkpoint(path, map_location="cpu")  # the loader reads it again at the run's start
+        progress = checkpoint.get("progress") if isinstance(checkpoint, dict) else None
+        require_same_run_settings(path, (progress or {}).get("run_settings"), run_settings)
+        del checkpoint
     logger.info(f"resuming from {path} (epoch {resumed_epoch})")
     CheckpointLoader(load_path=str(path), load_dict=latest_checkpoint.save_dict, map_location="cpu").attach(trainer)
 
