@@ -20,7 +20,9 @@ database (default: ``optuna.db`` beside the MLflow SQLite store), so workers coo
 
 The value of a trial is the best validation key metric of its training, the one its checkpoint was chosen by.
 The search is over when ``--n_trials`` trials have completed or been pruned (failed trials do not count; the search
-stops after ``--max_failures`` of them). It ends with the trials' table, a picture of the search, and the best
+stops after ``--max_failures`` of them). A training that diverged (settings the network cannot train with, such as
+a learning rate too high) is pruned, not failed: it says something about the space, not about the machine.
+It ends with the trials' table, a picture of the search, and the best
 trial as the command that re-runs it. The last worker to stop (no other one running a trial) ends the parent run:
 FINISHED, KILLED (Ctrl-C or SIGTERM, which stop the running trainings and leave their trials to run again first) or
 FAILED with the tag ``search.stopped`` saying why (``--max_failures`` trials failed).
@@ -206,10 +208,21 @@ def training_command(settings: dict, params: dict, run_name: str | None) -> list
     return command
 
 
+def tell(study, trial, *args, **kwargs) -> None:
+    """``study.tell``, less the grid sampler's request to stop once its grid is used: ``Study.stop`` raises outside
+    ``Study.optimize``, after the trial's state is stored, and the workers end on their own budget (``--n_trials``)."""
+    try:
+        study.tell(trial, *args, **kwargs)
+    except RuntimeError as e:
+        if "Study.stop" not in str(e):
+            raise
+
+
 def run_trial(study, storage, trial, settings: dict, worker: str, verbose: bool) -> str:
     """Run one trial's training as a child process and tell the study how it ended; returns its state."""
     from optuna.trial import TrialState
 
+    from clinseg.pipelines.engine.workflow import DIVERGED
     from clinseg.pipelines.paths import SOURCE_ROOT
     from clinseg.pipelines.tracking import RUN_TAGS_ENV, client_for
 
@@ -255,7 +268,13 @@ def run_trial(study, storage, trial, settings: dict, worker: str, verbose: bool)
     recorded = storage.get_trial(trial._trial_id)  # what the training reported (the study's cache may be stale)
     values = list(recorded.intermediate_values.values())
     best = max(values) if values else None
-    if child.returncode != 0:
+    diverged = [line for line in (errors or "").splitlines() if DIVERGED in line]
+    if child.returncode != 0 and diverged:
+        # settings the network cannot train with (a learning rate too high) are an answer about the space, not a
+        # failure of the machine: pruned, as a trial that would score worst, and no step towards --max_failures
+        state, note = TrialState.PRUNED, diverged[-1].strip()[:300]
+        trial.set_user_attr("diverged", note)
+    elif child.returncode != 0:
         state, note = TrialState.FAIL, f"training failed ({child.returncode}): {(errors or '').strip()[-300:]}"
         trial.set_user_attr("error", note)
     elif "pruned_at_epoch" in recorded.user_attrs:
@@ -265,7 +284,7 @@ def run_trial(study, storage, trial, settings: dict, worker: str, verbose: bool)
         trial.set_user_attr("error", note)
     else:
         state, note = TrialState.COMPLETE, "complete"
-    study.tell(trial, best if state == TrialState.COMPLETE else None, state=state)
+    tell(study, trial, best if state == TrialState.COMPLETE else None, state=state)
     run_id = recorded.user_attrs.get("mlflow_run_id")
     if run_id:
         try:
@@ -304,7 +323,7 @@ def interrupt_trial(study, storage, trial) -> None:
     if storage.get_trial(trial._trial_id).state != TrialState.RUNNING:  # told already
         return
     trial.set_user_attr("interrupted", True)
-    study.tell(trial, state=TrialState.FAIL)
+    tell(study, trial, state=TrialState.FAIL)
     study.enqueue_trial(trial.params, user_attrs={"retried_from": trial.number})
 
 
@@ -362,7 +381,7 @@ def work(storage, study_name: str, worker_index: int, verbose: bool = False) -> 
             ahead = [t for t in counted_trials(study) if t.number < trial.number]
             if len(ahead) >= settings["n_trials"]:  # another worker took the last trial at the same moment
                 trial.set_user_attr("surplus", True)
-                study.tell(trial, state=TrialState.FAIL)
+                tell(study, trial, state=TrialState.FAIL)
                 return "budget"
             run_trial(study, storage, trial, settings, worker, verbose)
         except KeyboardInterrupt:  # also between ask and the training's start, or while the result is told

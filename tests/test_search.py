@@ -341,3 +341,19 @@ def test_a_training_killed_after_reporting_fails_its_trial_and_ends_its_run(tmp_
     run = client.get_run(trial.user_attrs["mlflow_run_id"])
     assert (run.info.status, run.data.tags["search.state"]) == ("FAILED", "FAIL")
     assert client.get_run(run.data.tags["mlflow.parentRunId"]).info.status == "FAILED"
+
+
+def test_a_trial_whose_training_diverges_is_pruned_not_failed(tmp_path, tiny_oct_dir, tracking_uri):
+    """A learning rate the network cannot train with stops its training with one line: the trial is pruned (the
+    space's answer), so --max_failures 1 does not stop the search, and the next trial runs. A grid search ends
+    when its grid is used (the grid sampler's own request to stop raised outside Optuna's loop and crashed it)."""
+    args = search_args(tmp_path, tiny_oct_dir, "diverging", "--n_trials", "2", "--max_failures", "1", epochs=1)
+    space = args.index("--space")
+    args[space + 1 : space + 1 + len(SPACE)] = ["learning_rate=choice:1e30,0.002"]
+    result = experiments(*args, "--sampler", "grid", check=False)
+    study = load(tracking_uri, "diverging")
+    states = {t.params["learning_rate"]: t.state for t in study.get_trials()}
+    assert states == {"1e30": TrialState.PRUNED, "0.002": TrialState.COMPLETE}, result.stdout + result.stderr[-3000:]
+    (diverged,) = [t for t in study.get_trials() if t.params["learning_rate"] == "1e30"]
+    assert "the training diverged at epoch 1" in diverged.user_attrs["diverged"]
+    assert result.returncode == 0, result.stdout

@@ -188,6 +188,10 @@ def _non_finite_tensors(module: torch.nn.Module) -> list[str]:
     ]
 
 
+# how the refusal of a diverged training begins: a search reads it as a trial its settings could not train
+DIVERGED = "the training diverged"
+
+
 def stop_when_diverged(trainer: Engine, ckpt_dir: str | os.PathLike) -> None:
     """Stop the training with one line when its weights are no longer finite (a learning rate far too high, inputs
     of extreme values): every later step, validation and checkpoint would be of a broken network, and at its end
@@ -227,7 +231,7 @@ def stop_when_diverged(trainer: Engine, ckpt_dir: str | os.PathLike) -> None:
         rates = sorted({group["lr"] for group in optimizer.param_groups}) if optimizer is not None else []
         raise ConfigError(
             "learning_rate",
-            f"the training diverged at epoch {engine.state.epoch}, iteration {engine.state.iteration}: the loss is "
+            f"{DIVERGED} at epoch {engine.state.epoch}, iteration {engine.state.iteration}: the loss is "
             f"{loss} and {len(broken)} of the network's tensors are no longer finite (e.g. {broken[0]!r}, learning "
             f"rate {', '.join(f'{r:g}' for r in rates) or 'unknown'}); the run is stopped, nothing is promoted.",
             f"Lower --learning_rate, or check the inputs for extreme values. The checkpoints of the epochs before "
