@@ -124,24 +124,33 @@ class EstimateFOV(Transform):
     are told apart by Otsu's threshold, and the mask is taken where brightness exceeds the frame's level by
     ``rise`` of the way to the disc's; then the opened, hole-filled largest component, scaled back.
 
-    A photograph whose four corners are all bright has no frame (a crop inside the disc): the whole image is the
-    field. One cut just inside its disc, dark only in its corners, is too little frame for Otsu's split: the frame's
-    level is then read from the dark corners. MONAI's ``ForegroundMask`` thresholds alone; it neither fills the dark lesions inside the
-    disc nor keeps one component, and it would split a frameless photograph at its own median.
+    A photograph with fewer than two dark corners has no frame (a crop inside the disc, or one whose periphery fades
+    into one corner): the whole image is the field. One cut just inside its disc, dark only in its corners, is too
+    little frame for Otsu's split: the frame's level is then read from the dark corners. A frame that is not dark (a
+    grey, white or coloured one, or padding, filled in by software) is one flat colour in all four corners: it is
+    made black first, and the field is then found as in the camera's own dark frame. MONAI's ``ForegroundMask``
+    thresholds alone; it neither fills the dark lesions inside the disc nor keeps one component, and it would split
+    a frameless photograph at its own median.
 
     Raises:
-        DataError: (from the dictionary transform, naming the file) a photograph with no bright field, or one whose
-            field would be under ``min_fraction`` of the image: a plausible mask cannot be made, so none is guessed.
+        DataError: (from the dictionary transform, naming the file) a photograph with no bright field, one whose
+            field would be under ``min_fraction`` of the image, or one with two or more separate fields of that size
+            (a montage): a plausible mask cannot be made, so none is guessed.
     """
 
     def __init__(
-        self, working_size: int = 512, rise: float = 0.2, frame_contrast: float = 0.15, min_fraction: float = 0.2
+        self,
+        working_size: int = 512,
+        rise: float = 0.2,
+        frame_contrast: float = 0.15,
+        min_fraction: float = 0.2,
+        padding_tolerance: float = 0.03,
     ):
         self.working_size, self.rise = working_size, rise
         self.frame_contrast, self.min_fraction = frame_contrast, min_fraction
+        self.padding_tolerance = padding_tolerance
 
     def __call__(self, image: NdarrayOrTensor) -> np.ndarray:
-        from skimage.filters import threshold_otsu
         from skimage.transform import resize
 
         array = convert_to_numpy(image, dtype=np.float32)
@@ -150,23 +159,28 @@ class EstimateFOV(Transform):
         brightness = array.max(axis=0)
         shape = brightness.shape
         scale = min(1.0, self.working_size / max(shape))
-        small = resize(brightness, [max(1, round(n * scale)) for n in shape], order=1, anti_aliasing=scale < 1)
-        small = ndimage.gaussian_filter(small, sigma=1.5)
+        working = [max(1, round(n * scale)) for n in shape]
+        raw = resize(brightness, working, order=1, anti_aliasing=scale < 1)
+        small = ndimage.gaussian_filter(raw, sigma=1.5)
         if not np.isfinite(small).all() or float(small.max()) <= float(small.min()):
             raise ValueError("is uniform: it holds no field of view.")
         top = float(brightness.max())
         full_scale = 1.0 if top <= 1.0 else 255.0 if top <= 255.0 else 65535.0  # [0, 1] floats, 8 or 16 bits
         if np.percentile(small, 99) < 0.05 * full_scale:
             raise ValueError("is dark throughout (99 % of it below 5 % of full scale): it holds no field of view.")
-        split = threshold_otsu(small)
-        frame, disc = float(np.median(small[small <= split])), float(np.median(small[small > split]))
-        # a disc inside a rectangle leaves its four corners dark, however much of it the camera cuts; a crop inside
-        # the disc has bright corners: no frame, the whole image is the field
-        k = max(2, round(0.03 * min(small.shape)))
-        corners = [small[:k, :k], small[:k, -k:], small[-k:, :k], small[-k:, -k:]]
-        dark = [float(np.median(c)) for c in corners if float(np.median(c)) <= self.frame_contrast * disc]
+        frame, disc, dark = self._levels(small)
         if not dark:
-            return np.ones(shape, bool)
+            padding = self._padding(array, working, full_scale)
+            if padding is None:
+                return np.ones(shape, bool)
+            # a frame of one flat colour that is not dark (grey, white, coloured: filled in by the software that
+            # exported or padded the photograph) is frame all the same: made black, it is told from the disc as the
+            # camera's own dark frame is, which it may still surround
+            raw = np.where(padding, 0.0, raw)
+            small = ndimage.gaussian_filter(raw, sigma=1.5)
+            frame, disc, dark = self._levels(small)
+            if not dark:
+                return np.ones(shape, bool)
         if frame > self.frame_contrast * disc:
             # Otsu's lower class is no dark frame: in a photograph cut just inside its disc, dark only in its
             # corners, the split falls inside the fundus, and the darker periphery would be cut off as frame; the
@@ -178,14 +192,73 @@ class EstimateFOV(Transform):
         labels, count = ndimage.label(mask)
         if count == 0:
             raise ValueError("holds no bright field of view (the photograph is dark throughout).")
-        sizes = ndimage.sum_labels(mask, labels, index=np.arange(1, count + 1))
-        mask = ndimage.binary_fill_holes(labels == 1 + int(np.argmax(sizes)))
+        areas = ndimage.sum_labels(mask, labels, index=np.arange(1, count + 1))
+        sizes = np.sort(areas)[::-1] / mask.size
+        if count > 1 and sizes[1] >= self.min_fraction:
+            # two discs side by side (a montage of two fields, a stereo pair): one chosen, the other would be left
+            # unsegmented, and the two measured as one disc; which one is meant cannot be told
+            many = int((sizes >= self.min_fraction).sum())
+            raise ValueError(
+                f"holds {many} separate bright fields of view, each over {self.min_fraction:.0%} of the image (a "
+                "montage of photographs?): which one to segment cannot be told; give each field as its own image."
+            )
+        mask = ndimage.binary_fill_holes(labels == 1 + int(np.argmax(areas)))
         if mask.mean() < self.min_fraction:
             raise ValueError(
                 f"its bright field of view covers only {mask.mean():.0%} of the image (at least "
                 f"{self.min_fraction:.0%} expected): it does not look like a fundus photograph."
             )
         return resize(mask.astype(np.float32), shape, order=1) >= 0.5
+
+    def _levels(self, small: np.ndarray) -> tuple[float, float, list[float]]:
+        """Otsu's frame and disc levels of the smoothed working copy, and the levels of its dark corners."""
+        from skimage.filters import threshold_otsu
+
+        split = threshold_otsu(small)
+        frame, disc = float(np.median(small[small <= split])), float(np.median(small[small > split]))
+        # a disc inside a rectangle leaves its four corners dark, however much of it the camera cuts, and a disc
+        # shifted to one side still leaves the two of the far side dark; a crop inside the disc has bright corners,
+        # or one dark corner where its periphery fades (the green channel of a red-free photograph): no frame, the
+        # whole image is the field
+        k = max(2, round(0.03 * min(small.shape)))
+        corners = [small[:k, :k], small[:k, -k:], small[-k:, :k], small[-k:, -k:]]
+        dark = [float(np.median(c)) for c in corners if float(np.median(c)) <= self.frame_contrast * disc]
+        return frame, disc, dark if len(dark) >= 2 else []
+
+    def _padding(self, array: np.ndarray, working: list[int], full_scale: float) -> np.ndarray | None:
+        """The frame of one flat colour around the field, on the working grid, or None where the corners hold none.
+
+        Software that fills the frame or pads the photograph fills it with one colour, the same in all four corners
+        and flat there (JPEG keeps a flat block flat). A crop inside the disc has retina in its corners: darker or
+        paler towards the periphery, each corner its own colour (they differ by 15 levels of 255 or more in DRIVE's
+        and CHASE_DB1's colour photographs; in a red-free one three corners may agree, never all four), with vessels
+        and choroid in them. The frame is then grown, from the image's edge, over what is nearer its colour than
+        ``rise`` of the way to the rest of the photograph: JPEG's ringing along the rim of the disc, which a flat
+        tolerance would leave as a pale ring around the field.
+        """
+        from skimage.transform import resize
+
+        tolerance = self.padding_tolerance * full_scale
+        height, width = array.shape[1:]
+        k = max(2, round(0.03 * min(height, width)))
+        patches = [array[:, :k, :k], array[:, :k, -k:], array[:, -k:, :k], array[:, -k:, -k:]]
+        patches = [p.reshape(len(array), -1) for p in patches]
+        colour = np.median(np.stack([np.median(p, axis=1) for p in patches]), axis=0)
+        if not all(float((np.abs(p - colour[:, None]).max(axis=0) <= tolerance).mean()) >= 0.95 for p in patches):
+            return None
+        anti_aliasing = max(working) < max(height, width)
+        distance = np.zeros(working, np.float32)
+        for channel, value in zip(array, colour, strict=True):
+            small = resize(channel, working, order=1, anti_aliasing=anti_aliasing)
+            distance = np.maximum(distance, np.abs(small - value))
+        flat = distance <= tolerance
+        if flat.all():
+            return None
+        near = distance <= max(tolerance, self.rise * float(np.median(distance[~flat])))
+        # the frame reaches the image's edge; the same colour inside the field (a pale lesion, a reflex) is no frame
+        labels, _ = ndimage.label(near)
+        edge = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
+        return np.isin(labels, edge[edge > 0])
 
 
 class EstimateFOVd(MapTransform):

@@ -1,0 +1,124 @@
+"""The field of view estimated from fundus photographs as users have them: frames of any flat colour, padding,
+JPEG, montages, crops whose periphery fades; each read from a real file as the vessels bundle reads it."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from clinseg.datasets.errors import DataError
+from clinseg.datasets.fundus.phantom import synthesize_fundus
+from clinseg.datasets.readers import PhotoReader, ReadImaged, read_binary_mask
+from clinseg.transforms.fundus import EstimateFOV, EstimateFOVd, ScaleToFOVd, fov_diameter
+from tests.conftest import shared_path
+
+
+def iou(a, b) -> float:
+    return float((a & b).sum() / (a | b).sum())
+
+
+def jpeg(photo: np.ndarray, quality: int) -> np.ndarray:
+    buffer = io.BytesIO()
+    Image.fromarray(photo).save(buffer, format="JPEG", quality=quality)
+    return np.asarray(Image.open(buffer).convert("RGB"))
+
+
+def estimate(tmp_path, photo: np.ndarray, name: str = "photo.png") -> dict:
+    """The bundle's reading and estimation of a photograph saved as ``name``."""
+    path = tmp_path / name
+    Image.fromarray(photo).save(path)
+    return EstimateFOVd("image")(ReadImaged("image", reader=PhotoReader(channels="rgb"))({"image": str(path)}))
+
+
+def framed(frame, padding: int = 0):
+    """A phantom photograph with its dark frame filled with ``frame`` (None: kept dark), then padded by ``padding``
+    pixels of white, as an image exported for a report would be."""
+    photo, _, fov = synthesize_fundus(np.random.default_rng([11, 0]), (584, 565))
+    if frame is not None:
+        photo = photo.copy()
+        photo[~fov] = frame
+    if padding:
+        photo = np.pad(photo, ((padding, padding), (padding, padding), (0, 0)), constant_values=255)
+        fov = np.pad(fov, padding)
+    return photo, fov
+
+
+@pytest.mark.parametrize(
+    "frame, padding, quality",
+    [
+        (60, 0, None),  # a dark grey frame (a brightness offset of the export)
+        (128, 0, None),
+        ((255, 255, 255), 0, None),  # a white background
+        ((20, 40, 120), 0, None),  # a coloured one
+        (90, 0, 30),  # a grey frame through JPEG: its ringing along the rim is frame too
+        (None, 40, None),  # white padding around the camera's dark frame
+        (None, 40, 40),
+    ],
+)
+def test_a_frame_of_any_flat_colour_is_frame(tmp_path, frame, padding, quality):
+    """A frame that is not dark (grey, white, coloured) was taken for retina: the field was the whole photograph
+    (IoU 0.68 to the true field, no disc to measure), its frame normalised and segmented with the retina, and the
+    photograph left at its own scale."""
+    photo, fov = framed(frame, padding)
+    if quality:
+        photo = jpeg(photo, quality)
+    item = estimate(tmp_path, photo)
+    estimated = np.asarray(item["fov"][0]) > 0
+    assert iou(estimated, fov) > 0.97, iou(estimated, fov)
+    assert fov_diameter(item["fov"]) == pytest.approx(fov_diameter(fov[None]), rel=0.015)
+
+
+def test_grey_bars_padding_a_photograph_to_a_square_are_frame(tmp_path):
+    photo, _, fov = synthesize_fundus(np.random.default_rng([12, 0]), (584, 565))
+    bars = ((0, 0), (160, 160))
+    item = estimate(tmp_path, np.pad(photo, (*bars, (0, 0)), constant_values=70))
+    padded = np.pad(fov, bars)
+    assert iou(np.asarray(item["fov"][0]) > 0, padded) > 0.97
+    assert ScaleToFOVd("fov").factor(item) == pytest.approx(538 / fov_diameter(padded[None]), rel=0.015)
+
+
+def test_a_montage_of_two_fields_is_refused_naming_the_file(tmp_path):
+    """Two discs side by side: one was taken as the field and the other silently left unsegmented."""
+    left, _, _ = synthesize_fundus(np.random.default_rng([13, 0]), (584, 565))
+    right, _, _ = synthesize_fundus(np.random.default_rng([13, 1]), (584, 565))
+    with pytest.raises(DataError, match="2 separate bright fields of view") as raised:
+        estimate(tmp_path, np.concatenate([left, right], axis=1), "montage.png")
+    first_line = str(raised.value).splitlines()[0]
+    assert raised.value.path == str(tmp_path / "montage.png") and first_line.startswith(raised.value.path)
+    assert "montage" in first_line
+
+
+def test_a_crop_whose_periphery_fades_into_one_dark_corner_is_its_own_field(tmp_path):
+    """A crop inside the disc whose periphery fades dark in one corner (the green channel of a red-free photograph,
+    vignetting): that corner was read as a frame and the darker quarter of the retina cut off as frame."""
+    photo, _, _ = synthesize_fundus(np.random.default_rng([14, 0]), (584, 565))
+    crop = photo[120:460, 110:450].astype(np.float32)
+    rows, cols = np.mgrid[: crop.shape[0], : crop.shape[1]]
+    fade = np.clip(0.08 + np.hypot(rows, cols) / crop.shape[0], 0.0, 1.0)
+    faded = (crop * fade[..., None]).round().astype(np.uint8)
+    assert estimate(tmp_path, faded)["fov"].all()
+    # the same crop with a frame in two corners (a disc shifted to one side) keeps its frame
+    photo, _, fov = synthesize_fundus(np.random.default_rng([14, 0]), (584, 565))
+    shifted = photo[:, 120:]
+    assert iou(np.asarray(estimate(tmp_path, shifted)["fov"][0]) > 0, fov[:, 120:]) > 0.97
+
+
+def test_real_photographs_with_grey_and_white_frames_and_red_free_crops(tmp_path):
+    """DRIVE's photographs with their frame filled grey or white against DRIVE's released masks; crops inside
+    CHASE_DB1's discs, red-free (their green channel), are their own field."""
+    root = shared_path("vessels", "DRIVE", "training")
+    for number in (21, 30):
+        photo = np.asarray(Image.open(root / "images" / f"{number}_training.tif").convert("RGB")).copy()
+        released = read_binary_mask(root / "mask" / f"{number}_training_mask.gif")
+        for frame in (60, 255):
+            photo[~released] = frame
+            estimated = EstimateFOV()(jpeg(photo, 50).transpose(2, 0, 1))
+            assert iou(estimated, released) > 0.98, (number, frame, iou(estimated, released))
+            assert fov_diameter(estimated[None]) == pytest.approx(fov_diameter(released[None]), rel=0.01)
+    chase = shared_path("vessels", "CHASEDB1_x3", "images")
+    for name in ("01R", "07L"):
+        green = np.asarray(Image.open(chase / f"Image_{name}.jpg"))[500:2400, 560:2460, 1]
+        assert EstimateFOV()(np.repeat(green[None], 3, axis=0)).all(), name
