@@ -602,6 +602,8 @@ WRONG_OVERRIDES = [
     ("oct_layers", "learning_rate", "-0.1"),
     ("oct_layers", "resume", "true"),
     ("oct_layers", "train#trainer#max_epochs", "0"),
+    ("oct_layers", "pixel_size_um", "-3.87"),  # thicknesses in negative micrometres
+    ("oct_layers", "pixel_size_um", "0"),  # read as "not given" before
     ("vessels", "patch_size", "[96,96,96]"),
     ("vessels", "channels", "cmyk"),
     ("vessels", "val_fraction", "1.5"),

@@ -33,6 +33,7 @@ from PIL import Image
 from clinseg.datasets.ct.volumes import voxel_volume_ml
 from clinseg.datasets.errors import DataError
 from clinseg.datasets.io import RESERVED_RESULT_NAMES, atomic_write, atomic_write_all, nifti_writer
+from clinseg.datasets.value_types import PositiveFloat
 from clinseg.pipelines.engine.pictures import (
     DEFAULT_PALETTE,
     orthogonal_views,
@@ -267,7 +268,7 @@ class SaveSegmentationd(MapTransform, ResultLedger):
         fov_key: str | None = None,
         palette: Sequence[Sequence[int]] | None = None,
         thickness: bool = False,
-        pixel_size_um: float | None = None,
+        pixel_size_um: PositiveFloat | None = None,
         overwrite: bool = False,
         allow_missing_keys: bool = False,
     ):

@@ -20,6 +20,7 @@ from ignite.engine import Engine, Events
 from monai.handlers import MetricsSaver
 
 from clinseg.datasets.io import atomic_write_all, write_error
+from clinseg.datasets.value_types import PositiveFloat
 from clinseg.pipelines.engine.pictures import (
     DEFAULT_PALETTE,
     class_legend,
@@ -61,7 +62,7 @@ class EvaluationReport:
         num_overlays: int = 4,
         palette: Sequence[Sequence[int]] | None = None,
         key_metric: str | None = None,
-        pixel_size_um: float | None = None,
+        pixel_size_um: PositiveFloat | None = None,
         print_table: bool = False,
         model: Mapping | None = None,
         image_key: str = "image",
@@ -281,7 +282,7 @@ class EvaluationOutputs:
         output_dir: str,
         class_names: Sequence[str],
         palette: Sequence[Sequence[int]] | None = None,
-        pixel_size_um: float | None = None,
+        pixel_size_um: PositiveFloat | None = None,
         model: Mapping | None = None,
     ):
         from clinseg.pipelines.context import is_rank_zero
