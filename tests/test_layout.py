@@ -146,7 +146,8 @@ def test_one_project_root_and_one_atomic_publish():
         if renames.search(text) and module != "clinseg.datasets.io":
             publishes.append(module)
     assert not roots, f"project roots computed outside clinseg.datasets.locations: {roots}"
-    # the Deploy runtime moves a run's staged files into a folder that already holds others (a merge, not a publish);
+    # the Deploy runtime places a run's staged files into the output folder it was given, never replacing a file (a
+    # rename only where the file system has no hard links);
     # the evaluation report hands MONAI's finished metric tables to atomic_write_all as their writer
     expected = ["clinseg.pipelines.deploy.runtime", "clinseg.pipelines.engine.handlers.evaluation"]
     assert publishes == expected, f"renames outside clinseg.datasets.io: {publishes}"

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 from pathlib import Path
 from typing import NamedTuple
@@ -128,7 +129,7 @@ class HeartSegmentationOperator(Operator):
             try:
                 self.runtime.run([{"image": files, "id": "series", "source": files[0]}], staging)
             except Exception as e:
-                damaged = self.damaged_file_error()
+                damaged = damaged_file_error(files)
                 if damaged is None:
                     raise
                 raise damaged from e
@@ -173,17 +174,6 @@ class HeartSegmentationOperator(Operator):
                     skipped.append(sdk_candidate(series).record(reason=reason))
         return chosen, skipped
 
-    def damaged_file_error(self) -> DataError | None:
-        """The SDK's loader skips files it cannot parse, so an empty or damaged slice first shows up as a gap in
-        the series; the project's scan of the whole input folder names the file itself."""
-        from clinseg.datasets.ct.dicom import list_ct_series
-
-        try:
-            list_ct_series(self.input_path)
-        except DataError as e:
-            return e
-        return None
-
     def anonymised_ct_series(self, studies) -> tuple[SeriesCandidate, list[dict]]:
         """The SDK's loader drops slices with empty UIDs (anonymised exports); the project's reader groups them by
         geometry. The series to segment among them (chosen as among the SDK's) and the skipped ones, or an error
@@ -192,10 +182,12 @@ class HeartSegmentationOperator(Operator):
 
         from clinseg.datasets.ct.dicom import list_ct_series
 
-        try:
-            series = list_ct_series(self.input_path)
-        except DataError:
-            series = []
+        series = []
+        for folder in series_folders(self.input_path):  # as the SDK's loader, which reads subfolders too
+            try:
+                series += list_ct_series(folder)
+            except DataError:
+                continue
         anonymised = [s for s in series if s.modality == "CT" and not s.uid]
         if anonymised:
             candidates = []
@@ -210,6 +202,35 @@ class HeartSegmentationOperator(Operator):
             found |= {f"{s.Modality} ({len(s.get_sop_instances())} files)" for s in study.get_all_series()}
         listing = ", ".join(sorted(found)) or "no DICOM series"
         raise DataError(self.input_path, f"holds no CT series matching the selection rules (found: {listing}).")
+
+
+def series_folders(input_path: Path) -> list[Path]:
+    """``input_path`` and its subfolders at any depth (hidden ones aside), where the SDK's loader looks for DICOM
+    files too: a study exported as one folder per series."""
+    if not input_path.is_dir():
+        return [input_path]
+    found = [input_path]
+    for root, folders, _ in os.walk(input_path):
+        folders[:] = sorted(name for name in folders if not name.startswith("."))
+        found += [Path(root) / name for name in folders]
+    return found
+
+
+def damaged_file_error(files: list[str]) -> DataError | None:
+    """The damaged DICOM file beside the segmented series' slices, if any: the SDK's loader skips files it cannot
+    parse, so an empty or damaged slice first shows up as a gap in the series; the project's scan of the folders
+    that hold the series names the file itself. Only the folders of the series are scanned (the SDK's loader also
+    reads a study's subfolders, which the project's scan of the input folder does not), and only an error naming a
+    file counts, so that the series' own problem is never replaced by a verdict on another folder."""
+    from clinseg.datasets.ct.dicom import list_ct_series
+
+    for folder in sorted({Path(f).parent for f in files}):
+        try:
+            list_ct_series(folder)
+        except DataError as e:
+            if Path(e.path) != folder:
+                return e
+    return None
 
 
 def sdk_candidate(series, source=None) -> SeriesCandidate:

@@ -13,6 +13,7 @@ checks the command line, before the seconds those imports take.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -219,8 +220,9 @@ class BundleRuntime:
 def staged_outputs(output_dir: str | os.PathLike) -> Iterator[Path]:
     """A fresh staging folder inside ``output_dir``; its files move into ``output_dir`` only if the block succeeds.
 
-    Files are moved one by one with ``os.replace`` (atomic on one file system); on an exception the staging folder
-    is removed and ``output_dir`` is left as it was.
+    On an exception the staging folder is removed and ``output_dir`` is left as it was. The files are published
+    without replacing anything (:func:`publish_staged`): a file of the same name that appeared meanwhile (another
+    run given the same output folder, after this run's check of it) is kept, and this run's files are withdrawn.
     """
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -228,10 +230,65 @@ def staged_outputs(output_dir: str | os.PathLike) -> Iterator[Path]:
     staging.mkdir()
     try:
         yield staging
-        for path in sorted(staging.rglob("*")):
-            if path.is_file():
-                target = output_dir / path.relative_to(staging)
-                target.parent.mkdir(parents=True, exist_ok=True)
-                os.replace(path, target)
+        publish_staged(staging, output_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _place(source: Path, target: Path) -> None:
+    """``source`` under the name ``target``, never replacing a file there: a hard link fails on an existing name in
+    one step; where the file system has no hard links, a rename after a check (a narrow window)."""
+    try:
+        os.link(source, target)
+    except FileExistsError:
+        raise
+    except OSError:  # no hard links here (some network and FAT file systems)
+        if target.exists():
+            raise FileExistsError(errno.EEXIST, "exists", str(target)) from None
+        os.replace(source, target)
+
+
+def publish_staged(staging: Path, output_dir: Path) -> None:
+    """Move the files of ``staging`` into ``output_dir`` (same relative paths), all or none.
+
+    ``output_dir`` was empty (hidden entries aside) when the run started (:func:`..apps.check_paths`); results that
+    appeared there since belong to another run given the same folder, and mixing both under one summary would
+    misreport either. So the files are placed without replacing any, and on any failure the ones this run placed,
+    and the folders it made for them, are removed again: the folder ends with one run's complete results.
+
+    Raises:
+        DataError: naming the output folder, or the file another run wrote meanwhile.
+    """
+    from clinseg.pipelines.paths import earlier_results
+
+    earlier, shown = earlier_results(output_dir)
+    if earlier:
+        raise DataError(output_dir, f"the output folder received another run's results while this run ran ({shown})"
+                        "; this run's results are not written beside them.", "Give each run its own output folder "
+                        "(-o).")  # fmt: skip
+    placed: list[Path] = []
+    made: list[Path] = []
+    try:
+        for path in sorted(staging.rglob("*")):
+            target = output_dir / path.relative_to(staging)
+            try:
+                if path.is_dir():
+                    if not target.is_dir():
+                        target.mkdir()
+                        made.append(target)
+                    continue
+                _place(path, target)
+            except FileExistsError:
+                raise DataError(target, "was written by another run given the same output folder while this run ran"
+                                "; it is kept, and this run's results are withdrawn.", "Give each run its own "
+                                "output folder (-o).") from None  # fmt: skip
+            placed.append(target)
+    except BaseException:
+        for target in reversed(placed):
+            target.unlink(missing_ok=True)
+        for folder in reversed(made):
+            try:
+                folder.rmdir()
+            except OSError:  # another run's files are in it
+                pass
+        raise
