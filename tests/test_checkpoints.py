@@ -20,6 +20,7 @@ from tests.conftest import REPO_ROOT, run_bundle, run_models
 pytestmark = pytest.mark.filterwarnings("ignore:parsing config_file:UserWarning")
 OCT = REPO_ROOT / "bundles" / "oct_layers" / "configs"
 TINY = {"image_size": "[32,48]", "network_def#channels": "[4,8]", "network_def#strides": "[2]"}
+OCT_CLASSES = json.loads((OCT / "train.json").read_text())["class_names"]
 
 
 def network(bundle: str, **overrides):
@@ -156,6 +157,7 @@ def test_a_model_run_with_other_input_settings_than_it_was_trained_with_is_refus
     """``model.json`` records the bundle's ``input_settings`` (here the image size); an evaluation, an inference or
     an export with other values is refused, naming the setting and the value to pass; with the same, it runs."""
     assert runs.read_record(trained_oct["model"].parent)["input_settings"] == {
+        "class_names": OCT_CLASSES,
         "image_size": [32, 48],
         "network_def": {"channels": [4, 8], "strides": [2], "num_res_units": 1, "norm": "batch"},
     }
@@ -169,6 +171,12 @@ def test_a_model_run_with_other_input_settings_than_it_was_trained_with_is_refus
     result = run_bundle("inferring", [str(OCT / "inference.json")], inference, check=False)
     line = one_line_error(result)
     assert "'image_size'" in line and "--image_size '[32, 48]'" in result.stderr, result.stderr[-2000:]
+    # the classes its output channels stand for: the same number of other names would label every mask wrongly
+    swapped = [OCT_CLASSES[0], OCT_CLASSES[2], OCT_CLASSES[1], *OCT_CLASSES[3:]]
+    renamed = {**inference, "image_size": "[32,48]", "class_names": json.dumps(swapped)}
+    result = run_bundle("inferring", [str(OCT / "inference.json")], renamed, check=False)
+    line = one_line_error(result)
+    assert "'class_names'" in line and f"trained with {json.dumps(OCT_CLASSES)}" in line, line
     run_bundle("inferring", [str(OCT / "inference.json")], {**inference, "image_size": "[32,48]"})
     assert list((tmp_path / "out").glob("*")), "with the trained settings it runs"
 
