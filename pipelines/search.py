@@ -315,16 +315,35 @@ def interrupts_deferred():
             signal.signal(signum, handler)
 
 
-def interrupt_trial(study, storage, trial) -> None:
+def interrupt_trial(study, storage, trial, tracking_uri: str, worker: str) -> None:
     """A trial stopped by the user, not failed: it does not count towards --max_failures, and the search, resumed
-    with --join, runs its values again first (as a dead worker's trial is)."""
+    with --join, runs its values again first (as a dead worker's trial is). Its MLflow run ends KILLED where its
+    training could not end it (interrupted while it was still starting, before its handlers were in place)."""
     from optuna.trial import TrialState
 
-    if storage.get_trial(trial._trial_id).state != TrialState.RUNNING:  # told already
+    recorded = storage.get_trial(trial._trial_id)
+    if recorded.state != TrialState.RUNNING:  # told already
         return
     trial.set_user_attr("interrupted", True)
     tell(study, trial, state=TrialState.FAIL)
     study.enqueue_trial(trial.params, user_attrs={"retried_from": trial.number})
+    end_left_running(tracking_uri, recorded.user_attrs.get("mlflow_run_id"), "KILLED", worker)
+
+
+def end_left_running(tracking_uri: str, run_id: str | None, status: str, worker: str) -> None:
+    """End the MLflow run ``run_id`` of a trial with ``status`` if its training left it RUNNING (killed outright,
+    or stopped before it could end it), and tag it with the trial's state (FAIL)."""
+    from clinseg.pipelines.tracking import client_for
+
+    if not run_id:
+        return
+    try:
+        client = client_for(tracking_uri)
+        if client.get_run(run_id).info.status == "RUNNING":
+            client.set_terminated(run_id, status)
+        client.set_tag(run_id, "search.state", "FAIL")
+    except Exception as e:  # noqa: BLE001 - the study's record stands; only the run's copy is missing
+        print(f"[{worker}] could not mark run {run_id}: {e}", file=sys.stderr)
 
 
 def fail_stale_trials(study, tracking_uri: str, worker: str) -> None:
@@ -333,25 +352,15 @@ def fail_stale_trials(study, tracking_uri: str, worker: str) -> None:
     import optuna
     from optuna.trial import TrialState
 
-    from clinseg.pipelines.tracking import client_for
-
     running = {t.number: t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
     optuna.storages.fail_stale_trials(study)
     if not running:
         return
-    client = client_for(tracking_uri)
     for trial in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
         if trial.number not in running:
             continue
         print(f"[{worker}] trial {trial.number}: its worker stopped (no heartbeat); it runs again once", flush=True)
-        run_id = trial.user_attrs.get("mlflow_run_id")
-        if run_id:
-            try:
-                if client.get_run(run_id).info.status == "RUNNING":
-                    client.set_terminated(run_id, "KILLED")
-                client.set_tag(run_id, "search.state", "FAIL")
-            except Exception as e:  # noqa: BLE001 - the study's record stands; only the run's copy is missing
-                print(f"[{worker}] could not mark run {run_id}: {e}", file=sys.stderr)
+        end_left_running(tracking_uri, trial.user_attrs.get("mlflow_run_id"), "KILLED", worker)
 
 
 def work(storage, study_name: str, worker_index: int, verbose: bool = False) -> str:
@@ -386,7 +395,7 @@ def work(storage, study_name: str, worker_index: int, verbose: bool = False) -> 
             run_trial(study, storage, trial, settings, worker, verbose)
         except KeyboardInterrupt:  # also between ask and the training's start, or while the result is told
             with interrupts_deferred():
-                interrupt_trial(study, storage, trial)
+                interrupt_trial(study, storage, trial, settings["tracking_uri"], worker)
             raise
 
 
