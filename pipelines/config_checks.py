@@ -28,7 +28,7 @@ import os
 import re
 import sys
 import typing
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from functools import cache
 from typing import Any
 
@@ -197,17 +197,29 @@ def check_class_names(parser) -> None:
     for name in names:
         if not name.strip() or len(name) > CLASS_NAME_MAX_LENGTH:
             raise ConfigError("class_names", f"{name!r}: a class name must be 1 to {CLASS_NAME_MAX_LENGTH} characters.")
+    clash = clashing_class_names(names)
+    if clash:
+        first, second = clash
+        raise ConfigError(
+            "class_names",
+            f"{first!r} and {second!r} are recorded under one name ({mlflow_class_name(second)!r}): their "
+            "per-class metrics and result keys would mix.",
+            "Name the classes so that they differ in letters or digits.",
+        )
+
+
+def clashing_class_names(names: Sequence[str]) -> tuple[str, str] | None:
+    """The first two of ``names`` that MLflow records under one name (``PED (serous)`` and ``PED [serous]`` both as
+    ``PED _serous_``; names that differ only in case share a file on case-insensitive file systems), or None."""
+    from clinseg.pipelines.tracking import mlflow_class_name
+
     recorded: dict[str, str] = {}
     for name in names:
         key = mlflow_class_name(name).casefold()
         if key in recorded:
-            raise ConfigError(
-                "class_names",
-                f"{recorded[key]!r} and {name!r} are recorded under one name ({mlflow_class_name(name)!r}): their "
-                "per-class metrics and result keys would mix.",
-                "Name the classes so that they differ in letters or digits.",
-            )
+            return recorded[key], name
         recorded[key] = name
+    return None
 
 
 def check_key_metric(parser) -> None:

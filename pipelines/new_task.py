@@ -40,6 +40,7 @@ import numpy as np
 
 from clinseg.datasets.io import staged_folder
 from clinseg.pipelines import cli
+from clinseg.pipelines.config_checks import clashing_class_names
 from clinseg.pipelines.export import network_inputs
 from clinseg.pipelines.paths import SOURCE_ROOT
 from clinseg.pipelines.tracking import mlflow_class_name
@@ -112,14 +113,13 @@ def check_classes(classes: list[str]) -> None:
         # class 0 is what every metric leaves out and every mask's zeros are: a background listed later would be
         # trained and scored as the foreground
         raise TaskError(f"{listed}: 'background' is label value 0, so it comes first.")
-    recorded: dict[str, str] = {}
-    for name in classes:
-        other = recorded.setdefault(mlflow_class_name(name), name)
-        if other != name:
-            raise TaskError(
-                f"{listed}: '{other}' and '{name}' would be recorded in MLflow under one name "
-                f"('{mlflow_class_name(name)}'); name them apart with letters, digits, spaces or '_.-:'."
-            )
+    clash = clashing_class_names(classes)  # the rule the bundle's own config check applies at every run
+    if clash:
+        other, name = clash
+        raise TaskError(
+            f"{listed}: '{other}' and '{name}' would be recorded in MLflow under one name "
+            f"('{mlflow_class_name(name)}'); name them apart with letters, digits, spaces or '_.-:'."
+        )
 
 
 def check_data(config: dict, classes: list[str], label_colors: list | None = None) -> dict[str, int]:

@@ -224,7 +224,7 @@ def run_trial(study, storage, trial, settings: dict, worker: str, verbose: bool)
 
     from clinseg.pipelines.engine.workflow import DIVERGED
     from clinseg.pipelines.paths import SOURCE_ROOT
-    from clinseg.pipelines.tracking import RUN_TAGS_ENV, client_for
+    from clinseg.pipelines.tracking import RUN_TAGS_ENV
 
     params = {key: override_text(value) for key, value in trial.params.items()}
     run_name = f"{study.study_name}-t{trial.number:03d}"
@@ -285,16 +285,8 @@ def run_trial(study, storage, trial, settings: dict, worker: str, verbose: bool)
     else:
         state, note = TrialState.COMPLETE, "complete"
     tell(study, trial, best if state == TrialState.COMPLETE else None, state=state)
-    run_id = recorded.user_attrs.get("mlflow_run_id")
-    if run_id:
-        try:
-            client = client_for(settings["tracking_uri"])
-            if child.returncode != 0 and client.get_run(run_id).info.status == "RUNNING":
-                # a training killed outright (the kernel's out-of-memory killer, SIGKILL) could not end its run
-                client.set_terminated(run_id, "FAILED")
-            client.set_tag(run_id, "search.state", state.name)
-        except Exception as e:  # noqa: BLE001 - the study holds the state; only its copy on the run is missing
-            print(f"[{worker}] could not tag run {run_id}: {e}", file=sys.stderr)
+    # a training killed outright (the kernel's out-of-memory killer, SIGKILL) could not end its run
+    end_left_running(settings["tracking_uri"], recorded.user_attrs.get("mlflow_run_id"), "FAILED", state.name, worker)
     metric = settings["key_metric"]
     value = f", best {metric} {best:.4f}" if best is not None else ""
     print(f"[{worker}] trial {trial.number} {state.name}: {note}{value} ({time.time() - started:.0f} s)", flush=True)
@@ -327,12 +319,12 @@ def interrupt_trial(study, storage, trial, tracking_uri: str, worker: str) -> No
     trial.set_user_attr("interrupted", True)
     tell(study, trial, state=TrialState.FAIL)
     study.enqueue_trial(trial.params, user_attrs={"retried_from": trial.number})
-    end_left_running(tracking_uri, recorded.user_attrs.get("mlflow_run_id"), "KILLED", worker)
+    end_left_running(tracking_uri, recorded.user_attrs.get("mlflow_run_id"), "KILLED", "FAIL", worker)
 
 
-def end_left_running(tracking_uri: str, run_id: str | None, status: str, worker: str) -> None:
+def end_left_running(tracking_uri: str, run_id: str | None, status: str, trial_state: str, worker: str) -> None:
     """End the MLflow run ``run_id`` of a trial with ``status`` if its training left it RUNNING (killed outright,
-    or stopped before it could end it), and tag it with the trial's state (FAIL)."""
+    or stopped before it could end it), and tag it with the trial's state (``search.state``)."""
     from clinseg.pipelines.tracking import client_for
 
     if not run_id:
@@ -341,7 +333,7 @@ def end_left_running(tracking_uri: str, run_id: str | None, status: str, worker:
         client = client_for(tracking_uri)
         if client.get_run(run_id).info.status == "RUNNING":
             client.set_terminated(run_id, status)
-        client.set_tag(run_id, "search.state", "FAIL")
+        client.set_tag(run_id, "search.state", trial_state)
     except Exception as e:  # noqa: BLE001 - the study's record stands; only the run's copy is missing
         print(f"[{worker}] could not mark run {run_id}: {e}", file=sys.stderr)
 
@@ -360,7 +352,7 @@ def fail_stale_trials(study, tracking_uri: str, worker: str) -> None:
         if trial.number not in running:
             continue
         print(f"[{worker}] trial {trial.number}: its worker stopped (no heartbeat); it runs again once", flush=True)
-        end_left_running(tracking_uri, trial.user_attrs.get("mlflow_run_id"), "KILLED", worker)
+        end_left_running(tracking_uri, trial.user_attrs.get("mlflow_run_id"), "KILLED", "FAIL", worker)
 
 
 def work(storage, study_name: str, worker_index: int, verbose: bool = False) -> str:
