@@ -9,8 +9,9 @@ Templates:
 - ``vessels``: binary masks in the generic layout ``<dataset_dir>/images/`` + ``masks/`` (+ optional ``fov/``, a
   field of view outside which nothing is scored), colour or grey images; patch training, sliding-window inference.
 - ``oct_layers``: label maps with several classes, ``<dataset_dir>/images/`` + ``labels/`` (label values, palette
-  PNGs, or colours with ``--label_colors '[[0,0,0],[255,0,0],...]'``, one per class; 255: unannotated), grey images
-  resized to ``image_size``.
+  PNGs, grey levels mapped with ``--label_values '[0,50,100,150]'`` or colours with
+  ``--label_colors '[[0,0,0],[255,0,0],...]'``, one per class; 255: unannotated), grey images resized to
+  ``image_size``.
 
 With ``--dataset_dir``, every training and validation label is read first, as the bundle's training reads it, and
 the bundle is written only if the labels hold exactly the listed classes (label value ``i`` is ``--classes``' item
@@ -152,6 +153,7 @@ def check_data(config: dict, classes: list[str], label_colors: list | None = Non
     absent = [f"{index} {classes[index]}" for index in np.flatnonzero(counts == 0)]
     if absent:
         how = "colour in --label_colors" if label_colors else "label value"
+        how = "value in --label_values" if config.get("label_values") else how
         raise TaskError(
             f"--classes: {', '.join(absent)} ({how}) appears in none of the {len(items)} labels of "
             f"{config['dataset_dir']}; list the classes the labels hold, in the order of their values, background "
@@ -176,6 +178,7 @@ def task_config(
     dataset_dir: str | None,
     channels: str | None,
     label_colors: list | None = None,
+    label_values: list[int] | None = None,
 ) -> dict:
     """A template config (train, inference or an overlay) with the new task's facts written in."""
     config = _replace_strings(config, f"bundles/{template}/", f"bundles/{name}/")
@@ -188,6 +191,9 @@ def task_config(
             config["palette"] = None  # the report's default colours cover any number of classes
         if "label_colors" in config:
             config["label_colors"] = label_colors
+        if "label_values" in config:
+            # the bundle's form (ct_heart's too): each label value, as a string key, to its class index
+            config["label_values"] = None if label_values is None else {str(v): i for i, v in enumerate(label_values)}
     if dataset_dir is not None and "dataset_dir" in config:
         config["dataset_dir"] = dataset_dir
         if isinstance(config.get("input_dir"), str):
@@ -267,6 +273,7 @@ def new_task(
     title: str | None = None,
     bundles_dir: Path | None = None,
     label_colors: list | None = None,
+    label_values: list[int] | None = None,
     log: Callable[[str], object] = lambda line: None,
 ) -> Path:
     """Write ``<bundles_dir>/<name>/`` from ``template``; the folder appears whole or not at all, and only once the
@@ -303,6 +310,16 @@ def new_task(
                 f"--label_colors: {len(label_colors)} colours for {len(classes)} classes; give one [r, g, b] per "
                 "class, in the order of --classes."
             )
+    if label_values is not None:
+        if "label_values" not in template_train:
+            raise TaskError(f"--label_values: the {template} template reads binary masks; use --from oct_layers.")
+        if label_colors is not None:
+            raise TaskError("--label_values, --label_colors: labels are grey levels or colours; give one of them.")
+        if len(label_values) != len(classes) or len(set(label_values)) != len(label_values):
+            raise TaskError(
+                f"--label_values: {len(label_values)} values for {len(classes)} classes; give one distinct label "
+                "value per class, in the order of --classes."
+            )
     if dataset_dir is None and len(classes) != len(template_train["class_names"]):
         raise TaskError(
             f"--dataset_dir: needed for {len(classes)} classes (the {template} phantom has "
@@ -322,6 +339,7 @@ def new_task(
             dataset_dir,
             channels,
             label_colors,
+            label_values,
         )
         for file_name in COPIED_CONFIGS
         if file_name.endswith(".json") and file_name != "metadata.json"
@@ -385,6 +403,18 @@ def parse_colors(text: str | None) -> list | None:
     return colors
 
 
+def parse_values(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        values = json.loads(text)
+    except json.JSONDecodeError:
+        values = None
+    if not isinstance(values, list) or not all(isinstance(v, int) and 0 <= v < 65536 for v in values):
+        raise TaskError(f"--label_values {text}: give a JSON list of label values, one per class: [0,50,100,...].")
+    return values
+
+
 @cli.entry_point
 def main(argv: list[str] | None = None) -> int:
     parser = cli.ArgumentParser(description=__doc__.splitlines()[0])
@@ -395,6 +425,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--channels", default=None, help="vessels template: green, red, blue, grey or rgb")
     parser.add_argument(
         "--label_colors", default=None, help="oct_layers template, colour labels: [[0,0,0],[255,0,0],...], a class each"
+    )
+    parser.add_argument(
+        "--label_values", default=None, help="oct_layers template, grey-level labels: [0,50,100,...], a class each"
     )
     parser.add_argument("--title", default=None, help="the bundle's display name (metadata)")
     parser.add_argument("--bundles_dir", default=None, help="where bundles live (default: the project's bundles/)")
@@ -411,6 +444,7 @@ def main(argv: list[str] | None = None) -> int:
             args.title,
             Path(args.bundles_dir) if args.bundles_dir else None,
             parse_colors(args.label_colors),
+            parse_values(args.label_values),
             log=lines.append,
         )
     except TaskError as e:

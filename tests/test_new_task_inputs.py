@@ -113,6 +113,10 @@ def test_wrong_arguments_are_one_line_and_write_nothing(tmp_path, capsys):
                                      str(tmp_path), "--label_colors", "[[0,0,0],[255,0,0],[0,255,0]]"]),
         ("repeats a colour", ["fluid", "--from", "oct_layers", "--classes", FLUID, "--dataset_dir", str(tmp_path),
                               "--label_colors", "[[0,0,0],[255,0,0],[0,255,0],[0,255,0]]"]),
+        ("3 values for 4 classes", ["fluid", "--from", "oct_layers", "--classes", FLUID, "--dataset_dir",
+                                    str(tmp_path), "--label_values", "[0,50,100]"]),
+        ("the vessels template reads binary masks", ["spots", "--from", "vessels", "--label_values", "[0,255]"]),
+        ("give a JSON list of label values", ["fluid", "--from", "oct_layers", "--label_values", "0,50"]),
     ]:  # fmt: skip
         assert_refused(capsys, bundles, problem, *args)
 
@@ -134,6 +138,28 @@ def test_colour_labels_with_a_colour_table(tmp_path, capsys):
     for name in ("train.json", "inference.json"):
         config = json.loads((bundles / "fluid" / "configs" / name).read_text())
         assert config["label_colors"] == COLOURS.tolist() and config["palette"] == "@label_colors"
+
+
+def test_grey_level_labels_mapped_to_classes(tmp_path, capsys):
+    """Label maps saved with grey levels 0, 50, 100, 150 for visibility: refused naming the file and its values,
+    then read through ``--label_values``, which training's own loading applies (each class's pixels counted from
+    the mapped labels); a table of other values is refused naming the file."""
+    data = tmp_path / "grey"
+    labels = write_label_maps(data)
+    for i, label in enumerate(labels):
+        Image.fromarray((label * 50).astype(np.uint8)).save(data / "labels" / f"scan{i}.png")
+    bundles = tmp_path / "bundles"
+    common = ["fluid", "--from", "oct_layers", "--classes", FLUID, "--dataset_dir", str(data)]
+    assert_refused(capsys, bundles, "label values [50, 100, 150] are not among the classes", *common)
+    assert_refused(capsys, bundles, "label values [150] are not among the classes", *common, "--label_values",
+                   "[0,50,100,200]")  # fmt: skip
+    status, out, err = create(capsys, *common, "--label_values", "[0,50,100,150]", "--bundles_dir", str(bundles))
+    assert status == 0, err
+    expected = np.bincount(np.concatenate([label.ravel() for label in labels]), minlength=4)
+    for index, name in enumerate(FLUID.split(",")):
+        assert f"  {index} {name}: {expected[index]} (" in out, out
+    train = json.loads((bundles / "fluid" / "configs" / "train.json").read_text())
+    assert train["label_values"] == {"0": 0, "50": 1, "100": 2, "150": 3}
 
 
 def test_palette_labels_unicode_names_and_unannotated_pixels(tmp_path, capsys, monkeypatch):
@@ -215,6 +241,10 @@ def test_a_multi_class_bundle_trains_evaluates_and_infers_from_another_folder(tm
     assert inferred.returncode == 0, inferred.stderr[-4000:]
     summary = json.loads((out / "scan0.json").read_text())
     assert set(summary["area_fraction"]) <= set(FLUID.split(",")), summary
+    # the classes are not layers (layer_order is off): no layer thickness, in the summaries or the metrics
+    assert "mean_thickness_px" not in summary, summary
+    for metrics in bundle.glob("outputs/*/metrics.json"):
+        assert "val_thickness_mae_px" not in json.loads(metrics.read_text()), metrics
     assert not any(elsewhere.iterdir()), "nothing is written into the folder the commands run from"
 
 

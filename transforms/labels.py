@@ -267,7 +267,18 @@ class MapLabelValues(Transform):
         strict: bool = True,
         ignore_index: int | None = None,
     ):
-        self.value_to_class = {int(k): int(v) for k, v in (value_to_class or {}).items()}
+        try:
+            self.value_to_class = {int(k): int(v) for k, v in (value_to_class or {}).items()}
+        except (TypeError, ValueError, AttributeError):
+            raise ConfigError(
+                "label_values",
+                f"{value_to_class!r} is not a mapping of label values to class indices.",
+                'Give e.g. {"50": 1, "100": 2}.',
+            ) from None
+        beyond = sorted({c for c in self.value_to_class.values() if not 0 <= c < (num_classes or 256)})
+        if beyond:
+            # a class index the network has no channel for would be trained as nothing and scored as a miss
+            raise ConfigError("label_values", f"maps to class indices {beyond}, beyond the {num_classes} classes.")
         self.num_classes = num_classes
         self.strict = strict
         self.ignore_index = ignore_index

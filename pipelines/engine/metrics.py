@@ -309,10 +309,12 @@ def _undefined_throughout(metric) -> bool:
     return bool(torch.isnan(data.float()).all())
 
 
-def metric_handlers(metrics: dict[str, str], ignore_index: int | None = None) -> dict:
+def metric_handlers(metrics: dict[str, str | None], ignore_index: int | None = None) -> dict:
     """The evaluator's metrics from a ``{tracked name: kind}`` mapping (kinds: :data:`METRIC_KINDS`), each an
     ``IgniteMetricHandler`` on the engine's one-hot ``pred`` (or ``prob``) and ``label``; background excluded, and
-    pixels labelled ``ignore_index`` not scored. A metric undefined in every case is NaN, not MONAI's 0.0."""
+    pixels labelled ``ignore_index`` not scored. A metric undefined in every case is NaN, not MONAI's 0.0. A kind
+    of ``None`` leaves the metric out (one a setting switches off, e.g. layer thickness where the classes are not
+    layers)."""
     from monai.handlers import IgniteMetricHandler, from_engine
 
     class DefinedMetricHandler(IgniteMetricHandler):
@@ -324,6 +326,8 @@ def metric_handlers(metrics: dict[str, str], ignore_index: int | None = None) ->
 
     handlers = {}
     for name, kind in metrics.items():
+        if kind is None:
+            continue
         if kind not in METRIC_KINDS:
             raise ConfigError(name, f"unknown metric kind {kind!r}.", f"Choose one of {sorted(METRIC_KINDS)}.")
         build, keys = METRIC_KINDS[kind]
