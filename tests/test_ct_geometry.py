@@ -259,3 +259,103 @@ def test_two_anonymised_reconstructions_in_one_folder_are_two_series(tmp_path):
     volume = read_ct_series(tmp_path, series_description="lung")
     assert volume.hu.shape == SHAPE and volume.spacing == pytest.approx((2.0, 2.0, 2.0))
     assert volume.affine_lps[2, 3] == pytest.approx(1.0)
+
+
+# --- DICOM series whose slices cannot be one evenly spaced volume
+
+
+def restacked(folder: Path, positions: np.ndarray, n_slices: int) -> list[Path]:
+    """A small CT series whose slices lie at ``positions`` (mm along z) instead of the writer's even steps."""
+    hu = np.full((6, 5, n_slices), -1000, np.int16)
+    hu[1:4, 1:4] = 40
+    files = write_ct_series(hu, np.diag([0.8, 0.8, 1.0, 1.0]), folder, file_names="index")
+    for path, z in zip(files, positions, strict=True):
+        ds = pydicom.dcmread(path)
+        ds.ImagePositionPatient = [0.0, 0.0, pydicom.valuerep.DSfloat(float(z), auto_format=True)]
+        ds.save_as(path)
+    return files
+
+
+def test_slice_steps_that_drift_within_the_step_tolerance_are_refused_naming_the_worst_slice(tmp_path):
+    """Every step is within 1 % of the median (1.000 mm, then 1.0098 mm), yet an evenly spaced volume of the mean step
+    puts the middle slice 0.29 mm (0.29 slices) from where it was acquired; over 600 slices, 1.5 mm."""
+    n = 120
+    steps = np.where(np.arange(n - 1) < n // 2, 1.0, 1.0098)
+    restacked(tmp_path / "drift", np.concatenate([[0.0], np.cumsum(steps)]), n)
+    with pytest.raises(DataError) as error:
+        read_volume(tmp_path / "drift")
+    message = str(error.value)
+    assert "\n" not in message
+    assert message.startswith(f"{tmp_path / 'drift'}: uneven slice positions: slice 61 of 120 (slice_0060.dcm, ")
+    assert "lies 0.29 mm from where an evenly spaced volume" in message
+
+    # positions rounded as scanners print them (0.005 mm either way) are one even grid
+    jitter = np.random.default_rng(0).uniform(-0.005, 0.005, n)
+    restacked(tmp_path / "rounded", np.arange(n) * 1.0 + jitter, n)
+    hu, affine, _ = read_volume(tmp_path / "rounded")
+    assert hu.shape == (6, 5, n) and affine[2, 2] == pytest.approx(1.0, abs=1e-4)
+
+
+def test_two_reconstructions_with_one_series_uid_are_refused_by_their_slice_thickness(tmp_path):
+    """A 1 mm and a 3 mm reconstruction exported with one SeriesInstanceUID, their positions offset by half a step:
+    every position check passes, and the volume alternates between the two every slice."""
+    hu, _ = phantom()
+    uid = pydicom.uid.generate_uid()
+    offset = np.diag([-2.0, -2.0, 2.0, 1.0])
+    offset[2, 3] = 1.0
+    thin = write_ct_series(hu, np.diag([-2.0, -2.0, 2.0, 1.0]), tmp_path, series_uid=uid, file_names="index")
+    thick = write_ct_series(hu, offset, tmp_path, series_uid=uid)
+    for paths, thickness in ((thin, 1.0), (thick, 3.0)):
+        for path in paths:
+            ds = pydicom.dcmread(path)
+            ds.SliceThickness = thickness
+            ds.save_as(path)
+    with pytest.raises(DataError) as error:
+        read_volume(tmp_path)
+    message = str(error.value)
+    assert "mixed series: SliceThickness is " in message and "\n" not in message
+    assert message.split(":")[0] in {str(p) for p in thin + thick}
+
+
+def test_compressed_slices_without_a_decoder_are_refused_in_one_line_naming_the_file(tmp_path, monkeypatch):
+    """JPEG 2000 (as the real anonymised series of the shared data is stored) read where no decoder plugin is
+    installed: pydicom lists the plugins it lacks on lines of their own."""
+    from pydicom.pixels.decoders import JPEG2000LosslessDecoder
+
+    hu, _ = phantom()
+    files = write_ct_series(hu, LPS_2MM, tmp_path, transfer_syntax=pydicom.uid.JPEG2000Lossless, file_names="index")
+    monkeypatch.setattr(JPEG2000LosslessDecoder, "_available", {})
+    monkeypatch.setattr(
+        JPEG2000LosslessDecoder,
+        "_unavailable",
+        {"gdcm": ("gdcm>=3.0.10",), "pylibjpeg": ("pylibjpeg>=2.0", "pylibjpeg-openjpeg>=2.0")},
+    )
+    with pytest.raises(DataError) as error:
+        read_volume(tmp_path)
+    problem, hint = str(error.value).split("\n")
+    assert problem.startswith(f"{files[0]}: pixel data cannot be decoded (transfer syntax JPEG 2000")
+    assert "pylibjpeg - requires pylibjpeg>=2.0 and pylibjpeg-openjpeg>=2.0" in problem
+    assert hint.startswith("Compressed pixel data needs a decoder plugin")
+
+
+@pytest.mark.parametrize("own_series", [False, True], ids=["same-series-uid", "own-series-uid"])
+def test_a_localizer_beside_the_slices_is_left_out(tmp_path, own_series):
+    """A scanner export puts the coronal scout (ImageType LOCALIZER) beside the axial slices, under their series UID or
+    its own: it is not part of the volume, and it made the folder a mixed series or two series."""
+    hu, _ = phantom()
+    files = write_ct_series(hu, LPS_2MM, tmp_path, file_names="index")
+    scout = pydicom.dcmread(files[0])
+    scout.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
+    scout.ImageOrientationPatient = [1, 0, 0, 0, 0, -1]
+    scout.SOPInstanceUID = pydicom.uid.generate_uid()
+    if own_series:
+        scout.SeriesInstanceUID = pydicom.uid.generate_uid()
+    scout.save_as(tmp_path / "scout.dcm")
+    read, affine, _ = read_volume(tmp_path)
+    np.testing.assert_array_equal(read, hu)
+    np.testing.assert_allclose(affine, LPS_TO_RAS @ LPS_2MM)
+
+    for path in files:
+        path.unlink()
+    with pytest.raises(DataError, match="holds only localizer"):
+        read_volume(tmp_path)

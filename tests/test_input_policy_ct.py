@@ -15,7 +15,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from clinseg.datasets.ct import LoadCTVolumed, load_ct_images, read_volume, write_ct_series
+from clinseg.datasets.ct import LoadCTVolumed, load_ct_datalist, load_ct_images, read_volume, write_ct_series
 from clinseg.datasets.errors import DataError, InputError
 from clinseg.datasets.io import unique_ids
 from clinseg.pipelines.paths import require_output_outside_input
@@ -261,6 +261,25 @@ def test_inference_inputs_of_one_stem_get_distinct_ids(tmp_path):
     assert [item["id"] for item in load_ct_images(tmp_path)] == ["a_nii_gz", "a_nrrd", "b"]
 
 
+@pytest.mark.parametrize(
+    "image_names, label_names",
+    [
+        (["ct_0001_0000", "ct_0002_0000", "ct_0003_0000"], ["ct_0001", "ct_0002", "ct_0003"]),  # nnU-Net raw
+        (["heart_0000", "heart_0001", "heart_0002"], ["heart_0000", "heart_0001", "heart_0002"]),  # MSD-like
+    ],
+    ids=["nnunet", "msd"],
+)
+def test_case_names_ending_in_four_digits_pair_each_image_with_its_label(tmp_path, image_names, label_names):
+    """Four-digit case numbers are not nnU-Net's channel suffix: read as one, every label was case 'ct'."""
+    for folder, names in (("imagesTr", image_names), ("labelsTr", label_names)):
+        (tmp_path / folder).mkdir()
+        for name in names:
+            nib.save(nib.Nifti1Image(volume(), np.eye(4)), tmp_path / folder / f"{name}.nii.gz")
+    items = load_ct_datalist(tmp_path, split="all")
+    pairs = [(Path(item["image"]).name, Path(item["label"]).name, item["id"]) for item in items]
+    assert pairs == [(f"{i}.nii.gz", f"{lab}.nii.gz", lab) for i, lab in zip(image_names, label_names, strict=True)]
+
+
 def test_output_folder_equal_to_or_inside_the_input_folder_is_refused(tmp_path):
     inputs = tmp_path / "inputs"
     inputs.mkdir()
@@ -374,6 +393,55 @@ def test_nrrd_in_a_patient_space_keeps_its_geometry(tmp_path, space, diagonal):
     _, affine, meta = read_volume(text_header_nrrd(tmp_path / "ct.nrrd", volume(), fields))
     np.testing.assert_allclose(affine, np.diag([*diagonal, 1.0]))
     assert meta["geometry_assumed"] == ""
+
+
+@pytest.mark.parametrize(
+    "unit, per_mm",
+    [("cm", 0.1), ("m", 0.001), ("um", 1000.0), ("\u00b5m", 1000.0)],
+    ids=["cm", "m", "um", "micro-sign"],
+)
+def test_nrrd_space_units_are_read_in_millimetres(tmp_path, unit, per_mm):
+    """ITK reads every NRRD in millimetres: 0.07 cm voxels would be 0.07 mm, a heart a thousand times too small."""
+    directions = " ".join(f"({','.join(f'{v * per_mm:g}' for v in row)})" for row in np.diag([0.7, 0.8, 2.5]))
+    fields = [
+        "space: left-posterior-superior",
+        f"space directions: {directions}",
+        f"space origin: ({-120 * per_mm:g},{40 * per_mm:g},{300 * per_mm:g})",
+        f'space units: "{unit}" "{unit}" "{unit}"',
+    ]
+    _, affine, _ = read_volume(text_header_nrrd(tmp_path / "ct.nrrd", volume(), fields))
+    expected = np.diag([-0.7, -0.8, 2.5, 1.0])
+    expected[:3, 3] = (120.0, -40.0, 300.0)
+    np.testing.assert_allclose(affine, expected, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize(
+    "field, shown",
+    [
+        ('space units: "mm" "inch" "mm"', "'inch' is not a unit of length that can be converted to millimetres"),
+        # ITK's NRRD reader refuses these itself, with a reason several lines long
+        ('units: "cm" "cm" "cm"', "has a direction vector, and so can't have min, max, spacing, or units set"),
+    ],
+    ids=["unknown-space-unit", "per-axis-units"],
+)
+def test_nrrd_units_that_cannot_be_converted_are_refused_in_one_line_naming_the_file(tmp_path, field, shown):
+    fields = ["space: left-posterior-superior", "space directions: (0.7,0,0) (0,0.8,0) (0,0,2.5)", field]
+    path = text_header_nrrd(tmp_path / "ct.nrrd", volume(), fields)
+    with pytest.raises(DataError) as refused:
+        read_volume(path)
+    message = str(refused.value)
+    assert message.startswith(f"{path}: ") and shown in message and "\n" not in message
+
+
+@pytest.mark.parametrize("suffix, shown", [(".nrrd", "fread got only"), (".mha", "File cannot be read")])
+def test_truncated_nrrd_and_metaimage_are_refused_in_one_line_naming_the_file(tmp_path, suffix, shown):
+    path = itk_volume(tmp_path / f"ct{suffix}", volume())
+    path.write_bytes(path.read_bytes()[:-20])
+    with pytest.raises(DataError) as refused:
+        read_volume(path)
+    message = str(refused.value)
+    assert message.startswith(f"{path}: cannot be read as {suffix[1:].upper()}") and "\n" not in message, message
+    assert shown in message, message
 
 
 def test_float64_beyond_float32_range_is_refused_not_made_infinite(tmp_path):

@@ -28,14 +28,18 @@ from clinseg.datasets.value_types import Fraction, NonNegativeInt, PositiveInt
 logger = logging.getLogger(__name__)
 
 
-def _cases(folder: Path) -> dict[str, Path]:
-    """The volumes (files and DICOM series folders) of a folder, by case id."""
+def _cases(folder: Path, labels: dict[str, Path] | None = None, channel_suffix: bool = True) -> dict[str, Path]:
+    """The volumes (files and DICOM series folders) of a folder, by case id: an image named as its label
+    (``heart_0000.nii.gz`` beside ``labelsTr/heart_0000.nii.gz``) keeps its whole name, others lose nnU-Net's
+    ``_0000`` channel suffix (``channel_suffix``; labels have none)."""
     cases: dict[str, Path] = {}
     for path in sorted(folder.iterdir()):
         if path.name.startswith("."):
             continue
         if is_volume_file(path) or path.is_dir():
-            key = case_id(path)
+            key = case_id(path, channel_suffix=False)
+            if channel_suffix and key not in (labels or {}):
+                key = case_id(path)
             if key in cases:
                 raise DataError(folder, f"holds two volumes for case {key!r}: {cases[key].name} and {path.name}.")
             cases[key] = path
@@ -43,8 +47,8 @@ def _cases(folder: Path) -> dict[str, Path]:
 
 
 def _pair(images_dir: Path, labels_dir: Path | None, require_labels: bool = True) -> list[dict]:
-    images = _cases(images_dir)
-    labels = _cases(labels_dir) if labels_dir is not None and labels_dir.is_dir() else {}
+    labels = _cases(labels_dir, channel_suffix=False) if labels_dir is not None and labels_dir.is_dir() else {}
+    images = _cases(images_dir, labels)
     if require_labels:
         missing = sorted(set(images) - set(labels))
         if missing:

@@ -21,7 +21,7 @@ import os
 import warnings
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 
@@ -58,6 +58,13 @@ GAP_FACTOR = 1.5  # a step this many times the median step means missing slices
 SPACING_REL_TOL = 0.01  # steps may differ from the median by 1 % ...
 SPACING_ABS_TOL_MM = 0.01  # ... or by 0.01 mm, whichever is larger (positions are rounded when printed)
 IN_PLANE_TOL_MM = 0.05  # a slice origin off the line through the others by more than this is not stacked
+# a slice may lie this fraction of the step away from where the evenly spaced volume puts it. Steps that each pass
+# the spacing check can still add up (1.000 mm for half a series, 1.0098 mm for the other half: 1.5 mm in the middle
+# of 600 slices). 3D Slicer corrects any misplacement above 0.001 mm with a grid transform and ITK warns above 1e-4
+# of the step per step; a volume on one even grid cannot be corrected, so it is refused above a tenth of a slice,
+# more than printed positions are rounded by and less than the interpolation to the network's spacing moves a value
+GRID_TOL_STEPS = 0.1
+SLICE_THICKNESS_REL_TOL = 1e-3  # two reconstructions of one series UID differ in SliceThickness (GDCM splits on it)
 
 DECODER_HINT = (
     "Compressed pixel data needs a decoder plugin for pydicom: pylibjpeg with pylibjpeg-openjpeg (JPEG 2000) or "
@@ -335,6 +342,33 @@ def _select(
     return chosen[0]
 
 
+def _is_localizer(ds: Dataset) -> bool:
+    """Whether a slice is a localizer (scout, topogram): ImageType holds LOCALIZER."""
+    value = ds.get("ImageType")
+    values = value.split("\\") if isinstance(value, str) else list(value or [])
+    return "LOCALIZER" in {str(v).strip().upper() for v in values}
+
+
+def _without_localizers(
+    folder: Path, series: list[tuple[SeriesInfo, list[tuple[Path, Dataset]]]]
+) -> list[tuple[SeriesInfo, list[tuple[Path, Dataset]]]]:
+    """The series without their localizer images. Exports put the scout beside the axial slices, as a series of its
+    own or under the same SeriesInstanceUID; it is never part of the volume, and its other orientation would make
+    the folder two series, or one mixed series."""
+    kept = []
+    for info, headers in series:
+        slices = [(path, ds) for path, ds in headers if not _is_localizer(ds)]
+        skipped = len(headers) - len(slices)
+        if skipped:
+            logger.warning(f"{folder}: {skipped} localizer (scout) image(s) of series {info.description!r} left out")
+        if slices:
+            files = [str(path) for path, _ in slices]
+            kept.append((replace(info, n_files=len(slices), files=files) if skipped else info, slices))
+    if not kept:
+        raise DataError(folder, "holds only localizer (scout) images (ImageType LOCALIZER), no CT series to read.")
+    return kept
+
+
 def _majority_check(folder: Path, headers: list[tuple[Path, Dataset]], name: str, values: list, same) -> None:
     """Raise on the first file whose ``values`` entry differs from the most common one (a mixed series)."""
     reference_value = Counter(values).most_common(1)[0][0]
@@ -376,6 +410,19 @@ def _check_geometry(folder: Path, headers: list[tuple[Path, Dataset]]) -> tuple[
         [tuple(round(float(x), 6) for x in v) for v in spacings],
         lambda a, b: np.allclose(a, b, rtol=PIXEL_SPACING_REL_TOL, atol=0),
     )
+    # two reconstructions of one scan (1 mm and 3 mm slices) exported with one SeriesInstanceUID and interleaved
+    # positions would pass every position check as one finely stepped volume whose slices alternate in blur and noise
+    # (an absent, empty or unreadable SliceThickness, type 2, says nothing and is left out)
+    thick = [(item, _rounded(item[1].get("SliceThickness"), 6)) for item in headers]
+    thick = [(item, v[0]) for item, v in thick if isinstance(v, tuple) and len(v) == 1 and np.isfinite(v[0])]
+    if thick:
+        _majority_check(
+            folder,
+            [item for item, _ in thick],
+            "SliceThickness",
+            [value for _, value in thick],
+            lambda a, b: abs(a - b) <= SLICE_THICKNESS_REL_TOL * max(abs(a), abs(b)),
+        )
     # the unrounded orientation of a file that agrees with the majority keeps the full precision of the header
     majority = Counter(rounded_iops).most_common(1)[0][0]
     iop = iops[rounded_iops.index(majority)]
@@ -458,6 +505,18 @@ def _sort_slices(
             f"and {names[i + 1]} ({positions[i + 1]:.3f} mm). A volume needs equally spaced slices.",
         )
     mean_step = float((positions[-1] - positions[0]) / (len(positions) - 1))
+    # where the evenly spaced volume puts each slice against where it was acquired: small step errors that each pass
+    # the check above add up along a long series
+    misplaced = np.abs(positions - (positions[0] + mean_step * np.arange(len(positions))))
+    worst = int(np.argmax(misplaced))
+    if misplaced[worst] > GRID_TOL_STEPS * mean_step:
+        raise DataError(
+            folder,
+            f"uneven slice positions: slice {worst + 1} of {len(positions)} ({names[worst]}, at {positions[worst]:.3f} "
+            f"mm along the slice normal) lies {misplaced[worst]:.2f} mm from where an evenly spaced volume "
+            f"(step {mean_step:.4f} mm) puts it, more than {GRID_TOL_STEPS:g} of a slice; the steps drift from "
+            f"{steps.min():.4f} to {steps.max():.4f} mm. A volume needs equally spaced slices.",
+        )
     return headers, origins, mean_step
 
 
@@ -512,9 +571,11 @@ def _read_slice_hu(path: Path, rows: int, cols: int) -> tuple[np.ndarray, float]
         stored = ds.pixel_array
     except Exception as e:  # decoder plugins raise many types; the message says which plugin is missing
         compressed = bool(syntax) and syntax.is_compressed
+        # pydicom lists the plugins it lacks on lines of their own: one line, as every problem is reported
+        reason = "; ".join(line.strip() for line in str(e).splitlines() if line.strip()).replace(":;", ":")
         raise DataError(
             path,
-            f"pixel data cannot be decoded (transfer syntax {syntax_text}): {e}",
+            f"pixel data cannot be decoded (transfer syntax {syntax_text}): {reason}",
             DECODER_HINT if compressed else "The pixel data is shorter or longer than the header says (truncated?).",
         ) from e
     if stored.shape != (rows, cols):
@@ -547,7 +608,7 @@ def read_ct_series(
         DataError: naming the folder or file and the problem, for anything that would give a wrong volume.
     """
     folder = Path(folder)
-    info, headers = _select(folder, _scan(folder, files), series_uid, series_description)
+    info, headers = _select(folder, _without_localizers(folder, _scan(folder, files)), series_uid, series_description)
     # before anything else: an Enhanced CT file is a whole series whose geometry lives in per-frame sequences, so
     # every later check (one slice, no position) would name a wrong problem
     for path, ds in headers:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -39,6 +40,16 @@ PLAUSIBLE_VOXEL_MM = (0.01, 50.0)
 # millimetres per unit of a NIfTI header's spatial unit code (xyzt_units & 7); unknown (0) is read as millimetres,
 # as ITK and nibabel do
 NIFTI_MM_PER_UNIT = {1: 1000.0, 2: 1.0, 3: 0.001}
+# millimetres per unit of a NRRD header's 'space units' (symbols and spelled-out names). ITK ignores the field and
+# reads every NRRD in millimetres; an empty or unknown ("???") unit is read as millimetres, as for NIfTI
+NRRD_MM_PER_UNIT = {
+    **dict.fromkeys(("mm", "millimeter", "millimeters", "millimetre", "millimetres"), 1.0),
+    **dict.fromkeys(("cm", "centimeter", "centimeters", "centimetre", "centimetres"), 10.0),
+    **dict.fromkeys(("m", "meter", "meters", "metre", "metres"), 1000.0),
+    **dict.fromkeys(("um", "\u00b5m", "\u03bcm", "micron", "microns", "micrometer", "micrometre"), 0.001),
+    **dict.fromkeys(("micrometers", "micrometres"), 0.001),
+    **dict.fromkeys(("", "???", "none"), 1.0),
+}
 # the NRRD 'space' values that name the patient's axes (the format's long and short names), for a 3D volume
 NRRD_PATIENT_SPACES = {
     "left-posterior-superior",
@@ -82,14 +93,16 @@ def looks_like_dicom(path: str | os.PathLike) -> bool:
     return (vr.isalpha() and vr.isupper()) or int.from_bytes(head[4:8], "little") < 1024
 
 
-def case_id(path: str | os.PathLike) -> str:
-    """A case's id from its file or folder name: extension and nnU-Net's ``_0000`` channel suffix removed."""
+def case_id(path: str | os.PathLike, channel_suffix: bool = True) -> str:
+    """A case's id from its file or folder name: extension and (``channel_suffix``) nnU-Net's ``_0000`` channel
+    suffix removed. Only ``_0000``: a CT has one channel, and case names of their own end in four digits
+    (``heart_0001``); nnU-Net's labels never carry the suffix."""
     name = Path(path).name
     for suffix in sorted(VOLUME_SUFFIXES, key=len, reverse=True):
         if name.lower().endswith(suffix):
             name = name[: -len(suffix)]
             break
-    if len(name) > 5 and name[-5] == "_" and name[-4:].isdigit():
+    if channel_suffix and len(name) > 5 and name.endswith("_0000"):
         name = name[:-5]
     return name
 
@@ -323,6 +336,47 @@ def _text_header(path: Path) -> dict[str, str]:
     return fields
 
 
+def _itk_reason(error: Exception) -> str:
+    """The reason in an ITK exception, on one line: ITK's text spans several lines (where in ITK's source it was
+    thrown, then the NRRD library's chain of "trouble" lines, the cause last)."""
+    reasons = []
+    for line in str(error).splitlines():
+        line = re.sub(r"^(ITK ERROR|itk::ERROR): \w+\(0x[0-9a-fA-F]+\): ", "", line.strip())
+        line = re.sub(r"^\[nrrd\] \w+: ?", "", line).strip()
+        if line and not line.startswith(("Exception thrown in SimpleITK", "trouble")) and not line.endswith(":"):
+            reasons.append(line)
+    return "; ".join(reasons) or str(error).strip()
+
+
+def _nrrd_quoted(value: str) -> list[str]:
+    """The strings of a NRRD per-axis field written as quoted strings (``"mm" "mm" "mm"``)."""
+    # the header is read as latin-1; a unit such as "\u00b5m" is UTF-8
+    value = value.encode("latin-1").decode("utf-8", errors="replace")
+    parts = value.split('"')
+    return [part.strip() for part in parts[1::2]] if len(parts) > 2 else value.split()
+
+
+def _nrrd_mm_per_unit(path: Path, fields: dict[str, str]) -> np.ndarray:
+    """Millimetres per unit along each world axis of a NRRD header (its ``space units``): ITK reads the space
+    directions and origin as millimetres whatever the header says, so a volume in centimetres would have voxels ten
+    times too small, one in metres a thousand times too large. Units that are not lengths it knows are refused.
+    (Per-axis ``units`` on an axis with a space direction are refused by ITK's NRRD reader itself.)"""
+    scale = np.ones(3)
+    if "space units" in fields:
+        units = _nrrd_quoted(fields["space units"])
+        if len(units) != 3:
+            raise DataError(path, f"has 'space units: {fields['space units']}', which names {len(units)} units, not 3.")
+        for axis, unit in enumerate(units):
+            if unit.lower() not in NRRD_MM_PER_UNIT:
+                raise DataError(
+                    path,
+                    f"has 'space units: {fields['space units']}': {unit!r} is not a unit of length that can be "
+                    "converted to millimetres (mm, cm, m, um).",
+                )
+            scale[axis] = NRRD_MM_PER_UNIT[unit.lower()]
+    return scale
+
+
 def _itk_geometry_problem(path: Path, spacing: Sequence[float]) -> str | None:
     """What makes a NRRD or MetaImage header's geometry unusable, or None. ITK gives a header without spacing or
     without space directions 1 mm voxels along the scanner axes, silently; this looks at the header itself."""
@@ -373,7 +427,9 @@ def _read_itk(
     try:
         reader.ReadImageInformation()  # the header only: the voxels are decoded below, after the checks
     except RuntimeError as e:
-        raise DataError(path, f"cannot be read as {what} (empty, truncated or damaged header?): {e}") from e
+        raise DataError(
+            path, f"cannot be read as {what} (empty, truncated or damaged header?): {_itk_reason(e)}"
+        ) from e
     if reader.GetDimension() != 3:
         raise DataError(path, f"is {reader.GetDimension()}-dimensional; a CT volume must be 3D.")
     if reader.GetNumberOfComponents() != 1:
@@ -383,8 +439,12 @@ def _read_itk(
     affine_lps = np.eye(4)
     affine_lps[:3, :3] = direction * np.asarray(reader.GetSpacing(), dtype=np.float64)
     affine_lps[:3, 3] = reader.GetOrigin()
+    problem = _itk_geometry_problem(path, reader.GetSpacing())
+    if problem is None and path.suffix.lower() in (".nrrd", ".nhdr"):
+        # MetaImage has no unit field: its spacing is millimetres by definition
+        affine_lps = np.diag([*_nrrd_mm_per_unit(path, _text_header(path)), 1.0]) @ affine_lps
     affine = LPS_TO_RAS @ affine_lps
-    problem = _itk_geometry_problem(path, reader.GetSpacing()) or affine_problem(affine)
+    problem = problem or affine_problem(affine)
     affine, note = _apply_geometry_policy(path, problem, affine, assume)
     try:
         image = reader.Execute()
@@ -395,7 +455,7 @@ def _read_itk(
                 f"{problem}, and ITK refuses to decode a file with a zero spacing, so assume_spacing cannot stand in.",
                 "Correct the spacing in its text header (ElementSpacing, or NRRD space directions).",
             ) from e
-        raise DataError(path, f"cannot be read as {what} (empty or truncated?): {e}") from e
+        raise DataError(path, f"cannot be read as {what} (empty or truncated?): {_itk_reason(e)}") from e
     array = np.transpose(sitk.GetArrayFromImage(image), (2, 1, 0))  # ITK arrays are [k, j, i]
     return array, affine, note, np.issubdtype(array.dtype, np.integer)
 
