@@ -13,7 +13,11 @@ orientation applied, original shape). The policy, written once here for every 2D
   tag), so an image and its mask line up: decided once from the header and applied to the pixels of every decoder
   alike; pixels whose shape differs from the header's are refused.
 - **Photometric interpretation honoured**: a TIFF's palette, CMYK and YCbCr are converted as Pillow converts those
-  of PNGs, GIFs and JPEGs; min-is-white TIFFs and samples that are not colour or alpha are refused.
+  of PNGs, GIFs and JPEGs; min-is-white TIFFs and samples that are not colour or alpha are refused. A grey reader
+  refuses a TIFF whose separate colour planes hold different images: tifffile stores a stack of 3 or 4 scans so by
+  default, and their luminance would be one plausible blended scan.
+- **The image of a file, not its preview**: a TIFF's reduced-resolution pages (thumbnails) are skipped wherever they
+  are, and an ImageJ stack counts its images even when they are stored behind one page.
 - **Palettes interpreted by their meaning**: a photograph's palette gives colours; a mask's palette gives the grey
   level of each index; a label image's palette is kept, so a colour table can map its colours to classes
   (:class:`clinseg.transforms.labels.LabelColorsToClassesd`).
@@ -24,7 +28,9 @@ orientation applied, original shape). The policy, written once here for every 2D
 - **DICOM** (``.dcm``), as hospitals store photographs and scans: single-frame Ophthalmic Photography, Ophthalmic
   Tomography, external-camera and secondary-capture images, decoded by pydicom (colour in YBR comes back as RGB, a
   palette through its lookup table, MONOCHROME1 inverted to display). Images of other modalities (a CT slice, an X-ray,
-  a report) are refused, and so are several frames (an OCT volume) where one 2D image is expected.
+  a report) are refused, and so are several frames (an OCT volume) where one 2D image is expected. The modality and
+  the pixel spacing (``pixel_spacing_um``: between rows, between columns; a frame's own in a multi-frame image) are
+  kept in the metadata, for a bundle to judge and measure by.
 - Every failure is a :class:`~clinseg.datasets.errors.DataError` naming the file and the problem.
 """
 
@@ -129,10 +135,24 @@ ALPHA_SAMPLES = (1, 2)  # associated (premultiplied), unassociated alpha
 TIFF_DIRECT = {MINISBLACK: ("grey", 1), RGB: ("RGB", 3)}
 
 
+def _tiff_image_pages(tif) -> tuple[int, int]:
+    """``(index, frames)``: the first full-resolution page of an open TIFF, and how many images the file holds. A
+    reduced-resolution page is not one; an ImageJ stack saved with one page (tifffile's ``truncate``, large stacks)
+    holds as many as its metadata's ``images``, stored one after another behind that page."""
+    if len(tif.pages) == 1:
+        index, frames = 0, 1
+    else:
+        full = [i for i, page in enumerate(tif.pages) if not getattr(page, "is_reduced", False)]
+        index, frames = (full[0], len(full)) if full else (0, 1)
+    if tif.is_imagej:
+        frames = max(frames, int((tif.imagej_metadata or {}).get("images", 1) or 1))
+    return index, frames
+
+
 def _tiff_header(path: Path) -> dict:
-    """What a TIFF's first page says, and which decoder gives its pixels by their meaning (``decoder``): tifffile
-    for grey and RGB (with at most an alpha sample besides) and palette pages, Pillow for CMYK and YCbCr, which it
-    converts to RGB as it does JPEGs. Every other interpretation is refused.
+    """What a TIFF's image page (its first full-resolution page) says, and which decoder gives its pixels by their
+    meaning (``decoder``): tifffile for grey and RGB (with at most an alpha sample besides) and palette pages, Pillow
+    for CMYK and YCbCr, which it converts to RGB as it does JPEGs. Every other interpretation is refused.
 
     Raises:
         DataError: an interpretation whose pixels would read as something else (min-is-white, a stack of images in
@@ -142,16 +162,19 @@ def _tiff_header(path: Path) -> dict:
     import tifffile
 
     with tifffile.TiffFile(path) as tif:
-        page = tif.pages[0]
-        # a reduced-resolution page (NewSubfileType bit 0: a thumbnail, a pyramid level) previews the image: no frame
-        frames = 1 if len(tif.pages) == 1 else sum(1 for p in tif.pages if not getattr(p, "is_reduced", False))
+        # a reduced-resolution page (NewSubfileType bit 0: a thumbnail, a pyramid level) previews the image: no frame,
+        # and not the image either where a writer put it first
+        index, frames = _tiff_image_pages(tif)
+        page = tif.pages[index]
         axes, shape = page.axes, page.shape
         photometric, extras = int(page.photometric), tuple(int(e) for e in page.extrasamples)
         orientation = int(page.tags.valueof(274, 1) or 1)
         inkset, bits = int(page.tags.valueof(332, 1) or 1), int(page.bitspersample)
+        planar = int(page.planarconfig) == 2  # PlanarConfiguration SEPARATE: each sample an image of its own
     rows, cols = shape[axes.index("Y")], shape[axes.index("X")]
     samples = shape[axes.index("S")] if "S" in axes else 1
-    header = {"shape": (rows, cols), "samples": samples, "frames": frames, "format": "TIFF"}
+    header = {"shape": (rows, cols), "samples": samples, "frames": frames, "format": "TIFF", "page": index}
+    header["planar"] = planar and samples > 1
     header.update(orientation=orientation, photometric=photometric, alpha=bool(extras), decoder="tifffile")
     if photometric == MINISWHITE and bits == 1:
         # a bilevel page (tifffile writes every bool array so; fax images): a set bit is ink, the drawn mark, as
@@ -219,14 +242,49 @@ def _dicom_header(path: Path) -> dict:
     if int(ds.get("PixelRepresentation", 0) or 0) == 1:
         raise DataError(path, "stores signed pixel values; a photograph or scan stores unsigned ones.")
     photometric = str(ds.get("PhotometricInterpretation", "") or "")
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
     return {
         "shape": (rows, cols),
         "mode": photometric,
-        "frames": int(ds.get("NumberOfFrames", 1) or 1),
+        "frames": frames,
         "format": "DICOM",
+        "modality": modality,
         "orientation": 1,  # DICOM images are stored as displayed (no orientation tag to honour)
         "decoder": "dicom",
+        "pixel_spacing_mm": _dicom_pixel_spacing(ds, frames),
     }
+
+
+def _spacing_of(item) -> tuple[float, float] | None:
+    """``PixelSpacing`` of a dataset or a functional group's item as (row, column) spacing in mm; None if absent or
+    not two positive numbers (then nothing is measured by it: the image itself is still usable)."""
+    if item is None or "PixelSpacing" not in item:
+        return None
+    try:
+        spacing = tuple(float(v) for v in item.PixelSpacing)
+    except (TypeError, ValueError):
+        return None
+    if len(spacing) != 2 or not all(np.isfinite(spacing)) or min(spacing) <= 0:
+        return None
+    return spacing
+
+
+def _pixel_measures(sequence, index: int = 0):
+    """The Pixel Measures item of functional-group item ``index`` of ``sequence`` (None where there is none)."""
+    if sequence is None or len(sequence) <= index:
+        return None
+    measures = sequence[index].get("PixelMeasuresSequence")
+    return measures[0] if measures else None
+
+
+def _dicom_pixel_spacing(ds, frames: int) -> list[tuple[float, float] | None]:
+    """Each frame's (row, column) pixel spacing in mm, as an Ophthalmic Tomography image records it: the Pixel
+    Measures of the frame's own functional groups, else of the shared ones, else the top-level PixelSpacing (a
+    single-frame image); None for a frame without one."""
+    shared = _spacing_of(_pixel_measures(ds.get("SharedFunctionalGroupsSequence")))
+    top = _spacing_of(ds)
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence")
+    return [_spacing_of(_pixel_measures(per_frame, k)) or shared or top for k in range(frames)]
 
 
 def _dicom_pixels(path: Path, frame: int | None = None) -> np.ndarray:
@@ -313,6 +371,8 @@ def read_header(path: str | os.PathLike, max_pixels: int | None = MAX_PIXELS) ->
         if not 0 <= frame < header["frames"]:
             raise DataError(path, f"has {header['frames']} frames; frame {frame} does not exist.")
         header.update(frames=1, frame=frame, frames_in_file=header["frames"])
+    if "pixel_spacing_mm" in header:  # one spacing per frame: the frame read's (the first of a single image)
+        header["pixel_spacing_mm"] = header["pixel_spacing_mm"][frame or 0]
     if header["frames"] > 1:  # e.g. a multi-page TIFF volume where one 2D image is expected
         raise DataError(path, f"holds {header['frames']} frames (pages); expected one 2D image.")
     check_size_limit(path, header["shape"], max_pixels, unit="pixels", parameter="max_pixels")
@@ -337,11 +397,11 @@ def dicom_frames(path: str | os.PathLike, max_pixels: int | None = MAX_PIXELS) -
     return header["frames_in_file"], tuple(header["shape"])
 
 
-def _tiff_pixels(path: Path, meta: dict) -> np.ndarray:
+def _tiff_pixels(path: Path, meta: dict, index: int = 0) -> np.ndarray:
     import tifffile
 
     with tifffile.TiffFile(path) as tif:
-        page = tif.pages[0]
+        page = tif.pages[index]
         array = page.asarray()
         if "S" in page.axes and page.axes.index("S") < page.axes.index("Y"):  # planar (S, Y, X) storage
             array = np.moveaxis(array, 0, -1)
@@ -362,10 +422,12 @@ def _tiff_pixels(path: Path, meta: dict) -> np.ndarray:
     return array
 
 
-def _pillow_pixels(path: Path, meta: dict) -> np.ndarray:
+def _pillow_pixels(path: Path, meta: dict, index: int = 0) -> np.ndarray:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         with Image.open(path) as image:
+            if index:  # a TIFF's image behind its preview page (the header chose it)
+                image.seek(index)
             image.load()
             if image.mode in ("PA", "La", "RGBa"):  # palette + alpha, premultiplied alpha: straight colour + alpha
                 image = image.convert("LA" if image.mode == "La" else "RGBA")
@@ -404,10 +466,16 @@ def decode_image(path: str | os.PathLike, max_pixels: int | None = MAX_PIXELS) -
     path = _frame_of(path)[0]
     orientation = header["orientation"]
     meta = {"format": header["format"], "exif_orientation": orientation}
+    if header.get("modality"):
+        meta["modality"] = header["modality"]
+    if header.get("pixel_spacing_mm"):  # (row, column): between rows is along the A-scan (a layer's thickness)
+        meta["pixel_spacing_um"] = tuple(1000.0 * v for v in header["pixel_spacing_mm"])
+    if header.get("planar"):
+        meta["planar"] = True
     try:
         if header["decoder"] == "tifffile":
             meta["alpha"] = header["alpha"]
-            array = _tiff_pixels(path, meta)
+            array = _tiff_pixels(path, meta, header.get("page", 0))
         elif header["decoder"] == "dicom":
             array = _dicom_pixels(path, header.get("frame"))
         elif header["decoder"] == "png16":  # 16 bits per sample, every colour type, as stored (no EXIF applied)
@@ -416,7 +484,7 @@ def decode_image(path: str | os.PathLike, max_pixels: int | None = MAX_PIXELS) -
             array = imagecodecs.png_decode(path.read_bytes())
             meta["alpha"] = array.ndim == 3 and array.shape[-1] in (2, 4)
         else:
-            array = _pillow_pixels(path, meta)
+            array = _pillow_pixels(path, meta, header.get("page", 0))
     except DataError:
         raise
     except Exception as e:  # decoders raise OSError, ValueError, zlib/struct errors... for damaged files
@@ -488,6 +556,9 @@ class _File2DReader(ImageReader):
 
 PHOTO_CHANNELS = ("rgb", "grey")
 LUMA = np.asarray([0.299, 0.587, 0.114], np.float32)  # ITU-R 601
+COLOUR_CHROMA = 24.0
+"""The spread between a pixel's largest and smallest channel (8-bit scale) above which it has a colour: a grey image
+saved as colour, or through JPEG's chroma subsampling, stays at a few levels."""
 
 
 def _split_alpha(array: np.ndarray, meta: dict) -> tuple[np.ndarray, np.ndarray | None]:
@@ -508,6 +579,11 @@ def _opacity(alpha: np.ndarray | None) -> np.ndarray | None:
     return None if (opacity >= 1).all() else opacity
 
 
+def _one_image(samples: np.ndarray) -> bool:
+    """Every sample of a ``(rows, cols, samples)`` image holds the same picture (a grey image stored as colour)."""
+    return samples.ndim < 3 or bool((samples == samples[..., :1]).all())
+
+
 def _one_colour(colour: np.ndarray) -> bool:
     """Every pixel has the same colour (the same value in each channel)."""
     return bool((colour == colour.reshape(-1, *colour.shape[2:])[0]).all())
@@ -523,7 +599,8 @@ class PhotoReader(_File2DReader):
 
     Args:
         channels: ``"rgb"`` (3 channels; grey images are repeated) or ``"grey"`` (1 channel; colour images become
-            luminance, ITU-R 601).
+            luminance, ITU-R 601, and ``colour_fraction`` in the metadata is the share of their pixels that had a
+            colour, :data:`COLOUR_CHROMA`; a TIFF holding different images in separate colour planes is refused).
         max_pixels: the largest image decoded (checked from the header).
     """
 
@@ -535,6 +612,17 @@ class PhotoReader(_File2DReader):
 
     def decode(self, path: Path) -> tuple[np.ndarray, dict]:
         array, meta = decode_image(path, self.max_pixels)
+        colour = array[..., :-1] if meta.get("alpha") else array
+        if self.channels == "grey" and meta.get("planar") and not _one_image(colour):
+            # tifffile stores a (3, rows, cols) or (4, rows, cols) array (a stack of grey scans: B-scans of a volume)
+            # as the separate colour planes of one RGB page by default; its luminance would blend them into one
+            # plausible scan, and the 4th would act as opacity. A grey scan in colour planes has equal planes.
+            raise DataError(
+                path,
+                f"stores {array.shape[-1]} different images in the separate planes of one RGB page, as tifffile "
+                f"writes a ({array.shape[-1]}, rows, cols) array (a stack of scans) by default; read as one grey "
+                "scan they would be blended: save each scan as its own grey image (or a volume as multi-frame DICOM).",
+            )
         if "palette" in meta:  # a palette photograph: its indices mean the palette's colours (and opacities)
             opacities = meta.pop("palette_alpha", None)
             alpha = None if opacities is None else opacities[array]
@@ -558,6 +646,9 @@ class PhotoReader(_File2DReader):
             pixels = pixels * opacity[..., None]
             meta["alpha_composited"] = True
         if self.channels == "grey":
+            if pixels.shape[-1] == 3:  # how much real colour the luminance drops, for the caller to judge
+                chroma = pixels.max(axis=-1) - pixels.min(axis=-1)
+                meta["colour_fraction"] = float((chroma > COLOUR_CHROMA).mean())
             pixels = pixels if pixels.shape[-1] == 1 else pixels @ LUMA
             pixels = pixels.reshape(*pixels.shape[:2], 1)
         elif pixels.shape[-1] == 1:

@@ -95,6 +95,7 @@ ANATOMY_ONLY = {
     # grey images may have both, and trained on them, its model would refuse its own kind of image
     "max_padding_fraction": None,
     "min_floor_level": None,
+    "max_colour_fraction": None,  # and its check of colour photographs: a task's images may be read from colour
 }
 """Settings of the templates' anatomy and modality, off in a new task (each is named in the bundle's README)."""
 

@@ -169,7 +169,9 @@ def test_inference_writes_label_maps_on_the_input_grid(trained, tiny_oct_dir, tm
     Image.fromarray(scan).save(scans / "scan.png")
     # the same B-scan as frame 0 of a DICOM OCT volume (Ophthalmic Tomography, one B-scan per frame)
     volume = np.stack([scan, scan[::-1]])
-    write_dicom(scans / "volume.dcm", volume, modality="OPT", sop_class=OPHTHALMIC_TOMOGRAPHY, NumberOfFrames=2)
+    # its rows 3.9 um apart (PixelSpacing): thicknesses in micrometres by the file's own spacing
+    write_dicom(scans / "volume.dcm", volume, modality="OPT", sop_class=OPHTHALMIC_TOMOGRAPHY, NumberOfFrames=2,
+                PixelSpacing=[0.0039, 0.0115])  # fmt: skip
     out = tmp_path / "predictions"
     run_bundle("inferring", INFER, tiny_inference(bundle_root, tiny_oct_dir, input_dir=scans, output_dir=out))
     label = np.asarray(Image.open(out / "scan_seg.png"))
@@ -180,6 +182,16 @@ def test_inference_writes_label_maps_on_the_input_grid(trained, tiny_oct_dir, tm
     summary = json.loads((out / "scan.json").read_text())
     assert summary["shape"] == [70, 110] and set(summary["mean_thickness_px"]) == LAYERS
     assert 0 <= summary["layer_order_relabelled"] <= 1
+    assert "mean_thickness_um" not in summary, "a PNG says nothing of its pixel size, and none was given"
+    frame = json.loads((out / "volume_bscan000.json").read_text())
+    assert frame["pixel_size_um"] == pytest.approx(3.9) and frame["pixel_size_from"] == "the file's PixelSpacing"
+    for layer, pixels in frame["mean_thickness_px"].items():
+        assert frame["mean_thickness_um"][layer] == pytest.approx(None if pixels is None else pixels * 3.9)
+    # the lateral spacing given as the pixel size contradicts the file's own: refused naming the frame
+    lateral = tiny_inference(bundle_root, tiny_oct_dir, input_dir=scans, output_dir=tmp_path / "lateral")
+    contradicted = run_bundle("inferring", INFER, {**lateral, "pixel_size_um": 11.5}, check=False)
+    assert contradicted.returncode == 1 and "Traceback" not in contradicted.stderr, contradicted.stderr[-3000:]
+    assert "volume.dcm::0: records 3.9 um between its rows" in contradicted.stderr, contradicted.stderr[-3000:]
     # with the default limit, a prediction the layer order had to rebuild is refused, naming its image: a map with
     # every layer in order, made from a jumble, would look plausible
     defaults = tiny_inference(bundle_root, tiny_oct_dir, input_dir=scans, output_dir=tmp_path / "refused")

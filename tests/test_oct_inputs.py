@@ -1,16 +1,23 @@
 """OCT B-scans as scanners and viewers export them, through the oct_layers bundle's own inference preprocessing:
-display scale in 8 bits, 16 bits and floats, linear intensity, padding bands, scanner sizes."""
+display scale in 8 bits, 16 bits and floats, linear intensity, padding bands, scanner sizes, stacks stored as colour
+planes, colour images and photographs, DICOM B-scans with their own pixel spacing."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import pytest
 import tifffile
+from monai.transforms import Compose
 from PIL import Image
+from pydicom.dataset import Dataset
 
 from clinseg.datasets.errors import DataError
-from clinseg.datasets.oct import load_oct_images, synthesize_bscan
+from clinseg.datasets.oct import RequireBScand, load_oct_images, synthesize_bscan
+from clinseg.datasets.readers import PhotoReader
 from clinseg.pipelines.cli import find_input_error
+from tests.test_dicom_photographs import OPHTHALMIC_TOMOGRAPHY, write_dicom
 from tests.test_oct_readers import inference_preprocessing
 
 
@@ -74,3 +81,102 @@ def test_tall_padding_bands_are_refused_naming_their_rows(tmp_path, bscan, prepr
     white[64:-64] = bscan
     Image.fromarray(white).save(tmp_path / "square.png")
     assert "128 of its 384 rows" in str(refusal(preprocessing, tmp_path / "square.png"))
+
+
+@pytest.mark.parametrize("scans", [3, 4])
+def test_a_stack_of_bscans_in_the_colour_planes_of_one_tiff_is_refused(tmp_path, bscan, scans):
+    # tifffile stores a (3 | 4, rows, cols) array as the separate planes of one RGB page by default: read as one grey
+    # B-scan, three B-scans were blended into their luminance (and a fourth acted as opacity)
+    stack = np.stack([np.roll(bscan, 7 * k, axis=1) for k in range(scans)])
+    with pytest.warns(DeprecationWarning):  # tifffile's own: such data will be stored as pages in the future
+        tifffile.imwrite(tmp_path / "volume.tif", stack)
+    (item,) = load_oct_images(tmp_path / "volume.tif")
+    with pytest.raises(DataError, match=f"stores {scans} different images in the separate planes") as error:
+        PhotoReader("grey").decode(Path(item["image"]))
+    assert str(error.value).startswith(f"{tmp_path / 'volume.tif'}: ") and "\n" not in str(error.value)
+    # a grey B-scan stored in equal colour planes is that B-scan; a colour image in planes keeps its colours
+    tifffile.imwrite(tmp_path / "grey.tif", np.stack([bscan] * 3), photometric="rgb", planarconfig="separate")
+    np.testing.assert_allclose(PhotoReader("grey").decode(tmp_path / "grey.tif")[0][0], bscan, atol=1e-3)
+    assert PhotoReader("rgb").decode(tmp_path / "volume.tif")[0].shape == (3, *bscan.shape)
+
+
+def colour_mapped(bscan: np.ndarray) -> np.ndarray:
+    """``bscan`` through a jet colour map (blue, cyan, yellow, red), as some viewers display B-scans."""
+    x = bscan.astype(np.float32) / 255
+    rgb = np.clip(np.stack([1.5 - np.abs(4 * x - 3), 1.5 - np.abs(4 * x - 2), 1.5 - np.abs(4 * x - 1)], -1), 0, 1)
+    return (rgb * 255).astype(np.uint8)
+
+
+def test_a_colour_image_is_refused_as_a_bscan_and_a_screenshot_passes(tmp_path, bscan, preprocessing):
+    # a jet map's luminance is not monotonic in the signal (red, the brightest, is darker than cyan): the phantom
+    # model moved the ISE from 4.1 to 5.9 px on it, and gave a fundus photograph a 30 px NFL, both accepted
+    Image.fromarray(colour_mapped(bscan)).save(tmp_path / "jet.png")
+    assert "is a colour image (100% of its pixels coloured" in str(refusal(preprocessing, tmp_path / "jet.png"))
+    (jet,) = load_oct_images(tmp_path / "jet.png")  # a task on grey images of another kind turns the check off
+    RequireBScand("image", max_colour_fraction=None)(Compose(preprocessing.transforms[:1])(jet))
+    y, x = np.mgrid[:256, :384]
+    fundus = np.where(((y - 128) ** 2 + (x - 192) ** 2 < 120**2)[..., None], [170, 80, 30], 0).astype(np.uint8)
+    fundus = np.clip(fundus + np.random.default_rng(0).integers(0, 40, fundus.shape), 0, 255).astype(np.uint8)
+    Image.fromarray(fundus).save(tmp_path / "fundus.png")
+    assert "a photograph or a colour-mapped B-scan" in str(refusal(preprocessing, tmp_path / "fundus.png"))
+    screenshot = np.repeat(bscan[..., None], 3, axis=-1)
+    screenshot[100:102] = [0, 255, 0]  # a viewer's coloured lines and labels
+    screenshot[8:24, 8:120] = [255, 255, 0]
+    Image.fromarray(screenshot).save(tmp_path / "screenshot.png")
+    (item,) = load_oct_images(tmp_path / "screenshot.png")
+    assert tuple(preprocessing(item)["image"].shape) == (1, 256, 384)
+
+
+def pixel_measures(row_mm: float, col_mm: float) -> Dataset:
+    """A functional-group item with its Pixel Measures, as Ophthalmic Tomography stores a frame's spacing."""
+    measures = Dataset()
+    measures.PixelSpacing, measures.SliceThickness = [row_mm, col_mm], 0.12
+    group = Dataset()
+    group.PixelMeasuresSequence = [measures]
+    return group
+
+
+def test_a_dicom_bscan_measures_its_pixels_by_its_own_spacing(tmp_path, bscan, preprocessing):
+    volume = np.stack([bscan, np.roll(bscan, 5, axis=1)])
+    tomography = {"modality": "OPT", "sop_class": OPHTHALMIC_TOMOGRAPHY}
+    groups = {"SharedFunctionalGroupsSequence": [pixel_measures(0.0038716, 0.0115)],
+              "PerFrameFunctionalGroupsSequence": [Dataset(), Dataset()]}  # fmt: skip
+    write_dicom(tmp_path / "volume.dcm", volume, NumberOfFrames=2, **tomography, **groups)
+    write_dicom(tmp_path / "single.dcm", bscan, PixelSpacing=[0.0039, 0.006], **tomography)
+    Image.fromarray(bscan).save(tmp_path / "plain.png")
+    items = {item["id"]: item for item in load_oct_images(tmp_path)}
+    sizes = {name: preprocessing(item)["image"].meta.get("pixel_size_um") for name, item in items.items()}
+    assert sizes == {"volume_bscan000": pytest.approx(3.8716), "volume_bscan001": pytest.approx(3.8716),
+                     "single": pytest.approx(3.9), "plain": None}  # fmt: skip
+    # a rounded value agrees; another scanner's (or the lateral spacing) is refused naming the B-scan
+    given = RequireBScand("image", pixel_size_um=3.9)
+    loaded = Compose(preprocessing.transforms[:1])
+    assert given(loaded(items["volume_bscan001"]))["image"].meta["pixel_size_um"] == pytest.approx(3.8716)
+    assert given(loaded(items["plain"]))["image"].meta["pixel_size_um"] == 3.9
+    with pytest.raises(DataError) as error:
+        RequireBScand("image", pixel_size_um=11.5)(loaded(items["volume_bscan001"]))
+    message = str(error.value)
+    assert message.startswith(f"{tmp_path / 'volume.dcm'}::1: records 3.872 um between its rows")
+    assert "pixel_size_um is 11.5" in message and "\n" not in message
+
+
+def test_a_dicom_photograph_is_refused_as_a_bscan(tmp_path, bscan, preprocessing):
+    write_dicom(tmp_path / "photo.dcm", bscan)  # grey Ophthalmic Photography: a red-free fundus photograph
+    found = refusal(preprocessing, tmp_path / "photo.dcm")
+    assert "modality OP (ophthalmic photography), a photograph, not an OCT B-scan" in str(found)
+
+
+def test_a_tiff_is_read_from_its_image_page_and_a_one_page_imagej_stack_is_refused(tmp_path, bscan):
+    # a preview page written first (NewSubfileType: reduced resolution) was read as the B-scan, at 64 x 96
+    preview = np.asarray(Image.fromarray(bscan).resize((96, 64)))
+    with tifffile.TiffWriter(tmp_path / "preview_first.tif") as tif:
+        tif.write(preview, subfiletype=1)
+        tif.write(bscan)
+    (item,) = load_oct_images(tmp_path / "preview_first.tif")
+    np.testing.assert_array_equal(PhotoReader("grey").decode(Path(item["image"]))[0][0], bscan)
+    # an ImageJ stack stored behind one page (tifffile's truncate, ImageJ's large stacks) was read as its first B-scan
+    stack = np.stack([np.roll(bscan, 9 * k, axis=1) for k in range(3)])
+    tifffile.imwrite(tmp_path / "stack.tif", stack, imagej=True, truncate=True)
+    with pytest.raises(DataError, match="holds 3 frames") as error:
+        load_oct_images(tmp_path / "stack.tif")
+    assert str(error.value).startswith(f"{tmp_path / 'stack.tif'}: ")

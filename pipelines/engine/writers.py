@@ -333,9 +333,17 @@ class SaveSegmentationd(MapTransform, ResultLedger):
                 relabelled = getattr(d[key], "meta", {}).get("layer_order_relabelled")
                 if relabelled is not None:  # how much the top-to-bottom order changed (``OrderLayersd``)
                     summary["layer_order_relabelled"] = round(float(relabelled), 4)
-                if self.pixel_size_um:
+                # a DICOM B-scan's own row spacing where it has one (``RequireBScand`` checks a given value against
+                # it), else the value given for the run
+                image_meta = getattr(d.get(self.image_key), "meta", {})
+                own = image_meta.get("pixel_size_um")
+                pixel_size_um = float(own) if own is not None else self.pixel_size_um
+                if pixel_size_um:
+                    from_file = image_meta.get("pixel_spacing_um") is not None
+                    summary["pixel_size_um"] = pixel_size_um
+                    summary["pixel_size_from"] = "the file's PixelSpacing" if from_file else "pixel_size_um"
                     summary["mean_thickness_um"] = {
-                        k: None if v is None else v * self.pixel_size_um for k, v in thickness.items()
+                        k: None if v is None else v * pixel_size_um for k, v in thickness.items()
                     }
             files[f"{name}.json"] = json_writer(summary)
             self.write_case(files)
