@@ -16,7 +16,8 @@ database (default: ``optuna.db`` beside the MLflow SQLite store), so workers coo
   ``PIPELINE_SEARCH_TRIAL`` is set) and stops when the pruner says so; the trial ends ``PRUNED`` and its MLflow run
   is tagged ``search.state = PRUNED``;
 - a running trial records a heartbeat; a trial whose worker died (no heartbeat for ``HEARTBEAT_GRACE_S``) is
-  failed by the next worker that asks, and run again once with the same values.
+  failed by the next worker that asks, and run again once with the same values; a lost worker is no failure of
+  the training, and counts towards ``--max_failures`` only when the retry loses its worker too.
 
 The value of a trial is the best validation key metric of its training, the one its checkpoint was chosen by.
 The search is over when ``--n_trials`` trials have completed or been pruned (failed trials do not count; the search
@@ -182,10 +183,28 @@ def counted_trials(study) -> list:
 
 
 def failed_trials(study) -> list:
+    """The failed trials that count towards ``--max_failures``: those whose training itself failed (the worker
+    records why, ``error``). A trial whose worker was lost (killed, machine lost: no heartbeat), one interrupted by
+    the user and one asked beyond the budget (``surplus``) say nothing about the space or the training, and do not
+    count; the values of a lost worker's trial that lose their worker again do (:func:`fail_stale_trials`)."""
     from optuna.trial import TrialState
 
     failed = study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
-    return [t for t in failed if not t.user_attrs.get("surplus") and not t.user_attrs.get("interrupted")]
+    return [t for t in failed if t.user_attrs.get("error")]
+
+
+# what a trial's training records about its own run (the trial reporter, :func:`run_trial`): a retry of a lost
+# worker's trial inherits the lost trial's attributes (Optuna copies them), which must not describe the retry's run
+RUN_ATTRS = ("mlflow_run_id", "pruned_at_epoch", "diverged", "error")
+
+
+def start_afresh(trial) -> None:
+    """Clear what a retried trial inherited of the lost trial's run (:data:`RUN_ATTRS`; Optuna cannot delete a
+    user attribute, so they are set to None): a lost training that had been pruned would mark its retry pruned
+    however that ended, and the lost run's MLflow id would be ended and tagged as the retry's."""
+    for key in RUN_ATTRS:
+        if trial.user_attrs.get(key) is not None:
+            trial.set_user_attr(key, None)
 
 
 def search_over(study) -> bool:
@@ -228,6 +247,7 @@ def run_trial(study, storage, trial, settings: dict, worker: str, verbose: bool)
 
     params = {key: override_text(value) for key, value in trial.params.items()}
     run_name = f"{study.study_name}-t{trial.number:03d}"
+    start_afresh(trial)
     trial.set_user_attr("worker", worker)
     trial.set_user_attr("run_name", run_name)
     command = training_command(settings, params, run_name)
@@ -249,15 +269,18 @@ def run_trial(study, storage, trial, settings: dict, worker: str, verbose: bool)
     shown = " ".join(f"{k}={v}" for k, v in params.items())
     print(f"[{worker}] trial {trial.number}: {shown}", flush=True)
     started = time.time()
+    # started before the heartbeat's thread: a child's start-up code (stop_with_parent) runs safely only in a
+    # process without other threads
+    child = subprocess.Popen(
+        [sys.executable, *command[1:]],
+        cwd=SOURCE_ROOT,
+        env=env,
+        stdout=None if verbose else subprocess.DEVNULL,
+        stderr=None if verbose else subprocess.PIPE,
+        text=True,
+        preexec_fn=stop_with_parent(),
+    )
     with Heartbeat(storage, trial._trial_id):
-        child = subprocess.Popen(
-            [sys.executable, *command[1:]],
-            cwd=SOURCE_ROOT,
-            env=env,
-            stdout=None if verbose else subprocess.DEVNULL,
-            stderr=None if verbose else subprocess.PIPE,
-            text=True,
-        )
         try:
             _, errors = child.communicate()
         except KeyboardInterrupt:
@@ -277,7 +300,7 @@ def run_trial(study, storage, trial, settings: dict, worker: str, verbose: bool)
     elif child.returncode != 0:
         state, note = TrialState.FAIL, f"training failed ({child.returncode}): {(errors or '').strip()[-300:]}"
         trial.set_user_attr("error", note)
-    elif "pruned_at_epoch" in recorded.user_attrs:
+    elif recorded.user_attrs.get("pruned_at_epoch") is not None:
         state, note = TrialState.PRUNED, f"pruned at epoch {recorded.user_attrs['pruned_at_epoch']}"
     elif best is None:
         state, note = TrialState.FAIL, "no validation ran (max_epochs below val_interval): nothing to compare"
@@ -291,6 +314,28 @@ def run_trial(study, storage, trial, settings: dict, worker: str, verbose: bool)
     value = f", best {metric} {best:.4f}" if best is not None else ""
     print(f"[{worker}] trial {trial.number} {state.name}: {note}{value} ({time.time() - started:.0f} s)", flush=True)
     return state.name
+
+
+def stop_with_parent():
+    """A child's start-up code (``preexec_fn``) that has the kernel send it SIGTERM when this worker dies (Linux).
+
+    A worker killed alone (``kill -9``, the out-of-memory killer choosing it) left its training running, orphaned:
+    holding its GPU, and reporting into a trial that the next worker fails as a dead worker's and runs again beside
+    it. SIGTERM stops the training as an interruption does: its run ends KILLED. None where there is no such request.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up here: the child only calls it
+    parent, pr_set_pdeathsig, sigterm = os.getpid(), 1, int(signal.SIGTERM)
+
+    def request() -> None:
+        prctl(pr_set_pdeathsig, sigterm)
+        if os.getppid() != parent:  # the worker died before the request was made
+            os.kill(os.getpid(), sigterm)
+
+    return request
 
 
 @contextlib.contextmanager
@@ -340,18 +385,39 @@ def end_left_running(tracking_uri: str, run_id: str | None, status: str, trial_s
 
 def fail_stale_trials(study, tracking_uri: str, worker: str) -> None:
     """Fail the trials whose worker stopped beating (killed, machine lost); the study enqueues each once more, with
-    the same values. Their MLflow runs, left RUNNING by the killed training, end KILLED."""
+    the same values. Their MLflow runs, left RUNNING by the killed training, end KILLED.
+
+    A lost worker is no answer about the space, so its trial does not count towards ``--max_failures``
+    (:func:`failed_trials`); but values whose retry loses its worker too (a training that takes its machine down,
+    such as one the whole container is killed for) are failed with the reason, and count."""
     import optuna
+    from optuna.exceptions import UpdateFinishedTrialError
     from optuna.trial import TrialState
 
     running = {t.number: t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
-    optuna.storages.fail_stale_trials(study)
     if not running:
         return
+    storage = study._storage
+    for trial_id in storage._get_stale_trial_ids(study._study_id):  # before they are failed: a failed trial's
+        trial = storage.get_trial(trial_id)  # attributes cannot change
+        history = trial.system_attrs.get("retry_history") or []
+        if not history:
+            continue
+        error = (f"its worker was lost (no heartbeat), as that of trial {history[0]} with the same values: the "
+                 "training may take its machine down")  # fmt: skip
+        try:
+            storage.set_trial_user_attr(trial_id, "error", error)
+        except UpdateFinishedTrialError:  # another worker failed it meanwhile
+            pass
+    optuna.storages.fail_stale_trials(study)
     for trial in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
         if trial.number not in running:
             continue
-        print(f"[{worker}] trial {trial.number}: its worker stopped (no heartbeat); it runs again once", flush=True)
+        if trial.user_attrs.get("error"):
+            print(f"[{worker}] trial {trial.number} FAIL: {trial.user_attrs['error']}", flush=True)
+        else:
+            print(f"[{worker}] trial {trial.number}: its worker stopped (no heartbeat); it runs again once "
+                  "(not counted as a failed trial)", flush=True)  # fmt: skip
         end_left_running(tracking_uri, trial.user_attrs.get("mlflow_run_id"), "KILLED", "FAIL", worker)
 
 
@@ -414,6 +480,19 @@ def parent_end(study, status: str, launcher: bool) -> tuple[str | None, str | No
 
 
 # ---------------------------------------------------------------------------------------------- the whole search
+def failure_reason(trial) -> str | None:
+    """Why a failed trial failed, and whether it counts towards ``--max_failures`` (:func:`failed_trials`)."""
+    from optuna.trial import TrialState
+
+    if trial.state != TrialState.FAIL:
+        return None
+    if trial.user_attrs.get("error"):
+        return str(trial.user_attrs["error"])
+    if trial.user_attrs.get("interrupted"):
+        return "interrupted (not counted as a failure; run again first)"
+    return "its worker was lost (no heartbeat; not counted as a failure; run again once)"
+
+
 def trial_rows(study) -> list[dict]:
     rows = []
     for t in study.get_trials(deepcopy=False):
@@ -436,6 +515,7 @@ def trial_rows(study) -> list[dict]:
                 else None,
                 "retried_from": t.system_attrs.get("failed_trial", t.user_attrs.get("retried_from")),
                 "interrupted": bool(t.user_attrs.get("interrupted")),
+                "failure": failure_reason(t),
             }
         )
     return rows

@@ -114,3 +114,46 @@ def test_staged_results_never_replace_a_file_that_appeared_meanwhile(tmp_path):
     assert "was written by another run given the same output folder" in refused.value.problem
     assert (out / ".series.json").read_text() == '{"run": "other"}'
     assert sorted(p.name for p in out.iterdir()) == [".series.json", ".staging-test"], "this run's files withdrawn"
+
+
+STAGING_RUN = """
+import sys, time
+from clinseg.pipelines.deploy.runtime import staged_outputs
+
+with staged_outputs(sys.argv[1]) as staging:
+    (staging / "series_seg.nii.gz").write_bytes(b"partial")
+    print(staging.name, flush=True)
+    time.sleep(120)
+"""
+
+
+def test_a_killed_runs_staging_folder_is_removed_and_a_live_runs_kept(tmp_path):
+    """A run killed outright (SIGKILL, the out-of-memory killer) cannot remove its staging folder: it stayed in the
+    output folder for good, beside the next run's results. The next run into the folder removes it, and never the
+    staging folder of a run that is still writing; the owner record is not published as a result."""
+    import signal
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+
+    def start() -> tuple[subprocess.Popen, str]:
+        run = subprocess.Popen([sys.executable, "-c", STAGING_RUN, str(out)], stdout=subprocess.PIPE, text=True)
+        return run, run.stdout.readline().strip()
+
+    live, live_staging = start()
+    killed, killed_staging = start()
+    try:
+        killed.send_signal(signal.SIGKILL)
+        killed.wait(timeout=30)
+        assert (out / killed_staging / "series_seg.nii.gz").is_file(), "the killed run left its staging folder"
+        from clinseg.pipelines.deploy.runtime import staged_outputs
+
+        with staged_outputs(out) as staging:
+            (staging / "series.json").write_text("{}")
+        assert sorted(p.name for p in out.iterdir()) == [live_staging, "series.json"]
+        assert (out / live_staging / "series_seg.nii.gz").read_bytes() == b"partial", "the live run's is kept"
+    finally:
+        live.kill()
+        live.wait(timeout=30)
+        killed.kill()

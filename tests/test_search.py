@@ -246,8 +246,11 @@ def test_the_last_worker_stopped_by_failures_ends_the_parent_failed(tmp_path, ti
     study = load(tracking_uri, "failing")
     running = study.get_trials()[0]
     # a trial another worker ran and failed: the study holds --max_failures failures
+    failed = {"error": "training failed (1): ..."}
     study.add_trial(
-        optuna.trial.create_trial(state=TrialState.FAIL, params=running.params, distributions=running.distributions)
+        optuna.trial.create_trial(
+            state=TrialState.FAIL, params=running.params, distributions=running.distributions, user_attrs=failed
+        )
     )
     client = mlflow.MlflowClient(tracking_uri)
     parent_id = client.get_run(running.user_attrs["mlflow_run_id"]).data.tags["mlflow.parentRunId"]
@@ -263,7 +266,8 @@ def test_the_last_worker_stopped_by_failures_ends_the_parent_failed(tmp_path, ti
     assert last.returncode == 1 and "its worker stopped (no heartbeat)" in last.stdout, last.stdout
     parent = client.get_run(parent_id)
     assert parent.info.status == "FAILED", parent.info.status
-    assert parent.data.tags["search.stopped"] == "2 trials failed (--max_failures 1)"
+    # the launcher's lost trial is no failed trial: it waits to run again when the search is resumed
+    assert parent.data.tags["search.stopped"] == "1 trials failed (--max_failures 1)"
     assert client.get_run(running.user_attrs["mlflow_run_id"]).info.status == "KILLED"
 
 
@@ -357,3 +361,80 @@ def test_a_trial_whose_training_diverges_is_pruned_not_failed(tmp_path, tiny_oct
     (diverged,) = [t for t in study.get_trials() if t.params["learning_rate"] == "1e30"]
     assert "the training diverged at epoch 1" in diverged.user_attrs["diverged"]
     assert result.returncode == 0, result.stdout
+
+
+LOST_WORKERS = """
+import json, sys, time
+
+import optuna
+from optuna.distributions import FloatDistribution
+
+from clinseg.pipelines import search
+from clinseg.pipelines.studies import open_storage
+
+storage = open_storage(sys.argv[1])
+study = optuna.create_study(storage=storage, study_name="lost", direction="maximize")
+study.set_user_attr("max_failures", 1)
+space = {"learning_rate": FloatDistribution(1e-4, 1e-2, log=True)}
+
+
+def lose_worker(trial):  # a worker that took the trial, whose training reported and was pruned, then was killed
+    trial.set_user_attr("worker", "lost-host:1")
+    trial.set_user_attr("pruned_at_epoch", 2)
+    storage.record_heartbeat(trial._trial_id)
+    time.sleep(5)  # stale after 4 s without a heartbeat
+    search.fail_stale_trials(study, "", "next-worker")
+
+
+lose_worker(study.ask(space))
+after_first = len(search.failed_trials(study))
+retry = study.ask(space)  # the next worker takes the retry first, and starts its training afresh
+search.start_afresh(retry)
+inherited = {key: retry.user_attrs.get(key) for key in search.RUN_ATTRS}
+lose_worker(retry)
+rows = search.trial_rows(study)
+print(json.dumps({"after_first": after_first, "after_second": len(search.failed_trials(study)),
+                  "inherited": inherited, "params": [t.params for t in study.get_trials()],
+                  "states": [t.state.name for t in study.get_trials()], "failure": [r["failure"] for r in rows]}))
+"""
+
+
+def test_a_lost_worker_is_no_failed_trial_and_its_retry_starts_afresh(tmp_path):
+    """A worker killed mid-trial (SIGKILL, a lost machine) is no answer about the space: its trial counted towards
+    --max_failures, so --max_failures 1 stopped the search at the next ask. And the retry inherited the lost
+    training's record (pruned at epoch 2), which marked the retry PRUNED however its own training ended. Values
+    whose retry loses its worker too do count: such a training may take its machine down."""
+    env = {**os.environ, "PIPELINE_SEARCH_HEARTBEAT_S": "1"}
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    result = subprocess.run([sys.executable, "-c", LOST_WORKERS, url], capture_output=True, text=True, env=env,
+                            cwd=REPO_ROOT, timeout=120)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    outcome = json.loads(result.stdout.strip().splitlines()[-1])
+    assert outcome["after_first"] == 0, "a lost worker's trial is not a failed trial"
+    assert outcome["inherited"] == dict.fromkeys(("mlflow_run_id", "pruned_at_epoch", "diverged", "error"))
+    assert outcome["states"] == ["FAIL", "FAIL"] and outcome["params"][0] == outcome["params"][1]
+    assert outcome["after_second"] == 1, "the same values lost their worker twice"
+    assert outcome["failure"][0].startswith("its worker was lost (no heartbeat; not counted")
+    assert outcome["failure"][1].startswith("its worker was lost (no heartbeat), as that of trial 0")
+    assert "it runs again once (not counted as a failed trial)" in result.stdout
+
+
+def test_a_killed_workers_training_stops_with_it(tmp_path, tiny_oct_dir, tracking_uri):
+    """A worker killed alone (``kill -9`` on its process id, the out-of-memory killer choosing it) left its training
+    running on, orphaned: it kept the GPU and reported into a trial that the next worker failed as a dead worker's and
+    ran again beside it. The training stops with its worker, and its run ends KILLED."""
+    import psutil
+
+    args = search_args(tmp_path, tiny_oct_dir, "orphan", "--n_trials", "1", epochs=50)
+    search = start_search(args)
+    wait_for_first_trial(search, "orphan", tracking_uri.replace("mlflow.db", "optuna.db"))
+    (training,) = psutil.Process(search.pid).children()
+    search.send_signal(signal.SIGKILL)
+    search.wait(timeout=60)
+    try:
+        training.wait(timeout=120)
+    except psutil.TimeoutExpired:
+        training.kill()
+        pytest.fail("the training ran on after its worker was killed")
+    run_id = load(tracking_uri, "orphan").get_trials()[0].user_attrs["mlflow_run_id"]
+    assert mlflow.MlflowClient(tracking_uri).get_run(run_id).info.status == "KILLED"

@@ -14,10 +14,13 @@ checks the command line, before the seconds those imports take.
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import logging
 import os
 import shutil
+import socket
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -216,6 +219,114 @@ class BundleRuntime:
         return f"segmented {len(datalist)} inputs into {output_dir}"
 
 
+STAGING_PREFIX = ".staging-"
+# a staging folder is made under this name with its owner record, then renamed: one named STAGING_PREFIX always
+# says who owns it
+CLAIMING_PREFIX = ".claiming-"
+# in a staging folder: the owning run's host and pid; the run holds a lock on it (flock) while it lives, and the
+# kernel drops the lock when the run dies, however it dies (SIGKILL, out of memory)
+OWNER_FILE = ".owner.json"
+# a claim takes microseconds: one older than this without its owner record was left by a run killed while claiming
+CLAIM_STALE_S = 60.0
+
+
+def _lock(descriptor: int) -> bool | None:
+    """Take the lock on an open owner file without waiting: True, False (another process holds it), or None where
+    the file system has no such locks."""
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as error:
+        if error.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            return False
+        return None
+    return True
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def _claim_staging(output_dir: Path) -> tuple[Path, int]:
+    """A new staging folder in ``output_dir`` holding its owner record, locked by this process: the folder and the
+    open descriptor that holds the lock (closing it releases the lock)."""
+    token = uuid.uuid4().hex[:8]
+    claiming = output_dir / f"{CLAIMING_PREFIX}{token}"
+    claiming.mkdir()
+    descriptor = os.open(claiming / OWNER_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        if _lock(descriptor) is None:
+            logger.warning(f"{output_dir}: the file system has no file locks; a staging folder left by a killed run "
+                           "is recognised by its process id alone")  # fmt: skip
+        record = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}
+        os.write(descriptor, json.dumps(record).encode())
+        staging = output_dir / f"{STAGING_PREFIX}{token}"
+        os.rename(claiming, staging)
+    except BaseException:
+        os.close(descriptor)
+        shutil.rmtree(claiming, ignore_errors=True)
+        raise
+    return staging, descriptor
+
+
+def _abandoned(folder: Path) -> bool:
+    """Whether a staging (or claiming) folder was left by a run that no longer lives: its owner record names this
+    host, and no process holds the record's lock (or, without locks, the recorded process is gone). A folder of a
+    run on another machine (a shared output folder) is never judged abandoned: whether that run lives cannot be
+    told from here."""
+    if folder.name.startswith(CLAIMING_PREFIX):  # a claim in progress has its record but maybe not its lock yet
+        try:
+            if time.time() - folder.stat().st_mtime <= CLAIM_STALE_S:
+                return False
+        except OSError:
+            return False
+    try:
+        descriptor = os.open(folder / OWNER_FILE, os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError:  # a claim killed before it recorded its owner, or a folder of unknown origin
+        return folder.name.startswith(CLAIMING_PREFIX)
+    except OSError:
+        return False
+    try:
+        locked = _lock(descriptor)
+        if locked is False:  # its run is alive
+            return False
+        try:
+            record = json.loads(os.read(descriptor, 4096) or b"{}")
+        except ValueError:
+            record = {}
+        if not isinstance(record, dict) or not record:  # killed while claiming: the lock says no one holds it
+            return locked is True
+        if record.get("host") != socket.gethostname():
+            return False
+        return locked is True or not _pid_alive(int(record.get("pid", 0)))
+    finally:
+        os.close(descriptor)
+
+
+def remove_abandoned_staging(output_dir: Path) -> list[Path]:
+    """Remove the staging folders in ``output_dir`` that runs killed outright (SIGKILL, out of memory, a lost
+    container) left behind; those of live runs are kept. The folders removed."""
+    removed = []
+    try:
+        entries = [entry for entry in os.scandir(output_dir) if entry.is_dir(follow_symlinks=False)]
+    except OSError:
+        return removed
+    for entry in entries:
+        if not entry.name.startswith((STAGING_PREFIX, CLAIMING_PREFIX)):
+            continue
+        folder = Path(entry.path)
+        if _abandoned(folder):
+            shutil.rmtree(folder, ignore_errors=True)
+            logger.info(f"{output_dir}: removed {folder.name}, the unfinished outputs of a run that was killed")
+            removed.append(folder)
+    return removed
+
+
 @contextmanager
 def staged_outputs(output_dir: str | os.PathLike) -> Iterator[Path]:
     """A fresh staging folder inside ``output_dir``; its files move into ``output_dir`` only if the block succeeds.
@@ -223,16 +334,19 @@ def staged_outputs(output_dir: str | os.PathLike) -> Iterator[Path]:
     On an exception the staging folder is removed and ``output_dir`` is left as it was. The files are published
     without replacing anything (:func:`publish_staged`): a file of the same name that appeared meanwhile (another
     run given the same output folder, after this run's check of it) is kept, and this run's files are withdrawn.
+    The staging folder records its owner and is locked while the run lives, so that the next run into the folder
+    removes a staging folder that a killed run left (:func:`remove_abandoned_staging`), never a live run's.
     """
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    staging = output_dir / f".staging-{uuid.uuid4().hex[:8]}"
-    staging.mkdir()
+    remove_abandoned_staging(output_dir)
+    staging, owner = _claim_staging(output_dir)
     try:
         yield staging
         publish_staged(staging, output_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        os.close(owner)  # after the removal: the folder is never seen unowned while it exists
 
 
 def _place(source: Path, target: Path) -> None:
@@ -270,6 +384,8 @@ def publish_staged(staging: Path, output_dir: Path) -> None:
     made: list[Path] = []
     try:
         for path in sorted(staging.rglob("*")):
+            if path == staging / OWNER_FILE:  # the staging folder's own record, not a result
+                continue
             target = output_dir / path.relative_to(staging)
             try:
                 if path.is_dir():
