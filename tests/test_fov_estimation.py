@@ -7,7 +7,7 @@ import io
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 from clinseg.datasets.errors import DataError
 from clinseg.datasets.fundus.phantom import synthesize_fundus
@@ -69,6 +69,46 @@ def test_a_frame_of_any_flat_colour_is_frame(tmp_path, frame, padding, quality):
     estimated = np.asarray(item["fov"][0]) > 0
     assert iou(estimated, fov) > 0.97, iou(estimated, fov)
     assert fov_diameter(item["fov"]) == pytest.approx(fov_diameter(fov[None]), rel=0.015)
+
+
+@pytest.mark.parametrize("frame, quality", [(60, None), (128, None), (128, 50), ((255, 255, 255), 50)])
+def test_a_flat_frame_with_a_date_burned_into_one_corner_is_frame(tmp_path, frame, quality):
+    """The date and eye an export writes into a corner of its grey frame: that corner was no longer the frame's
+    colour, so the photograph was taken as frameless, its whole image the field (IoU 0.67 to the true field)."""
+    photo, fov = framed(frame)
+    image = Image.fromarray(photo)
+    ink = (0, 0, 0) if frame == (255, 255, 255) else (255, 255, 255)
+    ImageDraw.Draw(image).text((8, 560), "05/03/2019 10:22 OD", fill=ink, font=ImageFont.load_default(size=16))
+    photo = np.asarray(image) if quality is None else jpeg(np.asarray(image), quality)
+    item = estimate(tmp_path, photo)
+    estimated = np.asarray(item["fov"][0]) > 0
+    assert iou(estimated, fov) > 0.97, iou(estimated, fov)
+    assert fov_diameter(item["fov"]) == pytest.approx(fov_diameter(fov[None]), rel=0.015)
+
+
+@pytest.mark.parametrize("depth", [0.1, 0.2])
+def test_a_dark_shadow_across_part_of_the_disc_stays_in_the_field(tmp_path, depth):
+    """A shadow (a small pupil, the lid) darkening 40 % of the disc to a tenth or a fifth of its brightness was cut
+    off as frame (IoU 0.6 to 0.7 to the true field): the camera's field is still the disc its round rim draws."""
+    photo, _, fov = synthesize_fundus(np.random.default_rng([15, 0]), (584, 565))
+    cols = np.flatnonzero(fov.any(axis=0))
+    edge = cols[0] + 0.4 * (cols[-1] - cols[0])
+    shade = np.clip(depth + (1 - depth) * (np.arange(photo.shape[1]) - edge + 40) / 80, depth, 1.0)
+    shaded = (photo * shade[None, :, None]).round().astype(np.uint8)
+    estimated = np.asarray(estimate(tmp_path, shaded)["fov"][0]) > 0
+    assert iou(estimated, fov) > 0.97, iou(estimated, fov)
+
+
+def test_real_photographs_with_a_dark_shadow_keep_their_field():
+    root = shared_path("vessels", "DRIVE", "training")
+    for number in (21, 30):
+        photo = np.asarray(Image.open(root / "images" / f"{number}_training.tif").convert("RGB"))
+        released = read_binary_mask(root / "mask" / f"{number}_training_mask.gif")
+        cols = np.flatnonzero(released.any(axis=0))
+        edge = cols[0] + 0.4 * (cols[-1] - cols[0])
+        shade = np.clip(0.1 + 0.9 * (np.arange(photo.shape[1]) - edge + 40) / 80, 0.1, 1.0)
+        estimated = EstimateFOV()((photo * shade[None, :, None]).round().astype(np.uint8).transpose(2, 0, 1))
+        assert iou(estimated, released) > 0.97, (number, iou(estimated, released))
 
 
 def test_grey_bars_padding_a_photograph_to_a_square_are_frame(tmp_path):

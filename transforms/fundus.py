@@ -111,6 +111,65 @@ class FundusNormalized(MapTransform):
         return d
 
 
+# The check of grey images (EstimateFOV._check_fundus). Values measured (on the 256-pixel copy) in DRIVE's 20 and
+# CHASE_DB1's 14 photographs made grey (green channel or luminance; whole, or cut inside the disc), and in the 4
+# NR206 OCT B-scans and 22 axial slices of the TotalSegmentator CTs (soft-tissue and lung windows, crops to the heart
+# and whole bodies), rendered to 8-bit PNG: each limit is far from the photographs, the side the check errs on.
+CHECK_SIZE = 256  # the longer side of the copy a grey image is checked on: a B-scan's layers, not its speckle
+COLOUR_SPREAD = 0.02  # of full scale: channels closer than this, on average, make a grey image (photographs: 0.18+)
+MAX_COHERENCE = 0.6  # photographs: at most 0.36; OCT B-scans: 0.82 to 0.84
+MAX_BLACK = 0.15  # photographs: at most 0.01; CT slices cut to the heart, soft-tissue window: 0.37 to 0.45
+MAX_CLIPPED = 0.1  # photographs: at most 0.01; CT slices with bone, contrast or a lung window: 0.15 to 0.46
+MAX_RIM_DEVIATION = 0.06  # photographs: at most 0.024 (CHASE_DB1's green channel); bodies in CT slices: 0.09 to 0.16
+
+
+def _colour_spread(array: np.ndarray) -> float:
+    """How far the channels of a ``(channels, H, W)`` image lie from their mean, on average, as a fraction of full
+    scale: 0 for a grey image."""
+    top = float(array.max())
+    full_scale = 1.0 if top <= 1.0 else 255.0 if top <= 255.0 else 65535.0
+    return float(np.abs(array - array.mean(axis=0)).max(axis=0).mean()) / full_scale
+
+
+class NotFundusError(ValueError):
+    """Raised by :class:`EstimateFOV` for an image of another modality (an OCT B-scan, a CT slice)."""
+
+
+def _rim_points(field: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The columns and rows of the field's rim: its edge pixels, less the straight cuts of the image's edges (they
+    lie on the sides of its bounding box)."""
+    rows, cols = np.flatnonzero(field.any(axis=1)), np.flatnonzero(field.any(axis=0))
+    rim = field & ~ndimage.binary_erosion(field, border_value=0)
+    rim[[rows[0], rows[-1]], :] = False
+    rim[:, [cols[0], cols[-1]]] = False
+    y, x = np.nonzero(rim)
+    return x, y
+
+
+def _rim_circle(field: np.ndarray) -> tuple[float, float] | None:
+    """``(radius, spread)`` of the circle through the field's rim (:func:`_rim_points`): the algebraic
+    least-squares (Kasa) fit, and the root-mean-square distance of the rim from it. None where too little rim is
+    left to fit."""
+    x, y = _rim_points(field)
+    if x.size < 50:
+        return None
+    # x^2 + y^2 = a x + b y + c, centre (a/2, b/2)
+    design = np.stack([x, y, np.ones_like(x)], axis=1).astype(np.float64)
+    (a, b, c), *_ = np.linalg.lstsq(design, (x**2 + y**2).astype(np.float64), rcond=None)
+    radius = float(np.sqrt(max(c + (a / 2) ** 2 + (b / 2) ** 2, 0.0)))
+    return radius, float(np.sqrt(np.mean((np.hypot(x - a / 2, y - b / 2) - radius) ** 2)))
+
+
+def _rim_deviation(field: np.ndarray) -> float:
+    """How far the field's rim strays from the circle through it, as a fraction of its radius. NaN where too
+    little rim is left to fit."""
+    circle = _rim_circle(field)
+    if circle is None:
+        return float("nan")
+    radius, spread = circle
+    return spread / radius if radius else float("inf")
+
+
 FOV_SOURCE_SUFFIX = "_source"  # ``fov_source``: "given" (a mask file) or "estimated" (from the photograph)
 
 
@@ -132,10 +191,16 @@ class EstimateFOV(Transform):
     thresholds alone; it neither fills the dark lesions inside the disc nor keeps one component, and it would split
     a frameless photograph at its own median.
 
+    A colour photograph whose rim is no circle, where a dark shadow across part of the disc was cut off as frame,
+    gets the disc that the round part of its rim draws. A grey image must look like a red-free photograph (see
+    ``_check_fundus``): an OCT B-scan or a CT slice saved as PNG would otherwise get a plausible field, and then
+    plausible vessels.
+
     Raises:
         DataError: (from the dictionary transform, naming the file) a photograph with no bright field, one whose
             field would be under ``min_fraction`` of the image, or one with two or more separate fields of that size
-            (a montage): a plausible mask cannot be made, so none is guessed.
+            (a montage): a plausible mask cannot be made, so none is guessed; a grey image that is no red-free
+            fundus photograph (:class:`NotFundusError`).
     """
 
     def __init__(
@@ -151,11 +216,17 @@ class EstimateFOV(Transform):
         self.padding_tolerance = padding_tolerance
 
     def __call__(self, image: NdarrayOrTensor) -> np.ndarray:
-        from skimage.transform import resize
-
         array = convert_to_numpy(image, dtype=np.float32)
         if array.ndim != 3:
             raise ValueError(f"expected a (channels, H, W) photograph, got shape {array.shape}.")
+        mask = self._field(array)
+        self._check_fundus(array, mask)
+        return mask
+
+    def _field(self, array: np.ndarray) -> np.ndarray:
+        """The field of view of the ``(channels, H, W)`` photograph, at its own size."""
+        from skimage.transform import resize
+
         brightness = array.max(axis=0)
         shape = brightness.shape
         scale = min(1.0, self.working_size / max(shape))
@@ -203,12 +274,40 @@ class EstimateFOV(Transform):
                 "montage of photographs?): which one to segment cannot be told; give each field as its own image."
             )
         mask = ndimage.binary_fill_holes(labels == 1 + int(np.argmax(areas)))
+        if not mask.all() and _rim_deviation(mask) > MAX_RIM_DEVIATION and _colour_spread(array) > COLOUR_SPREAD:
+            mask = self._shadowed(mask, small, frame)
         if mask.mean() < self.min_fraction:
             raise ValueError(
                 f"its bright field of view covers only {mask.mean():.0%} of the image (at least "
                 f"{self.min_fraction:.0%} expected): it does not look like a fundus photograph."
             )
         return resize(mask.astype(np.float32), shape, order=1) >= 0.5
+
+    @staticmethod
+    def _shadowed(mask: np.ndarray, small: np.ndarray, frame: float) -> np.ndarray:
+        """The field of a colour photograph whose rim is no circle: the disc through the round part of its rim, where
+        a dark shadow (a small pupil, an eyelash, the lid) across part of the disc was cut off as frame.
+
+        The camera's field is a disc: RANSAC finds the circle that most of the rim lies on (the rim left along the
+        shadow's soft edge does not); the part of that disc that was left out is added when it is no darker than
+        the frame. A field with too little round rim (half its rim off any one circle) is kept as it was found.
+        """
+        from skimage.measure import CircleModel, ransac
+
+        x, y = _rim_points(mask)
+        if x.size < 50:
+            return mask
+        points = np.stack([x, y], axis=1).astype(np.float64)
+        threshold = 0.01 * max(mask.shape)
+        model, inliers = ransac(points, CircleModel, min_samples=3, residual_threshold=threshold, max_trials=500, rng=0)
+        if model is None or inliers is None or inliers.mean() < 0.5:
+            return mask
+        (centre_x, centre_y), radius = model.center, float(model.radius)
+        grid_y, grid_x = np.mgrid[: mask.shape[0], : mask.shape[1]]
+        added = (np.hypot(grid_x - centre_x, grid_y - centre_y) <= radius) & ~mask
+        if not added.any() or float(np.median(small[added])) <= frame:
+            return mask
+        return mask | added
 
     def _levels(self, small: np.ndarray) -> tuple[float, float, list[float]]:
         """Otsu's frame and disc levels of the smoothed working copy, and the levels of its dark corners."""
@@ -232,9 +331,10 @@ class EstimateFOV(Transform):
         and flat there (JPEG keeps a flat block flat). A crop inside the disc has retina in its corners: darker or
         paler towards the periphery, each corner its own colour (they differ by 15 levels of 255 or more in DRIVE's
         and CHASE_DB1's colour photographs; in a red-free one three corners may agree, never all four), with vessels
-        and choroid in them. The frame is then grown, from the image's edge, over what is nearer its colour than
-        ``rise`` of the way to the rest of the photograph: JPEG's ringing along the rim of the disc, which a flat
-        tolerance would leave as a pale ring around the field.
+        and choroid in them. Text burned into one corner (a date, a name) leaves three corners of the fill, which
+        are then one colour to a level or two: retina never is. The frame is then grown, from the image's edge, over
+        what is nearer its colour than ``rise`` of the way to the rest of the photograph: JPEG's ringing along the
+        rim of the disc, which a flat tolerance would leave as a pale ring around the field.
         """
         from skimage.transform import resize
 
@@ -245,7 +345,12 @@ class EstimateFOV(Transform):
         patches = [p.reshape(len(array), -1) for p in patches]
         colour = np.median(np.stack([np.median(p, axis=1) for p in patches]), axis=0)
         if not all(float((np.abs(p - colour[:, None]).max(axis=0) <= tolerance).mean()) >= 0.95 for p in patches):
-            return None
+            # a date, a name or a logo burned into one corner of the fill: the other three are still the fill, one
+            # colour to a level or two, as no retina is (at most 54 % of the corners of DRIVE's and CHASE_DB1's
+            # photographs cut inside the disc, colour or grey, are within 1 % of full scale of their common colour)
+            fill = [float((np.abs(p - colour[:, None]).max(axis=0) <= 0.01 * full_scale).mean()) for p in patches]
+            if sorted(fill)[1] < 0.95:
+                return None
         anti_aliasing = max(working) < max(height, width)
         distance = np.zeros(working, np.float32)
         for channel, value in zip(array, colour, strict=True):
@@ -259,6 +364,75 @@ class EstimateFOV(Transform):
         labels, _ = ndimage.label(near)
         edge = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
         return np.isin(labels, edge[edge > 0])
+
+    def _check_fundus(self, array: np.ndarray, mask: np.ndarray) -> None:
+        """Refuse a grey image that is no red-free fundus photograph (an OCT B-scan, a CT slice saved as PNG or
+        TIFF): the field found in it is plausible, and so would be the vessels segmented there.
+
+        A colour photograph is taken as it is: a fundus reflects red most and blue least, and the grey images of
+        other modalities have no colour. A grey image is a red-free photograph only if its field looks like one:
+        retina is lit throughout, so the field holds no black (air, lungs, bowel gas in a CT slice windowed for soft
+        tissue) and no large part clipped at full brightness (bone, contrast, or all soft tissue in a lung window);
+        vessels run every way, whereas the layers of a B-scan all run across it; and the camera's field is a disc
+        (cut or not by the image's edges), not the outline of a body. Each limit lies far from the values of
+        DRIVE's and CHASE_DB1's photographs made grey (their green channel or luminance), whole or cut inside the
+        disc, and from the values of real OCT B-scans and CT slices (given beside each limit).
+        """
+        from skimage.transform import resize
+
+        brightness = array.max(axis=0)
+        scale = min(1.0, CHECK_SIZE / max(brightness.shape))
+        working = [max(1, round(n * scale)) for n in brightness.shape]
+        channels = np.stack([resize(c, working, order=1, anti_aliasing=scale < 1) for c in array])
+        field = resize(mask.astype(np.float32), working, order=1) >= 0.5
+        top = float(brightness.max())
+        full_scale = 1.0 if top <= 1.0 else 255.0 if top <= 255.0 else 65535.0
+        if not field.any():
+            return
+        if float(np.abs(channels - channels.mean(axis=0)).max(axis=0)[field].mean()) > COLOUR_SPREAD * full_scale:
+            return  # its channels differ by 18 % of full scale or more in DRIVE's and CHASE_DB1's photographs
+        small = ndimage.gaussian_filter(channels.max(axis=0), sigma=1.0)
+        inside = small[field]
+        problem = None
+        black = float((inside < 0.25 * float(np.median(inside))).mean())
+        clipped = float((brightness[mask] >= top).mean())
+        interior = field if field.all() else ndimage.binary_erosion(field, iterations=3)
+        gy, gx = np.gradient(small)
+        jxx, jyy, jxy = (gx * gx)[interior].sum(), (gy * gy)[interior].sum(), (gx * gy)[interior].sum()
+        coherence = float(np.hypot(jxx - jyy, 2 * jxy) / max(float(jxx + jyy), 1e-12))
+        rim = float("nan") if field.all() else _rim_deviation(field)
+        if coherence > MAX_COHERENCE:
+            problem = (
+                f"its structures all run one way (orientation coherence {coherence:.2f}; vessels run every way, "
+                f"under {MAX_COHERENCE} in red-free photographs), as the layers of an OCT B-scan do"
+            )
+        elif black > MAX_BLACK:
+            problem = (
+                f"{black:.0%} of its field is black (under a quarter of the field's median brightness), where retina "
+                "is lit throughout: air, lungs or gas, as in a CT slice"
+            )
+        elif clipped > MAX_CLIPPED:
+            problem = (
+                f"{clipped:.0%} of its field is clipped at the image's full brightness ({top:g}), far more than an "
+                "overexposed optic disc: bone, contrast or a narrow window, as in a CT slice"
+            )
+        elif rim > MAX_RIM_DEVIATION:
+            problem = (
+                f"the rim of its bright field is no circle (it strays {rim:.0%} of the radius from one; a fundus "
+                "camera's field is a disc, cut or not by the image's edges): the outline of a body, as in a CT slice"
+            )
+        if problem:
+            raise NotFundusError(f"is a grey image that does not look like a red-free fundus photograph: {problem}.")
+
+
+TOMOGRAPHY_MODALITIES = ("OPT",)
+"""DICOM modalities the readers accept (an OCT B-scan, Ophthalmic Tomography) that are no fundus photograph; the
+readers refuse CT and other radiology modalities themselves."""
+GIVE_FOV = "Give its FOV mask (beside images/: a fov/ folder for training, a mask/ folder for inference)."
+NOT_CHECKED = (
+    "give its FOV mask (beside images/: a fov/ folder for training, a mask/ folder for inference), or run with "
+    "--estimate_fov False (its whole image is then the field); neither checks what the image shows."
+)
 
 
 class EstimateFOVd(MapTransform):
@@ -303,6 +477,15 @@ class EstimateFOVd(MapTransform):
 
     def __call__(self, data: Mapping[Hashable, NdarrayOrTensor]) -> dict[Hashable, NdarrayOrTensor]:
         d = dict(data)
+        if self.estimator is not None:  # fundus photographs: a file that says it is a tomogram is none
+            for key in self.key_iterator(d):
+                meta = d[key].meta if isinstance(d[key], MetaTensor) else {}
+                if str(meta.get("modality") or "") in TOMOGRAPHY_MODALITIES:
+                    raise DataError(
+                        meta.get("filename_or_obj", key),
+                        f"is a DICOM image of modality {meta['modality']} (a tomogram: an OCT B-scan), not a fundus "
+                        "photograph.",
+                    )
         if d.get(self.fov_key) is not None:
             self.check_given(d[self.fov_key])
             d.setdefault(self.fov_key + FOV_SOURCE_SUFFIX, "given")
@@ -313,11 +496,12 @@ class EstimateFOVd(MapTransform):
             image = d[key]
             try:
                 mask = self.estimator(image)
+            except NotFundusError as e:
+                source = image.meta.get("filename_or_obj", key) if isinstance(image, MetaTensor) else key
+                raise DataError(source, str(e), f"If it is a fundus photograph: {NOT_CHECKED}") from None
             except ValueError as e:
                 source = image.meta.get("filename_or_obj", key) if isinstance(image, MetaTensor) else key
-                raise DataError(
-                    source, f"field of view: {e}", "Give its FOV mask (a fov/ folder beside images/)."
-                ) from None
+                raise DataError(source, f"field of view: {e}", GIVE_FOV) from None
             fov = torch.as_tensor(mask[None].astype(np.uint8))
             d[self.fov_key] = MetaTensor(fov, meta=dict(image.meta)) if isinstance(image, MetaTensor) else fov
             d[self.fov_key + FOV_SOURCE_SUFFIX] = "estimated"
@@ -335,19 +519,10 @@ def fov_diameter(fov: NdarrayOrTensor) -> float | None:
     if rows.size == 0 or mask.all():
         return None
     box = float(max(rows[-1] - rows[0] + 1, cols[-1] - cols[0] + 1))
-    # the rim: the field's edge pixels, less the straight cuts (they lie on the sides of its bounding box)
-    rim = mask & ~ndimage.binary_erosion(mask, border_value=0)
-    rim[[rows[0], rows[-1]], :] = False
-    rim[:, [cols[0], cols[-1]]] = False
-    y, x = np.nonzero(rim)
-    if x.size < 50:
+    circle = _rim_circle(mask)
+    if circle is None:
         return box
-    # algebraic least-squares circle (Kasa): x^2 + y^2 = a x + b y + c, centre (a/2, b/2)
-    design = np.stack([x, y, np.ones_like(x)], axis=1).astype(np.float64)
-    (a, b, c), *_ = np.linalg.lstsq(design, (x**2 + y**2).astype(np.float64), rcond=None)
-    centre_x, centre_y = a / 2, b / 2
-    radius = float(np.sqrt(max(c + centre_x**2 + centre_y**2, 0.0)))
-    spread = float(np.sqrt(np.mean((np.hypot(x - centre_x, y - centre_y) - radius) ** 2)))
+    radius, spread = circle
     diameter = 2 * radius + 1  # edge pixel centre to edge pixel centre, plus the pixel
     if radius == 0 or spread > 0.02 * radius or diameter < 0.97 * box:
         return box
