@@ -209,3 +209,38 @@ def test_a_model_run_with_other_network_settings_than_it_was_trained_with_is_ref
     (older / "model.json").write_text(json.dumps(record))
     run_bundle("inferring", [str(OCT / "inference.json")], {**inference, "checkpoint_path": older / "model.pt"})
     assert list((tmp_path / "out").glob("*")), "a model recorded without its network settings runs as before"
+
+
+# writes a model.pt and its model.json, then again a newer pair, killed once the newer model.pt is in place
+KILLED_BETWEEN_THE_MODEL_AND_ITS_RECORD = """
+import os, signal, sys, torch
+from clinseg.pipelines.engine.handlers.checkpointing import write_described_model
+
+write_described_model(sys.argv[1], {"w": torch.zeros(3)}, {"epoch": 1, "value": 0.5})
+rename = os.replace
+
+def rename_then_die(source, target):
+    rename(source, target)
+    if str(target).endswith("model.pt"):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+os.replace = rename_then_die
+write_described_model(sys.argv[1], {"w": torch.ones(3)}, {"epoch": 2, "value": 0.7})
+"""
+
+
+def test_a_model_and_its_record_are_written_as_one_step(tmp_path):
+    """A run's best model and its model.json: a process killed between the two renames leaves a journal that the
+    next reader completes, so the model is never read beside the record of another."""
+    import subprocess
+    import sys
+
+    killed = subprocess.run([sys.executable, "-c", KILLED_BETWEEN_THE_MODEL_AND_ITS_RECORD, str(tmp_path)],
+                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert json.loads((tmp_path / "model.json").read_text())["epoch"] == 1, "killed between the two renames"
+    record = runs.read_record(tmp_path)
+    assert record is not None and (record["epoch"], record["value"]) == (2, 0.7)
+    assert torch.equal(read_checkpoint(tmp_path / "model.pt")["w"], torch.ones(3))
+    left = sorted(p.name for p in tmp_path.iterdir() if p.name != runs.PROMOTION_LOCK)  # the lock the kill held
+    assert left == ["model.json", "model.pt"], "nothing staged is left behind"

@@ -108,3 +108,58 @@ def test_checkpoints_are_written_atomically(tmp_path, monkeypatch):
         pass
     assert (tmp_path / "model.pt").read_bytes() == saved, "the previous checkpoint is intact"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt"], "no temporary file left behind"
+
+
+# ``python -m monai.bundle`` with a SIGKILL right before the latest checkpoint of the first epoch (after the first)
+# whose validation saved a better model.pt: that model is on disk, the latest checkpoint is still the epoch's before
+KILL_BEFORE_THE_CHECKPOINT_OF_A_BETTER_MODEL = """
+import hashlib, os, runpy, signal, sys
+from clinseg.pipelines.engine.handlers.checkpointing import AtomicDiskSaver
+
+save, models = AtomicDiskSaver.__call__, []
+
+def save_or_die(self, checkpoint, filename, metadata=None):
+    model = self.dirname / "model.pt"
+    if filename.startswith("latest") and model.is_file():
+        models.append(hashlib.sha256(model.read_bytes()).hexdigest())
+        if len(models) > 1 and models[-1] != models[-2]:
+            os.kill(os.getpid(), signal.SIGKILL)
+    save(self, checkpoint, filename, metadata)
+
+AtomicDiskSaver.__call__ = save_or_die
+sys.argv = ["monai.bundle", *sys.argv[1:]]
+runpy.run_module("monai.bundle", run_name="__main__")
+"""
+
+
+def test_a_run_killed_between_its_best_model_and_its_checkpoint_describes_that_model(tmp_path, tiny_oct_dir):
+    """At the end of an epoch the better model is saved before the latest checkpoint. Killed between the two and
+    resumed with nothing left to train, the run described the newer model.pt with the older epoch's number and
+    metric value (the checkpoint's best), and promoted it so. model.pt and model.json are written together now, and a
+    resumed run ranks against the model on disk."""
+    import re
+
+    from clinseg.pipelines import runs as run_records
+
+    bundle = tmp_path / "bundle"
+    overrides = {"bundle_root": bundle, "dataset_dir": tiny_oct_dir, "image_size": "[32,48]",
+                 "network_def#channels": "[4,8]", "network_def#strides": "[2]", "val_interval": 1,
+                 "train#trainer#max_epochs": 5, "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}  # fmt: skip
+    command = [sys.executable, "-c", KILL_BEFORE_THE_CHECKPOINT_OF_A_BETTER_MODEL, "run", "training",
+               "--config_file", str(TRAIN)] + [f"--{k}={v}" for k, v in overrides.items()]  # fmt: skip
+    killed = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    best = [float(v) for v in re.findall(r"Got new best metric of \S+: ([0-9.e-]+)", killed.stdout + killed.stderr)]
+    models = run_models(bundle)
+    (checkpoint,) = models.glob("latest_checkpoint_epoch=*.pt")
+    checkpoint_epoch = int(checkpoint.stem.split("=")[1])
+    record = run_records.read_record(models)
+    assert record is not None, "the killed run's model.pt is described by its own model.json"
+    assert (record["epoch"], record["value"]) == (checkpoint_epoch + 1, best[-1])
+
+    # resumed with the epochs of its checkpoint: nothing is trained, the model on disk is what the run leaves
+    result = run_bundle("training", TRAIN, {**overrides, "train#trainer#max_epochs": checkpoint_epoch, "resume": True})
+    assert "saved after the latest checkpoint" in result.stdout + result.stderr, result.stderr[-3000:]
+    for folder in (models, bundle / "models"):  # the run's model and the promoted one
+        record = run_records.read_record(folder)
+        assert record is not None and (record["epoch"], record["value"]) == (checkpoint_epoch + 1, best[-1]), folder

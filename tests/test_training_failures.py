@@ -20,6 +20,7 @@ from monai.bundle import ConfigParser
 from clinseg.datasets.errors import DataError
 from clinseg.datasets.fundus.phantom import write_drive_layout
 from clinseg.datasets.oct.phantom import write_phantom_dataset
+from clinseg.pipelines import runs
 from tests.conftest import OCT_BUNDLE, REPO_ROOT, run_bundle, run_models
 from tests.test_write_errors import fill, mounts  # noqa: F401 (mounts: a fixture)
 
@@ -59,8 +60,8 @@ def test_a_diverging_training_stops_with_one_line_and_promotes_nothing(tmp_path,
 
 @pytest.fixture(scope="module")
 def killed_run(tmp_path_factory) -> dict:
-    """An oct_layers training SIGKILLed after its epoch-2 checkpoint (of 4), as a killed run leaves it: no
-    model.json, only the latest checkpoint (with what the run was started with) and the best model."""
+    """An oct_layers training SIGKILLed after its epoch-2 checkpoint (of 4), as a killed run leaves it: the latest
+    checkpoint (with what the run was started with) and the best model with its model.json."""
     folder = tmp_path_factory.mktemp("killed")
     data = folder / "oct"
     write_phantom_dataset(data, n_subjects=3, n_bscans=4, height=64, width=96, seed=1)
@@ -78,7 +79,7 @@ def killed_run(tmp_path_factory) -> dict:
     process.send_signal(signal.SIGKILL)
     process.wait()
     models = run_models(folder / "bundle")
-    assert not (models / "model.json").exists() and list(models.glob("latest_checkpoint_epoch=*.pt"))
+    assert runs.read_record(models) is not None and list(models.glob("latest_checkpoint_epoch=*.pt"))
     return {"folder": folder, "overrides": overrides}
 
 
@@ -95,10 +96,11 @@ def resume_a_copy(killed_run: dict, tmp_path: Path, **changed):
 @pytest.mark.parametrize(
     "key, value, named",
     [("image_size", "[48,64]", "'image_size'"), ("learning_rate", "0.0001", "'learning_rate'"),
+     ("weight_average_decay", "0.9", "'weight_average_decay'"),
      ("dataset_dir", "other data", "validated on other data")],
 )  # fmt: skip
 def test_a_killed_run_resumed_with_other_settings_or_data_is_refused(key, value, named, killed_run, tmp_path):
-    """Without a model.json (written only when a training ends) the resumed run was checked against nothing: it
+    """Without a model.json (once written only when a training ended) the resumed run was checked against nothing: it
     went on training the 32 x 48 weights at 48 x 64 (or on other cases, or at the learning rate its restored
     optimizer kept), ranked its validations against a best measured otherwise, and promoted the result recording
     the new values."""

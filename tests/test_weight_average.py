@@ -147,3 +147,40 @@ def test_the_training_monitor_keeps_the_average_and_the_latest_checkpoint_carrie
     schedule = torch.optim.lr_scheduler.StepLR(torch.optim.SGD(network.parameters(), lr=0.1), step_size=1)
     off = TrainingMonitor(Engine(lambda e, b: None), schedule, "loss", progress_bar=False, network=network)
     assert off.weight_average is None, "a decay of 0 (the default) keeps no average"
+
+
+@pytest.mark.filterwarnings("ignore:parsing config_file:UserWarning")
+def test_a_training_that_validated_nothing_leaves_the_average_and_says_so(tmp_path, tracking_uri):
+    """vessels keeps a weight average (0.995): a training of fewer epochs than its validation interval validated
+    nothing, and saved the weights of its last step as its model.pt, not the average it was asked to keep; its
+    model.json did not say which. Resumed for one more epoch, still without a validation, it kept the first end's
+    model.pt (recorded as of epoch -1) instead of the weights it ended with."""
+    from clinseg.datasets.fundus.phantom import write_drive_layout
+    from clinseg.pipelines import runs
+    from tests.conftest import REPO_ROOT, run_bundle, run_models
+
+    write_drive_layout(tmp_path / "drive", n_images=4, shape=(80, 72), seed=2)
+    overrides = {"bundle_root": tmp_path / "bundle", "dataset_dir": tmp_path / "drive" / "training",
+                 "patch_size": "[32,32]", "patches_per_image": 2, "repeats_per_epoch": 1, "sw_roi_size": "[48,48]",
+                 "network_def#channels": "[4,8]", "network_def#strides": "[2]", "val_interval": 5,
+                 "train#trainer#max_epochs": 1}  # fmt: skip
+    train = [str(REPO_ROOT / "bundles" / "vessels" / "configs" / "train.json")]
+    run_bundle("training", train, overrides)
+    models = run_models(tmp_path / "bundle")
+
+    def model_is_the_final_average():
+        model = torch.load(models / "model.pt", map_location="cpu", weights_only=True)
+        (latest,) = models.glob("latest_checkpoint_epoch=*.pt")
+        checkpoint = torch.load(latest, map_location="cpu", weights_only=False)
+        average = checkpoint["progress"]["weight_average"]
+        assert all(torch.equal(model[k], average["weights"][k]) for k in model), f"model.pt is {latest.name}'s average"
+        assert any(not torch.equal(model[k], checkpoint["model"][k]) for k in model), "not the last step's weights"
+        record = runs.read_record(models)
+        assert record["value"] is None and record["epoch"] is None
+        assert record["weight_average"] == {"decay": 0.995, "steps": average["n_averaged"]}
+        return record
+
+    record = model_is_the_final_average()
+    assert runs.read_record(tmp_path / "bundle" / "models")["weight_average"] == record["weight_average"]
+    run_bundle("training", train, {**overrides, "train#trainer#max_epochs": 2, "resume": True})
+    assert model_is_the_final_average()["weight_average"]["steps"] > record["weight_average"]["steps"]

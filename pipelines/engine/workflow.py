@@ -138,14 +138,38 @@ def finish_distributed() -> None:
         torch.distributed.destroy_process_group()
 
 
-def save_final_model(network: torch.nn.Module, ckpt_dir: str | os.PathLike) -> Path:
-    """Write ``network``'s weights (a plain state dict, as the best-model saver writes) to ``<ckpt_dir>/model.pt``,
-    atomically."""
-    from clinseg.datasets.io import atomic_write
-
+def final_weights(network: torch.nn.Module, weight_average=None) -> dict:
+    """The weights a training that validated nothing leaves as its model: the weight average when it keeps one (what
+    its validations would have scored and saved, :class:`clinseg.pipelines.engine.handlers.averaging.WeightAverage`),
+    else the network's own."""
+    if weight_average is not None and weight_average.average is not None:
+        return weight_average.average.module.state_dict()
     module = network.module if isinstance(network, torch.nn.parallel.DistributedDataParallel) else network
+    return module.state_dict()
+
+
+def averaging_record(weight_average) -> dict | None:
+    """What ``model.json`` says of a model that is a weight average (its decay and the number of steps averaged), or
+    None for the network's own weights."""
+    if weight_average is None or weight_average.average is None:
+        return None
+    return {"decay": weight_average.decay, "steps": int(weight_average.average.n_averaged)}
+
+
+def save_final_model(
+    network: torch.nn.Module, ckpt_dir: str | os.PathLike, record: dict | None = None, weight_average=None
+) -> Path:
+    """Write the final weights (:func:`final_weights`, a plain state dict, as the best-model saver writes) to
+    ``<ckpt_dir>/model.pt``, with ``record`` as its ``model.json`` in the same step when given, atomically."""
+    from clinseg.datasets.io import atomic_write
+    from clinseg.pipelines.engine.handlers.checkpointing import write_described_model
+
     path = Path(ckpt_dir) / "model.pt"
-    atomic_write(path, lambda tmp: torch.save(module.state_dict(), tmp))
+    state = final_weights(network, weight_average)
+    if record is not None:
+        write_described_model(ckpt_dir, state, record)
+    else:
+        atomic_write(path, lambda tmp: torch.save(state, tmp))
     return path
 
 
@@ -249,10 +273,12 @@ RESUMED_AS_STARTED = (
     "repeats_per_epoch",
     "crops_per_image",
     "patches_per_image",
+    "weight_average_decay",
 )
 """Config values, beside the input settings, that a resumed training must keep: the optimizer's restored state
-would silently override another learning rate, and the restored epoch length another batch size or count of
-samples per epoch."""
+would silently override another learning rate, the restored epoch length another batch size or count of
+samples per epoch, and the restored weight average would go on under another decay (or be dropped, or start over
+from the resumed weights) while its model is recorded with the new one."""
 
 
 def run_settings(
@@ -299,9 +325,11 @@ def run_training(
     validation interval, described by ``model.json``, and that model is promoted to ``promote_to`` (the bundle's
     ``models/``) when it beats the model in place on the same validation data (:mod:`clinseg.pipelines.runs`).
 
-    ``model.pt`` is the best validated model (written by the validation's best-model saver). When this training
-    ran no validation at all (``max_epochs`` below ``val_interval``), the final weights are written there instead,
-    so ``inferring``, evaluation and export work after any training. ``resume``: continue from the newest latest
+    ``model.pt`` is the best validated model, written with its ``model.json`` in one step by the validation's
+    best-model saver, so that the two describe the same weights whenever the run stops. When this training ran no
+    validation at all (``max_epochs`` below ``val_interval``), the final weights are written there instead (the
+    weight average when the training keeps one, as ``model.json``'s ``weight_average`` says), so ``inferring``,
+    evaluation and export work after any training. ``resume``: continue from the newest latest
     checkpoint in ``ckpt_dir`` (the resumed run's own folder, chosen by :func:`clinseg.pipelines.runs.run_name`).
     ``initial_weights``: start from another model's weights (:func:`start_from`), recorded in ``model.json`` as
     ``initialized_from``. ``input_settings``: the config values that shape what the network sees (a spacing, an
@@ -311,7 +339,7 @@ def run_training(
     (:func:`clinseg.pipelines.engine.ensembles.require_unseen`)."""
     from clinseg.pipelines import runs
     from clinseg.pipelines.engine import decision
-    from clinseg.pipelines.engine.handlers.checkpointing import resume_from_latest
+    from clinseg.pipelines.engine.handlers.checkpointing import best_model_saver, resume_from_latest
 
     initialized_from = start_from(trainer.network, initial_weights, resume)
     folds = _running_config_value("folds")
@@ -327,43 +355,73 @@ def run_training(
         progress.run_settings = settings
     if is_rank_zero():
         latest_checkpoint.attach(trainer)
-    resumed = resume_from_latest(trainer, latest_checkpoint, ckpt_dir, settings) if resume else None
-    if resume:  # after the checkpoint's own check, which names it when the network differs
+    if resume:
+        resume_from_latest(trainer, latest_checkpoint, ckpt_dir, settings)
+        # after the checkpoint's own check, which names it when the network differs
         _require_same_run(ckpt_dir, input_settings, validation_fingerprint)
     # a step that leaves the weights NaN stops the run before its epoch is validated, checkpointed or promoted
     stop_when_diverged(trainer, ckpt_dir)
     if time_limit_s > 0:
         trainer.add_event_handler(Events.ITERATION_COMPLETED, ignite.handlers.TimeLimit(int(time_limit_s)))
 
+    weight_average = progress.weight_average() if progress is not None else None
+    saver = best_model_saver(progress.validate_handlers) if progress is not None else None
+
+    def describe(value=None, epoch=None, decision_rule=None) -> dict:
+        """The run's record of its model.pt (model.json), the model's own values given."""
+        return {
+            "bundle": bundle_name,
+            "training_run_name": Path(ckpt_dir).resolve().parent.name,
+            "training_run_id": getattr(trainer.state, "tracking_run_id", None),
+            "key_metric": key_metric,
+            "value": value,
+            "epoch": epoch,
+            "mode": "max",
+            "validation_fingerprint": validation_fingerprint,
+            # the threshold and component filter chosen on the best epoch's validation cases, where the
+            # bundle searches one (clinseg.pipelines.engine.decision.DecisionRuleSearch)
+            "decision_rule": decision_rule,
+            # the model is the exponential moving average of the training's weights (what validation scored)
+            "weight_average": averaging_record(weight_average),
+            "initialized_from": initialized_from,
+            "input_settings": input_settings,
+            "training_images": sorted(training_images) if training_images is not None else None,
+        }
+
+    def describe_best() -> dict:
+        best = validator.state.best_metric
+        return describe(float(best), validator.state.best_metric_epoch)
+
+    if saver is not None and is_rank_zero():
+        # each better model is written with its model.json, so that a run killed at any moment leaves the two alike
+        saver.describe_with(describe_best)
+
     def leave_a_model(engine: Engine) -> None:
         # registered before the tracking handler's completion (attached at STARTED), so MLflow logs these files
         if not is_rank_zero():
             return
         model_file = Path(ckpt_dir) / runs.MODEL_FILE
-        validated = validator.state.iteration > 0 or bool(resumed)
+        # validated: in this process, or before the interruption this run resumed (its best epoch restored)
+        validated = validator.state.iteration > 0 or getattr(validator.state, "best_metric_epoch", -1) not in (None, -1)
+        existing = runs.read_record(ckpt_dir) if validated and model_file.is_file() else None
         if not validated or not model_file.is_file():
-            path = save_final_model(engine.network, ckpt_dir)
-            logger.info(f"no validation ran in this training: the final model is saved as {path}")
-        best = getattr(validator.state, "best_metric", None)
-        record = runs.write_run_record(
-            ckpt_dir,
-            {
-                "bundle": bundle_name,
-                "training_run_name": Path(ckpt_dir).resolve().parent.name,
-                "training_run_id": getattr(engine.state, "tracking_run_id", None),
-                "key_metric": key_metric,
-                "value": float(best) if validated and best is not None and best != -1 else None,
-                "epoch": getattr(validator.state, "best_metric_epoch", None) if validated else None,
-                "mode": "max",
-                "validation_fingerprint": validation_fingerprint,
-                # the threshold and component filter chosen on the best epoch's validation cases, where the
-                # bundle searches one (clinseg.pipelines.engine.decision.DecisionRuleSearch)
-                "decision_rule": decision.rule_from(validator) if validated else None,
-                "initialized_from": initialized_from,
-                "input_settings": input_settings,
-                "training_images": sorted(training_images) if training_images is not None else None,
-            },
-        )
+            path = save_final_model(engine.network, ckpt_dir, describe(), weight_average)
+            what = "the weight average" if weight_average is not None and weight_average.average else "the final model"
+            logger.info(f"no validation ran in this training: {what} is saved as {path}")
+            record = runs.read_record(ckpt_dir)
+        elif existing is not None and existing.get("epoch") is not None:
+            # the model.pt on disk is described by the record written with it; the decision rule is chosen on its
+            # epoch's validation cases when this process validated that epoch (not when it came before a resume)
+            written_here = saver is not None and (saver.writer.last_record or {}).get("sha256") == existing["sha256"]
+            rule = decision.rule_from(validator) if written_here else existing.get("decision_rule")
+            kept = {k: v for k, v in existing.items() if k not in ("sha256", "written")}
+            record = runs.write_run_record(ckpt_dir, {**kept, **describe(kept["value"], kept["epoch"], rule),
+                                                      "weight_average": kept.get("weight_average")})  # fmt: skip
+        else:  # a model.pt saved without its record (by an earlier version of this library)
+            best = getattr(validator.state, "best_metric", None)
+            value = float(best) if best is not None and best != -1 else None
+            epoch = getattr(validator.state, "best_metric_epoch", None)
+            record = runs.write_run_record(ckpt_dir, describe(value, epoch, decision.rule_from(validator)))
         if promote_to is not None and record is not None:
             decision_file = Path(ckpt_dir).parent / "promotion.json"
             engine.state.promotion = runs.promote(ckpt_dir, promote_to, decision_file=decision_file)

@@ -4,15 +4,19 @@ state outside the engines that a resumed run must continue (:class:`TrainingProg
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import logging
 import math
 import re
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from ignite.engine import Engine, Events
-from ignite.handlers.checkpoint import BaseSaveHandler
+from ignite.handlers.checkpoint import BaseSaveHandler, Checkpoint
 from monai.handlers import CheckpointSaver, EarlyStopHandler
 
 from clinseg.datasets.io import atomic_write
@@ -50,7 +54,8 @@ class TrainingProgress:
     def _find(handlers: list, kind: type):
         return next((h for h in handlers if isinstance(h, kind)), None)
 
-    def _weight_average(self):
+    def weight_average(self):
+        """The training's :class:`~clinseg.pipelines.engine.handlers.averaging.WeightAverage`, or None."""
         monitor = self._find(self.train_handlers, TrainingMonitor)
         return getattr(monitor, "weight_average", None)
 
@@ -73,7 +78,7 @@ class TrainingProgress:
             state["mlflow_run_id"] = tracker.cur_run.info.run_id
         if self.trainer is not None:
             state.update(epoch=self.trainer.state.epoch, iteration=self.trainer.state.iteration)
-        average = self._weight_average()
+        average = self.weight_average()
         average_state = average.state_dict() if average is not None else {}
         if average_state:
             state["weight_average"] = average_state
@@ -96,9 +101,36 @@ class TrainingProgress:
         tracker = self._find(self.train_handlers, _tracking_handler())
         if tracker is not None and state.get("mlflow_run_id"):
             tracker.link_resumed_run(state["mlflow_run_id"], state.get("epoch"), state.get("iteration"))
-        average = self._weight_average()
+        average = self.weight_average()
         if average is not None and "weight_average" in state:
             average.load_state_dict(state["weight_average"])
+        self._take_best_from_saved_model(saver, early_stop, report)
+
+    def _take_best_from_saved_model(self, saver, early_stop, report) -> None:
+        """Rank from the ``model.pt`` on disk, as its ``model.json`` describes it, where the checkpoint knows another
+        best: a run killed after an epoch's better model was saved but before that epoch's latest checkpoint. Ranked
+        by the checkpoint's older best, the resumed run would replace that model with a worse one, or keep it and
+        describe it at the end with the older epoch's metric value."""
+        if not isinstance(saver, BestModelSaver):
+            return
+        from clinseg.pipelines import runs
+
+        record = runs.read_record(saver.models_dir)  # also completes a write of the pair a kill left half-done
+        value, epoch = (record or {}).get("value"), (record or {}).get("epoch")
+        if value is None or epoch is None or epoch == getattr(self.validator.state, "best_metric_epoch", -1):
+            return
+        logger.info(
+            f"{saver.models_dir / runs.MODEL_FILE} is of epoch {epoch} ({record.get('key_metric')} {value:.4f}), "
+            "saved after the latest checkpoint: it stays the best model to beat"
+        )
+        self.validator.state.best_metric, self.validator.state.best_metric_epoch = value, epoch
+        ranking = saver._key_metric_checkpoint
+        name = ranking._saved[-1].filename if ranking._saved else runs.MODEL_FILE
+        ranking._saved = [Checkpoint.Item(value, name)]
+        if early_stop is not None and getattr(early_stop, "_handler", None) is not None:
+            early_stop._handler.best_score = value
+        if report is not None:
+            report.best = (value, epoch)
 
 
 def latest_checkpoints(ckpt_dir: str) -> dict:
@@ -236,6 +268,57 @@ class AtomicDiskSaver(BaseSaveHandler):
         self._pending_removals.append(getattr(self.saver, "filename", None) or filename)
 
 
+def write_described_model(models_dir: str | Path, state: dict | bytes, record: dict) -> dict:
+    """Write ``models_dir/model.pt`` (``state``: a state dict, or its bytes) and its ``model.json`` (``record``, with
+    the file's SHA-256 added) as one step: each is staged whole, then both are renamed under a journal that the next
+    reader completes (:func:`clinseg.pipelines.runs.read_record`), so that a process killed at any moment leaves the
+    previous pair or the new one, never a model beside the description of another. Returns the record written."""
+    from filelock import FileLock
+
+    from clinseg.datasets.io import journaled_write_all
+    from clinseg.pipelines import runs
+
+    models_dir = Path(models_dir)
+    if not isinstance(state, bytes):
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        state = buffer.getvalue()
+    record = {**record, "sha256": hashlib.sha256(state).hexdigest(), "written": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    text = json.dumps(record, indent=2) + "\n"
+    writes = [
+        (models_dir / runs.MODEL_FILE, lambda tmp: Path(tmp).write_bytes(state)),
+        (models_dir / runs.MODEL_RECORD, lambda tmp: Path(tmp).write_text(text)),
+    ]
+    lock = models_dir / runs.PROMOTION_LOCK  # taken by a reader that completes a journal a kill left
+    with FileLock(str(lock), timeout=600):
+        try:
+            journaled_write_all(writes, models_dir / runs.PROMOTION_JOURNAL)
+        finally:
+            # removed while held, so the run's folder keeps only its files; a reader that locks a new file later
+            # finds no journal left to complete
+            lock.unlink(missing_ok=True)
+    return record
+
+
+class DescribedDiskSaver(AtomicDiskSaver):
+    """:class:`AtomicDiskSaver` of ``model.pt`` that writes its ``model.json`` with it
+    (:func:`write_described_model`), once ``describe`` is set: a function giving the record of the model being
+    saved."""
+
+    def __init__(self, saver):
+        super().__init__(saver)
+        self.describe: Callable[[], dict] | None = None
+        self.last_record: dict | None = None  # what this process wrote last
+
+    def __call__(self, checkpoint, filename: str, metadata=None) -> None:
+        if self.describe is None:
+            return super().__call__(checkpoint, filename, metadata)
+        buffer = io.BytesIO()
+        torch.save(checkpoint, buffer)
+        self.last_record = write_described_model(self.dirname, buffer.getvalue(), self.describe())
+        self._pending_removals = []  # the one file name is replaced in place
+
+
 class AtomicCheckpointSaver(CheckpointSaver):
     """MONAI's ``CheckpointSaver`` (same arguments) whose every write goes through :class:`AtomicDiskSaver`."""
 
@@ -250,12 +333,26 @@ class AtomicCheckpointSaver(CheckpointSaver):
 class BestModelSaver(AtomicCheckpointSaver):
     """``models/model.pt``: the network's weights (a plain state dict) each time the key validation metric improves.
     Attached to the validator; its ranking is kept in the latest checkpoint, so a resumed run only replaces
-    ``model.pt`` with a better model."""
+    ``model.pt`` with a better model. Given a record (:meth:`describe_with`), it writes ``model.json`` with each model
+    in one step (:func:`write_described_model`)."""
 
     def __init__(self, save_dir: str, network: torch.nn.Module, filename: str = "model.pt"):
         super().__init__(
             save_dir=save_dir, save_dict={"model": network}, save_key_metric=True, key_metric_filename=filename
         )
+        self.models_dir = Path(save_dir)
+        self.writer = DescribedDiskSaver(self._key_metric_checkpoint.save_handler.saver)
+        self._key_metric_checkpoint.save_handler = self.writer
+
+    def describe_with(self, describe: Callable[[], dict]) -> None:
+        """Write each saved model's ``model.json`` with it: ``describe()`` gives its record (the run's, with the key
+        metric's value and epoch), so that whenever the run stops, ``model.pt`` is described by its own record."""
+        self.writer.describe = describe
+
+
+def best_model_saver(handlers: list) -> BestModelSaver | None:
+    """The :class:`BestModelSaver` among a validator's ``handlers``, or None."""
+    return next((h for h in handlers if isinstance(h, BestModelSaver)), None)
 
 
 class LatestCheckpointSaver(AtomicCheckpointSaver):
