@@ -131,12 +131,33 @@ def _origin(error: BaseException) -> BaseException:
     return error
 
 
+def remove_unused_dirs() -> list[str]:
+    """Remove the folders this process made for its outputs (:func:`require_writable_dir`) that hold no file: a
+    run that failed before writing anything leaves no empty folder behind (a folder holding any file, another
+    run's included, is kept). The folders removed."""
+    removed = []
+    while _created_dirs:
+        top = _created_dirs.pop()
+        walked = list(os.walk(top, topdown=False))
+        if any(files for _, _, files in walked):
+            continue
+        try:
+            for root, _, _ in walked:  # deepest first
+                os.rmdir(root)  # fails, and so keeps the folder, if anything appeared in it meanwhile
+        except OSError:
+            continue
+        removed.append(top)
+    return removed
+
+
 def report_error(error: BaseException) -> int:
     """Print the one line of the error contract for ``error`` to stderr and return the exit status (1).
 
     An internal error's full traceback is saved (:func:`save_traceback`) and its path printed on the same line;
-    ``PIPELINE_TRACEBACK=1`` prints the traceback as well, for every kind."""
+    ``PIPELINE_TRACEBACK=1`` prints the traceback as well, for every kind. Output folders the run made and left
+    empty are removed (:func:`remove_unused_dirs`)."""
     _close_progress_bars()
+    remove_unused_dirs()
     if os.environ.get("PIPELINE_TRACEBACK"):
         traceback.print_exception(type(error), error, error.__traceback__, file=sys.stderr)
     line, user_side = describe_error(error)
@@ -218,14 +239,25 @@ def require_file(path: str | list[str], what: str, hint: str) -> str | list[str]
     return path
 
 
+_created_dirs: list[str] = []
+"""The outermost folders :func:`require_writable_dir` made in this process, for :func:`remove_unused_dirs`."""
+
+
 def require_writable_dir(path: str | os.PathLike, what: str) -> str:
     """Create ``path`` if needed and prove it writable (a file is written and removed); else a :class:`DataError`.
+    A folder made here is removed again if the run fails before anything is written in it (:func:`report_error`).
 
     ``os.access`` is not enough: it says yes to root on a read-only mount, and knows nothing of quotas.
     """
     path = os.path.abspath(os.fspath(path))
+    first_missing = None
+    ancestor = path
+    while not os.path.lexists(ancestor) and os.path.dirname(ancestor) != ancestor:
+        first_missing, ancestor = ancestor, os.path.dirname(ancestor)
     try:
         os.makedirs(path, exist_ok=True)
+        if first_missing is not None:
+            _created_dirs.append(first_missing)
         with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
             pass
     except OSError as e:

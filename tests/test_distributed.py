@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -53,17 +54,46 @@ def test_two_process_training_equals_single_process_evaluation(tmp_path, tiny_oc
     assert train_run.info.status == "FINISHED"
 
     evaluation = {"bundle_root": bundle, "dataset_dir": tiny_oct_dir, **TINY}
-    run_bundle("evaluating", EVALUATE, evaluation, env={"MLFLOW_TRACKING_URI": uri})
+    run_bundle("evaluating", EVALUATE, {**evaluation, "run_name": "single"}, env={"MLFLOW_TRACKING_URI": uri})
     (single,) = runs(uri, "evaluate")
     for key in COMPARED:  # 3 validation images split 2 + 1 over the ranks, gathered before reduction
         trained, evaluated = (mlflow_metric_name(key, workflow, "val_mean_dice") for workflow in ("train", "evaluate"))
         assert train_run.data.metrics[trained] == pytest.approx(single.data.metrics[evaluated], rel=1e-5), key
 
-    torchrun("evaluating", EVALUATE + [str(CONFIGS / "multi_gpu_evaluate.json")], evaluation, uri)
+    torchrun(
+        "evaluating", EVALUATE + [str(CONFIGS / "multi_gpu_evaluate.json")], {**evaluation, "run_name": "multi"}, uri
+    )
     _, distributed = runs(uri, "evaluate")
     for key in (mlflow_metric_name(k, "evaluate", "val_mean_dice") for k in COMPARED):
         assert distributed.data.metrics[key] == pytest.approx(single.data.metrics[key], rel=1e-5), key
     assert Path(distributed.data.params["checkpoint"]).name == "model.pt"
+    assert_same_evaluation_files(bundle / "outputs" / "single", bundle / "outputs" / "multi")
+
+
+def assert_same_evaluation_files(single: Path, distributed: Path) -> None:
+    """A two-process evaluation writes what one process writes: every case once in the per-case tables, the report
+    of every case, and the overlay of every case (each rank draws its own cases, none is left out)."""
+    names = sorted(p.name for p in single.glob("*_raw.csv"))
+    assert names and names == sorted(p.name for p in distributed.glob("*_raw.csv"))
+    for name in names:
+        rows = [(single / name).read_text().splitlines(), (distributed / name).read_text().splitlines()]
+        assert rows[0][0] == rows[1][0], name  # the same columns
+        # the ranks' cases are gathered rank by rank: the same rows, each case once, in another order
+        cases = [sorted(line.split(",")[0] for line in table[1:]) for table in rows]
+        assert cases[0] == cases[1] and len(set(cases[1])) == len(cases[1]) == 3, (name, cases)
+        values = [{line.split(",")[0]: [float(v) for v in line.split(",")[1:]] for line in t[1:]} for t in rows]
+        for case, expected in values[0].items():
+            assert values[1][case] == pytest.approx(expected, rel=1e-5, nan_ok=True), (name, case)
+    overlays = [sorted(p.name for p in (run / "overlays").iterdir()) for run in (single, distributed)]
+    assert len(overlays[0]) == 3 and overlays[1] == overlays[0], overlays
+    reports = [json.loads((run / "metrics.json").read_text()) for run in (single, distributed)]
+    assert reports[1]["n_images"] == reports[0]["n_images"] == 3
+    # per class, over the cases (JSON's null: a value no case defines)
+    per_class = [{(m, c): v for m, values in r["per_class"].items() for c, v in values.items()} for r in reports]
+    assert per_class[1].keys() == per_class[0].keys()
+    for key, expected in per_class[0].items():
+        assert per_class[1][key] == (expected if expected is None else pytest.approx(expected, rel=1e-5)), key
+    assert not [p for p in distributed.rglob("*") if p.name.startswith(".tmp")], "no staging left behind"
 
 
 def test_two_process_training_resumes_from_its_latest_checkpoint(tmp_path, tiny_oct_dir):
@@ -89,6 +119,13 @@ def test_two_process_training_resumes_from_its_latest_checkpoint(tmp_path, tiny_
     epochs = [m.step for m in client.get_metric_history(resumed.info.run_id, "0_key/val_mean_dice")]
     assert sorted(epochs) == [1, 2, 3], "epoch 1's validation carried over, then validation continues at epoch 2"
 
+    # one process would restore the two processes' epoch length (half its own): refused, the run left as it was
+    single = {**overrides, "train#trainer#max_epochs": 4, "resume": True}
+    refused = run_bundle("training", TRAIN, single, env={"MLFLOW_TRACKING_URI": uri}, check=False)
+    assert refused.returncode != 0
+    assert "was trained by 2 processes" in refused.stderr + refused.stdout, refused.stderr[-3000:]
+    assert sorted(p.name for p in run_models(bundle).iterdir()) == models
+
 
 def test_the_first_distributed_run_prepares_the_data_once_on_a_clean_folder(tmp_path):
     """A fresh checkout's first ``torchrun``: no phantom, no cache. Rank 0 generates the phantom while rank 1 waits
@@ -105,3 +142,31 @@ def test_the_first_distributed_run_prepares_the_data_once_on_a_clean_folder(tmp_
     cache = list((tmp_path / "bundle" / "cache").rglob("*.pt"))
     assert cache, "the disk cache was filled"
     assert (tmp_path / "bundle" / "models" / "model.pt").is_file()
+
+
+def test_two_process_training_chooses_the_decision_rule_on_every_validation_case(tmp_path):
+    """vessels chooses its threshold on the best epoch's validation cases; split over two ranks, each rank holds
+    its share of them, and the rule is chosen on all of them (3), not on rank 0's share (2)."""
+    from clinseg.datasets.fundus import load_vessel_datalist
+    from clinseg.datasets.fundus.phantom import write_drive_layout
+
+    drive = tmp_path / "drive"
+    write_drive_layout(drive, n_images=8, shape=(80, 72), seed=2)
+    assert len(load_vessel_datalist(drive, "val", val_fraction=0.375)) == 3
+    configs = REPO_ROOT / "bundles" / "vessels" / "configs"
+    overrides = {
+        "bundle_root": tmp_path / "bundle",
+        "dataset_dir": drive,
+        "val_fraction": 0.375,
+        "patch_size": "[32,32]",
+        "patches_per_image": 2,
+        "sw_roi_size": "[48,48]",
+        "network_def#channels": "[8,16,32]",
+        "network_def#strides": "[2,2]",
+        "val_interval": 1,
+        "train#trainer#max_epochs": 1,
+    }
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    torchrun("training", [str(configs / "train.json"), str(configs / "multi_gpu_train.json")], overrides, uri)
+    record = json.loads((run_models(tmp_path / "bundle") / "model.json").read_text())
+    assert record["decision_rule"]["cases"] == 3, record["decision_rule"]

@@ -68,7 +68,10 @@ def initialize(
 
     check_config()
     if seed is not None:
-        set_determinism(seed=seed)
+        # each process of a distributed run its own random draws (rank 0's are a single process's): with one seed,
+        # every rank would crop and augment its images alike, step after step; the weights stay rank 0's (DDP)
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        set_determinism(seed=seed + (torch.distributed.get_rank() if distributed else 0))
     if is_rank_zero() and output_dir is not None:  # checked before the folder is made in it (below)
         require_output_outside_input(output_dir, input_path)
         require_writable_dir(output_dir, "the output folder")
@@ -298,8 +301,12 @@ def run_settings(
         if isinstance(value, (bool, int, float, str, list, tuple)):
             config[key] = list(value) if isinstance(value, tuple) else value
     images = "\n".join(sorted(training_images)) if training_images is not None else None
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     return {
         "config": config,
+        # the processes share each epoch's cases (DistributedSampler): their number sets the epoch's length, which
+        # a resumed run restores from the checkpoint
+        "processes": torch.distributed.get_world_size() if distributed else 1,
         "validation_fingerprint": validation_fingerprint,
         "training_fingerprint": hashlib.sha256(images.encode()).hexdigest()[:16] if images is not None else None,
     }

@@ -180,6 +180,15 @@ def require_same_run_settings(path: Path, recorded: dict | None, current: dict |
             "it would go on with other settings than the ones its weights were trained with.",
             f"Resume with --{key} '{json.dumps(before)}', {fresh}",
         )
+    before, now = recorded.get("processes"), current.get("processes")
+    if before and now and before != now:
+        raise ConfigError(
+            "resume",
+            f"run {run} was trained by {before} processes ({path}), this run has {now}: the processes share each "
+            "epoch's cases, so resumed, its epochs would be of another length than the ones it restores.",
+            f"Resume with as many processes as it was started with (torchrun --nproc_per_node {before} and the "
+            f"multi_gpu_train.json overlay, or one process without them), {fresh}",
+        )
     for key, what in (("validation_fingerprint", "validated on"), ("training_fingerprint", "trained on")):
         before, now = recorded.get(key), current.get(key)
         if before and now and before != now:

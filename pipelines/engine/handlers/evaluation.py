@@ -53,6 +53,8 @@ class EvaluationReport:
         print_table: log a per-class table of every metric at the end of each epoch (evaluation runs).
         model: what was evaluated (:func:`clinseg.pipelines.runs.provenance`: the checkpoint, its SHA-256 and the
             training run), written into ``metrics.json``.
+        every_rank: attached on every rank of a distributed evaluation: each rank draws the overlays of its own
+            cases, the per-case anatomy verdicts are gathered, and rank 0 alone writes ``metrics.json``.
     """
 
     def __init__(
@@ -68,7 +70,9 @@ class EvaluationReport:
         image_key: str = "image",
         pred_key: str = "pred",
         label_key: str = "label",
+        every_rank: bool = False,
     ):
+        self.every_rank = every_rank
         self.output_dir = Path(output_dir)
         self.class_names = list(class_names)
         self.num_overlays = num_overlays
@@ -157,6 +161,12 @@ class EvaluationReport:
         for metric, values in per_class.items():
             for name, value in values.items():
                 engine.state.metrics[f"{metric}/{name}"] = value
+        if self.every_rank:
+            from clinseg.pipelines.context import is_rank_zero
+
+            self.anatomy = _merged_across_ranks(self.anatomy)
+            if not is_rank_zero():  # one metrics.json, of every rank's cases
+                return
         means = {k: float(v) for k, v in engine.state.metrics.items() if "/" not in k and np.isscalar(v)}
         if self.pixel_size_um:
             for key in [k for k in means if k.endswith("_px")]:
@@ -179,6 +189,18 @@ class EvaluationReport:
         path = atomic_write_json(self.output_dir / "metrics.json", report)
         if self.print_table:
             logger.info(f"metrics of {n_images} images (written to {path}):\n{format_table(report)}")
+
+
+def _merged_across_ranks(per_case: dict) -> dict:
+    """The per-case entries of every rank of a distributed run merged, in case order; ``per_case`` itself outside
+    a process group. Every rank must call it (a collective)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return per_case
+    shares: list = [None] * dist.get_world_size()
+    dist.all_gather_object(shares, per_case)
+    return dict(sorted((name, entry) for share in shares for name, entry in share.items()))
 
 
 class AtomicMetricsSaver(MetricsSaver):
@@ -274,8 +296,9 @@ def _per_image(name: str, values):
 
 class EvaluationOutputs:
     """The files of an evaluation run: the per-class report with an overlay of every image
-    (:class:`EvaluationReport`, rank 0) and MONAI's metric tables (:class:`AtomicMetricsSaver`: summaries and
-    per-image ``*_raw.csv``, gathered across ranks, so attached on every rank)."""
+    (:class:`EvaluationReport`: rank 0 writes the report, each rank the overlays of its own images) and MONAI's
+    metric tables (:class:`AtomicMetricsSaver`: summaries and per-image ``*_raw.csv``, gathered across ranks).
+    Attached on every rank."""
 
     def __init__(
         self,
@@ -287,12 +310,11 @@ class EvaluationOutputs:
     ):
         from clinseg.pipelines.context import is_rank_zero
 
-        self.report = None
-        if is_rank_zero():
-            self.report = EvaluationReport(
-                output_dir, class_names, num_overlays=-1, palette=palette, pixel_size_um=pixel_size_um,
-                print_table=True, model=model,
-            )  # fmt: skip
+        # on every rank of a distributed evaluation: each rank draws its own cases' overlays, rank 0 writes the report
+        self.report = EvaluationReport(
+            output_dir, class_names, num_overlays=-1, palette=palette, pixel_size_um=pixel_size_um,
+            print_table=is_rank_zero(), model=model, every_rank=True,
+        )  # fmt: skip
         self.tables = AtomicMetricsSaver(
             class_names=class_names,
             save_dir=output_dir,
