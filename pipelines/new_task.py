@@ -392,28 +392,26 @@ def new_task(
     return target
 
 
-def parse_colors(text: str | None) -> list | None:
+def parse_per_class(text: str | None, option: str, is_entry: Callable[[object], bool], expected: str) -> list | None:
+    """A JSON list given on the command line with one entry per class (``--label_colors``, ``--label_values``),
+    each entry checked by ``is_entry``; else a one-line refusal naming ``option`` and what is ``expected``."""
     if text is None:
         return None
     try:
-        colors = json.loads(text)
+        entries = json.loads(text)
     except json.JSONDecodeError:
-        colors = None
-    if not isinstance(colors, list) or not all(isinstance(c, list) for c in colors):
-        raise TaskError(f"--label_colors {text}: give a JSON list of [r, g, b] colours, one per class: [[0,0,0],...].")
-    return colors
+        entries = None
+    if not isinstance(entries, list) or not all(is_entry(entry) for entry in entries):
+        raise TaskError(f"{option} {text}: give a JSON list of {expected}, one per class.")
+    return entries
 
 
-def parse_values(text: str | None) -> list[int] | None:
-    if text is None:
-        return None
-    try:
-        values = json.loads(text)
-    except json.JSONDecodeError:
-        values = None
-    if not isinstance(values, list) or not all(isinstance(v, int) and 0 <= v < 65536 for v in values):
-        raise TaskError(f"--label_values {text}: give a JSON list of label values, one per class: [0,50,100,...].")
-    return values
+def _is_colour(entry) -> bool:
+    return isinstance(entry, list)  # its values are checked by the colour table itself (ColorToLabel)
+
+
+def _is_label_value(entry) -> bool:
+    return isinstance(entry, int) and not isinstance(entry, bool) and 0 <= entry < 65536
 
 
 @cli.entry_point
@@ -444,8 +442,8 @@ def main(argv: list[str] | None = None) -> int:
             args.channels,
             args.title,
             Path(args.bundles_dir) if args.bundles_dir else None,
-            parse_colors(args.label_colors),
-            parse_values(args.label_values),
+            parse_per_class(args.label_colors, "--label_colors", _is_colour, "[r, g, b] colours: [[0,0,0],...]"),
+            parse_per_class(args.label_values, "--label_values", _is_label_value, "label values: [0,50,100,...]"),
             log=lines.append,
         )
     except TaskError as e:
