@@ -46,6 +46,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Sequence
@@ -269,6 +270,10 @@ def run_trial(study, storage, trial, settings: dict, worker: str, verbose: bool)
     shown = " ".join(f"{k}={v}" for k, v in params.items())
     print(f"[{worker}] trial {trial.number}: {shown}", flush=True)
     started = time.time()
+    # the training's error output goes to an unnamed file, not a pipe: a training whose worker was killed writes on
+    # while it stops (stop_with_parent), and into a pipe no one reads any more it would fail with a broken pipe
+    # instead of ending its run KILLED
+    error_output = None if verbose else tempfile.TemporaryFile(mode="w+b")
     # started before the heartbeat's thread: a child's start-up code (stop_with_parent) runs safely only in a
     # process without other threads
     child = subprocess.Popen(
@@ -276,18 +281,18 @@ def run_trial(study, storage, trial, settings: dict, worker: str, verbose: bool)
         cwd=SOURCE_ROOT,
         env=env,
         stdout=None if verbose else subprocess.DEVNULL,
-        stderr=None if verbose else subprocess.PIPE,
-        text=True,
+        stderr=error_output,
         preexec_fn=stop_with_parent(),
     )
     with Heartbeat(storage, trial._trial_id):
         try:
-            _, errors = child.communicate()
+            child.wait()
         except KeyboardInterrupt:
             with interrupts_deferred():
                 child.send_signal(signal.SIGTERM)  # the child's run ends KILLED, its files kept
                 child.wait(timeout=300)
             raise
+    errors = last_output(error_output)
     recorded = storage.get_trial(trial._trial_id)  # what the training reported (the study's cache may be stale)
     values = list(recorded.intermediate_values.values())
     best = max(values) if values else None
@@ -314,6 +319,16 @@ def run_trial(study, storage, trial, settings: dict, worker: str, verbose: bool)
     value = f", best {metric} {best:.4f}" if best is not None else ""
     print(f"[{worker}] trial {trial.number} {state.name}: {note}{value} ({time.time() - started:.0f} s)", flush=True)
     return state.name
+
+
+def last_output(output, size: int = 65536) -> str:
+    """The last ``size`` bytes of a child's output file (the training's last error lines), as text; the file is
+    closed. '' for no file."""
+    if output is None:
+        return ""
+    with output:
+        output.seek(max(0, output.seek(0, os.SEEK_END) - size))
+        return output.read().decode("utf-8", errors="replace")
 
 
 def stop_with_parent():

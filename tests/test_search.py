@@ -213,7 +213,8 @@ def test_a_dead_workers_trial_runs_again(tmp_path, tiny_oct_dir, tracking_uri):
 def test_an_interrupted_search_resumes_with_the_interrupted_trial(tmp_path, tiny_oct_dir, tracking_uri):
     """Ctrl-C stops a search; resumed with --join, it runs the interrupted trial's values again, and the interruption
     counts as no failure (--max_failures 1 would otherwise stop the resumed search at once)."""
-    args = search_args(tmp_path, tiny_oct_dir, "interrupted", "--n_trials", "1", "--max_failures", "1", epochs=2)
+    # epochs enough that Ctrl-C lands inside the training, however loaded the machine is when it starts
+    args = search_args(tmp_path, tiny_oct_dir, "interrupted", "--n_trials", "1", "--max_failures", "1", epochs=5)
     search = start_search(args, as_in_a_terminal=True)
     storage = tracking_uri.replace("mlflow.db", "optuna.db")
     wait_for_first_trial(search, "interrupted", storage)

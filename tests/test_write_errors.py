@@ -10,6 +10,7 @@ mount (both need root, as CI runs). Every mount is undone in the fixture's teard
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import math
 import os
@@ -307,7 +308,10 @@ def test_training_whose_checkpoint_disk_fills_ends_in_one_line_and_keeps_the_ear
     assert line.startswith(f"error: {ckpt}/") and "cannot be written: no space left on device" in line, line
     assert f"MiB free on {ckpt})." in line, line
     assert not hidden(ckpt), "no temporary file is left"
-    assert sorted(p.name for p in ckpt.iterdir()) == ["latest_checkpoint_epoch=1.pt", "model.pt"]
+    assert sorted(p.name for p in ckpt.iterdir()) == ["latest_checkpoint_epoch=1.pt", "model.json", "model.pt"]
+    # the model kept is described by its own record, written with it
+    record = json.loads((ckpt / "model.json").read_text())
+    assert record["sha256"] == hashlib.sha256((ckpt / "model.pt").read_bytes()).hexdigest()
     if named_file(line).name != "model.pt":
         assert not named_file(line).exists()
     network = tiny_network()
