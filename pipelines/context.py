@@ -36,6 +36,16 @@ def is_rank_zero() -> bool:
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
+def from_every_rank(value) -> list:
+    """``value`` of every rank of a distributed run, in rank order (``[value]`` outside a process group): what each
+    rank holds of its own share of the cases. Every rank must call it (a collective)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [value]
+    shares: list = [None] * dist.get_world_size()
+    dist.all_gather_object(shares, value)
+    return shares
+
+
 def running_run_arguments() -> tuple[list[str], dict] | None:
     """The config files and the overrides (typed, as ``fire`` read them) of the ``monai.bundle`` run in progress,
     from the command line or in-process (``monai.bundle.run(...)``); None outside one. MONAI keeps neither after

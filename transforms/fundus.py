@@ -123,12 +123,16 @@ MAX_CLIPPED = 0.1  # photographs: at most 0.01; CT slices with bone, contrast or
 MAX_RIM_DEVIATION = 0.06  # photographs: at most 0.024 (CHASE_DB1's green channel); bodies in CT slices: 0.09 to 0.16
 
 
-def _colour_spread(array: np.ndarray) -> float:
-    """How far the channels of a ``(channels, H, W)`` image lie from their mean, on average, as a fraction of full
-    scale: 0 for a grey image."""
-    top = float(array.max())
-    full_scale = 1.0 if top <= 1.0 else 255.0 if top <= 255.0 else 65535.0
-    return float(np.abs(array - array.mean(axis=0)).max(axis=0).mean()) / full_scale
+def _full_scale(top: float) -> float:
+    """The full scale of an image whose brightest value is ``top``: [0, 1] floats, 8 or 16 bits."""
+    return 1.0 if top <= 1.0 else 255.0 if top <= 255.0 else 65535.0
+
+
+def _colour_spread(array: np.ndarray, full_scale: float, where: np.ndarray | None = None) -> float:
+    """How far the channels of a ``(channels, H, W)`` image lie from their mean, on average over its pixels (those
+    ``where`` is true), as a fraction of ``full_scale``: 0 for a grey image."""
+    spread = np.abs(array - array.mean(axis=0)).max(axis=0)
+    return float((spread if where is None else spread[where]).mean()) / full_scale
 
 
 class NotFundusError(ValueError):
@@ -236,7 +240,7 @@ class EstimateFOV(Transform):
         if not np.isfinite(small).all() or float(small.max()) <= float(small.min()):
             raise ValueError("is uniform: it holds no field of view.")
         top = float(brightness.max())
-        full_scale = 1.0 if top <= 1.0 else 255.0 if top <= 255.0 else 65535.0  # [0, 1] floats, 8 or 16 bits
+        full_scale = _full_scale(top)
         if np.percentile(small, 99) < 0.05 * full_scale:
             raise ValueError("is dark throughout (99 % of it below 5 % of full scale): it holds no field of view.")
         frame, disc, dark = self._levels(small)
@@ -274,7 +278,8 @@ class EstimateFOV(Transform):
                 "montage of photographs?): which one to segment cannot be told; give each field as its own image."
             )
         mask = ndimage.binary_fill_holes(labels == 1 + int(np.argmax(areas)))
-        if not mask.all() and _rim_deviation(mask) > MAX_RIM_DEVIATION and _colour_spread(array) > COLOUR_SPREAD:
+        irregular = not mask.all() and _rim_deviation(mask) > MAX_RIM_DEVIATION
+        if irregular and _colour_spread(array, full_scale) > COLOUR_SPREAD:
             mask = self._shadowed(mask, small, frame)
         if mask.mean() < self.min_fraction:
             raise ValueError(
@@ -386,10 +391,10 @@ class EstimateFOV(Transform):
         channels = np.stack([resize(c, working, order=1, anti_aliasing=scale < 1) for c in array])
         field = resize(mask.astype(np.float32), working, order=1) >= 0.5
         top = float(brightness.max())
-        full_scale = 1.0 if top <= 1.0 else 255.0 if top <= 255.0 else 65535.0
+        full_scale = _full_scale(top)
         if not field.any():
             return
-        if float(np.abs(channels - channels.mean(axis=0)).max(axis=0)[field].mean()) > COLOUR_SPREAD * full_scale:
+        if _colour_spread(channels, full_scale, field) > COLOUR_SPREAD:
             return  # its channels differ by 18 % of full scale or more in DRIVE's and CHASE_DB1's photographs
         small = ndimage.gaussian_filter(channels.max(axis=0), sigma=1.0)
         inside = small[field]

@@ -342,11 +342,13 @@ def _select(
     return chosen[0]
 
 
-def _is_localizer(ds: Dataset) -> bool:
-    """Whether a slice is a localizer (scout, topogram): ImageType holds LOCALIZER."""
-    value = ds.get("ImageType")
-    values = value.split("\\") if isinstance(value, str) else list(value or [])
-    return "LOCALIZER" in {str(v).strip().upper() for v in values}
+def is_localizer(image_type) -> bool:
+    """Whether an ImageType value (a list of strings, one backslash-separated string, or None) marks a localizer
+    (scout, topogram)."""
+    if image_type is None:
+        return False
+    values = image_type.split("\\") if isinstance(image_type, str) else [str(v) for v in image_type]
+    return "LOCALIZER" in {v.strip().upper() for v in values}
 
 
 def _without_localizers(
@@ -357,7 +359,7 @@ def _without_localizers(
     the folder two series, or one mixed series."""
     kept = []
     for info, headers in series:
-        slices = [(path, ds) for path, ds in headers if not _is_localizer(ds)]
+        slices = [(path, ds) for path, ds in headers if not is_localizer(ds.get("ImageType"))]
         skipped = len(headers) - len(slices)
         if skipped:
             logger.warning(f"{folder}: {skipped} localizer (scout) image(s) of series {info.description!r} left out")

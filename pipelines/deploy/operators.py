@@ -34,6 +34,7 @@ from monai.deploy.core.domain.dicom_series_selection import StudySelectedSeries
 from monai.deploy.operators.dicom_data_loader_operator import DICOMDataLoaderOperator
 from monai.deploy.operators.dicom_series_selector_operator import DICOMSeriesSelectorOperator
 
+from clinseg.datasets.ct.dicom import is_localizer
 from clinseg.datasets.errors import DataError
 from clinseg.pipelines.deploy.runtime import (
     CT_RULES,
@@ -41,7 +42,6 @@ from clinseg.pipelines.deploy.runtime import (
     BundleRuntime,
     SeriesCandidate,
     choose_series,
-    is_localizer,
     staged_outputs,
 )
 

@@ -47,14 +47,6 @@ SERIES_CHOICE = (
 )
 
 
-def is_localizer(image_type) -> bool:
-    """Whether an ImageType value (a list of strings, one backslash-separated string, or None) marks a localizer."""
-    if image_type is None:
-        return False
-    values = image_type.split("\\") if isinstance(image_type, str) else [str(v) for v in image_type]
-    return "LOCALIZER" in {v.strip().upper() for v in values}
-
-
 @dataclass(frozen=True)
 class SeriesCandidate:
     """A series the selection rules matched, as :func:`choose_series` weighs it; ``source`` is the caller's own

@@ -163,19 +163,9 @@ class DecisionRuleSearch:
     def _keep_if_best(self, engine: Engine) -> None:
         # the best epoch is decided on the metrics gathered from every rank, so every rank takes this branch
         if getattr(engine.state, "best_metric_epoch", None) == engine.state.epoch:
-            engine.state.decision_cases = _gathered(self._epoch_cases)
+            from clinseg.pipelines.context import from_every_rank
 
-
-def _gathered(cases: list) -> list:
-    """``cases`` of every rank of a distributed validation (each rank validates its share of the cases), in rank
-    order; ``cases`` itself outside a process group. Every rank must call it (a collective)."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return cases
-    shares: list = [None] * dist.get_world_size()
-    dist.all_gather_object(shares, cases)
-    return [case for share in shares for case in share]
+            engine.state.decision_cases = [case for share in from_every_rank(self._epoch_cases) for case in share]
 
 
 def rule_from(validator: Engine) -> dict | None:

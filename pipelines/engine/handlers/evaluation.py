@@ -162,9 +162,10 @@ class EvaluationReport:
             for name, value in values.items():
                 engine.state.metrics[f"{metric}/{name}"] = value
         if self.every_rank:
-            from clinseg.pipelines.context import is_rank_zero
+            from clinseg.pipelines.context import from_every_rank, is_rank_zero
 
-            self.anatomy = _merged_across_ranks(self.anatomy)
+            shares = from_every_rank(self.anatomy)  # each rank's verdicts on its own cases
+            self.anatomy = dict(sorted((name, entry) for share in shares for name, entry in share.items()))
             if not is_rank_zero():  # one metrics.json, of every rank's cases
                 return
         means = {k: float(v) for k, v in engine.state.metrics.items() if "/" not in k and np.isscalar(v)}
@@ -189,18 +190,6 @@ class EvaluationReport:
         path = atomic_write_json(self.output_dir / "metrics.json", report)
         if self.print_table:
             logger.info(f"metrics of {n_images} images (written to {path}):\n{format_table(report)}")
-
-
-def _merged_across_ranks(per_case: dict) -> dict:
-    """The per-case entries of every rank of a distributed run merged, in case order; ``per_case`` itself outside
-    a process group. Every rank must call it (a collective)."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return per_case
-    shares: list = [None] * dist.get_world_size()
-    dist.all_gather_object(shares, per_case)
-    return dict(sorted((name, entry) for share in shares for name, entry in share.items()))
 
 
 class AtomicMetricsSaver(MetricsSaver):
