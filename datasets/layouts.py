@@ -37,6 +37,7 @@ from pathlib import Path
 from clinseg.datasets.errors import DataError, NoUsableDataError
 from clinseg.datasets.io import atomic_write, split_by_group, staged_folder, unique_ids
 from clinseg.datasets.readers import IMAGE_SUFFIXES, MAX_PIXELS, read_header, split_member
+from clinseg.datasets.refusals import check_each
 from clinseg.datasets.value_types import Fraction, NonNegativeInt, PositiveInt, PositiveSize
 
 logger = logging.getLogger(__name__)
@@ -203,14 +204,21 @@ def partner_file(files: dict[str, list[Path]], stem: str, name_suffixes: Sequenc
     return found[0] if found else None
 
 
-def check_headers(items: list[dict], min_shape: Sequence[int] | None = None, max_pixels: int | None = MAX_PIXELS):
+def check_headers(
+    items: list[dict],
+    min_shape: Sequence[int] | None = None,
+    max_pixels: int | None = MAX_PIXELS,
+    keep_refused: bool = False,
+) -> list[dict]:
     """Check each item's 2D files from their headers: readable, within ``max_pixels``, one frame, the label and FOV
-    mask of the image's shape, and the image at least ``min_shape`` (a training patch) large.
+    mask of the image's shape, and the image at least ``min_shape`` (a training patch) large. With
+    ``keep_refused`` (inference), an item that fails is marked refused (:mod:`clinseg.datasets.refusals`) and the
+    others are still checked.
 
     Raises:
-        DataError: naming the file and the problem.
+        DataError: naming the file and the problem (without ``keep_refused``).
     """
-    for item in items:
+    def check_item(item: dict) -> None:
         shapes = {}
         for key in FILE_KEYS:
             value = item.get(key)
@@ -220,7 +228,7 @@ def check_headers(items: list[dict], min_shape: Sequence[int] | None = None, max
                 continue
             shapes[key] = (value, tuple(read_header(value, max_pixels)["shape"]))
         if "image" not in shapes:
-            continue
+            return
         image_path, image_shape = shapes.pop("image")
         for path, shape in shapes.values():
             if shape != image_shape:
@@ -235,6 +243,8 @@ def check_headers(items: list[dict], min_shape: Sequence[int] | None = None, max
                 f"is {image_shape[0]} x {image_shape[1]} pixels, smaller than the training patch "
                 f"{list(min_shape)}; lower 'patch_size' to at most the smallest image.",
             )
+
+    return check_each(items, check_item, keep_refused)
 
 
 def split_together(items: list[dict], group_key: str) -> list[str]:

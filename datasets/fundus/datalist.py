@@ -274,10 +274,13 @@ def load_vessel_datalist(
     )
 
 
-def load_fundus_images(input_path: str | os.PathLike, max_pixels: PositiveInt | None = MAX_PIXELS) -> list[dict]:
+def load_fundus_images(
+    input_path: str | os.PathLike, max_pixels: PositiveInt | None = MAX_PIXELS, keep_refused: bool = False
+) -> list[dict]:
     """Photographs to segment (paths): one image, a folder of images, or a DRIVE split folder (its FOV masks are
     used; every photograph in its ``images/`` is segmented, DRIVE's names or not); each is checked from its header
-    (within ``max_pixels``), and inputs of one name (``a.png``, ``a.tif``) get distinct result ids."""
+    (within ``max_pixels``; with ``keep_refused``, one that fails stays in the list marked refused, see
+    :mod:`clinseg.datasets.refusals`), and inputs of one name (``a.png``, ``a.tif``) get distinct result ids."""
     from clinseg.datasets.layouts import check_headers
 
     input_path = Path(input_path)
@@ -292,5 +295,5 @@ def load_fundus_images(input_path: str | os.PathLike, max_pixels: PositiveInt | 
         items = []
     if not items:
         raise NoUsableDataError(input_path.resolve(), "holds no photographs to segment (or does not exist).")
-    check_headers(items, max_pixels=max_pixels)
+    check_headers(items, max_pixels=max_pixels, keep_refused=keep_refused)
     return unique_ids(items)

@@ -48,6 +48,7 @@ from clinseg.datasets.readers import (
     read_header,
     split_member,
 )
+from clinseg.datasets.refusals import check_each, gather_items
 from clinseg.datasets.value_types import Fraction, NonNegativeInt, PositiveInt
 
 IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
@@ -250,12 +251,16 @@ def load_oct_datalist(
 
 
 def load_oct_images(
-    input_path: str | os.PathLike, max_pixels: PositiveInt | None = MAX_PIXELS, min_size: PositiveInt = MIN_BSCAN_SIZE
+    input_path: str | os.PathLike,
+    max_pixels: PositiveInt | None = MAX_PIXELS,
+    min_size: PositiveInt = MIN_BSCAN_SIZE,
+    keep_refused: bool = False,
 ) -> list[dict]:
     """Images to segment (paths): one image file, a ``.mat`` file of B-scans, a multi-frame DICOM OCT volume (each
     frame a B-scan, ``scan.dcm::12``), or a folder of these; inputs of one name (``b0.png``, ``b0.tif``) get distinct
     result ids. Each image file is checked from its header: within
-    ``max_pixels``, and at least ``min_size`` rows and columns (a thumbnail is no B-scan)."""
+    ``max_pixels``, and at least ``min_size`` rows and columns (a thumbnail is no B-scan). With ``keep_refused``, a
+    file that fails stays in the list marked refused (:mod:`clinseg.datasets.refusals`) and the others are listed."""
     input_path = Path(input_path)
     if input_path.is_file():
         paths = [input_path]
@@ -268,22 +273,24 @@ def load_oct_images(
             input_path.resolve(),
             f"holds no images ({', '.join(IMAGE_SUFFIXES + DICOM_SUFFIXES)}) or Duke .mat files to segment.",
         )
-    items = []
-    for path in paths:
+
+    def items_of(path: Path) -> list[dict]:
         if path.suffix.lower() == ".mat":
-            items.extend(bscan_items(path))
-        elif path.suffix.lower() in DICOM_SUFFIXES and (volume := dicom_frames(path, max_pixels))[0] > 1:
+            return bscan_items(path)
+        if path.suffix.lower() in DICOM_SUFFIXES and (volume := dicom_frames(path, max_pixels))[0] > 1:
             # a multi-frame Ophthalmic Tomography image: an OCT volume, one B-scan per frame, all of one size
             frames, shape = volume
             check_bscan_size(str(path), shape, min_size)
-            items.extend(
+            return [
                 {"image": member_path(path, i), "id": f"{path.stem}_bscan{i:03d}", "source": str(path)}
                 for i in range(frames)
-            )
-        else:
-            items.append({"image": str(path), "id": path.stem, "source": str(path)})
-    check_headers(items, max_pixels=max_pixels)
-    for item in items:
+            ]
+        return [{"image": str(path), "id": path.stem, "source": str(path)}]
+
+    def check_size(item: dict) -> None:
         if split_member(item["image"])[1] is None:  # a .mat B-scan's size is checked once it is read
             check_bscan_size(item["image"], read_header(item["image"], max_pixels)["shape"], min_size)
-    return unique_ids(items)
+
+    items = gather_items(paths, items_of, keep_refused)
+    check_headers(items, max_pixels=max_pixels, keep_refused=keep_refused)
+    return unique_ids(check_each(items, check_size, keep_refused))

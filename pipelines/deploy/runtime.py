@@ -207,7 +207,11 @@ class BundleRuntime:
         evaluator = parser.get_parsed_content("evaluator")
         evaluator.run()
         if "results_writer" in parser:
-            return parser.get_parsed_content("results_writer").write_summary(datalist, model=self.model_provenance())
+            writer = parser.get_parsed_content("results_writer")
+            account = writer.write_summary(datalist, model=self.model_provenance())
+            if hasattr(writer, "raise_if_refused"):  # an input refused on its way: the study fails with its error
+                writer.raise_if_refused()
+            return account
         return f"segmented {len(datalist)} inputs into {output_dir}"
 
 

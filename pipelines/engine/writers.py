@@ -192,6 +192,40 @@ class ResultLedger:
     def record(self, case: dict) -> None:
         self._ledger()[str(case["id"]).casefold()] = case
 
+    def refuse(self, item: Mapping) -> None:
+        """Count a refused input (:func:`clinseg.datasets.refusals.mark_refused`): listed in the summary under
+        ``refused``; :meth:`raise_if_refused` ends the run with it once the others are written."""
+        if not hasattr(self, "_refused"):
+            self._refused: list[dict] = []
+        self._refused.append(dict(item))
+
+    @property
+    def refused(self) -> list[dict]:
+        return list(getattr(self, "_refused", []))
+
+    def raise_if_refused(self) -> None:
+        """End the run with its refusals once its results and summary are written: exit status 1 and one line,
+        the input's own error when one was refused, else a count naming the summary that lists them.
+
+        Raises:
+            DataError: when any input was refused.
+        """
+        from clinseg.datasets.refusals import refusal_error
+
+        refused = self.refused
+        if len(refused) == 1:
+            raise refusal_error(refused[0])
+        if refused:
+            written = len(self.written)
+            listed = self.output_dir / f"{RESERVED_RESULT_NAMES[0]}.json" if written else None
+            raise DataError(
+                refused[0]["refused_file"] if not listed else listed,
+                f"{len(refused)} inputs were refused and not segmented (each named above"
+                + (", and under 'refused' here" if listed else "")
+                + f"): {', '.join(Path(str(item.get('source', item.get('image', '')))).name for item in refused)}; "
+                f"{written} were written.",
+            )
+
     @property
     def written(self) -> list[dict]:
         return list(self._ledger().values())
@@ -201,12 +235,14 @@ class ResultLedger:
     ) -> str:
         """Write ``inference_summary.json`` (the cases written, those renamed or not written, and ``model``: what
         inferred them, :func:`clinseg.pipelines.runs.provenance`) and return the line to print."""
+        cases, refused = self.written, self.refused
+        if refused and not cases:  # every input refused: the error lines say it all, and no folder is left
+            return f"wrote none of {len(datalist) if datalist is not None else len(refused)} {what}"
         self.claim_folder()  # a run that wrote no case still must not replace an earlier run's summary
-        cases = self.written
         renamed = [case for case in cases if case.get("original_id", case["id"]) != case["id"]]
         assumed = [case for case in cases if case.get("geometry_assumed")]
-        written_ids = {str(case["id"]) for case in cases}
-        missing = [item for item in datalist or [] if str(item.get("id")) not in written_ids]
+        accounted = {str(case["id"]) for case in cases} | {str(item.get("id")) for item in refused}
+        missing = [item for item in datalist or [] if str(item.get("id")) not in accounted]
         summary = {
             "n_inputs": len(datalist) if datalist is not None else len(cases),
             "n_written": len(cases),
@@ -214,6 +250,10 @@ class ResultLedger:
             "renamed": [{"source": c["source"], "original_id": c["original_id"], "id": c["id"]} for c in renamed],
             "geometry_assumed": [
                 {"id": c["id"], "source": c["source"], "geometry": c["geometry_assumed"]} for c in assumed
+            ],
+            "refused": [
+                {"id": item.get("id"), "source": item.get("source", item.get("image")), "problem": item["refused"]}
+                for item in refused
             ],
             "not_written": [str(item.get("source", item.get("image", item.get("id")))) for item in missing],
         }
@@ -235,6 +275,10 @@ class ResultLedger:
             )
         if assumed:
             message += f"; geometry ASSUMED for {len(assumed)} (see 'geometry_assumed' in their JSON)"
+        if refused:
+            message += f"; REFUSED {len(refused)} (see 'refused'): " + ", ".join(
+                Path(str(item["source"])).name for item in summary["refused"]
+            )
         if missing:
             message += f"; NOT written: {', '.join(summary['not_written'])}"
         if kept:
