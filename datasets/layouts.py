@@ -218,6 +218,7 @@ def check_headers(
     Raises:
         DataError: naming the file and the problem (without ``keep_refused``).
     """
+
     def check_item(item: dict) -> None:
         shapes = {}
         for key in FILE_KEYS:

@@ -46,6 +46,29 @@ def from_every_rank(value) -> list:
     return shares
 
 
+def validation_sampler(dataset, key: str = "val_fraction"):
+    """A ``DistributedSampler`` that gives each rank its own validation cases, none padded or repeated (so that
+    every metric counts each case once), in order.
+
+    Raises:
+        ConfigError: naming ``key`` (what sets the number of validation cases), when there are fewer cases than
+            processes: a rank without one would stop the others at their first gather.
+    """
+    from monai.data import DistributedSampler
+
+    from clinseg.datasets.errors import ConfigError
+
+    processes = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    if len(dataset) < processes:
+        raise ConfigError(
+            key,
+            f"leaves {len(dataset)} validation case(s) for the {processes} processes of this run; each process "
+            "validates at least one.",
+            "Validate on more cases, or run fewer processes (torchrun --nproc_per_node).",
+        )
+    return DistributedSampler(dataset, even_divisible=False, shuffle=False)
+
+
 def running_run_arguments() -> tuple[list[str], dict] | None:
     """The config files and the overrides (typed, as ``fire`` read them) of the ``monai.bundle`` run in progress,
     from the command line or in-process (``monai.bundle.run(...)``); None outside one. MONAI keeps neither after

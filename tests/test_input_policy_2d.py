@@ -139,13 +139,19 @@ def test_raising_max_pixels_as_the_error_says_lets_the_images_be_listed(tmp_path
     parser = ConfigParser()
     parser.read_config(str(REPO_ROOT / "bundles" / bundle / "configs" / f"{config}.json"))
     parser["dataset_dir"] = parser["input_dir"] = str(tmp_path / "data")
-    with pytest.raises(Exception) as error:
-        parser.get_parsed_content(datalist)
-    found = find_input_error(error.value)
-    assert isinstance(found, DataError) and "--max_pixels 225000000" in str(found)
+    if config == "inference":  # the image is listed as refused, with the error and its advice, and the run goes on
+        (item,) = parser.get_parsed_content(datalist)
+        assert item["refused"].startswith(f"{tmp_path / 'data' / 'big.png'}: ")
+        assert "--max_pixels 225000000" in item["refused"] + item["refused_hint"], item
+    else:
+        with pytest.raises(Exception) as error:
+            parser.get_parsed_content(datalist)
+        found = find_input_error(error.value)
+        assert isinstance(found, DataError) and "--max_pixels 225000000" in str(found)
     parser = ConfigParser()
     parser.read_config(str(REPO_ROOT / "bundles" / bundle / "configs" / f"{config}.json"))
     parser["dataset_dir"] = parser["input_dir"] = str(tmp_path / "data")
     parser["max_pixels"] = 300_000_000
     items = parser.get_parsed_content(datalist)
     assert [item["image"] for item in items] == [str(tmp_path / "data" / next(iter(layout)))]
+    assert not any("refused" in item for item in items)

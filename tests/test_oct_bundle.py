@@ -199,6 +199,21 @@ def test_inference_writes_label_maps_on_the_input_grid(trained, tiny_oct_dir, tm
     refused = run_bundle("inferring", INFER, defaults, check=False)
     assert refused.returncode == 1 and "Traceback" not in refused.stderr
     assert f"error: {scans}" in refused.stderr and "out of their top-to-bottom order in" in refused.stderr
+    # a limit between the B-scans' shares relabelled: the B-scan above it is refused after its prediction, and the
+    # run goes on with the others, then fails
+    shares = {
+        name: json.loads((out / f"{name}.json").read_text())["layer_order_relabelled"]
+        for name in ("scan", "volume_bscan000", "volume_bscan001")
+    }
+    limit = (min(shares.values()) + max(shares.values())) / 2
+    assert min(shares.values()) < limit < max(shares.values()), shares
+    split = tiny_inference(bundle_root, tiny_oct_dir, input_dir=scans, output_dir=tmp_path / "split")
+    result = run_bundle("inferring", INFER, {**split, "max_layer_order_relabelled": limit}, check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "split" / "inference_summary.json").read_text())
+    assert sorted(case["id"] for case in summary["cases"]) == sorted(k for k, v in shares.items() if v <= limit)
+    assert sorted(item["id"] for item in summary["refused"]) == sorted(k for k, v in shares.items() if v > limit)
+    assert all("out of their top-to-bottom order" in item["problem"] for item in summary["refused"]), summary
     run_bundle(
         "inferring",
         INFER,

@@ -163,3 +163,51 @@ def test_a_run_killed_between_its_best_model_and_its_checkpoint_describes_that_m
     for folder in (models, bundle / "models"):  # the run's model and the promoted one
         record = run_records.read_record(folder)
         assert record is not None and (record["epoch"], record["value"]) == (checkpoint_epoch + 1, best[-1]), folder
+
+
+# ``python -m monai.bundle`` with a SIGKILL right after its first latest checkpoint (epoch 1, validated)
+KILL_AFTER_THE_FIRST_CHECKPOINT = """
+import os, runpy, signal, sys
+from clinseg.pipelines.engine.handlers.checkpointing import AtomicDiskSaver
+
+save = AtomicDiskSaver.__call__
+
+def save_then_die(self, checkpoint, filename, metadata=None):
+    save(self, checkpoint, filename, metadata)
+    if filename.startswith("latest"):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+AtomicDiskSaver.__call__ = save_then_die
+sys.argv = ["monai.bundle", *sys.argv[1:]]
+runpy.run_module("monai.bundle", run_name="__main__")
+"""
+
+
+def test_a_resumed_training_chooses_the_decision_rule_on_a_best_epoch_from_before_its_interruption(tmp_path):
+    """vessels chooses its threshold on the best epoch's validation cases, at the end of the training. Killed after
+    its best epoch and resumed, the run had lost those cases and left its model without a decision rule (inference
+    then thresholds at 0.5 whatever validation said); the latest checkpoint keeps them now."""
+    from clinseg.datasets.fundus.phantom import write_drive_layout
+    from clinseg.pipelines import runs as run_records
+
+    drive = tmp_path / "drive"
+    write_drive_layout(drive, n_images=8, shape=(80, 72), seed=2)
+    train = [str(REPO_ROOT / "bundles" / "vessels" / "configs" / "train.json")]
+    overrides = {"bundle_root": tmp_path / "bundle", "dataset_dir": drive, "val_fraction": 0.375,
+                 "patch_size": "[32,32]", "patches_per_image": 2, "sw_roi_size": "[48,48]",
+                 "network_def#channels": "[8,16,32]", "network_def#strides": "[2,2]", "val_interval": 1,
+                 "train#trainer#max_epochs": 3, "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}  # fmt: skip
+    command = [sys.executable, "-c", KILL_AFTER_THE_FIRST_CHECKPOINT, "run", "training",
+               "--config_file", str(train)] + [f"--{k}={v}" for k, v in overrides.items()]  # fmt: skip
+    killed = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    models = run_models(tmp_path / "bundle")
+    record = run_records.read_record(models)
+    assert record["epoch"] == 1 and record["decision_rule"] is None, "the rule is chosen when the training ends"
+
+    # resumed for one more epoch, which is not validated: the best epoch stays the one before the kill
+    run_bundle("training", train, {**overrides, "train#trainer#max_epochs": 2, "val_interval": 5, "resume": True})
+    for folder in (models, tmp_path / "bundle" / "models"):  # the run's model and the promoted one
+        record = run_records.read_record(folder)
+        assert record["epoch"] == 1 and record["decision_rule"] is not None, (folder, record)
+        assert record["decision_rule"]["cases"] == 3, record["decision_rule"]

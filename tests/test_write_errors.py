@@ -380,9 +380,10 @@ def test_a_file_where_the_output_folder_should_be_is_named_in_one_line(tmp_path)
 
 
 def test_a_failed_inference_leaves_no_output_folder_it_made_and_keeps_one_it_did_not(tmp_path):
-    """A damaged input stops the run before anything is written: the folders it made for its results (two levels
-    here) are gone again, and an empty folder the user made is kept."""
-    root, inputs = inference_bundle(tmp_path / "bundle"), write_photos(tmp_path / "inputs", n=1)
+    """A run whose every input is refused (a damaged file) writes nothing: the folders it made for its results (two
+    levels here) are gone again, and an empty folder the user made is kept."""
+    root, inputs = inference_bundle(tmp_path / "bundle"), tmp_path / "inputs"
+    inputs.mkdir()
     (inputs / "damaged.png").write_bytes(b"\x89PNG\r\n\x1a\n not a whole image")
     line = one_line_error(infer(root, inputs, tmp_path / "new" / "results"))
     assert "damaged.png" in line, line

@@ -137,7 +137,8 @@ class DecisionRuleSearch:
         self._epoch_cases: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
 
     def attach(self, engine: Engine) -> None:
-        engine.state.decision_cases = []
+        if not hasattr(engine.state, "decision_cases"):  # a resumed training restores them before it attaches
+            engine.state.decision_cases, engine.state.decision_cases_epoch = [], None
         engine.add_event_handler(Events.EPOCH_STARTED, self._start)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
         engine.add_event_handler(Events.EPOCH_COMPLETED, self._keep_if_best)
@@ -166,6 +167,35 @@ class DecisionRuleSearch:
             from clinseg.pipelines.context import from_every_rank
 
             engine.state.decision_cases = [case for share in from_every_rank(self._epoch_cases) for case in share]
+            engine.state.decision_cases_epoch = engine.state.epoch
+
+
+def cases_state(validator: Engine) -> dict | None:
+    """The best epoch's validation cases a :class:`DecisionRuleSearch` kept, as tensors (a checkpoint loads with
+    weights only), with their epoch; None when none are kept."""
+    cases = getattr(validator.state, "decision_cases", None)
+    if not cases:
+        return None
+    return {
+        "epoch": int(validator.state.decision_cases_epoch),
+        "cases": [tuple(torch.from_numpy(np.ascontiguousarray(part)) for part in case) for case in cases],
+    }
+
+
+def restore_cases(validator: Engine, state: dict | None) -> None:
+    """Keep the cases of :func:`cases_state` again (a resumed training), so that the rule is chosen on its best
+    epoch's cases even when that epoch came before the interruption."""
+    if not state:
+        return
+    validator.state.decision_cases = [tuple(part.numpy() for part in case) for case in state["cases"]]
+    validator.state.decision_cases_epoch = int(state["epoch"])
+
+
+def rule_of_epoch(validator: Engine, epoch: int | None) -> dict | None:
+    """:func:`rule_from` when the kept cases are of ``epoch`` (the epoch of the model to describe), else None."""
+    if epoch is None or getattr(validator.state, "decision_cases_epoch", None) != epoch:
+        return None
+    return rule_from(validator)
 
 
 def rule_from(validator: Engine) -> dict | None:

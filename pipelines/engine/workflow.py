@@ -418,9 +418,8 @@ def run_training(
             record = runs.read_record(ckpt_dir)
         elif existing is not None and existing.get("epoch") is not None:
             # the model.pt on disk is described by the record written with it; the decision rule is chosen on its
-            # epoch's validation cases when this process validated that epoch (not when it came before a resume)
-            written_here = saver is not None and (saver.writer.last_record or {}).get("sha256") == existing["sha256"]
-            rule = decision.rule_from(validator) if written_here else existing.get("decision_rule")
+            # epoch's validation cases, kept in the latest checkpoint when that epoch came before a resume
+            rule = decision.rule_of_epoch(validator, existing["epoch"]) or existing.get("decision_rule")
             kept = {k: v for k, v in existing.items() if k not in ("sha256", "written")}
             record = runs.write_run_record(ckpt_dir, {**kept, **describe(kept["value"], kept["epoch"], rule),
                                                       "weight_average": kept.get("weight_average")})  # fmt: skip

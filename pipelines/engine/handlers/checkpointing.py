@@ -84,6 +84,11 @@ class TrainingProgress:
             state["weight_average"] = average_state
         if self.run_settings is not None:
             state["run_settings"] = self.run_settings
+        from clinseg.pipelines.engine.decision import cases_state
+
+        cases = cases_state(self.validator)  # a resumed run chooses its decision rule on its best epoch's cases
+        if cases is not None:
+            state["decision_cases"] = cases
         return state
 
     def load_state_dict(self, state: dict) -> None:
@@ -104,6 +109,9 @@ class TrainingProgress:
         average = self.weight_average()
         if average is not None and "weight_average" in state:
             average.load_state_dict(state["weight_average"])
+        from clinseg.pipelines.engine.decision import restore_cases
+
+        restore_cases(self.validator, state.get("decision_cases"))
         self._take_best_from_saved_model(saver, early_stop, report)
 
     def _take_best_from_saved_model(self, saver, early_stop, report) -> None:
@@ -317,14 +325,13 @@ class DescribedDiskSaver(AtomicDiskSaver):
     def __init__(self, saver):
         super().__init__(saver)
         self.describe: Callable[[], dict] | None = None
-        self.last_record: dict | None = None  # what this process wrote last
 
     def __call__(self, checkpoint, filename: str, metadata=None) -> None:
         if self.describe is None:
             return super().__call__(checkpoint, filename, metadata)
         buffer = io.BytesIO()
         torch.save(checkpoint, buffer)
-        self.last_record = write_described_model(self.dirname, buffer.getvalue(), self.describe())
+        write_described_model(self.dirname, buffer.getvalue(), self.describe())
         self._pending_removals = []  # the one file name is replaced in place
 
 
