@@ -135,18 +135,33 @@ ALPHA_SAMPLES = (1, 2)  # associated (premultiplied), unassociated alpha
 TIFF_DIRECT = {MINISBLACK: ("grey", 1), RGB: ("RGB", 3)}
 
 
-def _tiff_image_pages(tif) -> tuple[int, int]:
-    """``(index, frames)``: the first full-resolution page of an open TIFF, and how many images the file holds. A
+def _tiff_image_pages(tif) -> tuple[list[int], int]:
+    """``(pages, frames)``: the full-resolution pages of an open TIFF, and how many images the file holds. A
     reduced-resolution page is not one; an ImageJ stack saved with one page (tifffile's ``truncate``, large stacks)
     holds as many as its metadata's ``images``, stored one after another behind that page."""
     if len(tif.pages) == 1:
-        index, frames = 0, 1
+        pages = [0]
     else:
-        full = [i for i, page in enumerate(tif.pages) if not getattr(page, "is_reduced", False)]
-        index, frames = (full[0], len(full)) if full else (0, 1)
+        pages = [i for i, page in enumerate(tif.pages) if not getattr(page, "is_reduced", False)] or [0]
+    frames = len(pages)
     if tif.is_imagej:
         frames = max(frames, int((tif.imagej_metadata or {}).get("images", 1) or 1))
-    return index, frames
+    return pages, frames
+
+
+def _unlike_pages(tif, pages: list[int]) -> str | None:
+    """How the full-resolution pages of a multi-page TIFF differ from its first (size, samples, interpretation,
+    bits), or None when every page is an image of the same kind: the frames of one volume."""
+    first = tif.pages[pages[0]]
+    kind = (first.shape, int(first.photometric), int(first.bitspersample))
+    for index in pages[1:]:
+        page = tif.pages[index]
+        if (page.shape, int(page.photometric), int(page.bitspersample)) != kind:
+            return (
+                f"page {index} is of shape {tuple(page.shape)} ({int(page.bitspersample)} bits), page {pages[0]} of "
+                f"{tuple(first.shape)} ({int(first.bitspersample)} bits)"
+            )
+    return None
 
 
 def _tiff_header(path: Path) -> dict:
@@ -164,8 +179,10 @@ def _tiff_header(path: Path) -> dict:
     with tifffile.TiffFile(path) as tif:
         # a reduced-resolution page (NewSubfileType bit 0: a thumbnail, a pyramid level) previews the image: no frame,
         # and not the image either where a writer put it first
-        index, frames = _tiff_image_pages(tif)
+        pages, frames = _tiff_image_pages(tif)
+        index = pages[0]
         page = tif.pages[index]
+        unlike = _unlike_pages(tif, pages) if len(pages) > 1 else None
         axes, shape = page.axes, page.shape
         photometric, extras = int(page.photometric), tuple(int(e) for e in page.extrasamples)
         orientation = int(page.tags.valueof(274, 1) or 1)
@@ -174,6 +191,7 @@ def _tiff_header(path: Path) -> dict:
     rows, cols = shape[axes.index("Y")], shape[axes.index("X")]
     samples = shape[axes.index("S")] if "S" in axes else 1
     header = {"shape": (rows, cols), "samples": samples, "frames": frames, "format": "TIFF", "page": index}
+    header.update(pages=pages, unlike_pages=unlike)
     header["planar"] = planar and samples > 1
     header.update(orientation=orientation, photometric=photometric, alpha=bool(extras), decoder="tifffile")
     if photometric == MINISWHITE and bits == 1:
@@ -370,6 +388,8 @@ def read_header(path: str | os.PathLike, max_pixels: int | None = MAX_PIXELS) ->
     if frame is not None:
         if not 0 <= frame < header["frames"]:
             raise DataError(path, f"has {header['frames']} frames; frame {frame} does not exist.")
+        if header["format"] == "TIFF" or path.suffix.lower() in TIFF_SUFFIXES:
+            _tiff_frame(path, header, frame)
         header.update(frames=1, frame=frame, frames_in_file=header["frames"])
     if "pixel_spacing_mm" in header:  # one spacing per frame: the frame read's (the first of a single image)
         header["pixel_spacing_mm"] = header["pixel_spacing_mm"][frame or 0]
@@ -379,30 +399,62 @@ def read_header(path: str | os.PathLike, max_pixels: int | None = MAX_PIXELS) ->
     return header
 
 
+def _tiff_frame(path: Path, header: dict, frame: int) -> None:
+    """Point ``header`` at frame ``frame`` of a multi-page TIFF: its page, or its place in an ImageJ stack stored
+    behind one page (``stack_frame``).
+
+    Raises:
+        DataError: when the pages are not the frames of one volume (of other sizes or kinds), or a stack's frames
+            would be decoded by Pillow.
+    """
+    if header.get("unlike_pages"):
+        unlike = header["unlike_pages"]
+        raise DataError(path, f"holds pages of different kinds, not the frames of one volume: {unlike}.")
+    pages = header.get("pages")
+    if pages is None:  # a TIFF Pillow reads (tifffile could not): its pages are its frames
+        header["page"] = frame
+    elif header["frames"] == len(pages):
+        header["page"] = pages[frame]
+    elif header["decoder"] == "tifffile":
+        header["stack_frame"] = frame
+    else:
+        frames = header["frames"]
+        raise DataError(path, f"is an ImageJ stack of {frames} frames in a colour space tifffile cannot read.")
+
+
 def _frame_of(path: str | os.PathLike) -> tuple[Path, int | None]:
     """``(file, frame)`` of a 2D image path: ``scan.dcm::12`` names frame 12 of a multi-frame DICOM file (an OCT
-    volume's B-scan); a plain path has no frame."""
+    volume's B-scan), ``scan.tif::12`` page 12 of a multi-page TIFF (reduced-resolution pages not counted); a plain
+    path has no frame."""
     path, member = split_member(path)
     if member is None:
         return path, None
-    if path.suffix.lower() not in DICOM_SUFFIXES or not member.isdigit():
-        raise DataError(member_path(path, member), "names a frame of a file that is not a multi-frame DICOM image.")
+    if path.suffix.lower() not in DICOM_SUFFIXES + TIFF_SUFFIXES or not member.isdigit():
+        raise DataError(
+            member_path(path, member),
+            "names a frame of a file that is not a multi-frame DICOM or a multi-page TIFF image.",
+        )
     return path, int(member)
 
 
-def dicom_frames(path: str | os.PathLike, max_pixels: int | None = MAX_PIXELS) -> tuple[int, tuple[int, int]]:
-    """How many frames a DICOM image file holds (an OCT volume's B-scans) and their shape, from one read of its
-    header, checked as for one image (every frame of a multi-frame image has its Rows and Columns)."""
+def image_frames(path: str | os.PathLike, max_pixels: int | None = MAX_PIXELS) -> tuple[int, tuple[int, int]]:
+    """How many frames a DICOM or TIFF image file holds (an OCT volume's B-scans) and their shape, from one read of
+    its header, checked as for one image (every frame of a multi-frame DICOM image has its Rows and Columns; the
+    pages of a TIFF must all be alike)."""
     header = read_header(member_path(path, 0), max_pixels)
     return header["frames_in_file"], tuple(header["shape"])
 
 
-def _tiff_pixels(path: Path, meta: dict, index: int = 0) -> np.ndarray:
+def _tiff_pixels(path: Path, meta: dict, index: int = 0, stack_frame: int | None = None) -> np.ndarray:
     import tifffile
 
     with tifffile.TiffFile(path) as tif:
         page = tif.pages[index]
-        array = page.asarray()
+        if stack_frame is None:
+            array = page.asarray()
+        else:  # an ImageJ stack behind one page: uncompressed frames one after another (ImageJ writes no other)
+            stack = tifffile.memmap(path, series=0, mode="r")
+            array = np.array(stack.reshape(-1, *page.shape)[stack_frame])
         if "S" in page.axes and page.axes.index("S") < page.axes.index("Y"):  # planar (S, Y, X) storage
             array = np.moveaxis(array, 0, -1)
         if int(page.photometric) == PALETTE:
@@ -475,7 +527,7 @@ def decode_image(path: str | os.PathLike, max_pixels: int | None = MAX_PIXELS) -
     try:
         if header["decoder"] == "tifffile":
             meta["alpha"] = header["alpha"]
-            array = _tiff_pixels(path, meta, header.get("page", 0))
+            array = _tiff_pixels(path, meta, header.get("page", 0), header.get("stack_frame"))
         elif header["decoder"] == "dicom":
             array = _dicom_pixels(path, header.get("frame"))
         elif header["decoder"] == "png16":  # 16 bits per sample, every colour type, as stored (no EXIF applied)

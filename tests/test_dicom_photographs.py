@@ -153,7 +153,7 @@ def test_a_multi_frame_oct_volume_is_segmented_b_scan_by_b_scan(tmp_path):
     with pytest.raises(DataError, match=r"scan.dcm: has 3 frames; frame 3 does not exist"):
         PhotoReader("grey").decode(f"{tmp_path / 'scan.dcm'}::3")
     Image.fromarray(volume[0]).save(tmp_path / "b.png")
-    with pytest.raises(DataError, match=r"b.png::1: names a frame of a file that is not a multi-frame DICOM image"):
+    with pytest.raises(DataError, match=r"b.png::1: names a frame of a file that is not a multi-frame DICOM or"):
         read_header(f"{tmp_path / 'b.png'}::1")
     with pytest.raises(DataError, match=r"is smaller than|at least"):  # each frame is checked as a B-scan
         load_oct_images(tmp_path, min_size=48)

@@ -44,7 +44,7 @@ def test_a_folder_is_segmented_but_for_the_inputs_it_refuses_and_the_run_then_fa
     line = error_line(result)
     assert line == (
         f"error: {out / 'inference_summary.json'}: 2 inputs were refused and not segmented (each named above, and "
-        "under 'refused' here): a_damaged.png, f1_bscan.png; 3 were written."
+        "under 'refused' here): a_damaged.png, f1_bscan.png; written: 3."
     ), line
     for path in (damaged, bscan):  # in the run's log
         assert f"refused {path}: " in result.stdout + result.stderr, result.stdout[-3000:]

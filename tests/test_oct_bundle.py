@@ -12,6 +12,7 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pytest
+import tifffile
 from PIL import Image
 
 from clinseg.pipelines.tracking import run_folder
@@ -187,18 +188,30 @@ def test_inference_writes_label_maps_on_the_input_grid(trained, tiny_oct_dir, tm
     assert frame["pixel_size_um"] == pytest.approx(3.9) and frame["pixel_size_from"] == "the file's PixelSpacing"
     for layer, pixels in frame["mean_thickness_px"].items():
         assert frame["mean_thickness_um"][layer] == pytest.approx(None if pixels is None else pixels * 3.9)
+    # the same volume as a multi-page TIFF, one B-scan per page: segmented page by page as the DICOM frames are
+    pages = tmp_path / "pages"
+    pages.mkdir()
+    with tifffile.TiffWriter(pages / "volume.tif") as tif:
+        for bscan in volume:
+            tif.write(bscan)
+    tiff_out = tmp_path / "tiff_predictions"
+    run_bundle("inferring", INFER, tiny_inference(bundle_root, tiny_oct_dir, input_dir=pages, output_dir=tiff_out))
+    for name in ("volume_bscan000", "volume_bscan001"):
+        np.testing.assert_array_equal(
+            np.asarray(Image.open(tiff_out / f"{name}_seg.png")), np.asarray(Image.open(out / f"{name}_seg.png"))
+        )
     # the lateral spacing given as the pixel size contradicts the file's own: refused naming the frame
     lateral = tiny_inference(bundle_root, tiny_oct_dir, input_dir=scans, output_dir=tmp_path / "lateral")
     contradicted = run_bundle("inferring", INFER, {**lateral, "pixel_size_um": 11.5}, check=False)
     assert contradicted.returncode == 1 and "Traceback" not in contradicted.stderr, contradicted.stderr[-3000:]
-    assert "volume.dcm::0: records 3.9 um between its rows" in contradicted.stderr, contradicted.stderr[-3000:]
+    assert "volume.dcm::0: records 3.9 um between its rows" in contradicted.stdout + contradicted.stderr
     # with the default limit, a prediction the layer order had to rebuild is refused, naming its image: a map with
     # every layer in order, made from a jumble, would look plausible
     defaults = tiny_inference(bundle_root, tiny_oct_dir, input_dir=scans, output_dir=tmp_path / "refused")
     del defaults["max_layer_order_relabelled"]
     refused = run_bundle("inferring", INFER, defaults, check=False)
     assert refused.returncode == 1 and "Traceback" not in refused.stderr
-    assert f"error: {scans}" in refused.stderr and "out of their top-to-bottom order in" in refused.stderr
+    assert f"error: {scans}" in refused.stderr and "out of their top-to-bottom order in" in refused.stdout
     # a limit between the B-scans' shares relabelled: the B-scan above it is refused after its prediction, and the
     # run goes on with the others, then fails
     shares = {

@@ -166,7 +166,7 @@ def test_a_dicom_photograph_is_refused_as_a_bscan(tmp_path, bscan, preprocessing
     assert "modality OP (ophthalmic photography), a photograph, not an OCT B-scan" in str(found)
 
 
-def test_a_tiff_is_read_from_its_image_page_and_a_one_page_imagej_stack_is_refused(tmp_path, bscan):
+def test_a_tiff_is_read_from_its_image_page(tmp_path, bscan):
     # a preview page written first (NewSubfileType: reduced resolution) was read as the B-scan, at 64 x 96
     preview = np.asarray(Image.fromarray(bscan).resize((96, 64)))
     with tifffile.TiffWriter(tmp_path / "preview_first.tif") as tif:
@@ -174,9 +174,36 @@ def test_a_tiff_is_read_from_its_image_page_and_a_one_page_imagej_stack_is_refus
         tif.write(bscan)
     (item,) = load_oct_images(tmp_path / "preview_first.tif")
     np.testing.assert_array_equal(PhotoReader("grey").decode(Path(item["image"]))[0][0], bscan)
-    # an ImageJ stack stored behind one page (tifffile's truncate, ImageJ's large stacks) was read as its first B-scan
+
+
+def test_a_multi_page_tiff_is_a_volume_of_bscans_as_exported(tmp_path, bscan, preprocessing):
+    """A volume exported as one TIFF, one B-scan per page (a plain multi-page TIFF, an ImageJ stack with a page per
+    B-scan, an ImageJ stack stored behind one page, a stack with a preview page first) is segmented B-scan by
+    B-scan (``<file>_bscan000``, ...), each read from its own page (it was refused as several frames; the one-page
+    ImageJ stack was read as its first B-scan before). Pages of different sizes are no volume: refused."""
     stack = np.stack([np.roll(bscan, 9 * k, axis=1) for k in range(3)])
-    tifffile.imwrite(tmp_path / "stack.tif", stack, imagej=True, truncate=True)
-    with pytest.raises(DataError, match="holds 3 frames") as error:
-        load_oct_images(tmp_path / "stack.tif")
-    assert str(error.value).startswith(f"{tmp_path / 'stack.tif'}: ")
+    with tifffile.TiffWriter(tmp_path / "pages.tif") as tif:
+        for page in stack:
+            tif.write(page)
+    tifffile.imwrite(tmp_path / "imagej.tif", stack, imagej=True)
+    tifffile.imwrite(tmp_path / "imagej_one_page.tif", stack, imagej=True, truncate=True)
+    with tifffile.TiffWriter(tmp_path / "preview_first.tif") as tif:
+        tif.write(np.asarray(Image.fromarray(bscan).resize((96, 64))), subfiletype=1)
+        for page in stack:
+            tif.write(page)
+    items = load_oct_images(tmp_path)
+    names = ("imagej", "imagej_one_page", "pages", "preview_first")
+    assert [item["id"] for item in items] == [f"{name}_bscan{k:03d}" for name in names for k in range(3)]
+    for item in items:
+        frame = int(item["image"].rsplit("::", 1)[1])
+        np.testing.assert_array_equal(PhotoReader("grey").decode(Path(item["image"]))[0][0], stack[frame])
+        assert tuple(preprocessing(item)["image"].shape) == (1, 256, 384), item["id"]
+
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    with tifffile.TiffWriter(mixed / "mixed.tif") as tif:
+        tif.write(bscan)
+        tif.write(bscan[:, :300])
+    with pytest.raises(DataError, match="holds pages of different kinds, not the frames of one volume") as error:
+        load_oct_images(mixed)
+    assert str(error.value).startswith(f"{mixed / 'mixed.tif'}: ")

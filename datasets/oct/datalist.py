@@ -43,7 +43,8 @@ from clinseg.datasets.oct.via import via_filenames, via_items
 from clinseg.datasets.readers import (
     DICOM_SUFFIXES,
     MAX_PIXELS,
-    dicom_frames,
+    TIFF_SUFFIXES,
+    image_frames,
     member_path,
     read_header,
     split_member,
@@ -277,8 +278,8 @@ def load_oct_images(
     def items_of(path: Path) -> list[dict]:
         if path.suffix.lower() == ".mat":
             return bscan_items(path)
-        if path.suffix.lower() in DICOM_SUFFIXES and (volume := dicom_frames(path, max_pixels))[0] > 1:
-            # a multi-frame Ophthalmic Tomography image: an OCT volume, one B-scan per frame, all of one size
+        if path.suffix.lower() in DICOM_SUFFIXES + TIFF_SUFFIXES and (volume := image_frames(path, max_pixels))[0] > 1:
+            # a multi-frame Ophthalmic Tomography image or a multi-page TIFF: an OCT volume, one B-scan per frame
             frames, shape = volume
             check_bscan_size(str(path), shape, min_size)
             return [

@@ -16,7 +16,7 @@ from monai.data import DataLoader, Dataset
 from monai.engines import SupervisedEvaluator
 
 from clinseg.datasets.errors import ConfigError
-from clinseg.datasets.refusals import is_refused, mark_refused, refusal, refusal_error
+from clinseg.datasets.refusals import INPUT_KEYS, is_refused, mark_refused, refusal, refusal_error
 
 
 class RefusingDataset(Dataset):
@@ -85,6 +85,14 @@ def _single_case(batchdata) -> dict | None:
     for key, value in batchdata.items():
         if isinstance(value, str):
             case[key] = value
+        elif key in INPUT_KEYS and isinstance(getattr(value, "meta", None), Mapping):
+            # an image read: its file (a frame's, `volume.dcm::3`) is in its metadata
+            names = value.meta.get("filename_or_obj")
+            names = names if isinstance(names, (list, tuple)) else [names]
+            if len(names) != 1:
+                return None
+            if isinstance(names[0], str):
+                case[key] = names[0]
         elif isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
             if len(value) != 1:
                 return None

@@ -222,8 +222,7 @@ class ResultLedger:
                 refused[0]["refused_file"] if not listed else listed,
                 f"{len(refused)} inputs were refused and not segmented (each named above"
                 + (", and under 'refused' here" if listed else "")
-                + f"): {', '.join(Path(str(item.get('source', item.get('image', '')))).name for item in refused)}; "
-                f"{written} were written.",
+                + f"): {', '.join(_input_name(item) for item in refused)}; written: {written}.",
             )
 
     @property
@@ -276,14 +275,17 @@ class ResultLedger:
         if assumed:
             message += f"; geometry ASSUMED for {len(assumed)} (see 'geometry_assumed' in their JSON)"
         if refused:
-            message += f"; REFUSED {len(refused)} (see 'refused'): " + ", ".join(
-                Path(str(item["source"])).name for item in summary["refused"]
-            )
+            message += f"; REFUSED {len(refused)} (see 'refused'): " + ", ".join(map(_input_name, refused))
         if missing:
             message += f"; NOT written: {', '.join(summary['not_written'])}"
         if kept:
             message += f"; {len(kept)} files of an earlier run are also in the folder ('earlier_files')"
         return message
+
+
+def _input_name(item: Mapping) -> str:
+    """The file name of a data-list item's input, with its frame (``volume.dcm::3``) where it is one of several."""
+    return Path(str(item.get("image") or item.get("source") or item.get("id"))).name
 
 
 class SaveSegmentationd(MapTransform, ResultLedger):
