@@ -54,6 +54,7 @@ from pathlib import Path
 
 from clinseg.datasets.errors import InputError
 from clinseg.pipelines.studies import (
+    HEARTBEAT_GRACE_S,
     HEARTBEAT_INTERVAL_S,
     SEARCH_TRIAL_ENV,
     make_pruner,
@@ -785,23 +786,54 @@ def search(args) -> int:
 
 
 def run_workers(args, bundle: str, study_name: str, storage_url: str) -> str:
-    """``--workers N``: N worker processes on the study, each as a remote machine would run it (``--join``)."""
+    """``--workers N``: N worker processes on the study, each as a remote machine would run it (``--join``).
+
+    A worker killed by a signal (``kill -9``, the out-of-memory killer) is replaced, once per worker: its trial is
+    failed as a dead worker's when its heartbeat is stale (``HEARTBEAT_GRACE_S``), so the new worker starts after
+    that and runs it again. Without it, the other workers could use the budget up meanwhile (the lost trial counted
+    as running), and the search ended with that trial RUNNING and the parent run open."""
     command = [sys.executable, "-m", "clinseg.pipelines.experiments"]
     if args.tracking_uri:
         command += ["--tracking_uri", args.tracking_uri]
     command += ["search", bundle, "--join", "--study", study_name, "--storage", storage_url, "--quiet_summary"]
     if args.verbose:
         command.append("--verbose")
-    workers = [subprocess.Popen([*command, "--worker_index", str(i)]) for i in range(args.workers)]
+
+    def start(index: int) -> subprocess.Popen:
+        return subprocess.Popen([*command, "--worker_index", str(index)])
+
+    running = {index: start(index) for index in range(args.workers)}
+    codes: dict[int, int] = {}
+    replace_at: dict[int, float] = {}  # a killed worker's index: when its replacement starts
+    replaced: set[int] = set()
     try:
-        codes = [w.wait() for w in workers]
+        while running or replace_at:
+            for index, worker in list(running.items()):
+                code = worker.poll()
+                if code is None:
+                    continue
+                del running[index]
+                codes[index] = code
+                if code < 0 and index not in replaced:
+                    replaced.add(index)
+                    replace_at[index] = time.monotonic() + HEARTBEAT_GRACE_S + HEARTBEAT_INTERVAL_S
+                    print(
+                        f"search: worker {index} was killed (signal {-code}); a new worker takes its "
+                        f"place in {HEARTBEAT_GRACE_S + HEARTBEAT_INTERVAL_S} s, once its trial can be run again",
+                        flush=True,
+                    )
+            for index, when in list(replace_at.items()):
+                if time.monotonic() >= when:
+                    del replace_at[index]
+                    running[index] = start(index)
+            time.sleep(0.5)
     except KeyboardInterrupt:
-        for w in workers:
+        for w in running.values():
             w.send_signal(signal.SIGINT)
-        for w in workers:
+        for w in running.values():
             w.wait(timeout=300)
         raise
-    return "FINISHED" if not any(codes) else "FAILED"
+    return "FINISHED" if not any(codes.values()) else "FAILED"
 
 
 def add_parser(sub) -> None:

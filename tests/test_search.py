@@ -439,3 +439,36 @@ def test_a_killed_workers_training_stops_with_it(tmp_path, tiny_oct_dir, trackin
         pytest.fail("the training ran on after its worker was killed")
     run_id = load(tracking_uri, "orphan").get_trials()[0].user_attrs["mlflow_run_id"]
     assert mlflow.MlflowClient(tracking_uri).get_run(run_id).info.status == "KILLED"
+
+
+def test_a_worker_killed_among_several_is_replaced_and_its_trial_runs_again(tmp_path, tiny_oct_dir, tracking_uri):
+    """``--workers 2``, one worker killed alone (``kill -9``) mid-trial: the other used the budget up while the lost
+    trial still counted as running, and the search ended FAILED with that trial RUNNING and its parent run open
+    until a later ``--join``. The launcher replaces the killed worker once its trial's heartbeat is stale: the
+    trial runs again, the budget is met, and the parent run ends FINISHED."""
+    import psutil
+
+    env = {"PIPELINE_SEARCH_HEARTBEAT_S": "1"}  # stale after 4 s without a heartbeat
+    args = search_args(tmp_path, tiny_oct_dir, "replaced", "--n_trials", "3", "--workers", "2", epochs=2)
+    search = start_search(args, env)
+    storage = tracking_uri.replace("mlflow.db", "optuna.db")
+    wait_for_first_trial(search, "replaced", storage)
+    first = optuna.load_study(study_name="replaced", storage=storage).get_trials()[0]
+    victim = int(first.user_attrs["worker"].rsplit(":", 1)[1])
+    assert victim in {worker.pid for worker in psutil.Process(search.pid).children()}
+    os.kill(victim, signal.SIGKILL)
+    output = search.communicate(timeout=600)[0]
+    assert search.returncode == 0, output[-3000:]
+    assert "a new worker takes its place" in output, output[-3000:]
+
+    study = load(tracking_uri, "replaced")
+    trials = [t for t in study.get_trials() if not t.user_attrs.get("surplus")]
+    lost = [t for t in trials if t.state == TrialState.FAIL]
+    assert [t.number for t in lost] == [first.number] and not lost[0].user_attrs.get("error"), lost
+    assert sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials) == 3
+    assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
+    retry = [t for t in trials if t.system_attrs.get("failed_trial") == first.number]
+    assert len(retry) == 1 and retry[0].params == first.params
+    client = mlflow.MlflowClient(tracking_uri)
+    assert client.get_run(study.user_attrs["parent_run_id"]).info.status == "FINISHED"
+    assert client.get_run(first.user_attrs["mlflow_run_id"]).info.status == "KILLED"
