@@ -728,13 +728,18 @@ class BinaryMaskReader(_File2DReader):
         if "palette" in meta:
             opacities = meta.pop("palette_alpha", None)
             alpha = None if opacities is None else opacities[array]
-            colour = meta.pop("palette")[array]
-            array = colour.astype(np.float32) @ LUMA
+            palette = meta.pop("palette")
+            colour = palette[array]
+            # the grey of each palette entry, then looked up: one colour is one grey level (a matrix product over the
+            # pixels may round one colour to two levels an ulp apart, which read as a third mask value)
+            array = (palette.astype(np.float32) @ LUMA)[array]
         else:
             colour, alpha = _split_alpha(array, meta)
             array = colour
-            if array.ndim == 3:
-                array = array.astype(np.float32) @ np.full(array.shape[-1], 1.0 / array.shape[-1], np.float32)
+            if array.ndim == 3:  # the channels' mean, pixel by pixel (not a matrix product, as above)
+                array = sum(array[..., c].astype(np.float32) for c in range(array.shape[-1])) / np.float32(
+                    array.shape[-1]
+                )
         if _opacity(alpha) is not None:
             array = self._mask_with_alpha(path, colour, array, alpha)
             meta["alpha_mask"] = True

@@ -110,6 +110,15 @@ def test_checkpoints_are_written_atomically(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt"], "no temporary file left behind"
 
 
+def train_until_killed(script: str, config_files: list[str], overrides: dict) -> subprocess.CompletedProcess:
+    """``python -m monai.bundle run training`` under ``script``, which kills it with SIGKILL at its chosen moment."""
+    command = [sys.executable, "-c", script, "run", "training", "--config_file", str(config_files)]
+    command += [f"--{k}={v}" for k, v in overrides.items()]
+    killed = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    return killed
+
+
 # ``python -m monai.bundle`` with a SIGKILL right before the latest checkpoint of the first epoch (after the first)
 # whose validation saved a better model.pt: that model is on disk, the latest checkpoint is still the epoch's before
 KILL_BEFORE_THE_CHECKPOINT_OF_A_BETTER_MODEL = """
@@ -145,10 +154,7 @@ def test_a_run_killed_between_its_best_model_and_its_checkpoint_describes_that_m
     overrides = {"bundle_root": bundle, "dataset_dir": tiny_oct_dir, "image_size": "[32,48]",
                  "network_def#channels": "[4,8]", "network_def#strides": "[2]", "val_interval": 1,
                  "train#trainer#max_epochs": 5, "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}  # fmt: skip
-    command = [sys.executable, "-c", KILL_BEFORE_THE_CHECKPOINT_OF_A_BETTER_MODEL, "run", "training",
-               "--config_file", str(TRAIN)] + [f"--{k}={v}" for k, v in overrides.items()]  # fmt: skip
-    killed = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
-    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    killed = train_until_killed(KILL_BEFORE_THE_CHECKPOINT_OF_A_BETTER_MODEL, TRAIN, overrides)
     best = [float(v) for v in re.findall(r"Got new best metric of \S+: ([0-9.e-]+)", killed.stdout + killed.stderr)]
     models = run_models(bundle)
     (checkpoint,) = models.glob("latest_checkpoint_epoch=*.pt")
@@ -197,10 +203,7 @@ def test_a_resumed_training_chooses_the_decision_rule_on_a_best_epoch_from_befor
                  "patch_size": "[32,32]", "patches_per_image": 2, "sw_roi_size": "[48,48]",
                  "network_def#channels": "[8,16,32]", "network_def#strides": "[2,2]", "val_interval": 1,
                  "train#trainer#max_epochs": 3, "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}  # fmt: skip
-    command = [sys.executable, "-c", KILL_AFTER_THE_FIRST_CHECKPOINT, "run", "training",
-               "--config_file", str(train)] + [f"--{k}={v}" for k, v in overrides.items()]  # fmt: skip
-    killed = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
-    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    train_until_killed(KILL_AFTER_THE_FIRST_CHECKPOINT, train, overrides)
     models = run_models(tmp_path / "bundle")
     record = run_records.read_record(models)
     assert record["epoch"] == 1 and record["decision_rule"] is None, "the rule is chosen when the training ends"

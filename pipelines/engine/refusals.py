@@ -51,6 +51,12 @@ class InferenceEvaluator(SupervisedEvaluator):
     def __init__(self, *args, results_writer=None, skip_refused: bool = True, **kwargs):
         super().__init__(*args, **kwargs)
         self.results_writer, self.skip_refused = results_writer, bool(skip_refused)
+        if self.skip_refused and not callable(getattr(results_writer, "refuse", None)):
+            raise ConfigError(
+                "evaluator#results_writer",
+                "is no results writer that lists refused inputs (a ResultLedger); one is needed to go on past them.",
+                "Pass the config's results_writer, or set skip_refused to false.",
+            )
         loader = self.data_loader
         if self.skip_refused and isinstance(loader, DataLoader) and loader.batch_size != 1:
             raise ConfigError(
