@@ -97,3 +97,33 @@ def test_a_record_without_a_rule_gives_the_plain_rule():
     assert rule_of_record(None) == PLAIN_RULE and rule_of_record({"decision_rule": None}) == PLAIN_RULE
     stored = {"threshold": 0.4, "min_component_fraction": 1e-4, "validation_f1": 0.8, "cases": 5}
     assert rule_of_record({"decision_rule": stored}) == {"threshold": 0.4, "min_component_fraction": 1e-4}
+
+
+def test_the_best_epochs_cases_survive_a_checkpoint_and_choose_the_same_rule(caplog, monkeypatch):
+    """A resumed training chooses its rule on the cases the latest checkpoint kept (16-bit probabilities, a bit
+    per pixel for the reference and the valid region; loaded with weights only): the same rule as before. Cases
+    larger than the limit are not kept, said once in the log."""
+    import io
+
+    from ignite.engine import Engine
+
+    from clinseg.pipelines.engine import decision
+
+    before, after = Engine(lambda engine, batch: None), Engine(lambda engine, batch: None)
+    cases = [case(seed, vessel_prob=0.42, speckle_prob=0.6, size=97) for seed in range(3)]
+    before.state.decision_cases = [(p.astype(np.float16), r, v) for p, r, v in cases]
+    before.state.decision_cases_epoch = 7
+    buffer = io.BytesIO()
+    torch.save({"progress": {"decision_cases": decision.cases_state(before)}}, buffer)
+    buffer.seek(0)
+    decision.restore_cases(after, torch.load(buffer, weights_only=True)["progress"]["decision_cases"])
+    assert after.state.decision_cases_epoch == 7
+    for (p0, r0, v0), (p1, r1, v1) in zip(before.state.decision_cases, after.state.decision_cases, strict=True):
+        np.testing.assert_array_equal(p0, p1)
+        assert r1.dtype == v1.dtype == bool and (r0 == r1).all() and (v0 == v1).all()
+    assert decision.rule_from(after) == decision.rule_from(before)
+    assert decision.rule_of_epoch(after, 7) is not None and decision.rule_of_epoch(after, 6) is None
+
+    monkeypatch.setattr(decision, "MAX_CHECKPOINT_CASES_BYTES", 1000)
+    assert decision.cases_state(before) is None and decision.cases_state(before) is None
+    assert sum("kept in the latest checkpoint" in r.getMessage() for r in caplog.records) == 1

@@ -37,6 +37,9 @@ PLAIN_RULE = {"threshold": 0.5, "min_component_fraction": 0.0}
 THRESHOLDS = tuple(round(float(t), 3) for t in np.arange(0.30, 0.701, 0.025))
 # fractions of the valid region's area; on a DRIVE field of view (about 227,000 pixels) 2e-5 is 5 pixels, 4e-4 is 90
 MIN_COMPONENT_FRACTIONS = (0.0, 2e-5, 5e-5, 1e-4, 2e-4, 4e-4)
+MAX_CHECKPOINT_CASES_BYTES = 256 * 2**20
+"""The most the best epoch's decision cases may add to the latest checkpoint (DRIVE's five validation photographs
+take 3.7 MB)."""
 
 
 def _f1(prediction: np.ndarray, reference: np.ndarray) -> float:
@@ -171,15 +174,30 @@ class DecisionRuleSearch:
 
 
 def cases_state(validator: Engine) -> dict | None:
-    """The best epoch's validation cases a :class:`DecisionRuleSearch` kept, as tensors (a checkpoint loads with
-    weights only), with their epoch; None when none are kept."""
+    """The best epoch's validation cases a :class:`DecisionRuleSearch` kept, for the latest checkpoint, with their
+    epoch: tensors (a checkpoint loads with weights only), the probabilities in 16 bits and the reference and valid
+    region a bit per pixel. None when none are kept, or when they would take more than
+    :data:`MAX_CHECKPOINT_CASES_BYTES` (a checkpoint is written every epoch); a resumed training then keeps the
+    record's rule, and says so once."""
     cases = getattr(validator.state, "decision_cases", None)
     if not cases:
         return None
-    return {
-        "epoch": int(validator.state.decision_cases_epoch),
-        "cases": [tuple(torch.from_numpy(np.ascontiguousarray(part)) for part in case) for case in cases],
-    }
+    size = sum(prob.size * 2 + 2 * ((prob.size + 7) // 8) for prob, _, _ in cases)
+    if size > MAX_CHECKPOINT_CASES_BYTES:
+        if not getattr(validator.state, "decision_cases_too_large", False):
+            validator.state.decision_cases_too_large = True
+            logger.warning(
+                f"the best epoch's {len(cases)} validation cases take {size / 2**20:.0f} MiB, more than the "
+                f"{MAX_CHECKPOINT_CASES_BYTES / 2**20:.0f} MiB kept in the latest checkpoint: a training resumed "
+                "after its best epoch will not choose the decision rule (the model keeps the plain one)"
+            )
+        return None
+    packed = []
+    for prob, reference, valid in cases:
+        shape = torch.tensor(prob.shape)
+        bits = [torch.from_numpy(np.packbits(np.asarray(mask, dtype=bool).ravel())) for mask in (reference, valid)]
+        packed.append((torch.from_numpy(np.asarray(prob, dtype=np.float16).copy()), *bits, shape))
+    return {"epoch": int(validator.state.decision_cases_epoch), "cases": packed}
 
 
 def restore_cases(validator: Engine, state: dict | None) -> None:
@@ -187,7 +205,13 @@ def restore_cases(validator: Engine, state: dict | None) -> None:
     epoch's cases even when that epoch came before the interruption."""
     if not state:
         return
-    validator.state.decision_cases = [tuple(part.numpy() for part in case) for case in state["cases"]]
+    cases = []
+    for prob, reference, valid, shape in state["cases"]:
+        shape = tuple(int(v) for v in shape)
+        count = int(np.prod(shape))
+        masks = [np.unpackbits(bits.numpy(), count=count).reshape(shape).astype(bool) for bits in (reference, valid)]
+        cases.append((prob.numpy(), *masks))
+    validator.state.decision_cases = cases
     validator.state.decision_cases_epoch = int(state["epoch"])
 
 
