@@ -232,8 +232,9 @@ class ResultLedger:
     def write_summary(
         self, datalist: Sequence[Mapping] | None = None, what: str = "results", model: Mapping | None = None
     ) -> str:
-        """Write ``inference_summary.json`` (the cases written, those renamed or not written, and ``model``: what
-        inferred them, :func:`clinseg.pipelines.runs.provenance`) and return the line to print."""
+        """Write ``inference_summary.json`` (the cases written, those renamed, refused (:meth:`refuse`) or not
+        written, and ``model``: what inferred them, :func:`clinseg.pipelines.runs.provenance`) and return the line to
+        print. A run whose every input was refused writes none (its error lines say it all)."""
         cases, refused = self.written, self.refused
         if refused and not cases:  # every input refused: the error lines say it all, and no folder is left
             return f"wrote none of {len(datalist) if datalist is not None else len(refused)} {what}"
