@@ -36,3 +36,14 @@ class ConfigError(InputError):
     def __init__(self, key: str, problem: str, hint: str | None = None):
         self.key = key
         super().__init__(f"config key '{key}'", problem, hint)
+
+
+def find_input_error(error: BaseException | None, types: tuple[type, ...] = (InputError,)) -> BaseException | None:
+    """The first error of ``types`` in the cause chain: MONAI wraps errors raised in transforms and expressions."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, types):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None

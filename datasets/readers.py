@@ -36,6 +36,7 @@ orientation applied, original shape). The policy, written once here for every 2D
 
 from __future__ import annotations
 
+import functools
 import os
 import struct
 import warnings
@@ -165,9 +166,20 @@ def _unlike_pages(tif, pages: list[int]) -> str | None:
 
 
 def _tiff_header(path: Path) -> dict:
+    """:func:`_tiff_header_of` the file as it is now (a copy the caller may change)."""
+    status = path.stat()
+    return dict(_tiff_header_of(path, status.st_mtime_ns, status.st_size))
+
+
+@functools.lru_cache(maxsize=64)
+def _tiff_header_of(path: Path, mtime_ns: int, size: int) -> dict:
     """What a TIFF's image page (its first full-resolution page) says, and which decoder gives its pixels by their
     meaning (``decoder``): tifffile for grey and RGB (with at most an alpha sample besides) and palette pages, Pillow
     for CMYK and YCbCr, which it converts to RGB as it does JPEGs. Every other interpretation is refused.
+
+    Kept per file version (``mtime_ns``, ``size``): every page of a multi-page TIFF is looked at (which pages are
+    previews, whether all are alike), and each of its frames is read through its header, so an OCT volume of N
+    pages would parse N x N page headers.
 
     Raises:
         DataError: an interpretation whose pixels would read as something else (min-is-white, a stack of images in

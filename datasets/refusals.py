@@ -18,7 +18,7 @@ import os
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
-from clinseg.datasets.errors import DataError
+from clinseg.datasets.errors import DataError, find_input_error
 from clinseg.datasets.readers import split_member
 
 logger = logging.getLogger(__name__)
@@ -53,25 +53,15 @@ def refusal_error(item: Mapping) -> DataError:
 def refusal(error: BaseException, item: Mapping) -> DataError | None:
     """The :class:`DataError` in ``error``'s cause chain when it names one of ``item``'s input files (the file
     itself, a frame of it, or a file inside an input folder such as a DICOM series), else None."""
-    seen = set()
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        if isinstance(error, DataError):
-            return error if any(_names(error.path, path) for path in input_paths(item)) else None
-        error = error.__cause__ or error.__context__
-    return None
+    found = find_input_error(error, (DataError,))
+    if found is None or not any(_names(found.path, path) for path in input_paths(item)):
+        return None
+    return found
 
 
 def input_paths(item: Mapping) -> list[str]:
-    """The paths ``item`` is read from (a collated batch of one holds each as a one-element list)."""
-    paths = []
-    for key in INPUT_KEYS:
-        value = item.get(key)
-        if isinstance(value, (list, tuple)) and len(value) == 1:
-            value = value[0]
-        if isinstance(value, (str, os.PathLike)):
-            paths.append(os.fspath(value))
-    return paths
+    """The paths ``item`` is read from."""
+    return [os.fspath(item[key]) for key in INPUT_KEYS if isinstance(item.get(key), (str, os.PathLike))]
 
 
 def _names(error_path: str, input_path: str) -> bool:

@@ -27,7 +27,12 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-from clinseg.datasets.errors import ConfigError, DataError, InputError  # noqa: F401 (ConfigError re-exported)
+from clinseg.datasets.errors import (  # noqa: F401 (ConfigError and find_input_error re-exported)
+    ConfigError,
+    DataError,
+    InputError,
+    find_input_error,
+)
 
 
 def parse_overrides(items: list[str]) -> dict:
@@ -51,17 +56,6 @@ def add_set_argument(parser, measured_against: str, example: str) -> None:
         metavar="KEY=JSON",
         help=f"config overrides, one choice measured against {measured_against} ({example})",
     )
-
-
-def find_input_error(error: BaseException | None, types: tuple[type, ...] = (InputError,)) -> BaseException | None:
-    """The first error of ``types`` in the cause chain: MONAI wraps errors raised in transforms and expressions."""
-    seen = set()
-    while error is not None and id(error) not in seen:
-        if isinstance(error, types):
-            return error
-        seen.add(id(error))
-        error = error.__cause__ or error.__context__
-    return None
 
 
 # operating-system failures that are the environment's, not the program's: they name a path and a cause

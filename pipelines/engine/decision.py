@@ -196,7 +196,7 @@ def cases_state(validator: Engine) -> dict | None:
     for prob, reference, valid in cases:
         shape = torch.tensor(prob.shape)
         bits = [torch.from_numpy(np.packbits(np.asarray(mask, dtype=bool).ravel())) for mask in (reference, valid)]
-        packed.append((torch.from_numpy(np.asarray(prob, dtype=np.float16).copy()), *bits, shape))
+        packed.append((torch.from_numpy(np.ascontiguousarray(prob, dtype=np.float16)), *bits, shape))
     return {"epoch": int(validator.state.decision_cases_epoch), "cases": packed}
 
 

@@ -33,6 +33,7 @@ from PIL import Image
 from clinseg.datasets.ct.volumes import voxel_volume_ml
 from clinseg.datasets.errors import DataError
 from clinseg.datasets.io import RESERVED_RESULT_NAMES, atomic_write, atomic_write_all, nifti_writer
+from clinseg.datasets.refusals import refusal_error
 from clinseg.datasets.value_types import PositiveFloat
 from clinseg.pipelines.engine.pictures import (
     DEFAULT_PALETTE,
@@ -210,8 +211,6 @@ class ResultLedger:
         Raises:
             DataError: when any input was refused.
         """
-        from clinseg.datasets.refusals import refusal_error
-
         refused = self.refused
         if len(refused) == 1:
             raise refusal_error(refused[0])
