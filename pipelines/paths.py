@@ -23,6 +23,53 @@ def default_store() -> Path:
     return PROJECT_ROOT / "mlruns"
 
 
+SQLITE_WAIT_ENV = "PIPELINE_SQLITE_WAIT_S"
+DEFAULT_SQLITE_WAIT_S = 120.0
+
+
+def sqlite_wait_s() -> float:
+    """How long a connection to a local SQLite store waits for another process's lock: ``PIPELINE_SQLITE_WAIT_S``,
+    else 120 s.
+
+    Raises:
+        InputError: the variable is not a positive number of seconds.
+    """
+    text = os.environ.get(SQLITE_WAIT_ENV, "").strip()
+    if not text:
+        return DEFAULT_SQLITE_WAIT_S
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = float("nan")
+    if not seconds > 0 or seconds == float("inf"):
+        raise InputError(f"environment variable {SQLITE_WAIT_ENV}", f"is {text!r}, not a positive number of seconds.")
+    return seconds
+
+
+def wait_for_sqlite_locks() -> None:
+    """Make every SQLite connection SQLAlchemy opens in this process wait :func:`sqlite_wait_s` for a lock that
+    another process holds, rather than sqlite3's 5 s.
+
+    MLflow opens its store by listing the tables through a plain connection (its sessions set a 20 s wait of their
+    own, only later): with search workers and their trainings recording into one store on a loaded machine, a
+    commit can keep that first query waiting past 5 s, and the training ended with "database is locked" before
+    its first epoch. Installed once per process; engines made earlier are covered too (the listener is the
+    ``Engine`` class's). The stores' openers check :func:`sqlite_wait_s` first, so that a bad value is refused
+    naming the variable, not from a connection deep inside MLflow or Optuna."""
+    from sqlalchemy import event
+    from sqlalchemy.engine import Engine
+
+    if not event.contains(Engine, "connect", _wait_on_sqlite_locks):
+        event.listen(Engine, "connect", _wait_on_sqlite_locks)
+
+
+def _wait_on_sqlite_locks(dbapi_connection, connection_record) -> None:
+    import sqlite3
+
+    if isinstance(dbapi_connection, sqlite3.Connection):
+        dbapi_connection.execute(f"PRAGMA busy_timeout = {round(sqlite_wait_s() * 1000)}")
+
+
 @contextlib.contextmanager
 def sqlite_lock(url: str, timeout_s: float = 300.0):
     """Hold ``<database>.lock`` beside the database of a ``sqlite:///`` URL, for what must not race between

@@ -9,7 +9,7 @@ import os
 import re
 
 from clinseg.datasets.errors import InputError
-from clinseg.pipelines.paths import sqlite_lock
+from clinseg.pipelines.paths import sqlite_lock, sqlite_wait_s, wait_for_sqlite_locks
 
 SEARCH_TRIAL_ENV = "PIPELINE_SEARCH_TRIAL"  # the trial a worker hands its training: JSON of study, storage, pruner
 HEARTBEAT_INTERVAL_S = int(os.environ.get("PIPELINE_SEARCH_HEARTBEAT_S", "30"))
@@ -55,7 +55,11 @@ def open_storage(url: str):
     import optuna
 
     quiet_optuna()
-    engine_kwargs = {"connect_args": {"timeout": 120}} if url.startswith("sqlite:") else {"pool_pre_ping": True}
+    engine_kwargs = {"pool_pre_ping": True}
+    if url.startswith("sqlite:"):
+        sqlite_wait_s()  # refuses a bad PIPELINE_SQLITE_WAIT_S, naming it
+        wait_for_sqlite_locks()  # the storage's connections wait for the other workers' writes
+        engine_kwargs = {}
     with sqlite_lock(url):  # the storage makes a new database's tables as it opens: one process at a time
         return optuna.storages.RDBStorage(
             url,

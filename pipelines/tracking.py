@@ -7,6 +7,7 @@ run names and tags, the metric names and sections, the store lock.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -20,10 +21,21 @@ from pathlib import Path
 import mlflow
 from mlflow.exceptions import MlflowException
 
-from clinseg.pipelines.paths import PROJECT_ROOT, SOURCE_ROOT, default_store, sqlite_lock, unique_run_name  # noqa: F401 (re-exported)
+from clinseg.pipelines.paths import (  # noqa: F401 (re-exported)
+    PROJECT_ROOT,
+    SOURCE_ROOT,
+    SQLITE_WAIT_ENV,
+    default_store,
+    sqlite_lock,
+    sqlite_wait_s,
+    unique_run_name,
+    wait_for_sqlite_locks,
+)
 from clinseg.pipelines.spool import TrackingUnavailableError
 
 DEFAULT_STORE = default_store()
+# every process that records into or reads a local store imports this module first
+wait_for_sqlite_locks()
 
 
 logger = logging.getLogger(__name__)
@@ -345,10 +357,35 @@ def git_state(root: Path = SOURCE_ROOT) -> dict[str, str]:
 def client_for(tracking_uri: str | None) -> mlflow.MlflowClient:
     """A client of the store, whose SQLite database (MLflow creates and migrates one on first use) is made under
     :func:`store_lock`: two processes migrating one new database at once leave it half-made, and one of them
-    fails (a duplicate column, an unexpected ``alembic_version``)."""
+    fails (a duplicate column, an unexpected ``alembic_version``).
+
+    Raises:
+        TrackingUnavailableError: the database stayed locked by another process (:func:`opening_store`).
+    """
     uri = tracking_uri or default_tracking_uri()
-    with store_lock(uri):  # the client opens its store (and so makes a new database) as it is made
+    with store_lock(uri), opening_store(uri):  # the client opens its store (and so makes a new database) as it is made
         return mlflow.MlflowClient(uri)
+
+
+@contextlib.contextmanager
+def opening_store(tracking_uri: str):
+    """Refuse in one line, naming the store, a local database that another process kept locked for longer than
+    :func:`sqlite_wait_s` while the store was being opened (a process hung in the middle of a write): the error
+    from deep inside MLflow names neither the database nor the way out."""
+    if tracking_uri.startswith("sqlite:"):
+        sqlite_wait_s()  # refuses a bad PIPELINE_SQLITE_WAIT_S, naming it
+    try:
+        yield
+    except Exception as e:
+        if not (tracking_uri.startswith("sqlite:") and "database is locked" in str(e)):
+            raise
+        database = tracking_uri[len("sqlite:///") :]
+        raise TrackingUnavailableError(
+            tracking_uri,
+            f"the database stayed locked by another process for {sqlite_wait_s():g} s.",
+            f"Find the process holding it (fuser {database}) and let it finish or stop it, or wait longer "
+            f"({SQLITE_WAIT_ENV}=<seconds>).",
+        ) from e
 
 
 def require_active(experiment, tracking_uri: str | None):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -239,6 +240,81 @@ def test_processes_that_open_a_new_store_at_once_all_get_it(tmp_path):
     for code, output in run_at_once(tmp_path, imports, "client_for(sys.argv[1]).search_experiments()", uri):
         assert code == 0, output[-3000:]
     assert mlflow.MlflowClient(uri).get_experiment_by_name("Default") is not None
+
+
+@contextlib.contextmanager
+def write_lock_held(database: Path, seconds: float):
+    """Another process holding the SQLite database's write lock (``BEGIN EXCLUSIVE``) for ``seconds``, as a
+    training committing its metrics holds it on a loaded machine, from the moment this is entered."""
+    script = (
+        "import sqlite3, sys, time\n"
+        "connection = sqlite3.connect(sys.argv[1], isolation_level=None)\n"
+        "connection.execute('BEGIN EXCLUSIVE')\n"
+        "print('held', flush=True)\n"
+        "time.sleep(float(sys.argv[2]))\n"
+        "connection.execute('COMMIT')\n"
+    )
+    command = [sys.executable, "-c", script, str(database), str(seconds)]
+    holder = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        yield
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_store_opened_while_another_process_writes_waits_for_the_lock(tmp_path):
+    """A store opened while another process held the database's write lock for more than 5 s (a loaded CI machine,
+    search workers and their trainings all recording) failed at once: MLflow checks the store's tables through a
+    plain connection, which gave up after sqlite3's default 5 s ("database is locked"), and the training ended with
+    an internal error before its first epoch. The store's connections wait for the lock as its sessions do."""
+    database = tmp_path / "mlruns" / "mlflow.db"
+    uri = f"sqlite:///{database}"
+    client_for(uri).search_experiments()  # the store exists; its tables are made
+    # each in a process of its own: MLflow keeps one store per URI in a process, checked once
+    for open_store in (
+        "from clinseg.pipelines.tracking import client_for; client = client_for(sys.argv[1])",
+        "from clinseg.pipelines.engine.handlers.tracking import BundleMLflowHandler\n"
+        "client = BundleMLflowHandler('oct_layers', tracking_uri=sys.argv[1]).client",
+    ):
+        script = f"import sys, time\n{open_store}\nclient.search_experiments()"
+        with write_lock_held(database, 10):
+            started = time.monotonic()
+            opened = subprocess.run([sys.executable, "-c", script, uri], cwd=REPO_ROOT, capture_output=True, text=True)
+            waited = time.monotonic() - started
+        assert opened.returncode == 0, opened.stderr[-3000:]
+        assert waited > 8  # it did wait for the lock (the holder commits after 10 s)
+
+
+def test_a_store_locked_for_longer_than_the_wait_is_refused_naming_it(tmp_path, tiny_oct_dir):
+    """A store whose lock is held past the wait (a hung process holding it) stops the training in one line naming
+    the store and what to do, before any data is read."""
+    database = tmp_path / "mlruns" / "mlflow.db"
+    uri = f"sqlite:///{database}"
+    client_for(uri).search_experiments()
+    with write_lock_held(database, 60):
+        result = run_bundle(
+            "training",
+            TRAIN,
+            {**TINY, "dataset_dir": tiny_oct_dir, "bundle_root": tmp_path / "b"},
+            env={"MLFLOW_TRACKING_URI": uri, "PIPELINE_SQLITE_WAIT_S": "2"},
+            check=False,
+        )
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert f"error: {uri}: the database stayed locked by another process for 2 s" in result.stderr
+    assert not (tmp_path / "b" / "models" / "model.pt").exists()
+
+
+@pytest.mark.parametrize("value", ["soon", "0", "-3", "inf"])
+def test_a_wait_that_is_not_a_number_of_seconds_is_refused_naming_the_variable(tmp_path, monkeypatch, value):
+    from clinseg.datasets.errors import InputError
+    from clinseg.pipelines.studies import open_storage
+
+    monkeypatch.setenv("PIPELINE_SQLITE_WAIT_S", value)
+    for open_store in (client_for, open_storage):
+        with pytest.raises(InputError, match=f"environment variable PIPELINE_SQLITE_WAIT_S: is '{value}', not a"):
+            open_store(f"sqlite:///{tmp_path / 'mlruns' / 'store.db'}")
 
 
 def test_two_runs_at_once_do_not_write_into_each_other(tmp_path, tiny_oct_dir, tracking_uri):

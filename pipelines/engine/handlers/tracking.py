@@ -56,6 +56,7 @@ from clinseg.pipelines.tracking import (
     git_state,
     mark_model_training,
     mlflow_metric_name,
+    opening_store,
     overridden_params,
     require_active,
     store_lock,
@@ -407,7 +408,7 @@ class BundleMLflowHandler(_LinkedRun, MLFlowHandler):
             kwargs.setdefault("iteration_log", False)
         self._derive_params = experiment_param is None
         self._store_uri = os.environ.get("MLFLOW_TRACKING_URI") or tracking_uri
-        with store_lock(self._store_uri):
+        with store_lock(self._store_uri), opening_store(self._store_uri):  # MONAI's handler opens its store
             self._init_handler(
                 tracking_uri=tracking_uri,
                 experiment_name=bundle_name,
@@ -727,13 +728,14 @@ class ValidationMetricsLogger(_LinkedRun, MLFlowHandler):
     def __init__(self, bundle_name: str, run_name: str, tracking_uri: str | None = None, spool_dir: str | None = None):
         bound_http_requests()
         tracking_uri = tracking_uri or default_tracking_uri()
-        super().__init__(
-            tracking_uri=tracking_uri,
-            experiment_name=bundle_name,
-            run_name=run_name,
-            iteration_log=False,
-            artifact_location=artifact_location_for(tracking_uri, bundle_name),
-        )
+        with opening_store(tracking_uri):
+            super().__init__(
+                tracking_uri=tracking_uri,
+                experiment_name=bundle_name,
+                run_name=run_name,
+                iteration_log=False,
+                artifact_location=artifact_location_for(tracking_uri, bundle_name),
+            )
         self.spool_dir = spool_dir or default_spool_dir([], None, run_name)
         self._link = None
         self._warned = False
