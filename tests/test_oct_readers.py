@@ -270,3 +270,20 @@ def test_a_blank_bscan_of_a_mat_file_is_refused_naming_it(tmp_path):
     with pytest.raises(Exception) as error:
         inference_preprocessing()(items[1])
     assert "Subject_01.mat::1: is uniform" in str(find_input_error(error.value))
+
+
+def test_a_mat_volume_saved_in_another_axis_order_is_refused_for_inference_naming_the_order(tmp_path):
+    """``images`` saved as (n_bscans, rows, cols) beside Duke's boundaries was listed for inference as 48 "B-scans"
+    of 61 x 40 pixels, each a slice across the real B-scans: plausible images of the wrong plane, segmented as
+    layers. The boundaries in the file say which axes are which."""
+    images, layers = write_duke(tmp_path / "Subject_01.mat", rows=40, cols=48, n=61)
+    assert len(load_oct_images(tmp_path / "Subject_01.mat")) == 61  # as the release stores it
+    scipy.io.savemat(tmp_path / "Subject_01.mat", {"images": images.transpose(2, 0, 1), "manualLayers1": layers})
+    with pytest.raises(DataError, match=r"'images' looks saved as \(n_bscans, rows, cols\)") as error:
+        load_oct_images(tmp_path / "Subject_01.mat")
+    message = str(error.value)
+    assert message.startswith(str(tmp_path / "Subject_01.mat")) and "permute(images, [2 3 1])" in message
+    scipy.io.savemat(tmp_path / "Subject_01.mat", {"images": images[:, :, :60], "manualLayers2": layers})
+    with pytest.raises(DataError, match="image/label shape mismatch") as error:
+        load_oct_images(tmp_path)  # another grader's boundaries, for one B-scan more than the images hold
+    assert "looks saved" not in str(error.value)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -79,10 +80,15 @@ def _boundary_stack(path: Path, content: dict, grader: int, images: np.ndarray) 
     if layers.ndim != 3:
         raise DataError(path, f"'{key}' {layers.shape} must be (n_boundaries, cols, n_bscans).")
     if layers.shape[1:] != images.shape[1:]:
+        transposed = layers.shape[1:] == (images.shape[2], images.shape[0])
         raise DataError(
             path,
             f"image/label shape mismatch: 'images' is {images.shape} (rows, cols, n_bscans) but "
-            f"'{key}' is {layers.shape} (boundaries, cols, n_bscans).",
+            f"'{key}' is {layers.shape} (boundaries, cols, n_bscans)"
+            + (": 'images' looks saved as (n_bscans, rows, cols)." if transposed else "."),
+            "Save 'images' as (rows, cols, n_bscans), as the Duke release stores it (MATLAB: permute(images, [2 3 1]))."
+            if transposed
+            else None,
         )
     return layers - 1.0  # MATLAB rows are 1-based
 
@@ -159,9 +165,19 @@ def duke_items(path: str | os.PathLike, grader: int = 1, class_names: Sequence[s
 
 
 def bscan_items(path: str | os.PathLike) -> list[dict]:
-    """Every B-scan of a Duke-layout ``.mat`` file (annotated or not), as images to segment."""
+    """Every B-scan of a Duke-layout ``.mat`` file (annotated or not), as images to segment. Boundaries in the file
+    (``manualLayers1``/``2``, not needed here) must still fit its images: a file whose ``images`` were saved in
+    another axis order would otherwise be segmented slice by slice across its B-scans, each "B-scan" a plausible
+    image of the wrong plane.
+
+    Raises:
+        DataError: naming the file and the problem.
+    """
     path = Path(path)
-    images = _bscan_stack(path, load_mat(path))
+    content = load_mat(path)
+    images = _bscan_stack(path, content)
+    for grader in sorted(int(m[1]) for k in content if (m := re.fullmatch(r"manualLayers(\d+)", k))):
+        _boundary_stack(path, content, grader, images)
     return [
         {"image": member_path(path, i), "id": f"{path.stem}_bscan{i:02d}", "source": str(path)}
         for i in range(images.shape[2])
