@@ -58,7 +58,8 @@ _OWN_LIMITS: set[str] = set()
 
 
 class TrackingUnavailableError(DataError):
-    """The configured tracking server cannot be reached (raised before any training starts)."""
+    """The configured tracking store cannot be used: a server that does not answer, a local database kept locked by
+    another process (raised before any training starts)."""
 
 
 def bound_http_requests() -> dict[str, str]:
