@@ -5,6 +5,7 @@ the generated phantoms in ``<root>/data/phantoms``, the MLflow store in ``<root>
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import time
 import uuid
@@ -40,8 +41,8 @@ def sqlite_wait_s() -> float:
     try:
         seconds = float(text)
     except ValueError:
-        seconds = float("nan")
-    if not seconds > 0 or seconds == float("inf"):
+        seconds = math.nan
+    if not (math.isfinite(seconds) and seconds > 0):
         raise InputError(f"environment variable {SQLITE_WAIT_ENV}", f"is {text!r}, not a positive number of seconds.")
     return seconds
 
@@ -53,9 +54,11 @@ def wait_for_sqlite_locks() -> None:
     MLflow opens its store by listing the tables through a plain connection (its sessions set a 20 s wait of their
     own, only later): with search workers and their trainings recording into one store on a loaded machine, a
     commit can keep that first query waiting past 5 s, and the training ended with "database is locked" before
-    its first epoch. Installed once per process; engines made earlier are covered too (the listener is the
-    ``Engine`` class's). The stores' openers check :func:`sqlite_wait_s` first, so that a bad value is refused
-    naming the variable, not from a connection deep inside MLflow or Optuna."""
+    its first epoch. Installed once per process, as :mod:`clinseg.pipelines.tracking` is imported, so that
+    whatever reads a store in such a process waits too, not only the project's openers; engines made earlier are
+    covered as well (the listener is the ``Engine`` class's). The stores' openers check :func:`sqlite_wait_s`
+    first, so that a bad value is refused naming the variable, not from a connection deep inside MLflow or
+    Optuna."""
     from sqlalchemy import event
     from sqlalchemy.engine import Engine
 
