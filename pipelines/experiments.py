@@ -38,7 +38,7 @@ from mlflow.exceptions import MlflowException
 from clinseg.datasets.errors import InputError
 from clinseg.pipelines import cli
 from clinseg.pipelines.cli import text_table
-from clinseg.pipelines.paths import SOURCE_ROOT, checked_bundle
+from clinseg.pipelines.paths import SOURCE_ROOT, checked_bundle, with_sqlite_wait
 from clinseg.pipelines.tracking import (
     client_for,
     default_tracking_uri,
@@ -697,8 +697,10 @@ def ui(args) -> int:
         return 0
     if not uri.startswith("sqlite:///"):
         raise InputError("--tracking_uri", f"{uri}: `ui` serves a local SQLite store; run `mlflow server` for others.")
-    store = Path(uri[len("sqlite:///") :])
-    command = [str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri", uri]
+    store = Path(uri[len("sqlite:///") :].split("?", 1)[0])
+    # the server is MLflow's own process, without the project's lock-wait listener: the wait goes in its URL, or it
+    # would give up after sqlite3's 5 s when it starts while a training commits (and fail to start)
+    command = [str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri", with_sqlite_wait(uri)]
     command += ["--artifacts-destination", str(store.parent / "artifacts")]
     command += ["--host", args.host, "--port", str(args.port)]
     print(f"MLflow UI of {uri} at {server}; the runs of each experiment:")

@@ -8,6 +8,7 @@ import contextlib
 import math
 import os
 import time
+import urllib.parse
 import uuid
 from pathlib import Path
 
@@ -71,6 +72,16 @@ def _wait_on_sqlite_locks(dbapi_connection, connection_record) -> None:
 
     if isinstance(dbapi_connection, sqlite3.Connection):
         dbapi_connection.execute(f"PRAGMA busy_timeout = {round(sqlite_wait_s() * 1000)}")
+
+
+def with_sqlite_wait(url: str) -> str:
+    """``url`` (``sqlite:///...``) with :func:`sqlite_wait_s` as its ``timeout`` query parameter, for a process that
+    runs none of the project's code and so not its listener (``mlflow server``): SQLAlchemy's SQLite driver passes
+    ``timeout`` to every connection it opens. A URL that sets its own ``timeout`` is returned as given."""
+    query = urllib.parse.urlsplit(url).query
+    if "timeout" in urllib.parse.parse_qs(query):
+        return url
+    return f"{url}{'&' if query else '?'}timeout={sqlite_wait_s():g}"
 
 
 @contextlib.contextmanager

@@ -311,6 +311,35 @@ def test_a_store_locked_for_longer_than_the_wait_is_refused_naming_it(tmp_path, 
     assert not (tmp_path / "b" / "models" / "model.pt").exists()
 
 
+def test_the_ui_started_while_another_process_writes_waits_for_the_lock(tmp_path):
+    """``experiments ui`` serves the store through ``mlflow server``, a process that runs none of the project's code:
+    started while a training committed for more than 5 s, it gave up on the lock and did not start. The wait goes
+    in the URL it is given."""
+    database = tmp_path / "mlruns" / "mlflow.db"
+    uri = f"sqlite:///{database}"
+    client_for(uri).search_experiments()
+    port = free_port()
+    ui = subprocess.Popen(
+        [sys.executable, "-m", "clinseg.pipelines.experiments", "ui", "--port", str(port)],
+        cwd=REPO_ROOT,
+        env={**os.environ, "MLFLOW_TRACKING_URI": uri},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        # the links are printed just before the server starts: the lock is taken as it starts opening the store
+        assert ui.stdout.readline().startswith(f"MLflow UI of {uri}"), ui.stderr.read()[-3000:]
+        assert ui.stdout.readline().strip() == "(no experiments yet)"
+        with write_lock_held(database, 20):
+            started = time.monotonic()
+            assert server_answers(f"http://127.0.0.1:{port}", ui, 120), ui.communicate(timeout=60)[1][-3000:]
+        assert time.monotonic() - started > 10, "the server answered while the lock was held: the test met no lock"
+    finally:
+        ui.terminate()
+        ui.wait(timeout=60)
+
+
 @pytest.mark.parametrize("value", ["soon", "0", "-3", "inf"])
 def test_a_wait_that_is_not_a_number_of_seconds_is_refused_naming_the_variable(tmp_path, monkeypatch, value):
     from clinseg.datasets.errors import InputError
