@@ -109,6 +109,15 @@ def with_trained_settings(overrides: list[str], checkpoint: Path) -> list[str]:
     return [part for pair in recorded for part in pair] + overrides
 
 
+def require_model(checkpoint: Path) -> None:
+    """Stop, saying how to make one, when ``checkpoint`` is no file."""
+    if not checkpoint.is_file():
+        raise SystemExit(
+            f"error: {checkpoint}: no model; train one on DRIVE first (python -m monai.bundle run training "
+            "--config_file bundles/vessels/configs/train.json --dataset_dir ../shared/data/vessels/DRIVE/training)."
+        )
+
+
 def infer(dataset_dir: Path, checkpoint: Path, overrides: list[str], work: Path, name: str) -> dict:
     """One inference through the bundle's command line over the photographs; the predictions scored on the
     photographs' own grid against their masks, inside the field estimated from each photograph and over the
@@ -235,11 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     if not chase_dir.is_dir():
         print(f"skipped: {chase_dir} is absent (set CHASE_DIR or --chase_dir)")
         return 0
-    if not checkpoint.is_file():
-        raise SystemExit(
-            f"error: {checkpoint}: no model; train one on DRIVE first (python -m monai.bundle run training "
-            "--config_file bundles/vessels/configs/train.json --dataset_dir ../shared/data/vessels/DRIVE/training)."
-        )
+    require_model(checkpoint)
     conditions = dict(CONDITIONS)
     for text in args.condition or []:
         name, _, overrides = text.partition("=")

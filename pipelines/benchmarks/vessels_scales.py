@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from clinseg.pipelines.benchmarks import drive_training_dir, write_report
-from clinseg.pipelines.benchmarks.vessels_cross_camera import infer, with_trained_settings
+from clinseg.pipelines.benchmarks.vessels_cross_camera import infer, require_model, with_trained_settings
 from clinseg.pipelines.paths import PROJECT_ROOT, SOURCE_ROOT
 
 CONDITIONS = {"own_scale": ["--base_transforms#0#upscale", "False"], "enlarged": []}
@@ -83,8 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     if not drive_dir.is_dir():
         print(f"skipped: {drive_dir} is absent (set DRIVE_DIR or --dataset_dir)")
         return 0
-    if not checkpoint.is_file():
-        raise SystemExit(f"error: {checkpoint}: no model; train one on DRIVE first (see the vessels README).")
+    require_model(checkpoint)
     if any(not 0 < scale <= 1 for scale in args.scales):
         raise SystemExit(f"error: --scales: {args.scales}: each must be above 0 and at most 1.")
     results: dict[str, dict] = {}
