@@ -225,8 +225,9 @@ def test_a_small_disc_is_enlarged_to_the_learnt_scale_and_back(tmp_path):
 
 
 def test_a_small_disc_that_enlarged_would_exceed_max_pixels_is_refused_naming_it(tmp_path):
-    """A small field in a large frame (a fundus camera's preview inside a screenshot) enlarged to the learnt disc
-    could need more memory than the machine has: refused with what to do, before anything is resampled."""
+    """An enlargement over max_pixels (a field under a fifth of its image once min_fraction is lowered, a large
+    fov_diameter_px) could need more memory than the machine has: refused with what to do, before anything is
+    resampled."""
     from clinseg.datasets.errors import DataError
     from clinseg.transforms.fundus import ScaleToFOVd
 
