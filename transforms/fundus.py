@@ -558,7 +558,7 @@ class ScaleToFOVd(MapTransform, InvertibleTransform):
             their own scale.
         max_pixels: refuse a photograph that enlarged would have more pixels than this, rather than run out of
             memory on it. A safety net: a field covers at least a fifth of its image (:class:`EstimateFOVd`'s
-            ``min_fraction``), so an enlarged photograph has at most about 1.2 million pixels at the default
+            ``min_fraction``), so an enlarged photograph has at most about 1.1 million pixels at the default
             ``diameter``; a lower ``min_fraction`` or a larger ``diameter`` lifts that bound.
         enabled: ``False`` leaves every photograph at its own scale (and ``inverse`` changes nothing).
 
