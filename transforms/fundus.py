@@ -543,7 +543,7 @@ class ScaleToFOVd(MapTransform, InvertibleTransform):
     network saw. Resampling by the disc brings them back to the learnt calibre. A smaller disc (a low-resolution
     camera, a downsized export) is enlarged for the same reason: the network finds vessels of the calibre it learnt.
     DRIVE's validation photographs downsized to half their size, segmented at that size, scored F1 0.75 (0.81 at
-    full size), at 0.3 of it 0.65; enlarged to the learnt disc, 0.81 and 0.76 (the vessels README). A disc within
+    full size), at 0.3 of it 0.65; enlarged to the learnt disc, 0.80 and 0.75 (the vessels README). A disc within
     ``tolerance`` of ``diameter`` is left untouched (no resampling of data at its native scale), as is a field with
     no visible disc. Invertible: ``Invertd`` brings predictions back to the photograph's own grid. The factor is
     kept in the metadata (``fov_scale``) for the results.
@@ -644,7 +644,7 @@ class ScaleToFOVd(MapTransform, InvertibleTransform):
                     f"its field of view is {self.diameter / factor:.0f} pixels across in a {image.shape[-2]} x "
                     f"{image.shape[-1]} image: enlarged {factor:.1f} times to the {self.diameter:g}-pixel disc the "
                     f"network learnt, it would be {size[0]} x {size[1]} pixels, over max_pixels ({self.max_pixels}).",
-                    "Crop the photograph to its field of view.",
+                    "Crop the photograph to its field of view, or raise max_pixels.",
                 )
 
     def inverse(self, data: Mapping[Hashable, NdarrayOrTensor]) -> dict[Hashable, NdarrayOrTensor]:
