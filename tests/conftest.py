@@ -168,6 +168,19 @@ def run_models(bundle_root: Path) -> Path:
     return found[0]
 
 
+def start_experiments_ui(uri: str, port: int, stderr=subprocess.PIPE) -> subprocess.Popen:
+    """``python -m clinseg.pipelines.experiments ui`` serving the store at ``uri`` on ``port``; its printed links on
+    ``stdout`` (a pipe, read line by line)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "clinseg.pipelines.experiments", "ui", "--port", str(port)],
+        cwd=REPO_ROOT,
+        env={**os.environ, "MLFLOW_TRACKING_URI": uri},
+        stdout=subprocess.PIPE,
+        stderr=stderr,
+        text=True,
+    )
+
+
 def server_answers(uri: str, process: subprocess.Popen, timeout_s: float) -> bool:
     """Wait until the MLflow server at ``uri`` answers ``/health``; False if ``process`` ends or time runs out."""
     import time

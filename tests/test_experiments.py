@@ -16,7 +16,15 @@ import mlflow
 import pytest
 
 from clinseg.pipelines.tracking import client_for
-from tests.conftest import OCT_BUNDLE, REPO_ROOT, free_port, run_at_once, run_bundle, server_answers
+from tests.conftest import (
+    OCT_BUNDLE,
+    REPO_ROOT,
+    free_port,
+    run_at_once,
+    run_bundle,
+    server_answers,
+    start_experiments_ui,
+)
 
 TRAIN = [str(OCT_BUNDLE / "configs" / "train.json")]
 TINY = {
@@ -319,14 +327,7 @@ def test_the_ui_started_while_another_process_writes_waits_for_the_lock(tmp_path
     uri = f"sqlite:///{database}"
     client_for(uri).search_experiments()
     port = free_port()
-    ui = subprocess.Popen(
-        [sys.executable, "-m", "clinseg.pipelines.experiments", "ui", "--port", str(port)],
-        cwd=REPO_ROOT,
-        env={**os.environ, "MLFLOW_TRACKING_URI": uri},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    ui = start_experiments_ui(uri, port)
     try:
         # the links are printed just before the server starts: the lock is taken as it starts opening the store
         assert ui.stdout.readline().startswith(f"MLflow UI of {uri}"), ui.stderr.read()[-3000:]

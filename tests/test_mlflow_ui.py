@@ -16,7 +16,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -24,7 +23,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from tests.conftest import REPO_ROOT, free_port, prerequisite_missing, run_bundle, server_answers
+from tests.conftest import REPO_ROOT, free_port, prerequisite_missing, run_bundle, server_answers, start_experiments_ui
 from tests.test_experiments import TINY, TRAIN
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -54,14 +53,7 @@ def served_store(tmp_path_factory, tiny_oct_dir):
         run_bundle("training", TRAIN, {**overrides, "dataset_dir": tiny_oct_dir, "bundle_root": root / "bundle"},
                    env={"MLFLOW_TRACKING_URI": uri})  # fmt: skip
     port = free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "clinseg.pipelines.experiments", "ui", "--port", str(port)],
-        cwd=REPO_ROOT,
-        env={**os.environ, "MLFLOW_TRACKING_URI": uri},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
+    server = start_experiments_ui(uri, port, stderr=subprocess.DEVNULL)
     links = [server.stdout.readline() for _ in range(2)]
     assert server_answers(f"http://127.0.0.1:{port}", server, 120), "the MLflow UI did not start"
     try:
