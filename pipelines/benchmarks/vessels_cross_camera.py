@@ -115,11 +115,11 @@ def error_kinds(prediction: np.ndarray, reference: np.ndarray, field: np.ndarray
     precision_1px = float((p & (to_reference <= 1)).sum() / max(p.sum(), 1))
     recall_1px = float((r & (to_prediction <= 1)).sum() / max(r.sum(), 1))
     false_positive = p & ~r
-    widths = {}
+    widths, lengths = {}, []
     for name, mask in (("prediction", p), ("reference", r)):
         centre = skeletonize(mask)
         widths[name] = float(np.median(2 * ndimage.distance_transform_edt(mask)[centre])) if centre.any() else None
-    lengths = [int(skeletonize(mask).sum()) for mask in (p, r)]
+        lengths.append(int(centre.sum()))
     return {
         "f1_within_1px": 2 * precision_1px * recall_1px / max(precision_1px + recall_1px, 1e-12),
         "centreline_length_ratio": lengths[0] / max(lengths[1], 1),
