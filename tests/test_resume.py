@@ -79,6 +79,63 @@ def test_killed_training_resumes_and_continues_its_history(tmp_path, tiny_oct_di
     assert [m.value for m in dice[:killed_at]] == [m.value for m in first_dice if m.step <= killed_at]
 
 
+# runs `python -m monai.bundle` (argv after the file name) and SIGKILLs itself the instant a file named argv[1] is
+# renamed into place: the latest checkpoint of an epoch exists, nothing after it has run
+KILLED_ONCE_A_CHECKPOINT_IS_IN_PLACE = """
+import os, runpy, signal, sys
+
+rename = os.replace
+checkpoint_name = sys.argv[1]
+
+def rename_then_die(source, target):
+    rename(source, target)
+    if os.path.basename(os.fspath(target)) == checkpoint_name:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+os.replace = rename_then_die
+sys.argv = ["monai.bundle", *sys.argv[2:]]
+runpy.run_module("monai.bundle", run_name="__main__", alter_sys=True)
+"""
+
+
+def test_a_checkpoint_is_written_only_after_the_record_of_its_epoch(tmp_path, tiny_oct_dir):
+    """Killed the instant epoch 2's checkpoint is in place, the store already holds every loss of epochs 1-2, so
+    the resumed run's history has no gap (the training records its losses in batches, written at each epoch's end)."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    overrides = {
+        "bundle_root": tmp_path / "bundle",
+        "dataset_dir": tiny_oct_dir,
+        "image_size": "[64,96]",
+        "network_def#channels": "[8,16,32]",
+        "network_def#strides": "[2,2]",
+        "batch_size": 2,
+        "val_interval": 1,
+        "train#trainer#max_epochs": 3,
+    }
+    arguments = ["run", "training", "--config_file", str(TRAIN)]
+    for key, value in overrides.items():
+        arguments += [f"--{key}", str(value)]
+    killed = subprocess.run(
+        [sys.executable, "-c", KILLED_ONCE_A_CHECKPOINT_IS_IN_PLACE, "latest_checkpoint_epoch=2.pt", *arguments],
+        cwd=REPO_ROOT, env={**os.environ, "MLFLOW_TRACKING_URI": uri}, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    models = run_models(tmp_path / "bundle")
+    saved = sorted(p.name for p in models.glob("latest_checkpoint_epoch=*.pt"))
+    assert saved[-1] == "latest_checkpoint_epoch=2.pt", "epoch 1's is removed only after epoch 2's is in place"
+
+    client = mlflow.MlflowClient(uri)
+    (first,) = client.search_runs([client.get_experiment_by_name("oct_layers").experiment_id])
+    losses = client.get_metric_history(first.info.run_id, "0_key/train_loss")
+    assert sorted(m.step for m in losses) == list(range(1, 2 * 3 + 1)), "6 images / batch 2: 3 steps per epoch"
+
+    run_bundle("training", TRAIN, {**overrides, "resume": True}, env={"MLFLOW_TRACKING_URI": uri})
+    resumed = client.search_runs([client.get_experiment_by_name("oct_layers").experiment_id], order_by=["start_time"])[1]
+    resumed_losses = client.get_metric_history(resumed.info.run_id, "0_key/train_loss")
+    assert sorted(m.step for m in resumed_losses) == list(range(1, 3 * 3 + 1))
+    assert sorted(p.name for p in models.glob("latest_checkpoint_epoch=*.pt")) == ["latest_checkpoint_epoch=3.pt"]
+
+
 def test_checkpoints_are_written_atomically(tmp_path, monkeypatch):
     """A save that dies half-way leaves the previous checkpoint intact and no partial file under the real name."""
     from ignite.engine import Engine

@@ -75,6 +75,10 @@ class TrainingProgress:
             state["report_best"] = list(report.best)
         tracker = self._find(self.train_handlers, _tracking_handler())
         if tracker is not None and tracker.cur_run is not None:
+            # the run's buffered losses are written (to the store, or its spool) before the checkpoint that claims
+            # their iterations: the tracker's own epoch-end write comes after this saver's, and a process killed
+            # between the two left a checkpoint whose run lacked its last epoch's losses (a gap when resumed)
+            tracker.flush()
             state["mlflow_run_id"] = tracker.cur_run.info.run_id
         if self.trainer is not None:
             state.update(epoch=self.trainer.state.epoch, iteration=self.trainer.state.iteration)
@@ -246,10 +250,13 @@ def resume_from_latest(trainer: Engine, latest_checkpoint, ckpt_dir: str, run_se
     CheckpointLoader(load_path=str(path), load_dict=latest_checkpoint.save_dict, map_location="cpu").attach(trainer)
 
     def drop_resumed_checkpoint(engine: Engine) -> None:
-        # the new run's saver keeps one latest checkpoint but does not know the one resumed from: remove that once
-        # a newer one is on disk, never before (a second interruption must still find something to resume)
+        # the new run's saver keeps one latest checkpoint but does not know the ones found at the start: the one
+        # resumed from, and an older one whose removal the kill forestalled (it is removed only after its successor
+        # is in place). Remove them once a newer one is on disk, never before (a second interruption must still
+        # find something to resume)
         if any(epoch > resumed_epoch for epoch in latest_checkpoints(ckpt_dir)):
-            path.unlink(missing_ok=True)
+            for old in found.values():
+                old.unlink(missing_ok=True)
             engine.remove_event_handler(drop_resumed_checkpoint, Events.EPOCH_COMPLETED)
 
     trainer.add_event_handler(Events.EPOCH_COMPLETED, drop_resumed_checkpoint)
