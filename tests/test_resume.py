@@ -130,7 +130,8 @@ def test_a_checkpoint_is_written_only_after_the_record_of_its_epoch(tmp_path, ti
     assert sorted(m.step for m in losses) == list(range(1, 2 * 3 + 1)), "6 images / batch 2: 3 steps per epoch"
 
     run_bundle("training", TRAIN, {**overrides, "resume": True}, env={"MLFLOW_TRACKING_URI": uri})
-    resumed = client.search_runs([client.get_experiment_by_name("oct_layers").experiment_id], order_by=["start_time"])[1]
+    experiment_id = client.get_experiment_by_name("oct_layers").experiment_id
+    resumed = client.search_runs([experiment_id], order_by=["start_time"])[1]
     resumed_losses = client.get_metric_history(resumed.info.run_id, "0_key/train_loss")
     assert sorted(m.step for m in resumed_losses) == list(range(1, 3 * 3 + 1))
     assert sorted(p.name for p in models.glob("latest_checkpoint_epoch=*.pt")) == ["latest_checkpoint_epoch=3.pt"]
