@@ -5,6 +5,7 @@
         [--set train#trainer#max_epochs=5] [--sample N]
     python -m clinseg.pipelines.experiments search oct_layers --space learning_rate=loguniform:1e-4:1e-2 \\
         batch_size=choice:2,4 --n_trials 20 --workers 2     (Optuna; see clinseg.pipelines.search)
+    python -m clinseg.pipelines.experiments cv vessels --folds 5 [--set dataset_dir=...] | --resume PARENT_RUN_ID
     python -m clinseg.pipelines.experiments register RUN_ID [--name oct_layers] [--alias champion]
     python -m clinseg.pipelines.experiments fetch oct_layers champion --out /tmp/oct_layers_v1
     python -m clinseg.pipelines.experiments promote oct_layers RUN_NAME [--bundle_root bundles/oct_layers]
@@ -370,7 +371,9 @@ def cv_summary(
     ``network_def#channels``...): without them it builds the default network and refuses the fold models."""
     runs = training_runs(client, bundle, 1000, parent_id)
     finished = [r for r in runs if r.info.status == "FINISHED" and "fold" in r.data.params]
-    by_fold = {int(r.data.params["fold"]): r for r in finished}
+    by_fold = {}
+    for run in finished:  # newest first: a fold trained again by a resumed cross-validation counts with its new run
+        by_fold.setdefault(int(run.data.params["fold"]), run)
     metric = key_metric_of(bundle, runs[0] if runs else None)
     rows = summarize(client, [by_fold[k] for k in sorted(by_fold)], metric)
     per_fold = []
@@ -415,6 +418,80 @@ def cv_summary(
     return summary
 
 
+CV_SETTINGS_TAG = "cv_settings"  # the parent's --set and --config_file, as JSON: what a resumed cv trains with
+
+
+def cv_resume_plan(client: mlflow.MlflowClient, args, given: dict) -> tuple[str, dict, list[dict]]:
+    """The cross-validation ``args.resume`` (a parent run id) to complete: its id, its recorded ``--set``, and the
+    folds still to train, each ``{"fold": k}`` or, when its interrupted training left a latest checkpoint in its run
+    folder, ``{"fold": k, "resume": <that folder>}``. A fold that finished and validated is kept, not trained again
+    (nnU-Net's folds are separate trainings in the same way). The parent is marked RUNNING again.
+
+    Raises:
+        InputError: naming ``--resume``, ``--folds``, ``--set KEY`` or ``--config_file``: a run that is no
+            cross-validation of this bundle, one recorded without its settings, or a setting other than the one
+            its folds were trained with (a resumed cross-validation mixing two settings would estimate neither).
+    """
+    from clinseg.pipelines.runs import resumable_runs
+    from clinseg.pipelines.tracking import RUN_FOLDER_TAG
+
+    try:
+        parent = client.get_run(args.resume)
+    except MlflowException as e:
+        raise InputError("--resume", f"{args.resume!r} is no run in {client.tracking_uri} ({e.error_code}).") from e
+    tags, parent_id = parent.data.tags, parent.info.run_id
+    if tags.get("workflow") != "cv" or tags.get("bundle") != args.bundle:
+        what = f"a {tags.get('workflow', 'run')} of {tags.get('bundle', 'no bundle')}"
+        raise InputError("--resume", f"run {parent_id} is {what}, not a cross-validation of {args.bundle}.")
+    if CV_SETTINGS_TAG not in tags:
+        raise InputError(
+            "--resume", f"cross-validation {parent_id} was recorded without its settings (an earlier version): "
+            "start it again without --resume."
+        )  # fmt: skip
+    recorded = json.loads(tags[CV_SETTINGS_TAG])
+    fixed, folds = recorded["set"], int(tags["folds"])
+    if args.folds is not None and args.folds != folds:
+        raise InputError("--folds", f"{args.folds}, but cross-validation {parent_id} has {folds} folds.")
+    for key, value in given.items():
+        if fixed.get(key) != value:
+            raise InputError(
+                f"--set {key}", f"is {value!r}, but cross-validation {parent_id} trained its folds with "
+                f"{fixed.get(key)!r}: a resumed cross-validation keeps its settings (leave --set out)."
+            )  # fmt: skip
+    if args.config_file and args.config_file != recorded.get("config_file"):
+        raise InputError(
+            "--config_file", f"{args.config_file}, but cross-validation {parent_id} ran "
+            f"{recorded.get('config_file') or 'the default train.json'}."
+        )  # fmt: skip
+    args.folds, args.config_file = folds, recorded.get("config_file")
+
+    bundle_root = Path(fixed.get("bundle_root") or Path("bundles") / args.bundle)
+    resumable = {folder.name for folder in resumable_runs(SOURCE_ROOT / bundle_root)}  # relative: as the folds ran
+    runs = training_runs(client, args.bundle, 1000, parent_id)  # newest first
+    metric = key_metric_of(args.bundle, runs[0] if runs else None)
+    plan = []
+    print(f"cv {parent.info.run_name} (run id {parent_id}): resuming {folds} folds of {args.bundle}")
+    for k in range(folds):
+        mine = [r for r in runs if r.data.params.get("fold") == str(k)]
+        finished = [r for r in mine if r.info.status == "FINISHED"]
+        best = summarize(client, finished[:1], metric)[0][f"best_{metric}"] if finished else math.nan
+        if math.isfinite(best):
+            print(f"  fold {k}: kept (run {run_folder(finished[0])}, best {metric} {best:.4f})")
+            continue
+        interrupted = next(
+            (r for r in mine if r.info.status != "FINISHED" and r.data.tags.get(RUN_FOLDER_TAG) in resumable), None
+        )
+        if interrupted is not None:
+            folder = interrupted.data.tags[RUN_FOLDER_TAG]
+            print(f"  fold {k}: continues run {folder} ({interrupted.info.status}) from its latest checkpoint")
+            plan.append({"fold": str(k), "resume": folder})
+        else:
+            print(f"  fold {k}: trained" + (" again" if mine else ""))
+            plan.append({"fold": str(k)})
+    client.update_run(parent_id, "RUNNING")
+    return parent_id, fixed, plan
+
+
 def ensemble_command(bundle: str, checkpoints: list[str], overrides: dict) -> str:
     """The inference command over ``checkpoints`` as one ensemble, with the training ``overrides`` (``KEY=VALUE`` of
     ``--set``) that the bundle's ``inference.json`` has: the network and input settings, without which inference
@@ -440,19 +517,27 @@ def cross_validate(args) -> int:
     records each fold's best key metric, their mean and spread, which cases each fold validated (``cv/folds.json``),
     and the ensemble of the fold models as the command that runs it (:func:`cv_summary`). The parent ends FAILED
     (KILLED when interrupted) unless every fold finished and validated."""
-    if args.folds < 2:
-        raise InputError("--folds", f"{args.folds}: cross-validation needs 2 folds or more.")
     fixed = dict(item.split("=", 1) for item in args.set)
-    for chosen in ("fold", "folds"):
+    for chosen in ("fold", "folds", "resume", "run_name"):
         if chosen in fixed:
             raise InputError(f"--set {chosen}", "is chosen by cv itself (--folds K, one training per fold).")
-    fixed["folds"] = str(args.folds)
+    if not args.resume:
+        args.folds = 5 if args.folds is None else args.folds
+    if args.folds is not None and args.folds < 2:
+        raise InputError("--folds", f"{args.folds}: cross-validation needs 2 folds or more.")
     client = client_for(args.tracking_uri)
-    parent_id = start_parent(client, args, "cv", {"folds": str(args.folds)}, fixed)
-    print(f"cv {client.get_run(parent_id).info.run_name} (run id {parent_id}): {args.folds} folds of {args.bundle}")
+    if args.resume:
+        parent_id, fixed, plan = cv_resume_plan(client, args, fixed)
+    else:
+        fixed["folds"] = str(args.folds)
+        settings = {"set": fixed, "config_file": args.config_file}  # what --resume runs the missing folds with
+        tags = {"folds": str(args.folds), CV_SETTINGS_TAG: json.dumps(settings)}
+        parent_id = start_parent(client, args, "cv", tags, fixed)
+        plan = [{"fold": str(k)} for k in range(args.folds)]
+        print(f"cv {client.get_run(parent_id).info.run_name} (run id {parent_id}): {args.folds} folds of {args.bundle}")
     status = "FAILED"
     try:
-        status = run_children(args, parent_id, [{"fold": str(k)} for k in range(args.folds)], fixed, "cv")
+        status = run_children(args, parent_id, plan, fixed, "cv")
         summary = cv_summary(client, args.bundle, args.folds, parent_id, fixed)
         if not summary["complete"] and status == "FINISHED":
             status = "FAILED"
@@ -476,6 +561,10 @@ def cross_validate(args) -> int:
             else ""
         )
         print(f"incomplete: {missing}{partial}")
+        print(
+            f"resume it (finished folds are kept, interrupted ones continue from their latest checkpoint) with:\n"
+            f"  python -m clinseg.pipelines.experiments cv {args.bundle} --resume {parent_id}"
+        )
     if "ensemble_command" in summary:
         print(f"the fold models as one ensemble:\n  {summary['ensemble_command']}")
     return 0 if status == "FINISHED" else 1
@@ -751,7 +840,11 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=sweep)
     p = sub.add_parser("cv", help="k-fold cross-validation: one training per fold under one parent run")
     p.add_argument("bundle")
-    p.add_argument("--folds", type=int, default=5)
+    p.add_argument("--folds", type=int, help="default 5 (with --resume: the cross-validation's own)")
+    p.add_argument(
+        "--resume", metavar="PARENT_RUN_ID", help="complete an interrupted cross-validation: its finished folds are "
+        "kept, an interrupted fold continues from its latest checkpoint, the others are trained"
+    )  # fmt: skip
     p.add_argument("--set", nargs="*", default=[], help="KEY=VALUE overrides for every fold")
     p.add_argument("--config_file", help="default: bundles/<bundle>/configs/train.json")
     p.add_argument("--verbose", action="store_true", help="show the trainings' output")

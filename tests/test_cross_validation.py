@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import shlex
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import mlflow
@@ -117,6 +119,58 @@ def test_cv_runs_a_child_per_fold_and_its_models_infer_as_one_ensemble(tmp_path,
                                                   "checkpoint_path": json.dumps([checkpoints[0], missing])},
                         check=False)  # fmt: skip
     assert failed.returncode != 0 and "fold9.pt" in failed.stderr and not (tmp_path / "none" / "b0_seg.png").exists()
+
+
+def test_an_interrupted_cv_resumes_keeping_its_finished_folds(tmp_path, tiny_oct_dir, tracking_uri):
+    """Stopped while its second fold trains, a cross-validation resumed by its parent run id keeps the finished
+    fold (not trained again), continues the interrupted one from its latest checkpoint, and completes the parent."""
+    settings = [s.replace("max_epochs=2", "max_epochs=8") for s in sweep_settings(tmp_path, tiny_oct_dir)]
+    command = [sys.executable, "-m", "clinseg.pipelines.experiments", "cv", "oct_layers", "--folds", "2", "--set"]
+    cv = subprocess.Popen([*command, *settings], cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True)  # fmt: skip
+    outputs, deadline = tmp_path / "bundle" / "outputs", time.time() + 600
+    # the second fold's run folder, once it holds a checkpoint of its first epoch
+    while len(list(outputs.glob("*/models/latest_checkpoint_epoch=*.pt"))) < 2 and cv.poll() is None:
+        assert time.time() < deadline, "the second fold did not start in time"
+        time.sleep(0.1)
+    cv.send_signal(signal.SIGTERM)
+    out, err = cv.communicate(timeout=300)
+    assert cv.returncode != 0 and "incomplete: fold 1 did not finish" in out, out + err[-3000:]
+    client = mlflow.MlflowClient(tracking_uri)
+    experiment_id = client.get_experiment_by_name("oct_layers").experiment_id
+    parent = client.search_runs([experiment_id], "tags.workflow = 'cv'")[0]
+    assert parent.info.status == "KILLED" and f"--resume {parent.info.run_id}" in out, out
+
+    def children():
+        return client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'",
+                                  order_by=["attributes.start_time"])  # fmt: skip
+
+    first, interrupted = children()
+    assert (first.data.params["fold"], first.info.status) == ("0", "FINISHED")
+    assert (interrupted.data.params["fold"], interrupted.info.status) == ("1", "KILLED")
+    # a resumed cross-validation keeps the settings its folds were trained with
+    assert "keeps its settings" in refused("cv", "oct_layers", "--resume", parent.info.run_id, "--set",
+                                           "train#trainer#max_epochs=9")  # fmt: skip
+    assert "has 2 folds" in refused("cv", "oct_layers", "--resume", parent.info.run_id, "--folds", "3")
+    assert "not a cross-validation of vessels" in refused("cv", "vessels", "--resume", parent.info.run_id)
+    assert "is no run" in refused("cv", "oct_layers", "--resume", "0" * 32)
+
+    out = experiments("cv", "oct_layers", "--resume", parent.info.run_id).stdout
+    assert "fold 0: kept" in out and "fold 1: continues run" in out and "standard deviation" in out, out
+    runs = children()
+    assert [r.info.run_id for r in runs[:2]] == [first.info.run_id, interrupted.info.run_id] and len(runs) == 3
+    resumed = runs[2]
+    assert resumed.data.params["fold"] == "1" and resumed.info.status == "FINISHED"
+    assert resumed.data.tags["resumed_from_run"] == interrupted.info.run_id
+    dice = client.get_metric_history(resumed.info.run_id, "0_key/val_mean_dice")
+    assert [m.step for m in dice] == list(range(1, 9)), "the interrupted fold's epochs, then its own"
+    parent = client.get_run(parent.info.run_id)
+    assert parent.info.status == "FINISHED" and parent.data.metrics["cv_folds_scored"] == 2
+    summary = json.loads(Path(mlflow.artifacts.download_artifacts(
+        run_id=parent.info.run_id, artifact_path="cv/folds.json", tracking_uri=tracking_uri
+    )).read_text())  # fmt: skip
+    assert [f["run_id"] for f in summary["per_fold"]] == [first.info.run_id, resumed.info.run_id]
+    assert summary["complete"] and parent.data.metrics["cv_mean_val_mean_dice"] == pytest.approx(summary["mean"])
 
 
 def test_cv_refuses_too_few_folds_and_a_fold_of_its_own(tmp_path, tiny_oct_dir, tracking_uri):
