@@ -27,6 +27,7 @@ import re
 import shlex
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -39,7 +40,7 @@ from mlflow.exceptions import MlflowException
 from clinseg.datasets.errors import InputError
 from clinseg.pipelines import cli
 from clinseg.pipelines.cli import text_table
-from clinseg.pipelines.paths import SOURCE_ROOT, checked_bundle, with_sqlite_wait
+from clinseg.pipelines.paths import SOURCE_ROOT, checked_bundle, process_alive, with_sqlite_wait
 from clinseg.pipelines.tracking import (
     client_for,
     default_tracking_uri,
@@ -419,6 +420,28 @@ def cv_summary(
 
 
 CV_SETTINGS_TAG = "cv_settings"  # the parent's --set and --config_file, as JSON: what a resumed cv trains with
+CV_PROCESS_TAG = "cv_process"  # host:pid of the process running the cross-validation, last started first
+
+
+def this_process() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def require_not_running(parent) -> None:
+    """Refuse to resume a cross-validation whose own process still runs on this machine: both would train the
+    same missing folds. One recorded RUNNING on another machine cannot be checked from here (it may have been lost
+    with that machine): resumed, with a warning."""
+    if parent.info.status != "RUNNING":
+        return
+    host, _, pid = parent.data.tags.get(CV_PROCESS_TAG, "").rpartition(":")
+    if host == socket.gethostname() and pid.isdigit() and process_alive(int(pid)):
+        raise InputError(
+            "--resume", f"cross-validation {parent.info.run_id} is still running (process {pid} on this machine): "
+            "stop it first (Ctrl-C or SIGTERM; its finished folds are kept)."
+        )  # fmt: skip
+    if host != socket.gethostname():
+        print(f"warning: cross-validation {parent.info.run_id} is recorded as running on {host or 'another machine'}; "
+              "resumed here, it would train the same folds twice if that process still runs")  # fmt: skip
 
 
 def cv_resume_plan(client: mlflow.MlflowClient, args, given: dict) -> tuple[str, dict, list[dict]]:
@@ -448,6 +471,7 @@ def cv_resume_plan(client: mlflow.MlflowClient, args, given: dict) -> tuple[str,
             "--resume", f"cross-validation {parent_id} was recorded without its settings (an earlier version): "
             "start it again without --resume."
         )  # fmt: skip
+    require_not_running(parent)
     recorded = json.loads(tags[CV_SETTINGS_TAG])
     fixed, folds = recorded["set"], int(tags["folds"])
     if args.folds is not None and args.folds != folds:
@@ -488,6 +512,7 @@ def cv_resume_plan(client: mlflow.MlflowClient, args, given: dict) -> tuple[str,
         else:
             print(f"  fold {k}: trained" + (" again" if mine else ""))
             plan.append({"fold": str(k)})
+    client.set_tag(parent_id, CV_PROCESS_TAG, this_process())
     client.update_run(parent_id, "RUNNING")
     return parent_id, fixed, plan
 
@@ -531,7 +556,7 @@ def cross_validate(args) -> int:
     else:
         fixed["folds"] = str(args.folds)
         settings = {"set": fixed, "config_file": args.config_file}  # what --resume runs the missing folds with
-        tags = {"folds": str(args.folds), CV_SETTINGS_TAG: json.dumps(settings)}
+        tags = {"folds": str(args.folds), CV_SETTINGS_TAG: json.dumps(settings), CV_PROCESS_TAG: this_process()}
         parent_id = start_parent(client, args, "cv", tags, fixed)
         plan = [{"fold": str(k)} for k in range(args.folds)]
         print(f"cv {client.get_run(parent_id).info.run_name} (run id {parent_id}): {args.folds} folds of {args.bundle}")

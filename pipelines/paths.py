@@ -156,3 +156,14 @@ def checked_bundle(name: str | None, what: str) -> str:
     if not name or name not in bundle_names():
         raise InputError(what, f"{name!r} is not a bundle of this repository; the bundles are {bundle_names()}.")
     return name
+
+
+def process_alive(pid: int) -> bool:
+    """Whether a process of this id lives on this machine (another user's included)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True

@@ -124,21 +124,29 @@ def test_cv_runs_a_child_per_fold_and_its_models_infer_as_one_ensemble(tmp_path,
 def test_an_interrupted_cv_resumes_keeping_its_finished_folds(tmp_path, tiny_oct_dir, tracking_uri):
     """Stopped while its second fold trains, a cross-validation resumed by its parent run id keeps the finished
     fold (not trained again), continues the interrupted one from its latest checkpoint, and completes the parent."""
-    settings = [s.replace("max_epochs=2", "max_epochs=8") for s in sweep_settings(tmp_path, tiny_oct_dir)]
+    settings = [s.replace("max_epochs=2", "max_epochs=20") for s in sweep_settings(tmp_path, tiny_oct_dir)]
     command = [sys.executable, "-m", "clinseg.pipelines.experiments", "cv", "oct_layers", "--folds", "2", "--set"]
     cv = subprocess.Popen([*command, *settings], cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                           text=True)  # fmt: skip
     outputs, deadline = tmp_path / "bundle" / "outputs", time.time() + 600
-    # the second fold's run folder, once it holds a checkpoint of its first epoch
-    while len(list(outputs.glob("*/models/latest_checkpoint_epoch=*.pt"))) < 2 and cv.poll() is None:
-        assert time.time() < deadline, "the second fold did not start in time"
-        time.sleep(0.1)
-    cv.send_signal(signal.SIGTERM)
-    out, err = cv.communicate(timeout=300)
-    assert cv.returncode != 0 and "incomplete: fold 1 did not finish" in out, out + err[-3000:]
+
+    def wait_for_checkpoints(count):  # of the first epoch of the first `count` folds
+        while len(list(outputs.glob("*/models/latest_checkpoint_epoch=*.pt"))) < count and cv.poll() is None:
+            assert time.time() < deadline, f"fold {count - 1} did not start in time"
+            time.sleep(0.1)
+        assert cv.poll() is None, cv.communicate()
+
+    wait_for_checkpoints(1)
     client = mlflow.MlflowClient(tracking_uri)
     experiment_id = client.get_experiment_by_name("oct_layers").experiment_id
     parent = client.search_runs([experiment_id], "tags.workflow = 'cv'")[0]
+    # its own process still runs: a second one would train the same folds
+    assert "is still running" in refused("cv", "oct_layers", "--resume", parent.info.run_id)
+    wait_for_checkpoints(2)
+    cv.send_signal(signal.SIGTERM)
+    out, err = cv.communicate(timeout=300)
+    assert cv.returncode != 0 and "incomplete: fold 1 did not finish" in out, out + err[-3000:]
+    parent = client.get_run(parent.info.run_id)
     assert parent.info.status == "KILLED" and f"--resume {parent.info.run_id}" in out, out
 
     def children():
@@ -163,7 +171,7 @@ def test_an_interrupted_cv_resumes_keeping_its_finished_folds(tmp_path, tiny_oct
     assert resumed.data.params["fold"] == "1" and resumed.info.status == "FINISHED"
     assert resumed.data.tags["resumed_from_run"] == interrupted.info.run_id
     dice = client.get_metric_history(resumed.info.run_id, "0_key/val_mean_dice")
-    assert [m.step for m in dice] == list(range(1, 9)), "the interrupted fold's epochs, then its own"
+    assert [m.step for m in dice] == list(range(1, 21)), "the interrupted fold's epochs, then its own"
     parent = client.get_run(parent.info.run_id)
     assert parent.info.status == "FINISHED" and parent.data.metrics["cv_folds_scored"] == 2
     summary = json.loads(Path(mlflow.artifacts.download_artifacts(

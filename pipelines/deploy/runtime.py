@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from clinseg.datasets.errors import DataError
+from clinseg.pipelines.paths import process_alive
 
 if TYPE_CHECKING:
     import torch
@@ -238,16 +239,6 @@ def _lock(descriptor: int) -> bool | None:
     return True
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's live process
-        return True
-    return True
-
-
 def _claim_staging(output_dir: Path) -> tuple[Path, int]:
     """A new staging folder in ``output_dir`` holding its owner record, locked by this process: the folder and the
     open descriptor that holds the lock (closing it releases the lock)."""
@@ -299,7 +290,7 @@ def _abandoned(folder: Path) -> bool:
             return locked is True
         if record.get("host") != socket.gethostname():
             return False
-        return locked is True or not _pid_alive(int(record.get("pid", 0)))
+        return locked is True or not process_alive(int(record.get("pid", 0)))
     finally:
         os.close(descriptor)
 
