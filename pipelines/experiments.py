@@ -2,7 +2,7 @@
 
     python -m clinseg.pipelines.experiments compare oct_layers [--metric val_mean_dice] [--plot curves.png]
     python -m clinseg.pipelines.experiments sweep oct_layers --grid learning_rate=0.001,0.002 batch_size=2,4 \\
-        [--set train#trainer#max_epochs=5] [--sample N]
+        [--set train#trainer#max_epochs=5] [--sample N]     (or --resume PARENT_RUN_ID: complete an interrupted one)
     python -m clinseg.pipelines.experiments search oct_layers --space learning_rate=loguniform:1e-4:1e-2 \\
         batch_size=choice:2,4 --n_trials 20 --workers 2     (Optuna; see clinseg.pipelines.search)
     python -m clinseg.pipelines.experiments cv vessels --folds 5 [--set dataset_dir=...] | --resume PARENT_RUN_ID
@@ -42,6 +42,7 @@ from clinseg.pipelines import cli
 from clinseg.pipelines.cli import text_table
 from clinseg.pipelines.paths import SOURCE_ROOT, checked_bundle, process_alive, with_sqlite_wait
 from clinseg.pipelines.tracking import (
+    RUN_TAGS_ENV,
     client_for,
     default_tracking_uri,
     engine_metric_name,
@@ -271,12 +272,14 @@ def parse_grid(items: list[str]) -> dict[str, list[str]]:
     return grid
 
 
-def start_parent(client: mlflow.MlflowClient, args, workflow: str, tags: dict, fixed: dict) -> str:
-    """The parent run of a sweep or a cross-validation (its children are the trainings): its id."""
+def start_parent(client: mlflow.MlflowClient, args, workflow: str, tags: dict, fixed: dict, plan: dict) -> str:
+    """The parent run of a sweep or a cross-validation (its children are the trainings): its id. It records its
+    settings (``fixed``, the config file and the workflow's ``plan``) for ``--resume``, and this process."""
     experiment_id = ensure_experiment(client, args.bundle, args.tracking_uri or default_tracking_uri())
-    parent = client.create_run(
-        experiment_id, run_name=unique_run_name(workflow), tags={"workflow": workflow, "bundle": args.bundle, **tags}
-    )
+    settings = {"set": fixed, "config_file": args.config_file, **plan}
+    tags = {"workflow": workflow, "bundle": args.bundle, **tags}
+    tags.update({SETTINGS_TAG: json.dumps(settings), PROCESS_TAG: this_process()})
+    parent = client.create_run(experiment_id, run_name=unique_run_name(workflow), tags=tags)
     for key, value in fixed.items():  # MLflow param names cannot hold '#': config ids use '.' there
         client.log_param(parent.info.run_id, key.replace("#", "."), value)
     return parent.info.run_id
@@ -306,7 +309,7 @@ def run_children(args, parent_id: str, combinations: list[dict], fixed: dict, wo
             child = subprocess.Popen(
                 command,
                 cwd=SOURCE_ROOT,
-                env=env,
+                env={**env, RUN_TAGS_ENV: json.dumps({CHILD_TAG: child_key(overrides)})},
                 stdout=None if args.verbose else subprocess.DEVNULL,
                 stderr=None if args.verbose else subprocess.PIPE,
                 text=True,
@@ -329,24 +332,45 @@ def run_children(args, parent_id: str, combinations: list[dict], fixed: dict, wo
 
 def sweep(args) -> int:
     """Child training runs for every combination of ``--grid`` (or ``--sample`` of them) under one parent run."""
-    client = client_for(args.tracking_uri)
-    grid = parse_grid(args.grid)
-    combinations = [dict(zip(grid, values, strict=True)) for values in itertools.product(*grid.values())]
-    if args.sample:
-        combinations = random.Random(args.seed).sample(combinations, min(args.sample, len(combinations)))
     fixed = dict(item.split("=", 1) for item in args.set)
-    parent_id = start_parent(client, args, "sweep", {"grid": json.dumps(grid)}, fixed)
-    print(
-        f"sweep {client.get_run(parent_id).info.run_name} (run id {parent_id}): {len(combinations)} child runs of "
-        f"{args.bundle}; compare them with: python -m clinseg.pipelines.experiments compare {args.bundle} "
-        f"--parent {parent_id}"
-    )
+    if args.resume and args.grid:
+        raise InputError("--grid", "is the sweep's own when it is resumed (leave it out).")
+    if not args.resume and not args.grid:
+        raise InputError("--grid", "is needed: KEY=V1,V2 ... (or --resume PARENT_RUN_ID).")
+    client = client_for(args.tracking_uri)
+    if args.resume:
+        parent_id, settings = resumed_parent(client, args, "sweep", fixed)
+        fixed, grid, sample, seed = settings["set"], settings["grid"], settings["sample"], settings["seed"]
+    else:
+        grid, sample, seed = parse_grid(args.grid), args.sample, args.seed
+        for chosen in ("resume", "run_name"):
+            if chosen in grid or chosen in fixed:
+                raise InputError(chosen, "is chosen by the sweep itself for each child run.")
+    combinations = [dict(zip(grid, values, strict=True)) for values in itertools.product(*grid.values())]
+    if sample:
+        combinations = random.Random(seed).sample(combinations, min(sample, len(combinations)))
+    if args.resume:
+        combinations = pending_children(client, args, parent_id, fixed, combinations)
+    else:
+        plan = {"grid": grid, "sample": sample, "seed": seed}
+        parent_id = start_parent(client, args, "sweep", {"grid": json.dumps(grid)}, fixed, plan)
+        print(
+            f"sweep {client.get_run(parent_id).info.run_name} (run id {parent_id}): {len(combinations)} child runs of "
+            f"{args.bundle}; compare them with: python -m clinseg.pipelines.experiments compare {args.bundle} "
+            f"--parent {parent_id}"
+        )
     status = "FAILED"
     try:
         status = run_children(args, parent_id, combinations, fixed, "sweep")
     finally:
         client.set_terminated(parent_id, status)
-    runs = training_runs(client, args.bundle, 1000, parent_id)
+    if status != "FINISHED":
+        print(
+            "resume it (finished runs are kept, interrupted ones continue from their latest checkpoint) with:\n"
+            f"  python -m clinseg.pipelines.experiments sweep {args.bundle} --resume {parent_id}"
+        )
+    # a run continued by another is counted once, by its continuation (which carries its history)
+    runs = [r for r in training_runs(client, args.bundle, 1000, parent_id) if "resumed_by_run" not in r.data.tags]
     metric = key_metric_of(args.bundle, runs[0] if runs else None)
     rows = ranked(summarize(client, runs, metric), f"best_{metric}", metric)
     print(f"\nranking by best {metric}:")
@@ -419,102 +443,117 @@ def cv_summary(
     return summary
 
 
-CV_SETTINGS_TAG = "cv_settings"  # the parent's --set and --config_file, as JSON: what a resumed cv trains with
-CV_PROCESS_TAG = "cv_process"  # host:pid of the process running the cross-validation, last started first
+SETTINGS_TAG = "settings"  # a sweep's or cv's parent: its --set, --config_file and plan, as JSON (what --resume runs)
+PROCESS_TAG = "process"  # a parent's host:pid, the process that last started or resumed it
+CHILD_TAG = "child_overrides"  # a child's own overrides (its fold, its grid values), as JSON: what --resume matches
+WORKFLOW_NAMES = {"cv": "cross-validation", "sweep": "sweep"}
 
 
 def this_process() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
+def child_key(overrides: dict) -> str:
+    """A child's identity within its parent: its overrides without ``resume`` (a continued child is the same one)."""
+    return json.dumps({k: v for k, v in overrides.items() if k != "resume"}, sort_keys=True)
+
+
 def require_not_running(parent) -> None:
-    """Refuse to resume a cross-validation whose own process still runs on this machine: both would train the
-    same missing folds. One recorded RUNNING on another machine cannot be checked from here (it may have been lost
-    with that machine): resumed, with a warning."""
+    """Refuse to resume a sweep or cross-validation whose own process still runs on this machine: both would train
+    the same missing children. One recorded RUNNING on another machine cannot be checked from here (it may have
+    been lost with that machine): resumed, with a warning."""
     if parent.info.status != "RUNNING":
         return
-    host, _, pid = parent.data.tags.get(CV_PROCESS_TAG, "").rpartition(":")
+    what = WORKFLOW_NAMES[parent.data.tags["workflow"]]
+    host, _, pid = parent.data.tags.get(PROCESS_TAG, "").rpartition(":")
     if host == socket.gethostname() and pid.isdigit() and process_alive(int(pid)):
         raise InputError(
-            "--resume", f"cross-validation {parent.info.run_id} is still running (process {pid} on this machine): "
-            "stop it first (Ctrl-C or SIGTERM; its finished folds are kept)."
+            "--resume", f"{what} {parent.info.run_id} is still running (process {pid} on this machine): "
+            "stop it first (Ctrl-C or SIGTERM; its finished runs are kept)."
         )  # fmt: skip
     if host != socket.gethostname():
-        print(f"warning: cross-validation {parent.info.run_id} is recorded as running on {host or 'another machine'}; "
-              "resumed here, it would train the same folds twice if that process still runs")  # fmt: skip
+        print(f"warning: {what} {parent.info.run_id} is recorded as running on {host or 'another machine'}; resumed "
+              "here, it would train the same runs twice if that process still runs")  # fmt: skip
 
 
-def cv_resume_plan(client: mlflow.MlflowClient, args, given: dict) -> tuple[str, dict, list[dict]]:
-    """The cross-validation ``args.resume`` (a parent run id) to complete: its id, its recorded ``--set``, and the
-    folds still to train, each ``{"fold": k}`` or, when its interrupted training left a latest checkpoint in its run
-    folder, ``{"fold": k, "resume": <that folder>}``. A fold that finished and validated is kept, not trained again
-    (nnU-Net's folds are separate trainings in the same way). The parent is marked RUNNING again.
+def resumed_parent(client: mlflow.MlflowClient, args, workflow: str, given: dict) -> tuple[str, dict]:
+    """The parent run ``args.resume`` of a ``workflow`` (sweep, cv) of ``args.bundle`` to complete: its id and the
+    settings it recorded (``set``, ``config_file`` and the workflow's plan: ``folds``, or ``grid``, ``sample`` and
+    ``seed``). ``args.config_file`` is set to the recorded one.
 
     Raises:
-        InputError: naming ``--resume``, ``--folds``, ``--set KEY`` or ``--config_file``: a run that is no
-            cross-validation of this bundle, one recorded without its settings, or a setting other than the one
-            its folds were trained with (a resumed cross-validation mixing two settings would estimate neither).
+        InputError: naming ``--resume``, ``--set KEY`` or ``--config_file``: a run that is no ``workflow`` of this
+            bundle, one recorded without its settings, one whose process still runs here, or a setting other than
+            the one its children were trained with (a resumed sweep or cross-validation mixing two settings would
+            measure neither).
     """
-    from clinseg.pipelines.runs import resumable_runs
-    from clinseg.pipelines.tracking import RUN_FOLDER_TAG
-
+    what = WORKFLOW_NAMES[workflow]
     try:
         parent = client.get_run(args.resume)
     except MlflowException as e:
         raise InputError("--resume", f"{args.resume!r} is no run in {client.tracking_uri} ({e.error_code}).") from e
     tags, parent_id = parent.data.tags, parent.info.run_id
-    if tags.get("workflow") != "cv" or tags.get("bundle") != args.bundle:
-        what = f"a {tags.get('workflow', 'run')} of {tags.get('bundle', 'no bundle')}"
-        raise InputError("--resume", f"run {parent_id} is {what}, not a cross-validation of {args.bundle}.")
-    if CV_SETTINGS_TAG not in tags:
+    if tags.get("workflow") != workflow or tags.get("bundle") != args.bundle:
+        found = f"a {tags.get('workflow', 'run')} of {tags.get('bundle', 'no bundle')}"
+        raise InputError("--resume", f"run {parent_id} is {found}, not a {what} of {args.bundle}.")
+    if SETTINGS_TAG not in tags:
         raise InputError(
-            "--resume", f"cross-validation {parent_id} was recorded without its settings (an earlier version): "
-            "start it again without --resume."
+            "--resume", f"{what} {parent_id} was recorded without its settings (an earlier version): start it again "
+            "without --resume."
         )  # fmt: skip
     require_not_running(parent)
-    recorded = json.loads(tags[CV_SETTINGS_TAG])
-    fixed, folds = recorded["set"], int(tags["folds"])
-    if args.folds is not None and args.folds != folds:
-        raise InputError("--folds", f"{args.folds}, but cross-validation {parent_id} has {folds} folds.")
+    settings = json.loads(tags[SETTINGS_TAG])
     for key, value in given.items():
-        if fixed.get(key) != value:
+        if settings["set"].get(key) != value:
             raise InputError(
-                f"--set {key}", f"is {value!r}, but cross-validation {parent_id} trained its folds with "
-                f"{fixed.get(key)!r}: a resumed cross-validation keeps its settings (leave --set out)."
+                f"--set {key}", f"is {value!r}, but {what} {parent_id} trained its runs with "
+                f"{settings['set'].get(key)!r}: a resumed {what} keeps its settings (leave --set out)."
             )  # fmt: skip
-    if args.config_file and args.config_file != recorded.get("config_file"):
+    if args.config_file and args.config_file != settings.get("config_file"):
         raise InputError(
-            "--config_file", f"{args.config_file}, but cross-validation {parent_id} ran "
-            f"{recorded.get('config_file') or 'the default train.json'}."
+            "--config_file", f"{args.config_file}, but {what} {parent_id} ran "
+            f"{settings.get('config_file') or 'the default train.json'}."
         )  # fmt: skip
-    args.folds, args.config_file = folds, recorded.get("config_file")
+    args.config_file = settings.get("config_file")
+    print(f"{workflow} {parent.info.run_name} (run id {parent_id}): resumed")
+    return parent_id, settings
+
+
+def pending_children(client: mlflow.MlflowClient, args, parent_id: str, fixed: dict, planned: list[dict]) -> list:
+    """Of the ``planned`` children of ``parent_id`` (their overrides), those still to train: a child that finished
+    and validated is kept, not trained again (nnU-Net's folds are separate trainings in the same way); one whose
+    training was interrupted and left a latest checkpoint in its run folder continues from it (``resume``: that
+    folder, a new run that carries the interrupted one's history); the others are trained. The parent is marked
+    RUNNING again, by this process."""
+    from clinseg.pipelines.runs import resumable_runs
+    from clinseg.pipelines.tracking import RUN_FOLDER_TAG
 
     bundle_root = Path(fixed.get("bundle_root") or Path("bundles") / args.bundle)
-    resumable = {folder.name for folder in resumable_runs(SOURCE_ROOT / bundle_root)}  # relative: as the folds ran
+    resumable = {folder.name for folder in resumable_runs(SOURCE_ROOT / bundle_root)}  # relative: as the runs ran
     runs = training_runs(client, args.bundle, 1000, parent_id)  # newest first
     metric = key_metric_of(args.bundle, runs[0] if runs else None)
-    plan = []
-    print(f"cv {parent.info.run_name} (run id {parent_id}): resuming {folds} folds of {args.bundle}")
-    for k in range(folds):
-        mine = [r for r in runs if r.data.params.get("fold") == str(k)]
+    pending = []
+    for overrides in planned:
+        label = " ".join(f"{k}={v}" for k, v in overrides.items())
+        mine = [r for r in runs if r.data.tags.get(CHILD_TAG) == child_key(overrides)]
         finished = [r for r in mine if r.info.status == "FINISHED"]
         best = summarize(client, finished[:1], metric)[0][f"best_{metric}"] if finished else math.nan
         if math.isfinite(best):
-            print(f"  fold {k}: kept (run {run_folder(finished[0])}, best {metric} {best:.4f})")
+            print(f"  {label}: kept (run {run_folder(finished[0])}, best {metric} {best:.4f})")
             continue
         interrupted = next(
             (r for r in mine if r.info.status != "FINISHED" and r.data.tags.get(RUN_FOLDER_TAG) in resumable), None
         )
         if interrupted is not None:
             folder = interrupted.data.tags[RUN_FOLDER_TAG]
-            print(f"  fold {k}: continues run {folder} ({interrupted.info.status}) from its latest checkpoint")
-            plan.append({"fold": str(k), "resume": folder})
+            print(f"  {label}: continues run {folder} ({interrupted.info.status}) from its latest checkpoint")
+            pending.append({**overrides, "resume": folder})
         else:
-            print(f"  fold {k}: trained" + (" again" if mine else ""))
-            plan.append({"fold": str(k)})
-    client.set_tag(parent_id, CV_PROCESS_TAG, this_process())
+            print(f"  {label}: trained" + (" again" if mine else ""))
+            pending.append(overrides)
+    client.set_tag(parent_id, PROCESS_TAG, this_process())
     client.update_run(parent_id, "RUNNING")
-    return parent_id, fixed, plan
+    return pending
 
 
 def ensemble_command(bundle: str, checkpoints: list[str], overrides: dict) -> str:
@@ -552,12 +591,15 @@ def cross_validate(args) -> int:
         raise InputError("--folds", f"{args.folds}: cross-validation needs 2 folds or more.")
     client = client_for(args.tracking_uri)
     if args.resume:
-        parent_id, fixed, plan = cv_resume_plan(client, args, fixed)
+        parent_id, settings = resumed_parent(client, args, "cv", fixed)
+        fixed, folds = settings["set"], int(settings["folds"])
+        if args.folds is not None and args.folds != folds:
+            raise InputError("--folds", f"{args.folds}, but cross-validation {parent_id} has {folds} folds.")
+        args.folds = folds
+        plan = pending_children(client, args, parent_id, fixed, [{"fold": str(k)} for k in range(folds)])
     else:
         fixed["folds"] = str(args.folds)
-        settings = {"set": fixed, "config_file": args.config_file}  # what --resume runs the missing folds with
-        tags = {"folds": str(args.folds), CV_SETTINGS_TAG: json.dumps(settings), CV_PROCESS_TAG: this_process()}
-        parent_id = start_parent(client, args, "cv", tags, fixed)
+        parent_id = start_parent(client, args, "cv", {"folds": str(args.folds)}, fixed, {"folds": args.folds})
         plan = [{"fold": str(k)} for k in range(args.folds)]
         print(f"cv {client.get_run(parent_id).info.run_name} (run id {parent_id}): {args.folds} folds of {args.bundle}")
     status = "FAILED"
@@ -856,7 +898,11 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=compare)
     p = sub.add_parser("sweep", help="grid or random sample of overrides as child runs of one parent run")
     p.add_argument("bundle")
-    p.add_argument("--grid", nargs="+", required=True, help="KEY=V1,V2 ... (config ids, as on the command line)")
+    p.add_argument("--grid", nargs="+", help="KEY=V1,V2 ... (config ids, as on the command line)")
+    p.add_argument(
+        "--resume", metavar="PARENT_RUN_ID", help="complete an interrupted sweep: its finished runs are kept, an "
+        "interrupted one continues from its latest checkpoint, the others are trained"
+    )  # fmt: skip
     p.add_argument("--set", nargs="*", default=[], help="KEY=VALUE overrides for every child")
     p.add_argument("--sample", type=int, default=0, help="run a random sample of N combinations")
     p.add_argument("--seed", type=int, default=0)

@@ -164,7 +164,7 @@ def test_an_interrupted_cv_resumes_keeping_its_finished_folds(tmp_path, tiny_oct
     assert "is no run" in refused("cv", "oct_layers", "--resume", "0" * 32)
 
     out = experiments("cv", "oct_layers", "--resume", parent.info.run_id).stdout
-    assert "fold 0: kept" in out and "fold 1: continues run" in out and "standard deviation" in out, out
+    assert "fold=0: kept" in out and "fold=1: continues run" in out and "standard deviation" in out, out
     runs = children()
     assert [r.info.run_id for r in runs[:2]] == [first.info.run_id, interrupted.info.run_id] and len(runs) == 3
     resumed = runs[2]

@@ -151,6 +151,41 @@ def test_sweep_compare_register_fetch_evaluate(tmp_path, tiny_oct_dir, tracking_
     assert not (tmp_path / "x").exists()
 
 
+def test_an_interrupted_sweep_resumes_keeping_its_finished_runs(tmp_path, tiny_oct_dir, tracking_uri):
+    """Stopped during its first child, a sweep resumed by its parent run id continues that child from its latest
+    checkpoint, trains the one that never started, and ranks each combination once."""
+    fixed = [s.replace("max_epochs=2", "max_epochs=20") for s in sweep_settings(tmp_path, tiny_oct_dir)]
+    command = [sys.executable, "-m", "clinseg.pipelines.experiments", "sweep", "oct_layers", "--grid",
+               "learning_rate=0.001,0.004", "--set", *fixed]  # fmt: skip
+    sweep = subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not list((tmp_path / "bundle").glob("outputs/*/models/latest_checkpoint_epoch=*.pt")):
+        assert sweep.poll() is None and time.time() < deadline, "the first child did not start in time"
+        time.sleep(0.1)
+    sweep.send_signal(signal.SIGTERM)
+    out, err = sweep.communicate(timeout=300)
+    assert sweep.returncode == 1, out + err[-3000:]
+    client = mlflow.MlflowClient(tracking_uri)
+    experiment_id = client.get_experiment_by_name("oct_layers").experiment_id
+    parent = client.search_runs([experiment_id], "tags.workflow = 'sweep'")[0]
+    assert parent.info.status == "KILLED" and f"sweep oct_layers --resume {parent.info.run_id}" in out, out
+    (interrupted,) = client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert interrupted.info.status == "KILLED" and interrupted.data.params["learning_rate"] == "0.001"
+    assert "is the sweep's own" in refused("sweep", "oct_layers", "--resume", parent.info.run_id, "--grid", "seed=1")
+
+    out = experiments("sweep", "oct_layers", "--resume", parent.info.run_id).stdout
+    assert "learning_rate=0.001: continues run" in out and "learning_rate=0.004: trained" in out, out
+    children = client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert len(children) == 3 and client.get_run(parent.info.run_id).info.status == "FINISHED"
+    resumed = next(c for c in children if c.data.tags.get("resumed_from_run") == interrupted.info.run_id)
+    assert resumed.data.params["learning_rate"] == "0.001" and resumed.info.status == "FINISHED"
+    ranking = out.split("ranking by best val_mean_dice")[1].strip().splitlines()[2:]  # the title, the header
+    assert len(ranking) == 2 and all(" FINISHED " in row for row in ranking), ranking  # the KILLED run is not one
+    again = experiments("sweep", "oct_layers", "--resume", parent.info.run_id).stdout
+    assert "learning_rate=0.001: kept" in again and "learning_rate=0.004: kept" in again, again
+    assert len(client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")) == 3
+
+
 def test_training_against_a_real_tracking_server(tmp_path, tiny_oct_dir):
     port = free_port()
     server = subprocess.Popen(
