@@ -36,6 +36,7 @@ from pathlib import Path
 
 import mlflow
 from mlflow.exceptions import MlflowException
+from mlflow.utils.validation import MAX_TAG_VAL_LENGTH
 
 from clinseg.datasets.errors import InputError
 from clinseg.pipelines import cli
@@ -275,10 +276,16 @@ def parse_grid(items: list[str]) -> dict[str, list[str]]:
 def start_parent(client: mlflow.MlflowClient, args, workflow: str, tags: dict, fixed: dict, plan: dict) -> str:
     """The parent run of a sweep or a cross-validation (its children are the trainings): its id. It records its
     settings (``fixed``, the config file and the workflow's ``plan``) for ``--resume``, and this process."""
+    settings = json.dumps({"set": fixed, "config_file": args.config_file, **plan})
+    if len(settings) > MAX_TAG_VAL_LENGTH:  # refused before anything is recorded, not by the store half-way
+        raise InputError(
+            "--set / --grid", f"the {workflow}'s settings take {len(settings)} characters, over the "
+            f"{MAX_TAG_VAL_LENGTH} of the MLflow tag that records them for --resume: shorten them (fewer values, a "
+            "shorter path)."
+        )  # fmt: skip
     experiment_id = ensure_experiment(client, args.bundle, args.tracking_uri or default_tracking_uri())
-    settings = {"set": fixed, "config_file": args.config_file, **plan}
     tags = {"workflow": workflow, "bundle": args.bundle, **tags}
-    tags.update({SETTINGS_TAG: json.dumps(settings), PROCESS_TAG: this_process()})
+    tags.update({SETTINGS_TAG: settings, PROCESS_TAG: this_process()})
     parent = client.create_run(experiment_id, run_name=unique_run_name(workflow), tags=tags)
     for key, value in fixed.items():  # MLflow param names cannot hold '#': config ids use '.' there
         client.log_param(parent.info.run_id, key.replace("#", "."), value)
