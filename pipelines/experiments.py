@@ -273,16 +273,22 @@ def parse_grid(items: list[str]) -> dict[str, list[str]]:
     return grid
 
 
-def start_parent(client: mlflow.MlflowClient, args, workflow: str, tags: dict, fixed: dict, plan: dict) -> str:
-    """The parent run of a sweep or a cross-validation (its children are the trainings): its id. It records its
-    settings (``fixed``, the config file and the workflow's ``plan``) for ``--resume``, and this process."""
+def parent_settings(args, workflow: str, fixed: dict, plan: dict) -> str:
+    """What a sweep's or cv's parent records for ``--resume``: ``fixed`` (its ``--set``), the config file and the
+    workflow's ``plan``, as JSON. Settings longer than an MLflow tag are refused before anything is recorded."""
     settings = json.dumps({"set": fixed, "config_file": args.config_file, **plan})
-    if len(settings) > MAX_TAG_VAL_LENGTH:  # refused before anything is recorded, not by the store half-way
+    if len(settings) > MAX_TAG_VAL_LENGTH:
         raise InputError(
             "--set / --grid", f"the {workflow}'s settings take {len(settings)} characters, over the "
             f"{MAX_TAG_VAL_LENGTH} of the MLflow tag that records them for --resume: shorten them (fewer values, a "
             "shorter path)."
         )  # fmt: skip
+    return settings
+
+
+def start_parent(client: mlflow.MlflowClient, args, workflow: str, tags: dict, fixed: dict, settings: str) -> str:
+    """The parent run of a sweep or a cross-validation (its children are the trainings): its id. It records its
+    ``settings`` (:func:`parent_settings`) and this process."""
     experiment_id = ensure_experiment(client, args.bundle, args.tracking_uri or default_tracking_uri())
     tags = {"workflow": workflow, "bundle": args.bundle, **tags}
     tags.update({SETTINGS_TAG: settings, PROCESS_TAG: this_process()})
@@ -344,8 +350,8 @@ def sweep(args) -> int:
         raise InputError("--grid", "is the sweep's own when it is resumed (leave it out).")
     if not args.resume and not args.grid:
         raise InputError("--grid", "is needed: KEY=V1,V2 ... (or --resume PARENT_RUN_ID).")
-    client = client_for(args.tracking_uri)
     if args.resume:
+        client = client_for(args.tracking_uri)
         parent_id, settings = resumed_parent(client, args, "sweep", fixed)
         fixed, grid, sample, seed = settings["set"], settings["grid"], settings["sample"], settings["seed"]
     else:
@@ -353,14 +359,15 @@ def sweep(args) -> int:
         for chosen in ("resume", "run_name"):
             if chosen in grid or chosen in fixed:
                 raise InputError(chosen, "is chosen by the sweep itself for each child run.")
+        settings = parent_settings(args, "sweep", fixed, {"grid": grid, "sample": sample, "seed": seed})
+        client = client_for(args.tracking_uri)
     combinations = [dict(zip(grid, values, strict=True)) for values in itertools.product(*grid.values())]
     if sample:
         combinations = random.Random(seed).sample(combinations, min(sample, len(combinations)))
     if args.resume:
         combinations = pending_children(client, args, parent_id, fixed, combinations)
     else:
-        plan = {"grid": grid, "sample": sample, "seed": seed}
-        parent_id = start_parent(client, args, "sweep", {"grid": json.dumps(grid)}, fixed, plan)
+        parent_id = start_parent(client, args, "sweep", {"grid": json.dumps(grid)}, fixed, settings)
         print(
             f"sweep {client.get_run(parent_id).info.run_name} (run id {parent_id}): {len(combinations)} child runs of "
             f"{args.bundle}; compare them with: python -m clinseg.pipelines.experiments compare {args.bundle} "
@@ -592,12 +599,8 @@ def cross_validate(args) -> int:
     for chosen in ("fold", "folds", "resume", "run_name"):
         if chosen in fixed:
             raise InputError(f"--set {chosen}", "is chosen by cv itself (--folds K, one training per fold).")
-    if not args.resume:
-        args.folds = 5 if args.folds is None else args.folds
-    if args.folds is not None and args.folds < 2:
-        raise InputError("--folds", f"{args.folds}: cross-validation needs 2 folds or more.")
-    client = client_for(args.tracking_uri)
     if args.resume:
+        client = client_for(args.tracking_uri)
         parent_id, settings = resumed_parent(client, args, "cv", fixed)
         fixed, folds = settings["set"], int(settings["folds"])
         if args.folds is not None and args.folds != folds:
@@ -605,8 +608,13 @@ def cross_validate(args) -> int:
         args.folds = folds
         plan = pending_children(client, args, parent_id, fixed, [{"fold": str(k)} for k in range(folds)])
     else:
+        args.folds = 5 if args.folds is None else args.folds
+        if args.folds < 2:
+            raise InputError("--folds", f"{args.folds}: cross-validation needs 2 folds or more.")
         fixed["folds"] = str(args.folds)
-        parent_id = start_parent(client, args, "cv", {"folds": str(args.folds)}, fixed, {"folds": args.folds})
+        settings = parent_settings(args, "cv", fixed, {"folds": args.folds})
+        client = client_for(args.tracking_uri)
+        parent_id = start_parent(client, args, "cv", {"folds": str(args.folds)}, fixed, settings)
         plan = [{"fold": str(k)} for k in range(args.folds)]
         print(f"cv {client.get_run(parent_id).info.run_name} (run id {parent_id}): {args.folds} folds of {args.bundle}")
     status = "FAILED"

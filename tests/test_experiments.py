@@ -511,3 +511,13 @@ def test_compare_ranks_runs_without_a_value_last_and_distances_lowest_first(tmp_
     recorded_training(client, experiment_id, "easier", {"0_key/val_mean_dice": [0.99]}, validation_fingerprint="b2")
     assert ranking()[0][0] == "easier"
     assert "validated on 2 different sets of cases" in capsys.readouterr().err
+
+
+def test_a_sweep_whose_settings_exceed_a_tag_is_refused_before_anything_is_recorded(tracking_uri):
+    """The parent records its settings in one MLflow tag (for --resume): settings too long for it are refused in
+    one line, not by the store after the parent run exists."""
+    grid = "learning_rate=" + ",".join(f"0.{i:04d}" for i in range(1500))
+    assert "over the 8000 of the MLflow tag" in refused("sweep", "oct_layers", "--grid", grid)
+    experiment = client_for(tracking_uri).get_experiment_by_name("oct_layers")
+    assert experiment is None or not client_for(tracking_uri).search_runs([experiment.experiment_id])
+    assert "--grid: is needed" in refused("sweep", "oct_layers")
