@@ -16,19 +16,24 @@ from tests.conftest import OCT_BUNDLE, REPO_ROOT, run_bundle, run_models
 TRAIN = [str(OCT_BUNDLE / "configs" / "train.json")]
 
 
-def test_killed_training_resumes_and_continues_its_history(tmp_path, tiny_oct_dir):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    bundle = tmp_path / "bundle"
-    overrides = {
-        "bundle_root": bundle,
-        "dataset_dir": tiny_oct_dir,
+def tiny_training(bundle_root, dataset_dir, max_epochs: int) -> dict:
+    """Overrides of a tiny OCT training, validated every epoch: 6 images, batch 2, so 3 steps per epoch."""
+    return {
+        "bundle_root": bundle_root,
+        "dataset_dir": dataset_dir,
         "image_size": "[64,96]",
         "network_def#channels": "[8,16,32]",
         "network_def#strides": "[2,2]",
         "batch_size": 2,
         "val_interval": 1,
-        "train#trainer#max_epochs": 6,
+        "train#trainer#max_epochs": max_epochs,
     }
+
+
+def test_killed_training_resumes_and_continues_its_history(tmp_path, tiny_oct_dir):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    bundle = tmp_path / "bundle"
+    overrides = tiny_training(bundle, tiny_oct_dir, max_epochs=6)
     command = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", str(TRAIN)]
     for key, value in overrides.items():
         command += [f"--{key}", str(value)]
@@ -102,16 +107,7 @@ def test_a_checkpoint_is_written_only_after_the_record_of_its_epoch(tmp_path, ti
     """Killed the instant epoch 2's checkpoint is in place, the store already holds every loss of epochs 1-2, so
     the resumed run's history has no gap (the training records its losses in batches, written at each epoch's end)."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    overrides = {
-        "bundle_root": tmp_path / "bundle",
-        "dataset_dir": tiny_oct_dir,
-        "image_size": "[64,96]",
-        "network_def#channels": "[8,16,32]",
-        "network_def#strides": "[2,2]",
-        "batch_size": 2,
-        "val_interval": 1,
-        "train#trainer#max_epochs": 3,
-    }
+    overrides = tiny_training(tmp_path / "bundle", tiny_oct_dir, max_epochs=3)
     arguments = ["run", "training", "--config_file", str(TRAIN)]
     for key, value in overrides.items():
         arguments += [f"--{key}", str(value)]
