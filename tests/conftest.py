@@ -37,6 +37,33 @@ def pytest_configure(config):
             os.environ.setdefault(variable, threads)
 
 
+PROJECT_STORE = REPO_ROOT / "mlruns"
+_PROJECT_STORE_AT_START: set[Path] = set()
+
+
+def _project_store_files() -> set[Path]:
+    return {p for p in PROJECT_STORE.rglob("*") if p.is_file()} if PROJECT_STORE.is_dir() else set()
+
+
+def pytest_sessionstart(session):
+    if not hasattr(session.config, "workerinput"):  # the controller of ``pytest -n``, or a run without workers
+        _PROJECT_STORE_AT_START.update(_project_store_files())
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Fail the session when files appeared in the project's MLflow store (``mlruns/``): every test records into a
+    store of its own (:func:`tracking_uri`), and an experiment created without an artifact location puts its
+    artifacts under ``./mlruns`` whatever its store, into the user's own."""
+    if hasattr(session.config, "workerinput"):
+        return
+    added = sorted(_project_store_files() - _PROJECT_STORE_AT_START)
+    if added:
+        shown = ", ".join(str(p.relative_to(REPO_ROOT)) for p in added[:5])
+        files = f"{len(added)} file{'s' if len(added) > 1 else ''}"
+        sys.stderr.write(f"\nerror: the test session wrote {files} into the project's store: {shown}\n")
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on now (the system picks it, so parallel workers get different
     ones)."""

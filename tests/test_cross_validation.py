@@ -187,14 +187,15 @@ def test_cv_refuses_too_few_folds_and_a_fold_of_its_own(tmp_path, tiny_oct_dir, 
     assert "chosen by cv itself" in refused("cv", "oct_layers", "--folds", "3", "--set", "folds=4")
 
 
-def test_an_incomplete_cv_records_no_mean_as_its_estimate(tracking_uri):
+def test_an_incomplete_cv_records_no_mean_as_its_estimate(tmp_path, tracking_uri):
     """A fold that failed, or finished without a validation, leaves the cross-validation incomplete: the parent
     records which folds are missing, and no mean of the others as the k-fold estimate."""
     from clinseg.pipelines.experiments import cv_summary
     from tests.test_experiments import recorded_training
 
     client = mlflow.MlflowClient(tracking_uri)
-    experiment_id = client.create_experiment("oct_layers")
+    # its artifacts (cv/folds.json) beside the test's store, not in the project's mlruns/ (the default, relative)
+    experiment_id = client.create_experiment("oct_layers", artifact_location=str(tmp_path / "artifacts"))
     parent = client.create_run(experiment_id, tags={"workflow": "cv"}).info.run_id
     nan = float("nan")
     for fold, dice in ((0, [0.4, 0.6]), (1, [0.8, 0.9]), (2, [nan, nan])):  # fold 2 validated nothing

@@ -479,7 +479,7 @@ def recorded_training(client, experiment_id: str, name: str, history: dict, pare
 
 def test_compare_ranks_runs_without_a_value_last_and_distances_lowest_first(tmp_path, tracking_uri, capsys):
     client = mlflow.MlflowClient(tracking_uri)
-    experiment_id = client.create_experiment("oct_layers")
+    experiment_id = client.create_experiment("oct_layers", artifact_location=str(tmp_path / "artifacts"))
     nan = float("nan")
     for name, dice, hd95, rve in (
         ("good", [0.5, 0.8], [10.0, 3.0], [0.4, 0.05]),

@@ -449,7 +449,8 @@ def test_a_sync_to_the_wrong_store_keeps_the_records_and_one_bad_name_loses_only
 
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = mlflow.MlflowClient(store)
-    run_id = client.create_run(client.create_experiment("oct_layers")).info.run_id
+    experiment_id = client.create_experiment("oct_layers", artifact_location=str(tmp_path / "artifacts"))
+    run_id = client.create_run(experiment_id).info.run_id
     spool = Spool(tmp_path / "run" / "tracking_spool")
     record = {"op": "log_batch", "run_id": run_id, "uri": store, "time": 1000}
     for step in range(1, 4):
