@@ -346,8 +346,9 @@ def run_children(args, parent_id: str, combinations: list[dict], fixed: dict, wo
 def sweep(args) -> int:
     """Child training runs for every combination of ``--grid`` (or ``--sample`` of them) under one parent run."""
     fixed = dict(item.split("=", 1) for item in args.set)
-    if args.resume and args.grid:
-        raise InputError("--grid", "is the sweep's own when it is resumed (leave it out).")
+    for given in ("grid", "sample", "seed"):
+        if args.resume and getattr(args, given) is not None:
+            raise InputError(f"--{given}", "is the sweep's own when it is resumed (leave it out).")
     if not args.resume and not args.grid:
         raise InputError("--grid", "is needed: KEY=V1,V2 ... (or --resume PARENT_RUN_ID).")
     if args.resume:
@@ -355,10 +356,10 @@ def sweep(args) -> int:
         parent_id, settings = resumed_parent(client, args, "sweep", fixed)
         fixed, grid, sample, seed = settings["set"], settings["grid"], settings["sample"], settings["seed"]
     else:
-        grid, sample, seed = parse_grid(args.grid), args.sample, args.seed
+        grid, sample, seed = parse_grid(args.grid), args.sample or 0, args.seed or 0
         for chosen in ("resume", "run_name"):
             if chosen in grid or chosen in fixed:
-                raise InputError(chosen, "is chosen by the sweep itself for each child run.")
+                raise InputError(f"--grid / --set {chosen}", "is chosen by the sweep itself for each child run.")
         settings = parent_settings(args, "sweep", fixed, {"grid": grid, "sample": sample, "seed": seed})
         client = client_for(args.tracking_uri)
     combinations = [dict(zip(grid, values, strict=True)) for values in itertools.product(*grid.values())]
@@ -383,8 +384,14 @@ def sweep(args) -> int:
             "resume it (finished runs are kept, interrupted ones continue from their latest checkpoint) with:\n"
             f"  python -m clinseg.pipelines.experiments sweep {args.bundle} --resume {parent_id}"
         )
-    # a run continued by another is counted once, by its continuation (which carries its history)
-    runs = [r for r in training_runs(client, args.bundle, 1000, parent_id) if "resumed_by_run" not in r.data.tags]
+    # each combination once, by its newest run (a continued run's continuation carries its history; a run trained
+    # again replaces the one that was stopped before its first checkpoint)
+    runs, seen = [], set()
+    for run in training_runs(client, args.bundle, 1000, parent_id):  # newest first
+        key = run.data.tags.get(CHILD_TAG, run.info.run_id)
+        if key not in seen:
+            seen.add(key)
+            runs.append(run)
     metric = key_metric_of(args.bundle, runs[0] if runs else None)
     rows = ranked(summarize(client, runs, metric), f"best_{metric}", metric)
     print(f"\nranking by best {metric}:")
@@ -457,8 +464,8 @@ def cv_summary(
     return summary
 
 
-SETTINGS_TAG = "settings"  # a sweep's or cv's parent: its --set, --config_file and plan, as JSON (what --resume runs)
-PROCESS_TAG = "process"  # a parent's host:pid, the process that last started or resumed it
+SETTINGS_TAG = "resume.settings"  # a sweep's or cv's parent: its --set, --config_file and plan, as JSON
+PROCESS_TAG = "resume.process"  # a parent's host:pid, the process that last started or resumed it
 CHILD_TAG = "child_overrides"  # a child's own overrides (its fold, its grid values), as JSON: what --resume matches
 WORKFLOW_NAMES = {"cv": "cross-validation", "sweep": "sweep"}
 
@@ -472,6 +479,16 @@ def child_key(overrides: dict) -> str:
     return json.dumps({k: v for k, v in overrides.items() if k != "resume"}, sort_keys=True)
 
 
+def runs_experiments(pid: int) -> bool:
+    """Whether process ``pid`` lives and runs this module (not another process that took a dead one's id)."""
+    if not Path("/proc").is_dir():  # no /proc on this system: the process id alone
+        return process_alive(pid)
+    try:
+        return b"clinseg.pipelines.experiments" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:  # gone
+        return False
+
+
 def require_not_running(parent) -> None:
     """Refuse to resume a sweep or cross-validation whose own process still runs on this machine: both would train
     the same missing children. One recorded RUNNING on another machine cannot be checked from here (it may have
@@ -480,7 +497,7 @@ def require_not_running(parent) -> None:
         return
     what = WORKFLOW_NAMES[parent.data.tags["workflow"]]
     host, _, pid = parent.data.tags.get(PROCESS_TAG, "").rpartition(":")
-    if host == socket.gethostname() and pid.isdigit() and process_alive(int(pid)):
+    if host == socket.gethostname() and pid.isdigit() and runs_experiments(int(pid)):
         raise InputError(
             "--resume", f"{what} {parent.info.run_id} is still running (process {pid} on this machine): "
             "stop it first (Ctrl-C or SIGTERM; its finished runs are kept)."
@@ -539,11 +556,15 @@ def pending_children(client: mlflow.MlflowClient, args, parent_id: str, fixed: d
     training was interrupted and left a latest checkpoint in its run folder continues from it (``resume``: that
     folder, a new run that carries the interrupted one's history); the others are trained. The parent is marked
     RUNNING again, by this process."""
-    from clinseg.pipelines.runs import resumable_runs
-    from clinseg.pipelines.tracking import RUN_FOLDER_TAG
+    from clinseg.pipelines.runs import run_in_progress
 
-    bundle_root = Path(fixed.get("bundle_root") or Path("bundles") / args.bundle)
-    resumable = {folder.name for folder in resumable_runs(SOURCE_ROOT / bundle_root)}  # relative: as the runs ran
+    def run_folder_with_checkpoint(run) -> Path | None:
+        # the folder of its model.pt (recorded at its start: outputs/<run>/models), if a latest checkpoint is there
+        model = run.data.tags.get("checkpoint_path")
+        if run.info.status == "FINISHED" or not model or not any(Path(model).parent.glob("latest_checkpoint_*.pt")):
+            return None
+        return Path(model).parent.parent
+
     runs = training_runs(client, args.bundle, 1000, parent_id)  # newest first
     metric = key_metric_of(args.bundle, runs[0] if runs else None)
     pending = []
@@ -555,13 +576,15 @@ def pending_children(client: mlflow.MlflowClient, args, parent_id: str, fixed: d
         if math.isfinite(best):
             print(f"  {label}: kept (run {run_folder(finished[0])}, best {metric} {best:.4f})")
             continue
-        interrupted = next(
-            (r for r in mine if r.info.status != "FINISHED" and r.data.tags.get(RUN_FOLDER_TAG) in resumable), None
-        )
+        interrupted = next((r for r in mine if run_folder_with_checkpoint(r) is not None), None)
         if interrupted is not None:
-            folder = interrupted.data.tags[RUN_FOLDER_TAG]
-            print(f"  {label}: continues run {folder} ({interrupted.info.status}) from its latest checkpoint")
-            pending.append({**overrides, "resume": folder})
+            folder = run_folder_with_checkpoint(interrupted)
+            if run_in_progress(folder):  # its training outlived the killed sweep or cv process
+                raise InputError(
+                    "--resume", f"run {folder.name} ({label}) is still training ({folder} is locked): stop it first."
+                )
+            print(f"  {label}: continues run {folder.name} ({interrupted.info.status}) from its latest checkpoint")
+            pending.append({**overrides, "resume": folder.name})
         else:
             print(f"  {label}: trained" + (" again" if mine else ""))
             pending.append(overrides)
@@ -598,7 +621,7 @@ def cross_validate(args) -> int:
     fixed = dict(item.split("=", 1) for item in args.set)
     for chosen in ("fold", "folds", "resume", "run_name"):
         if chosen in fixed:
-            raise InputError(f"--set {chosen}", "is chosen by cv itself (--folds K, one training per fold).")
+            raise InputError(f"--set {chosen}", "is chosen by cv itself for each fold (--folds K, --resume).")
     if args.resume:
         client = client_for(args.tracking_uri)
         parent_id, settings = resumed_parent(client, args, "cv", fixed)
@@ -919,8 +942,8 @@ def main(argv: list[str] | None = None) -> int:
         "interrupted one continues from its latest checkpoint, the others are trained"
     )  # fmt: skip
     p.add_argument("--set", nargs="*", default=[], help="KEY=VALUE overrides for every child")
-    p.add_argument("--sample", type=int, default=0, help="run a random sample of N combinations")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sample", type=int, help="run a random sample of N combinations")
+    p.add_argument("--seed", type=int, help="of the sample (default 0)")
     p.add_argument("--config_file", help="default: bundles/<bundle>/configs/train.json")
     p.add_argument("--verbose", action="store_true", help="show the children's output")
     p.set_defaults(func=sweep)

@@ -160,6 +160,8 @@ def checked_bundle(name: str | None, what: str) -> str:
 
 def process_alive(pid: int) -> bool:
     """Whether a process of this id lives on this machine (another user's included)."""
+    if pid <= 0:  # 0 and negative ids name process groups: os.kill would answer for the group
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -123,6 +123,21 @@ _CLAIMED: dict[str, object] = {}  # this process's run folders, locked until it 
 RUN_LOCK = ".run.lock"
 
 
+def run_in_progress(folder: str | os.PathLike) -> bool:
+    """Whether a training holds ``folder`` now (:func:`claim_run_folder`'s lock); a dead one's lock is free."""
+    from filelock import FileLock, Timeout
+
+    if not (Path(folder) / RUN_LOCK).exists():
+        return False
+    lock = FileLock(str(Path(folder) / RUN_LOCK), timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        return True
+    lock.release()
+    return False
+
+
 def claim_run_folder(output_dir: str | os.PathLike, resume: bool | str | None = None) -> Path:
     """Make ``output_dir`` this training's own until the process ends: a lock file in it that another training
     cannot take while this one runs (released by the OS if the process dies), and, for a new run, a folder that

@@ -130,9 +130,9 @@ def test_an_interrupted_cv_resumes_keeping_its_finished_folds(tmp_path, tiny_oct
                           text=True)  # fmt: skip
     outputs, deadline = tmp_path / "bundle" / "outputs", time.time() + 600
 
-    def wait_for_checkpoints(count):  # of the first epoch of the first `count` folds
-        while len(list(outputs.glob("*/models/latest_checkpoint_epoch=*.pt"))) < count and cv.poll() is None:
-            assert time.time() < deadline, f"fold {count - 1} did not start in time"
+    def wait_for_checkpoints(count):  # of the first epoch of the first `count` folds (one run folder each)
+        while len({p.parents[1] for p in outputs.glob("*/models/latest_checkpoint_epoch=*.pt")}) < count:
+            assert cv.poll() is None and time.time() < deadline, f"fold {count - 1} did not start in time"
             time.sleep(0.1)
         assert cv.poll() is None, cv.communicate()
 

@@ -171,7 +171,8 @@ def test_an_interrupted_sweep_resumes_keeping_its_finished_runs(tmp_path, tiny_o
     assert parent.info.status == "KILLED" and f"sweep oct_layers --resume {parent.info.run_id}" in out, out
     (interrupted,) = client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     assert interrupted.info.status == "KILLED" and interrupted.data.params["learning_rate"] == "0.001"
-    assert "is the sweep's own" in refused("sweep", "oct_layers", "--resume", parent.info.run_id, "--grid", "seed=1")
+    for given in (["--grid", "seed=1"], ["--sample", "1"], ["--seed", "3"]):  # the recorded plan is the sweep's
+        assert "is the sweep's own" in refused("sweep", "oct_layers", "--resume", parent.info.run_id, *given)
 
     out = experiments("sweep", "oct_layers", "--resume", parent.info.run_id).stdout
     assert "learning_rate=0.001: continues run" in out and "learning_rate=0.004: trained" in out, out

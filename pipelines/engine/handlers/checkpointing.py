@@ -249,7 +249,7 @@ def resume_from_latest(trainer: Engine, latest_checkpoint, ckpt_dir: str, run_se
     logger.info(f"resuming from {path} (epoch {resumed_epoch})")
     CheckpointLoader(load_path=str(path), load_dict=latest_checkpoint.save_dict, map_location="cpu").attach(trainer)
 
-    def drop_resumed_checkpoint(engine: Engine) -> None:
+    def drop_found_checkpoints(engine: Engine) -> None:
         # the new run's saver keeps one latest checkpoint but does not know the ones found at the start: the one
         # resumed from, and an older one whose removal the kill forestalled (it is removed only after its successor
         # is in place). Remove them once a newer one is on disk, never before (a second interruption must still
@@ -257,9 +257,9 @@ def resume_from_latest(trainer: Engine, latest_checkpoint, ckpt_dir: str, run_se
         if any(epoch > resumed_epoch for epoch in latest_checkpoints(ckpt_dir)):
             for old in found.values():
                 old.unlink(missing_ok=True)
-            engine.remove_event_handler(drop_resumed_checkpoint, Events.EPOCH_COMPLETED)
+            engine.remove_event_handler(drop_found_checkpoints, Events.EPOCH_COMPLETED)
 
-    trainer.add_event_handler(Events.EPOCH_COMPLETED, drop_resumed_checkpoint)
+    trainer.add_event_handler(Events.EPOCH_COMPLETED, drop_found_checkpoints)
     return str(path)
 
 
