@@ -366,7 +366,7 @@ def sweep(args) -> int:
     if sample:
         combinations = random.Random(seed).sample(combinations, min(sample, len(combinations)))
     if args.resume:
-        combinations = pending_children(client, args, parent_id, fixed, combinations)
+        combinations = pending_children(client, args, parent_id, combinations)
     else:
         parent_id = start_parent(client, args, "sweep", {"grid": json.dumps(grid)}, fixed, settings)
         print(
@@ -550,7 +550,7 @@ def resumed_parent(client: mlflow.MlflowClient, args, workflow: str, given: dict
     return parent_id, settings
 
 
-def pending_children(client: mlflow.MlflowClient, args, parent_id: str, fixed: dict, planned: list[dict]) -> list:
+def pending_children(client: mlflow.MlflowClient, args, parent_id: str, planned: list[dict]) -> list:
     """Of the ``planned`` children of ``parent_id`` (their overrides), those still to train: a child that finished
     and validated is kept, not trained again (nnU-Net's folds are separate trainings in the same way); one whose
     training was interrupted and left a latest checkpoint in its run folder continues from it (``resume``: that
@@ -561,7 +561,7 @@ def pending_children(client: mlflow.MlflowClient, args, parent_id: str, fixed: d
     def run_folder_with_checkpoint(run) -> Path | None:
         # the folder of its model.pt (recorded at its start: outputs/<run>/models), if a latest checkpoint is there
         model = run.data.tags.get("checkpoint_path")
-        if run.info.status == "FINISHED" or not model or not any(Path(model).parent.glob("latest_checkpoint_*.pt")):
+        if not model or not any(Path(model).parent.glob("latest_checkpoint_epoch=*.pt")):
             return None
         return Path(model).parent.parent
 
@@ -576,9 +576,9 @@ def pending_children(client: mlflow.MlflowClient, args, parent_id: str, fixed: d
         if math.isfinite(best):
             print(f"  {label}: kept (run {run_folder(finished[0])}, best {metric} {best:.4f})")
             continue
-        interrupted = next((r for r in mine if run_folder_with_checkpoint(r) is not None), None)
+        stopped = [r for r in mine if r.info.status != "FINISHED"]  # newest first
+        interrupted, folder = next(((r, f) for r in stopped if (f := run_folder_with_checkpoint(r))), (None, None))
         if interrupted is not None:
-            folder = run_folder_with_checkpoint(interrupted)
             if run_in_progress(folder):  # its training outlived the killed sweep or cv process
                 raise InputError(
                     "--resume", f"run {folder.name} ({label}) is still training ({folder} is locked): stop it first."
@@ -629,7 +629,7 @@ def cross_validate(args) -> int:
         if args.folds is not None and args.folds != folds:
             raise InputError("--folds", f"{args.folds}, but cross-validation {parent_id} has {folds} folds.")
         args.folds = folds
-        plan = pending_children(client, args, parent_id, fixed, [{"fold": str(k)} for k in range(folds)])
+        plan = pending_children(client, args, parent_id, [{"fold": str(k)} for k in range(folds)])
     else:
         args.folds = 5 if args.folds is None else args.folds
         if args.folds < 2:

@@ -54,6 +54,10 @@ class TrainingProgress:
     def _find(handlers: list, kind: type):
         return next((h for h in handlers if isinstance(h, kind)), None)
 
+    def tracker(self):
+        """The training's MLflow run handler, or None."""
+        return self._find(self.train_handlers, _tracking_handler())
+
     def weight_average(self):
         """The training's :class:`~clinseg.pipelines.engine.handlers.averaging.WeightAverage`, or None."""
         monitor = self._find(self.train_handlers, TrainingMonitor)
@@ -73,12 +77,8 @@ class TrainingProgress:
         report = self._find(self.validate_handlers, EvaluationReport)
         if report is not None and report.best is not None:
             state["report_best"] = list(report.best)
-        tracker = self._find(self.train_handlers, _tracking_handler())
+        tracker = self.tracker()
         if tracker is not None and tracker.cur_run is not None:
-            # the run's buffered losses are written (to the store, or its spool) before the checkpoint that claims
-            # their iterations: the tracker's own epoch-end write comes after this saver's, and a process killed
-            # between the two left a checkpoint whose run lacked its last epoch's losses (a gap when resumed)
-            tracker.flush()
             state["mlflow_run_id"] = tracker.cur_run.info.run_id
         if self.trainer is not None:
             state.update(epoch=self.trainer.state.epoch, iteration=self.trainer.state.iteration)
@@ -107,7 +107,7 @@ class TrainingProgress:
         report = self._find(self.validate_handlers, EvaluationReport)
         if report is not None and "report_best" in state:
             report.best = tuple(state["report_best"])
-        tracker = self._find(self.train_handlers, _tracking_handler())
+        tracker = self.tracker()
         if tracker is not None and state.get("mlflow_run_id"):
             tracker.link_resumed_run(state["mlflow_run_id"], state.get("epoch"), state.get("iteration"))
         average = self.weight_average()
@@ -401,3 +401,13 @@ class LatestCheckpointSaver(AtomicCheckpointSaver):
             "progress": TrainingProgress(validator, validate_handlers, train_handlers, trainer),
         }
         super().__init__(save_dir=save_dir, save_dict=save_dict, file_prefix="latest", save_interval=1, n_saved=1)
+
+    def interval_completed(self, engine: Engine) -> None:
+        # the run's buffered losses are written (to the store, or its spool) before the checkpoint that claims their
+        # iterations: the tracker's own epoch-end write is registered at the run's start, after this saver, and a
+        # process killed between the two left a checkpoint whose run lacked its last epoch's losses (a gap when
+        # resumed)
+        tracker = self.save_dict["progress"].tracker()
+        if tracker is not None and tracker.cur_run is not None:
+            tracker.flush()
+        super().interval_completed(engine)
