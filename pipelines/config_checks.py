@@ -145,7 +145,12 @@ def check_override_keys(files: list[str], overrides: Mapping[str, object]) -> No
         if key in RUN_OPTIONS or normalized in ids:
             continue
         parent, _, name = normalized.rpartition("#")
-        if parent and _accepts_new_setting(ids.get(parent), name):
+        component = ids.get(parent)
+        # judged by the class the run builds: ``--optimizer#_target_ torch.optim.SGD --optimizer#momentum 0.99``
+        target = next((v for k, v in overrides.items() if k.replace("::", "#") == f"{parent}#_target_"), None)
+        if isinstance(component, dict) and isinstance(target, str):
+            component = {**component, "_target_": target}
+        if parent and _accepts_new_setting(component, name):
             continue
         # an id that ends in the key (``max_epochs`` -> ``train#trainer#max_epochs``) before a similar spelling
         nearest = [i for i in ids if i.endswith(f"#{normalized}")][:1]
@@ -436,7 +441,9 @@ def check_values(parser, defaults: Mapping | None = None, overrides: Mapping[str
     for key in keys:
         if key.rpartition("#")[2] in _SPECIAL_KEYS or key not in parser:
             continue
-        value = parser.get_parsed_content(key, instantiate=False) if not _is_plain(parser[key]) else parser[key]
+        value = _value_before_the_run(parser, key)
+        if value is _BUILT_BY_THE_RUN:
+            continue
         if key in overrides or key.replace("#", "::") in overrides:
             expected = _default_kind_problem(default_ids.get(key), value, top_level="#" not in key)
             if expected is not None:
@@ -457,6 +464,28 @@ def check_values(parser, defaults: Mapping | None = None, overrides: Mapping[str
 
 def _fix(key: str) -> str:
     return f"Fix it in the config or on the command line (--{key} ...)."
+
+
+_BUILT_BY_THE_RUN = object()
+
+
+def _value_before_the_run(parser, key: str):
+    """The value ``key`` will have, as far as it is known before anything is built: a plain setting as written, an
+    expression evaluated; ``_BUILT_BY_THE_RUN`` for a component (``{"_target_": ...}``, an ``lr_scheduler`` given on
+    the command line) and for an expression over components (``$@network.parameters()``), which only the run builds
+    (resolving them unbuilt hands an expression a ``ConfigComponent`` in place of the object it describes)."""
+    raw = parser[key]
+    if _is_plain(raw):
+        return raw
+    if isinstance(raw, dict) and "_target_" in raw:
+        return _BUILT_BY_THE_RUN
+    try:
+        return parser.get_parsed_content(key, instantiate=False)
+    except Exception:  # noqa: BLE001 -- an expression over components; a wrong one fails where the run builds it
+        return _BUILT_BY_THE_RUN
+    finally:
+        # the run resolves lazily, reusing what was resolved before: nothing resolved unbuilt here may be reused
+        parser.ref_resolver.reset()
 
 
 def _is_plain(value) -> bool:

@@ -649,6 +649,29 @@ def test_a_wrong_override_on_the_command_line_is_one_line_naming_the_key(tmp_pat
     assert "Traceback" not in result.stderr, result.stderr[-2000:]
 
 
+def test_components_given_as_overrides_pass_the_checks_and_are_what_the_run_trains_with(bundle_env, tmp_path):
+    """A component (``--lr_scheduler '{"_target_": ...}'``, how the READMEs give other schedules) and an expression
+    over components (``--optimizer '$torch.optim.SGD(@network.parameters(), ...)'``) are built by the run; the checks
+    before it once resolved them unbuilt and stopped every such run with an internal error."""
+    dataset = make_dataset("oct_layers", tmp_path / "data")
+    scheduler = json.dumps({"_target_": "torch.optim.lr_scheduler.StepLR", "optimizer": "@optimizer", "step_size": 1,
+                            "gamma": 0.5})  # fmt: skip
+    optimizer = "$torch.optim.SGD(@network.parameters(), lr=@learning_rate, momentum=0.9)"
+    run_in_process("oct_layers", "train", {**TINY["oct_layers"], "bundle_root": bundle_env, "dataset_dir": dataset,
+                                           "train#trainer#max_epochs": 2, "learning_rate": 0.01,
+                                           "lr_scheduler": scheduler, "optimizer": optimizer})  # fmt: skip
+    (checkpoint,) = (bundle_env / "outputs").glob("*/models/latest_checkpoint_epoch=2.pt")
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    assert (state["lr_scheduler"]["step_size"], state["lr_scheduler"]["gamma"]) == (1, 0.5)
+    (group,) = state["optimizer"]["param_groups"]
+    assert group["momentum"] == 0.9 and group["lr"] == pytest.approx(0.01 * 0.5**2)
+    # a plain value that is wrong is still refused before anything runs, beside a component
+    with pytest.raises(Exception) as error:
+        run_in_process("oct_layers", "train", {**TINY["oct_layers"], "bundle_root": bundle_env, "dataset_dir": dataset,
+                                               "lr_scheduler": scheduler, "batch_size": "four"})  # fmt: skip
+    assert find_input_error(error.value).key == "batch_size"
+
+
 @pytest.mark.parametrize("workflow", ["train", "evaluate", "inference"])
 def test_an_unwritable_output_folder_is_named_before_anything_runs(workflow, bundle_env, tmp_path):
     blocker = tmp_path / "a_file"
@@ -724,6 +747,10 @@ def test_override_ids_the_config_lacks_are_refused_with_the_nearest_one(bundle):
     input_key = "--input_path" if bundle == "ct_heart" else "--input_dir"
     check(input_key, "/x", files=("inference.json",))
     check("--network_def#act", "PRELU")  # a parameter the network takes, not in the config yet
+    # a parameter of the class given in the same command (SGD takes a momentum, the config's Adam does not)
+    check("--optimizer#_target_", "torch.optim.SGD", "--optimizer#momentum", "0.99", "--optimizer#nesterov", "True")
+    with pytest.raises(ConfigError, match="optimizer#momentum"):
+        check("--optimizer#momentum", "0.99")
     with pytest.raises(ConfigError, match="batchsize.*not an id") as refused:
         check("--batchsize", "1")
     assert "--batch_size" in str(refused.value)
