@@ -101,6 +101,7 @@ def describe_error(error: BaseException) -> tuple[str, bool]:
       expected): ``error: <path>: <cause>.``;
     - a component's constructor refusing the settings a command-line override gave it (``UNet`` given channels and
       strides of different lengths): ``error: config key '<key>': ...``;
+    - a checkpoint whose weights do not fit the network the config builds (:func:`checkpoint_mismatch`);
     - anything else is internal: ``internal error: <type>: <message>`` and where its traceback was saved.
     """
     found = find_input_error(error)
@@ -112,6 +113,9 @@ def describe_error(error: BaseException) -> tuple[str, bool]:
     refused = refused_override(error)
     if refused is not None:
         return f"error: {refused}", True
+    mismatch = checkpoint_mismatch(error)
+    if mismatch is not None:
+        return f"error: {mismatch}", True
     origin = _origin(error)  # the error itself, not MONAI's "Failed to evaluate ..." wrapped around it
     message = str(origin).strip().splitlines()
     return f"internal error: {type(origin).__name__}: {message[0] if message else ''}", False
@@ -194,6 +198,37 @@ def refused_override(error: BaseException | None) -> ConfigError | None:
                 )  # fmt: skip
         error = error.__cause__ or error.__context__
     return None
+
+
+_STATE_DICT_FAILURE = "Error(s) in loading state_dict for "
+
+
+def checkpoint_mismatch(error: BaseException | None, argv: list[str] | None = None) -> InputError | None:
+    """An :class:`InputError` naming the checkpoint when ``error`` is PyTorch refusing its weights for the network
+    the config builds, else None. The project's own runs compare a checkpoint's recorded settings with the config
+    before loading it; MONAI's own commands (``ckpt_export``, ``verify_net_in_out``...) load it as it is, and a model
+    trained with other network settings fails there with PyTorch's list of mismatched tensors. The checkpoint is
+    named from the command line (``--ckpt_file``, ``--checkpoint_path``), else as "the checkpoint"."""
+    origin = _origin(error) if error is not None else None
+    text = str(origin) if isinstance(origin, RuntimeError) else ""
+    if not text.startswith(_STATE_DICT_FAILURE):
+        return None
+    network = text[len(_STATE_DICT_FAILURE) :].split(":", 1)[0]
+    detail = next((line.strip().rstrip(".") for line in text.splitlines()[1:] if line.strip()), "")
+    argv = list(sys.argv if argv is None else argv)
+    checkpoint = "the checkpoint"
+    for index, token in enumerate(argv):
+        name, has_value, value = token.partition("=")
+        if name in ("--ckpt_file", "--checkpoint_path"):
+            checkpoint = value if has_value else (argv[index + 1] if index + 1 < len(argv) else checkpoint)
+            break
+    return InputError(
+        checkpoint,
+        f"its weights do not fit the {network} the config builds ({detail[:240]}): it was trained with other "
+        "network settings.",
+        "Pass the settings it was trained with (its model.json records them: --network_def#channels ...), or "
+        "export it with python -m clinseg.pipelines.export, which reads them.",
+    )
 
 
 def _override_feeding(target: str) -> str | None:

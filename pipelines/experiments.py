@@ -403,7 +403,12 @@ def sweep(args) -> int:
 
 
 def cv_summary(
-    client: mlflow.MlflowClient, bundle: str, folds: int, parent_id: str, overrides: dict | None = None
+    client: mlflow.MlflowClient,
+    bundle: str,
+    folds: int,
+    parent_id: str,
+    overrides: dict | None = None,
+    config_file: str | None = None,
 ) -> dict:
     """The summary of the cross-validation ``parent_id`` from its fold runs in the store, recorded on it: each
     fold's best key metric (``fold_<k>_<metric>``), which cases it validated and its model; the mean and spread
@@ -414,7 +419,8 @@ def cv_summary(
     mean of those that scored as ``partial_mean`` in ``cv/folds.json`` only.
 
     The ensemble's command carries the folds' ``overrides`` that inference has too (``channels``,
-    ``network_def#channels``...): without them it builds the default network and refuses the fold models."""
+    ``network_def#channels``...): without them it builds the default network and refuses the fold models. Its
+    inference config is the one beside the trainings' ``config_file`` (a bundle copied elsewhere)."""
     runs = training_runs(client, bundle, 1000, parent_id)
     finished = [r for r in runs if r.info.status == "FINISHED" and "fold" in r.data.params]
     by_fold = {}
@@ -458,7 +464,7 @@ def cv_summary(
             summary.update(partial_mean=spread["mean"], partial_std=spread["std"])
     checkpoints = [f["checkpoint"] for f in per_fold if f["checkpoint"] and Path(f["checkpoint"]).is_file()]
     if len(checkpoints) >= 2:
-        summary["ensemble_command"] = ensemble_command(bundle, checkpoints, overrides or {})
+        summary["ensemble_command"] = ensemble_command(bundle, checkpoints, overrides or {}, config_file)
         client.set_tag(parent_id, "ensemble_command", summary["ensemble_command"])
     client.log_text(parent_id, json.dumps(summary, indent=2), "cv/folds.json")
     return summary
@@ -593,21 +599,26 @@ def pending_children(client: mlflow.MlflowClient, args, parent_id: str, planned:
     return pending
 
 
-def ensemble_command(bundle: str, checkpoints: list[str], overrides: dict) -> str:
+def ensemble_command(bundle: str, checkpoints: list[str], overrides: dict, config_file: str | None = None) -> str:
     """The inference command over ``checkpoints`` as one ensemble, with the training ``overrides`` (``KEY=VALUE`` of
     ``--set``) that the bundle's ``inference.json`` has: the network and input settings, without which inference
-    builds the default network and refuses the models. The trainings' data folder and split are left out."""
+    builds the default network and refuses the models. The trainings' data folder and split are left out. The
+    ``inference.json`` is the one beside the training's ``config_file`` where there is one (a bundle copied
+    elsewhere), else the repository bundle's."""
     from monai.bundle import ConfigParser
 
     from clinseg.pipelines.config_checks import config_ids
 
-    config = f"bundles/{bundle}/configs/inference.json"
-    ids = config_ids(ConfigParser.load_config_files([str(SOURCE_ROOT / config)]))
+    config, path = f"bundles/{bundle}/configs/inference.json", SOURCE_ROOT / "bundles" / bundle / "configs"
+    beside = Path(config_file).parent / "inference.json" if config_file else None
+    if beside is not None and beside.is_file():
+        config, path = str(beside), beside.parent
+    ids = config_ids(ConfigParser.load_config_files([str(path / "inference.json")]))
     training_only = {"fold", "folds", "dataset_dir"}
     kept = [(k, v) for k, v in overrides.items() if k not in training_only and k.replace("::", "#") in ids]
     source = "input_dir" if "input_dir" in ids else "input_path"  # a folder of images, a CT folder or file
     return (
-        f"python -m monai.bundle run inferring --config_file {config}"
+        f"python -m monai.bundle run inferring --config_file {shlex.quote(config)}"
         f" --checkpoint_path {shlex.quote(json.dumps(checkpoints))} --{source} IMAGES --output_dir OUT"
         + "".join(f" --{k} {shlex.quote(str(v))}" for k, v in kept)
     )
@@ -643,7 +654,7 @@ def cross_validate(args) -> int:
     status = "FAILED"
     try:
         status = run_children(args, parent_id, plan, fixed, "cv")
-        summary = cv_summary(client, args.bundle, args.folds, parent_id, fixed)
+        summary = cv_summary(client, args.bundle, args.folds, parent_id, fixed, args.config_file)
         if not summary["complete"] and status == "FINISHED":
             status = "FAILED"
     finally:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -222,3 +223,16 @@ def test_the_ensemble_command_names_each_bundle_s_input_and_keeps_the_model_sett
     assert "--dataset_dir" not in command and "--folds" not in command and "--learning_rate" not in command
     assert """--checkpoint_path '["/runs/a b/model.pt", "/runs/c/model.pt"]'""" in command
     assert " --input_dir IMAGES " in ensemble_command("vessels", ["a", "b"], {})
+
+
+def test_the_ensemble_command_of_a_bundle_copied_elsewhere_runs_its_own_inference_config(tmp_path):
+    from clinseg.pipelines.experiments import ensemble_command
+
+    copy = tmp_path / "my bundles" / "vessels"
+    shutil.copytree(REPO_ROOT / "bundles" / "vessels" / "configs", copy / "configs")
+    command = ensemble_command("vessels", ["a", "b"], {}, str(copy / "configs" / "train.json"))
+    assert f"--config_file '{copy / 'configs' / 'inference.json'}' " in command
+    # an overlay kept outside a bundle folder: the repository bundle's inference config
+    (tmp_path / "overlay.json").write_text("{}")
+    command = ensemble_command("vessels", ["a", "b"], {}, str(tmp_path / "overlay.json"))
+    assert "--config_file bundles/vessels/configs/inference.json " in command

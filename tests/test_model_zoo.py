@@ -153,6 +153,17 @@ def test_network_shape_and_torchscript_export_from_inference_json_alone(bundle, 
     with torch.no_grad():
         assert torch.allclose(scripted(x), network.eval()(x), atol=1e-5)
 
+    # a model trained with other network settings: one line naming it, the earlier export kept
+    parser["network_def#channels"] = [2 * c for c in parser["network_def#channels"]]
+    torch.save(parser.get_parsed_content("network_def").state_dict(), tmp_path / "wider.pt")
+    before = exported.read_bytes()
+    result = monai_bundle("ckpt_export", "network_def", "--filepath", str(exported), "--ckpt_file",
+                          str(tmp_path / "wider.pt"), *common, cwd=tmp_path, check=False)  # fmt: skip
+    assert result.returncode == 1
+    assert f"error: {tmp_path / 'wider.pt'}: its weights do not fit the " in result.stderr, result.stderr[-3000:]
+    assert "internal error" not in result.stderr and "Traceback" not in result.stderr
+    assert exported.read_bytes() == before
+
 
 PROPERTIES_SCRIPT = r"""
 import json, sys

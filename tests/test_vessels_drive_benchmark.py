@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from PIL import Image
 
 from clinseg.pipelines.benchmarks.vessels_drive import draw_time_to_quality, time_to_quality
@@ -57,3 +58,24 @@ def test_the_benchmark_measures_its_choice_and_names_its_mlflow_run_by_it(tmp_pa
     trained = [name for name in names if name.startswith("vessels train:")]
     assert len(trained) == 1, names
     assert "weight_average_decay=0" in trained[0] and "train_time_limit_s=8" in trained[0], trained[0]
+
+
+def test_the_plain_loop_steps_the_optimizer_the_config_gives(tmp_path):
+    """The loop the bundle's throughput is compared with uses the config's optimizer, an override included (it
+    once always built Adam, so an SGD choice was timed against an Adam loop)."""
+    from monai.bundle import ConfigParser
+
+    from clinseg.pipelines.benchmarks.vessels_drive import CONFIG, optimizer_like_the_config
+
+    parser = ConfigParser()
+    parser.read_config(str(CONFIG))
+    parser["bundle_root"] = str(tmp_path)
+    parser["network_def"]["channels"], parser["network_def"]["strides"] = [4, 8], [2]
+    parser["optimizer"] = {"_target_": "torch.optim.SGD", "params": "$@network.parameters()", "lr": 0.01,
+                           "momentum": 0.99, "nesterov": True, "weight_decay": 3e-5}  # fmt: skip
+    network = torch.nn.Conv2d(1, 2, 3)
+    optimizer = optimizer_like_the_config(parser, network)
+    assert type(optimizer) is torch.optim.SGD
+    (group,) = optimizer.param_groups
+    assert (group["lr"], group["momentum"], group["nesterov"], group["weight_decay"]) == (0.01, 0.99, True, 3e-5)
+    assert [id(p) for p in group["params"]] == [id(p) for p in network.parameters()]

@@ -274,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
         action="append",
         default=None,
         metavar="NAME=OVERRIDES",
-        help="an extra condition beside the four above, e.g. 'clahe=--clahe True'",
+        help=f"an extra condition beside {', '.join(CONDITIONS)}, e.g. 'clahe=--clahe True'",
     )
     parser.add_argument("--out", default=str(PROJECT_ROOT / "data" / "benchmarks" / "vessels_cross_camera.json"))
     args = parser.parse_args(argv)

@@ -67,15 +67,22 @@ class IterationClock:
         self._last = now
 
 
+def optimizer_like_the_config(parser, network: torch.nn.Module) -> torch.optim.Optimizer:
+    """An optimizer of the config's class and settings (an ``optimizer`` override included) over ``network``."""
+    configured = parser.get_parsed_content("optimizer")
+    return type(configured)(network.parameters(), **configured.defaults)
+
+
 def plain_loop(parser, iterations: int) -> list[float]:
     """The same network, loss, optimizer and data loader in a hand-written loop; per-iteration wall times.
 
-    The network is a deep copy of the bundle's (same architecture; its weights do not change the speed).
+    The network is a deep copy of the bundle's (same architecture; its weights do not change the speed), the
+    optimizer one of the config's class and settings (an ``optimizer`` override included) over the copy.
     """
     network = copy.deepcopy(parser.get_parsed_content("network"))
     device = next(network.parameters()).device
     loss_function = parser.get_parsed_content("loss")
-    optimizer = torch.optim.Adam(network.parameters(), lr=parser["learning_rate"], weight_decay=1e-5)
+    optimizer = optimizer_like_the_config(parser, network)
     loader = parser.get_parsed_content("train#dataloader")
     network.train()
     durations: list[float] = []
