@@ -46,6 +46,35 @@ def parse_overrides(items: list[str]) -> dict:
     return overrides
 
 
+def split_values(text: str, what: str) -> list[str]:
+    """``text`` split at the commas outside brackets, braces and quotes: the values of ``--grid KEY=V1,V2`` and
+    ``choice:V1,V2``, where a value may itself be a list or a mapping (``[8,16,32],[16,32,64]`` is two values).
+
+    Raises:
+        InputError: naming ``what``, for unbalanced brackets or quotes.
+    """
+    values, quote, start = [], None, 0
+    closing = {"]": "[", "}": "{", ")": "("}
+    opened: list[str] = []
+    for index, char in enumerate(text):
+        if quote is not None:
+            quote = None if char == quote else quote
+        elif char in "\"'":
+            quote = char
+        elif char in "[{(":
+            opened.append(char)
+        elif char in closing:
+            if not opened or opened.pop() != closing[char]:
+                raise InputError(what, f"{char!r} at character {index + 1} closes no bracket of {text!r}.")
+        elif char == "," and not opened:
+            values.append(text[start:index])
+            start = index + 1
+    if opened or quote is not None:
+        raise InputError(what, f"{text!r} leaves {(quote or opened[-1])!r} unclosed.")
+    values.append(text[start:])
+    return values
+
+
 def add_set_argument(parser, measured_against: str, example: str) -> None:
     """A benchmark's ``--set KEY=JSON ...``: config overrides, one choice measured against ``measured_against``
     (read with :func:`parse_overrides`)."""

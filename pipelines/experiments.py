@@ -264,12 +264,14 @@ def compare(args) -> int:
 
 
 def parse_grid(items: list[str]) -> dict[str, list[str]]:
+    """``KEY=V1,V2,...`` items as ``{key: [values]}``; a value may be a list or a mapping
+    (``network_def#channels=[8,16],[16,32]``: two values, :func:`clinseg.pipelines.cli.split_values`)."""
     grid = {}
     for item in items:
         key, _, values = item.partition("=")
         if not key or not values:
             raise SystemExit(f"--grid expects KEY=V1,V2,..., got {item!r}")
-        grid[key] = values.split(",")
+        grid[key] = cli.split_values(values, f"--grid {item!r}")
     return grid
 
 

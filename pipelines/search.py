@@ -53,6 +53,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from clinseg.datasets.errors import InputError
+from clinseg.pipelines.cli import split_values
 from clinseg.pipelines.studies import (
     HEARTBEAT_GRACE_S,
     HEARTBEAT_INTERVAL_S,
@@ -82,7 +83,7 @@ def parse_space(items: Sequence[str]) -> dict:
         if key in space:
             raise InputError(what, f"{key} is given twice.")
         if kind == "choice":
-            choices = args.split(",")
+            choices = split_values(args, what)  # a choice may be a list: choice:[8,16],[16,32]
             if len(choices) < 2 or len(set(choices)) < len(choices) or "" in choices:
                 raise InputError(what, "a choice needs at least two distinct, non-empty values.")
             space[key] = CategoricalDistribution(choices)

@@ -151,6 +151,39 @@ def test_sweep_compare_register_fetch_evaluate(tmp_path, tiny_oct_dir, tracking_
     assert not (tmp_path / "x").exists()
 
 
+def test_grid_and_choice_values_may_be_lists_or_mappings():
+    """``--grid`` and ``choice:`` split at the commas between values, not inside one (they once split
+    ``[8,16],[16,32]`` into four broken values); unbalanced brackets are refused naming the item."""
+    from optuna.distributions import CategoricalDistribution
+
+    from clinseg.datasets.errors import InputError
+    from clinseg.pipelines.experiments import parse_grid
+    from clinseg.pipelines.search import parse_space
+
+    grid = parse_grid(["network_def#channels=[8,16],[16,32]", "learning_rate=0.001,0.002",
+                       'lr_scheduler={"_target_": "a.B", "step_size": 2},{"_target_": "c.D", "x": [1]}'])  # fmt: skip
+    assert grid["network_def#channels"] == ["[8,16]", "[16,32]"]
+    assert grid["learning_rate"] == ["0.001", "0.002"]
+    assert [json.loads(v)["_target_"] for v in grid["lr_scheduler"]] == ["a.B", "c.D"]
+    space = parse_space(["network_def#channels=choice:[8,16],[16,32],[32,64]"])
+    assert space["network_def#channels"] == CategoricalDistribution(["[8,16]", "[16,32]", "[32,64]"])
+    for broken in ("network_def#channels=[8,16,[16,32]", "network_def#channels=[8,16]],[16,32]"):
+        with pytest.raises(InputError, match="--grid"):
+            parse_grid([broken])
+
+
+def test_a_sweep_over_network_widths_trains_one_child_per_width(tmp_path, tiny_oct_dir, tracking_uri):
+    fixed = sweep_settings(tmp_path, tiny_oct_dir, without=("network_def#channels",))
+    experiments("sweep", "oct_layers", "--grid", "network_def#channels=[4,8,16],[6,12,24]", "--set", *fixed)
+    client = mlflow.MlflowClient(tracking_uri)
+    experiment = client.get_experiment_by_name("oct_layers")
+    parent = client.search_runs([experiment.experiment_id], "tags.workflow = 'sweep'")[0]
+    children = client.search_runs([experiment.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert parent.info.status == "FINISHED" and {c.info.status for c in children} == {"FINISHED"}
+    widths = {json.loads(c.data.params["network_channels"])[0] for c in children}
+    assert widths == {4, 6}
+
+
 def test_an_interrupted_sweep_resumes_keeping_its_finished_runs(tmp_path, tiny_oct_dir, tracking_uri):
     """Stopped during its first child, a sweep resumed by its parent run id continues that child from its latest
     checkpoint, trains the one that never started, and ranks each combination once."""
