@@ -244,13 +244,10 @@ def checkpoint_mismatch(error: BaseException | None, argv: list[str] | None = No
         return None
     network = text[len(_STATE_DICT_FAILURE) :].split(":", 1)[0]
     detail = next((line.strip().rstrip(".") for line in text.splitlines()[1:] if line.strip()), "")
-    argv = list(sys.argv if argv is None else argv)
-    checkpoint = "the checkpoint"
-    for index, token in enumerate(argv):
-        name, has_value, value = token.partition("=")
-        if name in ("--ckpt_file", "--checkpoint_path"):
-            checkpoint = value if has_value else (argv[index + 1] if index + 1 < len(argv) else checkpoint)
-            break
+    from clinseg.pipelines.config_checks import option_values
+
+    options = option_values(list(sys.argv if argv is None else argv)[1:])
+    checkpoint = options.get("ckpt_file") or options.get("checkpoint_path") or "the checkpoint"
     return InputError(
         checkpoint,
         f"its weights do not fit the {network} the config builds ({detail[:240]}): it was trained with other "

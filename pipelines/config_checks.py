@@ -61,22 +61,29 @@ CONSTRUCTOR_CONSTRAINTS = {
 }
 
 
+def option_values(tokens: list[str]) -> dict[str, str]:
+    """The ``--key value`` and ``--key=value`` options of a MONAI bundle command line (``fire`` reads them so),
+    keyed without the dashes; other tokens (the run id) are skipped."""
+    options, index = {}, 0
+    while index < len(tokens):
+        token = tokens[index]
+        index += 1
+        if not token.startswith("--"):
+            continue
+        key, has_value, value = token[2:].partition("=")
+        if not has_value and index < len(tokens) and not tokens[index].startswith("--"):
+            value, index = tokens[index], index + 1
+        options[key.replace("-", "_") if "#" not in key else key] = value
+    return options
+
+
 def command_line_overrides(argv: list[str] | None = None) -> tuple[list[str], dict[str, str]] | None:
     """The config files and the ``--id value`` overrides of a ``python -m monai.bundle run`` command line (also
     under ``torchrun``); None for any other program."""
     argv = list(sys.argv if argv is None else argv)
     if len(argv) < 2 or not argv[0].replace(os.sep, "/").endswith("monai/bundle/__main__.py") or argv[1] != "run":
         return None
-    overrides, tokens, index = {}, argv[2:], 0
-    while index < len(tokens):
-        token = tokens[index]
-        index += 1
-        if not token.startswith("--"):
-            continue  # the run id
-        key, has_value, value = token[2:].partition("=")
-        if not has_value and index < len(tokens) and not tokens[index].startswith("--"):
-            value, index = tokens[index], index + 1
-        overrides[key.replace("-", "_") if "#" not in key else key] = value
+    overrides = option_values(argv[2:])
     files = overrides.get("config_file", "")
     try:
         parsed = ast.literal_eval(files)

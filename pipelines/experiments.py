@@ -611,11 +611,12 @@ def ensemble_command(bundle: str, checkpoints: list[str], overrides: dict, confi
 
     from clinseg.pipelines.config_checks import config_ids
 
-    config, path = f"bundles/{bundle}/configs/inference.json", SOURCE_ROOT / "bundles" / bundle / "configs"
+    config = f"bundles/{bundle}/configs/inference.json"  # as the command names it; read from where it is
+    read = SOURCE_ROOT / config
     beside = Path(config_file).parent / "inference.json" if config_file else None
     if beside is not None and beside.is_file():
-        config, path = str(beside), beside.parent
-    ids = config_ids(ConfigParser.load_config_files([str(path / "inference.json")]))
+        config, read = str(beside), beside
+    ids = config_ids(ConfigParser.load_config_files([str(read)]))
     training_only = {"fold", "folds", "dataset_dir"}
     kept = [(k, v) for k, v in overrides.items() if k not in training_only and k.replace("::", "#") in ids]
     source = "input_dir" if "input_dir" in ids else "input_path"  # a folder of images, a CT folder or file
