@@ -43,6 +43,7 @@ from clinseg.pipelines import cli
 from clinseg.pipelines.cli import text_table
 from clinseg.pipelines.paths import SOURCE_ROOT, checked_bundle, process_alive, with_sqlite_wait
 from clinseg.pipelines.tracking import (
+    NOT_COMPARED,
     RUN_TAGS_ENV,
     client_for,
     default_tracking_uri,
@@ -55,7 +56,8 @@ from clinseg.pipelines.tracking import (
 )
 
 KEY_METRICS = {"oct_layers": "val_mean_dice", "vessels": "val_f1"}
-HIDDEN_PARAMS = {"dataset_dir", "class_names", "palette", "label_colors", "epoch_length", "val_ids"}  # derived or long
+# derived or long, or not what a run learns (a resumed run's ``resume`` names its own folder)
+HIDDEN_PARAMS = {"class_names", "palette", "label_colors", "epoch_length", "val_ids"} | NOT_COMPARED
 
 
 def key_metric_of(bundle: str, run=None) -> str:

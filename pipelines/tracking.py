@@ -141,7 +141,9 @@ RUN_IDENTITY = {
 
 COMPONENT_NAMES = {"network_def": "network"}  # ``network_channels`` reads better than ``network_def_channels``
 
-_NOT_COMPARED = {"dataset_dir", "num_workers", "cache", "cache_dir", "resume"}
+# settings that change where or how fast a run reads and writes, not what it learns: left out of run names and of
+# the columns `experiments compare` shows
+NOT_COMPARED = {"dataset_dir", "num_workers", "cache", "cache_dir", "resume"}
 
 
 def overridden_params(params: Mapping[str, object]) -> list[str]:
@@ -158,7 +160,7 @@ def overridden_params(params: Mapping[str, object]) -> list[str]:
             continue
         parts = [COMPONENT_NAMES.get(part, part) for part in str(key).split("#")]
         for candidate in ("_".join(parts), parts[-1]):
-            if candidate in params and candidate not in _NOT_COMPARED and candidate not in names:
+            if candidate in params and candidate not in NOT_COMPARED and candidate not in names:
                 names.append(candidate)
                 break
     return names

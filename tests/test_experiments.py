@@ -547,6 +547,23 @@ def test_compare_ranks_runs_without_a_value_last_and_distances_lowest_first(tmp_
     assert "validated on 2 different sets of cases" in capsys.readouterr().err
 
 
+def test_compare_shows_the_settings_that_differ_not_where_a_run_read_or_resumed(tmp_path, tracking_uri, capsys):
+    from clinseg.pipelines.experiments import main
+
+    client = mlflow.MlflowClient(tracking_uri)
+    experiment_id = client.create_experiment("oct_layers", artifact_location=str(tmp_path / "artifacts"))
+    for name, params in (
+        ("base", {"learning_rate": "0.002", "num_workers": "2"}),
+        # a resumed training records the folder it continued; a faster loader changes nothing it learns
+        ("resumed", {"learning_rate": "0.004", "num_workers": "0", "resume": "train-20261201-081230-a1b2c3"}),
+    ):
+        recorded_training(client, experiment_id, name, {"0_key/val_mean_dice": [0.5]}, **params)
+    assert main(["compare", "oct_layers"]) == 0
+    header = capsys.readouterr().out.splitlines()[0].split()
+    assert "learning_rate" in header, header
+    assert not {"resume", "num_workers"} & set(header), header
+
+
 def test_a_sweep_whose_settings_exceed_a_tag_is_refused_before_anything_is_recorded(tracking_uri):
     """The parent records its settings in one MLflow tag (for --resume): settings too long for it are refused in
     one line, not by the store after the parent run exists."""
