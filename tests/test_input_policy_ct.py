@@ -630,13 +630,42 @@ def real_ct_id(parts) -> str:
     return "/".join(parts[1:]) or parts[0]
 
 
+NOT_HU = {  # what a CT in HU becomes when it is exported wrongly, as a volume of floats (or int16 where integers)
+    "hu_plus_1024": (lambda hu: (hu + 1024).astype(np.int16), "does not look like Hounsfield units"),
+    "intercept_twice": (lambda hu: (hu - 1024).astype(np.int16), "an intercept of -1024 was applied twice"),
+    "z_scores": (lambda hu: ((hu - hu.mean()) / hu.std()).astype(np.float32), "intensity-normalised"),
+    "hu_over_1000": (lambda hu: (np.clip(hu, -1000, 1000) / 1000).astype(np.float32), "intensity-normalised"),
+}
+
+
 @pytest.mark.parametrize("parts", REAL_CT, ids=real_ct_id)
-def test_real_ct_stored_as_hu_plus_1024_is_refused(parts, tmp_path):
+@pytest.mark.parametrize("export", NOT_HU)
+def test_real_ct_exported_as_other_values_than_hu_is_refused(parts, export, tmp_path):
     array, affine, _ = read_volume(shared_path("ct", *parts))
-    shifted = tmp_path / "shifted.nii.gz"
-    nib.save(nib.Nifti1Image((array + 1024).astype(np.int16), affine), shifted)
-    with pytest.raises(DataError, match="does not look like Hounsfield units"):
-        read_volume(shifted)
+    convert, problem = NOT_HU[export]
+    exported = tmp_path / f"{export}.nii.gz"
+    nib.save(nib.Nifti1Image(convert(array.astype(np.float64)), affine), exported)
+    with pytest.raises(DataError, match=problem) as refused:
+        read_volume(exported)
+    assert str(refused.value).startswith(f"{exported}: does not look like Hounsfield units")
+
+
+@pytest.mark.parametrize("export", [e for e in NOT_HU if e != "hu_plus_1024"])
+def test_values_standardised_or_shifted_below_air_are_refused_with_padding_and_noise(tmp_path, export):
+    """Values below 0 pass the storage rule; z-scores and HU / 1000 lie within a few units of 0, where a CT holds
+    air, fat or soft tissue, and an intercept applied twice puts the air at -2048, below anything a scanner writes
+    but its padding. A model would segment either as if it were HU (a 6-10 mL heart, exit status 0)."""
+    hu, affine = noisy_phantom_hu()
+    hu[:3, :3, :] = -3024  # the scanner's padding outside the reconstruction circle
+    convert, problem = NOT_HU[export]
+    path = tmp_path / f"{export}.nii.gz"
+    nib.save(nib.Nifti1Image(convert(hu.astype(np.float64)), affine), path)
+    with pytest.raises(DataError, match=problem):
+        LoadCTVolumed("image")({"image": str(path)})
+    # a tight crop of soft tissue in HU, its noise reaching below 0, spans more than z-scores do, and is read
+    crop = np.round(np.random.default_rng(1).normal(20.0, 12.0, SHAPE)).astype(np.int16)
+    nib.save(nib.Nifti1Image(crop, affine), tmp_path / "soft_tissue.nii.gz")
+    np.testing.assert_array_equal(read_volume(tmp_path / "soft_tissue.nii.gz")[0], crop)
 
 
 @pytest.mark.parametrize("parts", REAL_CT, ids=real_ct_id)

@@ -532,16 +532,24 @@ def _hounsfield_problem(array: np.ndarray, unscaled: bool) -> str | None:
 # tissue, where a CT in Hounsfield units holds only dense bone and metal (under 1 % of a torso in the real scans).
 SHIFTED_SOFT_TISSUE = (900.0, 1200.0)
 AIR = (-1100.0, -900.0)
+# below air's noise: a scanner writes nothing here but its padding outside the reconstruction circle (left out as
+# the minimum), so a share of the voxels here is air at -2048, an intercept of -1024 applied twice
+BELOW_AIR = -1500.0
+# z-scores and values scaled by 1/1000 lie within a few units of 0, where a CT in HU holds air (-1000), fat (-100)
+# or soft tissue (20-80 HU, its noise a standard deviation of 10-30 HU): a CT has 1 % of its voxels outside this
+NORMALISED_RANGE = 20.0
 
 
 def _shifted_hounsfield_problem(array: np.ndarray) -> str | None:
-    """Why ``array``, which has values below 0, still looks like HU + 1024 stored without its intercept, or None.
+    """Why ``array``, which has values below 0, still cannot be Hounsfield units, or None.
 
-    Noise around air at 0 and a scanner's padding (-2000 for -3024 HU) put values below 0 into such volumes, so the
-    storage rule of :func:`_hounsfield_problem` misses them. Their content gives them away: no air at all (-1000 HU)
-    while a tenth or more of the voxels lies where soft tissue lands once 1024 is added. A CT in Hounsfield units has
-    air or, cropped inside the body, fat and soft tissue around 0, with bone above 900 HU in a few per cent at most.
-    The padding (the minimum, when it fills more than 1 % of the volume) is left out of the fractions.
+    Noise around air at 0 and a scanner's padding (-2000 for -3024 HU) put values below 0 into HU + 1024 stored
+    without its intercept, so the storage rule of :func:`_hounsfield_problem` misses them. Their content gives them
+    away: no air at all (-1000 HU) while a tenth or more of the voxels lies where soft tissue lands once 1024 is
+    added. A CT in Hounsfield units has air or, cropped inside the body, fat and soft tissue around 0, with bone
+    above 900 HU in a few per cent at most. The same content rules refuse an intercept applied twice (air at -2048)
+    and values standardised or scaled down (z-scores, HU / 1000: within a few units of 0, where a CT holds air, fat
+    or soft tissue). The padding (the minimum, when it fills more than 1 % of the volume) is left out of the fractions.
     """
     # every other voxel along each axis of a large scan (512 x 512 x 400): its fractions in a tenth of the time
     sample = (array[::2, ::2, ::2] if array.size > 8_000_000 else array).ravel()
@@ -551,6 +559,20 @@ def _shifted_hounsfield_problem(array: np.ndarray) -> str | None:
         sample = sample[~padding]
     if sample.size == 0:
         return None
+    below_air = float((sample < BELOW_AIR).mean())
+    if below_air > 0.01:
+        return (
+            f"does not look like Hounsfield units: {below_air:.0%} of its voxels lie below {BELOW_AIR:g}, under any "
+            "air (-1000 HU) and apart from the scanner's padding. Most likely an intercept of -1024 was applied "
+            "twice (air at -2048), or the image is not a CT."
+        )
+    p1, p99 = (float(v) for v in np.percentile(sample, [1, 99]))
+    if -NORMALISED_RANGE < p1 and p99 < NORMALISED_RANGE:
+        return (
+            f"does not look like Hounsfield units: 98 % of its values lie between {p1:.3g} and {p99:.3g}, where a "
+            "CT holds air (-1000 HU), fat (-100 HU) or soft tissue (20-80 HU). Most likely the image is "
+            "intensity-normalised (z-scores, HU / 1000) or not a CT."
+        )
     air = float(((sample >= AIR[0]) & (sample <= AIR[1])).mean())
     shifted = float(((sample >= SHIFTED_SOFT_TISSUE[0]) & (sample <= SHIFTED_SOFT_TISSUE[1])).mean())
     if air > 0.001 or shifted < 0.10:
