@@ -237,9 +237,43 @@ def test_label_outside_the_image_world_is_an_error(tmp_path):
     nifti(tmp_path / "image.nii.gz", np.zeros((8, 8, 8), np.int16), np.eye(4))
     far = np.eye(4)
     far[:3, 3] = 500
-    nifti(tmp_path / "label.nii.gz", np.ones((8, 8, 8), np.uint8), far)
+    nifti(tmp_path / "label.nii.gz", np.ones((9, 8, 8), np.uint8), far)  # another grid: the one rule is overlap
     with pytest.raises(ValueError, match="label.nii.gz: the label has foreground but none of it lies inside"):
         AlignToImaged("label")(load(tmp_path / "image.nii.gz", tmp_path / "label.nii.gz"))
+
+
+def test_a_label_with_the_image_voxels_but_another_placement_is_refused_naming_both(tmp_path):
+    """A label saved from the image's array with an identity affine, a shifted origin or in SimpleITK's z, y, x
+    order still overlaps the image: resampled through the affines it is a plausible label in the wrong place (Dice
+    0.0-0.7 against the right one, and no word about it). The same voxels stored in another axis order or direction
+    with an affine to match lie where the image does, and are aligned."""
+    image_affine = np.array([[-0.8, 0, 0, 90.0], [0, -0.8, 0, 120.0], [0, 0, 2.5, -40.0], [0, 0, 0, 1]])
+    heart = np.zeros((16, 14, 10), np.uint8)
+    heart[4:10, 5:11, 3:7] = 1
+    nifti(tmp_path / "image.nii.gz", np.zeros(heart.shape, np.int16), image_affine)
+    shifted = image_affine.copy()
+    shifted[:3, 3] += [0.0, 30.0, 0.0]
+    wrong = {
+        "identity.nii.gz": (heart, np.eye(4)),
+        "shifted.nii.gz": (heart, shifted),
+        "zyx.nii.gz": (heart.transpose(2, 1, 0).copy(), image_affine),
+    }
+    for name, (array, affine) in wrong.items():
+        nifti(tmp_path / name, array, affine)
+        with pytest.raises(DataError) as refused:
+            AlignToImaged("label")(load(tmp_path / "image.nii.gz", tmp_path / name))
+        message = str(refused.value)
+        assert message.startswith(f"{tmp_path / name}: has the voxel counts of the image ({tmp_path / 'image.nii.gz'})")
+        assert "its affine places it up to" in message and "mm away from it" in message, message
+    # the same voxels transposed and flipped, with the affine that keeps them in place: aligned onto the image
+    permute = np.zeros((4, 4))
+    permute[2, 0] = permute[1, 1] = permute[0, 2] = permute[3, 3] = 1  # label index (k, j, i) -> image index (i, j, k)
+    flip = np.eye(4)
+    flip[1, 1], flip[1, 3] = -1, heart.shape[1] - 1
+    stored = np.flip(heart.transpose(2, 1, 0), axis=1).copy()
+    nifti(tmp_path / "kji.nii.gz", stored, image_affine @ permute @ flip)
+    aligned = AlignToImaged("label")(load(tmp_path / "image.nii.gz", tmp_path / "kji.nii.gz"))["label"][0].numpy()
+    np.testing.assert_array_equal(aligned, heart)
 
 
 def test_label_values_map_and_unknown_values_are_named():

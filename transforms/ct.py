@@ -143,6 +143,38 @@ def same_grid(a: MetaTensor, b: MetaTensor, atol: float = 1e-3) -> bool:
     )
 
 
+def world_box(volume: MetaTensor) -> np.ndarray:
+    """The corners' extent in world space (mm), ``[[min x, y, z], [max x, y, z]]``, of a channel-first volume's voxel
+    centres."""
+    affine = np.asarray(torch.as_tensor(volume.affine, dtype=torch.float64))
+    last = np.array(volume.shape[1:], dtype=float) - 1
+    corners = np.array(np.meshgrid(*[[0.0, n] for n in last], indexing="ij")).reshape(3, -1)
+    world = affine[:3, :3] @ corners + affine[:3, 3:4]
+    return np.stack([world.min(axis=1), world.max(axis=1)])
+
+
+def misplaced_copy_problem(label: MetaTensor, image: MetaTensor) -> str | None:
+    """Why ``label``, which has the image's voxel counts (in any axis order) but another grid, is not the image's
+    grid in another storage, or None. A label drawn on the image and saved with the image's array but another affine
+    (an identity one, a shifted origin) or transposed (SimpleITK's z, y, x array under the image's affine) still
+    overlaps the image, so resampling it through the affines gives a plausible label in the wrong place; the same
+    voxels in another axis order or direction, with an affine to match, cover the image's box and are resampled.
+    Labels on other grids (a crop, the scanner's full field, another spacing) are not judged here."""
+    if sorted(label.shape[1:]) != sorted(image.shape[1:]):
+        return None
+    label_box, image_box = world_box(label), world_box(image)
+    voxel = float(np.linalg.norm(np.asarray(torch.as_tensor(image.affine, dtype=torch.float64))[:3, :3], axis=0).max())
+    offset = float(np.abs(label_box - image_box).max())
+    if offset <= voxel:
+        return None
+    spans = " x ".join(f"{lo:.1f}..{hi:.1f}" for lo, hi in zip(*label_box, strict=True))
+    image_spans = " x ".join(f"{lo:.1f}..{hi:.1f}" for lo, hi in zip(*image_box, strict=True))
+    return (
+        f"its affine places it up to {offset:.1f} mm away from it (the label spans {spans} mm, the image "
+        f"{image_spans} mm)"
+    )
+
+
 class AlignToImaged(MapTransform):
     """Resample volumes (labels) that lie on another voxel grid onto the image's grid, through the two affines.
 
@@ -173,6 +205,16 @@ class AlignToImaged(MapTransform):
             if same_grid(volume, image):
                 continue
             source = volume.meta.get("filename_or_obj", key)
+            problem = misplaced_copy_problem(volume, image)
+            if problem is not None:
+                raise DataError(
+                    source,
+                    f"has the voxel counts of the image ({image.meta.get('filename_or_obj', self.image_key)}), but "
+                    f"{problem}: it was most likely saved with another affine (an identity one, a shifted origin) "
+                    "or in another array order (z, y, x) than the image it was drawn on.",
+                    "Save the label with the image's own header (affine) and array order; a label that truly lies "
+                    "elsewhere has to be resampled onto the image before it is used.",
+                )
             had_foreground = bool((volume != 0).any())
             aligned = self.resampler(volume, img_dst=image)
             aligned.meta["filename_or_obj"] = source
