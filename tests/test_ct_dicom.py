@@ -193,6 +193,57 @@ def test_duplicated_slice(tmp_path):
     assert "slice_0003.dcm" in str(error.value) and "copy_of_slice_3.dcm" in str(error.value)
 
 
+def acquisition(paths, **attributes) -> list:
+    """Set acquisition attributes (``AcquisitionNumber=2``...) on written slices, as a scanner numbers its phases."""
+    for path in paths:
+        ds = pydicom.dcmread(path)
+        for keyword, value in attributes.items():
+            setattr(ds, keyword, value)
+        ds.save_as(path)
+    return paths
+
+
+def test_phases_of_one_series_are_refused_naming_what_tells_them_apart(tmp_path):
+    """A multi-phase cardiac CT under one series UID: each position holds one slice per phase. Told apart by their
+    attributes, the refusal says so (they are not copies to remove)."""
+    uid = "1.2.3.4.5"
+    folder = tmp_path / "phases"
+    for phase, seed in ((0, 1), (40, 2)):
+        acquisition(
+            write_ct_series(random_hu(seed), make_affine(), folder, series_uid=uid, seed=seed),
+            AcquisitionNumber=1,
+            NominalPercentageOfCardiacPhase=phase,
+        )
+    with pytest.raises(DataError) as refused:
+        read_ct_series(folder)
+    message = str(refused.value)
+    assert "several acquisitions at the same slice positions" in message, message
+    assert "differ in NominalPercentageOfCardiacPhase (" in message, message  # and in nothing else
+    assert "Remove the copies" not in message
+
+
+def test_interleaved_acquisitions_are_refused_and_consecutive_ones_are_one_volume(tmp_path):
+    """Two acquisitions offset by half a slice sort into one evenly spaced stack alternating between them (a
+    plausible volume of twice the slices); acquisitions one after the other along the body are one volume."""
+    uid = "1.2.3.4.6"
+    first, second = random_hu(3), random_hu(4, low=0, high=100)
+    offset = make_affine()
+    offset[:3, 3] += offset[:3, 2] / 2  # half a slice along the slice normal
+    acquisition(write_ct_series(first, make_affine(), tmp_path / "mixed", series_uid=uid, seed=3), AcquisitionNumber=1)
+    acquisition(write_ct_series(second, offset, tmp_path / "mixed", series_uid=uid, seed=4), AcquisitionNumber=2)
+    with pytest.raises(DataError) as refused:
+        read_ct_series(tmp_path / "mixed")
+    message = str(refused.value)
+    assert message.startswith(f"{tmp_path / 'mixed'}: the series interleaves slices of several acquisitions"), message
+    assert "AcquisitionNumber 1" in message and "AcquisitionNumber 2" in message
+
+    paths = write_ct_series(first, make_affine(), tmp_path / "consecutive", series_uid=uid, seed=5, file_names="index")
+    half = len(paths) // 2
+    acquisition(paths[:half], AcquisitionNumber=1)
+    acquisition(paths[half:], AcquisitionNumber=2)
+    np.testing.assert_array_equal(read_ct_series(tmp_path / "consecutive").hu, first)
+
+
 def test_two_series_need_a_selector(tmp_path):
     first, second = random_hu(11), random_hu(12)
     write_ct_series(first, make_affine(), tmp_path, series_uid="1.2.3.4.1", series_description="Body 3.0 Br38")

@@ -16,6 +16,7 @@ generator and the tests use it, and ``read_ct_series`` gives back what it wrote.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import warnings
@@ -446,6 +447,57 @@ def _check_geometry(folder: Path, headers: list[tuple[Path, Dataset]]) -> tuple[
     return iop, spacing, rows, cols
 
 
+# what tells the acquisitions of one series apart: a multi-phase cardiac CT, a dynamic series, two reconstructions
+ACQUISITION_ATTRIBUTES = (
+    "AcquisitionNumber",
+    "TemporalPositionIndex",
+    "NominalPercentageOfCardiacPhase",
+    "TriggerTime",
+    "AcquisitionTime",
+    "ConvolutionKernel",
+)
+# those that number acquisitions (a trigger or acquisition time can differ from slice to slice within one)
+ACQUISITION_GROUPS = ("AcquisitionNumber", "TemporalPositionIndex", "NominalPercentageOfCardiacPhase")
+
+
+def _acquisition_differences(a: Dataset, b: Dataset) -> str:
+    """The acquisition attributes two slices differ in, as ``AcquisitionNumber (1, 2)``; empty when none."""
+    return ", ".join(
+        f"{name} ({_text(a, name) or 'none'}, {_text(b, name) or 'none'})"
+        for name in ACQUISITION_ATTRIBUTES
+        if _text(a, name) != _text(b, name)
+    )
+
+
+def _check_acquisitions_apart(folder: Path, headers: list[tuple[Path, Dataset]], positions: np.ndarray) -> None:
+    """Refuse slices of several acquisitions (different ``ACQUISITION_GROUPS`` values) whose position ranges
+    interleave: two phases offset by half a slice sort into one evenly spaced stack of twice the slices, alternating
+    between them, which reads as one plausible volume. Acquisitions one after another along the body (a scan in
+    several rotations, each numbered) cover ranges that do not overlap, and are one volume."""
+    ranges: dict[tuple[str, ...], list[float]] = {}
+    for (_, ds), position in zip(headers, positions, strict=True):
+        key = tuple(_text(ds, name) for name in ACQUISITION_GROUPS)
+        low, high = ranges.setdefault(key, [position, position])
+        ranges[key] = [min(low, position), max(high, position)]
+    if len(ranges) < 2:
+        return
+    spans = sorted(ranges.items(), key=lambda item: item[1][0])
+    for (first, (_, first_high)), (second, (second_low, _)) in itertools.pairwise(spans):
+        if second_low < first_high - DUPLICATE_TOL_MM:
+
+            def named(key: tuple[str, ...]) -> str:
+                return ", ".join(f"{n} {v}" for n, v in zip(ACQUISITION_GROUPS, key, strict=True) if v) or "none"
+
+            raise DataError(
+                folder,
+                f"the series interleaves slices of several acquisitions: those with {named(first)} span "
+                f"{ranges[first][0]:.2f} to {first_high:.2f} mm along the slice normal and those with {named(second)} "
+                f"{second_low:.2f} to {ranges[second][1]:.2f} mm. Stacked together they would alternate between "
+                "them; one volume holds one acquisition.",
+                "Copy the files of one acquisition into a folder of their own (or export it as its own series).",
+            )
+
+
 def _sort_slices(
     folder: Path, headers: list[tuple[Path, Dataset]], normal: np.ndarray
 ) -> tuple[list[tuple[Path, Dataset]], np.ndarray, float]:
@@ -461,12 +513,23 @@ def _sort_slices(
     duplicates = np.flatnonzero(steps < DUPLICATE_TOL_MM)
     if duplicates.size:
         i = int(duplicates[0])
+        where = (
+            f"{names[i]} and {names[i + 1]} are at the same position ({positions[i]:.3f} mm along the slice normal)"
+            f"{f' ({duplicates.size} such pairs)' if duplicates.size > 1 else ''}"
+        )
+        differences = _acquisition_differences(headers[i][1], headers[i + 1][1])
+        if differences:
+            raise DataError(
+                folder,
+                f"the series holds several acquisitions at the same slice positions (cardiac phases, time points or "
+                f"reconstructions): {where} and differ in {differences}. One volume holds one of them.",
+                "Copy the files of one acquisition into a folder of their own (or export it as its own series).",
+            )
         raise DataError(
             folder,
-            f"duplicated slice: {names[i]} and {names[i + 1]} are at the same position ({positions[i]:.3f} mm "
-            f"along the slice normal){f' ({duplicates.size} such pairs)' if duplicates.size > 1 else ''}. "
-            "Remove the copies (or separate two series that share a SeriesInstanceUID).",
+            f"duplicated slice: {where}. Remove the copies (or separate two series that share a SeriesInstanceUID).",
         )
+    _check_acquisitions_apart(folder, headers, positions)
 
     # the slice origins must lie on one line along the normal; otherwise the stack is sheared (gantry tilt)
     offsets = origins - origins[0]
