@@ -101,8 +101,13 @@ def test_an_inverted_fov_mask_is_refused_naming_it(tmp_path):
     fov = np.asarray(Image.open(items[0]["fov"]).convert("L"))
     assert 0.2 < (fov == 0).mean() < 0.5  # inverted, it still covers more than the 20 % a field needs
     Image.fromarray(255 - fov).save(items[0]["fov"])
-    with pytest.raises(DataError, match=r"FOV mask leaves 100% of the annotated foreground of .*21_manual1.gif") as e:
+    # against the field found in the photograph: the mask lies in the camera's frame
+    with pytest.raises(DataError, match=r"FOV mask is not the field of view of .*21_training.tif: 9\d% of it") as e:
         decode("vessels", items)
+    assert e.value.path == items[0]["fov"]
+    # without that comparison (photographs that are not fundus photographs), against the annotation
+    with pytest.raises(DataError, match=r"FOV mask leaves 100% of the annotated foreground of .*21_manual1.gif") as e:
+        decode("vessels", items, estimate_fov=False)
     assert e.value.path == items[0]["fov"] and "\n" not in str(e.value)
 
 

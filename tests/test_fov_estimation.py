@@ -162,3 +162,67 @@ def test_real_photographs_with_grey_and_white_frames_and_red_free_crops(tmp_path
     for name in ("01R", "07L"):
         green = np.asarray(Image.open(chase / f"Image_{name}.jpg"))[500:2400, 560:2460, 1]
         assert EstimateFOV()(np.repeat(green[None], 3, axis=0)).all(), name
+
+
+def read_with_mask(tmp_path, photo: np.ndarray, fov: np.ndarray, name: str = "photo") -> dict:
+    """The bundle's reading of a photograph and its given FOV mask, both from real files, then its field check."""
+    Image.fromarray(photo).save(tmp_path / f"{name}.png")
+    Image.fromarray(fov.astype(np.uint8) * 255).save(tmp_path / f"{name}_mask.gif")
+    read = ReadImaged("image", reader=PhotoReader(channels="rgb"))({"image": str(tmp_path / f"{name}.png")})
+    from clinseg.datasets.readers import BinaryMaskReader
+
+    read = ReadImaged("fov", reader=BinaryMaskReader())({**read, "fov": str(tmp_path / f"{name}_mask.gif")})
+    return EstimateFOVd("image")(read)
+
+
+def brightened(photo: np.ndarray, gain: float) -> np.ndarray:
+    return np.clip(photo.astype(np.float32) * gain, 0, 255).astype(np.uint8)
+
+
+def test_a_given_mask_that_is_not_the_photographs_field_is_refused_naming_it(tmp_path):
+    """An inverted mask (covering the frame and more than the 20 % an empty-ish mask is refused below) or one
+    shifted by a quarter of the image would mask the prediction to the camera's frame: vessels drawn there, exit 0."""
+    photo, _, fov = synthesize_fundus(np.random.default_rng([12, 0]), (584, 565))
+    assert read_with_mask(tmp_path, photo, fov)["fov_source"] == "given"
+    for name, wrong in {"inverted": ~fov, "shifted": np.roll(fov, 150, axis=1)}.items():
+        with pytest.raises(DataError) as refused:
+            read_with_mask(tmp_path, photo, wrong, name)
+        message = str(refused.value)
+        assert message.startswith(f"{tmp_path / f'{name}_mask.gif'}: FOV mask is not the field of view of"), message
+        assert str(tmp_path / f"{name}.png") in message and "Inverted, shifted" in message
+    # a grey image given with a mask is not judged by an estimate that cannot be made for it
+    grey = np.repeat(photo[..., 1:2], 3, axis=2)
+    assert read_with_mask(tmp_path, grey, fov, "grey")["fov_source"] == "given"
+
+
+def test_an_overexposed_photograph_is_refused_with_its_field_given_or_estimated(tmp_path):
+    photo, _, fov = synthesize_fundus(np.random.default_rng([13, 0]), (584, 565))
+    green = photo[..., 1][fov].astype(np.float32)
+    gain = 255 / np.percentile(green, 40)  # 60 % of the field's green at full scale
+    for given in (True, False):
+        name = "given" if given else "estimated"
+        with pytest.raises(DataError, match="is overexposed: .* of its green channel inside the field of view is"):
+            if given:
+                read_with_mask(tmp_path, brightened(photo, gain), fov, name)
+            else:
+                estimate(tmp_path, brightened(photo, gain), f"{name}.png")
+    # a photograph brightened a little (its optic disc clipped) is read
+    assert estimate(tmp_path, brightened(photo, 1.2), "a_little.png")["fov_source"] == "estimated"
+
+
+def test_real_photographs_keep_their_released_masks_and_are_refused_overexposed(tmp_path):
+    """DRIVE's 20 released masks agree with the estimated field (intersection over union 0.989 or more); another
+    photograph's mask, an inverted one and the same photograph brightened until its green channel clips are
+    refused; the photograph brightened 1.5 times (2 % clipped) is read."""
+    root = shared_path("vessels", "DRIVE", "training")
+    masks = {}
+    for number in range(21, 41):
+        photo = np.asarray(Image.open(root / "images" / f"{number}_training.tif").convert("RGB"))
+        masks[number] = read_binary_mask(root / "mask" / f"{number}_training_mask.gif")
+        assert read_with_mask(tmp_path, photo, masks[number], str(number))["fov_source"] == "given"
+    photo = np.asarray(Image.open(root / "images" / "21_training.tif").convert("RGB"))
+    with pytest.raises(DataError, match="FOV mask is not the field of view"):
+        read_with_mask(tmp_path, photo, ~masks[21], "inverted")
+    assert read_with_mask(tmp_path, brightened(photo, 1.5), masks[21], "brighter")["fov_source"] == "given"
+    with pytest.raises(DataError, match="is overexposed"):
+        read_with_mask(tmp_path, brightened(photo, 2.6), masks[21], "overexposed")

@@ -122,6 +122,15 @@ MAX_COHERENCE = 0.6  # photographs: at most 0.36; OCT B-scans: 0.82 to 0.84
 MAX_BLACK = 0.15  # photographs: at most 0.01; CT slices cut to the heart, soft-tissue window: 0.37 to 0.45
 MAX_CLIPPED = 0.1  # photographs: at most 0.01; CT slices with bone, contrast or a lung window: 0.15 to 0.46
 MAX_RIM_DEVIATION = 0.06  # photographs: at most 0.024 (CHASE_DB1's green channel); bodies in CT slices: 0.09 to 0.16
+# Checks of every photograph, its field given or estimated (EstimateFOVd), measured on the same photographs.
+# The green channel (where vessels show) clipped at full scale: DRIVE's and CHASE_DB1's fields at most 0.4 % (their
+# red channel up to 9 %, so the red one is not judged). DRIVE 21 brightened until 48 % of it clips loses a sixth of
+# its F1 (0.84 to 0.70), at 94 % nearly all of it (0.31), with a map that looks normal.
+MAX_GREEN_CLIPPED = 0.1
+# The share of a given FOV mask outside the field estimated from its photograph, in the camera's dark frame: DRIVE's
+# 20 masks at most 1 % (intersection over union 0.989 to 0.999); an inverted mask, another camera's or one shifted by
+# a quarter of the image far more. A mask inside the field (a region to segment or score) is none of these.
+MAX_GIVEN_FOV_OUTSIDE = 0.1
 
 
 def _full_scale(top: float) -> float:
@@ -494,6 +503,11 @@ class EstimateFOVd(MapTransform):
                     )
         if d.get(self.fov_key) is not None:
             self.check_given(d[self.fov_key])
+            if self.estimator is not None:  # fundus photographs (estimate=False: other photographs, not judged)
+                for key in self.key_iterator(d):
+                    self.check_given_against(d[key], d[self.fov_key])
+                    break
+                self.check_exposure(d)
             d.setdefault(self.fov_key + FOV_SOURCE_SUFFIX, "given")
             return d
         if self.estimator is None:
@@ -512,7 +526,63 @@ class EstimateFOVd(MapTransform):
             d[self.fov_key] = MetaTensor(fov, meta=dict(image.meta)) if isinstance(image, MetaTensor) else fov
             d[self.fov_key + FOV_SOURCE_SUFFIX] = "estimated"
             break  # one field per item, from its first photograph
+        self.check_exposure(d)
         return d
+
+    def check_given_against(self, image: NdarrayOrTensor, fov: NdarrayOrTensor) -> None:
+        """Refuse a given FOV mask that is not this photograph's field: an inverted one (which ``check_given``
+        misses when it covers more than ``min_fraction``), one shifted, or another camera's. The prediction is
+        masked to it, so vessels would be drawn in the camera's frame and scored there. A mask inside the field (a
+        region to segment or score) is kept. The check needs a field to compare with: a photograph whose field
+        cannot be estimated (the reason a mask may be given) is not judged."""
+        given = convert_to_numpy(fov) > 0
+        given = given.reshape(given.shape[-2:])
+        try:
+            estimated = self.estimator(image)
+        except ValueError:  # NotFundusError too: the given mask is what the user has for it
+            return
+        if estimated.shape != given.shape:
+            return
+        outside = float((given & ~estimated).sum() / max(int(given.sum()), 1))
+        if outside <= MAX_GIVEN_FOV_OUTSIDE:
+            return
+        source = fov.meta.get("filename_or_obj", self.fov_key) if isinstance(fov, MetaTensor) else self.fov_key
+        photograph = image.meta.get("filename_or_obj", "its photograph") if isinstance(image, MetaTensor) else "it"
+        raise DataError(
+            source,
+            f"FOV mask is not the field of view of {photograph}: {outside:.0%} of it lies outside the bright field "
+            f"found in the photograph, in the camera's dark frame (at most {MAX_GIVEN_FOV_OUTSIDE:.0%} expected; "
+            "DRIVE's masks: 1 %). Inverted, shifted or another photograph's?",
+            "Give this photograph's own mask, or none: the field is then estimated from the photograph.",
+        )
+
+    def check_exposure(self, d: Mapping[Hashable, NdarrayOrTensor]) -> None:
+        """Refuse an overexposed photograph: where its green channel is clipped at full scale, vessels cannot be
+        seen, and the vessel map comes out thin or empty while it looks normal (one line naming the file)."""
+        fov = d.get(self.fov_key)
+        for key in self.key_iterator(d):
+            image = d[key]
+            array = convert_to_numpy(image)
+            if array.ndim != 3 or array.shape[0] not in (3, 4):
+                continue  # grey images are judged by EstimateFOV._check_fundus, with their other limits
+            green = array[1].astype(np.float32, copy=False)
+            field = np.ones(green.shape, bool) if fov is None else convert_to_numpy(fov) > 0
+            if field.size != green.size:
+                continue  # a mask of another size is refused where it is paired with its photograph
+            field = field.reshape(green.shape)
+            if not field.any():
+                continue
+            full_scale = _full_scale(float(array[:3].max()))
+            clipped = float((green[field] >= full_scale).mean())
+            if clipped > MAX_GREEN_CLIPPED:
+                source = image.meta.get("filename_or_obj", key) if isinstance(image, MetaTensor) else key
+                raise DataError(
+                    source,
+                    f"is overexposed: {clipped:.0%} of its green channel inside the field of view is clipped at full "
+                    f"brightness ({full_scale:g}), where vessels cannot be seen (DRIVE's and CHASE_DB1's photographs: "
+                    f"under 1 %; at most {MAX_GREEN_CLIPPED:.0%} is accepted).",
+                    "Export the photograph again from the camera without brightening it.",
+                )
 
 
 def fov_diameter(fov: NdarrayOrTensor) -> float | None:

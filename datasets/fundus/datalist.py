@@ -91,9 +91,17 @@ def drive_split_items(
             continue
         number, split = match.group(1), match.group(2)
         fov_path = split_dir / "mask" / f"{number}_{split}_mask.gif"
-        if not fov_path.is_file():
+        item = {"image": str(image_path), "id": number, "source": str(image_path)}
+        if fov_path.is_file():
+            item["fov"] = str(fov_path)
+        elif other_images:  # photographs to segment: a mask in another format, else the field is estimated
+            found = partner_file(fovs, image_path.stem, FOV_SUFFIXES)
+            if found is not None:
+                item["fov"] = str(found)
+            else:
+                logger.warning(f"{fov_path}: missing; the field of view of {image_path.name} is estimated instead")
+        else:  # training and evaluation score inside the released mask: an incomplete copy of the split
             raise DataError(fov_path, f"FOV mask of {image_path.name} is missing.")
-        item = {"image": str(image_path), "fov": str(fov_path), "id": number, "source": str(image_path)}
         if with_labels:
             label_path = split_dir / f"{'1st' if annotator == 1 else '2nd'}_manual" / f"{number}_manual{annotator}.gif"
             if not label_path.is_file():
