@@ -8,6 +8,7 @@ from collections.abc import Hashable, Mapping
 import numpy as np
 import torch
 from monai.config import KeysCollection
+from monai.config.type_definitions import NdarrayOrTensor
 from monai.data import MetaTensor
 from monai.transforms import MapTransform, RandomizableTransform, Transform
 from monai.utils import MetaKeys, TransformBackends, convert_to_numpy
@@ -135,6 +136,68 @@ def order_layers(scores: np.ndarray) -> np.ndarray:
     for row in range(height - 1, 0, -1):
         path[row - 1] = np.take_along_axis(came_from[row], path[row][None], axis=0)[0]
     return state_class[path]
+
+
+def unordered_columns(label: np.ndarray, ignore_index: int = IGNORE_INDEX) -> np.ndarray:
+    """Which columns of an ``(H, W)`` layer label map break the anatomical order: top to bottom, background, the
+    layers 1, 2, ... (each may be absent) and background again. Unannotated pixels (``ignore_index``) are skipped.
+    Returns a boolean ``(W,)``; columns without any layer are never out of order."""
+    layer = (label > 0) & (label != ignore_index)
+    below_retina = int(label[label != ignore_index].max(initial=0)) + 1  # background once a layer was passed
+    state = np.where(label == ignore_index, -1, np.where(layer, label, 0)).astype(np.int64)
+    state[~layer & (label != ignore_index) & np.maximum.accumulate(layer, axis=0)] = below_retina
+    reached = np.maximum.accumulate(state, axis=0)
+    before = np.vstack([np.full((1, label.shape[1]), -1), reached[:-1]])
+    return ((state >= 0) & (state < before)).any(axis=0)
+
+
+class RequireLayerOrderd(MapTransform):
+    """Refuse a layer label map out of the anatomical order in more than ``max_unordered`` of its columns (those
+    holding a layer): a label upside down, with two layers' colours or values exchanged, or another B-scan's. Such a
+    label trains the network on it and, in validation, skews the key metric and the choice of the best model,
+    without a word; predictions are put in order (:class:`OrderLayersd`), labels were not checked. The annotations
+    of the NR206 sample break the order in at most 0.5 % of their columns (a stroke of one layer into the next).
+
+    Raises:
+        DataError: naming the label file, with the share of columns out of order.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        enabled: bool = True,
+        max_unordered: float = 0.1,
+        ignore_index: int = IGNORE_INDEX,
+        allow_missing_keys: bool = False,
+    ):
+        super().__init__(keys, allow_missing_keys)
+        self.enabled, self.max_unordered, self.ignore_index = enabled, max_unordered, ignore_index
+
+    def __call__(self, data: Mapping[Hashable, NdarrayOrTensor]) -> dict[Hashable, NdarrayOrTensor]:
+        d = dict(data)
+        if not self.enabled:
+            return d
+        for key in self.key_iterator(d):
+            label = convert_to_numpy(d[key])
+            label = label.reshape(label.shape[-2:]) if label.ndim == 3 and label.shape[0] == 1 else label
+            if label.ndim != 2:
+                continue
+            columns = (label > 0) & (label != self.ignore_index)
+            with_layers = columns.any(axis=0)
+            if not with_layers.any():
+                continue
+            unordered = float(unordered_columns(label, self.ignore_index)[with_layers].mean())
+            if unordered > self.max_unordered:
+                source = d[key].meta.get("filename_or_obj", key) if isinstance(d[key], MetaTensor) else key
+                raise DataError(
+                    str(source),
+                    f"its layers are out of their top-to-bottom order in {unordered:.0%} of its columns (at most "
+                    f"{self.max_unordered:.0%} expected): an upside-down label, two layers' colours or values "
+                    "exchanged, or another B-scan's label.",
+                    "Check the label file (and label_colors / label_values); a task whose classes are no layers "
+                    "runs with --layer_order False.",
+                )
+        return d
 
 
 class OrderLayersd(MapTransform):
