@@ -145,6 +145,9 @@ def describe_error(error: BaseException) -> tuple[str, bool]:
     mismatch = checkpoint_mismatch(error)
     if mismatch is not None:
         return f"error: {mismatch}", True
+    memory = out_of_memory(error)
+    if memory is not None:
+        return f"error: {memory}", True
     origin = _origin(error)  # the error itself, not MONAI's "Failed to evaluate ..." wrapped around it
     message = str(origin).strip().splitlines()
     return f"internal error: {type(origin).__name__}: {message[0] if message else ''}", False
@@ -254,6 +257,33 @@ def checkpoint_mismatch(error: BaseException | None, argv: list[str] | None = No
         "network settings.",
         "Pass the settings it was trained with (its model.json records them: --network_def#channels ...), or "
         "export it with python -m clinseg.pipelines.export, which reads them.",
+    )
+
+
+_ALLOCATION_FAILURES = ("can't allocate memory", "out of memory", "DefaultCPUAllocator")
+
+
+def out_of_memory(error: BaseException | None, argv: list[str] | None = None) -> InputError | None:
+    """An :class:`InputError` naming the input when ``error`` is the machine running out of memory (``MemoryError``,
+    PyTorch's CPU allocator or CUDA refusing an allocation), else None. It is the environment's limit met by the
+    input's size, not a bug: the line says so and names the input (``--input_path``, ``--input_dir`` or
+    ``--dataset_dir`` of the command line), with what was asked for."""
+    origin = _origin(error) if error is not None else None
+    text = str(origin).strip().splitlines()[0] if origin is not None and str(origin).strip() else ""
+    if not (isinstance(origin, MemoryError) or (isinstance(origin, RuntimeError) and any(
+            failure in text for failure in _ALLOCATION_FAILURES))):  # fmt: skip
+        return None
+    from clinseg.pipelines.config_checks import option_values
+
+    options = option_values(list(sys.argv if argv is None else argv)[1:])
+    source = next((options[k] for k in ("input_path", "input_dir", "dataset_dir") if options.get(k)), "the input")
+    asked = re.search(r"allocate (\d+) bytes", text)
+    detail = f"an allocation of {int(asked.group(1)) / 2**30:.1f} GiB failed" if asked else text[:200]
+    return InputError(
+        source,
+        f"not enough memory to process it ({detail}): the input is too large for this machine's memory.",
+        "Run it on a machine with more memory, or give smaller inputs (crop or resample them); a CT needs about 70 "
+        "bytes per voxel (6 GB for 512 x 512 x 300).",
     )
 
 

@@ -157,3 +157,20 @@ def test_a_killed_runs_staging_folder_is_removed_and_a_live_runs_kept(tmp_path):
         live.kill()
         live.wait(timeout=30)
         killed.kill()
+
+
+def test_ct_app_refuses_a_multi_phase_series_the_sdk_loader_reduced_to_one_slice_per_position(tmp_path):
+    """Two cardiac phases under one series UID: the SDK's loader keeps one file per position (a mix of the phases,
+    which read as one plausible volume, exit 0); the app gives the reader every file of the series, and it is refused
+    naming what tells the phases apart, as the bundle refuses it."""
+    from tests.test_ct_dicom import acquisition
+
+    study = tmp_path / "study"
+    for phase, seed in ((0, 1), (40, 2)):
+        files = write_series(study / "CT", chest_like_hu(), study_uid="1.2.3.4", series_uid="1.2.3.4.7", seed=seed)
+        acquisition(files, AcquisitionNumber=1, NominalPercentageOfCardiacPhase=phase)
+    failure, _ = run_stand_in_app(tmp_path, study, tmp_path / "out", mask_shape=[24, 20, 6])
+    assert failure is not None and failure.startswith(f"DataError: {study / 'CT'}"), failure
+    assert "several acquisitions at the same slice positions" in failure, failure
+    assert "differ in NominalPercentageOfCardiacPhase" in failure, failure
+    assert result_files(tmp_path / "out") == []

@@ -110,6 +110,26 @@ def test_an_environment_error_names_the_path(tmp_path):
     assert not (tmp_path / "errors").exists()
 
 
+@pytest.mark.parametrize("allocation", ["torch.empty(2**50, dtype=torch.uint8)", "numpy.empty(2**55)"])
+def test_running_out_of_memory_is_one_line_naming_the_input(tmp_path, allocation):
+    """An input too large for the machine (a CT of 512 x 512 x 600 needs some 12 GB): PyTorch's or NumPy's refused
+    allocation, wrapped as MONAI wraps a transform's error, is the environment's limit met by the input, not an
+    internal error: one line naming the input, no saved traceback."""
+    code = (
+        "import numpy, torch\nimport clinseg.pipelines.cli\n"
+        "def invert():\n"
+        f"    {allocation}\n"
+        "try:\n    invert()\nexcept Exception as e:\n    raise RuntimeError('applying transform Invertd') from e\n"
+    )
+    command = [sys.executable, "-c", code, "--input_path", "/data/ct/big.nii.gz"]
+    result = run(command, tmp_path, env={"CLINSEG_ERROR_DIR": str(tmp_path / "errors")})
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert lines[0].startswith("error: /data/ct/big.nii.gz: not enough memory to process it ("), lines
+    assert len(lines) == 2 and lines[1].startswith("Run it on a machine with more memory"), lines
+    assert not (tmp_path / "errors").exists()
+
+
 @pytest.mark.parametrize(
     "module, arguments",
     [

@@ -221,6 +221,21 @@ def test_evaluation_and_inference_say_what_they_used(tmp_path, data_dir):
     summary = json.loads((tmp_path / "predictions" / "inference_summary.json").read_text())
     assert {k: summary["model"][k] for k in expected} == expected
 
+    # the model evaluated against another store, which has no record of its training: the evaluation is recorded
+    # in full there (it once stayed RUNNING without a metric, its records held back behind the refused link-back)
+    elsewhere = f"sqlite:///{tmp_path / 'elsewhere.db'}"
+    evaluate = command({**base, "tracking_uri": elsewhere, "run_name": "elsewhere"}, "evaluating",
+                       [TRAIN, TRAIN.parent / "evaluate.json"])  # fmt: skip
+    result = subprocess.run(evaluate, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    said = result.stdout + result.stderr
+    assert f"the model's training run {training.info.run_id} is not in" in said, said[-3000:]
+    assert "tracking_spool" not in said, said[-3000:]
+    client = mlflow.MlflowClient(elsewhere)
+    (other,) = client.search_runs([client.get_experiment_by_name("oct_layers").experiment_id])
+    assert other.info.status == "FINISHED" and other.data.metrics, (other.info.status, other.data.metrics)
+    assert other.data.tags["training_run_id"] == training.info.run_id
+
 
 def test_the_cross_camera_benchmark_runs_a_model_with_its_recorded_settings(tmp_path):
     """A CLAHE-trained model is benchmarked with CLAHE, a model of another network size with that size; a

@@ -106,8 +106,8 @@ class HeartSegmentationOperator(Operator):
             chosen, skipped = self.choose_selected(selected, studies)
             series = chosen.source.series
             datasets = [instance.get_native_sop_instance() for instance in series.get_sop_instances()]
-            files = [str(ds.filename) for ds in datasets]
             series_uid = str(series.SeriesInstanceUID)
+            files = every_file_of_series(series_uid, [str(ds.filename) for ds in datasets])
             # the SEG references the segmented series only (the SDK's writer takes each study's first selected one)
             selected = [StudySelectedSeries(chosen.source.study)]
             selected[0].add_selected_series(chosen.source.selected)
@@ -214,6 +214,23 @@ def series_folders(input_path: Path) -> list[Path]:
         folders[:] = sorted(name for name in folders if not name.startswith("."))
         found += [Path(root) / name for name in folders]
     return found
+
+
+def every_file_of_series(uid: str, loaded: list[str]) -> list[str]:
+    """Every file of series ``uid`` in the folders of the files the SDK's loader gave (``loaded``). The loader keeps
+    one instance per slice position and drops the others ("Duplicate spatial coordinates"), so a multi-phase cardiac
+    series reaches the operator as a mix of its phases, one slice each, which reads as one plausible volume; given
+    every file, the project's reader refuses the several acquisitions, naming what tells them apart, as the bundle
+    does. A folder the scan cannot read keeps what the loader gave."""
+    from clinseg.datasets.ct.dicom import list_ct_series
+
+    found = set(loaded)
+    for folder in sorted({Path(f).parent for f in loaded}):
+        try:
+            found.update(str(f) for info in list_ct_series(folder) if info.uid == uid for f in info.files)
+        except DataError:
+            continue
+    return sorted(found)
 
 
 def damaged_file_error(files: list[str]) -> DataError | None:

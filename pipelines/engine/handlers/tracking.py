@@ -550,10 +550,28 @@ class BundleMLflowHandler(_LinkedRun, MLFlowHandler):
                 logger.debug(f"tracking: the experiment's runs view was not updated ({e})")
         training_run = self.extra_tags.get("training_run_id")
         if training_run and training_run != run_id:  # the link back: the training run lists what evaluated it
-            self.link.set_tag(f"{self.workflow}_run.{run_id}", self.run_name, run_id=training_run)
+            self._link_back(training_run, run_id)
         logger.info(
             f"MLflow run '{self.run_name}' ({run_id}) in experiment '{self.bundle_name}' at {self.client.tracking_uri}"
         )
+
+    def _link_back(self, training_run: str, run_id: str) -> None:
+        """Tag the training run of the evaluated model with this run. A model trained against another store (a
+        bundle copied with its model, another ``MLFLOW_TRACKING_URI``) has no training run here: the store would
+        refuse the tag, and a refused record held back every record after it, so the evaluation's own run stayed
+        RUNNING without a metric. Its own ``training_run_id`` tag still names the training."""
+        unknown = object()
+        try:
+            found = self.link.read(self.client.get_run, training_run, default=unknown)
+        except mlflow.exceptions.MlflowException:
+            found = None
+        if found is None:
+            logger.warning(
+                f"tracking: the model's training run {training_run} is not in {self.client.tracking_uri} (trained "
+                "against another store): this run names it in its training_run_id tag, and it is not tagged back."
+            )
+            return
+        self.link.set_tag(f"{self.workflow}_run.{run_id}", self.run_name, run_id=training_run)
 
     def link_resumed_run(self, previous_run_id: str, epoch: int | None = None, iteration: int | None = None) -> None:
         """Link this run to the interrupted run it resumes (tags both ways). A run left RUNNING by a process that
