@@ -244,6 +244,35 @@ def test_interleaved_acquisitions_are_refused_and_consecutive_ones_are_one_volum
     np.testing.assert_array_equal(read_ct_series(tmp_path / "consecutive").hu, first)
 
 
+def test_a_screenshot_under_the_series_uid_is_left_out_and_reformatted_slices_are_kept(tmp_path):
+    """A dose report's page saved as Secondary Capture (RGB, no geometry) under the CT's own series UID refused the
+    whole series ("has no ImageOrientationPatient"); it is left out as a scout is. Slices marked DERIVED\\SECONDARY
+    (a reformat) are CT slices."""
+    from pydicom.uid import SecondaryCaptureImageStorage, generate_uid
+
+    hu = random_hu(21)
+    paths = write_ct_series(hu, make_affine(), tmp_path, series_uid="1.2.3.4.8", file_names="index")
+    acquisition(paths, ImageType=["DERIVED", "SECONDARY", "AXIAL"])
+    screen = pydicom.dcmread(paths[0])
+    for keyword in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "RescaleSlope",
+                    "RescaleIntercept", "SliceThickness"):  # fmt: skip
+        if keyword in screen:
+            delattr(screen, keyword)
+    screen.SOPClassUID = screen.file_meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    screen.SOPInstanceUID = screen.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    screen.ImageType = ["DERIVED", "SECONDARY", "SCREEN SAVE"]
+    screen.PhotometricInterpretation, screen.SamplesPerPixel, screen.PlanarConfiguration = "RGB", 3, 0
+    screen.Rows, screen.Columns, screen.BitsAllocated, screen.BitsStored, screen.HighBit = 8, 12, 8, 8, 7
+    screen.PixelRepresentation = 0
+    screen.PixelData = np.zeros((8, 12, 3), np.uint8).tobytes()
+    screen.save_as(tmp_path / "zz_dose_screen.dcm")
+    np.testing.assert_array_equal(read_ct_series(tmp_path).hu, hu)
+    for path in paths:
+        path.unlink()
+    with pytest.raises(DataError, match="holds only localizer .* or screenshots"):
+        read_ct_series(tmp_path)
+
+
 def test_two_series_need_a_selector(tmp_path):
     first, second = random_hu(11), random_hu(12)
     write_ct_series(first, make_affine(), tmp_path, series_uid="1.2.3.4.1", series_description="Body 3.0 Br38")

@@ -352,23 +352,43 @@ def is_localizer(image_type) -> bool:
     return "LOCALIZER" in {v.strip().upper() for v in values}
 
 
+SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"  # the SOP classes of screenshots: 1.2.840.10008.5.1.4.1.1.7(.1-.4)
+GREY = ("MONOCHROME1", "MONOCHROME2")
+
+
+def is_capture(ds: Dataset) -> bool:
+    """Whether a DICOM image is a screenshot saved beside the slices (a dose report's page, a 3D rendering): a
+    Secondary Capture SOP class or colour pixels. CT slices are grey images of their own SOP class; reformatted
+    slices (ImageType DERIVED\\SECONDARY) are CT slices and are kept."""
+    sop_class = str(ds.get("SOPClassUID", "") or "")
+    colour = _text(ds, "PhotometricInterpretation").upper() not in ("", *GREY)
+    return sop_class.startswith(SECONDARY_CAPTURE) or colour
+
+
 def _without_localizers(
     folder: Path, series: list[tuple[SeriesInfo, list[tuple[Path, Dataset]]]]
 ) -> list[tuple[SeriesInfo, list[tuple[Path, Dataset]]]]:
-    """The series without their localizer images. Exports put the scout beside the axial slices, as a series of its
-    own or under the same SeriesInstanceUID; it is never part of the volume, and its other orientation would make
-    the folder two series, or one mixed series."""
+    """The series without their localizer images and screenshots. Exports put the scout beside the axial slices,
+    and some a dose report's page or a rendering (Secondary Capture), as a series of their own or under the same
+    SeriesInstanceUID; they are never part of the volume, and their other orientation or missing geometry would
+    make the folder two series, or refuse the one series."""
     kept = []
     for info, headers in series:
-        slices = [(path, ds) for path, ds in headers if not is_localizer(ds.get("ImageType"))]
+        slices = [(p, ds) for p, ds in headers if not is_localizer(ds.get("ImageType")) and not is_capture(ds)]
         skipped = len(headers) - len(slices)
         if skipped:
-            logger.warning(f"{folder}: {skipped} localizer (scout) image(s) of series {info.description!r} left out")
+            logger.warning(
+                f"{folder}: {skipped} localizer (scout) or screenshot image(s) of series {info.description!r} left out"
+            )
         if slices:
             files = [str(path) for path, _ in slices]
             kept.append((replace(info, n_files=len(slices), files=files) if skipped else info, slices))
     if not kept:
-        raise DataError(folder, "holds only localizer (scout) images (ImageType LOCALIZER), no CT series to read.")
+        raise DataError(
+            folder,
+            "holds only localizer (scout) images (ImageType LOCALIZER) or screenshots (Secondary Capture, colour), "
+            "no CT series to read.",
+        )
     return kept
 
 
