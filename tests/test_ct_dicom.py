@@ -273,6 +273,33 @@ def test_a_screenshot_under_the_series_uid_is_left_out_and_reformatted_slices_ar
         read_ct_series(tmp_path)
 
 
+def test_values_beyond_the_stored_bits_are_refused_and_fitting_ones_read(tmp_path):
+    """BitsStored 12 with a padding of -3024 written whole: the standard reads 12 bits, so the padding becomes +1072
+    HU (bone around the body, a heart segmented in a plausible wrong input). -2000 fits 12 signed bits."""
+    for padding, fits in ((-2000, True), (-3024, False)):
+        hu = random_hu(22, low=-1000, high=1500)
+        hu[:2, :2, :] = padding
+        folder = tmp_path / str(-padding)
+        acquisition(write_ct_series(hu, make_affine(), folder, intercept=0.0), BitsStored=12, HighBit=11)
+        if fits:
+            np.testing.assert_array_equal(read_ct_series(folder).hu, hu)
+            continue
+        with pytest.raises(DataError, match=r"stores values that do not fit its BitsStored \(12 of 16 bits\): "):
+            read_ct_series(folder)
+
+
+def test_files_without_a_file_meta_are_read_in_the_encoding_found(tmp_path):
+    """ACR-NEMA-style files (no preamble, no group 0002): the decoder needs a transfer syntax, taken from how the
+    data set was read (implicit VR, little endian), not "cannot be decoded ... truncated?"."""
+    hu = random_hu(23)
+    for path in write_ct_series(hu, make_affine(), tmp_path / "with_meta", file_names="index"):
+        ds = pydicom.dcmread(path)
+        ds.preamble, ds.file_meta = None, pydicom.dataset.FileMetaDataset()
+        (tmp_path / "bare").mkdir(exist_ok=True)
+        ds.save_as(tmp_path / "bare" / path.stem, implicit_vr=True, little_endian=True, enforce_file_format=False)
+    np.testing.assert_array_equal(read_ct_series(tmp_path / "bare").hu, hu)
+
+
 def test_two_series_need_a_selector(tmp_path):
     first, second = random_hu(11), random_hu(12)
     write_ct_series(first, make_affine(), tmp_path, series_uid="1.2.3.4.1", series_description="Body 3.0 Br38")

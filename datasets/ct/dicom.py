@@ -636,12 +636,44 @@ def _rescale(path: Path, ds: Dataset) -> tuple[float, float]:
     return slope, intercept
 
 
+def _check_stored_bits(path: Path, ds: Dataset, syntax: UID, stored: np.ndarray) -> None:
+    """Refuse values that do not fit the file's BitsStored. The standard reads only those bits (pydicom masks the
+    rest, or sign-extends from the high bit), so a padding of -3024 HU written whole into a slice that declares 12
+    bits reads as +1072 HU: bone around the body, a plausible wrong input. Compared on the uncompressed 16-bit
+    buffer as written."""
+    bits, allocated = _int_or_none(ds.get("BitsStored")), _int_or_none(ds.get("BitsAllocated"))
+    if not bits or allocated != 16 or bits >= 16 or (syntax and syntax.is_compressed):
+        return
+    dtype = np.dtype("<i2" if _int_or_none(ds.get("PixelRepresentation")) == 1 else "<u2")
+    if not getattr(ds, "original_encoding", (None, True))[1]:
+        dtype = dtype.newbyteorder(">")
+    buffer = bytes(ds.PixelData)
+    if len(buffer) < stored.size * 2:
+        return
+    written = np.frombuffer(buffer[: stored.size * 2], dtype=dtype).reshape(stored.shape)
+    differ = written != stored
+    if differ.any():
+        raw, read = int(written[differ][0]), int(stored[differ][0])
+        raise DataError(
+            path,
+            f"stores values that do not fit its BitsStored ({bits} of {allocated} bits): {int(differ.sum())} pixels, "
+            f"e.g. {raw} written, read as {read} by the standard (a padding of -3024 HU turns into bone).",
+            "Export the series again with BitsStored 16, or with values that fit its bits.",
+        )
+
+
 def _read_slice_hu(path: Path, rows: int, cols: int) -> tuple[np.ndarray, float]:
     """One slice in HU, (rows, cols) float64: stored value * RescaleSlope + RescaleIntercept of this file; and that
     intercept."""
     ds = _dcmread(path, force=True)
     meta = getattr(ds, "file_meta", None)
     syntax = UID(str(meta.get("TransferSyntaxUID", "") if meta is not None else "") or "")
+    implicit, little_endian = getattr(ds, "original_encoding", (None, None))
+    if not syntax and little_endian:
+        # an ACR-NEMA-style file (no preamble, no file meta): its encoding is what the reader found, uncompressed
+        syntax = ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian
+        ds.file_meta = meta if meta is not None else FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = syntax
     syntax_text = f"{syntax.name} ({syntax})" if syntax else "no transfer syntax in the file meta"
     if "PixelData" not in ds:
         # pydicom drops a pixel data element cut short by the end of the file
@@ -665,6 +697,7 @@ def _read_slice_hu(path: Path, rows: int, cols: int) -> tuple[np.ndarray, float]
         ) from e
     if stored.shape != (rows, cols):
         raise DataError(path, f"pixel data has shape {stored.shape}, expected ({rows}, {cols}) from the header.")
+    _check_stored_bits(path, ds, syntax, stored)
     slope, intercept = _rescale(path, ds)
     return stored.astype(np.float64) * slope + intercept, intercept
 
