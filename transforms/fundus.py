@@ -458,8 +458,10 @@ class EstimateFOVd(MapTransform):
     image is the field.
 
     Raises:
-        DataError: naming the photograph, when no plausible field of view can be estimated; naming the mask file,
-            when a given one is empty or covers less than ``min_fraction`` of the image.
+        DataError: naming the photograph, when no plausible field of view can be estimated, or when its green
+            channel is clipped in more than ``MAX_GREEN_CLIPPED`` of the field (overexposed); naming the mask file,
+            when a given one is empty, covers less than ``min_fraction`` of the image, or lies more than
+            ``MAX_GIVEN_FOV_OUTSIDE`` outside the field found in its photograph (both only with ``estimate``).
     """
 
     def __init__(
