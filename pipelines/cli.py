@@ -269,16 +269,23 @@ def out_of_memory(error: BaseException | None, argv: list[str] | None = None) ->
     input's size, not a bug: the line says so and names the input (``--input_path``, ``--input_dir`` or
     ``--dataset_dir`` of the command line), with what was asked for."""
     origin = _origin(error) if error is not None else None
-    text = str(origin).strip().splitlines()[0] if origin is not None and str(origin).strip() else ""
+    # the whole message: a DataLoader worker re-raises the worker's error with its traceback as text
+    text = str(origin) if origin is not None else ""
     if not (isinstance(origin, MemoryError) or (isinstance(origin, RuntimeError) and any(
             failure in text for failure in _ALLOCATION_FAILURES))):  # fmt: skip
         return None
+    if "CUDA" in text:
+        return InputError(
+            "the GPU",
+            "out of memory (CUDA): the batch and the windows do not fit the GPU's memory.",
+            "Lower batch_size, the patch or sliding-window size (patch_size, sw_roi_size) or sw_batch_size.",
+        )
     from clinseg.pipelines.config_checks import option_values
 
     options = option_values(list(sys.argv if argv is None else argv)[1:])
     source = next((options[k] for k in ("input_path", "input_dir", "dataset_dir") if options.get(k)), "the input")
     asked = re.search(r"allocate (\d+) bytes", text)
-    detail = f"an allocation of {int(asked.group(1)) / 2**30:.1f} GiB failed" if asked else text[:200]
+    detail = f"an allocation of {int(asked.group(1)) / 2**30:.1f} GiB failed" if asked else text.strip()[:200]
     return InputError(
         source,
         f"not enough memory to process it ({detail}): the input is too large for this machine's memory.",

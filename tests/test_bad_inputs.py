@@ -310,7 +310,8 @@ def paired_oct(folder: Path, label_values=(0, 8), label_shape=(24, 32)) -> Path:
     (folder / "labels").mkdir()
     for index in range(3):
         write_grey(folder / "images" / f"b{index}.png")
-        label = RNG.integers(*label_values, label_shape).astype(np.uint8)
+        # each column's values sorted top to bottom: layers in their anatomical order
+        label = np.sort(RNG.integers(*label_values, label_shape), axis=0).astype(np.uint8)
         Image.fromarray(label).save(folder / "labels" / f"b{index}.png")
     return folder
 
@@ -401,7 +402,7 @@ DATASET_DEFECTS = {
     "CT label in another place of the world": (
         lambda p: ct_dataset(p / "d", "outside"),
         load_ct_labels,
-        "not in one world space",
+        "mm away from it",  # the image's voxel counts: the same array saved with another affine
     ),
 }
 

@@ -267,6 +267,10 @@ def test_a_screenshot_under_the_series_uid_is_left_out_and_reformatted_slices_ar
     screen.PixelData = np.zeros((8, 12, 3), np.uint8).tobytes()
     screen.save_as(tmp_path / "zz_dose_screen.dcm")
     np.testing.assert_array_equal(read_ct_series(tmp_path).hu, hu)
+    # grey Secondary Capture slices with their geometry, as ITK and many converters write a CT, are slices
+    converted = write_ct_series(hu, make_affine(), tmp_path / "itk", series_uid="1.2.3.4.9", file_names="index")
+    acquisition(converted, SOPClassUID=SecondaryCaptureImageStorage)
+    np.testing.assert_array_equal(read_ct_series(tmp_path / "itk").hu, hu)
     for path in paths:
         path.unlink()
     with pytest.raises(DataError, match="holds only localizer .* or screenshots"):
@@ -286,6 +290,16 @@ def test_values_beyond_the_stored_bits_are_refused_and_fitting_ones_read(tmp_pat
             continue
         with pytest.raises(DataError, match=r"stores values that do not fit its BitsStored \(12 of 16 bits\): "):
             read_ct_series(folder)
+    # negative values in 12 bits with the unused high bits left 0 (the standard leaves them undefined) are read
+    hu = random_hu(24, low=-1000, high=1500)
+    hu[:2, :2, :] = -2000
+    folder = tmp_path / "unextended"
+    for path in write_ct_series(hu, make_affine(), folder, intercept=0.0):
+        ds = pydicom.dcmread(path)
+        ds.BitsStored, ds.HighBit = 12, 11
+        ds.PixelData = (ds.pixel_array.astype(np.int16).view(np.uint16) & 0x0FFF).astype("<u2").tobytes()
+        ds.save_as(path)
+    np.testing.assert_array_equal(read_ct_series(folder).hu, hu)
 
 
 def test_files_without_a_file_meta_are_read_in_the_encoding_found(tmp_path):

@@ -130,6 +130,22 @@ def test_running_out_of_memory_is_one_line_naming_the_input(tmp_path, allocation
     assert not (tmp_path / "errors").exists()
 
 
+def test_out_of_memory_in_a_data_loader_worker_or_on_the_gpu_is_one_line():
+    from clinseg.pipelines.cli import describe_error
+
+    worker = RuntimeError(  # as torch.utils.data re-raises a worker's error: its traceback as text
+        "Caught RuntimeError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
+        '  File "worker.py", line 1, in _worker_loop\nRuntimeError: [enforce fail at alloc_cpu.cpp:127] '
+        "DefaultCPUAllocator: can't allocate memory: you tried to allocate 1887436800 bytes. Error code 12"
+    )
+    line, user_side = describe_error(worker)
+    assert user_side and "not enough memory to process it (an allocation of 1.8 GiB failed)" in line, line
+    cuda = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 79.1 GiB total)")
+    line, user_side = describe_error(cuda)
+    assert user_side and line.startswith("error: the GPU: out of memory (CUDA)"), line
+    assert "batch_size" in line and "sw_batch_size" in line
+
+
 @pytest.mark.parametrize(
     "module, arguments",
     [

@@ -211,9 +211,9 @@ def test_an_overexposed_photograph_is_refused_with_its_field_given_or_estimated(
 
 
 def test_real_photographs_keep_their_released_masks_and_are_refused_overexposed(tmp_path):
-    """DRIVE's 20 released masks agree with the estimated field (intersection over union 0.989 or more); another
-    photograph's mask, an inverted one and the same photograph brightened until its green channel clips are
-    refused; the photograph brightened 1.5 times (2 % clipped) is read."""
+    """DRIVE's 20 released masks lie inside the estimated field (intersection over union 0.989 or more); an inverted
+    mask and the same photograph brightened until its green channel clips are refused; the photograph brightened
+    1.5 times (2 % clipped) is read."""
     root = shared_path("vessels", "DRIVE", "training")
     masks = {}
     for number in range(21, 41):

@@ -662,6 +662,12 @@ def test_values_standardised_or_shifted_below_air_are_refused_with_padding_and_n
     nib.save(nib.Nifti1Image(convert(hu.astype(np.float64)), affine), path)
     with pytest.raises(DataError, match=problem):
         LoadCTVolumed("image")({"image": str(path)})
+    # the same scan in HU, its padding blurred into a rim by a resampling (-3024 fading to air): read
+    blurred = hu.astype(np.float32)
+    blurred[3:4, :4, :] = blurred[:4, 3:4, :] = -2000.0
+    path = tmp_path / "resampled.nii.gz"
+    nib.save(nib.Nifti1Image(blurred, affine), path)
+    np.testing.assert_array_equal(read_volume(path)[0], blurred)
     # a tight crop of soft tissue in HU, its noise reaching below 0, spans more than z-scores do, and is read
     crop = np.round(np.random.default_rng(1).normal(20.0, 12.0, SHAPE)).astype(np.int16)
     nib.save(nib.Nifti1Image(crop, affine), tmp_path / "soft_tissue.nii.gz")

@@ -235,6 +235,14 @@ def test_evaluation_and_inference_say_what_they_used(tmp_path, data_dir):
     (other,) = client.search_runs([client.get_experiment_by_name("oct_layers").experiment_id])
     assert other.info.status == "FINISHED" and other.data.metrics, (other.info.status, other.data.metrics)
     assert other.data.tags["training_run_id"] == training.info.run_id
+    # the same store, its training run deleted in the UI: refused tags as an unknown run's, recorded in full too
+    mlflow.MlflowClient(store).delete_run(training.info.run_id)
+    again = command({**base, "run_name": "after-deletion"}, "evaluating", [TRAIN, TRAIN.parent / "evaluate.json"])
+    result = subprocess.run(again, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    client = mlflow.MlflowClient(store)
+    (after,) = client.search_runs([experiment.experiment_id], "tags.run_folder = 'after-deletion'")
+    assert after.info.status == "FINISHED" and after.data.metrics, (after.info.status, after.data.metrics)
 
 
 def test_the_cross_camera_benchmark_runs_a_model_with_its_recorded_settings(tmp_path):

@@ -143,30 +143,40 @@ def same_grid(a: MetaTensor, b: MetaTensor, atol: float = 1e-3) -> bool:
     )
 
 
-def world_box(volume: MetaTensor) -> np.ndarray:
-    """The corners' extent in world space (mm), ``[[min x, y, z], [max x, y, z]]``, of a channel-first volume's voxel
-    centres."""
-    affine = np.asarray(torch.as_tensor(volume.affine, dtype=torch.float64))
+def _affine(volume: MetaTensor) -> np.ndarray:
+    return np.asarray(torch.as_tensor(volume.affine, dtype=torch.float64))
+
+
+def world_box(volume: MetaTensor, to_voxels_of: MetaTensor | None = None) -> np.ndarray:
+    """The corners' extent, ``[[min along each axis], [max ...]]``, of a channel-first volume's voxel centres: in
+    world space (mm), or in the voxel coordinates of the volume ``to_voxels_of``."""
     last = np.array(volume.shape[1:], dtype=float) - 1
     corners = np.array(np.meshgrid(*[[0.0, n] for n in last], indexing="ij")).reshape(3, -1)
+    affine = _affine(volume)
     world = affine[:3, :3] @ corners + affine[:3, 3:4]
+    if to_voxels_of is not None:
+        inverse = np.linalg.inv(_affine(to_voxels_of))
+        world = inverse[:3, :3] @ world + inverse[:3, 3:4]
     return np.stack([world.min(axis=1), world.max(axis=1)])
 
 
 def misplaced_copy_problem(label: MetaTensor, image: MetaTensor) -> str | None:
-    """Why ``label``, which has the image's voxel counts (in any axis order) but another grid, is not the image's
-    grid in another storage, or None. A label drawn on the image and saved with the image's array but another affine
-    (an identity one, a shifted origin) or transposed (SimpleITK's z, y, x array under the image's affine) still
-    overlaps the image, so resampling it through the affines gives a plausible label in the wrong place; the same
-    voxels in another axis order or direction, with an affine to match, cover the image's box and are resampled.
-    Labels on other grids (a crop, the scanner's full field, another spacing) are not judged here."""
+    """Why ``label``, which has the image's voxel counts (in any axis order) but another grid, lies more than a voxel
+    of the image (along any of its axes) away from the image's grid, or None. A label drawn on the image and saved
+    with the image's array but another affine (an identity one, a shifted origin) or transposed (SimpleITK's z, y, x
+    array under the image's affine) still overlaps the image, so resampling it through the affines gives a
+    plausible label in the wrong place; the same voxels in another axis order or direction, with an affine to match,
+    cover the image's box and are resampled. Labels on other grids (a crop, the scanner's full field, another
+    spacing) are not judged here."""
     if sorted(label.shape[1:]) != sorted(image.shape[1:]):
         return None
-    label_box, image_box = world_box(label), world_box(image)
-    voxel = float(np.linalg.norm(np.asarray(torch.as_tensor(image.affine, dtype=torch.float64))[:3, :3], axis=0).max())
-    offset = float(np.abs(label_box - image_box).max())
-    if offset <= voxel:
+    # in the image's voxels, so that a thick slice does not hide a shift of several thin in-plane voxels
+    in_voxels = world_box(label, to_voxels_of=image)
+    image_voxels = np.stack([np.zeros(3), np.array(image.shape[1:], dtype=float) - 1])
+    if float(np.abs(in_voxels - image_voxels).max()) <= 1.0:
         return None
+    label_box, image_box = world_box(label), world_box(image)
+    offset = float(np.abs(label_box - image_box).max())
     spans = " x ".join(f"{lo:.1f}..{hi:.1f}" for lo, hi in zip(*label_box, strict=True))
     image_spans = " x ".join(f"{lo:.1f}..{hi:.1f}" for lo, hi in zip(*image_box, strict=True))
     return (

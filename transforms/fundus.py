@@ -555,7 +555,8 @@ class EstimateFOVd(MapTransform):
             f"FOV mask is not the field of view of {photograph}: {outside:.0%} of it lies outside the bright field "
             f"found in the photograph, in the camera's dark frame (at most {MAX_GIVEN_FOV_OUTSIDE:.0%} expected; "
             "DRIVE's masks: 1 %). Inverted, shifted or another photograph's?",
-            "Give this photograph's own mask, or none: the field is then estimated from the photograph.",
+            "Give this photograph's own mask, or none (the field is then estimated from the photograph); "
+            "--estimate_fov False takes given masks as they are.",
         )
 
     def check_exposure(self, d: Mapping[Hashable, NdarrayOrTensor]) -> None:

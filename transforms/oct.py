@@ -139,24 +139,24 @@ def order_layers(scores: np.ndarray) -> np.ndarray:
 
 
 def unordered_columns(label: np.ndarray, ignore_index: int = IGNORE_INDEX) -> np.ndarray:
-    """Which columns of an ``(H, W)`` layer label map break the anatomical order: top to bottom, background, the
-    layers 1, 2, ... (each may be absent) and background again. Unannotated pixels (``ignore_index``) are skipped.
-    Returns a boolean ``(W,)``; columns without any layer are never out of order."""
+    """Which columns of an ``(H, W)`` layer label map have a layer below a later one: top to bottom, the layers run
+    1, 2, ... (each may be absent). Background and unannotated pixels (``ignore_index``) are not judged: hand-drawn
+    polygons leave gaps of background between neighbouring layers. Returns a boolean ``(W,)``."""
+    label = np.asarray(label).astype(np.int64)  # signed: -1 marks the pixels not judged
     layer = (label > 0) & (label != ignore_index)
-    below_retina = int(label[label != ignore_index].max(initial=0)) + 1  # background once a layer was passed
-    state = np.where(label == ignore_index, -1, np.where(layer, label, 0)).astype(np.int64)
-    state[~layer & (label != ignore_index) & np.maximum.accumulate(layer, axis=0)] = below_retina
+    state = np.where(layer, label, -1)
     reached = np.maximum.accumulate(state, axis=0)
     before = np.vstack([np.full((1, label.shape[1]), -1), reached[:-1]])
-    return ((state >= 0) & (state < before)).any(axis=0)
+    return (layer & (state < before)).any(axis=0)
 
 
 class RequireLayerOrderd(MapTransform):
     """Refuse a layer label map out of the anatomical order in more than ``max_unordered`` of its columns (those
-    holding a layer): a label upside down, with two layers' colours or values exchanged, or another B-scan's. Such a
-    label trains the network on it and, in validation, skews the key metric and the choice of the best model,
-    without a word; predictions are put in order (:class:`OrderLayersd`), labels were not checked. The annotations
-    of the NR206 sample break the order in at most 0.5 % of their columns (a stroke of one layer into the next).
+    holding a layer): a label upside down, or with two layers' colours or values exchanged. Such a label trains the
+    network on it and, in validation, skews the key metric and the choice of the best model, without a word;
+    predictions are put in order (:class:`OrderLayersd`), labels were not checked. The annotations of the NR206
+    sample break it in none of their columns; background between layers (the gaps hand-drawn polygons leave) is not
+    judged.
 
     Raises:
         DataError: naming the label file, with the share of columns out of order.
@@ -192,8 +192,8 @@ class RequireLayerOrderd(MapTransform):
                 raise DataError(
                     str(source),
                     f"its layers are out of their top-to-bottom order in {unordered:.0%} of its columns (at most "
-                    f"{self.max_unordered:.0%} expected): an upside-down label, two layers' colours or values "
-                    "exchanged, or another B-scan's label.",
+                    f"{self.max_unordered:.0%} expected): an upside-down label, or two layers' colours or values "
+                    "exchanged.",
                     "Check the label file (and label_colors / label_values); a task whose classes are no layers "
                     "runs with --layer_order False.",
                 )

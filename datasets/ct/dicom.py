@@ -357,12 +357,17 @@ GREY = ("MONOCHROME1", "MONOCHROME2")
 
 
 def is_capture(ds: Dataset) -> bool:
-    """Whether a DICOM image is a screenshot saved beside the slices (a dose report's page, a 3D rendering): a
-    Secondary Capture SOP class or colour pixels. CT slices are grey images of their own SOP class; reformatted
-    slices (ImageType DERIVED\\SECONDARY) are CT slices and are kept."""
+    """Whether a DICOM image is a screenshot saved beside the slices (a dose report's page, a 3D rendering): colour
+    pixels, ImageType SCREEN SAVE, or a Secondary Capture without a place in space. Grey Secondary Capture slices
+    with their geometry (what ITK and many converters write for a CT) are slices, and so are reformatted ones
+    (ImageType DERIVED\\SECONDARY)."""
     sop_class = str(ds.get("SOPClassUID", "") or "")
     colour = _text(ds, "PhotometricInterpretation").upper() not in ("", *GREY)
-    return sop_class.startswith(SECONDARY_CAPTURE) or colour
+    image_type = ds.get("ImageType")
+    values = image_type.split("\\") if isinstance(image_type, str) else [str(v) for v in image_type or []]
+    screen_save = "SCREEN SAVE" in {v.strip().upper() for v in values}
+    placed = "ImagePositionPatient" in ds and "ImageOrientationPatient" in ds
+    return colour or screen_save or (sop_class.startswith(SECONDARY_CAPTURE) and not placed)
 
 
 def _without_localizers(
@@ -644,16 +649,21 @@ def _check_stored_bits(path: Path, ds: Dataset, syntax: UID, stored: np.ndarray)
     bits, allocated = _int_or_none(ds.get("BitsStored")), _int_or_none(ds.get("BitsAllocated"))
     if not bits or allocated != 16 or bits >= 16 or (syntax and syntax.is_compressed):
         return
-    dtype = np.dtype("<i2" if _int_or_none(ds.get("PixelRepresentation")) == 1 else "<u2")
-    if not getattr(ds, "original_encoding", (None, True))[1]:
-        dtype = dtype.newbyteorder(">")
+    signed = _int_or_none(ds.get("PixelRepresentation")) == 1
+    dtype = np.dtype("<u2" if getattr(ds, "original_encoding", (None, True))[1] is not False else ">u2")
     buffer = bytes(ds.PixelData)
     if len(buffer) < stored.size * 2:
         return
     written = np.frombuffer(buffer[: stored.size * 2], dtype=dtype).reshape(stored.shape)
-    differ = written != stored
+    # the standard leaves the unused high bits undefined: zero, or the sign's extension, carry nothing; other
+    # high bits are part of a value the file meant (a whole -3024 written into 12 bits)
+    high = written >> bits
+    extension = (1 << (16 - bits)) - 1
+    sign = (written >> (bits - 1)) & 1
+    differ = (high != 0) & ~(signed & (high == extension) & (sign == 1))
     if differ.any():
-        raw, read = int(written[differ][0]), int(stored[differ][0])
+        raw = int(written[differ][0].astype(np.int16 if signed else np.uint16))
+        read = int(stored[differ][0])
         raise DataError(
             path,
             f"stores values that do not fit its BitsStored ({bits} of {allocated} bits): {int(differ.sum())} pixels, "

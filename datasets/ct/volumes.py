@@ -532,9 +532,10 @@ def _hounsfield_problem(array: np.ndarray, unscaled: bool) -> str | None:
 # tissue, where a CT in Hounsfield units holds only dense bone and metal (under 1 % of a torso in the real scans).
 SHIFTED_SOFT_TISSUE = (900.0, 1200.0)
 AIR = (-1100.0, -900.0)
-# below air's noise: a scanner writes nothing here but its padding outside the reconstruction circle (left out as
-# the minimum), so a share of the voxels here is air at -2048, an intercept of -1024 applied twice
-BELOW_AIR = -1500.0
+# air with an intercept of -1024 applied twice (-2048 +- its noise): a scanner writes nothing here but its padding
+# outside the reconstruction circle (-3024 or -2000 HU, the latter left out as the minimum) and, where a resampling
+# blurred that padding into the air, a thin rim of voxels
+AIR_TWICE = (-2300.0, -1800.0)
 # z-scores and values scaled by 1/1000 lie within a few units of 0, where a CT in HU holds air (-1000), fat (-100)
 # or soft tissue (20-80 HU, its noise a standard deviation of 10-30 HU): a CT has 1 % of its voxels outside this
 NORMALISED_RANGE = 20.0
@@ -559,12 +560,12 @@ def _shifted_hounsfield_problem(array: np.ndarray) -> str | None:
         sample = sample[~padding]
     if sample.size == 0:
         return None
-    below_air = float((sample < BELOW_AIR).mean())
-    if below_air > 0.01:
+    air_twice = float(((sample >= AIR_TWICE[0]) & (sample <= AIR_TWICE[1])).mean())
+    if air_twice > 0.05:
         return (
-            f"does not look like Hounsfield units: {below_air:.0%} of its voxels lie below {BELOW_AIR:g}, under any "
-            "air (-1000 HU) and apart from the scanner's padding. Most likely an intercept of -1024 was applied "
-            "twice (air at -2048), or the image is not a CT."
+            f"does not look like Hounsfield units: {air_twice:.0%} of its voxels lie between {AIR_TWICE[0]:g} and "
+            f"{AIR_TWICE[1]:g}, under any air (-1000 HU) and apart from the scanner's padding. Most likely an "
+            "intercept of -1024 was applied twice (air at -2048), or the image is not a CT."
         )
     p1, p99 = (float(v) for v in np.percentile(sample, [1, 99]))
     if -NORMALISED_RANGE < p1 and p99 < NORMALISED_RANGE:

@@ -70,7 +70,9 @@ def drive_split_items(
     ``_fov`` or ``_mask``), else none (it is estimated); otherwise each is named in a log line and left out.
 
     Raises:
-        DataError: a missing manual or FOV mask (named).
+        DataError: a missing manual, or a missing FOV mask of a DRIVE-named image without ``other_images`` (named);
+            with ``other_images`` (photographs to segment) a mask of its name in another format is taken, else its
+            field is estimated.
     """
     image_dir = split_dir / "images"
     if not image_dir.is_dir():

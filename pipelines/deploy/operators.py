@@ -224,7 +224,7 @@ def every_file_of_series(uid: str, loaded: list[str]) -> list[str]:
     does. A folder the scan cannot read keeps what the loader gave."""
     from clinseg.datasets.ct.dicom import list_ct_series
 
-    found = set(loaded)
+    found = {str(Path(f)) for f in loaded}
     for folder in sorted({Path(f).parent for f in loaded}):
         try:
             found.update(str(f) for info in list_ct_series(folder) if info.uid == uid for f in info.files)

@@ -565,10 +565,13 @@ class BundleMLflowHandler(_LinkedRun, MLFlowHandler):
             found = self.link.read(self.client.get_run, training_run, default=unknown)
         except mlflow.exceptions.MlflowException:
             found = None
+        if found is not unknown and found is not None and found.info.lifecycle_stage != "active":
+            found = None  # deleted in the UI: the store refuses tags on it as on an unknown run
         if found is None:
             logger.warning(
                 f"tracking: the model's training run {training_run} is not in {self.client.tracking_uri} (trained "
-                "against another store): this run names it in its training_run_id tag, and it is not tagged back."
+                "against another store, or deleted): this run names it in its training_run_id tag, and it is not "
+                "tagged back."
             )
             return
         self.link.set_tag(f"{self.workflow}_run.{run_id}", self.run_name, run_id=training_run)
