@@ -47,3 +47,10 @@ def find_input_error(error: BaseException | None, types: tuple[type, ...] = (Inp
         seen.add(id(error))
         error = error.__cause__ or error.__context__
     return None
+
+
+def source_of(value: object, default: str) -> str:
+    """The file a loaded value (a MONAI ``MetaTensor``) was read from, for an error naming it; ``default`` (its
+    dictionary key, say) for a value without that record."""
+    meta = getattr(value, "meta", None)
+    return str(meta.get("filename_or_obj", default)) if isinstance(meta, dict) else str(default)

@@ -15,7 +15,7 @@ from monai.transforms import InvertibleTransform, MapTransform, Transform
 from monai.utils import TraceKeys, convert_to_numpy, ensure_tuple_rep
 from scipy import ndimage
 
-from clinseg.datasets.errors import DataError
+from clinseg.datasets.errors import DataError, source_of
 from clinseg.datasets.readers import MAX_PIXELS
 
 CHANNELS = {"red": [0], "green": [1], "blue": [2], "rgb": [0, 1, 2]}
@@ -107,7 +107,7 @@ class FundusNormalized(MapTransform):
                 d[key] = self.normalize(d[key], fov)
             except ValueError as e:
                 image = d[key]
-                source = image.meta.get("filename_or_obj", key) if isinstance(image, MetaTensor) else key
+                source = source_of(image, key)
                 raise DataError(str(source), str(e)) from None
         return d
 
@@ -484,7 +484,7 @@ class EstimateFOVd(MapTransform):
         fraction = float((convert_to_numpy(fov) > 0).mean()) if np.size(fov) else 0.0
         if fraction >= self.min_fraction:
             return
-        source = fov.meta.get("filename_or_obj", self.fov_key) if isinstance(fov, MetaTensor) else self.fov_key
+        source = source_of(fov, self.fov_key)
         problem = "is empty" if fraction == 0 else f"covers only {fraction:.1%} of its image"
         raise DataError(
             source,
@@ -519,10 +519,10 @@ class EstimateFOVd(MapTransform):
             try:
                 mask = self.estimator(image)
             except NotFundusError as e:
-                source = image.meta.get("filename_or_obj", key) if isinstance(image, MetaTensor) else key
+                source = source_of(image, key)
                 raise DataError(source, str(e), f"If it is a fundus photograph: {NOT_CHECKED}") from None
             except ValueError as e:
-                source = image.meta.get("filename_or_obj", key) if isinstance(image, MetaTensor) else key
+                source = source_of(image, key)
                 raise DataError(source, f"field of view: {e}", GIVE_FOV) from None
             fov = torch.as_tensor(mask[None].astype(np.uint8))
             d[self.fov_key] = MetaTensor(fov, meta=dict(image.meta)) if isinstance(image, MetaTensor) else fov
@@ -548,8 +548,8 @@ class EstimateFOVd(MapTransform):
         outside = float((given & ~estimated).sum() / max(int(given.sum()), 1))
         if outside <= MAX_GIVEN_FOV_OUTSIDE:
             return
-        source = fov.meta.get("filename_or_obj", self.fov_key) if isinstance(fov, MetaTensor) else self.fov_key
-        photograph = image.meta.get("filename_or_obj", "its photograph") if isinstance(image, MetaTensor) else "it"
+        source = source_of(fov, self.fov_key)
+        photograph = source_of(image, "it")
         raise DataError(
             source,
             f"FOV mask is not the field of view of {photograph}: {outside:.0%} of it lies outside the bright field "
@@ -578,7 +578,7 @@ class EstimateFOVd(MapTransform):
             full_scale = _full_scale(float(array[:3].max()))
             clipped = float((green[field] >= full_scale).mean())
             if clipped > MAX_GREEN_CLIPPED:
-                source = image.meta.get("filename_or_obj", key) if isinstance(image, MetaTensor) else key
+                source = source_of(image, key)
                 raise DataError(
                     source,
                     f"is overexposed: {clipped:.0%} of its green channel inside the field of view is clipped at full "
@@ -711,7 +711,7 @@ class ScaleToFOVd(MapTransform, InvertibleTransform):
             image = data[key]
             size = [max(1, round(n * factor)) for n in image.shape[1:]]
             if size[0] * size[1] > self.max_pixels:
-                source = image.meta.get("filename_or_obj", key) if isinstance(image, MetaTensor) else key
+                source = source_of(image, key)
                 raise DataError(
                     str(source),
                     f"its field of view is {self.diameter / factor:.0f} pixels across in a {image.shape[-2]} x "

@@ -12,7 +12,7 @@ from monai.data import MetaTensor
 from monai.transforms import MapTransform, Transform
 from monai.utils import convert_to_numpy, convert_to_tensor
 
-from clinseg.datasets.errors import ConfigError, DataError
+from clinseg.datasets.errors import ConfigError, DataError, source_of
 from clinseg.transforms.oct import IGNORE_INDEX
 
 
@@ -85,10 +85,6 @@ class ColorToLabeld(MapTransform):
         return d
 
 
-def _source(label) -> str:
-    return str(label.meta.get("filename_or_obj", "label")) if isinstance(label, MetaTensor) else "label"
-
-
 def _like(array: np.ndarray | torch.Tensor, label, **meta) -> NdarrayOrTensor:
     """``array`` with ``label``'s metadata (updated by ``meta``), so later errors can still name the file."""
     if isinstance(label, MetaTensor):
@@ -127,7 +123,7 @@ class LabelColorsToClassesd(MapTransform):
             if kind == "colour":
                 if self.converter is None:
                     raise DataError(
-                        _source(label),
+                        source_of(label, "label"),
                         "is a colour-coded label, but no colour table was configured; set 'label_colors' to the "
                         "RGB colour of each class (class 0 first).",
                     )
@@ -139,7 +135,7 @@ class LabelColorsToClassesd(MapTransform):
             try:
                 classes = self.converter(rgb)[None]
             except ValueError as e:
-                raise DataError(_source(label), f"unknown label colour: {e}") from e
+                raise DataError(source_of(label, "label"), f"unknown label colour: {e}") from e
             d[key] = _like(classes, label, label_kind="indices")
         return d
 
@@ -173,9 +169,10 @@ class MaskOutsideFOVd(MapTransform):
         count = int(foreground.sum())
         outside = int((foreground & ~inside).sum())
         if count and outside > self.max_outside * count:
+            label_file = source_of(source_label, "label")
             raise DataError(
-                _source(fov) if isinstance(fov, MetaTensor) else self.fov_key,
-                f"FOV mask leaves {outside / count:.0%} of the annotated foreground of {_source(source_label)} outside "
+                source_of(fov, self.fov_key),
+                f"FOV mask leaves {outside / count:.0%} of the annotated foreground of {label_file} outside "
                 f"it ({outside} of {count} pixels; at most {self.max_outside:.0%} expected): it is inverted or another "
                 "image's mask.",
             )
@@ -285,7 +282,7 @@ class MapLabelValues(Transform):
 
     def __call__(self, label: NdarrayOrTensor) -> NdarrayOrTensor:
         label_t = convert_to_tensor(label, track_meta=True)
-        source = label_t.meta.get("filename_or_obj", "label") if isinstance(label_t, MetaTensor) else "label"
+        source = source_of(label_t, "label")
         if not torch.isfinite(label_t).all():
             raise DataError(source, "the label map holds NaN or infinite values.")
         values = torch.unique(label_t).tolist()

@@ -13,7 +13,7 @@ from monai.data import MetaTensor
 from monai.transforms import MapTransform, RandomizableTransform, Transform
 from monai.utils import MetaKeys, TransformBackends, convert_to_numpy
 
-from clinseg.datasets.errors import DataError
+from clinseg.datasets.errors import DataError, source_of
 from clinseg.datasets.oct.duke import crossing_columns
 
 IGNORE_INDEX = 255
@@ -188,7 +188,7 @@ class RequireLayerOrderd(MapTransform):
                 continue
             unordered = float(unordered_columns(label, self.ignore_index)[with_layers].mean())
             if unordered > self.max_unordered:
-                source = d[key].meta.get("filename_or_obj", key) if isinstance(d[key], MetaTensor) else key
+                source = source_of(d[key], key)
                 raise DataError(
                     str(source),
                     f"its layers are out of their top-to-bottom order in {unordered:.0%} of its columns (at most "
@@ -243,7 +243,7 @@ class OrderLayersd(MapTransform):
             retina = (labels > 0) | (unordered > 0)
             relabelled = float((labels != unordered)[retina].float().mean()) if retina.any() else 0.0
             if self.max_relabelled is not None and relabelled > self.max_relabelled:
-                source = prediction.meta.get("filename_or_obj", key) if isinstance(prediction, MetaTensor) else key
+                source = source_of(prediction, key)
                 raise DataError(
                     str(source),
                     f"the predicted layers are out of their top-to-bottom order in {relabelled:.0%} of the retina (at "

@@ -343,13 +343,18 @@ def _select(
     return chosen[0]
 
 
+def _image_types(image_type) -> set[str]:
+    """The values of an ImageType (a list of strings, one backslash-separated string, or None), upper case."""
+    if image_type is None:
+        return set()
+    values = image_type.split("\\") if isinstance(image_type, str) else [str(v) for v in image_type]
+    return {v.strip().upper() for v in values}
+
+
 def is_localizer(image_type) -> bool:
     """Whether an ImageType value (a list of strings, one backslash-separated string, or None) marks a localizer
     (scout, topogram)."""
-    if image_type is None:
-        return False
-    values = image_type.split("\\") if isinstance(image_type, str) else [str(v) for v in image_type]
-    return "LOCALIZER" in {v.strip().upper() for v in values}
+    return "LOCALIZER" in _image_types(image_type)
 
 
 SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"  # the SOP classes of screenshots: 1.2.840.10008.5.1.4.1.1.7(.1-.4)
@@ -363,9 +368,7 @@ def is_capture(ds: Dataset) -> bool:
     (ImageType DERIVED\\SECONDARY)."""
     sop_class = str(ds.get("SOPClassUID", "") or "")
     colour = _text(ds, "PhotometricInterpretation").upper() not in ("", *GREY)
-    image_type = ds.get("ImageType")
-    values = image_type.split("\\") if isinstance(image_type, str) else [str(v) for v in image_type or []]
-    screen_save = "SCREEN SAVE" in {v.strip().upper() for v in values}
+    screen_save = "SCREEN SAVE" in _image_types(ds.get("ImageType"))
     placed = "ImagePositionPatient" in ds and "ImageOrientationPatient" in ds
     return colour or screen_save or (sop_class.startswith(SECONDARY_CAPTURE) and not placed)
 
