@@ -162,11 +162,17 @@ def data_files(folder: Path, suffixes: Sequence[str] = IMAGE_SUFFIXES) -> list[P
     (a ``Thumbs.db`` or a ``README.txt`` beside the images is not an error)."""
     if not folder.is_dir():
         return []
-    files, others = [], []
+    files, others, broken = [], [], []
     for path in sorted(folder.iterdir()):
         if path.name.startswith("."):
             continue
+        if path.is_symlink() and not path.exists():
+            broken.append(path)
+            continue
         (files if path.is_file() and path.suffix.lower() in suffixes else others).append(path)
+    if broken:
+        names = ", ".join(f"{p.name} -> {os.readlink(p)}" for p in broken[:5])
+        logger.warning(f"{folder}: skipped {len(broken)} links whose target does not exist: {names}")
     if others:
         names = ", ".join(p.name + ("/" if p.is_dir() else "") for p in others[:5])
         logger.warning(f"{folder}: skipped {len(others)} entries that are not data files: {names}")

@@ -794,12 +794,18 @@ class LabelImageReader(_File2DReader):
     colour with a varying alpha is refused: its classes are drawn in the alpha channel, which no table reads.
     """
 
-    suffixes = (".png", ".tif", ".tiff", ".bmp", ".gif")
+    # JPEG is taken so that its own refusal names the problem, not "a format this bundle does not read"
+    suffixes = (".png", ".tif", ".tiff", ".bmp", ".gif", *LOSSY_SUFFIXES)
 
     def decode(self, path: Path) -> tuple[np.ndarray, dict]:
-        array, meta = decode_image(path, self.max_pixels)
         if path.suffix.lower() in LOSSY_SUFFIXES:
-            raise DataError(path, "is a JPEG; a label image must be stored losslessly (PNG, TIFF, BMP).")
+            raise DataError(
+                path,
+                "is a JPEG; a label image must be stored losslessly (PNG, TIFF, BMP): JPEG compression blurs the "
+                "class values and colours into others along every edge.",
+                "Export the annotation again as PNG.",
+            )
+        array, meta = decode_image(path, self.max_pixels)
         meta.pop("palette_alpha", None)  # a palette index is its class, however transparent it is shown
         array, alpha = _split_alpha(array, meta)
         if _opacity(alpha) is not None and _one_colour(array):

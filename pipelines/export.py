@@ -56,14 +56,21 @@ def bundle_paths(bundle: str) -> dict[str, Path]:
 def embedded_config(bundle: str, checkpoints: list[Path], overrides: dict, with_metadata: bool = False) -> dict:
     """The inference config an export carries and a Deploy app ships: the bundle's ``inference.json`` with the
     overrides applied (MONAI Deploy's bundle operator builds its processing from the config inside ``model.ts``, so
-    the spacing, window and network the model was trained with must be the ones written there), and the decision
-    rule stored with the model (:func:`~clinseg.pipelines.engine.decision.rule_for`) as a value, since the model's
-    ``model.json`` does not travel with it."""
-    config = bundle_config(bundle, overrides, with_metadata=with_metadata).get()
-    if isinstance(config.get("decision_rule"), str):
-        from clinseg.pipelines.engine.decision import rule_for
+    the spacing, window and network the model was trained with must be the ones written there), and what the
+    model's ``model.json`` records for its inference as values, since that file does not travel with it: the
+    decision rule (:func:`~clinseg.pipelines.engine.decision.rule_for`) and the retina heights of an OCT model's
+    training labels (:func:`~clinseg.pipelines.engine.ensembles.training_label_range`)."""
+    from clinseg.pipelines.engine.decision import rule_for
+    from clinseg.pipelines.engine.ensembles import training_label_range
 
-        config["decision_rule"] = rule_for([str(c) for c in checkpoints])
+    from_records = {
+        "decision_rule": rule_for,
+        "learnt_retina_height": lambda paths: training_label_range(paths, "retina_height"),
+    }
+    config = bundle_config(bundle, overrides, with_metadata=with_metadata).get()
+    for key, from_record in from_records.items():
+        if isinstance(config.get(key), str):
+            config[key] = from_record([str(c) for c in checkpoints])
     return config
 
 

@@ -594,7 +594,8 @@ def test_inference_on_an_empty_file_names_it_segments_the_others_and_keeps_earli
     key = "input_path" if bundle == "ct_heart" else "input_dir"
     with pytest.raises(Exception) as error:  # asked to write beside the earlier result (else it is refused first)
         # an untrained OCT model puts layers in no order, which inference refuses unless told otherwise
-        unordered = {"max_layer_order_relabelled": 1.0} if bundle == "oct_layers" else {}
+        unordered = {"max_layer_order_relabelled": 1.0, "max_retina_height_ratio": 100}
+        unordered = unordered if bundle == "oct_layers" else {}
         run_in_process(bundle, "inference", {**TINY[bundle], "bundle_root": bundle_env, key: inputs, **unordered,
                                              "output_dir": out, "results_writer#overwrite": True})  # fmt: skip
     assert str(bad) in str(find_input_error(error.value))

@@ -150,7 +150,7 @@ def test_initial_weights_that_do_not_fit_or_come_with_resume_are_refused(tmp_pat
 
 
 # a model of one tiny epoch puts layers in no order yet, which OCT inference refuses unless told otherwise
-UNORDERED_LAYERS_ALLOWED = {"max_layer_order_relabelled": "1.0"}
+UNORDERED_LAYERS_ALLOWED = {"max_layer_order_relabelled": "1.0", "max_retina_height_ratio": "100"}
 
 
 def test_a_model_run_with_other_input_settings_than_it_was_trained_with_is_refused(tmp_path, trained_oct):

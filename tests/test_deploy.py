@@ -61,12 +61,14 @@ TINY = {
         "sw_roi_size": [80, 80],
         "network_def#channels": [8, 16, 32],
         "network_def#strides": [2, 2],
+        # the phantoms' own disc (about 68 px): enlarged 8 times to the default, the app would refuse them
+        "fov_diameter_px": 68,
     },
 }
 
 
 # a model of one tiny epoch puts layers in no order yet, which the OCT app refuses unless told otherwise
-INFERENCE_ONLY = {"oct_layers": {"max_layer_order_relabelled": 1.0}}
+INFERENCE_ONLY = {"oct_layers": {"max_layer_order_relabelled": 1.0, "max_retina_height_ratio": 100}}
 
 
 def build_command(bundle: str, checkpoints: Path | list[Path], app: Path, *extra: str) -> list[str]:
@@ -616,6 +618,11 @@ def test_image_apps_write_label_maps_overlays_and_json(bundle, tmp_path):
     checkpoint = tmp_path / "work" / "bundle" / "models" / "model.pt"
     assert model["exported_from"]["checkpoint_sha256"] == sha256_of(checkpoint)
     assert model["exported_from"]["training_run_id"], model
+    if bundle == "oct_layers":
+        # the model.json that holds the training labels' retina heights does not travel: the app carries them
+        shipped = json.loads((app / "bundle" / "inference.json").read_text())["learnt_retina_height"]
+        recorded = json.loads(checkpoint.with_suffix(".json").read_text())["training_labels"]["retina_height"]
+        assert shipped == recorded and recorded["cases"] == 4, (shipped, recorded)
     for name in expected:
         summary = json.loads((tmp_path / "out" / f"{name}.json").read_text())
         label_map = np.asarray(Image.open(tmp_path / "out" / f"{name}_seg.png"))

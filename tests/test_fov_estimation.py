@@ -131,6 +131,19 @@ def test_a_montage_of_two_fields_is_refused_naming_the_file(tmp_path):
     assert "montage" in first_line
 
 
+def test_a_page_of_text_is_refused_as_no_field_not_as_dark(tmp_path):
+    """A scanned page given as a photograph was refused as "dark throughout": it is white. The refusal says what was
+    found, bright lines too thin to be a disc."""
+    page = Image.new("RGB", (565, 584), "white")
+    draw = ImageDraw.Draw(page)
+    for row in range(20, 570, 14):
+        draw.text((20, row), "Patient report, page 1 of 2: findings and follow-up " * 2, fill="black")
+    with pytest.raises(DataError, match=r"page\.png: field of view: holds no field of view: no bright region wider "
+                       r"than \d+ pixels .*a page of text") as raised:  # fmt: skip
+        estimate(tmp_path, np.asarray(page), "page.png")
+    assert "dark throughout" not in str(raised.value)
+
+
 def test_a_crop_whose_periphery_fades_into_one_dark_corner_is_its_own_field(tmp_path):
     """A crop inside the disc whose periphery fades dark in one corner (the green channel of a red-free photograph,
     vignetting): that corner was read as a frame and the darker quarter of the retina cut off as frame."""

@@ -52,7 +52,8 @@ def test_same_stem_inputs_get_results_of_their_own(tmp_path, tracking_uri):
         inference_config("oct_layers"),
         # an untrained network puts layers in no order, which inference refuses unless told otherwise
         {"bundle_root": untrained_bundle("oct_layers", tmp_path / "b"), "input_dir": inputs, "output_dir": out,
-         "image_size": "[32,32]", "max_layer_order_relabelled": "1.0", **TINY_NETWORK},
+         "image_size": "[32,32]", "max_layer_order_relabelled": "1.0", "max_retina_height_ratio": "100",
+         **TINY_NETWORK},
     )  # fmt: skip
     for name in ("b0_png", "b0_tif", "b1"):
         assert (out / f"{name}_seg.png").is_file() and json.loads((out / f"{name}.json").read_text())["id"] == name

@@ -256,6 +256,9 @@ def test_a_bundle_copied_out_of_the_repository_trains_infers_and_exports(tmp_pat
         "[8,16,32]",
         "--network_def#strides",
         "[2,2]",
+        # the phantoms' own disc (about 98 px): enlarged 5.5 times to the default, inference would refuse them
+        "--fov_diameter_px",
+        "98",
     ]
     # inference.json has no patch_size (it infers whole images): an id a config lacks is refused
     inference_tiny = list(tiny)

@@ -28,10 +28,11 @@ LAYERS = {"NFL", "GCL-IPL", "INL", "OPL", "ONL-ISM", "ISE", "OS-RPE"}
 
 def tiny_inference(bundle_root, dataset_dir, **extra):
     """The tiny sizes for inference.json, which has no batch size (an id a config lacks is refused); a model of two
-    tiny epochs puts layers in no order yet, which inference refuses unless told otherwise (tested on its own)."""
+    tiny epochs puts layers in no order yet, and its retina at no height the training labels had, which inference
+    refuses unless told otherwise (tested on its own)."""
     overrides = tiny(bundle_root, dataset_dir, **extra)
     del overrides["batch_size"]
-    return {"max_layer_order_relabelled": "1.0", **overrides}
+    return {"max_layer_order_relabelled": "1.0", "max_retina_height_ratio": "100", **overrides}
 
 
 def tiny(bundle_root, dataset_dir, **extra):
@@ -292,8 +293,59 @@ def test_the_nr206_overlay_trains_at_its_size_and_answers_on_each_b_scans_own_gr
     assert record["input_settings"]["image_size"] == [1024, 768]
     out = tmp_path / "predictions"
     infer = INFER + [str(CONFIGS / "nr206.json")]
-    run_bundle("inferring", infer, {**network, "input_dir": sample / "val", "output_dir": out})
+    # the model of one epoch finds layers from the top row to the bottom one: far thicker than the retinas its
+    # training labels hold (15-16 % of the rows), which inference refuses unless told otherwise
+    assert record["training_labels"]["retina_height"]["cases"] == 2
+    unchecked = {"max_retina_height_ratio": 100}
+    run_bundle("inferring", infer, {**network, **unchecked, "input_dir": sample / "val", "output_dir": out})
     for scan in sorted((sample / "val").glob("*.png")):
         label = np.asarray(Image.open(out / f"{scan.stem}_seg.png"))
         assert label.shape == np.asarray(Image.open(scan)).shape[:2] == (500, 750)
         assert label.max() <= 8 and is_in_layer_order(label)
+
+
+def test_inference_refuses_a_retina_at_a_scale_the_model_never_learnt(trained, tiny_oct_dir, tmp_path):
+    """Training records the retina heights of its labels in model.json (read by the bundle's load_transforms);
+    inference reads them from there and refuses a B-scan whose predicted retina spans a share of its rows beyond
+    max_retina_height_ratio (1.3) times that range, naming it. The tiny model's prediction is what it is: the learnt
+    range is set around it, through the config key the record fills, thicker, thinner and alike."""
+    from monai.bundle import ConfigParser
+
+    from clinseg.datasets.oct.phantom import write_png_bscans
+    from clinseg.transforms.oct import retina_height_fraction, retina_heights
+
+    bundle_root, _, _ = trained
+    record = json.loads((bundle_root / "models" / "model.json").read_text())
+    learnt = record["training_labels"]["retina_height"]
+    parser = ConfigParser()
+    parser.read_config(TRAIN)
+    parser.update({"bundle_root": str(bundle_root), "dataset_dir": str(tiny_oct_dir)})
+    training = parser.get_parsed_content("train#datalist")
+    assert learnt == retina_heights(training, parser.get_parsed_content("load_transforms"))
+    assert learnt["cases"] == len(training) and 0.2 < learnt["min"] <= learnt["median"] <= learnt["max"] < 0.45
+    inference = ConfigParser()
+    inference.read_config(INFER)
+    inference.update({"bundle_root": str(bundle_root)})
+    assert inference.get_parsed_content("learnt_retina_height") == learnt
+
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    write_png_bscans(tiny_oct_dir / "Subject_03.mat", scans, limit=1)
+    (name,) = [path.stem for path in scans.glob("*.png")]
+    run_bundle(
+        "inferring", INFER, tiny_inference(bundle_root, tiny_oct_dir, input_dir=scans, output_dir=tmp_path / "u")
+    )
+    predicted = retina_height_fraction(np.asarray(Image.open(tmp_path / "u" / f"{name}_seg.png")))
+    assert predicted is not None and predicted < 0.6, predicted
+    for share, outcome in ((predicted * 1.5, "thinner"), (predicted / 1.5, "thicker"), (predicted, None)):
+        overrides = tiny_inference(bundle_root, tiny_oct_dir, input_dir=scans, output_dir=tmp_path / str(outcome))
+        del overrides["max_retina_height_ratio"]
+        overrides["learnt_retina_height"] = json.dumps({"min": share, "median": share, "max": share})
+        result = run_bundle("inferring", INFER, overrides, check=outcome is None)
+        if outcome is None:
+            continue
+        assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+        output = result.stdout + result.stderr
+        assert f"{name}.png: its retina spans" in output and f"(at most 1.3 times {outcome} accepted)" in output
+        summary = json.loads((tmp_path / outcome / "inference_summary.json").read_text())
+        assert [item["id"] for item in summary["refused"]] == [name] and not summary["cases"]

@@ -82,6 +82,27 @@ def test_duke_truncated_and_empty_files(tmp_path):
         decode("oct_layers", duke_items(empty))
 
 
+def test_a_matlab_v73_file_is_refused_saying_how_to_save_it(tmp_path):
+    """MATLAB saves large variables as version 7.3 (HDF5 behind a 512-byte header of its own) by default. scipy
+    cannot read it and pointed at h5py; the refusal says what the user can do: save with -v7, or export images."""
+    import h5py
+
+    path = tmp_path / "Subject_01.mat"
+    write_duke(tmp_path / "v7.mat")
+    content = scipy.io.loadmat(tmp_path / "v7.mat")
+    with h5py.File(path, "w", userblock_size=512) as f:
+        for name in ("images", "manualLayers1"):
+            f.create_dataset(name, data=np.transpose(content[name]))  # MATLAB writes column-major
+    header = b"MATLAB 7.3 MAT-file, Platform: GLNXA64, Created on: Mon Dec  7 10:00:00 2026 HDF5 schema 1.00 ."
+    with open(path, "r+b") as f:
+        f.write(header.ljust(116) + b"\x00" * 8 + b"\x00\x02IM")
+    assert h5py.is_hdf5(path)
+    with pytest.raises(DataError, match=r"Subject_01\.mat: is a MATLAB v7\.3 file .*\n.*save\(\.\.\., '-v7'\)"):
+        decode("oct_layers", duke_items(path))
+    with pytest.raises(DataError, match="is a MATLAB v7.3 file"):
+        load_oct_images(path)
+
+
 def test_phantom_is_deterministic_and_readable(tmp_path):
     a = write_phantom_dataset(tmp_path / "a", n_subjects=2, n_bscans=3, height=48, width=64, seed=5)
     time.sleep(1.1)  # in another second: the same seed must give the same bytes whenever it is written
@@ -131,6 +152,31 @@ def test_paired_folder_index_and_colour_labels(tmp_path):
     assert np.unique(item["label"][0, :3]).tolist() == [0]
     assert np.unique(item["label"][0, 3:6]).tolist() == [1]
     assert np.unique(item["label"][0, 6:]).tolist() == [8]
+
+
+def test_a_jpeg_label_is_refused_saying_labels_must_be_lossless(tmp_path, caplog):
+    """A label saved as JPEG was found (the label lookup takes .jpg, as photographs have it) and then called "not a
+    format this bundle reads": the refusal says what is wrong with it. A link whose target is gone is named as
+    such in the listing, not as "not a data file"."""
+    image = np.random.default_rng(1).integers(0, 255, (10, 14), dtype=np.uint8)
+    save_png(tmp_path / "train" / "NORMAL1.png", image)
+    colour = np.zeros((10, 14, 3), dtype=np.uint8)
+    colour[3:6] = NR206_COLORS[1]
+    (tmp_path / "train_labels").mkdir()
+    Image.fromarray(colour).save(tmp_path / "train_labels" / "NORMAL1.jpg", quality=95)
+    items = paired_items(tmp_path / "train", tmp_path / "train_labels")
+    with pytest.raises(DataError, match=r"(?s)NORMAL1\.jpg: is a JPEG; a label image must be stored losslessly .*"
+                       r"blurs the class values.*\nExport the annotation again as PNG"):  # fmt: skip
+        decode("oct_layers", items, label_colors=NR206_COLORS, class_names=[str(i) for i in range(9)])
+    (tmp_path / "scans").mkdir()
+    save_png(tmp_path / "scans" / "b.png", np.tile(image, (4, 4)))
+    (tmp_path / "scans" / "moved.png").symlink_to(tmp_path / "elsewhere" / "moved.png")
+    with caplog.at_level("WARNING"):
+        assert [Path(item["image"]).name for item in load_oct_images(tmp_path / "scans")] == ["b.png"]
+    assert f"skipped 1 links whose target does not exist: moved.png -> {tmp_path / 'elsewhere' / 'moved.png'}" in (
+        caplog.text
+    )
+    assert "not data files" not in caplog.text
 
 
 def test_paired_folder_errors(tmp_path):
@@ -331,3 +377,62 @@ def test_a_mat_volume_saved_in_another_axis_order_is_refused_for_inference_namin
     with pytest.raises(DataError, match="image/label shape mismatch") as error:
         load_oct_images(tmp_path)  # another grader's boundaries, for one B-scan more than the images hold
     assert "looks saved" not in str(error.value)
+
+
+def test_a_retina_far_thinner_or_thicker_than_learnt_is_refused_with_the_rows_that_fit(tmp_path):
+    """A B-scan with more rows around its retina than the training B-scans (another scan depth, padding bands with
+    a scale bar or dither) is resized whole to image_size: the network sees a thinner retina than any it learnt and
+    gives layers in order with thicknesses wrong by up to 8 times. Training records its labels' retina heights
+    (read by the bundle's own load_transforms, as a training does); a prediction whose retina spans a share of the
+    height beyond 1.3 times that range is refused naming the image, with the rows to crop it to. The real NR206
+    validation labels pass; padded to twice their rows or cropped tight around the retina, they are refused."""
+    from monai.bundle import ConfigParser
+    from monai.data import MetaTensor
+
+    from clinseg.transforms.oct import RequireRetinaHeightd, retina_height_fraction, retina_heights
+
+    root = shared_path("oct", "NR206_sample")
+    configs = REPO_ROOT / "bundles" / "oct_layers" / "configs"
+    parser = ConfigParser()
+    parser.read_config([str(configs / "train.json"), str(configs / "nr206.json")])
+    parser["dataset_dir"] = str(root)
+    learnt = retina_heights(parser.get_parsed_content("train#datalist"), parser.get_parsed_content("load_transforms"))
+    assert learnt["cases"] == 2 and 0.14 < learnt["min"] <= learnt["median"] <= learnt["max"] < 0.17, learnt
+    check = RequireRetinaHeightd("pred", learnt=learnt)
+    classes = [str(i) for i in range(9)]
+    for decoded in decode("oct_layers", load_oct_datalist(root, "val"), label_colors=NR206_COLORS, class_names=classes):
+        label = decoded["label"][0].astype(np.int64)
+        assert check({"pred": MetaTensor(label[None])})  # the learnt scale: kept
+        fraction = retina_height_fraction(label)
+        padded = np.pad(label, ((label.shape[0] // 2, label.shape[0] // 2), (0, 0)))
+        assert retina_height_fraction(padded) == pytest.approx(fraction / 2, rel=0.01)
+        scan = MetaTensor(padded[None], meta={"filename_or_obj": "deep.png"})
+        with pytest.raises(DataError, match=r"(?s)deep\.png: its retina spans \d+% of its 1000 rows, where the model "
+                           r"learnt retinas spanning 15%-16% .* 1.3 times thinner.*more rows around the retina.*"
+                           r"Crop its rows to about (\d+)-(\d+) \(the retina at 1\d%\)") as refused:  # fmt: skip
+            check({"pred": scan})
+        first, last = (int(row) for row in refused.value.args[0].split("rows to about ")[1].split(" ")[0].split("-"))
+        cropped = MetaTensor(padded[None, first : last + 1])
+        assert retina_height_fraction(cropped[0]) == pytest.approx(learnt["median"], abs=0.01)
+        assert check({"pred": cropped}), "cropped as told, the retina is at the learnt scale"
+        rows = np.flatnonzero((label > 0).any(axis=1))
+        tight = MetaTensor(label[None, rows[0] - 5 : rows[-1] + 6], meta={"filename_or_obj": "tight.png"})
+        with pytest.raises(DataError, match=r"(?s)tight\.png: .*thicker.*fewer rows .*Pad it with rows of the scan's "
+                           r"background to about \d+ in all"):  # fmt: skip
+            check({"pred": tight})
+        # no record (a model trained before it was kept), no limit, or classes that are no layers: nothing checked
+        for unchecked in (RequireRetinaHeightd("pred", learnt=None), RequireRetinaHeightd("pred", learnt, None),
+                          RequireRetinaHeightd("pred", learnt, enabled=False)):  # fmt: skip
+            assert unchecked({"pred": scan})["pred"] is scan
+    # the phantom B-scans of the default training: their retina spans about 28 % of 256 rows, and a one-hot
+    # prediction is judged by its most likely class
+    write_phantom_dataset(tmp_path / "mat", n_subjects=1, n_bscans=2, seed=0)
+    phantom = [
+        decoded["label"][0].astype(np.int64)
+        for decoded in decode("oct_layers", load_oct_datalist(tmp_path / "mat", "all"))
+    ]
+    assert all(0.22 < retina_height_fraction(label) < 0.34 for label in phantom)
+    annotated = np.where(phantom[0] == 255, 0, phantom[0])  # unannotated columns: background here
+    one_hot = np.eye(8)[np.pad(annotated, ((100, 100), (0, 0)))].transpose(2, 0, 1)
+    with pytest.raises(DataError, match=r"pred: its retina spans 1\d% of its 456 rows"):
+        RequireRetinaHeightd("pred", learnt={"min": 0.26, "median": 0.28, "max": 0.3})({"pred": one_hot})

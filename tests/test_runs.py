@@ -199,6 +199,7 @@ def test_evaluation_and_inference_say_what_they_used(tmp_path, data_dir):
     # (a model of one tiny epoch puts layers in no order yet, which inference refuses unless told otherwise)
     inference.update(bundle_root=root, input_dir=data_dir, output_dir=tmp_path / "predictions")
     inference["max_layer_order_relabelled"] = 1.0
+    inference["max_retina_height_ratio"] = 100
     result = subprocess.run(command(inference, "inferring", [TRAIN.parent / "inference.json"]), cwd=REPO_ROOT,
                             capture_output=True, text=True, timeout=600)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]

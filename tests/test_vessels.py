@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+import shutil
 
 import mlflow
 import numpy as np
@@ -249,6 +251,33 @@ def test_a_small_disc_that_enlarged_would_exceed_max_pixels_is_refused_naming_it
     assert ScaleToFOVd(["image", "fov"], mode=["bilinear", "nearest"], max_pixels=400_000)(item)["image"].shape[1] > 500
 
 
+def test_a_thumbnail_is_refused_naming_it_and_a_small_photograph_enlarged(tmp_path):
+    """A preview or thumbnail of a photograph (a disc of 48 to 128 pixels) was enlarged 4 to 16 times to the learnt
+    disc and segmented: its capillaries are under a pixel wide there, and the map came out thin or empty (F1 0.00 at
+    11 times, 0.73 at 4.4) with exit status 0. Inference refuses a disc enlarged more than max_upscale times, naming
+    the file and what would segment it anyway; a photograph at 0.3 of DRIVE's size (3.3 times) is enlarged."""
+    from clinseg.datasets.errors import DataError
+    from clinseg.transforms.fundus import ScaleToFOVd
+
+    photo, _, _ = synthesize_fundus(np.random.default_rng([5, 3]), (584, 565))
+    read = ReadImaged("image", reader=PhotoReader(channels="rgb"))
+    scale = ScaleToFOVd(["image", "fov"], mode=["bilinear", "nearest"], max_upscale=4.0)
+    for name, width in (("thumbnail", 96), ("third", 170)):
+        height = round(584 * width / 565)
+        save(tmp_path / f"{name}.png", np.asarray(Image.fromarray(photo).resize((width, height), Image.LANCZOS)))
+    thumbnail = EstimateFOVd("image")(read({"image": tmp_path / "thumbnail.png"}))
+    with pytest.raises(DataError, match=r"thumbnail\.png: is too small to segment: its field of view is \d+ pixels "
+                       r"across, and enlarged (5\.\d|6\.0) times .* \(over max_upscale, 4\) .*\.\sSegment the "
+                       r"full-resolution photograph; --max_upscale 6 segments this one anyway"):  # fmt: skip
+        scale(thumbnail)
+    enlarged = ScaleToFOVd(["image", "fov"], mode=["bilinear", "nearest"], max_upscale=6.0)(thumbnail)
+    assert enlarged["image"].meta["fov_scale"] > 5
+    third = scale(EstimateFOVd("image")(read({"image": tmp_path / "third.png"})))
+    assert 3.0 < third["image"].meta["fov_scale"] < 3.6 and third["image"].shape[1] > 540
+    # training and evaluation enlarge any disc: their labels show what is lost
+    assert ScaleToFOVd(["image", "fov"], mode=["bilinear", "nearest"])(thumbnail)["image"].meta["fov_scale"] > 5
+
+
 def test_a_disc_cut_on_every_side_keeps_its_periphery_and_is_measured_by_its_rim(tmp_path):
     """A photograph cut just inside its disc, dark only in its corners. Its field was estimated as 71 % of the image,
     the darker periphery cut off as if it were frame (Otsu's split fell inside the fundus), and no vessel was
@@ -378,6 +407,9 @@ def test_tiny_bundle_train_evaluate_infer(tmp_path, tiny_drive, tracking_uri):
         "sw_roi_size": "[48,48]",
         "network_def#channels": "[8,16,32]",
         "network_def#strides": "[2,2]",
+        # the phantoms' own disc (about 68 px): photographs of a camera with fewer pixels are trained at its scale,
+        # not enlarged 8 times past max_upscale
+        "fov_diameter_px": 68,
     }
     run_bundle("training", TRAIN, {**common, "train#trainer#max_epochs": 2})
     client = mlflow.MlflowClient(tracking_uri)
@@ -459,6 +491,24 @@ def test_tiny_bundle_train_evaluate_infer(tmp_path, tiny_drive, tracking_uri):
             np.asarray(Image.open(estimated_out / f"21_{name}.png")),
             err_msg=name,
         )
+
+    # a photograph at half the size, its disc enlarged twice, over a max_upscale of 1.5: refused naming it, the
+    # others segmented, exit status 1
+    half = tmp_path / "half"
+    shutil.copytree(plain, half, ignore=shutil.ignore_patterns("*.dcm"))
+    Image.open(plain / "22.png").resize((36, 40), Image.LANCZOS).save(half / "22.png")
+    refused = run_bundle(
+        "inferring",
+        [str(CONFIGS / "inference.json")],
+        {**inference, "input_dir": half, "output_dir": tmp_path / "half_out", "max_upscale": 1.5},
+        check=False,
+    )
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr, refused.stderr[-3000:]
+    output = refused.stdout + refused.stderr
+    assert "22.png: is too small to segment: its field of view is" in output
+    assert re.search(r"--max_upscale \d segments this one anyway", output), output[-3000:]
+    summary = json.loads((tmp_path / "half_out" / "inference_summary.json").read_text())
+    assert [item["id"] for item in summary["refused"]] == ["22"] and len(summary["cases"]) == 3
 
 
 def test_training_takes_photographs_of_different_sizes(tmp_path, tracking_uri):

@@ -3,6 +3,7 @@ optional CLAHE, and normalisation inside the field of view."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Hashable, Mapping, Sequence
 from typing import Literal
 
@@ -127,6 +128,10 @@ MAX_RIM_DEVIATION = 0.06  # photographs: at most 0.024 (CHASE_DB1's green channe
 # red channel up to 9 %, so the red one is not judged). DRIVE 21 brightened until 48 % of it clips loses a sixth of
 # its F1 (0.84 to 0.70), at 94 % nearly all of it (0.31), with a map that looks normal.
 MAX_GREEN_CLIPPED = 0.1
+# DRIVE's validation photographs downsized, enlarged back to the learnt disc and scored on their own grid
+# (pipelines/benchmarks/vessels_scales.py): F1 0.81 at full size, 0.785 enlarged 2.5 times, 0.755 at 3.3, 0.728 at 4,
+# 0.671 at 5; thumbnails enlarged 8 to 16 times give an empty map (F1 0.00 to 0.11)
+MAX_UPSCALE = 4.0
 # The share of a given FOV mask outside the field estimated from its photograph, in the camera's dark frame: DRIVE's
 # 20 masks at most 1 % (intersection over union 0.989 to 0.999); an inverted mask, another camera's or one shifted by
 # a quarter of the image far more. A mask inside the field (a region to segment or score) is none of these.
@@ -276,7 +281,14 @@ class EstimateFOV(Transform):
         mask = ndimage.binary_opening(mask, structure=np.ones((2 * radius + 1,) * 2, bool))
         labels, count = ndimage.label(mask)
         if count == 0:
-            raise ValueError("holds no bright field of view (the photograph is dark throughout).")
+            # nothing bright is wider than the opening: fine bright lines (a page of text, a strip one pixel high)
+            # as much as a photograph too dark to show its disc
+            share = float((small > frame + self.rise * (disc - frame)).mean())
+            raise ValueError(
+                f"holds no field of view: no bright region wider than {2 * radius + 1} pixels of its "
+                f"{small.shape[0]} x {small.shape[1]} working copy ({share:.0%} of it bright, in thin lines or "
+                "specks): a page of text, a strip, or a photograph too dark to show its disc?"
+            )
         areas = ndimage.sum_labels(mask, labels, index=np.arange(1, count + 1))
         sizes = np.sort(areas)[::-1] / mask.size
         if count > 1 and sizes[1] >= self.min_fraction:
@@ -629,6 +641,10 @@ class ScaleToFOVd(MapTransform, InvertibleTransform):
         tolerance: relative difference of the diameter below which nothing is resampled.
         upscale: enlarge photographs whose disc is smaller than ``diameter`` (default); ``False`` segments them at
             their own scale.
+        max_upscale: refuse a photograph whose disc would be enlarged more than this many times (a thumbnail, a
+            preview), rather than write a vessel map that looks like an answer: below a quarter of the learnt disc
+            its capillaries are under a pixel wide, and the map comes out thin or empty. ``None``: no bound
+            (training and evaluation, whose labels show what is lost).
         max_pixels: refuse a photograph that enlarged would have more pixels than this, rather than run out of
             memory on it. A safety net: a field covers at least a fifth of its image (:class:`EstimateFOVd`'s
             ``min_fraction``), so an enlarged photograph has at most about 1.1 million pixels at the default
@@ -636,7 +652,8 @@ class ScaleToFOVd(MapTransform, InvertibleTransform):
         enabled: ``False`` leaves every photograph at its own scale (and ``inverse`` changes nothing).
 
     Raises:
-        DataError: naming the photograph, when enlarged it would exceed ``max_pixels``.
+        DataError: naming the photograph, when its disc would be enlarged more than ``max_upscale`` times, or
+            enlarged it would exceed ``max_pixels``.
     """
 
     def __init__(
@@ -647,13 +664,14 @@ class ScaleToFOVd(MapTransform, InvertibleTransform):
         mode: Sequence[str] | str = "bilinear",
         tolerance: float = 0.1,
         upscale: bool = True,
+        max_upscale: float | None = None,
         max_pixels: int | None = MAX_PIXELS,
         enabled: bool = True,
         allow_missing_keys: bool = False,
     ):
         super().__init__(keys, allow_missing_keys)
         self.fov_key, self.diameter, self.tolerance = fov_key, float(diameter), tolerance
-        self.upscale, self.max_pixels, self.enabled = upscale, max_pixels, enabled
+        self.upscale, self.max_upscale, self.max_pixels, self.enabled = upscale, max_upscale, max_pixels, enabled
         self.mode = ensure_tuple_rep(mode, len(self.keys))
 
     def factor(self, data: Mapping[Hashable, NdarrayOrTensor]) -> float:
@@ -705,10 +723,22 @@ class ScaleToFOVd(MapTransform, InvertibleTransform):
         return d
 
     def _check_enlarged_size(self, data: Mapping[Hashable, NdarrayOrTensor], factor: float) -> None:
-        if factor <= 1.0 or self.max_pixels is None:
+        if factor <= 1.0:
             return
         for key in self.key_iterator(data):
             image = data[key]
+            if self.max_upscale is not None and factor > self.max_upscale:
+                raise DataError(
+                    str(source_of(image, key)),
+                    f"is too small to segment: its field of view is {self.diameter / factor:.0f} pixels across, and "
+                    f"enlarged {factor:.1f} times to the {self.diameter:g}-pixel disc the network learnt (over "
+                    f"max_upscale, {self.max_upscale:g}) its narrow vessels are lost and the map comes out thin or "
+                    f"empty (a thumbnail or a downsized export?).",
+                    f"Segment the full-resolution photograph; --max_upscale {math.ceil(factor)} segments this one "
+                    "anyway.",
+                )
+            if self.max_pixels is None:
+                continue
             size = [max(1, round(n * factor)) for n in image.shape[1:]]
             if size[0] * size[1] > self.max_pixels:
                 source = source_of(image, key)

@@ -1,9 +1,10 @@
 """OCT-specific transforms: layer boundaries (one row position per A-scan) to a layer label map, the anatomical
-order of the layers in every column, and speckle-like augmentation."""
+order of the layers in every column, the retina's height against the one the model learnt, and speckle-like
+augmentation."""
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping
+from collections.abc import Hashable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -197,6 +198,129 @@ class RequireLayerOrderd(MapTransform):
                     "Check the label file (and label_colors / label_values); a task whose classes are no layers "
                     "runs with --layer_order False.",
                 )
+        return d
+
+
+def retina_rows(label: np.ndarray, ignore_index: int = IGNORE_INDEX) -> tuple[np.ndarray, np.ndarray]:
+    """Per column of an ``(H, W)`` (or ``(1, H, W)``) layer label map that holds a layer, the rows of its topmost
+    and its lowest layer pixel: the retina's top and bottom. Two empty arrays where no column holds a layer."""
+    label = np.asarray(label)
+    label = label.reshape(label.shape[-2:])
+    layer = (label > 0) & (label != ignore_index)
+    columns = layer.any(axis=0)
+    rows = np.arange(label.shape[0])[:, None]
+    top = np.where(layer, rows, label.shape[0]).min(axis=0)[columns]
+    return top, np.where(layer, rows, -1).max(axis=0)[columns]
+
+
+def retina_height_fraction(label: np.ndarray, ignore_index: int = IGNORE_INDEX) -> float | None:
+    """The share of a B-scan's rows its retina spans (from the first layer's top to the last layer's bottom, the
+    median over the columns that hold a layer): what a whole-B-scan resize to ``image_size`` keeps, and what the
+    network learns the layers' scale from. None where no column holds a layer."""
+    top, bottom = retina_rows(label, ignore_index)
+    return float(np.median(bottom - top + 1)) / np.asarray(label).shape[-2] if top.size else None
+
+
+def retina_heights(datalist: Sequence[Mapping], load_transforms: Sequence, max_cases: int = 64) -> dict | None:
+    """The retina heights of a training's labels (:func:`retina_height_fraction`), read by the bundle's own
+    ``load_transforms``: ``{"min", "median", "max", "cases"}``, recorded in ``model.json`` (``training_labels``) so
+    that inference can refuse a B-scan whose retina spans a share of its height the model never saw. At most
+    ``max_cases`` labels, evenly spread over the list (a large training reads a sample). None without labels."""
+    from monai.transforms import Compose
+
+    labelled = [item for item in datalist if item.get("label") is not None]
+    if not labelled:
+        return None
+    step = max(1, -(-len(labelled) // max_cases))
+    load = Compose(list(load_transforms))
+    fractions = []
+    for item in labelled[::step]:
+        fraction = retina_height_fraction(convert_to_numpy(load(dict(item))["label"]))
+        if fraction is not None:
+            fractions.append(fraction)
+    if not fractions:
+        return None
+    values = np.asarray(fractions)
+    return {
+        "min": round(float(values.min()), 4),
+        "median": round(float(np.median(values)), 4),
+        "max": round(float(values.max()), 4),
+        "cases": len(fractions),
+    }
+
+
+class RequireRetinaHeightd(MapTransform):
+    """Refuse a prediction whose retina spans a share of the B-scan's height far from any the model learnt.
+
+    The whole B-scan is resized to ``image_size``, so a scan with more rows around the retina (another scan depth,
+    padding bands with a scale bar, dither or a faint gradient that the padding check cannot call uniform) shows the
+    network a retina thinner than any it learnt, and a tight crop a thicker one. Its layers then come out in order,
+    every one present, with thicknesses wrong by up to 8 times (OPL; NFL doubled), and no other check fires. The
+    prediction's retina (:func:`retina_height_fraction`, after :class:`OrderLayersd`) is compared with the range of
+    the training labels' (``learnt``, from ``model.json``): beyond ``max_ratio`` times its bounds, the B-scan is
+    refused with the rows to crop it to (or how far to pad it). A retina thickened by disease beyond the ratio is
+    refused too, as one the model never saw. The phantom-trained model (retinas at 27-30 % of the rows), on one
+    B-scan given more rows of its own background: its NFL 10 % thicker than the truth with the retina 1.24 times
+    thinner than the thinnest learnt, 16 % at 1.34, 41 % (and the OPL 33 % thinner) at 1.45, the OPL 8 times too
+    thin at 1.66 (the oct_layers README): hence 1.3.
+
+    Args:
+        keys: the prediction, ``(C, H, W)`` (one-hot or scores) or ``(1, H, W)`` labels.
+        learnt: ``{"min", "median", "max"}`` shares of the height, the model's
+            (:func:`clinseg.pipelines.engine.ensembles.training_label_range`); None checks nothing.
+        max_ratio: how many times thinner than the thinnest, or thicker than the thickest, learnt retina a
+            prediction's may be; None checks nothing.
+        enabled: ``False`` (a task whose classes are no layers) checks nothing.
+
+    Raises:
+        DataError: naming the image, with its retina's share, the learnt range and the rows that would match it.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        learnt: Mapping | None = None,
+        max_ratio: float | None = 1.3,
+        enabled: bool = True,
+        allow_missing_keys: bool = False,
+    ):
+        super().__init__(keys, allow_missing_keys)
+        self.learnt, self.max_ratio, self.enabled = learnt, max_ratio, enabled
+
+    def __call__(self, data: Mapping[Hashable, NdarrayOrTensor]) -> dict[Hashable, NdarrayOrTensor]:
+        d = dict(data)
+        if not self.enabled or not self.learnt or not self.max_ratio:
+            return d
+        for key in self.key_iterator(d):
+            values = torch.as_tensor(convert_to_numpy(d[key]))
+            labels = values.argmax(0) if values.ndim == 3 and values.shape[0] > 1 else values.reshape(values.shape[-2:])
+            labels = labels.cpu().numpy()
+            fraction = retina_height_fraction(labels)
+            if fraction is None:
+                continue
+            low, high = self.learnt["min"] / self.max_ratio, self.learnt["max"] * self.max_ratio
+            if low <= fraction <= high:
+                continue
+            height, learnt = labels.shape[0], f"the retina at {self.learnt['median']:.0%}"
+            top, bottom = (float(np.median(rows)) for rows in retina_rows(labels))
+            wanted = round((bottom - top + 1) / self.learnt["median"])
+            first = round((top + bottom) / 2 - wanted / 2)
+            if fraction < low and first >= 0 and first + wanted <= height:
+                fix = f"Crop its rows to about {first}-{first + wanted - 1} ({learnt})"
+            elif fraction < low:
+                fix = f"Crop it to about {wanted} rows around the retina ({learnt})"
+            else:
+                fix = f"Pad it with rows of the scan's background to about {wanted} in all ({learnt})"
+            raise DataError(
+                str(source_of(d[key], key)),
+                f"its retina spans {fraction:.0%} of its {height} rows, where the model learnt retinas spanning "
+                f"{self.learnt['min']:.0%}-{self.learnt['max']:.0%} of theirs (at most {self.max_ratio:g} times "
+                f"{'thinner' if fraction < low else 'thicker'} accepted): the B-scan holds "
+                f"{'more' if fraction < low else 'fewer'} rows around the retina than those it was trained on "
+                "(another scan depth, padding bands, a tight crop), and its layers would be measured at a scale "
+                "the network never saw: plausible, in order, and wrong.",
+                f"{fix}, or train on B-scans like it; --max_retina_height_ratio sets the limit.",
+            )
         return d
 
 

@@ -47,8 +47,13 @@ def _load_mat(path: Path, mtime_ns: int, size: int, inode: int) -> dict:
             head = f.read(128)
     except OSError as e:
         raise DataError(path, f"cannot be opened ({e.strerror}).") from e
-    if head.startswith(b"\x89HDF"):
-        raise DataError(path, "is a MATLAB v7.3 (HDF5) file; save it with `save(..., '-v7')` to read it here.")
+    # MATLAB 7.3 writes HDF5 behind a 512-byte user block that starts with its text header
+    if head.startswith((b"\x89HDF", b"MATLAB 7.3 MAT-file")):
+        raise DataError(
+            path,
+            "is a MATLAB v7.3 file (HDF5 inside), a version this bundle does not read.",
+            "Save it again with save(..., '-v7') in MATLAB, or export its B-scans as PNG or TIFF.",
+        )
     try:
         return scipy.io.loadmat(path)
     except Exception as e:  # scipy raises ValueError, TypeError, OSError... for damaged files

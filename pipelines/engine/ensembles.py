@@ -9,13 +9,17 @@ of ``network_def``, each loaded (and checked) from its own file by the bundle's 
 from __future__ import annotations
 
 import copy
+import logging
 import os
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 # floor of an averaged probability before its logarithm: keeps log finite, far below any threshold that matters
 PROBABILITY_FLOOR = 1e-7
+
+logger = logging.getLogger(__name__)
 
 
 def checkpoint_paths(checkpoint_path: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
@@ -23,6 +27,30 @@ def checkpoint_paths(checkpoint_path: str | os.PathLike | Sequence[str | os.Path
     if isinstance(checkpoint_path, (str, os.PathLike)):
         return [os.fspath(checkpoint_path)]
     return [os.fspath(path) for path in checkpoint_path]
+
+
+def training_label_range(checkpoint_path, name: str) -> dict | None:
+    """The range of a statistic of the training labels (``name``, e.g. ``"retina_height"``:
+    :func:`clinseg.transforms.oct.retina_heights`) that the model's ``model.json`` records under
+    ``training_labels``; for an ensemble, the range of all its members': the smallest minimum, the largest maximum,
+    the median of the medians. None where a member has no record of it (a training checkpoint, or a model trained
+    before it was kept): nothing is checked against it, and the log says so."""
+    from clinseg.pipelines.runs import record_of
+
+    ranges = []
+    for path in checkpoint_paths(checkpoint_path):
+        recorded = ((record_of(path) or {}).get("training_labels") or {}).get(name)
+        if not isinstance(recorded, dict):
+            logger.info(f"{path}: its model.json records no {name} of its training labels: inputs are not checked "
+                        "against it")  # fmt: skip
+            return None
+        ranges.append(recorded)
+    return {
+        "min": min(r["min"] for r in ranges),
+        "median": float(np.median([r["median"] for r in ranges])),
+        "max": max(r["max"] for r in ranges),
+        "cases": sum(r["cases"] for r in ranges),
+    }
 
 
 def require_unseen(checkpoint_path, datalist: Sequence[dict]):

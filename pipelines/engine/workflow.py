@@ -327,6 +327,7 @@ def run_training(
     initial_weights: str | os.PathLike | None = None,
     input_settings: dict | None = None,
     training_images: list[str] | None = None,
+    training_labels: dict | None = None,
 ) -> None:
     """Run ``trainer`` as every bundle does. Afterwards the run's own ``ckpt_dir`` holds ``model.pt`` whatever the
     validation interval, described by ``model.json``, and that model is promoted to ``promote_to`` (the bundle's
@@ -343,7 +344,9 @@ def run_training(
     image size), recorded in ``model.json`` so that a run with other values is refused
     (:func:`clinseg.pipelines.runs.require_input_settings`). ``training_images``: the digests of the images it trains
     on (:func:`clinseg.datasets.fingerprint.image_digests`), recorded so that an evaluation on any of them is refused
-    (:func:`clinseg.pipelines.engine.ensembles.require_unseen`)."""
+    (:func:`clinseg.pipelines.engine.ensembles.require_unseen`). ``training_labels``: what the training labels look
+    like where inference checks a prediction against it (an OCT retina's height:
+    :func:`clinseg.transforms.oct.retina_heights`), recorded as given."""
     from clinseg.pipelines import runs
     from clinseg.pipelines.engine import decision
     from clinseg.pipelines.engine.handlers.checkpointing import best_model_saver, resume_from_latest
@@ -393,6 +396,7 @@ def run_training(
             "initialized_from": initialized_from,
             "input_settings": input_settings,
             "training_images": sorted(training_images) if training_images is not None else None,
+            "training_labels": training_labels,
         }
 
     def describe_best() -> dict:
