@@ -19,5 +19,6 @@ NonNegativeFloat = Annotated[float, Ge(0)]
 Fraction = Annotated[float, Gt(0), Lt(1)]  # a share of something, strictly between none and all
 Rate = Annotated[float, Gt(0), Le(1)]
 Probability = Annotated[float, Ge(0), Le(1)]
+AtLeastOne = Annotated[float, Ge(1)]  # a factor or ratio bounding how far from 1 something may be
 PositiveSize = Sequence[PositiveInt]  # one positive extent per spatial axis
 PositiveSpacing = Sequence[PositiveFloat]

@@ -73,7 +73,9 @@ A bundle made from the `{template}` template (`python -m clinseg.pipelines.new_t
   whole, at its own scale. For fundus photographs, `--estimate_fov True --scale_to_fov True` estimates their field
   of view and resamples them to one disc size, as the vessels bundle does.
 - From the oct_layers template, `layer_order` is off: the classes need not be layers stacked in a fixed order.
-  For retinal layers, `--layer_order True` keeps every column's labels in the order of `class_names`. Inference's
+  For retinal layers, `--layer_order True` keeps every column's labels in the order of `class_names`, and makes
+  training record its labels' retina heights, against which inference refuses a B-scan whose retina spans more
+  than `max_retina_height_ratio` (1.3) times less or more of its rows (a deeper scan, a tight crop). Inference's
   checks of OCT B-scans are off as well: for OCT, `--max_padding_fraction 0.2 --min_floor_level 0.01` refuses
   B-scans with tall padding bands or linear intensities, as the oct_layers bundle does.
 

@@ -325,7 +325,9 @@ def test_inference_refuses_a_retina_at_a_scale_the_model_never_learnt(trained, t
     assert learnt["cases"] == len(training) and 0.2 < learnt["min"] <= learnt["median"] <= learnt["max"] < 0.45
     inference = ConfigParser()
     inference.read_config(INFER)
-    inference.update({"bundle_root": str(bundle_root)})
+    # the settings the model was trained with (its model.json's), as the command line gives them
+    inference.update({"bundle_root": str(bundle_root), "image_size": [64, 96], "network_def#channels": [8, 16, 32],
+                      "network_def#strides": [2, 2]})  # fmt: skip
     assert inference.get_parsed_content("learnt_retina_height") == learnt
 
     scans = tmp_path / "scans"
@@ -347,5 +349,4 @@ def test_inference_refuses_a_retina_at_a_scale_the_model_never_learnt(trained, t
         assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
         output = result.stdout + result.stderr
         assert f"{name}.png: its retina spans" in output and f"(at most 1.3 times {outcome} accepted)" in output
-        summary = json.loads((tmp_path / outcome / "inference_summary.json").read_text())
-        assert [item["id"] for item in summary["refused"]] == [name] and not summary["cases"]
+        assert "wrote none of 1 label maps" in output

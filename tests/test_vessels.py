@@ -254,7 +254,7 @@ def test_a_small_disc_that_enlarged_would_exceed_max_pixels_is_refused_naming_it
 def test_a_thumbnail_is_refused_naming_it_and_a_small_photograph_enlarged(tmp_path):
     """A preview or thumbnail of a photograph (a disc of 48 to 128 pixels) was enlarged 4 to 16 times to the learnt
     disc and segmented: its capillaries are under a pixel wide there, and the map came out thin or empty (F1 0.00 at
-    11 times, 0.73 at 4.4) with exit status 0. Inference refuses a disc enlarged more than max_upscale times, naming
+    11 times, 0.11 at 8.6) with exit status 0. Inference refuses a disc enlarged more than max_upscale times, naming
     the file and what would segment it anyway; a photograph at 0.3 of DRIVE's size (3.3 times) is enlarged."""
     from clinseg.datasets.errors import DataError
     from clinseg.transforms.fundus import ScaleToFOVd

@@ -18,6 +18,7 @@ from scipy import ndimage
 
 from clinseg.datasets.errors import DataError, source_of
 from clinseg.datasets.readers import MAX_PIXELS
+from clinseg.datasets.value_types import AtLeastOne
 
 CHANNELS = {"red": [0], "green": [1], "blue": [2], "rgb": [0, 1, 2]}
 CHANNEL_CHOICES = (*CHANNELS, "grey")  # "grey": luminance of the three
@@ -664,7 +665,7 @@ class ScaleToFOVd(MapTransform, InvertibleTransform):
         mode: Sequence[str] | str = "bilinear",
         tolerance: float = 0.1,
         upscale: bool = True,
-        max_upscale: float | None = None,
+        max_upscale: AtLeastOne | None = None,
         max_pixels: int | None = MAX_PIXELS,
         enabled: bool = True,
         allow_missing_keys: bool = False,
@@ -731,7 +732,7 @@ class ScaleToFOVd(MapTransform, InvertibleTransform):
                 raise DataError(
                     str(source_of(image, key)),
                     f"is too small to segment: its field of view is {self.diameter / factor:.0f} pixels across, and "
-                    f"enlarged {factor:.1f} times to the {self.diameter:g}-pixel disc the network learnt (over "
+                    f"enlarged {factor:.2f} times to the {self.diameter:g}-pixel disc the network learnt (over "
                     f"max_upscale, {self.max_upscale:g}) its narrow vessels are lost and the map comes out thin or "
                     f"empty (a thumbnail or a downsized export?).",
                     f"Segment the full-resolution photograph; --max_upscale {math.ceil(factor)} segments this one "

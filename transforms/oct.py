@@ -16,6 +16,7 @@ from monai.utils import MetaKeys, TransformBackends, convert_to_numpy
 
 from clinseg.datasets.errors import DataError, source_of
 from clinseg.datasets.oct.duke import crossing_columns
+from clinseg.datasets.value_types import AtLeastOne
 
 IGNORE_INDEX = 255
 """Label value of pixels without annotation (masked out of the loss and the metrics)."""
@@ -221,11 +222,15 @@ def retina_height_fraction(label: np.ndarray, ignore_index: int = IGNORE_INDEX) 
     return float(np.median(bottom - top + 1)) / np.asarray(label).shape[-2] if top.size else None
 
 
-def retina_heights(datalist: Sequence[Mapping], load_transforms: Sequence, max_cases: int = 64) -> dict | None:
+def retina_heights(
+    datalist: Sequence[Mapping], load_transforms: Sequence, ignore_index: int = IGNORE_INDEX, max_cases: int = 200
+) -> dict | None:
     """The retina heights of a training's labels (:func:`retina_height_fraction`), read by the bundle's own
     ``load_transforms``: ``{"min", "median", "max", "cases"}``, recorded in ``model.json`` (``training_labels``) so
     that inference can refuse a B-scan whose retina spans a share of its height the model never saw. At most
-    ``max_cases`` labels, evenly spread over the list (a large training reads a sample). None without labels."""
+    ``max_cases`` labels, evenly spread over the list (a larger training reads a sample of that many: its range can
+    only be narrower than the whole list's, by the spread of the B-scans left out). ``ignore_index``: the label
+    value of unannotated pixels, not retina. None without labels."""
     from monai.transforms import Compose
 
     labelled = [item for item in datalist if item.get("label") is not None]
@@ -235,7 +240,7 @@ def retina_heights(datalist: Sequence[Mapping], load_transforms: Sequence, max_c
     load = Compose(list(load_transforms))
     fractions = []
     for item in labelled[::step]:
-        fraction = retina_height_fraction(convert_to_numpy(load(dict(item))["label"]))
+        fraction = retina_height_fraction(convert_to_numpy(load(dict(item))["label"]), ignore_index)
         if fraction is not None:
             fractions.append(fraction)
     if not fractions:
@@ -280,7 +285,7 @@ class RequireRetinaHeightd(MapTransform):
         self,
         keys: KeysCollection,
         learnt: Mapping | None = None,
-        max_ratio: float | None = 1.3,
+        max_ratio: AtLeastOne | None = 1.3,
         enabled: bool = True,
         allow_missing_keys: bool = False,
     ):
@@ -289,7 +294,7 @@ class RequireRetinaHeightd(MapTransform):
 
     def __call__(self, data: Mapping[Hashable, NdarrayOrTensor]) -> dict[Hashable, NdarrayOrTensor]:
         d = dict(data)
-        if not self.enabled or not self.learnt or not self.max_ratio:
+        if not self.enabled or self.learnt is None or self.max_ratio is None:
             return d
         for key in self.key_iterator(d):
             values = torch.as_tensor(convert_to_numpy(d[key]))

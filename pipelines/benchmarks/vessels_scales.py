@@ -8,7 +8,8 @@
    under ``data/benchmarks/`` (never into the repository's tracked files).
 2. Runs the bundle's own inference over each size twice: ``own_scale`` (``--base_transforms#0#upscale False``: the
    photograph segmented at its size, its vessels narrower than any the network learnt) and ``enlarged`` (the
-   defaults: the disc enlarged to ``fov_diameter_px``, the prediction brought back to the photograph's grid).
+   defaults: the disc enlarged to ``fov_diameter_px``, the prediction brought back to the photograph's grid; past
+   ``max_upscale`` too, which inference otherwise refuses).
 3. Scores each prediction on the photograph's own grid inside its estimated field (as the cross-camera benchmark
    does), prints the mean F1 per size and condition, writes the JSON and a captioned picture of the smallest size.
 """
@@ -25,7 +26,8 @@ from clinseg.pipelines.benchmarks import drive_training_dir, write_report
 from clinseg.pipelines.benchmarks.vessels_cross_camera import infer, require_model, with_trained_settings
 from clinseg.pipelines.paths import PROJECT_ROOT, SOURCE_ROOT
 
-CONDITIONS = {"own_scale": ["--base_transforms#0#upscale", "False"], "enlarged": []}
+# enlarged past inference's max_upscale too: the benchmark measures what that limit is chosen from
+CONDITIONS = {"own_scale": ["--base_transforms#0#upscale", "False"], "enlarged": ["--max_upscale", "100"]}
 
 
 def prepare(drive_dir: Path, target: Path, scale: float) -> Path:

@@ -314,8 +314,9 @@ def build_app(
             report["model"] = values["model"]
             # the checkpoints' SHA-256 and training runs: the app names them in every inference_summary.json
             report["exported_from"] = provenance(checkpoints if len(checkpoints) > 1 else checkpoints[0])
-            if isinstance(config.get("decision_rule"), dict):
-                report["decision_rule"] = config["decision_rule"]
+            for key in ("decision_rule", "learnt_retina_height"):  # what model.json recorded, shipped as values
+                if isinstance(config.get(key), dict):
+                    report[key] = config[key]
             (staging / "models" / "export.json").write_text(json.dumps(report, indent=2))
         built = True
     finally:
