@@ -65,6 +65,27 @@ def test_ct_app_segments_an_anonymised_series_in_a_study_subfolder(tmp_path):
     assert summary["dicom_seg"].startswith("not written: the series is anonymised")
 
 
+def test_ct_app_segments_a_series_written_without_a_dicom_file_meta(tmp_path):
+    """ACR-NEMA-style files (no preamble, no group 0002), which the SDK's loader cannot parse: the app said "holds
+    no CT series matching the selection rules (found: CT (6 files))" while the bundle reads them. The project's
+    reader finds the series; its UID is kept, and the DICOM SEG, which the SDK writes only for instances it loaded,
+    is not written, saying why."""
+    import pydicom
+
+    study = tmp_path / "study"
+    for path in write_series(tmp_path / "with_meta", chest_like_hu(), series_uid="1.2.3.4.9", file_names="index"):
+        ds = pydicom.dcmread(path)
+        ds.preamble, ds.file_meta = None, pydicom.dataset.FileMetaDataset()
+        (study / "CT").mkdir(parents=True, exist_ok=True)
+        ds.save_as(study / "CT" / path.stem, implicit_vr=True, little_endian=True, enforce_file_format=False)
+    out = tmp_path / "out"
+    failure, log = run_stand_in_app(tmp_path, study, out, mask_shape=[24, 20, 6])
+    assert failure is None, failure
+    summary = json.loads((out / "series.json").read_text())
+    assert summary["n_slices"] == 6 and summary["series_instance_uid"] == "1.2.3.4.9", summary
+    assert summary["dicom_seg"].startswith("not written: the SDK's DICOM loader could not read the series' files")
+
+
 def test_staged_results_never_mix_with_another_runs(tmp_path):
     """Two runs given one output folder (both found it empty when they started): the one that publishes second
     withdraws its results with one line naming the folder, and the first run's results stay whole, instead of

@@ -112,12 +112,16 @@ class HeartSegmentationOperator(Operator):
             selected = [StudySelectedSeries(chosen.source.study)]
             selected[0].add_selected_series(chosen.source.selected)
         else:
-            chosen, skipped = self.anonymised_ct_series(studies)
+            chosen, skipped = self.unloaded_ct_series(studies)
             files = chosen.source.files
-            datasets, series_uid = [], ""
+            datasets, series_uid = [], chosen.uid
             seg_problem = (
                 "not written: the series is anonymised with empty SOPInstanceUID/SeriesInstanceUID, and a DICOM "
                 "Segmentation must reference its source instances by UID"
+                if not chosen.uid
+                else "not written: the SDK's DICOM loader could not read the series' files (no DICOM file meta "
+                "header, as ACR-NEMA-style exports are written), and its Segmentation writer references only the "
+                "instances it loaded"
             )
         selection = {"rule": SERIES_CHOICE, "selected": chosen.record(), "skipped": skipped}
         logger.info(f"{self.input_path}: segmenting series {chosen.label()}")
@@ -174,9 +178,11 @@ class HeartSegmentationOperator(Operator):
                     skipped.append(sdk_candidate(series).record(reason=reason))
         return chosen, skipped
 
-    def anonymised_ct_series(self, studies) -> tuple[SeriesCandidate, list[dict]]:
-        """The SDK's loader drops slices with empty UIDs (anonymised exports); the project's reader groups them by
-        geometry. The series to segment among them (chosen as among the SDK's) and the skipped ones, or an error
+    def unloaded_ct_series(self, studies) -> tuple[SeriesCandidate, list[dict]]:
+        """The CT series the SDK's loader left out, found by the project's reader: slices with empty UIDs
+        (anonymised exports, which the loader drops; grouped by geometry) and files without a DICOM file meta
+        header (ACR-NEMA-style exports, which the loader cannot parse; the reader decodes them in the encoding
+        found). The series to segment among them (chosen as among the SDK's) and the skipped ones, or an error
         naming the input and what it holds."""
         import pydicom
 
@@ -188,12 +194,13 @@ class HeartSegmentationOperator(Operator):
                 series += list_ct_series(folder)
             except DataError:
                 continue
-        anonymised = [s for s in series if s.modality == "CT" and not s.uid]
-        if anonymised:
+        loaded = {str(s.SeriesInstanceUID) for study in studies or [] for s in study.get_all_series()}
+        unloaded = [s for s in series if s.modality == "CT" and (not s.uid or s.uid not in loaded)]
+        if unloaded:
             candidates = []
-            for s in anonymised:
-                image_type = pydicom.dcmread(s.files[0], stop_before_pixels=True).get("ImageType")
-                candidates.append(SeriesCandidate(uid="", description=s.description, number=s.number,
+            for s in unloaded:
+                image_type = pydicom.dcmread(s.files[0], stop_before_pixels=True, force=True).get("ImageType")
+                candidates.append(SeriesCandidate(uid=s.uid or "", description=s.description, number=s.number,
                                                   n_slices=s.n_files, localizer=is_localizer(image_type),
                                                   source=s))  # fmt: skip
             return choose_series(self.input_path, candidates)
