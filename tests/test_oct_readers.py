@@ -436,3 +436,30 @@ def test_a_retina_far_thinner_or_thicker_than_learnt_is_refused_with_the_rows_th
     one_hot = np.eye(8)[np.pad(annotated, ((100, 100), (0, 0)))].transpose(2, 0, 1)
     with pytest.raises(DataError, match=r"pred: its retina spans 1\d% of its 456 rows"):
         RequireRetinaHeightd("pred", learnt={"min": 0.26, "median": 0.28, "max": 0.3})({"pred": one_hot})
+
+
+def test_an_ensemble_is_checked_against_the_range_of_all_its_members(tmp_path, caplog):
+    """Each member's model.json records its own training labels' range: the ensemble accepts what any member
+    learnt (the smallest minimum, the largest maximum). A member without the record (a training checkpoint, a model
+    from before the record was kept) leaves the ensemble unchecked, and the log says so."""
+    import torch
+
+    from clinseg.pipelines.engine.ensembles import training_label_range
+    from clinseg.pipelines.runs import write_run_record
+
+    members = []
+    for fold, (low, median, high) in enumerate(((0.2, 0.25, 0.3), (0.22, 0.28, 0.35))):
+        models = tmp_path / f"fold{fold}" / "models"
+        models.mkdir(parents=True)
+        torch.save({"weight": torch.full((2,), float(fold))}, models / "model.pt")
+        retina = {"min": low, "median": median, "max": high, "cases": 4}
+        write_run_record(models, {"training_labels": {"retina_height": retina}})
+        members.append(str(models / "model.pt"))
+    assert training_label_range(members[0], "retina_height") == {"min": 0.2, "median": 0.25, "max": 0.3, "cases": 4}
+    combined = training_label_range(members, "retina_height")
+    assert combined == {"min": 0.2, "median": pytest.approx(0.265), "max": 0.35, "cases": 8}
+    checkpoint = tmp_path / "fold0" / "checkpoint.pt"
+    checkpoint.write_bytes((tmp_path / "fold0" / "models" / "model.pt").read_bytes())
+    with caplog.at_level("INFO"):
+        assert training_label_range([members[1], str(checkpoint)], "retina_height") is None
+    assert f"{checkpoint}: its model.json records no retina_height of its training labels" in caplog.text
