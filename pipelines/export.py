@@ -53,6 +53,10 @@ def bundle_paths(bundle: str) -> dict[str, Path]:
     }
 
 
+FROM_MODEL_RECORD = ("decision_rule", "learnt_retina_height")
+"""Config keys whose value an export reads from the model's ``model.json`` (:func:`embedded_config`)."""
+
+
 def embedded_config(bundle: str, checkpoints: list[Path], overrides: dict, with_metadata: bool = False) -> dict:
     """The inference config an export carries and a Deploy app ships: the bundle's ``inference.json`` with the
     overrides applied (MONAI Deploy's bundle operator builds its processing from the config inside ``model.ts``, so
@@ -63,14 +67,14 @@ def embedded_config(bundle: str, checkpoints: list[Path], overrides: dict, with_
     from clinseg.pipelines.engine.decision import rule_for
     from clinseg.pipelines.engine.ensembles import training_label_range
 
-    from_records = {
+    from_record = {
         "decision_rule": rule_for,
         "learnt_retina_height": lambda paths: training_label_range(paths, "retina_height"),
     }
     config = bundle_config(bundle, overrides, with_metadata=with_metadata).get()
-    for key, from_record in from_records.items():
+    for key in FROM_MODEL_RECORD:
         if isinstance(config.get(key), str):
-            config[key] = from_record([str(c) for c in checkpoints])
+            config[key] = from_record[key]([str(c) for c in checkpoints])
     return config
 
 

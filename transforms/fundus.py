@@ -129,10 +129,6 @@ MAX_RIM_DEVIATION = 0.06  # photographs: at most 0.024 (CHASE_DB1's green channe
 # red channel up to 9 %, so the red one is not judged). DRIVE 21 brightened until 48 % of it clips loses a sixth of
 # its F1 (0.84 to 0.70), at 94 % nearly all of it (0.31), with a map that looks normal.
 MAX_GREEN_CLIPPED = 0.1
-# DRIVE's validation photographs downsized, enlarged back to the learnt disc and scored on their own grid
-# (pipelines/benchmarks/vessels_scales.py): F1 0.81 at full size, 0.785 enlarged 2.5 times, 0.755 at 3.3, 0.728 at 4,
-# 0.671 at 5; thumbnails enlarged 8 to 16 times give an empty map (F1 0.00 to 0.11)
-MAX_UPSCALE = 4.0
 # The share of a given FOV mask outside the field estimated from its photograph, in the camera's dark frame: DRIVE's
 # 20 masks at most 1 % (intersection over union 0.989 to 0.999); an inverted mask, another camera's or one shifted by
 # a quarter of the image far more. A mask inside the field (a region to segment or score) is none of these.
@@ -644,8 +640,10 @@ class ScaleToFOVd(MapTransform, InvertibleTransform):
             their own scale.
         max_upscale: refuse a photograph whose disc would be enlarged more than this many times (a thumbnail, a
             preview), rather than write a vessel map that looks like an answer: below a quarter of the learnt disc
-            its capillaries are under a pixel wide, and the map comes out thin or empty. ``None``: no bound
-            (training and evaluation, whose labels show what is lost).
+            its capillaries are under a pixel wide, and the map comes out thin or empty. DRIVE's validation
+            photographs downsized and enlarged back (``pipelines/benchmarks/vessels_scales.py``): F1 0.81 at full
+            size, 0.728 enlarged 4 times, 0.671 at 5; thumbnails enlarged 8 to 16 times 0.00 to 0.11. Inference
+            sets 4. ``None``: no bound (training and evaluation, whose labels show what is lost).
         max_pixels: refuse a photograph that enlarged would have more pixels than this, rather than run out of
             memory on it. A safety net: a field covers at least a fifth of its image (:class:`EstimateFOVd`'s
             ``min_fraction``), so an enlarged photograph has at most about 1.1 million pixels at the default

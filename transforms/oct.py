@@ -261,7 +261,8 @@ class RequireRetinaHeightd(MapTransform):
     padding bands with a scale bar, dither or a faint gradient that the padding check cannot call uniform) shows the
     network a retina thinner than any it learnt, and a tight crop a thicker one. Its layers then come out in order,
     every one present, with thicknesses wrong by up to 8 times (OPL; NFL doubled), and no other check fires. The
-    prediction's retina (:func:`retina_height_fraction`, after :class:`OrderLayersd`) is compared with the range of
+    prediction's retina (:func:`retina_height_fraction`, after :class:`OrderLayersd`; inference judges the label
+    map ``AsDiscreted`` gives) is compared with the range of
     the training labels' (``learnt``, from ``model.json``): beyond ``max_ratio`` times its bounds, the B-scan is
     refused with the rows to crop it to (or how far to pad it). A retina thickened by disease beyond the ratio is
     refused too, as one the model never saw. The phantom-trained model (retinas at 27-30 % of the rows), on one
@@ -297,9 +298,8 @@ class RequireRetinaHeightd(MapTransform):
         if not self.enabled or self.learnt is None or self.max_ratio is None:
             return d
         for key in self.key_iterator(d):
-            values = torch.as_tensor(convert_to_numpy(d[key]))
+            values = convert_to_numpy(d[key])
             labels = values.argmax(0) if values.ndim == 3 and values.shape[0] > 1 else values.reshape(values.shape[-2:])
-            labels = labels.cpu().numpy()
             fraction = retina_height_fraction(labels)
             if fraction is None:
                 continue

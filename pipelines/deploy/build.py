@@ -247,7 +247,13 @@ def build_app(
 
     Several checkpoints (the folds of a cross-validation, or several seeds) ship as one TorchScript model of their
     :class:`~clinseg.pipelines.engine.ensembles.ProbabilityEnsemble`, which the app runs as one network."""
-    from clinseg.pipelines.export import compare, export_ensemble, export_torchscript, exported_metadata
+    from clinseg.pipelines.export import (
+        FROM_MODEL_RECORD,
+        compare,
+        export_ensemble,
+        export_torchscript,
+        exported_metadata,
+    )
     from clinseg.pipelines.runs import provenance
 
     root = bundle_root(bundle)
@@ -314,7 +320,7 @@ def build_app(
             report["model"] = values["model"]
             # the checkpoints' SHA-256 and training runs: the app names them in every inference_summary.json
             report["exported_from"] = provenance(checkpoints if len(checkpoints) > 1 else checkpoints[0])
-            for key in ("decision_rule", "learnt_retina_height"):  # what model.json recorded, shipped as values
+            for key in FROM_MODEL_RECORD:  # what model.json recorded, shipped as values
                 if isinstance(config.get(key), dict):
                     report[key] = config[key]
             (staging / "models" / "export.json").write_text(json.dumps(report, indent=2))
