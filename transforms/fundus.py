@@ -124,6 +124,21 @@ MAX_COHERENCE = 0.6  # photographs: at most 0.36; OCT B-scans: 0.82 to 0.84
 MAX_BLACK = 0.15  # photographs: at most 0.01; CT slices cut to the heart, soft-tissue window: 0.37 to 0.45
 MAX_CLIPPED = 0.1  # photographs: at most 0.01; CT slices with bone, contrast or a lung window: 0.15 to 0.46
 MAX_RIM_DEVIATION = 0.06  # photographs: at most 0.024 (CHASE_DB1's green channel); bodies in CT slices: 0.09 to 0.16
+# Thin structures (grey top-hats of radius THIN_RADIUS, the field resampled to THIN_SIZE pixels across), colour or
+# grey, measured on DRIVE's 20 and CHASE_DB1's 14 photographs and one of another camera (scikit-image's retina.jpg):
+# whole, downsized to 0.5 and 0.3 of DRIVE's size, cut (45 % of each side, 5 places, and 35 % around the optic disc),
+# each also as its green channel alone; the project's fundus phantoms; seven everyday colour photographs (scikit-
+# image's astronaut, cat, coffee, immunohistochemistry slide, rocket, motorcycle pair):
+THIN_SIZE, THIN_RADIUS, THIN_MIN_SIZE = 512, 5, 128
+# The strongest tenth of dark thin structures over the strongest tenth of bright ones, in the vessel channel (green,
+# or the grey image): vessels are darker than the retina around them. Photographs: at least 1.155 whole, 1.22
+# downsized, 1.001 cut; phantoms 1.005 or more. Their negatives (grey or colour: an angiogram's polarity) at most
+# 0.895, and the bundle's model segments them with F1 0.05 to 0.10 in a sparse map that looks like an answer.
+MIN_VESSEL_POLARITY = 0.95
+# The red channel's thin structures relative to its level, in a colour image without a camera's frame: the fundus
+# reflects red from beneath the retina, smooth (photographs cut inside the disc: at most 0.047); a scene's edges show
+# in every channel (the everyday photographs: 0.097 to 0.34).
+MAX_RED_DETAIL = 0.07
 # Checks of every photograph, its field given or estimated (EstimateFOVd), measured on the same photographs.
 # The green channel (where vessels show) clipped at full scale: DRIVE's and CHASE_DB1's fields at most 0.4 % (their
 # red channel up to 9 %, so the red one is not judged). DRIVE 21 brightened until 48 % of it clips loses a sixth of
@@ -149,6 +164,31 @@ def _colour_spread(array: np.ndarray, full_scale: float, where: np.ndarray | Non
 
 class NotFundusError(ValueError):
     """Raised by :class:`EstimateFOV` for an image of another modality (an OCT B-scan, a CT slice)."""
+
+
+def _thin_structures(channel: np.ndarray, field: np.ndarray) -> tuple[np.ndarray, np.ndarray, float] | None:
+    """``(dark, bright, level)`` of one channel inside ``field``: its black and white top-hats of radius
+    ``THIN_RADIUS`` (structures narrower than a main vessel, darker or brighter than around them), pixel by pixel,
+    and its median, away from the field's rim (whose edge is no structure). The field is resampled to ``THIN_SIZE``
+    pixels across, so that a vessel is the same share of the radius in a photograph of any size; None for a field
+    under ``THIN_MIN_SIZE`` pixels across, where the optic disc and the noise are as narrow as the radius."""
+    from skimage.morphology import black_tophat, disk, white_tophat
+    from skimage.transform import resize
+
+    rows, cols = np.flatnonzero(field.any(axis=1)), np.flatnonzero(field.any(axis=0))
+    extent = max(int(rows[-1] - rows[0]), int(cols[-1] - cols[0])) + 1 if rows.size else 0
+    if extent < THIN_MIN_SIZE:
+        return None
+    scale = THIN_SIZE / extent
+    working = [max(1, round(n * scale)) for n in channel.shape]
+    small = resize(channel, working, order=1, anti_aliasing=scale < 1)
+    inside = resize(field.astype(np.float32), working, order=1) >= 0.5
+    inside = ndimage.binary_erosion(inside, iterations=THIN_RADIUS + 3, border_value=0)
+    if inside.sum() < 100:
+        return None
+    footprint = disk(THIN_RADIUS)
+    dark, bright = black_tophat(small, footprint)[inside], white_tophat(small, footprint)[inside]
+    return dark, bright, float(np.median(small[inside]))
 
 
 def _rim_points(field: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -393,8 +433,12 @@ class EstimateFOV(Transform):
         """Refuse a grey image that is no red-free fundus photograph (an OCT B-scan, a CT slice saved as PNG or
         TIFF): the field found in it is plausible, and so would be the vessels segmented there.
 
-        A colour photograph is taken as it is: a fundus reflects red most and blue least, and the grey images of
-        other modalities have no colour. A grey image is a red-free photograph only if its field looks like one:
+        In every image, colour or grey, vessels are darker than the retina around them: an image whose thin
+        structures are mostly brighter than their surroundings (a fluorescein angiogram, a negative) is refused. A
+        colour image inside a camera's round field is taken as a fundus photograph; one without a frame (a crop
+        inside the disc, or an everyday photograph) must have the fundus's smooth red channel: red light returns
+        from beneath the retina, and vessels show in green, whereas a scene's edges show in every channel. A grey
+        image is a red-free photograph only if its field looks like one:
         retina is lit throughout, so the field holds no black (air, lungs, bowel gas in a CT slice windowed for soft
         tissue) and no large part clipped at full brightness (bone, contrast, or all soft tissue in a lung window);
         vessels run every way, whereas the layers of a B-scan all run across it; and the camera's field is a disc
@@ -413,14 +457,36 @@ class EstimateFOV(Transform):
         full_scale = _full_scale(top)
         if not field.any():
             return
-        if _colour_spread(channels, full_scale, field) > COLOUR_SPREAD:
-            return  # its channels differ by 18 % of full scale or more in DRIVE's and CHASE_DB1's photographs
+        colour = _colour_spread(channels, full_scale, field) > COLOUR_SPREAD
+        # its channels differ by 18 % of full scale or more in DRIVE's and CHASE_DB1's photographs
+        kind = (
+            "a colour image that does not look like a fundus photograph"
+            if colour
+            else "a grey image that does not look like a red-free fundus photograph"
+        )
+        if colour:
+            red = _thin_structures(array[0], mask) if mask.all() else None
+            # a camera's round field vouches for a fundus; a frameless colour image must show one
+            if red is not None:
+                detail = float((red[0] + red[1]).mean()) / max(red[2], 1e-6 * full_scale)
+                if detail > MAX_RED_DETAIL:
+                    raise NotFundusError(
+                        f"is {kind}: it has no camera's field of view, and its red channel is as detailed as its "
+                        f"others (thin structures {detail:.3f} of its level; under {MAX_RED_DETAIL} in fundus "
+                        "photographs, whose red light returns smooth from beneath the retina): an everyday "
+                        "photograph, a slide or a screenshot?"
+                    )
+            self._check_vessel_polarity(array[1], mask, kind)
+            return
         small = ndimage.gaussian_filter(channels.max(axis=0), sigma=1.0)
         inside = small[field]
         problem = None
         black = float((inside < 0.25 * float(np.median(inside))).mean())
         clipped = float((brightness[mask] >= top).mean())
-        interior = field if field.all() else ndimage.binary_erosion(field, iterations=3)
+        # the structures of the lit field: the edge of a dark corner (the camera's frame in a photograph cut off
+        # centre, taken as frameless) runs one way and would make a crop of a red-free photograph look like a B-scan
+        lit = field & (small > 0.5 * float(np.median(inside)))
+        interior = ndimage.binary_erosion(lit, iterations=3, border_value=1)
         gy, gx = np.gradient(small)
         jxx, jyy, jxy = (gx * gx)[interior].sum(), (gy * gy)[interior].sum(), (gx * gy)[interior].sum()
         coherence = float(np.hypot(jxx - jyy, 2 * jxy) / max(float(jxx + jyy), 1e-12))
@@ -446,7 +512,24 @@ class EstimateFOV(Transform):
                 "camera's field is a disc, cut or not by the image's edges): the outline of a body, as in a CT slice"
             )
         if problem:
-            raise NotFundusError(f"is a grey image that does not look like a red-free fundus photograph: {problem}.")
+            raise NotFundusError(f"is {kind}: {problem}.")
+        self._check_vessel_polarity(array.mean(axis=0), mask, kind)
+
+    @staticmethod
+    def _check_vessel_polarity(vessel_channel: np.ndarray, mask: np.ndarray, kind: str) -> None:
+        """Refuse an image whose thin structures are mostly brighter than their surroundings: vessels are darker than
+        the retina in any fundus photograph, colour or red-free, and brighter in a fluorescein angiogram or a
+        negative, which the model would segment as a sparse map that looks like an answer."""
+        structures = _thin_structures(vessel_channel, mask)
+        if structures is None:
+            return
+        dark, bright = (float(np.percentile(values, 90)) for values in structures[:2])
+        if bright > 0 and dark / bright < MIN_VESSEL_POLARITY:
+            raise NotFundusError(
+                f"is {kind}: its thin structures are brighter than their surroundings, not darker (dark over bright "
+                f"{dark / bright:.2f}; vessels in fundus photographs make it {MIN_VESSEL_POLARITY} or more, 1.15 or "
+                "more in whole ones): a fluorescein angiogram or a negative, whose vessels the model does not know."
+            )
 
 
 TOMOGRAPHY_MODALITIES = ("OPT",)
