@@ -481,7 +481,7 @@ class EstimateFOV(Transform):
                         "photographs, whose red light returns smooth from beneath the retina): an everyday "
                         "photograph, a slide or a screenshot?"
                     )
-            self._check_vessel_polarity(array[1], mask, kind)
+            self._check_vessels(array[1], mask, kind)
             return
         small = ndimage.gaussian_filter(channels.max(axis=0), sigma=1.0)
         inside = small[field]
@@ -518,10 +518,10 @@ class EstimateFOV(Transform):
             )
         if problem:
             raise NotFundusError(f"is {kind}: {problem}.")
-        self._check_vessel_polarity(array.mean(axis=0), mask, kind)
+        self._check_vessels(array.mean(axis=0), mask, kind)
 
     @staticmethod
-    def _check_vessel_polarity(vessel_channel: np.ndarray, mask: np.ndarray, kind: str) -> None:
+    def _check_vessels(vessel_channel: np.ndarray, mask: np.ndarray, kind: str) -> None:
         """Refuse an image that shows no dark thin structures (a smooth gradient, a blank image), or whose thin
         structures are mostly brighter than their surroundings: vessels are darker than the retina in any fundus
         photograph, colour or red-free, and brighter in a fluorescein angiogram or a negative. The model would give
