@@ -5,6 +5,7 @@ or cut inside the disc, are not."""
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import nibabel as nib
@@ -95,6 +96,7 @@ def test_a_ct_slice_in_a_lung_window_is_refused(tmp_path):
     assert_refused(tmp_path / "lung.png", "clipped")
 
 
+@functools.cache  # read once for the three tests that use them; none writes into them
 def real_photographs() -> list[np.ndarray]:
     """Every DRIVE photograph and every CHASE_DB1 one (at the release's size), as ``(H, W, 3)`` uint8."""
     drive = sorted(shared_path("vessels", "DRIVE", "training", "images").glob("*.tif"))
