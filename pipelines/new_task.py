@@ -76,8 +76,10 @@ A bundle made from the `{template}` template (`python -m clinseg.pipelines.new_t
   For retinal layers, `--layer_order True` keeps every column's labels in the order of `class_names`, and makes
   training record its labels' retina heights, against which inference refuses a B-scan whose retina spans more
   than `max_retina_height_ratio` (1.3) times less or more of its rows (a deeper scan, a tight crop). Inference's
-  checks of OCT B-scans are off as well: for OCT, `--max_padding_fraction 0.2 --min_floor_level 0.01` refuses
-  B-scans with tall padding bands or linear intensities, as the oct_layers bundle does.
+  checks of OCT B-scans are off as well: for OCT, `--frame_retina True --min_floor_level 0.01` frames each B-scan's
+  retina as training saw it (padding bands and a deeper scan's extra rows cut off) and refuses linear intensities,
+  as the oct_layers bundle does (`--frame_retina False --max_padding_fraction 0.2` refuses tall padding bands
+  instead of cutting them off).
 
 ```bash
 python -m monai.bundle run training --config_file {train}{options}
@@ -96,6 +98,7 @@ ANATOMY_ONLY = {
     # the oct_layers inference's checks of a retinal B-scan (padding bands, a log-scaled intensity): another task's
     # grey images may have both, and trained on them, its model would refuse its own kind of image
     "max_padding_fraction": None,
+    "frame_retina": False,
     "min_floor_level": None,
     "max_colour_fraction": None,  # and its check of colour photographs: a task's images may be read from colour
 }

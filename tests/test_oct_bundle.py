@@ -16,7 +16,7 @@ import tifffile
 from PIL import Image
 
 from clinseg.pipelines.tracking import run_folder
-from tests.conftest import OCT_BUNDLE, REPO_ROOT, is_in_layer_order, run_bundle, run_models, shared_path
+from tests.conftest import OCT_BUNDLE, REPO_ROOT, decode, is_in_layer_order, run_bundle, run_models, shared_path
 from tests.test_dicom_photographs import OPHTHALMIC_TOMOGRAPHY, write_dicom
 
 CONFIGS = OCT_BUNDLE / "configs"
@@ -343,6 +343,7 @@ def test_inference_refuses_a_retina_at_a_scale_the_model_never_learnt(trained, t
         overrides = tiny_inference(bundle_root, tiny_oct_dir, input_dir=scans, output_dir=tmp_path / str(outcome))
         del overrides["max_retina_height_ratio"]
         overrides["learnt_retina_height"] = json.dumps({"min": share, "median": share, "max": share})
+        overrides["frame_retina"] = "False"  # the framing would cut a thinner retina's rows to fit (tested below)
         result = run_bundle("inferring", INFER, overrides, check=outcome is None)
         if outcome is None:
             continue
@@ -350,3 +351,56 @@ def test_inference_refuses_a_retina_at_a_scale_the_model_never_learnt(trained, t
         output = result.stdout + result.stderr
         assert f"{name}.png: its retina spans" in output and f"(at most 1.3 times {outcome} accepted)" in output
         assert "wrote none of 1 label maps" in output
+
+
+@pytest.fixture(scope="module")
+def located(tmp_path_factory, tiny_oct_dir):
+    """A tiny model trained long enough (12 epochs) to find where the retina lies, if not its layers: bundle root."""
+    root = tmp_path_factory.mktemp("oct_located") / "bundle"
+    run_bundle("training", TRAIN, tiny(root, tiny_oct_dir, **{"train#trainer#max_epochs": 12}),
+               env={"MLFLOW_TRACKING_URI": f"sqlite:///{root.parent / 'mlflow.db'}"})  # fmt: skip
+    return root
+
+
+def test_inference_frames_a_deeper_scan_to_the_retina_share_the_model_learnt(located, tiny_oct_dir, tmp_path):
+    """A B-scan with more rows around its retina than the training's (a deeper scan: its own background mirrored
+    outwards, 1.5 to 3 times its rows) is framed before the network sees it (FrameRetinad): a pass of the model
+    finds the retina, a window of rows puts it at the learnt share, and the label map comes back onto every row,
+    background outside the window, which its JSON names. Framed, the model scores on the deeper scans what it
+    scores on the B-scan itself; unframed (--frame_retina False, the check that refuses it lifted) it fails as
+    the scan deepens."""
+    from clinseg.datasets.oct import load_oct_datalist
+    from clinseg.pipelines.benchmarks.oct_depths import deepened, scores
+
+    (scan,) = decode("oct_layers", load_oct_datalist(tiny_oct_dir, "all"))[-1:]
+    image, label = np.asarray(scan["image"][0]).astype(np.uint8), np.asarray(scan["label"][0]).astype(np.int64)
+    scans, truths = tmp_path / "scans", {}
+    scans.mkdir()
+    for depth in (1.0, 1.5, 3.0):
+        deeper, truths[f"{depth:g}"] = deepened(image, label, depth, "background")
+        Image.fromarray(deeper).save(scans / f"{depth:g}.png")
+    classes = json.loads((CONFIGS / "inference.json").read_text())["class_names"]
+    dice = {}
+    for framing in (True, False):
+        out = tmp_path / str(framing)
+        overrides = tiny_inference(located, tiny_oct_dir, input_dir=scans, output_dir=out, frame_retina=framing)
+        if framing:
+            del overrides["max_retina_height_ratio"]  # framed, the retina is at a learnt share: the check passes
+        run_bundle("inferring", INFER, overrides)
+        for name, truth in truths.items():
+            predicted = np.asarray(Image.open(out / f"{name}_seg.png")).astype(np.int64)
+            assert predicted.shape == truth.shape
+            dice[framing, name] = scores(predicted, truth, classes)["mean_dice"]
+            summary = json.loads((out / f"{name}.json").read_text())
+            if not framing or name == "1":
+                assert "rows_segmented" not in summary, (framing, name)
+                continue
+            first, last = summary["rows_segmented"]["first"], summary["rows_segmented"]["last"]
+            assert 0 < first < last < truth.shape[0] - 1, summary["rows_segmented"]
+            assert not predicted[:first].any() and not predicted[last + 1 :].any(), "background outside the window"
+            retina = np.flatnonzero(((truth > 0) & (truth != 255)).any(axis=1))
+            assert first < retina[0] and retina[-1] < last, "the whole retina inside the window"
+    assert dice[True, "1"] == dice[False, "1"], "at the learnt share, nothing is framed"
+    for name in ("1.5", "3"):
+        assert dice[True, name] > dice[True, "1"] - 0.1, dice
+    assert dice[True, "3"] > dice[False, "3"] + 0.2, dice

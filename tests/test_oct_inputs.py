@@ -71,16 +71,35 @@ def test_a_linear_intensity_bscan_is_refused_naming_it(tmp_path, bscan, preproce
     assert "looks like linear intensity" in str(found) and "display (log) scale" in str(found)
 
 
-def test_tall_padding_bands_are_refused_naming_their_rows(tmp_path, bscan, preprocessing):
+def test_tall_padding_bands_are_cut_off_and_refused_when_framing_is_off(tmp_path, bscan, preprocessing):
     # padded by 60 rows above and below, the phantom model's Dice falls from 0.93 to 0.78 and its OPL from 6.3 px
-    # to 2.8 px, every layer in order: its JSON would look fine
+    # to 2.8 px, every layer in order: its JSON would look fine. Inference frames the B-scan (FrameRetinad): the
+    # network sees its rows between the bands, and the prediction comes back onto every row (the bands background)
     Image.fromarray(np.pad(bscan, ((60, 60), (0, 0)))).save(tmp_path / "padded.png")
-    found = refusal(preprocessing, tmp_path / "padded.png")
-    assert "uniform bands over 120 of its 376 rows (60 at the top, 60 at the bottom" in str(found)
     white = np.full((384, 384), 255, np.uint8)  # padded to a square page in white
     white[64:-64] = bscan
     Image.fromarray(white).save(tmp_path / "square.png")
-    assert "128 of its 384 rows" in str(refusal(preprocessing, tmp_path / "square.png"))
+    Image.fromarray(bscan).save(tmp_path / "plain.png")
+    (plain,) = load_oct_images(tmp_path / "plain.png")
+    for name, first in (("padded", 60), ("square", 64)):
+        (item,) = load_oct_images(tmp_path / f"{name}.png")
+        framed = preprocessing(item)["image"]
+        assert framed.meta["retina_frame"] == {"first_row": first, "rows": 256, "of_rows": 256 + 2 * first}
+        # the network sees the B-scan alone: as the unpadded B-scan, but for the intensity scaling (its percentiles
+        # counted the bands)
+        np.testing.assert_allclose(framed, preprocessing(plain)["image"], atol=0.05)
+    # with the framing off, the bands are refused as before, naming their rows
+    unframed = inference_preprocessing(frame_retina=False)
+    found = refusal(unframed, tmp_path / "padded.png")
+    assert "uniform bands over 120 of its 376 rows (60 at the top, 60 at the bottom" in str(found)
+    assert "128 of its 384 rows" in str(refusal(unframed, tmp_path / "square.png"))
+    # bands that leave too few rows of scan between them: a blank or failed export, refused naming it
+    sliver = np.zeros((256, 384), np.uint8)
+    sliver[120:140] = bscan[120:140]
+    Image.fromarray(sliver).save(tmp_path / "sliver.png")
+    assert "holds 20 rows of scan between uniform bands (120 rows at the top, 116" in str(
+        refusal(preprocessing, tmp_path / "sliver.png")
+    )
 
 
 @pytest.mark.parametrize("scans", [3, 4])

@@ -321,12 +321,14 @@ def test_a_phantom_label_out_of_the_layer_order_is_refused(tmp_path):
         decode("oct_layers", paired_items(tmp_path / "images", tmp_path / "labels"))
 
 
-def inference_preprocessing():
-    """The oct_layers inference preprocessing, as the bundle builds it."""
+def inference_preprocessing(**overrides):
+    """The oct_layers inference preprocessing, as the bundle builds it (no model trained: the framing cuts off
+    padding bands alone)."""
     from monai.bundle import ConfigParser
 
     parser = ConfigParser()
     parser.read_config(str(REPO_ROOT / "bundles" / "oct_layers" / "configs" / "inference.json"))
+    parser.update(overrides)
     return parser.get_parsed_content("preprocessing")
 
 
@@ -436,6 +438,49 @@ def test_a_retina_far_thinner_or_thicker_than_learnt_is_refused_with_the_rows_th
     one_hot = np.eye(8)[np.pad(annotated, ((100, 100), (0, 0)))].transpose(2, 0, 1)
     with pytest.raises(DataError, match=r"pred: its retina spans 1\d% of its 456 rows"):
         RequireRetinaHeightd("pred", learnt={"min": 0.26, "median": 0.28, "max": 0.3})({"pred": one_hot})
+
+
+def test_a_deeper_scan_is_framed_to_the_learnt_share_with_every_column_of_its_retina_inside():
+    """FrameRetinad's window, on the real NR206 validation labels given rows of background above and below (a
+    deeper scan; the retina at the top or the bottom of it; a retina curved across the B-scan): the rows kept put
+    the retina at the learnt median share of them, or nearer where a curved retina needs more, and hold every
+    column's retina with half its height to spare. A retina at a learnt share, or thicker, is left as it is."""
+    from monai.bundle import ConfigParser
+
+    from clinseg.transforms.oct import FrameRetinad, retina_height_fraction, retina_heights, retina_rows
+
+    root = shared_path("oct", "NR206_sample")
+    configs = REPO_ROOT / "bundles" / "oct_layers" / "configs"
+    parser = ConfigParser()
+    parser.read_config([str(configs / "train.json"), str(configs / "nr206.json")])
+    parser["dataset_dir"] = str(root)
+    learnt = retina_heights(parser.get_parsed_content("train#datalist"), parser.get_parsed_content("load_transforms"))
+    framing = FrameRetinad("image", learnt=learnt)
+    classes = [str(i) for i in range(9)]
+    for decoded in decode("oct_layers", load_oct_datalist(root, "val"), label_colors=NR206_COLORS, class_names=classes):
+        label = np.where(decoded["label"][0] == 255, 0, decoded["label"][0]).astype(np.int64)
+        height = float(np.median(np.subtract(*retina_rows(label)[::-1]) + 1))
+        whole = (0, label.shape[0])
+        assert framing.window(*retina_rows(label), whole, whole) is None, "at the learnt share: kept whole"
+        rows = np.flatnonzero((label > 0).any(axis=1))
+        tight = label[rows[0] - 5 : rows[-1] + 6]
+        whole = (0, tight.shape[0])
+        assert framing.window(*retina_rows(tight), whole, whole) is None, "thicker: left to the check"
+        curved = np.stack([np.roll(label[:, c], int(1.5 * height * (2 * c / label.shape[1] - 1) ** 2)) for c in
+                           range(label.shape[1])], axis=1)  # fmt: skip
+        for scan, above, below in ((label, 250, 250), (label, 700, 80), (label, 0, 900), (curved, 400, 400)):
+            deeper = np.pad(scan, ((above, below), (0, 0)))
+            top, bottom = retina_rows(deeper)
+            first, last = framing.window(top, bottom, (0, deeper.shape[0]), (0, deeper.shape[0]))
+            framed = deeper[first:last]
+            assert (framed > 0).sum() == (deeper > 0).sum(), "every column's retina inside the window"
+            assert top.min() - first >= height / 2 - 1 or first == 0
+            assert last - 1 - bottom.max() >= height / 2 - 1 or last == deeper.shape[0]
+            share = retina_height_fraction(framed)
+            if scan is label:
+                assert share == pytest.approx(learnt["median"], abs=0.01), (above, below)
+            else:  # the curve spans more rows than the learnt framing: the window widens to hold it
+                assert retina_height_fraction(deeper) < share < learnt["median"]
 
 
 def test_an_ensemble_is_checked_against_the_range_of_all_its_members(tmp_path, caplog):

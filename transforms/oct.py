@@ -11,10 +11,11 @@ import torch
 from monai.config import KeysCollection
 from monai.config.type_definitions import NdarrayOrTensor
 from monai.data import MetaTensor
-from monai.transforms import MapTransform, RandomizableTransform, Transform
-from monai.utils import MetaKeys, TransformBackends, convert_to_numpy
+from monai.transforms import InvertibleTransform, MapTransform, RandomizableTransform, Transform
+from monai.utils import MetaKeys, TraceKeys, TransformBackends, convert_to_numpy
 
 from clinseg.datasets.errors import DataError, source_of
+from clinseg.datasets.oct.bscans import MIN_BSCAN_SIZE, padding_rows
 from clinseg.datasets.oct.duke import crossing_columns
 from clinseg.datasets.value_types import AtLeastOne
 
@@ -303,14 +304,21 @@ class RequireRetinaHeightd(MapTransform):
             fraction = retina_height_fraction(labels)
             if fraction is None:
                 continue
+            # the rows the network saw: a B-scan framed by FrameRetinad showed it only its window
+            frame = getattr(d[key], "meta", {}).get("retina_frame") or {}
+            height = int(frame.get("rows", labels.shape[0]))
+            fraction *= labels.shape[0] / height
             low, high = self.learnt["min"] / self.max_ratio, self.learnt["max"] * self.max_ratio
             if low <= fraction <= high:
                 continue
-            height, learnt = labels.shape[0], f"the retina at {self.learnt['median']:.0%}"
+            learnt = f"the retina at {self.learnt['median']:.0%}"
+            seen = f"the {height} rows segmented (of its {labels.shape[0]})" if frame else f"its {height} rows"
+            if frame:
+                learnt += f"; framed to rows {frame['first_row']}-{frame['first_row'] + frame['rows'] - 1} already"
             top, bottom = (float(np.median(rows)) for rows in retina_rows(labels))
             wanted = round((bottom - top + 1) / self.learnt["median"])
             first = round((top + bottom) / 2 - wanted / 2)
-            if fraction < low and first >= 0 and first + wanted <= height:
+            if fraction < low and first >= 0 and first + wanted <= labels.shape[0]:
                 fix = f"Crop its rows to about {first}-{first + wanted - 1} ({learnt})"
             elif fraction < low:
                 fix = f"Crop it to about {wanted} rows around the retina ({learnt})"
@@ -318,7 +326,7 @@ class RequireRetinaHeightd(MapTransform):
                 fix = f"Pad it with rows of the scan's background to about {wanted} in all ({learnt})"
             raise DataError(
                 str(source_of(d[key], key)),
-                f"its retina spans {fraction:.0%} of its {height} rows, where the model learnt retinas spanning "
+                f"its retina spans {fraction:.0%} of {seen}, where the model learnt retinas spanning "
                 f"{self.learnt['min']:.0%}-{self.learnt['max']:.0%} of theirs (at most {self.max_ratio:g} times "
                 f"{'thinner' if fraction < low else 'thicker'} accepted): the B-scan holds "
                 f"{'more' if fraction < low else 'fewer'} rows around the retina than those it was trained on "
@@ -326,6 +334,177 @@ class RequireRetinaHeightd(MapTransform):
                 "the network never saw: plausible, in order, and wrong.",
                 f"{fix}, or train on B-scans like it; --max_retina_height_ratio sets the limit.",
             )
+        return d
+
+
+class FrameRetinad(MapTransform, InvertibleTransform):
+    """Crop a B-scan's rows to the framing the model learnt: its retina spanning the share of the rows the training
+    labels' retinas spanned.
+
+    The whole B-scan is resized to the network's ``image_size``, so its retina reaches the network at the scale of
+    its share of the rows. A deeper scan (another scanner's depth range), or one padded above and below, shows the
+    network a retina thinner than any it learnt, and its layers come out in order with thicknesses wrong by up to 8
+    times (:class:`RequireRetinaHeightd`). As nnU-Net resamples every case to the spacing it trained on, this
+    transform brings such a B-scan to the learnt framing before the network sees it, so it is segmented rather than
+    refused:
+
+    1. uniform bands at the top and bottom (padding, :func:`~clinseg.datasets.oct.bscans.padding_rows`) are cut off;
+    2. where ``learnt`` (the training labels' retina heights, ``{"min", "median", "max"}`` shares of the rows) is
+       given, one pass of ``network`` over the B-scan resized to ``image_size`` finds its retina (the layers ordered
+       by :func:`order_layers`); a retina thinner than the thinnest learnt (by over ``tolerance``) is framed by a
+       window of rows that makes it span the learnt median, centred on it and holding its top and bottom in every
+       column with half its height to spare. The pass is repeated on the window (at most ``passes`` passes in all),
+       which is narrowed or widened again while the retina found there spans no learnt share: a first pass at a
+       scale far from the learnt one finds the retina's place better than its height.
+
+    Only rows far from the retina are cut: a window holds several times the retina's height (6 times at NR206's
+    16 %). A retina thicker than the thickest learnt is left as it is (a tight crop cannot be told from a retina
+    thickened by disease): :class:`RequireRetinaHeightd` judges it. Invertible: ``Invertd`` puts the prediction
+    back on the B-scan's own rows, the rows cut off as background. The window is kept in the metadata
+    (``retina_frame``: the first row, the rows kept, the B-scan's rows), for the results and for
+    :class:`RequireRetinaHeightd`, which judges the retina against the rows the network saw.
+
+    Args:
+        keys: the B-scan, ``(1, H, W)``, scaled as the network's input is (it is resized here for the pass alone).
+        network: the model (one network or an ensemble returning logits); None finds no retina (bands only).
+        image_size: the network's input size, ``(rows, columns)``.
+        learnt: the training labels' retina heights (:func:`retina_heights`); None frames nothing but the bands.
+        passes: the most passes of the network a B-scan is given to find its framing.
+        tolerance: how much thinner (relative) than the thinnest learnt a retina may span and be left unframed: a
+            B-scan near the learnt scale is segmented on its own rows, as the fundus bundle leaves a disc within
+            10 % of the learnt size unresampled.
+        min_rows: refuse a B-scan with fewer rows than this left once its bands are cut off.
+        enabled: ``False`` leaves every B-scan as it is (and ``inverse`` changes nothing).
+
+    Raises:
+        DataError: naming the B-scan, when its bands leave fewer than ``min_rows`` rows.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        network: torch.nn.Module | None = None,
+        image_size: Sequence[int] = (256, 384),
+        learnt: Mapping | None = None,
+        passes: int = 3,
+        tolerance: float = 0.1,
+        min_rows: int = MIN_BSCAN_SIZE,
+        enabled: bool = True,
+        allow_missing_keys: bool = False,
+    ):
+        super().__init__(keys, allow_missing_keys)
+        self.network, self.image_size, self.learnt = network, tuple(int(n) for n in image_size), learnt
+        self.passes, self.tolerance, self.min_rows, self.enabled = passes, tolerance, min_rows, enabled
+
+    def retina(self, image: torch.Tensor) -> tuple[np.ndarray, np.ndarray] | None:
+        """The top and bottom rows of the retina of a ``(1, H, W)`` B-scan in each column that holds one, on its
+        own rows, from one pass of the network at ``image_size``; None when it finds none."""
+        values = torch.as_tensor(image).as_subclass(torch.Tensor)[None].float()
+        parameter = next(iter(self.network.parameters()), None)
+        device = parameter.device if parameter is not None else torch.device("cpu")
+        resized = torch.nn.functional.interpolate(values, size=self.image_size, mode="bilinear")
+        training = self.network.training
+        self.network.eval()  # batch statistics of one B-scan would be no model's
+        try:
+            with torch.no_grad():
+                logits = self.network(resized.to(device))[0].float().cpu()
+        finally:
+            self.network.train(training)
+        top, bottom = retina_rows(order_layers(torch.log_softmax(logits, dim=0).numpy()))
+        if not top.size:
+            return None
+        scale = values.shape[-2] / self.image_size[0]
+        return top * scale, (bottom + 1) * scale - 1
+
+    def window(
+        self, top: np.ndarray, bottom: np.ndarray, shown: tuple[int, int], scan: tuple[int, int]
+    ) -> tuple[int, int] | None:
+        """The rows ``[first, last)`` of the B-scan that frame a retina of these tops and bottoms (rows of the
+        B-scan) at the learnt median share, inside the ``scan`` rows (those between its bands). None when the rows
+        ``shown`` to the network already frame it at a learnt share (within ``tolerance``), when the retina is
+        thicker than learnt in all of the scan's rows (a tight crop or a thickened retina: for the check to judge),
+        or when no other window would change it."""
+        height = float(np.median(bottom - top + 1))
+        share, (low, high) = height / (shown[1] - shown[0]), scan
+        thinnest, thickest = self.learnt["min"] / (1 + self.tolerance), self.learnt["max"] * (1 + self.tolerance)
+        if thinnest <= share <= thickest or (share > thickest and shown == scan):
+            return None
+        wanted = height / self.learnt["median"]
+        centre = float(np.median((top + bottom + 1) / 2))
+        first, last = centre - wanted / 2, centre + wanted / 2
+        # every column's retina inside, with half its height to spare (a curved or tilted retina)
+        first = min(first, float(np.percentile(top, 1)) - height / 2)
+        last = max(last, float(np.percentile(bottom, 99)) + 1 + height / 2)
+        if first < low:  # shift rather than shorten the window where the B-scan allows
+            first, last = low, last + (low - first)
+        if last > high:
+            first, last = max(low, first - (last - high)), high
+        window = int(np.floor(first)), int(np.ceil(last))
+        return None if window == tuple(shown) else window
+
+    def __call__(self, data: Mapping[Hashable, NdarrayOrTensor]) -> dict[Hashable, NdarrayOrTensor]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            image = d[key] if isinstance(d[key], MetaTensor) else MetaTensor(torch.as_tensor(d[key]))
+            rows = image.shape[-2]
+            first, last = 0, rows
+            if self.enabled:
+                first, last = self._frame(image, key)
+            framed = MetaTensor(image.as_subclass(torch.Tensor)[..., first:last, :], meta=dict(image.meta))
+            framed.applied_operations = list(image.applied_operations)
+            affine = image.affine.clone()
+            affine[:, -1] += affine[:, 0] * first  # the first row kept is the new origin
+            framed.affine = affine
+            if (first, last) != (0, rows):
+                framed.meta["retina_frame"] = {"first_row": first, "rows": last - first, "of_rows": rows}
+            extra = {"first": first, "last": last, "affine": image.affine.tolist()}
+            self.push_transform(framed, orig_size=list(image.shape[1:]), extra_info=extra)
+            d[key] = framed
+        return d
+
+    def _frame(self, image: MetaTensor, key: Hashable) -> tuple[int, int]:
+        rows = image.shape[-2]
+        grey = convert_to_numpy(image).reshape(-1, *image.shape[-2:]).mean(axis=0)
+        above, below = padding_rows(grey)
+        first, last = above, rows - below
+        if last - first < self.min_rows:
+            raise DataError(
+                str(source_of(image, key)),
+                f"holds {max(last - first, 0)} rows of scan between uniform bands ({above} rows at the top, {below} "
+                f"at the bottom, of {rows}): fewer than the {self.min_rows} a B-scan needs; a blank or failed export?",
+            )
+        if self.network is None or self.learnt is None:
+            return first, last
+        scan = first, last
+        # each pass sees the rows framed by the one before: a retina found too thin at a scale far from the learnt
+        # one (the first pass) is measured again at the learnt scale, and the window widened or narrowed to it
+        for _ in range(self.passes):
+            found = self.retina(image[..., first:last, :])
+            window = None if found is None else self.window(found[0] + first, found[1] + first, (first, last), scan)
+            if window is None:
+                break
+            first, last = window
+        return first, last
+
+    def inverse(self, data: Mapping[Hashable, NdarrayOrTensor]) -> dict[Hashable, NdarrayOrTensor]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            record = self.pop_transform(d[key])
+            info, rows = record[TraceKeys.EXTRA_INFO], record[TraceKeys.ORIG_SIZE][0]
+            first, last = info["first"], info["last"]
+            framed = d[key]
+            if (first, last) == (0, rows):
+                continue
+            values = framed.as_subclass(torch.Tensor) if isinstance(framed, MetaTensor) else torch.as_tensor(framed)
+            # the rows cut off are background: a prediction's background channel wins there outright, an image is 0
+            fill = torch.zeros((*values.shape[:-2], rows, values.shape[-1]), dtype=values.dtype, device=values.device)
+            if values.shape[0] > 1:
+                fill[0] = float(values.max()) + 50.0
+            fill[..., first:last, :] = values
+            restored = MetaTensor(fill, meta=dict(getattr(framed, "meta", {})))
+            restored.applied_operations = list(getattr(framed, "applied_operations", []))
+            restored.affine = torch.as_tensor(info["affine"], dtype=torch.float64)
+            d[key] = restored
         return d
 
 

@@ -357,6 +357,7 @@ class SaveSegmentationd(MapTransform, ResultLedger):
                 "shape": list(label_map.shape),
                 **({"field_of_view": field} if self.fov_key else {}),
                 **_fov_scale(d),
+                **_retina_frame(d.get(self.image_key)),
                 "classes_present": [
                     self.class_names[i] for i in np.unique(label_map) if 0 <= i < len(self.class_names)
                 ],
@@ -406,6 +407,15 @@ def _fov_scale(d: Mapping) -> dict:
         if factor is not None:
             return {"resampled_by": round(float(factor), 4)} if float(factor) != 1.0 else {}
     return {}
+
+
+def _retina_frame(image) -> dict:
+    """``rows_segmented``: the rows of a B-scan the network was shown (``FrameRetinad``), when not all of them; the
+    rest are background in the label map."""
+    frame = getattr(image, "meta", {}).get("retina_frame") if isinstance(image, torch.Tensor) else None
+    if not frame:
+        return {}
+    return {"rows_segmented": {"first": int(frame["first_row"]), "last": int(frame["first_row"] + frame["rows"] - 1)}}
 
 
 def _renaming(d: Mapping, name: str) -> dict:
