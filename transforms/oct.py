@@ -4,14 +4,14 @@ augmentation."""
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 
 import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.config.type_definitions import NdarrayOrTensor
 from monai.data import MetaTensor
-from monai.transforms import InvertibleTransform, MapTransform, RandomizableTransform, Transform
+from monai.transforms import Compose, InvertibleTransform, MapTransform, RandomizableTransform, Transform
 from monai.utils import MetaKeys, TraceKeys, TransformBackends, convert_to_numpy
 
 from clinseg.datasets.errors import DataError, source_of
@@ -232,8 +232,6 @@ def retina_heights(
     ``max_cases`` labels, evenly spread over the list (a larger training reads a sample of that many: its range can
     only be narrower than the whole list's, by the spread of the B-scans left out). ``ignore_index``: the label
     value of unannotated pixels, not retina. None without labels."""
-    from monai.transforms import Compose
-
     labelled = [item for item in datalist if item.get("label") is not None]
     if not labelled:
         return None
@@ -257,6 +255,10 @@ def retina_heights(
 
 class RequireRetinaHeightd(MapTransform):
     """Refuse a prediction whose retina spans a share of the B-scan's height far from any the model learnt.
+
+    Inference frames a B-scan whose retina is too thin first (:class:`FrameRetinad`); this judges the rows the
+    network saw (``retina_frame`` in the metadata), and so what framing could not fix: a tight crop, a retina
+    thickened by disease, a B-scan whose retina the framing could not bring to the learnt scale.
 
     The whole B-scan is resized to ``image_size``, so a scan with more rows around the retina (another scan depth,
     padding bands with a scale bar, dither or a faint gradient that the padding check cannot call uniform) shows the
@@ -365,10 +367,12 @@ class FrameRetinad(MapTransform, InvertibleTransform):
     :class:`RequireRetinaHeightd`, which judges the retina against the rows the network saw.
 
     Args:
-        keys: the B-scan, ``(1, H, W)``, scaled as the network's input is (it is resized here for the pass alone).
+        keys: the B-scan, ``(1, H, W)``, as read (``intensity`` scales it, and it is resized, for the pass alone).
         network: the model (one network or an ensemble returning logits); None finds no retina (bands only).
         image_size: the network's input size, ``(rows, columns)``.
         learnt: the training labels' retina heights (:func:`retina_heights`); None frames nothing but the bands.
+        intensity: the dictionary transforms the rows shown to the network go through first (the bundle's intensity
+            scaling, which follows the framing: the window's own percentiles, not those of the bands around it).
         passes: the most passes of the network a B-scan is given to find its framing.
         tolerance: how much thinner (relative) than the thinnest learnt a retina may span and be left unframed: a
             B-scan near the learnt scale is segmented on its own rows, as the fundus bundle leaves a disc within
@@ -386,6 +390,7 @@ class FrameRetinad(MapTransform, InvertibleTransform):
         network: torch.nn.Module | None = None,
         image_size: Sequence[int] = (256, 384),
         learnt: Mapping | None = None,
+        intensity: Sequence[Callable] | None = None,
         passes: int = 3,
         tolerance: float = 0.1,
         min_rows: int = MIN_BSCAN_SIZE,
@@ -394,11 +399,15 @@ class FrameRetinad(MapTransform, InvertibleTransform):
     ):
         super().__init__(keys, allow_missing_keys)
         self.network, self.image_size, self.learnt = network, tuple(int(n) for n in image_size), learnt
+        self.intensity = intensity
         self.passes, self.tolerance, self.min_rows, self.enabled = passes, tolerance, min_rows, enabled
 
-    def retina(self, image: torch.Tensor) -> tuple[np.ndarray, np.ndarray] | None:
+    def retina(self, image: torch.Tensor, key: Hashable = "image") -> tuple[np.ndarray, np.ndarray] | None:
         """The top and bottom rows of the retina of a ``(1, H, W)`` B-scan in each column that holds one, on its
-        own rows, from one pass of the network at ``image_size``; None when it finds none."""
+        own rows, from one pass of the network at ``image_size`` (after ``intensity``, at ``key``); None when it
+        finds none."""
+        if self.intensity:
+            image = Compose(list(self.intensity))({key: image})[key]
         values = torch.as_tensor(image).as_subclass(torch.Tensor)[None].float()
         parameter = next(iter(self.network.parameters()), None)
         device = parameter.device if parameter is not None else torch.device("cpu")
@@ -479,7 +488,7 @@ class FrameRetinad(MapTransform, InvertibleTransform):
         # each pass sees the rows framed by the one before: a retina found too thin at a scale far from the learnt
         # one (the first pass) is measured again at the learnt scale, and the window widened or narrowed to it
         for _ in range(self.passes):
-            found = self.retina(image[..., first:last, :])
+            found = self.retina(image[..., first:last, :], key)
             window = None if found is None else self.window(found[0] + first, found[1] + first, (first, last), scan)
             if window is None:
                 break

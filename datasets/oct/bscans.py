@@ -7,8 +7,10 @@ come out as a plausible layer map with plausible thicknesses in its JSON: both a
 So are two inputs whose layer maps come out wrong without looking it: a B-scan stored in linear intensity (a raw
 export: the network learnt the log-compressed display scale every scanner shows), and one with tall uniform bands
 above and below it (padded to a square or to a page): resized for the network with them, its retina reaches the
-model thinner than any it learnt, and its layer thicknesses are off. The size is checked from the header when the
-inputs are listed (:func:`check_bscan_size`), the content once decoded (:class:`RequireBScand`).
+model thinner than any it learnt, and its layer thicknesses are off. The oct_layers inference cuts such bands off
+instead (:class:`clinseg.transforms.oct.FrameRetinad`), and checks them here only with its framing off. The size is
+checked from the header when the inputs are listed (:func:`check_bscan_size`), the content once decoded
+(:class:`RequireBScand`).
 """
 
 from __future__ import annotations

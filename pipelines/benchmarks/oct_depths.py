@@ -12,7 +12,8 @@ refused (``RequireRetinaHeightd``). This measures what the framing gives against
    rows added above and below are the scan's own background there (the vitreous above the retina and the tissue
    below it, mirrored outwards: a deeper scan of the same eye), or ``--padding uniform`` black bands;
 2. runs the bundle's inference over each depth twice: ``framed`` (the defaults) and ``unframed`` (``--frame_retina
-   False`` with the checks that would refuse it lifted: what the network answers without the framing);
+   False`` with the checks that would refuse it lifted, the retina's height and the layer order: what the network
+   answers without the framing);
 3. scores each label map on the B-scan's own grid against the labels given the same rows of background: Dice per
    layer and the error of each layer's mean thickness (rows per column, over the annotated columns), the mean over
    the B-scans. Prints a line per depth and condition, writes the JSON and a captioned picture beside it.
@@ -34,7 +35,12 @@ from clinseg.transforms.oct import IGNORE_INDEX, retina_rows
 INFERENCE = [str(CONFIGS / "inference.json"), str(CONFIGS / "nr206.json")]
 CONDITIONS = {
     "framed": {},
-    "unframed": {"frame_retina": False, "max_retina_height_ratio": 100.0, "max_padding_fraction": None},
+    "unframed": {
+        "frame_retina": False,
+        "max_retina_height_ratio": 100.0,
+        "max_padding_fraction": 1.0,
+        "max_layer_order_relabelled": 1.0,
+    },
 }
 
 
