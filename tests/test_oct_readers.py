@@ -381,6 +381,20 @@ def test_a_mat_volume_saved_in_another_axis_order_is_refused_for_inference_namin
     assert "looks saved" not in str(error.value)
 
 
+def nr206_learnt_retina_heights(root: Path) -> dict:
+    """The retina heights of the NR206 sample's training labels, as a training with the nr206.json overlay records
+    them (read by the bundle's own load_transforms)."""
+    from monai.bundle import ConfigParser
+
+    from clinseg.transforms.oct import retina_heights
+
+    configs = REPO_ROOT / "bundles" / "oct_layers" / "configs"
+    parser = ConfigParser()
+    parser.read_config([str(configs / "train.json"), str(configs / "nr206.json")])
+    parser["dataset_dir"] = str(root)
+    return retina_heights(parser.get_parsed_content("train#datalist"), parser.get_parsed_content("load_transforms"))
+
+
 def test_a_retina_far_thinner_or_thicker_than_learnt_is_refused_with_the_rows_that_fit(tmp_path):
     """A B-scan with more rows around its retina than the training B-scans (another scan depth, padding bands with
     a scale bar or dither) is resized whole to image_size: the network sees a thinner retina than any it learnt and
@@ -388,17 +402,12 @@ def test_a_retina_far_thinner_or_thicker_than_learnt_is_refused_with_the_rows_th
     (read by the bundle's own load_transforms, as a training does); a prediction whose retina spans a share of the
     height beyond 1.3 times that range is refused naming the image, with the rows to crop it to. The real NR206
     validation labels pass; padded to twice their rows or cropped tight around the retina, they are refused."""
-    from monai.bundle import ConfigParser
     from monai.data import MetaTensor
 
-    from clinseg.transforms.oct import RequireRetinaHeightd, retina_height_fraction, retina_heights
+    from clinseg.transforms.oct import RequireRetinaHeightd, retina_height_fraction
 
     root = shared_path("oct", "NR206_sample")
-    configs = REPO_ROOT / "bundles" / "oct_layers" / "configs"
-    parser = ConfigParser()
-    parser.read_config([str(configs / "train.json"), str(configs / "nr206.json")])
-    parser["dataset_dir"] = str(root)
-    learnt = retina_heights(parser.get_parsed_content("train#datalist"), parser.get_parsed_content("load_transforms"))
+    learnt = nr206_learnt_retina_heights(root)
     assert learnt["cases"] == 2 and 0.14 < learnt["min"] <= learnt["median"] <= learnt["max"] < 0.17, learnt
     check = RequireRetinaHeightd("pred", learnt=learnt)
     classes = [str(i) for i in range(9)]
@@ -445,16 +454,10 @@ def test_a_deeper_scan_is_framed_to_the_learnt_share_with_every_column_of_its_re
     deeper scan; the retina at the top or the bottom of it; a retina curved across the B-scan): the rows kept put
     the retina at the learnt median share of them, or nearer where a curved retina needs more, and hold every
     column's retina with half its height to spare. A retina at a learnt share, or thicker, is left as it is."""
-    from monai.bundle import ConfigParser
-
-    from clinseg.transforms.oct import FrameRetinad, retina_height_fraction, retina_heights, retina_rows
+    from clinseg.transforms.oct import FrameRetinad, retina_height_fraction, retina_rows
 
     root = shared_path("oct", "NR206_sample")
-    configs = REPO_ROOT / "bundles" / "oct_layers" / "configs"
-    parser = ConfigParser()
-    parser.read_config([str(configs / "train.json"), str(configs / "nr206.json")])
-    parser["dataset_dir"] = str(root)
-    learnt = retina_heights(parser.get_parsed_content("train#datalist"), parser.get_parsed_content("load_transforms"))
+    learnt = nr206_learnt_retina_heights(root)
     framing = FrameRetinad("image", learnt=learnt)
     classes = [str(i) for i in range(9)]
     for decoded in decode("oct_layers", load_oct_datalist(root, "val"), label_colors=NR206_COLORS, class_names=classes):

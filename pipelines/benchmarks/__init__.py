@@ -24,3 +24,20 @@ def write_report(path: str | Path, report: dict) -> Path:
     path.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {path}")
     return path
+
+
+def save_panels(panels: list, titles: list[str], width: int, path: str | Path) -> Path:
+    """Save PIL images side by side at ``path``, each resized to ``width`` (the first one's aspect) under its title:
+    the captioned picture a benchmark writes beside its JSON."""
+    from PIL import Image, ImageDraw
+
+    height = round(width * panels[0].height / panels[0].width)
+    canvas = Image.new("RGB", (width * len(panels), height + 24), "white")
+    pen = ImageDraw.Draw(canvas)
+    for index, (panel, title) in enumerate(zip(panels, titles, strict=True)):
+        canvas.paste(panel.resize((width, height), Image.Resampling.NEAREST), (index * width, 24))
+        pen.text((index * width + 4, 6), title, fill="black")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path)
+    return path

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from clinseg.pipelines.benchmarks import write_report
+from clinseg.pipelines.benchmarks import save_panels, write_report
 from clinseg.pipelines.benchmarks.oct_nr206 import CONFIGS, TRAINING, nr206_dir, run_bundle
 from clinseg.pipelines.paths import PROJECT_ROOT
 from clinseg.transforms.oct import IGNORE_INDEX, retina_rows
@@ -119,7 +119,7 @@ def infer(folder: Path, checkpoint: Path, overrides: dict, output_dir: Path, wor
 
 def draw(scan: dict, depth: float, outputs: dict[str, Path], results: dict, path: Path) -> Path:
     """One B-scan at the deepest depth: the image, its labels, and the label map of each condition."""
-    from PIL import Image, ImageDraw
+    from PIL import Image
 
     panels = [Image.fromarray(scan["image"]).convert("RGB")]
     titles = [f"{scan['id']} with {depth:g} times its rows"]
@@ -133,16 +133,7 @@ def draw(scan: dict, depth: float, outputs: dict[str, Path], results: dict, path
         score = results[name]["per_bscan"][scan["id"]]
         error = score["mean_thickness_error_px"]
         titles.append(f"{name}: Dice {score['mean_dice']:.3f}, thickness error {error:.2f} px")
-    width = 300
-    height = round(width * scan["image"].shape[0] / scan["image"].shape[1])
-    canvas = Image.new("RGB", (width * len(panels), height + 24), "white")
-    pen = ImageDraw.Draw(canvas)
-    for index, (panel, title) in enumerate(zip(panels, titles, strict=True)):
-        canvas.paste(panel.resize((width, height), Image.Resampling.NEAREST), (index * width, 24))
-        pen.text((index * width + 4, 6), title, fill="black")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(path)
-    return path
+    return save_panels(panels, titles, 300, path)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from clinseg.pipelines.benchmarks import drive_training_dir, write_report
+from clinseg.pipelines.benchmarks import drive_training_dir, save_panels, write_report
 from clinseg.pipelines.benchmarks.vessels_cross_camera import infer, require_model, with_trained_settings
 from clinseg.pipelines.paths import PROJECT_ROOT, SOURCE_ROOT
 
@@ -53,7 +53,7 @@ def prepare(drive_dir: Path, target: Path, scale: float) -> Path:
 
 def draw(dataset_dir: Path, work: Path, scale: float, results: dict, path: Path) -> Path:
     """The first photograph of the smallest size: photograph, annotation, prediction at its own scale, enlarged."""
-    from PIL import Image, ImageDraw
+    from PIL import Image
 
     stem = sorted(p.stem for p in (dataset_dir / "masks").glob("*.png"))[0]
     photo = Image.open(dataset_dir / "images" / f"{stem}.png").convert("RGB")
@@ -63,15 +63,7 @@ def draw(dataset_dir: Path, work: Path, scale: float, results: dict, path: Path)
         labels = np.asarray(Image.open(work / f"{scale:g}_{name}" / f"{stem}_seg.png")) > 0  # class indices
         panels.append(Image.fromarray(labels.astype(np.uint8) * 255).convert("RGB"))
         titles.append(f"{name}: F1 {results[name]['per_image'][stem]['in_field']['f1']:.3f}")
-    width, height = 280, round(280 * photo.height / photo.width)
-    canvas = Image.new("RGB", (width * len(panels), height + 24), "white")
-    pen = ImageDraw.Draw(canvas)
-    for index, (panel, title) in enumerate(zip(panels, titles, strict=True)):
-        canvas.paste(panel.resize((width, height), Image.Resampling.NEAREST), (index * width, 24))
-        pen.text((index * width + 4, 6), title, fill="black")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(path)
-    return path
+    return save_panels(panels, titles, 280, path)
 
 
 def main(argv: list[str] | None = None) -> int:
