@@ -14,7 +14,7 @@ from monai.data import MetaTensor
 from monai.transforms import Compose, InvertibleTransform, MapTransform, RandomizableTransform, Transform
 from monai.utils import MetaKeys, TraceKeys, TransformBackends, convert_to_numpy
 
-from clinseg.datasets.errors import DataError, source_of
+from clinseg.datasets.errors import ConfigError, DataError, source_of
 from clinseg.datasets.oct.bscans import MIN_BSCAN_SIZE, padding_rows
 from clinseg.datasets.oct.duke import crossing_columns
 from clinseg.datasets.value_types import AtLeastOne
@@ -411,6 +411,13 @@ class FrameRetinad(MapTransform, InvertibleTransform):
         values = torch.as_tensor(image).as_subclass(torch.Tensor)[None].float()
         parameter = next(iter(self.network.parameters()), None)
         device = parameter.device if parameter is not None else torch.device("cpu")
+        if device.type == "cuda" and torch.utils.data.get_worker_info() is not None:
+            raise ConfigError(
+                "num_workers",
+                "framing the B-scans (frame_retina) runs the network as each B-scan is read, and a CUDA network "
+                "cannot run in a DataLoader worker process.",
+                "Run with --num_workers 0 (the default), or --frame_retina False.",
+            )
         resized = torch.nn.functional.interpolate(values, size=self.image_size, mode="bilinear")
         training = self.network.training
         self.network.eval()  # batch statistics of one B-scan would be no model's
