@@ -160,6 +160,11 @@ def _full_scale(top: float) -> float:
     return 1.0 if top <= 1.0 else 255.0 if top <= 255.0 else 65535.0
 
 
+def _clipped_share(channel: np.ndarray, top: float) -> float:
+    """The share of ``channel``'s values at the full scale of an image whose brightest value is ``top``."""
+    return float((channel >= _full_scale(top)).mean())
+
+
 def _colour_spread(array: np.ndarray, full_scale: float, where: np.ndarray | None = None) -> float:
     """How far the channels of a ``(channels, H, W)`` image lie from their mean, on average over its pixels (those
     ``where`` is true), as a fraction of ``full_scale``: 0 for a grey image."""
@@ -526,8 +531,7 @@ class EstimateFOV(Transform):
         structures are mostly brighter than their surroundings: vessels are darker than the retina in any fundus
         photograph, colour or red-free, and brighter in a fluorescein angiogram or a negative. The model would give
         each a sparse or empty map that looks like an answer."""
-        inside = vessel_channel[mask]
-        if float((inside >= _full_scale(float(vessel_channel.max()))).mean()) > MAX_GREEN_CLIPPED:
+        if _clipped_share(vessel_channel[mask], float(vessel_channel.max())) > MAX_GREEN_CLIPPED:
             return  # overexposed: EstimateFOVd.check_exposure names that, the cause of the missing vessels
         structures = _thin_structures(vessel_channel, mask)
         if structures is None:
@@ -683,8 +687,8 @@ class EstimateFOVd(MapTransform):
             field = field.reshape(green.shape)
             if not field.any():
                 continue
-            full_scale = _full_scale(float(array[:3].max()))
-            clipped = float((green[field] >= full_scale).mean())
+            top = float(array[:3].max())
+            full_scale, clipped = _full_scale(top), _clipped_share(green[field], top)
             if clipped > MAX_GREEN_CLIPPED:
                 source = source_of(image, key)
                 raise DataError(

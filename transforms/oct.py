@@ -399,15 +399,15 @@ class FrameRetinad(MapTransform, InvertibleTransform):
     ):
         super().__init__(keys, allow_missing_keys)
         self.network, self.image_size, self.learnt = network, tuple(int(n) for n in image_size), learnt
-        self.intensity = intensity
+        self.intensity = Compose(list(intensity)) if intensity else None
         self.passes, self.tolerance, self.min_rows, self.enabled = passes, tolerance, min_rows, enabled
 
     def retina(self, image: torch.Tensor, key: Hashable = "image") -> tuple[np.ndarray, np.ndarray] | None:
         """The top and bottom rows of the retina of a ``(1, H, W)`` B-scan in each column that holds one, on its
         own rows, from one pass of the network at ``image_size`` (after ``intensity``, at ``key``); None when it
         finds none."""
-        if self.intensity:
-            image = Compose(list(self.intensity))({key: image})[key]
+        if self.intensity is not None:
+            image = self.intensity({key: image})[key]
         values = torch.as_tensor(image).as_subclass(torch.Tensor)[None].float()
         parameter = next(iter(self.network.parameters()), None)
         device = parameter.device if parameter is not None else torch.device("cpu")

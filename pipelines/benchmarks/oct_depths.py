@@ -14,9 +14,9 @@ refused (``RequireRetinaHeightd``). This measures what the framing gives against
 2. runs the bundle's inference over each depth twice: ``framed`` (the defaults) and ``unframed`` (``--frame_retina
    False`` with the checks that would refuse it lifted, the retina's height and the layer order: what the network
    answers without the framing);
-3. scores each label map on the B-scan's own grid against the labels given the same rows of background: Dice per
-   layer and the error of each layer's mean thickness (rows per column, over the annotated columns), the mean over
-   the B-scans. Prints a line per depth and condition, writes the JSON and a captioned picture beside it.
+3. scores each label map on the B-scan's own grid against the labels given the same rows of background, with the
+   bundle's own metrics: Dice per layer and the mean absolute error of each layer's thickness per column, the mean
+   over the B-scans. Prints a line per depth and condition, writes the JSON and a captioned picture beside it.
 """
 
 from __future__ import annotations
@@ -91,23 +91,24 @@ def deepened(image: np.ndarray, label: np.ndarray, depth: float, padding: str) -
 
 
 def scores(prediction: np.ndarray, label: np.ndarray, classes: list[str]) -> dict:
-    """Dice of each layer over the annotated pixels, and the error of its mean thickness (rows per column) over the
-    annotated columns; the means over the layers."""
-    annotated = label != IGNORE_INDEX
-    columns = annotated.all(axis=0)
-    dice, thickness_error = {}, {}
-    for index, name in enumerate(classes):
-        if index == 0:
-            continue
-        truth, found = (label == index) & annotated, (prediction == index) & annotated
-        total = truth.sum() + found.sum()
-        dice[name] = float(2 * (truth & found).sum() / total) if total else 1.0
-        thickness_error[name] = float(abs(found[:, columns].sum(0).mean() - truth[:, columns].sum(0).mean()))
+    """Dice of each layer and the mean absolute error of its thickness per column, scored by the bundle's own metrics
+    (unannotated pixels left out, as evaluation leaves them); the means over the layers."""
+    import torch
+
+    from clinseg.pipelines.engine.metrics import METRIC_KINDS
+    from clinseg.transforms.labels import OneHotWithIgnore
+
+    truth = OneHotWithIgnore(len(classes), IGNORE_INDEX)(label[None])[None].as_subclass(torch.Tensor)
+    found = torch.nn.functional.one_hot(torch.as_tensor(prediction), len(classes)).permute(2, 0, 1)[None].float()
+    values = {
+        measure: METRIC_KINDS[kind][0](IGNORE_INDEX)(found, truth)[0].tolist()
+        for measure, kind in (("dice", "dice"), ("thickness_error_px", "layer_thickness_mae_px"))
+    }
+    per_layer = {measure: dict(zip(classes[1:], layers, strict=True)) for measure, layers in values.items()}
     return {
-        "mean_dice": float(np.mean(list(dice.values()))),
-        "mean_thickness_error_px": float(np.mean(list(thickness_error.values()))),
-        "dice": dice,
-        "thickness_error_px": thickness_error,
+        "mean_dice": float(np.nanmean(values["dice"])),
+        "mean_thickness_error_px": float(np.nanmean(values["thickness_error_px"])),
+        **per_layer,
     }
 
 
