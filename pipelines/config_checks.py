@@ -104,6 +104,16 @@ def config_ids(node, prefix: str = "") -> dict[str, object]:
     return ids
 
 
+@cache
+def _component_locator():
+    """One MONAI ``ComponentLocator`` for every target of a run: each new one scans every loaded ``monai`` module
+    for its classes and functions (a second per run over a config's targets), and the modules do not change."""
+    from monai.bundle.config_item import ComponentLocator
+
+    return ComponentLocator()
+
+
+@cache
 def resolve_target(target: str) -> Callable | None:
     """The callable a ``_target_`` names, found the way MONAI finds it (``"UNet"`` -> ``monai.networks.nets.UNet``);
     None when it cannot be found."""
@@ -112,7 +122,7 @@ def resolve_target(target: str) -> Callable | None:
     from monai.bundle import ConfigComponent
 
     try:
-        return locate(ConfigComponent({"_target_": target}).resolve_module_name())
+        return locate(ConfigComponent({"_target_": target}, locator=_component_locator()).resolve_module_name())
     except Exception:  # noqa: BLE001 - a target that cannot be resolved is not second-guessed
         return None
 
