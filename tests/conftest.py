@@ -4,10 +4,14 @@ the threads each worker of a parallel run (``pytest -n``, as ``make test`` runs)
 
 from __future__ import annotations
 
+import atexit
+import functools
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -164,11 +168,34 @@ def tiny_oct_dir(tmp_path_factory) -> Path:
     return out
 
 
+@functools.cache
+def _empty_store() -> Path:
+    """An SQLite MLflow store as MLflow creates it on first use, made once per test process: creating one runs
+    MLflow's schema migrations, about two seconds of every run that would otherwise open a new store. The tests that
+    open a store that does not exist yet build their own URI."""
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    descriptor, name = tempfile.mkstemp(prefix="clinseg-empty-store-", suffix=".db")
+    os.close(descriptor)
+    database = Path(name)
+    atexit.register(database.unlink, missing_ok=True)
+    database.unlink()  # MLflow creates the file itself
+    store = SqlAlchemyStore(f"sqlite:///{database}", str(REPO_ROOT / "mlruns"))  # what a run from the root creates
+    store.engine.dispose()
+    return database
+
+
+def new_store(database: Path) -> str:
+    """The URI of a new, empty SQLite MLflow store at ``database`` (its folder created)."""
+    database.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(_empty_store(), database)
+    return f"sqlite:///{database}"
+
+
 @pytest.fixture()
 def tracking_uri(tmp_path, monkeypatch) -> str:
     """A private SQLite MLflow store for one test (the project's mlruns/ is never touched by tests)."""
-    uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
-    (tmp_path / "mlruns").mkdir()
+    uri = new_store(tmp_path / "mlruns" / "mlflow.db")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     return uri
 

@@ -44,7 +44,7 @@ from clinseg.datasets.oct.duke import duke_items
 from clinseg.datasets.oct.phantom import write_phantom_dataset
 from clinseg.datasets.readers import LabelImageReader, read_binary_mask, read_grayscale, read_rgb
 from clinseg.pipelines.cli import ConfigError
-from tests.conftest import REPO_ROOT, decode, where_permissions_apply
+from tests.conftest import REPO_ROOT, decode, new_store, where_permissions_apply
 
 pytestmark = pytest.mark.filterwarnings("ignore:parsing config_file:UserWarning")  # our own, trusted configs
 RNG = np.random.default_rng(0)
@@ -496,8 +496,7 @@ def snapshot(folder: Path) -> dict[str, str]:
 @pytest.fixture()
 def bundle_env(tmp_path, monkeypatch):
     """A bundle root with an earlier checkpoint and earlier outputs, which no failing run may change."""
-    uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
-    (tmp_path / "mlruns").mkdir()
+    uri = new_store(tmp_path / "mlruns" / "mlflow.db")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.chdir(REPO_ROOT)
     root = tmp_path / "bundle"

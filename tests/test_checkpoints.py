@@ -15,7 +15,7 @@ from monai.bundle import ConfigParser
 from clinseg.datasets.errors import DataError
 from clinseg.pipelines import runs
 from clinseg.pipelines.engine.checkpoints import load_network_weights, model_state, read_checkpoint, shape_differences
-from tests.conftest import REPO_ROOT, run_bundle, run_models
+from tests.conftest import REPO_ROOT, new_store, run_bundle, run_models
 
 pytestmark = pytest.mark.filterwarnings("ignore:parsing config_file:UserWarning")
 OCT = REPO_ROOT / "bundles" / "oct_layers" / "configs"
@@ -97,7 +97,7 @@ def trained_oct(tmp_path_factory, tiny_oct_dir) -> dict:
     """A tiny oct_layers training of 1 epoch (its own bundle root and MLflow store): the weights to start from."""
     folder = tmp_path_factory.mktemp("trained")
     overrides = {**TINY, "dataset_dir": tiny_oct_dir, "train#trainer#max_epochs": 1,
-                 "tracking_uri": f"sqlite:///{folder / 'mlflow.db'}"}  # fmt: skip
+                 "tracking_uri": new_store(folder / "mlflow.db")}  # fmt: skip
     run_bundle("training", [str(OCT / "train.json")], {**overrides, "bundle_root": folder / "a"})
     return {"overrides": overrides, "root": folder / "a", "model": folder / "a" / "models" / "model.pt"}
 

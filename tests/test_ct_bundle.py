@@ -15,7 +15,7 @@ import pytest
 from clinseg.datasets.ct import read_volume, write_msd_dataset
 from clinseg.pipelines.tracking import mlflow_metric_name
 from clinseg.transforms.ct_anatomy import FIELDS_OF_VIEW, HEART_EXPECTED
-from tests.conftest import REPO_ROOT, run_bundle, run_models, shared_path
+from tests.conftest import REPO_ROOT, new_store, run_bundle, run_models, shared_path
 
 CONFIGS = REPO_ROOT / "bundles" / "ct_heart" / "configs"
 TRAIN = [str(CONFIGS / "train.json")]
@@ -51,8 +51,7 @@ def ct_data(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, ct_data):
     root = tmp_path_factory.mktemp("ct_bundle")
-    uri = f"sqlite:///{root / 'mlruns' / 'mlflow.db'}"
-    (root / "mlruns").mkdir()
+    uri = new_store(root / "mlruns" / "mlflow.db")
     overrides = tiny(root / "bundle", ct_data, **{"train#trainer#max_epochs": 2, "val_interval": 1})
     result = run_bundle("training", TRAIN, overrides, env={"MLFLOW_TRACKING_URI": uri})
     return root / "bundle", uri, result

@@ -32,7 +32,7 @@ from clinseg.datasets.ct import read_volume, write_msd_dataset
 from clinseg.datasets.ct.dicom import read_ct_series
 from clinseg.datasets.fundus.phantom import write_drive_layout
 from clinseg.datasets.oct.phantom import write_phantom_dataset
-from tests.conftest import REPO_ROOT, prerequisite_missing, run_bundle, shared_path
+from tests.conftest import REPO_ROOT, new_store, prerequisite_missing, run_bundle, shared_path
 
 DEPLOY_PYTHON = Path(os.environ.get("DEPLOY_PYTHON", REPO_ROOT / ".venv-deploy" / "bin" / "python"))
 
@@ -91,7 +91,7 @@ def train(bundle: str, dataset_dir: Path, root: Path, seed: int = 0) -> Path:
     overrides = {key: json.dumps(value) for key, value in TINY[bundle].items()}
     overrides.update({"bundle_root": root / "bundle", "dataset_dir": dataset_dir, "train#trainer#max_epochs": 1})
     overrides.update({"val_interval": 1, "seed": seed})
-    uri = f"sqlite:///{root / 'mlflow.db'}"
+    uri = new_store(root / "mlflow.db")
     run_bundle("training", [str(REPO_ROOT / "bundles" / bundle / "configs" / "train.json")], overrides,
                env={"MLFLOW_TRACKING_URI": uri})  # fmt: skip
     return root / "bundle" / "models" / "model.pt"

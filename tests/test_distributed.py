@@ -12,7 +12,7 @@ import mlflow
 import pytest
 
 from clinseg.pipelines.tracking import mlflow_metric_name
-from tests.conftest import OCT_BUNDLE, REPO_ROOT, free_port, run_bundle, run_models
+from tests.conftest import OCT_BUNDLE, REPO_ROOT, free_port, new_store, run_bundle, run_models
 
 CONFIGS = OCT_BUNDLE / "configs"
 TRAIN = [str(CONFIGS / "train.json")]
@@ -42,7 +42,7 @@ def runs(uri: str, workflow: str):
 
 
 def test_two_process_training_equals_single_process_evaluation(tmp_path, tiny_oct_dir):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = new_store(tmp_path / "mlflow.db")
     bundle = tmp_path / "bundle"
     overrides = {"bundle_root": bundle, "dataset_dir": tiny_oct_dir, **TINY, "train#trainer#max_epochs": 1}
     torchrun("training", TRAIN + [str(CONFIGS / "multi_gpu_train.json")], overrides, uri)
@@ -97,7 +97,7 @@ def assert_same_evaluation_files(single: Path, distributed: Path) -> None:
 
 
 def test_two_process_training_resumes_from_its_latest_checkpoint(tmp_path, tiny_oct_dir):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = new_store(tmp_path / "mlflow.db")
     bundle = tmp_path / "bundle"
     overrides = {"bundle_root": bundle, "dataset_dir": tiny_oct_dir, **TINY, "val_interval": 1}
     multi_gpu = TRAIN + [str(CONFIGS / "multi_gpu_train.json")]
@@ -130,7 +130,7 @@ def test_two_process_training_resumes_from_its_latest_checkpoint(tmp_path, tiny_
 def test_the_first_distributed_run_prepares_the_data_once_on_a_clean_folder(tmp_path):
     """A fresh checkout's first ``torchrun``: no phantom, no cache. Rank 0 generates the phantom while rank 1 waits
     (both used to generate it at once, and rank 1 read a half-written folder); both ranks fill one disk cache."""
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = new_store(tmp_path / "mlflow.db")
     home = tmp_path / "home"  # the project's state (phantoms) for this test alone: a clean data folder
     overrides = {"bundle_root": tmp_path / "bundle", **TINY, "train#trainer#max_epochs": 1, "cache": "disk"}
     command_env = {"CLINSEG_HOME": str(home)}
@@ -166,7 +166,7 @@ def test_two_process_training_chooses_the_decision_rule_on_every_validation_case
         "val_interval": 1,
         "train#trainer#max_epochs": 1,
     }
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = new_store(tmp_path / "mlflow.db")
     torchrun("training", [str(configs / "train.json"), str(configs / "multi_gpu_train.json")], overrides, uri)
     record = json.loads((run_models(tmp_path / "bundle") / "model.json").read_text())
     assert record["decision_rule"]["cases"] == 3, record["decision_rule"]
@@ -184,7 +184,7 @@ def test_fewer_validation_cases_than_processes_is_refused_naming_the_key(tmp_pat
     configs = REPO_ROOT / "bundles" / "vessels" / "configs"
     overrides = {"bundle_root": tmp_path / "bundle", "dataset_dir": drive, "val_fraction": 0.125,
                  "patch_size": "[32,32]", "sw_roi_size": "[48,48]", "train#trainer#max_epochs": 1}  # fmt: skip
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = new_store(tmp_path / "mlflow.db")
     result = torchrun(
         "training", [str(configs / "train.json"), str(configs / "multi_gpu_train.json")], overrides, uri, check=False
     )

@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from monai.bundle import ConfigParser
 
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, new_store
 
 pytestmark = pytest.mark.filterwarnings("ignore:parsing config_file:UserWarning")
 OCT = REPO_ROOT / "bundles" / "oct_layers" / "configs"
@@ -82,7 +82,7 @@ def data_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory) -> str:
-    return f"sqlite:///{tmp_path_factory.mktemp('mlruns') / 'mlflow.db'}"
+    return new_store(tmp_path_factory.mktemp("mlruns") / "mlflow.db")
 
 
 # ---- the two kinds of failure, exactly

@@ -23,7 +23,15 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from tests.conftest import REPO_ROOT, free_port, prerequisite_missing, run_bundle, server_answers, start_experiments_ui
+from tests.conftest import (
+    REPO_ROOT,
+    free_port,
+    new_store,
+    prerequisite_missing,
+    run_bundle,
+    server_answers,
+    start_experiments_ui,
+)
 from tests.test_experiments import TINY, TRAIN
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -45,8 +53,7 @@ def served_store(tmp_path_factory, tiny_oct_dir):
     """Two tiny trainings in a fresh store, and ``experiments ui`` serving it: (client, links printed, server)."""
     require_chromium()
     root = tmp_path_factory.mktemp("mlflow_ui")
-    uri = f"sqlite:///{root / 'mlruns' / 'mlflow.db'}"
-    (root / "mlruns").mkdir()
+    uri = new_store(root / "mlruns" / "mlflow.db")
     for rate in RATES:
         # typed first, as by a person comparing learning rates: the run names list the settings in typed order
         overrides = {"learning_rate": rate, **TINY, "train#trainer#max_epochs": 2}

@@ -16,7 +16,16 @@ import tifffile
 from PIL import Image
 
 from clinseg.pipelines.tracking import run_folder
-from tests.conftest import OCT_BUNDLE, REPO_ROOT, decode, is_in_layer_order, run_bundle, run_models, shared_path
+from tests.conftest import (
+    OCT_BUNDLE,
+    REPO_ROOT,
+    decode,
+    is_in_layer_order,
+    new_store,
+    run_bundle,
+    run_models,
+    shared_path,
+)
 from tests.test_dicom_photographs import OPHTHALMIC_TOMOGRAPHY, write_dicom
 
 CONFIGS = OCT_BUNDLE / "configs"
@@ -51,8 +60,7 @@ def tiny(bundle_root, dataset_dir, **extra):
 def trained(tmp_path_factory, tiny_oct_dir):
     """One tiny training run shared by the tests of this module: (bundle_root, tracking_uri, process result)."""
     root = tmp_path_factory.mktemp("oct_bundle")
-    uri = f"sqlite:///{root / 'mlruns' / 'mlflow.db'}"
-    (root / "mlruns").mkdir()
+    uri = new_store(root / "mlruns" / "mlflow.db")
     result = run_bundle(
         "training",
         TRAIN,
@@ -358,7 +366,7 @@ def located(tmp_path_factory, tiny_oct_dir):
     """A tiny model trained long enough (12 epochs) to find where the retina lies, if not its layers: bundle root."""
     root = tmp_path_factory.mktemp("oct_located") / "bundle"
     run_bundle("training", TRAIN, tiny(root, tiny_oct_dir, **{"train#trainer#max_epochs": 12}),
-               env={"MLFLOW_TRACKING_URI": f"sqlite:///{root.parent / 'mlflow.db'}"})  # fmt: skip
+               env={"MLFLOW_TRACKING_URI": new_store(root.parent / "mlflow.db")})  # fmt: skip
     return root
 
 

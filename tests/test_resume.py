@@ -11,7 +11,7 @@ import time
 import mlflow
 import torch
 
-from tests.conftest import OCT_BUNDLE, REPO_ROOT, run_bundle, run_models
+from tests.conftest import OCT_BUNDLE, REPO_ROOT, new_store, run_bundle, run_models
 
 TRAIN = [str(OCT_BUNDLE / "configs" / "train.json")]
 
@@ -31,7 +31,7 @@ def tiny_training(bundle_root, dataset_dir, max_epochs: int) -> dict:
 
 
 def test_killed_training_resumes_and_continues_its_history(tmp_path, tiny_oct_dir):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = new_store(tmp_path / "mlflow.db")
     bundle = tmp_path / "bundle"
     overrides = tiny_training(bundle, tiny_oct_dir, max_epochs=6)
     command = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", str(TRAIN)]
@@ -106,7 +106,7 @@ runpy.run_module("monai.bundle", run_name="__main__", alter_sys=True)
 def test_a_checkpoint_is_written_only_after_the_record_of_its_epoch(tmp_path, tiny_oct_dir):
     """Killed the instant epoch 2's checkpoint is in place, the store already holds every loss of epochs 1-2, so
     the resumed run's history has no gap (the training records its losses in batches, written at each epoch's end)."""
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = new_store(tmp_path / "mlflow.db")
     overrides = tiny_training(tmp_path / "bundle", tiny_oct_dir, max_epochs=3)
     arguments = ["run", "training", "--config_file", str(TRAIN)]
     for key, value in overrides.items():
@@ -207,7 +207,7 @@ def test_a_run_killed_between_its_best_model_and_its_checkpoint_describes_that_m
     bundle = tmp_path / "bundle"
     overrides = {"bundle_root": bundle, "dataset_dir": tiny_oct_dir, "image_size": "[32,48]",
                  "network_def#channels": "[4,8]", "network_def#strides": "[2]", "val_interval": 1,
-                 "train#trainer#max_epochs": 5, "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}  # fmt: skip
+                 "train#trainer#max_epochs": 5, "tracking_uri": new_store(tmp_path / "mlflow.db")}  # fmt: skip
     killed = train_until_killed(KILL_BEFORE_THE_CHECKPOINT_OF_A_BETTER_MODEL, TRAIN, overrides)
     best = [float(v) for v in re.findall(r"Got new best metric of \S+: ([0-9.e-]+)", killed.stdout + killed.stderr)]
     models = run_models(bundle)
@@ -256,7 +256,7 @@ def test_a_resumed_training_chooses_the_decision_rule_on_a_best_epoch_from_befor
     overrides = {"bundle_root": tmp_path / "bundle", "dataset_dir": drive, "val_fraction": 0.375,
                  "patch_size": "[32,32]", "patches_per_image": 2, "sw_roi_size": "[48,48]",
                  "network_def#channels": "[8,16,32]", "network_def#strides": "[2,2]", "val_interval": 1,
-                 "train#trainer#max_epochs": 3, "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}  # fmt: skip
+                 "train#trainer#max_epochs": 3, "tracking_uri": new_store(tmp_path / "mlflow.db")}  # fmt: skip
     train_until_killed(KILL_AFTER_THE_FIRST_CHECKPOINT, train, overrides)
     models = run_models(tmp_path / "bundle")
     record = run_records.read_record(models)

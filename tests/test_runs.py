@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from clinseg.pipelines import runs
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, new_store
 
 pytestmark = pytest.mark.filterwarnings("ignore:parsing config_file:UserWarning")
 TRAIN = REPO_ROOT / "bundles" / "oct_layers" / "configs" / "train.json"
@@ -80,7 +80,7 @@ class FolderWatcher(threading.Thread):
 
 def test_concurrent_trainings_keep_their_own_checkpoints_and_promote_the_better(tmp_path, data_dir):
     root = tmp_path / "bundle"
-    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    store = new_store(tmp_path / "mlflow.db")
     base = {**TINY, "bundle_root": root, "dataset_dir": data_dir, "tracking_uri": store}
     watcher = FolderWatcher(root)
     watcher.start()
@@ -123,7 +123,7 @@ def test_concurrent_trainings_keep_their_own_checkpoints_and_promote_the_better(
 
 def test_a_worse_run_keeps_the_model_in_place_and_promote_replaces_it(tmp_path, data_dir):
     root = tmp_path / "bundle"
-    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    store = new_store(tmp_path / "mlflow.db")
     base = {**TINY, "bundle_root": root, "dataset_dir": data_dir, "tracking_uri": store}
     env = {**os.environ}
 
@@ -169,7 +169,7 @@ def test_the_promoted_model_is_listed_in_large_files_and_restored_from_it(tmp_pa
     """The Model Zoo's ``large_files.yml`` written by the promotion restores exactly the promoted model."""
     root = tmp_path / "bundle"
     overrides = {**TINY, "bundle_root": root, "dataset_dir": data_dir, "train#trainer#max_epochs": 1,
-                 "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}  # fmt: skip
+                 "tracking_uri": new_store(tmp_path / "mlflow.db")}  # fmt: skip
     result = subprocess.run(command(overrides), cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     promoted = (root / "models" / "model.pt").read_bytes()
@@ -186,7 +186,7 @@ def test_evaluation_and_inference_say_what_they_used(tmp_path, data_dir):
     import mlflow
 
     root = tmp_path / "bundle"
-    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    store = new_store(tmp_path / "mlflow.db")
     base = {**TINY, "bundle_root": root, "dataset_dir": data_dir, "tracking_uri": store}
     for run_id, files, extra in [
         ("training", [TRAIN], {"train#trainer#max_epochs": 1, "run_name": "the-training"}),
@@ -323,7 +323,7 @@ def test_a_deleted_experiment_is_one_line_naming_it_and_the_ways_out(tmp_path, d
     end in MONAI's or MLflow's "must be in the 'active' state" traceback."""
     import mlflow
 
-    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    store = new_store(tmp_path / "mlflow.db")
     client = mlflow.MlflowClient(store)
     client.delete_experiment(client.create_experiment("oct_layers"))
     overrides = {**TINY, "bundle_root": tmp_path / "bundle", "dataset_dir": data_dir, "tracking_uri": store,
@@ -349,7 +349,7 @@ def test_a_run_name_already_taken_is_refused_and_the_first_runs_files_are_kept(t
 
     root = tmp_path / "bundle"
     base = {**TINY, "bundle_root": root, "dataset_dir": data_dir, "train#trainer#max_epochs": 1,
-            "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "run_name": "shared"}  # fmt: skip
+            "tracking_uri": new_store(tmp_path / "mlflow.db"), "run_name": "shared"}  # fmt: skip
     first = subprocess.run(command(base), cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stderr[-3000:]
     folder = root / "outputs" / "shared"

@@ -21,7 +21,7 @@ from clinseg.datasets.errors import DataError
 from clinseg.datasets.fundus.phantom import write_drive_layout
 from clinseg.datasets.oct.phantom import write_phantom_dataset
 from clinseg.pipelines import runs
-from tests.conftest import OCT_BUNDLE, REPO_ROOT, run_bundle, run_models
+from tests.conftest import OCT_BUNDLE, REPO_ROOT, new_store, run_bundle, run_models
 from tests.test_write_errors import fill, mounts  # noqa: F401 (mounts: a fixture)
 
 pytestmark = pytest.mark.filterwarnings("ignore:parsing config_file:UserWarning")  # our own, trusted configs
@@ -66,7 +66,7 @@ def killed_run(tmp_path_factory) -> dict:
     data = folder / "oct"
     write_phantom_dataset(data, n_subjects=3, n_bscans=4, height=64, width=96, seed=1)
     overrides = {**TINY, "bundle_root": folder / "bundle", "dataset_dir": data, "train#trainer#max_epochs": 4,
-                 "tracking_uri": f"sqlite:///{folder / 'mlflow.db'}"}  # fmt: skip
+                 "tracking_uri": new_store(folder / "mlflow.db")}  # fmt: skip
     command = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", str(TRAIN)]
     for key, value in overrides.items():
         command += [f"--{key}", str(value)]

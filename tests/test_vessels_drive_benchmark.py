@@ -6,6 +6,7 @@ import torch
 from PIL import Image
 
 from clinseg.pipelines.benchmarks.vessels_drive import draw_time_to_quality, time_to_quality
+from tests.conftest import new_store
 
 CURVE = [
     {"seconds": 12.0, "epoch": 2, "f1": 0.61},
@@ -43,7 +44,7 @@ def test_the_benchmark_measures_its_choice_and_names_its_mlflow_run_by_it(tmp_pa
     from clinseg.pipelines.benchmarks.vessels_drive import main
 
     write_drive_layout(tmp_path / "drive", n_images=4, shape=(96, 80), seed=1)
-    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    store = new_store(tmp_path / "mlflow.db")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
     out = tmp_path / "benchmark.json"
     code = main(["--dataset_dir", str(tmp_path / "drive" / "training"), "--budget_s", "8", "--plain_iterations", "2",
