@@ -104,16 +104,20 @@ def config_ids(node, prefix: str = "") -> dict[str, object]:
     return ids
 
 
-@cache
 def _component_locator():
-    """One MONAI ``ComponentLocator`` for every target of a run: each new one scans every loaded ``monai`` module
-    for its classes and functions (a second per run over a config's targets), and the modules do not change."""
+    """A MONAI ``ComponentLocator`` that knows the ``monai`` modules loaded now. A new one scans every loaded module
+    for its classes and functions, which took about two seconds per run over a config's targets; one is kept for as
+    long as no other ``monai`` module is loaded (``monai.handlers`` is not loaded by ``import monai``)."""
+    return _locator_of(sum(1 for name in tuple(sys.modules) if name.startswith("monai")))
+
+
+@cache
+def _locator_of(loaded_monai_modules: int):
     from monai.bundle.config_item import ComponentLocator
 
     return ComponentLocator()
 
 
-@cache
 def resolve_target(target: str) -> Callable | None:
     """The callable a ``_target_`` names, found the way MONAI finds it (``"UNet"`` -> ``monai.networks.nets.UNet``);
     None when it cannot be found."""
