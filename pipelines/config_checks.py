@@ -104,29 +104,16 @@ def config_ids(node, prefix: str = "") -> dict[str, object]:
     return ids
 
 
-def _component_locator():
-    """A MONAI ``ComponentLocator`` that knows the ``monai`` modules loaded now. A new one scans every loaded module
-    for its classes and functions, which took about two seconds per run over a config's targets; one is kept for as
-    long as no other ``monai`` module is loaded (``monai.handlers`` is not loaded by ``import monai``)."""
-    return _locator_of(sum(1 for name in tuple(sys.modules) if name.startswith("monai")))
-
-
-@cache
-def _locator_of(loaded_monai_modules: int):
-    from monai.bundle.config_item import ComponentLocator
-
-    return ComponentLocator()
-
-
-def resolve_target(target: str) -> Callable | None:
+def resolve_target(target: str, locator=None) -> Callable | None:
     """The callable a ``_target_`` names, found the way MONAI finds it (``"UNet"`` -> ``monai.networks.nets.UNet``);
-    None when it cannot be found."""
+    None when it cannot be found. ``locator``: the ``ComponentLocator`` of the run's ``ConfigParser``, which scans
+    the loaded ``monai`` modules once for the whole run (a new one per target took about two seconds per run)."""
     from pydoc import locate
 
     from monai.bundle import ConfigComponent
 
     try:
-        return locate(ConfigComponent({"_target_": target}, locator=_component_locator()).resolve_module_name())
+        return locate(ConfigComponent({"_target_": target}, locator=locator).resolve_module_name())
     except Exception:  # noqa: BLE001 - a target that cannot be resolved is not second-guessed
         return None
 
@@ -314,14 +301,17 @@ def _calls_in_expression(expression: str, namespace: Mapping[str, Any]) -> Itera
                 yield function, keyword, references[placeholder_name]
 
 
-def value_destinations(config: Mapping, namespace: Mapping[str, Any]) -> dict[str, list[tuple[Callable, str]]]:
+def value_destinations(
+    config: Mapping, namespace: Mapping[str, Any], locator=None
+) -> dict[str, list[tuple[Callable, str]]]:
     """For each config id, the ``(callable, parameter)`` pairs its value is passed to whole, following plain
-    aliases (``"sw_roi_size": "@patch_size"`` sends ``patch_size`` wherever ``sw_roi_size`` goes)."""
+    aliases (``"sw_roi_size": "@patch_size"`` sends ``patch_size`` wherever ``sw_roi_size`` goes); ``locator`` as
+    for :func:`resolve_target`."""
     destinations: dict[str, list[tuple[Callable, str]]] = {}
     aliases: dict[str, list[str]] = {}  # id -> the ids whose whole value is "@id"
     for name, value in config_ids(config).items():
         if isinstance(value, dict) and "_target_" in value and isinstance(value["_target_"], str):
-            function = resolve_target(value["_target_"])
+            function = resolve_target(value["_target_"], locator)
             parameters = _parameters(function) if function is not None else None
             for key, argument in value.items():
                 if parameters is None or key in _SPECIAL_KEYS or key not in parameters:
@@ -455,7 +445,7 @@ def check_values(parser, defaults: Mapping | None = None, overrides: Mapping[str
     value of the config (against the parameters it feeds). ``parser``: the run's ``ConfigParser`` (overrides
     applied); ``defaults``: the raw config files without overrides."""
     raw = parser.get()
-    destinations = value_destinations(raw, getattr(parser, "globals", {}) or {})
+    destinations = value_destinations(raw, getattr(parser, "globals", {}) or {}, getattr(parser, "locator", None))
     default_ids = config_ids(defaults) if defaults is not None else {}
     keys = [key.replace("::", "#") for key in overrides if key not in RUN_OPTIONS]
     keys += [key for key, value in raw.items() if key not in keys and _is_plain(value)]

@@ -175,11 +175,9 @@ def _empty_store() -> Path:
     open a store that does not exist yet build their own URI."""
     from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
 
-    descriptor, name = tempfile.mkstemp(prefix="clinseg-empty-store-", suffix=".db")
-    os.close(descriptor)
-    database = Path(name)
-    atexit.register(database.unlink, missing_ok=True)
-    database.unlink()  # MLflow creates the file itself
+    folder = Path(tempfile.mkdtemp(prefix="clinseg-empty-store-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    database = folder / "mlflow.db"
     store = SqlAlchemyStore(f"sqlite:///{database}", str(REPO_ROOT / "mlruns"))  # what a run from the root creates
     store.engine.dispose()
     return database
