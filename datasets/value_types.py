@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Annotated
 
-from annotated_types import Ge, Gt, Le, Lt
+from annotated_types import Ge, Gt, Le, Lt, MinLen
 
 PositiveInt = Annotated[int, Gt(0)]
 NonNegativeInt = Annotated[int, Ge(0)]
@@ -22,3 +22,5 @@ Probability = Annotated[float, Ge(0), Le(1)]
 AtLeastOne = Annotated[float, Ge(1)]  # a factor or ratio bounding how far from 1 something may be
 PositiveSize = Sequence[PositiveInt]  # one positive extent per spatial axis
 PositiveSpacing = Sequence[PositiveFloat]
+# factors an image is resampled by at test time, as many as wanted: within 4 times smaller or larger
+ResamplingFactors = Annotated[Sequence[Annotated[float, Ge(0.25), Le(4)]], MinLen(1)]

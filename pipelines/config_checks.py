@@ -5,7 +5,7 @@ No second list of kinds is kept by hand. A value is checked against:
 - **its default in the config** (a command-line override only): it must be of the default's JSON kind: a boolean
   stays a boolean (``--resume true`` reaches the run as the text ``'true'``), a number a number, a text a text, a
   list a list of items of the default items' kind; a top-level list of numbers (a patch size, a spacing) keeps its
-  length, since its items are spatial axes;
+  length, since its items are spatial axes, unless every parameter it feeds takes a sequence of any length;
 - **the constructors and functions it feeds**: each place where the config passes the value whole (a component's
   argument, ``"lr": "@learning_rate"``, or a keyword of a call in an expression, ``f(val_fraction=@val_fraction)``)
   is found in the raw config, and the value must satisfy that parameter's annotation (validated strictly with
@@ -456,7 +456,8 @@ def check_values(parser, defaults: Mapping | None = None, overrides: Mapping[str
         if value is _BUILT_BY_THE_RUN:
             continue
         if key in overrides or key.replace("#", "::") in overrides:
-            expected = _default_kind_problem(default_ids.get(key), value, top_level="#" not in key)
+            per_axis = "#" not in key and not _any_length(destinations.get(key, []))
+            expected = _default_kind_problem(default_ids.get(key), value, top_level=per_axis)
             if expected is not None:
                 raise ConfigError(key, f"expected {expected}, got {value!r} ({type(value).__name__}).", _fix(key))
         if not _is_plain(value):
@@ -471,6 +472,24 @@ def check_values(parser, defaults: Mapping | None = None, overrides: Mapping[str
                     f" ({getattr(function, '__name__', function)}'s {parameter}).",
                     _fix(key),
                 )
+
+
+def _any_length(destinations: list[tuple[Callable, str]]) -> bool:
+    """True when every parameter a value feeds is annotated as a sequence of any length (``Sequence[float]``,
+    ``list[int]``, ``tuple[float, ...]``): its length is the user's choice (test-time scales), not one item per
+    spatial axis as a top-level list of numbers otherwise is."""
+    if not destinations:
+        return False
+    for function, parameter in destinations:
+        annotation = _annotation(function, parameter)
+        while typing.get_origin(annotation) is typing.Annotated:
+            annotation = typing.get_args(annotation)[0]
+        origin, arguments = typing.get_origin(annotation), typing.get_args(annotation)
+        if origin is tuple and arguments[-1:] == (Ellipsis,):
+            continue
+        if origin not in (list, Sequence):
+            return False
+    return True
 
 
 def _fix(key: str) -> str:

@@ -641,6 +641,23 @@ def test_a_wrong_type_override_names_the_key_before_anything_runs(bundle, key, v
     assert snapshot(bundle_env) == before and not (bundle_env / "never_read").exists()
 
 
+@pytest.mark.parametrize("workflow", ["evaluate", "inference"])
+@pytest.mark.parametrize("value", ["1.25", "[]", "[0.8, 10]", "[1, 'x']"])
+def test_test_time_scales_are_any_number_of_factors_in_range(workflow, value, bundle_env, tmp_path):
+    """``tta_scales`` is a list of numbers, but not one per axis: any length passes the checks (the real inference
+    of tests/test_vessels.py runs two scales), and a factor outside [0.25, 4], an empty list or a number alone is
+    refused naming the key before anything runs."""
+    before = snapshot(bundle_env)
+    overrides = {"bundle_root": bundle_env, "tta": True, "tta_scales": value}
+    if workflow == "inference":
+        overrides.update(input_dir=tmp_path / "never_read", output_dir=tmp_path / "never_written")
+    with pytest.raises(Exception) as error:
+        run_in_process("vessels", workflow, overrides)
+    found = find_input_error(error.value)
+    assert isinstance(found, ConfigError) and found.key == "tta_scales", str(found)
+    assert snapshot(bundle_env) == before and not (tmp_path / "never_written").exists()
+
+
 def test_a_wrong_override_on_the_command_line_is_one_line_naming_the_key(tmp_path):
     command = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file",
                str(configs("oct_layers", "train")), "--bundle_root", str(tmp_path), "--batch_size", "four"]  # fmt: skip

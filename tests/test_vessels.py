@@ -457,6 +457,7 @@ def test_tiny_bundle_train_evaluate_infer(tmp_path, tiny_drive, tracking_uri):
             "output_dir": out,
             "tta": True,
             "tta_rot90": True,  # eight passes on a non-square photograph: each one undone before the average
+            "tta_scales": [0.8, 1.25],  # at two scales, each resampled back onto the photograph's grid
         },
     )
     for name in ("21_seg.png", "21_prob.png", "21_overlay.png"):

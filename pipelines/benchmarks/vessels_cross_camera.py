@@ -13,7 +13,7 @@
    disc is as wide as DRIVE's), ``estimated_fov_scaled_rule`` (the defaults: also the model's decision rule,
    chosen on its DRIVE validation cases, instead of the plain threshold of 0.5) and
    ``estimated_fov_scaled_rule_tta`` (with flip test-time augmentation) and ``estimated_fov_scaled_rule_tta_rot90``
-   (flips and quarter turns, eight passes). ``--condition NAME='--key value ...'`` adds one.
+   (flips and quarter turns, eight passes). ``--condition NAME='--key value ...'`` adds one (split as a shell would).
 3. Scores every prediction on the photograph's own grid against its mask, inside the field that
    ``EstimateFOV`` finds in the photograph (the same field for every condition) and over the whole image; prints
    the mean F1, sensitivity, AUC and the worst images, and writes everything as JSON.
@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -286,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     conditions = dict(CONDITIONS)
     for text in args.condition or []:
         name, _, overrides = text.partition("=")
-        conditions[name] = overrides.split()
+        conditions[name] = shlex.split(overrides)
     prepared = args.prepared_dir or PROJECT_ROOT / "data" / "benchmarks" / f"chase_reduced_{args.factor}"
     dataset_dir = prepare(chase_dir, Path(prepared), args.factor)
     results = {}

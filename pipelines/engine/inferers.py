@@ -1,4 +1,4 @@
-"""Inferers beyond MONAI's: flip (and quarter-turn) test-time augmentation around any inferer."""
+"""Inferers beyond MONAI's: flip (and quarter-turn) and multi-scale test-time augmentation around any inferer."""
 
 from __future__ import annotations
 
@@ -6,7 +6,12 @@ import itertools
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
+from monai.data import MetaTensor
 from monai.inferers import Inferer
+from monai.utils import convert_to_dst_type
+
+from clinseg.datasets.value_types import ResamplingFactors
 
 
 class FlipTTAInferer(Inferer):
@@ -49,3 +54,59 @@ class FlipTTAInferer(Inferer):
                     total = output if total is None else total + output
                     count += 1
         return total / count
+
+
+class MultiScaleInferer(Inferer):
+    """Average the logits of ``inferer`` over the image resampled by each factor of ``scales`` (1.0: as given).
+
+    Each resampled image's logits are resampled back onto the given grid before the average, so the output has the
+    input's shape (and, for a ``MetaTensor``, its metadata). Downsampling antialiases in 2D (PyTorch's bilinear
+    ``antialias``), so a factor under 1 averages pixels rather than skipping them. The factors should stay within the
+    range of scales the network was trained on: it learns one scale per task (the vessels bundle resamples every
+    photograph to one disc diameter first), and a factor far from 1 shows it structures of sizes it never saw.
+    """
+
+    def __init__(self, inferer: Inferer, scales: ResamplingFactors = (1.0,)):
+        super().__init__()
+        scales = [float(scale) for scale in scales]
+        if not scales or any(not 0.25 <= scale <= 4.0 for scale in scales):
+            raise ValueError(f"multi-scale test-time augmentation takes factors in [0.25, 4], got {scales}.")
+        self.inferer = inferer
+        self.scales = scales
+
+    def __call__(self, inputs: torch.Tensor, network, *args, **kwargs) -> torch.Tensor:
+        spatial = tuple(inputs.shape[2:])
+        mode = {1: "linear", 2: "bilinear", 3: "trilinear"}[len(spatial)]
+        plain = inputs.as_tensor() if isinstance(inputs, MetaTensor) else inputs
+        total = None
+        for scale in self.scales:
+            if scale == 1.0:
+                output = self.inferer(inputs, network, *args, **kwargs)
+            else:
+                size = [max(1, round(extent * scale)) for extent in spatial]
+                resampled = F.interpolate(
+                    plain, size=size, mode=mode, align_corners=False, antialias=scale < 1 and len(spatial) == 2
+                )
+                output = self.inferer(resampled, network, *args, **kwargs)
+                output = F.interpolate(torch.as_tensor(output), size=spatial, mode=mode, align_corners=False)
+            output = output.as_tensor() if isinstance(output, MetaTensor) else output
+            total = output if total is None else total + output
+        averaged = total / len(self.scales)
+        return convert_to_dst_type(averaged, inputs)[0] if isinstance(inputs, MetaTensor) else averaged
+
+
+def test_time_inferer(
+    inferer: Inferer,
+    flips: bool = False,
+    spatial_axes: Sequence[int] = (0, 1),
+    rot90: bool = False,
+    scales: ResamplingFactors = (1.0,),
+) -> Inferer:
+    """``inferer`` with the test-time augmentation a bundle's config asks for (``tta``, ``tta_rot90``,
+    ``tta_scales``): the flips (and quarter turns) inside, each scale around them, so every scale sees every flip.
+    ``rot90`` counts only with ``flips``, as the configs have always read it."""
+    if flips:
+        inferer = FlipTTAInferer(inferer, spatial_axes=spatial_axes, rot90=rot90)
+    if [float(scale) for scale in scales] != [1.0]:
+        inferer = MultiScaleInferer(inferer, scales=scales)
+    return inferer
