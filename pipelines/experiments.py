@@ -17,6 +17,7 @@ The MLflow UI stays the main place to look; these commands serve terminals, scri
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import itertools
 import json
@@ -701,9 +702,19 @@ def checked_model_name(name: str) -> str:
     return name
 
 
+def run_id_form(text: str) -> str:
+    """``text`` if it has an MLflow run id's form; an argument type, so a mistyped id is refused before the store is
+    opened (opening a store that does not exist yet creates it)."""
+    if not re.fullmatch(r"[0-9a-f]{32}", text or ""):
+        raise argparse.ArgumentTypeError(f"{text!r} is not an MLflow run id (32 hexadecimal characters).")
+    return text
+
+
 def existing_run(client: mlflow.MlflowClient, run_id: str):
-    if not re.fullmatch(r"[0-9a-f]{32}", run_id or ""):
-        raise InputError("run id", f"{run_id!r} is not an MLflow run id (32 hexadecimal characters).")
+    try:
+        run_id_form(run_id)
+    except argparse.ArgumentTypeError as e:
+        raise InputError("run id", str(e)) from None
     try:
         return client.get_run(run_id)
     except MlflowException as e:
@@ -954,8 +965,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("bundle")
     p.add_argument("--grid", nargs="+", help="KEY=V1,V2 ... (config ids, as on the command line)")
     p.add_argument(
-        "--resume", metavar="PARENT_RUN_ID", help="complete an interrupted sweep: its finished runs are kept, an "
-        "interrupted one continues from its latest checkpoint, the others are trained"
+        "--resume", metavar="PARENT_RUN_ID", type=run_id_form, help="complete an interrupted sweep: its finished "
+        "runs are kept, an interrupted one continues from its latest checkpoint, the others are trained"
     )  # fmt: skip
     p.add_argument("--set", nargs="*", default=[], help="KEY=VALUE overrides for every child")
     p.add_argument("--sample", type=int, help="run a random sample of N combinations")
@@ -967,8 +978,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("bundle")
     p.add_argument("--folds", type=int, help="default 5 (with --resume: the cross-validation's own)")
     p.add_argument(
-        "--resume", metavar="PARENT_RUN_ID", help="complete an interrupted cross-validation: its finished folds are "
-        "kept, an interrupted fold continues from its latest checkpoint, the others are trained"
+        "--resume", metavar="PARENT_RUN_ID", type=run_id_form, help="complete an interrupted cross-validation: its "
+        "finished folds are kept, an interrupted fold continues from its latest checkpoint, the others are trained"
     )  # fmt: skip
     p.add_argument("--set", nargs="*", default=[], help="KEY=VALUE overrides for every fold")
     p.add_argument("--config_file", help="default: bundles/<bundle>/configs/train.json")
@@ -978,7 +989,7 @@ def main(argv: list[str] | None = None) -> int:
 
     search.add_parser(sub)
     p = sub.add_parser("register", help="register a run's checkpoint and bundle as a model version")
-    p.add_argument("run_id")
+    p.add_argument("run_id", type=run_id_form)
     p.add_argument("--name", help="registered model name (default: the run's bundle)")
     p.add_argument("--alias")
     p.set_defaults(func=register)

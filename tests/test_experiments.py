@@ -151,6 +151,20 @@ def test_sweep_compare_register_fetch_evaluate(tmp_path, tiny_oct_dir, tracking_
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.parametrize(
+    "arguments",
+    [["register", "not-a-run"], ["sweep", "vessels", "--resume", "123"], ["cv", "oct_layers", "--resume", "A" * 32]],
+)
+def test_a_mistyped_run_id_is_refused_before_the_store_is_opened(arguments, tmp_path):
+    """Opening a store that does not exist yet creates it: a mistyped id (on the default store, the repository's
+    mlruns/) must be refused first, naming the argument, and leave no store behind."""
+    store = tmp_path / "never_opened.db"
+    result = experiments("--tracking_uri", f"sqlite:///{store}", *arguments, check=False)
+    assert result.returncode == 1 and "is not an MLflow run id" in result.stderr, result.stderr[-2000:]
+    assert result.stderr.strip().startswith(("error: run_id: ", "error: --resume: ")), result.stderr
+    assert not store.exists() and not list(tmp_path.iterdir())
+
+
 def test_grid_and_choice_values_may_be_lists_or_mappings():
     """``--grid`` and ``choice:`` split at the commas between values, not inside one (they once split
     ``[8,16],[16,32]`` into four broken values); unbalanced brackets are refused naming the item."""
