@@ -22,5 +22,6 @@ Probability = Annotated[float, Ge(0), Le(1)]
 AtLeastOne = Annotated[float, Ge(1)]  # a factor or ratio bounding how far from 1 something may be
 PositiveSize = Sequence[PositiveInt]  # one positive extent per spatial axis
 PositiveSpacing = Sequence[PositiveFloat]
-# factors an image is resampled by at test time, as many as wanted: within 4 times smaller or larger
+# factors an image is resampled by at test time, within 4 times smaller or larger; the length bound makes it a list
+# of any length for the config checks, where a plain Sequence of numbers is one item per spatial axis
 ResamplingFactors = Annotated[Sequence[Annotated[float, Ge(0.25), Le(4)]], MinLen(1)]

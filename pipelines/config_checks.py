@@ -5,7 +5,7 @@ No second list of kinds is kept by hand. A value is checked against:
 - **its default in the config** (a command-line override only): it must be of the default's JSON kind: a boolean
   stays a boolean (``--resume true`` reaches the run as the text ``'true'``), a number a number, a text a text, a
   list a list of items of the default items' kind; a top-level list of numbers (a patch size, a spacing) keeps its
-  length, since its items are spatial axes, unless every parameter it feeds takes a sequence of any length;
+  length, since its items are spatial axes, unless every parameter it feeds states its own length bounds;
 - **the constructors and functions it feeds**: each place where the config passes the value whole (a component's
   argument, ``"lr": "@learning_rate"``, or a keyword of a call in an expression, ``f(val_fraction=@val_fraction)``)
   is found in the raw config, and the value must satisfy that parameter's annotation (validated strictly with
@@ -475,19 +475,19 @@ def check_values(parser, defaults: Mapping | None = None, overrides: Mapping[str
 
 
 def _any_length(destinations: list[tuple[Callable, str]]) -> bool:
-    """True when every parameter a value feeds is annotated as a sequence of any length (``Sequence[float]``,
-    ``list[int]``, ``tuple[float, ...]``): its length is the user's choice (test-time scales), not one item per
-    spatial axis as a top-level list of numbers otherwise is."""
+    """True when every parameter a value feeds states the length it takes itself, in its annotation
+    (``Annotated[Sequence[...], MinLen(1)]``: test-time scales, as many as wanted): the default's length is then no
+    rule. A plain ``Sequence[...]`` (a patch size, a spacing) says nothing about its length, and a top-level list of
+    numbers keeps its default's, one item per spatial axis."""
+    from annotated_types import Len, MaxLen, MinLen
+
     if not destinations:
         return False
     for function, parameter in destinations:
         annotation = _annotation(function, parameter)
-        while typing.get_origin(annotation) is typing.Annotated:
-            annotation = typing.get_args(annotation)[0]
-        origin, arguments = typing.get_origin(annotation), typing.get_args(annotation)
-        if origin is tuple and arguments[-1:] == (Ellipsis,):
-            continue
-        if origin not in (list, Sequence):
+        if typing.get_origin(annotation) is not typing.Annotated:
+            return False
+        if not any(isinstance(meta, (Len, MinLen, MaxLen)) for meta in annotation.__metadata__):
             return False
     return True
 
