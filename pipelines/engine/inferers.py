@@ -95,7 +95,7 @@ class MultiScaleInferer(Inferer):
         return convert_to_dst_type(averaged, inputs)[0] if isinstance(inputs, MetaTensor) else averaged
 
 
-def test_time_inferer(
+def with_test_time_augmentation(
     inferer: Inferer,
     flips: bool = False,
     spatial_axes: Sequence[int] = (0, 1),
