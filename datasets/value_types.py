@@ -24,4 +24,7 @@ PositiveSize = Sequence[PositiveInt]  # one positive extent per spatial axis
 PositiveSpacing = Sequence[PositiveFloat]
 # factors an image is resampled by at test time, within 4 times smaller or larger; the length bound makes it a list
 # of any length for the config checks, where a plain Sequence of numbers is one item per spatial axis
-ResamplingFactors = Annotated[Sequence[Annotated[float, Ge(0.25), Le(4)]], MinLen(1)]
+RESAMPLING_FACTOR_RANGE = (0.25, 4.0)
+ResamplingFactors = Annotated[
+    Sequence[Annotated[float, Ge(RESAMPLING_FACTOR_RANGE[0]), Le(RESAMPLING_FACTOR_RANGE[1])]], MinLen(1)
+]

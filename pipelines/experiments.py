@@ -711,10 +711,7 @@ def run_id_form(text: str) -> str:
 
 
 def existing_run(client: mlflow.MlflowClient, run_id: str):
-    try:
-        run_id_form(run_id)
-    except argparse.ArgumentTypeError as e:
-        raise InputError("run id", str(e)) from None
+    """The run of ``run_id`` (its form checked by :func:`run_id_form` as the arguments were parsed)."""
     try:
         return client.get_run(run_id)
     except MlflowException as e:

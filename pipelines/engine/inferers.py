@@ -11,7 +11,7 @@ from monai.data import MetaTensor
 from monai.inferers import Inferer
 from monai.utils import convert_to_dst_type
 
-from clinseg.datasets.value_types import ResamplingFactors
+from clinseg.datasets.value_types import RESAMPLING_FACTOR_RANGE, ResamplingFactors
 
 
 class FlipTTAInferer(Inferer):
@@ -68,9 +68,9 @@ class MultiScaleInferer(Inferer):
 
     def __init__(self, inferer: Inferer, scales: ResamplingFactors = (1.0,)):
         super().__init__()
-        scales = [float(scale) for scale in scales]
-        if not scales or any(not 0.25 <= scale <= 4.0 for scale in scales):
-            raise ValueError(f"multi-scale test-time augmentation takes factors in [0.25, 4], got {scales}.")
+        scales, (low, high) = [float(scale) for scale in scales], RESAMPLING_FACTOR_RANGE
+        if not scales or any(not low <= scale <= high for scale in scales):
+            raise ValueError(f"multi-scale test-time augmentation takes factors in [{low:g}, {high:g}], got {scales}.")
         self.inferer = inferer
         self.scales = scales
 
@@ -88,8 +88,9 @@ class MultiScaleInferer(Inferer):
                     plain, size=size, mode=mode, align_corners=False, antialias=scale < 1 and len(spatial) == 2
                 )
                 output = self.inferer(resampled, network, *args, **kwargs)
-                output = F.interpolate(torch.as_tensor(output), size=spatial, mode=mode, align_corners=False)
             output = output.as_tensor() if isinstance(output, MetaTensor) else output
+            if output.shape[2:] != spatial:
+                output = F.interpolate(output, size=spatial, mode=mode, align_corners=False)
             total = output if total is None else total + output
         averaged = total / len(self.scales)
         return convert_to_dst_type(averaged, inputs)[0] if isinstance(inputs, MetaTensor) else averaged
